@@ -1,0 +1,341 @@
+//! The frames a client and a host exchange, and the values inside them.
+//!
+//! Every frame travels on the connection's one bidirectional stream, encoded by [`crate::codec`].
+//! Requests carry a [`RequestId`] chosen by the client; the host's answer carries the same id.
+
+use crate::name::{DeviceId, UserId};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A client-chosen number that pairs a request with its answer on one connection.
+pub type RequestId = u64;
+
+/// A message's id, assigned by the host when it accepts the message.
+///
+/// Ids grow: a message accepted after another has a larger id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MessageId(pub u64);
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What a message is; the host hands each kind to whatever handles it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MessageKind {
+    /// A direct chat message between users.
+    Chat,
+    /// A receipt (delivered, read) about another message.
+    Receipt,
+    /// A kind defined by a plugin, named by it.
+    Custom(String),
+}
+
+impl fmt::Display for MessageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MessageKind::Chat => f.write_str("chat"),
+            MessageKind::Receipt => f.write_str("receipt"),
+            MessageKind::Custom(name) => f.write_str(name),
+        }
+    }
+}
+
+/// A message as the host stores and delivers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// The host's id for it.
+    pub id: MessageId,
+    /// What it is.
+    pub kind: MessageKind,
+    /// The user who sent it; set by the host from the session, never by the client.
+    pub from: UserId,
+    /// The device it was sent from.
+    pub from_device: DeviceId,
+    /// The users it was addressed to.
+    pub to: Vec<UserId>,
+    /// The payload; UTF-8 text for chat.
+    pub body: Vec<u8>,
+    /// When the host accepted it, in milliseconds since the Unix epoch.
+    pub sent_at: u64,
+}
+
+/// Whether an authenticated connection takes deliveries for its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionMode {
+    /// The connection is the device's delivery session: it receives the offline backlog, then
+    /// every new message. A second delivery session of the same device replaces the first.
+    Receive,
+    /// The connection only sends and manages the account; nothing is delivered to it and it
+    /// leaves the device's delivery session alone. Command-line tools use this.
+    SendOnly,
+}
+
+/// The two kinds of relation a user keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RelationKind {
+    /// Friends.
+    Friend,
+    /// Colleagues.
+    Colleague,
+}
+
+impl fmt::Display for RelationKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RelationKind::Friend => "friend",
+            RelationKind::Colleague => "colleague",
+        })
+    }
+}
+
+/// What to do with a relation list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelationOp {
+    /// Add a user to the list. Adding one already there succeeds and changes nothing.
+    Add(UserId),
+    /// Remove a user from the list. Removing one not there succeeds and changes nothing.
+    Remove(UserId),
+    /// Answer with the list.
+    List,
+}
+
+/// A frame sent by a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientFrame {
+    /// First frame of every connection: the protocol version the client speaks.
+    Hello {
+        /// Protocol version, see [`crate::PROTOCOL_VERSION`].
+        version: u16,
+        /// Free text naming the client software, for the host's log.
+        agent: String,
+    },
+    /// Create an account. Answered by [`ServerFrame::Ok`].
+    Register {
+        /// Request id.
+        req: RequestId,
+        /// The new user's name.
+        user: UserId,
+        /// The password; the host keeps only an argon2id hash of it.
+        password: String,
+    },
+    /// Check a password, issue a token for the device and authenticate the connection as that
+    /// device. Answered by [`ServerFrame::LoggedIn`].
+    Login {
+        /// Request id.
+        req: RequestId,
+        /// The user.
+        user: UserId,
+        /// The password.
+        password: String,
+        /// The device logging in; a new name adds a device.
+        device: DeviceId,
+        /// Whether this connection takes the device's deliveries.
+        mode: SessionMode,
+    },
+    /// Authenticate the connection with a token from an earlier [`ClientFrame::Login`].
+    /// Answered by [`ServerFrame::Ok`].
+    Authenticate {
+        /// Request id.
+        req: RequestId,
+        /// The user.
+        user: UserId,
+        /// The device the token was issued to.
+        device: DeviceId,
+        /// The token.
+        token: String,
+        /// Whether this connection takes the device's deliveries.
+        mode: SessionMode,
+    },
+    /// Revoke this device's token and end the session. Answered by [`ServerFrame::Ok`].
+    Logout {
+        /// Request id.
+        req: RequestId,
+    },
+    /// Change or read one of the user's relation lists. Answered by [`ServerFrame::Ok`]
+    /// (add, remove) or [`ServerFrame::Users`] (list).
+    Relation {
+        /// Request id.
+        req: RequestId,
+        /// Which list.
+        kind: RelationKind,
+        /// What to do.
+        op: RelationOp,
+    },
+    /// Submit a message. Answered by [`ServerFrame::Accepted`] once it is durable.
+    Submit {
+        /// Request id.
+        req: RequestId,
+        /// The client's idempotency id: a second submission with the same `(user, device,
+        /// client_id)` is answered with the first one's id and is not delivered again.
+        client_id: u64,
+        /// What it is.
+        kind: MessageKind,
+        /// The recipients.
+        to: Vec<UserId>,
+        /// The payload.
+        body: Vec<u8>,
+    },
+    /// The device has the message and need not be sent it again. Not answered.
+    Ack {
+        /// The delivered message.
+        id: MessageId,
+    },
+}
+
+/// A frame sent by a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerFrame {
+    /// Answer to [`ClientFrame::Hello`]: the host speaks this version and these limits.
+    Welcome {
+        /// The version both sides now speak.
+        version: u16,
+        /// Largest frame body the host accepts, in bytes.
+        max_frame: u32,
+        /// Largest message body the host accepts, in bytes.
+        max_body: u32,
+        /// The host's server id.
+        server: String,
+    },
+    /// A request succeeded and has nothing more to say.
+    Ok {
+        /// The request.
+        req: RequestId,
+    },
+    /// Answer to [`ClientFrame::Login`].
+    LoggedIn {
+        /// The request.
+        req: RequestId,
+        /// The device's token, to use with [`ClientFrame::Authenticate`].
+        token: String,
+    },
+    /// A list of users, answering [`RelationOp::List`].
+    Users {
+        /// The request.
+        req: RequestId,
+        /// The users, sorted by name.
+        users: Vec<UserId>,
+    },
+    /// The submitted message is durable: the *sent* receipt.
+    Accepted {
+        /// The request.
+        req: RequestId,
+        /// The client's idempotency id, as submitted.
+        client_id: u64,
+        /// The host's id for the message.
+        id: MessageId,
+        /// When the host accepted it, in milliseconds since the Unix epoch.
+        sent_at: u64,
+    },
+    /// A message for this device. The device answers with [`ClientFrame::Ack`].
+    Deliver(Message),
+    /// The offline backlog has been delivered: every message after this one is new.
+    Synced {
+        /// How many backlog messages were delivered before this frame.
+        count: u64,
+    },
+    /// A request failed, or (without `req`) the connection is about to be closed.
+    Error {
+        /// The request that failed, if the error is about one.
+        req: Option<RequestId>,
+        /// What went wrong, for programs.
+        code: ErrorCode,
+        /// What went wrong, for people.
+        message: String,
+    },
+}
+
+/// A numbered error, stable across versions: programs match on the number, people read the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ErrorCode(pub u16);
+
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $name:ident = $num:literal, $text:literal;)*) => {
+        impl ErrorCode {
+            $($(#[$doc])* pub const $name: ErrorCode = ErrorCode($num);)*
+
+            /// Every code this version defines, in order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name),*];
+
+            /// A short lowercase name for the code, as in `docs/protocol.md`.
+            pub fn name(self) -> &'static str {
+                match self.0 {
+                    $($num => $text,)*
+                    _ => "unknown",
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The frame could not be decoded. The connection is closed.
+    MALFORMED = 1, "malformed";
+    /// The frame is larger than the limit. The connection is closed.
+    FRAME_TOO_LARGE = 2, "frame_too_large";
+    /// The client's protocol version is not spoken by the host. The connection is closed.
+    UNSUPPORTED_VERSION = 3, "unsupported_version";
+    /// The first frame was not `Hello`, or `Hello` came twice. The connection is closed.
+    HANDSHAKE = 4, "handshake";
+    /// The request needs an authenticated connection.
+    NOT_AUTHENTICATED = 5, "not_authenticated";
+    /// The connection is already authenticated.
+    ALREADY_AUTHENTICATED = 6, "already_authenticated";
+    /// Wrong user, password, device or token.
+    AUTH_FAILED = 7, "auth_failed";
+    /// The user name is taken.
+    USER_EXISTS = 8, "user_exists";
+    /// A named user does not exist.
+    UNKNOWN_USER = 9, "unknown_user";
+    /// An argument is not acceptable (empty recipient list, relation with oneself, ...).
+    INVALID_ARGUMENT = 10, "invalid_argument";
+    /// The message body is larger than the host's limit.
+    BODY_TOO_LARGE = 11, "body_too_large";
+    /// Nothing on this host handles the message's kind.
+    UNSUPPORTED_KIND = 12, "unsupported_kind";
+    /// Another connection became this device's delivery session. The connection is closed.
+    SESSION_REPLACED = 13, "session_replaced";
+    /// The session sends faster than the host allows.
+    RATE_LIMITED = 14, "rate_limited";
+    /// The host is shutting down. The connection is closed; reconnect later.
+    SHUTTING_DOWN = 15, "shutting_down";
+    /// The host failed; the request may be retried.
+    INTERNAL = 16, "internal";
+    /// The device fell too far behind on deliveries. The connection is closed; what was not
+    /// acknowledged stays in the inbox and is delivered at the next session.
+    TOO_SLOW = 17, "too_slow";
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.name(), self.0)
+    }
+}
+
+impl ServerFrame {
+    /// An error frame about request `req`.
+    pub fn error(req: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerFrame::Error {
+            req,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn error_codes_are_unique_and_named() {
+        let numbers: HashSet<u16> = ErrorCode::ALL.iter().map(|c| c.0).collect();
+        assert_eq!(numbers.len(), ErrorCode::ALL.len());
+        let names: HashSet<&str> = ErrorCode::ALL.iter().map(|c| c.name()).collect();
+        assert_eq!(names.len(), ErrorCode::ALL.len());
+        assert_eq!(ErrorCode(999).name(), "unknown");
+    }
+}

@@ -1,0 +1,37 @@
+//! The iim wire protocol.
+//!
+//! This crate is the one place that knows the wire format: the frames a client and a host
+//! exchange ([`frame`]), how they are put on a QUIC stream ([`codec`]) and the rules for the
+//! names that appear in them ([`name`]). It is *sans-IO*: no sockets, no clock, no runtime.
+//! The host and the client drive it.
+//!
+//! The full description, with every frame, every error code and the order of frames for each
+//! operation, is `docs/protocol.md` at the root of the repository.
+
+pub mod codec;
+pub mod frame;
+pub mod name;
+
+pub use codec::{CodecError, FrameDecoder, encode_frame};
+pub use frame::*;
+pub use name::{DeviceId, NameError, UserId};
+
+/// The ALPN protocol name negotiated in the TLS handshake of every iim QUIC connection.
+pub const ALPN: &[u8] = b"iim/1";
+
+/// The protocol version a peer announces in [`ClientFrame::Hello`] / [`ServerFrame::Welcome`].
+///
+/// A host accepts exactly the versions in [`SUPPORTED_VERSIONS`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The protocol versions this build of the protocol can speak.
+pub const SUPPORTED_VERSIONS: &[u16] = &[PROTOCOL_VERSION];
+
+/// Default largest frame body, in bytes, either side accepts (the length prefix excluded).
+pub const DEFAULT_MAX_FRAME: u32 = 64 * 1024;
+
+/// Default largest message body, in bytes, a host accepts in a submission.
+pub const DEFAULT_MAX_BODY: u32 = 32 * 1024;
+
+/// Most recipients one submission may name.
+pub const MAX_TARGETS: usize = 256;
