@@ -1,1 +1,97 @@
-fn main(){}
+//! `iim-host`: run an iim host.
+
+use anyhow::Context;
+use clap::Parser;
+use iim_host::config::Config;
+use iim_host::server::Server;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tracing_subscriber::EnvFilter;
+
+/// The iim host: a QUIC instant-messaging server.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// TOML configuration file; flags override what it sets.
+    #[arg(long, short = 'c', env = "IIM_CONFIG")]
+    config: Option<PathBuf>,
+    /// UDP address to listen on [default: 127.0.0.1:7447].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory for the store and the generated certificate [default: ./iim-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// This host's server id [default: h1].
+    #[arg(long)]
+    server_id: Option<String>,
+    /// PEM certificate chain (instead of the generated one); needs --key.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("IIM_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(id) = args.server_id {
+        config.server_id = id;
+    }
+    if let (Some(cert), Some(key)) = (args.cert, args.key) {
+        config.tls.cert = Some(cert);
+        config.tls.key = Some(key);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async {
+        let server = Server::start(config).await?;
+        // Scripts and tests read this line to learn the bound port and the certificate.
+        println!(
+            "iim-host listening on {} (certificate {})",
+            server.local_addr()?,
+            server.cert_path().display()
+        );
+        server.run(stop_signal()).await
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

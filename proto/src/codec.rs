@@ -147,7 +147,7 @@ mod tests {
                 to: vec![user("bob"), user("carol")],
                 body: b"hello".to_vec(),
             },
-            ClientFrame::Ack { id: MessageId(7) },
+            ClientFrame::Ack { seq: 7 },
         ]
     }
 
@@ -173,15 +173,18 @@ mod tests {
                 max_body: 5,
                 server: "h1".into(),
             },
-            ServerFrame::Deliver(Message {
-                id: MessageId(5),
-                kind: MessageKind::Chat,
-                from: user("alice"),
-                from_device: DeviceId::new("d1").expect("valid"),
-                to: vec![user("bob")],
-                body: "hé".as_bytes().to_vec(),
-                sent_at: 1_700_000_000_000,
-            }),
+            ServerFrame::Deliver {
+                seq: 3,
+                message: Message {
+                    id: MessageId(5),
+                    kind: MessageKind::Chat,
+                    from: user("alice"),
+                    from_device: DeviceId::new("d1").expect("valid"),
+                    to: vec![user("bob")],
+                    body: "hé".as_bytes().to_vec(),
+                    sent_at: 1_700_000_000_000,
+                },
+            },
             ServerFrame::error(Some(3), ErrorCode::UNKNOWN_USER, "no user zed"),
         ];
         for frame in frames {
@@ -227,7 +230,7 @@ mod tests {
         ));
 
         // A valid Ack followed by a stray byte inside the same length.
-        let mut body = postcard::to_stdvec(&ClientFrame::Ack { id: MessageId(1) }).expect("encode");
+        let mut body = postcard::to_stdvec(&ClientFrame::Ack { seq: 1 }).expect("encode");
         body.push(0);
         let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(&body);
@@ -249,7 +252,11 @@ mod tests {
         #[derive(serde::Serialize)]
         enum Raw {
             _Hello,
-            Register { req: u64, user: String, password: String },
+            Register {
+                req: u64,
+                user: String,
+                password: String,
+            },
         }
         let raw = Raw::Register {
             req: 1,

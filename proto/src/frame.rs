@@ -178,10 +178,11 @@ pub enum ClientFrame {
         /// The payload.
         body: Vec<u8>,
     },
-    /// The device has the message and need not be sent it again. Not answered.
+    /// The device has every delivery up to and including `seq` that was sent to it on this
+    /// connection, and need not be sent them again. Not answered.
     Ack {
-        /// The delivered message.
-        id: MessageId,
+        /// The inbox position of the delivery, from [`ServerFrame::Deliver`].
+        seq: u64,
     },
 }
 
@@ -230,7 +231,13 @@ pub enum ServerFrame {
         sent_at: u64,
     },
     /// A message for this device. The device answers with [`ClientFrame::Ack`].
-    Deliver(Message),
+    Deliver {
+        /// The message's position in the user's inbox: it grows by one or more with every
+        /// message appended, and deliveries on a connection come in increasing `seq`.
+        seq: u64,
+        /// The message.
+        message: Message,
+    },
     /// The offline backlog has been delivered: every message after this one is new.
     Synced {
         /// How many backlog messages were delivered before this frame.

@@ -9,10 +9,12 @@
 //! operation, is `docs/protocol.md` at the root of the repository.
 
 pub mod codec;
+pub mod delivery;
 pub mod frame;
 pub mod name;
 
 pub use codec::{CodecError, FrameDecoder, encode_frame};
+pub use delivery::{AckOutcome, DeliveryWindow};
 pub use frame::*;
 pub use name::{DeviceId, NameError, UserId};
 

@@ -106,15 +106,27 @@ mod tests {
 
     #[test]
     fn accepts_plain_names() {
-        assert_eq!(UserId::new("alice_01.b-c").map(|u| u.to_string()), Ok("alice_01.b-c".into()));
+        assert_eq!(
+            UserId::new("alice_01.b-c").map(|u| u.to_string()),
+            Ok("alice_01.b-c".into())
+        );
     }
 
     #[test]
     fn refuses_bad_names() {
         assert_eq!(UserId::new(""), Err(NameError::Empty));
-        assert_eq!(UserId::new("Alice"), Err(NameError::BadCharacter { found: 'A' }));
-        assert_eq!(UserId::new("a/b"), Err(NameError::BadCharacter { found: '/' }));
-        assert_eq!(DeviceId::new("x".repeat(65)), Err(NameError::TooLong { max: 64 }));
+        assert_eq!(
+            UserId::new("Alice"),
+            Err(NameError::BadCharacter { found: 'A' })
+        );
+        assert_eq!(
+            UserId::new("a/b"),
+            Err(NameError::BadCharacter { found: '/' })
+        );
+        assert_eq!(
+            DeviceId::new("x".repeat(65)),
+            Err(NameError::TooLong { max: 64 })
+        );
     }
 
     #[test]

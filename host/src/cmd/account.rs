@@ -1,0 +1,97 @@
+//! `Register`, `Login`, `Authenticate`, `Logout`.
+
+use super::Refusal;
+use crate::accounts::{self, PasswordError};
+use crate::store::UserRecord;
+use crate::{Host, now_ms};
+use iim_proto::{DeviceId, ErrorCode, UserId};
+
+fn auth_failed() -> Refusal {
+    Refusal::new(ErrorCode::AUTH_FAILED, "wrong user name or password")
+}
+
+/// Creates an account.
+pub async fn register(host: &Host, user: &UserId, password: String) -> Result<(), Refusal> {
+    if host.store.user_exists(user)? {
+        return Err(Refusal::new(
+            ErrorCode::USER_EXISTS,
+            format!("user {user} exists"),
+        ));
+    }
+    let hash = tokio::task::spawn_blocking(move || accounts::hash_password(&password))
+        .await
+        .map_err(|_| Refusal::new(ErrorCode::INTERNAL, "password hashing was interrupted"))?
+        .map_err(|e| match e {
+            PasswordError::Hash(_) => Refusal::new(ErrorCode::INTERNAL, e.to_string()),
+            _ => Refusal::new(ErrorCode::INVALID_ARGUMENT, e.to_string()),
+        })?;
+    let record = UserRecord {
+        password_hash: hash,
+        created_at: now_ms(),
+    };
+    if !host.store.create_user(user, &record)? {
+        return Err(Refusal::new(
+            ErrorCode::USER_EXISTS,
+            format!("user {user} exists"),
+        ));
+    }
+    host.store.flush().await?;
+    tracing::info!(%user, "registered");
+    Ok(())
+}
+
+/// Checks the password and issues a new token for `device`, replacing its old one.
+pub async fn login(
+    host: &Host,
+    user: &UserId,
+    password: String,
+    device: &DeviceId,
+) -> Result<String, Refusal> {
+    let Some(record) = host.store.user(user)? else {
+        // Hash anyway, so that a wrong user name costs the same time as a wrong password.
+        let _ =
+            tokio::task::spawn_blocking(move || accounts::verify_password(DUMMY_HASH, &password))
+                .await;
+        return Err(auth_failed());
+    };
+    let ok = tokio::task::spawn_blocking(move || {
+        accounts::verify_password(&record.password_hash, &password)
+    })
+    .await
+    .unwrap_or(false);
+    if !ok {
+        return Err(auth_failed());
+    }
+    let token = accounts::new_token();
+    host.store
+        .set_token(user, device, &accounts::token_hash(&token))?;
+    host.store.flush().await?;
+    Ok(token)
+}
+
+/// A valid argon2id hash of a password nobody has, for the timing of unknown users.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0eDaQdb1Pn/cm3T3xqAPGhcIvwAQkIVQuJK1d8kLZOk";
+
+/// Checks a device token.
+pub fn authenticate(
+    host: &Host,
+    user: &UserId,
+    device: &DeviceId,
+    token: &str,
+) -> Result<(), Refusal> {
+    let stored = host.store.token(user, device)?;
+    match stored {
+        Some(hash) if accounts::same_hash(&hash, &accounts::token_hash(token)) => Ok(()),
+        _ => Err(Refusal::new(
+            ErrorCode::AUTH_FAILED,
+            "the token is not valid for this user and device; log in again",
+        )),
+    }
+}
+
+/// Revokes `device`'s token.
+pub async fn logout(host: &Host, user: &UserId, device: &DeviceId) -> Result<(), Refusal> {
+    host.store.remove_token(user, device)?;
+    host.store.flush().await?;
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! `Relation`: add to, remove from and list a user's friends and colleagues.
+//!
+//! A list is the user's own: adding someone needs no consent and tells them nothing. Policies
+//! built on relations (who may message whom, who sees whose presence) read these lists.
+
+use super::Refusal;
+use crate::Host;
+use iim_proto::{ErrorCode, RelationKind, RelationOp, RequestId, ServerFrame, UserId};
+
+/// Carries out `op` on `user`'s list of `kind`.
+pub fn handle(
+    host: &Host,
+    req: RequestId,
+    user: &UserId,
+    kind: RelationKind,
+    op: RelationOp,
+) -> Result<ServerFrame, Refusal> {
+    match op {
+        RelationOp::Add(other) => {
+            if &other == user {
+                return Err(Refusal::new(
+                    ErrorCode::INVALID_ARGUMENT,
+                    format!("cannot add yourself as a {kind}"),
+                ));
+            }
+            if !host.store.user_exists(&other)? {
+                return Err(Refusal::new(
+                    ErrorCode::UNKNOWN_USER,
+                    format!("no such user: {other}"),
+                ));
+            }
+            host.store.add_relation(user, kind, &other)?;
+            Ok(ServerFrame::Ok { req })
+        }
+        RelationOp::Remove(other) => {
+            host.store.remove_relation(user, kind, &other)?;
+            Ok(ServerFrame::Ok { req })
+        }
+        RelationOp::List => Ok(ServerFrame::Users {
+            req,
+            users: host.store.relations(user, kind)?,
+        }),
+    }
+}

@@ -1,0 +1,109 @@
+//! `Submit`: check a message, make it durable, answer Accepted.
+//!
+//! Everything that can refuse a message is checked before it is accepted, so that Accepted
+//! means the host has taken responsibility for it. Dispatch happens after the answer.
+
+use super::Refusal;
+use crate::store::Acceptance;
+use crate::{Host, dispatch, now_ms};
+use iim_proto::{
+    DeviceId, ErrorCode, Message, MessageId, MessageKind, RequestId, ServerFrame, UserId,
+};
+
+/// A submission's fields.
+pub struct Submission {
+    /// Request id.
+    pub req: RequestId,
+    /// The client's idempotency id.
+    pub client_id: u64,
+    /// The kind.
+    pub kind: MessageKind,
+    /// The recipients.
+    pub to: Vec<UserId>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// Checks and stores a submission. Returns the Accepted answer and, for a new message, the
+/// message to dispatch once the answer is sent.
+pub async fn handle(
+    host: &Host,
+    user: &UserId,
+    device: &DeviceId,
+    s: Submission,
+) -> Result<(ServerFrame, Option<Message>), Refusal> {
+    let limits = &host.config.limits;
+    if s.body.len() > limits.max_body as usize {
+        return Err(Refusal::new(
+            ErrorCode::BODY_TOO_LARGE,
+            format!(
+                "body of {} bytes is over the limit of {}",
+                s.body.len(),
+                limits.max_body
+            ),
+        ));
+    }
+    if s.to.is_empty() {
+        return Err(Refusal::new(ErrorCode::INVALID_ARGUMENT, "no recipient"));
+    }
+    if s.to.len() > iim_proto::MAX_TARGETS {
+        return Err(Refusal::new(
+            ErrorCode::INVALID_ARGUMENT,
+            format!("more than {} recipients", iim_proto::MAX_TARGETS),
+        ));
+    }
+    if !dispatch::supports(&s.kind) {
+        return Err(Refusal::new(
+            ErrorCode::UNSUPPORTED_KIND,
+            format!("nothing on this host handles messages of kind {}", s.kind),
+        ));
+    }
+    for to in &s.to {
+        if !host.store.user_exists(to)? {
+            return Err(Refusal::new(
+                ErrorCode::UNKNOWN_USER,
+                format!("no such user: {to}"),
+            ));
+        }
+    }
+    let sent_at = now_ms();
+    let build = |id: MessageId| Message {
+        id,
+        kind: s.kind.clone(),
+        from: user.clone(),
+        from_device: device.clone(),
+        to: s.to.clone(),
+        body: s.body.clone(),
+        sent_at,
+    };
+    // The delivery of this message must fit in a frame, or no device could ever receive it.
+    let probe = ServerFrame::Deliver {
+        seq: u64::MAX,
+        message: build(MessageId(u64::MAX)),
+    };
+    if let Err(e) = iim_proto::encode_frame(&probe, limits.max_frame) {
+        return Err(Refusal::new(ErrorCode::BODY_TOO_LARGE, e.to_string()));
+    }
+    let acceptance = host.store.accept(user, device, s.client_id, build)?;
+    host.store.flush().await?;
+    Ok(match acceptance {
+        Acceptance::New(message) => (
+            ServerFrame::Accepted {
+                req: s.req,
+                client_id: s.client_id,
+                id: message.id,
+                sent_at: message.sent_at,
+            },
+            Some(message),
+        ),
+        Acceptance::Duplicate { id, sent_at } => (
+            ServerFrame::Accepted {
+                req: s.req,
+                client_id: s.client_id,
+                id,
+                sent_at,
+            },
+            None,
+        ),
+    })
+}

@@ -1,0 +1,168 @@
+//! Host configuration: defaults, then a TOML file, then command-line flags.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The address a host listens on unless told otherwise: loopback only, so a development host
+/// is not reachable from the network by accident.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7447";
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid configuration.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Everything a host is configured with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Directory for the store and the generated certificate.
+    pub data_dir: PathBuf,
+    /// This host's server id.
+    pub server_id: String,
+    /// TLS settings.
+    pub tls: TlsConfig,
+    /// Limits on what one client may send and buffer.
+    pub limits: Limits,
+}
+
+/// Where the host's certificate comes from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain. Without it the host uses `<data_dir>/cert.pem`, generating a
+    /// self-signed certificate there on first start.
+    pub cert: Option<PathBuf>,
+    /// PEM private key, required with `cert`; otherwise `<data_dir>/key.pem`.
+    pub key: Option<PathBuf>,
+    /// Extra DNS names for a generated certificate (it always covers `localhost`,
+    /// `127.0.0.1` and `::1`).
+    pub names: Vec<String>,
+}
+
+/// Per-session limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame accepted, in bytes.
+    pub max_frame: u32,
+    /// Largest message body accepted, in bytes.
+    pub max_body: u32,
+    /// Deliveries buffered for one device before it is disconnected as too slow.
+    pub session_queue: usize,
+    /// Seconds a new connection has to send `Hello`.
+    pub handshake_timeout_secs: u64,
+    /// Seconds without any packet before a connection is dropped.
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame: iim_proto::DEFAULT_MAX_FRAME,
+            max_body: iim_proto::DEFAULT_MAX_BODY,
+            session_queue: 4096,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 30,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| unreachable!()),
+            data_dir: PathBuf::from("iim-data"),
+            server_id: "h1".into(),
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; keys it does not set keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks values that the types alone do not bound.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.max_frame < 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.max_frame must be at least 1024".into(),
+            ));
+        }
+        if l.max_body == 0 || l.max_body > l.max_frame.saturating_sub(1024) {
+            return Err(ConfigError::Invalid(
+                "limits.max_body must be between 1 and limits.max_frame - 1024 \
+                 (room for the message's other fields)"
+                    .into(),
+            ));
+        }
+        if self.server_id.is_empty() {
+            return Err(ConfigError::Invalid("server_id must not be empty".into()));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls.cert and tls.key go together".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_refuses_unknown_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("host.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\n[limits]\nmax_body = 2048\n",
+        )
+        .expect("write");
+        let config = Config::from_file(&path).expect("parse");
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.limits.max_body, 2048);
+        assert_eq!(config.limits.max_frame, iim_proto::DEFAULT_MAX_FRAME);
+        config.validate().expect("valid");
+
+        std::fs::write(&path, "lisen = \"127.0.0.1:9000\"\n").expect("write");
+        let err = Config::from_file(&path).expect_err("typo refused");
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+}

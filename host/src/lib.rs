@@ -1,0 +1,42 @@
+//! `iim-host`: the iim server.
+//!
+//! A QUIC endpoint ([`server`]) runs one task per connection ([`session`]); each frame a
+//! session reads is handled by one module of [`cmd`]. Durable state is in [`store`]; online
+//! devices in [`registry`]. Messages reach their recipients through the IIM entry point
+//! ([`iim`]); which recipients, is decided by the handler of the message's kind ([`dispatch`]).
+
+pub mod accounts;
+pub mod chat;
+pub mod cmd;
+pub mod config;
+pub mod dispatch;
+pub mod iim;
+pub mod registry;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod tls;
+
+use std::sync::Arc;
+
+/// Everything the sessions of one host share.
+pub struct Host {
+    /// The configuration it was started with.
+    pub config: config::Config,
+    /// Durable state.
+    pub store: store::Store,
+    /// Online devices.
+    pub registry: Arc<registry::Registry>,
+    /// The IIM entry point.
+    pub iim: iim::Iim,
+    /// Becomes `true` when the host starts shutting down.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

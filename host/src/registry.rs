@@ -1,0 +1,181 @@
+//! Which devices are online, and the way to hand each of them a delivery.
+
+use iim_proto::{DeviceId, ErrorCode, Message, UserId};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, watch};
+
+/// A session's number, unique in this host process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(pub u64);
+
+/// A message appended to an inbox, on its way to one device's session.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Its inbox position.
+    pub seq: u64,
+    /// The message.
+    pub message: Arc<Message>,
+}
+
+/// Why the host ends a session from outside it.
+#[derive(Debug, Clone)]
+pub struct Kick {
+    /// The code sent to the client.
+    pub code: ErrorCode,
+    /// The reason sent to the client.
+    pub reason: String,
+}
+
+struct Entry {
+    device: DeviceId,
+    session: SessionId,
+    deliveries: mpsc::Sender<Delivery>,
+    kick: watch::Sender<Option<Kick>>,
+}
+
+impl Entry {
+    fn kick(&self, code: ErrorCode, reason: impl Into<String>) {
+        let _ = self.kick.send(Some(Kick {
+            code,
+            reason: reason.into(),
+        }));
+    }
+}
+
+/// What a session gets when it becomes its device's delivery session.
+pub struct Attachment {
+    /// Its number.
+    pub session: SessionId,
+    /// Deliveries appended after the attachment.
+    pub deliveries: mpsc::Receiver<Delivery>,
+    /// Set when the host ends the session.
+    pub kick: watch::Receiver<Option<Kick>>,
+}
+
+/// The delivery sessions of every online device.
+pub struct Registry {
+    sessions: Mutex<HashMap<UserId, Vec<Entry>>>,
+    next_session: AtomicU64,
+    queue: usize,
+}
+
+impl Registry {
+    /// A registry whose sessions buffer at most `queue` deliveries each.
+    pub fn new(queue: usize) -> Self {
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            queue: queue.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, Vec<Entry>>> {
+        // A panic while holding this lock cannot leave the map half-updated (every update is
+        // one push or retain), so a poisoned lock is still consistent.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes a new session the delivery session of `device`, ending the one it replaces.
+    pub fn attach(&self, user: &UserId, device: &DeviceId) -> Attachment {
+        let session = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
+        let (tx, deliveries) = mpsc::channel(self.queue);
+        let (kick_tx, kick) = watch::channel(None);
+        let mut sessions = self.lock();
+        let entries = sessions.entry(user.clone()).or_default();
+        entries.retain(|e| {
+            let same = &e.device == device;
+            if same {
+                e.kick(
+                    ErrorCode::SESSION_REPLACED,
+                    "another connection of this device took over its deliveries",
+                );
+            }
+            !same
+        });
+        entries.push(Entry {
+            device: device.clone(),
+            session,
+            deliveries: tx,
+            kick: kick_tx,
+        });
+        Attachment {
+            session,
+            deliveries,
+            kick,
+        }
+    }
+
+    /// Removes a session (it ended). Does nothing if it was replaced already.
+    pub fn detach(&self, user: &UserId, session: SessionId) {
+        let mut sessions = self.lock();
+        if let Some(entries) = sessions.get_mut(user) {
+            entries.retain(|e| e.session != session);
+            if entries.is_empty() {
+                sessions.remove(user);
+            }
+        }
+    }
+
+    /// The online devices of `user` and their sessions.
+    pub fn online(&self, user: &UserId) -> Vec<(DeviceId, SessionId)> {
+        self.lock()
+            .get(user)
+            .map(|entries| {
+                entries
+                    .iter()
+                    .map(|e| (e.device.clone(), e.session))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Hands `delivery` to every online device of `user`; returns how many took it.
+    ///
+    /// A session whose queue is full is ended with `too_slow`: the delivery stays in the inbox
+    /// and reaches the device when it reconnects, so nothing is lost and one slow device cannot
+    /// make the host buffer without bound.
+    pub fn push(&self, user: &UserId, delivery: &Delivery) -> usize {
+        let mut sessions = self.lock();
+        let Some(entries) = sessions.get_mut(user) else {
+            return 0;
+        };
+        let mut delivered = 0;
+        entries.retain(|e| match e.deliveries.try_send(delivery.clone()) {
+            Ok(()) => {
+                delivered += 1;
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                e.kick(
+                    ErrorCode::TOO_SLOW,
+                    "too many deliveries waiting; reconnect to sync from the inbox",
+                );
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        if entries.is_empty() {
+            sessions.remove(user);
+        }
+        delivered
+    }
+
+    /// Ends every session (host shutdown).
+    pub fn kick_all(&self, code: ErrorCode, reason: &str) {
+        for entry in self.lock().values().flatten() {
+            entry.kick(code, reason);
+        }
+    }
+
+    /// Number of online delivery sessions.
+    pub fn len(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+
+    /// Whether no delivery session is online.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

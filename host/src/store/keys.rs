@@ -1,0 +1,136 @@
+//! Every store key is encoded here, and only here.
+//!
+//! Names are validated to `a-z 0-9 . _ -` by `iim-proto`, so a zero byte can separate the
+//! parts of a key without ambiguity. Numbers are big-endian so that sled's byte order is
+//! numeric order: an inbox range scan returns messages in inbox order.
+
+use iim_proto::{DeviceId, RelationKind, UserId};
+
+const SEP: u8 = 0;
+
+fn join(parts: &[&[u8]]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            key.push(SEP);
+        }
+        key.extend_from_slice(part);
+    }
+    key
+}
+
+/// `users`: user → account record.
+pub fn user(user: &UserId) -> Vec<u8> {
+    user.as_str().as_bytes().to_vec()
+}
+
+/// `tokens`: (user, device) → token hash.
+pub fn token(user: &UserId, device: &DeviceId) -> Vec<u8> {
+    join(&[user.as_str().as_bytes(), device.as_str().as_bytes()])
+}
+
+/// `relations`: (user, kind, other) → nothing.
+pub fn relation(user: &UserId, kind: RelationKind, other: &UserId) -> Vec<u8> {
+    let mut key = relation_prefix(user, kind);
+    key.extend_from_slice(other.as_str().as_bytes());
+    key
+}
+
+/// The prefix of every `relations` key of one user's list of one kind.
+pub fn relation_prefix(user: &UserId, kind: RelationKind) -> Vec<u8> {
+    let kind: &[u8] = match kind {
+        RelationKind::Friend => b"f",
+        RelationKind::Colleague => b"c",
+    };
+    let mut key = join(&[user.as_str().as_bytes(), kind]);
+    key.push(SEP);
+    key
+}
+
+/// The last part of a `relations` key: the related user's name.
+pub fn relation_other(key: &[u8], prefix_len: usize) -> Option<UserId> {
+    let name = std::str::from_utf8(key.get(prefix_len..)?).ok()?;
+    UserId::new(name).ok()
+}
+
+/// `dedup`: (user, device, client id) → message id.
+pub fn dedup(user: &UserId, device: &DeviceId, client_id: u64) -> Vec<u8> {
+    join(&[
+        user.as_str().as_bytes(),
+        device.as_str().as_bytes(),
+        &client_id.to_be_bytes(),
+    ])
+}
+
+/// `dispatch`: message id → message, for every accepted message not yet handed to its
+/// recipients' inboxes.
+pub fn dispatch(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+/// `inbox`: (user, seq) → message.
+pub fn inbox(user: &UserId, seq: u64) -> Vec<u8> {
+    join(&[user.as_str().as_bytes(), &seq.to_be_bytes()])
+}
+
+/// The first and one-past-last `inbox` keys of a user's entries after `after`.
+pub fn inbox_range(user: &UserId, after: u64) -> (Vec<u8>, Vec<u8>) {
+    let start = inbox(user, after.saturating_add(1));
+    let mut end = user.as_str().as_bytes().to_vec();
+    end.push(SEP + 1);
+    (start, end)
+}
+
+/// The inbox position encoded in an `inbox` key.
+pub fn inbox_seq(key: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
+}
+
+/// `inbox_ids`: (user, message id) → seq: whether a message is already in an inbox.
+pub fn inbox_id(user: &UserId, id: u64) -> Vec<u8> {
+    join(&[user.as_str().as_bytes(), &id.to_be_bytes()])
+}
+
+/// `cursors`: (user, device) → the inbox position the device acknowledged.
+pub fn cursor(user: &UserId, device: &DeviceId) -> Vec<u8> {
+    token(user, device)
+}
+
+/// The prefix of every `cursors` key of one user.
+pub fn cursor_prefix(user: &UserId) -> Vec<u8> {
+    let mut key = user.as_str().as_bytes().to_vec();
+    key.push(SEP);
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str) -> UserId {
+        UserId::new(name).expect("valid")
+    }
+
+    #[test]
+    fn inbox_keys_sort_numerically_and_stay_within_the_user() {
+        let a = user("a");
+        let (start, end) = inbox_range(&a, 255);
+        assert!(inbox(&a, 256) >= start && inbox(&a, 256) < end);
+        assert!(inbox(&a, 255) < start);
+        assert!(inbox(&a, u64::MAX) < end);
+        // "a.b" begins with "a" but is another user: its keys sort outside a's range.
+        let ab = user("a.b");
+        assert!(inbox(&ab, 1) >= end || inbox(&ab, 1) < start);
+        assert_eq!(inbox_seq(&inbox(&a, 77)), Some(77));
+    }
+
+    #[test]
+    fn relation_keys_round_trip() {
+        let prefix = relation_prefix(&user("a"), RelationKind::Friend);
+        let key = relation(&user("a"), RelationKind::Friend, &user("b"));
+        assert!(key.starts_with(&prefix));
+        assert_eq!(relation_other(&key, prefix.len()), Some(user("b")));
+        assert!(!key.starts_with(&relation_prefix(&user("a"), RelationKind::Colleague)));
+    }
+}

@@ -1,0 +1,349 @@
+//! Durable state, in sled, behind one small interface.
+//!
+//! Trees: `users`, `tokens`, `relations`, `dedup`, `dispatch`, `inbox`, `inbox_ids`, `cursors`.
+//! Their keys are built in [`keys`]; values are postcard.
+//!
+//! Durability: a write here is in sled's log, not yet on disk. [`Store::flush`] makes every
+//! write before it durable; concurrent flushes share one disk write (group commit), so callers
+//! that need durability (Accepted) await it without paying one fsync each.
+
+pub mod keys;
+
+use iim_proto::{DeviceId, Message, MessageId, RelationKind, UserId};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use std::path::Path;
+
+/// A failure of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed (I/O, corruption it detected).
+    #[error("storage: {0}")]
+    Sled(#[from] sled::Error),
+    /// A stored value could not be decoded.
+    #[error("stored value under {tree} is corrupt: {reason}")]
+    Corrupt {
+        /// The tree it is in.
+        tree: &'static str,
+        /// What the decoder said.
+        reason: String,
+    },
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        }
+    }
+}
+
+/// An account as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// The argon2id hash of the password, in PHC string form.
+    pub password_hash: String,
+    /// When the account was created, in milliseconds since the Unix epoch.
+    pub created_at: u64,
+}
+
+/// What [`Store::accept`] did with a submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acceptance {
+    /// The message is new; it is stored and waiting for dispatch.
+    New(Message),
+    /// The same `(user, device, client id)` was accepted before.
+    Duplicate {
+        /// The first submission's id.
+        id: MessageId,
+        /// When the first submission was accepted.
+        sent_at: u64,
+    },
+}
+
+/// The host's durable state.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    users: sled::Tree,
+    tokens: sled::Tree,
+    relations: sled::Tree,
+    dedup: sled::Tree,
+    dispatch: sled::Tree,
+    inbox: sled::Tree,
+    inbox_ids: sled::Tree,
+    cursors: sled::Tree,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Encoding our own in-memory values into a Vec cannot fail.
+    postcard::to_stdvec(value).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        tree,
+        reason: e.to_string(),
+    })
+}
+
+fn decode_u64(tree: &'static str, bytes: &[u8]) -> Result<u64, StoreError> {
+    let raw: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        tree,
+        reason: format!("expected 8 bytes, found {}", bytes.len()),
+    })?;
+    Ok(u64::from_be_bytes(raw))
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in directory `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(path).open()?;
+        Ok(Self {
+            users: db.open_tree("users")?,
+            tokens: db.open_tree("tokens")?,
+            relations: db.open_tree("relations")?,
+            dedup: db.open_tree("dedup")?,
+            dispatch: db.open_tree("dispatch")?,
+            inbox: db.open_tree("inbox")?,
+            inbox_ids: db.open_tree("inbox_ids")?,
+            cursors: db.open_tree("cursors")?,
+            db,
+        })
+    }
+
+    /// Makes every write made before this call durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    // ---- accounts ----
+
+    /// Creates `user`; `false` if the name is taken.
+    pub fn create_user(&self, user: &UserId, record: &UserRecord) -> Result<bool, StoreError> {
+        let created = self
+            .users
+            .compare_and_swap(keys::user(user), None::<&[u8]>, Some(encode(record)))?
+            .is_ok();
+        Ok(created)
+    }
+
+    /// The account of `user`, if it exists.
+    pub fn user(&self, user: &UserId) -> Result<Option<UserRecord>, StoreError> {
+        self.users
+            .get(keys::user(user))?
+            .map(|v| decode("users", &v))
+            .transpose()
+    }
+
+    /// Whether `user` exists.
+    pub fn user_exists(&self, user: &UserId) -> Result<bool, StoreError> {
+        Ok(self.users.contains_key(keys::user(user))?)
+    }
+
+    /// Stores the hash of the token of `device`, replacing an earlier one.
+    pub fn set_token(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        hash: &[u8],
+    ) -> Result<(), StoreError> {
+        self.tokens.insert(keys::token(user, device), hash)?;
+        Ok(())
+    }
+
+    /// The hash of the token of `device`, if it has one.
+    pub fn token(&self, user: &UserId, device: &DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .tokens
+            .get(keys::token(user, device))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Revokes the token of `device`.
+    pub fn remove_token(&self, user: &UserId, device: &DeviceId) -> Result<(), StoreError> {
+        self.tokens.remove(keys::token(user, device))?;
+        Ok(())
+    }
+
+    // ---- relations ----
+
+    /// Adds `other` to `user`'s list of `kind`.
+    pub fn add_relation(
+        &self,
+        user: &UserId,
+        kind: RelationKind,
+        other: &UserId,
+    ) -> Result<(), StoreError> {
+        self.relations
+            .insert(keys::relation(user, kind, other), &[])?;
+        Ok(())
+    }
+
+    /// Removes `other` from `user`'s list of `kind`.
+    pub fn remove_relation(
+        &self,
+        user: &UserId,
+        kind: RelationKind,
+        other: &UserId,
+    ) -> Result<(), StoreError> {
+        self.relations.remove(keys::relation(user, kind, other))?;
+        Ok(())
+    }
+
+    /// `user`'s list of `kind`, sorted by name.
+    pub fn relations(&self, user: &UserId, kind: RelationKind) -> Result<Vec<UserId>, StoreError> {
+        let prefix = keys::relation_prefix(user, kind);
+        let mut out = Vec::new();
+        for entry in self.relations.scan_prefix(&prefix) {
+            let (key, _) = entry?;
+            let other =
+                keys::relation_other(&key, prefix.len()).ok_or_else(|| StoreError::Corrupt {
+                    tree: "relations",
+                    reason: "key does not end in a user name".into(),
+                })?;
+            out.push(other);
+        }
+        Ok(out)
+    }
+
+    // ---- messages ----
+
+    /// Stores a submission unless the same `(user, device, client_id)` was stored before.
+    ///
+    /// `build` makes the message from the id assigned to it. The new message is recorded for
+    /// dispatch; it is durable after the next [`Store::flush`].
+    pub fn accept(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        client_id: u64,
+        build: impl FnOnce(MessageId) -> Message,
+    ) -> Result<Acceptance, StoreError> {
+        let dedup_key = keys::dedup(user, device, client_id);
+        if let Some(existing) = self.dedup.get(&dedup_key)? {
+            let (id, sent_at) = decode::<(u64, u64)>("dedup", &existing)?;
+            return Ok(Acceptance::Duplicate {
+                id: MessageId(id),
+                sent_at,
+            });
+        }
+        let message = build(MessageId(self.db.generate_id()? + 1));
+        let record = encode(&(message.id.0, message.sent_at));
+        let encoded = encode(&message);
+        let duplicate = (&self.dedup, &self.dispatch).transaction(|(dedup, dispatch)| {
+            if let Some(existing) = dedup.get(&dedup_key)? {
+                // A concurrent submission with the same client id got there first.
+                let (id, sent_at) = decode::<(u64, u64)>("dedup", &existing)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                return Ok(Some((id, sent_at)));
+            }
+            dedup.insert(dedup_key.as_slice(), record.as_slice())?;
+            dispatch.insert(&keys::dispatch(message.id.0), encoded.as_slice())?;
+            Ok(None)
+        })?;
+        Ok(match duplicate {
+            Some((id, sent_at)) => Acceptance::Duplicate {
+                id: MessageId(id),
+                sent_at,
+            },
+            None => Acceptance::New(message),
+        })
+    }
+
+    /// Every accepted message whose dispatch did not finish, oldest first.
+    pub fn pending_dispatch(&self) -> Result<Vec<Message>, StoreError> {
+        self.dispatch
+            .iter()
+            .map(|entry| {
+                let (_, value) = entry?;
+                decode("dispatch", &value)
+            })
+            .collect()
+    }
+
+    /// Records that message `id` is in every recipient's inbox.
+    pub fn finish_dispatch(&self, id: MessageId) -> Result<(), StoreError> {
+        self.dispatch.remove(keys::dispatch(id.0))?;
+        Ok(())
+    }
+
+    // ---- inboxes and cursors ----
+
+    /// Appends `message` to `user`'s inbox at `seq`, unless it is there already (a dispatch
+    /// retried after a crash). Returns whether it was appended.
+    ///
+    /// The caller serialises appends to one inbox and hands out increasing `seq`s.
+    pub fn append_inbox(
+        &self,
+        user: &UserId,
+        seq: u64,
+        message: &Message,
+    ) -> Result<bool, StoreError> {
+        let id_key = keys::inbox_id(user, message.id.0);
+        let entry_key = keys::inbox(user, seq);
+        let encoded = encode(message);
+        let appended = (&self.inbox, &self.inbox_ids).transaction(|(inbox, ids)| {
+            if ids.get(&id_key)?.is_some() {
+                return Ok(false);
+            }
+            ids.insert(id_key.as_slice(), &seq.to_be_bytes())?;
+            inbox.insert(entry_key.as_slice(), encoded.as_slice())?;
+            Ok(true)
+        })?;
+        Ok(appended)
+    }
+
+    /// Up to `limit` entries of `user`'s inbox after position `after`, in order.
+    pub fn inbox_after(
+        &self,
+        user: &UserId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Message)>, StoreError> {
+        let (start, end) = keys::inbox_range(user, after);
+        let mut out = Vec::new();
+        for entry in self.inbox.range(start..end).take(limit) {
+            let (key, value) = entry?;
+            let seq = keys::inbox_seq(&key).ok_or_else(|| StoreError::Corrupt {
+                tree: "inbox",
+                reason: "key does not end in a position".into(),
+            })?;
+            out.push((seq, decode("inbox", &value)?));
+        }
+        Ok(out)
+    }
+
+    /// The highest position used in `user`'s inbox or acknowledged by one of its devices.
+    /// A new entry goes after it.
+    pub fn inbox_high_water(&self, user: &UserId) -> Result<u64, StoreError> {
+        let (start, end) = keys::inbox_range(user, 0);
+        let last = match self.inbox.range(start..end).next_back() {
+            Some(entry) => keys::inbox_seq(&entry?.0).unwrap_or(0),
+            None => 0,
+        };
+        let mut high = last;
+        for entry in self.cursors.scan_prefix(keys::cursor_prefix(user)) {
+            high = high.max(decode_u64("cursors", &entry?.1)?);
+        }
+        Ok(high)
+    }
+
+    /// The position `device` has acknowledged up to (0 for a new device).
+    pub fn cursor(&self, user: &UserId, device: &DeviceId) -> Result<u64, StoreError> {
+        match self.cursors.get(keys::cursor(user, device))? {
+            Some(v) => decode_u64("cursors", &v),
+            None => Ok(0),
+        }
+    }
+
+    /// Moves `device`'s cursor to `seq`.
+    pub fn set_cursor(&self, user: &UserId, device: &DeviceId, seq: u64) -> Result<(), StoreError> {
+        self.cursors
+            .insert(keys::cursor(user, device), &seq.to_be_bytes())?;
+        Ok(())
+    }
+}
