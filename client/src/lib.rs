@@ -1,1 +1,93 @@
-//! placeholder
+//! `iim-client`: connect to an iim host over QUIC and use it from any tokio program.
+//!
+//! One [`Connection`] value per connection; no process-global state. Requests (`register`,
+//! `login`, `send`, ...) can be made concurrently from several tasks; deliveries arrive as
+//! [`Event`]s from [`Connection::next_event`] and are acknowledged with [`Connection::ack`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), iim_client::ClientError> {
+//! use iim_client::{ClientConfig, Connection, Event};
+//! use iim_proto::{DeviceId, SessionMode, UserId};
+//!
+//! let config = ClientConfig::new("127.0.0.1:7447".parse().unwrap())
+//!     .with_ca_file("iim-data/cert.pem".as_ref())?;
+//! let conn = Connection::connect(&config).await?;
+//! let alice = UserId::new("alice").unwrap();
+//! conn.login(&alice, "correct horse", &DeviceId::new("laptop").unwrap(), SessionMode::Receive)
+//!     .await?;
+//! conn.send_text(&UserId::new("bob").unwrap(), "hi").await?;
+//! while let Some(event) = conn.next_event().await {
+//!     if let Event::Message { seq, message } = event {
+//!         println!("{}: {}", message.from, String::from_utf8_lossy(&message.body));
+//!         conn.ack(seq).await?;
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+
+mod connection;
+
+pub use connection::{
+    Accepted, ClientConfig, Connection, Event, new_client_id, quic_client_config,
+};
+pub use iim_proto as proto;
+
+use iim_proto::ErrorCode;
+
+/// Why a client operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The CA file could not be read or holds no certificate.
+    #[error("certificate file {path}: {reason}")]
+    Ca {
+        /// The file.
+        path: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// No QUIC connection could be made.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The host's address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The host refused the request.
+    #[error("{message} ({})", code.name())]
+    Refused {
+        /// The error code.
+        code: ErrorCode,
+        /// The host's reason.
+        message: String,
+    },
+    /// The host ended the connection, saying why.
+    #[error("the host closed the connection: {message} ({})", code.name())]
+    ClosedByHost {
+        /// The error code.
+        code: ErrorCode,
+        /// The host's reason.
+        message: String,
+    },
+    /// The connection is gone.
+    #[error("connection lost: {0}")]
+    ConnectionLost(String),
+    /// The host sent something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The request is larger than the host accepts.
+    #[error("request too large: {0}")]
+    TooLarge(String),
+}
+
+impl ClientError {
+    /// The protocol error code, if the host sent one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Refused { code, .. } | ClientError::ClosedByHost { code, .. } => {
+                Some(*code)
+            }
+            _ => None,
+        }
+    }
+}

@@ -118,6 +118,10 @@ impl Session {
         if let Err(end) = self.handshake().await {
             return end;
         }
+        // Frames that arrived in the same read as Hello are already buffered.
+        if let Err(end) = self.drain_frames().await {
+            return end;
+        }
         let mut buf = vec![0u8; 16 * 1024];
         let mut shutdown = self.host.shutdown.clone();
         loop {
@@ -133,6 +137,9 @@ impl Session {
                     self.drain_frames().await
                 }
                 Event::Read(Ok(None)) => Err(End::Done),
+                Event::Read(Err(quinn::ReadError::ConnectionLost(
+                    quinn::ConnectionError::ApplicationClosed(_),
+                ))) => Err(End::Done),
                 Event::Read(Err(e)) => Err(End::Transport(e.to_string())),
                 Event::Delivery(Some(delivery)) => self.deliver(delivery).await,
                 // The registry dropped this session: it was replaced or found too slow, and

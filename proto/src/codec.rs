@@ -60,6 +60,11 @@ impl FrameDecoder {
         }
     }
 
+    /// Changes the limit, for frames not yet decoded (after the peer announced its own).
+    pub fn set_max(&mut self, max: u32) {
+        self.max = max;
+    }
+
     /// Appends bytes read from the stream.
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);

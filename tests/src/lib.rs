@@ -1,1 +1,306 @@
-//! x
+//! Helpers for the end-to-end tests: start the real `iim-host` binary on loopback with a
+//! temporary data directory, and connect real clients to it.
+
+use anyhow::{Context, anyhow, bail};
+use iim_client::proto::{DeviceId, ErrorCode, Message, SessionMode, UserId};
+use iim_client::{ClientConfig, ClientError, Connection, Event};
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// How long any single step of a test may take before the test fails.
+pub const STEP: Duration = Duration::from_secs(20);
+
+/// Fails unless `fut` completes within [`STEP`].
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> anyhow::Result<T> {
+    tokio::time::timeout(STEP, fut)
+        .await
+        .map_err(|_| anyhow!("timed out: {what}"))
+}
+
+/// The directory the workspace's binaries are built into (the one this test runs from).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Builds (once per test process) and returns the path of a workspace binary.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| {
+        // `cargo test` builds only this package's dependencies as libraries, not the host's
+        // binary, so build the binaries here, with the same profile as this test.
+        let dir = bin_dir();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "iim-host",
+            "-p",
+            "iim-client",
+            "--bins",
+        ]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        match cmd.status() {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => Err(format!("cargo build failed: {status}")),
+            Err(e) => Err(format!("cannot run cargo: {e}")),
+        }
+    });
+    if let Err(e) = built {
+        bail!("{e}");
+    }
+    let path = bin_dir().join(name);
+    if !path.exists() {
+        bail!("{} was not built", path.display());
+    }
+    Ok(path)
+}
+
+/// A running `iim-host` process with its own data directory.
+pub struct HostProcess {
+    child: Option<Child>,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Its certificate.
+    pub cert: PathBuf,
+    data: tempfile::TempDir,
+    stderr_log: PathBuf,
+}
+
+impl HostProcess {
+    /// Starts a host on 127.0.0.1 with a fresh data directory.
+    pub fn start() -> anyhow::Result<Self> {
+        let data = tempfile::tempdir()?;
+        let (child, addr, cert, stderr_log) = spawn(data.path(), "127.0.0.1:0".parse()?)?;
+        Ok(Self {
+            child: Some(child),
+            addr,
+            cert,
+            data,
+            stderr_log,
+        })
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// Kills the process with SIGKILL (no shutdown, nothing flushed) and waits for it.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the host again on the same address and data directory.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9()?;
+        let (child, addr, cert, log) = spawn(self.data.path(), self.addr)?;
+        self.child = Some(child);
+        self.addr = addr;
+        self.cert = cert;
+        self.stderr_log = log;
+        Ok(())
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// The host's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// A client configuration for this host.
+    pub fn client_config(&self) -> anyhow::Result<ClientConfig> {
+        Ok(ClientConfig::new(self.addr).with_ca_file(&self.cert)?)
+    }
+
+    /// A new connection, handshake done.
+    pub async fn connect(&self) -> anyhow::Result<Connection> {
+        let config = self.client_config()?;
+        within("connect", Connection::connect(&config))
+            .await?
+            .context("connect")
+    }
+
+    /// Registers `name` (password [`PASSWORD`]).
+    pub async fn register(&self, name: &str) -> anyhow::Result<UserId> {
+        let user = UserId::new(name)?;
+        let conn = self.connect().await?;
+        within("register", conn.register(&user, PASSWORD)).await??;
+        conn.close().await;
+        Ok(user)
+    }
+
+    /// Logs `user` in on `device` in receive mode and waits for the end of its backlog.
+    /// Returns the connection and the backlog.
+    pub async fn online(
+        &self,
+        user: &UserId,
+        device: &str,
+    ) -> anyhow::Result<(Connection, Vec<Message>)> {
+        let conn = self.connect().await?;
+        let device = DeviceId::new(device)?;
+        within(
+            "login",
+            conn.login(user, PASSWORD, &device, SessionMode::Receive),
+        )
+        .await??;
+        let mut backlog = Vec::new();
+        loop {
+            match next_event(&conn).await? {
+                Event::Message { seq, message } => {
+                    conn.ack(seq).await?;
+                    backlog.push(message);
+                }
+                Event::Synced { count } => {
+                    assert_eq!(count as usize, backlog.len(), "Synced counts the backlog");
+                    return Ok((conn, backlog));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let _ = self.kill9();
+    }
+}
+
+fn spawn(data: &Path, listen: SocketAddr) -> anyhow::Result<(Child, SocketAddr, PathBuf, PathBuf)> {
+    let stderr_log = data.join(format!("host-{}.log", rand_suffix()));
+    let stderr = std::fs::File::create(&stderr_log)?;
+    let mut child = Command::new(binary("iim-host")?)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--data-dir")
+        .arg(data)
+        .env("IIM_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .context("cannot start iim-host")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(STEP)
+        .map_err(|_| anyhow!("iim-host did not report its address"))?;
+    // "iim-host listening on ADDR (certificate PATH)"
+    let rest = line
+        .trim()
+        .strip_prefix("iim-host listening on ")
+        .ok_or_else(|| anyhow!("unexpected first line from iim-host: {line:?}"))?;
+    let (addr, cert) = rest
+        .split_once(" (certificate ")
+        .ok_or_else(|| anyhow!("unexpected first line from iim-host: {line:?}"))?;
+    let cert = PathBuf::from(cert.trim_end_matches(')'));
+    Ok((child, addr.parse()?, cert, stderr_log))
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The password every test user gets.
+pub const PASSWORD: &str = "correct horse battery";
+
+/// The next event, failing on timeout, on the end of the connection or on an error event.
+pub async fn next_event(conn: &Connection) -> anyhow::Result<Event> {
+    match within("next event", conn.next_event()).await? {
+        Some(Ok(event)) => Ok(event),
+        Some(Err(e)) => Err(e.into()),
+        None => bail!("the connection ended"),
+    }
+}
+
+/// The next delivered message (acknowledged), skipping nothing: any other event fails.
+pub async fn next_message(conn: &Connection) -> anyhow::Result<Message> {
+    match next_event(conn).await? {
+        Event::Message { seq, message } => {
+            conn.ack(seq).await?;
+            Ok(message)
+        }
+        other => bail!("expected a message, got {other:?}"),
+    }
+}
+
+/// The text of a chat message.
+pub fn text(message: &Message) -> String {
+    String::from_utf8_lossy(&message.body).into_owned()
+}
+
+/// The error code of a failed request.
+pub fn code_of<T: std::fmt::Debug>(result: Result<T, ClientError>) -> anyhow::Result<ErrorCode> {
+    match result {
+        Err(e) => e.code().ok_or_else(|| anyhow!("error without a code: {e}")),
+        Ok(v) => bail!("expected an error, got {v:?}"),
+    }
+}
+
+/// A raw QUIC connection to the host, speaking bytes: for tests of malformed input.
+pub struct RawConnection {
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// The stream's sending half.
+    pub send: quinn::SendStream,
+    /// The stream's receiving half.
+    pub recv: quinn::RecvStream,
+    _endpoint: quinn::Endpoint,
+}
+
+impl RawConnection {
+    /// Connects and opens the stream; sends nothing.
+    pub async fn open(host: &HostProcess) -> anyhow::Result<Self> {
+        let config = host.client_config()?;
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(iim_client::quic_client_config(&config.roots)?);
+        let conn = within("raw connect", endpoint.connect(host.addr, "localhost")?).await??;
+        let (send, recv) = conn.open_bi().await?;
+        Ok(Self {
+            conn,
+            send,
+            recv,
+            _endpoint: endpoint,
+        })
+    }
+
+    /// Reads every frame until the host ends the stream; returns them.
+    pub async fn read_to_end(&mut self) -> anyhow::Result<Vec<iim_client::proto::ServerFrame>> {
+        let bytes = within("read to end", self.recv.read_to_end(1 << 20)).await??;
+        let mut decoder = iim_client::proto::FrameDecoder::new(1 << 20);
+        decoder.push(&bytes);
+        let mut frames = Vec::new();
+        while let Some(frame) = decoder.decode()? {
+            frames.push(frame);
+        }
+        Ok(frames)
+    }
+}

@@ -1,0 +1,557 @@
+//! The connection: a driver task reads frames and routes them; requests write under a lock.
+
+use crate::ClientError;
+use iim_proto::{
+    ClientFrame, DeviceId, FrameDecoder, Message, MessageId, MessageKind, RelationKind, RelationOp,
+    RequestId, ServerFrame, SessionMode, UserId,
+};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The host's UDP address.
+    pub server: SocketAddr,
+    /// The name the host's certificate must carry.
+    pub server_name: String,
+    /// Certificates to trust as roots.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Names this client in the host's log.
+    pub agent: String,
+    /// How long to wait for the connection and the handshake.
+    pub connect_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// A configuration for the host at `server`, named `localhost`, trusting nothing yet.
+    pub fn new(server: SocketAddr) -> Self {
+        Self {
+            server,
+            server_name: "localhost".into(),
+            roots: Vec::new(),
+            agent: format!("iim-client/{}", env!("CARGO_PKG_VERSION")),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Trusts the certificates of a PEM file (a host's generated `cert.pem`, or a CA).
+    pub fn with_ca_file(mut self, path: &Path) -> Result<Self, ClientError> {
+        let err = |reason: String| ClientError::Ca {
+            path: path.display().to_string(),
+            reason,
+        };
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| err(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(err("no certificate in the file".into()));
+        }
+        self.roots.extend(certs);
+        Ok(self)
+    }
+}
+
+/// The quinn client configuration for an iim host: TLS 1.3, ALPN `iim/1`, trusting `roots`.
+pub fn quic_client_config(
+    roots: &[CertificateDer<'static>],
+) -> Result<quinn::ClientConfig, ClientError> {
+    let mut store = rustls::RootCertStore::empty();
+    for cert in roots {
+        store.add(cert.clone()).map_err(|e| ClientError::Ca {
+            path: "(roots)".into(),
+            reason: e.to_string(),
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![iim_proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    // Keep-alives well inside the host's idle timeout keep a quiet session (and the NAT
+    // binding of a mobile network) open.
+    transport.keep_alive_interval(Some(Duration::from_secs(10)));
+    transport.max_idle_timeout(Duration::from_secs(30).try_into().ok());
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Something the host pushed to this connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A message for this device; acknowledge it with [`Connection::ack`]`(seq)`.
+    Message {
+        /// Its inbox position.
+        seq: u64,
+        /// The message.
+        message: Message,
+    },
+    /// Every message that waited for this device has been delivered.
+    Synced {
+        /// How many that was.
+        count: u64,
+    },
+}
+
+/// The host's answer to a submission: the *sent* receipt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// The message's id.
+    pub id: MessageId,
+    /// When the host accepted it, in milliseconds since the Unix epoch.
+    pub sent_at: u64,
+    /// The client id it was submitted with.
+    pub client_id: u64,
+}
+
+type Pending = Arc<Mutex<PendingState>>;
+
+#[derive(Default)]
+struct PendingState {
+    waiting: HashMap<RequestId, oneshot::Sender<Result<ServerFrame, ClientError>>>,
+    /// Set once the connection is over; later requests fail with it at once.
+    closed: Option<ClientError>,
+}
+
+/// A connection to an iim host.
+pub struct Connection {
+    conn: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+    send: tokio::sync::Mutex<quinn::SendStream>,
+    pending: Pending,
+    events: tokio::sync::Mutex<mpsc::Receiver<Result<Event, ClientError>>>,
+    next_req: AtomicU64,
+    max_frame: u32,
+    max_body: u32,
+    server: String,
+}
+
+fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, PendingState> {
+    pending.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Connection {
+    /// Connects, opens the stream and does the version handshake.
+    pub async fn connect(config: &ClientConfig) -> Result<Self, ClientError> {
+        let addr = config.server;
+        let connect_err = |reason: String| ClientError::Connect { addr, reason };
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse().unwrap_or_else(|_| unreachable!())
+        } else {
+            "0.0.0.0:0".parse().unwrap_or_else(|_| unreachable!())
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
+        endpoint.set_default_client_config(quic_client_config(&config.roots)?);
+        let handshake = async {
+            let conn = endpoint
+                .connect(addr, &config.server_name)
+                .map_err(|e| connect_err(e.to_string()))?
+                .await
+                .map_err(|e| connect_err(e.to_string()))?;
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| connect_err(e.to_string()))?;
+            let hello = ClientFrame::Hello {
+                version: iim_proto::PROTOCOL_VERSION,
+                agent: config.agent.clone(),
+            };
+            let bytes = iim_proto::encode_frame(&hello, iim_proto::DEFAULT_MAX_FRAME)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            send.write_all(&bytes)
+                .await
+                .map_err(|e| connect_err(e.to_string()))?;
+            // Until Welcome says otherwise, accept frames of the default limit.
+            let mut decoder = FrameDecoder::new(iim_proto::DEFAULT_MAX_FRAME);
+            let welcome = read_frame(&mut recv, &mut decoder).await?;
+            Ok::<_, ClientError>((conn, send, recv, decoder, welcome))
+        };
+        let (conn, send, recv, decoder, welcome) =
+            tokio::time::timeout(config.connect_timeout, handshake)
+                .await
+                .map_err(|_| connect_err("timed out".into()))??;
+        let (max_frame, max_body, server) = match welcome {
+            Some(ServerFrame::Welcome {
+                max_frame,
+                max_body,
+                server,
+                ..
+            }) => (max_frame, max_body, server),
+            Some(ServerFrame::Error { code, message, .. }) => {
+                return Err(ClientError::ClosedByHost { code, message });
+            }
+            Some(other) => {
+                return Err(ClientError::Protocol(format!(
+                    "expected Welcome, got {other:?}"
+                )));
+            }
+            None => {
+                return Err(ClientError::ConnectionLost(
+                    "closed during handshake".into(),
+                ));
+            }
+        };
+        let pending: Pending = Arc::default();
+        let (events_tx, events) = mpsc::channel(1024);
+        tokio::spawn(drive(
+            recv,
+            decoder,
+            max_frame,
+            Arc::clone(&pending),
+            events_tx,
+        ));
+        Ok(Self {
+            conn,
+            _endpoint: endpoint,
+            send: tokio::sync::Mutex::new(send),
+            pending,
+            events: tokio::sync::Mutex::new(events),
+            next_req: AtomicU64::new(1),
+            max_frame,
+            max_body,
+            server,
+        })
+    }
+
+    /// The host's server id, from its Welcome.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// The largest message body the host accepts.
+    pub fn max_body(&self) -> u32 {
+        self.max_body
+    }
+
+    /// The underlying QUIC connection (for its statistics and addresses).
+    pub fn quic(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Creates an account.
+    pub async fn register(&self, user: &UserId, password: &str) -> Result<(), ClientError> {
+        let answer = self
+            .request(|req| ClientFrame::Register {
+                req,
+                user: user.clone(),
+                password: password.to_owned(),
+            })
+            .await?;
+        expect_ok(answer)
+    }
+
+    /// Logs in as `device` and returns the device's token. In [`SessionMode::Receive`] the
+    /// connection then starts to receive the device's messages.
+    pub async fn login(
+        &self,
+        user: &UserId,
+        password: &str,
+        device: &DeviceId,
+        mode: SessionMode,
+    ) -> Result<String, ClientError> {
+        let answer = self
+            .request(|req| ClientFrame::Login {
+                req,
+                user: user.clone(),
+                password: password.to_owned(),
+                device: device.clone(),
+                mode,
+            })
+            .await?;
+        match answer {
+            ServerFrame::LoggedIn { token, .. } => Ok(token),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Authenticates with a token from an earlier [`Connection::login`].
+    pub async fn authenticate(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        token: &str,
+        mode: SessionMode,
+    ) -> Result<(), ClientError> {
+        let answer = self
+            .request(|req| ClientFrame::Authenticate {
+                req,
+                user: user.clone(),
+                device: device.clone(),
+                token: token.to_owned(),
+                mode,
+            })
+            .await?;
+        expect_ok(answer)
+    }
+
+    /// Revokes this device's token; the host then ends the connection.
+    pub async fn logout(&self) -> Result<(), ClientError> {
+        let answer = self.request(|req| ClientFrame::Logout { req }).await?;
+        expect_ok(answer)
+    }
+
+    /// Adds `user` to the list of `kind`.
+    pub async fn add_relation(&self, kind: RelationKind, user: &UserId) -> Result<(), ClientError> {
+        let answer = self
+            .request(|req| ClientFrame::Relation {
+                req,
+                kind,
+                op: RelationOp::Add(user.clone()),
+            })
+            .await?;
+        expect_ok(answer)
+    }
+
+    /// Removes `user` from the list of `kind`.
+    pub async fn remove_relation(
+        &self,
+        kind: RelationKind,
+        user: &UserId,
+    ) -> Result<(), ClientError> {
+        let answer = self
+            .request(|req| ClientFrame::Relation {
+                req,
+                kind,
+                op: RelationOp::Remove(user.clone()),
+            })
+            .await?;
+        expect_ok(answer)
+    }
+
+    /// The list of `kind`, sorted by name.
+    pub async fn relations(&self, kind: RelationKind) -> Result<Vec<UserId>, ClientError> {
+        let answer = self
+            .request(|req| ClientFrame::Relation {
+                req,
+                kind,
+                op: RelationOp::List,
+            })
+            .await?;
+        match answer {
+            ServerFrame::Users { users, .. } => Ok(users),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends a chat message with `text` to `to`.
+    pub async fn send_text(&self, to: &UserId, text: &str) -> Result<Accepted, ClientError> {
+        self.submit(
+            new_client_id(),
+            MessageKind::Chat,
+            std::slice::from_ref(to),
+            text.as_bytes(),
+        )
+        .await
+    }
+
+    /// Submits a message with the idempotency id `client_id`: submitting it again with the same
+    /// id (say, after a lost answer) is answered with the same id and delivers nothing twice.
+    pub async fn submit(
+        &self,
+        client_id: u64,
+        kind: MessageKind,
+        to: &[UserId],
+        body: &[u8],
+    ) -> Result<Accepted, ClientError> {
+        let answer = self
+            .request(|req| ClientFrame::Submit {
+                req,
+                client_id,
+                kind: kind.clone(),
+                to: to.to_vec(),
+                body: body.to_vec(),
+            })
+            .await?;
+        match answer {
+            ServerFrame::Accepted {
+                id,
+                sent_at,
+                client_id,
+                ..
+            } => Ok(Accepted {
+                id,
+                sent_at,
+                client_id,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Acknowledges every delivery up to and including `seq`.
+    pub async fn ack(&self, seq: u64) -> Result<(), ClientError> {
+        self.write(&ClientFrame::Ack { seq }).await
+    }
+
+    /// The next event; `None` once the connection has ended and every event was taken.
+    /// If the host ended the connection with an error, that error comes last, as `Some(Err)`.
+    pub async fn next_event(&self) -> Option<Result<Event, ClientError>> {
+        self.events.lock().await.recv().await
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        if let Ok(mut send) = self.send.try_lock() {
+            let _ = send.finish();
+        }
+        self.conn.close(0u32.into(), b"bye");
+        self._endpoint.wait_idle().await;
+    }
+
+    async fn request(
+        &self,
+        frame: impl FnOnce(RequestId) -> ClientFrame,
+    ) -> Result<ServerFrame, ClientError> {
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = lock(&self.pending);
+            if let Some(closed) = &pending.closed {
+                return Err(closed.clone());
+            }
+            pending.waiting.insert(req, tx);
+        }
+        if let Err(e) = self.write(&frame(req)).await {
+            lock(&self.pending).waiting.remove(&req);
+            return Err(e);
+        }
+        match rx.await {
+            Ok(answer) => answer,
+            Err(_) => Err(ClientError::ConnectionLost("the connection ended".into())),
+        }
+    }
+
+    async fn write(&self, frame: &ClientFrame) -> Result<(), ClientError> {
+        let bytes = iim_proto::encode_frame(frame, self.max_frame)
+            .map_err(|e| ClientError::TooLarge(e.to_string()))?;
+        self.send
+            .lock()
+            .await
+            .write_all(&bytes)
+            .await
+            .map_err(|e| ClientError::ConnectionLost(e.to_string()))
+    }
+}
+
+fn expect_ok(answer: ServerFrame) -> Result<(), ClientError> {
+    match answer {
+        ServerFrame::Ok { .. } => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn unexpected(frame: ServerFrame) -> ClientError {
+    ClientError::Protocol(format!("unexpected answer {frame:?}"))
+}
+
+/// A fresh idempotency id.
+pub fn new_client_id() -> u64 {
+    rand::random()
+}
+
+async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Result<Option<ServerFrame>, ClientError> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(frame) = decoder
+            .decode::<ServerFrame>()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+        {
+            return Ok(Some(frame));
+        }
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => decoder.push(&buf[..n]),
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(ClientError::ConnectionLost(e.to_string())),
+        }
+    }
+}
+
+/// Reads every frame the host sends and routes it: answers to their request, the rest to the
+/// event queue. Ends when the stream does, failing whatever still waits.
+async fn drive(
+    mut recv: quinn::RecvStream,
+    mut decoder: FrameDecoder,
+    max_frame: u32,
+    pending: Pending,
+    events: mpsc::Sender<Result<Event, ClientError>>,
+) {
+    decoder.set_max(max_frame);
+    let end = loop {
+        let frame = match read_frame(&mut recv, &mut decoder).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break ClientError::ConnectionLost("the host closed the stream".into()),
+            Err(e) => break e,
+        };
+        let (req, answer) = match frame {
+            ServerFrame::Deliver { seq, message } => {
+                if events
+                    .send(Ok(Event::Message { seq, message }))
+                    .await
+                    .is_err()
+                {
+                    // Nobody listens any more; keep answering requests.
+                }
+                continue;
+            }
+            ServerFrame::Synced { count } => {
+                let _ = events.send(Ok(Event::Synced { count })).await;
+                continue;
+            }
+            ServerFrame::Error {
+                req: None,
+                code,
+                message,
+            } => break ClientError::ClosedByHost { code, message },
+            ServerFrame::Error {
+                req: Some(req),
+                code,
+                message,
+            } => (req, Err(ClientError::Refused { code, message })),
+            ServerFrame::Ok { req }
+            | ServerFrame::LoggedIn { req, .. }
+            | ServerFrame::Users { req, .. }
+            | ServerFrame::Accepted { req, .. } => (req, Ok(frame)),
+            ServerFrame::Welcome { .. } => {
+                break ClientError::Protocol("Welcome sent twice".into());
+            }
+        };
+        let waiter = lock(&pending).waiting.remove(&req);
+        match waiter {
+            Some(tx) => {
+                let _ = tx.send(answer);
+            }
+            None => tracing::warn!(req, "answer to no request"),
+        }
+    };
+    let waiting = {
+        let mut state = lock(&pending);
+        state.closed = Some(end.clone());
+        std::mem::take(&mut state.waiting)
+    };
+    for (_, tx) in waiting {
+        let _ = tx.send(Err(end.clone()));
+    }
+    let last = match end {
+        e @ ClientError::ClosedByHost { .. } => Some(e),
+        ClientError::ConnectionLost(_) => None,
+        other => Some(other),
+    };
+    if let Some(e) = last {
+        let _ = events.send(Err(e)).await;
+    }
+}

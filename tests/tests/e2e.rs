@@ -1,0 +1,492 @@
+//! End-to-end: the real `iim-host` binary on 127.0.0.1, driven by the client library.
+
+use iim_client::proto::{
+    ClientFrame, DeviceId, ErrorCode, MessageKind, RelationKind, ServerFrame, SessionMode, UserId,
+};
+use iim_e2e::*;
+
+type Result = anyhow::Result<()>;
+
+#[tokio::test]
+async fn users_register_befriend_and_chat_both_ways() -> Result {
+    let host = HostProcess::start()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let (b, _) = host.online(&bob, "laptop").await?;
+
+    a.add_relation(RelationKind::Friend, &bob).await?;
+    a.add_relation(RelationKind::Colleague, &bob).await?;
+    b.add_relation(RelationKind::Friend, &alice).await?;
+    assert_eq!(a.relations(RelationKind::Friend).await?, vec![bob.clone()]);
+    assert_eq!(
+        a.relations(RelationKind::Colleague).await?,
+        vec![bob.clone()]
+    );
+    a.remove_relation(RelationKind::Colleague, &bob).await?;
+    assert!(a.relations(RelationKind::Colleague).await?.is_empty());
+    assert_eq!(
+        code_of(
+            a.add_relation(RelationKind::Friend, &UserId::new("nobody")?)
+                .await
+        )?,
+        ErrorCode::UNKNOWN_USER
+    );
+    assert_eq!(
+        code_of(a.add_relation(RelationKind::Friend, &alice).await)?,
+        ErrorCode::INVALID_ARGUMENT
+    );
+
+    let sent = a.send_text(&bob, "hi bob").await?;
+    let got = next_message(&b).await?;
+    assert_eq!(
+        (got.id, got.from.clone(), text(&got)),
+        (sent.id, alice.clone(), "hi bob".into())
+    );
+    assert_eq!(got.to, vec![bob.clone()]);
+    assert_eq!(got.kind, MessageKind::Chat);
+    assert_eq!(got.sent_at, sent.sent_at);
+    assert_eq!(got.from_device, DeviceId::new("phone")?);
+
+    let reply = b.send_text(&alice, "hi alice").await?;
+    let got = next_message(&a).await?;
+    assert_eq!(
+        (got.id, got.from.clone(), text(&got)),
+        (reply.id, bob, "hi alice".into())
+    );
+    assert!(reply.id > sent.id, "ids grow");
+    Ok(())
+}
+
+#[tokio::test]
+async fn offline_messages_arrive_at_login_in_order_before_new_ones() -> Result {
+    let host = HostProcess::start()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        sent.push(a.send_text(&bob, &format!("offline {i}")).await?.id);
+    }
+
+    // Bob logs in while Alice keeps sending: the backlog must come whole, in order, before
+    // anything sent after the login started.
+    let b = host.connect().await?;
+    let laptop = DeviceId::new("laptop")?;
+    let login = b.login(&bob, PASSWORD, &laptop, SessionMode::Receive);
+    let sender = async {
+        let mut ids = Vec::new();
+        for i in 0..10 {
+            ids.push(a.send_text(&bob, &format!("new {i}")).await?.id);
+        }
+        anyhow::Ok(ids)
+    };
+    let (login, new_ids) = tokio::join!(login, sender);
+    login?;
+    let new_ids = new_ids?;
+
+    let mut received = Vec::new();
+    let mut synced_at = None;
+    while received.len() < sent.len() + new_ids.len() || synced_at.is_none() {
+        match next_event(&b).await? {
+            iim_client::Event::Message { seq, message } => {
+                b.ack(seq).await?;
+                received.push(message);
+            }
+            iim_client::Event::Synced { count } => {
+                assert!(synced_at.is_none(), "one Synced");
+                assert_eq!(count as usize, received.len());
+                synced_at = Some(received.len());
+            }
+        }
+    }
+    let synced_at = synced_at.ok_or_else(|| anyhow::anyhow!("no Synced"))?;
+    assert!(
+        synced_at >= sent.len(),
+        "the whole offline backlog comes before Synced"
+    );
+    let ids: Vec<_> = received.iter().map(|m| m.id).collect();
+    let expected: Vec<_> = sent.iter().chain(&new_ids).copied().collect();
+    assert_eq!(
+        ids, expected,
+        "every message once, in the order it was sent"
+    );
+    assert_eq!(text(&received[0]), "offline 0");
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_online_device_of_a_user_receives_and_an_offline_one_catches_up() -> Result {
+    let host = HostProcess::start()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let (phone, _) = host.online(&bob, "phone").await?;
+    let (laptop, _) = host.online(&bob, "laptop").await?;
+
+    let sent = a.send_text(&bob, "to all of bob").await?;
+    assert_eq!(next_message(&phone).await?.id, sent.id);
+    assert_eq!(next_message(&laptop).await?.id, sent.id);
+
+    // A third device that was never online gets what is in the inbox when it first logs in.
+    let (_, backlog) = host.online(&bob, "tablet").await?;
+    assert_eq!(
+        backlog.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![sent.id]
+    );
+
+    // An acknowledged message is not delivered again to the same device.
+    laptop.close().await;
+    let second = a.send_text(&bob, "second").await?;
+    assert_eq!(next_message(&phone).await?.id, second.id);
+    let (_, backlog) = host.online(&bob, "laptop").await?;
+    assert_eq!(
+        backlog.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![second.id]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn unacknowledged_deliveries_come_again_at_the_next_login() -> Result {
+    let host = HostProcess::start()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let (b, _) = host.online(&bob, "phone").await?;
+    let first = a.send_text(&bob, "one").await?;
+    let second = a.send_text(&bob, "two").await?;
+    // Take both, acknowledge only the first.
+    for expected in [first.id, second.id] {
+        match next_event(&b).await? {
+            iim_client::Event::Message { seq, message } => {
+                assert_eq!(message.id, expected);
+                if expected == first.id {
+                    b.ack(seq).await?;
+                }
+            }
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+    }
+    // The host handles a connection's frames in order: once a later request is answered,
+    // the ack before it has been handled.
+    b.relations(RelationKind::Friend).await?;
+    b.close().await;
+    let (_, backlog) = host.online(&bob, "phone").await?;
+    assert_eq!(
+        backlog.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![second.id]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_resubmission_with_the_same_client_id_is_accepted_once() -> Result {
+    let host = HostProcess::start()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let (b, _) = host.online(&bob, "phone").await?;
+    let to = [bob.clone()];
+    let first = a.submit(42, MessageKind::Chat, &to, b"once").await?;
+    let again = a.submit(42, MessageKind::Chat, &to, b"once").await?;
+    assert_eq!((first.id, first.sent_at), (again.id, again.sent_at));
+    let marker = a.send_text(&bob, "marker").await?;
+    assert_eq!(next_message(&b).await?.id, first.id);
+    assert_eq!(
+        next_message(&b).await?.id,
+        marker.id,
+        "the duplicate was not delivered"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn wrong_passwords_and_unknown_users_are_refused() -> Result {
+    let host = HostProcess::start()?;
+    let alice = host.register("alice").await?;
+    let conn = host.connect().await?;
+    let device = DeviceId::new("phone")?;
+    let refused = conn
+        .login(&alice, "wrong password", &device, SessionMode::Receive)
+        .await;
+    assert_eq!(code_of(refused)?, ErrorCode::AUTH_FAILED);
+    let ghost = UserId::new("ghost")?;
+    let refused = conn
+        .login(&ghost, PASSWORD, &device, SessionMode::Receive)
+        .await;
+    assert_eq!(code_of(refused)?, ErrorCode::AUTH_FAILED);
+    // Nothing but login works before it.
+    assert_eq!(
+        code_of(conn.send_text(&alice, "x").await)?,
+        ErrorCode::NOT_AUTHENTICATED
+    );
+    assert_eq!(
+        code_of(conn.relations(RelationKind::Friend).await)?,
+        ErrorCode::NOT_AUTHENTICATED
+    );
+    // Registering a taken name, or with a short password, is refused.
+    assert_eq!(
+        code_of(conn.register(&alice, PASSWORD).await)?,
+        ErrorCode::USER_EXISTS
+    );
+    let carol = UserId::new("carol")?;
+    assert_eq!(
+        code_of(conn.register(&carol, "short").await)?,
+        ErrorCode::INVALID_ARGUMENT
+    );
+    // The same connection still logs in with the right password.
+    conn.login(&alice, PASSWORD, &device, SessionMode::Receive)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_token_cannot_act_as_another_user_or_device() -> Result {
+    let host = HostProcess::start()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let phone = DeviceId::new("phone")?;
+    let conn = host.connect().await?;
+    let token = conn
+        .login(&alice, PASSWORD, &phone, SessionMode::SendOnly)
+        .await?;
+    conn.close().await;
+
+    let conn = host.connect().await?;
+    let as_bob = conn
+        .authenticate(&bob, &phone, &token, SessionMode::Receive)
+        .await;
+    assert_eq!(code_of(as_bob)?, ErrorCode::AUTH_FAILED);
+    let other_device = conn
+        .authenticate(
+            &alice,
+            &DeviceId::new("laptop")?,
+            &token,
+            SessionMode::Receive,
+        )
+        .await;
+    assert_eq!(code_of(other_device)?, ErrorCode::AUTH_FAILED);
+    let forged = conn
+        .authenticate(&alice, &phone, &"0".repeat(64), SessionMode::Receive)
+        .await;
+    assert_eq!(code_of(forged)?, ErrorCode::AUTH_FAILED);
+
+    // With the right token the session is Alice's, and what it sends is from Alice.
+    conn.authenticate(&alice, &phone, &token, SessionMode::SendOnly)
+        .await?;
+    let (b, _) = host.online(&bob, "phone").await?;
+    conn.send_text(&bob, "who am i").await?;
+    assert_eq!(next_message(&b).await?.from, alice);
+
+    // After logout the token is dead.
+    conn.logout().await?;
+    let conn = host.connect().await?;
+    let revoked = conn
+        .authenticate(&alice, &phone, &token, SessionMode::SendOnly)
+        .await;
+    assert_eq!(code_of(revoked)?, ErrorCode::AUTH_FAILED);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_submissions_get_clear_errors() -> Result {
+    let host = HostProcess::start()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let big = vec![b'x'; a.max_body() as usize + 1];
+    assert_eq!(
+        code_of(a.submit(1, MessageKind::Chat, &[bob.clone()], &big).await)?,
+        ErrorCode::BODY_TOO_LARGE
+    );
+    assert_eq!(
+        code_of(a.send_text(&UserId::new("nobody")?, "x").await)?,
+        ErrorCode::UNKNOWN_USER
+    );
+    assert_eq!(
+        code_of(a.submit(2, MessageKind::Chat, &[], b"x").await)?,
+        ErrorCode::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code_of(
+            a.submit(3, MessageKind::Custom("poll".into()), &[bob.clone()], b"x")
+                .await
+        )?,
+        ErrorCode::UNSUPPORTED_KIND
+    );
+    // The largest body accepted is delivered whole.
+    let (b, _) = host.online(&bob, "phone").await?;
+    let max = vec![b'y'; a.max_body() as usize];
+    a.submit(4, MessageKind::Chat, &[bob.clone()], &max).await?;
+    assert_eq!(next_message(&b).await?.body, max);
+    Ok(())
+}
+
+/// Two users chatting, used to check that bad input elsewhere does not disturb anyone.
+async fn chat_still_works(
+    host: &HostProcess,
+    a: &iim_client::Connection,
+    b: &iim_client::Connection,
+    bob: &UserId,
+) -> Result {
+    let sent = a.send_text(bob, "still here").await?;
+    assert_eq!(next_message(b).await?.id, sent.id);
+    assert!(
+        host.connect().await.is_ok(),
+        "the host accepts new connections"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_oversized_frame_is_refused_and_the_host_keeps_serving() -> Result {
+    let mut host = HostProcess::start()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let (b, _) = host.online(&bob, "phone").await?;
+
+    let mut raw = RawConnection::open(&host).await?;
+    let hello = ClientFrame::Hello {
+        version: 1,
+        agent: "raw".into(),
+    };
+    raw.send
+        .write_all(&iim_client::proto::encode_frame(&hello, 1024)?)
+        .await?;
+    // Announce 100 MiB and start sending it.
+    raw.send.write_all(&(100u32 << 20).to_be_bytes()).await?;
+    raw.send.write_all(&[0u8; 4096]).await?;
+    let frames = raw.read_to_end().await?;
+    assert!(
+        matches!(frames.first(), Some(ServerFrame::Welcome { .. })),
+        "{frames:?}"
+    );
+    assert!(
+        matches!(frames.last(), Some(ServerFrame::Error { req: None, code, .. }) if *code == ErrorCode::FRAME_TOO_LARGE),
+        "{frames:?}"
+    );
+    chat_still_works(&host, &a, &b, &bob).await?;
+    assert!(host.is_running());
+
+    // A client-side guard: the library refuses to encode what the host would refuse.
+    let huge = vec![0u8; iim_client::proto::DEFAULT_MAX_FRAME as usize * 2];
+    let err = a.submit(9, MessageKind::Chat, &[bob.clone()], &huge).await;
+    assert!(
+        matches!(err, Err(iim_client::ClientError::TooLarge(_))),
+        "{err:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn garbage_bytes_are_refused_and_the_host_keeps_serving() -> Result {
+    let mut host = HostProcess::start()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let (b, _) = host.online(&bob, "phone").await?;
+
+    // Garbage instead of Hello.
+    let mut raw = RawConnection::open(&host).await?;
+    raw.send
+        .write_all(&[0, 0, 0, 9, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5])
+        .await?;
+    let frames = raw.read_to_end().await?;
+    assert!(
+        matches!(frames.last(), Some(ServerFrame::Error { req: None, code, .. }) if *code == ErrorCode::MALFORMED),
+        "{frames:?}"
+    );
+
+    // Garbage from an authenticated session, after good frames; and a fixed seed of random
+    // byte strings on fresh connections.
+    let mut raw = RawConnection::open(&host).await?;
+    let hello = ClientFrame::Hello {
+        version: 1,
+        agent: "raw".into(),
+    };
+    raw.send
+        .write_all(&iim_client::proto::encode_frame(&hello, 1024)?)
+        .await?;
+    raw.send.write_all(&[0, 0, 0, 3, 200, 201, 202]).await?;
+    let frames = raw.read_to_end().await?;
+    assert!(
+        matches!(frames.last(), Some(ServerFrame::Error { req: None, code, .. }) if *code == ErrorCode::MALFORMED),
+        "{frames:?}"
+    );
+
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..20 {
+        let mut raw = RawConnection::open(&host).await?;
+        let mut bytes = Vec::new();
+        for _ in 0..64 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            bytes.push(seed as u8);
+        }
+        raw.send.write_all(&bytes).await?;
+        let _ = raw.send.finish();
+        // Whatever the bytes, the host answers with an error or closes; it never hangs.
+        if let Err(e) = raw.read_to_end().await {
+            anyhow::ensure!(
+                !e.to_string().contains("timed out"),
+                "round {round}: {e} after {bytes:?}"
+            );
+        }
+    }
+
+    // A wrong protocol version gets its own code.
+    let mut raw = RawConnection::open(&host).await?;
+    let hello = ClientFrame::Hello {
+        version: 99,
+        agent: "future".into(),
+    };
+    raw.send
+        .write_all(&iim_client::proto::encode_frame(&hello, 1024)?)
+        .await?;
+    let frames = raw.read_to_end().await?;
+    assert!(
+        matches!(frames.last(), Some(ServerFrame::Error { code, .. }) if *code == ErrorCode::UNSUPPORTED_VERSION),
+        "{frames:?}"
+    );
+
+    chat_still_works(&host, &a, &b, &bob).await?;
+    assert!(host.is_running());
+    assert!(!host.log().contains("panicked"), "no panic in the host log");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_receive_session_of_a_device_replaces_the_first() -> Result {
+    let host = HostProcess::start()?;
+    let bob = host.register("bob").await?;
+    let (first, _) = host.online(&bob, "phone").await?;
+    let (_second, _) = host.online(&bob, "phone").await?;
+    match within("replaced", first.next_event()).await? {
+        Some(Err(e)) => assert_eq!(e.code(), Some(ErrorCode::SESSION_REPLACED)),
+        other => anyhow::bail!("expected the first session to be replaced, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn accepted_messages_and_accounts_survive_kill_9() -> Result {
+    let mut host = HostProcess::start()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        sent.push(a.send_text(&bob, &format!("m{i}")).await?.id);
+    }
+    host.restart()?; // SIGKILL, then start on the same data directory
+    let (_, backlog) = host.online(&bob, "phone").await?;
+    assert_eq!(backlog.iter().map(|m| m.id).collect::<Vec<_>>(), sent);
+    // Ids keep growing after the restart.
+    let (a, _) = host.online(&alice, "phone").await?;
+    let next = a.send_text(&bob, "after").await?;
+    assert!(next.id > *sent.last().expect("sent some"));
+    Ok(())
+}
