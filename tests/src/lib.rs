@@ -22,14 +22,16 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> anyhow::Resu
         .map_err(|_| anyhow!("timed out: {what}"))
 }
 
-/// The directory the workspace's binaries are built into (the one this test runs from).
+/// The directory the workspace's binaries are built into: the one the running program was
+/// built into (`target/<profile>/` for a binary, `target/<profile>/deps/` for a test).
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test binary>
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or_default()
+    } else {
+        dir
+    }
 }
 
 /// Builds (once per test process) and returns the path of a workspace binary.
