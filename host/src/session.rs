@@ -308,12 +308,12 @@ impl Session {
                 match cmd::submit::handle(&self.host, &user, &device, submission).await {
                     Ok((accepted, message)) => {
                         self.write(&accepted).await?;
-                        if let Some(message) = message {
-                            if let Err(e) = dispatch::run(&self.host, &message) {
-                                // Accepted and durable: it stays recorded for dispatch and is
-                                // dispatched again at the next start.
-                                tracing::error!(id = %message.id, error = %e, "dispatch failed");
-                            }
+                        if let Some(message) = message
+                            && let Err(e) = dispatch::run(&self.host, &message)
+                        {
+                            // Accepted and durable: it stays recorded for dispatch and is
+                            // dispatched again at the next start.
+                            tracing::error!(id = %message.id, error = %e, "dispatch failed");
                         }
                         Ok(())
                     }

@@ -297,7 +297,10 @@ async fn bad_submissions_get_clear_errors() -> Result {
     let (a, _) = host.online(&alice, "phone").await?;
     let big = vec![b'x'; a.max_body() as usize + 1];
     assert_eq!(
-        code_of(a.submit(1, MessageKind::Chat, &[bob.clone()], &big).await)?,
+        code_of(
+            a.submit(1, MessageKind::Chat, std::slice::from_ref(&bob), &big)
+                .await
+        )?,
         ErrorCode::BODY_TOO_LARGE
     );
     assert_eq!(
@@ -310,15 +313,21 @@ async fn bad_submissions_get_clear_errors() -> Result {
     );
     assert_eq!(
         code_of(
-            a.submit(3, MessageKind::Custom("poll".into()), &[bob.clone()], b"x")
-                .await
+            a.submit(
+                3,
+                MessageKind::Custom("poll".into()),
+                std::slice::from_ref(&bob),
+                b"x"
+            )
+            .await
         )?,
         ErrorCode::UNSUPPORTED_KIND
     );
     // The largest body accepted is delivered whole.
     let (b, _) = host.online(&bob, "phone").await?;
     let max = vec![b'y'; a.max_body() as usize];
-    a.submit(4, MessageKind::Chat, &[bob.clone()], &max).await?;
+    a.submit(4, MessageKind::Chat, std::slice::from_ref(&bob), &max)
+        .await?;
     assert_eq!(next_message(&b).await?.body, max);
     Ok(())
 }
@@ -372,7 +381,9 @@ async fn an_oversized_frame_is_refused_and_the_host_keeps_serving() -> Result {
 
     // A client-side guard: the library refuses to encode what the host would refuse.
     let huge = vec![0u8; iim_client::proto::DEFAULT_MAX_FRAME as usize * 2];
-    let err = a.submit(9, MessageKind::Chat, &[bob.clone()], &huge).await;
+    let err = a
+        .submit(9, MessageKind::Chat, std::slice::from_ref(&bob), &huge)
+        .await;
     assert!(
         matches!(err, Err(iim_client::ClientError::TooLarge(_))),
         "{err:?}"
