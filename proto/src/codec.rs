@@ -313,3 +313,55 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod wire_examples {
+    //! The byte-exact examples of `docs/protocol.md`, so the document cannot drift from the code.
+    use super::*;
+    use crate::frame::*;
+    use crate::name::UserId;
+
+    #[test]
+    fn hello_bytes() {
+        let hello = ClientFrame::Hello {
+            version: 1,
+            agent: "cli".into(),
+        };
+        assert_eq!(
+            encode_frame(&hello, 1024).expect("encode"),
+            [0, 0, 0, 6, 0x00, 0x01, 0x03, b'c', b'l', b'i']
+        );
+    }
+
+    #[test]
+    fn submit_bytes() {
+        let submit = ClientFrame::Submit {
+            req: 7,
+            client_id: 300,
+            kind: MessageKind::Chat,
+            to: vec![UserId::new("bob").expect("valid")],
+            body: b"hi".to_vec(),
+        };
+        assert_eq!(
+            encode_frame(&submit, 1024).expect("encode"),
+            [
+                0, 0, 0, 13, // length
+                0x06, // Submit
+                0x07, // req
+                0xac, 0x02, // client_id 300
+                0x00, // Chat
+                0x01, 0x03, b'b', b'o', b'b', // to: ["bob"]
+                0x02, b'h', b'i', // body
+            ]
+        );
+    }
+
+    #[test]
+    fn error_bytes() {
+        let error = ServerFrame::error(Some(7), ErrorCode::UNKNOWN_USER, "no");
+        assert_eq!(
+            encode_frame(&error, 1024).expect("encode"),
+            [0, 0, 0, 7, 0x07, 0x01, 0x07, 0x09, 0x02, b'n', b'o']
+        );
+    }
+}
