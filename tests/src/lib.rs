@@ -110,6 +110,22 @@ impl HostProcess {
         Ok(())
     }
 
+    /// Sends SIGTERM: the host ends its sessions, flushes and exits.
+    pub fn terminate(&mut self) -> anyhow::Result<()> {
+        let child = self.child.as_ref().context("not running")?;
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        Ok(())
+    }
+
+    /// Waits for the process to exit and returns its status.
+    pub async fn wait(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        Ok(tokio::task::spawn_blocking(move || child.wait()).await??)
+    }
+
     /// Starts the host again on the same address and data directory.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9()?;

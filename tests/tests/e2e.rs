@@ -492,12 +492,30 @@ async fn accepted_messages_and_accounts_survive_kill_9() -> Result {
     for i in 0..20 {
         sent.push(a.send_text(&bob, &format!("m{i}")).await?.id);
     }
+    let cert_before = std::fs::read(&host.cert)?;
     host.restart()?; // SIGKILL, then start on the same data directory
+    assert_eq!(std::fs::read(&host.cert)?, cert_before, "the generated certificate is kept");
     let (_, backlog) = host.online(&bob, "phone").await?;
     assert_eq!(backlog.iter().map(|m| m.id).collect::<Vec<_>>(), sent);
     // Ids keep growing after the restart.
     let (a, _) = host.online(&alice, "phone").await?;
     let next = a.send_text(&bob, "after").await?;
     assert!(next.id > *sent.last().expect("sent some"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_ends_sessions_with_a_reason_and_stops_cleanly() -> Result {
+    let mut host = HostProcess::start()?;
+    let bob = host.register("bob").await?;
+    let (b, _) = host.online(&bob, "phone").await?;
+    host.terminate()?;
+    match within("shutdown notice", b.next_event()).await? {
+        Some(Err(e)) => assert_eq!(e.code(), Some(ErrorCode::SHUTTING_DOWN)),
+        other => anyhow::bail!("expected a shutdown notice, got {other:?}"),
+    }
+    let status = within("host exit", host.wait()).await??;
+    assert!(status.success(), "exit status {status}");
+    assert!(host.log().contains("stopped"));
     Ok(())
 }
