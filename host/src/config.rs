@@ -76,6 +76,16 @@ pub struct Limits {
     pub handshake_timeout_secs: u64,
     /// Seconds without any packet before a connection is dropped.
     pub idle_timeout_secs: u64,
+    /// Seconds a write to a client may wait for it to read before the session is ended.
+    pub write_timeout_secs: u64,
+    /// Submissions one session may make per second, on average.
+    pub submit_rate: u32,
+    /// Submissions one session may make in a burst.
+    pub submit_burst: u32,
+    /// Register, login and authenticate attempts one connection may make per second.
+    pub auth_rate: u32,
+    /// Register, login and authenticate attempts one connection may make in a burst.
+    pub auth_burst: u32,
 }
 
 impl Default for Limits {
@@ -86,6 +96,11 @@ impl Default for Limits {
             session_queue: 4096,
             handshake_timeout_secs: 10,
             idle_timeout_secs: 30,
+            write_timeout_secs: 30,
+            submit_rate: 1000,
+            submit_burst: 2000,
+            auth_rate: 2,
+            auth_burst: 10,
         }
     }
 }

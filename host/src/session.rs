@@ -5,13 +5,13 @@
 //! dispatched in the order it sent them. Bad input ends only this session, with an error frame
 //! that says why.
 
-use crate::Host;
 use crate::cmd::{self, Refusal, submit::Submission};
 use crate::dispatch;
 use crate::registry::{Delivery, Kick, SessionId};
+use crate::{Host, now_ms};
 use iim_proto::{
     AckOutcome, ClientFrame, CodecError, DeliveryWindow, DeviceId, ErrorCode, FrameDecoder,
-    RequestId, ServerFrame, SessionMode, UserId,
+    RequestId, ServerFrame, SessionMode, TokenBucket, UserId,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +30,8 @@ enum End {
     Error(ErrorCode, String),
     /// The connection failed underneath.
     Transport(String),
+    /// The client stopped reading: nothing more can be written to it.
+    Stalled,
 }
 
 impl From<CodecError> for End {
@@ -67,6 +69,8 @@ struct Session {
     attached: Option<Attached>,
     deliveries: Option<mpsc::Receiver<Delivery>>,
     kick: Option<watch::Receiver<Option<Kick>>>,
+    submit_rate: TokenBucket,
+    auth_rate: TokenBucket,
 }
 
 enum Event {
@@ -95,6 +99,7 @@ pub async fn run(host: Arc<Host>, conn: quinn::Connection) {
                 return;
             }
         };
+        let limits = host.config.limits.clone();
         let mut session = Session {
             decoder: FrameDecoder::new(host.config.limits.max_frame),
             host,
@@ -105,6 +110,8 @@ pub async fn run(host: Arc<Host>, conn: quinn::Connection) {
             attached: None,
             deliveries: None,
             kick: None,
+            submit_rate: TokenBucket::new(limits.submit_rate, limits.submit_burst, now_ms()),
+            auth_rate: TokenBucket::new(limits.auth_rate, limits.auth_burst, now_ms()),
         };
         let end = session.serve().await;
         session.finish(end).await;
@@ -219,6 +226,9 @@ impl Session {
     }
 
     async fn handle(&mut self, frame: ClientFrame) -> Result<(), End> {
+        if let Some((req, refusal)) = self.rate_limit(&frame) {
+            return self.refuse(req, refusal).await;
+        }
         match frame {
             ClientFrame::Hello { .. } => {
                 Err(End::Error(ErrorCode::HANDSHAKE, "Hello sent twice".into()))
@@ -325,6 +335,29 @@ impl Session {
                 Ok(())
             }
         }
+    }
+
+    /// Refuses a request over the session's rate, before any work is done for it.
+    fn rate_limit(&mut self, frame: &ClientFrame) -> Option<(RequestId, Refusal)> {
+        let (req, bucket, what) = match frame {
+            ClientFrame::Submit { req, .. } => (*req, &mut self.submit_rate, "messages"),
+            ClientFrame::Register { req, .. }
+            | ClientFrame::Login { req, .. }
+            | ClientFrame::Authenticate { req, .. } => {
+                (*req, &mut self.auth_rate, "log-in attempts")
+            }
+            _ => return None,
+        };
+        if bucket.try_take(now_ms()) {
+            return None;
+        }
+        Some((
+            req,
+            Refusal::new(
+                ErrorCode::RATE_LIMITED,
+                format!("too many {what} on this connection; slow down"),
+            ),
+        ))
     }
 
     fn check_unauthenticated(&self) -> Result<(), Refusal> {
@@ -457,13 +490,18 @@ impl Session {
         .await
     }
 
+    /// Writes a frame. A client that stops reading blocks the write once QUIC's flow-control
+    /// window is full; past the write timeout the session is ended, so a stalled client cannot
+    /// hold a session (and its deliveries) forever.
     async fn write(&mut self, frame: &ServerFrame) -> Result<(), End> {
         let bytes = iim_proto::encode_frame(frame, self.host.config.limits.max_frame)
             .map_err(|e| End::Error(ErrorCode::INTERNAL, format!("answer not encodable: {e}")))?;
-        self.send
-            .write_all(&bytes)
-            .await
-            .map_err(|e| End::Transport(e.to_string()))
+        let timeout = Duration::from_secs(self.host.config.limits.write_timeout_secs);
+        match tokio::time::timeout(timeout, self.send.write_all(&bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(End::Transport(e.to_string())),
+            Err(_) => Err(End::Stalled),
+        }
     }
 
     /// Says why the session ends, lets the client read it, and closes the connection.
@@ -480,10 +518,18 @@ impl Session {
                 tracing::info!(error = %e, "connection lost");
                 return;
             }
+            End::Stalled => {
+                tracing::info!("client stopped reading; closing");
+                let code = ErrorCode::TOO_SLOW;
+                self.conn
+                    .close(quinn::VarInt::from_u32(code.0.into()), b"not reading");
+                return;
+            }
             End::Error(code, reason) => {
                 tracing::info!(%code, %reason, "session ended by the host");
                 let frame = ServerFrame::error(None, *code, reason.clone());
-                let _ = self.write(&frame).await;
+                // Bounded: a client that does not read gets the close without the frame.
+                let _ = tokio::time::timeout(Duration::from_secs(2), self.write(&frame)).await;
                 code.0
             }
         };

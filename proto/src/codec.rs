@@ -345,7 +345,7 @@ mod wire_examples {
         assert_eq!(
             encode_frame(&submit, 1024).expect("encode"),
             [
-                0, 0, 0, 13, // length
+                0, 0, 0, 13,   // length
                 0x06, // Submit
                 0x07, // req
                 0xac, 0x02, // client_id 300

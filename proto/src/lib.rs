@@ -12,11 +12,13 @@ pub mod codec;
 pub mod delivery;
 pub mod frame;
 pub mod name;
+pub mod rate;
 
 pub use codec::{CodecError, FrameDecoder, encode_frame};
 pub use delivery::{AckOutcome, DeliveryWindow};
 pub use frame::*;
 pub use name::{DeviceId, NameError, UserId};
+pub use rate::TokenBucket;
 
 /// The ALPN protocol name negotiated in the TLS handshake of every iim QUIC connection.
 pub const ALPN: &[u8] = b"iim/1";

@@ -494,7 +494,11 @@ async fn accepted_messages_and_accounts_survive_kill_9() -> Result {
     }
     let cert_before = std::fs::read(&host.cert)?;
     host.restart()?; // SIGKILL, then start on the same data directory
-    assert_eq!(std::fs::read(&host.cert)?, cert_before, "the generated certificate is kept");
+    assert_eq!(
+        std::fs::read(&host.cert)?,
+        cert_before,
+        "the generated certificate is kept"
+    );
     let (_, backlog) = host.online(&bob, "phone").await?;
     assert_eq!(backlog.iter().map(|m| m.id).collect::<Vec<_>>(), sent);
     // Ids keep growing after the restart.
@@ -517,5 +521,33 @@ async fn sigterm_ends_sessions_with_a_reason_and_stops_cleanly() -> Result {
     let status = within("host exit", host.wait()).await??;
     assert!(status.success(), "exit status {status}");
     assert!(host.log().contains("stopped"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn password_guessing_on_one_connection_is_rate_limited() -> Result {
+    let host = HostProcess::start()?;
+    let alice = host.register("alice").await?;
+    let conn = host.connect().await?;
+    let device = DeviceId::new("phone")?;
+    let mut codes = Vec::new();
+    for i in 0..40 {
+        let guess = format!("guess number {i}");
+        let code = code_of(
+            conn.login(&alice, &guess, &device, SessionMode::SendOnly)
+                .await,
+        )?;
+        codes.push(code);
+        if code == ErrorCode::RATE_LIMITED {
+            break;
+        }
+    }
+    assert_eq!(codes.first(), Some(&ErrorCode::AUTH_FAILED));
+    assert_eq!(codes.last(), Some(&ErrorCode::RATE_LIMITED), "{codes:?}");
+    // Other connections are not affected.
+    let other = host.connect().await?;
+    other
+        .login(&alice, PASSWORD, &device, SessionMode::SendOnly)
+        .await?;
     Ok(())
 }
