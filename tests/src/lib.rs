@@ -322,3 +322,40 @@ impl RawConnection {
         Ok(frames)
     }
 }
+
+/// A host with two users, `alice` and `bob`, each online on device `phone`.
+pub struct TwoUsers {
+    /// The host.
+    pub host: HostProcess,
+    /// Alice.
+    pub alice: UserId,
+    /// Bob.
+    pub bob: UserId,
+    /// Alice's phone.
+    pub a: Connection,
+    /// Bob's phone.
+    pub b: Connection,
+}
+
+impl TwoUsers {
+    /// Starts a host, registers both users and brings their phones online.
+    pub async fn start() -> anyhow::Result<Self> {
+        let host = HostProcess::start()?;
+        let alice = host.register("alice").await?;
+        let bob = host.register("bob").await?;
+        let (a, _) = host.online(&alice, "phone").await?;
+        let (b, _) = host.online(&bob, "phone").await?;
+        Ok(Self {
+            host,
+            alice,
+            bob,
+            a,
+            b,
+        })
+    }
+}
+
+/// The ids of `messages`, in order.
+pub fn ids(messages: &[Message]) -> Vec<iim_client::proto::MessageId> {
+    messages.iter().map(|m| m.id).collect()
+}

@@ -130,30 +130,26 @@ async fn every_online_device_of_a_user_receives_and_an_offline_one_catches_up() 
 
     // A third device that was never online gets what is in the inbox when it first logs in.
     let (_, backlog) = host.online(&bob, "tablet").await?;
-    assert_eq!(
-        backlog.iter().map(|m| m.id).collect::<Vec<_>>(),
-        vec![sent.id]
-    );
+    assert_eq!(ids(&backlog), vec![sent.id]);
 
     // An acknowledged message is not delivered again to the same device.
     laptop.close().await;
     let second = a.send_text(&bob, "second").await?;
     assert_eq!(next_message(&phone).await?.id, second.id);
     let (_, backlog) = host.online(&bob, "laptop").await?;
-    assert_eq!(
-        backlog.iter().map(|m| m.id).collect::<Vec<_>>(),
-        vec![second.id]
-    );
+    assert_eq!(ids(&backlog), vec![second.id]);
     Ok(())
 }
 
 #[tokio::test]
 async fn unacknowledged_deliveries_come_again_at_the_next_login() -> Result {
-    let host = HostProcess::start()?;
-    let alice = host.register("alice").await?;
-    let bob = host.register("bob").await?;
-    let (a, _) = host.online(&alice, "phone").await?;
-    let (b, _) = host.online(&bob, "phone").await?;
+    let TwoUsers {
+        host,
+        alice: _,
+        bob,
+        a,
+        b,
+    } = TwoUsers::start().await?;
     let first = a.send_text(&bob, "one").await?;
     let second = a.send_text(&bob, "two").await?;
     // Take both, acknowledge only the first.
@@ -173,20 +169,19 @@ async fn unacknowledged_deliveries_come_again_at_the_next_login() -> Result {
     b.relations(RelationKind::Friend).await?;
     b.close().await;
     let (_, backlog) = host.online(&bob, "phone").await?;
-    assert_eq!(
-        backlog.iter().map(|m| m.id).collect::<Vec<_>>(),
-        vec![second.id]
-    );
+    assert_eq!(ids(&backlog), vec![second.id]);
     Ok(())
 }
 
 #[tokio::test]
 async fn a_resubmission_with_the_same_client_id_is_accepted_once() -> Result {
-    let host = HostProcess::start()?;
-    let alice = host.register("alice").await?;
-    let bob = host.register("bob").await?;
-    let (a, _) = host.online(&alice, "phone").await?;
-    let (b, _) = host.online(&bob, "phone").await?;
+    let TwoUsers {
+        host: _host,
+        alice: _,
+        bob,
+        a,
+        b,
+    } = TwoUsers::start().await?;
     let to = [bob.clone()];
     let first = a.submit(42, MessageKind::Chat, &to, b"once").await?;
     let again = a.submit(42, MessageKind::Chat, &to, b"once").await?;
@@ -350,11 +345,13 @@ async fn chat_still_works(
 
 #[tokio::test]
 async fn an_oversized_frame_is_refused_and_the_host_keeps_serving() -> Result {
-    let mut host = HostProcess::start()?;
-    let alice = host.register("alice").await?;
-    let bob = host.register("bob").await?;
-    let (a, _) = host.online(&alice, "phone").await?;
-    let (b, _) = host.online(&bob, "phone").await?;
+    let TwoUsers {
+        mut host,
+        alice: _,
+        bob,
+        a,
+        b,
+    } = TwoUsers::start().await?;
 
     let mut raw = RawConnection::open(&host).await?;
     let hello = ClientFrame::Hello {
@@ -393,11 +390,13 @@ async fn an_oversized_frame_is_refused_and_the_host_keeps_serving() -> Result {
 
 #[tokio::test]
 async fn garbage_bytes_are_refused_and_the_host_keeps_serving() -> Result {
-    let mut host = HostProcess::start()?;
-    let alice = host.register("alice").await?;
-    let bob = host.register("bob").await?;
-    let (a, _) = host.online(&alice, "phone").await?;
-    let (b, _) = host.online(&bob, "phone").await?;
+    let TwoUsers {
+        mut host,
+        alice: _,
+        bob,
+        a,
+        b,
+    } = TwoUsers::start().await?;
 
     // Garbage instead of Hello.
     let mut raw = RawConnection::open(&host).await?;
@@ -500,7 +499,7 @@ async fn accepted_messages_and_accounts_survive_kill_9() -> Result {
         "the generated certificate is kept"
     );
     let (_, backlog) = host.online(&bob, "phone").await?;
-    assert_eq!(backlog.iter().map(|m| m.id).collect::<Vec<_>>(), sent);
+    assert_eq!(ids(&backlog), sent);
     // Ids keep growing after the restart.
     let (a, _) = host.online(&alice, "phone").await?;
     let next = a.send_text(&bob, "after").await?;
