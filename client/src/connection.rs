@@ -2,8 +2,8 @@
 
 use crate::ClientError;
 use iim_proto::{
-    ClientFrame, DeviceId, FrameDecoder, Message, MessageId, MessageKind, RelationKind, RelationOp,
-    RequestId, ServerFrame, SessionMode, UserId,
+    ClientFrame, DeviceId, ErrorCode, FrameDecoder, Message, MessageId, MessageKind, RelationKind,
+    RelationOp, RequestId, ServerFrame, SessionMode, UserId,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -28,6 +28,8 @@ pub struct ClientConfig {
     pub agent: String,
     /// How long to wait for the connection and the handshake.
     pub connect_timeout: Duration,
+    /// How long to wait for the answer to a request.
+    pub request_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -39,6 +41,7 @@ impl ClientConfig {
             roots: Vec::new(),
             agent: format!("iim-client/{}", env!("CARGO_PKG_VERSION")),
             connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
         }
     }
 
@@ -126,13 +129,16 @@ struct PendingState {
     closed: Option<ClientError>,
 }
 
-/// A connection to an iim host.
+/// A connection to an iim host. Dropping it closes the connection.
 pub struct Connection {
     conn: quinn::Connection,
-    _endpoint: quinn::Endpoint,
-    send: tokio::sync::Mutex<quinn::SendStream>,
+    endpoint: quinn::Endpoint,
+    /// Whole frames for the writer task: a request cancelled by its caller never leaves half a
+    /// frame on the stream.
+    writer: mpsc::Sender<Vec<u8>>,
     pending: Pending,
-    events: tokio::sync::Mutex<mpsc::Receiver<Result<Event, ClientError>>>,
+    events: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Event, ClientError>>>,
+    request_timeout: Duration,
     next_req: AtomicU64,
     max_frame: u32,
     max_body: u32,
@@ -205,7 +211,10 @@ impl Connection {
             }
         };
         let pending: Pending = Arc::default();
-        let (events_tx, events) = mpsc::channel(1024);
+        // Unbounded so that the reader never waits for the application: answers to requests
+        // must get through while deliveries pile up unread. The host bounds what it sends
+        // ahead of acknowledgements.
+        let (events_tx, events) = mpsc::unbounded_channel();
         tokio::spawn(drive(
             recv,
             decoder,
@@ -213,12 +222,15 @@ impl Connection {
             Arc::clone(&pending),
             events_tx,
         ));
+        let (writer, frames) = mpsc::channel(256);
+        tokio::spawn(write_frames(send, frames));
         Ok(Self {
             conn,
-            _endpoint: endpoint,
-            send: tokio::sync::Mutex::new(send),
+            endpoint,
+            writer,
             pending,
             events: tokio::sync::Mutex::new(events),
+            request_timeout: config.request_timeout,
             next_req: AtomicU64::new(1),
             max_frame,
             max_body,
@@ -401,13 +413,10 @@ impl Connection {
         self.events.lock().await.recv().await
     }
 
-    /// Closes the connection.
+    /// Closes the connection and waits (briefly) for the host to learn it.
     pub async fn close(self) {
-        if let Ok(mut send) = self.send.try_lock() {
-            let _ = send.finish();
-        }
         self.conn.close(0u32.into(), b"bye");
-        self._endpoint.wait_idle().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 
     async fn request(
@@ -427,22 +436,44 @@ impl Connection {
             lock(&self.pending).waiting.remove(&req);
             return Err(e);
         }
-        match rx.await {
-            Ok(answer) => answer,
-            Err(_) => Err(ClientError::ConnectionLost("the connection ended".into())),
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(ClientError::ConnectionLost("the connection ended".into())),
+            Err(_) => {
+                lock(&self.pending).waiting.remove(&req);
+                Err(ClientError::Timeout(self.request_timeout))
+            }
         }
     }
 
     async fn write(&self, frame: &ClientFrame) -> Result<(), ClientError> {
         let bytes = iim_proto::encode_frame(frame, self.max_frame)
             .map_err(|e| ClientError::TooLarge(e.to_string()))?;
-        self.send
-            .lock()
-            .await
-            .write_all(&bytes)
-            .await
-            .map_err(|e| ClientError::ConnectionLost(e.to_string()))
+        self.writer.send(bytes).await.map_err(|_| {
+            lock(&self.pending)
+                .closed
+                .clone()
+                .unwrap_or_else(|| ClientError::ConnectionLost("the stream is closed".into()))
+        })
     }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // Without this the reader task would keep the QUIC connection (and, with keep-alives,
+        // the host's session for this device) alive after the application let go of it.
+        self.conn.close(0u32.into(), b"dropped");
+    }
+}
+
+/// Writes whole frames, one after another, until the connection or the channel ends.
+async fn write_frames(mut send: quinn::SendStream, mut frames: mpsc::Receiver<Vec<u8>>) {
+    while let Some(bytes) = frames.recv().await {
+        if send.write_all(&bytes).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
 }
 
 fn expect_ok(answer: ServerFrame) -> Result<(), ClientError> {
@@ -476,6 +507,15 @@ async fn read_frame(
         match recv.read(&mut buf).await {
             Ok(Some(n)) => decoder.push(&buf[..n]),
             Ok(None) => return Ok(None),
+            // The host closed the connection with a reason; its code is an iim error code.
+            Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(
+                close,
+            ))) if close.error_code.into_inner() != 0 => {
+                return Err(ClientError::ClosedByHost {
+                    code: ErrorCode(u16::try_from(close.error_code.into_inner()).unwrap_or(0)),
+                    message: String::from_utf8_lossy(&close.reason).into_owned(),
+                });
+            }
             Err(e) => return Err(ClientError::ConnectionLost(e.to_string())),
         }
     }
@@ -488,7 +528,7 @@ async fn drive(
     mut decoder: FrameDecoder,
     max_frame: u32,
     pending: Pending,
-    events: mpsc::Sender<Result<Event, ClientError>>,
+    events: mpsc::UnboundedSender<Result<Event, ClientError>>,
 ) {
     decoder.set_max(max_frame);
     let end = loop {
@@ -499,17 +539,12 @@ async fn drive(
         };
         let (req, answer) = match frame {
             ServerFrame::Deliver { seq, message } => {
-                if events
-                    .send(Ok(Event::Message { seq, message }))
-                    .await
-                    .is_err()
-                {
-                    // Nobody listens any more; keep answering requests.
-                }
+                // Nobody may be listening for events any more; requests are still answered.
+                let _ = events.send(Ok(Event::Message { seq, message }));
                 continue;
             }
             ServerFrame::Synced { count } => {
-                let _ = events.send(Ok(Event::Synced { count })).await;
+                let _ = events.send(Ok(Event::Synced { count }));
                 continue;
             }
             ServerFrame::Error {
@@ -552,6 +587,6 @@ async fn drive(
         other => Some(other),
     };
     if let Some(e) = last {
-        let _ = events.send(Err(e)).await;
+        let _ = events.send(Err(e));
     }
 }

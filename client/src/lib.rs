@@ -17,7 +17,7 @@
 //!     .await?;
 //! conn.send_text(&UserId::new("bob").unwrap(), "hi").await?;
 //! while let Some(event) = conn.next_event().await {
-//!     if let Event::Message { seq, message } = event {
+//!     if let Event::Message { seq, message } = event? {
 //!         println!("{}: {}", message.from, String::from_utf8_lossy(&message.body));
 //!         conn.ack(seq).await?;
 //!     }
@@ -75,6 +75,9 @@ pub enum ClientError {
     /// The host sent something this client does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// No answer came in time.
+    #[error("no answer from the host within {0:?}")]
+    Timeout(std::time::Duration),
     /// The request is larger than the host accepts.
     #[error("request too large: {0}")]
     TooLarge(String),

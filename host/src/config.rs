@@ -72,12 +72,23 @@ pub struct Limits {
     pub max_body: u32,
     /// Deliveries buffered for one device before it is disconnected as too slow.
     pub session_queue: usize,
-    /// Seconds a new connection has to send `Hello`.
+    /// Seconds a new connection has to open its stream and send `Hello`.
     pub handshake_timeout_secs: u64,
+    /// Seconds a connection may stay unauthenticated after its handshake.
+    pub auth_timeout_secs: u64,
+    /// Connections served at once; more are refused.
+    pub max_connections: usize,
+    /// Password hashes computed at once (each takes 19 MiB and a core for tens of ms).
+    pub max_hashing: usize,
     /// Seconds without any packet before a connection is dropped.
     pub idle_timeout_secs: u64,
     /// Seconds a write to a client may wait for it to read before the session is ended.
     pub write_timeout_secs: u64,
+    /// Deliveries sent to one device and not yet acknowledged, at most; past it the host
+    /// waits for acks (and reads what it delivers next from the inbox).
+    pub max_in_flight: usize,
+    /// Seconds a device may leave a full window unacknowledged before it is disconnected.
+    pub ack_timeout_secs: u64,
     /// Submissions one session may make per second, on average.
     pub submit_rate: u32,
     /// Submissions one session may make in a burst.
@@ -95,8 +106,13 @@ impl Default for Limits {
             max_body: iim_proto::DEFAULT_MAX_BODY,
             session_queue: 4096,
             handshake_timeout_secs: 10,
+            auth_timeout_secs: 60,
+            max_connections: 10_000,
+            max_hashing: 4,
             idle_timeout_secs: 30,
             write_timeout_secs: 30,
+            max_in_flight: 1024,
+            ack_timeout_secs: 60,
             submit_rate: 1000,
             submit_burst: 2000,
             auth_rate: 2,

@@ -34,9 +34,16 @@ pub fn run(host: &Host, message: &Message) -> Result<(), IimError> {
 /// Dispatches every message accepted before a stop whose dispatch did not finish.
 /// Returns how many were dispatched.
 pub fn recover(host: &Host) -> Result<usize, IimError> {
+    retry_older_than(host, u64::MAX)
+}
+
+/// Dispatches again the messages accepted before `before_ms` (Unix milliseconds) whose
+/// dispatch has not finished: a dispatch that failed while the host runs is retried, not left
+/// until the next start. Returns how many were dispatched.
+pub fn retry_older_than(host: &Host, before_ms: u64) -> Result<usize, IimError> {
     let pending = host.store.pending_dispatch()?;
     let mut done = 0;
-    for message in &pending {
+    for message in pending.iter().filter(|m| m.sent_at < before_ms) {
         match run(host, message) {
             Ok(()) => done += 1,
             Err(e) => {

@@ -31,6 +31,8 @@ pub struct Host {
     pub iim: iim::Iim,
     /// Becomes `true` when the host starts shutting down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Permits to hash a password: bounds the memory and CPU that log-ins can take at once.
+    pub hashing: tokio::sync::Semaphore,
 }
 
 /// Milliseconds since the Unix epoch.

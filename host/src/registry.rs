@@ -4,7 +4,7 @@ use iim_proto::{DeviceId, ErrorCode, Message, UserId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 /// A session's number, unique in this host process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,6 +32,7 @@ struct Entry {
     device: DeviceId,
     session: SessionId,
     deliveries: mpsc::Sender<Delivery>,
+    lag: Arc<Notify>,
     kick: watch::Sender<Option<Kick>>,
 }
 
@@ -50,6 +51,9 @@ pub struct Attachment {
     pub session: SessionId,
     /// Deliveries appended after the attachment.
     pub deliveries: mpsc::Receiver<Delivery>,
+    /// Notified when a delivery did not fit in the queue: the session must read the inbox
+    /// from the store again (everything pushed is in the inbox first).
+    pub lag: Arc<Notify>,
     /// Set when the host ends the session.
     pub kick: watch::Receiver<Option<Kick>>,
 }
@@ -82,6 +86,7 @@ impl Registry {
         let session = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
         let (tx, deliveries) = mpsc::channel(self.queue);
         let (kick_tx, kick) = watch::channel(None);
+        let lag = Arc::new(Notify::new());
         let mut sessions = self.lock();
         let entries = sessions.entry(user.clone()).or_default();
         entries.retain(|e| {
@@ -98,11 +103,13 @@ impl Registry {
             device: device.clone(),
             session,
             deliveries: tx,
+            lag: Arc::clone(&lag),
             kick: kick_tx,
         });
         Attachment {
             session,
             deliveries,
+            lag,
             kick,
         }
     }
@@ -133,9 +140,9 @@ impl Registry {
 
     /// Hands `delivery` to every online device of `user`; returns how many took it.
     ///
-    /// A session whose queue is full is ended with `too_slow`: the delivery stays in the inbox
-    /// and reaches the device when it reconnects, so nothing is lost and one slow device cannot
-    /// make the host buffer without bound.
+    /// A session whose queue is full is told it lagged instead: the delivery is in the inbox
+    /// already, so the session catches up from the store, and one slow device cannot make the
+    /// host buffer without bound.
     pub fn push(&self, user: &UserId, delivery: &Delivery) -> usize {
         let mut sessions = self.lock();
         let Some(entries) = sessions.get_mut(user) else {
@@ -148,11 +155,8 @@ impl Registry {
                 true
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
-                e.kick(
-                    ErrorCode::TOO_SLOW,
-                    "too many deliveries waiting; reconnect to sync from the inbox",
-                );
-                false
+                e.lag.notify_one();
+                true
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         });
@@ -160,6 +164,15 @@ impl Registry {
             sessions.remove(user);
         }
         delivered
+    }
+
+    /// Ends the delivery session of one device, if it has one.
+    pub fn kick_device(&self, user: &UserId, device: &DeviceId, code: ErrorCode, reason: &str) {
+        if let Some(entries) = self.lock().get(user) {
+            for entry in entries.iter().filter(|e| &e.device == device) {
+                entry.kick(code, reason);
+            }
+        }
     }
 
     /// Ends every session (host shutdown).

@@ -23,9 +23,9 @@ pub struct Server {
 /// QUIC transport settings for client connections.
 pub fn transport(config: &Config) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
-    // A client opens one bidirectional stream; a few more are allowed so that a client that
-    // reconnects on the same connection is not stuck, but nothing can open hundreds.
-    transport.max_concurrent_bidi_streams(4u32.into());
+    // A client opens exactly one bidirectional stream; allowing more would only let a peer
+    // park data in streams nobody reads.
+    transport.max_concurrent_bidi_streams(1u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
     let idle = Duration::from_secs(config.limits.idle_timeout_secs);
     transport.max_idle_timeout(idle.try_into().ok());
@@ -62,6 +62,7 @@ impl Server {
             registry,
             iim,
             shutdown,
+            hashing: tokio::sync::Semaphore::new(config.limits.max_hashing.max(1)),
             config,
         });
         let recovered = dispatch::recover(&host)?;
@@ -94,11 +95,17 @@ impl Server {
     /// Serves until `stop` resolves, then ends every session and flushes the store.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let mut sessions = JoinSet::new();
+        let retries = tokio::spawn(retry_dispatch(Arc::clone(&self.host)));
         tokio::pin!(stop);
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    if sessions.len() >= self.host.config.limits.max_connections {
+                        tracing::warn!(remote = %incoming.remote_address(), "connection refused: at the connection limit");
+                        incoming.refuse();
+                        continue;
+                    }
                     let host = Arc::clone(&self.host);
                     sessions.spawn(async move {
                         match incoming.await {
@@ -107,12 +114,17 @@ impl Server {
                         }
                     });
                 }
-                Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+                Some(joined) = sessions.join_next(), if !sessions.is_empty() => {
+                    if let Err(e) = joined {
+                        tracing::error!(error = %e, "a session task failed");
+                    }
+                }
                 () = &mut stop => break,
             }
         }
         tracing::info!(sessions = sessions.len(), "shutting down");
         let _ = self.stop.send(true);
+        let _ = retries.await;
         self.host
             .registry
             .kick_all(ErrorCode::SHUTTING_DOWN, "the host is shutting down");
@@ -132,5 +144,27 @@ impl Server {
         self.host.store.flush().await?;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// How old an unfinished dispatch must be before the host retries it while running.
+const DISPATCH_RETRY_AFTER_MS: u64 = 5_000;
+
+/// Every few seconds, dispatches again what a failed dispatch left behind; stops at shutdown.
+async fn retry_dispatch(host: Arc<Host>) {
+    let mut shutdown = host.shutdown.clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(DISPATCH_RETRY_AFTER_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stopping| *stopping) => return,
+        }
+        let before = crate::now_ms().saturating_sub(DISPATCH_RETRY_AFTER_MS);
+        match dispatch::retry_older_than(&host, before) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(dispatched = n, "retried unfinished dispatches"),
+            Err(e) => tracing::error!(error = %e, "retrying unfinished dispatches failed"),
+        }
     }
 }

@@ -5,17 +5,18 @@
 //! dispatched in the order it sent them. Bad input ends only this session, with an error frame
 //! that says why.
 
+use crate::Host;
 use crate::cmd::{self, Refusal, submit::Submission};
 use crate::dispatch;
 use crate::registry::{Delivery, Kick, SessionId};
-use crate::{Host, now_ms};
 use iim_proto::{
     AckOutcome, ClientFrame, CodecError, DeliveryWindow, DeviceId, ErrorCode, FrameDecoder,
     RequestId, ServerFrame, SessionMode, TokenBucket, UserId,
 };
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 /// How many backlog entries are read from the store at a time while syncing a device.
@@ -56,6 +57,16 @@ struct Auth {
 struct Attached {
     session: SessionId,
     window: DeliveryWindow,
+    /// Reading the inbox from the store instead of taking live deliveries: from login until
+    /// the backlog is sent, and again after the live queue overflowed.
+    syncing: bool,
+    /// Backlog messages sent so far; `None` once `Synced` was sent.
+    backlog: Option<u64>,
+    deliveries: mpsc::Receiver<Delivery>,
+    lag: Arc<Notify>,
+    kick: watch::Receiver<Option<Kick>>,
+    /// Since when the window has been full, waiting for acks.
+    full_since: Option<Instant>,
 }
 
 /// A connection's state.
@@ -67,16 +78,20 @@ struct Session {
     decoder: FrameDecoder,
     auth: Option<Auth>,
     attached: Option<Attached>,
-    deliveries: Option<mpsc::Receiver<Delivery>>,
-    kick: Option<watch::Receiver<Option<Kick>>>,
     submit_rate: TokenBucket,
     auth_rate: TokenBucket,
+    /// The session's own monotonic clock for the rate limits (wall time can step back).
+    started: Instant,
 }
 
 enum Event {
     Read(Result<Option<usize>, quinn::ReadError>),
     Delivery(Option<Delivery>),
     Kicked(Option<Kick>),
+    Lagged,
+    SyncStep,
+    AckTimeout,
+    AuthTimeout,
     Shutdown,
 }
 
@@ -84,8 +99,10 @@ enum Event {
 pub async fn run(host: Arc<Host>, conn: quinn::Connection) {
     let span = tracing::info_span!("session", remote = %conn.remote_address(), user = tracing::field::Empty, device = tracing::field::Empty);
     async move {
-        let timeout = Duration::from_secs(host.config.limits.handshake_timeout_secs);
-        let (send, recv) = match tokio::time::timeout(timeout, conn.accept_bi()).await {
+        // One deadline for opening the stream and sending Hello.
+        let deadline =
+            Instant::now() + Duration::from_secs(host.config.limits.handshake_timeout_secs);
+        let (send, recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
             Ok(Ok(streams)) => streams,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "connection closed before opening a stream");
@@ -108,12 +125,11 @@ pub async fn run(host: Arc<Host>, conn: quinn::Connection) {
             recv,
             auth: None,
             attached: None,
-            deliveries: None,
-            kick: None,
-            submit_rate: TokenBucket::new(limits.submit_rate, limits.submit_burst, now_ms()),
-            auth_rate: TokenBucket::new(limits.auth_rate, limits.auth_burst, now_ms()),
+            submit_rate: TokenBucket::new(limits.submit_rate, limits.submit_burst, 0),
+            auth_rate: TokenBucket::new(limits.auth_rate, limits.auth_burst, 0),
+            started: Instant::now(),
         };
-        let end = session.serve().await;
+        let end = session.serve(deadline).await;
         session.finish(end).await;
     }
     .instrument(span)
@@ -121,8 +137,8 @@ pub async fn run(host: Arc<Host>, conn: quinn::Connection) {
 }
 
 impl Session {
-    async fn serve(&mut self) -> End {
-        if let Err(end) = self.handshake().await {
+    async fn serve(&mut self, handshake_deadline: Instant) -> End {
+        if let Err(end) = self.handshake(handshake_deadline).await {
             return end;
         }
         // Frames that arrived in the same read as Hello are already buffered.
@@ -131,12 +147,38 @@ impl Session {
         }
         let mut buf = vec![0u8; 16 * 1024];
         let mut shutdown = self.host.shutdown.clone();
+        let limits = self.host.config.limits.clone();
+        let max_in_flight = limits.max_in_flight.max(1);
+        let ack_timeout = Duration::from_secs(limits.ack_timeout_secs);
+        let auth_deadline = Instant::now() + Duration::from_secs(limits.auth_timeout_secs);
         loop {
+            let unauthenticated = self.auth.is_none().then_some(auth_deadline);
+            let (deliveries, kick, lag, can_sync, can_live, ack_deadline) =
+                match self.attached.as_mut() {
+                    Some(a) => {
+                        let room = a.window.in_flight() < max_in_flight;
+                        (
+                            Some(&mut a.deliveries),
+                            Some(&mut a.kick),
+                            Some(Arc::clone(&a.lag)),
+                            a.syncing && room,
+                            !a.syncing && room,
+                            a.full_since.map(|since| since + ack_timeout),
+                        )
+                    }
+                    None => (None, None, None, false, false, None),
+                };
+            // Biased: what the client sent (acks above all) is read before more is sent to it.
             let event = tokio::select! {
+                biased;
                 read = self.recv.read(&mut buf) => Event::Read(read),
-                delivery = next_delivery(&mut self.deliveries) => Event::Delivery(delivery),
-                kick = next_kick(&mut self.kick) => Event::Kicked(kick),
                 _ = shutdown.wait_for(|stopping| *stopping) => Event::Shutdown,
+                kick = next_kick(kick) => Event::Kicked(kick),
+                () = notified(lag.as_deref()) => Event::Lagged,
+                () = sleep_until(ack_deadline) => Event::AckTimeout,
+                () = sleep_until(unauthenticated) => Event::AuthTimeout,
+                () = std::future::ready(()), if can_sync => Event::SyncStep,
+                delivery = next_delivery(deliveries), if can_live => Event::Delivery(delivery),
             };
             let step = match event {
                 Event::Read(Ok(Some(n))) => {
@@ -149,11 +191,9 @@ impl Session {
                 ))) => Err(End::Done),
                 Event::Read(Err(e)) => Err(End::Transport(e.to_string())),
                 Event::Delivery(Some(delivery)) => self.deliver(delivery).await,
-                // The registry dropped this session: it was replaced or found too slow, and
-                // the kick says which.
+                // The registry let go of this session: it was replaced, and the kick says so.
                 Event::Delivery(None) => {
-                    self.deliveries = None;
-                    match self.kick.as_ref().and_then(|k| k.borrow().clone()) {
+                    match self.attached.as_ref().and_then(|a| a.kick.borrow().clone()) {
                         Some(kick) => Err(End::Error(kick.code, kick.reason)),
                         None => Err(End::Error(
                             ErrorCode::INTERNAL,
@@ -163,6 +203,31 @@ impl Session {
                 }
                 Event::Kicked(Some(kick)) => Err(End::Error(kick.code, kick.reason)),
                 Event::Kicked(None) => Ok(()),
+                Event::Lagged => {
+                    if let Some(a) = self.attached.as_mut() {
+                        // Everything queued is in the inbox: drop it and read the store.
+                        while a.deliveries.try_recv().is_ok() {}
+                        a.syncing = true;
+                        tracing::debug!("live queue overflowed; catching up from the inbox");
+                    }
+                    Ok(())
+                }
+                Event::SyncStep => self.sync_step(max_in_flight).await,
+                Event::AckTimeout => Err(End::Error(
+                    ErrorCode::TOO_SLOW,
+                    format!(
+                        "{max_in_flight} deliveries unacknowledged for {} s; what was not \
+                         acknowledged stays in the inbox",
+                        ack_timeout.as_secs()
+                    ),
+                )),
+                Event::AuthTimeout => Err(End::Error(
+                    ErrorCode::NOT_AUTHENTICATED,
+                    format!(
+                        "not authenticated within {} s of connecting",
+                        limits.auth_timeout_secs
+                    ),
+                )),
                 Event::Shutdown => Err(End::Error(
                     ErrorCode::SHUTTING_DOWN,
                     "the host is shutting down; reconnect later".into(),
@@ -175,10 +240,9 @@ impl Session {
     }
 
     /// Reads `Hello` and answers `Welcome`.
-    async fn handshake(&mut self) -> Result<(), End> {
-        let timeout = Duration::from_secs(self.host.config.limits.handshake_timeout_secs);
+    async fn handshake(&mut self, deadline: Instant) -> Result<(), End> {
         let mut buf = vec![0u8; 4096];
-        let hello = tokio::time::timeout(timeout, async {
+        let hello = tokio::time::timeout_at(deadline, async {
             loop {
                 if let Some(frame) = self.decoder.decode::<ClientFrame>()? {
                     return Ok(frame);
@@ -292,9 +356,11 @@ impl Session {
                 }
             }
             ClientFrame::Relation { req, kind, op } => {
-                let answer = self
-                    .require_auth()
-                    .and_then(|auth| cmd::relation::handle(&self.host, req, &auth.user, kind, op));
+                let user = match self.require_auth() {
+                    Ok(auth) => auth.user.clone(),
+                    Err(refusal) => return self.refuse(req, refusal).await,
+                };
+                let answer = cmd::relation::handle(&self.host, req, &user, kind, op).await;
                 self.answer(req, answer).await
             }
             ClientFrame::Submit {
@@ -317,15 +383,16 @@ impl Session {
                 };
                 match cmd::submit::handle(&self.host, &user, &device, submission).await {
                     Ok((accepted, message)) => {
-                        self.write(&accepted).await?;
+                        // The message is durable: it is dispatched whether or not the answer
+                        // reaches the client.
+                        let answered = self.write(&accepted).await;
                         if let Some(message) = message
                             && let Err(e) = dispatch::run(&self.host, &message)
                         {
-                            // Accepted and durable: it stays recorded for dispatch and is
-                            // dispatched again at the next start.
+                            // It stays recorded for dispatch; the host retries it.
                             tracing::error!(id = %message.id, error = %e, "dispatch failed");
                         }
-                        Ok(())
+                        answered
                     }
                     Err(refusal) => self.refuse(req, refusal).await,
                 }
@@ -348,7 +415,7 @@ impl Session {
             }
             _ => return None,
         };
-        if bucket.try_take(now_ms()) {
+        if bucket.try_take(self.started.elapsed().as_millis() as u64) {
             return None;
         }
         Some((
@@ -395,45 +462,65 @@ impl Session {
         if mode == SessionMode::SendOnly {
             return Ok(());
         }
-        // Attach before scanning: an entry appended during the scan reaches the session either
-        // way, and the window drops the second copy.
+        // Attach before reading the backlog: an entry appended meanwhile reaches the session
+        // both ways, and the window drops the second copy.
         let attachment = self.host.registry.attach(&user, &device);
-        self.deliveries = Some(attachment.deliveries);
-        self.kick = Some(attachment.kick);
+        let cursor = self.host.store.cursor(&user, &device).map_err(internal)?;
         self.attached = Some(Attached {
             session: attachment.session,
-            window: DeliveryWindow::new(0),
+            window: DeliveryWindow::new(cursor),
+            syncing: true,
+            backlog: Some(0),
+            deliveries: attachment.deliveries,
+            lag: attachment.lag,
+            kick: attachment.kick,
+            full_since: None,
         });
-        let cursor = self.host.store.cursor(&user, &device).map_err(internal)?;
-        if let Some(attached) = self.attached.as_mut() {
-            attached.window = DeliveryWindow::new(cursor);
-        }
-        let mut count = 0u64;
-        loop {
-            let after = self.window().map_or(cursor, DeliveryWindow::last_sent);
-            let batch = self
-                .host
-                .store
-                .inbox_after(&user, after, SYNC_BATCH)
-                .map_err(internal)?;
-            if batch.is_empty() {
-                break;
-            }
-            for (seq, message) in batch {
-                self.send_delivery(seq, ServerFrame::Deliver { seq, message })
-                    .await?;
-                count += 1;
-            }
-        }
-        self.write(&ServerFrame::Synced { count }).await
+        Ok(())
     }
 
-    fn window(&self) -> Option<&DeliveryWindow> {
-        self.attached.as_ref().map(|a| &a.window)
+    /// Sends the next page of the inbox from the store, as far as the window allows; at the
+    /// end of the inbox, switches to live deliveries (after `Synced`, the first time).
+    async fn sync_step(&mut self, max_in_flight: usize) -> Result<(), End> {
+        let (Some(auth), Some(attached)) = (self.auth.as_ref(), self.attached.as_ref()) else {
+            return Ok(());
+        };
+        let room = max_in_flight.saturating_sub(attached.window.in_flight());
+        let batch = self
+            .host
+            .store
+            .inbox_after(
+                &auth.user,
+                attached.window.last_sent(),
+                room.min(SYNC_BATCH),
+            )
+            .map_err(internal)?;
+        if batch.is_empty() {
+            let backlog = self.attached.as_mut().and_then(|a| {
+                a.syncing = false;
+                a.backlog.take()
+            });
+            if let Some(count) = backlog {
+                self.write(&ServerFrame::Synced { count }).await?;
+            }
+            return Ok(());
+        }
+        for (seq, message) in batch {
+            self.send_delivery(seq, ServerFrame::Deliver { seq, message })
+                .await?;
+            if let Some(count) = self.attached.as_mut().and_then(|a| a.backlog.as_mut()) {
+                *count += 1;
+            }
+        }
+        Ok(())
     }
 
     async fn deliver(&mut self, delivery: Delivery) -> Result<(), End> {
-        if !self.window().is_some_and(|w| w.should_send(delivery.seq)) {
+        if !self
+            .attached
+            .as_ref()
+            .is_some_and(|a| a.window.should_send(delivery.seq))
+        {
             return Ok(());
         }
         let frame = ServerFrame::Deliver {
@@ -445,8 +532,10 @@ impl Session {
 
     async fn send_delivery(&mut self, seq: u64, frame: ServerFrame) -> Result<(), End> {
         self.write(&frame).await?;
+        let max_in_flight = self.host.config.limits.max_in_flight;
         if let Some(attached) = self.attached.as_mut() {
             attached.window.on_sent(seq);
+            attached.note_fullness(max_in_flight);
         }
         Ok(())
     }
@@ -456,7 +545,9 @@ impl Session {
             tracing::debug!(seq, "ack on a connection without deliveries; ignored");
             return;
         };
-        match attached.window.on_ack(seq) {
+        let outcome = attached.window.on_ack(seq);
+        attached.note_fullness(self.host.config.limits.max_in_flight);
+        match outcome {
             AckOutcome::Advanced(cursor) => {
                 // Not flushed: a cursor lost in a crash only means a redelivery, which the
                 // device recognises by the message id.
@@ -548,14 +639,39 @@ fn internal(e: crate::store::StoreError) -> End {
     )
 }
 
-async fn next_delivery(deliveries: &mut Option<mpsc::Receiver<Delivery>>) -> Option<Delivery> {
+impl Attached {
+    /// Starts or stops the ack timeout's clock.
+    fn note_fullness(&mut self, max_in_flight: usize) {
+        if self.window.in_flight() < max_in_flight {
+            self.full_since = None;
+        } else if self.full_since.is_none() {
+            self.full_since = Some(Instant::now());
+        }
+    }
+}
+
+async fn next_delivery(deliveries: Option<&mut mpsc::Receiver<Delivery>>) -> Option<Delivery> {
     match deliveries {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
 
-async fn next_kick(kick: &mut Option<watch::Receiver<Option<Kick>>>) -> Option<Kick> {
+async fn notified(lag: Option<&Notify>) {
+    match lag {
+        Some(lag) => lag.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_kick(kick: Option<&mut watch::Receiver<Option<Kick>>>) -> Option<Kick> {
     match kick {
         Some(rx) => match rx.changed().await {
             Ok(()) => rx.borrow_and_update().clone(),

@@ -310,9 +310,11 @@ error_codes! {
     SHUTTING_DOWN = 15, "shutting_down";
     /// The host failed; the request may be retried.
     INTERNAL = 16, "internal";
-    /// The device fell too far behind on deliveries. The connection is closed; what was not
-    /// acknowledged stays in the inbox and is delivered at the next session.
+    /// The device stopped acknowledging or reading deliveries. The connection is closed; what
+    /// was not acknowledged stays in the inbox and is delivered at the next session.
     TOO_SLOW = 17, "too_slow";
+    /// The device logged out (from another connection). The connection is closed.
+    LOGGED_OUT = 18, "logged_out";
 }
 
 impl fmt::Display for ErrorCode {

@@ -85,7 +85,13 @@ pub struct HostProcess {
 impl HostProcess {
     /// Starts a host on 127.0.0.1 with a fresh data directory.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with_config("")
+    }
+
+    /// Starts a host whose configuration file holds `toml` (see `host/src/config.rs`).
+    pub fn start_with_config(toml: &str) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
+        std::fs::write(data.path().join("host.toml"), toml)?;
         let (child, addr, cert, stderr_log) = spawn(data.path(), "127.0.0.1:0".parse()?)?;
         Ok(Self {
             child: Some(child),
@@ -213,6 +219,8 @@ fn spawn(data: &Path, listen: SocketAddr) -> anyhow::Result<(Child, SocketAddr, 
         .arg(listen.to_string())
         .arg("--data-dir")
         .arg(data)
+        .arg("--config")
+        .arg(data.join("host.toml"))
         .env("IIM_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(stderr)

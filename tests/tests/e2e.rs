@@ -550,3 +550,124 @@ async fn password_guessing_on_one_connection_is_rate_limited() -> Result {
         .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_backlog_beyond_the_window_and_a_flood_beyond_the_queue_arrive_whole_in_order() -> Result
+{
+    // A tiny window and queue, so that paging the backlog by acks and catching up from the
+    // inbox after the live queue overflows are both exercised.
+    let host = HostProcess::start_with_config("[limits]\nmax_in_flight = 8\nsession_queue = 4\n")?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let mut sent = Vec::new();
+    for i in 0..60 {
+        sent.push(a.send_text(&bob, &format!("old {i}")).await?.id);
+    }
+    let b = host.connect().await?;
+    let phone = DeviceId::new("phone")?;
+    b.login(&bob, PASSWORD, &phone, SessionMode::Receive)
+        .await?;
+    let flood = async {
+        let mut ids = Vec::new();
+        for i in 0..60 {
+            ids.push(a.send_text(&bob, &format!("new {i}")).await?.id);
+        }
+        anyhow::Ok(ids)
+    };
+    let receive = async {
+        let mut got = Vec::new();
+        let mut synced = None;
+        while got.len() < 120 {
+            match next_event(&b).await? {
+                iim_client::Event::Message { seq, message } => {
+                    b.ack(seq).await?;
+                    got.push(message.id);
+                }
+                iim_client::Event::Synced { count } => {
+                    anyhow::ensure!(synced.is_none(), "Synced comes once");
+                    synced = Some(count);
+                }
+            }
+        }
+        anyhow::Ok((got, synced))
+    };
+    let (flood, received) = tokio::join!(flood, receive);
+    sent.extend(flood?);
+    let (got, synced) = received?;
+    assert_eq!(got, sent, "every message once, in order");
+    assert!(synced.is_some_and(|count| count >= 60), "{synced:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_device_that_never_acknowledges_is_disconnected_and_loses_nothing() -> Result {
+    let host =
+        HostProcess::start_with_config("[limits]\nmax_in_flight = 4\nack_timeout_secs = 1\n")?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let (b, _) = host.online(&bob, "phone").await?;
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        sent.push(a.send_text(&bob, &format!("m{i}")).await?.id);
+    }
+    let mut unacked = 0;
+    let closed = loop {
+        match within("deliveries, then a close", b.next_event()).await? {
+            Some(Ok(iim_client::Event::Message { .. })) => unacked += 1,
+            Some(Ok(other)) => anyhow::bail!("unexpected {other:?}"),
+            Some(Err(e)) => break e,
+            None => anyhow::bail!("closed without a reason"),
+        }
+    };
+    assert_eq!(closed.code(), Some(ErrorCode::TOO_SLOW), "{closed}");
+    assert_eq!(unacked, 4, "no more than the window is sent ahead of acks");
+    let (_, backlog) = host.online(&bob, "phone").await?;
+    assert_eq!(ids(&backlog), sent);
+    Ok(())
+}
+
+#[tokio::test]
+async fn logout_ends_the_device_s_delivery_session() -> Result {
+    let host = HostProcess::start()?;
+    let bob = host.register("bob").await?;
+    let phone = DeviceId::new("phone")?;
+    let listening = host.connect().await?;
+    let token = listening
+        .login(&bob, PASSWORD, &phone, SessionMode::Receive)
+        .await?;
+    assert!(matches!(
+        next_event(&listening).await?,
+        iim_client::Event::Synced { count: 0 }
+    ));
+    let other = host.connect().await?;
+    other
+        .authenticate(&bob, &phone, &token, SessionMode::SendOnly)
+        .await?;
+    other.logout().await?;
+    match within("logged out", listening.next_event()).await? {
+        Some(Err(e)) => assert_eq!(e.code(), Some(ErrorCode::LOGGED_OUT)),
+        other => anyhow::bail!("expected the session to end, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_connection_that_never_authenticates_is_closed() -> Result {
+    let host = HostProcess::start_with_config("[limits]\nauth_timeout_secs = 1\n")?;
+    let mut raw = RawConnection::open(&host).await?;
+    let hello = ClientFrame::Hello {
+        version: 1,
+        agent: "idle".into(),
+    };
+    raw.send
+        .write_all(&iim_client::proto::encode_frame(&hello, 1024)?)
+        .await?;
+    let frames = raw.read_to_end().await?;
+    assert!(
+        matches!(frames.last(), Some(ServerFrame::Error { req: None, code, .. }) if *code == ErrorCode::NOT_AUTHENTICATED),
+        "{frames:?}"
+    );
+    Ok(())
+}

@@ -10,6 +10,19 @@ fn auth_failed() -> Refusal {
     Refusal::new(ErrorCode::AUTH_FAILED, "wrong user name or password")
 }
 
+/// Runs a password hash or check on a blocking thread, at most `max_hashing` at once.
+async fn hashing<T: Send + 'static>(
+    host: &Host,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Refusal> {
+    let internal = || Refusal::new(ErrorCode::INTERNAL, "password hashing failed");
+    let _permit = host.hashing.acquire().await.map_err(|_| internal())?;
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        tracing::error!(error = %e, "password hashing task failed");
+        internal()
+    })
+}
+
 /// Creates an account.
 pub async fn register(host: &Host, user: &UserId, password: String) -> Result<(), Refusal> {
     if host.store.user_exists(user)? {
@@ -18,9 +31,8 @@ pub async fn register(host: &Host, user: &UserId, password: String) -> Result<()
             format!("user {user} exists"),
         ));
     }
-    let hash = tokio::task::spawn_blocking(move || accounts::hash_password(&password))
-        .await
-        .map_err(|_| Refusal::new(ErrorCode::INTERNAL, "password hashing was interrupted"))?
+    let hash = hashing(host, move || accounts::hash_password(&password))
+        .await?
         .map_err(|e| match e {
             PasswordError::Hash(_) => Refusal::new(ErrorCode::INTERNAL, e.to_string()),
             _ => Refusal::new(ErrorCode::INVALID_ARGUMENT, e.to_string()),
@@ -89,9 +101,15 @@ pub fn authenticate(
     }
 }
 
-/// Revokes `device`'s token.
+/// Revokes `device`'s token and ends its delivery session, if another connection has one.
 pub async fn logout(host: &Host, user: &UserId, device: &DeviceId) -> Result<(), Refusal> {
     host.store.remove_token(user, device)?;
     host.store.flush().await?;
+    host.registry.kick_device(
+        user,
+        device,
+        ErrorCode::LOGGED_OUT,
+        "this device logged out",
+    );
     Ok(())
 }

@@ -7,8 +7,11 @@ use super::Refusal;
 use crate::Host;
 use iim_proto::{ErrorCode, RelationKind, RelationOp, RequestId, ServerFrame, UserId};
 
-/// Carries out `op` on `user`'s list of `kind`.
-pub fn handle(
+/// Most users one list may hold: a full list must fit in one `Users` frame.
+pub const MAX_RELATIONS: usize = 500;
+
+/// Carries out `op` on `user`'s list of `kind`; a change is durable when answered.
+pub async fn handle(
     host: &Host,
     req: RequestId,
     user: &UserId,
@@ -29,11 +32,20 @@ pub fn handle(
                     format!("no such user: {other}"),
                 ));
             }
+            let list = host.store.relations(user, kind)?;
+            if list.len() >= MAX_RELATIONS && !list.contains(&other) {
+                return Err(Refusal::new(
+                    ErrorCode::INVALID_ARGUMENT,
+                    format!("a {kind} list holds at most {MAX_RELATIONS} users"),
+                ));
+            }
             host.store.add_relation(user, kind, &other)?;
+            host.store.flush().await?;
             Ok(ServerFrame::Ok { req })
         }
         RelationOp::Remove(other) => {
             host.store.remove_relation(user, kind, &other)?;
+            host.store.flush().await?;
             Ok(ServerFrame::Ok { req })
         }
         RelationOp::List => Ok(ServerFrame::Users {

@@ -10,6 +10,9 @@ use iim_proto::{
     DeviceId, ErrorCode, Message, MessageId, MessageKind, RequestId, ServerFrame, UserId,
 };
 
+/// Longest name of a custom message kind, in bytes.
+pub const MAX_KIND: usize = 64;
+
 /// A submission's fields.
 pub struct Submission {
     /// Request id.
@@ -24,8 +27,8 @@ pub struct Submission {
     pub body: Vec<u8>,
 }
 
-/// Checks and stores a submission. Returns the Accepted answer and, for a new message, the
-/// message to dispatch once the answer is sent.
+/// Checks and stores a submission. Returns the Accepted answer and the message to dispatch:
+/// a new one, or a resubmitted one whose dispatch had not finished.
 pub async fn handle(
     host: &Host,
     user: &UserId,
@@ -50,6 +53,14 @@ pub async fn handle(
         return Err(Refusal::new(
             ErrorCode::INVALID_ARGUMENT,
             format!("more than {} recipients", iim_proto::MAX_TARGETS),
+        ));
+    }
+    if let MessageKind::Custom(name) = &s.kind
+        && (name.is_empty() || name.len() > MAX_KIND)
+    {
+        return Err(Refusal::new(
+            ErrorCode::INVALID_ARGUMENT,
+            format!("a custom kind is 1 to {MAX_KIND} bytes"),
         ));
     }
     if !dispatch::supports(&s.kind) {
@@ -96,14 +107,18 @@ pub async fn handle(
             },
             Some(message),
         ),
-        Acceptance::Duplicate { id, sent_at } => (
+        Acceptance::Duplicate {
+            id,
+            sent_at,
+            pending,
+        } => (
             ServerFrame::Accepted {
                 req: s.req,
                 client_id: s.client_id,
                 id,
                 sent_at,
             },
-            None,
+            pending,
         ),
     })
 }

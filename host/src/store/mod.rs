@@ -12,7 +12,7 @@ pub mod keys;
 use iim_proto::{DeviceId, Message, MessageId, RelationKind, UserId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::TransactionError;
 use std::path::Path;
 
 /// A failure of the store.
@@ -60,6 +60,8 @@ pub enum Acceptance {
         id: MessageId,
         /// When the first submission was accepted.
         sent_at: u64,
+        /// The first submission, if its dispatch has not finished (it is dispatched again).
+        pending: Option<Message>,
     },
 }
 
@@ -75,6 +77,9 @@ pub struct Store {
     inbox: sled::Tree,
     inbox_ids: sled::Tree,
     cursors: sled::Tree,
+    /// Held from choosing a message id to committing the message, so that ids follow the
+    /// order in which messages are accepted.
+    accept_order: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -110,6 +115,7 @@ impl Store {
             inbox: db.open_tree("inbox")?,
             inbox_ids: db.open_tree("inbox_ids")?,
             cursors: db.open_tree("cursors")?,
+            accept_order: Default::default(),
             db,
         })
     }
@@ -225,32 +231,38 @@ impl Store {
     ) -> Result<Acceptance, StoreError> {
         let dedup_key = keys::dedup(user, device, client_id);
         if let Some(existing) = self.dedup.get(&dedup_key)? {
-            let (id, sent_at) = decode::<(u64, u64)>("dedup", &existing)?;
-            return Ok(Acceptance::Duplicate {
-                id: MessageId(id),
-                sent_at,
-            });
+            return self.duplicate(&existing);
         }
+        let _order = self.accept_order.lock().unwrap_or_else(|p| p.into_inner());
         let message = build(MessageId(self.db.generate_id()? + 1));
         let record = encode(&(message.id.0, message.sent_at));
         let encoded = encode(&message);
-        let duplicate = (&self.dedup, &self.dispatch).transaction(|(dedup, dispatch)| {
+        let existing = (&self.dedup, &self.dispatch).transaction(|(dedup, dispatch)| {
             if let Some(existing) = dedup.get(&dedup_key)? {
                 // A concurrent submission with the same client id got there first.
-                let (id, sent_at) = decode::<(u64, u64)>("dedup", &existing)
-                    .map_err(ConflictableTransactionError::Abort)?;
-                return Ok(Some((id, sent_at)));
+                return Ok(Some(existing));
             }
             dedup.insert(dedup_key.as_slice(), record.as_slice())?;
             dispatch.insert(&keys::dispatch(message.id.0), encoded.as_slice())?;
             Ok(None)
         })?;
-        Ok(match duplicate {
-            Some((id, sent_at)) => Acceptance::Duplicate {
-                id: MessageId(id),
-                sent_at,
-            },
-            None => Acceptance::New(message),
+        match existing {
+            Some(existing) => self.duplicate(&existing),
+            None => Ok(Acceptance::New(message)),
+        }
+    }
+
+    fn duplicate(&self, dedup_record: &[u8]) -> Result<Acceptance, StoreError> {
+        let (id, sent_at) = decode::<(u64, u64)>("dedup", dedup_record)?;
+        let pending = self
+            .dispatch
+            .get(keys::dispatch(id))?
+            .map(|v| decode("dispatch", &v))
+            .transpose()?;
+        Ok(Acceptance::Duplicate {
+            id: MessageId(id),
+            sent_at,
+            pending,
         })
     }
 
@@ -340,10 +352,16 @@ impl Store {
         }
     }
 
-    /// Moves `device`'s cursor to `seq`.
+    /// Moves `device`'s cursor forward to `seq`; a cursor already past it stays (an old
+    /// session's late ack must not move it back).
     pub fn set_cursor(&self, user: &UserId, device: &DeviceId, seq: u64) -> Result<(), StoreError> {
         self.cursors
-            .insert(keys::cursor(user, device), &seq.to_be_bytes())?;
+            .fetch_and_update(keys::cursor(user, device), |old| {
+                let old = old
+                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                    .map_or(0, u64::from_be_bytes);
+                Some(old.max(seq).to_be_bytes().to_vec())
+            })?;
         Ok(())
     }
 }
