@@ -1,1 +1,163 @@
-fn main() {}
+//! `iim-bench`: chat throughput and end-to-end latency of a real iim host, against the same load
+//! over a raw QUIC relay that stores nothing.
+//!
+//! N sender/receiver pairs on 127.0.0.1; each sender sends M chat messages to its receiver with
+//! at most W submissions in flight; each receiver acknowledges every delivery. The iim run goes
+//! through the real `iim-host` binary (durable: Accepted means flushed to disk); the raw run
+//! goes through `iim-bench relay`, a separate process that pipes bytes between the two streams
+//! of a pair. Both report delivered messages per second (first send to last delivery) and the
+//! p50/p99 of send-to-receive latency; the ratio iim/raw compares their throughput.
+//!
+//! ```text
+//! cargo run --release -p iim-bench -- [--pairs 8] [--messages 2000] [--window 32] [--body 100] [--json]
+//! ```
+
+mod iim_run;
+mod raw;
+mod stats;
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+use stats::{Clock, Load, Summary};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Benchmark: iim chat throughput and latency against a raw QUIC relay baseline.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The relay (used by the benchmark itself).
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Sender/receiver pairs.
+    #[arg(long, default_value_t = 8)]
+    pairs: u32,
+    /// Messages each sender sends.
+    #[arg(long, default_value_t = 2000)]
+    messages: u32,
+    /// Most submissions each sender has in flight.
+    #[arg(long, default_value_t = 32)]
+    window: u32,
+    /// Body size of every message, in bytes.
+    #[arg(long, default_value_t = 100)]
+    body: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Give up (and fail) after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the raw relay until standard input closes.
+    #[command(hide = true)]
+    Relay {
+        /// UDP address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Directory to write the relay's certificate into.
+        #[arg(long)]
+        cert_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match &args.command {
+        Some(Command::Relay { listen, cert_dir }) => raw::relay_main(*listen, cert_dir),
+        None => bench(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iim-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs both loads and prints the figures.
+fn bench(args: &Args) -> anyhow::Result<()> {
+    let load = Load {
+        pairs: args.pairs,
+        messages: args.messages,
+        window: args.window,
+        body: args.body,
+    };
+    if load.pairs == 0 || load.messages == 0 || load.window == 0 {
+        bail!("--pairs, --messages and --window must be at least 1");
+    }
+    if load.body < stats::HEADER {
+        bail!(
+            "--body must be at least {} bytes (the send time and index)",
+            stats::HEADER
+        );
+    }
+    // Build the host before the clock starts (the first build can take minutes).
+    eprintln!("iim-bench: building iim-host");
+    iim_e2e::binary("iim-host")?;
+    let limit = Duration::from_secs(args.timeout);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let runs = runtime.block_on(async {
+        tokio::time::timeout(limit, async {
+            let clock = Clock::new();
+            let iim = iim_run::run(load, clock).await?;
+            eprintln!("iim: done in {:.2} s", iim.secs);
+            let raw = raw::run(load, clock).await?;
+            eprintln!("raw: done in {:.2} s", raw.secs);
+            Ok::<_, anyhow::Error>((iim, raw))
+        })
+        .await
+    });
+    // Whatever is left (connections of a run that timed out) goes now, not at exit.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    let (iim, raw) = match runs {
+        Ok(runs) => runs?,
+        Err(_) => bail!(
+            "gave up: the benchmark did not finish within {} s (--timeout)",
+            args.timeout
+        ),
+    };
+    report(&load, &iim, &raw, args.json);
+    Ok(())
+}
+
+/// Prints the figures as a table, or as one JSON object.
+fn report(load: &Load, iim: &Summary, raw: &Summary, json: bool) {
+    let ratio = iim.msgs_per_s / raw.msgs_per_s;
+    if json {
+        let value = serde_json::json!({
+            "pairs": load.pairs,
+            "messages_per_sender": load.messages,
+            "window": load.window,
+            "body": load.body,
+            "iim": iim.json(),
+            "raw": raw.json(),
+            "ratio": ratio,
+        });
+        println!("{value}");
+        return;
+    }
+    println!(
+        "{} pairs x {} messages of {} bytes, window {} per sender",
+        load.pairs, load.messages, load.body, load.window
+    );
+    println!(
+        "{:<5} {:>10} {:>8} {:>12} {:>10} {:>10}",
+        "run", "delivered", "secs", "msgs/s", "p50 µs", "p99 µs"
+    );
+    for (name, s) in [("iim", iim), ("raw", raw)] {
+        println!(
+            "{:<5} {:>10} {:>8.3} {:>12.1} {:>10.1} {:>10.1}",
+            name, s.delivered, s.secs, s.msgs_per_s, s.p50_us, s.p99_us
+        );
+    }
+    println!("ratio iim/raw (msgs/s): {ratio:.4}");
+}

@@ -69,6 +69,10 @@ struct Attached {
     full_since: Option<Instant>,
 }
 
+/// A submission checked and stored, with its answer and the message to dispatch; or the
+/// request's refusal.
+type Stored = Result<(ServerFrame, Option<iim_proto::Message>), (RequestId, Refusal)>;
+
 /// A connection's state.
 struct Session {
     host: Arc<Host>,
@@ -282,15 +286,100 @@ impl Session {
         .await
     }
 
+    /// Handles every whole frame received. Consecutive submissions are stored one by one and
+    /// made durable together, with one flush, before any of them is answered.
     async fn drain_frames(&mut self) -> Result<(), End> {
+        let mut submissions = Vec::new();
         while let Some(frame) = self.decoder.decode::<ClientFrame>()? {
-            self.handle(frame).await?;
+            if let ClientFrame::Submit { .. } = frame {
+                submissions.push(self.store_submission(frame));
+            } else {
+                self.commit(std::mem::take(&mut submissions)).await?;
+                self.handle(frame).await?;
+            }
         }
-        Ok(())
+        self.commit(submissions).await
+    }
+
+    /// Checks and stores one submission (not yet durably).
+    fn store_submission(&mut self, frame: ClientFrame) -> Stored {
+        if let Some((req, refusal)) = self.rate_limit(&frame) {
+            return Err((req, refusal));
+        }
+        let ClientFrame::Submit {
+            req,
+            client_id,
+            kind,
+            to,
+            body,
+        } = frame
+        else {
+            return Err((0, Refusal::new(ErrorCode::INTERNAL, "not a submission")));
+        };
+        let auth = self.require_auth().map_err(|refusal| (req, refusal))?;
+        let submission = Submission {
+            req,
+            client_id,
+            kind,
+            to,
+            body,
+        };
+        cmd::submit::accept(&self.host, &auth.user, &auth.device, submission)
+            .map_err(|refusal| (req, refusal))
+    }
+
+    /// Makes the stored submissions durable with one flush, then answers each in order and
+    /// dispatches the new messages.
+    async fn commit(&mut self, stored: Vec<Stored>) -> Result<(), End> {
+        if stored.is_empty() {
+            return Ok(());
+        }
+        let mut stored = stored;
+        if stored.iter().any(Result::is_ok)
+            && let Err(e) = self.host.store.flush().await
+        {
+            tracing::error!(error = %e, "submissions not flushed");
+            // Not known to be durable, so not accepted; they stay recorded for dispatch, and a
+            // resubmission with the same client id finds them.
+            for entry in &mut stored {
+                if let Ok((ServerFrame::Accepted { req, .. }, _)) = entry {
+                    *entry = Err((
+                        *req,
+                        Refusal::new(ErrorCode::INTERNAL, "the message could not be stored"),
+                    ));
+                }
+            }
+        }
+        let mut answered = Ok(());
+        for entry in stored {
+            match entry {
+                Ok((accepted, message)) => {
+                    // Durable now: dispatched whether or not the answer reaches the client.
+                    if answered.is_ok() {
+                        answered = self.write(&accepted).await;
+                    }
+                    if let Some(message) = message
+                        && let Err(e) = dispatch::run(&self.host, &message)
+                    {
+                        // It stays recorded for dispatch; the host retries it.
+                        tracing::error!(id = %message.id, error = %e, "dispatch failed");
+                    }
+                }
+                Err((req, refusal)) => {
+                    if answered.is_ok() {
+                        answered = self.refuse(req, refusal).await;
+                    }
+                }
+            }
+        }
+        answered
     }
 
     async fn handle(&mut self, frame: ClientFrame) -> Result<(), End> {
-        if let Some((req, refusal)) = self.rate_limit(&frame) {
+        // Submissions are rate-limited where they are stored.
+        if !matches!(frame, ClientFrame::Submit { .. })
+            && let Some((req, refusal)) = self.rate_limit(&frame)
+        {
             return self.refuse(req, refusal).await;
         }
         match frame {
@@ -363,39 +452,9 @@ impl Session {
                 let answer = cmd::relation::handle(&self.host, req, &user, kind, op).await;
                 self.answer(req, answer).await
             }
-            ClientFrame::Submit {
-                req,
-                client_id,
-                kind,
-                to,
-                body,
-            } => {
-                let (user, device) = match self.require_auth() {
-                    Ok(auth) => (auth.user.clone(), auth.device.clone()),
-                    Err(refusal) => return self.refuse(req, refusal).await,
-                };
-                let submission = Submission {
-                    req,
-                    client_id,
-                    kind,
-                    to,
-                    body,
-                };
-                match cmd::submit::handle(&self.host, &user, &device, submission).await {
-                    Ok((accepted, message)) => {
-                        // The message is durable: it is dispatched whether or not the answer
-                        // reaches the client.
-                        let answered = self.write(&accepted).await;
-                        if let Some(message) = message
-                            && let Err(e) = dispatch::run(&self.host, &message)
-                        {
-                            // It stays recorded for dispatch; the host retries it.
-                            tracing::error!(id = %message.id, error = %e, "dispatch failed");
-                        }
-                        answered
-                    }
-                    Err(refusal) => self.refuse(req, refusal).await,
-                }
+            submit @ ClientFrame::Submit { .. } => {
+                let stored = self.store_submission(submit);
+                self.commit(vec![stored]).await
             }
             ClientFrame::Ack { seq } => {
                 self.ack(seq);

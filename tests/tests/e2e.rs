@@ -671,3 +671,62 @@ async fn a_connection_that_never_authenticates_is_closed() -> Result {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_pipelining_senders_at_once_are_all_delivered_in_order() -> Result {
+    // Eight senders with fifteen submissions in flight each: many flushes at once, and
+    // submissions read together sharing one flush.
+    const PAIRS: usize = 8;
+    const EACH: usize = 60;
+    let host = std::sync::Arc::new(HostProcess::start()?);
+    let mut receivers = Vec::new();
+    let mut senders = Vec::new();
+    for i in 0..PAIRS {
+        let to = host.register(&format!("r{i}")).await?;
+        let from = host.register(&format!("s{i}")).await?;
+        receivers.push((host.online(&to, "phone").await?.0, from.clone()));
+        senders.push((
+            std::sync::Arc::new(host.online(&from, "phone").await?.0),
+            to,
+        ));
+    }
+    let mut sending = tokio::task::JoinSet::new();
+    for (conn, to) in senders {
+        sending.spawn(async move {
+            let mut batch = tokio::task::JoinSet::new();
+            let mut ids = Vec::new();
+            for chunk in 0..EACH / 15 {
+                for i in 0..15 {
+                    let (conn, to) = (std::sync::Arc::clone(&conn), to.clone());
+                    let text = format!("{chunk}.{i}");
+                    batch.spawn(async move { conn.send_text(&to, &text).await });
+                }
+                while let Some(sent) = batch.join_next().await {
+                    ids.push(sent??.id);
+                }
+            }
+            ids.sort();
+            anyhow::Ok(ids)
+        });
+    }
+    let mut sent = Vec::new();
+    while let Some(ids) = within("senders", sending.join_next()).await? {
+        sent.push(ids??);
+    }
+    let total: usize = sent.iter().map(Vec::len).sum();
+    assert_eq!(total, PAIRS * EACH);
+    for (conn, from) in &receivers {
+        let mut got = Vec::new();
+        while got.len() < EACH {
+            let message = next_message(conn).await?;
+            assert_eq!(&message.from, from);
+            got.push(message.id);
+        }
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "in acceptance order");
+        assert!(
+            sent.contains(&got),
+            "exactly the accepted messages of its sender"
+        );
+    }
+    Ok(())
+}

@@ -1,7 +1,8 @@
-//! `Submit`: check a message, make it durable, answer Accepted.
+//! `Submit`: check a message and store it; the session makes it durable and answers Accepted.
 //!
-//! Everything that can refuse a message is checked before it is accepted, so that Accepted
-//! means the host has taken responsibility for it. Dispatch happens after the answer.
+//! Everything that can refuse a message is checked before it is stored, so that Accepted
+//! means the host has taken responsibility for it. The session flushes once for all the
+//! submissions it read together (group commit), then answers and dispatches each in order.
 
 use super::Refusal;
 use crate::store::Acceptance;
@@ -27,9 +28,10 @@ pub struct Submission {
     pub body: Vec<u8>,
 }
 
-/// Checks and stores a submission. Returns the Accepted answer and the message to dispatch:
-/// a new one, or a resubmitted one whose dispatch had not finished.
-pub async fn handle(
+/// Checks and stores a submission, not yet durably: the caller flushes the store before it
+/// sends the Accepted answer returned here. Also returns the message to dispatch: a new one,
+/// or a resubmitted one whose dispatch had not finished.
+pub fn accept(
     host: &Host,
     user: &UserId,
     device: &DeviceId,
@@ -96,7 +98,6 @@ pub async fn handle(
         return Err(Refusal::new(ErrorCode::BODY_TOO_LARGE, e.to_string()));
     }
     let acceptance = host.store.accept(user, device, s.client_id, build)?;
-    host.store.flush().await?;
     Ok(match acceptance {
         Acceptance::New(message) => (
             ServerFrame::Accepted {

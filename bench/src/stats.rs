@@ -1,0 +1,240 @@
+//! What both runs share: the load, the clock, the message body that carries its send time, the
+//! receivers' tallies and the summary of a run.
+
+use anyhow::{Context, anyhow, bail};
+use std::time::Instant;
+
+/// Bytes at the start of every body that the benchmark reads back: the send time (16 hex
+/// digits) and the message's index (8 hex digits). Hex keeps a chat body valid UTF-8 text.
+pub const HEADER: usize = 24;
+
+/// The load both runs carry.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Sender/receiver pairs.
+    pub pairs: u32,
+    /// Messages each sender sends.
+    pub messages: u32,
+    /// Most submissions a sender has in flight.
+    pub window: u32,
+    /// Body size of every message, in bytes.
+    pub body: usize,
+}
+
+impl Load {
+    /// Messages every run must deliver.
+    pub fn total(&self) -> u64 {
+        u64::from(self.pairs) * u64::from(self.messages)
+    }
+}
+
+/// The run's time base: every timestamp is nanoseconds since one [`Instant`].
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch: Instant,
+}
+
+impl Clock {
+    /// A clock starting now.
+    pub fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Nanoseconds since the clock started.
+    pub fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A body of `len` bytes (at least [`HEADER`]) carrying its send time and index.
+pub fn body(len: usize, sent_ns: u64, index: u32) -> Vec<u8> {
+    let mut bytes = format!("{sent_ns:016x}{index:08x}").into_bytes();
+    bytes.resize(len.max(HEADER), b'.');
+    bytes
+}
+
+/// The send time and index a body carries.
+pub fn parse_body(body: &[u8]) -> anyhow::Result<(u64, u32)> {
+    let head = body
+        .get(..HEADER)
+        .ok_or_else(|| anyhow!("body of {} bytes is too short", body.len()))?;
+    let (sent, index) = head.split_at(16);
+    let hex = |digits: &[u8]| -> anyhow::Result<u64> {
+        let text = std::str::from_utf8(digits).context("body header is not text")?;
+        u64::from_str_radix(text, 16).context("body header is not hex")
+    };
+    Ok((hex(sent)?, u32::try_from(hex(index)?)?))
+}
+
+/// What one receiver saw.
+#[derive(Debug)]
+pub struct Tally {
+    seen: Vec<bool>,
+    count: u32,
+    /// End-to-end latency of each message, in nanoseconds.
+    pub latencies: Vec<u64>,
+    /// When the last message arrived.
+    pub last_ns: u64,
+}
+
+impl Tally {
+    /// A tally expecting the messages with indexes `0..expected`.
+    pub fn new(expected: u32) -> Self {
+        Self {
+            seen: vec![false; expected as usize],
+            count: 0,
+            latencies: Vec::with_capacity(expected as usize),
+            last_ns: 0,
+        }
+    }
+
+    /// Records a message received at `now_ns`; fails on an unknown index or a duplicate.
+    pub fn record(&mut self, body: &[u8], now_ns: u64) -> anyhow::Result<()> {
+        let (sent, index) = parse_body(body)?;
+        let Some(seen) = self.seen.get_mut(index as usize) else {
+            bail!("message index {index} was never sent");
+        };
+        if *seen {
+            bail!("message {index} delivered twice");
+        }
+        *seen = true;
+        self.count += 1;
+        self.latencies.push(now_ns.saturating_sub(sent));
+        self.last_ns = self.last_ns.max(now_ns);
+        Ok(())
+    }
+
+    /// How many distinct messages arrived.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Whether every expected message arrived.
+    pub fn done(&self) -> bool {
+        self.count as usize == self.seen.len()
+    }
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    /// Messages delivered.
+    pub delivered: u64,
+    /// Seconds from the first send to the last delivery.
+    pub secs: f64,
+    /// Delivered messages per second.
+    pub msgs_per_s: f64,
+    /// Median end-to-end latency, in microseconds.
+    pub p50_us: f64,
+    /// 99th percentile end-to-end latency, in microseconds.
+    pub p99_us: f64,
+}
+
+impl Summary {
+    /// Sums the tallies of a run whose first message was sent at `first_send_ns`; fails unless
+    /// exactly `expected` messages were delivered.
+    pub fn of(tallies: &[Tally], first_send_ns: u64, expected: u64) -> anyhow::Result<Self> {
+        let delivered: u64 = tallies.iter().map(|t| u64::from(t.count())).sum();
+        if delivered != expected {
+            bail!("delivered {delivered} messages, expected {expected}");
+        }
+        let mut latencies: Vec<u64> = tallies
+            .iter()
+            .flat_map(|t| t.latencies.iter().copied())
+            .collect();
+        latencies.sort_unstable();
+        let last = tallies.iter().map(|t| t.last_ns).max().unwrap_or(0);
+        let secs = last.saturating_sub(first_send_ns) as f64 / 1e9;
+        if secs <= 0.0 {
+            bail!("the run took no measurable time");
+        }
+        Ok(Self {
+            delivered,
+            secs,
+            msgs_per_s: delivered as f64 / secs,
+            p50_us: percentile(&latencies, 0.50) as f64 / 1e3,
+            p99_us: percentile(&latencies, 0.99) as f64 / 1e3,
+        })
+    }
+
+    /// The summary as a JSON object.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "delivered": self.delivered,
+            "secs": self.secs,
+            "msgs_per_s": self.msgs_per_s,
+            "p50_us": self.p50_us,
+            "p99_us": self.p99_us,
+        })
+    }
+}
+
+/// The nearest-rank percentile `p` (0..=1) of sorted values; 0 for none.
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted
+        .get(rank.clamp(1, sorted.len()) - 1)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The earliest time stored so far, for senders racing to record the first send.
+#[derive(Debug)]
+pub struct FirstSend(std::sync::atomic::AtomicU64);
+
+impl FirstSend {
+    /// Nothing recorded yet.
+    pub fn new() -> Self {
+        Self(std::sync::atomic::AtomicU64::new(u64::MAX))
+    }
+
+    /// Records a send at `ns`.
+    pub fn record(&self, ns: u64) {
+        self.0.fetch_min(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The earliest send recorded.
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_round_trips() -> anyhow::Result<()> {
+        let b = body(100, 123_456_789, 42);
+        assert_eq!(b.len(), 100);
+        assert!(std::str::from_utf8(&b).is_ok());
+        assert_eq!(parse_body(&b)?, (123_456_789, 42));
+        Ok(())
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), 50);
+        assert_eq!(percentile(&v, 0.99), 99);
+        assert_eq!(percentile(&[7], 0.99), 7);
+        assert_eq!(percentile(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn tally_refuses_duplicates() -> anyhow::Result<()> {
+        let mut t = Tally::new(2);
+        t.record(&body(30, 5, 0), 10)?;
+        assert!(t.record(&body(30, 5, 0), 11).is_err());
+        assert!(t.record(&body(30, 5, 2), 11).is_err());
+        t.record(&body(30, 6, 1), 20)?;
+        assert!(t.done());
+        assert_eq!(t.latencies, vec![5, 14]);
+        Ok(())
+    }
+}
