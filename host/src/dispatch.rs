@@ -1,6 +1,6 @@
 //! Hands an accepted message to whatever handles its kind, and finishes its dispatch record.
 //!
-//! A message is recorded for dispatch in the same store transaction that accepts it, and the
+//! A message is recorded for dispatch in the same atomic store batch that accepts it, and the
 //! record is removed only after the handler's `send` has put it in every inbox. A host that
 //! stops in between dispatches it again at the next start ([`recover`]); `send` appends a
 //! message to an inbox at most once, so the retry delivers nothing twice.

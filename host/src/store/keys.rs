@@ -8,6 +8,20 @@ use iim_proto::{DeviceId, RelationKind, UserId};
 
 const SEP: u8 = 0;
 
+// Two trees hold two kinds of record each, so that the records written together are in one
+// tree and one atomic batch. A leading byte tells the kinds apart.
+const DEDUP: u8 = b'd';
+const DISPATCH: u8 = b'p';
+const INBOX_ENTRY: u8 = b'e';
+const INBOX_ID: u8 = b'i';
+
+fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(rest.len() + 1);
+    key.push(tag);
+    key.extend_from_slice(rest);
+    key
+}
+
 fn join(parts: &[&[u8]]) -> Vec<u8> {
     let mut key = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
     for (i, part) in parts.iter().enumerate() {
@@ -53,30 +67,39 @@ pub fn relation_other(key: &[u8], prefix_len: usize) -> Option<UserId> {
     UserId::new(name).ok()
 }
 
-/// `dedup`: (user, device, client id) → message id.
+/// `messages`, dedup record: (user, device, client id) → (message id, sent at).
 pub fn dedup(user: &UserId, device: &DeviceId, client_id: u64) -> Vec<u8> {
-    join(&[
-        user.as_str().as_bytes(),
-        device.as_str().as_bytes(),
-        &client_id.to_be_bytes(),
-    ])
+    tagged(
+        DEDUP,
+        &join(&[
+            user.as_str().as_bytes(),
+            device.as_str().as_bytes(),
+            &client_id.to_be_bytes(),
+        ]),
+    )
 }
 
-/// `dispatch`: message id → message, for every accepted message not yet handed to its
-/// recipients' inboxes.
-pub fn dispatch(id: u64) -> [u8; 8] {
-    id.to_be_bytes()
+/// `messages`, dispatch record: message id → message, for every accepted message not yet in
+/// all its recipients' inboxes.
+pub fn dispatch(id: u64) -> Vec<u8> {
+    tagged(DISPATCH, &id.to_be_bytes())
 }
 
-/// `inbox`: (user, seq) → message.
+/// The prefix of every dispatch record, in message id order.
+pub const DISPATCH_PREFIX: &[u8] = &[DISPATCH];
+
+/// `inbox`, entry: (user, seq) → message.
 pub fn inbox(user: &UserId, seq: u64) -> Vec<u8> {
-    join(&[user.as_str().as_bytes(), &seq.to_be_bytes()])
+    tagged(
+        INBOX_ENTRY,
+        &join(&[user.as_str().as_bytes(), &seq.to_be_bytes()]),
+    )
 }
 
 /// The first and one-past-last `inbox` keys of a user's entries after `after`.
 pub fn inbox_range(user: &UserId, after: u64) -> (Vec<u8>, Vec<u8>) {
     let start = inbox(user, after.saturating_add(1));
-    let mut end = user.as_str().as_bytes().to_vec();
+    let mut end = tagged(INBOX_ENTRY, user.as_str().as_bytes());
     end.push(SEP + 1);
     (start, end)
 }
@@ -87,9 +110,12 @@ pub fn inbox_seq(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(tail))
 }
 
-/// `inbox_ids`: (user, message id) → seq: whether a message is already in an inbox.
+/// `inbox`, id record: (user, message id) → seq: whether a message is already in an inbox.
 pub fn inbox_id(user: &UserId, id: u64) -> Vec<u8> {
-    join(&[user.as_str().as_bytes(), &id.to_be_bytes()])
+    tagged(
+        INBOX_ID,
+        &join(&[user.as_str().as_bytes(), &id.to_be_bytes()]),
+    )
 }
 
 /// `cursors`: (user, device) → the inbox position the device acknowledged.
@@ -123,6 +149,16 @@ mod tests {
         let ab = user("a.b");
         assert!(inbox(&ab, 1) >= end || inbox(&ab, 1) < start);
         assert_eq!(inbox_seq(&inbox(&a, 77)), Some(77));
+        // Id records share the tree but never fall in an entry range.
+        assert!(inbox_id(&a, 300) < start || inbox_id(&a, 300) >= end);
+    }
+
+    #[test]
+    fn dispatch_records_sort_by_id_and_apart_from_dedup_records() {
+        assert!(dispatch(255) < dispatch(256));
+        assert!(dispatch(7).starts_with(DISPATCH_PREFIX));
+        let dedup = dedup(&user("a"), &DeviceId::new("d").expect("valid"), 7);
+        assert!(!dedup.starts_with(DISPATCH_PREFIX));
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Durable state, in sled, behind one small interface.
 //!
-//! Trees: `users`, `tokens`, `relations`, `dedup`, `dispatch`, `inbox`, `inbox_ids`, `cursors`.
-//! Their keys are built in [`keys`]; values are postcard.
+//! Trees: `users`, `tokens`, `relations`, `messages` (dedup and dispatch records), `inbox`
+//! (entries and id records), `cursors`. Their keys are built in [`keys`]; values are postcard.
+//! Records that must be written together live in one tree and are written in one atomic sled
+//! batch; concurrent writers of the same records are serialised by the caller's locks, which
+//! is much cheaper than sled's multi-tree transactions.
 //!
 //! Durability: a write here is in sled's log, not yet on disk. [`Store::flush`] makes every
 //! write before it durable. One flusher thread serves every caller (group commit): it takes all
@@ -14,8 +17,6 @@ pub mod keys;
 
 use iim_proto::{DeviceId, Message, MessageId, RelationKind, UserId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use sled::Transactional;
-use sled::transaction::TransactionError;
 use std::path::Path;
 
 /// A failure of the store.
@@ -35,15 +36,6 @@ pub enum StoreError {
         /// What the decoder said.
         reason: String,
     },
-}
-
-impl From<TransactionError<StoreError>> for StoreError {
-    fn from(e: TransactionError<StoreError>) -> Self {
-        match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => StoreError::Sled(e),
-        }
-    }
 }
 
 /// An account as stored.
@@ -78,10 +70,8 @@ pub struct Store {
     users: sled::Tree,
     tokens: sled::Tree,
     relations: sled::Tree,
-    dedup: sled::Tree,
-    dispatch: sled::Tree,
+    messages: sled::Tree,
     inbox: sled::Tree,
-    inbox_ids: sled::Tree,
     cursors: sled::Tree,
     /// Held from choosing a message id to committing the message, so that ids follow the
     /// order in which messages are accepted.
@@ -153,10 +143,8 @@ impl Store {
             users: db.open_tree("users")?,
             tokens: db.open_tree("tokens")?,
             relations: db.open_tree("relations")?,
-            dedup: db.open_tree("dedup")?,
-            dispatch: db.open_tree("dispatch")?,
+            messages: db.open_tree("messages")?,
             inbox: db.open_tree("inbox")?,
-            inbox_ids: db.open_tree("inbox_ids")?,
             cursors: db.open_tree("cursors")?,
             accept_order: Default::default(),
             flusher,
@@ -276,34 +264,24 @@ impl Store {
         build: impl FnOnce(MessageId) -> Message,
     ) -> Result<Acceptance, StoreError> {
         let dedup_key = keys::dedup(user, device, client_id);
-        if let Some(existing) = self.dedup.get(&dedup_key)? {
+        let _order = self.accept_order.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = self.messages.get(&dedup_key)? {
             return self.duplicate(&existing);
         }
-        let _order = self.accept_order.lock().unwrap_or_else(|p| p.into_inner());
         let message = build(MessageId(self.db.generate_id()? + 1));
-        let record = encode(&(message.id.0, message.sent_at));
-        let encoded = encode(&message);
-        let existing = (&self.dedup, &self.dispatch).transaction(|(dedup, dispatch)| {
-            if let Some(existing) = dedup.get(&dedup_key)? {
-                // A concurrent submission with the same client id got there first.
-                return Ok(Some(existing));
-            }
-            dedup.insert(dedup_key.as_slice(), record.as_slice())?;
-            dispatch.insert(&keys::dispatch(message.id.0), encoded.as_slice())?;
-            Ok(None)
-        })?;
-        match existing {
-            Some(existing) => self.duplicate(&existing),
-            None => Ok(Acceptance::New(message)),
-        }
+        let mut batch = sled::Batch::default();
+        batch.insert(dedup_key, encode(&(message.id.0, message.sent_at)));
+        batch.insert(keys::dispatch(message.id.0), encode(&message));
+        self.messages.apply_batch(batch)?;
+        Ok(Acceptance::New(message))
     }
 
     fn duplicate(&self, dedup_record: &[u8]) -> Result<Acceptance, StoreError> {
-        let (id, sent_at) = decode::<(u64, u64)>("dedup", dedup_record)?;
+        let (id, sent_at) = decode::<(u64, u64)>("messages", dedup_record)?;
         let pending = self
-            .dispatch
+            .messages
             .get(keys::dispatch(id))?
-            .map(|v| decode("dispatch", &v))
+            .map(|v| decode("messages", &v))
             .transpose()?;
         Ok(Acceptance::Duplicate {
             id: MessageId(id),
@@ -314,18 +292,18 @@ impl Store {
 
     /// Every accepted message whose dispatch did not finish, oldest first.
     pub fn pending_dispatch(&self) -> Result<Vec<Message>, StoreError> {
-        self.dispatch
-            .iter()
+        self.messages
+            .scan_prefix(keys::DISPATCH_PREFIX)
             .map(|entry| {
                 let (_, value) = entry?;
-                decode("dispatch", &value)
+                decode("messages", &value)
             })
             .collect()
     }
 
     /// Records that message `id` is in every recipient's inbox.
     pub fn finish_dispatch(&self, id: MessageId) -> Result<(), StoreError> {
-        self.dispatch.remove(keys::dispatch(id.0))?;
+        self.messages.remove(keys::dispatch(id.0))?;
         Ok(())
     }
 
@@ -342,17 +320,14 @@ impl Store {
         message: &Message,
     ) -> Result<bool, StoreError> {
         let id_key = keys::inbox_id(user, message.id.0);
-        let entry_key = keys::inbox(user, seq);
-        let encoded = encode(message);
-        let appended = (&self.inbox, &self.inbox_ids).transaction(|(inbox, ids)| {
-            if ids.get(&id_key)?.is_some() {
-                return Ok(false);
-            }
-            ids.insert(id_key.as_slice(), &seq.to_be_bytes())?;
-            inbox.insert(entry_key.as_slice(), encoded.as_slice())?;
-            Ok(true)
-        })?;
-        Ok(appended)
+        if self.inbox.contains_key(&id_key)? {
+            return Ok(false);
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(id_key, &seq.to_be_bytes());
+        batch.insert(keys::inbox(user, seq), encode(message));
+        self.inbox.apply_batch(batch)?;
+        Ok(true)
     }
 
     /// Up to `limit` entries of `user`'s inbox after position `after`, in order.
