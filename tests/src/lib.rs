@@ -318,6 +318,31 @@ impl RawConnection {
         })
     }
 
+    /// Connects, opens the stream and sends `Hello` for `version`.
+    pub async fn hello(host: &HostProcess, version: u16) -> anyhow::Result<Self> {
+        let mut raw = Self::open(host).await?;
+        let hello = iim_client::proto::ClientFrame::Hello {
+            version,
+            agent: "raw".into(),
+        };
+        raw.send
+            .write_all(&iim_client::proto::encode_frame(&hello, 1024)?)
+            .await?;
+        Ok(raw)
+    }
+
+    /// Reads to the end of the stream and returns the code of the closing error frame (an
+    /// `Error` without `req`, the last frame), failing if there is none.
+    pub async fn closing_code(&mut self) -> anyhow::Result<ErrorCode> {
+        let frames = self.read_to_end().await?;
+        match frames.last() {
+            Some(iim_client::proto::ServerFrame::Error {
+                req: None, code, ..
+            }) => Ok(*code),
+            _ => bail!("no closing error frame in {frames:?}"),
+        }
+    }
+
     /// Reads every frame until the host ends the stream; returns them.
     pub async fn read_to_end(&mut self) -> anyhow::Result<Vec<iim_client::proto::ServerFrame>> {
         let bytes = within("read to end", self.recv.read_to_end(1 << 20)).await??;

@@ -1,8 +1,6 @@
 //! End-to-end: the real `iim-host` binary on 127.0.0.1, driven by the client library.
 
-use iim_client::proto::{
-    ClientFrame, DeviceId, ErrorCode, MessageKind, RelationKind, ServerFrame, SessionMode, UserId,
-};
+use iim_client::proto::{DeviceId, ErrorCode, MessageKind, RelationKind, SessionMode, UserId};
 use iim_e2e::*;
 
 type Result = anyhow::Result<()>;
@@ -353,26 +351,11 @@ async fn an_oversized_frame_is_refused_and_the_host_keeps_serving() -> Result {
         b,
     } = TwoUsers::start().await?;
 
-    let mut raw = RawConnection::open(&host).await?;
-    let hello = ClientFrame::Hello {
-        version: 1,
-        agent: "raw".into(),
-    };
-    raw.send
-        .write_all(&iim_client::proto::encode_frame(&hello, 1024)?)
-        .await?;
+    let mut raw = RawConnection::hello(&host, 1).await?;
     // Announce 100 MiB and start sending it.
     raw.send.write_all(&(100u32 << 20).to_be_bytes()).await?;
     raw.send.write_all(&[0u8; 4096]).await?;
-    let frames = raw.read_to_end().await?;
-    assert!(
-        matches!(frames.first(), Some(ServerFrame::Welcome { .. })),
-        "{frames:?}"
-    );
-    assert!(
-        matches!(frames.last(), Some(ServerFrame::Error { req: None, code, .. }) if *code == ErrorCode::FRAME_TOO_LARGE),
-        "{frames:?}"
-    );
+    assert_eq!(raw.closing_code().await?, ErrorCode::FRAME_TOO_LARGE);
     chat_still_works(&host, &a, &b, &bob).await?;
     assert!(host.is_running());
 
@@ -403,29 +386,14 @@ async fn garbage_bytes_are_refused_and_the_host_keeps_serving() -> Result {
     raw.send
         .write_all(&[0, 0, 0, 9, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5])
         .await?;
-    let frames = raw.read_to_end().await?;
-    assert!(
-        matches!(frames.last(), Some(ServerFrame::Error { req: None, code, .. }) if *code == ErrorCode::MALFORMED),
-        "{frames:?}"
-    );
+    assert_eq!(raw.closing_code().await?, ErrorCode::MALFORMED);
 
-    // Garbage from an authenticated session, after good frames; and a fixed seed of random
-    // byte strings on fresh connections.
-    let mut raw = RawConnection::open(&host).await?;
-    let hello = ClientFrame::Hello {
-        version: 1,
-        agent: "raw".into(),
-    };
-    raw.send
-        .write_all(&iim_client::proto::encode_frame(&hello, 1024)?)
-        .await?;
+    // Garbage after a good Hello (arriving in the same read as it).
+    let mut raw = RawConnection::hello(&host, 1).await?;
     raw.send.write_all(&[0, 0, 0, 3, 200, 201, 202]).await?;
-    let frames = raw.read_to_end().await?;
-    assert!(
-        matches!(frames.last(), Some(ServerFrame::Error { req: None, code, .. }) if *code == ErrorCode::MALFORMED),
-        "{frames:?}"
-    );
+    assert_eq!(raw.closing_code().await?, ErrorCode::MALFORMED);
 
+    // Random byte strings (fixed seed) on fresh connections.
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     for round in 0..20 {
         let mut raw = RawConnection::open(&host).await?;
@@ -448,19 +416,8 @@ async fn garbage_bytes_are_refused_and_the_host_keeps_serving() -> Result {
     }
 
     // A wrong protocol version gets its own code.
-    let mut raw = RawConnection::open(&host).await?;
-    let hello = ClientFrame::Hello {
-        version: 99,
-        agent: "future".into(),
-    };
-    raw.send
-        .write_all(&iim_client::proto::encode_frame(&hello, 1024)?)
-        .await?;
-    let frames = raw.read_to_end().await?;
-    assert!(
-        matches!(frames.last(), Some(ServerFrame::Error { code, .. }) if *code == ErrorCode::UNSUPPORTED_VERSION),
-        "{frames:?}"
-    );
+    let mut raw = RawConnection::hello(&host, 99).await?;
+    assert_eq!(raw.closing_code().await?, ErrorCode::UNSUPPORTED_VERSION);
 
     chat_still_works(&host, &a, &b, &bob).await?;
     assert!(host.is_running());
@@ -656,19 +613,8 @@ async fn logout_ends_the_device_s_delivery_session() -> Result {
 #[tokio::test]
 async fn a_connection_that_never_authenticates_is_closed() -> Result {
     let host = HostProcess::start_with_config("[limits]\nauth_timeout_secs = 1\n")?;
-    let mut raw = RawConnection::open(&host).await?;
-    let hello = ClientFrame::Hello {
-        version: 1,
-        agent: "idle".into(),
-    };
-    raw.send
-        .write_all(&iim_client::proto::encode_frame(&hello, 1024)?)
-        .await?;
-    let frames = raw.read_to_end().await?;
-    assert!(
-        matches!(frames.last(), Some(ServerFrame::Error { req: None, code, .. }) if *code == ErrorCode::NOT_AUTHENTICATED),
-        "{frames:?}"
-    );
+    let mut raw = RawConnection::hello(&host, 1).await?;
+    assert_eq!(raw.closing_code().await?, ErrorCode::NOT_AUTHENTICATED);
     Ok(())
 }
 
