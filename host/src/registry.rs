@@ -181,14 +181,4 @@ impl Registry {
             entry.kick(code, reason);
         }
     }
-
-    /// Number of online delivery sessions.
-    pub fn len(&self) -> usize {
-        self.lock().values().map(Vec::len).sum()
-    }
-
-    /// Whether no delivery session is online.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

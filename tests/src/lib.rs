@@ -102,11 +102,6 @@ impl HostProcess {
         })
     }
 
-    /// The data directory.
-    pub fn data_dir(&self) -> &Path {
-        self.data.path()
-    }
-
     /// Kills the process with SIGKILL (no shutdown, nothing flushed) and waits for it.
     pub fn kill9(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {
