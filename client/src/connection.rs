@@ -317,14 +317,8 @@ impl Connection {
 
     /// Adds `user` to the list of `kind`.
     pub async fn add_relation(&self, kind: RelationKind, user: &UserId) -> Result<(), ClientError> {
-        let answer = self
-            .request(|req| ClientFrame::Relation {
-                req,
-                kind,
-                op: RelationOp::Add(user.clone()),
-            })
-            .await?;
-        expect_ok(answer)
+        self.change_relation(kind, RelationOp::Add(user.clone()))
+            .await
     }
 
     /// Removes `user` from the list of `kind`.
@@ -333,12 +327,13 @@ impl Connection {
         kind: RelationKind,
         user: &UserId,
     ) -> Result<(), ClientError> {
+        self.change_relation(kind, RelationOp::Remove(user.clone()))
+            .await
+    }
+
+    async fn change_relation(&self, kind: RelationKind, op: RelationOp) -> Result<(), ClientError> {
         let answer = self
-            .request(|req| ClientFrame::Relation {
-                req,
-                kind,
-                op: RelationOp::Remove(user.clone()),
-            })
+            .request(|req| ClientFrame::Relation { req, kind, op })
             .await?;
         expect_ok(answer)
     }
