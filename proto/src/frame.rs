@@ -31,6 +31,9 @@ pub enum MessageKind {
     Receipt,
     /// A kind defined by a plugin, named by it.
     Custom(String),
+    /// A presence notification or snapshot. (Last so that adding it kept the wire indices of
+    /// the kinds before it.)
+    Presence,
 }
 
 impl fmt::Display for MessageKind {
@@ -39,6 +42,7 @@ impl fmt::Display for MessageKind {
             MessageKind::Chat => f.write_str("chat"),
             MessageKind::Receipt => f.write_str("receipt"),
             MessageKind::Custom(name) => f.write_str(name),
+            MessageKind::Presence => f.write_str("presence"),
         }
     }
 }

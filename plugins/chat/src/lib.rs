@@ -1,0 +1,1 @@
+//! The chat plugin (skeleton: filled in by the plugin platform work).

@@ -1,0 +1,1 @@
+//! The presence plugin (skeleton: filled in by the plugin platform work).

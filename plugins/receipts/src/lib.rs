@@ -1,0 +1,1 @@
+//! The receipts plugin (skeleton: filled in by the plugin platform work).
