@@ -46,6 +46,44 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Limits on what one client may send and buffer.
     pub limits: Limits,
+    /// The plugin runtime.
+    pub plugins: PluginsConfig,
+}
+
+/// Where plugins come from and what each call into one may take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// The directory of `.wasm` plugins (each with an optional `.toml` of its configuration).
+    /// Without it, `<data_dir>/plugins`. A directory that does not exist yet is created with
+    /// the default plugins (chat, presence, receipts) in it.
+    pub dir: Option<PathBuf>,
+    /// Milliseconds between two looks at the directory for added, changed or removed plugins.
+    pub watch_interval_ms: u64,
+    /// Milliseconds one call into a plugin (`init` or `handle`) may run.
+    pub call_timeout_ms: u64,
+    /// Linear memory one plugin instance may grow to, in MiB.
+    pub max_memory_mib: u64,
+    /// Times an event is tried on a plugin before it is set aside as a dead letter.
+    pub max_attempts: u32,
+    /// Events waiting for one plugin, at most; past it, the sessions raising events wait.
+    pub queue: usize,
+    /// Most users one `send` may name.
+    pub max_send_users: usize,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            watch_interval_ms: 500,
+            call_timeout_ms: 1000,
+            max_memory_mib: 128,
+            max_attempts: 3,
+            queue: 4096,
+            max_send_users: 10_000,
+        }
+    }
 }
 
 /// Where the host's certificate comes from.
@@ -129,6 +167,7 @@ impl Default for Config {
             server_id: "h1".into(),
             tls: TlsConfig::default(),
             limits: Limits::default(),
+            plugins: PluginsConfig::default(),
         }
     }
 }
@@ -169,7 +208,23 @@ impl Config {
                 "tls.cert and tls.key go together".into(),
             ));
         }
+        let p = &self.plugins;
+        if p.call_timeout_ms == 0 || p.max_memory_mib == 0 || p.max_attempts == 0 || p.queue == 0 {
+            return Err(ConfigError::Invalid(
+                "plugins.call_timeout_ms, max_memory_mib, max_attempts and queue must be \
+                 at least 1"
+                    .into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// The plugins directory.
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.plugins
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("plugins"))
     }
 }
 

@@ -1,7 +1,7 @@
 //! The IIM entry point: `resolve(users) -> user-list` and `send(msg, user-list)`.
 //!
-//! This is the service the messaging logic calls (today the built-in chat handler, later every
-//! plugin): it decides nothing about *who* gets a message, only *how* it gets there. A user-list
+//! This is the service plugins call (through the `iim` interface of the WIT, see
+//! [`crate::plugin`]): it decides nothing about *who* gets a message, only *how* it gets there. A user-list
 //! is seed 000's server row-set: one row per server, each with the rows of its users and their
 //! online devices, so that resolving once gives both the distribution and the channels.
 

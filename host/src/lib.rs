@@ -2,15 +2,16 @@
 //!
 //! A QUIC endpoint ([`server`]) runs one task per connection ([`session`]); each frame a
 //! session reads is handled by one module of [`cmd`]. Durable state is in [`store`]; online
-//! devices in [`registry`]. Messages reach their recipients through the IIM entry point
-//! ([`iim`]); which recipients, is decided by the handler of the message's kind ([`dispatch`]).
+//! devices in [`registry`]. What is sent to whom is decided by WebAssembly plugins
+//! ([`plugin`]), which the host calls with events and which answer through the IIM entry
+//! point ([`iim`]).
 
 pub mod accounts;
-pub mod chat;
+pub mod admin;
 pub mod cmd;
 pub mod config;
-pub mod dispatch;
 pub mod iim;
+pub mod plugin;
 pub mod registry;
 pub mod server;
 pub mod session;
@@ -28,7 +29,9 @@ pub struct Host {
     /// Online devices.
     pub registry: Arc<registry::Registry>,
     /// The IIM entry point.
-    pub iim: iim::Iim,
+    pub iim: Arc<iim::Iim>,
+    /// The plugins, and the routing of events to them.
+    pub plugins: Arc<plugin::PluginHost>,
     /// Becomes `true` when the host starts shutting down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Permits to hash a password: bounds the memory and CPU that log-ins can take at once.

@@ -30,6 +30,27 @@ struct Args {
     /// PEM private key of --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Asks the host running with this data directory (--data-dir, or the config's) to act.
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::Subcommand)]
+enum AdminAction {
+    /// Lists the loaded plugins: file, name and version, digest, subscriptions.
+    Plugins,
+    /// Looks at the plugins directory now; answers once the changes are applied.
+    Reload,
+    /// Lists the events no plugin build could handle.
+    DeadLetters,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +82,19 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
+    if let Some(Command::Admin { action }) = args.command {
+        let command = match action {
+            AdminAction::Plugins => "plugins",
+            AdminAction::Reload => "reload",
+            AdminAction::DeadLetters => "dead-letters",
+        };
+        let reply = runtime.block_on(iim_host::admin::request(&config.data_dir, command))?;
+        print!("{reply}");
+        if reply.starts_with("error:") {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     runtime.block_on(async {
         let server = Server::start(config).await?;
         // Scripts and tests read this line to learn the bound port and the certificate.

@@ -2,9 +2,10 @@
 
 use crate::config::Config;
 use crate::iim::Iim;
+use crate::plugin::{PluginHost, Services, loader};
 use crate::registry::Registry;
 use crate::store::Store;
-use crate::{Host, dispatch, session, tls};
+use crate::{Host, session, tls};
 use anyhow::Context;
 use iim_proto::ErrorCode;
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use tokio::task::JoinSet;
 /// A host that is listening.
 pub struct Server {
     host: Arc<Host>,
+    loader: loader::Loader,
     endpoint: quinn::Endpoint,
     stop: tokio::sync::watch::Sender<bool>,
     cert_path: std::path::PathBuf,
@@ -33,7 +35,8 @@ pub fn transport(config: &Config) -> quinn::TransportConfig {
 }
 
 impl Server {
-    /// Opens the store, loads the certificate, recovers unfinished dispatches and binds.
+    /// Opens the store, loads the certificate and the plugins, routes the messages accepted
+    /// before the last stop that no plugin handled yet, and binds.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
@@ -51,31 +54,56 @@ impl Server {
         let store = Store::open(&store_path)
             .with_context(|| format!("cannot open the store in {}", store_path.display()))?;
         let registry = Arc::new(Registry::new(config.limits.session_queue));
-        let iim = Iim::new(
+        let iim = Arc::new(Iim::new(
             config.server_id.clone(),
             store.clone(),
             Arc::clone(&registry),
+        ));
+        let services = Arc::new(Services {
+            store: store.clone(),
+            registry: Arc::clone(&registry),
+            iim: Arc::clone(&iim),
+            max_body: config.limits.max_body,
+            max_frame: config.limits.max_frame,
+            max_send_users: config.plugins.max_send_users,
+        });
+        let plugins = Arc::new(
+            PluginHost::new(config.plugins.clone(), services)
+                .map_err(|e| anyhow::anyhow!("cannot start the plugin runtime: {e:#}"))?,
         );
+        let plugins_dir = config.plugins_dir();
+        if loader::install_defaults(&plugins_dir).with_context(|| {
+            format!(
+                "cannot install the default plugins in {}",
+                plugins_dir.display()
+            )
+        })? {
+            tracing::info!(dir = %plugins_dir.display(), "installed the default plugins");
+        }
+        let mut loader = loader::Loader::new(Arc::clone(&plugins), plugins_dir);
+        loader.scan().await;
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let host = Arc::new(Host {
             store,
             registry,
             iim,
+            plugins,
             shutdown,
             hashing: tokio::sync::Semaphore::new(config.limits.max_hashing.max(1)),
             config,
         });
-        let recovered = dispatch::recover(&host)?;
+        let recovered = host.plugins.route_pending().await?;
         if recovered > 0 {
             tracing::info!(
                 recovered,
-                "dispatched messages accepted before the last stop"
+                "routed messages accepted before the last stop to their plugins"
             );
         }
         let endpoint = quinn::Endpoint::server(server_config, host.config.listen)
             .with_context(|| format!("cannot listen on {}", host.config.listen))?;
         Ok(Self {
             host,
+            loader,
             endpoint,
             stop,
             cert_path,
@@ -96,6 +124,9 @@ impl Server {
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let mut sessions = JoinSet::new();
         let retries = tokio::spawn(retry_dispatch(Arc::clone(&self.host)));
+        let watcher = tokio::spawn(self.loader.watch(self.host.shutdown.clone()));
+        let admin =
+            crate::admin::start(Arc::clone(&self.host)).context("cannot open the admin socket")?;
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -125,6 +156,8 @@ impl Server {
         tracing::info!(sessions = sessions.len(), "shutting down");
         let _ = self.stop.send(true);
         let _ = retries.await;
+        let _ = watcher.await;
+        let _ = admin.await;
         self.host
             .registry
             .kick_all(ErrorCode::SHUTTING_DOWN, "the host is shutting down");
@@ -141,30 +174,39 @@ impl Server {
             b"shutting down",
         );
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        // Lanes finish what is queued; what they do not finish in time stays recorded.
+        if tokio::time::timeout(Duration::from_secs(5), self.host.plugins.stop())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "plugins still busy at shutdown; their messages stay recorded for dispatch"
+            );
+        }
         self.host.store.flush().await?;
         tracing::info!("stopped");
         Ok(())
     }
 }
 
-/// How old an unfinished dispatch must be before the host retries it while running.
-const DISPATCH_RETRY_AFTER_MS: u64 = 5_000;
+/// How often messages recorded for dispatch and not on their way to a plugin are routed.
+const DISPATCH_RETRY: Duration = Duration::from_secs(5);
 
-/// Every few seconds, dispatches again what a failed dispatch left behind; stops at shutdown.
+/// Every few seconds, routes what is recorded for dispatch and not on its way to a plugin
+/// (a plugin that was missing, a store failure); stops at shutdown.
 async fn retry_dispatch(host: Arc<Host>) {
     let mut shutdown = host.shutdown.clone();
-    let mut tick = tokio::time::interval(Duration::from_millis(DISPATCH_RETRY_AFTER_MS));
+    let mut tick = tokio::time::interval(DISPATCH_RETRY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|stopping| *stopping) => return,
         }
-        let before = crate::now_ms().saturating_sub(DISPATCH_RETRY_AFTER_MS);
-        match dispatch::retry_older_than(&host, before) {
+        match host.plugins.route_pending().await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(dispatched = n, "retried unfinished dispatches"),
-            Err(e) => tracing::error!(error = %e, "retrying unfinished dispatches failed"),
+            Ok(n) => tracing::info!(routed = n, "routed messages waiting for a plugin"),
+            Err(e) => tracing::error!(error = %e, "routing waiting messages failed"),
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use crate::Host;
 use crate::cmd::{self, Refusal, submit::Submission};
-use crate::dispatch;
+use crate::plugin::{Delivered, Event as PluginEvent, SessionInfo};
 use crate::registry::{Delivery, Kick, SessionId};
 use iim_proto::{
     AckOutcome, ClientFrame, CodecError, DeliveryWindow, DeviceId, ErrorCode, FrameDecoder,
@@ -67,6 +67,9 @@ struct Attached {
     kick: watch::Receiver<Option<Kick>>,
     /// Since when the window has been full, waiting for acks.
     full_since: Option<Instant>,
+    /// Deliveries sent and not yet acknowledged whose acknowledgement a plugin wants to hear
+    /// of (a `delivered` subscription), by position.
+    watched: std::collections::VecDeque<(u64, Delivered)>,
 }
 
 /// A submission checked and stored, with its answer and the message to dispatch; or the
@@ -358,11 +361,12 @@ impl Session {
                     if answered.is_ok() {
                         answered = self.write(&accepted).await;
                     }
-                    if let Some(message) = message
-                        && let Err(e) = dispatch::run(&self.host, &message)
-                    {
-                        // It stays recorded for dispatch; the host retries it.
-                        tracing::error!(id = %message.id, error = %e, "dispatch failed");
+                    if let Some(message) = message {
+                        // Recorded for dispatch until its plugin has handled it.
+                        self.host
+                            .plugins
+                            .raise(PluginEvent::Message(Arc::new(message)))
+                            .await;
                     }
                 }
                 Err((req, refusal)) => {
@@ -457,7 +461,7 @@ impl Session {
                 self.commit(vec![stored]).await
             }
             ClientFrame::Ack { seq } => {
-                self.ack(seq);
+                self.ack(seq).await;
                 Ok(())
             }
         }
@@ -534,6 +538,7 @@ impl Session {
             lag: attachment.lag,
             kick: attachment.kick,
             full_since: None,
+            watched: std::collections::VecDeque::new(),
         });
         Ok(())
     }
@@ -561,6 +566,19 @@ impl Session {
             });
             if let Some(count) = backlog {
                 self.write(&ServerFrame::Synced { count }).await?;
+                // Online from now on, after the backlog (I3): the presence plugin hears of it.
+                let Some(auth) = self.auth.as_ref() else {
+                    return Ok(());
+                };
+                let opened = SessionInfo {
+                    user: auth.user.clone(),
+                    device: auth.device.clone(),
+                    devices_online: self.host.registry.online(&auth.user).len() as u32,
+                };
+                self.host
+                    .plugins
+                    .raise(PluginEvent::SessionOpened(opened))
+                    .await;
             }
             return Ok(());
         }
@@ -592,14 +610,34 @@ impl Session {
     async fn send_delivery(&mut self, seq: u64, frame: ServerFrame) -> Result<(), End> {
         self.write(&frame).await?;
         let max_in_flight = self.host.config.limits.max_in_flight;
+        let watch = match (&frame, &self.auth) {
+            (ServerFrame::Deliver { message, .. }, Some(auth))
+                if self.host.plugins.wants_delivered(&message.kind) =>
+            {
+                Some(Delivered {
+                    id: message.id,
+                    kind: message.kind.clone(),
+                    sender: message.from.clone(),
+                    sender_device: message.from_device.clone(),
+                    recipient: auth.user.clone(),
+                    recipient_device: auth.device.clone(),
+                })
+            }
+            _ => None,
+        };
         if let Some(attached) = self.attached.as_mut() {
             attached.window.on_sent(seq);
             attached.note_fullness(max_in_flight);
+            if let Some(delivered) = watch
+                && attached.watched.back().is_none_or(|(last, _)| *last < seq)
+            {
+                attached.watched.push_back((seq, delivered));
+            }
         }
         Ok(())
     }
 
-    fn ack(&mut self, seq: u64) {
+    async fn ack(&mut self, seq: u64) {
         let (Some(auth), Some(attached)) = (self.auth.as_ref(), self.attached.as_mut()) else {
             tracing::debug!(seq, "ack on a connection without deliveries; ignored");
             return;
@@ -612,6 +650,18 @@ impl Session {
                 // device recognises by the message id.
                 if let Err(e) = self.host.store.set_cursor(&auth.user, &auth.device, cursor) {
                     tracing::error!(error = %e, "cursor not saved");
+                }
+                let mut received = Vec::new();
+                while attached.watched.front().is_some_and(|(s, _)| *s <= cursor) {
+                    if let Some((_, delivered)) = attached.watched.pop_front() {
+                        received.push(delivered);
+                    }
+                }
+                for delivered in received {
+                    self.host
+                        .plugins
+                        .raise(PluginEvent::Delivered(delivered))
+                        .await;
                 }
             }
             AckOutcome::Held => {}
@@ -658,6 +708,18 @@ impl Session {
     async fn finish(mut self, end: End) {
         if let (Some(auth), Some(attached)) = (&self.auth, &self.attached) {
             self.host.registry.detach(&auth.user, attached.session);
+            // Only a session that went online (sent Synced) goes offline.
+            if attached.backlog.is_none() {
+                let closed = SessionInfo {
+                    user: auth.user.clone(),
+                    device: auth.device.clone(),
+                    devices_online: self.host.registry.online(&auth.user).len() as u32,
+                };
+                self.host
+                    .plugins
+                    .raise(PluginEvent::SessionClosed(closed))
+                    .await;
+            }
         }
         let code = match &end {
             End::Done => {

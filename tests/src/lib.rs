@@ -71,6 +71,71 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The workspace's root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Where the wasm plugins are built: the host's build script builds the default plugins
+/// there, and [`test_plugin`] the test plugins.
+fn plugins_target() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+        .join("plugins-wasm")
+}
+
+/// The component of default plugin `name` (`chat`, `presence`, `receipts`), as the host's
+/// build script built it.
+pub fn default_plugin(name: &str) -> anyhow::Result<PathBuf> {
+    // Building the host binary runs its build script, which builds the default plugins.
+    binary("iim-host")?;
+    let path = plugins_target()
+        .join("wasm32-wasip2/release")
+        .join(format!("iim_plugin_{name}.wasm"));
+    anyhow::ensure!(path.is_file(), "{} was not built", path.display());
+    Ok(path)
+}
+
+/// Builds (once per test process) the test plugin crate `iim-test-plugin-<name>` for
+/// `wasm32-wasip2` and returns its component.
+pub fn test_plugin(name: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|b| b == name) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
+            .arg("-p")
+            .arg(format!("iim-test-plugin-{name}"))
+            .arg("--target-dir")
+            .arg(plugins_target())
+            .status()
+            .context("cannot run cargo")?;
+        anyhow::ensure!(
+            status.success(),
+            "building test plugin {name} failed: {status}"
+        );
+        built.push(name.to_owned());
+    }
+    let path = plugins_target()
+        .join("wasm32-wasip2/release")
+        .join(format!("iim_test_plugin_{name}.wasm"));
+    anyhow::ensure!(path.is_file(), "{} was not built", path.display());
+    Ok(path)
+}
+
+/// Which plugins a test host starts with.
+pub enum Plugins<'a> {
+    /// The host's defaults: it installs chat, presence and receipts.
+    Default,
+    /// Exactly these, as `(name, component file)`.
+    Only(&'a [(&'a str, &'a Path)]),
+}
+
 /// A running `iim-host` process with its own data directory.
 pub struct HostProcess {
     child: Option<Child>,
@@ -90,8 +155,32 @@ impl HostProcess {
 
     /// Starts a host whose configuration file holds `toml` (see `host/src/config.rs`).
     pub fn start_with_config(toml: &str) -> anyhow::Result<Self> {
+        Self::start_with(toml, Plugins::Default)
+    }
+
+    /// Starts a host with only the chat plugin: for tests of the delivery path that count
+    /// every message a user receives (no presence notifications, no receipts).
+    pub fn start_chat_only() -> anyhow::Result<Self> {
+        Self::start_chat_only_with_config("")
+    }
+
+    /// [`HostProcess::start_chat_only`] with configuration `toml`.
+    pub fn start_chat_only_with_config(toml: &str) -> anyhow::Result<Self> {
+        let chat = default_plugin("chat")?;
+        Self::start_with(toml, Plugins::Only(&[("chat", &chat)]))
+    }
+
+    /// Starts a host with configuration `toml` and the given plugins.
+    pub fn start_with(toml: &str, plugins: Plugins<'_>) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
         std::fs::write(data.path().join("host.toml"), toml)?;
+        if let Plugins::Only(list) = plugins {
+            let dir = data.path().join("plugins");
+            std::fs::create_dir_all(&dir)?;
+            for (name, file) in list {
+                std::fs::copy(file, dir.join(format!("{name}.wasm")))?;
+            }
+        }
         let (child, addr, cert, stderr_log) = spawn(data.path(), "127.0.0.1:0".parse()?)?;
         Ok(Self {
             child: Some(child),
@@ -141,6 +230,27 @@ impl HostProcess {
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// The plugins directory the host watches.
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.data.path().join("plugins")
+    }
+
+    /// Runs `iim-host admin <command>` against this host and returns what it printed.
+    pub async fn admin(&self, command: &str) -> anyhow::Result<String> {
+        let mut cmd = tokio::process::Command::new(binary("iim-host")?);
+        cmd.arg("--data-dir")
+            .arg(self.data.path())
+            .args(["admin", command]);
+        let output = within("admin command", cmd.output()).await??;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        anyhow::ensure!(
+            output.status.success(),
+            "iim-host admin {command} failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(stdout)
     }
 
     /// The host's log so far.
@@ -366,9 +476,10 @@ pub struct TwoUsers {
 }
 
 impl TwoUsers {
-    /// Starts a host, registers both users and brings their phones online.
+    /// Starts a host with only the chat plugin, registers both users and brings their phones
+    /// online.
     pub async fn start() -> anyhow::Result<Self> {
-        let host = HostProcess::start()?;
+        let host = HostProcess::start_chat_only()?;
         let alice = host.register("alice").await?;
         let bob = host.register("bob").await?;
         let (a, _) = host.online(&alice, "phone").await?;

@@ -1,4 +1,7 @@
 //! End-to-end: the real `iim-host` binary on 127.0.0.1, driven by the client library.
+//!
+//! These tests are about the delivery path and count every message a user receives, so their
+//! hosts load only the chat plugin; presence and receipts are tested in `plugins.rs`.
 
 use iim_client::proto::{DeviceId, ErrorCode, MessageKind, RelationKind, SessionMode, UserId};
 use iim_e2e::*;
@@ -7,7 +10,7 @@ type Result = anyhow::Result<()>;
 
 #[tokio::test]
 async fn users_register_befriend_and_chat_both_ways() -> Result {
-    let host = HostProcess::start()?;
+    let host = HostProcess::start_chat_only()?;
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
     let (a, _) = host.online(&alice, "phone").await?;
@@ -58,7 +61,7 @@ async fn users_register_befriend_and_chat_both_ways() -> Result {
 
 #[tokio::test]
 async fn offline_messages_arrive_at_login_in_order_before_new_ones() -> Result {
-    let host = HostProcess::start()?;
+    let host = HostProcess::start_chat_only()?;
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
     let (a, _) = host.online(&alice, "phone").await?;
@@ -115,7 +118,7 @@ async fn offline_messages_arrive_at_login_in_order_before_new_ones() -> Result {
 
 #[tokio::test]
 async fn every_online_device_of_a_user_receives_and_an_offline_one_catches_up() -> Result {
-    let host = HostProcess::start()?;
+    let host = HostProcess::start_chat_only()?;
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
     let (a, _) = host.online(&alice, "phone").await?;
@@ -196,7 +199,7 @@ async fn a_resubmission_with_the_same_client_id_is_accepted_once() -> Result {
 
 #[tokio::test]
 async fn wrong_passwords_and_unknown_users_are_refused() -> Result {
-    let host = HostProcess::start()?;
+    let host = HostProcess::start_chat_only()?;
     let alice = host.register("alice").await?;
     let conn = host.connect().await?;
     let device = DeviceId::new("phone")?;
@@ -236,7 +239,7 @@ async fn wrong_passwords_and_unknown_users_are_refused() -> Result {
 
 #[tokio::test]
 async fn a_token_cannot_act_as_another_user_or_device() -> Result {
-    let host = HostProcess::start()?;
+    let host = HostProcess::start_chat_only()?;
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
     let phone = DeviceId::new("phone")?;
@@ -284,7 +287,7 @@ async fn a_token_cannot_act_as_another_user_or_device() -> Result {
 
 #[tokio::test]
 async fn bad_submissions_get_clear_errors() -> Result {
-    let host = HostProcess::start()?;
+    let host = HostProcess::start_chat_only()?;
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
     let (a, _) = host.online(&alice, "phone").await?;
@@ -427,7 +430,7 @@ async fn garbage_bytes_are_refused_and_the_host_keeps_serving() -> Result {
 
 #[tokio::test]
 async fn a_second_receive_session_of_a_device_replaces_the_first() -> Result {
-    let host = HostProcess::start()?;
+    let host = HostProcess::start_chat_only()?;
     let bob = host.register("bob").await?;
     let (first, _) = host.online(&bob, "phone").await?;
     let (_second, _) = host.online(&bob, "phone").await?;
@@ -440,7 +443,7 @@ async fn a_second_receive_session_of_a_device_replaces_the_first() -> Result {
 
 #[tokio::test]
 async fn accepted_messages_and_accounts_survive_kill_9() -> Result {
-    let mut host = HostProcess::start()?;
+    let mut host = HostProcess::start_chat_only()?;
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
     let (a, _) = host.online(&alice, "phone").await?;
@@ -466,7 +469,7 @@ async fn accepted_messages_and_accounts_survive_kill_9() -> Result {
 
 #[tokio::test]
 async fn sigterm_ends_sessions_with_a_reason_and_stops_cleanly() -> Result {
-    let mut host = HostProcess::start()?;
+    let mut host = HostProcess::start_chat_only()?;
     let bob = host.register("bob").await?;
     let (b, _) = host.online(&bob, "phone").await?;
     host.terminate()?;
@@ -483,7 +486,8 @@ async fn sigterm_ends_sessions_with_a_reason_and_stops_cleanly() -> Result {
 #[tokio::test]
 async fn password_guessing_on_one_connection_is_rate_limited() -> Result {
     // No refill, so the outcome does not depend on how fast this machine hashes.
-    let host = HostProcess::start_with_config("[limits]\nauth_rate = 0\nauth_burst = 3\n")?;
+    let host =
+        HostProcess::start_chat_only_with_config("[limits]\nauth_rate = 0\nauth_burst = 3\n")?;
     let alice = host.register("alice").await?;
     let conn = host.connect().await?;
     let device = DeviceId::new("phone")?;
@@ -519,7 +523,9 @@ async fn a_backlog_beyond_the_window_and_a_flood_beyond_the_queue_arrive_whole_i
 {
     // A tiny window and queue, so that paging the backlog by acks and catching up from the
     // inbox after the live queue overflows are both exercised.
-    let host = HostProcess::start_with_config("[limits]\nmax_in_flight = 8\nsession_queue = 4\n")?;
+    let host = HostProcess::start_chat_only_with_config(
+        "[limits]\nmax_in_flight = 8\nsession_queue = 4\n",
+    )?;
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
     let (a, _) = host.online(&alice, "phone").await?;
@@ -565,8 +571,9 @@ async fn a_backlog_beyond_the_window_and_a_flood_beyond_the_queue_arrive_whole_i
 
 #[tokio::test]
 async fn a_device_that_never_acknowledges_is_disconnected_and_loses_nothing() -> Result {
-    let host =
-        HostProcess::start_with_config("[limits]\nmax_in_flight = 4\nack_timeout_secs = 1\n")?;
+    let host = HostProcess::start_chat_only_with_config(
+        "[limits]\nmax_in_flight = 4\nack_timeout_secs = 1\n",
+    )?;
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
     let (a, _) = host.online(&alice, "phone").await?;
@@ -593,7 +600,7 @@ async fn a_device_that_never_acknowledges_is_disconnected_and_loses_nothing() ->
 
 #[tokio::test]
 async fn logout_ends_the_device_s_delivery_session() -> Result {
-    let host = HostProcess::start()?;
+    let host = HostProcess::start_chat_only()?;
     let bob = host.register("bob").await?;
     let phone = DeviceId::new("phone")?;
     let listening = host.connect().await?;
@@ -618,7 +625,7 @@ async fn logout_ends_the_device_s_delivery_session() -> Result {
 
 #[tokio::test]
 async fn a_connection_that_never_authenticates_is_closed() -> Result {
-    let host = HostProcess::start_with_config("[limits]\nauth_timeout_secs = 1\n")?;
+    let host = HostProcess::start_chat_only_with_config("[limits]\nauth_timeout_secs = 1\n")?;
     let mut raw = RawConnection::hello(&host, 1).await?;
     assert_eq!(raw.closing_code().await?, ErrorCode::NOT_AUTHENTICATED);
     Ok(())
@@ -630,7 +637,7 @@ async fn many_pipelining_senders_at_once_are_all_delivered_in_order() -> Result 
     // submissions read together sharing one flush.
     const PAIRS: usize = 8;
     const EACH: usize = 60;
-    let host = std::sync::Arc::new(HostProcess::start()?);
+    let host = std::sync::Arc::new(HostProcess::start_chat_only()?);
     let mut receivers = Vec::new();
     let mut senders = Vec::new();
     for i in 0..PAIRS {

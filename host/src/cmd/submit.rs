@@ -6,7 +6,7 @@
 
 use super::Refusal;
 use crate::store::Acceptance;
-use crate::{Host, dispatch, now_ms};
+use crate::{Host, now_ms};
 use iim_proto::{
     DeviceId, ErrorCode, Message, MessageId, MessageKind, RequestId, ServerFrame, UserId,
 };
@@ -65,10 +65,10 @@ pub fn accept(
             format!("a custom kind is 1 to {MAX_KIND} bytes"),
         ));
     }
-    if !dispatch::supports(&s.kind) {
+    if host.plugins.handler_of(&s.kind).is_none() {
         return Err(Refusal::new(
             ErrorCode::UNSUPPORTED_KIND,
-            format!("nothing on this host handles messages of kind {}", s.kind),
+            format!("no plugin on this host handles messages of kind {}", s.kind),
         ));
     }
     for to in &s.to {

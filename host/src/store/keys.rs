@@ -14,6 +14,7 @@ const DEDUP: u8 = b'd';
 const DISPATCH: u8 = b'p';
 const INBOX_ENTRY: u8 = b'e';
 const INBOX_ID: u8 = b'i';
+const EFFECT: u8 = b'g';
 
 fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(rest.len() + 1);
@@ -87,6 +88,27 @@ pub fn dispatch(id: u64) -> Vec<u8> {
 
 /// The prefix of every dispatch record, in message id order.
 pub const DISPATCH_PREFIX: &[u8] = &[DISPATCH];
+
+/// `messages`, effect record: (plugin, event key, index) → (message id, sent at): the id of
+/// the `index`th new message a plugin sent while handling a durable event, so that handling
+/// the event again after a restart sends the same message, not a second one.
+pub fn effect(plugin: &str, event_key: &[u8], index: u32) -> Vec<u8> {
+    tagged(
+        EFFECT,
+        &join(&[plugin.as_bytes(), event_key, &index.to_be_bytes()]),
+    )
+}
+
+/// `plugin_kv`: (plugin, key) → value. Plugin names never hold a zero byte, so one plugin's
+/// keys cannot be spelled as another's.
+pub fn plugin_kv(plugin: &str, key: &str) -> Vec<u8> {
+    join(&[plugin.as_bytes(), key.as_bytes()])
+}
+
+/// `dead_letters`: number → dead letter, in the order they were set aside.
+pub fn dead_letter(id: u64) -> Vec<u8> {
+    id.to_be_bytes().to_vec()
+}
 
 /// `inbox`, entry: (user, seq) → message.
 pub fn inbox(user: &UserId, seq: u64) -> Vec<u8> {

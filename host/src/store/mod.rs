@@ -1,7 +1,8 @@
 //! Durable state, in sled, behind one small interface.
 //!
-//! Trees: `users`, `tokens`, `relations`, `messages` (dedup and dispatch records), `inbox`
-//! (entries and id records), `cursors`. Their keys are built in [`keys`]; values are postcard.
+//! Trees: `users`, `tokens`, `relations`, `messages` (dedup, dispatch and effect records),
+//! `inbox` (entries and id records), `cursors`, `plugin_kv` (each plugin's own storage),
+//! `dead_letters` (events no plugin build could handle). Their keys are built in [`keys`]; values are postcard.
 //! Records that must be written together live in one tree and are written in one atomic sled
 //! batch; concurrent writers of the same records are serialised by the caller's locks, which
 //! is much cheaper than sled's multi-tree transactions.
@@ -63,6 +64,25 @@ pub enum Acceptance {
     },
 }
 
+/// An event a plugin failed to handle in every attempt, kept for the operator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The plugin (file) name.
+    pub plugin: String,
+    /// The version of the build that failed.
+    pub version: String,
+    /// The digest of that build.
+    pub digest: String,
+    /// The event.
+    pub event: crate::plugin::Event,
+    /// Why the last attempt failed.
+    pub error: String,
+    /// How many attempts were made.
+    pub attempts: u32,
+    /// When it was set aside, in milliseconds since the Unix epoch.
+    pub at: u64,
+}
+
 /// The host's durable state.
 #[derive(Clone)]
 pub struct Store {
@@ -73,6 +93,8 @@ pub struct Store {
     messages: sled::Tree,
     inbox: sled::Tree,
     cursors: sled::Tree,
+    plugin_kv: sled::Tree,
+    dead_letters: sled::Tree,
     /// Held from choosing a message id to committing the message, so that ids follow the
     /// order in which messages are accepted.
     accept_order: std::sync::Arc<std::sync::Mutex<()>>,
@@ -146,6 +168,8 @@ impl Store {
             messages: db.open_tree("messages")?,
             inbox: db.open_tree("inbox")?,
             cursors: db.open_tree("cursors")?,
+            plugin_kv: db.open_tree("plugin_kv")?,
+            dead_letters: db.open_tree("dead_letters")?,
             accept_order: Default::default(),
             flusher,
             db,
@@ -290,6 +314,40 @@ impl Store {
         })
     }
 
+    /// A new message a plugin sends while handling a durable event: numbered once per
+    /// `(plugin, event_key, index)`, so handling the event again yields the same message.
+    pub fn effect_message(
+        &self,
+        plugin: &str,
+        event_key: &[u8],
+        index: u32,
+        build: impl FnOnce(MessageId) -> Message,
+    ) -> Result<Message, StoreError> {
+        let key = keys::effect(plugin, event_key, index);
+        let _order = self.accept_order.lock().unwrap_or_else(|p| p.into_inner());
+        let mut message = build(MessageId(0));
+        if let Some(existing) = self.messages.get(&key)? {
+            let (id, sent_at) = decode::<(u64, u64)>("messages", &existing)?;
+            message.id = MessageId(id);
+            message.sent_at = sent_at;
+            return Ok(message);
+        }
+        message.id = MessageId(self.db.generate_id()? + 1);
+        self.messages
+            .insert(key, encode(&(message.id.0, message.sent_at)))?;
+        Ok(message)
+    }
+
+    /// A new message a plugin sends while handling an event that does not outlive the
+    /// process: numbered, not recorded.
+    pub fn new_message(
+        &self,
+        build: impl FnOnce(MessageId) -> Message,
+    ) -> Result<Message, StoreError> {
+        let _order = self.accept_order.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(build(MessageId(self.db.generate_id()? + 1)))
+    }
+
     /// Every accepted message whose dispatch did not finish, oldest first.
     pub fn pending_dispatch(&self) -> Result<Vec<Message>, StoreError> {
         self.messages
@@ -328,6 +386,22 @@ impl Store {
         batch.insert(keys::inbox(user, seq), encode(message));
         self.inbox.apply_batch(batch)?;
         Ok(true)
+    }
+
+    /// Message `id` if it is in `user`'s inbox.
+    pub fn inbox_message(
+        &self,
+        user: &UserId,
+        id: MessageId,
+    ) -> Result<Option<Message>, StoreError> {
+        let Some(seq) = self.inbox.get(keys::inbox_id(user, id.0))? else {
+            return Ok(None);
+        };
+        let seq = decode_u64("inbox", &seq)?;
+        self.inbox
+            .get(keys::inbox(user, seq))?
+            .map(|v| decode("inbox", &v))
+            .transpose()
     }
 
     /// Up to `limit` entries of `user`'s inbox after position `after`, in order.
@@ -384,5 +458,54 @@ impl Store {
                 Some(old.max(seq).to_be_bytes().to_vec())
             })?;
         Ok(())
+    }
+
+    // ---- plugins ----
+
+    /// A value of `plugin`'s own storage.
+    pub fn plugin_kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .plugin_kv
+            .get(keys::plugin_kv(plugin, key))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Writes (or, for `None`, removes) values of `plugin`'s storage in one atomic batch.
+    pub fn plugin_kv_apply(
+        &self,
+        plugin: &str,
+        writes: &std::collections::BTreeMap<String, Option<Vec<u8>>>,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in writes {
+            match value {
+                Some(value) => batch.insert(keys::plugin_kv(plugin, key), value.as_slice()),
+                None => batch.remove(keys::plugin_kv(plugin, key)),
+            }
+        }
+        self.plugin_kv.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Keeps a dead letter; returns its number.
+    pub fn add_dead_letter(&self, letter: &DeadLetter) -> Result<u64, StoreError> {
+        let id = self.db.generate_id()?;
+        self.dead_letters
+            .insert(keys::dead_letter(id), encode(letter))?;
+        Ok(id)
+    }
+
+    /// Every dead letter with its number, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<(u64, DeadLetter)>, StoreError> {
+        self.dead_letters
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                Ok((
+                    decode_u64("dead_letters", &key)?,
+                    decode("dead_letters", &value)?,
+                ))
+            })
+            .collect()
     }
 }

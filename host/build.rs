@@ -1,0 +1,118 @@
+//! Builds the default plugins (chat, presence, receipts) for `wasm32-wasip2` and hands their
+//! paths to the host's source, which embeds them: a host started with an empty data directory
+//! installs them in its plugins directory, so `cargo run -p iim-host` serves chat on a fresh
+//! machine with nothing else to build.
+//!
+//! The plugins are built by a nested `cargo build` into their own target directory
+//! (`target/plugins-wasm`): the outer build holds the lock of its own target directory, and one
+//! wasm build serves the debug and release builds of the host alike.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const TARGET: &str = "wasm32-wasip2";
+const PLUGINS: &[&str] = &["chat", "presence", "receipts"];
+
+fn main() {
+    let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
+    let workspace = manifest_dir
+        .parent()
+        .expect("the host crate is inside the workspace")
+        .to_path_buf();
+    for watched in ["plugin-sdk", "wit", "Cargo.lock"] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            workspace.join(watched).display()
+        );
+    }
+    for plugin in PLUGINS {
+        let dir = workspace.join("plugins").join(plugin);
+        println!("cargo:rerun-if-changed={}", dir.display());
+    }
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
+
+    ensure_target();
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"))
+        .join("plugins-wasm");
+    let mut build = Command::new(env("CARGO"));
+    build
+        .current_dir(&workspace)
+        .args(["build", "--release", "--locked", "--target", TARGET])
+        .arg("--target-dir")
+        .arg(&target_dir);
+    for plugin in PLUGINS {
+        build.args(["-p", &format!("iim-plugin-{plugin}")]);
+    }
+    // The outer build's settings are for the host's target, not wasm; a lint wrapper (clippy)
+    // would only slow the nested build down.
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_BUILD_TARGET",
+        "CARGO_TARGET_DIR",
+    ] {
+        build.env_remove(var);
+    }
+    let output = build
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run cargo to build the default plugins: {e}"));
+    if !output.status.success() {
+        panic!(
+            "building the default plugins for {TARGET} failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let built = target_dir.join(TARGET).join("release");
+    for plugin in PLUGINS {
+        let file = built.join(format!("iim_plugin_{plugin}.wasm"));
+        if !file.is_file() {
+            panic!("the build of plugin {plugin} left no {}", file.display());
+        }
+        println!(
+            "cargo:rustc-env=IIM_PLUGIN_{}_WASM={}",
+            plugin.to_uppercase(),
+            file.display()
+        );
+    }
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("cargo sets {name} for build scripts"))
+}
+
+/// Installs the wasm target with rustup when it is missing (rust-toolchain.toml lists it, but
+/// rustup adds listed targets only when it installs the toolchain itself).
+fn ensure_target() {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let sysroot = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let installed = sysroot.is_some_and(|root| has_target(&root));
+    if installed {
+        return;
+    }
+    println!("cargo:warning=installing the {TARGET} target with rustup to build the plugins");
+    let status = Command::new("rustup")
+        .args(["target", "add", TARGET])
+        .status();
+    if !status.is_ok_and(|s| s.success()) {
+        panic!(
+            "the {TARGET} target is missing and `rustup target add {TARGET}` failed; \
+             install it to build the default plugins"
+        );
+    }
+}
+
+fn has_target(sysroot: &Path) -> bool {
+    sysroot
+        .join("lib/rustlib")
+        .join(TARGET)
+        .join("lib")
+        .is_dir()
+}

@@ -1,0 +1,160 @@
+//! The events the host raises for plugins, and what a plugin subscribes to.
+
+use super::bindings::iim::plugin::types as wit;
+use super::convert;
+use iim_proto::{DeviceId, Message, MessageId, MessageKind, UserId};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// A device acknowledged a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivered {
+    /// The message.
+    pub id: MessageId,
+    /// Its kind.
+    pub kind: MessageKind,
+    /// Its sender.
+    pub sender: UserId,
+    /// The sender's device.
+    pub sender_device: DeviceId,
+    /// The user who received it.
+    pub recipient: UserId,
+    /// The device that acknowledged it.
+    pub recipient_device: DeviceId,
+}
+
+/// A device's session opened or closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// The user.
+    pub user: UserId,
+    /// The device.
+    pub device: DeviceId,
+    /// How many of the user's devices are online now.
+    pub devices_online: u32,
+}
+
+/// Something that happened, for the plugins that subscribed to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// A client's message was accepted.
+    Message(Arc<Message>),
+    /// A device acknowledged a message.
+    Delivered(Delivered),
+    /// A delivery session opened, after its backlog.
+    SessionOpened(SessionInfo),
+    /// A delivery session closed.
+    SessionClosed(SessionInfo),
+}
+
+/// What a plugin handles.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Subscription {
+    /// Submitted messages of a kind.
+    Message(MessageKind),
+    /// Deliveries of messages of a kind.
+    Delivered(MessageKind),
+    /// Sessions opening.
+    SessionOpened,
+    /// Sessions closing.
+    SessionClosed,
+}
+
+impl Subscription {
+    /// The subscription from a plugin's `init`; a custom kind must be a valid name.
+    pub fn from_wit(sub: wit::Subscription) -> Result<Self, String> {
+        let kind = |k| convert::kind_from_wit(k).map_err(|e| format!("{e:?}"));
+        Ok(match sub {
+            wit::Subscription::Message(k) => Self::Message(kind(k)?),
+            wit::Subscription::Delivered(k) => Self::Delivered(kind(k)?),
+            wit::Subscription::SessionOpened => Self::SessionOpened,
+            wit::Subscription::SessionClosed => Self::SessionClosed,
+        })
+    }
+}
+
+impl std::fmt::Display for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Message(kind) => write!(f, "message({kind})"),
+            Self::Delivered(kind) => write!(f, "delivered({kind})"),
+            Self::SessionOpened => f.write_str("session-opened"),
+            Self::SessionClosed => f.write_str("session-closed"),
+        }
+    }
+}
+
+impl Event {
+    /// The subscription that asks for this event.
+    pub fn subscription(&self) -> Subscription {
+        match self {
+            Self::Message(m) => Subscription::Message(m.kind.clone()),
+            Self::Delivered(d) => Subscription::Delivered(d.kind.clone()),
+            Self::SessionOpened(_) => Subscription::SessionOpened,
+            Self::SessionClosed(_) => Subscription::SessionClosed,
+        }
+    }
+
+    /// The user who caused it, and that user's device: the acting user of its handling.
+    pub fn acting(&self) -> (&UserId, &DeviceId) {
+        match self {
+            Self::Message(m) => (&m.from, &m.from_device),
+            Self::Delivered(d) => (&d.recipient, &d.recipient_device),
+            Self::SessionOpened(s) | Self::SessionClosed(s) => (&s.user, &s.device),
+        }
+    }
+
+    /// A key naming this event for as long as it can be handled again after a restart: the
+    /// messages a plugin sends while handling it are numbered once under this key, so a
+    /// second handling sends nothing twice. `None` for events that do not outlive the process.
+    pub fn durable_key(&self) -> Option<Vec<u8>> {
+        match self {
+            Self::Message(m) => {
+                let mut key = b"m".to_vec();
+                key.extend_from_slice(&m.id.0.to_be_bytes());
+                Some(key)
+            }
+            Self::Delivered(_) | Self::SessionOpened(_) | Self::SessionClosed(_) => None,
+        }
+    }
+
+    /// The event as the WIT's.
+    pub fn to_wit(&self) -> wit::Event {
+        match self {
+            Self::Message(m) => wit::Event::Message(convert::message_to_wit(m)),
+            Self::Delivered(d) => wit::Event::Delivered(wit::Delivery {
+                id: d.id.0,
+                kind: convert::kind_to_wit(&d.kind),
+                sender: d.sender.to_string(),
+                sender_device: d.sender_device.to_string(),
+                recipient: d.recipient.to_string(),
+                recipient_device: d.recipient_device.to_string(),
+            }),
+            Self::SessionOpened(s) => wit::Event::SessionOpened(session_to_wit(s)),
+            Self::SessionClosed(s) => wit::Event::SessionClosed(session_to_wit(s)),
+        }
+    }
+}
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Message(m) => write!(f, "message {} ({}) from {}", m.id, m.kind, m.from),
+            Self::Delivered(d) => write!(
+                f,
+                "delivered {} ({}) to {}/{}",
+                d.id, d.kind, d.recipient, d.recipient_device
+            ),
+            Self::SessionOpened(s) => write!(f, "session-opened {}/{}", s.user, s.device),
+            Self::SessionClosed(s) => write!(f, "session-closed {}/{}", s.user, s.device),
+        }
+    }
+}
+
+fn session_to_wit(s: &SessionInfo) -> wit::SessionInfo {
+    wit::SessionInfo {
+        user: s.user.to_string(),
+        device: s.device.to_string(),
+        devices_online: s.devices_online,
+    }
+}

@@ -1,0 +1,476 @@
+//! The host's side of interface `iim`: what a plugin may call.
+//!
+//! Every import checks its arguments first, and acts only for the user who caused the event
+//! being handled (the acting user). Effects (`send`, `kv-set`, `kv-delete`) are not applied
+//! here: they are collected into the call's [`Effects`], which the plugin's lane applies once
+//! `handle` returns `ok`. A call that traps or fails leaves nothing behind, so a retried event
+//! has its effects once.
+//!
+//! Two levels of error, as the WIT says: the inner `result` is a [`HostError`] the plugin
+//! handles (bad argument, not allowed); the outer `wasmtime::Result` traps the guest, and is
+//! used only when the host itself cannot go on (its store failed).
+
+use super::bindings::iim::plugin::iim::Host as IimHost;
+use super::bindings::iim::plugin::types::{
+    self as wit, HostError, LogLevel, PresenceEntry, PresenceState,
+};
+use super::convert;
+use crate::iim::Iim;
+use crate::registry::Registry;
+use crate::store::Store;
+use iim_proto::{DeviceId, Message, MessageId, MessageKind, UserId};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use wasmtime::StoreLimits;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+/// Longest key of a plugin's storage, in bytes.
+pub const MAX_KV_KEY: usize = 256;
+/// Largest value of a plugin's storage, in bytes.
+pub const MAX_KV_VALUE: usize = 64 * 1024;
+/// `send` calls one `handle` may make.
+pub const MAX_SENDS_PER_CALL: usize = 64;
+/// Storage writes one `handle` may make.
+pub const MAX_KV_WRITES_PER_CALL: usize = 256;
+/// Longest log line kept, in bytes.
+const MAX_LOG_LINE: usize = 4096;
+
+/// What the imports need from the host.
+pub struct Services {
+    /// Durable state.
+    pub store: Store,
+    /// Online devices.
+    pub registry: Arc<Registry>,
+    /// The IIM entry point.
+    pub iim: Arc<Iim>,
+    /// Largest message body.
+    pub max_body: u32,
+    /// Largest frame a delivery must fit in.
+    pub max_frame: u32,
+    /// Most users one `send` or `resolve` may name.
+    pub max_send_users: usize,
+}
+
+/// A message a plugin sent, to be delivered when its call succeeds.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// The message being handled, passed on unchanged.
+    Forward(Arc<Message>),
+    /// A new message from the acting user's device; the host numbers it when it is sent.
+    New {
+        /// Its kind.
+        kind: MessageKind,
+        /// The users it is addressed to.
+        to: Vec<UserId>,
+        /// Its body.
+        body: Vec<u8>,
+    },
+}
+
+/// One `send`, checked.
+#[derive(Debug, Clone)]
+pub struct PendingSend {
+    /// The message.
+    pub message: Outgoing,
+    /// Its recipients, each once.
+    pub users: Vec<UserId>,
+}
+
+/// The effects of one call, applied only if it returns `ok`.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Messages sent, in order.
+    pub sends: Vec<PendingSend>,
+    /// Storage writes: `None` deletes.
+    pub kv: BTreeMap<String, Option<Vec<u8>>>,
+    kv_writes: usize,
+}
+
+/// Who a call acts for, and what it has done so far.
+pub struct Call {
+    /// The user who caused the event.
+    pub user: UserId,
+    /// That user's device.
+    pub device: DeviceId,
+    /// The message being handled, for a message event.
+    pub message: Option<Arc<Message>>,
+    /// Effects collected so far.
+    pub effects: Effects,
+}
+
+/// The data of one plugin instance's store.
+pub struct PluginState {
+    plugin: Arc<str>,
+    services: Arc<Services>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    call: Option<Call>,
+}
+
+impl PluginState {
+    /// The state of a new instance of plugin `plugin`.
+    pub fn new(
+        plugin: &str,
+        services: Arc<Services>,
+        wasi: WasiCtx,
+        table: ResourceTable,
+        limits: StoreLimits,
+    ) -> Self {
+        Self {
+            plugin: plugin.into(),
+            services,
+            wasi,
+            table,
+            limits,
+            call: None,
+        }
+    }
+
+    /// The store limits, for the store's limiter.
+    pub fn limits(&mut self) -> &mut StoreLimits {
+        &mut self.limits
+    }
+
+    /// Starts a call acting for `call.user`.
+    pub fn begin(&mut self, call: Call) {
+        self.call = Some(call);
+    }
+
+    /// Ends the current call and returns what it did.
+    pub fn end(&mut self) -> Option<Call> {
+        self.call.take()
+    }
+
+    fn call(&mut self, import: &str) -> Result<&mut Call, HostError> {
+        self.call.as_mut().ok_or_else(|| {
+            HostError::PermissionDenied(format!("{import} is only allowed while handling an event"))
+        })
+    }
+
+    fn acting(&mut self, import: &str, user: &str) -> Result<UserId, HostError> {
+        let call = self.call(import)?;
+        if call.user.as_str() != user {
+            return Err(HostError::PermissionDenied(format!(
+                "{import} is only allowed for the acting user {}, not {user}",
+                call.user
+            )));
+        }
+        Ok(call.user.clone())
+    }
+
+    /// Checks a list of user names and that each exists.
+    fn existing_users(&self, names: &[String]) -> Result<Vec<UserId>, HostError> {
+        if names.len() > self.services.max_send_users {
+            return Err(HostError::LimitExceeded(format!(
+                "{} users named; at most {}",
+                names.len(),
+                self.services.max_send_users
+            )));
+        }
+        let mut users = Vec::with_capacity(names.len());
+        for name in names {
+            let user = parse_user(name)?;
+            if !self
+                .services
+                .store
+                .user_exists(&user)
+                .map_err(unavailable)?
+            {
+                return Err(HostError::UnknownUser(name.clone()));
+            }
+            users.push(user);
+        }
+        Ok(users)
+    }
+
+    fn check_send(&mut self, msg: wit::Message, list: wit::UserList) -> Result<u32, HostError> {
+        let max_body = self.services.max_body;
+        let max_frame = self.services.max_frame;
+        let max_users = self.services.max_send_users;
+        let server = self.services.iim.server().to_owned();
+        let call = self.call("send")?;
+        if msg.sender != call.user.as_str() {
+            return Err(HostError::ForgedSender(msg.sender));
+        }
+        if call.effects.sends.len() >= MAX_SENDS_PER_CALL {
+            return Err(HostError::LimitExceeded(format!(
+                "at most {MAX_SENDS_PER_CALL} sends per event"
+            )));
+        }
+        let message = match (&call.message, msg.id) {
+            (_, 0) => {
+                let kind = convert::kind_from_wit(msg.kind)?;
+                if msg.body.len() > max_body as usize {
+                    return Err(HostError::LimitExceeded(format!(
+                        "body of {} bytes is over the limit of {max_body}",
+                        msg.body.len()
+                    )));
+                }
+                let to = msg
+                    .to
+                    .iter()
+                    .map(|name| parse_user(name))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if to.len() > iim_proto::MAX_TARGETS {
+                    return Err(HostError::LimitExceeded(format!(
+                        "a message names at most {} recipients",
+                        iim_proto::MAX_TARGETS
+                    )));
+                }
+                let probe = Message {
+                    id: MessageId(u64::MAX),
+                    kind: kind.clone(),
+                    from: call.user.clone(),
+                    from_device: call.device.clone(),
+                    to: to.clone(),
+                    body: msg.body.clone(),
+                    sent_at: u64::MAX,
+                };
+                let frame = iim_proto::ServerFrame::Deliver {
+                    seq: u64::MAX,
+                    message: probe,
+                };
+                if let Err(e) = iim_proto::encode_frame(&frame, max_frame) {
+                    return Err(HostError::LimitExceeded(e.to_string()));
+                }
+                Outgoing::New {
+                    kind,
+                    to,
+                    body: msg.body,
+                }
+            }
+            (Some(handled), id) if id == handled.id.0 => {
+                let kind = convert::kind_from_wit(msg.kind)?;
+                if kind != handled.kind || msg.body != handled.body {
+                    return Err(HostError::InvalidArgument(format!(
+                        "message {id} is passed on with another kind or body; send a new \
+                         message (id 0) instead"
+                    )));
+                }
+                Outgoing::Forward(Arc::clone(handled))
+            }
+            (_, id) => return Err(HostError::UnknownMessage(id)),
+        };
+        let mut users = Vec::new();
+        let mut seen = HashSet::new();
+        for row in &list.servers {
+            if row.server != server {
+                return Err(HostError::UnknownServer(row.server.clone()));
+            }
+            for user_row in &row.users {
+                let user = parse_user(&user_row.user)?;
+                for device in &user_row.devices {
+                    DeviceId::new(&device.device).map_err(|e| {
+                        HostError::InvalidArgument(format!(
+                            "device {:?} of user {user}: {e}",
+                            device.device
+                        ))
+                    })?;
+                }
+                if !seen.insert(user.clone()) {
+                    return Err(HostError::InvalidArgument(format!(
+                        "user {user} appears twice in the user-list"
+                    )));
+                }
+                if seen.len() > max_users {
+                    return Err(HostError::LimitExceeded(format!(
+                        "a user-list names at most {max_users} users"
+                    )));
+                }
+                users.push(user);
+            }
+        }
+        for user in &users {
+            if !self.services.store.user_exists(user).map_err(unavailable)? {
+                return Err(HostError::UnknownUser(user.to_string()));
+            }
+        }
+        let count = users.len() as u32;
+        let call = self.call("send")?;
+        call.effects.sends.push(PendingSend { message, users });
+        Ok(count)
+    }
+
+    fn kv_write(&mut self, key: String, value: Option<Vec<u8>>) -> Result<(), HostError> {
+        check_key(&key)?;
+        if let Some(v) = &value
+            && v.len() > MAX_KV_VALUE
+        {
+            return Err(HostError::LimitExceeded(format!(
+                "a stored value is at most {MAX_KV_VALUE} bytes"
+            )));
+        }
+        let call = self.call("kv-set and kv-delete")?;
+        if call.effects.kv_writes >= MAX_KV_WRITES_PER_CALL {
+            return Err(HostError::LimitExceeded(format!(
+                "at most {MAX_KV_WRITES_PER_CALL} storage writes per event"
+            )));
+        }
+        call.effects.kv_writes += 1;
+        call.effects.kv.insert(key, value);
+        Ok(())
+    }
+}
+
+fn parse_user(name: &str) -> Result<UserId, HostError> {
+    UserId::new(name).map_err(|e| HostError::InvalidArgument(format!("user {name:?}: {e}")))
+}
+
+fn check_key(key: &str) -> Result<(), HostError> {
+    if key.is_empty() || key.len() > MAX_KV_KEY {
+        return Err(HostError::InvalidArgument(format!(
+            "a storage key is 1 to {MAX_KV_KEY} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn unavailable(e: impl std::fmt::Display) -> HostError {
+    HostError::Unavailable(e.to_string())
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl wit::Host for PluginState {}
+
+impl IimHost for PluginState {
+    fn resolve(
+        &mut self,
+        users: Vec<String>,
+    ) -> wasmtime::Result<Result<wit::UserList, HostError>> {
+        Ok((|| {
+            let users = self.existing_users(&users)?;
+            let list = self.services.iim.resolve(&users).map_err(unavailable)?;
+            Ok(convert::user_list_to_wit(&list))
+        })())
+    }
+
+    fn send(
+        &mut self,
+        msg: wit::Message,
+        users: wit::UserList,
+    ) -> wasmtime::Result<Result<u32, HostError>> {
+        let result = self.check_send(msg, users);
+        if let Err(e) = &result {
+            tracing::debug!(plugin = %self.plugin, error = ?e, "send refused");
+        }
+        Ok(result)
+    }
+
+    fn friends(&mut self, user: String) -> wasmtime::Result<Result<Vec<String>, HostError>> {
+        Ok(self.relations(user, iim_proto::RelationKind::Friend, "friends"))
+    }
+
+    fn colleagues(&mut self, user: String) -> wasmtime::Result<Result<Vec<String>, HostError>> {
+        Ok(self.relations(user, iim_proto::RelationKind::Colleague, "colleagues"))
+    }
+
+    fn presence(
+        &mut self,
+        users: Vec<String>,
+    ) -> wasmtime::Result<Result<Vec<PresenceEntry>, HostError>> {
+        Ok((|| {
+            let users = self.existing_users(&users)?;
+            Ok(users
+                .into_iter()
+                .map(|user| {
+                    let devices = self.services.registry.online(&user).len() as u32;
+                    PresenceEntry {
+                        user: user.to_string(),
+                        state: if devices > 0 {
+                            PresenceState::Online
+                        } else {
+                            PresenceState::Offline
+                        },
+                        devices,
+                    }
+                })
+                .collect())
+        })())
+    }
+
+    fn inbox_message(
+        &mut self,
+        user: String,
+        id: u64,
+    ) -> wasmtime::Result<Result<Option<wit::Message>, HostError>> {
+        Ok((|| {
+            let user = self.acting("inbox-message", &user)?;
+            let found = self
+                .services
+                .store
+                .inbox_message(&user, MessageId(id))
+                .map_err(unavailable)?;
+            Ok(found.as_ref().map(convert::message_to_wit))
+        })())
+    }
+
+    fn kv_get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, HostError>> {
+        Ok((|| {
+            check_key(&key)?;
+            if let Some(call) = &self.call
+                && let Some(pending) = call.effects.kv.get(&key)
+            {
+                return Ok(pending.clone());
+            }
+            self.services
+                .store
+                .plugin_kv_get(&self.plugin, &key)
+                .map_err(unavailable)
+        })())
+    }
+
+    fn kv_set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<Result<(), HostError>> {
+        Ok(self.kv_write(key, Some(value)))
+    }
+
+    fn kv_delete(&mut self, key: String) -> wasmtime::Result<Result<(), HostError>> {
+        Ok(self.kv_write(key, None))
+    }
+
+    fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
+        let mut line = message;
+        if line.len() > MAX_LOG_LINE {
+            let mut end = MAX_LOG_LINE;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+        }
+        let plugin = &*self.plugin;
+        match level {
+            LogLevel::Trace => tracing::trace!(plugin, "{line}"),
+            LogLevel::Debug => tracing::debug!(plugin, "{line}"),
+            LogLevel::Info => tracing::info!(plugin, "{line}"),
+            LogLevel::Warn => tracing::warn!(plugin, "{line}"),
+            LogLevel::Error => tracing::error!(plugin, "{line}"),
+        }
+        Ok(())
+    }
+}
+
+impl PluginState {
+    fn relations(
+        &mut self,
+        user: String,
+        kind: iim_proto::RelationKind,
+        import: &str,
+    ) -> Result<Vec<String>, HostError> {
+        let user = self.acting(import, &user)?;
+        let list = self
+            .services
+            .store
+            .relations(&user, kind)
+            .map_err(unavailable)?;
+        Ok(list.into_iter().map(|u| u.to_string()).collect())
+    }
+}

@@ -1,0 +1,261 @@
+//! One plugin's lane: its queue of events, its live instance, and what happens when a call
+//! fails.
+//!
+//! Events are handled one at a time, in queue order. A call that returns `ok` has its effects
+//! applied (messages sent, storage written) before the next event starts. A call that traps,
+//! times out or runs out of memory costs the instance: the next attempt runs on a fresh one.
+//! After `max_attempts` the event is set aside as a dead letter, which the operator can list,
+//! and the lane goes on with the next event.
+
+use super::event::Event;
+use super::imports::{Call, Effects, Outgoing};
+use super::runtime::{Build, CallOutcome, Instance};
+use super::{LoadedInfo, PluginHost};
+use crate::iim::{ServerRow, UserList, UserRow};
+use crate::store::DeadLetter;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+/// A build ready to serve: compiled, instantiated and initialised.
+pub struct Ready {
+    /// The build, for fresh instances after a trap.
+    pub build: Build,
+    /// The configuration its `init` was given.
+    pub config: Vec<(String, String)>,
+    /// What `init` said.
+    pub info: LoadedInfo,
+    /// The first instance.
+    pub instance: Instance,
+}
+
+/// What a lane is told.
+pub enum Command {
+    /// Handle an event; the permit is released when it is done.
+    Event(Event, OwnedSemaphorePermit),
+    /// Serve the events after this one with another build.
+    Swap(Box<Ready>),
+    /// Stop after the events queued before this.
+    Stop,
+}
+
+/// Runs a lane until it is stopped.
+pub async fn run(
+    host: Arc<PluginHost>,
+    name: String,
+    mut queue: mpsc::UnboundedReceiver<Command>,
+    ready: Ready,
+) {
+    let mut lane = Lane {
+        host,
+        name,
+        build: ready.build,
+        config: ready.config,
+        info: ready.info,
+        instance: Some(ready.instance),
+    };
+    while let Some(command) = queue.recv().await {
+        match command {
+            Command::Event(event, _permit) => lane.handle(event).await,
+            Command::Swap(ready) => {
+                tracing::info!(
+                    plugin = %lane.name,
+                    from = %lane.info.digest,
+                    to = %ready.info.digest,
+                    version = %ready.info.version,
+                    "plugin replaced"
+                );
+                lane.build = ready.build;
+                lane.config = ready.config;
+                lane.info = ready.info;
+                lane.instance = Some(ready.instance);
+            }
+            Command::Stop => break,
+        }
+    }
+    // Events still queued were never handled here: message events stay recorded for dispatch
+    // and go to the next plugin that handles their kind.
+    queue.close();
+    while let Some(command) = queue.recv().await {
+        if let Command::Event(Event::Message(m), _) = command {
+            lane.host.settled(m.id);
+        }
+    }
+    tracing::info!(plugin = %lane.name, "plugin unloaded");
+}
+
+struct Lane {
+    host: Arc<PluginHost>,
+    name: String,
+    build: Build,
+    config: Vec<(String, String)>,
+    info: LoadedInfo,
+    instance: Option<Instance>,
+}
+
+impl Lane {
+    async fn handle(&mut self, event: Event) {
+        if !self.info.subscriptions.contains(&event.subscription()) {
+            // A build that replaced the one this was queued for no longer handles it.
+            tracing::info!(plugin = %self.name, %event, "no longer subscribed; not handled here");
+            self.settle(&event);
+            return;
+        }
+        let max_attempts = self.host.config.max_attempts;
+        let timeout = self.host.runtime.call_timeout();
+        let wit_event = event.to_wit();
+        let mut last_error = String::new();
+        for attempt in 1..=max_attempts {
+            if attempt > 1 {
+                // Brief and growing: a plugin failing on a host that is briefly unavailable
+                // gets a chance; a plugin failing for good does not hold its lane for long.
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+            }
+            let Some(instance) = self.instance().await else {
+                last_error = "no instance could be made".into();
+                continue;
+            };
+            let (user, device) = event.acting();
+            instance.state().begin(Call {
+                user: user.clone(),
+                device: device.clone(),
+                message: match &event {
+                    Event::Message(m) => Some(Arc::clone(m)),
+                    _ => None,
+                },
+                effects: Effects::default(),
+            });
+            let outcome = instance.handle(&wit_event, timeout).await;
+            let effects = instance.state().end().map(|call| call.effects);
+            match outcome {
+                CallOutcome::Handled => match self.apply(&event, effects.unwrap_or_default()) {
+                    Ok(()) => {
+                        self.settle(&event);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!(plugin = %self.name, %event, error = %e, "the effects of a handled event could not be applied; retrying");
+                        last_error = format!("applying its effects failed: {e}");
+                    }
+                },
+                CallOutcome::Rejected(reason) => {
+                    tracing::info!(plugin = %self.name, %event, %reason, "plugin refused the event");
+                    self.settle(&event);
+                    return;
+                }
+                CallOutcome::Failed(reason) => {
+                    tracing::warn!(plugin = %self.name, %event, attempt, %reason, "plugin failed to handle the event");
+                    last_error = format!("failed: {reason}");
+                }
+                CallOutcome::Trapped(reason) => {
+                    tracing::warn!(plugin = %self.name, %event, attempt, %reason, "plugin call failed; replacing the instance");
+                    self.instance = None;
+                    last_error = reason;
+                }
+            }
+        }
+        self.dead_letter(&event, max_attempts, last_error);
+        self.settle(&event);
+    }
+
+    /// The live instance, making a fresh one if the last one was lost.
+    async fn instance(&mut self) -> Option<&mut Instance> {
+        if self.instance.is_none() {
+            let made = self
+                .host
+                .runtime
+                .instantiate(
+                    &self.build,
+                    &self.name,
+                    Arc::clone(&self.host.services),
+                    &self.config,
+                )
+                .await;
+            match made {
+                Ok((instance, _)) => self.instance = Some(instance),
+                Err(e) => {
+                    tracing::error!(plugin = %self.name, error = %e, "cannot make a new instance");
+                    return None;
+                }
+            }
+        }
+        self.instance.as_mut()
+    }
+
+    /// Sends what the call sent and writes what it stored.
+    fn apply(&self, event: &Event, effects: Effects) -> Result<(), crate::iim::IimError> {
+        let services = &self.host.services;
+        let (user, device) = event.acting();
+        let key = event.durable_key();
+        for (index, send) in effects.sends.into_iter().enumerate() {
+            let message = match send.message {
+                Outgoing::Forward(message) => Arc::unwrap_or_clone(message),
+                Outgoing::New { kind, to, body } => {
+                    let build = |id| iim_proto::Message {
+                        id,
+                        kind,
+                        from: user.clone(),
+                        from_device: device.clone(),
+                        to,
+                        body,
+                        sent_at: crate::now_ms(),
+                    };
+                    match &key {
+                        Some(key) => {
+                            services
+                                .store
+                                .effect_message(&self.name, key, index as u32, build)?
+                        }
+                        None => services.store.new_message(build)?,
+                    }
+                }
+            };
+            let list = UserList {
+                servers: vec![ServerRow {
+                    server: services.iim.server().to_owned(),
+                    users: send
+                        .users
+                        .into_iter()
+                        .map(|user| UserRow {
+                            user,
+                            devices: Vec::new(),
+                        })
+                        .collect(),
+                }],
+            };
+            services.iim.send(&message, &list)?;
+        }
+        if !effects.kv.is_empty() {
+            services.store.plugin_kv_apply(&self.name, &effects.kv)?;
+        }
+        Ok(())
+    }
+
+    fn dead_letter(&self, event: &Event, attempts: u32, error: String) {
+        tracing::error!(plugin = %self.name, %event, attempts, %error, "event set aside as a dead letter");
+        let letter = DeadLetter {
+            plugin: self.name.clone(),
+            version: self.info.version.clone(),
+            digest: self.info.digest.clone(),
+            event: event.clone(),
+            error,
+            attempts,
+            at: crate::now_ms(),
+        };
+        if let Err(e) = self.host.services.store.add_dead_letter(&letter) {
+            tracing::error!(plugin = %self.name, %event, error = %e, "dead letter not stored");
+        }
+    }
+
+    /// The event is done with here: a message event's dispatch record goes.
+    fn settle(&self, event: &Event) {
+        if let Event::Message(m) = event {
+            if self.info.subscriptions.contains(&event.subscription())
+                && let Err(e) = self.host.services.store.finish_dispatch(m.id)
+            {
+                tracing::error!(id = %m.id, error = %e, "dispatch record not removed; it will be handled again");
+            }
+            self.host.settled(m.id);
+        }
+    }
+}

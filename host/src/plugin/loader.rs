@@ -1,0 +1,317 @@
+//! The plugins directory: what is loaded at start, and every change after.
+//!
+//! Each `NAME.wasm` in the directory is a plugin named `NAME` (a valid user-style name), with
+//! an optional `NAME.toml` beside it whose top-level `key = value` pairs are its configuration.
+//! The loader looks at the directory every `watch_interval_ms` (and at once when the operator
+//! asks). A new or changed file is compiled, checked against the WIT world, instantiated and
+//! initialised off to the side; only a build that passes all of that replaces the serving
+//! one, and a build that fails is refused with one log line while the old build keeps serving.
+//! A removed file unloads its plugin.
+
+use super::lane::{self, Command, Ready};
+use super::runtime::LoadError;
+use super::{LaneHandle, LoadedInfo, PluginHost, Subscription};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{Semaphore, mpsc};
+
+/// The plugins built with the host, installed in a plugins directory that does not exist yet.
+pub const DEFAULT_PLUGINS: &[(&str, &[u8])] = &[
+    ("chat", include_bytes!(env!("IIM_PLUGIN_CHAT_WASM"))),
+    ("presence", include_bytes!(env!("IIM_PLUGIN_PRESENCE_WASM"))),
+    ("receipts", include_bytes!(env!("IIM_PLUGIN_RECEIPTS_WASM"))),
+];
+
+/// Why a plugin file was not loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum RefusedPlugin {
+    /// The file could not be read.
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    /// The file name is not a valid plugin name.
+    #[error("{0} is not a valid plugin name (a-z 0-9 . _ -, 1 to 64 bytes)")]
+    Name(String),
+    /// The configuration file is not a flat TOML table.
+    #[error("configuration {0}: {1}")]
+    Config(PathBuf, String),
+    /// The build could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// It handles a message kind another plugin already handles.
+    #[error("it handles {0}, which plugin {1} already handles")]
+    Conflict(Subscription, String),
+}
+
+/// What the loader last saw of one plugin's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    wasm: (SystemTime, u64),
+    config: Option<(SystemTime, u64)>,
+}
+
+/// Creates the plugins directory with the default plugins if it does not exist.
+pub fn install_defaults(dir: &Path) -> std::io::Result<bool> {
+    if dir.exists() {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dir)?;
+    for (name, bytes) in DEFAULT_PLUGINS {
+        std::fs::write(dir.join(format!("{name}.wasm")), bytes)?;
+    }
+    Ok(true)
+}
+
+/// Loads every plugin in `dir` now, then watches it until the host shuts down.
+pub struct Loader {
+    host: Arc<PluginHost>,
+    dir: PathBuf,
+    seen: BTreeMap<String, Seen>,
+}
+
+impl Loader {
+    /// A loader of `dir` for `host`.
+    pub fn new(host: Arc<PluginHost>, dir: PathBuf) -> Self {
+        Self {
+            host,
+            dir,
+            seen: BTreeMap::new(),
+        }
+    }
+
+    /// Looks at the directory once and applies what changed. Returns the number of plugins
+    /// loaded, replaced or removed.
+    pub async fn scan(&mut self) -> usize {
+        let found = match self.list() {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(dir = %self.dir.display(), error = %e, "cannot read the plugins directory");
+                return 0;
+            }
+        };
+        let mut changes = 0;
+        let gone: Vec<String> = self
+            .seen
+            .keys()
+            .filter(|name| !found.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.seen.remove(&name);
+            if self.host.unload(&name) {
+                tracing::info!(plugin = %name, "plugin file removed; unloading");
+                changes += 1;
+            }
+        }
+        for (name, seen) in found {
+            if self.seen.get(&name) == Some(&seen) {
+                continue;
+            }
+            self.seen.insert(name.clone(), seen);
+            match self.load(&name).await {
+                Ok(info) => {
+                    tracing::info!(
+                        plugin = %name,
+                        version = %info.version,
+                        digest = %info.digest,
+                        subscriptions = %info.subscriptions.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "),
+                        "plugin loaded"
+                    );
+                    changes += 1;
+                }
+                Err(e) => {
+                    let serving = self.host.lanes().contains_key(&name);
+                    tracing::error!(
+                        plugin = %name,
+                        error = %e,
+                        "plugin refused; {}",
+                        if serving { "the loaded build keeps serving" } else { "not loaded" }
+                    );
+                }
+            }
+        }
+        changes
+    }
+
+    /// Scans every interval, or when woken, until shutdown.
+    pub async fn watch(mut self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let every = Duration::from_millis(self.host.config.watch_interval_ms.max(10));
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = self.host.rescan.notified() => {}
+                _ = shutdown.wait_for(|stopping| *stopping) => return,
+            }
+            if self.scan().await > 0 {
+                // A plugin came or changed: messages that waited for a handler can go now.
+                if let Err(e) = self.host.route_pending().await {
+                    tracing::error!(error = %e, "cannot route pending messages");
+                }
+            }
+            self.host.scanned();
+        }
+    }
+
+    fn list(&self) -> std::io::Result<BTreeMap<String, Seen>> {
+        let mut found = BTreeMap::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("wasm") {
+                continue;
+            }
+            let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let stamp =
+                |m: &std::fs::Metadata| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len());
+            let config = std::fs::metadata(path.with_extension("toml"))
+                .ok()
+                .map(|m| stamp(&m));
+            found.insert(
+                name.to_owned(),
+                Seen {
+                    wasm: stamp(&meta),
+                    config,
+                },
+            );
+        }
+        Ok(found)
+    }
+
+    /// Compiles, instantiates and initialises `name`, then starts its lane or hands the new
+    /// build to the running lane.
+    async fn load(&self, name: &str) -> Result<LoadedInfo, RefusedPlugin> {
+        if iim_proto::UserId::new(name).is_err() {
+            return Err(RefusedPlugin::Name(name.to_owned()));
+        }
+        let wasm_path = self.dir.join(format!("{name}.wasm"));
+        let bytes = tokio::fs::read(&wasm_path)
+            .await
+            .map_err(|e| RefusedPlugin::Read(wasm_path.clone(), e))?;
+        let config = read_config(&wasm_path.with_extension("toml"))?;
+        let runtime = Arc::clone(&self.host.runtime);
+        let build = tokio::task::spawn_blocking(move || runtime.compile(&bytes))
+            .await
+            .map_err(|e| LoadError::Trap(format!("compilation stopped: {e}")))??;
+        let (instance, info) = self
+            .host
+            .runtime
+            .instantiate(&build, name, Arc::clone(&self.host.services), &config)
+            .await?;
+        if info.name.is_empty() {
+            return Err(LoadError::Info("the plugin gave no name".into()).into());
+        }
+        let subscriptions = info
+            .subscriptions
+            .into_iter()
+            .map(Subscription::from_wit)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(LoadError::Info)?;
+        let info = LoadedInfo {
+            name: info.name,
+            version: info.version,
+            digest: build.digest.clone(),
+            subscriptions,
+        };
+        let ready = Ready {
+            build,
+            config,
+            info: info.clone(),
+            instance,
+        };
+        self.host.install(name, ready)?;
+        Ok(info)
+    }
+}
+
+/// The `key = value` pairs of a plugin's configuration file; none if there is no file.
+fn read_config(path: &Path) -> Result<Vec<(String, String)>, RefusedPlugin> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(RefusedPlugin::Read(path.to_owned(), e)),
+    };
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| RefusedPlugin::Config(path.to_owned(), e.to_string()))?;
+    table
+        .into_iter()
+        .map(|(key, value)| match value {
+            toml::Value::String(s) => Ok((key, s)),
+            toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
+                Ok((key, value.to_string()))
+            }
+            _ => Err(RefusedPlugin::Config(
+                path.to_owned(),
+                format!("{key}: only strings, numbers and booleans are passed to a plugin"),
+            )),
+        })
+        .collect()
+}
+
+impl PluginHost {
+    /// Starts a lane for a new plugin, or hands a new build to a running one: atomically with
+    /// respect to routing, so no event is queued for a build that does not subscribe to it.
+    fn install(self: &Arc<Self>, name: &str, ready: Ready) -> Result<(), RefusedPlugin> {
+        let mut lanes = self.lanes();
+        for sub in &ready.info.subscriptions {
+            if !matches!(sub, Subscription::Message(_)) {
+                continue;
+            }
+            if let Some((other, _)) = lanes
+                .iter()
+                .find(|(other, lane)| *other != name && lane.info.subscriptions.contains(sub))
+            {
+                return Err(RefusedPlugin::Conflict(sub.clone(), other.clone()));
+            }
+        }
+        let info = ready.info.clone();
+        if let Some(lane) = lanes.get_mut(name) {
+            // The old build's queue stays: what was raised before this is handled by the old
+            // build, what is raised after by the new one.
+            if lane.queue.send(Command::Swap(Box::new(ready))).is_ok() {
+                lane.info = info;
+                return Ok(());
+            }
+            // The lane ended (it cannot, short of a panic); start a new one below.
+            lanes.remove(name);
+            return Err(LoadError::Trap("the plugin's lane had stopped".into()).into());
+        }
+        let (queue, commands) = mpsc::unbounded_channel();
+        let permits = Arc::new(Semaphore::new(self.config.queue));
+        lanes.insert(
+            name.to_owned(),
+            LaneHandle {
+                queue,
+                permits,
+                info,
+            },
+        );
+        let task = tokio::spawn(lane::run(
+            Arc::clone(self),
+            name.to_owned(),
+            commands,
+            ready,
+        ));
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+        Ok(())
+    }
+
+    /// Stops plugin `name`'s lane; `false` if it was not loaded.
+    pub fn unload(&self, name: &str) -> bool {
+        match self.lanes().remove(name) {
+            Some(lane) => {
+                lane.permits.close();
+                let _ = lane.queue.send(Command::Stop);
+                true
+            }
+            None => false,
+        }
+    }
+}

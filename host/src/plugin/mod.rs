@@ -1,0 +1,216 @@
+//! Plugins: WebAssembly components that decide what is sent to whom.
+//!
+//! The host raises [`Event`]s; each goes to the plugins that subscribed to it. Every loaded
+//! plugin has a *lane* ([`lane`]): one task, one queue, one live instance, handling its events
+//! one at a time in the order they were raised, so a plugin sees a sender's messages in order.
+//! A new build of a plugin is compiled, instantiated and initialised beside the serving one
+//! ([`loader`]) and handed to the lane through its queue: the events before the hand-over are
+//! handled by the old build, the events after it by the new one, each by exactly one.
+//!
+//! Submitted messages are durable events: the store records each for dispatch when it accepts
+//! it, and the record goes only once the plugin handled it (or it was set aside as a dead
+//! letter). A message accepted while no plugin could take it stays recorded and is routed when
+//! one can. The other events live in memory.
+
+// Generated from wit/iim.wit; the WIT carries the documentation.
+#[allow(missing_docs)]
+pub mod bindings;
+pub mod convert;
+pub mod event;
+pub mod imports;
+pub mod lane;
+pub mod loader;
+pub mod runtime;
+
+pub use event::{Delivered, Event, SessionInfo, Subscription};
+pub use imports::Services;
+pub use runtime::Runtime;
+
+use iim_proto::{MessageId, MessageKind};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{Semaphore, mpsc};
+
+/// A plugin as loaded: what the operator sees of it.
+#[derive(Debug, Clone)]
+pub struct LoadedInfo {
+    /// The name the plugin gave itself at `init`.
+    pub name: String,
+    /// Its own version.
+    pub version: String,
+    /// The first bytes of its SHA-256, in hex.
+    pub digest: String,
+    /// What it handles.
+    pub subscriptions: Vec<Subscription>,
+}
+
+struct LaneHandle {
+    queue: mpsc::UnboundedSender<lane::Command>,
+    /// Events queued, at most: a raiser waits for a permit before it queues one.
+    permits: Arc<Semaphore>,
+    info: LoadedInfo,
+}
+
+/// The plugins of one host, and the routing of events to them.
+pub struct PluginHost {
+    runtime: Arc<Runtime>,
+    services: Arc<Services>,
+    config: crate::config::PluginsConfig,
+    /// Lanes by plugin (file) name.
+    lanes: Mutex<BTreeMap<String, LaneHandle>>,
+    /// Messages routed to a lane and not yet handled: a retry must not route them again.
+    in_flight: Mutex<HashSet<MessageId>>,
+    /// Wakes the loader for a look at the plugins directory now.
+    pub rescan: tokio::sync::Notify,
+    /// How many scans of the plugins directory have completed.
+    scans: tokio::sync::watch::Sender<u64>,
+    /// The lanes' tasks, to wait for at shutdown.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl PluginHost {
+    /// A plugin host with no plugin loaded yet.
+    pub fn new(
+        config: crate::config::PluginsConfig,
+        services: Arc<Services>,
+    ) -> wasmtime::Result<Self> {
+        let runtime = Arc::new(Runtime::new(&config)?);
+        runtime::start_ticker(runtime.engine());
+        Ok(Self {
+            runtime,
+            services,
+            config,
+            lanes: Mutex::new(BTreeMap::new()),
+            in_flight: Mutex::new(HashSet::new()),
+            rescan: tokio::sync::Notify::new(),
+            tasks: Mutex::new(Vec::new()),
+            scans: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    fn lanes(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, LaneHandle>> {
+        // Every update of the map is a single insert, remove or field store.
+        self.lanes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<MessageId>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The plugins loaded now, by name.
+    pub fn loaded(&self) -> Vec<(String, LoadedInfo)> {
+        self.lanes()
+            .iter()
+            .map(|(name, lane)| (name.clone(), lane.info.clone()))
+            .collect()
+    }
+
+    /// The plugin that handles submitted messages of `kind`, if one is loaded.
+    pub fn handler_of(&self, kind: &MessageKind) -> Option<String> {
+        let wanted = Subscription::Message(kind.clone());
+        self.lanes()
+            .iter()
+            .find(|(_, lane)| lane.info.subscriptions.contains(&wanted))
+            .map(|(name, _)| name.clone())
+    }
+
+    /// Whether any plugin wants the deliveries of messages of `kind`.
+    pub fn wants_delivered(&self, kind: &MessageKind) -> bool {
+        let wanted = Subscription::Delivered(kind.clone());
+        self.lanes()
+            .values()
+            .any(|lane| lane.info.subscriptions.contains(&wanted))
+    }
+
+    /// Hands `event` to every plugin that subscribed to it, waiting while a plugin's queue is
+    /// full. A message event no plugin handles stays recorded for dispatch. Returns how many
+    /// plugins it was queued for.
+    pub async fn raise(&self, event: Event) -> usize {
+        let wanted = event.subscription();
+        if let Event::Message(m) = &event
+            && !self.in_flight().insert(m.id)
+        {
+            // Already on its way to a plugin.
+            return 0;
+        }
+        let targets: Vec<(String, Arc<Semaphore>)> = self
+            .lanes()
+            .iter()
+            .filter(|(_, lane)| lane.info.subscriptions.contains(&wanted))
+            .map(|(name, lane)| (name.clone(), Arc::clone(&lane.permits)))
+            .collect();
+        let mut queued = 0;
+        for (name, permits) in targets {
+            let Ok(permit) = permits.acquire_owned().await else {
+                continue;
+            };
+            // The lane may have gone while this waited; its queue then refuses the event.
+            let sent = self.lanes().get(&name).is_some_and(|lane| {
+                lane.queue
+                    .send(lane::Command::Event(event.clone(), permit))
+                    .is_ok()
+            });
+            if sent {
+                queued += 1;
+            }
+        }
+        if queued == 0
+            && let Event::Message(m) = &event
+        {
+            self.in_flight().remove(&m.id);
+            tracing::warn!(id = %m.id, kind = %m.kind, "no plugin handles this message now; it stays recorded for dispatch");
+        }
+        queued
+    }
+
+    /// Called by a lane when it is done with a message event (handled, refused, set aside, or
+    /// left for another build): a retry may route it again if it is still recorded.
+    fn settled(&self, id: MessageId) {
+        self.in_flight().remove(&id);
+    }
+
+    /// Routes every message recorded for dispatch that is not on its way to a plugin: after a
+    /// restart, after a plugin comes back, and periodically. Returns how many were queued.
+    pub async fn route_pending(&self) -> Result<usize, crate::store::StoreError> {
+        let pending = self.services.store.pending_dispatch()?;
+        let mut routed = 0;
+        for message in pending {
+            if self.in_flight().contains(&message.id) {
+                continue;
+            }
+            if self.raise(Event::Message(Arc::new(message))).await > 0 {
+                routed += 1;
+            }
+        }
+        Ok(routed)
+    }
+
+    /// Looks at the plugins directory now and returns once that look is applied.
+    pub async fn reload(&self) {
+        let mut scans = self.scans.subscribe();
+        let before = *scans.borrow_and_update();
+        self.rescan.notify_one();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            scans.wait_for(|done| *done > before),
+        )
+        .await;
+    }
+
+    /// Records that a scan of the plugins directory completed.
+    fn scanned(&self) {
+        self.scans.send_modify(|n| *n += 1);
+    }
+
+    /// Stops every lane after the events queued in it, and waits for them.
+    pub async fn stop(&self) {
+        for (_, lane) in std::mem::take(&mut *self.lanes()) {
+            lane.permits.close();
+            let _ = lane.queue.send(lane::Command::Stop);
+        }
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}

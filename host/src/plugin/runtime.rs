@@ -1,0 +1,278 @@
+//! The wasmtime side of plugins: one engine, builds compiled and pre-instantiated once, and
+//! instances whose every call is bounded in time and memory.
+//!
+//! Time: the engine's epoch advances every [`TICK`]; during a call the store's epoch callback
+//! yields to tokio at every tick (so a busy plugin shares the thread) and traps once the call
+//! has run longer than its timeout. An async timeout around the call also bounds whatever the
+//! call awaits. Memory: store limits cap each linear memory and table, and a failed growth
+//! traps rather than returning -1 to a guest that may not check it.
+
+use super::bindings::exports::iim::plugin::handler::PluginError as WitPluginError;
+use super::bindings::iim::plugin::types as wit;
+use super::bindings::{Plugin, PluginPre};
+use super::imports::{PluginState, Services};
+use crate::config::PluginsConfig;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
+};
+use wasmtime_wasi::WasiCtxBuilder;
+
+/// How often the engine's epoch advances: the granularity of call timeouts.
+pub const TICK: Duration = Duration::from_millis(10);
+
+/// Instances the pool holds at once: every plugin's serving instance, a spare while one is
+/// replaced, and builds being validated.
+const POOLED_INSTANCES: u32 = 64;
+
+/// Why a plugin build could not be loaded or an instance made.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file is not a valid component, or wasmtime could not compile it.
+    #[error("not a valid component: {0:#}")]
+    Compile(wasmtime::Error),
+    /// The component does not fit the `iim:plugin@0.1.0` world: a missing or mistyped export,
+    /// or an import the host does not provide.
+    #[error("does not fit the iim:plugin@0.1.0 world: {0:#}")]
+    Interface(wasmtime::Error),
+    /// Instantiating or initialising it trapped, ran out of time or memory.
+    #[error("init failed: {0}")]
+    Trap(String),
+    /// The plugin refused its configuration.
+    #[error("refused its configuration: {0}")]
+    Config(String),
+    /// `init` returned something unusable (an empty name, a bad subscription).
+    #[error("invalid plugin info: {0}")]
+    Info(String),
+}
+
+/// A compiled, type-checked plugin build, ready to instantiate.
+#[derive(Clone)]
+pub struct Build {
+    pre: PluginPre<PluginState>,
+    /// SHA-256 of the file, to tell builds apart in logs.
+    pub digest: String,
+}
+
+/// A live instance of a plugin build, with its store.
+pub struct Instance {
+    store: Store<PluginState>,
+    plugin: Plugin,
+}
+
+/// What happened to one call of `handle`.
+pub enum CallOutcome {
+    /// The handler returned `ok`.
+    Handled,
+    /// The handler refused the event on purpose: not retried.
+    Rejected(String),
+    /// The handler returned `failed`: retried on the same instance.
+    Failed(String),
+    /// The call trapped, timed out or ran out of memory: the instance is unusable.
+    Trapped(String),
+}
+
+/// The engine and linker every plugin shares.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<PluginState>,
+    call_timeout: Duration,
+    max_memory: usize,
+}
+
+impl Runtime {
+    /// An engine with the pooling allocator and epoch interruption, and a linker with the
+    /// host's imports and a WASI that reaches nothing (no files, sockets or environment).
+    pub fn new(config: &PluginsConfig) -> wasmtime::Result<Self> {
+        let max_memory =
+            usize::try_from(config.max_memory_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(POOLED_INSTANCES)
+            .total_core_instances(POOLED_INSTANCES * 16)
+            .max_core_instances_per_component(32)
+            .total_memories(POOLED_INSTANCES * 4)
+            .max_memories_per_component(16)
+            .total_tables(POOLED_INSTANCES * 8)
+            .max_tables_per_component(16)
+            .total_stacks(POOLED_INSTANCES)
+            .max_memory_size(max_memory)
+            .max_core_instance_size(4 << 20)
+            .max_component_instance_size(4 << 20)
+            .table_elements(100_000);
+        let mut engine_config = wasmtime::Config::new();
+        engine_config
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&engine_config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        Plugin::add_to_linker::<PluginState, wasmtime::component::HasSelf<PluginState>>(
+            &mut linker,
+            |state| state,
+        )?;
+        Ok(Self {
+            engine,
+            linker,
+            call_timeout: Duration::from_millis(config.call_timeout_ms),
+            max_memory,
+        })
+    }
+
+    /// The engine, whose epoch a ticker advances.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// How long one call may run.
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
+    }
+
+    /// Compiles a component and checks it against the world: its exports and the imports it
+    /// needs. CPU-heavy: run it off the async threads.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Build, LoadError> {
+        use sha2::Digest;
+        let component = Component::new(&self.engine, bytes).map_err(LoadError::Compile)?;
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(LoadError::Interface)?;
+        let pre = PluginPre::new(instance_pre).map_err(LoadError::Interface)?;
+        let digest = sha2::Sha256::digest(bytes);
+        Ok(Build {
+            pre,
+            digest: digest.iter().take(6).map(|b| format!("{b:02x}")).collect(),
+        })
+    }
+
+    /// Makes a new instance of `build` and runs its `init` with `config`.
+    pub async fn instantiate(
+        &self,
+        build: &Build,
+        name: &str,
+        services: Arc<Services>,
+        config: &[(String, String)],
+    ) -> Result<(Instance, wit::PluginInfo), LoadError> {
+        let limits = wasmtime::StoreLimitsBuilder::new()
+            .memory_size(self.max_memory)
+            .table_elements(100_000)
+            .trap_on_grow_failure(true)
+            .build();
+        let state = PluginState::new(
+            name,
+            services,
+            WasiCtxBuilder::new().inherit_stderr().build(),
+            ResourceTable::new(),
+            limits,
+        );
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| state.limits());
+        let timeout = self.call_timeout;
+        arm(&mut store, timeout);
+        let plugin = bounded(timeout, build.pre.instantiate_async(&mut store))
+            .await
+            .map_err(LoadError::Trap)?;
+        arm(&mut store, timeout);
+        let info = bounded(
+            timeout,
+            plugin.iim_plugin_handler().call_init(&mut store, config),
+        )
+        .await
+        .map_err(LoadError::Trap)?;
+        match info {
+            Ok(info) => Ok((Instance { store, plugin }, info)),
+            Err(WitPluginError::InvalidConfig(reason)) => Err(LoadError::Config(reason)),
+            Err(WitPluginError::Rejected(reason) | WitPluginError::Failed(reason)) => {
+                Err(LoadError::Config(reason))
+            }
+        }
+    }
+}
+
+impl Instance {
+    /// The state the host imports work on.
+    pub fn state(&mut self) -> &mut PluginState {
+        self.store.data_mut()
+    }
+
+    /// Calls `handle(event)`, bounded by `timeout`.
+    pub async fn handle(&mut self, event: &wit::Event, timeout: Duration) -> CallOutcome {
+        arm(&mut self.store, timeout);
+        let call = self
+            .plugin
+            .iim_plugin_handler()
+            .call_handle(&mut self.store, event);
+        match bounded(timeout, call).await {
+            Ok(Ok(())) => CallOutcome::Handled,
+            Ok(Err(WitPluginError::Rejected(reason))) => CallOutcome::Rejected(reason),
+            Ok(Err(WitPluginError::Failed(reason) | WitPluginError::InvalidConfig(reason))) => {
+                CallOutcome::Failed(reason)
+            }
+            Err(trap) => CallOutcome::Trapped(trap),
+        }
+    }
+}
+
+/// Starts a call's clock: yield to tokio at every tick, trap once `timeout` has passed.
+fn arm(store: &mut Store<PluginState>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if Instant::now() >= deadline {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+}
+
+/// Runs a call under an async timeout a little longer than the epoch's, so that the epoch
+/// trap (which leaves a clean error) normally fires first; the timeout catches a call stuck
+/// in something that does not tick.
+async fn bounded<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = wasmtime::Result<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout + timeout / 2 + TICK * 2, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(describe_trap(&error, timeout)),
+        Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
+    }
+}
+
+/// One line saying why a call failed, naming the usual causes plainly.
+fn describe_trap(error: &wasmtime::Error, timeout: Duration) -> String {
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => {
+            format!("ran longer than its {} ms limit", timeout.as_millis())
+        }
+        Some(trap) => format!("trapped: {trap}"),
+        None => {
+            let text = format!("{error:#}");
+            if text.contains("memory") && text.contains("limit") || text.contains("grow") {
+                format!("exceeded its memory limit: {text}")
+            } else {
+                format!("trapped: {text}")
+            }
+        }
+    }
+}
+
+/// Advances the engine's epoch every [`TICK`] until the engine has no other owner.
+pub fn start_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    let spawned = std::thread::Builder::new()
+        .name("iim-plugin-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(TICK);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the plugin epoch ticker; calls are bounded only by their async timeout");
+    }
+}

@@ -1,0 +1,89 @@
+//! The host's services: one plain function per import of the `iim` interface, plus
+//! [`send_to`] and [`forward`], which resolve and send in one call.
+//!
+//! In a component (`target_arch = "wasm32"`) each function calls the host. On any other target
+//! it calls the [`FakeHost`](crate::testing::FakeHost) of the current thread, so a plugin's logic
+//! runs natively under `cargo test`; with no fake host installed every call fails with
+//! `unavailable` and log lines go to standard error.
+//!
+//! Every call acts on behalf of the acting user of the event being handled (see the WIT file).
+
+use crate::{HostError, LogLevel, Message, MessageId, PresenceEntry, UserId, UserList};
+
+// The generated imports in a component; functions of the same signatures that call the fake
+// host anywhere else.
+#[cfg(target_arch = "wasm32")]
+use crate::bindings::iim::plugin::iim as imp;
+#[cfg(not(target_arch = "wasm32"))]
+use crate::testing::calls as imp;
+
+/// Resolves `users` into a user-list: their servers and online devices. Duplicates are
+/// resolved once; an unknown user is `unknown-user`.
+pub fn resolve(users: &[UserId]) -> Result<UserList, HostError> {
+    imp::resolve(users)
+}
+
+/// The IIM entry point: sends `msg` to every user of `users` when `handle` returns `ok`.
+///
+/// `msg.id` is 0 for a new message (see [`Message::new`]) or the id of the message being
+/// handled; `msg.sender` must be the acting user. Returns how many inboxes it was added to.
+pub fn send(msg: &Message, users: &UserList) -> Result<u32, HostError> {
+    imp::send(msg, users)
+}
+
+/// The acting user's friends; `permission-denied` for anyone else's.
+pub fn friends(user: &str) -> Result<Vec<UserId>, HostError> {
+    imp::friends(user)
+}
+
+/// The acting user's colleagues; `permission-denied` for anyone else's.
+pub fn colleagues(user: &str) -> Result<Vec<UserId>, HostError> {
+    imp::colleagues(user)
+}
+
+/// The presence of each of `users`, in the same order.
+pub fn presence(users: &[UserId]) -> Result<Vec<PresenceEntry>, HostError> {
+    imp::presence(users)
+}
+
+/// Message `id` of the acting user's inbox, if it is there; `permission-denied` for anyone
+/// else's inbox.
+pub fn inbox_message(user: &str, id: MessageId) -> Result<Option<Message>, HostError> {
+    imp::inbox_message(user, id)
+}
+
+/// A value from this plugin's own storage.
+pub fn kv_get(key: &str) -> Result<Option<Vec<u8>>, HostError> {
+    imp::kv_get(key)
+}
+
+/// Stores a value in this plugin's own storage, when `handle` returns `ok`.
+pub fn kv_set(key: &str, value: &[u8]) -> Result<(), HostError> {
+    imp::kv_set(key, value)
+}
+
+/// Removes a value from this plugin's own storage, when `handle` returns `ok`.
+pub fn kv_delete(key: &str) -> Result<(), HostError> {
+    imp::kv_delete(key)
+}
+
+/// Writes a line to the host's log, under this plugin's name. The [`info!`](crate::info) family
+/// of macros formats and calls this.
+pub fn log(level: LogLevel, message: &str) {
+    imp::log(level, message);
+}
+
+/// Resolves `users`, then sends `msg` to them: the usual pair of calls. Sends nothing and
+/// returns 0 when `users` is empty.
+pub fn send_to(msg: &Message, users: &[UserId]) -> Result<u32, HostError> {
+    if users.is_empty() {
+        return Ok(0);
+    }
+    send(msg, &resolve(users)?)
+}
+
+/// Passes `msg`, the message being handled, on unchanged (same id) to the users it is
+/// addressed to. The same as `send_to(msg, &msg.to)`.
+pub fn forward(msg: &Message) -> Result<u32, HostError> {
+    send_to(msg, &msg.to)
+}

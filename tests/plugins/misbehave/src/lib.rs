@@ -1,0 +1,130 @@
+//! A plugin that misbehaves on request, for the host's fault tests (never load it in
+//! production). It handles messages of kind `misbehave`; the body says what to do:
+//!
+//! - `trap`: panics, which traps the instance;
+//! - `loop`: never returns;
+//! - `alloc`: allocates until its memory limit;
+//! - `fail`: returns `failed` (the host retries, then sets the event aside);
+//! - `reject`: returns `rejected`;
+//! - `forge`: sends as another user (the first addressee);
+//! - `badlist`: sends to a user-list naming an unknown server, then one naming a user twice;
+//! - `count`: adds one to a stored counter, answering the count;
+//! - `count-then-fail`: adds one to the counter, then fails (the write must not last);
+//! - anything else: passes the message on to its addressees.
+//!
+//! What the host answered `forge`, `badlist` and `count` is reported to the sender as a
+//! message of kind `misbehave-report`, so a test sees the host's error as the plugin saw it.
+
+use iim_plugin_sdk::{
+    Config, Event, Message, MessageKind, Plugin, PluginError, ServerRow, Subscription, UserList,
+    UserRow, host,
+};
+
+/// The misbehaving plugin.
+pub struct Misbehave;
+
+const KIND: &str = "misbehave";
+
+impl Plugin for Misbehave {
+    const NAME: &'static str = "misbehave";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+
+    fn new(config: &Config) -> Result<Self, PluginError> {
+        config.deny_unknown(&[])?;
+        Ok(Misbehave)
+    }
+
+    fn subscriptions(&self) -> Vec<Subscription> {
+        vec![Subscription::Message(MessageKind::Custom(KIND.into()))]
+    }
+
+    fn handle(&self, event: Event) -> Result<(), PluginError> {
+        let Event::Message(message) = event else {
+            return Ok(());
+        };
+        match message.body.as_slice() {
+            b"trap" => panic!("asked to trap"),
+            b"loop" => {
+                let mut spins = 0u64;
+                loop {
+                    spins = std::hint::black_box(spins.wrapping_add(1));
+                }
+            }
+            b"alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            b"fail" => Err(PluginError::Failed("asked to fail".into())),
+            b"reject" => Err(PluginError::Rejected("asked to reject".into())),
+            b"forge" => {
+                let victim = message.to.first().cloned().unwrap_or_default();
+                let mut forged = Message::new(
+                    MessageKind::Chat,
+                    vec![message.sender.clone()],
+                    b"forged".to_vec(),
+                );
+                forged.sender = victim;
+                let answer = host::send_to(&forged, &forged.to.clone());
+                report(&message, &format!("forge: {answer:?}"))
+            }
+            b"badlist" => {
+                let elsewhere = UserList {
+                    servers: vec![ServerRow {
+                        server: "elsewhere".into(),
+                        users: vec![row(&message.sender)],
+                    }],
+                };
+                let first = host::send(&message, &elsewhere);
+                let twice = host::resolve(std::slice::from_ref(&message.sender)).map(|mut list| {
+                    if let Some(server) = list.servers.first_mut() {
+                        server.users.push(row(&message.sender));
+                    }
+                    list
+                });
+                let second = match twice {
+                    Ok(list) => host::send(&message, &list),
+                    Err(e) => Err(e),
+                };
+                report(&message, &format!("badlist: {first:?} / {second:?}"))
+            }
+            b"count" | b"count-then-fail" => {
+                let count = host::kv_get("count")?
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                    .map_or(0, u64::from_be_bytes)
+                    + 1;
+                host::kv_set("count", &count.to_be_bytes())?;
+                if message.body == b"count-then-fail" {
+                    return Err(PluginError::Rejected("counted, then refused".into()));
+                }
+                report(&message, &format!("count: {count}"))
+            }
+            _ => {
+                host::forward(&message)?;
+                Ok(())
+            }
+        }
+    }
+}
+
+fn row(user: &str) -> UserRow {
+    UserRow {
+        user: user.to_owned(),
+        devices: Vec::new(),
+    }
+}
+
+/// Tells the sender what happened.
+fn report(message: &Message, text: &str) -> Result<(), PluginError> {
+    let answer = Message::new(
+        MessageKind::Custom("misbehave-report".into()),
+        vec![message.sender.clone()],
+        text.as_bytes().to_vec(),
+    );
+    host::send_to(&answer, &answer.to)?;
+    Ok(())
+}
+
+iim_plugin_sdk::export_plugin!(Misbehave);
