@@ -242,19 +242,23 @@ async fn bounded<T>(
     }
 }
 
-/// One line saying why a call failed, naming the usual causes plainly.
+/// One line saying why a call failed, naming the usual causes plainly. (The full error, with
+/// the guest's backtrace, goes to the debug log.)
 fn describe_trap(error: &wasmtime::Error, timeout: Duration) -> String {
+    tracing::debug!(error = ?error, "plugin call failed");
     match error.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => {
             format!("ran longer than its {} ms limit", timeout.as_millis())
         }
         Some(trap) => format!("trapped: {trap}"),
         None => {
-            let text = format!("{error:#}");
-            if text.contains("memory") && text.contains("limit") || text.contains("grow") {
-                format!("exceeded its memory limit: {text}")
+            let cause = error.root_cause().to_string().replace('\n', " ");
+            if cause.contains("growing memory")
+                || cause.contains("memory") && cause.contains("limit")
+            {
+                format!("exceeded its memory limit ({cause})")
             } else {
-                format!("trapped: {text}")
+                format!("trapped: {cause}")
             }
         }
     }

@@ -1,0 +1,432 @@
+//! End-to-end: the plugin platform. Real `iim-host` processes load real components from their
+//! plugins directory; clients see what the plugins decide.
+
+use iim_client::Connection;
+use iim_client::proto::{ErrorCode, Message, MessageKind, RelationKind, UserId};
+use iim_e2e::*;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::Duration;
+
+type Result = anyhow::Result<()>;
+
+/// The JSON body of a presence or receipt message.
+fn body_json(message: &Message) -> anyhow::Result<Value> {
+    Ok(serde_json::from_slice(&message.body)?)
+}
+
+/// The next message, which must be of `kind`.
+async fn expect_kind(conn: &Connection, kind: MessageKind) -> anyhow::Result<Message> {
+    let message = next_message(conn).await?;
+    anyhow::ensure!(
+        message.kind == kind,
+        "expected a {kind} message, got {message:?} ({})",
+        text(&message)
+    );
+    Ok(message)
+}
+
+/// Nothing arrives on `conn` for a short while.
+async fn quiet(conn: &Connection) -> Result {
+    match tokio::time::timeout(Duration::from_millis(300), conn.next_event()).await {
+        Err(_) => Ok(()),
+        Ok(event) => anyhow::bail!("expected nothing, got {event:?}"),
+    }
+}
+
+/// Copies `from` over `to` by writing a temporary file and renaming it, as an operator should
+/// (the host never sees half a file).
+fn install(from: &Path, to: &Path) -> Result {
+    let bytes = std::fs::read(from)?;
+    replace_with(&bytes, to)
+}
+
+fn replace_with(bytes: &[u8], to: &Path) -> Result {
+    let tmp = to.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, to)?;
+    Ok(())
+}
+
+/// `bytes` with a custom section appended: a different build of the same component (another
+/// digest), as a rebuild would give.
+fn rebuilt(bytes: &[u8], generation: u32) -> Vec<u8> {
+    let name = b"iim-test-generation";
+    let payload = generation.to_le_bytes();
+    let size = 1 + name.len() + payload.len();
+    let mut out = bytes.to_vec();
+    out.push(0); // custom section
+    out.push(size as u8); // fits in one LEB128 byte
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.extend_from_slice(&payload);
+    out
+}
+
+#[tokio::test]
+async fn presence_is_sent_to_online_friends_and_colleagues_with_a_snapshot_at_login() -> Result {
+    let host = HostProcess::start()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let carol = host.register("carol").await?;
+    let dave = host.register("dave").await?;
+    // Bob and Carol count Alice among their friends or colleagues; Dave does not.
+    let (b, _) = host.online(&bob, "phone").await?;
+    let (c, _) = host.online(&carol, "phone").await?;
+    let (d, _) = host.online(&dave, "phone").await?;
+    for conn in [&b, &c, &d] {
+        // Each login with no contacts yet: an empty snapshot.
+        let snapshot = expect_kind(conn, MessageKind::Presence).await?;
+        assert_eq!(body_json(&snapshot)?, json!({"presence": []}));
+    }
+    let (a0, _) = host.online(&alice, "setup").await?;
+    expect_kind(&a0, MessageKind::Presence).await?;
+    a0.add_relation(RelationKind::Friend, &bob).await?;
+    a0.add_relation(RelationKind::Colleague, &carol).await?;
+    a0.add_relation(RelationKind::Friend, &dave).await?;
+    a0.close().await;
+    // Alice's first device went offline: her friends and colleagues who are online hear it.
+    for conn in [&b, &c, &d] {
+        let offline = expect_kind(conn, MessageKind::Presence).await?;
+        assert_eq!(
+            body_json(&offline)?,
+            json!({"presence": [{"user": "alice", "state": "offline", "devices": 0}]})
+        );
+        assert_eq!(offline.from, alice);
+    }
+    d.close().await;
+
+    let (a, _) = host.online(&alice, "phone").await?;
+    // Her snapshot: every friend and colleague, sorted, with their state.
+    let snapshot = expect_kind(&a, MessageKind::Presence).await?;
+    assert_eq!(
+        body_json(&snapshot)?,
+        json!({"presence": [
+            {"user": "bob", "state": "online", "devices": 1},
+            {"user": "carol", "state": "online", "devices": 1},
+            {"user": "dave", "state": "offline", "devices": 0},
+        ]})
+    );
+    // The online ones hear she is online, in one message each (one send, two recipients).
+    let to_bob = expect_kind(&b, MessageKind::Presence).await?;
+    let to_carol = expect_kind(&c, MessageKind::Presence).await?;
+    assert_eq!(
+        body_json(&to_bob)?,
+        json!({"presence": [{"user": "alice", "state": "online", "devices": 1}]})
+    );
+    assert_eq!(to_bob.id, to_carol.id, "one message sent to both");
+
+    // A second device does not announce her again; closing it leaves her online.
+    let (a2, _) = host.online(&alice, "laptop").await?;
+    expect_kind(&a2, MessageKind::Presence).await?;
+    a2.close().await;
+    quiet(&b).await?;
+
+    // Her last device goes: offline.
+    a.close().await;
+    let gone = expect_kind(&b, MessageKind::Presence).await?;
+    assert_eq!(
+        body_json(&gone)?,
+        json!({"presence": [{"user": "alice", "state": "offline", "devices": 0}]})
+    );
+    expect_kind(&c, MessageKind::Presence).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn delivered_and_read_receipts_reach_the_sender_and_read_state_the_reader_s_devices() -> Result
+{
+    let host = HostProcess::start()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    expect_kind(&a, MessageKind::Presence).await?;
+    let (b, _) = host.online(&bob, "phone").await?;
+    expect_kind(&b, MessageKind::Presence).await?;
+    let (b2, _) = host.online(&bob, "laptop").await?;
+    // The laptop's snapshot goes to Bob, so to both his devices.
+    expect_kind(&b2, MessageKind::Presence).await?;
+    expect_kind(&b, MessageKind::Presence).await?;
+
+    let sent = a.send_text(&bob, "did you get this?").await?;
+    let on_phone = expect_kind(&b, MessageKind::Chat).await?;
+    let on_laptop = expect_kind(&b2, MessageKind::Chat).await?;
+    assert_eq!((on_phone.id, on_laptop.id), (sent.id, sent.id));
+
+    // Each of Bob's devices acknowledged it: a delivered receipt per device.
+    let mut delivered = Vec::new();
+    for _ in 0..2 {
+        let receipt = expect_kind(&a, MessageKind::Receipt).await?;
+        assert_eq!(receipt.from, bob);
+        delivered.push(body_json(&receipt)?);
+    }
+    delivered.sort_by_key(|v| v["device"].as_str().unwrap_or_default().to_owned());
+    assert_eq!(
+        delivered,
+        vec![
+            json!({"state": "delivered", "id": sent.id.0, "user": "bob", "device": "laptop"}),
+            json!({"state": "delivered", "id": sent.id.0, "user": "bob", "device": "phone"}),
+        ]
+    );
+
+    // Bob reads it on his phone: Alice learns it, and so does Bob's laptop.
+    let read = serde_json::to_vec(&json!({"state": "read", "id": sent.id.0}))?;
+    b.submit(
+        iim_client::new_client_id(),
+        MessageKind::Receipt,
+        std::slice::from_ref(&alice),
+        &read,
+    )
+    .await?;
+    let expected = json!({"state": "read", "id": sent.id.0, "user": "bob", "device": "phone"});
+    assert_eq!(
+        body_json(&expect_kind(&a, MessageKind::Receipt).await?)?,
+        expected
+    );
+    assert_eq!(
+        body_json(&expect_kind(&b2, MessageKind::Receipt).await?)?,
+        expected
+    );
+
+    // A read receipt for a message Bob never got is refused by the plugin: Alice hears nothing.
+    let forged = serde_json::to_vec(&json!({"state": "read", "id": sent.id.0 + 1000}))?;
+    b.submit(
+        iim_client::new_client_id(),
+        MessageKind::Receipt,
+        std::slice::from_ref(&alice),
+        &forged,
+    )
+    .await?;
+    quiet(&a).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn chat_is_refused_without_the_chat_plugin_and_back_when_it_returns() -> Result {
+    let TwoUsers {
+        host, bob, a, b, ..
+    } = TwoUsers::start().await?;
+    let chat = host.plugins_dir().join("chat.wasm");
+    let saved = std::fs::read(&chat)?;
+
+    std::fs::remove_file(&chat)?;
+    let listed = host.admin("reload").await?;
+    assert!(!listed.contains("chat"), "chat still loaded: {listed}");
+    let refused = a.send_text(&bob, "anyone there?").await;
+    assert_eq!(code_of(refused)?, ErrorCode::UNSUPPORTED_KIND);
+    quiet(&b).await?;
+
+    // The sessions stayed up: putting the plugin back restores chat on them.
+    replace_with(&saved, &chat)?;
+    let listed = host.admin("reload").await?;
+    assert!(listed.contains("message(chat)"), "chat not back: {listed}");
+    let sent = a.send_text(&bob, "back again").await?;
+    let got = next_message(&b).await?;
+    assert_eq!((got.id, text(&got)), (sent.id, "back again".to_owned()));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_invalid_build_is_refused_and_the_loaded_one_keeps_serving() -> Result {
+    let TwoUsers {
+        host, bob, a, b, ..
+    } = TwoUsers::start().await?;
+    let chat = host.plugins_dir().join("chat.wasm");
+    let before = host.admin("plugins").await?;
+
+    // Not a component at all, then a component that does not fit the world.
+    replace_with(b"\0asm garbage", &chat)?;
+    host.admin("reload").await?;
+    let misfit = test_plugin("misbehave")?;
+    let wrong_world = std::fs::read(&misfit)?;
+    // The misbehave plugin fits the world; cut it short to break it.
+    replace_with(&wrong_world[..wrong_world.len() / 2], &chat)?;
+    assert_eq!(
+        host.admin("reload").await?,
+        before,
+        "the old build still serves"
+    );
+    let log = host.log();
+    assert!(
+        log.contains("plugin refused") && log.contains("the loaded build keeps serving"),
+        "{log}"
+    );
+
+    let sent = a.send_text(&bob, "still here").await?;
+    let got = next_message(&b).await?;
+    assert_eq!(got.id, sent.id);
+    Ok(())
+}
+
+#[tokio::test]
+async fn chat_replaced_ten_times_under_load_delivers_every_message_once_in_order() -> Result {
+    let TwoUsers {
+        host, bob, a, b, ..
+    } = TwoUsers::start().await?;
+    let chat = host.plugins_dir().join("chat.wasm");
+    let original = std::fs::read(&chat)?;
+    let swapping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let still_swapping = std::sync::Arc::clone(&swapping);
+    // Sends until the ten swaps are done (and at least 100 messages), then an end marker.
+    let sender = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        while ids.len() < 100 || still_swapping.load(std::sync::atomic::Ordering::SeqCst) {
+            let accepted = a.send_text(&bob, &format!("m{}", ids.len())).await?;
+            ids.push(accepted.id);
+        }
+        a.send_text(&bob, "end").await?;
+        anyhow::Ok((a, ids))
+    });
+    let receiver = tokio::spawn(async move {
+        let mut got = Vec::new();
+        loop {
+            let message = next_message(&b).await?;
+            if text(&message) == "end" {
+                return anyhow::Ok((b, got));
+            }
+            got.push(message);
+        }
+    });
+    let mut digests = std::collections::BTreeSet::new();
+    for generation in 1..=10 {
+        replace_with(&rebuilt(&original, generation), &chat)?;
+        let listed = host.admin("reload").await?;
+        digests.insert(listed);
+    }
+    swapping.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(digests.len(), 10, "ten different builds served");
+    let (_a, sent) = within("sender", sender).await???;
+    let (b, got) = within("receiver", receiver).await???;
+    assert_eq!(ids(&got), sent, "every message once, in order");
+    for (i, message) in got.iter().enumerate() {
+        assert_eq!(text(message), format!("m{i}"));
+    }
+    quiet(&b).await?;
+    assert_eq!(host.log().matches("plugin replaced").count(), 10);
+    Ok(())
+}
+
+/// A host with chat and the misbehaving test plugin, and Alice and Bob online.
+async fn misbehaving_host(
+    config: &str,
+) -> anyhow::Result<(HostProcess, UserId, UserId, Connection, Connection)> {
+    let chat = default_plugin("chat")?;
+    let misbehave = test_plugin("misbehave")?;
+    let host = HostProcess::start_with(
+        config,
+        Plugins::Only(&[("chat", &chat), ("misbehave", &misbehave)]),
+    )?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let (b, _) = host.online(&bob, "phone").await?;
+    Ok((host, alice, bob, a, b))
+}
+
+async fn misbehave(a: &Connection, to: &UserId, what: &str) -> anyhow::Result<()> {
+    a.submit(
+        iim_client::new_client_id(),
+        MessageKind::Custom("misbehave".into()),
+        std::slice::from_ref(to),
+        what.as_bytes(),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn plugins_that_trap_loop_or_exhaust_memory_fail_alone_and_their_events_are_set_aside()
+-> Result {
+    let (host, _alice, bob, a, b) =
+        misbehaving_host("[plugins]\ncall_timeout_ms = 300\nmax_memory_mib = 32\n").await?;
+    for what in ["trap", "loop", "alloc", "fail"] {
+        misbehave(&a, &bob, what).await?;
+        // Meanwhile chat, another plugin, is served.
+        let sent = a.send_text(&bob, &format!("after {what}")).await?;
+        let got = expect_kind(&b, MessageKind::Chat).await?;
+        assert_eq!(got.id, sent.id);
+    }
+    // The misbehaving plugin still works, on a fresh instance.
+    misbehave(&a, &bob, "hello").await?;
+    let passed = expect_kind(&b, MessageKind::Custom("misbehave".into())).await?;
+    assert_eq!(text(&passed), "hello");
+
+    // Every failed event was tried three times and set aside, with the reason.
+    let letters = host.admin("dead-letters").await?;
+    let lines: Vec<&str> = letters.lines().collect();
+    assert_eq!(lines.len(), 4, "{letters}");
+    assert!(
+        lines[0].contains("attempts 3") && lines[0].contains("trapped"),
+        "{letters}"
+    );
+    assert!(
+        lines[1].contains("ran longer than its 300 ms limit"),
+        "{letters}"
+    );
+    assert!(lines[2].contains("memory"), "{letters}");
+    assert!(lines[3].contains("failed: asked to fail"), "{letters}");
+    quiet(&b).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn forged_senders_and_malformed_user_lists_get_clear_errors_and_send_nothing() -> Result {
+    let (_host, _alice, bob, a, b) = misbehaving_host("").await?;
+    misbehave(&a, &bob, "forge").await?;
+    let report = expect_kind(&a, MessageKind::Custom("misbehave-report".into())).await?;
+    assert_eq!(
+        text(&report),
+        "forge: Err(HostError::ForgedSender(\"bob\"))"
+    );
+
+    misbehave(&a, &bob, "badlist").await?;
+    let report = expect_kind(&a, MessageKind::Custom("misbehave-report".into())).await?;
+    let report = text(&report);
+    assert!(report.contains("UnknownServer(\"elsewhere\")"), "{report}");
+    assert!(report.contains("appears twice"), "{report}");
+    // Bob received none of it.
+    quiet(&b).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn plugin_storage_keeps_only_what_successful_calls_wrote() -> Result {
+    let (_host, _alice, bob, a, _b) = misbehaving_host("").await?;
+    for (what, expected) in [
+        ("count", Some("count: 1")),
+        ("count-then-fail", None),
+        ("count", Some("count: 2")),
+    ] {
+        misbehave(&a, &bob, what).await?;
+        if let Some(expected) = expected {
+            let report = expect_kind(&a, MessageKind::Custom("misbehave-report".into())).await?;
+            assert_eq!(text(&report), expected);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_plugin_added_at_run_time_serves_its_kind() -> Result {
+    let TwoUsers {
+        host, bob, a, b, ..
+    } = TwoUsers::start().await?;
+    let kind = MessageKind::Custom("misbehave".into());
+    let refused = a
+        .submit(
+            iim_client::new_client_id(),
+            kind.clone(),
+            std::slice::from_ref(&bob),
+            b"hi",
+        )
+        .await;
+    assert_eq!(code_of(refused)?, ErrorCode::UNSUPPORTED_KIND);
+    install(
+        &test_plugin("misbehave")?,
+        &host.plugins_dir().join("misbehave.wasm"),
+    )?;
+    host.admin("reload").await?;
+    misbehave(&a, &bob, "hi").await?;
+    assert_eq!(text(&expect_kind(&b, kind).await?), "hi");
+    Ok(())
+}
