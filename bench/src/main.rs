@@ -11,8 +11,12 @@
 //! ```text
 //! cargo run --release -p iim-bench -- [--pairs 8] [--messages 2000] [--window 32] [--body 100] [--json]
 //! ```
+//!
+//! `iim-bench plugins [--events 20000] [--json]` measures the plugin path against a native one
+//! instead (see `plugins.rs`).
 
 mod iim_run;
+mod plugins;
 mod raw;
 mod stats;
 
@@ -54,6 +58,15 @@ struct Args {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The plugin path against a native one: dispatch cost per event and chat throughput.
+    Plugins {
+        /// Events handled per path in each measurement.
+        #[arg(long, default_value_t = 20_000)]
+        events: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs the raw relay until standard input closes.
     #[command(hide = true)]
     Relay {
@@ -70,6 +83,13 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = match &args.command {
         Some(Command::Relay { listen, cert_dir }) => raw::relay_main(*listen, cert_dir),
+        Some(Command::Plugins { events, json }) => plugins::run((*events).max(1)).map(|f| {
+            if *json {
+                println!("{}", serde_json::to_string(&f).unwrap_or_default());
+            } else {
+                plugins::print(&f);
+            }
+        }),
         None => bench(&args),
     };
     match result {

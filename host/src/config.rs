@@ -58,6 +58,9 @@ pub struct PluginsConfig {
     /// Without it, `<data_dir>/plugins`. A directory that does not exist yet is created with
     /// the default plugins (chat, presence, receipts) in it.
     pub dir: Option<PathBuf>,
+    /// Where compiled plugins are cached, so that a restart does not compile them again.
+    /// Without it, `<data_dir>/plugin-cache`.
+    pub cache_dir: Option<PathBuf>,
     /// Milliseconds between two looks at the directory for added, changed or removed plugins.
     pub watch_interval_ms: u64,
     /// Milliseconds one call into a plugin (`init` or `handle`) may run.
@@ -76,6 +79,7 @@ impl Default for PluginsConfig {
     fn default() -> Self {
         Self {
             dir: None,
+            cache_dir: None,
             watch_interval_ms: 500,
             call_timeout_ms: 1000,
             max_memory_mib: 128,
@@ -217,6 +221,14 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The cache of compiled plugins.
+    pub fn plugin_cache_dir(&self) -> PathBuf {
+        self.plugins
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("plugin-cache"))
     }
 
     /// The plugins directory.

@@ -30,6 +30,9 @@ struct Args {
     /// PEM private key of --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
+    /// Directory for compiled plugins (default: <data-dir>/plugin-cache).
+    #[arg(long)]
+    plugin_cache_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -73,6 +76,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(id) = args.server_id {
         config.server_id = id;
+    }
+    if let Some(dir) = args.plugin_cache_dir {
+        config.plugins.cache_dir = Some(dir);
     }
     if let (Some(cert), Some(key)) = (args.cert, args.key) {
         config.tls.cert = Some(cert);

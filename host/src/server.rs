@@ -68,8 +68,12 @@ impl Server {
             max_send_users: config.plugins.max_send_users,
         });
         let plugins = Arc::new(
-            PluginHost::new(config.plugins.clone(), services)
-                .map_err(|e| anyhow::anyhow!("cannot start the plugin runtime: {e:#}"))?,
+            PluginHost::new(
+                config.plugins.clone(),
+                Some(&config.plugin_cache_dir()),
+                services,
+            )
+            .map_err(|e| anyhow::anyhow!("cannot start the plugin runtime: {e:#}"))?,
         );
         let plugins_dir = config.plugins_dir();
         if loader::install_defaults(&plugins_dir).with_context(|| {

@@ -26,7 +26,7 @@ pub fn resolve(users: &[UserId]) -> Result<UserList, HostError> {
 /// The IIM entry point: sends `msg` to every user of `users` when `handle` returns `ok`.
 ///
 /// `msg.id` is 0 for a new message (see [`Message::new`]) or the id of the message being
-/// handled; `msg.sender` must be the acting user. Returns how many inboxes it was added to.
+/// handled; `msg.sender` must be the acting user. Returns how many users it was sent to.
 pub fn send(msg: &Message, users: &UserList) -> Result<u32, HostError> {
     imp::send(msg, users)
 }

@@ -96,7 +96,8 @@ mod config;
 pub mod host;
 #[doc(hidden)]
 pub mod runtime;
-#[cfg(not(target_arch = "wasm32"))]
+// Natively only (a component talks to the real host), but documented for every target.
+#[cfg(any(not(target_arch = "wasm32"), doc))]
 pub mod testing;
 mod types;
 

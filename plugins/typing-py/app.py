@@ -27,6 +27,7 @@ from wit_world.imports.types import (
     LogLevel,
     Message,
     MessageKind_Custom,
+    PluginError,
     PluginError_Failed,
     PluginError_InvalidConfig,
     PluginError_Rejected,
@@ -61,7 +62,7 @@ def _parse_max_body(value: str) -> int:
     return n
 
 
-def _host_failure(what: str, e: HostError) -> Err:
+def _host_failure(what: str, e: HostError) -> Err[PluginError]:
     """Turns a host error into the plugin error `handle` returns."""
     detail = f"{what}: {type(e).__name__.removeprefix('HostError_')}({e.value!r})"
     if isinstance(e, HostError_Unavailable):

@@ -128,6 +128,41 @@ pub fn test_plugin(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Builds (once per test process) the Python plugin `plugins/typing-py` with its recipe
+/// (`build.sh`: componentize-py from PyPI into a virtualenv under `target/`) and returns its
+/// component.
+pub fn python_plugin() -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(path) = built.as_ref() {
+        return Ok(path.clone());
+    }
+    let out = plugins_target().join("python");
+    let status = Command::new("bash")
+        .arg(workspace().join("plugins/typing-py/build.sh"))
+        .arg(&out)
+        .status()
+        .context("cannot run bash")?;
+    anyhow::ensure!(
+        status.success(),
+        "plugins/typing-py/build.sh failed: {status}"
+    );
+    let path = out.join("typing.wasm");
+    anyhow::ensure!(path.is_file(), "{} was not built", path.display());
+    *built = Some(path.clone());
+    Ok(path)
+}
+
+/// Where test hosts cache compiled plugins: shared by every test and run, so that a large
+/// plugin (the Python one) is compiled once.
+fn plugin_cache() -> PathBuf {
+    plugins_target().join("cache")
+}
+
+/// How long an admin command may take: `reload` compiles what changed, and a Python plugin
+/// compiles in tens of seconds when the cache does not have it yet.
+pub const ADMIN_STEP: Duration = Duration::from_secs(300);
+
 /// Which plugins a test host starts with.
 pub enum Plugins<'a> {
     /// The host's defaults: it installs chat, presence and receipts.
@@ -243,7 +278,9 @@ impl HostProcess {
         cmd.arg("--data-dir")
             .arg(self.data.path())
             .args(["admin", command]);
-        let output = within("admin command", cmd.output()).await??;
+        let output = tokio::time::timeout(ADMIN_STEP, cmd.output())
+            .await
+            .map_err(|_| anyhow!("timed out: iim-host admin {command}"))??;
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         anyhow::ensure!(
             output.status.success(),
@@ -326,6 +363,8 @@ fn spawn(data: &Path, listen: SocketAddr) -> anyhow::Result<(Child, SocketAddr, 
         .arg(data)
         .arg("--config")
         .arg(data.join("host.toml"))
+        .arg("--plugin-cache-dir")
+        .arg(plugin_cache())
         .env("IIM_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(stderr)

@@ -5,8 +5,10 @@
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
-use iim_client::proto::{DeviceId, Message, MessageKind, RelationKind, SessionMode, UserId};
-use iim_client::{ClientConfig, Connection, Event};
+use iim_client::proto::{
+    DeviceId, Message, MessageId, MessageKind, RelationKind, SessionMode, UserId,
+};
+use iim_client::{ClientConfig, ClientError, Connection, Event};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -74,8 +76,25 @@ enum Command {
         /// Text.
         text: String,
     },
-    /// Stay connected and print every message as it arrives.
-    Listen,
+    /// Stay connected and print every message as it arrives: chat, contacts coming online or
+    /// going offline, and receipts for the messages you sent.
+    Listen {
+        /// Mark every chat message read once it is printed (as `iim read` does).
+        #[arg(long)]
+        read: bool,
+    },
+    /// Tell the sender of a chat message you received that you read it.
+    ///
+    /// The host's receipts plugin checks the report: if ID is not a chat message from SENDER in
+    /// your inbox, nothing is sent (and no error comes back). Otherwise SENDER and your other
+    /// devices get a read receipt. Reporting a message again from this device sends nothing new.
+    Read {
+        /// The message's id, as `listen` shows it (`#42`, or `id` with --json).
+        id: u64,
+        /// Who sent it, as `listen` shows it (`from` with --json).
+        #[arg(long, value_name = "SENDER")]
+        from: UserId,
+    },
     /// Revoke this device's token and forget the login.
     Logout,
 }
@@ -242,7 +261,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             conn.close().await;
         }
-        Command::Listen => listen(&cli).await?,
+        Command::Listen { read } => listen(&cli, *read).await?,
+        Command::Read { id, from } => {
+            let (conn, _) = session(&cli, SessionMode::SendOnly).await?;
+            report_read(&conn, MessageId(*id), from).await?;
+            print_result(
+                &cli,
+                serde_json::json!({ "read": id, "from": from }),
+                || format!("reported #{id} from {from} as read"),
+            );
+            conn.close().await;
+        }
         Command::Logout => {
             let dir = profile_dir(&cli)?;
             let (conn, profile) = session(&cli, SessionMode::SendOnly).await?;
@@ -293,23 +322,48 @@ async fn relation(cli: &Cli, kind: RelationKind, op: &RelationCommand) -> anyhow
     Ok(())
 }
 
-async fn listen(cli: &Cli) -> anyhow::Result<()> {
+async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
     let (conn, profile) = session(cli, SessionMode::Receive).await?;
     if !cli.json {
         eprintln!("listening as {} on device {}", profile.user, profile.device);
     }
+    // One future for the whole loop, polled first: once it has been polled, a Ctrl-C that
+    // comes while a message is being handled is not lost.
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     loop {
         let event = tokio::select! {
-            event = conn.next_event() => event,
-            _ = tokio::signal::ctrl_c() => {
+            biased;
+            _ = &mut ctrl_c => {
+                // Closing drops what is not yet sent, and the host may drop what it has not
+                // read: the last acknowledgements could be lost, and their messages shown
+                // again by the next `listen`. The host answers a request only after reading
+                // every frame sent before it, so one answered request makes them safe.
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    conn.relations(RelationKind::Friend),
+                )
+                .await;
                 conn.close().await;
                 return Ok(());
             }
+            event = conn.next_event() => event,
         };
         match event {
             Some(Ok(Event::Message { seq, message })) => {
-                print_message(cli.json, &message);
+                println!("{}", message_line(cli.json, &message));
+                // Acknowledged before it is reported read, so that its sender hears of the
+                // delivery first (the receipts plugin handles both in the order they come).
                 conn.ack(seq).await?;
+                if read && message.kind == MessageKind::Chat && message.from != profile.user {
+                    match report_read(&conn, message.id, &message.from).await {
+                        // Say so and go on listening: the sender's account may be gone.
+                        Err(e @ ClientError::Refused { .. }) => {
+                            eprintln!("iim: cannot mark #{} read: {e}", message.id);
+                        }
+                        other => other?,
+                    }
+                }
             }
             Some(Ok(Event::Synced { count })) => {
                 if cli.json {
@@ -327,32 +381,191 @@ async fn listen(cli: &Cli) -> anyhow::Result<()> {
     }
 }
 
-fn print_message(json: bool, message: &Message) {
-    let body = String::from_utf8_lossy(&message.body);
+/// Submits a read report for chat message `id`, sent by `sender` (docs/plugins.md).
+async fn report_read(conn: &Connection, id: MessageId, sender: &UserId) -> Result<(), ClientError> {
+    let body = serde_json::json!({ "state": "read", "id": id.0 }).to_string();
+    conn.submit(
+        read_report_client_id(id, sender),
+        MessageKind::Receipt,
+        std::slice::from_ref(sender),
+        body.as_bytes(),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// The idempotency id of the read report for message `id` of `sender`: the same every time,
+/// so that the host takes a second report of the same message from this device as a repeat
+/// and sends no second receipt (`listen --read` after a lost acknowledgement, `iim read`
+/// twice). The sender is part of it so that a report corrected after naming the wrong sender
+/// is a new one. FNV-1a, because the id must not change between builds of the client.
+fn read_report_client_id(id: MessageId, sender: &UserId) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in b"read\0"
+        .iter()
+        .chain(&id.0.to_be_bytes())
+        .chain(sender.as_str().as_bytes())
+    {
+        hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// The body of a `receipt` message (docs/plugins.md, "Receipts"). Fields it does not know are
+/// ignored, as the format asks.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+enum Receipt {
+    /// `id` reached `device` of recipient `user`.
+    Delivered {
+        id: u64,
+        user: UserId,
+        device: DeviceId,
+    },
+    /// `user` read `id`, as reported by `device`.
+    Read {
+        id: u64,
+        user: UserId,
+        device: DeviceId,
+    },
+    /// `id` was not sent to `users`, for `reason`.
+    Refused {
+        id: u64,
+        users: Vec<UserId>,
+        reason: String,
+    },
+}
+
+/// The body of a `presence` message (docs/plugins.md, "Presence").
+#[derive(Debug, Deserialize)]
+struct Presence {
+    presence: Vec<PresenceEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PresenceEntry {
+    user: UserId,
+    state: PresenceState,
+    devices: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum PresenceState {
+    Online,
+    Offline,
+}
+
+/// A message's body as `listen` understands it.
+enum Body {
+    /// Chat, or a kind this client does not know: shown as text.
+    Text(String),
+    /// A receipt, and the JSON it came as.
+    Receipt(Receipt, serde_json::Value),
+    /// The entries of a presence message, and the JSON it came as.
+    Presence(Vec<PresenceEntry>, serde_json::Value),
+    /// A receipt or presence body that does not have the documented shape: shown as text
+    /// with its kind, so that a newer plugin's message is still seen.
+    Unreadable { text: String, reason: String },
+}
+
+impl Body {
+    fn of(message: &Message) -> Self {
+        let json = || serde_json::from_slice::<serde_json::Value>(&message.body);
+        let parsed = match message.kind {
+            MessageKind::Chat | MessageKind::Custom(_) => {
+                return Body::Text(String::from_utf8_lossy(&message.body).into_owned());
+            }
+            MessageKind::Receipt => {
+                json().and_then(|json| Ok(Body::Receipt(Receipt::deserialize(&json)?, json)))
+            }
+            MessageKind::Presence => json()
+                .and_then(|json| Ok(Body::Presence(Presence::deserialize(&json)?.presence, json))),
+        };
+        parsed.unwrap_or_else(|e| Body::Unreadable {
+            text: String::from_utf8_lossy(&message.body).into_owned(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The line `listen` prints for a message.
+fn message_line(json: bool, message: &Message) -> String {
+    let body = Body::of(message);
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "kind": message.kind.to_string(),
-                "id": message.id.0,
-                "from": message.from,
-                "from_device": message.from_device,
-                "to": message.to,
-                "body": body,
-                "sent_at": message.sent_at,
-            })
-        );
+        let mut line = serde_json::json!({
+            "kind": message.kind.to_string(),
+            "id": message.id.0,
+            "from": message.from,
+            "from_device": message.from_device,
+            "to": message.to,
+            "sent_at": message.sent_at,
+        });
+        let body = match body {
+            Body::Text(text) => text.into(),
+            // Passed on whole, fields this client does not know included.
+            Body::Receipt(_, json) | Body::Presence(_, json) => json,
+            Body::Unreadable { text, reason } => {
+                line["invalid"] = reason.into();
+                text.into()
+            }
+        };
+        line["body"] = body;
+        line.to_string()
     } else {
+        format!(
+            "{} {}",
+            format_time(message.sent_at),
+            describe(message, body)
+        )
+    }
+}
+
+/// What `listen` prints for a message, after its time.
+fn describe(message: &Message, body: Body) -> String {
+    let raw = |text: &str| {
         let label = match &message.kind {
             MessageKind::Chat => String::new(),
             other => format!("[{other}] "),
         };
-        println!(
-            "{} {}: {label}{body}  (#{})",
-            format_time(message.sent_at),
-            message.from,
-            message.id
-        );
+        format!("{}: {label}{text}  (#{})", message.from, message.id)
+    };
+    match body {
+        Body::Text(text) | Body::Unreadable { text, .. } => raw(&text),
+        Body::Receipt(Receipt::Delivered { id, user, device }, _) => {
+            format!("#{id} delivered to {user} ({device})")
+        }
+        Body::Receipt(Receipt::Read { id, user, device }, _) => {
+            format!("#{id} read by {user} ({device})")
+        }
+        Body::Receipt(Receipt::Refused { id, users, reason }, _) => {
+            let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
+            format!("#{id} refused for {}: {reason}", users.join(", "))
+        }
+        // A notification has one entry, the sender's; a snapshot lists the user's contacts,
+        // never the user, who sends it.
+        Body::Presence(entries, _) => match entries.as_slice() {
+            [entry] if entry.user == message.from => match entry.state {
+                PresenceState::Online => format!(
+                    "{} is online ({} device{})",
+                    entry.user,
+                    entry.devices,
+                    if entry.devices == 1 { "" } else { "s" }
+                ),
+                PresenceState::Offline => format!("{} is offline", entry.user),
+            },
+            [] => "contacts: none".to_owned(),
+            entries => {
+                let list: Vec<String> = entries
+                    .iter()
+                    .map(|e| match e.state {
+                        PresenceState::Online => format!("{} online ({})", e.user, e.devices),
+                        PresenceState::Offline => format!("{} offline", e.user),
+                    })
+                    .collect();
+                format!("contacts: {}", list.join(", "))
+            }
+        },
     }
 }
 
@@ -402,4 +615,125 @@ fn one_line(e: &anyhow::Error) -> String {
         .map(|c| c.to_string())
         .collect::<Vec<_>>()
         .join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A message of `kind` from bob's phone to alice, sent at 12:03:07 UTC.
+    fn message(kind: MessageKind, body: &str) -> Message {
+        Message {
+            id: MessageId(43),
+            kind,
+            from: UserId::new("bob").expect("name"),
+            from_device: DeviceId::new("phone").expect("name"),
+            to: vec![UserId::new("alice").expect("name")],
+            body: body.as_bytes().to_vec(),
+            sent_at: (12 * 3600 + 3 * 60 + 7) * 1000 + 250,
+        }
+    }
+
+    fn text(kind: MessageKind, body: &str) -> String {
+        message_line(false, &message(kind, body))
+    }
+
+    fn json(kind: MessageKind, body: &str) -> serde_json::Value {
+        serde_json::from_str(&message_line(true, &message(kind, body)))
+            .expect("listen --json prints JSON")
+    }
+
+    #[test]
+    fn chat_and_custom_kinds_are_shown_as_text() {
+        assert_eq!(text(MessageKind::Chat, "hi"), "12:03:07 bob: hi  (#43)");
+        assert_eq!(
+            text(MessageKind::Custom("typing".into()), "{}"),
+            "12:03:07 bob: [typing] {}  (#43)"
+        );
+    }
+
+    #[test]
+    fn receipts_are_shown_as_sentences() {
+        let receipt = |body| text(MessageKind::Receipt, body);
+        assert_eq!(
+            receipt(r#"{"state":"delivered","id":42,"user":"bob","device":"phone"}"#),
+            "12:03:07 #42 delivered to bob (phone)"
+        );
+        assert_eq!(
+            receipt(r#"{"state":"read","id":42,"user":"bob","device":"laptop","later":1}"#),
+            "12:03:07 #42 read by bob (laptop)"
+        );
+        assert_eq!(
+            receipt(
+                r#"{"state":"refused","id":42,"users":["carol","dave"],"reason":"not a friend"}"#
+            ),
+            "12:03:07 #42 refused for carol, dave: not a friend"
+        );
+    }
+
+    #[test]
+    fn presence_changes_and_snapshots_are_shown_as_sentences() {
+        let presence = |body| text(MessageKind::Presence, body);
+        assert_eq!(
+            presence(r#"{"presence":[{"user":"bob","state":"online","devices":1}]}"#),
+            "12:03:07 bob is online (1 device)"
+        );
+        assert_eq!(
+            presence(r#"{"presence":[{"user":"bob","state":"offline","devices":0}]}"#),
+            "12:03:07 bob is offline"
+        );
+        // From bob, about his contacts: a snapshot, even with one entry.
+        assert_eq!(
+            presence(r#"{"presence":[{"user":"carol","state":"online","devices":2}]}"#),
+            "12:03:07 contacts: carol online (2)"
+        );
+        assert_eq!(
+            presence(
+                r#"{"presence":[{"user":"alice","state":"online","devices":1},{"user":"carol","state":"offline","devices":0}]}"#
+            ),
+            "12:03:07 contacts: alice online (1), carol offline"
+        );
+        assert_eq!(presence(r#"{"presence":[]}"#), "12:03:07 contacts: none");
+    }
+
+    #[test]
+    fn a_body_of_another_shape_is_shown_raw_with_its_kind() {
+        assert_eq!(
+            text(MessageKind::Receipt, r#"{"state":"seen","id":42}"#),
+            r#"12:03:07 bob: [receipt] {"state":"seen","id":42}  (#43)"#
+        );
+        assert_eq!(
+            text(MessageKind::Presence, "not json"),
+            "12:03:07 bob: [presence] not json  (#43)"
+        );
+        let line = json(MessageKind::Presence, r#"{"presence":"?"}"#);
+        assert_eq!(line["body"], r#"{"presence":"?"}"#);
+        assert!(line["invalid"].is_string(), "{line}");
+    }
+
+    #[test]
+    fn json_lines_carry_receipt_and_presence_bodies_as_objects() {
+        let body = r#"{"state":"read","id":42,"user":"bob","device":"laptop","later":1}"#;
+        let line = json(MessageKind::Receipt, body);
+        assert_eq!(line["kind"], "receipt");
+        assert_eq!(line["from"], "bob");
+        assert_eq!(line["id"], 43);
+        assert_eq!(
+            line["body"],
+            serde_json::from_str::<serde_json::Value>(body).expect("json")
+        );
+        assert!(line.get("invalid").is_none());
+        let line = json(MessageKind::Chat, "hi");
+        assert_eq!(line["body"], "hi");
+    }
+
+    #[test]
+    fn a_read_report_has_one_id_per_message_and_sender() {
+        let alice = UserId::new("alice").expect("name");
+        let bob = UserId::new("bob").expect("name");
+        let id = read_report_client_id(MessageId(42), &alice);
+        assert_eq!(id, read_report_client_id(MessageId(42), &alice));
+        assert_ne!(id, read_report_client_id(MessageId(43), &alice));
+        assert_ne!(id, read_report_client_id(MessageId(42), &bob));
+    }
 }

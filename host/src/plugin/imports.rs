@@ -128,6 +128,19 @@ impl PluginState {
         }
     }
 
+    /// The state of a call made from native code rather than from a component: the same
+    /// imports, with no WASI and no limits. For benchmarks that compare a native handler with
+    /// a plugin, and for tests of the imports.
+    pub fn native(plugin: &str, services: Arc<Services>) -> Self {
+        Self::new(
+            plugin,
+            services,
+            wasmtime_wasi::WasiCtxBuilder::new().build(),
+            ResourceTable::new(),
+            StoreLimits::default(),
+        )
+    }
+
     /// The store limits, for the store's limiter.
     pub fn limits(&mut self) -> &mut StoreLimits {
         &mut self.limits

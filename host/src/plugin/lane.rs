@@ -8,7 +8,7 @@
 //! and the lane goes on with the next event.
 
 use super::event::Event;
-use super::imports::{Call, Effects, Outgoing};
+use super::imports::{Call, Effects, Outgoing, Services};
 use super::runtime::{Build, CallOutcome, Instance};
 use super::{LoadedInfo, PluginHost};
 use crate::iim::{ServerRow, UserList, UserRow};
@@ -128,7 +128,12 @@ impl Lane {
             let outcome = instance.handle(&wit_event, timeout).await;
             let effects = instance.state().end().map(|call| call.effects);
             match outcome {
-                CallOutcome::Handled => match self.apply(&event, effects.unwrap_or_default()) {
+                CallOutcome::Handled => match apply(
+                    &self.host.services,
+                    &self.name,
+                    &event,
+                    effects.unwrap_or_default(),
+                ) {
                     Ok(()) => {
                         self.settle(&event);
                         return;
@@ -182,55 +187,6 @@ impl Lane {
         self.instance.as_mut()
     }
 
-    /// Sends what the call sent and writes what it stored.
-    fn apply(&self, event: &Event, effects: Effects) -> Result<(), crate::iim::IimError> {
-        let services = &self.host.services;
-        let (user, device) = event.acting();
-        let key = event.durable_key();
-        for (index, send) in effects.sends.into_iter().enumerate() {
-            let message = match send.message {
-                Outgoing::Forward(message) => Arc::unwrap_or_clone(message),
-                Outgoing::New { kind, to, body } => {
-                    let build = |id| iim_proto::Message {
-                        id,
-                        kind,
-                        from: user.clone(),
-                        from_device: device.clone(),
-                        to,
-                        body,
-                        sent_at: crate::now_ms(),
-                    };
-                    match &key {
-                        Some(key) => {
-                            services
-                                .store
-                                .effect_message(&self.name, key, index as u32, build)?
-                        }
-                        None => services.store.new_message(build)?,
-                    }
-                }
-            };
-            let list = UserList {
-                servers: vec![ServerRow {
-                    server: services.iim.server().to_owned(),
-                    users: send
-                        .users
-                        .into_iter()
-                        .map(|user| UserRow {
-                            user,
-                            devices: Vec::new(),
-                        })
-                        .collect(),
-                }],
-            };
-            services.iim.send(&message, &list)?;
-        }
-        if !effects.kv.is_empty() {
-            services.store.plugin_kv_apply(&self.name, &effects.kv)?;
-        }
-        Ok(())
-    }
-
     fn dead_letter(&self, event: &Event, attempts: u32, error: String) {
         tracing::error!(plugin = %self.name, %event, attempts, %error, "event set aside as a dead letter");
         let letter = DeadLetter {
@@ -258,4 +214,56 @@ impl Lane {
             self.host.settled(m.id);
         }
     }
+}
+
+/// Applies the effects of plugin `plugin`'s successful handling of `event`: sends what it sent,
+/// in order, and writes what it stored, in one batch.
+pub fn apply(
+    services: &Services,
+    plugin: &str,
+    event: &Event,
+    effects: Effects,
+) -> Result<(), crate::iim::IimError> {
+    let (user, device) = event.acting();
+    let key = event.durable_key();
+    for (index, send) in effects.sends.into_iter().enumerate() {
+        let message = match send.message {
+            Outgoing::Forward(message) => Arc::unwrap_or_clone(message),
+            Outgoing::New { kind, to, body } => {
+                let build = |id| iim_proto::Message {
+                    id,
+                    kind,
+                    from: user.clone(),
+                    from_device: device.clone(),
+                    to,
+                    body,
+                    sent_at: crate::now_ms(),
+                };
+                match &key {
+                    Some(key) => services
+                        .store
+                        .effect_message(plugin, key, index as u32, build)?,
+                    None => services.store.new_message(build)?,
+                }
+            }
+        };
+        let list = UserList {
+            servers: vec![ServerRow {
+                server: services.iim.server().to_owned(),
+                users: send
+                    .users
+                    .into_iter()
+                    .map(|user| UserRow {
+                        user,
+                        devices: Vec::new(),
+                    })
+                    .collect(),
+            }],
+        };
+        services.iim.send(&message, &list)?;
+    }
+    if !effects.kv.is_empty() {
+        services.store.plugin_kv_apply(plugin, &effects.kv)?;
+    }
+    Ok(())
 }

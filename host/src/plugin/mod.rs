@@ -72,9 +72,10 @@ impl PluginHost {
     /// A plugin host with no plugin loaded yet.
     pub fn new(
         config: crate::config::PluginsConfig,
+        cache_dir: Option<&std::path::Path>,
         services: Arc<Services>,
     ) -> wasmtime::Result<Self> {
-        let runtime = Arc::new(Runtime::new(&config)?);
+        let runtime = Arc::new(Runtime::new(&config, cache_dir)?);
         runtime::start_ticker(runtime.engine());
         Ok(Self {
             runtime,

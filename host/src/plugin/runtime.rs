@@ -85,7 +85,13 @@ pub struct Runtime {
 impl Runtime {
     /// An engine with the pooling allocator and epoch interruption, and a linker with the
     /// host's imports and a WASI that reaches nothing (no files, sockets or environment).
-    pub fn new(config: &PluginsConfig) -> wasmtime::Result<Self> {
+    /// With `cache_dir`, compiled code is cached there (keyed by the component's bytes and
+    /// wasmtime's version and settings): a large plugin (a Python one takes tens of seconds)
+    /// compiles once, not at every start.
+    pub fn new(
+        config: &PluginsConfig,
+        cache_dir: Option<&std::path::Path>,
+    ) -> wasmtime::Result<Self> {
         let max_memory =
             usize::try_from(config.max_memory_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
         let mut pool = PoolingAllocationConfig::default();
@@ -105,6 +111,11 @@ impl Runtime {
         engine_config
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        if let Some(dir) = cache_dir {
+            let mut cache = wasmtime::CacheConfig::new();
+            cache.with_directory(dir);
+            engine_config.cache(Some(wasmtime::Cache::new(cache)?));
+        }
         let engine = Engine::new(&engine_config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
