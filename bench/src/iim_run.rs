@@ -18,7 +18,8 @@ const RATE_BACKOFF: Duration = Duration::from_millis(10);
 
 /// Runs the load against a fresh host process and returns its figures.
 pub async fn run(load: Load, clock: Clock) -> anyhow::Result<Summary> {
-    let host = tokio::task::spawn_blocking(HostProcess::start)
+    // Chat only: the load counts every message a receiver gets (no presence snapshots).
+    let host = tokio::task::spawn_blocking(HostProcess::start_chat_only)
         .await
         .context("starting the host")??;
     eprintln!("iim: host listening on {}", host.addr);
