@@ -567,13 +567,8 @@ impl Session {
             if let Some(count) = backlog {
                 self.write(&ServerFrame::Synced { count }).await?;
                 // Online from now on, after the backlog (I3): the presence plugin hears of it.
-                let Some(auth) = self.auth.as_ref() else {
+                let Some(opened) = self.session_info() else {
                     return Ok(());
-                };
-                let opened = SessionInfo {
-                    user: auth.user.clone(),
-                    device: auth.device.clone(),
-                    devices_online: self.host.registry.online(&auth.user).len() as u32,
                 };
                 self.host
                     .plugins
@@ -704,17 +699,25 @@ impl Session {
         }
     }
 
+    /// The session's device and how many of its user's devices are online now, for the
+    /// session events.
+    fn session_info(&self) -> Option<SessionInfo> {
+        let auth = self.auth.as_ref()?;
+        Some(SessionInfo {
+            user: auth.user.clone(),
+            device: auth.device.clone(),
+            devices_online: self.host.registry.online(&auth.user).len() as u32,
+        })
+    }
+
     /// Says why the session ends, lets the client read it, and closes the connection.
     async fn finish(mut self, end: End) {
         if let (Some(auth), Some(attached)) = (&self.auth, &self.attached) {
             self.host.registry.detach(&auth.user, attached.session);
             // Only a session that went online (sent Synced) goes offline.
-            if attached.backlog.is_none() {
-                let closed = SessionInfo {
-                    user: auth.user.clone(),
-                    device: auth.device.clone(),
-                    devices_online: self.host.registry.online(&auth.user).len() as u32,
-                };
+            if attached.backlog.is_none()
+                && let Some(closed) = self.session_info()
+            {
                 self.host
                     .plugins
                     .raise(PluginEvent::SessionClosed(closed))

@@ -26,6 +26,22 @@ async fn expect_kind(conn: &Connection, kind: MessageKind) -> anyhow::Result<Mes
     Ok(message)
 }
 
+/// Submits a message of `kind` to one user, with a fresh client id.
+async fn submit(
+    conn: &Connection,
+    kind: MessageKind,
+    to: &UserId,
+    body: &[u8],
+) -> std::result::Result<iim_client::Accepted, iim_client::ClientError> {
+    conn.submit(
+        iim_client::new_client_id(),
+        kind,
+        std::slice::from_ref(to),
+        body,
+    )
+    .await
+}
+
 /// Nothing arrives on `conn` for a short while.
 async fn quiet(conn: &Connection) -> Result {
     match tokio::time::timeout(Duration::from_millis(300), conn.next_event()).await {
@@ -171,13 +187,7 @@ async fn delivered_and_read_receipts_reach_the_sender_and_read_state_the_reader_
 
     // Bob reads it on his phone: Alice learns it, and so does Bob's laptop.
     let read = serde_json::to_vec(&json!({"state": "read", "id": sent.id.0}))?;
-    b.submit(
-        iim_client::new_client_id(),
-        MessageKind::Receipt,
-        std::slice::from_ref(&alice),
-        &read,
-    )
-    .await?;
+    submit(&b, MessageKind::Receipt, &alice, &read).await?;
     let expected = json!({"state": "read", "id": sent.id.0, "user": "bob", "device": "phone"});
     assert_eq!(
         body_json(&expect_kind(&a, MessageKind::Receipt).await?)?,
@@ -190,13 +200,7 @@ async fn delivered_and_read_receipts_reach_the_sender_and_read_state_the_reader_
 
     // A read receipt for a message Bob never got is refused by the plugin: Alice hears nothing.
     let forged = serde_json::to_vec(&json!({"state": "read", "id": sent.id.0 + 1000}))?;
-    b.submit(
-        iim_client::new_client_id(),
-        MessageKind::Receipt,
-        std::slice::from_ref(&alice),
-        &forged,
-    )
-    .await?;
+    submit(&b, MessageKind::Receipt, &alice, &forged).await?;
     quiet(&a).await?;
     Ok(())
 }
@@ -324,10 +328,10 @@ async fn misbehaving_host(
 }
 
 async fn misbehave(a: &Connection, to: &UserId, what: &str) -> anyhow::Result<()> {
-    a.submit(
-        iim_client::new_client_id(),
+    submit(
+        a,
         MessageKind::Custom("misbehave".into()),
-        std::slice::from_ref(to),
+        to,
         what.as_bytes(),
     )
     .await?;
@@ -412,14 +416,7 @@ async fn a_plugin_added_at_run_time_serves_its_kind() -> Result {
         host, bob, a, b, ..
     } = TwoUsers::start().await?;
     let kind = MessageKind::Custom("misbehave".into());
-    let refused = a
-        .submit(
-            iim_client::new_client_id(),
-            kind.clone(),
-            std::slice::from_ref(&bob),
-            b"hi",
-        )
-        .await;
+    let refused = submit(&a, kind.clone(), &bob, b"hi").await;
     assert_eq!(code_of(refused)?, ErrorCode::UNSUPPORTED_KIND);
     install(
         &test_plugin("misbehave")?,
@@ -450,14 +447,7 @@ async fn a_python_plugin_built_with_componentize_py_relays_typing_indicators() -
     );
 
     let kind = MessageKind::Custom("typing".into());
-    let accepted = a
-        .submit(
-            iim_client::new_client_id(),
-            kind.clone(),
-            std::slice::from_ref(&bob),
-            b"started",
-        )
-        .await?;
+    let accepted = submit(&a, kind.clone(), &bob, b"started").await?;
     let got = expect_kind(&b, kind.clone()).await?;
     assert_eq!(
         (got.id, got.from.clone(), text(&got)),
@@ -465,13 +455,7 @@ async fn a_python_plugin_built_with_componentize_py_relays_typing_indicators() -
     );
 
     // Over its configured limit (64 bytes): the plugin refuses it; Bob gets nothing.
-    a.submit(
-        iim_client::new_client_id(),
-        kind,
-        std::slice::from_ref(&bob),
-        &[b'x'; 65],
-    )
-    .await?;
+    submit(&a, kind, &bob, &[b'x'; 65]).await?;
     quiet(&b).await?;
     assert!(
         host.log().contains("plugin refused the event"),

@@ -14,6 +14,33 @@ use iim_proto::{
 /// Longest name of a custom message kind, in bytes.
 pub const MAX_KIND: usize = 64;
 
+/// Checks the name of a custom kind: 1 to [`MAX_KIND`] bytes. For clients' submissions and
+/// plugins' sends alike.
+pub fn check_kind(kind: &MessageKind) -> Result<(), String> {
+    match kind {
+        MessageKind::Custom(name) if name.is_empty() || name.len() > MAX_KIND => {
+            Err(format!("a custom kind is 1 to {MAX_KIND} bytes"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks that `message`, with the largest id, position and time, fits in a `Deliver` frame
+/// of `max_frame` bytes: otherwise no device could ever receive it.
+pub fn check_deliverable(message: Message, max_frame: u32) -> Result<(), String> {
+    let probe = ServerFrame::Deliver {
+        seq: u64::MAX,
+        message: Message {
+            id: MessageId(u64::MAX),
+            sent_at: u64::MAX,
+            ..message
+        },
+    };
+    iim_proto::encode_frame(&probe, max_frame)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// A submission's fields.
 pub struct Submission {
     /// Request id.
@@ -57,14 +84,7 @@ pub fn accept(
             format!("more than {} recipients", iim_proto::MAX_TARGETS),
         ));
     }
-    if let MessageKind::Custom(name) = &s.kind
-        && (name.is_empty() || name.len() > MAX_KIND)
-    {
-        return Err(Refusal::new(
-            ErrorCode::INVALID_ARGUMENT,
-            format!("a custom kind is 1 to {MAX_KIND} bytes"),
-        ));
-    }
+    check_kind(&s.kind).map_err(|e| Refusal::new(ErrorCode::INVALID_ARGUMENT, e))?;
     if host.plugins.handler_of(&s.kind).is_none() {
         return Err(Refusal::new(
             ErrorCode::UNSUPPORTED_KIND,
@@ -89,14 +109,8 @@ pub fn accept(
         body: s.body.clone(),
         sent_at,
     };
-    // The delivery of this message must fit in a frame, or no device could ever receive it.
-    let probe = ServerFrame::Deliver {
-        seq: u64::MAX,
-        message: build(MessageId(u64::MAX)),
-    };
-    if let Err(e) = iim_proto::encode_frame(&probe, limits.max_frame) {
-        return Err(Refusal::new(ErrorCode::BODY_TOO_LARGE, e.to_string()));
-    }
+    check_deliverable(build(MessageId(u64::MAX)), limits.max_frame)
+        .map_err(|e| Refusal::new(ErrorCode::BODY_TOO_LARGE, e))?;
     let acceptance = host.store.accept(user, device, s.client_id, build)?;
     Ok(match acceptance {
         Acceptance::New(message) => (

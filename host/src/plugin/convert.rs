@@ -4,9 +4,6 @@ use super::bindings::iim::plugin::types::{self as wit, HostError};
 use crate::iim::UserList;
 use iim_proto::{Message, MessageKind};
 
-/// Longest name of a custom message kind, in bytes (as for a client's submission).
-const MAX_KIND: usize = crate::cmd::submit::MAX_KIND;
-
 /// A host message kind as the WIT's.
 pub fn kind_to_wit(kind: &MessageKind) -> wit::MessageKind {
     match kind {
@@ -17,21 +14,16 @@ pub fn kind_to_wit(kind: &MessageKind) -> wit::MessageKind {
     }
 }
 
-/// A WIT message kind as the host's; a custom name must be 1 to 64 bytes.
+/// A WIT message kind as the host's; a custom name must be valid, as in a submission.
 pub fn kind_from_wit(kind: wit::MessageKind) -> Result<MessageKind, HostError> {
-    Ok(match kind {
+    let kind = match kind {
         wit::MessageKind::Chat => MessageKind::Chat,
         wit::MessageKind::Receipt => MessageKind::Receipt,
         wit::MessageKind::Presence => MessageKind::Presence,
-        wit::MessageKind::Custom(name) => {
-            if name.is_empty() || name.len() > MAX_KIND {
-                return Err(HostError::InvalidArgument(format!(
-                    "a custom kind is 1 to {MAX_KIND} bytes"
-                )));
-            }
-            MessageKind::Custom(name)
-        }
-    })
+        wit::MessageKind::Custom(name) => MessageKind::Custom(name),
+    };
+    crate::cmd::submit::check_kind(&kind).map_err(HostError::InvalidArgument)?;
+    Ok(kind)
 }
 
 /// A stored message as the WIT's.

@@ -7,15 +7,16 @@
 //! has its effects once.
 //!
 //! Two levels of error, as the WIT says: the inner `result` is a [`HostError`] the plugin
-//! handles (bad argument, not allowed); the outer `wasmtime::Result` traps the guest, and is
-//! used only when the host itself cannot go on (its store failed).
+//! handles (bad argument, not allowed, or `unavailable` when the host's store failed, so that
+//! the plugin fails and its event is retried); the outer `wasmtime::Result` would trap the
+//! guest, and none of these imports returns an error there.
 
 use super::bindings::iim::plugin::iim::Host as IimHost;
 use super::bindings::iim::plugin::types::{
     self as wit, HostError, LogLevel, PresenceEntry, PresenceState,
 };
 use super::convert;
-use crate::iim::Iim;
+use crate::iim::{Iim, IimError};
 use crate::registry::Registry;
 use crate::store::Store;
 use iim_proto::{DeviceId, Message, MessageId, MessageKind, UserId};
@@ -173,8 +174,8 @@ impl PluginState {
         Ok(call.user.clone())
     }
 
-    /// Checks a list of user names and that each exists.
-    fn existing_users(&self, names: &[String]) -> Result<Vec<UserId>, HostError> {
+    /// Checks a list of user names: how many, and that each is valid.
+    fn parse_users(&self, names: &[String]) -> Result<Vec<UserId>, HostError> {
         if names.len() > self.services.max_send_users {
             return Err(HostError::LimitExceeded(format!(
                 "{} users named; at most {}",
@@ -182,18 +183,16 @@ impl PluginState {
                 self.services.max_send_users
             )));
         }
-        let mut users = Vec::with_capacity(names.len());
-        for name in names {
-            let user = parse_user(name)?;
-            if !self
-                .services
-                .store
-                .user_exists(&user)
-                .map_err(unavailable)?
-            {
-                return Err(HostError::UnknownUser(name.clone()));
+        names.iter().map(|name| parse_user(name)).collect()
+    }
+
+    /// Checks a list of user names, and that each user exists.
+    fn existing_users(&self, names: &[String]) -> Result<Vec<UserId>, HostError> {
+        let users = self.parse_users(names)?;
+        for user in &users {
+            if !self.services.store.user_exists(user).map_err(unavailable)? {
+                return Err(HostError::UnknownUser(user.to_string()));
             }
-            users.push(user);
         }
         Ok(users)
     }
@@ -233,21 +232,16 @@ impl PluginState {
                     )));
                 }
                 let probe = Message {
-                    id: MessageId(u64::MAX),
+                    id: MessageId(0),
                     kind: kind.clone(),
                     from: call.user.clone(),
                     from_device: call.device.clone(),
                     to: to.clone(),
                     body: msg.body.clone(),
-                    sent_at: u64::MAX,
+                    sent_at: 0,
                 };
-                let frame = iim_proto::ServerFrame::Deliver {
-                    seq: u64::MAX,
-                    message: probe,
-                };
-                if let Err(e) = iim_proto::encode_frame(&frame, max_frame) {
-                    return Err(HostError::LimitExceeded(e.to_string()));
-                }
+                crate::cmd::submit::check_deliverable(probe, max_frame)
+                    .map_err(HostError::LimitExceeded)?;
                 Outgoing::New {
                     kind,
                     to,
@@ -361,8 +355,12 @@ impl IimHost for PluginState {
         users: Vec<String>,
     ) -> wasmtime::Result<Result<wit::UserList, HostError>> {
         Ok((|| {
-            let users = self.existing_users(&users)?;
-            let list = self.services.iim.resolve(&users).map_err(unavailable)?;
+            let users = self.parse_users(&users)?;
+            // `Iim::resolve` checks that each user exists; no need to look twice.
+            let list = self.services.iim.resolve(&users).map_err(|e| match e {
+                IimError::UnknownUser(user) => HostError::UnknownUser(user.to_string()),
+                other => unavailable(other),
+            })?;
             Ok(convert::user_list_to_wit(&list))
         })())
     }

@@ -98,7 +98,10 @@ impl Lane {
         if !self.info.subscriptions.contains(&event.subscription()) {
             // A build that replaced the one this was queued for no longer handles it.
             tracing::info!(plugin = %self.name, %event, "no longer subscribed; not handled here");
-            self.settle(&event);
+            if let Event::Message(m) = &event {
+                // Still recorded for dispatch: the next plugin that handles its kind gets it.
+                self.host.settled(m.id);
+            }
             return;
         }
         let max_attempts = self.host.config.max_attempts;
@@ -203,12 +206,11 @@ impl Lane {
         }
     }
 
-    /// The event is done with here: a message event's dispatch record goes.
+    /// The event is done with (handled, refused or set aside): a message event's dispatch
+    /// record goes.
     fn settle(&self, event: &Event) {
         if let Event::Message(m) = event {
-            if self.info.subscriptions.contains(&event.subscription())
-                && let Err(e) = self.host.services.store.finish_dispatch(m.id)
-            {
+            if let Err(e) = self.host.services.store.finish_dispatch(m.id) {
                 tracing::error!(id = %m.id, error = %e, "dispatch record not removed; it will be handled again");
             }
             self.host.settled(m.id);
