@@ -48,6 +48,9 @@ pub struct Figures {
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Rounds each measurement is split into, the paths alternating.
+const ROUNDS: u32 = 10;
+
 /// Runs the benchmark with `events` events per measurement.
 pub fn run(events: u32) -> anyhow::Result<Figures> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -185,27 +188,38 @@ async fn measure(events: u32) -> anyhow::Result<Figures> {
         bench.plugin(&mut instance, false).await?;
         bench.native(&mut state, false)?;
     }
-    let started = Instant::now();
-    for _ in 0..events {
-        bench.plugin(&mut instance, false).await?;
+    // Each path runs in alternating rounds, so that both see the same machine and the same
+    // store as it grows (sled's background flushing, page cache, allocator state): measured
+    // one after the other, the second path would run against a larger store.
+    let mut plugin_dispatch = Duration::ZERO;
+    let mut native_dispatch = Duration::ZERO;
+    let mut plugin_apply = Duration::ZERO;
+    let mut native_apply = Duration::ZERO;
+    let chunk = events.div_ceil(ROUNDS);
+    for round in 0..ROUNDS {
+        let n = chunk.min(events.saturating_sub(chunk * round));
+        for apply in [false, true] {
+            let (plugin_total, native_total) = if apply {
+                (&mut plugin_apply, &mut native_apply)
+            } else {
+                (&mut plugin_dispatch, &mut native_dispatch)
+            };
+            for plugin_first in [round % 2 == 0, round % 2 != 0] {
+                let started = Instant::now();
+                if plugin_first {
+                    for _ in 0..n {
+                        bench.plugin(&mut instance, apply).await?;
+                    }
+                    *plugin_total += started.elapsed();
+                } else {
+                    for _ in 0..n {
+                        bench.native(&mut state, apply)?;
+                    }
+                    *native_total += started.elapsed();
+                }
+            }
+        }
     }
-    let plugin_dispatch = started.elapsed();
-    let started = Instant::now();
-    for _ in 0..events {
-        bench.native(&mut state, false)?;
-    }
-    let native_dispatch = started.elapsed();
-
-    let started = Instant::now();
-    for _ in 0..events {
-        bench.plugin(&mut instance, true).await?;
-    }
-    let plugin_apply = started.elapsed();
-    let started = Instant::now();
-    for _ in 0..events {
-        bench.native(&mut state, true)?;
-    }
-    let native_apply = started.elapsed();
 
     let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(events);
     let rate = |d: Duration| f64::from(events) / d.as_secs_f64();

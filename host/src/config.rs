@@ -71,9 +71,17 @@ pub struct PluginsConfig {
     pub max_attempts: u32,
     /// Events waiting for one plugin, at most; past it, the sessions raising events wait.
     pub queue: usize,
+    /// Instances of each plugin handling its events side by side. The events of one acting
+    /// user always go to the same instance, so each user's events are handled one at a time,
+    /// in order.
+    pub instances: usize,
     /// Most users one `send` may name.
     pub max_send_users: usize,
 }
+
+/// Most instances of one plugin: the instance pool is sized for every plugin's instances, a
+/// new build's beside them, and a few being validated.
+pub const MAX_PLUGIN_INSTANCES: usize = 16;
 
 impl Default for PluginsConfig {
     fn default() -> Self {
@@ -85,6 +93,7 @@ impl Default for PluginsConfig {
             max_memory_mib: 128,
             max_attempts: 3,
             queue: 4096,
+            instances: 8,
             max_send_users: 10_000,
         }
     }
@@ -213,12 +222,23 @@ impl Config {
             ));
         }
         let p = &self.plugins;
-        if p.call_timeout_ms == 0 || p.max_memory_mib == 0 || p.max_attempts == 0 || p.queue == 0 {
-            return Err(ConfigError::Invalid(
-                "plugins.call_timeout_ms, max_memory_mib, max_attempts and queue must be \
-                 at least 1"
-                    .into(),
-            ));
+        for (key, value) in [
+            ("call_timeout_ms", p.call_timeout_ms),
+            ("max_memory_mib", p.max_memory_mib),
+            ("max_attempts", u64::from(p.max_attempts)),
+            ("queue", p.queue as u64),
+            ("instances", p.instances as u64),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "plugins.{key} must be at least 1"
+                )));
+            }
+        }
+        if p.instances > MAX_PLUGIN_INSTANCES {
+            return Err(ConfigError::Invalid(format!(
+                "plugins.instances must be at most {MAX_PLUGIN_INSTANCES}"
+            )));
         }
         Ok(())
     }
@@ -262,5 +282,23 @@ mod tests {
         std::fs::write(&path, "lisen = \"127.0.0.1:9000\"\n").expect("write");
         let err = Config::from_file(&path).expect_err("typo refused");
         assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn plugin_instances_are_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("host.toml");
+        for (instances, valid) in [(0, false), (1, true), (16, true), (17, false)] {
+            std::fs::write(&path, format!("[plugins]\ninstances = {instances}\n")).expect("write");
+            let config = Config::from_file(&path).expect("parse");
+            assert_eq!(config.plugins.instances, instances);
+            match config.validate() {
+                Ok(()) => assert!(valid, "{instances} accepted"),
+                Err(e) => {
+                    assert!(!valid, "{instances} refused: {e}");
+                    assert!(e.to_string().contains("plugins.instances"), "{e}");
+                }
+            }
+        }
     }
 }

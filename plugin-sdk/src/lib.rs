@@ -118,6 +118,11 @@ pub const WIT_PACKAGE: &str = "iim:plugin@0.1.0";
 /// that keeps state between events uses interior mutability (`Cell`, `RefCell`); an instance
 /// is single-threaded. That state lives as long as the instance, which the host may replace
 /// at any time (after a failure, for example): what must last goes in [`host::kv_set`].
+///
+/// The host runs several instances of a plugin side by side (`plugins.instances`, 8 by
+/// default). All the events of one acting user go to the same instance, in order; another
+/// user's may go to another instance. So in-memory state is per instance: keep per-user state
+/// there if you like, but anything shared between users belongs in storage.
 pub trait Plugin: Sized + 'static {
     /// A short name for logs and for the operator.
     const NAME: &'static str;

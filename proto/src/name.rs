@@ -95,6 +95,21 @@ name_type!(
     /// sees an invalid name past the codec.
     UserId
 );
+impl UserId {
+    /// Which of `parts` partitions this user falls in: the same in every process, on every
+    /// machine and in every version (64-bit FNV-1a of the name, modulo `parts`). A host uses
+    /// it to spread users' work over parallel lanes while keeping each user's work in one.
+    /// `parts` of 0 counts as 1.
+    pub fn partition(&self, parts: usize) -> usize {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let hash = self.as_str().bytes().fold(OFFSET, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+        });
+        (hash % parts.max(1) as u64) as usize
+    }
+}
+
 name_type!(
     /// A device's name, chosen by the client and unique among one user's devices.
     DeviceId
@@ -126,6 +141,30 @@ mod tests {
         assert_eq!(
             DeviceId::new("x".repeat(65)),
             Err(NameError::TooLong { max: 64 })
+        );
+    }
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        let user = |name: &str| UserId::new(name).expect("valid");
+        // Fixed values: a change here moves users between lanes across an upgrade.
+        assert_eq!(
+            user("alice").partition(8),
+            (0x508b_2abb_65a0_3907_u64 % 8) as usize
+        );
+        assert_eq!(
+            user("alice").partition(1000),
+            (0x508b_2abb_65a0_3907_u64 % 1000) as usize
+        );
+        assert_eq!(user("alice").partition(0), 0);
+        assert_eq!(user("alice").partition(1), 0);
+        let mut counts = [0u32; 8];
+        for i in 0..8000 {
+            counts[user(&format!("u{i}")).partition(8)] += 1;
+        }
+        assert!(
+            counts.iter().all(|&n| (800..1200).contains(&n)),
+            "{counts:?}"
         );
     }
 

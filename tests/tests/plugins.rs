@@ -374,6 +374,43 @@ async fn plugins_that_trap_loop_or_exhaust_memory_fail_alone_and_their_events_ar
 }
 
 #[tokio::test]
+async fn a_plugin_stuck_on_one_user_s_event_keeps_serving_the_others() -> Result {
+    // Three attempts of a call that runs until its 2 s limit: about 6 s on one lane.
+    let (host, alice, bob, a, b) = misbehaving_host("[plugins]\ncall_timeout_ms = 2000\n").await?;
+    // A user whose events go to another of the plugin's 8 lanes than Alice's.
+    let lanes = 8;
+    let carol = (0..)
+        .map(|i| UserId::new(format!("carol{i}")))
+        .find(|u| {
+            u.as_ref()
+                .is_ok_and(|u| u.partition(lanes) != alice.partition(lanes))
+        })
+        .expect("some name falls in another lane")?;
+    host.register(carol.as_str()).await?;
+    let (c, _) = host.online(&carol, "phone").await?;
+
+    misbehave(&a, &bob, "loop").await?;
+    misbehave(&c, &bob, "count").await?;
+    // Carol's event is handled while Alice's still runs: her answer comes back before Alice's
+    // event has used up its attempts.
+    let report = expect_kind(&c, MessageKind::Custom("misbehave-report".into())).await?;
+    assert_eq!(text(&report), "count: 1");
+    assert_eq!(host.admin("dead-letters").await?, "no dead letters\n");
+
+    // Alice's event does end as a dead letter, and her next one is handled after it.
+    misbehave(&a, &bob, "after the loop").await?;
+    let passed = expect_kind(&b, MessageKind::Custom("misbehave".into())).await?;
+    assert_eq!(text(&passed), "after the loop");
+    let letters = host.admin("dead-letters").await?;
+    assert!(
+        letters.lines().count() == 1 && letters.contains("ran longer than its 2000 ms limit"),
+        "{letters}"
+    );
+    quiet(&b).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn forged_senders_and_malformed_user_lists_get_clear_errors_and_send_nothing() -> Result {
     let (_host, _alice, bob, a, b) = misbehaving_host("").await?;
     misbehave(&a, &bob, "forge").await?;

@@ -1,5 +1,6 @@
-//! One plugin's lane: its queue of events, its live instance, and what happens when a call
-//! fails.
+//! One lane of a plugin: its queue of events, its live instance, and what happens when a call
+//! fails. A plugin has `plugins.instances` lanes; an event is queued in the one its acting user
+//! hashes to.
 //!
 //! Events are handled one at a time, in queue order. A call that returns `ok` has its effects
 //! applied (messages sent, storage written) before the next event starts. A call that traps,
@@ -14,10 +15,11 @@ use super::{LoadedInfo, PluginHost};
 use crate::iim::{ServerRow, UserList, UserRow};
 use crate::store::DeadLetter;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
-/// A build ready to serve: compiled, instantiated and initialised.
+/// A build ready to serve in one lane: compiled, instantiated and initialised.
 pub struct Ready {
     /// The build, for fresh instances after a trap.
     pub build: Build,
@@ -25,7 +27,7 @@ pub struct Ready {
     pub config: Vec<(String, String)>,
     /// What `init` said.
     pub info: LoadedInfo,
-    /// The first instance.
+    /// The lane's instance.
     pub instance: Instance,
 }
 
@@ -33,8 +35,9 @@ pub struct Ready {
 pub enum Command {
     /// Handle an event; the permit is released when it is done.
     Event(Event, OwnedSemaphorePermit),
-    /// Serve the events after this one with another build.
-    Swap(Box<Ready>),
+    /// Serve the events after this one with another build. The counter holds how many of the
+    /// plugin's lanes have yet to switch.
+    Swap(Box<Ready>, Arc<AtomicUsize>),
     /// Stop after the events queued before this.
     Stop,
 }
@@ -43,12 +46,14 @@ pub enum Command {
 pub async fn run(
     host: Arc<PluginHost>,
     name: String,
+    index: usize,
     mut queue: mpsc::UnboundedReceiver<Command>,
     ready: Ready,
 ) {
     let mut lane = Lane {
         host,
         name,
+        index,
         build: ready.build,
         config: ready.config,
         info: ready.info,
@@ -57,14 +62,19 @@ pub async fn run(
     while let Some(command) = queue.recv().await {
         match command {
             Command::Event(event, _permit) => lane.handle(event).await,
-            Command::Swap(ready) => {
-                tracing::info!(
-                    plugin = %lane.name,
-                    from = %lane.info.digest,
-                    to = %ready.info.digest,
-                    version = %ready.info.version,
-                    "plugin replaced"
-                );
+            Command::Swap(ready, waiting) => {
+                // The last of the plugin's lanes to switch says so once for all of them.
+                if waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    tracing::info!(
+                        plugin = %lane.name,
+                        from = %lane.info.digest,
+                        to = %ready.info.digest,
+                        version = %ready.info.version,
+                        "plugin replaced"
+                    );
+                } else {
+                    tracing::debug!(plugin = %lane.name, lane = lane.index, to = %ready.info.digest, "lane switched to the new build");
+                }
                 lane.build = ready.build;
                 lane.config = ready.config;
                 lane.info = ready.info;
@@ -81,12 +91,13 @@ pub async fn run(
             lane.host.settled(m.id);
         }
     }
-    tracing::info!(plugin = %lane.name, "plugin unloaded");
+    tracing::info!(plugin = %lane.name, lane = lane.index, "plugin lane stopped");
 }
 
 struct Lane {
     host: Arc<PluginHost>,
     name: String,
+    index: usize,
     build: Build,
     config: Vec<(String, String)>,
     info: LoadedInfo,

@@ -197,10 +197,11 @@ impl Loader {
         let build = tokio::task::spawn_blocking(move || runtime.compile(&bytes))
             .await
             .map_err(|e| LoadError::Trap(format!("compilation stopped: {e}")))??;
+        let services = Arc::clone(&self.host.services);
         let (instance, info) = self
             .host
             .runtime
-            .instantiate(&build, name, Arc::clone(&self.host.services), &config)
+            .instantiate(&build, name, Arc::clone(&services), &config)
             .await?;
         if info.name.is_empty() {
             return Err(LoadError::Info("the plugin gave no name".into()).into());
@@ -217,12 +218,25 @@ impl Loader {
             digest: build.digest.clone(),
             subscriptions,
         };
-        let ready = Ready {
-            build,
-            config,
-            info: info.clone(),
-            instance,
-        };
+        // One instance per lane, each initialised with the same configuration.
+        let mut instances = vec![instance];
+        while instances.len() < self.host.config.instances {
+            let (instance, _) = self
+                .host
+                .runtime
+                .instantiate(&build, name, Arc::clone(&services), &config)
+                .await?;
+            instances.push(instance);
+        }
+        let ready = instances
+            .into_iter()
+            .map(|instance| Ready {
+                build: build.clone(),
+                config: config.clone(),
+                info: info.clone(),
+                instance,
+            })
+            .collect();
         self.host.install(name, ready)?;
         Ok(info)
     }
@@ -253,11 +267,15 @@ fn read_config(path: &Path) -> Result<Vec<(String, String)>, RefusedPlugin> {
 }
 
 impl PluginHost {
-    /// Starts a lane for a new plugin, or hands a new build to a running one: atomically with
-    /// respect to routing, so no event is queued for a build that does not subscribe to it.
-    fn install(self: &Arc<Self>, name: &str, ready: Ready) -> Result<(), RefusedPlugin> {
+    /// Starts the lanes of a new plugin, one per instance in `ready`, or hands a new build to
+    /// the running lanes, one instance each: atomically with respect to routing, so no event
+    /// is queued for a build that does not subscribe to it.
+    fn install(self: &Arc<Self>, name: &str, ready: Vec<Ready>) -> Result<(), RefusedPlugin> {
+        let Some(info) = ready.first().map(|r| r.info.clone()) else {
+            return Err(LoadError::Trap("no instance was made".into()).into());
+        };
         let mut lanes = self.lanes();
-        for sub in &ready.info.subscriptions {
+        for sub in &info.subscriptions {
             if !matches!(sub, Subscription::Message(_)) {
                 continue;
             }
@@ -268,47 +286,61 @@ impl PluginHost {
                 return Err(RefusedPlugin::Conflict(sub.clone(), other.clone()));
             }
         }
-        let info = ready.info.clone();
         if let Some(lane) = lanes.get_mut(name) {
-            // The old build's queue stays: what was raised before this is handled by the old
-            // build, what is raised after by the new one.
-            if lane.queue.send(Command::Swap(Box::new(ready))).is_ok() {
-                lane.info = info;
-                return Ok(());
+            // The old build's queues stay: what was raised before this is handled by the old
+            // build, what is raised after by the new one. The lock held here keeps every
+            // event raised meanwhile on one side of the hand-over in every lane.
+            if lane.queues.len() == ready.len() {
+                let mut handed = 0;
+                let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(ready.len()));
+                for (queue, ready) in lane.queues.iter().zip(ready) {
+                    let swap = Command::Swap(Box::new(ready), Arc::clone(&waiting));
+                    if queue.send(swap).is_ok() {
+                        handed += 1;
+                    }
+                }
+                if handed == lane.queues.len() {
+                    lane.info = info;
+                    return Ok(());
+                }
             }
-            // The lane ended (it cannot, short of a panic); start a new one below.
-            lanes.remove(name);
-            return Err(LoadError::Trap("the plugin's lane had stopped".into()).into());
+            // A lane ended (it cannot, short of a panic): stop the others and refuse; the
+            // next look at the directory starts the plugin afresh.
+            if let Some(lane) = lanes.remove(name) {
+                lane.stop();
+            }
+            return Err(LoadError::Trap("the plugin's lanes had stopped".into()).into());
         }
-        let (queue, commands) = mpsc::unbounded_channel();
         let permits = Arc::new(Semaphore::new(self.config.queue));
+        let mut queues = Vec::with_capacity(ready.len());
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        for (index, ready) in ready.into_iter().enumerate() {
+            let (queue, commands) = mpsc::unbounded_channel();
+            queues.push(queue);
+            tasks.push(tokio::spawn(lane::run(
+                Arc::clone(self),
+                name.to_owned(),
+                index,
+                commands,
+                ready,
+            )));
+        }
         lanes.insert(
             name.to_owned(),
             LaneHandle {
-                queue,
+                queues,
                 permits,
                 info,
             },
         );
-        let task = tokio::spawn(lane::run(
-            Arc::clone(self),
-            name.to_owned(),
-            commands,
-            ready,
-        ));
-        self.tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(task);
         Ok(())
     }
 
-    /// Stops plugin `name`'s lane; `false` if it was not loaded.
+    /// Stops plugin `name`'s lanes; `false` if it was not loaded.
     pub fn unload(&self, name: &str) -> bool {
         match self.lanes().remove(name) {
             Some(lane) => {
-                lane.permits.close();
-                let _ = lane.queue.send(Command::Stop);
+                lane.stop();
                 true
             }
             None => false,

@@ -1,11 +1,15 @@
 //! Plugins: WebAssembly components that decide what is sent to whom.
 //!
 //! The host raises [`Event`]s; each goes to the plugins that subscribed to it. Every loaded
-//! plugin has a *lane* ([`lane`]): one task, one queue, one live instance, handling its events
-//! one at a time in the order they were raised, so a plugin sees a sender's messages in order.
+//! plugin has `plugins.instances` *lanes* ([`lane`]): each one task, one queue and one live
+//! instance, handling its events one at a time in the order they were raised. An event goes to
+//! the lane its acting user hashes to, so one user's events (a sender's messages, a reader's
+//! receipts, a device's sessions) are handled in order by one instance, while other users'
+//! events are handled beside them.
 //! A new build of a plugin is compiled, instantiated and initialised beside the serving one
-//! ([`loader`]) and handed to the lane through its queue: the events before the hand-over are
-//! handled by the old build, the events after it by the new one, each by exactly one.
+//! ([`loader`]) and handed to every lane of the plugin through its queue, all under the lock
+//! that routing takes: the events raised before the hand-over are handled by the old build, the
+//! events after it by the new one, each by exactly one.
 //!
 //! Submitted messages are durable events: the store records each for dispatch when it accepts
 //! it, and the record goes only once the plugin handled it (or it was set aside as a dead
@@ -26,7 +30,7 @@ pub use event::{Delivered, Event, SessionInfo, Subscription};
 pub use imports::Services;
 pub use runtime::Runtime;
 
-use iim_proto::{MessageId, MessageKind};
+use iim_proto::{MessageId, MessageKind, UserId};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Semaphore, mpsc};
@@ -45,10 +49,29 @@ pub struct LoadedInfo {
 }
 
 struct LaneHandle {
-    queue: mpsc::UnboundedSender<lane::Command>,
-    /// Events queued, at most: a raiser waits for a permit before it queues one.
+    /// One queue per lane of the plugin.
+    queues: Vec<mpsc::UnboundedSender<lane::Command>>,
+    /// Events queued in all its lanes, at most: a raiser waits for a permit before it queues
+    /// one.
     permits: Arc<Semaphore>,
     info: LoadedInfo,
+}
+
+impl LaneHandle {
+    /// Queues `command` for the lane that handles `user`'s events.
+    fn send_for(&self, user: &UserId, command: lane::Command) -> bool {
+        self.queues[user.partition(self.queues.len())]
+            .send(command)
+            .is_ok()
+    }
+
+    /// Tells every lane to stop after the events queued in it.
+    fn stop(&self) {
+        self.permits.close();
+        for queue in &self.queues {
+            let _ = queue.send(lane::Command::Stop);
+        }
+    }
 }
 
 /// The plugins of one host, and the routing of events to them.
@@ -147,9 +170,10 @@ impl PluginHost {
             };
             // The lane may have gone while this waited; its queue then refuses the event.
             let sent = self.lanes().get(&name).is_some_and(|lane| {
-                lane.queue
-                    .send(lane::Command::Event(event.clone(), permit))
-                    .is_ok()
+                lane.send_for(
+                    event.acting().0,
+                    lane::Command::Event(event.clone(), permit),
+                )
             });
             if sent {
                 queued += 1;
@@ -206,8 +230,7 @@ impl PluginHost {
     /// Stops every lane after the events queued in it, and waits for them.
     pub async fn stop(&self) {
         for (_, lane) in std::mem::take(&mut *self.lanes()) {
-            lane.permits.close();
-            let _ = lane.queue.send(lane::Command::Stop);
+            lane.stop();
         }
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {

@@ -23,9 +23,13 @@ use wasmtime_wasi::WasiCtxBuilder;
 /// How often the engine's epoch advances: the granularity of call timeouts.
 pub const TICK: Duration = Duration::from_millis(10);
 
-/// Instances the pool holds at once: every plugin's serving instance, a spare while one is
-/// replaced, and builds being validated.
+/// Instances the pool holds at once, at least: every plugin's serving instances, a new build's
+/// while one is replaced, and builds being validated.
 const POOLED_INSTANCES: u32 = 64;
+
+/// Pooled instances per configured instance of a plugin (`plugins.instances`): room for a
+/// dozen plugins, with one of them being replaced.
+const POOLED_PER_INSTANCE: u32 = 12;
 
 /// The part of each pooled fiber stack kept resident between calls.
 const ASYNC_STACK_RESIDENT: usize = 256 << 10;
@@ -97,15 +101,19 @@ impl Runtime {
     ) -> wasmtime::Result<Self> {
         let max_memory =
             usize::try_from(config.max_memory_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        let pooled = u32::try_from(config.instances)
+            .unwrap_or(u32::MAX)
+            .saturating_mul(POOLED_PER_INSTANCE)
+            .max(POOLED_INSTANCES);
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(POOLED_INSTANCES)
-            .total_core_instances(POOLED_INSTANCES * 16)
+        pool.total_component_instances(pooled)
+            .total_core_instances(pooled * 16)
             .max_core_instances_per_component(32)
-            .total_memories(POOLED_INSTANCES * 4)
+            .total_memories(pooled * 4)
             .max_memories_per_component(16)
-            .total_tables(POOLED_INSTANCES * 8)
+            .total_tables(pooled * 8)
             .max_tables_per_component(16)
-            .total_stacks(POOLED_INSTANCES)
+            .total_stacks(pooled)
             .max_memory_size(max_memory)
             .max_core_instance_size(4 << 20)
             .max_component_instance_size(4 << 20)
@@ -117,6 +125,9 @@ impl Runtime {
         let mut engine_config = wasmtime::Config::new();
         engine_config
             .epoch_interruption(true)
+            // The WIT has no async functions, streams or futures: without the component
+            // model's concurrency machinery a call costs a fraction of what it does with it.
+            .concurrency_support(false)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         if let Some(dir) = cache_dir {
             let mut cache = wasmtime::CacheConfig::new();
@@ -233,15 +244,21 @@ impl Instance {
     }
 }
 
-/// Starts a call's clock: yield to tokio at every tick, trap once `timeout` has passed.
+/// Starts a call's clock: yield to tokio at every tick once the call has run a whole tick
+/// (a call normally takes microseconds; yielding the moment a tick happens to fall inside one
+/// would send it to the back of the runtime's queue for nothing), and trap once `timeout` has
+/// passed.
 fn arm(store: &mut Store<PluginState>, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
-        if Instant::now() >= deadline {
+        let running = started.elapsed();
+        if running >= timeout {
             Ok(UpdateDeadline::Interrupt)
-        } else {
+        } else if running >= TICK {
             Ok(UpdateDeadline::Yield(1))
+        } else {
+            Ok(UpdateDeadline::Continue(1))
         }
     });
 }
