@@ -108,6 +108,8 @@ pub struct PluginState {
     table: ResourceTable,
     limits: StoreLimits,
     call: Option<Call>,
+    /// The clock of the call in progress, for the epoch callback.
+    pub(super) clock: super::runtime::CallClock,
 }
 
 impl PluginState {
@@ -126,6 +128,7 @@ impl PluginState {
             table,
             limits,
             call: None,
+            clock: Default::default(),
         }
     }
 

@@ -198,6 +198,7 @@ impl Runtime {
         );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| state.limits());
+        store.epoch_deadline_callback(on_tick);
         let timeout = self.call_timeout;
         arm(&mut store, timeout);
         let plugin = bounded(timeout, build.pre.instantiate_async(&mut store))
@@ -244,23 +245,45 @@ impl Instance {
     }
 }
 
-/// Starts a call's clock: yield to tokio at every tick once the call has run a whole tick
-/// (a call normally takes microseconds; yielding the moment a tick happens to fall inside one
-/// would send it to the back of the runtime's queue for nothing), and trap once `timeout` has
-/// passed.
+/// Starts a call's clock: see [`on_tick`].
 fn arm(store: &mut Store<PluginState>, timeout: Duration) {
-    let started = Instant::now();
+    store.data_mut().clock = CallClock {
+        started: Instant::now(),
+        timeout,
+    };
     store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |_| {
-        let running = started.elapsed();
-        if running >= timeout {
-            Ok(UpdateDeadline::Interrupt)
-        } else if running >= TICK {
-            Ok(UpdateDeadline::Yield(1))
-        } else {
-            Ok(UpdateDeadline::Continue(1))
+}
+
+/// When a call started and how long it may run.
+#[derive(Clone, Copy)]
+pub struct CallClock {
+    started: Instant,
+    timeout: Duration,
+}
+
+impl Default for CallClock {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            timeout: Duration::ZERO,
         }
-    });
+    }
+}
+
+/// What a store does at each epoch tick during a call: yield to tokio once the call has run a
+/// whole tick (a call normally takes microseconds; yielding the moment a tick happens to fall
+/// inside one would send it to the back of the runtime's queue for nothing), and trap once
+/// the call has run past its timeout. Set once per store; [`arm`] starts each call's clock.
+fn on_tick(store: wasmtime::StoreContextMut<'_, PluginState>) -> wasmtime::Result<UpdateDeadline> {
+    let clock = store.data().clock;
+    let running = clock.started.elapsed();
+    Ok(if running >= clock.timeout {
+        UpdateDeadline::Interrupt
+    } else if running >= TICK {
+        UpdateDeadline::Yield(1)
+    } else {
+        UpdateDeadline::Continue(1)
+    })
 }
 
 /// Runs a call under an async timeout a little longer than the epoch's, so that the epoch
