@@ -3,6 +3,8 @@
 //!
 //! - `trap`: panics, which traps the instance;
 //! - `loop`: never returns;
+//! - `sleep`: sleeps for an hour (blocking on a WASI clock: host code, out of the epoch's
+//!   reach, so only the call's async timeout ends it);
 //! - `alloc`: allocates until its memory limit;
 //! - `fail`: returns `failed` (the host retries, then sets the event aside);
 //! - `reject`: returns `rejected`;
@@ -49,6 +51,10 @@ impl Plugin for Misbehave {
                 loop {
                     spins = std::hint::black_box(spins.wrapping_add(1));
                 }
+            }
+            b"sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Ok(())
             }
             b"alloc" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
