@@ -91,7 +91,7 @@ pub async fn run(
             lane.host.settled(m.id);
         }
     }
-    tracing::info!(plugin = %lane.name, lane = lane.index, "plugin lane stopped");
+    tracing::debug!(plugin = %lane.name, lane = lane.index, "plugin lane stopped");
 }
 
 struct Lane {
