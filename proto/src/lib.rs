@@ -13,12 +13,14 @@ pub mod delivery;
 pub mod frame;
 pub mod name;
 pub mod rate;
+pub mod reliable;
 
 pub use codec::{CodecError, FrameDecoder, encode_frame};
 pub use delivery::{AckOutcome, DeliveryWindow};
 pub use frame::*;
 pub use name::{DeviceId, NameError, UserId};
 pub use rate::TokenBucket;
+pub use reliable::{Due, Offered, Reorder, Retransmit, RetryPolicy};
 
 /// The ALPN protocol name negotiated in the TLS handshake of every iim QUIC connection.
 pub const ALPN: &[u8] = b"iim/1";
