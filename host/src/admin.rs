@@ -3,7 +3,8 @@
 //!
 //! Commands: `plugins` lists the loaded plugins; `reload` looks at the plugins directory now
 //! and answers once the changes are applied (or refused: see the host's log); `dead-letters`
-//! lists the events no plugin build could handle.
+//! lists the events no plugin build could handle; `retry-dead-letters [ID]` hands them (or
+//! letter `ID`) back to be handled again, once the plugin has been fixed.
 
 use crate::Host;
 use std::fmt::Write as _;
@@ -73,7 +74,17 @@ async fn answer(host: &Host, stream: UnixStream) -> std::io::Result<()> {
             plugins(host)
         }
         "dead-letters" => dead_letters(host),
-        other => format!("error: unknown command {other:?}; try plugins, reload or dead-letters\n"),
+        "retry-dead-letters" => retry_dead_letters(host, None).await,
+        retry if retry.starts_with("retry-dead-letters ") => {
+            match retry["retry-dead-letters ".len()..].trim().parse::<u64>() {
+                Ok(id) => retry_dead_letters(host, Some(id)).await,
+                Err(_) => "error: retry-dead-letters takes a dead letter's number\n".into(),
+            }
+        }
+        other => format!(
+            "error: unknown command {other:?}; try plugins, reload, dead-letters or \
+             retry-dead-letters [ID]\n"
+        ),
     };
     write.write_all(reply.as_bytes()).await?;
     write.shutdown().await
@@ -114,6 +125,28 @@ fn dead_letters(host: &Host) -> String {
         }
         Err(e) => format!("error: cannot read dead letters: {e}\n"),
     }
+}
+
+/// Hands dead letter `only` (or every one) back to be handled again: a line per letter.
+async fn retry_dead_letters(host: &Host, only: Option<u64>) -> String {
+    let ids: Vec<u64> = match only {
+        Some(id) => vec![id],
+        None => match host.store.dead_letters() {
+            Ok(letters) => letters.into_iter().map(|(id, _)| id).collect(),
+            Err(e) => return format!("error: cannot read dead letters: {e}\n"),
+        },
+    };
+    if ids.is_empty() {
+        return "no dead letters\n".into();
+    }
+    let mut out = String::new();
+    for id in ids {
+        let _ = match host.plugins.retry_dead_letter(id).await {
+            Ok(plugin) => writeln!(out, "{id}\trequeued to {plugin}"),
+            Err(e) => writeln!(out, "{id}\terror: {e}"),
+        };
+    }
+    out
 }
 
 /// Sends `command` to the host whose data directory is `data_dir`, and returns its answer.

@@ -54,6 +54,12 @@ enum AdminAction {
     Reload,
     /// Lists the events no plugin build could handle.
     DeadLetters,
+    /// Hands the dead letters (or the one numbered ID) back to be handled again, once the
+    /// plugin has been fixed. Exits with 1 if any letter was kept.
+    RetryDeadLetters {
+        /// The number of one dead letter, as `dead-letters` lists it.
+        id: Option<u64>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,13 +96,15 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start the runtime")?;
     if let Some(Command::Admin { action }) = args.command {
         let command = match action {
-            AdminAction::Plugins => "plugins",
-            AdminAction::Reload => "reload",
-            AdminAction::DeadLetters => "dead-letters",
+            AdminAction::Plugins => "plugins".to_owned(),
+            AdminAction::Reload => "reload".to_owned(),
+            AdminAction::DeadLetters => "dead-letters".to_owned(),
+            AdminAction::RetryDeadLetters { id: None } => "retry-dead-letters".to_owned(),
+            AdminAction::RetryDeadLetters { id: Some(id) } => format!("retry-dead-letters {id}"),
         };
-        let reply = runtime.block_on(iim_host::admin::request(&config.data_dir, command))?;
+        let reply = runtime.block_on(iim_host::admin::request(&config.data_dir, &command))?;
         print!("{reply}");
-        if reply.starts_with("error:") {
+        if reply.starts_with("error:") || reply.contains("\terror: ") {
             std::process::exit(1);
         }
         return Ok(());

@@ -277,7 +277,8 @@ impl HostProcess {
         let mut cmd = tokio::process::Command::new(binary("iim-host")?);
         cmd.arg("--data-dir")
             .arg(self.data.path())
-            .args(["admin", command]);
+            .arg("admin")
+            .args(command.split_whitespace());
         let output = tokio::time::timeout(ADMIN_STEP, cmd.output())
             .await
             .map_err(|_| anyhow!("timed out: iim-host admin {command}"))??;

@@ -1,6 +1,7 @@
 //! End-to-end: the plugin platform. Real `iim-host` processes load real components from their
 //! plugins directory; clients see what the plugins decide.
 
+use anyhow::Context as _;
 use iim_client::Connection;
 use iim_client::proto::{ErrorCode, Message, MessageKind, RelationKind, UserId};
 use iim_e2e::*;
@@ -410,6 +411,58 @@ async fn a_plugin_stuck_on_one_user_s_event_keeps_serving_the_others() -> Result
     );
     quiet(&b).await?;
     Ok(())
+}
+
+#[tokio::test]
+async fn dead_letters_are_handed_back_once_the_plugin_is_fixed() -> Result {
+    let (host, _alice, bob, a, b) = misbehaving_host("").await?;
+    misbehave(&a, &bob, "fail").await?;
+    let letters = wait_for_dead_letters(&host, 1).await?;
+    let id = letters.split('\t').next().unwrap_or_default().to_owned();
+
+    // While the plugin still fails, a retry fails again and the event is set aside anew.
+    let retried = host.admin(&format!("retry-dead-letters {id}")).await?;
+    assert_eq!(retried, format!("{id}\trequeued to misbehave\n"));
+    let again = wait_for_dead_letters(&host, 1).await?;
+    assert!(
+        again.contains("failed: asked to fail") && !again.starts_with(&format!("{id}\t")),
+        "{again}"
+    );
+
+    // Fixed (here: told to pass everything on), the plugin handles it: Bob gets the message.
+    std::fs::write(
+        host.plugins_dir().join("misbehave.toml"),
+        "mode = \"pass\"\n",
+    )?;
+    host.admin("reload").await?;
+    let retried = host.admin("retry-dead-letters").await?;
+    assert!(retried.ends_with("\trequeued to misbehave\n"), "{retried}");
+    let passed = expect_kind(&b, MessageKind::Custom("misbehave".into())).await?;
+    assert_eq!(text(&passed), "fail");
+    assert_eq!(host.admin("dead-letters").await?, "no dead letters\n");
+    assert_eq!(host.admin("retry-dead-letters").await?, "no dead letters\n");
+
+    // A number that is not a dead letter is an error, and says so.
+    let missing = host.admin("retry-dead-letters 999999").await;
+    let error = format!(
+        "{:#}",
+        missing.err().context("a missing letter is an error")?
+    );
+    assert!(error.contains("no dead letter 999999"), "{error}");
+    quiet(&b).await?;
+    Ok(())
+}
+
+/// The dead-letter list once it has `count` letters (the plugin's three attempts take a moment).
+async fn wait_for_dead_letters(host: &HostProcess, count: usize) -> anyhow::Result<String> {
+    for _ in 0..200 {
+        let letters = host.admin("dead-letters").await?;
+        if letters != "no dead letters\n" && letters.lines().count() == count {
+            return Ok(letters);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("{count} dead letters did not appear")
 }
 
 #[tokio::test]

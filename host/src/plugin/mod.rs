@@ -165,17 +165,7 @@ impl PluginHost {
             .collect();
         let mut queued = 0;
         for (name, permits) in targets {
-            let Ok(permit) = permits.acquire_owned().await else {
-                continue;
-            };
-            // The lane may have gone while this waited; its queue then refuses the event.
-            let sent = self.lanes().get(&name).is_some_and(|lane| {
-                lane.send_for(
-                    event.acting().0,
-                    lane::Command::Event(event.clone(), permit),
-                )
-            });
-            if sent {
+            if self.queue_to(&name, permits, event.clone()).await {
                 queued += 1;
             }
         }
@@ -186,6 +176,93 @@ impl PluginHost {
             tracing::warn!(id = %m.id, kind = %m.kind, "no plugin handles this message now; it stays recorded for dispatch");
         }
         queued
+    }
+
+    /// Queues `event` for plugin `name`, waiting for room in its queue; `false` if the plugin
+    /// went away meanwhile.
+    async fn queue_to(&self, name: &str, permits: Arc<Semaphore>, event: Event) -> bool {
+        let Ok(permit) = permits.acquire_owned().await else {
+            return false;
+        };
+        // The lane may have gone while this waited; its queue then refuses the event.
+        self.lanes().get(name).is_some_and(|lane| {
+            lane.send_for(
+                event.acting().0,
+                lane::Command::Event(event.clone(), permit),
+            )
+        })
+    }
+
+    /// Hands dead letter `id` to be handled again, now that the plugin may have been fixed,
+    /// and answers which plugin it went to. A message goes to whichever plugin handles its
+    /// kind now, as a pending message (see [`crate::store::Store::requeue_dead_letter`]);
+    /// another event goes back to the plugin that failed it only (the others handled it). A
+    /// letter that no loaded plugin would take is kept, and the error says why.
+    pub async fn retry_dead_letter(&self, id: u64) -> Result<String, String> {
+        let store = &self.services.store;
+        let letter = store
+            .dead_letter(id)
+            .map_err(|e| format!("cannot read dead letter {id}: {e}"))?
+            .ok_or_else(|| format!("no dead letter {id}"))?;
+        let plugin = match &letter.event {
+            Event::Message(m) => self.handler_of(&m.kind).ok_or_else(|| {
+                format!(
+                    "no plugin handles {} messages now; the letter is kept",
+                    m.kind
+                )
+            })?,
+            event => {
+                let wanted = event.subscription();
+                let subscribed = self
+                    .lanes()
+                    .get(&letter.plugin)
+                    .is_some_and(|lane| lane.info.subscriptions.contains(&wanted));
+                if !subscribed {
+                    return Err(format!(
+                        "plugin {} is not loaded or no longer handles {wanted}; the letter is kept",
+                        letter.plugin
+                    ));
+                }
+                letter.plugin.clone()
+            }
+        };
+        let requeued = store
+            .requeue_dead_letter(id)
+            .map_err(|e| format!("cannot requeue dead letter {id}: {e}"))?;
+        if requeued.is_none() {
+            return Err(format!("no dead letter {id}"));
+        }
+        match &letter.event {
+            Event::Message(m) => {
+                // Durable as a pending message before it is handed over; if no plugin takes it
+                // now, the periodic retry routes it.
+                store
+                    .flush()
+                    .await
+                    .map_err(|e| format!("requeued, not yet on disk: {e}"))?;
+                if self.raise(letter.event.clone()).await == 0 {
+                    tracing::warn!(id = %m.id, "requeued dead letter waits for a plugin");
+                }
+            }
+            event => {
+                let permits = self
+                    .lanes()
+                    .get(&plugin)
+                    .map(|lane| Arc::clone(&lane.permits));
+                let queued = match permits {
+                    Some(permits) => self.queue_to(&plugin, permits, event.clone()).await,
+                    None => false,
+                };
+                if !queued {
+                    store.add_dead_letter(&letter).map_err(|e| {
+                        format!("the plugin went away and the letter could not be kept: {e}")
+                    })?;
+                    return Err(format!("plugin {plugin} went away; the letter is kept"));
+                }
+            }
+        }
+        tracing::info!(letter = id, %plugin, event = %letter.event, "dead letter handed back");
+        Ok(plugin)
     }
 
     /// Called by a lane when it is done with a message event (handled, refused, set aside, or

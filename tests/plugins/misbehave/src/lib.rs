@@ -14,6 +14,9 @@
 //! - `count-then-fail`: adds one to the counter, then fails (the write must not last);
 //! - anything else: passes the message on to its addressees.
 //!
+//! With `mode = "pass"` in its configuration it misbehaves no more: every message is passed on
+//! (for the tests of handing dead letters back once a plugin is fixed).
+//!
 //! What the host answered `forge`, `badlist` and `count` is reported to the sender as a
 //! message of kind `misbehave-report`, so a test sees the host's error as the plugin saw it.
 
@@ -23,7 +26,10 @@ use iim_plugin_sdk::{
 };
 
 /// The misbehaving plugin.
-pub struct Misbehave;
+pub struct Misbehave {
+    /// `mode = "pass"`: pass every message on, whatever its body says.
+    pass: bool,
+}
 
 const KIND: &str = "misbehave";
 
@@ -32,8 +38,17 @@ impl Plugin for Misbehave {
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
 
     fn new(config: &Config) -> Result<Self, PluginError> {
-        config.deny_unknown(&[])?;
-        Ok(Misbehave)
+        config.deny_unknown(&["mode"])?;
+        let pass = match config.get("mode") {
+            None | Some("misbehave") => false,
+            Some("pass") => true,
+            Some(other) => {
+                return Err(PluginError::InvalidConfig(format!(
+                    "mode: expected \"misbehave\" or \"pass\", got {other:?}"
+                )));
+            }
+        };
+        Ok(Misbehave { pass })
     }
 
     fn subscriptions(&self) -> Vec<Subscription> {
@@ -44,6 +59,10 @@ impl Plugin for Misbehave {
         let Event::Message(message) = event else {
             return Ok(());
         };
+        if self.pass {
+            host::forward(&message)?;
+            return Ok(());
+        }
         match message.body.as_slice() {
             b"trap" => panic!("asked to trap"),
             b"loop" => {
