@@ -56,7 +56,8 @@ pub struct Config {
 pub struct PluginsConfig {
     /// The directory of `.wasm` plugins (each with an optional `.toml` of its configuration).
     /// Without it, `<data_dir>/plugins`. A directory that does not exist yet is created with
-    /// the default plugins (chat, presence, receipts) in it.
+    /// the default plugins (chat, presence, receipts) in it; at later starts a default plugin
+    /// still as a host installed it is upgraded to this host's build (see `.iim-defaults`).
     pub dir: Option<PathBuf>,
     /// Where compiled plugins are cached, so that a restart does not compile them again.
     /// Without it, `<data_dir>/plugin-cache`.

@@ -76,13 +76,20 @@ impl Server {
             .map_err(|e| anyhow::anyhow!("cannot start the plugin runtime: {e:#}"))?,
         );
         let plugins_dir = config.plugins_dir();
-        if loader::install_defaults(&plugins_dir).with_context(|| {
+        let defaults = loader::install_defaults(&plugins_dir).with_context(|| {
             format!(
                 "cannot install the default plugins in {}",
                 plugins_dir.display()
             )
-        })? {
+        })?;
+        if defaults.created {
             tracing::info!(dir = %plugins_dir.display(), "installed the default plugins");
+        }
+        for name in &defaults.upgraded {
+            tracing::info!(plugin = %name, "default plugin upgraded to this host's build");
+        }
+        for name in &defaults.kept {
+            tracing::info!(plugin = %name, "default plugin replaced by the operator; kept, not upgraded");
         }
         let mut loader = loader::Loader::new(Arc::clone(&plugins), plugins_dir);
         loader.scan().await;

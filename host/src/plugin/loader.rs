@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{Semaphore, mpsc};
 
-/// The plugins built with the host, installed in a plugins directory that does not exist yet.
+/// The plugins built with the host, installed in a plugins directory that does not exist yet,
+/// and upgraded in one where a host installed them (see [`install_defaults`]).
 pub const DEFAULT_PLUGINS: &[(&str, &[u8])] = &[
     ("chat", include_bytes!(env!("IIM_PLUGIN_CHAT_WASM"))),
     ("presence", include_bytes!(env!("IIM_PLUGIN_PRESENCE_WASM"))),
@@ -51,16 +52,91 @@ struct Seen {
     config: Option<(SystemTime, u64)>,
 }
 
-/// Creates the plugins directory with the default plugins if it does not exist.
-pub fn install_defaults(dir: &Path) -> std::io::Result<bool> {
+/// The file in a plugins directory that records the default plugins the host installed there,
+/// each with the SHA-256 of the bytes it wrote: `NAME HEX` per line. The loader reads only
+/// `.wasm` files, so it is not mistaken for a plugin.
+pub const DEFAULTS_MANIFEST: &str = ".iim-defaults";
+
+/// What [`install_defaults`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DefaultsReport {
+    /// The directory was created, with every default plugin in it.
+    pub created: bool,
+    /// Default plugins replaced by this host's build: the file was the one an earlier host
+    /// installed, untouched since.
+    pub upgraded: Vec<String>,
+    /// Default plugins left as they are because the operator replaced them.
+    pub kept: Vec<String>,
+}
+
+/// Creates the plugins directory with the default plugins if it does not exist; in one that
+/// does, upgrades each default plugin this host's build differs from, if the file there is
+/// still the one a host installed (the manifest says so). A default plugin the operator
+/// replaced is kept; one the operator removed stays removed; a directory without a manifest
+/// (made by hand) is not touched.
+pub fn install_defaults(dir: &Path) -> std::io::Result<DefaultsReport> {
+    let mut report = DefaultsReport::default();
+    let mut manifest = BTreeMap::new();
     if dir.exists() {
-        return Ok(false);
+        let text = match std::fs::read_to_string(dir.join(DEFAULTS_MANIFEST)) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(report),
+            Err(e) => return Err(e),
+        };
+        for line in text.lines() {
+            if let Some((name, digest)) = line.split_once(' ') {
+                manifest.insert(name.to_owned(), digest.trim().to_owned());
+            }
+        }
+    } else {
+        std::fs::create_dir_all(dir)?;
+        report.created = true;
     }
-    std::fs::create_dir_all(dir)?;
     for (name, bytes) in DEFAULT_PLUGINS {
-        std::fs::write(dir.join(format!("{name}.wasm")), bytes)?;
+        let ours = sha256_hex(bytes);
+        let path = dir.join(format!("{name}.wasm"));
+        if !report.created {
+            let Some(installed) = manifest.get(*name) else {
+                continue; // not one a host installed here
+            };
+            let there = match std::fs::read(&path) {
+                Ok(there) => sha256_hex(&there),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // removed
+                Err(e) => return Err(e),
+            };
+            if there == ours {
+                continue;
+            }
+            if there != *installed {
+                report.kept.push((*name).to_owned());
+                continue;
+            }
+            report.upgraded.push((*name).to_owned());
+        }
+        // Written beside it and renamed: a crash leaves the old file or the new one whole.
+        let partial = dir.join(format!(".{name}.wasm.partial"));
+        std::fs::write(&partial, bytes)?;
+        std::fs::rename(&partial, &path)?;
+        manifest.insert((*name).to_owned(), ours);
     }
-    Ok(true)
+    if report.created || !report.upgraded.is_empty() {
+        let text: String = manifest
+            .iter()
+            .map(|(name, digest)| format!("{name} {digest}\n"))
+            .collect();
+        let partial = dir.join(format!("{DEFAULTS_MANIFEST}.partial"));
+        std::fs::write(&partial, text)?;
+        std::fs::rename(&partial, dir.join(DEFAULTS_MANIFEST))?;
+    }
+    Ok(report)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Loads every plugin in `dir` now, then watches it until the host shuts down.
@@ -345,5 +421,87 @@ impl PluginHost {
             }
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(dir: &Path) -> String {
+        std::fs::read_to_string(dir.join(DEFAULTS_MANIFEST)).expect("manifest")
+    }
+
+    #[test]
+    fn defaults_are_installed_then_upgraded_only_where_untouched() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("plugins");
+        let report = install_defaults(&dir).expect("install");
+        assert!(report.created);
+        for (name, bytes) in DEFAULT_PLUGINS {
+            let there = std::fs::read(dir.join(format!("{name}.wasm"))).expect("installed");
+            assert_eq!(&there, bytes);
+            assert!(manifest(&dir).contains(&format!("{name} {}\n", sha256_hex(bytes))));
+        }
+        assert_eq!(
+            install_defaults(&dir).expect("again"),
+            DefaultsReport::default()
+        );
+
+        // As if an earlier host had installed other builds: chat untouched since, presence
+        // replaced by the operator afterwards, receipts removed by the operator.
+        let old = b"an older build".as_slice();
+        let mut text = String::new();
+        for (name, _) in DEFAULT_PLUGINS {
+            text.push_str(&format!("{name} {}\n", sha256_hex(old)));
+        }
+        std::fs::write(dir.join(DEFAULTS_MANIFEST), text).expect("manifest");
+        std::fs::write(dir.join("chat.wasm"), old).expect("chat");
+        std::fs::write(dir.join("presence.wasm"), b"the operator's own").expect("presence");
+        std::fs::remove_file(dir.join("receipts.wasm")).expect("receipts");
+
+        let report = install_defaults(&dir).expect("upgrade");
+        assert_eq!(
+            report,
+            DefaultsReport {
+                created: false,
+                upgraded: vec!["chat".into()],
+                kept: vec!["presence".into()],
+            }
+        );
+        let chat = DEFAULT_PLUGINS
+            .iter()
+            .find(|(n, _)| *n == "chat")
+            .expect("chat");
+        assert_eq!(std::fs::read(dir.join("chat.wasm")).expect("chat"), chat.1);
+        assert!(manifest(&dir).contains(&format!("chat {}\n", sha256_hex(chat.1))));
+        assert_eq!(
+            std::fs::read(dir.join("presence.wasm")).expect("presence"),
+            b"the operator's own"
+        );
+        assert!(!dir.join("receipts.wasm").exists(), "removed stays removed");
+        assert!(
+            !std::fs::read_dir(&dir).expect("list").any(|e| e
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".partial")),
+            "no partial file left"
+        );
+    }
+
+    #[test]
+    fn a_directory_made_by_hand_is_not_touched() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::write(root.path().join("chat.wasm"), b"mine").expect("write");
+        assert_eq!(
+            install_defaults(root.path()).expect("install"),
+            DefaultsReport::default()
+        );
+        assert_eq!(
+            std::fs::read(root.path().join("chat.wasm")).expect("read"),
+            b"mine"
+        );
+        assert!(!root.path().join(DEFAULTS_MANIFEST).exists());
     }
 }
