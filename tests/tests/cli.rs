@@ -318,3 +318,64 @@ fn two_users_chat_see_each_other_and_get_receipts_through_the_cli() -> anyhow::R
     assert!(String::from_utf8(after.stderr)?.contains("not logged in"));
     Ok(())
 }
+
+#[test]
+fn listen_reconnects_by_itself_when_the_host_restarts() -> anyhow::Result<()> {
+    let mut host = HostProcess::start_chat_only()?;
+    let dir = tempfile::tempdir()?;
+    let (a, b) = (dir.path().join("alice"), dir.path().join("bob"));
+    for (profile, user) in [(&a, "alice"), (&b, "bob")] {
+        ok(iim(
+            &host,
+            profile,
+            &["register", user, "--password", "correct horse"],
+        )?)?;
+        ok(iim(
+            &host,
+            profile,
+            &[
+                "login",
+                user,
+                "--password",
+                "correct horse",
+                "--device",
+                "phone",
+            ],
+        )?)?;
+    }
+    let bob = Listen::start(&b, &["--json", "listen"])?;
+    assert_eq!(bob.json()?["kind"], "synced");
+    let before = send(&host, &a, "bob", "before")?;
+    assert_eq!(bob.json()?["id"], before);
+
+    // The host stops (telling its sessions so) and comes back on the same address.
+    host.terminate()?;
+    let status = tokio::runtime::Runtime::new()?.block_on(host.wait())?;
+    ensure!(status.success(), "the host ended with {status}");
+    host.restart()?;
+
+    // The listener reconnects by itself: a new session, then what is sent now ("before",
+    // acknowledged already, is not shown again).
+    assert_eq!(bob.json()?["kind"], "synced");
+    let after = send(&host, &a, "bob", "after")?;
+    let got = bob.json()?;
+    assert_eq!(got["id"], after, "{got}");
+    assert_eq!(got["body"], "after");
+    let stderr = Arc::clone(&bob.stderr);
+    bob.interrupt()?;
+    // Its stderr is read to the end by a thread, which the exit just ended.
+    let deadline = std::time::Instant::now() + STEP;
+    let said = loop {
+        let said = stderr.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if said.contains("iim: reconnected") || std::time::Instant::now() > deadline {
+            break said;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        said.contains("shutting_down") && said.contains("reconnecting in"),
+        "{said}"
+    );
+    assert!(said.contains("iim: reconnected"), "{said}");
+    Ok(())
+}

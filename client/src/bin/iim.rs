@@ -77,7 +77,8 @@ enum Command {
         text: String,
     },
     /// Stay connected and print every message as it arrives: chat, contacts coming online or
-    /// going offline, and receipts for the messages you sent.
+    /// going offline, and receipts for the messages you sent. A lost connection, or a host
+    /// that restarts, is reconnected by itself.
     Listen {
         /// Mark every chat message read once it is printed (as `iim read` does).
         #[arg(long)]
@@ -322,19 +323,88 @@ async fn relation(cli: &Cli, kind: RelationKind, op: &RelationCommand) -> anyhow
     Ok(())
 }
 
+/// First wait before reconnecting after a lost connection; it doubles up to [`RECONNECT_MAX`].
+const RECONNECT_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+/// Longest wait between two attempts to reconnect.
+const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Listens until Ctrl-C, reconnecting by itself (with a growing wait) when the connection is
+/// lost or the host goes away for a while: on a mobile network that is an everyday event.
+/// The host sends again from the device's cursor what it had not seen acknowledged; what was
+/// shown already is acknowledged again, not shown twice.
 async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
-    let (conn, profile) = session(cli, SessionMode::Receive).await?;
-    if !cli.json {
-        eprintln!("listening as {} on device {}", profile.user, profile.device);
-    }
-    // One future for the whole loop, polled first: once it has been polled, a Ctrl-C that
-    // comes while a message is being handled is not lost.
+    // One future for the whole run, polled first: once it has been polled, a Ctrl-C that comes
+    // while a message is being handled, or while waiting to reconnect, is not lost.
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    // The highest inbox position shown, across connections: the host delivers each device's
+    // positions in increasing order, and one shown before a lost acknowledgement comes again.
+    let mut shown: Option<u64> = None;
+    let mut wait = RECONNECT_FIRST;
+    let mut reconnecting = false;
+    loop {
+        let connected = tokio::select! {
+            biased;
+            _ = &mut ctrl_c => return Ok(()),
+            connected = session(cli, SessionMode::Receive) => connected,
+        };
+        let lost = match connected {
+            Ok((conn, profile)) => {
+                if reconnecting {
+                    eprintln!("iim: reconnected");
+                } else if !cli.json {
+                    eprintln!("listening as {} on device {}", profile.user, profile.device);
+                }
+                wait = RECONNECT_FIRST;
+                match receive(cli, read, conn, &profile, &mut shown, &mut ctrl_c).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if reconnectable(&e) => format!("connection lost ({e:#})"),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) if reconnectable(&e) => format!("cannot reach the host ({e:#})"),
+            Err(e) => return Err(e),
+        };
+        eprintln!("iim: {lost}; reconnecting in {:.1} s", wait.as_secs_f64());
+        reconnecting = true;
+        tokio::select! {
+            biased;
+            _ = &mut ctrl_c => return Ok(()),
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(RECONNECT_MAX);
+    }
+}
+
+/// Whether listening may go on after `error` by connecting again: the network or the host
+/// went away, or the host asked the device to come back later. Not after a refused login, or
+/// when another session of the same device took over.
+fn reconnectable(error: &anyhow::Error) -> bool {
+    match error.downcast_ref::<ClientError>() {
+        Some(ClientError::Connect { .. } | ClientError::ConnectionLost(_)) => true,
+        Some(ClientError::Timeout(_)) => true,
+        Some(ClientError::ClosedByHost { code, .. }) => {
+            *code == iim_client::proto::ErrorCode::SHUTTING_DOWN
+                || *code == iim_client::proto::ErrorCode::TOO_SLOW
+        }
+        _ => false,
+    }
+}
+
+/// Shows what the host pushes on one connection until Ctrl-C (`Ok`) or until the connection
+/// fails (the error says how).
+async fn receive(
+    cli: &Cli,
+    read: bool,
+    conn: Connection,
+    profile: &Profile,
+    shown: &mut Option<u64>,
+    ctrl_c: &mut std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<()>>>,
+) -> anyhow::Result<()> {
     loop {
         let event = tokio::select! {
             biased;
-            _ = &mut ctrl_c => {
+            _ = ctrl_c.as_mut() => {
                 // Closing drops what is not yet sent, and the host may drop what it has not
                 // read: the last acknowledgements could be lost, and their messages shown
                 // again by the next `listen`. The host answers a request only after reading
@@ -351,6 +421,12 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
         };
         match event {
             Some(Ok(Event::Message { seq, message })) => {
+                if shown.is_some_and(|last| seq <= last) {
+                    // Shown before; its acknowledgement was lost with the last connection.
+                    conn.ack(seq).await?;
+                    continue;
+                }
+                *shown = Some(seq);
                 println!("{}", message_line(cli.json, &message));
                 // Acknowledged before it is reported read, so that its sender hears of the
                 // delivery first (the receipts plugin handles both in the order they come).
@@ -376,7 +452,7 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
                 }
             }
             Some(Err(e)) => return Err(e.into()),
-            None => bail!("the connection ended"),
+            None => return Err(ClientError::ConnectionLost("the connection ended".into()).into()),
         }
     }
 }
