@@ -35,6 +35,34 @@ fn send(host: &HostProcess, profile: &Path, to: &str, text: &str) -> anyhow::Res
         .parse()?)
 }
 
+/// `iim register USER` then `iim login USER --device DEVICE` with profile `profile`, checking
+/// what each prints.
+fn register_and_login(
+    host: &HostProcess,
+    profile: &Path,
+    user: &str,
+    device: &str,
+) -> anyhow::Result<()> {
+    let password = "correct horse";
+    assert_eq!(
+        ok(iim(
+            host,
+            profile,
+            &["register", user, "--password", password]
+        )?)?,
+        format!("registered {user}\n")
+    );
+    assert_eq!(
+        ok(iim(
+            host,
+            profile,
+            &["login", user, "--password", password, "--device", device],
+        )?)?,
+        format!("logged in as {user} on device {device}\n")
+    );
+    Ok(())
+}
+
 /// A running `iim listen`, its output read line by line.
 struct Listen {
     child: Child,
@@ -151,29 +179,7 @@ fn two_users_chat_see_each_other_and_get_receipts_through_the_cli() -> anyhow::R
     let dir = tempfile::tempdir()?;
     let (a, b) = (dir.path().join("alice"), dir.path().join("bob"));
     for (profile, user, device) in [(&a, "alice", "laptop"), (&b, "bob", "phone")] {
-        assert_eq!(
-            ok(iim(
-                &host,
-                profile,
-                &["register", user, "--password", "correct horse"],
-            )?)?,
-            format!("registered {user}\n")
-        );
-        assert_eq!(
-            ok(iim(
-                &host,
-                profile,
-                &[
-                    "login",
-                    user,
-                    "--password",
-                    "correct horse",
-                    "--device",
-                    device
-                ],
-            )?)?,
-            format!("logged in as {user} on device {device}\n")
-        );
+        register_and_login(&host, profile, user, device)?;
     }
     // Each is the other's contact: each hears when the other comes online or goes offline.
     ok(iim(&host, &a, &["friend", "add", "bob"])?)?;
@@ -325,23 +331,7 @@ fn listen_reconnects_by_itself_when_the_host_restarts() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (a, b) = (dir.path().join("alice"), dir.path().join("bob"));
     for (profile, user) in [(&a, "alice"), (&b, "bob")] {
-        ok(iim(
-            &host,
-            profile,
-            &["register", user, "--password", "correct horse"],
-        )?)?;
-        ok(iim(
-            &host,
-            profile,
-            &[
-                "login",
-                user,
-                "--password",
-                "correct horse",
-                "--device",
-                "phone",
-            ],
-        )?)?;
+        register_and_login(&host, profile, user, "phone")?;
     }
     let bob = Listen::start(&b, &["--json", "listen"])?;
     assert_eq!(bob.json()?["kind"], "synced");
