@@ -526,6 +526,10 @@ async fn drive(
     events: mpsc::UnboundedSender<Result<Event, ClientError>>,
 ) {
     decoder.set_max(max_frame);
+    // The highest inbox position received on this connection. The host sends a device's
+    // positions in increasing order, and sends one again only when it was not acknowledged in
+    // time (docs/protocol.md, "Retransmission"): a position not above it is such a repeat.
+    let mut highest: Option<u64> = None;
     let end = loop {
         let frame = match read_frame(&mut recv, &mut decoder).await {
             Ok(Some(frame)) => frame,
@@ -534,6 +538,12 @@ async fn drive(
         };
         let (req, answer) = match frame {
             ServerFrame::Deliver { seq, message } => {
+                if highest.is_some_and(|highest| seq <= highest) {
+                    // A retransmission of what the application has (its ack is on its way,
+                    // or the application has not acknowledged it yet).
+                    continue;
+                }
+                highest = Some(seq);
                 // Nobody may be listening for events any more; requests are still answered.
                 let _ = events.send(Ok(Event::Message { seq, message }));
                 continue;

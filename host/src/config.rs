@@ -3,6 +3,7 @@
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The address a host listens on unless told otherwise: loopback only, so a development host
 /// is not reachable from the network by accident.
@@ -139,8 +140,14 @@ pub struct Limits {
     /// Deliveries sent to one device and not yet acknowledged, at most; past it the host
     /// waits for acks (and reads what it delivers next from the inbox).
     pub max_in_flight: usize,
-    /// Seconds a device may leave a full window unacknowledged before it is disconnected.
-    pub ack_timeout_secs: u64,
+    /// Milliseconds after which a delivery not yet acknowledged is sent again; each wait
+    /// doubles up to `retransmit_max_ms`.
+    pub retransmit_initial_ms: u64,
+    /// Longest wait, in milliseconds, between two transmissions of a delivery.
+    pub retransmit_max_ms: u64,
+    /// Transmissions of one delivery, the first included, after which a device that did not
+    /// acknowledge it is disconnected (what it did not acknowledge stays in its inbox).
+    pub retransmit_budget: u32,
     /// Submissions one session may make per second, on average.
     pub submit_rate: u32,
     /// Submissions one session may make in a burst.
@@ -149,6 +156,17 @@ pub struct Limits {
     pub auth_rate: u32,
     /// Register, login and authenticate attempts one connection may make in a burst.
     pub auth_burst: u32,
+}
+
+impl Limits {
+    /// When deliveries are sent again, and when a device is given up.
+    pub fn retry_policy(&self) -> iim_proto::RetryPolicy {
+        iim_proto::RetryPolicy {
+            initial: Duration::from_millis(self.retransmit_initial_ms),
+            max: Duration::from_millis(self.retransmit_max_ms),
+            budget: self.retransmit_budget,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -164,7 +182,9 @@ impl Default for Limits {
             idle_timeout_secs: 30,
             write_timeout_secs: 30,
             max_in_flight: 1024,
-            ack_timeout_secs: 60,
+            retransmit_initial_ms: 2_000,
+            retransmit_max_ms: 16_000,
+            retransmit_budget: 6,
             submit_rate: 1000,
             submit_burst: 2000,
             auth_rate: 2,
@@ -220,6 +240,16 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.cert and tls.key go together".into(),
+            ));
+        }
+        if self.limits.retransmit_initial_ms == 0
+            || self.limits.retransmit_max_ms < self.limits.retransmit_initial_ms
+            || self.limits.retransmit_budget == 0
+        {
+            return Err(ConfigError::Invalid(
+                "limits.retransmit_initial_ms and retransmit_budget must be at least 1, and \
+                 retransmit_max_ms at least retransmit_initial_ms"
+                    .into(),
             ));
         }
         let p = &self.plugins;
@@ -283,6 +313,24 @@ mod tests {
         std::fs::write(&path, "lisen = \"127.0.0.1:9000\"\n").expect("write");
         let err = Config::from_file(&path).expect_err("typo refused");
         assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn retransmission_limits_are_checked() {
+        let mut config = Config::default();
+        config.validate().expect("defaults are valid");
+        assert_eq!(
+            config.limits.retry_policy().give_up_after(),
+            Duration::from_secs(62)
+        );
+        config.limits.retransmit_max_ms = config.limits.retransmit_initial_ms - 1;
+        let err = config.validate().expect_err("max below initial");
+        assert!(err.to_string().contains("retransmit_max_ms"), "{err}");
+        config.limits = Limits {
+            retransmit_budget: 0,
+            ..Limits::default()
+        };
+        assert!(config.validate().is_err(), "a budget of 0");
     }
 
     #[test]

@@ -10,8 +10,8 @@ use crate::cmd::{self, Refusal, submit::Submission};
 use crate::plugin::{Delivered, Event as PluginEvent, SessionInfo};
 use crate::registry::{Delivery, Kick, SessionId};
 use iim_proto::{
-    AckOutcome, ClientFrame, CodecError, DeliveryWindow, DeviceId, ErrorCode, FrameDecoder,
-    RequestId, ServerFrame, SessionMode, TokenBucket, UserId,
+    AckOutcome, ClientFrame, CodecError, DeliveryWindow, DeviceId, Due, ErrorCode, FrameDecoder,
+    RequestId, Retransmit, ServerFrame, SessionMode, TokenBucket, UserId,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,8 +65,10 @@ struct Attached {
     deliveries: mpsc::Receiver<Delivery>,
     lag: Arc<Notify>,
     kick: watch::Receiver<Option<Kick>>,
-    /// Since when the window has been full, waiting for acks.
-    full_since: Option<Instant>,
+    /// What was sent and not acknowledged, and when to send it again.
+    retransmit: Retransmit<u64>,
+    /// The messages of those deliveries, by position, to send again.
+    unacked: std::collections::BTreeMap<u64, Arc<iim_proto::Message>>,
     /// Deliveries sent and not yet acknowledged whose acknowledgement a plugin wants to hear
     /// of (a `delivered` subscription), by position.
     watched: std::collections::VecDeque<(u64, Delivered)>,
@@ -97,7 +99,7 @@ enum Event {
     Kicked(Option<Kick>),
     Lagged,
     SyncStep,
-    AckTimeout,
+    Retransmit,
     AuthTimeout,
     Shutdown,
 }
@@ -156,11 +158,10 @@ impl Session {
         let mut shutdown = self.host.shutdown.clone();
         let limits = self.host.config.limits.clone();
         let max_in_flight = limits.max_in_flight.max(1);
-        let ack_timeout = Duration::from_secs(limits.ack_timeout_secs);
         let auth_deadline = Instant::now() + Duration::from_secs(limits.auth_timeout_secs);
         loop {
             let unauthenticated = self.auth.is_none().then_some(auth_deadline);
-            let (deliveries, kick, lag, can_sync, can_live, ack_deadline) =
+            let (deliveries, kick, lag, can_sync, can_live, retransmit_at) =
                 match self.attached.as_mut() {
                     Some(a) => {
                         let room = a.window.in_flight() < max_in_flight;
@@ -170,7 +171,7 @@ impl Session {
                             Some(Arc::clone(&a.lag)),
                             a.syncing && room,
                             !a.syncing && room,
-                            a.full_since.map(|since| since + ack_timeout),
+                            a.retransmit.next_deadline().map(|at| self.started + at),
                         )
                     }
                     None => (None, None, None, false, false, None),
@@ -182,7 +183,7 @@ impl Session {
                 _ = shutdown.wait_for(|stopping| *stopping) => Event::Shutdown,
                 kick = next_kick(kick) => Event::Kicked(kick),
                 () = notified(lag.as_deref()) => Event::Lagged,
-                () = sleep_until(ack_deadline) => Event::AckTimeout,
+                () = sleep_until(retransmit_at) => Event::Retransmit,
                 () = sleep_until(unauthenticated) => Event::AuthTimeout,
                 () = std::future::ready(()), if can_sync => Event::SyncStep,
                 delivery = next_delivery(deliveries), if can_live => Event::Delivery(delivery),
@@ -220,14 +221,7 @@ impl Session {
                     Ok(())
                 }
                 Event::SyncStep => self.sync_step(max_in_flight).await,
-                Event::AckTimeout => Err(End::Error(
-                    ErrorCode::TOO_SLOW,
-                    format!(
-                        "{max_in_flight} deliveries unacknowledged for {} s; what was not \
-                         acknowledged stays in the inbox",
-                        ack_timeout.as_secs()
-                    ),
-                )),
+                Event::Retransmit => self.retransmit().await,
                 Event::AuthTimeout => Err(End::Error(
                     ErrorCode::NOT_AUTHENTICATED,
                     format!(
@@ -537,7 +531,8 @@ impl Session {
             deliveries: attachment.deliveries,
             lag: attachment.lag,
             kick: attachment.kick,
-            full_since: None,
+            retransmit: Retransmit::new(self.host.config.limits.retry_policy()),
+            unacked: std::collections::BTreeMap::new(),
             watched: std::collections::VecDeque::new(),
         });
         Ok(())
@@ -578,8 +573,7 @@ impl Session {
             return Ok(());
         }
         for (seq, message) in batch {
-            self.send_delivery(seq, ServerFrame::Deliver { seq, message })
-                .await?;
+            self.send_delivery(seq, Arc::new(message)).await?;
             if let Some(count) = self.attached.as_mut().and_then(|a| a.backlog.as_mut()) {
                 *count += 1;
             }
@@ -595,34 +589,35 @@ impl Session {
         {
             return Ok(());
         }
-        let frame = ServerFrame::Deliver {
-            seq: delivery.seq,
-            message: Arc::unwrap_or_clone(delivery.message),
-        };
-        self.send_delivery(delivery.seq, frame).await
+        self.send_delivery(delivery.seq, delivery.message).await
     }
 
-    async fn send_delivery(&mut self, seq: u64, frame: ServerFrame) -> Result<(), End> {
+    async fn send_delivery(
+        &mut self,
+        seq: u64,
+        message: Arc<iim_proto::Message>,
+    ) -> Result<(), End> {
+        let frame = ServerFrame::Deliver {
+            seq,
+            message: (*message).clone(),
+        };
         self.write(&frame).await?;
-        let max_in_flight = self.host.config.limits.max_in_flight;
-        let watch = match (&frame, &self.auth) {
-            (ServerFrame::Deliver { message, .. }, Some(auth))
-                if self.host.plugins.wants_delivered(&message.kind) =>
-            {
-                Some(Delivered {
-                    id: message.id,
-                    kind: message.kind.clone(),
-                    sender: message.from.clone(),
-                    sender_device: message.from_device.clone(),
-                    recipient: auth.user.clone(),
-                    recipient_device: auth.device.clone(),
-                })
-            }
+        let watch = match &self.auth {
+            Some(auth) if self.host.plugins.wants_delivered(&message.kind) => Some(Delivered {
+                id: message.id,
+                kind: message.kind.clone(),
+                sender: message.from.clone(),
+                sender_device: message.from_device.clone(),
+                recipient: auth.user.clone(),
+                recipient_device: auth.device.clone(),
+            }),
             _ => None,
         };
+        let now = self.started.elapsed();
         if let Some(attached) = self.attached.as_mut() {
             attached.window.on_sent(seq);
-            attached.note_fullness(max_in_flight);
+            attached.retransmit.sent(seq, now);
+            attached.unacked.insert(seq, message);
             if let Some(delivered) = watch
                 && attached.watched.back().is_none_or(|(last, _)| *last < seq)
             {
@@ -632,13 +627,61 @@ impl Session {
         Ok(())
     }
 
+    /// Sends again what the device has not acknowledged in time, or gives the device up once a
+    /// delivery has used its retry budget (I4): the session ends, and what was not
+    /// acknowledged stays in the inbox for the device's next session.
+    async fn retransmit(&mut self) -> Result<(), End> {
+        let now = self.started.elapsed();
+        let Some(attached) = self.attached.as_mut() else {
+            return Ok(());
+        };
+        match attached.retransmit.poll(now) {
+            None => Ok(()),
+            Some(Due::GiveUp(seq)) => {
+                let policy = attached.retransmit.policy();
+                Err(End::Error(
+                    ErrorCode::TOO_SLOW,
+                    format!(
+                        "delivery {seq} sent {} times over {} ms and never acknowledged; what \
+                         was not acknowledged stays in the inbox",
+                        policy.budget,
+                        policy.give_up_after().as_millis()
+                    ),
+                ))
+            }
+            Some(Due::Resend(seqs)) => {
+                let frames: Vec<ServerFrame> = seqs
+                    .iter()
+                    .filter_map(|seq| {
+                        let message = attached.unacked.get(seq)?;
+                        Some(ServerFrame::Deliver {
+                            seq: *seq,
+                            message: (**message).clone(),
+                        })
+                    })
+                    .collect();
+                tracing::debug!(
+                    count = frames.len(),
+                    "sending unacknowledged deliveries again"
+                );
+                for frame in &frames {
+                    self.write(frame).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     async fn ack(&mut self, seq: u64) {
         let (Some(auth), Some(attached)) = (self.auth.as_ref(), self.attached.as_mut()) else {
             tracing::debug!(seq, "ack on a connection without deliveries; ignored");
             return;
         };
         let outcome = attached.window.on_ack(seq);
-        attached.note_fullness(self.host.config.limits.max_in_flight);
+        if outcome != AckOutcome::Unknown {
+            attached.retransmit.acked_through(&seq);
+            attached.unacked = attached.unacked.split_off(&(seq + 1));
+        }
         match outcome {
             AckOutcome::Advanced(cursor) => {
                 // Not flushed: a cursor lost in a crash only means a redelivery, which the
@@ -761,17 +804,6 @@ fn internal(e: crate::store::StoreError) -> End {
         ErrorCode::INTERNAL,
         "the host could not read its store".into(),
     )
-}
-
-impl Attached {
-    /// Starts or stops the ack timeout's clock.
-    fn note_fullness(&mut self, max_in_flight: usize) {
-        if self.window.in_flight() < max_in_flight {
-            self.full_since = None;
-        } else if self.full_since.is_none() {
-            self.full_since = Some(Instant::now());
-        }
-    }
 }
 
 async fn next_delivery(deliveries: Option<&mut mpsc::Receiver<Delivery>>) -> Option<Delivery> {

@@ -572,7 +572,8 @@ async fn a_backlog_beyond_the_window_and_a_flood_beyond_the_queue_arrive_whole_i
 #[tokio::test]
 async fn a_device_that_never_acknowledges_is_disconnected_and_loses_nothing() -> Result {
     let host = HostProcess::start_chat_only_with_config(
-        "[limits]\nmax_in_flight = 4\nack_timeout_secs = 1\n",
+        "[limits]\nmax_in_flight = 4\nretransmit_initial_ms = 200\nretransmit_max_ms = 400\n\
+         retransmit_budget = 3\n",
     )?;
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
@@ -592,6 +593,12 @@ async fn a_device_that_never_acknowledges_is_disconnected_and_loses_nothing() ->
         }
     };
     assert_eq!(closed.code(), Some(ErrorCode::TOO_SLOW), "{closed}");
+    // Sent three times (200 and 400 ms apart), then given up 400 ms after the third.
+    assert!(
+        closed.to_string().contains("sent 3 times over 1000 ms"),
+        "{closed}"
+    );
+    // The retransmissions reach the client, which hands each position over once.
     assert_eq!(unacked, 4, "no more than the window is sent ahead of acks");
     let (_, backlog) = host.online(&bob, "phone").await?;
     assert_eq!(ids(&backlog), sent);
