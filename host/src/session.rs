@@ -597,11 +597,16 @@ impl Session {
         seq: u64,
         message: Arc<iim_proto::Message>,
     ) -> Result<(), End> {
+        // The message moves into the frame (cloned only if other sessions share it) and back
+        // out of it, to be kept for a retransmission.
         let frame = ServerFrame::Deliver {
             seq,
-            message: (*message).clone(),
+            message: Arc::unwrap_or_clone(message),
         };
         self.write(&frame).await?;
+        let ServerFrame::Deliver { message, .. } = frame else {
+            unreachable!("built as a delivery above");
+        };
         let watch = match &self.auth {
             Some(auth) if self.host.plugins.wants_delivered(&message.kind) => Some(Delivered {
                 id: message.id,
@@ -617,7 +622,7 @@ impl Session {
         if let Some(attached) = self.attached.as_mut() {
             attached.window.on_sent(seq);
             attached.retransmit.sent(seq, now);
-            attached.unacked.insert(seq, message);
+            attached.unacked.insert(seq, Arc::new(message));
             if let Some(delivered) = watch
                 && attached.watched.back().is_none_or(|(last, _)| *last < seq)
             {

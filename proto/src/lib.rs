@@ -18,7 +18,7 @@ pub mod reliable;
 pub use codec::{CodecError, FrameDecoder, encode_frame};
 pub use delivery::{AckOutcome, DeliveryWindow};
 pub use frame::*;
-pub use name::{DeviceId, NameError, UserId};
+pub use name::{DeviceId, NameError, UserId, stable_hash};
 pub use rate::TokenBucket;
 pub use reliable::{Due, Offered, Reorder, Retransmit, RetryPolicy};
 

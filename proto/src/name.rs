@@ -101,13 +101,19 @@ impl UserId {
     /// it to spread users' work over parallel lanes while keeping each user's work in one.
     /// `parts` of 0 counts as 1.
     pub fn partition(&self, parts: usize) -> usize {
-        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-        const PRIME: u64 = 0x0000_0100_0000_01b3;
-        let hash = self.as_str().bytes().fold(OFFSET, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(PRIME)
-        });
-        (hash % parts.max(1) as u64) as usize
+        (stable_hash(self.as_str().bytes()) % parts.max(1) as u64) as usize
     }
+}
+
+/// 64-bit FNV-1a of `bytes`: a hash that never changes between builds, machines or versions,
+/// for values that must stay the same wherever they are computed (a user's lane, a client's
+/// idempotency id).
+pub fn stable_hash(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes.into_iter().fold(OFFSET, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+    })
 }
 
 name_type!(

@@ -474,17 +474,15 @@ async fn report_read(conn: &Connection, id: MessageId, sender: &UserId) -> Resul
 /// so that the host takes a second report of the same message from this device as a repeat
 /// and sends no second receipt (`listen --read` after a lost acknowledgement, `iim read`
 /// twice). The sender is part of it so that a report corrected after naming the wrong sender
-/// is a new one. FNV-1a, because the id must not change between builds of the client.
+/// is a new one. A stable hash, because the id must not change between builds of the client.
 fn read_report_client_id(id: MessageId, sender: &UserId) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in b"read\0"
-        .iter()
-        .chain(&id.0.to_be_bytes())
-        .chain(sender.as_str().as_bytes())
-    {
-        hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
+    iim_client::proto::stable_hash(
+        b"read\0"
+            .iter()
+            .chain(&id.0.to_be_bytes())
+            .chain(sender.as_str().as_bytes())
+            .copied(),
+    )
 }
 
 /// The body of a `receipt` message (docs/plugins.md, "Receipts"). Fields it does not know are

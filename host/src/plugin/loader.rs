@@ -9,7 +9,7 @@
 //! A removed file unloads its plugin.
 
 use super::lane::{self, Command, Ready};
-use super::runtime::LoadError;
+use super::runtime::{LoadError, sha256_hex};
 use super::{LaneHandle, LoadedInfo, PluginHost, Subscription};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -129,14 +129,6 @@ pub fn install_defaults(dir: &Path) -> std::io::Result<DefaultsReport> {
         std::fs::rename(&partial, dir.join(DEFAULTS_MANIFEST))?;
     }
     Ok(report)
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Loads every plugin in `dir` now, then watches it until the host shuts down.

@@ -204,36 +204,42 @@ impl PluginHost {
             .dead_letter(id)
             .map_err(|e| format!("cannot read dead letter {id}: {e}"))?
             .ok_or_else(|| format!("no dead letter {id}"))?;
-        let plugin = match &letter.event {
-            Event::Message(m) => self.handler_of(&m.kind).ok_or_else(|| {
-                format!(
-                    "no plugin handles {} messages now; the letter is kept",
-                    m.kind
-                )
-            })?,
+        // The plugin it goes to, and (for an event other than a message) that plugin's queue.
+        let (plugin, permits) = match &letter.event {
+            Event::Message(m) => {
+                let handler = self.handler_of(&m.kind).ok_or_else(|| {
+                    format!(
+                        "no plugin handles {} messages now; the letter is kept",
+                        m.kind
+                    )
+                })?;
+                (handler, None)
+            }
             event => {
                 let wanted = event.subscription();
-                let subscribed = self
+                let permits = self
                     .lanes()
                     .get(&letter.plugin)
-                    .is_some_and(|lane| lane.info.subscriptions.contains(&wanted));
-                if !subscribed {
-                    return Err(format!(
-                        "plugin {} is not loaded or no longer handles {wanted}; the letter is kept",
-                        letter.plugin
-                    ));
-                }
-                letter.plugin.clone()
+                    .filter(|lane| lane.info.subscriptions.contains(&wanted))
+                    .map(|lane| Arc::clone(&lane.permits))
+                    .ok_or_else(|| {
+                        format!(
+                            "plugin {} is not loaded or no longer handles {wanted}; the letter \
+                             is kept",
+                            letter.plugin
+                        )
+                    })?;
+                (letter.plugin.clone(), Some(permits))
             }
         };
-        let requeued = store
-            .requeue_dead_letter(id)
+        let taken = store
+            .requeue_dead_letter(id, &letter)
             .map_err(|e| format!("cannot requeue dead letter {id}: {e}"))?;
-        if requeued.is_none() {
+        if !taken {
             return Err(format!("no dead letter {id}"));
         }
-        match &letter.event {
-            Event::Message(m) => {
+        match (&letter.event, permits) {
+            (Event::Message(m), _) => {
                 // Durable as a pending message before it is handed over; if no plugin takes it
                 // now, the periodic retry routes it.
                 store
@@ -244,11 +250,7 @@ impl PluginHost {
                     tracing::warn!(id = %m.id, "requeued dead letter waits for a plugin");
                 }
             }
-            event => {
-                let permits = self
-                    .lanes()
-                    .get(&plugin)
-                    .map(|lane| Arc::clone(&lane.permits));
+            (event, permits) => {
                 let queued = match permits {
                     Some(permits) => self.queue_to(&plugin, permits, event.clone()).await,
                     None => false,

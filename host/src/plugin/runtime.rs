@@ -162,18 +162,15 @@ impl Runtime {
     /// Compiles a component and checks it against the world: its exports and the imports it
     /// needs. CPU-heavy: run it off the async threads.
     pub fn compile(&self, bytes: &[u8]) -> Result<Build, LoadError> {
-        use sha2::Digest;
         let component = Component::new(&self.engine, bytes).map_err(LoadError::Compile)?;
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
             .map_err(LoadError::Interface)?;
         let pre = PluginPre::new(instance_pre).map_err(LoadError::Interface)?;
-        let digest = sha2::Sha256::digest(bytes);
-        Ok(Build {
-            pre,
-            digest: digest.iter().take(6).map(|b| format!("{b:02x}")).collect(),
-        })
+        let mut digest = sha256_hex(bytes);
+        digest.truncate(12);
+        Ok(Build { pre, digest })
     }
 
     /// Makes a new instance of `build` and runs its `init` with `config`.
@@ -320,6 +317,15 @@ fn describe_trap(error: &wasmtime::Error, timeout: Duration) -> String {
             }
         }
     }
+}
+
+/// The SHA-256 of `bytes`, in lower-case hex: how plugin files are told apart.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Advances the engine's epoch every [`TICK`] until the engine has no other owner.

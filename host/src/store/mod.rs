@@ -503,21 +503,17 @@ impl Store {
             .transpose()
     }
 
-    /// Takes dead letter `id` out to be handled again. A message event is recorded for
-    /// dispatch first, so that from here on it is a pending message like any other: a crash
-    /// before it is handled leaves it pending, never lost (at worst the letter stays listed
-    /// too, and handling it twice delivers it once). Returns the letter, or `None` if there is
-    /// none with that number.
-    pub fn requeue_dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StoreError> {
-        let Some(letter) = self.dead_letter(id)? else {
-            return Ok(None);
-        };
+    /// Takes dead letter `id` (read as `letter`) out to be handled again. A message event is
+    /// recorded for dispatch first, so that from here on it is a pending message like any
+    /// other: a crash before it is handled leaves it pending, never lost (at worst the letter
+    /// stays listed too, and handling it twice delivers it once). `false` if the letter was no
+    /// longer there.
+    pub fn requeue_dead_letter(&self, id: u64, letter: &DeadLetter) -> Result<bool, StoreError> {
         if let crate::plugin::Event::Message(message) = &letter.event {
             self.messages
                 .insert(keys::dispatch(message.id.0), encode(&**message))?;
         }
-        self.dead_letters.remove(keys::dead_letter(id))?;
-        Ok(Some(letter))
+        Ok(self.dead_letters.remove(keys::dead_letter(id))?.is_some())
     }
 
     /// Every dead letter with its number, oldest first.
