@@ -30,6 +30,11 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// How long to wait for the answer to a request.
     pub request_timeout: Duration,
+    /// How long a [`Device`](crate::Device) waits before its first attempt to reconnect; the
+    /// wait doubles after each failed attempt, up to [`ClientConfig::reconnect_max`].
+    pub reconnect_first: Duration,
+    /// The longest wait between two attempts to reconnect.
+    pub reconnect_max: Duration,
 }
 
 impl ClientConfig {
@@ -42,6 +47,8 @@ impl ClientConfig {
             agent: format!("iim-client/{}", env!("CARGO_PKG_VERSION")),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            reconnect_first: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
         }
     }
 
@@ -253,6 +260,31 @@ impl Connection {
         &self.conn
     }
 
+    /// Moves the connection to a new UDP socket on a new local port, as a phone does when it
+    /// changes networks. The connection, its session and everything in flight carry on: QUIC
+    /// validates the new path and the host follows it.
+    pub fn rebind(&self) -> Result<SocketAddr, ClientError> {
+        let old = self
+            .endpoint
+            .local_addr()
+            .map_err(|e| ClientError::ConnectionLost(format!("no local address: {e}")))?;
+        let bind = SocketAddr::new(old.ip(), 0);
+        let rebind_err = |e: std::io::Error| {
+            ClientError::ConnectionLost(format!("cannot move to a new socket: {e}"))
+        };
+        let socket = std::net::UdpSocket::bind(bind).map_err(rebind_err)?;
+        let new = socket.local_addr().map_err(rebind_err)?;
+        self.endpoint.rebind(socket).map_err(rebind_err)?;
+        Ok(new)
+    }
+
+    /// The local UDP address the connection uses now.
+    pub fn local_addr(&self) -> Result<SocketAddr, ClientError> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| ClientError::ConnectionLost(format!("no local address: {e}")))
+    }
+
     /// Creates an account.
     pub async fn register(&self, user: &UserId, password: &str) -> Result<(), ClientError> {
         let answer = self
@@ -374,27 +406,28 @@ impl Connection {
         body: &[u8],
     ) -> Result<Accepted, ClientError> {
         let answer = self
-            .request(|req| ClientFrame::Submit {
-                req,
-                client_id,
-                kind: kind.clone(),
-                to: to.to_vec(),
-                body: body.to_vec(),
-            })
+            .start_submit(client_id, kind, to.to_vec(), body.to_vec())
             .await?;
-        match answer {
-            ServerFrame::Accepted {
-                id,
-                sent_at,
-                client_id,
-                ..
-            } => Ok(Accepted {
-                id,
-                sent_at,
-                client_id,
-            }),
-            other => Err(unexpected(other)),
-        }
+        accepted(answer.wait().await?)
+    }
+
+    /// Writes a submission and returns at once, without its answer: submissions started one
+    /// after the other reach the host, and are accepted, in that order.
+    pub(crate) async fn start_submit(
+        &self,
+        client_id: u64,
+        kind: MessageKind,
+        to: Vec<UserId>,
+        body: Vec<u8>,
+    ) -> Result<Answer, ClientError> {
+        self.start_request(|req| ClientFrame::Submit {
+            req,
+            client_id,
+            kind,
+            to,
+            body,
+        })
+        .await
     }
 
     /// Acknowledges every delivery up to and including `seq`.
@@ -408,16 +441,30 @@ impl Connection {
         self.events.lock().await.recv().await
     }
 
-    /// Closes the connection and waits (briefly) for the host to learn it.
+    /// Closes the connection once the host has read everything sent on it, acknowledgements
+    /// included, and waits (briefly) for the host to learn it.
+    ///
+    /// Closing drops what is not yet sent, and the host drops what it has not read; the host
+    /// answers a request only after reading every frame sent before it, so one last answered
+    /// request (whatever the answer) makes them safe. Both waits end after 2 s.
     pub async fn close(self) {
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.relations(RelationKind::Friend)).await;
         self.conn.close(0u32.into(), b"bye");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
     }
 
     async fn request(
         &self,
         frame: impl FnOnce(RequestId) -> ClientFrame,
     ) -> Result<ServerFrame, ClientError> {
+        self.start_request(frame).await?.wait().await
+    }
+
+    /// Writes a request and returns what waits for its answer.
+    async fn start_request(
+        &self,
+        frame: impl FnOnce(RequestId) -> ClientFrame,
+    ) -> Result<Answer, ClientError> {
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -431,14 +478,12 @@ impl Connection {
             lock(&self.pending).waiting.remove(&req);
             return Err(e);
         }
-        match tokio::time::timeout(self.request_timeout, rx).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(ClientError::ConnectionLost("the connection ended".into())),
-            Err(_) => {
-                lock(&self.pending).waiting.remove(&req);
-                Err(ClientError::Timeout(self.request_timeout))
-            }
-        }
+        Ok(Answer {
+            req,
+            rx,
+            pending: Arc::clone(&self.pending),
+            timeout: self.request_timeout,
+        })
     }
 
     async fn write(&self, frame: &ClientFrame) -> Result<(), ClientError> {
@@ -450,6 +495,48 @@ impl Connection {
                 .clone()
                 .unwrap_or_else(|| ClientError::ConnectionLost("the stream is closed".into()))
         })
+    }
+}
+
+/// How long [`Connection::close`] waits for the host, twice at most.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// A request written to the host, waiting for its answer.
+pub(crate) struct Answer {
+    req: RequestId,
+    rx: oneshot::Receiver<Result<ServerFrame, ClientError>>,
+    pending: Pending,
+    timeout: Duration,
+}
+
+impl Answer {
+    /// The answer, or why none came: the connection ended, or the request timed out.
+    pub(crate) async fn wait(self) -> Result<ServerFrame, ClientError> {
+        match tokio::time::timeout(self.timeout, self.rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(ClientError::ConnectionLost("the connection ended".into())),
+            Err(_) => {
+                lock(&self.pending).waiting.remove(&self.req);
+                Err(ClientError::Timeout(self.timeout))
+            }
+        }
+    }
+}
+
+/// The [`Accepted`] in the answer to a submission.
+pub(crate) fn accepted(answer: ServerFrame) -> Result<Accepted, ClientError> {
+    match answer {
+        ServerFrame::Accepted {
+            id,
+            sent_at,
+            client_id,
+            ..
+        } => Ok(Accepted {
+            id,
+            sent_at,
+            client_id,
+        }),
+        other => Err(unexpected(other)),
     }
 }
 

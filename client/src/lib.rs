@@ -26,10 +26,12 @@
 //! ```
 
 mod connection;
+mod device;
 
 pub use connection::{
     Accepted, ClientConfig, Connection, Event, new_client_id, quic_client_config,
 };
+pub use device::{Credentials, Device, Submission, Update};
 pub use iim_proto as proto;
 
 use iim_proto::ErrorCode;
@@ -91,6 +93,21 @@ impl ClientError {
                 Some(*code)
             }
             _ => None,
+        }
+    }
+
+    /// Whether connecting again may get past this error: the network or the host went away,
+    /// no answer came, or the host asked the device to come back later (`shutting_down`,
+    /// `too_slow`). Not a refused login, and not another session of the device taking over.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Connect { .. }
+            | ClientError::ConnectionLost(_)
+            | ClientError::Timeout(_) => true,
+            ClientError::ClosedByHost { code, .. } => {
+                *code == ErrorCode::SHUTTING_DOWN || *code == ErrorCode::TOO_SLOW
+            }
+            _ => false,
         }
     }
 }

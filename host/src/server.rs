@@ -110,8 +110,16 @@ impl Server {
                 "routed messages accepted before the last stop to their plugins"
             );
         }
-        let endpoint = quinn::Endpoint::server(server_config, host.config.listen)
+        let reset_keys = tls::ResetKeys::load_or_generate(&host.config.data_dir)?;
+        let socket = std::net::UdpSocket::bind(host.config.listen)
             .with_context(|| format!("cannot listen on {}", host.config.listen))?;
+        let endpoint = quinn::Endpoint::new(
+            reset_keys.endpoint_config(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .with_context(|| format!("cannot listen on {}", host.config.listen))?;
         Ok(Self {
             host,
             loader,

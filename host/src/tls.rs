@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// Why the certificate could not be loaded or made.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A PEM file could not be read or holds nothing usable.
+    /// A PEM file (or the reset key) could not be read or holds nothing usable.
     #[error("{path}: {reason}")]
     Pem {
         /// The file.
@@ -112,6 +112,74 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
     file.sync_all().map_err(err)
 }
 
+/// The length of the stateless-reset secret, in bytes.
+const RESET_SECRET_LEN: usize = 64;
+
+/// What QUIC stateless resets are made with, derived from a secret kept in the data directory
+/// (`reset.key`, generated on first start).
+///
+/// A client whose host was killed and started again still sends to its old connection. The new
+/// process knows nothing of it and answers with a stateless reset, whose token comes from the
+/// reset key and the connection id. With the old process's keys, the new one recognises the
+/// connection id as one of its own (the id carries a signature made with the id key) and makes
+/// the token the client was given, so the client learns at once that its connection is gone and
+/// reconnects, instead of waiting for its idle timeout.
+pub struct ResetKeys {
+    /// Signs stateless-reset tokens.
+    pub reset: ring::hmac::Key,
+    /// Signs connection ids.
+    pub cid: u64,
+}
+
+impl ResetKeys {
+    /// Loads the secret in `data_dir`, or makes it.
+    pub fn load_or_generate(data_dir: &Path) -> Result<Self, TlsError> {
+        let path = data_dir.join("reset.key");
+        let secret = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut bytes = vec![0u8; RESET_SECRET_LEN];
+                rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+                write_file(&path, &bytes, 0o600)?;
+                bytes
+            }
+            Err(e) => {
+                return Err(TlsError::Pem {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        if secret.len() != RESET_SECRET_LEN {
+            return Err(TlsError::Pem {
+                path,
+                reason: format!(
+                    "holds {} bytes, not the {RESET_SECRET_LEN} of a reset key; remove it to make a new one",
+                    secret.len()
+                ),
+            });
+        }
+        let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+        let derived = ring::hmac::sign(&reset, b"iim connection ids");
+        let mut cid = [0u8; 8];
+        cid.copy_from_slice(&derived.as_ref()[..8]);
+        Ok(Self {
+            reset,
+            cid: u64::from_le_bytes(cid),
+        })
+    }
+
+    /// The QUIC endpoint configuration that uses these keys.
+    pub fn endpoint_config(self) -> quinn::EndpointConfig {
+        let cid = self.cid;
+        let mut config = quinn::EndpointConfig::new(std::sync::Arc::new(self.reset));
+        config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid))
+        });
+        config
+    }
+}
+
 /// The rustls server configuration: TLS 1.3 only, ALPN `iim/1`.
 pub fn server_config(identity: Identity) -> Result<rustls::ServerConfig, TlsError> {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
@@ -121,4 +189,43 @@ pub fn server_config(identity: Identity) -> Result<rustls::ServerConfig, TlsErro
         .with_single_cert(identity.certs, identity.key)?;
     config.alpn_protocols = vec![iim_proto::ALPN.to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reset_keys_are_kept_across_starts_and_a_damaged_one_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = |dir: &Path| {
+            let keys = ResetKeys::load_or_generate(dir).expect("reset keys");
+            let tag = ring::hmac::sign(&keys.reset, b"connection id");
+            (tag.as_ref().to_vec(), keys.cid)
+        };
+        let first = keys(dir.path());
+        assert_eq!(
+            first,
+            keys(dir.path()),
+            "a restarted host makes the same ids and tokens"
+        );
+
+        let other = tempfile::tempdir().expect("tempdir");
+        let elsewhere = keys(other.path());
+        assert_ne!(
+            first.0, elsewhere.0,
+            "each data directory has its own reset key"
+        );
+        assert_ne!(first.1, elsewhere.1, "and its own connection-id key");
+
+        std::fs::write(dir.path().join("reset.key"), b"short").expect("write");
+        let Err(err) = ResetKeys::load_or_generate(dir.path()) else {
+            panic!("a 5-byte key was taken");
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("reset.key") && err.contains("5 bytes"),
+            "{err}"
+        );
+    }
 }

@@ -4,6 +4,7 @@
 //! hosts load only the chat plugin; presence and receipts are tested in `plugins.rs`.
 
 use iim_client::proto::{DeviceId, ErrorCode, MessageKind, RelationKind, SessionMode, UserId};
+use iim_client::{Credentials, Device, Update};
 use iim_e2e::*;
 
 type Result = anyhow::Result<()>;
@@ -438,6 +439,94 @@ async fn a_second_receive_session_of_a_device_replaces_the_first() -> Result {
         Some(Err(e)) => assert_eq!(e.code(), Some(ErrorCode::SESSION_REPLACED)),
         other => anyhow::bail!("expected the first session to be replaced, got {other:?}"),
     }
+    Ok(())
+}
+
+/// The next update of `device` that is not about the connection coming and going.
+async fn next_update(device: &Device) -> anyhow::Result<Update> {
+    loop {
+        match within("next update", device.next()).await? {
+            Some(Ok(Update::Disconnected { .. } | Update::Reconnected)) => {}
+            Some(update) => return Ok(update?),
+            None => anyhow::bail!("the device ended"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_comes_back_after_a_restart_and_ends_when_another_session_takes_over() -> Result {
+    let mut host = HostProcess::start_chat_only()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let mut config = host.client_config()?;
+    config.reconnect_first = std::time::Duration::from_millis(100);
+    let phone_id = DeviceId::new("phone")?;
+    let phone = within(
+        "open",
+        Device::open(
+            &config,
+            &bob,
+            &phone_id,
+            Credentials::Password(PASSWORD.into()),
+            SessionMode::Receive,
+        ),
+    )
+    .await??;
+    assert!(matches!(
+        next_update(&phone).await?,
+        Update::Synced { count: 0 }
+    ));
+    let (a, _) = host.online(&alice, "phone").await?;
+    a.send_text(&bob, "before").await?;
+    let Update::Message { seq, message } = next_update(&phone).await? else {
+        anyhow::bail!("expected a message");
+    };
+    assert_eq!(text(&message), "before");
+    phone.ack(seq);
+
+    // The host stops, saying so, and comes back: the device follows by itself.
+    host.terminate()?;
+    match within("disconnected", phone.next()).await? {
+        Some(Ok(Update::Disconnected { reason, .. })) => {
+            assert_eq!(reason.code(), Some(ErrorCode::SHUTTING_DOWN), "{reason}");
+        }
+        other => anyhow::bail!("expected Disconnected, got {other:?}"),
+    }
+    host.wait().await?;
+    tokio::task::block_in_place(|| host.restart())?;
+    assert!(
+        matches!(next_update(&phone).await?, Update::Synced { count: 0 }),
+        "what was acknowledged before the stop is not delivered again"
+    );
+    let (a, _) = host.online(&alice, "phone").await?;
+    a.send_text(&bob, "after").await?;
+    // A submission from the device itself, across the same connection.
+    within("own submission", phone.send_text(&alice, "hello from bob")).await??;
+    let Update::Message { message, .. } = next_update(&phone).await? else {
+        anyhow::bail!("expected a message");
+    };
+    assert_eq!(text(&message), "after");
+
+    // Another session of the device, opened with its token, takes over: the first one ends
+    // for good, and what it is asked to send fails at once.
+    let _tablet = Device::open(
+        &config,
+        &bob,
+        &phone_id,
+        Credentials::Token(phone.token().into()),
+        SessionMode::Receive,
+    )
+    .await?;
+    match within("replaced", phone.next()).await? {
+        Some(Err(e)) => assert_eq!(e.code(), Some(ErrorCode::SESSION_REPLACED), "{e}"),
+        other => anyhow::bail!("expected the device to end, got {other:?}"),
+    }
+    assert!(within("end", phone.next()).await?.is_none());
+    assert!(
+        within("refused", phone.send_text(&alice, "late"))
+            .await?
+            .is_err()
+    );
     Ok(())
 }
 

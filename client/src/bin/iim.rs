@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use iim_client::proto::{
     DeviceId, Message, MessageId, MessageKind, RelationKind, SessionMode, UserId,
 };
-use iim_client::{ClientConfig, ClientError, Connection, Event};
+use iim_client::{ClientConfig, ClientError, Connection, Credentials, Device, Update};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -265,7 +265,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Listen { read } => listen(&cli, *read).await?,
         Command::Read { id, from } => {
             let (conn, _) = session(&cli, SessionMode::SendOnly).await?;
-            report_read(&conn, MessageId(*id), from).await?;
+            let message = MessageId(*id);
+            conn.submit(
+                read_report_client_id(message, from),
+                MessageKind::Receipt,
+                std::slice::from_ref(from),
+                read_report(message).as_bytes(),
+            )
+            .await?;
             print_result(
                 &cli,
                 serde_json::json!({ "read": id, "from": from }),
@@ -323,125 +330,92 @@ async fn relation(cli: &Cli, kind: RelationKind, op: &RelationCommand) -> anyhow
     Ok(())
 }
 
-/// First wait before reconnecting after a lost connection; it doubles up to [`RECONNECT_MAX`].
-const RECONNECT_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
-/// Longest wait between two attempts to reconnect.
-const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Listens until Ctrl-C, reconnecting by itself (with a growing wait) when the connection is
-/// lost or the host goes away for a while: on a mobile network that is an everyday event.
-/// The host sends again from the device's cursor what it had not seen acknowledged; what was
-/// shown already is acknowledged again, not shown twice.
+/// Listens until Ctrl-C. The device reconnects by itself (with a growing wait) when the
+/// connection is lost or the host goes away for a while: on a mobile network that is an
+/// everyday event. The host sends again from the device's cursor what it had not seen
+/// acknowledged; the device acknowledges again what was shown, and does not show it twice.
 async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
     // One future for the whole run, polled first: once it has been polled, a Ctrl-C that comes
     // while a message is being handled, or while waiting to reconnect, is not lost.
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
-    // The highest inbox position shown, across connections: the host delivers each device's
-    // positions in increasing order, and one shown before a lost acknowledgement comes again.
-    let mut shown: Option<u64> = None;
-    let mut wait = RECONNECT_FIRST;
-    let mut reconnecting = false;
-    loop {
-        let connected = tokio::select! {
+    let dir = profile_dir(cli)?;
+    let profile = load_profile(&dir)?
+        .ok_or_else(|| anyhow!("not logged in: run `iim login USER --password PW` first"))?;
+    let (server, ca) = target(cli, Some(&profile))?;
+    let config = ClientConfig::new(server).with_ca_file(&ca)?;
+    // The device reconnects by itself once open; until then, so does this loop.
+    let mut wait = config.reconnect_first;
+    let device = loop {
+        let opened = tokio::select! {
             biased;
             _ = &mut ctrl_c => return Ok(()),
-            connected = session(cli, SessionMode::Receive) => connected,
+            opened = Device::open(
+                &config,
+                &profile.user,
+                &profile.device,
+                Credentials::Token(profile.token.clone()),
+                SessionMode::Receive,
+            ) => opened,
         };
-        let lost = match connected {
-            Ok((conn, profile)) => {
-                if reconnecting {
-                    eprintln!("iim: reconnected");
-                } else if !cli.json {
-                    eprintln!("listening as {} on device {}", profile.user, profile.device);
-                }
-                wait = RECONNECT_FIRST;
-                match receive(cli, read, conn, &profile, &mut shown, &mut ctrl_c).await {
-                    Ok(()) => return Ok(()),
-                    Err(e) if reconnectable(&e) => format!("connection lost ({e:#})"),
-                    Err(e) => return Err(e),
-                }
+        match opened {
+            Ok(device) => break device,
+            Err(e) if e.is_transient() => {
+                eprintln!(
+                    "iim: cannot reach the host ({e}); trying again in {:.1} s",
+                    wait.as_secs_f64()
+                );
             }
-            Err(e) if reconnectable(&e) => format!("cannot reach the host ({e:#})"),
-            Err(e) => return Err(e),
-        };
-        eprintln!("iim: {lost}; reconnecting in {:.1} s", wait.as_secs_f64());
-        reconnecting = true;
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context("the saved login was refused; run `iim login` again"));
+            }
+        }
         tokio::select! {
             biased;
             _ = &mut ctrl_c => return Ok(()),
             () = tokio::time::sleep(wait) => {}
         }
-        wait = (wait * 2).min(RECONNECT_MAX);
+        wait = (wait * 2).min(config.reconnect_max);
+    };
+    if !cli.json {
+        eprintln!("listening as {} on device {}", profile.user, profile.device);
     }
-}
-
-/// Whether listening may go on after `error` by connecting again: the network or the host
-/// went away, or the host asked the device to come back later. Not after a refused login, or
-/// when another session of the same device took over.
-fn reconnectable(error: &anyhow::Error) -> bool {
-    match error.downcast_ref::<ClientError>() {
-        Some(ClientError::Connect { .. } | ClientError::ConnectionLost(_)) => true,
-        Some(ClientError::Timeout(_)) => true,
-        Some(ClientError::ClosedByHost { code, .. }) => {
-            *code == iim_client::proto::ErrorCode::SHUTTING_DOWN
-                || *code == iim_client::proto::ErrorCode::TOO_SLOW
-        }
-        _ => false,
-    }
-}
-
-/// Shows what the host pushes on one connection until Ctrl-C (`Ok`) or until the connection
-/// fails (the error says how).
-async fn receive(
-    cli: &Cli,
-    read: bool,
-    conn: Connection,
-    profile: &Profile,
-    shown: &mut Option<u64>,
-    ctrl_c: &mut std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<()>>>,
-) -> anyhow::Result<()> {
     loop {
-        let event = tokio::select! {
+        let update = tokio::select! {
             biased;
-            _ = ctrl_c.as_mut() => {
-                // Closing drops what is not yet sent, and the host may drop what it has not
-                // read: the last acknowledgements could be lost, and their messages shown
-                // again by the next `listen`. The host answers a request only after reading
-                // every frame sent before it, so one answered request makes them safe.
-                let _ = tokio::time::timeout(
-                    std::time::Duration::from_secs(2),
-                    conn.relations(RelationKind::Friend),
-                )
-                .await;
-                conn.close().await;
+            _ = &mut ctrl_c => {
+                // Makes sure the host has read the last acknowledgements before closing, so
+                // that the next `listen` does not show their messages again.
+                device.close().await;
                 return Ok(());
             }
-            event = conn.next_event() => event,
+            update = device.next() => update,
         };
-        match event {
-            Some(Ok(Event::Message { seq, message })) => {
-                if shown.is_some_and(|last| seq <= last) {
-                    // Shown before; its acknowledgement was lost with the last connection.
-                    conn.ack(seq).await?;
-                    continue;
-                }
-                *shown = Some(seq);
+        match update {
+            Some(Ok(Update::Message { seq, message })) => {
                 println!("{}", message_line(cli.json, &message));
                 // Acknowledged before it is reported read, so that its sender hears of the
                 // delivery first (the receipts plugin handles both in the order they come).
-                conn.ack(seq).await?;
+                device.ack(seq);
                 if read && message.kind == MessageKind::Chat && message.from != profile.user {
-                    match report_read(&conn, message.id, &message.from).await {
+                    let id = message.id;
+                    let report = device.submit(
+                        read_report_client_id(id, &message.from),
+                        MessageKind::Receipt,
+                        std::slice::from_ref(&message.from),
+                        read_report(id).as_bytes(),
+                    );
+                    // The report goes out in order; its answer may wait for a reconnect.
+                    tokio::spawn(async move {
                         // Say so and go on listening: the sender's account may be gone.
-                        Err(e @ ClientError::Refused { .. }) => {
-                            eprintln!("iim: cannot mark #{} read: {e}", message.id);
+                        if let Err(e) = report.await {
+                            eprintln!("iim: cannot mark #{id} read: {e}");
                         }
-                        other => other?,
-                    }
+                    });
                 }
             }
-            Some(Ok(Event::Synced { count })) => {
+            Some(Ok(Update::Synced { count })) => {
                 if cli.json {
                     println!(
                         "{}",
@@ -451,23 +425,22 @@ async fn receive(
                     eprintln!("({count} waiting message(s) delivered; now live)");
                 }
             }
+            Some(Ok(Update::Disconnected { reason, retry_in })) => {
+                eprintln!(
+                    "iim: connection lost ({reason}); reconnecting in {:.1} s",
+                    retry_in.as_secs_f64()
+                );
+            }
+            Some(Ok(Update::Reconnected)) => eprintln!("iim: reconnected"),
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ClientError::ConnectionLost("the connection ended".into()).into()),
         }
     }
 }
 
-/// Submits a read report for chat message `id`, sent by `sender` (docs/plugins.md).
-async fn report_read(conn: &Connection, id: MessageId, sender: &UserId) -> Result<(), ClientError> {
-    let body = serde_json::json!({ "state": "read", "id": id.0 }).to_string();
-    conn.submit(
-        read_report_client_id(id, sender),
-        MessageKind::Receipt,
-        std::slice::from_ref(sender),
-        body.as_bytes(),
-    )
-    .await
-    .map(|_| ())
+/// The body of a read report for chat message `id` (docs/plugins.md).
+fn read_report(id: MessageId) -> String {
+    serde_json::json!({ "state": "read", "id": id.0 }).to_string()
 }
 
 /// The idempotency id of the read report for message `id` of `sender`: the same every time,

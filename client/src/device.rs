@@ -1,0 +1,484 @@
+//! A device that stays connected: [`Device`] reconnects by itself, resubmits what the host has
+//! not accepted, and hands each delivery to the application once.
+//!
+//! One task per device owns the current [`Connection`]. Submissions wait in an ordered outbox
+//! until the host accepts them; after a reconnect they are written again, in their order, with
+//! their client ids, so that the host accepts each once and in the order it was made. The host
+//! sends a device its inbox positions in increasing order and, after a reconnect, again from the
+//! device's cursor: a position not above the highest one handed to the application is a repeat.
+
+use crate::connection::{Accepted, Answer, ClientConfig, Connection, Event, accepted};
+use crate::{ClientError, new_client_id};
+use iim_proto::{DeviceId, Message, MessageKind, SessionMode, UserId};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// How a [`Device`] proves who it is.
+#[derive(Clone)]
+pub enum Credentials {
+    /// Log in with the password; the host hands out a token, which the device uses from then on.
+    Password(String),
+    /// A token from an earlier login ([`Device::token`], [`Connection::login`]).
+    Token(String),
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a secret.
+        f.write_str(match self {
+            Credentials::Password(_) => "Password(..)",
+            Credentials::Token(_) => "Token(..)",
+        })
+    }
+}
+
+/// What happened to a [`Device`].
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// A message for this device, handed over once; acknowledge it with [`Device::ack`].
+    Message {
+        /// Its inbox position.
+        seq: u64,
+        /// The message.
+        message: Message,
+    },
+    /// Every message that waited for this device when it (re)connected has been delivered.
+    Synced {
+        /// How many that was.
+        count: u64,
+    },
+    /// The connection was lost; the device connects again after `retry_in`.
+    Disconnected {
+        /// Why it was lost.
+        reason: ClientError,
+        /// How long until the next attempt.
+        retry_in: Duration,
+    },
+    /// The device is connected and authenticated again.
+    Reconnected,
+}
+
+/// A submission on its way: resolves to the host's [`Accepted`] once the host has the message
+/// durably, however many reconnects that takes, or to the host's refusal.
+pub struct Submission {
+    client_id: u64,
+    answer: oneshot::Receiver<Result<Accepted, ClientError>>,
+}
+
+impl Submission {
+    /// The submission's idempotency id.
+    pub fn client_id(&self) -> u64 {
+        self.client_id
+    }
+}
+
+impl Future for Submission {
+    type Output = Result<Accepted, ClientError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.answer).poll(cx).map(|answer| {
+            answer.unwrap_or_else(|_| {
+                Err(ClientError::ConnectionLost("the device was closed".into()))
+            })
+        })
+    }
+}
+
+/// A logged-in device that reconnects by itself, with a growing wait
+/// ([`ClientConfig::reconnect_first`] doubling up to [`ClientConfig::reconnect_max`]), when the
+/// connection is lost or the host restarts. Nothing submitted is lost or accepted twice, and no
+/// delivery is handed to the application twice.
+///
+/// It gives up only on an error that connecting again cannot get past (see
+/// [`ClientError::is_transient`]): a token that is no longer valid, another session of the
+/// device taking over. That error is then the last thing [`Device::next`] returns, and every
+/// submission still waiting fails with it.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), iim_client::ClientError> {
+/// use iim_client::{ClientConfig, Credentials, Device, Update};
+/// use iim_proto::{DeviceId, SessionMode, UserId};
+///
+/// let config = ClientConfig::new("127.0.0.1:7447".parse().unwrap())
+///     .with_ca_file("iim-data/cert.pem".as_ref())?;
+/// let alice = UserId::new("alice").unwrap();
+/// let device = DeviceId::new("phone").unwrap();
+/// let phone = Device::open(&config, &alice, &device, Credentials::Password("pw".into()),
+///     SessionMode::Receive).await?;
+/// phone.send_text(&UserId::new("bob").unwrap(), "hi").await?;
+/// while let Some(update) = phone.next().await {
+///     match update? {
+///         Update::Message { seq, message } => {
+///             println!("{}: {}", message.from, String::from_utf8_lossy(&message.body));
+///             phone.ack(seq);
+///         }
+///         Update::Disconnected { reason, retry_in } => eprintln!("{reason}; again in {retry_in:?}"),
+///         _ => {}
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+pub struct Device {
+    token: String,
+    commands: mpsc::UnboundedSender<Command>,
+    updates: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Update, ClientError>>>,
+}
+
+enum Command {
+    Submit(Outgoing),
+    Ack(u64),
+    Close(oneshot::Sender<()>),
+}
+
+/// A submission the host has not accepted yet.
+struct Outgoing {
+    client_id: u64,
+    kind: MessageKind,
+    to: Vec<UserId>,
+    body: Vec<u8>,
+    reply: oneshot::Sender<Result<Accepted, ClientError>>,
+}
+
+impl Device {
+    /// Connects and logs in (or authenticates with a token). Errors of this first attempt are
+    /// returned as they are; later losses are recovered by reconnecting.
+    pub async fn open(
+        config: &ClientConfig,
+        user: &UserId,
+        device: &DeviceId,
+        credentials: Credentials,
+        mode: SessionMode,
+    ) -> Result<Self, ClientError> {
+        let conn = Connection::connect(config).await?;
+        let token = match credentials {
+            Credentials::Password(password) => conn.login(user, &password, device, mode).await?,
+            Credentials::Token(token) => {
+                conn.authenticate(user, device, &token, mode).await?;
+                token
+            }
+        };
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (updates_tx, updates) = mpsc::unbounded_channel();
+        let (answers_tx, answers) = mpsc::unbounded_channel();
+        let supervisor = Supervisor {
+            login: Login {
+                config: config.clone(),
+                user: user.clone(),
+                device: device.clone(),
+                token: token.clone(),
+                mode,
+            },
+            commands: commands_rx,
+            updates: updates_tx,
+            answers_tx,
+            answers,
+            outbox: BTreeMap::new(),
+            next_key: 0,
+            generation: 0,
+            shown: None,
+            acked: None,
+        };
+        tokio::spawn(supervisor.run(conn));
+        Ok(Self {
+            token,
+            commands,
+            updates: tokio::sync::Mutex::new(updates),
+        })
+    }
+
+    /// The device's token, for [`Credentials::Token`] next time.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Submits a message with the idempotency id `client_id` and returns at once. Submissions
+    /// reach the host in the order they were made, and it accepts them in that order.
+    pub fn submit(
+        &self,
+        client_id: u64,
+        kind: MessageKind,
+        to: &[UserId],
+        body: &[u8],
+    ) -> Submission {
+        let (reply, answer) = oneshot::channel();
+        let outgoing = Outgoing {
+            client_id,
+            kind,
+            to: to.to_vec(),
+            body: body.to_vec(),
+            reply,
+        };
+        // If the device has ended, `answer` fails at once (its sender is dropped here).
+        let _ = self.commands.send(Command::Submit(outgoing));
+        Submission { client_id, answer }
+    }
+
+    /// Sends a chat message with `text` to `to`.
+    pub fn send_text(&self, to: &UserId, text: &str) -> Submission {
+        self.submit(
+            new_client_id(),
+            MessageKind::Chat,
+            std::slice::from_ref(to),
+            text.as_bytes(),
+        )
+    }
+
+    /// Acknowledges every delivery up to and including `seq`. If the connection is lost before
+    /// the host has it, the device acknowledges again what the host sends again.
+    pub fn ack(&self, seq: u64) {
+        let _ = self.commands.send(Command::Ack(seq));
+    }
+
+    /// The next update; `None` once the device has ended and every update was taken.
+    pub async fn next(&self) -> Option<Result<Update, ClientError>> {
+        self.updates.lock().await.recv().await
+    }
+
+    /// Makes sure the host has read every acknowledgement, then closes the connection.
+    /// Submissions not yet accepted fail.
+    pub async fn close(self) {
+        let (done, closed) = oneshot::channel();
+        if self.commands.send(Command::Close(done)).is_ok() {
+            let _ = closed.await;
+        }
+    }
+}
+
+/// How a connection's service ended.
+enum Served {
+    /// The application closed the device (told once closed) or let go of it.
+    Closed(Option<oneshot::Sender<()>>),
+    /// The connection was lost, or is no longer usable.
+    Lost(ClientError),
+}
+
+/// What a reconnect needs.
+struct Login {
+    config: ClientConfig,
+    user: UserId,
+    device: DeviceId,
+    token: String,
+    mode: SessionMode,
+}
+
+impl Login {
+    async fn connect(&self) -> Result<Connection, ClientError> {
+        let conn = Connection::connect(&self.config).await?;
+        conn.authenticate(&self.user, &self.device, &self.token, self.mode)
+            .await?;
+        Ok(conn)
+    }
+}
+
+/// The task that owns a device's connection.
+struct Supervisor {
+    login: Login,
+    commands: mpsc::UnboundedReceiver<Command>,
+    updates: mpsc::UnboundedSender<Result<Update, ClientError>>,
+    /// Answers to submissions: (connection generation, outbox key, answer).
+    answers_tx: mpsc::UnboundedSender<(u64, u64, Result<Accepted, ClientError>)>,
+    answers: mpsc::UnboundedReceiver<(u64, u64, Result<Accepted, ClientError>)>,
+    /// Submissions not yet accepted, in the order they were made.
+    outbox: BTreeMap<u64, Outgoing>,
+    next_key: u64,
+    /// Counts connections, so that a late answer from an old one is recognised.
+    generation: u64,
+    /// The highest inbox position handed to the application.
+    shown: Option<u64>,
+    /// The highest inbox position the application acknowledged.
+    acked: Option<u64>,
+}
+
+impl Supervisor {
+    async fn run(mut self, mut conn: Connection) {
+        let mut wait = self.login.config.reconnect_first;
+        loop {
+            let reason = match self.serve(&conn).await {
+                Served::Closed(done) => {
+                    conn.close().await;
+                    drop(done);
+                    return;
+                }
+                Served::Lost(reason) => reason,
+            };
+            drop(conn);
+            if !reason.is_transient() {
+                return self.end(reason);
+            }
+            let mut reason = reason;
+            conn = loop {
+                let _ = self.updates.send(Ok(Update::Disconnected {
+                    reason,
+                    retry_in: wait,
+                }));
+                let login = &self.login;
+                let attempt = async move {
+                    tokio::time::sleep(wait).await;
+                    login.connect().await
+                };
+                let Some(outcome) = Self::while_waiting(
+                    &mut self.commands,
+                    &mut self.outbox,
+                    &mut self.next_key,
+                    &mut self.acked,
+                    attempt,
+                )
+                .await
+                else {
+                    return;
+                };
+                wait = (wait * 2).min(self.login.config.reconnect_max);
+                match outcome {
+                    Ok(conn) => break conn,
+                    Err(e) if e.is_transient() => reason = e,
+                    Err(e) => return self.end(e),
+                }
+            };
+            wait = self.login.config.reconnect_first;
+            let _ = self.updates.send(Ok(Update::Reconnected));
+        }
+    }
+
+    /// Runs `attempt` while taking the application's commands; `None` if the application
+    /// closed the device meanwhile.
+    async fn while_waiting<T>(
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        outbox: &mut BTreeMap<u64, Outgoing>,
+        next_key: &mut u64,
+        acked: &mut Option<u64>,
+        attempt: impl Future<Output = T>,
+    ) -> Option<T> {
+        tokio::pin!(attempt);
+        loop {
+            tokio::select! {
+                outcome = &mut attempt => return Some(outcome),
+                command = commands.recv() => match command {
+                    None | Some(Command::Close(_)) => return None,
+                    Some(Command::Submit(outgoing)) => {
+                        outbox.insert(*next_key, outgoing);
+                        *next_key += 1;
+                    }
+                    Some(Command::Ack(seq)) => *acked = (*acked).max(Some(seq)),
+                },
+            }
+        }
+    }
+
+    /// Serves one connection until it is lost or the application closes the device.
+    async fn serve(&mut self, conn: &Connection) -> Served {
+        self.generation += 1;
+        // What the last connection left unaccepted goes first, in its order.
+        let keys: Vec<u64> = self.outbox.keys().copied().collect();
+        for key in keys {
+            if let Err(e) = self.transmit(conn, key).await {
+                return Served::Lost(e);
+            }
+        }
+        loop {
+            tokio::select! {
+                command = self.commands.recv() => match command {
+                    None => return Served::Closed(None),
+                    Some(Command::Close(done)) => {
+                        self.commands.close();
+                        self.fail_outbox(&ClientError::ConnectionLost("the device was closed".into()));
+                        return Served::Closed(Some(done));
+                    }
+                    Some(Command::Submit(outgoing)) => {
+                        let key = self.next_key;
+                        self.next_key += 1;
+                        self.outbox.insert(key, outgoing);
+                        if let Err(e) = self.transmit(conn, key).await {
+                            return Served::Lost(e);
+                        }
+                    }
+                    Some(Command::Ack(seq)) => {
+                        self.acked = self.acked.max(Some(seq));
+                        if let Err(e) = conn.ack(seq).await {
+                            return Served::Lost(e);
+                        }
+                    }
+                },
+                Some((generation, key, answer)) = self.answers.recv() => {
+                    if generation != self.generation {
+                        continue;
+                    }
+                    match answer {
+                        Ok(accepted) => self.reply(key, Ok(accepted)),
+                        // No answer in time: the connection is of no use; a new one resends.
+                        Err(e @ ClientError::Timeout(_)) => return Served::Lost(e),
+                        // The event stream says how the connection ended.
+                        Err(e) if e.is_transient() => {}
+                        Err(refused) => self.reply(key, Err(refused)),
+                    }
+                }
+                event = conn.next_event() => match event {
+                    Some(Ok(Event::Message { seq, message })) => {
+                        if self.shown.is_some_and(|shown| seq <= shown) {
+                            // Handed over on an earlier connection. If the application has
+                            // acknowledged it, its acknowledgement was lost with that one.
+                            if self.acked.is_some_and(|acked| seq <= acked)
+                                && let Err(e) = conn.ack(seq).await
+                            {
+                                return Served::Lost(e);
+                            }
+                            continue;
+                        }
+                        self.shown = Some(seq);
+                        let _ = self.updates.send(Ok(Update::Message { seq, message }));
+                    }
+                    Some(Ok(Event::Synced { count })) => {
+                        let _ = self.updates.send(Ok(Update::Synced { count }));
+                    }
+                    Some(Err(e)) => return Served::Lost(e),
+                    None => {
+                        return Served::Lost(ClientError::ConnectionLost("the connection ended".into()));
+                    }
+                },
+            }
+        }
+    }
+
+    /// Writes the outbox's submission `key` and has its answer come back as a message.
+    async fn transmit(&self, conn: &Connection, key: u64) -> Result<(), ClientError> {
+        let Some(outgoing) = self.outbox.get(&key) else {
+            return Ok(());
+        };
+        let answer: Answer = conn
+            .start_submit(
+                outgoing.client_id,
+                outgoing.kind.clone(),
+                outgoing.to.clone(),
+                outgoing.body.clone(),
+            )
+            .await?;
+        let answers = self.answers_tx.clone();
+        let generation = self.generation;
+        tokio::spawn(async move {
+            let answer = answer.wait().await.and_then(accepted);
+            let _ = answers.send((generation, key, answer));
+        });
+        Ok(())
+    }
+
+    fn reply(&mut self, key: u64, answer: Result<Accepted, ClientError>) {
+        if let Some(outgoing) = self.outbox.remove(&key) {
+            let _ = outgoing.reply.send(answer);
+        }
+    }
+
+    fn fail_outbox(&mut self, error: &ClientError) {
+        for (_, outgoing) in std::mem::take(&mut self.outbox) {
+            let _ = outgoing.reply.send(Err(error.clone()));
+        }
+    }
+
+    /// Gives up: every waiting submission fails with `error`, and so does [`Device::next`].
+    fn end(mut self, error: ClientError) {
+        self.fail_outbox(&error);
+        let _ = self.updates.send(Err(error));
+    }
+}

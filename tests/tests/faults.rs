@@ -1,0 +1,358 @@
+//! Fault tests: a real host process is killed with SIGKILL at random moments while real devices
+//! send and receive through it, and every message is accounted for: each one accepted reaches
+//! every device of its recipient exactly once, in the order its sender sent it.
+//!
+//! The moments are drawn from a seed printed at the start; `IIM_FAULT_SEED=N` replays a run.
+
+use anyhow::{Context, ensure};
+use iim_client::proto::{DeviceId, MessageId, MessageKind, SessionMode, UserId};
+use iim_client::{Accepted, ClientConfig, Credentials, Device, Submission, Update};
+use iim_e2e::{HostProcess, PASSWORD, next_message, text, within};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+type Result<T = ()> = anyhow::Result<T>;
+
+/// The whole test fails if it has not finished by then.
+const DEADLINE: Duration = Duration::from_secs(240);
+
+/// The seed of this run: `IIM_FAULT_SEED`, or a new one.
+fn seed() -> u64 {
+    std::env::var("IIM_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random)
+}
+
+/// A client configuration that reconnects quickly: the host is back within a second.
+fn client_config(host: &HostProcess) -> Result<ClientConfig> {
+    let mut config = host.client_config()?;
+    config.reconnect_first = Duration::from_millis(100);
+    config.reconnect_max = Duration::from_secs(1);
+    config.connect_timeout = Duration::from_secs(5);
+    config.request_timeout = Duration::from_secs(10);
+    Ok(config)
+}
+
+/// The body of the `n`th message from user `from` to user `to`.
+fn body(from: usize, to: usize, n: usize) -> String {
+    format!("{from}>{to}#{n}")
+}
+
+fn parse_body(body: &[u8]) -> Result<(usize, usize, usize)> {
+    let text = std::str::from_utf8(body)?;
+    let (from, rest) = text.split_once('>').context("no '>'")?;
+    let (to, n) = rest.split_once('#').context("no '#'")?;
+    Ok((from.parse()?, to.parse()?, n.parse()?))
+}
+
+/// What one receiving device got, in the order it got it: (sender, recipient, n, id).
+type Received = Vec<(usize, usize, usize, MessageId)>;
+
+/// Takes everything delivered to `device`, acknowledging each, until `stop` is set.
+async fn receive(
+    device: Device,
+    mut stop: watch::Receiver<bool>,
+    received_total: Arc<AtomicUsize>,
+) -> Result<(Received, usize)> {
+    let mut received = Received::new();
+    let mut reconnects = 0;
+    loop {
+        let update = tokio::select! {
+            update = device.next() => update,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        match update.context("the device ended")?? {
+            Update::Message { seq, message } => {
+                ensure!(message.kind == MessageKind::Chat, "unexpected {message:?}");
+                let (from, to, n) = parse_body(&message.body)?;
+                received.push((from, to, n, message.id));
+                received_total.fetch_add(1, Ordering::Relaxed);
+                device.ack(seq);
+            }
+            Update::Reconnected => reconnects += 1,
+            Update::Synced { .. } | Update::Disconnected { .. } => {}
+        }
+    }
+    device.close().await;
+    Ok((received, reconnects))
+}
+
+/// Submits `per_pair` messages from user `from` to each other user, in rounds, pausing a
+/// random moment between submissions, and hands each submission on as it is made.
+async fn submit_all(
+    device: Arc<Device>,
+    from: usize,
+    users: Vec<UserId>,
+    per_pair: usize,
+    mut rng: StdRng,
+    made: mpsc::UnboundedSender<(usize, usize, Submission)>,
+) {
+    for n in 0..per_pair {
+        for (to, user) in users.iter().enumerate() {
+            if to == from {
+                continue;
+            }
+            let submission = device.submit(
+                rng.random(),
+                MessageKind::Chat,
+                std::slice::from_ref(user),
+                body(from, to, n).as_bytes(),
+            );
+            let _ = made.send((to, n, submission));
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..8))).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_host_at_random_moments_loses_and_repeats_nothing() -> Result {
+    const USERS: usize = 3;
+    const PER_PAIR: usize = 100;
+    const KILLS: usize = 4;
+    let seed = seed();
+    eprintln!("fault seed {seed} (IIM_FAULT_SEED={seed} replays it)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let started = std::time::Instant::now();
+    tokio::time::timeout(DEADLINE, async {
+        let mut host = HostProcess::start_chat_only()?;
+        let config = client_config(&host)?;
+        let mut users = Vec::new();
+        for i in 0..USERS {
+            users.push(host.register(&format!("user{i}")).await?);
+        }
+        // User 0 has two receiving devices, the others one.
+        let (stop, stopped) = watch::channel(false);
+        let received_total = Arc::new(AtomicUsize::new(0));
+        let mut receivers = Vec::new();
+        for (i, user) in users.iter().enumerate() {
+            let devices: &[&str] = if i == 0 {
+                &["phone", "laptop"]
+            } else {
+                &["phone"]
+            };
+            for name in devices {
+                let device = Device::open(
+                    &config,
+                    user,
+                    &DeviceId::new(*name)?,
+                    Credentials::Password(PASSWORD.into()),
+                    SessionMode::Receive,
+                )
+                .await?;
+                let task = tokio::spawn(receive(
+                    device,
+                    stopped.clone(),
+                    Arc::clone(&received_total),
+                ));
+                receivers.push((i, *name, task));
+            }
+        }
+        let expected_per_device = (USERS - 1) * PER_PAIR;
+        let expected_received = receivers.len() * expected_per_device;
+
+        // One sending device per user; its submissions are awaited in order as they are made.
+        let accepted_total = Arc::new(AtomicUsize::new(0));
+        let mut senders = Vec::new();
+        for (from, user) in users.iter().enumerate() {
+            let device = Arc::new(
+                Device::open(
+                    &config,
+                    user,
+                    &DeviceId::new("sender")?,
+                    Credentials::Password(PASSWORD.into()),
+                    SessionMode::SendOnly,
+                )
+                .await?,
+            );
+            let (made, mut submissions) = mpsc::unbounded_channel();
+            tokio::spawn(submit_all(
+                Arc::clone(&device),
+                from,
+                users.clone(),
+                PER_PAIR,
+                StdRng::seed_from_u64(rng.random()),
+                made,
+            ));
+            let accepted_total = Arc::clone(&accepted_total);
+            senders.push(tokio::spawn(async move {
+                let mut accepted: HashMap<(usize, usize), Accepted> = HashMap::new();
+                while let Some((to, n, submission)) = submissions.recv().await {
+                    let answer = submission
+                        .await
+                        .with_context(|| format!("submission {}", body(from, to, n)))?;
+                    accepted.insert((to, n), answer);
+                    accepted_total.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(device);
+                anyhow::Ok(accepted)
+            }));
+        }
+        let expected_accepted = USERS * (USERS - 1) * PER_PAIR;
+
+        // Kill the host once every fifth of the traffic, a random moment after, and start it
+        // again after a random pause: kills land while messages are being accepted, stored,
+        // handled by the chat plugin and delivered.
+        for k in 1..=KILLS {
+            let threshold = k * expected_accepted / (KILLS + 1);
+            while accepted_total.load(Ordering::Relaxed) < threshold {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
+            let at_kill = (
+                accepted_total.load(Ordering::Relaxed),
+                received_total.load(Ordering::Relaxed),
+            );
+            host.kill9()?;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+            tokio::task::block_in_place(|| host.restart())?;
+            eprintln!(
+                "{:>6.2} s: kill {k}, after {} of {expected_accepted} accepted and {} of \
+                 {expected_received} received",
+                started.elapsed().as_secs_f64(),
+                at_kill.0,
+                at_kill.1
+            );
+        }
+
+        // Every submission is accepted once.
+        let mut accepted: HashMap<(usize, usize, usize), Accepted> = HashMap::new();
+        for (from, sender) in senders.into_iter().enumerate() {
+            for ((to, n), answer) in sender.await?? {
+                accepted.insert((from, to, n), answer);
+            }
+        }
+        ensure!(
+            accepted.len() == expected_accepted,
+            "{} accepted",
+            accepted.len()
+        );
+        let mut ids: Vec<MessageId> = accepted.values().map(|a| a.id).collect();
+        ids.sort();
+        ids.dedup();
+        ensure!(ids.len() == expected_accepted, "two submissions got one id");
+
+        // Wait for every delivery, then a little longer for any repeat.
+        while received_total.load(Ordering::Relaxed) < expected_received {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.send(true)?;
+
+        for (to, name, task) in receivers {
+            let (received, reconnects) = task.await??;
+            ensure!(
+                received.len() == expected_per_device,
+                "user{to}/{name} received {} messages, expected {expected_per_device}",
+                received.len()
+            );
+            for from in (0..USERS).filter(|from| *from != to) {
+                let mut got = Vec::new();
+                for (f, t, n, id) in &received {
+                    if *f == from {
+                        ensure!(*t == to, "user{to}/{name} got a message for user{t}");
+                        got.push((*n, *id));
+                    }
+                }
+                let want: Vec<(usize, MessageId)> = (0..PER_PAIR)
+                    .map(|n| (n, accepted[&(from, to, n)].id))
+                    .collect();
+                ensure!(
+                    got == want,
+                    "user{to}/{name} from user{from}: got {:?}",
+                    got.iter().map(|(n, _)| *n).collect::<Vec<_>>()
+                );
+            }
+            eprintln!(
+                "user{to}/{name}: {} messages in order, none twice, {reconnects} reconnects",
+                received.len()
+            );
+        }
+        eprintln!(
+            "{:>6.2} s: all accounted for",
+            started.elapsed().as_secs_f64()
+        );
+        host.kill9()?;
+        anyhow::Ok(())
+    })
+    .await
+    .context("the fault test did not finish in time")?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_moves_to_a_new_socket_mid_stream_keeps_its_session_and_loses_nothing()
+-> Result {
+    const MESSAGES: usize = 300;
+    let host = HostProcess::start_chat_only()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (bob_conn, _) = host.online(&bob, "phone").await?;
+    let sender = host.connect().await?;
+    within(
+        "login",
+        sender.login(
+            &alice,
+            PASSWORD,
+            &DeviceId::new("laptop")?,
+            SessionMode::SendOnly,
+        ),
+    )
+    .await??;
+    let sending = tokio::spawn({
+        let bob = bob.clone();
+        async move {
+            let mut ids = Vec::new();
+            for n in 0..MESSAGES {
+                ids.push(sender.send_text(&bob, &n.to_string()).await?.id);
+            }
+            anyhow::Ok(ids)
+        }
+    });
+
+    // Bob's phone changes networks twice while the messages stream in.
+    let mut received = Vec::new();
+    let mut ports = vec![bob_conn.local_addr()?.port()];
+    while received.len() < MESSAGES {
+        let message = next_message(&bob_conn).await?;
+        received.push((text(&message), message.id));
+        if received.len() == MESSAGES / 3 || received.len() == 2 * MESSAGES / 3 {
+            let moved_to = bob_conn.rebind()?;
+            ensure!(
+                !ports.contains(&moved_to.port()),
+                "rebound to a port used before"
+            );
+            ports.push(moved_to.port());
+        }
+    }
+    let ids = within("sender", sending).await???;
+    let want: Vec<(String, MessageId)> = (0..MESSAGES).map(|n| n.to_string()).zip(ids).collect();
+    ensure!(
+        received == want,
+        "received out of order, twice or not at all"
+    );
+
+    // Still the same connection and delivery session: it carries on, and its
+    // acknowledgements, sent from the new sockets, reached the host.
+    let path = bob_conn.quic().stats().path;
+    ensure!(
+        bob_conn.quic().close_reason().is_none(),
+        "the connection ended"
+    );
+    bob_conn.close().await;
+    let (_again, backlog) = host.online(&bob, "phone").await?;
+    ensure!(
+        backlog.is_empty(),
+        "{} delivered again after moving",
+        backlog.len()
+    );
+    eprintln!(
+        "moved through ports {ports:?}; path rtt {:?}, {} lost packets",
+        path.rtt, path.lost_packets
+    );
+    Ok(())
+}
