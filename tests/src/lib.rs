@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: start the real `iim-host` binary on loopback with a
 //! temporary data directory, and connect real clients to it.
 
+pub mod lossy;
+
 use anyhow::{Context, anyhow, bail};
 use iim_client::proto::{DeviceId, ErrorCode, Message, SessionMode, UserId};
 use iim_client::{ClientConfig, ClientError, Connection, Event};

@@ -2,11 +2,15 @@
 //! send and receive through it, and every message is accounted for: each one accepted reaches
 //! every device of its recipient exactly once, in the order its sender sent it.
 //!
-//! The moments are drawn from a seed printed at the start; `IIM_FAULT_SEED=N` replays a run.
+//! Also: a lossy, duplicating, reordering UDP path between clients and the host, and a client
+//! that moves to a new socket mid-stream.
+//!
+//! Random choices are drawn from a seed printed at the start; `IIM_FAULT_SEED=N` replays them.
 
 use anyhow::{Context, ensure};
 use iim_client::proto::{DeviceId, MessageId, MessageKind, SessionMode, UserId};
 use iim_client::{Accepted, ClientConfig, Credentials, Device, Submission, Update};
+use iim_e2e::lossy::{Impairment, LossyPath};
 use iim_e2e::{HostProcess, PASSWORD, next_message, text, within};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -353,6 +357,95 @@ async fn a_device_that_moves_to_a_new_socket_mid_stream_keeps_its_session_and_lo
     eprintln!(
         "moved through ports {ports:?}; path rtt {:?}, {} lost packets",
         path.rtt, path.lost_packets
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_duplicating_reordering_path_loses_and_repeats_nothing() -> Result {
+    const MESSAGES: usize = 400;
+    let seed = seed();
+    eprintln!("path seed {seed} (IIM_FAULT_SEED={seed} replays it)");
+    let host = HostProcess::start_chat_only()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    // Both ways: one datagram in ten lost, one in twenty twice, one in ten held back 5-50 ms.
+    let impairment = Impairment {
+        loss: 0.10,
+        duplicate: 0.05,
+        delay: 0.10,
+        delay_ms: (5, 50),
+    };
+    let path = LossyPath::start(host.addr, impairment, seed).await?;
+    let mut config = client_config(&host)?;
+    config.server = path.addr();
+    config.connect_timeout = Duration::from_secs(15);
+    let phone = DeviceId::new("phone")?;
+    let password = || Credentials::Password(PASSWORD.into());
+    let bob_phone = within(
+        "bob's phone",
+        Device::open(&config, &bob, &phone, password(), SessionMode::Receive),
+    )
+    .await??;
+    let alice_phone = within(
+        "alice's phone",
+        Device::open(&config, &alice, &phone, password(), SessionMode::SendOnly),
+    )
+    .await??;
+
+    tokio::time::timeout(DEADLINE, async {
+        // Four at a time, so that the traffic spreads over many datagrams.
+        let sending = tokio::spawn({
+            let bob = bob.clone();
+            async move {
+                let mut ids = Vec::new();
+                for chunk in 0..MESSAGES / 4 {
+                    let burst: Vec<Submission> = (0..4)
+                        .map(|i| alice_phone.send_text(&bob, &(chunk * 4 + i).to_string()))
+                        .collect();
+                    for submission in burst {
+                        ids.push(submission.await?.id);
+                    }
+                }
+                anyhow::Ok(ids)
+            }
+        });
+        let mut received = Vec::new();
+        while received.len() < MESSAGES {
+            if let Update::Message { seq, message } =
+                bob_phone.next().await.context("bob's phone ended")??
+            {
+                received.push((text(&message), message.id));
+                bob_phone.ack(seq);
+            }
+        }
+        // Anything repeated would come now.
+        if let Ok(Some(update)) =
+            tokio::time::timeout(Duration::from_secs(1), bob_phone.next()).await
+            && let Update::Message { message, .. } = update?
+        {
+            anyhow::bail!("delivered again: {}", text(&message));
+        }
+        let ids = sending.await??;
+        let want: Vec<(String, MessageId)> =
+            (0..MESSAGES).map(|n| n.to_string()).zip(ids).collect();
+        ensure!(
+            received == want,
+            "received out of order, twice or not at all"
+        );
+        anyhow::Ok(())
+    })
+    .await
+    .context("the lossy-path test did not finish in time")??;
+
+    let (seen, dropped, duplicated, delayed) = path.counts().snapshot();
+    eprintln!(
+        "{MESSAGES} messages through {seen} datagrams: {dropped} dropped, {duplicated} \
+         duplicated, {delayed} held back"
+    );
+    ensure!(
+        dropped > 0 && duplicated > 0 && delayed > 0,
+        "the path did not impair the traffic"
     );
     Ok(())
 }
