@@ -213,6 +213,7 @@ async fn receive(
                 conn.ack(seq).await.context("acknowledging a delivery")?;
             }
             Some(Ok(Event::Synced { .. })) => {}
+            Some(Ok(other @ Event::Backlog { .. })) => bail!("a receive session got {other:?}"),
             Some(Err(e)) => return Err(e).context("receiving"),
             None => bail!(
                 "the connection ended (lost, or closed by the host) after {} of {expected} \

@@ -114,6 +114,25 @@ pub enum Event {
         /// How many that was.
         count: u64,
     },
+    /// In a [`SessionMode::Paged`] session, what waits for the device; fetch it with
+    /// [`Connection::fetch`].
+    Backlog {
+        /// How many messages.
+        count: u64,
+        /// The sum of their body sizes, in bytes.
+        bytes: u64,
+        /// Their ids, oldest first (the first [`iim_proto::BACKLOG_IDS`] if there are more).
+        ids: Vec<MessageId>,
+    },
+}
+
+/// The host's answer to [`Connection::fetch`], after the page's messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// How many messages the page held.
+    pub count: u32,
+    /// How many backlog messages are still to fetch; at 0, [`Event::Synced`] follows.
+    pub remaining: u64,
 }
 
 /// The host's answer to a submission: the *sent* receipt.
@@ -430,6 +449,18 @@ impl Connection {
         .await
     }
 
+    /// In a [`SessionMode::Paged`] session, asks for the next page of the backlog: up to `max`
+    /// messages, which arrive as [`Event::Message`]s before this returns.
+    pub async fn fetch(&self, max: u32) -> Result<Page, ClientError> {
+        page(self.start_fetch(max).await?.wait().await?)
+    }
+
+    /// Writes a fetch and returns at once, without its answer.
+    pub(crate) async fn start_fetch(&self, max: u32) -> Result<Answer, ClientError> {
+        self.start_request(|req| ClientFrame::Fetch { req, max })
+            .await
+    }
+
     /// Acknowledges every delivery up to and including `seq`.
     pub async fn ack(&self, seq: u64) -> Result<(), ClientError> {
         self.write(&ClientFrame::Ack { seq }).await
@@ -520,6 +551,16 @@ impl Answer {
                 Err(ClientError::Timeout(self.timeout))
             }
         }
+    }
+}
+
+/// The [`Page`] in the answer to a fetch.
+pub(crate) fn page(answer: ServerFrame) -> Result<Page, ClientError> {
+    match answer {
+        ServerFrame::Page {
+            count, remaining, ..
+        } => Ok(Page { count, remaining }),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -639,6 +680,10 @@ async fn drive(
                 let _ = events.send(Ok(Event::Synced { count }));
                 continue;
             }
+            ServerFrame::Backlog { count, bytes, ids } => {
+                let _ = events.send(Ok(Event::Backlog { count, bytes, ids }));
+                continue;
+            }
             ServerFrame::Error {
                 req: None,
                 code,
@@ -652,7 +697,8 @@ async fn drive(
             ServerFrame::Ok { req }
             | ServerFrame::LoggedIn { req, .. }
             | ServerFrame::Users { req, .. }
-            | ServerFrame::Accepted { req, .. } => (req, Ok(frame)),
+            | ServerFrame::Accepted { req, .. }
+            | ServerFrame::Page { req, .. } => (req, Ok(frame)),
             ServerFrame::Welcome { .. } => {
                 break ClientError::Protocol("Welcome sent twice".into());
             }

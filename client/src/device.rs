@@ -7,9 +7,9 @@
 //! sends a device its inbox positions in increasing order and, after a reconnect, again from the
 //! device's cursor: a position not above the highest one handed to the application is a repeat.
 
-use crate::connection::{Accepted, Answer, ClientConfig, Connection, Event, accepted};
+use crate::connection::{Accepted, Answer, ClientConfig, Connection, Event, Page, accepted, page};
 use crate::{ClientError, new_client_id};
-use iim_proto::{DeviceId, Message, MessageKind, SessionMode, UserId};
+use iim_proto::{DeviceId, Message, MessageId, MessageKind, SessionMode, UserId};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -60,6 +60,16 @@ pub enum Update {
     },
     /// The device is connected and authenticated again.
     Reconnected,
+    /// In a [`SessionMode::Paged`] device, what waits for it after each (re)connection; fetch
+    /// it with [`Device::fetch`].
+    Backlog {
+        /// How many messages.
+        count: u64,
+        /// The sum of their body sizes, in bytes.
+        bytes: u64,
+        /// Their ids, oldest first (the first [`iim_proto::BACKLOG_IDS`] if there are more).
+        ids: Vec<MessageId>,
+    },
 }
 
 /// A submission on its way: resolves to the host's [`Accepted`] once the host has the message
@@ -131,6 +141,7 @@ pub struct Device {
 enum Command {
     Submit(Outgoing),
     Ack(u64),
+    Fetch(u32, oneshot::Sender<Result<Page, ClientError>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -231,6 +242,18 @@ impl Device {
     /// the host has it, the device acknowledges again what the host sends again.
     pub fn ack(&self, seq: u64) {
         let _ = self.commands.send(Command::Ack(seq));
+    }
+
+    /// In a [`SessionMode::Paged`] device, asks for the next page of the backlog: up to `max`
+    /// messages, which arrive as [`Update::Message`]s before the answer. Fails if the
+    /// connection is lost first; after the reconnect a new [`Update::Backlog`] says what is
+    /// left.
+    pub async fn fetch(&self, max: u32) -> Result<Page, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.commands.send(Command::Fetch(max, reply));
+        answer
+            .await
+            .unwrap_or_else(|_| Err(ClientError::ConnectionLost("the device was closed".into())))
     }
 
     /// The next update; `None` once the device has ended and every update was taken.
@@ -363,6 +386,12 @@ impl Supervisor {
                         *next_key += 1;
                     }
                     Some(Command::Ack(seq)) => *acked = (*acked).max(Some(seq)),
+                    Some(Command::Fetch(_, reply)) => {
+                        let _ = reply.send(Err(ClientError::ConnectionLost(
+                            "not connected; the backlog is summed up again after the reconnect"
+                                .into(),
+                        )));
+                    }
                 },
             }
         }
@@ -401,6 +430,17 @@ impl Supervisor {
                             return Served::Lost(e);
                         }
                     }
+                    Some(Command::Fetch(max, reply)) => match conn.start_fetch(max).await {
+                        Ok(answer) => {
+                            tokio::spawn(async move {
+                                let _ = reply.send(answer.wait().await.and_then(page));
+                            });
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e.clone()));
+                            return Served::Lost(e);
+                        }
+                    },
                 },
                 Some((generation, key, answer)) = self.answers.recv() => {
                     if generation != self.generation {
@@ -432,6 +472,9 @@ impl Supervisor {
                     }
                     Some(Ok(Event::Synced { count })) => {
                         let _ = self.updates.send(Ok(Update::Synced { count }));
+                    }
+                    Some(Ok(Event::Backlog { count, bytes, ids })) => {
+                        let _ = self.updates.send(Ok(Update::Backlog { count, bytes, ids }));
                     }
                     Some(Err(e)) => return Served::Lost(e),
                     None => {

@@ -29,7 +29,7 @@ mod connection;
 mod device;
 
 pub use connection::{
-    Accepted, ClientConfig, Connection, Event, new_client_id, quic_client_config,
+    Accepted, ClientConfig, Connection, Event, Page, new_client_id, quic_client_config,
 };
 pub use device::{Credentials, Device, Submission, Update};
 pub use iim_proto as proto;

@@ -62,6 +62,9 @@ struct Attached {
     syncing: bool,
     /// Backlog messages sent so far; `None` once `Synced` was sent.
     backlog: Option<u64>,
+    /// In a paged session, until its last page: the backlog's last position and how many of
+    /// its messages are still to fetch. The backlog is then sent only on `Fetch`.
+    paged: Option<Paged>,
     deliveries: mpsc::Receiver<Delivery>,
     lag: Arc<Notify>,
     kick: watch::Receiver<Option<Kick>>,
@@ -72,6 +75,15 @@ struct Attached {
     /// Deliveries sent and not yet acknowledged whose acknowledgement a plugin wants to hear
     /// of (a `delivered` subscription), by position.
     watched: std::collections::VecDeque<(u64, Delivered)>,
+}
+
+/// The backlog of a paged session that is still to fetch.
+#[derive(Debug, Clone, Copy)]
+struct Paged {
+    /// The inbox position of its last message.
+    last: u64,
+    /// How many of its messages have not been sent.
+    remaining: u64,
 }
 
 /// A submission checked and stored, with its answer and the message to dispatch; or the
@@ -169,7 +181,7 @@ impl Session {
                             Some(&mut a.deliveries),
                             Some(&mut a.kick),
                             Some(Arc::clone(&a.lag)),
-                            a.syncing && room,
+                            a.syncing && room && a.paged.is_none(),
                             !a.syncing && room,
                             a.retransmit.next_deadline().map(|at| self.started + at),
                         )
@@ -458,7 +470,81 @@ impl Session {
                 self.ack(seq).await;
                 Ok(())
             }
+            ClientFrame::Fetch { req, max } => self.fetch(req, max).await,
         }
+    }
+
+    /// Sends the next page of a paged session's backlog, answers `Page`, and after the last
+    /// page sends `Synced` and goes online.
+    async fn fetch(&mut self, req: RequestId, max: u32) -> Result<(), End> {
+        let max_in_flight = self.host.config.limits.max_in_flight.max(1);
+        let page = match (&self.auth, &self.attached) {
+            (Some(auth), Some(attached)) => attached.paged.map(|paged| {
+                let room = max_in_flight.saturating_sub(attached.window.in_flight());
+                (auth.user.clone(), attached.window.last_sent(), paged, room)
+            }),
+            _ => None,
+        };
+        let Some((user, last_sent, paged, room)) = page else {
+            return self
+                .refuse(
+                    req,
+                    Refusal::new(
+                        ErrorCode::INVALID_ARGUMENT,
+                        "nothing to fetch: only a session opened in Paged mode fetches its \
+                         backlog, and only until Synced",
+                    ),
+                )
+                .await;
+        };
+        if max == 0 {
+            return self
+                .refuse(
+                    req,
+                    Refusal::new(ErrorCode::INVALID_ARGUMENT, "fetch at least 1 message"),
+                )
+                .await;
+        }
+        let want = (max as usize).min(room);
+        let batch = self
+            .host
+            .store
+            .inbox_after(&user, last_sent, want)
+            .map_err(internal)?;
+        let mut count = 0u32;
+        for (seq, message) in batch {
+            if seq > paged.last {
+                break;
+            }
+            self.send_delivery(seq, Arc::new(message)).await?;
+            count += 1;
+        }
+        let Some(attached) = self.attached.as_mut() else {
+            return Ok(());
+        };
+        if let Some(sent) = attached.backlog.as_mut() {
+            *sent += u64::from(count);
+        }
+        // A short page with room to spare means the rest of the backlog is gone (expired).
+        let remaining = if (count as usize) < want {
+            0
+        } else {
+            paged.remaining.saturating_sub(u64::from(count))
+        };
+        let last_page = remaining == 0 || attached.window.last_sent() >= paged.last;
+        let remaining = if last_page { 0 } else { remaining };
+        attached.paged = (!last_page).then_some(Paged { remaining, ..paged });
+        self.write(&ServerFrame::Page {
+            req,
+            count,
+            remaining,
+        })
+        .await?;
+        if last_page {
+            // What came in since the summary follows, as in a receive session.
+            self.synced().await?;
+        }
+        Ok(())
     }
 
     /// Refuses a request over the session's rate, before any work is done for it.
@@ -523,11 +609,32 @@ impl Session {
         // both ways, and the window drops the second copy.
         let attachment = self.host.registry.attach(&user, &device);
         let cursor = self.host.store.cursor(&user, &device).map_err(internal)?;
+        let paged = if mode == SessionMode::Paged {
+            let summary = self
+                .host
+                .store
+                .inbox_summary(&user, cursor, iim_proto::BACKLOG_IDS)
+                .map_err(internal)?;
+            self.write(&ServerFrame::Backlog {
+                count: summary.count,
+                bytes: summary.bytes,
+                ids: summary.ids,
+            })
+            .await?;
+            // With nothing waiting, `Synced` follows at once, as in a receive session.
+            (summary.count > 0).then_some(Paged {
+                last: summary.last,
+                remaining: summary.count,
+            })
+        } else {
+            None
+        };
         self.attached = Some(Attached {
             session: attachment.session,
             window: DeliveryWindow::new(cursor),
             syncing: true,
             backlog: Some(0),
+            paged,
             deliveries: attachment.deliveries,
             lag: attachment.lag,
             kick: attachment.kick,
@@ -555,22 +662,10 @@ impl Session {
             )
             .map_err(internal)?;
         if batch.is_empty() {
-            let backlog = self.attached.as_mut().and_then(|a| {
+            if let Some(a) = self.attached.as_mut() {
                 a.syncing = false;
-                a.backlog.take()
-            });
-            if let Some(count) = backlog {
-                self.write(&ServerFrame::Synced { count }).await?;
-                // Online from now on, after the backlog (I3): the presence plugin hears of it.
-                let Some(opened) = self.session_info() else {
-                    return Ok(());
-                };
-                self.host
-                    .plugins
-                    .raise(PluginEvent::SessionOpened(opened))
-                    .await;
             }
-            return Ok(());
+            return self.synced().await;
         }
         for (seq, message) in batch {
             self.send_delivery(seq, Arc::new(message)).await?;
@@ -578,6 +673,23 @@ impl Session {
                 *count += 1;
             }
         }
+        Ok(())
+    }
+
+    /// Sends `Synced` once, at the end of the backlog; the device is online from then on.
+    async fn synced(&mut self) -> Result<(), End> {
+        let Some(count) = self.attached.as_mut().and_then(|a| a.backlog.take()) else {
+            return Ok(());
+        };
+        self.write(&ServerFrame::Synced { count }).await?;
+        // Online from now on, after the backlog (I3): the presence plugin hears of it.
+        let Some(opened) = self.session_info() else {
+            return Ok(());
+        };
+        self.host
+            .plugins
+            .raise(PluginEvent::SessionOpened(opened))
+            .await;
         Ok(())
     }
 

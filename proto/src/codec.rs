@@ -153,6 +153,14 @@ mod tests {
                 body: b"hello".to_vec(),
             },
             ClientFrame::Ack { seq: 7 },
+            ClientFrame::Authenticate {
+                req: 5,
+                user: user("bob"),
+                device: DeviceId::new("tablet").expect("valid"),
+                token: "t".into(),
+                mode: SessionMode::Paged,
+            },
+            ClientFrame::Fetch { req: 6, max: 50 },
         ]
     }
 
@@ -191,6 +199,16 @@ mod tests {
                 },
             },
             ServerFrame::error(Some(3), ErrorCode::UNKNOWN_USER, "no user zed"),
+            ServerFrame::Backlog {
+                count: 2,
+                bytes: 11,
+                ids: vec![MessageId(8), MessageId(9)],
+            },
+            ServerFrame::Page {
+                req: 6,
+                count: 2,
+                remaining: 0,
+            },
         ];
         for frame in frames {
             let bytes = encode_frame(&frame, 1024).expect("encode");

@@ -75,6 +75,11 @@ pub enum SessionMode {
     /// The connection only sends and manages the account; nothing is delivered to it and it
     /// leaves the device's delivery session alone. Command-line tools use this.
     SendOnly,
+    /// As [`SessionMode::Receive`], but the backlog comes in pages the device asks for: the
+    /// host first sends [`ServerFrame::Backlog`] (how much is waiting), then a page for each
+    /// [`ClientFrame::Fetch`], then [`ServerFrame::Synced`] after the last page, then every
+    /// new message. For a device on a slow or metered link with much waiting.
+    Paged,
 }
 
 /// The two kinds of relation a user keeps.
@@ -188,6 +193,15 @@ pub enum ClientFrame {
         /// The inbox position of the delivery, from [`ServerFrame::Deliver`].
         seq: u64,
     },
+    /// In a [`SessionMode::Paged`] session, asks for the next page of the backlog: up to
+    /// `max` deliveries (fewer if that many are already waiting for acknowledgement).
+    /// Answered by the deliveries, then [`ServerFrame::Page`].
+    Fetch {
+        /// Request id.
+        req: RequestId,
+        /// The most deliveries to send; at least 1.
+        max: u32,
+    },
 }
 
 /// A frame sent by a host.
@@ -255,6 +269,26 @@ pub enum ServerFrame {
         code: ErrorCode,
         /// What went wrong, for people.
         message: String,
+    },
+    /// The summary of the backlog at the start of a [`SessionMode::Paged`] session: what
+    /// waits for the device, to be fetched with [`ClientFrame::Fetch`].
+    Backlog {
+        /// How many messages.
+        count: u64,
+        /// The sum of their body sizes, in bytes.
+        bytes: u64,
+        /// Their ids, oldest first; the first [`crate::BACKLOG_IDS`] if there are more.
+        ids: Vec<MessageId>,
+    },
+    /// A page of the backlog has been sent: the answer to [`ClientFrame::Fetch`], after its
+    /// deliveries. When `remaining` is 0, [`ServerFrame::Synced`] follows.
+    Page {
+        /// The request.
+        req: RequestId,
+        /// How many deliveries the page held.
+        count: u32,
+        /// How many backlog messages are still to fetch.
+        remaining: u64,
     },
 }
 

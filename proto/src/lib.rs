@@ -41,3 +41,6 @@ pub const DEFAULT_MAX_BODY: u32 = 32 * 1024;
 
 /// Most recipients one submission may name.
 pub const MAX_TARGETS: usize = 256;
+
+/// Most message ids a [`ServerFrame::Backlog`] summary lists (about 10 KB at most).
+pub const BACKLOG_IDS: usize = 1000;

@@ -345,6 +345,7 @@ impl HostProcess {
                     assert_eq!(count as usize, backlog.len(), "Synced counts the backlog");
                     return Ok((conn, backlog));
                 }
+                other @ Event::Backlog { .. } => bail!("a receive session got {other:?}"),
             }
         }
     }

@@ -3,7 +3,9 @@
 //! These tests are about the delivery path and count every message a user receives, so their
 //! hosts load only the chat plugin; presence and receipts are tested in `plugins.rs`.
 
-use iim_client::proto::{DeviceId, ErrorCode, MessageKind, RelationKind, SessionMode, UserId};
+use iim_client::proto::{
+    DeviceId, ErrorCode, MessageId, MessageKind, RelationKind, SessionMode, UserId,
+};
 use iim_client::{Credentials, Device, Update};
 use iim_e2e::*;
 
@@ -100,6 +102,7 @@ async fn offline_messages_arrive_at_login_in_order_before_new_ones() -> Result {
                 assert_eq!(count as usize, received.len());
                 synced_at = Some(received.len());
             }
+            other @ iim_client::Event::Backlog { .. } => anyhow::bail!("unexpected {other:?}"),
         }
     }
     let synced_at = synced_at.ok_or_else(|| anyhow::anyhow!("no Synced"))?;
@@ -114,6 +117,149 @@ async fn offline_messages_arrive_at_login_in_order_before_new_ones() -> Result {
         "every message once, in the order it was sent"
     );
     assert_eq!(text(&received[0]), "offline 0");
+    Ok(())
+}
+
+/// The next `n` events, which must all be messages; returns their (position, id).
+async fn messages(
+    conn: &iim_client::Connection,
+    n: usize,
+) -> anyhow::Result<Vec<(u64, MessageId)>> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match next_event(conn).await? {
+            iim_client::Event::Message { seq, message } => got.push((seq, message.id)),
+            other => anyhow::bail!("expected a message, got {other:?}"),
+        }
+    }
+    Ok(got)
+}
+
+/// Fails if an event arrives within a moment.
+async fn nothing_more(conn: &iim_client::Connection) -> Result {
+    match tokio::time::timeout(std::time::Duration::from_millis(300), conn.next_event()).await {
+        Err(_) => Ok(()),
+        Ok(event) => anyhow::bail!("unexpected {event:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_paged_device_gets_a_summary_then_its_backlog_in_the_pages_it_asks_for() -> Result {
+    let host = HostProcess::start_chat_only()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let mut sent = Vec::new();
+    let mut bytes = 0;
+    for i in 0..25 {
+        let text = format!("offline {i}");
+        bytes += text.len() as u64;
+        sent.push(a.send_text(&bob, &text).await?.id);
+    }
+    let phone = DeviceId::new("phone")?;
+    let paged = |conn: iim_client::Connection| {
+        let (bob, phone) = (bob.clone(), phone.clone());
+        async move {
+            within(
+                "login",
+                conn.login(&bob, PASSWORD, &phone, SessionMode::Paged),
+            )
+            .await??;
+            anyhow::Ok(conn)
+        }
+    };
+
+    // The summary first, and nothing before it is asked for.
+    let b = paged(host.connect().await?).await?;
+    match next_event(&b).await? {
+        iim_client::Event::Backlog {
+            count,
+            bytes: b_bytes,
+            ids,
+        } => {
+            assert_eq!((count, b_bytes), (25, bytes));
+            assert_eq!(ids, sent);
+        }
+        other => anyhow::bail!("expected the summary, got {other:?}"),
+    }
+    nothing_more(&b).await?;
+    assert_eq!(
+        code_of(b.fetch(0).await)?,
+        ErrorCode::INVALID_ARGUMENT,
+        "an empty page"
+    );
+    let page = within("fetch", b.fetch(10)).await??;
+    assert_eq!((page.count, page.remaining), (10, 15));
+    let first = messages(&b, 10).await?;
+    nothing_more(&b).await?;
+    // Only the first five are acknowledged before the connection goes.
+    b.ack(first[4].0).await?;
+    b.close().await;
+
+    // The next session resumes from the cursor.
+    let b = paged(host.connect().await?).await?;
+    match next_event(&b).await? {
+        iim_client::Event::Backlog { count, ids, .. } => {
+            assert_eq!(count, 20);
+            assert_eq!(ids, sent[5..]);
+        }
+        other => anyhow::bail!("expected the summary, got {other:?}"),
+    }
+    // A message sent now is new: it comes after the backlog's end.
+    let live = a.send_text(&bob, "live").await?.id;
+    let mut got = Vec::new();
+    for (want_count, want_remaining) in [(8, 12), (8, 4), (4, 0)] {
+        let page = within("fetch", b.fetch(8)).await??;
+        assert_eq!((page.count, page.remaining), (want_count, want_remaining));
+        let page_messages = messages(&b, want_count as usize).await?;
+        if let Some((seq, _)) = page_messages.last() {
+            b.ack(*seq).await?;
+        }
+        got.extend(page_messages.into_iter().map(|(_, id)| id));
+    }
+    assert_eq!(got, sent[5..]);
+    assert_eq!(
+        next_event(&b).await?,
+        iim_client::Event::Synced { count: 20 }
+    );
+    assert_eq!(next_message(&b).await?.id, live, "then what is new");
+    assert_eq!(
+        code_of(b.fetch(8).await)?,
+        ErrorCode::INVALID_ARGUMENT,
+        "nothing left to fetch"
+    );
+
+    // A receive session has its backlog pushed; fetching there is refused.
+    assert_eq!(code_of(a.fetch(8).await)?, ErrorCode::INVALID_ARGUMENT);
+
+    // The same through a Device: a new device of Bob's has everything waiting.
+    let tablet = Device::open(
+        &host.client_config()?,
+        &bob,
+        &DeviceId::new("tablet")?,
+        Credentials::Password(PASSWORD.into()),
+        SessionMode::Paged,
+    )
+    .await?;
+    let Update::Backlog { count: 26, .. } = next_update(&tablet).await? else {
+        anyhow::bail!("expected a summary of 26");
+    };
+    let page = within("fetch", tablet.fetch(100)).await??;
+    assert_eq!((page.count, page.remaining), (26, 0));
+    let mut ids = Vec::new();
+    while ids.len() < 26 {
+        let Update::Message { seq, message } = next_update(&tablet).await? else {
+            anyhow::bail!("expected a message");
+        };
+        tablet.ack(seq);
+        ids.push(message.id);
+    }
+    assert_eq!(ids[..25], sent[..]);
+    assert_eq!(ids[25], live);
+    assert!(matches!(
+        next_update(&tablet).await?,
+        Update::Synced { count: 26 }
+    ));
     Ok(())
 }
 
@@ -646,6 +792,7 @@ async fn a_backlog_beyond_the_window_and_a_flood_beyond_the_queue_arrive_whole_i
                     anyhow::ensure!(synced.is_none(), "Synced comes once");
                     synced = Some(count);
                 }
+                other @ iim_client::Event::Backlog { .. } => anyhow::bail!("unexpected {other:?}"),
             }
         }
         anyhow::Ok((got, synced))

@@ -81,6 +81,7 @@ async fn receive(
             }
             Update::Reconnected => reconnects += 1,
             Update::Synced { .. } | Update::Disconnected { .. } => {}
+            other @ Update::Backlog { .. } => anyhow::bail!("a receive device got {other:?}"),
         }
     }
     device.close().await;

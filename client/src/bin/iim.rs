@@ -432,6 +432,8 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
                 );
             }
             Some(Ok(Update::Reconnected)) => eprintln!("iim: reconnected"),
+            // Only paged devices get a summary; `listen` takes its backlog pushed.
+            Some(Ok(Update::Backlog { .. })) => {}
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ClientError::ConnectionLost("the connection ended".into()).into()),
         }

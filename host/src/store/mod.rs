@@ -20,6 +20,19 @@ use iim_proto::{DeviceId, Message, MessageId, RelationKind, UserId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::path::Path;
 
+/// What waits in an inbox after a position ([`Store::inbox_summary`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxSummary {
+    /// How many entries.
+    pub count: u64,
+    /// The sum of their body sizes, in bytes.
+    pub bytes: u64,
+    /// The ids of the first entries, oldest first.
+    pub ids: Vec<MessageId>,
+    /// The position of the last entry.
+    pub last: u64,
+}
+
 /// A failure of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -422,6 +435,34 @@ impl Store {
             out.push((seq, decode("inbox", &value)?));
         }
         Ok(out)
+    }
+
+    /// What waits in `user`'s inbox after position `after`: how many entries, the sum of their
+    /// body sizes, the ids of the first `max_ids`, and the last position (`after` if none).
+    pub fn inbox_summary(
+        &self,
+        user: &UserId,
+        after: u64,
+        max_ids: usize,
+    ) -> Result<InboxSummary, StoreError> {
+        let (start, end) = keys::inbox_range(user, after);
+        let mut summary = InboxSummary {
+            count: 0,
+            bytes: 0,
+            ids: Vec::new(),
+            last: after,
+        };
+        for entry in self.inbox.range(start..end) {
+            let (key, value) = entry?;
+            let message: Message = decode("inbox", &value)?;
+            summary.count += 1;
+            summary.bytes += message.body.len() as u64;
+            if summary.ids.len() < max_ids {
+                summary.ids.push(message.id);
+            }
+            summary.last = keys::inbox_seq(&key).unwrap_or(summary.last);
+        }
+        Ok(summary)
     }
 
     /// The highest position used in `user`'s inbox or acknowledged by one of its devices.
