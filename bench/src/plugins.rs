@@ -161,7 +161,12 @@ async fn measure(events: u32) -> anyhow::Result<Figures> {
     let dir = tempfile::tempdir()?;
     let store = Store::open(&dir.path().join("store"))?;
     let registry = Arc::new(Registry::new(16));
-    let iim = Arc::new(Iim::new("h1".into(), store.clone(), Arc::clone(&registry)));
+    let iim = Arc::new(Iim::new(
+        "h1".into(),
+        store.clone(),
+        Arc::clone(&registry),
+        iim_host::config::Limits::default().message_ttl(),
+    ));
     let services = Arc::new(Services {
         store: store.clone(),
         registry,

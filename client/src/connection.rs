@@ -425,7 +425,30 @@ impl Connection {
         body: &[u8],
     ) -> Result<Accepted, ClientError> {
         let answer = self
-            .start_submit(client_id, kind, to.to_vec(), body.to_vec())
+            .start_submit(client_id, kind, to.to_vec(), body.to_vec(), None)
+            .await?;
+        accepted(answer.wait().await?)
+    }
+
+    /// [`Connection::submit`] with a time to live: the recipients whose devices have not got
+    /// the message `ttl` after the host accepted it never will, and the sender gets an
+    /// `expired` receipt for each of them (`docs/plugins.md`). Whole seconds, at least 1.
+    pub async fn submit_expiring(
+        &self,
+        client_id: u64,
+        kind: MessageKind,
+        to: &[UserId],
+        body: &[u8],
+        ttl: Duration,
+    ) -> Result<Accepted, ClientError> {
+        let answer = self
+            .start_submit(
+                client_id,
+                kind,
+                to.to_vec(),
+                body.to_vec(),
+                Some(ttl_secs(ttl)),
+            )
             .await?;
         accepted(answer.wait().await?)
     }
@@ -438,13 +461,24 @@ impl Connection {
         kind: MessageKind,
         to: Vec<UserId>,
         body: Vec<u8>,
+        ttl_secs: Option<u32>,
     ) -> Result<Answer, ClientError> {
-        self.start_request(|req| ClientFrame::Submit {
-            req,
-            client_id,
-            kind,
-            to,
-            body,
+        self.start_request(|req| match ttl_secs {
+            None => ClientFrame::Submit {
+                req,
+                client_id,
+                kind,
+                to,
+                body,
+            },
+            Some(ttl_secs) => ClientFrame::SubmitExpiring {
+                req,
+                client_id,
+                kind,
+                to,
+                body,
+                ttl_secs,
+            },
         })
         .await
     }
@@ -527,6 +561,13 @@ impl Connection {
                 .unwrap_or_else(|| ClientError::ConnectionLost("the stream is closed".into()))
         })
     }
+}
+
+/// A time to live in whole seconds, as the protocol carries it: rounded up, and at most
+/// `u32::MAX` (136 years).
+pub(crate) fn ttl_secs(ttl: Duration) -> u32 {
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
 /// How long [`Connection::close`] waits for the host, twice at most.

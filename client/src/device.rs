@@ -7,7 +7,9 @@
 //! sends a device its inbox positions in increasing order and, after a reconnect, again from the
 //! device's cursor: a position not above the highest one handed to the application is a repeat.
 
-use crate::connection::{Accepted, Answer, ClientConfig, Connection, Event, Page, accepted, page};
+use crate::connection::{
+    Accepted, Answer, ClientConfig, Connection, Event, Page, accepted, page, ttl_secs,
+};
 use crate::{ClientError, new_client_id};
 use iim_proto::{DeviceId, Message, MessageId, MessageKind, SessionMode, UserId};
 use std::collections::BTreeMap;
@@ -151,6 +153,7 @@ struct Outgoing {
     kind: MessageKind,
     to: Vec<UserId>,
     body: Vec<u8>,
+    ttl_secs: Option<u32>,
     reply: oneshot::Sender<Result<Accepted, ClientError>>,
 }
 
@@ -215,17 +218,41 @@ impl Device {
         to: &[UserId],
         body: &[u8],
     ) -> Submission {
+        self.enqueue(client_id, kind, to, body, None)
+    }
+
+    fn enqueue(
+        &self,
+        client_id: u64,
+        kind: MessageKind,
+        to: &[UserId],
+        body: &[u8],
+        ttl_secs: Option<u32>,
+    ) -> Submission {
         let (reply, answer) = oneshot::channel();
         let outgoing = Outgoing {
             client_id,
             kind,
             to: to.to_vec(),
             body: body.to_vec(),
+            ttl_secs,
             reply,
         };
         // If the device has ended, `answer` fails at once (its sender is dropped here).
         let _ = self.commands.send(Command::Submit(outgoing));
         Submission { client_id, answer }
+    }
+
+    /// [`Device::submit`] with a time to live (see [`Connection::submit_expiring`]).
+    pub fn submit_expiring(
+        &self,
+        client_id: u64,
+        kind: MessageKind,
+        to: &[UserId],
+        body: &[u8],
+        ttl: Duration,
+    ) -> Submission {
+        self.enqueue(client_id, kind, to, body, Some(ttl_secs(ttl)))
     }
 
     /// Sends a chat message with `text` to `to`.
@@ -496,6 +523,7 @@ impl Supervisor {
                 outgoing.kind.clone(),
                 outgoing.to.clone(),
                 outgoing.body.clone(),
+                outgoing.ttl_secs,
             )
             .await?;
         let answers = self.answers_tx.clone();

@@ -156,9 +156,18 @@ pub struct Limits {
     pub auth_rate: u32,
     /// Register, login and authenticate attempts one connection may make in a burst.
     pub auth_burst: u32,
+    /// Seconds a message stays in the inbox of a recipient none of whose devices acknowledged
+    /// it, unless its sender chose another time to live (`SubmitExpiring`); then it expires
+    /// and its sender is told. 0: messages without their own time to live never expire.
+    pub message_ttl_secs: u64,
 }
 
 impl Limits {
+    /// The default time to live of a message, if messages expire by default.
+    pub fn message_ttl(&self) -> Option<Duration> {
+        (self.message_ttl_secs > 0).then(|| Duration::from_secs(self.message_ttl_secs))
+    }
+
     /// When deliveries are sent again, and when a device is given up.
     pub fn retry_policy(&self) -> iim_proto::RetryPolicy {
         iim_proto::RetryPolicy {
@@ -189,6 +198,7 @@ impl Default for Limits {
             submit_burst: 2000,
             auth_rate: 2,
             auth_burst: 10,
+            message_ttl_secs: 30 * 24 * 3600,
         }
     }
 }

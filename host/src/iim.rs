@@ -82,15 +82,24 @@ pub struct Iim {
     /// handed out, stored and delivered in one order: a session that scans its backlog and
     /// then takes live deliveries sees every position exactly once and in order.
     inbox_heads: Vec<Mutex<HashMap<UserId, u64>>>,
+    /// How long a message without its own time to live stays unacknowledged in an inbox.
+    default_ttl: Option<std::time::Duration>,
 }
 
 impl Iim {
-    /// The entry point of host `server`.
-    pub fn new(server: String, store: Store, registry: Arc<Registry>) -> Self {
+    /// The entry point of host `server`, whose messages expire after `default_ttl` unless
+    /// they have their own time to live.
+    pub fn new(
+        server: String,
+        store: Store,
+        registry: Arc<Registry>,
+        default_ttl: Option<std::time::Duration>,
+    ) -> Self {
         Self {
             server,
             store,
             registry,
+            default_ttl,
             inbox_heads: (0..INBOX_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
@@ -165,7 +174,13 @@ impl Iim {
             None => self.store.inbox_high_water(user)?,
         };
         let seq = head + 1;
-        if !self.store.append_inbox(user, seq, message)? {
+        let expires_at = match self.store.message_expiry(message.id)? {
+            Some(at) => Some(at),
+            None => self
+                .default_ttl
+                .map(|ttl| message.sent_at.saturating_add(ttl.as_millis() as u64)),
+        };
+        if !self.store.append_inbox(user, seq, message, expires_at)? {
             return Ok(None);
         }
         heads.insert(user.clone(), seq);

@@ -10,6 +10,7 @@ pub mod accounts;
 pub mod admin;
 pub mod cmd;
 pub mod config;
+pub mod expiry;
 pub mod iim;
 pub mod plugin;
 pub mod registry;

@@ -58,6 +58,7 @@ impl Server {
             config.server_id.clone(),
             store.clone(),
             Arc::clone(&registry),
+            config.limits.message_ttl(),
         ));
         let services = Arc::new(Services {
             store: store.clone(),
@@ -143,6 +144,7 @@ impl Server {
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let mut sessions = JoinSet::new();
         let retries = tokio::spawn(retry_dispatch(Arc::clone(&self.host)));
+        let expiry = tokio::spawn(crate::expiry::run(Arc::clone(&self.host)));
         let watcher = tokio::spawn(self.loader.watch(self.host.shutdown.clone()));
         let admin =
             crate::admin::start(Arc::clone(&self.host)).context("cannot open the admin socket")?;
@@ -175,6 +177,7 @@ impl Server {
         tracing::info!(sessions = sessions.len(), "shutting down");
         let _ = self.stop.send(true);
         let _ = retries.await;
+        let _ = expiry.await;
         let _ = watcher.await;
         let _ = admin.await;
         self.host

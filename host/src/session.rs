@@ -300,7 +300,7 @@ impl Session {
     async fn drain_frames(&mut self) -> Result<(), End> {
         let mut submissions = Vec::new();
         while let Some(frame) = self.decoder.decode::<ClientFrame>()? {
-            if let ClientFrame::Submit { .. } = frame {
+            if Submission::is(&frame) {
                 submissions.push(self.store_submission(frame));
             } else {
                 self.commit(std::mem::take(&mut submissions)).await?;
@@ -315,24 +315,11 @@ impl Session {
         if let Some((req, refusal)) = self.rate_limit(&frame) {
             return Err((req, refusal));
         }
-        let ClientFrame::Submit {
-            req,
-            client_id,
-            kind,
-            to,
-            body,
-        } = frame
-        else {
+        let Some(submission) = Submission::of(frame) else {
             return Err((0, Refusal::new(ErrorCode::INTERNAL, "not a submission")));
         };
+        let req = submission.req;
         let auth = self.require_auth().map_err(|refusal| (req, refusal))?;
-        let submission = Submission {
-            req,
-            client_id,
-            kind,
-            to,
-            body,
-        };
         cmd::submit::accept(&self.host, &auth.user, &auth.device, submission)
             .map_err(|refusal| (req, refusal))
     }
@@ -387,7 +374,7 @@ impl Session {
 
     async fn handle(&mut self, frame: ClientFrame) -> Result<(), End> {
         // Submissions are rate-limited where they are stored.
-        if !matches!(frame, ClientFrame::Submit { .. })
+        if !Submission::is(&frame)
             && let Some((req, refusal)) = self.rate_limit(&frame)
         {
             return self.refuse(req, refusal).await;
@@ -462,7 +449,7 @@ impl Session {
                 let answer = cmd::relation::handle(&self.host, req, &user, kind, op).await;
                 self.answer(req, answer).await
             }
-            submit @ ClientFrame::Submit { .. } => {
+            submit @ (ClientFrame::Submit { .. } | ClientFrame::SubmitExpiring { .. }) => {
                 let stored = self.store_submission(submit);
                 self.commit(vec![stored]).await
             }
@@ -550,7 +537,9 @@ impl Session {
     /// Refuses a request over the session's rate, before any work is done for it.
     fn rate_limit(&mut self, frame: &ClientFrame) -> Option<(RequestId, Refusal)> {
         let (req, bucket, what) = match frame {
-            ClientFrame::Submit { req, .. } => (*req, &mut self.submit_rate, "messages"),
+            ClientFrame::Submit { req, .. } | ClientFrame::SubmitExpiring { req, .. } => {
+                (*req, &mut self.submit_rate, "messages")
+            }
             ClientFrame::Register { req, .. }
             | ClientFrame::Login { req, .. }
             | ClientFrame::Authenticate { req, .. } => {

@@ -202,6 +202,23 @@ pub enum ClientFrame {
         /// The most deliveries to send; at least 1.
         max: u32,
     },
+    /// [`ClientFrame::Submit`] with a time to live: the message leaves the inboxes of the
+    /// recipients who have not got it `ttl_secs` after it was accepted, and the sender is told
+    /// (an `expired` receipt, see `docs/plugins.md`). Answered by [`ServerFrame::Accepted`].
+    SubmitExpiring {
+        /// Request id.
+        req: RequestId,
+        /// The client's idempotency id, as for [`ClientFrame::Submit`].
+        client_id: u64,
+        /// What it is.
+        kind: MessageKind,
+        /// The recipients.
+        to: Vec<UserId>,
+        /// The payload.
+        body: Vec<u8>,
+        /// Seconds from acceptance until it expires; at least 1.
+        ttl_secs: u32,
+    },
 }
 
 /// A frame sent by a host.

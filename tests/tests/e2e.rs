@@ -6,7 +6,7 @@
 use iim_client::proto::{
     DeviceId, ErrorCode, MessageId, MessageKind, RelationKind, SessionMode, UserId,
 };
-use iim_client::{Credentials, Device, Update};
+use iim_client::{Credentials, Device, Update, new_client_id};
 use iim_e2e::*;
 
 type Result = anyhow::Result<()>;
@@ -260,6 +260,94 @@ async fn a_paged_device_gets_a_summary_then_its_backlog_in_the_pages_it_asks_for
         next_update(&tablet).await?,
         Update::Synced { count: 26 }
     ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn messages_not_received_in_their_time_leave_the_inbox_and_their_sender_is_told() -> Result {
+    // Messages live 1 s unless their sender says otherwise.
+    let host = HostProcess::start_chat_only_with_config("[limits]\nmessage_ttl_secs = 1\n")?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let carol = host.register("carol").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let (b, _) = host.online(&bob, "phone").await?;
+    let hour = std::time::Duration::from_secs(3600);
+    let second = std::time::Duration::from_secs(1);
+    let chat = MessageKind::Chat;
+
+    // Bob is online and acknowledges; Carol is offline.
+    let to_both = a
+        .submit(
+            new_client_id(),
+            chat.clone(),
+            &[bob.clone(), carol.clone()],
+            b"to both",
+        )
+        .await?;
+    let kept = a
+        .submit_expiring(
+            new_client_id(),
+            chat.clone(),
+            std::slice::from_ref(&carol),
+            b"kept",
+            hour,
+        )
+        .await?;
+    let short = a
+        .submit_expiring(
+            new_client_id(),
+            chat.clone(),
+            std::slice::from_ref(&carol),
+            b"short",
+            second,
+        )
+        .await?;
+    assert_eq!(next_message(&b).await?.id, to_both.id);
+    assert_eq!(
+        code_of(
+            a.submit_expiring(
+                new_client_id(),
+                chat,
+                std::slice::from_ref(&bob),
+                b"x",
+                std::time::Duration::ZERO
+            )
+            .await
+        )?,
+        ErrorCode::INVALID_ARGUMENT,
+        "no time to live at all"
+    );
+
+    // Alice hears of what Carol never got, not of what Bob acknowledged.
+    let mut notices = Vec::new();
+    for _ in 0..2 {
+        let notice = next_message(&a).await?;
+        assert_eq!(notice.kind, MessageKind::Receipt);
+        assert_eq!(
+            (&notice.from, &notice.to[..]),
+            (&alice, std::slice::from_ref(&alice))
+        );
+        notices.push(text(&notice));
+    }
+    notices.sort();
+    let mut want = vec![
+        format!(
+            r#"{{"state":"expired","id":{},"user":"carol"}}"#,
+            to_both.id.0
+        ),
+        format!(
+            r#"{{"state":"expired","id":{},"user":"carol"}}"#,
+            short.id.0
+        ),
+    ];
+    want.sort();
+    assert_eq!(notices, want);
+    nothing_more(&a).await?;
+
+    // Carol finds only what has not expired.
+    let (_c, backlog) = host.online(&carol, "phone").await?;
+    assert_eq!(ids(&backlog), vec![kept.id]);
     Ok(())
 }
 

@@ -75,6 +75,11 @@ enum Command {
         to: UserId,
         /// Text.
         text: String,
+        /// Seconds the message waits for the recipient; after that it expires and you get an
+        /// `expired` receipt. Without it, the host's default applies (30 days unless
+        /// configured otherwise).
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(1..))]
+        ttl: Option<u32>,
     },
     /// Stay connected and print every message as it arrives: chat, contacts coming online or
     /// going offline, and receipts for the messages you sent. A lost connection, or a host
@@ -249,9 +254,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Friend { op } => relation(&cli, RelationKind::Friend, op).await?,
         Command::Colleague { op } => relation(&cli, RelationKind::Colleague, op).await?,
-        Command::Send { to, text } => {
+        Command::Send { to, text, ttl } => {
             let (conn, _) = session(&cli, SessionMode::SendOnly).await?;
-            let accepted = conn.send_text(to, text).await?;
+            let accepted = match ttl {
+                None => conn.send_text(to, text).await?,
+                Some(secs) => {
+                    conn.submit_expiring(
+                        iim_client::new_client_id(),
+                        MessageKind::Chat,
+                        std::slice::from_ref(to),
+                        text.as_bytes(),
+                        std::time::Duration::from_secs(u64::from(*secs)),
+                    )
+                    .await?
+                }
+            };
             if cli.json {
                 println!(
                     "{}",
@@ -483,6 +500,8 @@ enum Receipt {
         users: Vec<UserId>,
         reason: String,
     },
+    /// `id` expired before any device of `user` got it.
+    Expired { id: u64, user: UserId },
 }
 
 /// The body of a `presence` message (docs/plugins.md, "Presence").
@@ -586,6 +605,9 @@ fn describe(message: &Message, body: Body) -> String {
         }
         Body::Receipt(Receipt::Read { id, user, device }, _) => {
             format!("#{id} read by {user} ({device})")
+        }
+        Body::Receipt(Receipt::Expired { id, user }, _) => {
+            format!("#{id} expired before {user} got it")
         }
         Body::Receipt(Receipt::Refused { id, users, reason }, _) => {
             let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
@@ -717,6 +739,10 @@ mod tests {
                 r#"{"state":"refused","id":42,"users":["carol","dave"],"reason":"not a friend"}"#
             ),
             "12:03:07 #42 refused for carol, dave: not a friend"
+        );
+        assert_eq!(
+            receipt(r#"{"state":"expired","id":42,"user":"carol"}"#),
+            "12:03:07 #42 expired before carol got it"
         );
     }
 

@@ -8,7 +8,8 @@ use super::Refusal;
 use crate::store::Acceptance;
 use crate::{Host, now_ms};
 use iim_proto::{
-    DeviceId, ErrorCode, Message, MessageId, MessageKind, RequestId, ServerFrame, UserId,
+    ClientFrame, DeviceId, ErrorCode, Message, MessageId, MessageKind, RequestId, ServerFrame,
+    UserId,
 };
 
 /// Longest name of a custom message kind, in bytes.
@@ -53,6 +54,54 @@ pub struct Submission {
     pub to: Vec<UserId>,
     /// The body.
     pub body: Vec<u8>,
+    /// Seconds until it expires, if the client chose; otherwise the host's default.
+    pub ttl_secs: Option<u32>,
+}
+
+impl Submission {
+    /// Whether `frame` is a submission.
+    pub fn is(frame: &ClientFrame) -> bool {
+        matches!(
+            frame,
+            ClientFrame::Submit { .. } | ClientFrame::SubmitExpiring { .. }
+        )
+    }
+
+    /// The submission in `frame`, if it is one.
+    pub fn of(frame: ClientFrame) -> Option<Self> {
+        match frame {
+            ClientFrame::Submit {
+                req,
+                client_id,
+                kind,
+                to,
+                body,
+            } => Some(Self {
+                req,
+                client_id,
+                kind,
+                to,
+                body,
+                ttl_secs: None,
+            }),
+            ClientFrame::SubmitExpiring {
+                req,
+                client_id,
+                kind,
+                to,
+                body,
+                ttl_secs,
+            } => Some(Self {
+                req,
+                client_id,
+                kind,
+                to,
+                body,
+                ttl_secs: Some(ttl_secs),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Checks and stores a submission, not yet durably: the caller flushes the store before it
@@ -99,7 +148,16 @@ pub fn accept(
             ));
         }
     }
+    if s.ttl_secs == Some(0) {
+        return Err(Refusal::new(
+            ErrorCode::INVALID_ARGUMENT,
+            "a time to live is at least 1 s",
+        ));
+    }
     let sent_at = now_ms();
+    let expires_at = s
+        .ttl_secs
+        .map(|secs| sent_at.saturating_add(u64::from(secs) * 1000));
     let build = |id: MessageId| Message {
         id,
         kind: s.kind.clone(),
@@ -111,7 +169,9 @@ pub fn accept(
     };
     check_deliverable(build(MessageId(u64::MAX)), limits.max_frame)
         .map_err(|e| Refusal::new(ErrorCode::BODY_TOO_LARGE, e))?;
-    let acceptance = host.store.accept(user, device, s.client_id, build)?;
+    let acceptance = host
+        .store
+        .accept(user, device, s.client_id, expires_at, build)?;
     Ok(match acceptance {
         Acceptance::New(message) => (
             ServerFrame::Accepted {

@@ -15,6 +15,8 @@ const DISPATCH: u8 = b'p';
 const INBOX_ENTRY: u8 = b'e';
 const INBOX_ID: u8 = b'i';
 const EFFECT: u8 = b'g';
+const TTL: u8 = b't';
+const EXPIRY: u8 = b'x';
 
 fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(rest.len() + 1);
@@ -140,6 +142,42 @@ pub fn inbox_id(user: &UserId, id: u64) -> Vec<u8> {
     )
 }
 
+/// `messages`, time-to-live record: message id → when it expires (ms since the Unix epoch),
+/// for a message submitted with its own time to live.
+pub fn ttl(id: u64) -> Vec<u8> {
+    tagged(TTL, &id.to_be_bytes())
+}
+
+/// `inbox`, expiry record: (expires at, user, seq) → message id; in expiry order.
+pub fn expiry(expires_at: u64, user: &UserId, seq: u64) -> Vec<u8> {
+    tagged(
+        EXPIRY,
+        &join(&[
+            &expires_at.to_be_bytes(),
+            user.as_str().as_bytes(),
+            &seq.to_be_bytes(),
+        ]),
+    )
+}
+
+/// The first and one-past-last `inbox` keys of the expiry records due by `now`.
+pub fn expiry_due(now: u64) -> (Vec<u8>, Vec<u8>) {
+    (
+        vec![EXPIRY],
+        tagged(EXPIRY, &now.saturating_add(1).to_be_bytes()),
+    )
+}
+
+/// The parts of an expiry record's key: (expires at, user, seq).
+pub fn expiry_parts(key: &[u8]) -> Option<(u64, UserId, u64)> {
+    let rest = key.strip_prefix(&[EXPIRY])?;
+    let at: [u8; 8] = rest.get(..8)?.try_into().ok()?;
+    let seq = inbox_seq(rest)?;
+    let name = rest.get(9..rest.len().checked_sub(9)?)?;
+    let user = UserId::new(std::str::from_utf8(name).ok()?).ok()?;
+    Some((u64::from_be_bytes(at), user, seq))
+}
+
 /// `cursors`: (user, device) → the inbox position the device acknowledged.
 pub fn cursor(user: &UserId, device: &DeviceId) -> Vec<u8> {
     token(user, device)
@@ -173,6 +211,24 @@ mod tests {
         assert_eq!(inbox_seq(&inbox(&a, 77)), Some(77));
         // Id records share the tree but never fall in an entry range.
         assert!(inbox_id(&a, 300) < start || inbox_id(&a, 300) >= end);
+    }
+
+    #[test]
+    fn expiry_records_sort_by_time_and_round_trip() {
+        let key = expiry(1_700_000_000_123, &user("a.b"), 42);
+        assert_eq!(
+            expiry_parts(&key),
+            Some((1_700_000_000_123, user("a.b"), 42))
+        );
+        let (start, end) = expiry_due(1_700_000_000_123);
+        assert!(key >= start && key < end, "due at its time");
+        let (_, before) = expiry_due(1_700_000_000_122);
+        assert!(key >= before, "not due a millisecond before");
+        assert!(expiry(5, &user("z"), 1) < expiry(6, &user("a"), 1));
+        // Apart from the entries and id records of the same tree.
+        let (start, end) = inbox_range(&user("x"), 0);
+        assert!(key < start || key >= end);
+        assert_eq!(expiry_parts(&inbox(&user("a"), 1)), None);
     }
 
     #[test]

@@ -20,6 +20,17 @@ use iim_proto::{DeviceId, Message, MessageId, RelationKind, UserId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::path::Path;
 
+/// An inbox entry whose time ran out ([`Store::due_expiries`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expiry {
+    /// When it expired, in ms since the Unix epoch.
+    pub at: u64,
+    /// Whose inbox.
+    pub user: UserId,
+    /// Its position.
+    pub seq: u64,
+}
+
 /// What waits in an inbox after a position ([`Store::inbox_summary`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboxSummary {
@@ -298,6 +309,7 @@ impl Store {
         user: &UserId,
         device: &DeviceId,
         client_id: u64,
+        expires_at: Option<u64>,
         build: impl FnOnce(MessageId) -> Message,
     ) -> Result<Acceptance, StoreError> {
         let dedup_key = keys::dedup(user, device, client_id);
@@ -309,8 +321,19 @@ impl Store {
         let mut batch = sled::Batch::default();
         batch.insert(dedup_key, encode(&(message.id.0, message.sent_at)));
         batch.insert(keys::dispatch(message.id.0), encode(&message));
+        if let Some(at) = expires_at {
+            batch.insert(keys::ttl(message.id.0), &at.to_be_bytes());
+        }
         self.messages.apply_batch(batch)?;
         Ok(Acceptance::New(message))
+    }
+
+    /// When message `id` expires, if it was submitted with its own time to live.
+    pub fn message_expiry(&self, id: MessageId) -> Result<Option<u64>, StoreError> {
+        self.messages
+            .get(keys::ttl(id.0))?
+            .map(|v| decode_u64("messages", &v))
+            .transpose()
     }
 
     fn duplicate(&self, dedup_record: &[u8]) -> Result<Acceptance, StoreError> {
@@ -381,7 +404,8 @@ impl Store {
     // ---- inboxes and cursors ----
 
     /// Appends `message` to `user`'s inbox at `seq`, unless it is there already (a dispatch
-    /// retried after a crash). Returns whether it was appended.
+    /// retried after a crash), to leave it at `expires_at` if not acknowledged by then.
+    /// Returns whether it was appended.
     ///
     /// The caller serialises appends to one inbox and hands out increasing `seq`s.
     pub fn append_inbox(
@@ -389,6 +413,7 @@ impl Store {
         user: &UserId,
         seq: u64,
         message: &Message,
+        expires_at: Option<u64>,
     ) -> Result<bool, StoreError> {
         let id_key = keys::inbox_id(user, message.id.0);
         if self.inbox.contains_key(&id_key)? {
@@ -397,8 +422,63 @@ impl Store {
         let mut batch = sled::Batch::default();
         batch.insert(id_key, &seq.to_be_bytes());
         batch.insert(keys::inbox(user, seq), encode(message));
+        if let Some(at) = expires_at {
+            batch.insert(keys::expiry(at, user, seq), &message.id.0.to_be_bytes());
+        }
         self.inbox.apply_batch(batch)?;
         Ok(true)
+    }
+
+    /// The entry at position `seq` of `user`'s inbox, if it is there.
+    pub fn inbox_entry(&self, user: &UserId, seq: u64) -> Result<Option<Message>, StoreError> {
+        self.inbox
+            .get(keys::inbox(user, seq))?
+            .map(|v| decode("inbox", &v))
+            .transpose()
+    }
+
+    /// Up to `limit` inbox entries whose time ran out by `now`, the earliest first.
+    pub fn due_expiries(&self, now: u64, limit: usize) -> Result<Vec<Expiry>, StoreError> {
+        let (start, end) = keys::expiry_due(now);
+        let mut due = Vec::new();
+        for entry in self.inbox.range(start..end).take(limit) {
+            let (key, _) = entry?;
+            let (at, user, seq) = keys::expiry_parts(&key).ok_or_else(|| StoreError::Corrupt {
+                tree: "inbox",
+                reason: "an expiry key that does not decode".into(),
+            })?;
+            due.push(Expiry { at, user, seq });
+        }
+        Ok(due)
+    }
+
+    /// Takes an expired entry out of its inbox, with its records, in one batch; returns its
+    /// message, or `None` if it was gone already.
+    pub fn expire(&self, expiry: &Expiry) -> Result<Option<Message>, StoreError> {
+        let entry_key = keys::inbox(&expiry.user, expiry.seq);
+        let message: Option<Message> = self
+            .inbox
+            .get(&entry_key)?
+            .map(|v| decode("inbox", &v))
+            .transpose()?;
+        let mut batch = sled::Batch::default();
+        batch.remove(keys::expiry(expiry.at, &expiry.user, expiry.seq));
+        if let Some(message) = &message {
+            batch.remove(entry_key);
+            batch.remove(keys::inbox_id(&expiry.user, message.id.0));
+        }
+        self.inbox.apply_batch(batch)?;
+        Ok(message)
+    }
+
+    /// Whether any device of `user` has acknowledged inbox position `seq`.
+    pub fn acknowledged_by_any(&self, user: &UserId, seq: u64) -> Result<bool, StoreError> {
+        for entry in self.cursors.scan_prefix(keys::cursor_prefix(user)) {
+            if decode_u64("cursors", &entry?.1)? >= seq {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Message `id` if it is in `user`'s inbox.

@@ -1,0 +1,115 @@
+//! Messages whose time ran out: taken out of the inboxes, and their senders told which
+//! recipients never got them.
+//!
+//! Every inbox entry of a message with a time to live (its own, or the host's default
+//! `limits.message_ttl_secs`) has an expiry record. Once a second the due records are swept:
+//! each entry leaves its inbox, and if no device of the recipient had acknowledged it, the
+//! sender gets an `expired` receipt (`docs/plugins.md`). Only chat and custom kinds are
+//! reported: receipts and presence notifications expire quietly (a report about an expired
+//! report would never end).
+//!
+//! The receipt is sent before the entry is removed, and numbered once per (message,
+//! recipient), so a crash between the two sends nothing twice: the next sweep finds the entry
+//! again and the same receipt, which the sender's inbox already holds.
+
+use crate::store::Expiry;
+use crate::{Host, now_ms};
+use iim_proto::{Message, MessageKind};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often due entries are swept.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Entries read from the store at a time.
+const BATCH: usize = 256;
+
+/// The namespace of the receipts' numbering records: not a valid plugin name, so no plugin's
+/// records can collide with it.
+const NUMBERING: &str = "host:expiry";
+
+/// What a sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Inbox entries that expired.
+    pub expired: usize,
+    /// `expired` receipts sent to senders.
+    pub reported: usize,
+}
+
+/// Takes every entry due by `now` out of its inbox, telling senders.
+pub fn sweep(host: &Host, now: u64) -> anyhow::Result<Swept> {
+    let mut swept = Swept::default();
+    loop {
+        let due = host.store.due_expiries(now, BATCH)?;
+        if due.is_empty() {
+            return Ok(swept);
+        }
+        for expiry in due {
+            if let Some(message) = host.store.inbox_entry(&expiry.user, expiry.seq)?
+                && reportable(&message)
+                && !host.store.acknowledged_by_any(&expiry.user, expiry.seq)?
+            {
+                report(host, &message, &expiry)?;
+                swept.reported += 1;
+            }
+            if host.store.expire(&expiry)?.is_some() {
+                swept.expired += 1;
+            }
+        }
+    }
+}
+
+/// Whether the sender hears of the message expiring: what a user wrote to another user.
+fn reportable(message: &Message) -> bool {
+    matches!(message.kind, MessageKind::Chat | MessageKind::Custom(_))
+}
+
+/// Sends the sender of `message` an `expired` receipt for the recipient of `expiry`.
+fn report(host: &Host, message: &Message, expiry: &Expiry) -> anyhow::Result<()> {
+    let mut key = message.id.0.to_be_bytes().to_vec();
+    key.extend_from_slice(expiry.user.as_str().as_bytes());
+    // Names are `a-z 0-9 . _ -`: nothing to escape.
+    let body = format!(
+        r#"{{"state":"expired","id":{},"user":"{}"}}"#,
+        message.id.0, expiry.user
+    );
+    let notice = host
+        .store
+        .effect_message(NUMBERING, &key, 0, |id| Message {
+            id,
+            kind: MessageKind::Receipt,
+            from: message.from.clone(),
+            from_device: message.from_device.clone(),
+            to: vec![message.from.clone()],
+            body: body.into_bytes(),
+            sent_at: now_ms(),
+        })?;
+    let to = host.iim.resolve(std::slice::from_ref(&message.from))?;
+    host.iim.send(&notice, &to)?;
+    Ok(())
+}
+
+/// Sweeps once a second until shutdown.
+pub async fn run(host: Arc<Host>) {
+    let mut shutdown = host.shutdown.clone();
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stopping| *stopping) => return,
+        }
+        let sweeping = Arc::clone(&host);
+        match tokio::task::spawn_blocking(move || sweep(&sweeping, now_ms())).await {
+            Ok(Ok(Swept { expired: 0, .. })) => {}
+            Ok(Ok(swept)) => tracing::info!(
+                expired = swept.expired,
+                reported = swept.reported,
+                "messages expired"
+            ),
+            Ok(Err(e)) => tracing::error!(error = %e, "expiry sweep failed"),
+            Err(e) => tracing::error!(error = %e, "expiry sweep panicked"),
+        }
+    }
+}
