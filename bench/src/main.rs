@@ -13,11 +13,13 @@
 //! ```
 //!
 //! `iim-bench plugins [--events 20000] [--json]` measures the plugin path against a native one
-//! instead (see `plugins.rs`).
+//! instead (see `plugins.rs`); `iim-bench recovery [--messages 100000] [--users 10] [--json]`
+//! how a host killed with that many messages waiting comes back (see `recovery.rs`).
 
 mod iim_run;
 mod plugins;
 mod raw;
+mod recovery;
 mod stats;
 
 use anyhow::bail;
@@ -67,6 +69,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Recovery after kill -9 with many messages waiting: restart and drain times.
+    Recovery {
+        /// Messages waiting in inboxes at the kill.
+        #[arg(long, default_value_t = 100_000)]
+        messages: u32,
+        /// Offline users they wait for.
+        #[arg(long, default_value_t = 10)]
+        users: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs the raw relay until standard input closes.
     #[command(hide = true)]
     Relay {
@@ -90,6 +104,11 @@ fn main() -> ExitCode {
                 plugins::print(&f);
             }
         }),
+        Some(Command::Recovery {
+            messages,
+            users,
+            json,
+        }) => recovery_main(*messages, *users, *json, args.timeout),
         None => bench(&args),
     };
     match result {
@@ -146,6 +165,32 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         ),
     };
     report(&load, &iim, &raw, args.json);
+    Ok(())
+}
+
+/// Runs the recovery measurement and prints its figures.
+fn recovery_main(messages: u32, users: u32, json: bool, timeout: u64) -> anyhow::Result<()> {
+    if messages == 0 || users == 0 {
+        bail!("--messages and --users must be at least 1");
+    }
+    eprintln!("iim-bench: building iim-host");
+    iim_e2e::binary("iim-host")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let figures = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(timeout), recovery::run(messages, users)).await
+    });
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    let figures = match figures {
+        Ok(figures) => figures?,
+        Err(_) => bail!("gave up: the recovery run did not finish within {timeout} s (--timeout)"),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&figures).unwrap_or_default());
+    } else {
+        recovery::print(&figures);
+    }
     Ok(())
 }
 

@@ -35,6 +35,41 @@ pub struct ClientConfig {
     pub reconnect_first: Duration,
     /// The longest wait between two attempts to reconnect.
     pub reconnect_max: Duration,
+    /// The QUIC configuration made from `roots`, shared by every clone of this configuration,
+    /// with the TLS sessions it can resume (for 0-RTT).
+    pub(crate) quic: QuicCache,
+}
+
+/// A QUIC client configuration and the roots it was made for.
+type MadeFor = (Vec<CertificateDer<'static>>, quinn::ClientConfig);
+
+/// The QUIC client configuration of a [`ClientConfig`], made once for its roots.
+#[derive(Clone, Default)]
+pub(crate) struct QuicCache(Arc<Mutex<Option<MadeFor>>>);
+
+impl std::fmt::Debug for QuicCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QuicCache")
+    }
+}
+
+impl QuicCache {
+    /// The configuration for `roots`: the one made before if the roots are the same (so its
+    /// TLS sessions can be resumed), else a new one.
+    pub(crate) fn get(
+        &self,
+        roots: &[CertificateDer<'static>],
+    ) -> Result<quinn::ClientConfig, ClientError> {
+        let mut cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((for_roots, config)) = cached.as_ref()
+            && for_roots == roots
+        {
+            return Ok(config.clone());
+        }
+        let config = quic_client_config(roots)?;
+        *cached = Some((roots.to_vec(), config.clone()));
+        Ok(config)
+    }
 }
 
 impl ClientConfig {
@@ -49,6 +84,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(30),
             reconnect_first: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
+            quic: QuicCache::default(),
         }
     }
 
@@ -87,6 +123,9 @@ pub fn quic_client_config(
         .with_root_certificates(store)
         .with_no_client_auth();
     tls.alpn_protocols = vec![iim_proto::ALPN.to_vec()];
+    // Resumed sessions may carry 0-RTT early data; `Connection` sends only frames that are
+    // safe to replay in it.
+    tls.enable_early_data = true;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| ClientError::Protocol(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
@@ -169,30 +208,100 @@ pub struct Connection {
     max_frame: u32,
     max_body: u32,
     server: String,
+    used_0rtt: bool,
 }
+
+/// The request id of the `Authenticate` a resuming connection sends with `Hello`.
+const EARLY_REQ: RequestId = 1;
 
 fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, PendingState> {
     pending.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Connection {
-    /// Connects, opens the stream and does the version handshake.
+    /// Connects, opens the stream and does the version handshake. Resuming a TLS session
+    /// with a host this configuration reached before, it sends `Hello` as 0-RTT early data.
     pub async fn connect(config: &ClientConfig) -> Result<Self, ClientError> {
+        Self::open(config, None).await
+    }
+
+    /// Connects and authenticates with a token from an earlier [`Connection::login`], as a
+    /// device coming back does. Resuming a TLS session with a host this configuration reached
+    /// before, `Hello` and `Authenticate` go in the first flight as 0-RTT early data, so the
+    /// connection is ready one round trip after it starts: the host takes only what is safe
+    /// to replay from early data, and a receive session starts once the handshake is complete
+    /// (`docs/protocol.md`, "0-RTT").
+    pub async fn resume(
+        config: &ClientConfig,
+        user: &UserId,
+        device: &DeviceId,
+        token: &str,
+        mode: SessionMode,
+    ) -> Result<Self, ClientError> {
+        let authenticate = ClientFrame::Authenticate {
+            req: EARLY_REQ,
+            user: user.clone(),
+            device: device.clone(),
+            token: token.to_owned(),
+            mode,
+        };
+        Self::open(config, Some(authenticate)).await
+    }
+
+    /// Whether the host took this connection's 0-RTT early data.
+    pub fn used_0rtt(&self) -> bool {
+        self.used_0rtt
+    }
+
+    /// Connects, sends `Hello` and `first`, and reads their answers: in 0-RTT early data if
+    /// the TLS session can be resumed, else (or if the host refuses early data) after the
+    /// handshake.
+    async fn open(config: &ClientConfig, first: Option<ClientFrame>) -> Result<Self, ClientError> {
+        match Self::attempt(config, first.clone(), true).await {
+            Ok(conn) => Ok(conn),
+            Err((true, e)) => {
+                tracing::debug!(error = %e, "0-RTT attempt failed; connecting in full");
+                Self::attempt(config, first, false)
+                    .await
+                    .map_err(|(_, e)| e)
+            }
+            Err((false, e)) => Err(e),
+        }
+    }
+
+    /// One connection attempt; the error says whether it went out as 0-RTT.
+    async fn attempt(
+        config: &ClientConfig,
+        first: Option<ClientFrame>,
+        allow_0rtt: bool,
+    ) -> Result<Self, (bool, ClientError)> {
         let addr = config.server;
         let connect_err = |reason: String| ClientError::Connect { addr, reason };
+        let full = |e| (false, e);
         let bind: SocketAddr = if addr.is_ipv6() {
             "[::]:0".parse().unwrap_or_else(|_| unreachable!())
         } else {
             "0.0.0.0:0".parse().unwrap_or_else(|_| unreachable!())
         };
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| connect_err(e.to_string()))?;
-        endpoint.set_default_client_config(quic_client_config(&config.roots)?);
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| full(connect_err(e.to_string())))?;
+        endpoint.set_default_client_config(config.quic.get(&config.roots).map_err(full)?);
+        let connecting = endpoint
+            .connect(addr, &config.server_name)
+            .map_err(|e| full(connect_err(e.to_string())))?;
+        let (conn, early) = match connecting.into_0rtt() {
+            Ok((conn, accepted)) if allow_0rtt => (conn, Some(accepted)),
+            Ok((conn, _)) => (conn, None),
+            Err(connecting) => {
+                let conn = tokio::time::timeout(config.connect_timeout, connecting)
+                    .await
+                    .map_err(|_| full(connect_err("timed out".into())))?
+                    .map_err(|e| full(connect_err(e.to_string())))?;
+                (conn, None)
+            }
+        };
+        let zero_rtt = early.is_some();
         let handshake = async {
-            let conn = endpoint
-                .connect(addr, &config.server_name)
-                .map_err(|e| connect_err(e.to_string()))?
-                .await
-                .map_err(|e| connect_err(e.to_string()))?;
             let (mut send, mut recv) = conn
                 .open_bi()
                 .await
@@ -201,20 +310,74 @@ impl Connection {
                 version: iim_proto::PROTOCOL_VERSION,
                 agent: config.agent.clone(),
             };
-            let bytes = iim_proto::encode_frame(&hello, iim_proto::DEFAULT_MAX_FRAME)
+            let mut bytes = iim_proto::encode_frame(&hello, iim_proto::DEFAULT_MAX_FRAME)
                 .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            if let Some(first) = &first {
+                bytes.extend(
+                    iim_proto::encode_frame(first, iim_proto::DEFAULT_MAX_FRAME)
+                        .map_err(|e| ClientError::Protocol(e.to_string()))?,
+                );
+            }
             send.write_all(&bytes)
                 .await
                 .map_err(|e| connect_err(e.to_string()))?;
             // Until Welcome says otherwise, accept frames of the default limit.
             let mut decoder = FrameDecoder::new(iim_proto::DEFAULT_MAX_FRAME);
             let welcome = read_frame(&mut recv, &mut decoder).await?;
-            Ok::<_, ClientError>((conn, send, recv, decoder, welcome))
+            let answer = match (&first, &welcome) {
+                (Some(_), Some(ServerFrame::Welcome { .. })) => {
+                    read_frame(&mut recv, &mut decoder).await?
+                }
+                _ => None,
+            };
+            // Early data the host refused (it lost the TLS session) is lost with the stream.
+            let used_0rtt = match early {
+                Some(accepted) => {
+                    if !accepted.await {
+                        return Err(ClientError::ConnectionLost(
+                            "the host refused 0-RTT early data".into(),
+                        ));
+                    }
+                    true
+                }
+                None => false,
+            };
+            Ok::<_, ClientError>((send, recv, decoder, welcome, answer, used_0rtt))
         };
-        let (conn, send, recv, decoder, welcome) =
+        let (send, recv, decoder, welcome, answer, used_0rtt) =
             tokio::time::timeout(config.connect_timeout, handshake)
                 .await
-                .map_err(|_| connect_err("timed out".into()))??;
+                .map_err(|_| (zero_rtt, connect_err("timed out".into())))?
+                .map_err(|e| (zero_rtt, e))?;
+        let opened = Self::welcomed(
+            config, conn, endpoint, send, recv, decoder, welcome, used_0rtt,
+        )
+        .map_err(full)?;
+        match answer {
+            None if first.is_none() => Ok(opened),
+            Some(ServerFrame::Error { req, code, message }) => Err(full(match req {
+                Some(_) => ClientError::Refused { code, message },
+                None => ClientError::ClosedByHost { code, message },
+            })),
+            Some(answer) => expect_ok(answer).map(|()| opened).map_err(full),
+            None => Err(full(ClientError::ConnectionLost(
+                "closed before answering".into(),
+            ))),
+        }
+    }
+
+    /// The connection, once the host's `Welcome` came.
+    #[allow(clippy::too_many_arguments)]
+    fn welcomed(
+        config: &ClientConfig,
+        conn: quinn::Connection,
+        endpoint: quinn::Endpoint,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        decoder: FrameDecoder,
+        welcome: Option<ServerFrame>,
+        used_0rtt: bool,
+    ) -> Result<Self, ClientError> {
         let (max_frame, max_body, server) = match welcome {
             Some(ServerFrame::Welcome {
                 max_frame,
@@ -257,10 +420,11 @@ impl Connection {
             pending,
             events: tokio::sync::Mutex::new(events),
             request_timeout: config.request_timeout,
-            next_req: AtomicU64::new(1),
+            next_req: AtomicU64::new(EARLY_REQ + 1),
             max_frame,
             max_body,
             server,
+            used_0rtt,
         })
     }
 

@@ -317,10 +317,14 @@ struct Login {
 
 impl Login {
     async fn connect(&self) -> Result<Connection, ClientError> {
-        let conn = Connection::connect(&self.config).await?;
-        conn.authenticate(&self.user, &self.device, &self.token, self.mode)
-            .await?;
-        Ok(conn)
+        Connection::resume(
+            &self.config,
+            &self.user,
+            &self.device,
+            &self.token,
+            self.mode,
+        )
+        .await
     }
 }
 

@@ -160,9 +160,19 @@ impl Server {
                     }
                     let host = Arc::clone(&self.host);
                     sessions.spawn(async move {
-                        match incoming.await {
-                            Ok(conn) => session::run(host, conn).await,
-                            Err(e) => tracing::debug!(error = %e, "handshake failed"),
+                        let connecting = match incoming.accept() {
+                            Ok(connecting) => connecting,
+                            Err(e) => return tracing::debug!(error = %e, "handshake failed"),
+                        };
+                        // The session starts at once, so that a resuming client's 0-RTT
+                        // frames are answered without waiting for the handshake; the session
+                        // acts on them only as far as they are safe to replay.
+                        match connecting.into_0rtt() {
+                            Ok((conn, complete)) => session::run(host, conn, complete).await,
+                            Err(connecting) => match connecting.await {
+                                Ok(_) => tracing::error!("a server connection refused 0.5-RTT"),
+                                Err(e) => tracing::debug!(error = %e, "handshake failed"),
+                            },
                         }
                     });
                 }

@@ -13,7 +13,10 @@ use iim_proto::{
     AckOutcome, ClientFrame, CodecError, DeliveryWindow, DeviceId, Due, ErrorCode, FrameDecoder,
     RequestId, Retransmit, ServerFrame, SessionMode, TokenBucket, UserId,
 };
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
@@ -99,6 +102,13 @@ struct Session {
     decoder: FrameDecoder,
     auth: Option<Auth>,
     attached: Option<Attached>,
+    /// Until the TLS handshake is complete: whatever is read may be 0-RTT early data, which
+    /// an attacker can replay. `None` once it is complete.
+    early: Option<Pin<Box<quinn::ZeroRttAccepted>>>,
+    /// A receive or paged session authenticated in early data: it becomes the device's
+    /// delivery session once the handshake is complete (a replayed connection never
+    /// completes it, so it cannot take the device's deliveries).
+    attach_when_confirmed: Option<SessionMode>,
     submit_rate: TokenBucket,
     auth_rate: TokenBucket,
     /// The session's own monotonic clock for the rate limits (wall time can step back).
@@ -112,12 +122,14 @@ enum Event {
     Lagged,
     SyncStep,
     Retransmit,
+    Confirmed,
     AuthTimeout,
     Shutdown,
 }
 
-/// Runs the session of an accepted connection until it ends.
-pub async fn run(host: Arc<Host>, conn: quinn::Connection) {
+/// Runs the session of an accepted connection until it ends. `early` resolves when the TLS
+/// handshake is complete; until then the connection may carry 0-RTT early data.
+pub async fn run(host: Arc<Host>, conn: quinn::Connection, early: quinn::ZeroRttAccepted) {
     let span = tracing::info_span!("session", remote = %conn.remote_address(), user = tracing::field::Empty, device = tracing::field::Empty);
     async move {
         // One deadline for opening the stream and sending Hello.
@@ -146,6 +158,8 @@ pub async fn run(host: Arc<Host>, conn: quinn::Connection) {
             recv,
             auth: None,
             attached: None,
+            early: Some(Box::pin(early)),
+            attach_when_confirmed: None,
             submit_rate: TokenBucket::new(limits.submit_rate, limits.submit_burst, 0),
             auth_rate: TokenBucket::new(limits.auth_rate, limits.auth_burst, 0),
             started: Instant::now(),
@@ -188,9 +202,13 @@ impl Session {
                     }
                     None => (None, None, None, false, false, None),
                 };
-            // Biased: what the client sent (acks above all) is read before more is sent to it.
+            let is_early = self.early.is_some();
+            let early = self.early.as_mut();
+            // Biased: the handshake's end first, so that nothing read after it counts as early;
+            // then what the client sent (acks above all), before more is sent to it.
             let event = tokio::select! {
                 biased;
+                _ = async { early?.await; Some(()) }, if is_early => Event::Confirmed,
                 read = self.recv.read(&mut buf) => Event::Read(read),
                 _ = shutdown.wait_for(|stopping| *stopping) => Event::Shutdown,
                 kick = next_kick(kick) => Event::Kicked(kick),
@@ -233,6 +251,7 @@ impl Session {
                     Ok(())
                 }
                 Event::SyncStep => self.sync_step(max_in_flight).await,
+                Event::Confirmed => self.confirmed().await,
                 Event::Retransmit => self.retransmit().await,
                 Event::AuthTimeout => Err(End::Error(
                     ErrorCode::NOT_AUTHENTICATED,
@@ -372,7 +391,50 @@ impl Session {
         answered
     }
 
+    /// Whether the TLS handshake is complete (looked at now, without waiting).
+    fn handshake_complete(&mut self) -> bool {
+        let Some(early) = self.early.as_mut() else {
+            return true;
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        if early.as_mut().poll(&mut cx).is_ready() {
+            self.early = None;
+            return true;
+        }
+        false
+    }
+
+    /// The handshake is complete: a session authenticated in early data takes its device's
+    /// deliveries now.
+    async fn confirmed(&mut self) -> Result<(), End> {
+        self.early = None;
+        let (Some(mode), Some(auth)) = (self.attach_when_confirmed.take(), &self.auth) else {
+            return Ok(());
+        };
+        let (user, device) = (auth.user.clone(), auth.device.clone());
+        self.attach(user, device, mode).await
+    }
+
     async fn handle(&mut self, frame: ClientFrame) -> Result<(), End> {
+        if !frame.allowed_early() && !self.handshake_complete() {
+            let req = match &frame {
+                ClientFrame::Register { req, .. }
+                | ClientFrame::Login { req, .. }
+                | ClientFrame::Logout { req }
+                | ClientFrame::Relation { req, .. } => *req,
+                _ => 0,
+            };
+            return self
+                .refuse(
+                    req,
+                    Refusal::new(
+                        ErrorCode::TOO_EARLY,
+                        "not taken in 0-RTT early data, which can be replayed; send it again \
+                         once the handshake is complete",
+                    ),
+                )
+                .await;
+        }
         // Submissions are rate-limited where they are stored.
         if !Submission::is(&frame)
             && let Some((req, refusal)) = self.rate_limit(&frame)
@@ -594,6 +656,21 @@ impl Session {
         if mode == SessionMode::SendOnly {
             return Ok(());
         }
+        if !self.handshake_complete() {
+            self.attach_when_confirmed = Some(mode);
+            return Ok(());
+        }
+        self.attach(user, device, mode).await
+    }
+
+    /// Makes this connection the device's delivery session and starts on its backlog (pushed,
+    /// or summed up for a paged session).
+    async fn attach(
+        &mut self,
+        user: UserId,
+        device: DeviceId,
+        mode: SessionMode,
+    ) -> Result<(), End> {
         // Attach before reading the backlog: an entry appended meanwhile reaches the session
         // both ways, and the window drops the second copy.
         let attachment = self.host.registry.attach(&user, &device);

@@ -188,6 +188,9 @@ pub fn server_config(identity: Identity) -> Result<rustls::ServerConfig, TlsErro
         .with_no_client_auth()
         .with_single_cert(identity.certs, identity.key)?;
     config.alpn_protocols = vec![iim_proto::ALPN.to_vec()];
+    // 0-RTT for resuming clients (QUIC allows only 0 or u32::MAX); what the session does with
+    // early data is limited to what is safe to replay (`ClientFrame::allowed_early`).
+    config.max_early_data_size = u32::MAX;
     Ok(config)
 }
 

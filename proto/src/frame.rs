@@ -370,11 +370,36 @@ error_codes! {
     TOO_SLOW = 17, "too_slow";
     /// The device logged out (from another connection). The connection is closed.
     LOGGED_OUT = 18, "logged_out";
+    /// The request came in 0-RTT early data, which an attacker could replay, and is not
+    /// idempotent; send it again once the handshake is complete.
+    TOO_EARLY = 19, "too_early";
 }
 
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({})", self.name(), self.0)
+    }
+}
+
+impl ClientFrame {
+    /// Whether the frame may be acted on when it arrives in 0-RTT early data, which an attacker
+    /// can record and replay: taking it twice must change nothing more than taking it once.
+    /// A submission is deduplicated by its client id; a token only authenticates; `Fetch`
+    /// and `Ack` only move what a session is sent. Creating an account, logging in (a new
+    /// token), logging out and changing relations are not.
+    pub fn allowed_early(&self) -> bool {
+        match self {
+            ClientFrame::Hello { .. }
+            | ClientFrame::Authenticate { .. }
+            | ClientFrame::Submit { .. }
+            | ClientFrame::SubmitExpiring { .. }
+            | ClientFrame::Ack { .. }
+            | ClientFrame::Fetch { .. } => true,
+            ClientFrame::Relation { op, .. } => *op == RelationOp::List,
+            ClientFrame::Register { .. }
+            | ClientFrame::Login { .. }
+            | ClientFrame::Logout { .. } => false,
+        }
     }
 }
 
@@ -393,6 +418,61 @@ impl ServerFrame {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn only_what_is_safe_to_replay_is_allowed_in_early_data() {
+        let alice = crate::UserId::new("alice").expect("valid");
+        let device = crate::DeviceId::new("phone").expect("valid");
+        let allowed = [
+            ClientFrame::Hello {
+                version: 1,
+                agent: "a".into(),
+            },
+            ClientFrame::Authenticate {
+                req: 1,
+                user: alice.clone(),
+                device: device.clone(),
+                token: "t".into(),
+                mode: SessionMode::Receive,
+            },
+            ClientFrame::Submit {
+                req: 2,
+                client_id: 9,
+                kind: MessageKind::Chat,
+                to: vec![alice.clone()],
+                body: vec![],
+            },
+            ClientFrame::Ack { seq: 3 },
+            ClientFrame::Fetch { req: 4, max: 1 },
+            ClientFrame::Relation {
+                req: 5,
+                kind: RelationKind::Friend,
+                op: RelationOp::List,
+            },
+        ];
+        let refused = [
+            ClientFrame::Register {
+                req: 6,
+                user: alice.clone(),
+                password: "p".into(),
+            },
+            ClientFrame::Login {
+                req: 7,
+                user: alice.clone(),
+                password: "p".into(),
+                device,
+                mode: SessionMode::SendOnly,
+            },
+            ClientFrame::Logout { req: 8 },
+            ClientFrame::Relation {
+                req: 9,
+                kind: RelationKind::Friend,
+                op: RelationOp::Add(alice),
+            },
+        ];
+        assert!(allowed.iter().all(ClientFrame::allowed_early));
+        assert!(!refused.iter().any(ClientFrame::allowed_early));
+    }
 
     #[test]
     fn error_codes_are_unique_and_named() {

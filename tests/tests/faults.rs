@@ -8,8 +8,10 @@
 //! Random choices are drawn from a seed printed at the start; `IIM_FAULT_SEED=N` replays them.
 
 use anyhow::{Context, ensure};
-use iim_client::proto::{DeviceId, MessageId, MessageKind, SessionMode, UserId};
-use iim_client::{Accepted, ClientConfig, Credentials, Device, Submission, Update};
+use iim_client::proto::{DeviceId, ErrorCode, MessageId, MessageKind, SessionMode, UserId};
+use iim_client::{
+    Accepted, ClientConfig, Connection, Credentials, Device, Event, Submission, Update,
+};
 use iim_e2e::lossy::{Impairment, LossyPath};
 use iim_e2e::{HostProcess, PASSWORD, next_message, text, within};
 use rand::rngs::StdRng;
@@ -448,5 +450,54 @@ async fn a_lossy_duplicating_reordering_path_loses_and_repeats_nothing() -> Resu
         dropped > 0 && duplicated > 0 && delayed > 0,
         "the path did not impair the traffic"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_coming_back_resumes_in_0rtt_and_gets_what_waited() -> Result {
+    let host = HostProcess::start_chat_only()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let config = host.client_config()?;
+    let phone = DeviceId::new("phone")?;
+
+    // The first connection cannot resume anything; it leaves a TLS session to resume.
+    let first = within("connect", Connection::connect(&config)).await??;
+    ensure!(!first.used_0rtt(), "0-RTT without a session to resume");
+    let token = within(
+        "login",
+        first.login(&bob, PASSWORD, &phone, SessionMode::Receive),
+    )
+    .await??;
+    ensure!(matches!(
+        iim_e2e::next_event(&first).await?,
+        Event::Synced { count: 0 }
+    ));
+    first.close().await;
+
+    let (a, _) = host.online(&alice, "phone").await?;
+    let waiting = a.send_text(&bob, "while you were away").await?;
+
+    // Coming back: Hello and Authenticate in the first flight, then the backlog.
+    let back = within(
+        "resume",
+        Connection::resume(&config, &bob, &phone, &token, SessionMode::Receive),
+    )
+    .await??;
+    ensure!(back.used_0rtt(), "the host did not take the early data");
+    let message = next_message(&back).await?;
+    ensure!(message.id == waiting.id, "got {message:?}");
+    ensure!(matches!(
+        iim_e2e::next_event(&back).await?,
+        Event::Synced { count: 1 }
+    ));
+    within("send", back.send_text(&alice, "back")).await??;
+
+    // A token that is not the device's is refused in early data as after the handshake.
+    let refused = Connection::resume(&config, &bob, &phone, "not the token", SessionMode::Receive)
+        .await
+        .err()
+        .context("a wrong token was taken")?;
+    ensure!(refused.code() == Some(ErrorCode::AUTH_FAILED), "{refused}");
     Ok(())
 }
