@@ -501,3 +501,136 @@ async fn a_device_coming_back_resumes_in_0rtt_and_gets_what_waited() -> Result {
     ensure!(refused.code() == Some(ErrorCode::AUTH_FAILED), "{refused}");
     Ok(())
 }
+
+/// Reads frames from `recv` until `n` have come.
+async fn read_frames(
+    recv: &mut quinn::RecvStream,
+    n: usize,
+) -> Result<Vec<iim_client::proto::ServerFrame>> {
+    let mut decoder = iim_client::proto::FrameDecoder::new(1 << 16);
+    let mut frames = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        while let Some(frame) = decoder.decode()? {
+            frames.push(frame);
+        }
+        if frames.len() >= n {
+            return Ok(frames);
+        }
+        let read = within("a frame", recv.read(&mut buf)).await??;
+        decoder.push(&buf[..read.context("the host ended the stream")?]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_data_is_taken_only_where_a_replay_would_change_nothing() -> Result {
+    use iim_client::proto::{ClientFrame, ServerFrame, encode_frame};
+    let host = HostProcess::start_chat_only()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let config = host.client_config()?;
+    let laptop = DeviceId::new("laptop")?;
+    let hello = ClientFrame::Hello {
+        version: iim_client::proto::PROTOCOL_VERSION,
+        agent: "early".into(),
+    };
+    let login = ClientFrame::Login {
+        req: 1,
+        user: alice.clone(),
+        password: PASSWORD.into(),
+        device: laptop.clone(),
+        mode: SessionMode::SendOnly,
+    };
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    endpoint.set_default_client_config(iim_client::quic_client_config(&config.roots)?);
+
+    // The first connection has no TLS session to resume: its login is taken, and it leaves a
+    // session and a token.
+    let conn = within("connect", endpoint.connect(host.addr, "localhost")?).await??;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut bytes = encode_frame(&hello, 1 << 16)?;
+    bytes.extend(encode_frame(&login, 1 << 16)?);
+    send.write_all(&bytes).await?;
+    let Some(ServerFrame::LoggedIn { mut token, .. }) = read_frames(&mut recv, 2).await?.pop()
+    else {
+        anyhow::bail!("the first login was not taken");
+    };
+    conn.close(0u32.into(), b"");
+
+    // Then, in 0-RTT: the same login, and a token and a submission. The login is refused
+    // whenever the host reads it before the handshake is complete (it can also be read just
+    // after, and then taken); the token and the submission are taken either way, the
+    // submission once whatever the number of rounds.
+    let mut refused = 0;
+    let mut ids = Vec::new();
+    for round in 0..10 {
+        let (conn, accepted) = match endpoint.connect(host.addr, "localhost")?.into_0rtt() {
+            Ok(early) => early,
+            // Each resumption uses a ticket up; new ones come after the handshake, and may
+            // not have come before the last round closed.
+            Err(_) if round > 0 => break,
+            Err(_) => anyhow::bail!("no TLS session to resume"),
+        };
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let early = [
+            hello.clone(),
+            login.clone(),
+            ClientFrame::Authenticate {
+                req: 2,
+                user: alice.clone(),
+                device: laptop.clone(),
+                token: token.clone(),
+                mode: SessionMode::SendOnly,
+            },
+            ClientFrame::Submit {
+                req: 3,
+                client_id: 7,
+                kind: MessageKind::Chat,
+                to: vec![bob.clone()],
+                body: b"once".to_vec(),
+            },
+        ];
+        let mut bytes = Vec::new();
+        for frame in &early {
+            bytes.extend(encode_frame(frame, 1 << 16)?);
+        }
+        send.write_all(&bytes).await?;
+        let answers = read_frames(&mut recv, 4).await?;
+        ensure!(
+            within("handshake", accepted).await?,
+            "round {round}: 0-RTT refused"
+        );
+        match &answers[1] {
+            ServerFrame::Error {
+                req: Some(1),
+                code: ErrorCode::TOO_EARLY,
+                ..
+            } => {
+                refused += 1;
+                ensure!(
+                    matches!(answers[2], ServerFrame::Ok { req: 2 }),
+                    "round {round}: {:?}",
+                    answers[2]
+                );
+            }
+            // Read after the handshake completed: a login like any other, which issued a new
+            // token and authenticated the connection (so the Authenticate is refused).
+            ServerFrame::LoggedIn { token: new, .. } => token = new.clone(),
+            other => anyhow::bail!("round {round}: {other:?}"),
+        }
+        let ServerFrame::Accepted { req: 3, id, .. } = answers[3] else {
+            anyhow::bail!("round {round}: {:?}", answers[3]);
+        };
+        ids.push(id);
+        // A moment for the host's new session tickets to arrive.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        conn.close(0u32.into(), b"");
+    }
+    eprintln!("early logins refused in {refused} rounds");
+    ensure!(refused > 0, "no early login was refused");
+    ids.dedup();
+    ensure!(ids.len() == 1, "one submission, several ids: {ids:?}");
+    let (_b, backlog) = host.online(&bob, "phone").await?;
+    ensure!(iim_e2e::ids(&backlog) == ids, "{backlog:?}");
+    Ok(())
+}
