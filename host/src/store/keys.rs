@@ -17,6 +17,7 @@ const INBOX_ID: u8 = b'i';
 const EFFECT: u8 = b'g';
 const TTL: u8 = b't';
 const EXPIRY: u8 = b'x';
+const INBOX_HIGH: u8 = b'h';
 
 fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(rest.len() + 1);
@@ -158,6 +159,12 @@ pub fn expiry(expires_at: u64, user: &UserId, seq: u64) -> Vec<u8> {
             &seq.to_be_bytes(),
         ]),
     )
+}
+
+/// `inbox`, high-water record: user → the highest position an entry taken out by expiry had,
+/// so that positions are never handed out twice even when the last entries are gone.
+pub fn inbox_high(user: &UserId) -> Vec<u8> {
+    tagged(INBOX_HIGH, user.as_str().as_bytes())
 }
 
 /// The first and one-past-last `inbox` keys of the expiry records due by `now`.

@@ -466,6 +466,15 @@ impl Store {
         if let Some(message) = &message {
             batch.remove(entry_key);
             batch.remove(keys::inbox_id(&expiry.user, message.id.0));
+            // The inbox's last entries may be going: remember how far positions went.
+            let high_key = keys::inbox_high(&expiry.user);
+            let high = match self.inbox.get(&high_key)? {
+                Some(v) => decode_u64("inbox", &v)?,
+                None => 0,
+            };
+            if expiry.seq > high {
+                batch.insert(high_key, &expiry.seq.to_be_bytes());
+            }
         }
         self.inbox.apply_batch(batch)?;
         Ok(message)
@@ -554,6 +563,9 @@ impl Store {
             None => 0,
         };
         let mut high = last;
+        if let Some(expired) = self.inbox.get(keys::inbox_high(user))? {
+            high = high.max(decode_u64("inbox", &expired)?);
+        }
         for entry in self.cursors.scan_prefix(keys::cursor_prefix(user)) {
             high = high.max(decode_u64("cursors", &entry?.1)?);
         }
@@ -649,5 +661,74 @@ impl Store {
                 ))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(id: u64) -> Message {
+        Message {
+            id: MessageId(id),
+            kind: iim_proto::MessageKind::Chat,
+            from: UserId::new("alice").expect("valid"),
+            from_device: DeviceId::new("phone").expect("valid"),
+            to: vec![UserId::new("bob").expect("valid")],
+            body: b"hi".to_vec(),
+            sent_at: 1,
+        }
+    }
+
+    #[test]
+    fn expired_entries_leave_the_inbox_and_their_positions_are_not_used_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("store")).expect("open");
+        let bob = UserId::new("bob").expect("valid");
+        let phone = DeviceId::new("phone").expect("valid");
+        store
+            .append_inbox(&bob, 1, &message(10), Some(100))
+            .expect("append");
+        store
+            .append_inbox(&bob, 2, &message(11), Some(300))
+            .expect("append");
+        store
+            .append_inbox(&bob, 3, &message(12), Some(100))
+            .expect("append");
+        store
+            .append_inbox(&bob, 4, &message(13), Some(300))
+            .expect("append");
+        store.set_cursor(&bob, &phone, 1).expect("cursor");
+        assert!(store.acknowledged_by_any(&bob, 1).expect("read"));
+        assert!(!store.acknowledged_by_any(&bob, 3).expect("read"));
+
+        let due = store.due_expiries(200, 10).expect("due");
+        assert_eq!(
+            due.iter().map(|e| (e.at, e.seq)).collect::<Vec<_>>(),
+            [(100, 1), (100, 3)]
+        );
+        for expiry in &due {
+            assert!(store.expire(expiry).expect("expire").is_some());
+            assert_eq!(store.expire(expiry).expect("again"), None, "gone once");
+        }
+        let left: Vec<u64> = store
+            .inbox_after(&bob, 0, 10)
+            .expect("read")
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect();
+        assert_eq!(left, [2, 4]);
+        assert_eq!(
+            store.inbox_message(&bob, MessageId(12)).expect("read"),
+            None
+        );
+
+        // Then the rest expires, the last entry with it: a new entry still goes after it.
+        for expiry in store.due_expiries(400, 10).expect("due") {
+            store.expire(&expiry).expect("expire");
+        }
+        assert!(store.inbox_after(&bob, 0, 10).expect("read").is_empty());
+        assert_eq!(store.inbox_high_water(&bob).expect("read"), 4);
+        assert!(store.due_expiries(u64::MAX, 10).expect("due").is_empty());
     }
 }
