@@ -289,9 +289,15 @@ impl Connection {
         let connecting = endpoint
             .connect(addr, &config.server_name)
             .map_err(|e| full(connect_err(e.to_string())))?;
-        let (conn, early) = match connecting.into_0rtt() {
-            Ok((conn, accepted)) if allow_0rtt => (conn, Some(accepted)),
-            Ok((conn, _)) => (conn, None),
+        // Without 0-RTT (the fallback after early data was refused), the handshake completes
+        // before anything is sent: a stale session ticket must not be tried again.
+        let attempt_0rtt = if allow_0rtt {
+            connecting.into_0rtt()
+        } else {
+            Err(connecting)
+        };
+        let (conn, early) = match attempt_0rtt {
+            Ok((conn, accepted)) => (conn, Some(accepted)),
             Err(connecting) => {
                 let conn = tokio::time::timeout(config.connect_timeout, connecting)
                     .await

@@ -272,7 +272,9 @@ impl Device {
     }
 
     /// In a [`SessionMode::Paged`] device, asks for the next page of the backlog: up to `max`
-    /// messages, which arrive as [`Update::Message`]s before the answer. Fails if the
+    /// messages, which arrive as [`Update::Message`]s (possibly just after the answer). A
+    /// position the device handed over on an earlier connection is not handed over again, so
+    /// after a reconnect fewer messages may come than the page's `count`. Fails if the
     /// connection is lost first; after the reconnect a new [`Update::Backlog`] says what is
     /// left.
     pub async fn fetch(&self, max: u32) -> Result<Page, ClientError> {
@@ -288,8 +290,10 @@ impl Device {
         self.updates.lock().await.recv().await
     }
 
-    /// Makes sure the host has read every acknowledgement, then closes the connection.
-    /// Submissions not yet accepted fail.
+    /// Makes sure the host has read every acknowledgement and submission, then closes the
+    /// connection. Submissions the host answered resolve with its answer; any other (the
+    /// device was disconnected, or no answer came) fails, and may be submitted again with
+    /// the same client id.
     pub async fn close(self) {
         let (done, closed) = oneshot::channel();
         if self.commands.send(Command::Close(done)).is_ok() {
@@ -297,6 +301,9 @@ impl Device {
         }
     }
 }
+
+/// How long a closing device waits for answers already on their way.
+const LAST_ANSWERS: Duration = Duration::from_millis(500);
 
 /// How a connection's service ended.
 enum Served {
@@ -353,7 +360,15 @@ impl Supervisor {
         loop {
             let reason = match self.serve(&conn).await {
                 Served::Closed(done) => {
+                    // The host answers close's last request after every submission before it,
+                    // so their answers are in (or on their way to) `answers` once it returns.
                     conn.close().await;
+                    if done.is_some() {
+                        self.take_last_answers().await;
+                    }
+                    self.fail_outbox(&ClientError::ConnectionLost(
+                        "the device was closed before the host answered".into(),
+                    ));
                     drop(done);
                     return;
                 }
@@ -444,7 +459,6 @@ impl Supervisor {
                     None => return Served::Closed(None),
                     Some(Command::Close(done)) => {
                         self.commands.close();
-                        self.fail_outbox(&ClientError::ConnectionLost("the device was closed".into()));
                         return Served::Closed(Some(done));
                     }
                     Some(Command::Submit(outgoing)) => {
@@ -537,6 +551,20 @@ impl Supervisor {
             let _ = answers.send((generation, key, answer));
         });
         Ok(())
+    }
+
+    /// Hands the answers that came before the close to their submissions (waiting a moment
+    /// for the tasks that forward them).
+    async fn take_last_answers(&mut self) {
+        while !self.outbox.is_empty() {
+            let next = tokio::time::timeout(LAST_ANSWERS, self.answers.recv()).await;
+            let Ok(Some((generation, key, answer))) = next else {
+                return;
+            };
+            if generation == self.generation && !matches!(&answer, Err(e) if e.is_transient()) {
+                self.reply(key, answer);
+            }
+        }
     }
 
     fn reply(&mut self, key: u64, answer: Result<Accepted, ClientError>) {

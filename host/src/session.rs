@@ -397,7 +397,8 @@ impl Session {
             return true;
         };
         let mut cx = Context::from_waker(Waker::noop());
-        if early.as_mut().poll(&mut cx).is_ready() {
+        // It also resolves when the connection ends before the handshake completed.
+        if early.as_mut().poll(&mut cx).is_ready() && self.conn.close_reason().is_none() {
             self.early = None;
             return true;
         }
@@ -408,6 +409,13 @@ impl Session {
     /// deliveries now.
     async fn confirmed(&mut self) -> Result<(), End> {
         self.early = None;
+        // The future also resolves when the connection ends first (a replayed first flight
+        // that timed out): such a connection must not take the device's deliveries.
+        if let Some(reason) = self.conn.close_reason() {
+            return Err(End::Transport(format!(
+                "connection ended before its handshake completed: {reason}"
+            )));
+        }
         let (Some(mode), Some(auth)) = (self.attach_when_confirmed.take(), &self.auth) else {
             return Ok(());
         };

@@ -676,6 +676,32 @@ async fn a_second_receive_session_of_a_device_replaces_the_first() -> Result {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_closed_right_after_submitting_reports_what_the_host_accepted() -> Result {
+    let host = HostProcess::start_chat_only()?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let laptop = Device::open(
+        &host.client_config()?,
+        &alice,
+        &DeviceId::new("laptop")?,
+        Credentials::Password(PASSWORD.into()),
+        SessionMode::SendOnly,
+    )
+    .await?;
+    let submissions: Vec<_> = (0..20)
+        .map(|i| laptop.send_text(&bob, &format!("last words {i}")))
+        .collect();
+    within("close", laptop.close()).await?;
+    let mut ids = Vec::new();
+    for submission in submissions {
+        ids.push(within("answer", submission).await??.id);
+    }
+    let (_b, backlog) = host.online(&bob, "phone").await?;
+    assert_eq!(iim_e2e::ids(&backlog), ids, "each accepted once, none lost");
+    Ok(())
+}
+
 /// The next update of `device` that is not about the connection coming and going.
 async fn next_update(device: &Device) -> anyhow::Result<Update> {
     loop {

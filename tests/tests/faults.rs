@@ -493,6 +493,21 @@ async fn a_device_coming_back_resumes_in_0rtt_and_gets_what_waited() -> Result {
     ));
     within("send", back.send_text(&alice, "back")).await??;
 
+    // After a restart the host knows none of the TLS sessions the client kept: early data is
+    // refused, and the client connects again in full, without trying another stale session.
+    let mut host = host;
+    tokio::task::block_in_place(|| host.restart())?;
+    let after_restart = within(
+        "resume after a restart",
+        Connection::resume(&config, &bob, &phone, &token, SessionMode::SendOnly),
+    )
+    .await??;
+    ensure!(
+        !after_restart.used_0rtt(),
+        "early data taken by a new process"
+    );
+    within("send", after_restart.send_text(&alice, "after the restart")).await??;
+
     // A token that is not the device's is refused in early data as after the handshake.
     let refused = Connection::resume(&config, &bob, &phone, "not the token", SessionMode::Receive)
         .await
