@@ -46,16 +46,17 @@ pub fn sweep(host: &Host, now: u64) -> anyhow::Result<Swept> {
             return Ok(swept);
         }
         for expiry in due {
-            if let Some(message) = host.store.inbox_entry(&expiry.user, expiry.seq)?
-                && reportable(&message)
-                && !host.store.acknowledged_by_any(&expiry.user, expiry.seq)?
-            {
-                report(host, &message, &expiry)?;
-                swept.reported += 1;
-            }
-            if host.store.expire(&expiry)?.is_some() {
+            let entry = host.store.inbox_entry(&expiry.user, expiry.seq)?;
+            if let Some(message) = &entry {
+                if reportable(message)
+                    && !host.store.acknowledged_by_any(&expiry.user, expiry.seq)?
+                {
+                    report(host, message, &expiry)?;
+                    swept.reported += 1;
+                }
                 swept.expired += 1;
             }
+            host.store.expire(&expiry, entry.as_ref())?;
         }
     }
 }
@@ -92,14 +93,8 @@ fn report(host: &Host, message: &Message, expiry: &Expiry) -> anyhow::Result<()>
 
 /// Sweeps once a second until shutdown.
 pub async fn run(host: Arc<Host>) {
-    let mut shutdown = host.shutdown.clone();
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.wait_for(|stopping| *stopping) => return,
-        }
+    let mut ticks = crate::Ticks::new(&host, SWEEP_EVERY);
+    while ticks.next().await {
         let sweeping = Arc::clone(&host);
         match tokio::task::spawn_blocking(move || sweep(&sweeping, now_ms())).await {
             Ok(Ok(Swept { expired: 0, .. })) => {}

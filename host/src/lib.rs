@@ -46,3 +46,29 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// The ticks of a task the host runs every `period` until it shuts down.
+pub(crate) struct Ticks {
+    interval: tokio::time::Interval,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Ticks {
+    /// Ticks every `period` (the first at once), late ticks delayed rather than bunched.
+    pub(crate) fn new(host: &Host, period: std::time::Duration) -> Self {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            interval,
+            shutdown: host.shutdown.clone(),
+        }
+    }
+
+    /// Waits for the next tick: `false` once the host is shutting down.
+    pub(crate) async fn next(&mut self) -> bool {
+        tokio::select! {
+            _ = self.interval.tick() => true,
+            _ = self.shutdown.wait_for(|stopping| *stopping) => false,
+        }
+    }
+}

@@ -227,14 +227,8 @@ const DISPATCH_RETRY: Duration = Duration::from_secs(5);
 /// Every few seconds, routes what is recorded for dispatch and not on its way to a plugin
 /// (a plugin that was missing, a store failure); stops at shutdown.
 async fn retry_dispatch(host: Arc<Host>) {
-    let mut shutdown = host.shutdown.clone();
-    let mut tick = tokio::time::interval(DISPATCH_RETRY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.wait_for(|stopping| *stopping) => return,
-        }
+    let mut ticks = crate::Ticks::new(&host, DISPATCH_RETRY);
+    while ticks.next().await {
         match host.plugins.route_pending().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(routed = n, "routed messages waiting for a plugin"),

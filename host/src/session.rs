@@ -425,16 +425,9 @@ impl Session {
 
     async fn handle(&mut self, frame: ClientFrame) -> Result<(), End> {
         if !frame.allowed_early() && !self.handshake_complete() {
-            let req = match &frame {
-                ClientFrame::Register { req, .. }
-                | ClientFrame::Login { req, .. }
-                | ClientFrame::Logout { req }
-                | ClientFrame::Relation { req, .. } => *req,
-                _ => 0,
-            };
             return self
                 .refuse(
-                    req,
+                    frame.req().unwrap_or(0),
                     Refusal::new(
                         ErrorCode::TOO_EARLY,
                         "not taken in 0-RTT early data, which can be replayed; send it again \

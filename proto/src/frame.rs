@@ -382,6 +382,21 @@ impl fmt::Display for ErrorCode {
 }
 
 impl ClientFrame {
+    /// The request id, for the frames that are requests.
+    pub fn req(&self) -> Option<RequestId> {
+        match self {
+            ClientFrame::Register { req, .. }
+            | ClientFrame::Login { req, .. }
+            | ClientFrame::Authenticate { req, .. }
+            | ClientFrame::Logout { req }
+            | ClientFrame::Relation { req, .. }
+            | ClientFrame::Submit { req, .. }
+            | ClientFrame::Fetch { req, .. }
+            | ClientFrame::SubmitExpiring { req, .. } => Some(*req),
+            ClientFrame::Hello { .. } | ClientFrame::Ack { .. } => None,
+        }
+    }
+
     /// Whether the frame may be acted on when it arrives in 0-RTT early data, which an attacker
     /// can record and replay: taking it twice must change nothing more than taking it once.
     /// A submission is deduplicated by its client id; a token only authenticates; `Fetch`

@@ -452,18 +452,13 @@ impl Store {
         Ok(due)
     }
 
-    /// Takes an expired entry out of its inbox, with its records, in one batch; returns its
-    /// message, or `None` if it was gone already.
-    pub fn expire(&self, expiry: &Expiry) -> Result<Option<Message>, StoreError> {
+    /// Takes an expired entry out of its inbox, with its records, in one batch. `message` is
+    /// the entry as read before ([`Store::inbox_entry`]), `None` if it was gone already.
+    pub fn expire(&self, expiry: &Expiry, message: Option<&Message>) -> Result<(), StoreError> {
         let entry_key = keys::inbox(&expiry.user, expiry.seq);
-        let message: Option<Message> = self
-            .inbox
-            .get(&entry_key)?
-            .map(|v| decode("inbox", &v))
-            .transpose()?;
         let mut batch = sled::Batch::default();
         batch.remove(keys::expiry(expiry.at, &expiry.user, expiry.seq));
-        if let Some(message) = &message {
+        if let Some(message) = message {
             batch.remove(entry_key);
             batch.remove(keys::inbox_id(&expiry.user, message.id.0));
             // The inbox's last entries may be going: remember how far positions went.
@@ -477,7 +472,7 @@ impl Store {
             }
         }
         self.inbox.apply_batch(batch)?;
-        Ok(message)
+        Ok(())
     }
 
     /// Whether any device of `user` has acknowledged inbox position `seq`.
@@ -708,8 +703,14 @@ mod tests {
             [(100, 1), (100, 3)]
         );
         for expiry in &due {
-            assert!(store.expire(expiry).expect("expire").is_some());
-            assert_eq!(store.expire(expiry).expect("again"), None, "gone once");
+            let entry = store.inbox_entry(&bob, expiry.seq).expect("read");
+            assert!(entry.is_some());
+            store.expire(expiry, entry.as_ref()).expect("expire");
+            assert_eq!(
+                store.inbox_entry(&bob, expiry.seq).expect("read"),
+                None,
+                "gone"
+            );
         }
         let left: Vec<u64> = store
             .inbox_after(&bob, 0, 10)
@@ -725,7 +726,8 @@ mod tests {
 
         // Then the rest expires, the last entry with it: a new entry still goes after it.
         for expiry in store.due_expiries(400, 10).expect("due") {
-            store.expire(&expiry).expect("expire");
+            let entry = store.inbox_entry(&bob, expiry.seq).expect("read");
+            store.expire(&expiry, entry.as_ref()).expect("expire");
         }
         assert!(store.inbox_after(&bob, 0, 10).expect("read").is_empty());
         assert_eq!(store.inbox_high_water(&bob).expect("read"), 4);
