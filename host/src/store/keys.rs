@@ -8,10 +8,13 @@ use iim_proto::{DeviceId, RelationKind, UserId};
 
 const SEP: u8 = 0;
 
-// Two trees hold two kinds of record each, so that the records written together are in one
-// tree and one atomic batch. A leading byte tells the kinds apart.
+// The `messages` and `inbox` trees hold several kinds of record each. A leading byte tells the
+// kinds apart.
 const DEDUP: u8 = b'd';
-const DISPATCH: u8 = b'p';
+/// Dispatch records as an earlier version wrote them (the message alone); moved to
+/// [`DISPATCH`] records when the store opens.
+const OLD_DISPATCH: u8 = b'p';
+const DISPATCH: u8 = b'q';
 const INBOX_ENTRY: u8 = b'e';
 const INBOX_ID: u8 = b'i';
 const EFFECT: u8 = b'g';
@@ -83,14 +86,18 @@ pub fn dedup(user: &UserId, device: &DeviceId, client_id: u64) -> Vec<u8> {
     )
 }
 
-/// `messages`, dispatch record: message id → message, for every accepted message not yet in
-/// all its recipients' inboxes.
+/// `messages`, dispatch record: message id → (client id, message), for every accepted message
+/// not yet in all its recipients' inboxes. The client id (none for a message that did not come
+/// from a client's submission) names the dedup record that goes with it.
 pub fn dispatch(id: u64) -> Vec<u8> {
     tagged(DISPATCH, &id.to_be_bytes())
 }
 
 /// The prefix of every dispatch record, in message id order.
 pub const DISPATCH_PREFIX: &[u8] = &[DISPATCH];
+
+/// The prefix of the dispatch records of an earlier version: message id → message.
+pub const OLD_DISPATCH_PREFIX: &[u8] = &[OLD_DISPATCH];
 
 /// `messages`, effect record: (plugin, event key, index) → (message id, sent at): the id of
 /// the `index`th new message a plugin sent while handling a durable event, so that handling
@@ -244,6 +251,7 @@ mod tests {
         assert!(dispatch(7).starts_with(DISPATCH_PREFIX));
         let dedup = dedup(&user("a"), &DeviceId::new("d").expect("valid"), 7);
         assert!(!dedup.starts_with(DISPATCH_PREFIX));
+        assert!(!dispatch(7).starts_with(OLD_DISPATCH_PREFIX));
     }
 
     #[test]
