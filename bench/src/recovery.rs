@@ -11,7 +11,6 @@
 use anyhow::{Context, bail};
 use iim_client::Connection;
 use iim_client::proto::{DeviceId, MessageKind, SessionMode, UserId};
-use iim_e2e::HostProcess;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Instant;
@@ -42,9 +41,7 @@ const WINDOW: u32 = 32;
 
 /// Runs the measurement.
 pub async fn run(messages: u32, users: u32) -> anyhow::Result<Figures> {
-    let mut host = tokio::task::spawn_blocking(HostProcess::start_chat_only)
-        .await
-        .context("starting the host")??;
+    let mut host = crate::iim_run::start_host().await?;
     let mut recipients = Vec::new();
     for i in 0..users {
         recipients.push(host.register(&format!("r{i}")).await?);
