@@ -78,6 +78,9 @@ struct Attached {
     /// Deliveries sent and not yet acknowledged whose acknowledgement a plugin wants to hear
     /// of (a `delivered` subscription), by position.
     watched: std::collections::VecDeque<(u64, Delivered)>,
+    /// The cursor the acks read so far moved to, not yet written to the store: written once
+    /// for all the acks read together.
+    unsaved_cursor: Option<u64>,
 }
 
 /// The backlog of a paged session that is still to fetch.
@@ -315,8 +318,15 @@ impl Session {
     }
 
     /// Handles every whole frame received. Consecutive submissions are stored one by one and
-    /// made durable together, with one flush, before any of them is answered.
+    /// made durable together, with one flush, before any of them is answered; the acks move
+    /// the device's stored cursor once.
     async fn drain_frames(&mut self) -> Result<(), End> {
+        let drained = self.handle_frames().await;
+        self.save_cursor();
+        drained
+    }
+
+    async fn handle_frames(&mut self) -> Result<(), End> {
         let mut submissions = Vec::new();
         while let Some(frame) = self.decoder.decode::<ClientFrame>()? {
             if Submission::is(&frame) {
@@ -650,6 +660,8 @@ impl Session {
         span.record("user", user.as_str());
         span.record("device", device.as_str());
         tracing::info!(?mode, "authenticated");
+        // What the acks read so far moved, for the identity they were read under.
+        self.save_cursor();
         self.auth = Some(Auth {
             user: user.clone(),
             device: device.clone(),
@@ -672,6 +684,7 @@ impl Session {
         device: DeviceId,
         mode: SessionMode,
     ) -> Result<(), End> {
+        self.save_cursor();
         // Attach before reading the backlog: an entry appended meanwhile reaches the session
         // both ways, and the window drops the second copy.
         let attachment = self.host.registry.attach(&user, &device);
@@ -708,6 +721,7 @@ impl Session {
             retransmit: Retransmit::new(self.host.config.limits.retry_policy()),
             unacked: std::collections::BTreeMap::new(),
             watched: std::collections::VecDeque::new(),
+            unsaved_cursor: None,
         });
         Ok(())
     }
@@ -857,7 +871,7 @@ impl Session {
     }
 
     async fn ack(&mut self, seq: u64) {
-        let (Some(auth), Some(attached)) = (self.auth.as_ref(), self.attached.as_mut()) else {
+        let (Some(_), Some(attached)) = (self.auth.as_ref(), self.attached.as_mut()) else {
             tracing::debug!(seq, "ack on a connection without deliveries; ignored");
             return;
         };
@@ -868,11 +882,7 @@ impl Session {
         }
         match outcome {
             AckOutcome::Advanced(cursor) => {
-                // Not flushed: a cursor lost in a crash only means a redelivery, which the
-                // device recognises by the message id.
-                if let Err(e) = self.host.store.set_cursor(&auth.user, &auth.device, cursor) {
-                    tracing::error!(error = %e, "cursor not saved");
-                }
+                attached.unsaved_cursor = Some(cursor);
                 let mut received = Vec::new();
                 while attached.watched.front().is_some_and(|(s, _)| *s <= cursor) {
                     if let Some((_, delivered)) = attached.watched.pop_front() {
@@ -888,6 +898,19 @@ impl Session {
             }
             AckOutcome::Held => {}
             AckOutcome::Unknown => tracing::debug!(seq, "ack of nothing in flight; ignored"),
+        }
+    }
+
+    /// Writes the cursor the acks moved to. Not flushed: a cursor lost in a crash only means a
+    /// redelivery, which the device recognises by the message id.
+    fn save_cursor(&mut self) {
+        let (Some(auth), Some(attached)) = (self.auth.as_ref(), self.attached.as_mut()) else {
+            return;
+        };
+        if let Some(cursor) = attached.unsaved_cursor.take()
+            && let Err(e) = self.host.store.set_cursor(&auth.user, &auth.device, cursor)
+        {
+            tracing::error!(error = %e, "cursor not saved");
         }
     }
 

@@ -143,7 +143,13 @@ pub struct Store {
     /// order in which messages are accepted.
     accept_order: std::sync::Arc<std::sync::Mutex<()>>,
     flusher: std::sync::mpsc::Sender<FlushWaiter>,
+    /// Users known to exist (accounts are never deleted), up to [`KNOWN_USERS`]: every
+    /// submission and send checks its recipients, and this spares the store those reads.
+    known_users: std::sync::Arc<std::sync::RwLock<std::collections::HashSet<UserId>>>,
 }
+
+/// Most users [`Store::user_exists`] remembers.
+const KNOWN_USERS: usize = 65_536;
 
 type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
 
@@ -216,6 +222,7 @@ impl Store {
             dead_letters: db.open_tree("dead_letters")?,
             accept_order: Default::default(),
             flusher,
+            known_users: Default::default(),
             db,
         }
         .recovered()
@@ -284,7 +291,18 @@ impl Store {
 
     /// Whether `user` exists.
     pub fn user_exists(&self, user: &UserId) -> Result<bool, StoreError> {
-        Ok(self.users.contains_key(keys::user(user))?)
+        let known = || self.known_users.read().unwrap_or_else(|p| p.into_inner());
+        if known().contains(user) {
+            return Ok(true);
+        }
+        let exists = self.users.contains_key(keys::user(user))?;
+        if exists && known().len() < KNOWN_USERS {
+            self.known_users
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(user.clone());
+        }
+        Ok(exists)
     }
 
     /// Stores the hash of the token of `device`, replacing an earlier one.
