@@ -3,10 +3,10 @@
 //!
 //! Every inbox entry of a message with a time to live (its own, or the host's default
 //! `limits.message_ttl_secs`) has an expiry record. Once a second the due records are swept:
-//! each entry leaves its inbox, and if no device of the recipient had acknowledged it, the
-//! sender gets an `expired` receipt (`docs/plugins.md`). Only chat and custom kinds are
-//! reported: receipts and presence notifications expire quietly (a report about an expired
-//! report would never end).
+//! each entry leaves its inbox (a pruned one, which every device acknowledged, quietly), and if
+//! no device of the recipient had acknowledged it, the sender gets an `expired` receipt
+//! (`docs/plugins.md`). Only chat and custom kinds are reported: receipts and presence
+//! notifications expire quietly (a report about an expired report would never end).
 //!
 //! The receipt is sent before the entry is removed, and numbered once per (message,
 //! recipient), so a crash between the two sends nothing twice: the next sweep finds the entry
@@ -56,7 +56,7 @@ pub fn sweep(host: &Host, now: u64) -> anyhow::Result<Swept> {
                 }
                 swept.expired += 1;
             }
-            host.store.expire(&expiry, entry.as_ref())?;
+            host.store.expire(&expiry)?;
         }
     }
 }

@@ -688,6 +688,11 @@ impl Session {
         // Attach before reading the backlog: an entry appended meanwhile reaches the session
         // both ways, and the window drops the second copy.
         let attachment = self.host.registry.attach(&user, &device);
+        // From now on the inbox keeps what this device has not acknowledged.
+        self.host
+            .store
+            .add_cursor(&user, &device)
+            .map_err(internal)?;
         let cursor = self.host.store.cursor(&user, &device).map_err(internal)?;
         let paged = if mode == SessionMode::Paged {
             let summary = self
@@ -901,16 +906,22 @@ impl Session {
         }
     }
 
-    /// Writes the cursor the acks moved to. Not flushed: a cursor lost in a crash only means a
-    /// redelivery, which the device recognises by the message id.
+    /// Writes the cursor the acks moved to, and prunes what every device of the user has now
+    /// acknowledged. Not flushed: a cursor lost in a crash only means a redelivery, which the
+    /// device recognises by the message id (and the pruning written after it is lost with it).
     fn save_cursor(&mut self) {
         let (Some(auth), Some(attached)) = (self.auth.as_ref(), self.attached.as_mut()) else {
             return;
         };
-        if let Some(cursor) = attached.unsaved_cursor.take()
-            && let Err(e) = self.host.store.set_cursor(&auth.user, &auth.device, cursor)
+        let Some(cursor) = attached.unsaved_cursor.take() else {
+            return;
+        };
+        let store = &self.host.store;
+        if let Err(e) = store
+            .set_cursor(&auth.user, &auth.device, cursor)
+            .and_then(|()| store.prune(&auth.user))
         {
-            tracing::error!(error = %e, "cursor not saved");
+            tracing::error!(error = %e, "cursor not saved or inbox not pruned");
         }
     }
 

@@ -46,8 +46,9 @@ pub fn presence(users: &[UserId]) -> Result<Vec<PresenceEntry>, HostError> {
     imp::presence(users)
 }
 
-/// Message `id` of the acting user's inbox, if it is there; `permission-denied` for anyone
-/// else's inbox.
+/// Message `id` of the acting user's inbox, if it is there (without its body once every device
+/// of the user has acknowledged it, until it expires); `permission-denied` for anyone else's
+/// inbox.
 pub fn inbox_message(user: &str, id: MessageId) -> Result<Option<Message>, HostError> {
     imp::inbox_message(user, id)
 }

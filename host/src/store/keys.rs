@@ -21,6 +21,7 @@ const EFFECT: u8 = b'g';
 const TTL: u8 = b't';
 const EXPIRY: u8 = b'x';
 const INBOX_HIGH: u8 = b'h';
+const INBOX_PRUNED: u8 = b'r';
 
 fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(rest.len() + 1);
@@ -172,6 +173,11 @@ pub fn expiry(expires_at: u64, user: &UserId, seq: u64) -> Vec<u8> {
 /// so that positions are never handed out twice even when the last entries are gone.
 pub fn inbox_high(user: &UserId) -> Vec<u8> {
     tagged(INBOX_HIGH, user.as_str().as_bytes())
+}
+
+/// `inbox`, prune mark: user → the position up to which [`crate::store::Store::prune`] went.
+pub fn inbox_pruned(user: &UserId) -> Vec<u8> {
+    tagged(INBOX_PRUNED, user.as_str().as_bytes())
 }
 
 /// The first and one-past-last `inbox` keys of the expiry records due by `now`.

@@ -39,6 +39,52 @@ pub struct Expiry {
     pub user: UserId,
     /// Its position.
     pub seq: u64,
+    /// The message's id.
+    pub id: MessageId,
+}
+
+/// The first byte of a pruned inbox entry: one every device acknowledged, kept without its
+/// body until it expires. A whole entry begins with its message's id (a varint of a number
+/// from 1), never with a zero byte.
+const PRUNED: u8 = 0;
+
+/// An inbox entry as stored.
+enum Entry {
+    /// The message, waiting for a device.
+    Whole(Message),
+    /// Every device acknowledged it: the message without its body.
+    Pruned(Message),
+}
+
+impl Entry {
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        match bytes.split_first() {
+            Some((&PRUNED, rest)) => decode("inbox", rest).map(Entry::Pruned),
+            _ => decode("inbox", bytes).map(Entry::Whole),
+        }
+    }
+
+    fn pruned(message: Message) -> Vec<u8> {
+        let mut bytes = vec![PRUNED];
+        bytes.extend(encode(&Message {
+            body: Vec::new(),
+            ..message
+        }));
+        bytes
+    }
+
+    fn whole(self) -> Option<Message> {
+        match self {
+            Entry::Whole(message) => Some(message),
+            Entry::Pruned(_) => None,
+        }
+    }
+
+    fn message(&self) -> &Message {
+        match self {
+            Entry::Whole(message) | Entry::Pruned(message) => message,
+        }
+    }
 }
 
 /// What waits in an inbox after a position ([`Store::inbox_summary`]).
@@ -521,19 +567,61 @@ impl Store {
         Ok(true)
     }
 
-    /// Whether position `seq` of `user`'s inbox holds message `id`.
+    /// Whether position `seq` of `user`'s inbox holds message `id` (whole or pruned).
     fn entry_is(&self, user: &UserId, seq: u64, id: MessageId) -> Result<bool, StoreError> {
         Ok(self
-            .inbox_entry(user, seq)?
-            .is_some_and(|entry| entry.id == id))
+            .entry(user, seq)?
+            .is_some_and(|entry| entry.message().id == id))
     }
 
-    /// The entry at position `seq` of `user`'s inbox, if it is there.
-    pub fn inbox_entry(&self, user: &UserId, seq: u64) -> Result<Option<Message>, StoreError> {
+    fn entry(&self, user: &UserId, seq: u64) -> Result<Option<Entry>, StoreError> {
         self.inbox
             .get(keys::inbox(user, seq))?
-            .map(|v| decode("inbox", &v))
+            .map(|v| Entry::decode(&v))
             .transpose()
+    }
+
+    /// The entry at position `seq` of `user`'s inbox, if it is there and not pruned.
+    pub fn inbox_entry(&self, user: &UserId, seq: u64) -> Result<Option<Message>, StoreError> {
+        Ok(self.entry(user, seq)?.and_then(Entry::whole))
+    }
+
+    /// Prunes the entries of `user`'s inbox that every device of the user has acknowledged
+    /// (every device with a cursor: one is made when a device first takes deliveries). A
+    /// pruned entry keeps its position, id, kind and sender but not its body, and is read by
+    /// no session; it leaves when it expires. Returns how many entries were pruned.
+    pub fn prune(&self, user: &UserId) -> Result<usize, StoreError> {
+        let mut through: Option<u64> = None;
+        for entry in self.cursors.scan_prefix(keys::cursor_prefix(user)) {
+            let cursor = decode_u64("cursors", &entry?.1)?;
+            through = Some(through.map_or(cursor, |t| t.min(cursor)));
+        }
+        let Some(through) = through else {
+            return Ok(0);
+        };
+        let mark_key = keys::inbox_pruned(user);
+        let from = match self.inbox.get(&mark_key)? {
+            Some(v) => decode_u64("inbox", &v)?,
+            None => 0,
+        };
+        if through <= from {
+            return Ok(0);
+        }
+        let (start, end) = keys::inbox_range(user, from);
+        let end = end.min(keys::inbox(user, through.saturating_add(1)));
+        let mut pruned = 0;
+        for entry in self.inbox.range(start..end) {
+            let (key, value) = entry?;
+            if let Entry::Whole(message) = Entry::decode(&value)? {
+                // Unless the entry changed meanwhile (it expired): then it stays as it is.
+                let swapped =
+                    self.inbox
+                        .compare_and_swap(key, Some(value), Some(Entry::pruned(message)))?;
+                pruned += usize::from(swapped.is_ok());
+            }
+        }
+        self.inbox.insert(mark_key, &through.to_be_bytes())?;
+        Ok(pruned)
     }
 
     /// Up to `limit` inbox entries whose time ran out by `now`, the earliest first.
@@ -541,25 +629,26 @@ impl Store {
         let (start, end) = keys::expiry_due(now);
         let mut due = Vec::new();
         for entry in self.inbox.range(start..end).take(limit) {
-            let (key, _) = entry?;
+            let (key, value) = entry?;
             let (at, user, seq) = keys::expiry_parts(&key).ok_or_else(|| StoreError::Corrupt {
                 tree: "inbox",
                 reason: "an expiry key that does not decode".into(),
             })?;
-            due.push(Expiry { at, user, seq });
+            let id = MessageId(decode_u64("inbox", &value)?);
+            due.push(Expiry { at, user, seq, id });
         }
         Ok(due)
     }
 
-    /// Takes an expired entry out of its inbox, with its records, in one batch. `message` is
-    /// the entry as read before ([`Store::inbox_entry`]), `None` if it was gone already.
-    pub fn expire(&self, expiry: &Expiry, message: Option<&Message>) -> Result<(), StoreError> {
-        let entry_key = keys::inbox(&expiry.user, expiry.seq);
+    /// Takes an expired entry (whole or pruned) out of its inbox, with its records, in one
+    /// batch.
+    pub fn expire(&self, expiry: &Expiry) -> Result<(), StoreError> {
+        let user = &expiry.user;
         let mut batch = sled::Batch::default();
-        batch.remove(keys::expiry(expiry.at, &expiry.user, expiry.seq));
-        if let Some(message) = message {
-            batch.remove(entry_key);
-            batch.remove(keys::inbox_id(&expiry.user, message.id.0));
+        batch.remove(keys::expiry(expiry.at, user, expiry.seq));
+        if self.entry_is(user, expiry.seq, expiry.id)? {
+            batch.remove(keys::inbox(user, expiry.seq));
+            batch.remove(keys::inbox_id(user, expiry.id.0));
             // The inbox's last entries may be going: remember how far positions went.
             let high_key = keys::inbox_high(&expiry.user);
             let high = match self.inbox.get(&high_key)? {
@@ -584,7 +673,8 @@ impl Store {
         Ok(false)
     }
 
-    /// Message `id` if it is in `user`'s inbox.
+    /// Message `id` if it is in `user`'s inbox; without its body if it was pruned
+    /// ([`Store::prune`]).
     pub fn inbox_message(
         &self,
         user: &UserId,
@@ -595,9 +685,12 @@ impl Store {
         };
         let seq = decode_u64("inbox", &seq)?;
         // An id record whose append a crash cut off may point at a missing or another entry.
-        Ok(self
-            .inbox_entry(user, seq)?
-            .filter(|message| message.id == id))
+        Ok(self.entry(user, seq)?.and_then(|entry| {
+            let message = match entry {
+                Entry::Whole(message) | Entry::Pruned(message) => message,
+            };
+            (message.id == id).then_some(message)
+        }))
     }
 
     /// Up to `limit` entries of `user`'s inbox after position `after`, in order.
@@ -609,13 +702,18 @@ impl Store {
     ) -> Result<Vec<(u64, Message)>, StoreError> {
         let (start, end) = keys::inbox_range(user, after);
         let mut out = Vec::new();
-        for entry in self.inbox.range(start..end).take(limit) {
+        for entry in self.inbox.range(start..end) {
+            if out.len() >= limit {
+                break;
+            }
             let (key, value) = entry?;
             let seq = keys::inbox_seq(&key).ok_or_else(|| StoreError::Corrupt {
                 tree: "inbox",
                 reason: "key does not end in a position".into(),
             })?;
-            out.push((seq, decode("inbox", &value)?));
+            if let Some(message) = Entry::decode(&value)?.whole() {
+                out.push((seq, message));
+            }
         }
         Ok(out)
     }
@@ -637,7 +735,9 @@ impl Store {
         };
         for entry in self.inbox.range(start..end) {
             let (key, value) = entry?;
-            let message: Message = decode("inbox", &value)?;
+            let Some(message) = Entry::decode(&value)?.whole() else {
+                continue;
+            };
             summary.count += 1;
             summary.bytes += message.body.len() as u64;
             if summary.ids.len() < max_ids {
@@ -664,6 +764,18 @@ impl Store {
             high = high.max(decode_u64("cursors", &entry?.1)?);
         }
         Ok(high)
+    }
+
+    /// Makes `device` one of the devices whose acknowledgements [`Store::prune`] waits for,
+    /// with nothing acknowledged, unless it is one already.
+    pub fn add_cursor(&self, user: &UserId, device: &DeviceId) -> Result<(), StoreError> {
+        // Taken or not, the device has a cursor now.
+        let _ = self.cursors.compare_and_swap(
+            keys::cursor(user, device),
+            None::<&[u8]>,
+            Some(&0u64.to_be_bytes()),
+        )?;
+        Ok(())
     }
 
     /// The position `device` has acknowledged up to (0 for a new device).
@@ -776,6 +888,13 @@ mod tests {
             body: b"hi".to_vec(),
             sent_at: 1,
         }
+    }
+
+    /// The positions of the entries sessions would read from `user`'s inbox.
+    fn positions(store: &Store, user: &str) -> Vec<u64> {
+        let user = UserId::new(user).expect("valid");
+        let entries = store.inbox_after(&user, 0, 100).expect("read");
+        entries.into_iter().map(|(seq, _)| seq).collect()
     }
 
     fn open() -> (tempfile::TempDir, Store) {
@@ -894,13 +1013,74 @@ mod tests {
             due.iter().map(|e| (e.at, e.seq)).collect::<Vec<_>>(),
             [(100, 3)]
         );
-        let seqs: Vec<u64> = store
-            .inbox_after(&bob, 0, 10)
-            .expect("read")
-            .into_iter()
-            .map(|(seq, _)| seq)
-            .collect();
+        let seqs = positions(&store, "bob");
         assert_eq!(seqs, [1, 2, 3]);
+    }
+
+    #[test]
+    fn entries_every_device_acknowledged_are_pruned_to_what_a_read_receipt_needs() {
+        let (_dir, store) = open();
+        let bob = UserId::new("bob").expect("valid");
+        let (phone, laptop) = (
+            DeviceId::new("phone").expect("valid"),
+            DeviceId::new("laptop").expect("valid"),
+        );
+        for seq in 1..=4 {
+            store
+                .append_inbox(&bob, seq, &message(10 + seq), Some(1000 + seq))
+                .expect("append");
+        }
+        // No device takes deliveries yet: nothing is pruned.
+        assert_eq!(store.prune(&bob).expect("prune"), 0);
+        store.add_cursor(&bob, &phone).expect("cursor");
+        store.add_cursor(&bob, &laptop).expect("cursor");
+        store.add_cursor(&bob, &laptop).expect("again");
+        assert_eq!(store.cursor(&bob, &laptop).expect("read"), 0);
+        store.set_cursor(&bob, &phone, 3).expect("cursor");
+        assert_eq!(store.prune(&bob).expect("prune"), 0, "the laptop has none");
+        store.set_cursor(&bob, &laptop, 2).expect("cursor");
+        assert_eq!(store.prune(&bob).expect("prune"), 2);
+        assert_eq!(store.prune(&bob).expect("prune"), 0, "done already");
+
+        // Sessions read only what some device still waits for.
+        let left = positions(&store, "bob");
+        assert_eq!(left, [3, 4]);
+        assert_eq!(store.inbox_after(&bob, 0, 1).expect("read").len(), 1);
+        let summary = store.inbox_summary(&bob, 0, 10).expect("summary");
+        assert_eq!((summary.count, summary.last), (2, 4));
+        assert_eq!(store.inbox_entry(&bob, 1).expect("read"), None);
+        // A read receipt can still be checked: the message is there without its body.
+        let pruned = store
+            .inbox_message(&bob, MessageId(11))
+            .expect("read")
+            .expect("kept");
+        assert_eq!(
+            (pruned.id, pruned.from, pruned.body.len()),
+            (MessageId(11), message(11).from, 0)
+        );
+        // Dispatched again, it is not appended again.
+        assert!(
+            !store
+                .append_inbox(&bob, 5, &message(11), None)
+                .expect("append")
+        );
+        // Positions go on after the pruned entries.
+        assert_eq!(store.inbox_high_water(&bob).expect("read"), 4);
+
+        // When their time is up, pruned entries leave with their records.
+        for expiry in store.due_expiries(1002, 10).expect("due") {
+            store.expire(&expiry).expect("expire");
+        }
+        assert_eq!(
+            store.inbox_message(&bob, MessageId(11)).expect("read"),
+            None
+        );
+        assert_eq!(store.inbox.get(keys::inbox(&bob, 1)).expect("read"), None);
+        assert_eq!(
+            store.inbox.get(keys::inbox_id(&bob, 11)).expect("read"),
+            None
+        );
+        assert_eq!(store.inbox_after(&bob, 0, 10).expect("read").len(), 2);
     }
 
     #[test]
@@ -932,20 +1112,15 @@ mod tests {
         );
         for expiry in &due {
             let entry = store.inbox_entry(&bob, expiry.seq).expect("read");
-            assert!(entry.is_some());
-            store.expire(expiry, entry.as_ref()).expect("expire");
+            assert_eq!(entry.map(|m| m.id), Some(expiry.id));
+            store.expire(expiry).expect("expire");
             assert_eq!(
                 store.inbox_entry(&bob, expiry.seq).expect("read"),
                 None,
                 "gone"
             );
         }
-        let left: Vec<u64> = store
-            .inbox_after(&bob, 0, 10)
-            .expect("read")
-            .into_iter()
-            .map(|(seq, _)| seq)
-            .collect();
+        let left = positions(&store, "bob");
         assert_eq!(left, [2, 4]);
         assert_eq!(
             store.inbox_message(&bob, MessageId(12)).expect("read"),
@@ -954,8 +1129,7 @@ mod tests {
 
         // Then the rest expires, the last entry with it: a new entry still goes after it.
         for expiry in store.due_expiries(400, 10).expect("due") {
-            let entry = store.inbox_entry(&bob, expiry.seq).expect("read");
-            store.expire(&expiry, entry.as_ref()).expect("expire");
+            store.expire(&expiry).expect("expire");
         }
         assert!(store.inbox_after(&bob, 0, 10).expect("read").is_empty());
         assert_eq!(store.inbox_high_water(&bob).expect("read"), 4);
