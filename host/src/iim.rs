@@ -72,6 +72,16 @@ pub struct SendReport {
 
 const INBOX_SHARDS: usize = 64;
 
+/// How far past the stored high-water mark a user's positions resume after a start.
+///
+/// Entries are pushed to online devices before the store flushes them (only the submission is
+/// durable when it is accepted), so a crash can lose the last entries of an inbox after a
+/// device has seen their positions. A device drops a position it has seen as a repeat, so
+/// those positions must never be handed out again: a run starts each inbox this far above
+/// what the store shows, far more than one inbox takes between two flushes (sled flushes at
+/// least every 500 ms). Positions only need to grow, not to be contiguous.
+pub const RESTART_GAP: u64 = 1 << 20;
+
 /// The IIM entry point of one host.
 pub struct Iim {
     server: String,
@@ -171,7 +181,10 @@ impl Iim {
         let mut heads = shard.lock().unwrap_or_else(|p| p.into_inner());
         let head = match heads.get(user) {
             Some(&head) => head,
-            None => self.store.inbox_high_water(user)?,
+            None => self
+                .store
+                .inbox_high_water(user)?
+                .saturating_add(RESTART_GAP),
         };
         let seq = head + 1;
         let expires_at = match self.store.message_expiry(message.id)? {

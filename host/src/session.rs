@@ -685,14 +685,15 @@ impl Session {
         mode: SessionMode,
     ) -> Result<(), End> {
         self.save_cursor();
-        // Attach before reading the backlog: an entry appended meanwhile reaches the session
-        // both ways, and the window drops the second copy.
-        let attachment = self.host.registry.attach(&user, &device);
-        // From now on the inbox keeps what this device has not acknowledged.
+        // From now on the inbox keeps what this device has not acknowledged: before it can
+        // take a live delivery that another device's ack could prune.
         self.host
             .store
             .add_cursor(&user, &device)
             .map_err(internal)?;
+        // Attach before reading the backlog: an entry appended meanwhile reaches the session
+        // both ways, and the window drops the second copy.
+        let attachment = self.host.registry.attach(&user, &device);
         let cursor = self.host.store.cursor(&user, &device).map_err(internal)?;
         let paged = if mode == SessionMode::Paged {
             let summary = self

@@ -41,6 +41,9 @@ fn join(parts: &[&[u8]]) -> Vec<u8> {
     key
 }
 
+/// The default tree: the store's format number.
+pub const FORMAT: &[u8] = b"format";
+
 /// `users`: user → account record.
 pub fn user(user: &UserId) -> Vec<u8> {
     user.as_str().as_bytes().to_vec()

@@ -11,9 +11,9 @@
 //! together are written one by one, in an order in which every prefix is either harmless or
 //! repaired. A submission writes its dispatch record (which names its client id) before its
 //! dedup record; [`Store::open`] writes any dedup record a crash cut off. An inbox append writes
-//! the id record, then the entry, then the expiry record; an append done again (the dispatch
-//! record outlives the appends) finds an id record whose entry is missing and appends anew, or
-//! finds the entry and writes its expiry record again. sled's atomic batches are kept for rare
+//! the expiry record, then the id record, then the entry; an append done again (the dispatch
+//! record outlives the appends) appends anew where it finds an id record without its entry, and
+//! the expiry sweep takes out whatever an append left. sled's atomic batches are kept for rare
 //! writes only: each one makes sled write its log buffer out twice, which on the message path
 //! cost two thirds of the throughput.
 //!
@@ -194,6 +194,9 @@ pub struct Store {
     known_users: std::sync::Arc<std::sync::RwLock<std::collections::HashSet<UserId>>>,
 }
 
+/// The format of the records this version writes: 2 since inboxes are pruned.
+const FORMAT: u64 = 2;
+
 /// Most users [`Store::user_exists`] remembers.
 const KNOWN_USERS: usize = 65_536;
 
@@ -275,8 +278,28 @@ impl Store {
     }
 
     /// Repairs what a crash can leave half written (see the module's documentation) and moves
-    /// an earlier version's dispatch records to the current form.
+    /// an earlier version's records to the current form.
     fn recovered(self) -> Result<Self, StoreError> {
+        let format = self
+            .db
+            .get(keys::FORMAT)?
+            .map(|v| decode_u64("default", &v))
+            .transpose()?
+            .unwrap_or(1);
+        if format < FORMAT {
+            // Before inboxes were pruned, a device had a cursor only once it acknowledged
+            // something. Every device that ever logged in gets one, so that pruning waits for it
+            // (a cursor's key is its token's).
+            for entry in self.tokens.iter() {
+                let (user_device, _) = entry?;
+                let _ = self.cursors.compare_and_swap(
+                    &user_device,
+                    None::<&[u8]>,
+                    Some(&0u64.to_be_bytes()),
+                )?;
+            }
+            self.db.insert(keys::FORMAT, &FORMAT.to_be_bytes())?;
+        }
         for entry in self.messages.scan_prefix(keys::OLD_DISPATCH_PREFIX) {
             let (key, value) = entry?;
             let message: Message = decode("messages", &value)?;
@@ -546,24 +569,18 @@ impl Store {
         if let Some(at) = self.inbox.get(&id_key)? {
             let at = decode_u64("inbox", &at)?;
             if self.entry_is(user, at, message.id)? {
-                // There already; a crash may have cut off its expiry record.
-                if let Some(expires_at) = expires_at {
-                    self.inbox.insert(
-                        keys::expiry(expires_at, user, at),
-                        &message.id.0.to_be_bytes(),
-                    )?;
-                }
                 return Ok(false);
             }
             // An append a crash cut off before its entry: appended anew below.
         }
-        // In this order (see the module's documentation).
-        self.inbox.insert(id_key, &seq.to_be_bytes())?;
-        self.inbox.insert(keys::inbox(user, seq), encode(message))?;
+        // In this order (see the module's documentation): the expiry record first, so that
+        // whatever a crash leaves of an append is taken out when it is due.
         if let Some(at) = expires_at {
             self.inbox
                 .insert(keys::expiry(at, user, seq), &message.id.0.to_be_bytes())?;
         }
+        self.inbox.insert(id_key, &seq.to_be_bytes())?;
+        self.inbox.insert(keys::inbox(user, seq), encode(message))?;
         Ok(true)
     }
 
@@ -646,9 +663,16 @@ impl Store {
         let user = &expiry.user;
         let mut batch = sled::Batch::default();
         batch.remove(keys::expiry(expiry.at, user, expiry.seq));
+        // The id record goes if it is this entry's, even without the entry (an append a crash
+        // cut off); a message appended anew elsewhere keeps its own.
+        let id_key = keys::inbox_id(user, expiry.id.0);
+        if let Some(at) = self.inbox.get(&id_key)?
+            && decode_u64("inbox", &at)? == expiry.seq
+        {
+            batch.remove(id_key);
+        }
         if self.entry_is(user, expiry.seq, expiry.id)? {
             batch.remove(keys::inbox(user, expiry.seq));
-            batch.remove(keys::inbox_id(user, expiry.id.0));
             // The inbox's last entries may be going: remember how far positions went.
             let high_key = keys::inbox_high(&expiry.user);
             let high = match self.inbox.get(&high_key)? {
@@ -958,6 +982,37 @@ mod tests {
     }
 
     #[test]
+    fn devices_of_an_earlier_version_get_a_cursor_so_that_pruning_waits_for_them() {
+        let (_dir, store) = open();
+        let bob = UserId::new("bob").expect("valid");
+        let (phone, tablet) = (
+            DeviceId::new("phone").expect("valid"),
+            DeviceId::new("tablet").expect("valid"),
+        );
+        // As an earlier version left it: two devices logged in, only the phone acknowledged.
+        store.db.remove(keys::FORMAT).expect("write");
+        store.set_token(&bob, &phone, b"hash").expect("token");
+        store.set_token(&bob, &tablet, b"hash").expect("token");
+        store
+            .append_inbox(&bob, 1, &message(10), None)
+            .expect("append");
+        store.set_cursor(&bob, &phone, 1).expect("cursor");
+        let store = store.recovered().expect("recover");
+        assert_eq!(
+            store.prune(&bob).expect("prune"),
+            0,
+            "the tablet has not acknowledged"
+        );
+        assert_eq!(positions(&store, "bob"), [1]);
+        assert_eq!(store.cursor(&bob, &phone).expect("read"), 1, "kept");
+        // Opening again changes nothing.
+        store.set_cursor(&bob, &tablet, 1).expect("cursor");
+        let store = store.recovered().expect("recover");
+        assert_eq!(store.cursor(&bob, &tablet).expect("read"), 1);
+        assert_eq!(store.prune(&bob).expect("prune"), 1);
+    }
+
+    #[test]
     fn an_append_a_crash_cut_off_is_done_again_and_a_whole_one_is_not() {
         let (_dir, store) = open();
         let bob = UserId::new("bob").expect("valid");
@@ -992,29 +1047,46 @@ mod tests {
             Some(message(10))
         );
 
-        // Cut off after the entry: its expiry record is missing, so it would never expire.
+        // Cut off after the expiry and id records of message 12 at position 3: a message sent
+        // for an event that is not handled again, so it is never appended anew.
+        store
+            .inbox
+            .insert(keys::expiry(100, &bob, 3), &12u64.to_be_bytes())
+            .expect("write");
         store
             .inbox
             .insert(keys::inbox_id(&bob, 12), &3u64.to_be_bytes())
             .expect("write");
-        store
-            .inbox
-            .insert(keys::inbox(&bob, 3), encode(&message(12)))
-            .expect("write");
-        assert!(store.due_expiries(u64::MAX, 10).expect("due").is_empty());
-        // Dispatched again: not appended twice, and the expiry record is written.
+        // A whole append, then a dispatch done again: not appended twice.
         assert!(
-            !store
-                .append_inbox(&bob, 4, &message(12), Some(100))
+            store
+                .append_inbox(&bob, 4, &message(13), Some(150))
                 .expect("append")
         );
-        let due = store.due_expiries(200, 10).expect("due");
-        assert_eq!(
-            due.iter().map(|e| (e.at, e.seq)).collect::<Vec<_>>(),
-            [(100, 3)]
+        assert!(
+            !store
+                .append_inbox(&bob, 5, &message(13), Some(150))
+                .expect("append")
         );
-        let seqs = positions(&store, "bob");
-        assert_eq!(seqs, [1, 2, 3]);
+        // The expiry records clean up after the cut-off append and leave the whole one.
+        let due = store.due_expiries(120, 10).expect("due");
+        assert_eq!(
+            due.iter().map(|e| (e.at, e.seq, e.id)).collect::<Vec<_>>(),
+            [(100, 3, MessageId(12))]
+        );
+        for expiry in &due {
+            store.expire(expiry).expect("expire");
+        }
+        assert_eq!(
+            store.inbox.get(keys::inbox_id(&bob, 12)).expect("read"),
+            None
+        );
+        assert_eq!(positions(&store, "bob"), [1, 2, 4]);
+        assert_eq!(
+            store.inbox_message(&bob, MessageId(13)).expect("read"),
+            Some(message(13))
+        );
+        assert_eq!(store.due_expiries(200, 10).expect("due").len(), 1);
     }
 
     #[test]
