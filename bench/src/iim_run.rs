@@ -17,8 +17,8 @@ const STALL: Duration = Duration::from_secs(60);
 const RATE_BACKOFF: Duration = Duration::from_millis(10);
 
 /// The host's configuration for a benchmark: the defaults, except the per-session submission
-/// rate (1,000/s, bursts of 2,000), a limit against abuse that would otherwise cap what is
-/// measured. A submission the host still refuses as over its rate is counted and reported.
+/// rate (1,000/s, bursts of 2,000), a limit against abuse that would otherwise throttle each
+/// sender and so cap what is measured.
 pub const HOST_CONFIG: &str = "[limits]\nsubmit_rate = 1000000\nsubmit_burst = 1000000\n";
 
 /// Starts a chat-only host with [`HOST_CONFIG`].

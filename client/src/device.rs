@@ -6,13 +6,15 @@
 //! their client ids, so that the host accepts each once and in the order it was made. The host
 //! sends a device its inbox positions in increasing order and, after a reconnect, again from the
 //! device's cursor: a position not above the highest one handed to the application is a repeat.
+//! A message the application has already had that comes again at a new position (the host lost
+//! its first inbox entry in a crash and appended it again) is a repeat too, recognised by its id.
 
 use crate::connection::{
     Accepted, Answer, ClientConfig, Connection, Event, Page, accepted, page, ttl_secs,
 };
 use crate::{ClientError, new_client_id};
 use iim_proto::{DeviceId, Message, MessageId, MessageKind, SessionMode, UserId};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -193,8 +195,7 @@ impl Device {
             outbox: BTreeMap::new(),
             next_key: 0,
             generation: 0,
-            shown: None,
-            acked: None,
+            handover: Handover::default(),
         };
         tokio::spawn(supervisor.run(conn));
         Ok(Self {
@@ -348,10 +349,88 @@ struct Supervisor {
     next_key: u64,
     /// Counts connections, so that a late answer from an old one is recognised.
     generation: u64,
-    /// The highest inbox position handed to the application.
+    /// What was handed to the application, and what it acknowledged.
+    handover: Handover,
+}
+
+/// How many of the last message ids handed over a device remembers, to recognise a message
+/// that comes again at a new position.
+const RECENT_IDS: usize = 4096;
+
+/// What a device handed to its application and what the application acknowledged: decides
+/// which deliveries are repeats and what to acknowledge for them.
+#[derive(Debug, Default)]
+struct Handover {
+    /// The highest inbox position handed to the application (or skipped as a repeat).
     shown: Option<u64>,
-    /// The highest inbox position the application acknowledged.
+    /// The highest position the application acknowledged, counting the repeats skipped before
+    /// it as acknowledged.
     acked: Option<u64>,
+    /// The ids of the last [`RECENT_IDS`] messages handed over, oldest first.
+    recent: VecDeque<MessageId>,
+    recent_set: HashSet<MessageId>,
+    /// Positions of repeats recognised by id, each with the position the application must have
+    /// acknowledged before the repeat is acknowledged for it.
+    skipped: Vec<(u64, u64)>,
+}
+
+/// What to do with a delivery.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Hand it to the application.
+    Show,
+    /// Handed over before; acknowledge it at once if `ack` (its acknowledgement was lost with
+    /// an earlier connection, or nothing before it is still unacknowledged).
+    Repeat { ack: bool },
+}
+
+impl Handover {
+    fn on_delivery(&mut self, seq: u64, id: MessageId) -> Verdict {
+        if self.shown.is_some_and(|shown| seq <= shown) {
+            return Verdict::Repeat {
+                ack: self.acked.is_some_and(|acked| seq <= acked),
+            };
+        }
+        if self.recent_set.contains(&id) {
+            // Acknowledging it acknowledges every position before it on this connection: only
+            // once the application has acknowledged what it was handed before.
+            let before = self.shown.unwrap_or(0);
+            self.shown = Some(seq);
+            if self.acked.unwrap_or(0) >= before {
+                self.acked = Some(seq);
+                return Verdict::Repeat { ack: true };
+            }
+            self.skipped.push((seq, before));
+            return Verdict::Repeat { ack: false };
+        }
+        self.shown = Some(seq);
+        if self.recent.len() == RECENT_IDS
+            && let Some(oldest) = self.recent.pop_front()
+        {
+            self.recent_set.remove(&oldest);
+        }
+        self.recent.push_back(id);
+        self.recent_set.insert(id);
+        Verdict::Show
+    }
+
+    /// The application acknowledged `seq`: returns the skipped repeats to acknowledge now.
+    fn on_ack(&mut self, seq: u64) -> Vec<u64> {
+        self.acked = self.acked.max(Some(seq));
+        let mut due = Vec::new();
+        self.skipped.sort_unstable();
+        while let Some(&(skipped, before)) = self.skipped.first() {
+            if self.acked.unwrap_or(0) < before {
+                break;
+            }
+            self.skipped.remove(0);
+            if self.acked.is_some_and(|acked| acked < skipped) {
+                self.acked = Some(skipped);
+                due.push(skipped);
+            }
+        }
+        due
+    }
 }
 
 impl Supervisor {
@@ -393,7 +472,7 @@ impl Supervisor {
                     &mut self.commands,
                     &mut self.outbox,
                     &mut self.next_key,
-                    &mut self.acked,
+                    &mut self.handover,
                     attempt,
                 )
                 .await
@@ -418,7 +497,7 @@ impl Supervisor {
         commands: &mut mpsc::UnboundedReceiver<Command>,
         outbox: &mut BTreeMap<u64, Outgoing>,
         next_key: &mut u64,
-        acked: &mut Option<u64>,
+        handover: &mut Handover,
         attempt: impl Future<Output = T>,
     ) -> Option<T> {
         tokio::pin!(attempt);
@@ -431,7 +510,8 @@ impl Supervisor {
                         outbox.insert(*next_key, outgoing);
                         *next_key += 1;
                     }
-                    Some(Command::Ack(seq)) => *acked = (*acked).max(Some(seq)),
+                    // What comes due is acknowledged when the host sends it again.
+                    Some(Command::Ack(seq)) => drop(handover.on_ack(seq)),
                     Some(Command::Fetch(_, reply)) => {
                         let _ = reply.send(Err(ClientError::ConnectionLost(
                             "not connected; the backlog is summed up again after the reconnect"
@@ -470,9 +550,11 @@ impl Supervisor {
                         }
                     }
                     Some(Command::Ack(seq)) => {
-                        self.acked = self.acked.max(Some(seq));
-                        if let Err(e) = conn.ack(seq).await {
-                            return Served::Lost(e);
+                        let due = self.handover.on_ack(seq);
+                        for seq in std::iter::once(seq).chain(due) {
+                            if let Err(e) = conn.ack(seq).await {
+                                return Served::Lost(e);
+                            }
                         }
                     }
                     Some(Command::Fetch(max, reply)) => match conn.start_fetch(max).await {
@@ -502,18 +584,17 @@ impl Supervisor {
                 }
                 event = conn.next_event() => match event {
                     Some(Ok(Event::Message { seq, message })) => {
-                        if self.shown.is_some_and(|shown| seq <= shown) {
-                            // Handed over on an earlier connection. If the application has
-                            // acknowledged it, its acknowledgement was lost with that one.
-                            if self.acked.is_some_and(|acked| seq <= acked)
-                                && let Err(e) = conn.ack(seq).await
-                            {
-                                return Served::Lost(e);
+                        match self.handover.on_delivery(seq, message.id) {
+                            Verdict::Show => {
+                                let _ = self.updates.send(Ok(Update::Message { seq, message }));
                             }
-                            continue;
+                            Verdict::Repeat { ack: true } => {
+                                if let Err(e) = conn.ack(seq).await {
+                                    return Served::Lost(e);
+                                }
+                            }
+                            Verdict::Repeat { ack: false } => {}
                         }
-                        self.shown = Some(seq);
-                        let _ = self.updates.send(Ok(Update::Message { seq, message }));
                     }
                     Some(Ok(Event::Synced { count })) => {
                         let _ = self.updates.send(Ok(Update::Synced { count }));
@@ -583,5 +664,54 @@ impl Supervisor {
     fn end(mut self, error: ClientError) {
         self.fail_outbox(&error);
         let _ = self.updates.send(Err(error));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_that_comes_again_at_a_new_position_is_not_handed_over_twice() {
+        let mut h = Handover::default();
+        let (a, b, c) = (MessageId(10), MessageId(11), MessageId(12));
+        assert_eq!(h.on_delivery(1, a), Verdict::Show);
+        assert_eq!(h.on_delivery(2, b), Verdict::Show);
+        // A repeat by position: acknowledged again only once the application acknowledged it.
+        assert_eq!(h.on_delivery(2, b), Verdict::Repeat { ack: false });
+        assert!(h.on_ack(1).is_empty());
+        assert_eq!(h.on_delivery(1, a), Verdict::Repeat { ack: true });
+
+        // After a host crash, `b` comes again at a far position. Acknowledging that would
+        // acknowledge position 2 too, which the application has not acknowledged: it waits.
+        assert_eq!(h.on_delivery(1_000_002, b), Verdict::Repeat { ack: false });
+        assert_eq!(h.on_delivery(1_000_003, c), Verdict::Show);
+        // The application acknowledges `b` at the position it was handed over with: the
+        // repeat is acknowledged for it.
+        assert_eq!(h.on_ack(2), vec![1_000_002]);
+        assert_eq!(h.acked, Some(1_000_002));
+        assert!(h.on_ack(1_000_003).is_empty());
+        // Sent again on a later connection, the repeat is acknowledged at once.
+        assert_eq!(h.on_delivery(1_000_002, b), Verdict::Repeat { ack: true });
+        // With nothing unacknowledged before it, a repeat by id is acknowledged at once.
+        assert_eq!(h.on_delivery(2_000_001, c), Verdict::Repeat { ack: true });
+        assert_eq!(h.acked, Some(2_000_001));
+    }
+
+    #[test]
+    fn only_the_last_ids_are_remembered() {
+        let mut h = Handover::default();
+        for i in 0..=RECENT_IDS as u64 {
+            assert_eq!(h.on_delivery(i + 1, MessageId(i)), Verdict::Show);
+        }
+        assert_eq!(h.recent.len(), RECENT_IDS);
+        assert_eq!(h.recent_set.len(), RECENT_IDS);
+        // The oldest is forgotten; the one after it is not.
+        let next = RECENT_IDS as u64 + 2;
+        assert_eq!(h.on_delivery(next, MessageId(0)), Verdict::Show);
+        assert_eq!(
+            h.on_delivery(next + 1, MessageId(2)),
+            Verdict::Repeat { ack: false }
+        );
     }
 }

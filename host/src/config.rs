@@ -148,7 +148,9 @@ pub struct Limits {
     /// Transmissions of one delivery, the first included, after which a device that did not
     /// acknowledge it is disconnected (what it did not acknowledge stays in its inbox).
     pub retransmit_budget: u32,
-    /// Submissions one session may make per second, on average.
+    /// Submissions one session may make per second, on average. Past the burst the session
+    /// reads further submissions only as the rate allows (none is refused, so a sender's order
+    /// holds); with a rate of 0 they are refused with `rate_limited`.
     pub submit_rate: u32,
     /// Submissions one session may make in a burst.
     pub submit_burst: u32,

@@ -330,6 +330,13 @@ impl Session {
         let mut submissions = Vec::new();
         while let Some(frame) = self.decoder.decode::<ClientFrame>()? {
             if Submission::is(&frame) {
+                if let Some(wait) = self.submit_wait() {
+                    // Over the session's rate: answer what came before, then read on only when
+                    // the rate allows. Nothing is refused, so the sender's order holds, and
+                    // QUIC's flow control holds back a sender that does not wait.
+                    self.commit(std::mem::take(&mut submissions)).await?;
+                    tokio::time::sleep(wait).await;
+                }
                 submissions.push(self.store_submission(frame));
             } else {
                 self.commit(std::mem::take(&mut submissions)).await?;
@@ -605,6 +612,16 @@ impl Session {
             self.synced().await?;
         }
         Ok(())
+    }
+
+    /// How long the session must wait before it takes the next submission, if it must wait at
+    /// all. `None` also where no wait would do (a rate of 0): the submission is then refused.
+    fn submit_wait(&self) -> Option<Duration> {
+        let now = self.started.elapsed().as_millis() as u64;
+        match self.submit_rate.wait_ms(now) {
+            Some(0) | None => None,
+            Some(ms) => Some(Duration::from_millis(ms)),
+        }
     }
 
     /// Refuses a request over the session's rate, before any work is done for it.

@@ -38,6 +38,22 @@ impl TokenBucket {
             false
         }
     }
+
+    /// How many milliseconds after `now_ms` a token is there to take (0: now); `None` if one
+    /// never will be (a rate of 0 with the burst spent).
+    pub fn wait_ms(&self, now_ms: u64) -> Option<u64> {
+        let elapsed = now_ms.saturating_sub(self.last_ms);
+        let tokens = self
+            .milli_tokens
+            .saturating_add(elapsed.saturating_mul(self.rate))
+            .min(self.burst_milli);
+        let missing = 1000u64.saturating_sub(tokens);
+        match (missing, self.rate) {
+            (0, _) => Some(0),
+            (_, 0) => None,
+            (missing, rate) => Some(missing.div_ceil(rate)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -56,5 +72,26 @@ mod tests {
         assert_eq!((0..20).filter(|_| bucket.try_take(60_000)).count(), 5);
         // Time going backwards takes nothing and gives nothing.
         assert!(!bucket.try_take(10));
+    }
+
+    #[test]
+    fn says_how_long_until_the_next_token() {
+        let mut bucket = TokenBucket::new(10, 2, 0);
+        assert_eq!(bucket.wait_ms(0), Some(0));
+        assert!(bucket.try_take(0) && bucket.try_take(0));
+        assert_eq!(bucket.wait_ms(0), Some(100));
+        assert_eq!(bucket.wait_ms(30), Some(70));
+        assert!(!bucket.try_take(99));
+        assert_eq!(bucket.wait_ms(99), Some(1));
+        assert!(bucket.try_take(100));
+        // 3 per second: a third of a token every 111.1 ms, rounded up.
+        let mut slow = TokenBucket::new(3, 1, 0);
+        assert!(slow.try_take(0));
+        assert_eq!(slow.wait_ms(0), Some(334));
+        assert!(!slow.try_take(333) && slow.try_take(334));
+        // No rate: once the burst is spent, never.
+        let mut none = TokenBucket::new(0, 1, 0);
+        assert!(none.try_take(0));
+        assert_eq!(none.wait_ms(1_000_000), None);
     }
 }

@@ -856,6 +856,57 @@ async fn sigterm_ends_sessions_with_a_reason_and_stops_cleanly() -> Result {
 }
 
 #[tokio::test]
+async fn submissions_over_the_rate_wait_their_turn_and_none_is_refused() -> Result {
+    // 40 at once, then 400 a second.
+    let host = HostProcess::start_chat_only_with_config(
+        "[limits]\nsubmit_rate = 400\nsubmit_burst = 40\n",
+    )?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (b, _) = host.online(&bob, "phone").await?;
+    let a = Device::open(
+        &host.client_config()?,
+        &alice,
+        &DeviceId::new("phone")?,
+        Credentials::Password(PASSWORD.into()),
+        SessionMode::SendOnly,
+    )
+    .await?;
+    // All at once, as a device does with what waited while it was offline.
+    let started = std::time::Instant::now();
+    let submissions: Vec<_> = (0..300)
+        .map(|i| {
+            a.submit(
+                new_client_id(),
+                MessageKind::Chat,
+                std::slice::from_ref(&bob),
+                format!("{i}").as_bytes(),
+            )
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for submission in submissions {
+        ids.push(within("accepted", submission).await??.id);
+    }
+    let took = started.elapsed();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "accepted in the order submitted"
+    );
+    // The rate held: 260 past the burst at 400 a second.
+    assert!(
+        took >= std::time::Duration::from_millis(600),
+        "300 accepted in {took:?}: the rate was not applied"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let message = next_message(&b).await?;
+        assert_eq!((message.id, text(&message)), (*id, format!("{i}")));
+    }
+    nothing_more(&b).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn password_guessing_on_one_connection_is_rate_limited() -> Result {
     // No refill, so the outcome does not depend on how fast this machine hashes.
     let host =
