@@ -274,8 +274,10 @@ impl Device {
 
     /// In a [`SessionMode::Paged`] device, asks for the next page of the backlog: up to `max`
     /// messages, which arrive as [`Update::Message`]s (possibly just after the answer). A
-    /// position the device handed over on an earlier connection is not handed over again, so
-    /// after a reconnect fewer messages may come than the page's `count`. Fails if the
+    /// position the device handed over on an earlier connection is not handed over again, nor
+    /// a message it handed over before at another position (after a host crash), so fewer
+    /// messages may come than the page's `count`, and the summary's counts and ids may include
+    /// them. Fails if the
     /// connection is lost first; after the reconnect a new [`Update::Backlog`] says what is
     /// left.
     pub async fn fetch(&self, max: u32) -> Result<Page, ClientError> {

@@ -114,12 +114,18 @@ struct Session {
     attach_when_confirmed: Option<SessionMode>,
     submit_rate: TokenBucket,
     auth_rate: TokenBucket,
+    /// A submission read over the session's rate, taken when the rate allows: at `resume_at`,
+    /// until which nothing more is read (everything else the session does goes on).
+    held: Option<ClientFrame>,
+    resume_at: Option<Instant>,
     /// The session's own monotonic clock for the rate limits (wall time can step back).
     started: Instant,
 }
 
 enum Event {
     Read(Result<Option<usize>, quinn::ReadError>),
+    /// The submission rate allows the held submission.
+    Resume,
     Delivery(Option<Delivery>),
     Kicked(Option<Kick>),
     Lagged,
@@ -165,6 +171,8 @@ pub async fn run(host: Arc<Host>, conn: quinn::Connection, early: quinn::ZeroRtt
             attach_when_confirmed: None,
             submit_rate: TokenBucket::new(limits.submit_rate, limits.submit_burst, 0),
             auth_rate: TokenBucket::new(limits.auth_rate, limits.auth_burst, 0),
+            held: None,
+            resume_at: None,
             started: Instant::now(),
         };
         let end = session.serve(deadline).await;
@@ -207,12 +215,14 @@ impl Session {
                 };
             let is_early = self.early.is_some();
             let early = self.early.as_mut();
+            let resume_at = self.resume_at;
             // Biased: the handshake's end first, so that nothing read after it counts as early;
             // then what the client sent (acks above all), before more is sent to it.
             let event = tokio::select! {
                 biased;
                 _ = async { early?.await; Some(()) }, if is_early => Event::Confirmed,
-                read = self.recv.read(&mut buf) => Event::Read(read),
+                read = self.recv.read(&mut buf), if resume_at.is_none() => Event::Read(read),
+                () = sleep_until(resume_at) => Event::Resume,
                 _ = shutdown.wait_for(|stopping| *stopping) => Event::Shutdown,
                 kick = next_kick(kick) => Event::Kicked(kick),
                 () = notified(lag.as_deref()) => Event::Lagged,
@@ -224,6 +234,10 @@ impl Session {
             let step = match event {
                 Event::Read(Ok(Some(n))) => {
                     self.decoder.push(&buf[..n]);
+                    self.drain_frames().await
+                }
+                Event::Resume => {
+                    self.resume_at = None;
                     self.drain_frames().await
                 }
                 Event::Read(Ok(None)) => Err(End::Done),
@@ -328,14 +342,25 @@ impl Session {
 
     async fn handle_frames(&mut self) -> Result<(), End> {
         let mut submissions = Vec::new();
-        while let Some(frame) = self.decoder.decode::<ClientFrame>()? {
+        loop {
+            let frame = match self.held.take() {
+                Some(frame) => frame,
+                None => match self.decoder.decode::<ClientFrame>()? {
+                    Some(frame) => frame,
+                    None => break,
+                },
+            };
             if Submission::is(&frame) {
-                if let Some(wait) = self.submit_wait() {
-                    // Over the session's rate: answer what came before, then read on only when
-                    // the rate allows. Nothing is refused, so the sender's order holds, and
-                    // QUIC's flow control holds back a sender that does not wait.
-                    self.commit(std::mem::take(&mut submissions)).await?;
-                    tokio::time::sleep(wait).await;
+                if self.auth.is_some()
+                    && let Some(wait) = self.submit_wait()
+                {
+                    // Over the session's rate: what came before is answered now, and nothing
+                    // more is read until the rate allows this one. Nothing is refused, so the
+                    // sender's order holds; QUIC's flow control holds back a sender that does
+                    // not wait; kicks, deliveries and shutdown go on meanwhile.
+                    self.held = Some(frame);
+                    self.resume_at = Some(Instant::now() + wait);
+                    break;
                 }
                 submissions.push(self.store_submission(frame));
             } else {
@@ -348,6 +373,10 @@ impl Session {
 
     /// Checks and stores one submission (not yet durably).
     fn store_submission(&mut self, frame: ClientFrame) -> Stored {
+        // Refused before it takes from the rate: an unauthenticated connection never waits.
+        if let Err(refusal) = self.require_auth() {
+            return Err((frame.req().unwrap_or(0), refusal));
+        }
         if let Some((req, refusal)) = self.rate_limit(&frame) {
             return Err((req, refusal));
         }
