@@ -373,7 +373,8 @@ struct Handover {
     recent_set: HashSet<MessageId>,
     /// Positions of repeats recognised by id, each with the position the application must have
     /// acknowledged before the repeat is acknowledged for it.
-    skipped: Vec<(u64, u64)>,
+    /// Both only grow from one to the next.
+    skipped: VecDeque<(u64, u64)>,
 }
 
 /// What to do with a delivery.
@@ -402,7 +403,7 @@ impl Handover {
                 self.acked = Some(seq);
                 return Verdict::Repeat { ack: true };
             }
-            self.skipped.push((seq, before));
+            self.skipped.push_back((seq, before));
             return Verdict::Repeat { ack: false };
         }
         self.shown = Some(seq);
@@ -420,12 +421,11 @@ impl Handover {
     fn on_ack(&mut self, seq: u64) -> Vec<u64> {
         self.acked = self.acked.max(Some(seq));
         let mut due = Vec::new();
-        self.skipped.sort_unstable();
-        while let Some(&(skipped, before)) = self.skipped.first() {
+        while let Some(&(skipped, before)) = self.skipped.front() {
             if self.acked.unwrap_or(0) < before {
                 break;
             }
-            self.skipped.remove(0);
+            self.skipped.pop_front();
             if self.acked.is_some_and(|acked| acked < skipped) {
                 self.acked = Some(skipped);
                 due.push(skipped);

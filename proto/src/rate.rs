@@ -24,13 +24,8 @@ impl TokenBucket {
 
     /// Takes one token at time `now_ms`; `false` if none is left.
     pub fn try_take(&mut self, now_ms: u64) -> bool {
-        let elapsed = now_ms.saturating_sub(self.last_ms);
+        self.milli_tokens = self.milli_tokens_at(now_ms);
         self.last_ms = self.last_ms.max(now_ms);
-        // rate tokens per second = rate milli-tokens per millisecond.
-        self.milli_tokens = self
-            .milli_tokens
-            .saturating_add(elapsed.saturating_mul(self.rate))
-            .min(self.burst_milli);
         if self.milli_tokens >= 1000 {
             self.milli_tokens -= 1000;
             true
@@ -39,15 +34,19 @@ impl TokenBucket {
         }
     }
 
+    /// The milli-tokens in the bucket at `now_ms`, refilled since the last take.
+    fn milli_tokens_at(&self, now_ms: u64) -> u64 {
+        let elapsed = now_ms.saturating_sub(self.last_ms);
+        // rate tokens per second = rate milli-tokens per millisecond.
+        self.milli_tokens
+            .saturating_add(elapsed.saturating_mul(self.rate))
+            .min(self.burst_milli)
+    }
+
     /// How many milliseconds after `now_ms` a token is there to take (0: now); `None` if one
     /// never will be (a rate of 0 with the burst spent).
     pub fn wait_ms(&self, now_ms: u64) -> Option<u64> {
-        let elapsed = now_ms.saturating_sub(self.last_ms);
-        let tokens = self
-            .milli_tokens
-            .saturating_add(elapsed.saturating_mul(self.rate))
-            .min(self.burst_milli);
-        let missing = 1000u64.saturating_sub(tokens);
+        let missing = 1000u64.saturating_sub(self.milli_tokens_at(now_ms));
         match (missing, self.rate) {
             (0, _) => Some(0),
             (_, 0) => None,

@@ -5,7 +5,7 @@ pub mod lossy;
 
 use anyhow::{Context, anyhow, bail};
 use iim_client::proto::{DeviceId, ErrorCode, Message, SessionMode, UserId};
-use iim_client::{ClientConfig, ClientError, Connection, Event};
+use iim_client::{ClientConfig, ClientError, Connection, Credentials, Device, Event};
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -318,6 +318,24 @@ impl HostProcess {
         within("register", conn.register(&user, PASSWORD)).await??;
         conn.close().await;
         Ok(user)
+    }
+
+    /// Opens a [`Device`] of `user` named `device`, logging in with [`PASSWORD`].
+    pub async fn device(
+        &self,
+        user: &UserId,
+        device: &str,
+        mode: SessionMode,
+    ) -> anyhow::Result<Device> {
+        let credentials = Credentials::Password(PASSWORD.into());
+        let config = self.client_config()?;
+        let device = DeviceId::new(device)?;
+        within(
+            "opening a device",
+            Device::open(&config, user, &device, credentials, mode),
+        )
+        .await?
+        .map_err(Into::into)
     }
 
     /// Logs `user` in on `device` in receive mode and waits for the end of its backlog.

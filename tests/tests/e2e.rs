@@ -239,14 +239,7 @@ async fn a_paged_device_gets_a_summary_then_its_backlog_in_the_pages_it_asks_for
     for i in 0..3 {
         later.push(a.send_text(&bob, &format!("later {i}")).await?.id);
     }
-    let tablet = Device::open(
-        &host.client_config()?,
-        &bob,
-        &DeviceId::new("tablet")?,
-        Credentials::Password(PASSWORD.into()),
-        SessionMode::Paged,
-    )
-    .await?;
+    let tablet = host.device(&bob, "tablet", SessionMode::Paged).await?;
     let Update::Backlog { count: 3, ids, .. } = next_update(&tablet).await? else {
         anyhow::bail!("expected a summary of 3");
     };
@@ -704,14 +697,7 @@ async fn a_device_closed_right_after_submitting_reports_what_the_host_accepted()
     let host = HostProcess::start_chat_only()?;
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
-    let laptop = Device::open(
-        &host.client_config()?,
-        &alice,
-        &DeviceId::new("laptop")?,
-        Credentials::Password(PASSWORD.into()),
-        SessionMode::SendOnly,
-    )
-    .await?;
+    let laptop = host.device(&alice, "laptop", SessionMode::SendOnly).await?;
     let submissions: Vec<_> = (0..20)
         .map(|i| laptop.send_text(&bob, &format!("last words {i}")))
         .collect();
@@ -864,14 +850,7 @@ async fn submissions_over_the_rate_wait_their_turn_and_none_is_refused() -> Resu
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
     let (b, _) = host.online(&bob, "phone").await?;
-    let a = Device::open(
-        &host.client_config()?,
-        &alice,
-        &DeviceId::new("phone")?,
-        Credentials::Password(PASSWORD.into()),
-        SessionMode::SendOnly,
-    )
-    .await?;
+    let a = host.device(&alice, "phone", SessionMode::SendOnly).await?;
     // All at once, as a device does with what waited while it was offline.
     let started = std::time::Instant::now();
     let submissions: Vec<_> = (0..300)

@@ -85,6 +85,12 @@ impl Entry {
             Entry::Whole(message) | Entry::Pruned(message) => message,
         }
     }
+
+    fn into_message(self) -> Message {
+        match self {
+            Entry::Whole(message) | Entry::Pruned(message) => message,
+        }
+    }
 }
 
 /// What waits in an inbox after a position ([`Store::inbox_summary`]).
@@ -248,6 +254,15 @@ fn decode_u64(tree: &'static str, bytes: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(raw))
 }
 
+/// The number stored under `key` in `tree` (named `name`), if any.
+fn get_u64(
+    tree: &sled::Tree,
+    name: &'static str,
+    key: impl AsRef<[u8]>,
+) -> Result<Option<u64>, StoreError> {
+    tree.get(key)?.map(|v| decode_u64(name, &v)).transpose()
+}
+
 impl Store {
     /// Opens (creating if needed) the store in directory `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -280,12 +295,7 @@ impl Store {
     /// Repairs what a crash can leave half written (see the module's documentation) and moves
     /// an earlier version's records to the current form.
     fn recovered(self) -> Result<Self, StoreError> {
-        let format = self
-            .db
-            .get(keys::FORMAT)?
-            .map(|v| decode_u64("default", &v))
-            .transpose()?
-            .unwrap_or(1);
+        let format = get_u64(&self.db, "default", keys::FORMAT)?.unwrap_or(1);
         if format < FORMAT {
             // Before inboxes were pruned, a device had a cursor only once it acknowledged
             // something. Every device that ever logged in gets one, so that pruning waits for it
@@ -480,10 +490,7 @@ impl Store {
 
     /// When message `id` expires, if it was submitted with its own time to live.
     pub fn message_expiry(&self, id: MessageId) -> Result<Option<u64>, StoreError> {
-        self.messages
-            .get(keys::ttl(id.0))?
-            .map(|v| decode_u64("messages", &v))
-            .transpose()
+        get_u64(&self.messages, "messages", keys::ttl(id.0))
     }
 
     fn duplicate(&self, dedup_record: &[u8]) -> Result<Acceptance, StoreError> {
@@ -566,12 +573,11 @@ impl Store {
         expires_at: Option<u64>,
     ) -> Result<bool, StoreError> {
         let id_key = keys::inbox_id(user, message.id.0);
-        if let Some(at) = self.inbox.get(&id_key)? {
-            let at = decode_u64("inbox", &at)?;
-            if self.entry_is(user, at, message.id)? {
-                return Ok(false);
-            }
-            // An append a crash cut off before its entry: appended anew below.
+        // An id record without its entry is an append a crash cut off: appended anew below.
+        if let Some(at) = get_u64(&self.inbox, "inbox", &id_key)?
+            && self.entry_is(user, at, message.id)?
+        {
+            return Ok(false);
         }
         // In this order (see the module's documentation): the expiry record first, so that
         // whatever a crash leaves of an append is taken out when it is due.
@@ -608,19 +614,11 @@ impl Store {
     /// pruned entry keeps its position, id, kind and sender but not its body, and is read by
     /// no session; it leaves when it expires. Returns how many entries were pruned.
     pub fn prune(&self, user: &UserId) -> Result<usize, StoreError> {
-        let mut through: Option<u64> = None;
-        for entry in self.cursors.scan_prefix(keys::cursor_prefix(user)) {
-            let cursor = decode_u64("cursors", &entry?.1)?;
-            through = Some(through.map_or(cursor, |t| t.min(cursor)));
-        }
-        let Some(through) = through else {
+        let Some(through) = self.cursors_of(user)?.into_iter().min() else {
             return Ok(0);
         };
         let mark_key = keys::inbox_pruned(user);
-        let from = match self.inbox.get(&mark_key)? {
-            Some(v) => decode_u64("inbox", &v)?,
-            None => 0,
-        };
+        let from = get_u64(&self.inbox, "inbox", &mark_key)?.unwrap_or(0);
         if through <= from {
             return Ok(0);
         }
@@ -666,20 +664,14 @@ impl Store {
         // The id record goes if it is this entry's, even without the entry (an append a crash
         // cut off); a message appended anew elsewhere keeps its own.
         let id_key = keys::inbox_id(user, expiry.id.0);
-        if let Some(at) = self.inbox.get(&id_key)?
-            && decode_u64("inbox", &at)? == expiry.seq
-        {
+        if get_u64(&self.inbox, "inbox", &id_key)? == Some(expiry.seq) {
             batch.remove(id_key);
         }
         if self.entry_is(user, expiry.seq, expiry.id)? {
             batch.remove(keys::inbox(user, expiry.seq));
             // The inbox's last entries may be going: remember how far positions went.
             let high_key = keys::inbox_high(&expiry.user);
-            let high = match self.inbox.get(&high_key)? {
-                Some(v) => decode_u64("inbox", &v)?,
-                None => 0,
-            };
-            if expiry.seq > high {
+            if expiry.seq > get_u64(&self.inbox, "inbox", &high_key)?.unwrap_or(0) {
                 batch.insert(high_key, &expiry.seq.to_be_bytes());
             }
         }
@@ -689,12 +681,10 @@ impl Store {
 
     /// Whether any device of `user` has acknowledged inbox position `seq`.
     pub fn acknowledged_by_any(&self, user: &UserId, seq: u64) -> Result<bool, StoreError> {
-        for entry in self.cursors.scan_prefix(keys::cursor_prefix(user)) {
-            if decode_u64("cursors", &entry?.1)? >= seq {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        Ok(self
+            .cursors_of(user)?
+            .into_iter()
+            .any(|cursor| cursor >= seq))
     }
 
     /// Message `id` if it is in `user`'s inbox; without its body if it was pruned
@@ -704,17 +694,14 @@ impl Store {
         user: &UserId,
         id: MessageId,
     ) -> Result<Option<Message>, StoreError> {
-        let Some(seq) = self.inbox.get(keys::inbox_id(user, id.0))? else {
+        let Some(seq) = get_u64(&self.inbox, "inbox", keys::inbox_id(user, id.0))? else {
             return Ok(None);
         };
-        let seq = decode_u64("inbox", &seq)?;
         // An id record whose append a crash cut off may point at a missing or another entry.
-        Ok(self.entry(user, seq)?.and_then(|entry| {
-            let message = match entry {
-                Entry::Whole(message) | Entry::Pruned(message) => message,
-            };
-            (message.id == id).then_some(message)
-        }))
+        Ok(self
+            .entry(user, seq)?
+            .map(Entry::into_message)
+            .filter(|message| message.id == id))
     }
 
     /// Up to `limit` entries of `user`'s inbox after position `after`, in order.
@@ -780,14 +767,19 @@ impl Store {
             Some(entry) => keys::inbox_seq(&entry?.0).unwrap_or(0),
             None => 0,
         };
-        let mut high = last;
-        if let Some(expired) = self.inbox.get(keys::inbox_high(user))? {
-            high = high.max(decode_u64("inbox", &expired)?);
-        }
-        for entry in self.cursors.scan_prefix(keys::cursor_prefix(user)) {
-            high = high.max(decode_u64("cursors", &entry?.1)?);
-        }
-        Ok(high)
+        let expired = get_u64(&self.inbox, "inbox", keys::inbox_high(user))?;
+        let acknowledged = self.cursors_of(user)?.into_iter().max();
+        Ok(last
+            .max(expired.unwrap_or(0))
+            .max(acknowledged.unwrap_or(0)))
+    }
+
+    /// The cursors of every device of `user`.
+    fn cursors_of(&self, user: &UserId) -> Result<Vec<u64>, StoreError> {
+        self.cursors
+            .scan_prefix(keys::cursor_prefix(user))
+            .map(|entry| decode_u64("cursors", &entry?.1))
+            .collect()
     }
 
     /// Makes `device` one of the devices whose acknowledgements [`Store::prune`] waits for,
@@ -804,10 +796,7 @@ impl Store {
 
     /// The position `device` has acknowledged up to (0 for a new device).
     pub fn cursor(&self, user: &UserId, device: &DeviceId) -> Result<u64, StoreError> {
-        match self.cursors.get(keys::cursor(user, device))? {
-            Some(v) => decode_u64("cursors", &v),
-            None => Ok(0),
-        }
+        Ok(get_u64(&self.cursors, "cursors", keys::cursor(user, device))?.unwrap_or(0))
     }
 
     /// Moves `device`'s cursor forward to `seq`; a cursor already past it stays (an old
