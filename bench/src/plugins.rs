@@ -166,6 +166,7 @@ async fn measure(events: u32) -> anyhow::Result<Figures> {
         store.clone(),
         Arc::clone(&registry),
         iim_host::config::Limits::default().message_ttl(),
+        None,
     ));
     let services = Arc::new(Services {
         store: store.clone(),

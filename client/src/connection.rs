@@ -8,6 +8,7 @@ use iim_proto::{
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,6 +103,18 @@ impl ClientConfig {
         }
         self.roots.extend(certs);
         Ok(self)
+    }
+
+    /// This configuration for another host of the same network, at `server`: the same roots,
+    /// server name, agent and timeouts, and TLS sessions of its own to resume. (Every host of a
+    /// network presents a certificate for the same name, but each issues its own session
+    /// tickets: one host's tickets would only cost another a refused 0-RTT attempt.)
+    pub fn for_host(&self, server: SocketAddr) -> Self {
+        Self {
+            server,
+            quic: QuicCache::default(),
+            ..self.clone()
+        }
     }
 }
 
@@ -230,7 +243,9 @@ impl Connection {
     /// before, `Hello` and `Authenticate` go in the first flight as 0-RTT early data, so the
     /// connection is ready one round trip after it starts: the host takes only what is safe
     /// to replay from early data, and a receive session starts once the handshake is complete
-    /// (`docs/protocol.md`, "0-RTT").
+    /// (`docs/protocol.md`, "0-RTT"). A host that is not the user's home answers with
+    /// [`ClientError::Redirected`] (and the connection is closed); [`Connection::resume_home`]
+    /// follows it.
     pub async fn resume(
         config: &ClientConfig,
         user: &UserId,
@@ -246,6 +261,44 @@ impl Connection {
             mode,
         };
         Self::open(config, Some(authenticate)).await
+    }
+
+    /// Connects to `config`'s host and logs in as [`Connection::login`] does, following the
+    /// host's redirects to the user's home host (at most [`MAX_REDIRECTS`] in a row). Returns
+    /// the connection, the device's token, and the configuration of the host that logged the
+    /// device in: `config` itself, or [`ClientConfig::for_host`] the home host, to keep for
+    /// the next connection. A connection that was redirected is closed.
+    pub async fn login_home(
+        config: &ClientConfig,
+        user: &UserId,
+        password: &str,
+        device: &DeviceId,
+        mode: SessionMode,
+    ) -> Result<(Self, String, ClientConfig), ClientError> {
+        let ((conn, token), home) = follow_redirects(config, |config| async move {
+            let conn = Self::connect(&config).await?;
+            // On an error (a redirect too) `conn` is dropped here, which closes it.
+            let token = conn.login(user, password, device, mode).await?;
+            Ok((conn, token))
+        })
+        .await?;
+        Ok((conn, token, home))
+    }
+
+    /// [`Connection::resume`], following the host's redirects to the user's home host as
+    /// [`Connection::login_home`] does. Returns the connection and the configuration of the
+    /// host that took the token.
+    pub async fn resume_home(
+        config: &ClientConfig,
+        user: &UserId,
+        device: &DeviceId,
+        token: &str,
+        mode: SessionMode,
+    ) -> Result<(Self, ClientConfig), ClientError> {
+        follow_redirects(config, |config| async move {
+            Self::resume(&config, user, device, token, mode).await
+        })
+        .await
     }
 
     /// Whether the host took this connection's 0-RTT early data.
@@ -487,7 +540,9 @@ impl Connection {
     }
 
     /// Logs in as `device` and returns the device's token. In [`SessionMode::Receive`] the
-    /// connection then starts to receive the device's messages.
+    /// connection then starts to receive the device's messages. A host that is not the user's
+    /// home answers with [`ClientError::Redirected`], and the connection stays unauthenticated;
+    /// [`Connection::login_home`] follows it.
     pub async fn login(
         &self,
         user: &UserId,
@@ -510,7 +565,8 @@ impl Connection {
         }
     }
 
-    /// Authenticates with a token from an earlier [`Connection::login`].
+    /// Authenticates with a token from an earlier [`Connection::login`]. A host that is not the
+    /// user's home answers with [`ClientError::Redirected`], as to [`Connection::login`].
     pub async fn authenticate(
         &self,
         user: &UserId,
@@ -817,8 +873,103 @@ fn expect_ok(answer: ServerFrame) -> Result<(), ClientError> {
     }
 }
 
+/// The error for an answer that is not the one a request expects. The host redirects only
+/// `Login` and `Authenticate` (the early one of [`Connection::resume`] included); their
+/// callers get the redirect as [`ClientError::Redirected`].
 fn unexpected(frame: ServerFrame) -> ClientError {
-    ClientError::Protocol(format!("unexpected answer {frame:?}"))
+    match frame {
+        ServerFrame::Redirect { server, addr, .. } => ClientError::Redirected { server, addr },
+        other => ClientError::Protocol(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// How many redirects in a row a client follows before it gives up: hosts that disagree about
+/// a user's home would otherwise send it round in circles.
+pub const MAX_REDIRECTS: usize = 3;
+
+/// The redirects followed in a row, to stop at [`MAX_REDIRECTS`].
+#[derive(Debug, Default)]
+pub(crate) struct Redirects {
+    /// Where each one pointed, `server at addr`, for the error.
+    followed: Vec<String>,
+}
+
+impl Redirects {
+    /// Counts a redirect to `server` at `addr`; a "redirect loop" error once
+    /// [`MAX_REDIRECTS`] were followed in a row.
+    pub(crate) fn follow(&mut self, server: &str, addr: &str) -> Result<(), ClientError> {
+        let hop = format!("{server} at {addr}");
+        if self.followed.len() >= MAX_REDIRECTS {
+            return Err(ClientError::Protocol(format!(
+                "redirect loop: redirected {} times in a row ({}), then to {hop}",
+                self.followed.len(),
+                self.followed.join(", "),
+            )));
+        }
+        self.followed.push(hop);
+        Ok(())
+    }
+}
+
+/// The socket address of `addr`, a redirect's `host:port`: an IP address and port as they
+/// are, else a name looked up (its first address).
+pub(crate) async fn resolve(addr: &str) -> Result<SocketAddr, ClientError> {
+    if let Some(parsed) = parse_host_port(addr)? {
+        return Ok(parsed);
+    }
+    let failed = |reason: String| ClientError::Resolve {
+        addr: addr.to_owned(),
+        reason,
+    };
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .next()
+        .ok_or_else(|| failed("no address".into()))
+}
+
+/// `addr` as a socket address if it is one (`127.0.0.1:7447`, `[::1]:7447`), `None` if it is
+/// a name and a port, to look up. Anything else is not an address a host may redirect to.
+fn parse_host_port(addr: &str) -> Result<Option<SocketAddr>, ClientError> {
+    if let Ok(parsed) = addr.parse() {
+        return Ok(Some(parsed));
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty() && !host.contains(':') && port.parse::<u16>().is_ok() =>
+        {
+            Ok(None)
+        }
+        _ => Err(ClientError::Protocol(format!(
+            "the host redirected to {addr:?}, which is not host:port"
+        ))),
+    }
+}
+
+/// Runs `attempt` against `config`'s host and, while it answers [`ClientError::Redirected`],
+/// against the host it names (at most [`MAX_REDIRECTS`] in a row). Returns what the last
+/// attempt gave and the configuration it was made with.
+pub(crate) async fn follow_redirects<T, F, Fut>(
+    config: &ClientConfig,
+    mut attempt: F,
+) -> Result<(T, ClientConfig), ClientError>
+where
+    F: FnMut(ClientConfig) -> Fut,
+    Fut: Future<Output = Result<T, ClientError>>,
+{
+    let mut config = config.clone();
+    let mut redirects = Redirects::default();
+    loop {
+        match attempt(config.clone()).await {
+            Ok(done) => return Ok((done, config)),
+            Err(ClientError::Redirected { server, addr }) => {
+                redirects.follow(&server, &addr)?;
+                tracing::info!(%server, %addr, "the user's home is another host; connecting there");
+                config = config.for_host(resolve(&addr).await?);
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// A fresh idempotency id.
@@ -909,7 +1060,8 @@ async fn drive(
             | ServerFrame::LoggedIn { req, .. }
             | ServerFrame::Users { req, .. }
             | ServerFrame::Accepted { req, .. }
-            | ServerFrame::Page { req, .. } => (req, Ok(frame)),
+            | ServerFrame::Page { req, .. }
+            | ServerFrame::Redirect { req, .. } => (req, Ok(frame)),
             ServerFrame::Welcome { .. } => {
                 break ClientError::Protocol("Welcome sent twice".into());
             }
@@ -937,5 +1089,190 @@ async fn drive(
     };
     if let Some(e) = last {
         let _ = events.send(Err(e));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redirected(server: &str, addr: &str) -> ClientError {
+        ClientError::Redirected {
+            server: server.into(),
+            addr: addr.into(),
+        }
+    }
+
+    fn config() -> ClientConfig {
+        let mut config = ClientConfig::new("127.0.0.1:7501".parse().expect("addr"));
+        config.server_name = "iim.example".into();
+        config
+    }
+
+    #[test]
+    fn a_redirect_answer_is_the_redirected_error() {
+        let answer = ServerFrame::Redirect {
+            req: 2,
+            server: "h2".into(),
+            addr: "127.0.0.1:7502".into(),
+        };
+        let e = unexpected(answer);
+        assert!(matches!(&e, ClientError::Redirected { server, addr }
+            if server == "h2" && addr == "127.0.0.1:7502"));
+        assert_eq!(e.to_string(), "user's home is host h2 at 127.0.0.1:7502");
+        assert!(!e.is_transient());
+        assert_eq!(e.code(), None);
+        // Another answer stays a protocol error.
+        assert!(matches!(
+            unexpected(ServerFrame::Ok { req: 2 }),
+            ClientError::Protocol(_)
+        ));
+    }
+
+    #[test]
+    fn three_redirects_in_a_row_are_followed_and_a_fourth_is_a_loop() {
+        let mut redirects = Redirects::default();
+        for (server, addr) in [("h2", "a:1"), ("h3", "b:2"), ("h2", "a:1")] {
+            redirects.follow(server, addr).expect("within the bound");
+        }
+        let Err(ClientError::Protocol(message)) = redirects.follow("h3", "b:2") else {
+            panic!("a fourth redirect is followed");
+        };
+        assert!(message.starts_with("redirect loop"), "{message}");
+        assert!(
+            message.contains("h2 at a:1, h3 at b:2, h2 at a:1"),
+            "{message}"
+        );
+        assert_eq!(MAX_REDIRECTS, 3);
+    }
+
+    #[test]
+    fn a_redirect_address_is_an_ip_and_port_or_a_name_and_port() {
+        let parse = |addr: &str| parse_host_port(addr).map_err(|e| e.to_string());
+        assert_eq!(
+            parse("127.0.0.1:7502"),
+            Ok(Some("127.0.0.1:7502".parse().expect("addr")))
+        );
+        assert_eq!(
+            parse("[::1]:7502"),
+            Ok(Some("[::1]:7502".parse().expect("addr")))
+        );
+        // Names are looked up.
+        assert_eq!(parse("h2.example.net:7447"), Ok(None));
+        for bad in ["", "h2", "h2:", ":7447", "h2:port", "h2:70000", "::1:7447"] {
+            let Err(message) = parse(bad) else {
+                panic!("{bad:?} taken as an address");
+            };
+            assert!(message.contains("not host:port"), "{bad:?}: {message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_is_resolved_and_an_ip_is_taken_as_it_is() {
+        let ip = resolve("10.1.2.3:7502")
+            .await
+            .expect("an IP needs no lookup");
+        assert_eq!(ip, "10.1.2.3:7502".parse().expect("addr"));
+        // `localhost` resolves from the hosts file, without a network.
+        let local = resolve("localhost:7502").await.expect("localhost resolves");
+        assert!(local.ip().is_loopback(), "{local}");
+        assert_eq!(local.port(), 7502);
+        assert!(matches!(resolve("h2").await, Err(ClientError::Protocol(_))));
+    }
+
+    #[test]
+    fn the_configuration_for_another_host_keeps_its_trust_but_not_its_sessions() {
+        let config = config();
+        let home = config.for_host("127.0.0.1:7502".parse().expect("addr"));
+        assert_eq!(home.server, "127.0.0.1:7502".parse().expect("addr"));
+        assert_eq!(home.server_name, "iim.example");
+        assert_eq!(home.roots, config.roots);
+        assert_eq!(home.request_timeout, config.request_timeout);
+        assert!(!Arc::ptr_eq(&home.quic.0, &config.quic.0));
+        assert!(Arc::ptr_eq(&config.clone().quic.0, &config.quic.0));
+    }
+
+    /// Drives `follow_redirects` with answers in place of hosts: each attempt takes the next
+    /// answer, `Ok(())` or an error, and records the address it was made for.
+    async fn follow(
+        answers: Vec<Result<(), ClientError>>,
+    ) -> (Result<SocketAddr, ClientError>, Vec<SocketAddr>) {
+        let answers = Mutex::new(answers.into_iter());
+        let tried = Mutex::new(Vec::new());
+        let outcome = follow_redirects(&config(), |config| {
+            tried.lock().expect("lock").push(config.server);
+            let answer = answers.lock().expect("lock").next().expect("an answer");
+            async move {
+                assert_eq!(config.server_name, "iim.example");
+                answer
+            }
+        })
+        .await
+        .map(|((), home)| home.server);
+        (outcome, tried.into_inner().expect("lock"))
+    }
+
+    #[tokio::test]
+    async fn redirects_are_followed_to_the_home_host() {
+        let addr = |a: &str| a.parse::<SocketAddr>().expect("addr");
+        let (home, tried) = follow(vec![
+            Err(redirected("h2", "127.0.0.1:7502")),
+            Err(redirected("h3", "127.0.0.1:7503")),
+            Ok(()),
+        ])
+        .await;
+        assert_eq!(home.expect("logged in"), addr("127.0.0.1:7503"));
+        assert_eq!(
+            tried,
+            [
+                addr("127.0.0.1:7501"),
+                addr("127.0.0.1:7502"),
+                addr("127.0.0.1:7503")
+            ]
+        );
+
+        // Without a redirect, the configuration's own host.
+        let (home, tried) = follow(vec![Ok(())]).await;
+        assert_eq!(home.expect("logged in"), addr("127.0.0.1:7501"));
+        assert_eq!(tried.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_redirect_loop_and_other_errors_end_the_attempts() {
+        let around = (0..=MAX_REDIRECTS)
+            .map(|i| {
+                Err(redirected(
+                    &format!("h{i}"),
+                    &format!("127.0.0.1:{}", 7502 + i),
+                ))
+            })
+            .collect();
+        let (outcome, tried) = follow(around).await;
+        assert!(
+            matches!(&outcome, Err(ClientError::Protocol(m)) if m.starts_with("redirect loop")),
+            "{outcome:?}"
+        );
+        assert_eq!(tried.len(), MAX_REDIRECTS + 1);
+
+        // A refusal at the home host is the answer; nothing more is tried.
+        let refused = ClientError::Refused {
+            code: ErrorCode::AUTH_FAILED,
+            message: "no".into(),
+        };
+        let (outcome, tried) =
+            follow(vec![Err(redirected("h2", "127.0.0.1:7502")), Err(refused)]).await;
+        assert_eq!(
+            outcome.err().and_then(|e| e.code()),
+            Some(ErrorCode::AUTH_FAILED)
+        );
+        assert_eq!(tried.len(), 2);
+
+        // A redirect to something that is not an address is not followed.
+        let (outcome, tried) = follow(vec![Err(redirected("h2", "nowhere"))]).await;
+        assert!(
+            matches!(outcome, Err(ClientError::Protocol(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(tried.len(), 1);
     }
 }

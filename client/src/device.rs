@@ -8,18 +8,22 @@
 //! device's cursor: a position not above the highest one handed to the application is a repeat.
 //! A message the application has already had that comes again at a new position (the host lost
 //! its first inbox entry in a crash and appended it again) is a repeat too, recognised by its id.
+//! A host that answers the login with a redirect sends the device to the user's home host, for
+//! good: every later reconnect goes there.
 
 use crate::connection::{
-    Accepted, Answer, ClientConfig, Connection, Event, Page, accepted, page, ttl_secs,
+    Accepted, Answer, ClientConfig, Connection, Event, Page, Redirects, accepted, follow_redirects,
+    page, resolve, ttl_secs,
 };
 use crate::{ClientError, new_client_id};
 use iim_proto::{DeviceId, Message, MessageId, MessageKind, SessionMode, UserId};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// How a [`Device`] proves who it is.
 #[derive(Clone)]
@@ -55,7 +59,9 @@ pub enum Update {
         /// How many that was.
         count: u64,
     },
-    /// The connection was lost; the device connects again after `retry_in`.
+    /// The connection was lost, or an attempt to connect again failed; the device tries again
+    /// after `retry_in`. A `reason` of [`ClientError::Redirected`] says that the host sent the
+    /// device to the user's home host: it tries there at once, and stays there.
     Disconnected {
         /// Why it was lost.
         reason: ClientError,
@@ -112,6 +118,11 @@ impl Future for Submission {
 /// device taking over. That error is then the last thing [`Device::next`] returns, and every
 /// submission still waiting fails with it.
 ///
+/// It follows redirects: a host that answers its login (or a reconnect's authentication) with
+/// `Redirect` names the user's home host, and the device connects there at once and for every
+/// later reconnect ([`Device::home`]), [`MAX_REDIRECTS`](crate::MAX_REDIRECTS) redirects in a
+/// row at most.
+///
 /// ```no_run
 /// # async fn demo() -> Result<(), iim_client::ClientError> {
 /// use iim_client::{ClientConfig, Credentials, Device, Update};
@@ -138,6 +149,8 @@ impl Future for Submission {
 /// ```
 pub struct Device {
     token: String,
+    /// The server id and address of the host of the last connection.
+    home: watch::Receiver<(String, SocketAddr)>,
     commands: mpsc::UnboundedSender<Command>,
     updates: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Update, ClientError>>>,
 }
@@ -160,8 +173,9 @@ struct Outgoing {
 }
 
 impl Device {
-    /// Connects and logs in (or authenticates with a token). Errors of this first attempt are
-    /// returned as they are; later losses are recovered by reconnecting.
+    /// Connects and logs in (or authenticates with a token), following redirects to the user's
+    /// home host. Errors of this first attempt are returned as they are; later losses are
+    /// recovered by reconnecting.
     pub async fn open(
         config: &ClientConfig,
         user: &UserId,
@@ -169,20 +183,29 @@ impl Device {
         credentials: Credentials,
         mode: SessionMode,
     ) -> Result<Self, ClientError> {
-        let conn = Connection::connect(config).await?;
-        let token = match credentials {
-            Credentials::Password(password) => conn.login(user, &password, device, mode).await?,
+        let (conn, token, config) = match credentials {
+            Credentials::Password(password) => {
+                Connection::login_home(config, user, &password, device, mode).await?
+            }
             Credentials::Token(token) => {
-                conn.authenticate(user, device, &token, mode).await?;
-                token
+                let token_ref = token.as_str();
+                let (conn, config) = follow_redirects(config, |config| async move {
+                    let conn = Connection::connect(&config).await?;
+                    conn.authenticate(user, device, token_ref, mode).await?;
+                    Ok(conn)
+                })
+                .await?;
+                (conn, token, config)
             }
         };
+        let (home_tx, home) = watch::channel((conn.server().to_owned(), config.server));
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (updates_tx, updates) = mpsc::unbounded_channel();
         let (answers_tx, answers) = mpsc::unbounded_channel();
         let supervisor = Supervisor {
             login: Login {
-                config: config.clone(),
+                config,
+                redirected_to: None,
                 user: user.clone(),
                 device: device.clone(),
                 token: token.clone(),
@@ -196,10 +219,12 @@ impl Device {
             next_key: 0,
             generation: 0,
             handover: Handover::default(),
+            home: home_tx,
         };
         tokio::spawn(supervisor.run(conn));
         Ok(Self {
             token,
+            home,
             commands,
             updates: tokio::sync::Mutex::new(updates),
         })
@@ -208,6 +233,15 @@ impl Device {
     /// The device's token, for [`Credentials::Token`] next time.
     pub fn token(&self) -> &str {
         &self.token
+    }
+
+    /// The server id and address of the host the device last connected to: the user's home
+    /// host, where it connects from now on. It differs from the configuration's
+    /// [`ClientConfig::server`] once a redirect was followed (worth remembering: the next
+    /// [`Device::open`] can go straight there). It changes when a reconnect that followed a
+    /// redirect succeeds, just before [`Update::Reconnected`].
+    pub fn home(&self) -> (String, SocketAddr) {
+        self.home.borrow().clone()
     }
 
     /// Submits a message with the idempotency id `client_id` and returns at once. Submissions
@@ -318,7 +352,12 @@ enum Served {
 
 /// What a reconnect needs.
 struct Login {
+    /// Where to connect: the user's home host once a redirect named it.
     config: ClientConfig,
+    /// The address of a redirect not resolved yet: resolved by the next attempt, which then
+    /// switches `config` to it. Kept apart so that a failed lookup is retried as such, not
+    /// by asking the redirecting host again.
+    redirected_to: Option<String>,
     user: UserId,
     device: DeviceId,
     token: String,
@@ -326,7 +365,11 @@ struct Login {
 }
 
 impl Login {
-    async fn connect(&self) -> Result<Connection, ClientError> {
+    async fn connect(&mut self) -> Result<Connection, ClientError> {
+        if let Some(addr) = &self.redirected_to {
+            self.config = self.config.for_host(resolve(addr).await?);
+            self.redirected_to = None;
+        }
         Connection::resume(
             &self.config,
             &self.user,
@@ -335,6 +378,53 @@ impl Login {
             self.mode,
         )
         .await
+    }
+}
+
+/// One run of attempts to reconnect: the growing wait between them, and the redirects followed.
+struct Reconnect {
+    /// The wait before the last attempt that was not a redirect's.
+    wait: Duration,
+    max: Duration,
+    redirects: Redirects,
+}
+
+/// What a device does after an attempt to reconnect failed.
+#[derive(Debug)]
+enum Next {
+    /// Tries again after this wait.
+    Wait(Duration),
+    /// Tries at once at the home host, at this address (`host:port`), the redirect named.
+    Home(String),
+    /// Gives up with this error.
+    GiveUp(ClientError),
+}
+
+impl Reconnect {
+    /// The first attempt waits [`ClientConfig::reconnect_first`].
+    fn new(config: &ClientConfig) -> Self {
+        Self {
+            wait: config.reconnect_first,
+            max: config.reconnect_max,
+            redirects: Redirects::default(),
+        }
+    }
+
+    /// After an attempt failed with `error`: a redirect is followed at once (a host answered;
+    /// nothing is wrong to wait out) and leaves the wait as it was; a transient error doubles
+    /// the wait; anything else, or one redirect too many, ends the device.
+    fn after(&mut self, error: &ClientError) -> Next {
+        match error {
+            ClientError::Redirected { server, addr } => match self.redirects.follow(server, addr) {
+                Ok(()) => Next::Home(addr.clone()),
+                Err(e) => Next::GiveUp(e),
+            },
+            e if e.is_transient() => {
+                self.wait = (self.wait * 2).min(self.max);
+                Next::Wait(self.wait)
+            }
+            e => Next::GiveUp(e.clone()),
+        }
     }
 }
 
@@ -353,6 +443,8 @@ struct Supervisor {
     generation: u64,
     /// What was handed to the application, and what it acknowledged.
     handover: Handover,
+    /// The host of the last connection, for [`Device::home`].
+    home: watch::Sender<(String, SocketAddr)>,
 }
 
 /// How many of the last message ids handed over a device remembers, to recognise a message
@@ -437,7 +529,6 @@ impl Handover {
 
 impl Supervisor {
     async fn run(mut self, mut conn: Connection) {
-        let mut wait = self.login.config.reconnect_first;
         loop {
             let reason = match self.serve(&conn).await {
                 Served::Closed(done) => {
@@ -460,14 +551,16 @@ impl Supervisor {
                 return self.end(reason);
             }
             let mut reason = reason;
+            let mut reconnect = Reconnect::new(&self.login.config);
+            let mut delay = self.login.config.reconnect_first;
             conn = loop {
                 let _ = self.updates.send(Ok(Update::Disconnected {
                     reason,
-                    retry_in: wait,
+                    retry_in: delay,
                 }));
-                let login = &self.login;
+                let login = &mut self.login;
                 let attempt = async move {
-                    tokio::time::sleep(wait).await;
+                    tokio::time::sleep(delay).await;
                     login.connect().await
                 };
                 let Some(outcome) = Self::while_waiting(
@@ -481,14 +574,23 @@ impl Supervisor {
                 else {
                     return;
                 };
-                wait = (wait * 2).min(self.login.config.reconnect_max);
-                match outcome {
+                let error = match outcome {
                     Ok(conn) => break conn,
-                    Err(e) if e.is_transient() => reason = e,
-                    Err(e) => return self.end(e),
+                    Err(e) => e,
+                };
+                match reconnect.after(&error) {
+                    Next::Wait(wait) => delay = wait,
+                    Next::Home(addr) => {
+                        tracing::info!(%addr, "the user's home is another host; reconnecting there");
+                        self.login.redirected_to = Some(addr);
+                        delay = Duration::ZERO;
+                    }
+                    Next::GiveUp(e) => return self.end(e),
                 }
+                reason = error;
             };
-            wait = self.login.config.reconnect_first;
+            self.home
+                .send_replace((conn.server().to_owned(), self.login.config.server));
             let _ = self.updates.send(Ok(Update::Reconnected));
         }
     }
@@ -698,6 +800,49 @@ mod tests {
         // With nothing unacknowledged before it, a repeat by id is acknowledged at once.
         assert_eq!(h.on_delivery(2_000_001, c), Verdict::Repeat { ack: true });
         assert_eq!(h.acked, Some(2_000_001));
+    }
+
+    #[test]
+    fn a_reconnect_follows_a_redirect_at_once_and_backs_off_from_failures() {
+        let mut config = ClientConfig::new("127.0.0.1:7501".parse().expect("addr"));
+        config.reconnect_first = Duration::from_millis(500);
+        config.reconnect_max = Duration::from_secs(2);
+        let mut reconnect = Reconnect::new(&config);
+        let lost = ClientError::ConnectionLost("gone".into());
+        let redirect = |n: u16| ClientError::Redirected {
+            server: format!("h{n}"),
+            addr: format!("127.0.0.1:{n}"),
+        };
+        let wait = |next: Next| match next {
+            Next::Wait(wait) => wait.as_millis(),
+            other => panic!("expected a wait, got {other:?}"),
+        };
+        let home = |next: Next| match next {
+            Next::Home(addr) => addr,
+            other => panic!("expected the home host, got {other:?}"),
+        };
+        assert_eq!(wait(reconnect.after(&lost)), 1000);
+        // A redirect is followed at once, and the wait goes on where it was.
+        assert_eq!(home(reconnect.after(&redirect(2))), "127.0.0.1:2");
+        assert_eq!(wait(reconnect.after(&lost)), 2000);
+        assert_eq!(wait(reconnect.after(&lost)), 2000);
+        assert_eq!(home(reconnect.after(&redirect(3))), "127.0.0.1:3");
+        assert_eq!(home(reconnect.after(&redirect(2))), "127.0.0.1:2");
+        // A fourth redirect in one run of attempts is a loop.
+        match reconnect.after(&redirect(3)) {
+            Next::GiveUp(ClientError::Protocol(m)) => assert!(m.starts_with("redirect loop")),
+            other => panic!("expected to give up, got {other:?}"),
+        }
+        // A refusal ends the device.
+        let refused = ClientError::Refused {
+            code: iim_proto::ErrorCode::AUTH_FAILED,
+            message: "no".into(),
+        };
+        let mut reconnect = Reconnect::new(&config);
+        assert!(matches!(
+            reconnect.after(&refused),
+            Next::GiveUp(ClientError::Refused { .. })
+        ));
     }
 
     #[test]

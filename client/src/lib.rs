@@ -4,6 +4,11 @@
 //! `login`, `send`, ...) can be made concurrently from several tasks; deliveries arrive as
 //! [`Event`]s from [`Connection::next_event`] and are acknowledged with [`Connection::ack`].
 //!
+//! In a network of hosts each user has a home host, and the others answer a login with a
+//! redirect there ([`ClientError::Redirected`]). [`Connection::login_home`],
+//! [`Connection::resume_home`] and [`Device`] follow redirects by themselves and say where they
+//! ended up, for the application to remember.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), iim_client::ClientError> {
 //! use iim_client::{ClientConfig, Connection, Event};
@@ -29,7 +34,8 @@ mod connection;
 mod device;
 
 pub use connection::{
-    Accepted, ClientConfig, Connection, Event, Page, new_client_id, quic_client_config,
+    Accepted, ClientConfig, Connection, Event, MAX_REDIRECTS, Page, new_client_id,
+    quic_client_config,
 };
 pub use device::{Credentials, Device, Submission, Update};
 pub use iim_proto as proto;
@@ -83,6 +89,24 @@ pub enum ClientError {
     /// The request is larger than the host accepts.
     #[error("request too large: {0}")]
     TooLarge(String),
+    /// The host answered `Login` or `Authenticate` with `Redirect`: the user's home is another
+    /// host of the network, and this connection stays unauthenticated.
+    /// [`Connection::login_home`], [`Connection::resume_home`] and [`Device`] follow it.
+    #[error("user's home is host {server} at {addr}")]
+    Redirected {
+        /// The home host's server id.
+        server: String,
+        /// Its address for clients, `host:port` as the host gave it.
+        addr: String,
+    },
+    /// The address a host redirected to could not be resolved (a name's lookup failed).
+    #[error("cannot resolve {addr}: {reason}")]
+    Resolve {
+        /// The address, `host:port`.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl ClientError {
@@ -97,16 +121,21 @@ impl ClientError {
     }
 
     /// Whether connecting again may get past this error: the network or the host went away,
-    /// no answer came, or the host asked the device to come back later (`shutting_down`,
-    /// `too_slow`). Not a refused login, and not another session of the device taking over.
+    /// no answer came, a name did not resolve, or the host asked the device to come back later
+    /// (`shutting_down`, `too_slow`, `unavailable`). Not a refused login, not another session of the device
+    /// taking over, and not a redirect (following one is a new connection elsewhere, made on
+    /// purpose).
     pub fn is_transient(&self) -> bool {
         match self {
             ClientError::Connect { .. }
             | ClientError::ConnectionLost(_)
-            | ClientError::Timeout(_) => true,
+            | ClientError::Timeout(_)
+            | ClientError::Resolve { .. } => true,
             ClientError::ClosedByHost { code, .. } => {
                 *code == ErrorCode::SHUTTING_DOWN || *code == ErrorCode::TOO_SLOW
             }
+            // Something the host needs (its network's exchange) is out of reach for now.
+            ClientError::Refused { code, .. } => *code == ErrorCode::UNAVAILABLE,
             _ => false,
         }
     }

@@ -4,7 +4,9 @@
 //! Commands: `plugins` lists the loaded plugins; `reload` looks at the plugins directory now
 //! and answers once the changes are applied (or refused: see the host's log); `dead-letters`
 //! lists the events no plugin build could handle; `retry-dead-letters [ID]` hands them (or
-//! letter `ID`) back to be handled again, once the plugin has been fixed.
+//! letter `ID`) back to be handled again, once the plugin has been fixed; `network` shows
+//! what the host knows of its network and its relay counters. The exchange serves its own
+//! commands on the same kind of socket (see [`crate::exchange`]).
 
 use crate::Host;
 use std::fmt::Write as _;
@@ -21,9 +23,29 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 /// Longest command line read.
 const MAX_COMMAND: u64 = 256;
 
-/// Binds the socket (replacing a stale one) and serves it until shutdown.
+/// What answers the commands of one process's socket: a command line in, the reply out.
+pub type Commands =
+    Arc<dyn Fn(String) -> std::pin::Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
+/// Binds the host's socket (replacing a stale one) and serves it until shutdown.
 pub fn start(host: Arc<Host>) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let path = socket_path(&host.config.data_dir);
+    let data_dir = host.config.data_dir.clone();
+    let shutdown = host.shutdown.clone();
+    let commands: Commands = Arc::new(move |command| {
+        let host = Arc::clone(&host);
+        Box::pin(async move { answer(&host, &command).await })
+    });
+    serve_socket(&data_dir, shutdown, commands)
+}
+
+/// Binds the socket of `data_dir` (replacing a stale one) and answers it with `commands`
+/// until `shutdown` becomes true.
+pub fn serve_socket(
+    data_dir: &Path,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    commands: Commands,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let path = socket_path(data_dir);
     match std::fs::remove_file(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -35,18 +57,22 @@ pub fn start(host: Arc<Host>) -> std::io::Result<tokio::task::JoinHandle<()>> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     }
-    Ok(tokio::spawn(serve(host, listener, path)))
+    Ok(tokio::spawn(serve(listener, path, shutdown, commands)))
 }
 
-async fn serve(host: Arc<Host>, listener: UnixListener, path: PathBuf) {
-    let mut shutdown = host.shutdown.clone();
+async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    commands: Commands,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let host = Arc::clone(&host);
+                    let commands = Arc::clone(&commands);
                     tokio::spawn(async move {
-                        if let Err(e) = answer(&host, stream).await {
+                        if let Err(e) = reply(stream, commands).await {
                             tracing::debug!(error = %e, "admin connection failed");
                         }
                     });
@@ -59,21 +85,28 @@ async fn serve(host: Arc<Host>, listener: UnixListener, path: PathBuf) {
     let _ = std::fs::remove_file(path);
 }
 
-async fn answer(host: &Host, stream: UnixStream) -> std::io::Result<()> {
+async fn reply(stream: UnixStream, commands: Commands) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read.take(MAX_COMMAND))
         .read_line(&mut line)
         .await?;
-    let command = line.trim();
+    let command = line.trim().to_owned();
     tracing::info!(command, "admin command");
-    let reply = match command {
+    let reply = commands(command).await;
+    write.write_all(reply.as_bytes()).await?;
+    write.shutdown().await
+}
+
+async fn answer(host: &Host, command: &str) -> String {
+    match command {
         "plugins" => plugins(host),
         "reload" => {
             host.plugins.reload().await;
             plugins(host)
         }
         "dead-letters" => dead_letters(host),
+        "network" => network(host),
         "retry-dead-letters" => retry_dead_letters(host, None).await,
         retry if retry.starts_with("retry-dead-letters ") => {
             match retry["retry-dead-letters ".len()..].trim().parse::<u64>() {
@@ -82,12 +115,50 @@ async fn answer(host: &Host, stream: UnixStream) -> std::io::Result<()> {
             }
         }
         other => format!(
-            "error: unknown command {other:?}; try plugins, reload, dead-letters or \
-             retry-dead-letters [ID]\n"
+            "error: unknown command {other:?}; try plugins, reload, dead-letters, \
+             retry-dead-letters [ID] or network\n"
         ),
+    }
+}
+
+/// The host's view of its network: the registry, the directory's size and the relay
+/// counters, one `key value` pair per line.
+fn network(host: &Host) -> String {
+    let Some(network) = host.iim.network() else {
+        return format!("server {}\nnetwork none\n", host.config.server_id);
     };
-    write.write_all(reply.as_bytes()).await?;
-    write.shutdown().await
+    let mut out = String::new();
+    let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    let stats = &network.stats;
+    let _ = writeln!(out, "server {}", network.server());
+    let _ = writeln!(
+        out,
+        "exchange {}",
+        if network.is_up() { "up" } else { "down" }
+    );
+    let _ = writeln!(out, "directory_users {}", network.directory_len());
+    let _ = writeln!(out, "remote_online {}", network.remote_online());
+    let _ = writeln!(out, "envelopes_out {}", load(&stats.envelopes_out));
+    let _ = writeln!(out, "envelopes_sent {}", load(&stats.envelopes_sent));
+    let _ = writeln!(out, "envelopes_acked {}", load(&stats.envelopes_acked));
+    let _ = writeln!(out, "envelopes_waiting {}", host.store.relay_waiting());
+    let _ = writeln!(out, "envelopes_in {}", load(&stats.envelopes_in));
+    let _ = writeln!(
+        out,
+        "relayed_deliveries {}",
+        load(&stats.relayed_deliveries)
+    );
+    for s in network.servers() {
+        let _ = writeln!(
+            out,
+            "host {} number {} addr {} {}",
+            s.id,
+            s.number,
+            s.addr,
+            if s.up { "up" } else { "down" }
+        );
+    }
+    out
 }
 
 fn plugins(host: &Host) -> String {

@@ -37,6 +37,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// What this process is: a host (the default) or the exchange of a network of hosts.
+    pub role: Role,
     /// UDP address to listen on.
     pub listen: SocketAddr,
     /// Directory for the store and the generated certificate.
@@ -49,6 +51,49 @@ pub struct Config {
     pub limits: Limits,
     /// The plugin runtime.
     pub plugins: PluginsConfig,
+    /// The network of hosts this host belongs to (none: a host alone), or, for the exchange,
+    /// the network it serves.
+    pub network: NetworkConfig,
+}
+
+/// What an `iim-host` process is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A host: clients, plugins, inboxes.
+    #[default]
+    Host,
+    /// The exchange of a network of hosts: registry, directory, relay.
+    Exchange,
+}
+
+/// How a host joins a network, or how the exchange serves one.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// A host: the exchange's UDP address (`host:port`). Without it the host is alone.
+    pub exchange: Option<String>,
+    /// A host: the PEM certificate (or CA) to trust for the exchange.
+    pub exchange_cert: Option<PathBuf>,
+    /// A host: the name the exchange's certificate carries.
+    pub exchange_name: Option<String>,
+    /// The secret every host of the network shows the exchange when it joins.
+    pub secret: Option<String>,
+    /// A host: its address for clients, where other hosts redirect its users. Without it, the
+    /// address it listens on (which must then not be a wildcard address).
+    pub advertise: Option<String>,
+}
+
+impl NetworkConfig {
+    /// The name of the exchange's certificate.
+    pub fn exchange_name(&self) -> &str {
+        self.exchange_name.as_deref().unwrap_or("localhost")
+    }
+}
+
+/// Whether `id` is a valid server id: 1 to 64 bytes of `a-z 0-9 . _ -`, as user names.
+pub fn valid_server_id(id: &str) -> bool {
+    iim_proto::UserId::new(id).is_ok()
 }
 
 /// Where plugins come from and what each call into one may take.
@@ -208,6 +253,8 @@ impl Default for Limits {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            role: Role::Host,
+            network: NetworkConfig::default(),
             listen: DEFAULT_LISTEN.parse().unwrap_or_else(|_| unreachable!()),
             data_dir: PathBuf::from("iim-data"),
             server_id: "h1".into(),
@@ -246,8 +293,40 @@ impl Config {
                     .into(),
             ));
         }
-        if self.server_id.is_empty() {
-            return Err(ConfigError::Invalid("server_id must not be empty".into()));
+        if !valid_server_id(&self.server_id) {
+            return Err(ConfigError::Invalid(
+                "server_id must be 1 to 64 bytes of a-z 0-9 . _ -".into(),
+            ));
+        }
+        let n = &self.network;
+        let secret_ok = n.secret.as_ref().is_some_and(|s| s.len() >= 8);
+        match self.role {
+            Role::Exchange if !secret_ok => {
+                return Err(ConfigError::Invalid(
+                    "the exchange needs network.secret (at least 8 bytes), the secret its \
+                     hosts join with"
+                        .into(),
+                ));
+            }
+            Role::Host if n.exchange.is_some() && (!secret_ok || n.exchange_cert.is_none()) => {
+                return Err(ConfigError::Invalid(
+                    "a host joining a network needs network.secret (at least 8 bytes) and \
+                     network.exchange_cert"
+                        .into(),
+                ));
+            }
+            Role::Host
+                if n.exchange.is_some()
+                    && n.advertise.is_none()
+                    && self.listen.ip().is_unspecified() =>
+            {
+                return Err(ConfigError::Invalid(
+                    "a host listening on a wildcard address needs network.advertise, the \
+                     address its users are redirected to"
+                        .into(),
+                ));
+            }
+            _ => {}
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid(

@@ -5,6 +5,7 @@
 //! is seed 000's server row-set: one row per server, each with the rows of its users and their
 //! online devices, so that resolving once gives both the distribution and the channels.
 
+use crate::network::Network;
 use crate::registry::{Delivery, Registry, SessionId};
 use crate::store::{Store, StoreError};
 use iim_proto::{DeviceId, Message, UserId};
@@ -53,8 +54,8 @@ pub enum IimError {
     /// A user named does not exist.
     #[error("no such user: {0}")]
     UnknownUser(UserId),
-    /// A row names a server this host cannot reach (cross-server relay is not built yet).
-    #[error("server {0} is not reachable from this host")]
+    /// A row names a server the network does not have.
+    #[error("server {0} is not in this host's network")]
     UnknownServer(String),
     /// The store failed.
     #[error(transparent)]
@@ -68,6 +69,17 @@ pub struct SendReport {
     pub appended: usize,
     /// Deliveries handed to online sessions.
     pub live: usize,
+    /// Users of other servers the message was relayed to (in one envelope).
+    pub relayed: usize,
+}
+
+/// Where a user lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Home {
+    /// On this host.
+    Local,
+    /// On another host of the network: its server id.
+    Remote(String),
 }
 
 const INBOX_SHARDS: usize = 64;
@@ -94,6 +106,8 @@ pub struct Iim {
     inbox_heads: Vec<Mutex<HashMap<UserId, u64>>>,
     /// How long a message without its own time to live stays unacknowledged in an inbox.
     default_ttl: Option<std::time::Duration>,
+    /// The network this host belongs to, if any.
+    network: Option<Arc<Network>>,
 }
 
 impl Iim {
@@ -104,12 +118,14 @@ impl Iim {
         store: Store,
         registry: Arc<Registry>,
         default_ttl: Option<std::time::Duration>,
+        network: Option<Arc<Network>>,
     ) -> Self {
         Self {
             server,
             store,
             registry,
             default_ttl,
+            network,
             inbox_heads: (0..INBOX_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
@@ -121,60 +137,159 @@ impl Iim {
         &self.server
     }
 
-    /// Resolves `users` into a user-list: each user's server and online devices.
-    /// Duplicates are resolved once.
-    pub fn resolve(&self, users: &[UserId]) -> Result<UserList, IimError> {
-        let mut rows: Vec<UserRow> = Vec::with_capacity(users.len());
-        for user in users {
-            if rows.iter().any(|r| &r.user == user) {
-                continue;
-            }
-            if !self.store.user_exists(user)? {
-                return Err(IimError::UnknownUser(user.clone()));
-            }
-            let devices = self
-                .registry
-                .online(user)
-                .into_iter()
-                .map(|(device, session)| DeviceRow { device, session })
-                .collect();
-            rows.push(UserRow {
-                user: user.clone(),
-                devices,
-            });
-        }
-        Ok(UserList {
-            servers: vec![ServerRow {
-                server: self.server.clone(),
-                users: rows,
-            }],
-        })
+    /// The network this host belongs to, if any.
+    pub fn network(&self) -> Option<&Arc<Network>> {
+        self.network.as_ref()
     }
 
-    /// Sends `message` to every user of `list`: appends it to each inbox, then hands it to
-    /// each online device. Sending the same message twice appends it once.
-    ///
-    /// The device rows of the list are not trusted for the hand-off: a device that came online
-    /// after `resolve` must get the message too, so the live sessions are read under the inbox
-    /// lock (one map look-up), which closes the race with a login's backlog scan.
-    pub fn send(&self, message: &Message, list: &UserList) -> Result<SendReport, IimError> {
-        if let Some(row) = list.servers.iter().find(|r| r.server != self.server) {
-            return Err(IimError::UnknownServer(row.server.clone()));
+    /// Where `user` lives, if the user exists: an account here, or the directory's entry.
+    pub fn home(&self, user: &UserId) -> Result<Option<Home>, IimError> {
+        if self.store.user_exists(user)? {
+            return Ok(Some(Home::Local));
         }
+        Ok(self
+            .network
+            .as_ref()
+            .and_then(|network| network.home_of(user))
+            // A name claimed for this host whose account a crash cut off does not exist.
+            .filter(|server| *server != self.server)
+            .map(Home::Remote))
+    }
+
+    /// Whether `user` exists, here or on another host of the network.
+    pub fn exists(&self, user: &UserId) -> Result<bool, IimError> {
+        Ok(self.home(user)?.is_some())
+    }
+
+    /// Resolves `users` into a user-list: each user's server and, for users of this host,
+    /// their online devices. Duplicates are resolved once.
+    pub fn resolve(&self, users: &[UserId]) -> Result<UserList, IimError> {
+        let mut servers: Vec<ServerRow> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for user in users {
+            if !seen.insert(user) {
+                continue;
+            }
+            let (server, devices) = match self.home(user)? {
+                None => return Err(IimError::UnknownUser(user.clone())),
+                Some(Home::Local) => (
+                    &self.server,
+                    self.registry
+                        .online(user)
+                        .into_iter()
+                        .map(|(device, session)| DeviceRow { device, session })
+                        .collect(),
+                ),
+                Some(Home::Remote(server)) => {
+                    let row = UserRow {
+                        user: user.clone(),
+                        devices: Vec::new(),
+                    };
+                    match servers.iter_mut().find(|r| r.server == server) {
+                        Some(r) => r.users.push(row),
+                        None => servers.push(ServerRow {
+                            server,
+                            users: vec![row],
+                        }),
+                    }
+                    continue;
+                }
+            };
+            let row = UserRow {
+                user: user.clone(),
+                devices,
+            };
+            match servers.iter_mut().find(|r| &r.server == server) {
+                Some(r) => r.users.push(row),
+                None => servers.push(ServerRow {
+                    server: server.clone(),
+                    users: vec![row],
+                }),
+            }
+        }
+        Ok(UserList { servers })
+    }
+
+    /// Sends `message` to every user of `list`: appends it to the inbox of each user of this
+    /// host and hands it to their online devices, and puts it once in the relay outbox for the
+    /// users of other hosts, with their rows (seed 000's `905`). Sending the same message
+    /// twice appends it once to each inbox.
+    ///
+    /// Each user goes where the directory says, whatever row of `list` names it. The device
+    /// rows are not trusted for the hand-off either: a device that came online after `resolve`
+    /// must get the message too, so the live sessions are read under the inbox lock (one map
+    /// look-up), which closes the race with a login's backlog scan.
+    pub fn send(&self, message: &Message, list: &UserList) -> Result<SendReport, IimError> {
+        let mut local = Vec::new();
+        let mut remote = Vec::new();
+        for user in list.servers.iter().flat_map(|s| &s.users) {
+            match self.home(&user.user)? {
+                None => return Err(IimError::UnknownUser(user.user.clone())),
+                Some(Home::Local) => local.push(&user.user),
+                Some(Home::Remote(server)) => remote.push((user.user.clone(), server)),
+            }
+        }
+        let explicit = self.store.message_expiry(message.id)?;
+        let expires_at = self.expires_at(message, explicit);
         let message = Arc::new(message.clone());
         let mut report = SendReport::default();
-        for row in list.servers.iter().flat_map(|s| &s.users) {
-            if let Some(live) = self.append(&row.user, &message)? {
+        for user in local {
+            if let Some(live) = self.append(user, &message, expires_at)? {
                 report.appended += 1;
                 report.live += live;
             }
         }
+        if let Some(network) = &self.network
+            && !remote.is_empty()
+        {
+            report.relayed = remote.len();
+            network.relay(&message, explicit, crate::network::rows_by_server(remote))?;
+        }
         Ok(report)
+    }
+
+    /// Delivers a message relayed from another host (seed 000's `906`) to the users of this
+    /// host its rows name, exactly as [`Iim::send`] does for its own. Returns how many inbox
+    /// entries it made (a message already in an inbox is not appended again).
+    pub fn deliver_relayed(&self, envelope: &iim_proto::peer::Envelope) -> Result<usize, IimError> {
+        let message = Arc::new(envelope.message.clone());
+        let expires_at = self.expires_at(&message, envelope.expires_at);
+        let mut appended = 0;
+        for row in &envelope.rows {
+            if row.server != self.server {
+                tracing::warn!(server = %row.server, id = %message.id, "a relayed message names another server's users; ignored");
+                continue;
+            }
+            for user in &row.users {
+                if !self.store.user_exists(user)? {
+                    tracing::warn!(%user, id = %message.id, "a relayed message for a user this host does not have; dropped");
+                    continue;
+                }
+                if self.append(user, &message, expires_at)?.is_some() {
+                    appended += 1;
+                }
+            }
+        }
+        Ok(appended)
+    }
+
+    /// When `message` leaves an inbox unacknowledged: at its own time to live, else after
+    /// the host's default.
+    fn expires_at(&self, message: &Message, explicit: Option<u64>) -> Option<u64> {
+        explicit.or_else(|| {
+            self.default_ttl
+                .map(|ttl| message.sent_at.saturating_add(ttl.as_millis() as u64))
+        })
     }
 
     /// Appends to one inbox and hands the entry to the user's sessions. `None` if the message
     /// was in that inbox already.
-    fn append(&self, user: &UserId, message: &Arc<Message>) -> Result<Option<usize>, IimError> {
+    fn append(
+        &self,
+        user: &UserId,
+        message: &Arc<Message>,
+        expires_at: Option<u64>,
+    ) -> Result<Option<usize>, IimError> {
         let mut hasher = DefaultHasher::new();
         user.hash(&mut hasher);
         let shard = &self.inbox_heads[hasher.finish() as usize % INBOX_SHARDS];
@@ -187,12 +302,6 @@ impl Iim {
                 .saturating_add(RESTART_GAP),
         };
         let seq = head + 1;
-        let expires_at = match self.store.message_expiry(message.id)? {
-            Some(at) => Some(at),
-            None => self
-                .default_ttl
-                .map(|ttl| message.sent_at.saturating_add(ttl.as_millis() as u64)),
-        };
         if !self.store.append_inbox(user, seq, message, expires_at)? {
             return Ok(None);
         }

@@ -2,7 +2,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use iim_host::config::Config;
+use iim_host::config::{Config, Role};
+use iim_host::exchange::Exchange;
 use iim_host::server::Server;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,6 +16,10 @@ struct Args {
     /// TOML configuration file; flags override what it sets.
     #[arg(long, short = 'c', env = "IIM_CONFIG")]
     config: Option<PathBuf>,
+    /// What to run: a host (clients, plugins, inboxes), or the exchange of a network of hosts
+    /// (registry, directory, relay) [default: host].
+    #[arg(long, value_enum)]
+    role: Option<Role>,
     /// UDP address to listen on [default: 127.0.0.1:7447].
     #[arg(long)]
     listen: Option<SocketAddr>,
@@ -24,6 +29,19 @@ struct Args {
     /// This host's server id [default: h1].
     #[arg(long)]
     server_id: Option<String>,
+    /// Joins the network whose exchange listens at this address (`host:port`).
+    #[arg(long)]
+    exchange: Option<String>,
+    /// The exchange's certificate (PEM), to trust; with --exchange.
+    #[arg(long)]
+    exchange_cert: Option<PathBuf>,
+    /// The network's secret, which hosts show the exchange when they join.
+    #[arg(long, env = "IIM_NETWORK_SECRET", hide_env_values = true)]
+    network_secret: Option<String>,
+    /// This host's address for clients, where other hosts redirect its users [default: the
+    /// listening address].
+    #[arg(long)]
+    advertise: Option<String>,
     /// PEM certificate chain (instead of the generated one); needs --key.
     #[arg(long, requires = "key")]
     cert: Option<PathBuf>,
@@ -54,6 +72,9 @@ enum AdminAction {
     Reload,
     /// Lists the events no plugin build could handle.
     DeadLetters,
+    /// Shows the network: the registry, the directory and the relay counters (of a host or
+    /// of the exchange).
+    Network,
     /// Hands the dead letters (or the one numbered ID) back to be handled again, once the
     /// plugin has been fixed. Exits with 1 if any letter was kept.
     RetryDeadLetters {
@@ -83,6 +104,21 @@ fn main() -> anyhow::Result<()> {
     if let Some(id) = args.server_id {
         config.server_id = id;
     }
+    if let Some(role) = args.role {
+        config.role = role;
+    }
+    if let Some(exchange) = args.exchange {
+        config.network.exchange = Some(exchange);
+    }
+    if let Some(cert) = args.exchange_cert {
+        config.network.exchange_cert = Some(cert);
+    }
+    if let Some(secret) = args.network_secret {
+        config.network.secret = Some(secret);
+    }
+    if let Some(addr) = args.advertise {
+        config.network.advertise = Some(addr);
+    }
     if let Some(dir) = args.plugin_cache_dir {
         config.plugins.cache_dir = Some(dir);
     }
@@ -101,6 +137,7 @@ fn main() -> anyhow::Result<()> {
             AdminAction::DeadLetters => "dead-letters".to_owned(),
             AdminAction::RetryDeadLetters { id: None } => "retry-dead-letters".to_owned(),
             AdminAction::RetryDeadLetters { id: Some(id) } => format!("retry-dead-letters {id}"),
+            AdminAction::Network => "network".to_owned(),
         };
         let reply = runtime.block_on(iim_host::admin::request(&config.data_dir, &command))?;
         print!("{reply}");
@@ -108,6 +145,18 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(1);
         }
         return Ok(());
+    }
+    if config.role == Role::Exchange {
+        return runtime.block_on(async {
+            let exchange = Exchange::start(config).await?;
+            // Scripts and tests read this line to learn the bound port and the certificate.
+            println!(
+                "iim-host exchange listening on {} (certificate {})",
+                exchange.local_addr()?,
+                exchange.cert_path().display()
+            );
+            exchange.run(stop_signal()).await
+        });
     }
     runtime.block_on(async {
         let server = Server::start(config).await?;

@@ -138,6 +138,14 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Every user with devices online, and how many.
+    pub fn online_counts(&self) -> Vec<(UserId, u32)> {
+        self.lock()
+            .iter()
+            .map(|(user, entries)| (user.clone(), entries.len() as u32))
+            .collect()
+    }
+
     /// Hands `delivery` to every online device of `user`; returns how many took it.
     ///
     /// A session whose queue is full is told it lagged instead: the delivery is in the inbox

@@ -2,6 +2,7 @@
 
 use crate::config::Config;
 use crate::iim::Iim;
+use crate::network::{self, Network};
 use crate::plugin::{PluginHost, Services, loader};
 use crate::registry::Registry;
 use crate::store::Store;
@@ -34,31 +35,79 @@ pub fn transport(config: &Config) -> quinn::TransportConfig {
     transport
 }
 
+/// Checks the configuration, makes the data directory, and loads (or generates) the
+/// certificate: the QUIC server configuration for `alpn` with `transport`, and the
+/// certificate's path. For a host and for the exchange.
+pub(crate) fn prepare(
+    config: &Config,
+    alpn: &[u8],
+    transport: quinn::TransportConfig,
+) -> anyhow::Result<(quinn::ServerConfig, std::path::PathBuf)> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let identity = tls::load_or_generate(config)?;
+    let cert_path = identity.cert_path.clone();
+    let crypto = tls::server_config(identity, alpn)?;
+    let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
+        .context("TLS configuration is not usable for QUIC")?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
+    server_config.transport_config(Arc::new(transport));
+    Ok((server_config, cert_path))
+}
+
+/// The QUIC endpoint on `socket`, with the data directory's reset keys (so that after a
+/// restart the peers of the old process learn at once that it is gone).
+pub(crate) fn endpoint(
+    config: &Config,
+    server_config: quinn::ServerConfig,
+    socket: std::net::UdpSocket,
+) -> anyhow::Result<quinn::Endpoint> {
+    let reset_keys = tls::ResetKeys::load_or_generate(&config.data_dir)?;
+    quinn::Endpoint::new(
+        reset_keys.endpoint_config(),
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .with_context(|| format!("cannot listen on {}", config.listen))
+}
+
 impl Server {
     /// Opens the store, loads the certificate and the plugins, routes the messages accepted
     /// before the last stop that no plugin handled yet, and binds.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
-        config.validate()?;
-        std::fs::create_dir_all(&config.data_dir).with_context(|| {
-            format!("cannot create data directory {}", config.data_dir.display())
-        })?;
-        let identity = tls::load_or_generate(&config)?;
-        let cert_path = identity.cert_path.clone();
-        let crypto = tls::server_config(identity)?;
-        let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
-            .context("TLS configuration is not usable for QUIC")?;
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
-        server_config.transport_config(Arc::new(transport(&config)));
-
+        let (server_config, cert_path) = prepare(&config, iim_proto::ALPN, transport(&config))?;
+        let socket = std::net::UdpSocket::bind(config.listen)
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
         let store_path = config.data_dir.join("store");
         let store = Store::open(&store_path)
             .with_context(|| format!("cannot open the store in {}", store_path.display()))?;
+        let network = match &config.network.exchange {
+            None => None,
+            Some(exchange) => {
+                let addr = network::advertised(&config, socket.local_addr()?);
+                let network =
+                    Arc::new(Network::new(config.server_id.clone(), addr, store.clone())?);
+                let number = match store.host_number()? {
+                    Some(number) => number,
+                    None => {
+                        tracing::info!(%exchange, "joining the network for the first time");
+                        network::first_join(&config, &network).await?
+                    }
+                };
+                store.use_host_number(number);
+                tracing::info!(%exchange, number, "member of a network");
+                Some(network)
+            }
+        };
         let registry = Arc::new(Registry::new(config.limits.session_queue));
         let iim = Arc::new(Iim::new(
             config.server_id.clone(),
             store.clone(),
             Arc::clone(&registry),
             config.limits.message_ttl(),
+            network,
         ));
         let services = Arc::new(Services {
             store: store.clone(),
@@ -111,16 +160,7 @@ impl Server {
                 "routed messages accepted before the last stop to their plugins"
             );
         }
-        let reset_keys = tls::ResetKeys::load_or_generate(&host.config.data_dir)?;
-        let socket = std::net::UdpSocket::bind(host.config.listen)
-            .with_context(|| format!("cannot listen on {}", host.config.listen))?;
-        let endpoint = quinn::Endpoint::new(
-            reset_keys.endpoint_config(),
-            Some(server_config),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .with_context(|| format!("cannot listen on {}", host.config.listen))?;
+        let endpoint = endpoint(&host.config, server_config, socket)?;
         Ok(Self {
             host,
             loader,
@@ -148,6 +188,10 @@ impl Server {
         let watcher = tokio::spawn(self.loader.watch(self.host.shutdown.clone()));
         let admin =
             crate::admin::start(Arc::clone(&self.host)).context("cannot open the admin socket")?;
+        let link =
+            self.host.iim.network().map(|network| {
+                tokio::spawn(network::run(Arc::clone(&self.host), Arc::clone(network)))
+            });
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -190,6 +234,9 @@ impl Server {
         let _ = expiry.await;
         let _ = watcher.await;
         let _ = admin.await;
+        if let Some(link) = link {
+            let _ = link.await;
+        }
         self.host
             .registry
             .kick_all(ErrorCode::SHUTTING_DOWN, "the host is shutting down");

@@ -351,6 +351,12 @@ impl Session {
                 },
             };
             if Submission::is(&frame) {
+                if let ClientFrame::Submit { to, .. } | ClientFrame::SubmitExpiring { to, .. } =
+                    &frame
+                    && self.auth.is_some()
+                {
+                    cmd::relation::look_up(&self.host, to).await;
+                }
                 if self.auth.is_some()
                     && let Some(wait) = self.submit_wait()
                 {
@@ -511,6 +517,11 @@ impl Session {
                 if let Err(refusal) = self.check_unauthenticated() {
                     return self.refuse(req, refusal).await;
                 }
+                match cmd::account::redirect(&self.host, req, &user) {
+                    Ok(Some(redirect)) => return self.write(&redirect).await,
+                    Ok(None) => {}
+                    Err(refusal) => return self.refuse(req, refusal).await,
+                }
                 match cmd::account::login(&self.host, &user, password, &device).await {
                     Ok(token) => {
                         self.write(&ServerFrame::LoggedIn { req, token }).await?;
@@ -526,9 +537,15 @@ impl Session {
                 token,
                 mode,
             } => {
-                let check = self
+                match self
                     .check_unauthenticated()
-                    .and_then(|()| cmd::account::authenticate(&self.host, &user, &device, &token));
+                    .and_then(|()| cmd::account::redirect(&self.host, req, &user))
+                {
+                    Ok(Some(redirect)) => return self.write(&redirect).await,
+                    Ok(None) => {}
+                    Err(refusal) => return self.refuse(req, refusal).await,
+                }
+                let check = cmd::account::authenticate(&self.host, &user, &device, &token);
                 match check {
                     Ok(()) => {
                         self.write(&ServerFrame::Ok { req }).await?;
@@ -819,6 +836,9 @@ impl Session {
         let Some(opened) = self.session_info() else {
             return Ok(());
         };
+        if let Some(network) = self.host.iim.network() {
+            network.report_presence(&opened.user, opened.devices_online);
+        }
         self.host
             .plugins
             .raise(PluginEvent::SessionOpened(opened))
@@ -1026,6 +1046,9 @@ impl Session {
             if attached.backlog.is_none()
                 && let Some(closed) = self.session_info()
             {
+                if let Some(network) = self.host.iim.network() {
+                    network.report_presence(&closed.user, closed.devices_online);
+                }
                 self.host
                     .plugins
                     .raise(PluginEvent::SessionClosed(closed))

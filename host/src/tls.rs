@@ -180,14 +180,15 @@ impl ResetKeys {
     }
 }
 
-/// The rustls server configuration: TLS 1.3 only, ALPN `iim/1`.
-pub fn server_config(identity: Identity) -> Result<rustls::ServerConfig, TlsError> {
+/// The rustls server configuration: TLS 1.3 only, ALPN `alpn` (`iim/1` for clients,
+/// `iim-peer/1` for the exchange).
+pub fn server_config(identity: Identity, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(identity.certs, identity.key)?;
-    config.alpn_protocols = vec![iim_proto::ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     // 0-RTT for resuming clients (QUIC allows only 0 or u32::MAX); what the session does with
     // early data is limited to what is safe to replay (`ClientFrame::allowed_early`).
     config.max_early_data_size = u32::MAX;

@@ -307,6 +307,17 @@ pub enum ServerFrame {
         /// How many backlog messages are still to fetch.
         remaining: u64,
     },
+    /// Answer to [`ClientFrame::Login`] or [`ClientFrame::Authenticate`] for a user whose home
+    /// is another host of the network: connect to `addr` and ask there. The connection stays
+    /// unauthenticated.
+    Redirect {
+        /// The request.
+        req: RequestId,
+        /// The home host's server id.
+        server: String,
+        /// Its address for clients (`host:port`).
+        addr: String,
+    },
 }
 
 /// A numbered error, stable across versions: programs match on the number, people read the text.
@@ -373,6 +384,9 @@ error_codes! {
     /// The request came in 0-RTT early data, which an attacker could replay, and is not
     /// idempotent; send it again once the handshake is complete.
     TOO_EARLY = 19, "too_early";
+    /// Something the request needs is out of reach for now (in a network of hosts, the
+    /// exchange); the request may be sent again later.
+    UNAVAILABLE = 20, "unavailable";
 }
 
 impl fmt::Display for ErrorCode {

@@ -12,6 +12,7 @@ pub mod codec;
 pub mod delivery;
 pub mod frame;
 pub mod name;
+pub mod peer;
 pub mod rate;
 pub mod reliable;
 

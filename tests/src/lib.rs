@@ -14,6 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+/// The secret of the networks tests start ([`HostProcess::start_exchange`]).
+pub const NETWORK_SECRET: &str = "test-network-secret";
+
 /// How long any single step of a test may take before the test fails.
 pub const STEP: Duration = Duration::from_secs(20);
 
@@ -228,6 +231,54 @@ impl HostProcess {
         })
     }
 
+    /// Starts an exchange (`role = "exchange"`) on 127.0.0.1 with a fresh data directory and
+    /// the secret [`NETWORK_SECRET`].
+    pub fn start_exchange() -> anyhow::Result<Self> {
+        let toml = format!("role = \"exchange\"\n[network]\nsecret = \"{NETWORK_SECRET}\"\n");
+        Self::start_with(&toml, Plugins::Default)
+    }
+
+    /// Starts host `server_id` in the network of `exchange`, with configuration `toml` (keys
+    /// and sections other than `server_id` and `[network]`) and `plugins`.
+    pub fn start_in_network(
+        exchange: &HostProcess,
+        server_id: &str,
+        toml: &str,
+        plugins: Plugins<'_>,
+    ) -> anyhow::Result<Self> {
+        let toml = format!(
+            "server_id = \"{server_id}\"\n{toml}\n[network]\nexchange = \"{}\"\n\
+             exchange_cert = \"{}\"\nsecret = \"{NETWORK_SECRET}\"\n",
+            exchange.addr,
+            exchange.cert.display()
+        );
+        Self::start_with(&toml, plugins)
+    }
+
+    /// A client configuration for this host that also trusts the certificates of `others`
+    /// (the other hosts of its network, where it may be redirected).
+    pub fn client_config_trusting(&self, others: &[&HostProcess]) -> anyhow::Result<ClientConfig> {
+        let mut config = self.client_config()?;
+        for other in others {
+            config = config.with_ca_file(&other.cert)?;
+        }
+        Ok(config)
+    }
+
+    /// The value of `key` in `iim-host admin network` (a `key value` line).
+    pub async fn network_stat(&self, key: &str) -> anyhow::Result<u64> {
+        let out = self.admin("network").await?;
+        out.lines()
+            .find_map(|line| {
+                line.strip_prefix(key)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .with_context(|| format!("no {key} in: {out}"))
+    }
+
     /// Kills the process with SIGKILL (no shutdown, nothing flushed) and waits for it.
     pub fn kill9(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {
@@ -402,10 +453,11 @@ fn spawn(data: &Path, listen: SocketAddr) -> anyhow::Result<(Child, SocketAddr, 
     let line = rx
         .recv_timeout(STEP)
         .map_err(|_| anyhow!("iim-host did not report its address"))?;
-    // "iim-host listening on ADDR (certificate PATH)"
+    // "iim-host listening on ADDR (certificate PATH)", or "iim-host exchange listening on ..."
     let rest = line
         .trim()
         .strip_prefix("iim-host listening on ")
+        .or_else(|| line.trim().strip_prefix("iim-host exchange listening on "))
         .ok_or_else(|| anyhow!("unexpected first line from iim-host: {line:?}"))?;
     let (addr, cert) = rest
         .split_once(" (certificate ")

@@ -117,6 +117,116 @@ async fn submit_all(
     }
 }
 
+/// The `Accepted` answer of each submission of one sender, by (recipient, n).
+type AcceptedBy = HashMap<(usize, usize), Accepted>;
+
+/// Starts [`submit_all`] on `device` and awaits each submission in order as it is made,
+/// counting them in `accepted_total`; the task returns every answer.
+fn send_all(
+    device: Arc<Device>,
+    from: usize,
+    users: Vec<UserId>,
+    per_pair: usize,
+    rng: StdRng,
+    accepted_total: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<Result<AcceptedBy>> {
+    let (made, mut submissions) = mpsc::unbounded_channel();
+    tokio::spawn(submit_all(
+        Arc::clone(&device),
+        from,
+        users,
+        per_pair,
+        rng,
+        made,
+    ));
+    tokio::spawn(async move {
+        let mut accepted = AcceptedBy::new();
+        while let Some((to, n, submission)) = submissions.recv().await {
+            let answer = submission
+                .await
+                .with_context(|| format!("submission {}", body(from, to, n)))?;
+            accepted.insert((to, n), answer);
+            accepted_total.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(device);
+        anyhow::Ok(accepted)
+    })
+}
+
+/// A receiving device's task: (user, device name, what it received and its reconnects).
+type Receiver = (
+    usize,
+    &'static str,
+    tokio::task::JoinHandle<Result<(Received, usize)>>,
+);
+
+/// The accounting after the faults: every submission was accepted once, with an id of its
+/// own; once every delivery arrived (and a second more for repeats), every device received
+/// each message for its user exactly once, in its sender's order.
+async fn account(
+    senders: Vec<tokio::task::JoinHandle<Result<AcceptedBy>>>,
+    receivers: Vec<Receiver>,
+    received_total: &AtomicUsize,
+    stop: watch::Sender<bool>,
+    users: usize,
+    per_pair: usize,
+) -> Result {
+    let expected_accepted = users * (users - 1) * per_pair;
+    let expected_per_device = (users - 1) * per_pair;
+    let mut accepted: HashMap<(usize, usize, usize), Accepted> = HashMap::new();
+    for (from, sender) in senders.into_iter().enumerate() {
+        for ((to, n), answer) in sender.await?? {
+            accepted.insert((from, to, n), answer);
+        }
+    }
+    ensure!(
+        accepted.len() == expected_accepted,
+        "{} accepted",
+        accepted.len()
+    );
+    let mut ids: Vec<MessageId> = accepted.values().map(|a| a.id).collect();
+    ids.sort();
+    ids.dedup();
+    ensure!(ids.len() == expected_accepted, "two submissions got one id");
+
+    // Wait for every delivery, then a little longer for any repeat.
+    while received_total.load(Ordering::Relaxed) < receivers.len() * expected_per_device {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.send(true)?;
+    for (to, name, task) in receivers {
+        let (received, reconnects) = task.await??;
+        ensure!(
+            received.len() == expected_per_device,
+            "user{to}/{name} received {} messages, expected {expected_per_device}",
+            received.len()
+        );
+        for from in (0..users).filter(|from| *from != to) {
+            let mut got = Vec::new();
+            for (f, t, n, id) in &received {
+                if *f == from {
+                    ensure!(*t == to, "user{to}/{name} got a message for user{t}");
+                    got.push((*n, *id));
+                }
+            }
+            let want: Vec<(usize, MessageId)> = (0..per_pair)
+                .map(|n| (n, accepted[&(from, to, n)].id))
+                .collect();
+            ensure!(
+                got == want,
+                "user{to}/{name} from user{from}: got {:?}",
+                got.iter().map(|(n, _)| *n).collect::<Vec<_>>()
+            );
+        }
+        eprintln!(
+            "user{to}/{name}: {} messages in order, none twice, {reconnects} reconnects",
+            received.len()
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_the_host_at_random_moments_loses_and_repeats_nothing() -> Result {
     const USERS: usize = 3;
@@ -177,28 +287,14 @@ async fn killing_the_host_at_random_moments_loses_and_repeats_nothing() -> Resul
                 )
                 .await?,
             );
-            let (made, mut submissions) = mpsc::unbounded_channel();
-            tokio::spawn(submit_all(
-                Arc::clone(&device),
+            senders.push(send_all(
+                device,
                 from,
                 users.clone(),
                 PER_PAIR,
                 StdRng::seed_from_u64(rng.random()),
-                made,
+                Arc::clone(&accepted_total),
             ));
-            let accepted_total = Arc::clone(&accepted_total);
-            senders.push(tokio::spawn(async move {
-                let mut accepted: HashMap<(usize, usize), Accepted> = HashMap::new();
-                while let Some((to, n, submission)) = submissions.recv().await {
-                    let answer = submission
-                        .await
-                        .with_context(|| format!("submission {}", body(from, to, n)))?;
-                    accepted.insert((to, n), answer);
-                    accepted_total.fetch_add(1, Ordering::Relaxed);
-                }
-                drop(device);
-                anyhow::Ok(accepted)
-            }));
         }
         let expected_accepted = USERS * (USERS - 1) * PER_PAIR;
 
@@ -227,59 +323,7 @@ async fn killing_the_host_at_random_moments_loses_and_repeats_nothing() -> Resul
             );
         }
 
-        // Every submission is accepted once.
-        let mut accepted: HashMap<(usize, usize, usize), Accepted> = HashMap::new();
-        for (from, sender) in senders.into_iter().enumerate() {
-            for ((to, n), answer) in sender.await?? {
-                accepted.insert((from, to, n), answer);
-            }
-        }
-        ensure!(
-            accepted.len() == expected_accepted,
-            "{} accepted",
-            accepted.len()
-        );
-        let mut ids: Vec<MessageId> = accepted.values().map(|a| a.id).collect();
-        ids.sort();
-        ids.dedup();
-        ensure!(ids.len() == expected_accepted, "two submissions got one id");
-
-        // Wait for every delivery, then a little longer for any repeat.
-        while received_total.load(Ordering::Relaxed) < expected_received {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        stop.send(true)?;
-
-        for (to, name, task) in receivers {
-            let (received, reconnects) = task.await??;
-            ensure!(
-                received.len() == expected_per_device,
-                "user{to}/{name} received {} messages, expected {expected_per_device}",
-                received.len()
-            );
-            for from in (0..USERS).filter(|from| *from != to) {
-                let mut got = Vec::new();
-                for (f, t, n, id) in &received {
-                    if *f == from {
-                        ensure!(*t == to, "user{to}/{name} got a message for user{t}");
-                        got.push((*n, *id));
-                    }
-                }
-                let want: Vec<(usize, MessageId)> = (0..PER_PAIR)
-                    .map(|n| (n, accepted[&(from, to, n)].id))
-                    .collect();
-                ensure!(
-                    got == want,
-                    "user{to}/{name} from user{from}: got {:?}",
-                    got.iter().map(|(n, _)| *n).collect::<Vec<_>>()
-                );
-            }
-            eprintln!(
-                "user{to}/{name}: {} messages in order, none twice, {reconnects} reconnects",
-                received.len()
-            );
-        }
+        account(senders, receivers, &received_total, stop, USERS, PER_PAIR).await?;
         eprintln!(
             "{:>6.2} s: all accounted for",
             started.elapsed().as_secs_f64()
@@ -648,4 +692,152 @@ async fn early_data_is_taken_only_where_a_replay_would_change_nothing() -> Resul
     let (_b, backlog) = host.online(&bob, "phone").await?;
     ensure!(iim_e2e::ids(&backlog) == ids, "{backlog:?}");
     Ok(())
+}
+
+/// Opens a device of `user` on `host` (its home), reconnecting quickly.
+async fn open_device(
+    host: &HostProcess,
+    user: &UserId,
+    name: &str,
+    mode: SessionMode,
+) -> Result<Device> {
+    Ok(Device::open(
+        &client_config(host)?,
+        user,
+        &DeviceId::new(name)?,
+        Credentials::Password(PASSWORD.into()),
+        mode,
+    )
+    .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_exchange_and_a_host_under_cross_host_traffic_loses_and_repeats_nothing()
+-> Result {
+    // An exchange and three hosts, one user on each; every message crosses the exchange.
+    const USERS: usize = 3;
+    const PER_PAIR: usize = 60;
+    let seed = seed();
+    eprintln!("fault seed {seed} (IIM_FAULT_SEED={seed} replays it)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let started = std::time::Instant::now();
+    tokio::time::timeout(DEADLINE, async {
+        let mut exchange = HostProcess::start_exchange()?;
+        let chat = iim_e2e::default_plugin("chat")?;
+        let mut hosts = Vec::new();
+        for i in 0..USERS {
+            hosts.push(HostProcess::start_in_network(
+                &exchange,
+                &format!("h{i}"),
+                "",
+                iim_e2e::Plugins::Only(&[("chat", &chat)]),
+            )?);
+        }
+        let mut users = Vec::new();
+        for (i, host) in hosts.iter().enumerate() {
+            users.push(host.register(&format!("user{i}")).await?);
+        }
+        // Every host must know every user before the traffic starts.
+        for host in &hosts {
+            while host.network_stat("directory_users").await? < USERS as u64 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let (stop, stopped) = watch::channel(false);
+        let received_total = Arc::new(AtomicUsize::new(0));
+        let mut receivers = Vec::new();
+        for (i, user) in users.iter().enumerate() {
+            let device = open_device(&hosts[i], user, "phone", SessionMode::Receive).await?;
+            receivers.push((
+                i,
+                "phone",
+                tokio::spawn(receive(
+                    device,
+                    stopped.clone(),
+                    Arc::clone(&received_total),
+                )),
+            ));
+        }
+        let expected_per_device = (USERS - 1) * PER_PAIR;
+        let expected_received = receivers.len() * expected_per_device;
+        let accepted_total = Arc::new(AtomicUsize::new(0));
+        let mut senders = Vec::new();
+        for (from, user) in users.iter().enumerate() {
+            let device =
+                Arc::new(open_device(&hosts[from], user, "sender", SessionMode::SendOnly).await?);
+            senders.push(send_all(
+                device,
+                from,
+                users.clone(),
+                PER_PAIR,
+                StdRng::seed_from_u64(rng.random()),
+                Arc::clone(&accepted_total),
+            ));
+        }
+        let expected_accepted = USERS * (USERS - 1) * PER_PAIR;
+
+        // Kill -9 the exchange, then host h1, then both at once, each a random moment after
+        // another quarter of the messages arrived (so while envelopes are on their way), and
+        // start them again after a random pause.
+        for k in 1..=3usize {
+            let threshold = k * expected_received / 4;
+            while received_total.load(Ordering::Relaxed) < threshold {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
+            let at_kill = (
+                accepted_total.load(Ordering::Relaxed),
+                received_total.load(Ordering::Relaxed),
+            );
+            let what = match k {
+                1 => {
+                    exchange.kill9()?;
+                    "the exchange"
+                }
+                2 => {
+                    hosts[1].kill9()?;
+                    "host h1"
+                }
+                _ => {
+                    exchange.kill9()?;
+                    hosts[2].kill9()?;
+                    "the exchange and host h2"
+                }
+            };
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
+            tokio::task::block_in_place(|| -> Result {
+                match k {
+                    1 => exchange.restart(),
+                    2 => hosts[1].restart(),
+                    _ => {
+                        exchange.restart()?;
+                        hosts[2].restart()
+                    }
+                }
+            })?;
+            eprintln!(
+                "{:>6.2} s: killed {what}, after {} of {expected_accepted} accepted and {} of \
+                 {expected_received} received",
+                started.elapsed().as_secs_f64(),
+                at_kill.0,
+                at_kill.1
+            );
+        }
+
+        account(senders, receivers, &received_total, stop, USERS, PER_PAIR).await?;
+        // Every envelope left the outboxes: the relay holds nothing more.
+        for host in &hosts {
+            ensure!(
+                host.network_stat("envelopes_waiting").await? == 0,
+                "an outbox is not empty"
+            );
+        }
+        eprintln!(
+            "{:>6.2} s: all accounted for",
+            started.elapsed().as_secs_f64()
+        );
+        anyhow::Ok(())
+    })
+    .await
+    .context("the fault test did not finish in time")?
 }

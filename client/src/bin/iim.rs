@@ -2,6 +2,13 @@
 //!
 //! `login` keeps the server, the certificate, the user, the device and its token in the
 //! profile directory; every later command uses them.
+//!
+//! In a network of hosts every user has a home host, and any other host answers a login with a
+//! redirect there. Every command that logs in or authenticates follows it (through the
+//! library), says so on stderr, and keeps the home host's address in the profile, with the
+//! address that redirected: the next command goes straight to the home host, also when
+//! `--server` names the host that redirected. `register` is never redirected: the host an
+//! account is registered at becomes its home.
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
@@ -22,7 +29,8 @@ const DEV_CA: &str = "iim-data/cert.pem";
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Host address [default: the profile's, else 127.0.0.1:7447].
+    /// Host address [default: the profile's, else 127.0.0.1:7447]. A host that redirected the
+    /// profile's login to its home host is not asked again: the home host is.
     #[arg(long, global = true, env = "IIM_SERVER")]
     server: Option<SocketAddr>,
     /// PEM certificate to trust [default: the profile's, else ./iim-data/cert.pem].
@@ -124,11 +132,39 @@ enum RelationCommand {
 /// What `login` remembers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Profile {
+    /// The host of the login: the user's home host.
     server: SocketAddr,
     ca: PathBuf,
     user: UserId,
     device: DeviceId,
     token: String,
+    /// The host that redirected the login to `server`, if one did: asking it again would only
+    /// be redirected again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    redirected_from: Option<SocketAddr>,
+}
+
+impl Profile {
+    /// The host to ask for this profile's user when the flags name `asked`: that one, unless
+    /// it is none or the one that redirected the login, and then the home host.
+    fn host_for(&self, asked: Option<SocketAddr>) -> SocketAddr {
+        match asked {
+            Some(asked) if Some(asked) != self.redirected_from => asked,
+            _ => self.server,
+        }
+    }
+
+    /// Notes that a connection to `asked` ended up at `home` (the server id `home_id`): if that
+    /// is a redirect, says so and remembers where it led. Returns whether it was one.
+    fn note_home(&mut self, asked: SocketAddr, home_id: &str, home: SocketAddr) -> bool {
+        if home == asked {
+            return false;
+        }
+        eprintln!("redirected to home host {home_id} at {home}");
+        self.server = home;
+        self.redirected_from = Some(asked);
+        true
+    }
 }
 
 fn profile_dir(cli: &Cli) -> anyhow::Result<PathBuf> {
@@ -193,16 +229,41 @@ async fn connect(server: SocketAddr, ca: &Path) -> anyhow::Result<Connection> {
     Ok(Connection::connect(&config).await?)
 }
 
-/// Connects and authenticates with the profile's token.
+/// The saved login, or an error saying how to make one.
+fn saved_login(dir: &Path) -> anyhow::Result<Profile> {
+    load_profile(dir)?
+        .ok_or_else(|| anyhow!("not logged in: run `iim login USER --password PW` first"))
+}
+
+/// The host refused the saved login (rather than could not be reached, or sent nowhere).
+fn login_refused(e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Refused { .. } => {
+            anyhow::Error::new(e).context("the saved login was refused; run `iim login` again")
+        }
+        other => other.into(),
+    }
+}
+
+/// Connects and authenticates with the profile's token, at the user's home host.
 async fn session(cli: &Cli, mode: SessionMode) -> anyhow::Result<(Connection, Profile)> {
     let dir = profile_dir(cli)?;
-    let profile = load_profile(&dir)?
-        .ok_or_else(|| anyhow!("not logged in: run `iim login USER --password PW` first"))?;
-    let (server, ca) = target(cli, Some(&profile))?;
-    let conn = connect(server, &ca).await?;
-    conn.authenticate(&profile.user, &profile.device, &profile.token, mode)
-        .await
-        .context("the saved login was refused; run `iim login` again")?;
+    let mut profile = saved_login(&dir)?;
+    let (_, ca) = target(cli, Some(&profile))?;
+    let server = profile.host_for(cli.server);
+    let config = ClientConfig::new(server).with_ca_file(&ca)?;
+    let (conn, home) = Connection::resume_home(
+        &config,
+        &profile.user,
+        &profile.device,
+        &profile.token,
+        mode,
+    )
+    .await
+    .map_err(login_refused)?;
+    if profile.note_home(server, conn.server(), home.server) {
+        save_profile(&dir, &profile)?;
+    }
     Ok((conn, profile))
 }
 
@@ -226,25 +287,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = profile_dir(&cli)?;
             let old = load_profile(&dir)?;
             let (server, ca) = target(&cli, old.as_ref())?;
-            let device = match (device, &old) {
+            // What a redirect taught about this user's home still holds; another user's home
+            // is not theirs.
+            let same_user = old.as_ref().filter(|old| &old.user == user);
+            let server = same_user.map_or(server, |old| old.host_for(cli.server));
+            let device = match (device, same_user) {
                 (Some(device), _) => device.clone(),
-                (None, Some(old)) if &old.user == user => old.device.clone(),
-                (None, _) => DeviceId::new(format!("cli-{:08x}", rand::random::<u32>()))?,
+                (None, Some(old)) => old.device.clone(),
+                (None, None) => DeviceId::new(format!("cli-{:08x}", rand::random::<u32>()))?,
             };
-            let conn = connect(server, &ca).await?;
-            let token = conn
-                .login(user, password, &device, SessionMode::SendOnly)
-                .await?;
-            save_profile(
-                &dir,
-                &Profile {
-                    server,
-                    ca,
-                    user: user.clone(),
-                    device: device.clone(),
-                    token,
-                },
-            )?;
+            let config = ClientConfig::new(server).with_ca_file(&ca)?;
+            let (conn, token, home) =
+                Connection::login_home(&config, user, password, &device, SessionMode::SendOnly)
+                    .await?;
+            let mut profile = Profile {
+                server,
+                ca,
+                user: user.clone(),
+                device: device.clone(),
+                token,
+                redirected_from: same_user
+                    .filter(|old| old.server == server)
+                    .and_then(|old| old.redirected_from),
+            };
+            profile.note_home(server, conn.server(), home.server);
+            save_profile(&dir, &profile)?;
             print_result(
                 &cli,
                 serde_json::json!({ "user": user, "device": device }),
@@ -357,9 +424,9 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let dir = profile_dir(cli)?;
-    let profile = load_profile(&dir)?
-        .ok_or_else(|| anyhow!("not logged in: run `iim login USER --password PW` first"))?;
-    let (server, ca) = target(cli, Some(&profile))?;
+    let mut profile = saved_login(&dir)?;
+    let (_, ca) = target(cli, Some(&profile))?;
+    let mut server = profile.host_for(cli.server);
     let config = ClientConfig::new(server).with_ca_file(&ca)?;
     // The device reconnects by itself once open; until then, so does this loop.
     let mut wait = config.reconnect_first;
@@ -383,10 +450,7 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
                     wait.as_secs_f64()
                 );
             }
-            Err(e) => {
-                return Err(anyhow::Error::new(e)
-                    .context("the saved login was refused; run `iim login` again"));
-            }
+            Err(e) => return Err(login_refused(e)),
         }
         tokio::select! {
             biased;
@@ -395,6 +459,11 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
         }
         wait = (wait * 2).min(config.reconnect_max);
     };
+    let (home_id, home) = device.home();
+    if profile.note_home(server, &home_id, home) {
+        save_profile(&dir, &profile)?;
+        server = home;
+    }
     if !cli.json {
         eprintln!("listening as {} on device {}", profile.user, profile.device);
     }
@@ -442,13 +511,31 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
                     eprintln!("({count} waiting message(s) delivered; now live)");
                 }
             }
+            // The device goes to the home host at once; the profile remembers it once there.
+            Some(Ok(Update::Disconnected {
+                reason: ClientError::Redirected { server, addr },
+                ..
+            })) => eprintln!("redirected to home host {server} at {addr}"),
             Some(Ok(Update::Disconnected { reason, retry_in })) => {
                 eprintln!(
                     "iim: connection lost ({reason}); reconnecting in {:.1} s",
                     retry_in.as_secs_f64()
                 );
             }
-            Some(Ok(Update::Reconnected)) => eprintln!("iim: reconnected"),
+            Some(Ok(Update::Reconnected)) => {
+                eprintln!("iim: reconnected");
+                let (_, home) = device.home();
+                if home != server {
+                    // Said when the redirect came.
+                    profile.server = home;
+                    profile.redirected_from = Some(server);
+                    server = home;
+                    // Listening goes on if the profile cannot be written.
+                    if let Err(e) = save_profile(&dir, &profile) {
+                        eprintln!("iim: cannot remember the home host: {}", one_line(&e));
+                    }
+                }
+            }
             // Only paged devices get a summary; `listen` takes its backlog pushed.
             Some(Ok(Update::Backlog { .. })) => {}
             Some(Err(e)) => return Err(e.into()),
@@ -800,6 +887,67 @@ mod tests {
         assert!(line.get("invalid").is_none());
         let line = json(MessageKind::Chat, "hi");
         assert_eq!(line["body"], "hi");
+    }
+
+    fn addr(a: &str) -> SocketAddr {
+        a.parse().expect("addr")
+    }
+
+    fn profile() -> Profile {
+        Profile {
+            server: addr("127.0.0.1:7501"),
+            ca: PathBuf::from("/ca.pem"),
+            user: UserId::new("alice").expect("name"),
+            device: DeviceId::new("laptop").expect("name"),
+            token: "t".into(),
+            redirected_from: None,
+        }
+    }
+
+    #[test]
+    fn a_redirect_is_remembered_and_its_host_not_asked_again() {
+        let mut p = profile();
+        // Not a redirect: nothing changes.
+        assert!(!p.note_home(addr("127.0.0.1:7501"), "h1", addr("127.0.0.1:7501")));
+        assert_eq!(p.redirected_from, None);
+        assert_eq!(p.host_for(None), addr("127.0.0.1:7501"));
+        assert_eq!(
+            p.host_for(Some(addr("127.0.0.1:7509"))),
+            addr("127.0.0.1:7509")
+        );
+
+        // h1 sent alice to her home h2.
+        assert!(p.note_home(addr("127.0.0.1:7501"), "h2", addr("127.0.0.1:7502")));
+        assert_eq!(p.server, addr("127.0.0.1:7502"));
+        assert_eq!(p.redirected_from, Some(addr("127.0.0.1:7501")));
+        // Next time: straight to h2, also when --server names h1 again.
+        assert_eq!(p.host_for(None), addr("127.0.0.1:7502"));
+        assert_eq!(
+            p.host_for(Some(addr("127.0.0.1:7501"))),
+            addr("127.0.0.1:7502")
+        );
+        // Another host named on the command line is asked.
+        assert_eq!(
+            p.host_for(Some(addr("127.0.0.1:7503"))),
+            addr("127.0.0.1:7503")
+        );
+    }
+
+    #[test]
+    fn a_profile_keeps_its_format_without_a_redirect() {
+        // A profile written before redirects existed still loads.
+        let old = r#"{"server":"127.0.0.1:7447","ca":"/ca.pem","user":"alice","device":"laptop","token":"t"}"#;
+        let p: Profile = serde_json::from_str(old).expect("an old profile loads");
+        assert_eq!(p.redirected_from, None);
+        let json = serde_json::to_value(&p).expect("json");
+        assert!(json.get("redirected_from").is_none(), "{json}");
+
+        let mut p = profile();
+        p.note_home(addr("127.0.0.1:7501"), "h2", addr("127.0.0.1:7502"));
+        let json = serde_json::to_string(&p).expect("json");
+        let back: Profile = serde_json::from_str(&json).expect("loads");
+        assert_eq!(back.server, addr("127.0.0.1:7502"));
+        assert_eq!(back.redirected_from, Some(addr("127.0.0.1:7501")));
     }
 
     #[test]

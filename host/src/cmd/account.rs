@@ -2,6 +2,8 @@
 
 use super::Refusal;
 use crate::accounts::{self, PasswordError};
+use crate::iim::Home;
+use crate::network::NetworkError;
 use crate::store::UserRecord;
 use crate::{Host, now_ms};
 use iim_proto::{DeviceId, ErrorCode, UserId};
@@ -25,7 +27,7 @@ async fn hashing<T: Send + 'static>(
 
 /// Creates an account.
 pub async fn register(host: &Host, user: &UserId, password: String) -> Result<(), Refusal> {
-    if host.store.user_exists(user)? {
+    if host.iim.exists(user)? {
         return Err(Refusal::new(
             ErrorCode::USER_EXISTS,
             format!("user {user} exists"),
@@ -37,6 +39,26 @@ pub async fn register(host: &Host, user: &UserId, password: String) -> Result<()
             PasswordError::Hash(_) => Refusal::new(ErrorCode::INTERNAL, e.to_string()),
             _ => Refusal::new(ErrorCode::INVALID_ARGUMENT, e.to_string()),
         })?;
+    // In a network, the name must be free in every host: the exchange's directory decides,
+    // and this host becomes the user's home.
+    if let Some(network) = host.iim.network() {
+        match network.claim(user).await {
+            Ok(home) if home == network.server() => {}
+            Ok(home) => {
+                return Err(Refusal::new(
+                    ErrorCode::USER_EXISTS,
+                    format!("user {user} exists (on host {home})"),
+                ));
+            }
+            Err(NetworkError::Unavailable(reason)) => {
+                return Err(Refusal::new(
+                    ErrorCode::UNAVAILABLE,
+                    format!("cannot register now: {reason}; try again later"),
+                ));
+            }
+            Err(NetworkError::Store(e)) => return Err(e.into()),
+        }
+    }
     let record = UserRecord {
         password_hash: hash,
         created_at: now_ms(),
@@ -50,6 +72,31 @@ pub async fn register(host: &Host, user: &UserId, password: String) -> Result<()
     host.store.flush().await?;
     tracing::info!(%user, "registered");
     Ok(())
+}
+
+/// The redirect for a user whose home is another host of the network, if it is.
+pub fn redirect(
+    host: &Host,
+    req: iim_proto::RequestId,
+    user: &UserId,
+) -> Result<Option<iim_proto::ServerFrame>, Refusal> {
+    let Some(Home::Remote(server)) = host.iim.home(user)? else {
+        return Ok(None);
+    };
+    let addr = host
+        .iim
+        .network()
+        .and_then(|network| network.server_info(&server))
+        .map(|info| info.addr);
+    match addr {
+        Some(addr) => Ok(Some(iim_proto::ServerFrame::Redirect { req, server, addr })),
+        None => Err(Refusal::new(
+            ErrorCode::UNAVAILABLE,
+            format!(
+                "the home host {server} of {user} is not in this host's registry yet; try again later"
+            ),
+        )),
+    }
 }
 
 /// Checks the password and issues a new token for `device`, replacing its old one.

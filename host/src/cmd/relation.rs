@@ -26,7 +26,8 @@ pub async fn handle(
                     format!("cannot add yourself as a {kind}"),
                 ));
             }
-            if !host.store.user_exists(&other)? {
+            look_up(host, std::slice::from_ref(&other)).await;
+            if !host.iim.exists(&other)? {
                 return Err(Refusal::new(
                     ErrorCode::UNKNOWN_USER,
                     format!("no such user: {other}"),
@@ -52,5 +53,25 @@ pub async fn handle(
             req,
             users: host.store.relations(user, kind)?,
         }),
+    }
+}
+
+/// In a network of hosts: asks the exchange for the homes of the users of `users` this host
+/// does not know yet (a user who registered elsewhere a moment ago), so that they are found.
+/// Out of reach, the users stay unknown.
+pub async fn look_up(host: &Host, users: &[UserId]) {
+    let Some(network) = host.iim.network() else {
+        return;
+    };
+    let unknown: Vec<UserId> = users
+        .iter()
+        .filter(|u| !matches!(host.iim.exists(u), Ok(true)))
+        .cloned()
+        .collect();
+    if unknown.is_empty() {
+        return;
+    }
+    if let Err(e) = network.look_up(&unknown).await {
+        tracing::warn!(error = %e, "cannot look users up in the directory");
     }
 }

@@ -141,7 +141,7 @@ pub fn accept(
         ));
     }
     for to in &s.to {
-        if !host.store.user_exists(to)? {
+        if !host.iim.exists(to)? {
             return Err(Refusal::new(
                 ErrorCode::UNKNOWN_USER,
                 format!("no such user: {to}"),

@@ -193,11 +193,18 @@ impl PluginState {
     fn existing_users(&self, names: &[String]) -> Result<Vec<UserId>, HostError> {
         let users = self.parse_users(names)?;
         for user in &users {
-            if !self.services.store.user_exists(user).map_err(unavailable)? {
-                return Err(HostError::UnknownUser(user.to_string()));
-            }
+            self.check_exists(user)?;
         }
         Ok(users)
+    }
+
+    /// Checks that `user` exists, on this host or another of its network.
+    fn check_exists(&self, user: &UserId) -> Result<(), HostError> {
+        match self.services.iim.exists(user) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(HostError::UnknownUser(user.to_string())),
+            Err(e) => Err(unavailable(e)),
+        }
     }
 
     fn check_send(&mut self, msg: wit::Message, list: wit::UserList) -> Result<u32, HostError> {
@@ -265,8 +272,11 @@ impl PluginState {
         };
         let mut users = Vec::new();
         let mut seen = HashSet::new();
+        let network = self.services.iim.network();
         for row in &list.servers {
-            if row.server != server {
+            let known = row.server == server
+                || network.is_some_and(|n| n.server_info(&row.server).is_some());
+            if !known {
                 return Err(HostError::UnknownServer(row.server.clone()));
             }
             for user_row in &row.users {
@@ -293,9 +303,7 @@ impl PluginState {
             }
         }
         for user in &users {
-            if !self.services.store.user_exists(user).map_err(unavailable)? {
-                return Err(HostError::UnknownUser(user.to_string()));
-            }
+            self.check_exists(user)?;
         }
         let count = users.len() as u32;
         let call = self.call("send")?;
@@ -397,7 +405,12 @@ impl IimHost for PluginState {
             Ok(users
                 .into_iter()
                 .map(|user| {
-                    let devices = self.services.registry.online(&user).len() as u32;
+                    let local = self.services.registry.online(&user).len() as u32;
+                    // A user of another host: as its host last told the exchange.
+                    let devices = match self.services.iim.network() {
+                        Some(network) if local == 0 => network.presence_of(&user),
+                        _ => local,
+                    };
                     PresenceEntry {
                         user: user.to_string(),
                         state: if devices > 0 {

@@ -213,6 +213,111 @@ pub fn cursor_prefix(user: &UserId) -> Vec<u8> {
     key
 }
 
+// ---- networks of hosts ----
+
+// A host's `network` tree: what it knows of its network, and its relay outbox.
+const NET_HOME: u8 = b'u';
+const NET_SERVER: u8 = b's';
+const NET_OUTBOX: u8 = b'o';
+
+/// `network`: this host's number in the network, given by the exchange at the first join.
+pub const NET_NUMBER: &[u8] = b"n";
+/// `network`: the version of the directory up to which the cache has every entry.
+pub const NET_DIRECTORY_VERSION: &[u8] = b"v";
+/// `network`: the highest relay outbox number the exchange acknowledged.
+pub const NET_OUTBOX_ACKED: &[u8] = b"k";
+/// `network`: the highest `906` number from the exchange this host made durable.
+pub const NET_RELAYED_IN: &[u8] = b"a";
+
+/// `network`, directory cache: user → home server id.
+pub fn net_home(user: &UserId) -> Vec<u8> {
+    tagged(NET_HOME, user.as_str().as_bytes())
+}
+
+/// The prefix of every directory cache entry.
+pub const NET_HOME_PREFIX: &[u8] = &[NET_HOME];
+
+/// `network`, registry cache: server id → server info.
+pub fn net_server(id: &str) -> Vec<u8> {
+    tagged(NET_SERVER, id.as_bytes())
+}
+
+/// The prefix of every registry cache entry.
+pub const NET_SERVER_PREFIX: &[u8] = &[NET_SERVER];
+
+/// `network`, relay outbox: number → envelope (`905`) not yet acknowledged by the exchange.
+pub fn net_outbox(seq: u64) -> Vec<u8> {
+    tagged(NET_OUTBOX, &seq.to_be_bytes())
+}
+
+/// The prefix of every relay outbox entry, in number order.
+pub const NET_OUTBOX_PREFIX: &[u8] = &[NET_OUTBOX];
+
+/// The number of a relay outbox key (or of an exchange outbox key).
+pub fn outbox_seq(key: &[u8]) -> Option<u64> {
+    inbox_seq(key)
+}
+
+// The exchange's trees. `servers`: server id → record. `directory`: user → home server id,
+// and version → user (the order in which hosts learn of users). `relay`: per target server,
+// number → envelope (`906`) not yet acknowledged; per origin server, the highest `905`
+// number stored.
+const EX_HOME: u8 = b'u';
+const EX_VERSION: u8 = b'v';
+const EX_OUTBOX: u8 = b'o';
+const EX_INBOUND: u8 = b'i';
+const EX_ACKED: u8 = b'k';
+
+/// The exchange's default tree: the number the next new server gets.
+pub const EX_NEXT_NUMBER: &[u8] = b"next_number";
+
+/// `servers`: server id → its record.
+pub fn ex_server(id: &str) -> Vec<u8> {
+    id.as_bytes().to_vec()
+}
+
+/// `directory`: user → home server id.
+pub fn ex_home(user: &UserId) -> Vec<u8> {
+    tagged(EX_HOME, user.as_str().as_bytes())
+}
+
+/// `directory`: version → user, in version order.
+pub fn ex_version(version: u64) -> Vec<u8> {
+    tagged(EX_VERSION, &version.to_be_bytes())
+}
+
+/// The first and one-past-last `directory` keys of the versions after `after`.
+pub fn ex_versions_after(after: u64) -> (Vec<u8>, Vec<u8>) {
+    (ex_version(after.saturating_add(1)), vec![EX_VERSION + 1])
+}
+
+/// The version in a `directory` version key.
+pub fn ex_version_of(key: &[u8]) -> Option<u64> {
+    inbox_seq(key)
+}
+
+/// `relay`: (target server, number) → envelope.
+pub fn ex_outbox(target: &str, seq: u64) -> Vec<u8> {
+    tagged(EX_OUTBOX, &join(&[target.as_bytes(), &seq.to_be_bytes()]))
+}
+
+/// The first and one-past-last `relay` keys of `target`'s outbox after `after`.
+pub fn ex_outbox_after(target: &str, after: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut end = tagged(EX_OUTBOX, target.as_bytes());
+    end.push(SEP + 1);
+    (ex_outbox(target, after.saturating_add(1)), end)
+}
+
+/// `relay`: target server → the highest number of its outbox it acknowledged.
+pub fn ex_acked(target: &str) -> Vec<u8> {
+    tagged(EX_ACKED, target.as_bytes())
+}
+
+/// `relay`: origin server → the highest `905` number from it that is stored.
+pub fn ex_inbound(origin: &str) -> Vec<u8> {
+    tagged(EX_INBOUND, origin.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,9 @@
 //! one each. A single flusher also keeps sled 0.34's `flush_async` out of the picture: run by
 //! many tasks at once it can deadlock sled's I/O threads.
 
+pub mod exchange;
 pub mod keys;
+mod network;
 
 use iim_proto::{DeviceId, Message, MessageId, RelationKind, UserId};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -198,6 +200,14 @@ pub struct Store {
     /// Users known to exist (accounts are never deleted), up to [`KNOWN_USERS`]: every
     /// submission and send checks its recipients, and this spares the store those reads.
     known_users: std::sync::Arc<std::sync::RwLock<std::collections::HashSet<UserId>>>,
+    /// In a network of hosts: what this host knows of it, and its relay outbox.
+    network: sled::Tree,
+    /// The bits of every message id above `iim_proto::peer::ID_BITS`: this host's number in its
+    /// network (0 alone).
+    id_prefix: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The last number of the relay outbox, held while an envelope is numbered and written so
+    /// that the outbox is written in number order.
+    outbox_head: std::sync::Arc<std::sync::Mutex<Option<u64>>>,
 }
 
 /// The format of the records this version writes: 2 since inboxes are pruned.
@@ -234,6 +244,31 @@ fn run_flusher(
     }
 }
 
+/// Opens the sled database in directory `path` and starts its flusher thread (named `thread`).
+fn open_db(
+    path: &Path,
+    thread: &str,
+) -> Result<(sled::Db, std::sync::mpsc::Sender<FlushWaiter>), StoreError> {
+    let db = sled::Config::new().path(path).open()?;
+    // sled keeps its log in `<path>/db`; an fd of our own on it lets the flusher fsync it.
+    let log_file = std::fs::File::open(path.join("db")).ok();
+    let (flusher, requests) = std::sync::mpsc::channel();
+    let flush_db = db.clone();
+    std::thread::Builder::new()
+        .name(thread.into())
+        .spawn(move || run_flusher(flush_db, log_file, requests))
+        .map_err(|e| StoreError::Flush(format!("cannot start the flusher: {e}")))?;
+    Ok((db, flusher))
+}
+
+/// Asks `flusher` to make every write before this call durable, and waits.
+async fn flush_with(flusher: &std::sync::mpsc::Sender<FlushWaiter>) -> Result<(), StoreError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let gone = || StoreError::Flush("the flusher has stopped".into());
+    flusher.send(tx).map_err(|_| gone())?;
+    rx.await.map_err(|_| gone())?.map_err(StoreError::Flush)
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Encoding our own in-memory values into a Vec cannot fail.
     postcard::to_stdvec(value).unwrap_or_default()
@@ -266,15 +301,7 @@ fn get_u64(
 impl Store {
     /// Opens (creating if needed) the store in directory `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(path).open()?;
-        // sled keeps its log in `<path>/db`; an fd of our own on it lets the flusher fsync it.
-        let log_file = std::fs::File::open(path.join("db")).ok();
-        let (flusher, requests) = std::sync::mpsc::channel();
-        let flush_db = db.clone();
-        std::thread::Builder::new()
-            .name("iim-store-flush".into())
-            .spawn(move || run_flusher(flush_db, log_file, requests))
-            .map_err(|e| StoreError::Flush(format!("cannot start the flusher: {e}")))?;
+        let (db, flusher) = open_db(path, "iim-store-flush")?;
         Self {
             users: db.open_tree("users")?,
             tokens: db.open_tree("tokens")?,
@@ -284,9 +311,12 @@ impl Store {
             cursors: db.open_tree("cursors")?,
             plugin_kv: db.open_tree("plugin_kv")?,
             dead_letters: db.open_tree("dead_letters")?,
+            network: db.open_tree("network")?,
             accept_order: Default::default(),
             flusher,
             known_users: Default::default(),
+            id_prefix: Default::default(),
+            outbox_head: Default::default(),
             db,
         }
         .recovered()
@@ -341,12 +371,16 @@ impl Store {
         Ok(self)
     }
 
+    /// A new message id: this host's number in the high bits, then a number that grows (the
+    /// caller holds `accept_order`).
+    fn next_id(&self) -> Result<MessageId, StoreError> {
+        let prefix = self.id_prefix.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(MessageId(prefix | (self.db.generate_id()? + 1)))
+    }
+
     /// Makes every write made before this call durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let gone = || StoreError::Flush("the flusher has stopped".into());
-        self.flusher.send(tx).map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?.map_err(StoreError::Flush)
+        flush_with(&self.flusher).await
     }
 
     // ---- accounts ----
@@ -469,7 +503,7 @@ impl Store {
         if let Some(existing) = self.messages.get(&dedup_key)? {
             return self.duplicate(&existing);
         }
-        let message = build(MessageId(self.db.generate_id()? + 1));
+        let message = build(self.next_id()?);
         // In this order (see the module's documentation): a crash that keeps the dispatch
         // record but not the dedup record is repaired when the store opens.
         if let Some(at) = expires_at {
@@ -525,7 +559,7 @@ impl Store {
             message.sent_at = sent_at;
             return Ok(message);
         }
-        message.id = MessageId(self.db.generate_id()? + 1);
+        message.id = self.next_id()?;
         self.messages
             .insert(key, encode(&(message.id.0, message.sent_at)))?;
         Ok(message)
@@ -538,7 +572,7 @@ impl Store {
         build: impl FnOnce(MessageId) -> Message,
     ) -> Result<Message, StoreError> {
         let _order = self.accept_order.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(build(MessageId(self.db.generate_id()? + 1)))
+        Ok(build(self.next_id()?))
     }
 
     /// Every accepted message whose dispatch did not finish, oldest first.

@@ -1,0 +1,556 @@
+//! The exchange role of `iim-host` (DESIGN.md §1–3): the hub of a network of hosts.
+//!
+//! Hosts join it over QUIC (ALPN `iim-peer/1`, one stream each, frames of
+//! [`iim_proto::peer`]) with the network's secret. It keeps, in its own store
+//! ([`ExchangeStore`]): the registry of servers (id, number, address, up or down), the user
+//! directory (user → home server, claimed at registration) and one relay outbox per host. It
+//! serves the registry and the directory to every host, which cache them; and it relays: a
+//! `905` from a host is stored as one `906` per target host, acknowledged once durable, and
+//! sent to each target as soon as it is connected, in order, until the target acknowledges
+//! it. A host that goes away is marked down; what is for it waits in its outbox.
+
+use crate::config::Config;
+use crate::network::{PEER_MAX_FRAME, RELAY_WINDOW, peer_transport};
+use crate::now_ms;
+use crate::store::exchange::ExchangeStore;
+use anyhow::Context;
+use iim_proto::peer::{ExchangeFrame, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo};
+use iim_proto::{ErrorCode, UserId, encode_frame};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, broadcast, mpsc, watch};
+
+/// Directory entries per frame when a host catches up.
+const DIRECTORY_CHUNK: usize = 1000;
+/// How long a new connection has to join.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Something every connected host (but one, perhaps) is told.
+#[derive(Debug)]
+struct Broadcast {
+    /// The host not to tell (the one it came from).
+    except: Option<String>,
+    frame: ExchangeFrame,
+}
+
+/// The connection of one host.
+struct Link {
+    id: u64,
+    outbox_ready: Arc<Notify>,
+    replaced: Arc<Notify>,
+}
+
+/// Relay counters since the exchange started.
+#[derive(Debug, Default)]
+struct Stats {
+    envelopes_in: AtomicU64,
+    envelopes_out: AtomicU64,
+    envelopes_acked: AtomicU64,
+}
+
+struct State {
+    store: ExchangeStore,
+    secret: String,
+    links: Mutex<HashMap<String, Link>>,
+    next_link: AtomicU64,
+    events: broadcast::Sender<Arc<Broadcast>>,
+    /// Per host, its users with devices online and how many.
+    presence: Mutex<HashMap<String, HashMap<UserId, u32>>>,
+    stats: Stats,
+    shutdown: watch::Receiver<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl State {
+    fn tell(&self, except: Option<&str>, frame: ExchangeFrame) {
+        let _ = self.events.send(Arc::new(Broadcast {
+            except: except.map(str::to_owned),
+            frame,
+        }));
+    }
+
+    fn tell_servers(&self) {
+        match self.store.servers() {
+            Ok(servers) => self.tell(None, ExchangeFrame::Servers { servers }),
+            Err(e) => tracing::error!(error = %e, "cannot read the registry"),
+        }
+    }
+
+    fn notify(&self, target: &str) {
+        if let Some(link) = lock(&self.links).get(target) {
+            link.outbox_ready.notify_one();
+        }
+    }
+}
+
+/// An exchange that is listening.
+pub struct Exchange {
+    state: Arc<State>,
+    endpoint: quinn::Endpoint,
+    stop: watch::Sender<bool>,
+    cert_path: std::path::PathBuf,
+    data_dir: std::path::PathBuf,
+}
+
+impl Exchange {
+    /// Opens the exchange's store and certificate, and binds.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        let (server_config, cert_path) =
+            crate::server::prepare(&config, PEER_ALPN, peer_transport())?;
+        let store_path = config.data_dir.join("exchange");
+        let store = ExchangeStore::open(&store_path)
+            .with_context(|| format!("cannot open the store in {}", store_path.display()))?;
+        let socket = std::net::UdpSocket::bind(config.listen)
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let endpoint = crate::server::endpoint(&config, server_config, socket)?;
+        let (stop, shutdown) = watch::channel(false);
+        let (events, _) = broadcast::channel(4096);
+        let state = Arc::new(State {
+            store,
+            secret: config.network.secret.clone().unwrap_or_default(),
+            links: Mutex::default(),
+            next_link: AtomicU64::new(1),
+            events,
+            presence: Mutex::default(),
+            stats: Stats::default(),
+            shutdown,
+        });
+        Ok(Self {
+            state,
+            endpoint,
+            stop,
+            cert_path,
+            data_dir: config.data_dir,
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// The certificate hosts should trust (`network.exchange_cert`).
+    pub fn cert_path(&self) -> &std::path::Path {
+        &self.cert_path
+    }
+
+    /// Serves hosts until `stop` resolves.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let state = Arc::clone(&self.state);
+        let commands: crate::admin::Commands = Arc::new(move |command| {
+            let state = Arc::clone(&state);
+            Box::pin(async move { answer(&state, &command) })
+        });
+        let admin =
+            crate::admin::serve_socket(&self.data_dir, self.state.shutdown.clone(), commands)
+                .context("cannot open the admin socket")?;
+        let mut links = tokio::task::JoinSet::new();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let state = Arc::clone(&self.state);
+                    links.spawn(async move {
+                        let remote = incoming.remote_address();
+                        let conn = match incoming.await {
+                            Ok(conn) => conn,
+                            Err(e) => return tracing::debug!(%remote, error = %e, "handshake failed"),
+                        };
+                        if let Err(e) = serve(&state, conn.clone()).await {
+                            tracing::info!(%remote, error = format!("{e:#}"), "host link ended");
+                        }
+                    });
+                }
+                Some(joined) = links.join_next(), if !links.is_empty() => {
+                    if let Err(e) = joined {
+                        tracing::error!(error = %e, "a host link task failed");
+                    }
+                }
+                () = &mut stop => break,
+            }
+        }
+        tracing::info!("shutting down");
+        let _ = self.stop.send(true);
+        let _ = admin.await;
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            while links.join_next().await.is_some() {}
+        })
+        .await;
+        links.abort_all();
+        self.endpoint.close(
+            quinn::VarInt::from_u32(ErrorCode::SHUTTING_DOWN.0.into()),
+            b"shutting down",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        self.state.store.flush().await?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// The exchange's admin commands: `network` shows the registry, the directory's size and
+/// each host's relay outbox.
+fn answer(state: &State, command: &str) -> String {
+    match command {
+        "network" => {
+            let mut out = String::new();
+            let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "role exchange");
+            let _ = writeln!(
+                out,
+                "directory_version {}",
+                state.store.directory_version().unwrap_or(0)
+            );
+            let _ = writeln!(out, "envelopes_in {}", load(&state.stats.envelopes_in));
+            let _ = writeln!(out, "envelopes_out {}", load(&state.stats.envelopes_out));
+            let _ = writeln!(
+                out,
+                "envelopes_acked {}",
+                load(&state.stats.envelopes_acked)
+            );
+            match state.store.servers() {
+                Ok(servers) => {
+                    for s in servers {
+                        let _ = writeln!(
+                            out,
+                            "host {} number {} addr {} {} waiting {}",
+                            s.id,
+                            s.number,
+                            s.addr,
+                            if s.up { "up" } else { "down" },
+                            state.store.outbox_len(&s.id)
+                        );
+                    }
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "error: cannot read the registry: {e}");
+                }
+            }
+            out
+        }
+        other => format!("error: unknown command {other:?}; the exchange knows network\n"),
+    }
+}
+
+/// The stream of one host's link.
+struct Peer {
+    send: quinn::SendStream,
+    frames: mpsc::Receiver<Result<HostFrame, String>>,
+}
+
+impl Peer {
+    async fn write(&mut self, frame: &ExchangeFrame) -> anyhow::Result<()> {
+        let bytes = encode_frame(frame, PEER_MAX_FRAME)?;
+        self.send.write_all(&bytes).await?;
+        Ok(())
+    }
+
+    async fn next(&mut self) -> anyhow::Result<HostFrame> {
+        match self.frames.recv().await {
+            Some(Ok(frame)) => Ok(frame),
+            Some(Err(e)) => anyhow::bail!("{e}"),
+            None => anyhow::bail!("the host closed the link"),
+        }
+    }
+
+    /// Refuses the join: says why, and ends.
+    async fn refuse(mut self, code: ErrorCode, message: String) -> anyhow::Result<()> {
+        tracing::warn!(%code, %message, "join refused");
+        let _ = self
+            .write(&ExchangeFrame::Error {
+                code,
+                message: message.clone(),
+            })
+            .await;
+        let _ = self.send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.send.stopped()).await;
+        anyhow::bail!("join refused: {message}")
+    }
+}
+
+/// Compares two secrets in a time that does not depend on where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let (a, b) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// One host's link: the join, then relay both ways until it ends.
+async fn serve(state: &Arc<State>, conn: quinn::Connection) -> anyhow::Result<()> {
+    let (send, recv) = tokio::time::timeout(JOIN_TIMEOUT, conn.accept_bi())
+        .await
+        .context("no stream opened in time")??;
+    let mut peer = Peer {
+        send,
+        frames: crate::network::read_frames(recv, "the host"),
+    };
+    let first = tokio::time::timeout(JOIN_TIMEOUT, peer.next())
+        .await
+        .context("no join in time")??;
+    let HostFrame::Join {
+        version,
+        server,
+        addr,
+        secret,
+        directory_since,
+        relayed_in,
+    } = first
+    else {
+        return peer
+            .refuse(ErrorCode::HANDSHAKE, "the first frame must be Join".into())
+            .await;
+    };
+    if version != PEER_VERSION {
+        return peer
+            .refuse(
+                ErrorCode::UNSUPPORTED_VERSION,
+                format!("this exchange speaks peer protocol {PEER_VERSION}, not {version}"),
+            )
+            .await;
+    }
+    if !same_secret(&secret, &state.secret) {
+        return peer
+            .refuse(ErrorCode::AUTH_FAILED, "wrong network secret".into())
+            .await;
+    }
+    if !crate::config::valid_server_id(&server) || addr.is_empty() || addr.len() > 256 {
+        return peer
+            .refuse(
+                ErrorCode::INVALID_ARGUMENT,
+                "a server id is 1 to 64 bytes of a-z 0-9 . _ -, and an address 1 to 256 bytes"
+                    .into(),
+            )
+            .await;
+    }
+    let number = state.store.join(&server, &addr, now_ms())?;
+    state.store.flush().await?;
+    // Told before this link registers, so that it does not miss what follows.
+    let mut events = state.events.subscribe();
+    let link_id = state.next_link.fetch_add(1, Ordering::Relaxed);
+    let outbox_ready = Arc::new(Notify::new());
+    let replaced = Arc::new(Notify::new());
+    if let Some(old) = lock(&state.links).insert(
+        server.clone(),
+        Link {
+            id: link_id,
+            outbox_ready: Arc::clone(&outbox_ready),
+            replaced: Arc::clone(&replaced),
+        },
+    ) {
+        old.replaced.notify_one();
+    }
+    tracing::info!(%server, number, %addr, "host joined");
+    let result = relay(
+        state,
+        &mut peer,
+        &server,
+        number,
+        directory_since,
+        relayed_in,
+        &mut events,
+        &outbox_ready,
+        &replaced,
+    )
+    .await;
+    // Gone, unless a new link of the same host replaced this one.
+    let ours = {
+        let mut links = lock(&state.links);
+        let ours = links.get(&server).is_some_and(|l| l.id == link_id);
+        if ours {
+            links.remove(&server);
+        }
+        ours
+    };
+    if ours {
+        tracing::info!(%server, "host left");
+        if let Err(e) = state.store.leave(&server, now_ms()) {
+            tracing::error!(%server, error = %e, "cannot mark the host down");
+        }
+        state.tell_servers();
+        let gone: Vec<(UserId, u32)> = lock(&state.presence)
+            .remove(&server)
+            .unwrap_or_default()
+            .into_keys()
+            .map(|user| (user, 0))
+            .collect();
+        if !gone.is_empty() {
+            state.tell(Some(&server), ExchangeFrame::Presence { entries: gone });
+        }
+    }
+    conn.close(0u32.into(), b"");
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    state: &Arc<State>,
+    peer: &mut Peer,
+    server: &str,
+    number: u16,
+    directory_since: u64,
+    relayed_in: u64,
+    events: &mut broadcast::Receiver<Arc<Broadcast>>,
+    outbox_ready: &Notify,
+    replaced: &Notify,
+) -> anyhow::Result<()> {
+    let servers: Vec<ServerInfo> = state.store.servers()?;
+    peer.write(&ExchangeFrame::Joined {
+        number,
+        servers,
+        relayed_out: state.store.inbound(server)?,
+    })
+    .await?;
+    state.tell_servers();
+    // The directory entries the host lacks.
+    let mut since = directory_since;
+    loop {
+        let (version, entries) = state.store.directory_after(since, DIRECTORY_CHUNK)?;
+        if version == since {
+            break;
+        }
+        peer.write(&ExchangeFrame::Directory { version, entries })
+            .await?;
+        since = version;
+    }
+    // Who is online on the other hosts.
+    let online: Vec<(UserId, u32)> = lock(&state.presence)
+        .iter()
+        .filter(|(host, _)| host.as_str() != server)
+        .flat_map(|(_, users)| users.iter().map(|(u, d)| (u.clone(), *d)))
+        .collect();
+    for chunk in online.chunks(DIRECTORY_CHUNK) {
+        peer.write(&ExchangeFrame::Presence {
+            entries: chunk.to_vec(),
+        })
+        .await?;
+    }
+    state.store.outbox_acked(server, relayed_in)?;
+    let mut sent = relayed_in;
+    let mut acked = relayed_in;
+    let mut unacked_in: Option<u64> = None;
+    let mut shutdown = state.shutdown.clone();
+    pump(state, peer, server, &mut sent, acked).await?;
+    loop {
+        tokio::select! {
+            biased;
+            () = async { let _ = shutdown.wait_for(|stopping| *stopping).await; } => {
+                let _ = peer.write(&ExchangeFrame::Error {
+                    code: ErrorCode::SHUTTING_DOWN,
+                    message: "the exchange is shutting down".into(),
+                }).await;
+                return Ok(());
+            }
+            () = replaced.notified() => anyhow::bail!("replaced by a new link of {server}"),
+            frame = peer.next() => match frame? {
+                HostFrame::Relay { seq, envelope } => {
+                    let targets = state.store.relay_in(server, seq, envelope)?;
+                    if !targets.is_empty() {
+                        state.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
+                    }
+                    unacked_in = Some(seq.max(unacked_in.unwrap_or(0)));
+                    for target in targets {
+                        state.notify(&target);
+                    }
+                }
+                HostFrame::Ack { seq } => {
+                    if seq > acked {
+                        state.stats.envelopes_acked.fetch_add(seq - acked, Ordering::Relaxed);
+                        acked = seq;
+                        state.store.outbox_acked(server, seq)?;
+                    }
+                    pump(state, peer, server, &mut sent, acked).await?;
+                }
+                HostFrame::Claim { req, user } => {
+                    let (home, version) = state.store.claim(&user, server)?;
+                    if let Some(version) = version {
+                        state.store.flush().await?;
+                        tracing::info!(%user, home = %home, version, "user registered");
+                        state.tell(None, ExchangeFrame::Directory {
+                            version,
+                            entries: vec![(user, home.clone())],
+                        });
+                    }
+                    peer.write(&ExchangeFrame::Claimed { req, home }).await?;
+                }
+                HostFrame::Lookup { req, users } => {
+                    let mut homes = Vec::new();
+                    for user in users.into_iter().take(iim_proto::MAX_TARGETS) {
+                        if let Some(home) = state.store.home(&user)? {
+                            homes.push((user, home));
+                        }
+                    }
+                    peer.write(&ExchangeFrame::Found { req, homes }).await?;
+                }
+                HostFrame::Presence { user, devices } => {
+                    {
+                        let mut presence = lock(&state.presence);
+                        let users = presence.entry(server.to_owned()).or_default();
+                        if devices == 0 {
+                            users.remove(&user);
+                        } else {
+                            users.insert(user.clone(), devices);
+                        }
+                    }
+                    state.tell(Some(server), ExchangeFrame::Presence { entries: vec![(user, devices)] });
+                }
+                HostFrame::Join { .. } => anyhow::bail!("Join sent twice"),
+            },
+            event = events.recv() => match event {
+                Ok(event) => {
+                    if event.except.as_deref() != Some(server) {
+                        peer.write(&event.frame).await?;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    anyhow::bail!("the host fell {n} notices behind; it joins again to catch up")
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            () = outbox_ready.notified() => pump(state, peer, server, &mut sent, acked).await?,
+            // Nothing else to do: the `905`s read are made durable and acknowledged, once for
+            // all of them.
+            () = std::future::ready(()), if unacked_in.is_some() => {
+                state.store.flush().await?;
+                if let Some(seq) = unacked_in.take() {
+                    peer.write(&ExchangeFrame::Ack { seq }).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Sends `server`'s outbox after `sent`, as far as the window allows.
+async fn pump(
+    state: &State,
+    peer: &mut Peer,
+    server: &str,
+    sent: &mut u64,
+    acked: u64,
+) -> anyhow::Result<()> {
+    loop {
+        let room = RELAY_WINDOW.saturating_sub(sent.saturating_sub(acked));
+        if room == 0 {
+            return Ok(());
+        }
+        let entries = state.store.outbox(server, *sent, room as usize)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        for (seq, envelope) in entries {
+            peer.write(&ExchangeFrame::Relay { seq, envelope }).await?;
+            state.stats.envelopes_out.fetch_add(1, Ordering::Relaxed);
+            *sent = seq;
+        }
+    }
+}

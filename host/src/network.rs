@@ -1,0 +1,676 @@
+//! A host's membership in a network of hosts: its link to the exchange, and what it knows of
+//! the network (DESIGN.md §2–3).
+//!
+//! [`Network`] holds the registry, the user directory and the presence of other hosts' users,
+//! cached in memory and (registry, directory) in the store, so that a host restarted while the
+//! exchange is away still routes. [`run`] keeps one QUIC connection to the exchange: it joins,
+//! takes the directory entries it lacks and every later one, sends the relay outbox (`905`s) in
+//! order and drops what the exchange acknowledged, and applies the `906`s it receives to the
+//! inboxes of its users, acknowledging each once it is durable. Connection lost: it joins
+//! again, with a growing wait, and each side sends again what the other did not acknowledge.
+
+use crate::Host;
+use crate::config::Config;
+use crate::store::{Store, StoreError};
+use anyhow::Context;
+use iim_proto::peer::{
+    Envelope, ExchangeFrame, HostFrame, PEER_ALPN, PEER_VERSION, RelayRow, ServerInfo,
+};
+use iim_proto::{FrameDecoder, UserId, encode_frame};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// Largest frame between a host and the exchange: a message and up to 10,000 user names.
+pub const PEER_MAX_FRAME: u32 = 4 * 1024 * 1024;
+/// Relay envelopes sent ahead of the other side's acknowledgement, at most.
+pub const RELAY_WINDOW: u64 = 256;
+/// How long a claim or look-up waits for the exchange.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long connecting and joining may take.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest wait between two attempts to join.
+const REJOIN_MAX: Duration = Duration::from_secs(5);
+
+/// Why the network could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The exchange is not connected or did not answer in time.
+    #[error("the exchange is out of reach: {0}")]
+    Unavailable(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Relay counters since the host started, for the operator (`iim-host admin network`).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// `905` envelopes put in the outbox.
+    pub envelopes_out: AtomicU64,
+    /// `905` envelopes written to the exchange (again after a reconnect included).
+    pub envelopes_sent: AtomicU64,
+    /// `905` envelopes the exchange acknowledged.
+    pub envelopes_acked: AtomicU64,
+    /// `906` envelopes received and applied (repeats excluded).
+    pub envelopes_in: AtomicU64,
+    /// Inbox entries those made.
+    pub relayed_deliveries: AtomicU64,
+}
+
+/// This host's view of its network.
+pub struct Network {
+    server: String,
+    addr: String,
+    store: Store,
+    homes: RwLock<HashMap<UserId, String>>,
+    directory_version: AtomicU64,
+    servers: RwLock<BTreeMap<String, ServerInfo>>,
+    /// Users of other hosts with devices online, and how many.
+    presence: RwLock<HashMap<UserId, u32>>,
+    up: AtomicBool,
+    outbox_ready: Notify,
+    requests: Mutex<HashMap<u64, oneshot::Sender<ExchangeFrame>>>,
+    next_req: AtomicU64,
+    control: mpsc::UnboundedSender<HostFrame>,
+    control_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<HostFrame>>,
+    /// Relay counters.
+    pub stats: RelayStats,
+}
+
+impl Network {
+    /// The network of host `server` (reachable by clients at `addr`), from what `store` cached.
+    pub fn new(server: String, addr: String, store: Store) -> Result<Self, StoreError> {
+        let (version, homes) = store.cached_directory()?;
+        let servers = store
+            .cached_servers()?
+            .into_iter()
+            .map(|s| (s.id.clone(), ServerInfo { up: false, ..s }))
+            .collect();
+        let (control, control_rx) = mpsc::unbounded_channel();
+        Ok(Self {
+            server,
+            addr,
+            store,
+            homes: RwLock::new(homes.into_iter().collect()),
+            directory_version: AtomicU64::new(version),
+            servers: RwLock::new(servers),
+            presence: RwLock::default(),
+            up: AtomicBool::new(false),
+            outbox_ready: Notify::new(),
+            requests: Mutex::default(),
+            next_req: AtomicU64::new(1),
+            control,
+            control_rx: tokio::sync::Mutex::new(control_rx),
+            stats: RelayStats::default(),
+        })
+    }
+
+    /// This host's server id.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Whether the link to the exchange is up.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// The home server of `user` as the directory says, if it knows the user.
+    pub fn home_of(&self, user: &UserId) -> Option<String> {
+        read(&self.homes).get(user).cloned()
+    }
+
+    /// How many users the cached directory holds.
+    pub fn directory_len(&self) -> usize {
+        read(&self.homes).len()
+    }
+
+    /// Server `id`, if the registry has it.
+    pub fn server_info(&self, id: &str) -> Option<ServerInfo> {
+        read(&self.servers).get(id).cloned()
+    }
+
+    /// The registry.
+    pub fn servers(&self) -> Vec<ServerInfo> {
+        read(&self.servers).values().cloned().collect()
+    }
+
+    /// How many devices of `user`, a user of another host, are online (0 if unknown).
+    pub fn presence_of(&self, user: &UserId) -> u32 {
+        read(&self.presence).get(user).copied().unwrap_or(0)
+    }
+
+    /// How many users of other hosts have devices online, as far as this host knows.
+    pub fn remote_online(&self) -> usize {
+        read(&self.presence).len()
+    }
+
+    /// Registration: claims `user` for this host. `Ok(home)`: the user's home afterwards
+    /// (this host if the name was free or its own already).
+    pub async fn claim(&self, user: &UserId) -> Result<String, NetworkError> {
+        match self
+            .request(|req| HostFrame::Claim {
+                req,
+                user: user.clone(),
+            })
+            .await?
+        {
+            ExchangeFrame::Claimed { home, .. } => {
+                self.learn(&[(user.clone(), home.clone())])?;
+                Ok(home)
+            }
+            other => Err(NetworkError::Unavailable(format!(
+                "unexpected answer to a claim: {other:?}"
+            ))),
+        }
+    }
+
+    /// Asks the exchange for the homes of `users` this host does not know, and caches them.
+    /// Does nothing while the exchange is out of reach (the users stay unknown).
+    pub async fn look_up(&self, users: &[UserId]) -> Result<(), NetworkError> {
+        let unknown: Vec<UserId> = {
+            let homes = read(&self.homes);
+            users
+                .iter()
+                .filter(|u| !homes.contains_key(*u))
+                .cloned()
+                .collect()
+        };
+        if unknown.is_empty() || !self.is_up() {
+            return Ok(());
+        }
+        if let ExchangeFrame::Found { homes, .. } = self
+            .request(|req| HostFrame::Lookup {
+                req,
+                users: unknown,
+            })
+            .await?
+        {
+            self.learn(&homes)?;
+        }
+        Ok(())
+    }
+
+    async fn request(
+        &self,
+        frame: impl FnOnce(u64) -> HostFrame,
+    ) -> Result<ExchangeFrame, NetworkError> {
+        if !self.is_up() {
+            return Err(NetworkError::Unavailable("not connected".into()));
+        }
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.requests).insert(req, tx);
+        let _ = self.control.send(frame(req));
+        let answer = tokio::time::timeout(REQUEST_TIMEOUT, rx).await;
+        lock(&self.requests).remove(&req);
+        match answer {
+            Ok(Ok(frame)) => Ok(frame),
+            Ok(Err(_)) => Err(NetworkError::Unavailable("the link was lost".into())),
+            Err(_) => Err(NetworkError::Unavailable(format!(
+                "no answer within {REQUEST_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    fn learn(&self, entries: &[(UserId, String)]) -> Result<(), StoreError> {
+        self.store.cache_directory(entries, None)?;
+        let mut homes = write(&self.homes);
+        for (user, server) in entries {
+            homes.insert(user.clone(), server.clone());
+        }
+        Ok(())
+    }
+
+    /// Tells the other hosts (through the exchange) how many devices of `user`, a user of
+    /// this host, are online. Dropped while the exchange is out of reach: every join sends
+    /// the presence of every online user.
+    pub fn report_presence(&self, user: &UserId, devices: u32) {
+        if self.is_up() {
+            let _ = self.control.send(HostFrame::Presence {
+                user: user.clone(),
+                devices,
+            });
+        }
+    }
+
+    /// Puts a message for users of other servers in the relay outbox, once, with their rows
+    /// (seed 000's `905`); the link sends it to the exchange.
+    pub fn relay(
+        &self,
+        message: &iim_proto::Message,
+        expires_at: Option<u64>,
+        rows: Vec<RelayRow>,
+    ) -> Result<(), StoreError> {
+        let envelope = Envelope {
+            message: message.clone(),
+            expires_at,
+            rows,
+        };
+        self.store.relay_push(&envelope)?;
+        self.stats.envelopes_out.fetch_add(1, Ordering::Relaxed);
+        self.outbox_ready.notify_one();
+        Ok(())
+    }
+
+    fn set_servers(&self, servers: Vec<ServerInfo>) -> Result<(), StoreError> {
+        self.store.cache_servers(&servers)?;
+        let mut map = write(&self.servers);
+        for server in servers {
+            map.insert(server.id.clone(), server);
+        }
+        Ok(())
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    lock.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The QUIC client configuration for the exchange: TLS 1.3, ALPN `iim-peer/1`, trusting the
+/// configured certificate.
+fn client_config(config: &Config) -> anyhow::Result<quinn::ClientConfig> {
+    let path = config
+        .network
+        .exchange_cert
+        .as_ref()
+        .context("network.exchange_cert is not set")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+    {
+        let cert = cert.with_context(|| format!("cannot read {}", path.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("{}: not a usable certificate", path.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(peer_transport()));
+    Ok(client)
+}
+
+/// QUIC transport settings of the link between a host and the exchange, both sides.
+pub fn peer_transport() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_bidi_streams(1u32.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    // A host or exchange that is gone (killed, cut off) is noticed within seconds: a host
+    // then counts as down and what is for it is held.
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    transport.max_idle_timeout(Duration::from_secs(5).try_into().ok());
+    transport
+}
+
+async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(addr) = addr.parse() {
+        return Ok(addr);
+    }
+    tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("cannot resolve {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to no address"))
+}
+
+/// Reads and decodes the frames `peer` sends on `recv`, on a task of its own; the first error
+/// ends them.
+pub(crate) fn read_frames<F: serde::de::DeserializeOwned + Send + 'static>(
+    mut recv: quinn::RecvStream,
+    peer: &'static str,
+) -> mpsc::Receiver<Result<F, String>> {
+    let (tx, frames) = mpsc::channel(1024);
+    tokio::spawn(async move {
+        let mut decoder = FrameDecoder::new(PEER_MAX_FRAME);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            loop {
+                match decoder.decode::<F>() {
+                    Ok(Some(frame)) => {
+                        if tx.send(Ok(frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("bad frame from {peer}: {e}"))).await;
+                        return;
+                    }
+                }
+            }
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => decoder.push(&buf[..n]),
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("link lost: {e}"))).await;
+                    return;
+                }
+            }
+        }
+    });
+    frames
+}
+
+/// One open link: the stream to write to and the frames read.
+struct Link {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    frames: mpsc::Receiver<Result<ExchangeFrame, String>>,
+}
+
+impl Link {
+    async fn write(&mut self, frame: &HostFrame) -> anyhow::Result<()> {
+        let bytes = encode_frame(frame, PEER_MAX_FRAME)?;
+        self.send.write_all(&bytes).await?;
+        Ok(())
+    }
+
+    async fn next(&mut self) -> anyhow::Result<ExchangeFrame> {
+        match self.frames.recv().await {
+            Some(Ok(frame)) => Ok(frame),
+            Some(Err(e)) => anyhow::bail!("{e}"),
+            None => anyhow::bail!("the exchange closed the link"),
+        }
+    }
+}
+
+/// What the exchange's `Joined` said.
+struct Joined {
+    number: u16,
+    servers: Vec<ServerInfo>,
+    relayed_out: u64,
+}
+
+/// Connects to the exchange and joins: the link, and the exchange's `Joined`.
+async fn join(config: &Config, network: &Network) -> anyhow::Result<(Link, Joined)> {
+    let exchange = config
+        .network
+        .exchange
+        .as_deref()
+        .context("network.exchange is not set")?;
+    let addr = resolve(exchange).await?;
+    let bind: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(bind)?;
+    endpoint.set_default_client_config(client_config(config)?);
+    let conn = endpoint
+        .connect(addr, config.network.exchange_name())?
+        .await
+        .with_context(|| format!("cannot connect to the exchange at {exchange}"))?;
+    let (send, recv) = conn.open_bi().await?;
+    let frames = read_frames(recv, "the exchange");
+    let mut link = Link { conn, send, frames };
+    link.write(&HostFrame::Join {
+        version: PEER_VERSION,
+        server: network.server.clone(),
+        addr: network.addr.clone(),
+        secret: config.network.secret.clone().unwrap_or_default(),
+        directory_since: network.directory_version.load(Ordering::Relaxed),
+        relayed_in: network.store.relayed_in()?,
+    })
+    .await?;
+    match link.next().await? {
+        ExchangeFrame::Joined {
+            number,
+            servers,
+            relayed_out,
+        } => Ok((
+            link,
+            Joined {
+                number,
+                servers,
+                relayed_out,
+            },
+        )),
+        ExchangeFrame::Error { code, message } => {
+            anyhow::bail!("the exchange refused this host: {message} ({code})")
+        }
+        other => anyhow::bail!("the exchange answered the join with {other:?}"),
+    }
+}
+
+/// Before a host that never joined its network serves anyone: joins once to learn its number,
+/// the high bits of its message ids, and records it. Tries until the exchange answers.
+pub async fn first_join(config: &Config, network: &Network) -> anyhow::Result<u16> {
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match tokio::time::timeout(JOIN_TIMEOUT, join(config, network)).await {
+            Ok(Ok((
+                link,
+                Joined {
+                    number, servers, ..
+                },
+            ))) => {
+                network.set_servers(servers)?;
+                network.store.set_host_number(number)?;
+                network.store.flush().await?;
+                link.conn.close(0u32.into(), b"joined");
+                return Ok(number);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "waiting for the exchange to give this host its number"
+                )
+            }
+            Err(_) => tracing::warn!("waiting for the exchange to give this host its number"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(REJOIN_MAX);
+    }
+}
+
+/// Keeps the link to the exchange until the host shuts down.
+pub async fn run(host: Arc<Host>, network: Arc<Network>) {
+    let mut shutdown = host.shutdown.clone();
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let result = tokio::select! {
+            r = serve(&host, &network) => r,
+            _ = shutdown.wait_for(|stopping| *stopping) => return,
+        };
+        let was_up = network.up.swap(false, Ordering::Relaxed);
+        write(&network.presence).clear();
+        for server in write(&network.servers).values_mut() {
+            server.up = false;
+        }
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                if was_up {
+                    wait = Duration::from_millis(200);
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "link to the exchange lost; joining again"
+                    );
+                } else {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "cannot join the exchange; trying again"
+                    );
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|stopping| *stopping) => return,
+        }
+        wait = (wait * 2).min(REJOIN_MAX);
+    }
+}
+
+/// One link's life: join, then relay both ways until it fails.
+async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
+    let (mut link, joined) = tokio::time::timeout(JOIN_TIMEOUT, join(&host.config, network))
+        .await
+        .context("joining took too long")??;
+    let Joined {
+        number,
+        servers,
+        relayed_out,
+    } = joined;
+    if network.store.host_number()? != Some(number) {
+        anyhow::bail!(
+            "the exchange numbers this host {number}, but its store says {:?}: is another host \
+             using server id {}?",
+            network.store.host_number()?,
+            network.server
+        );
+    }
+    network.set_servers(servers)?;
+    network.store.relay_acked(relayed_out)?;
+    let mut control = network.control_rx.lock().await;
+    // Whatever was queued for an earlier link is stale: requests time out, presence is sent
+    // again below.
+    while control.try_recv().is_ok() {}
+    network.up.store(true, Ordering::Relaxed);
+    tracing::info!(number, "joined the network");
+    for (user, devices) in host.registry.online_counts() {
+        link.write(&HostFrame::Presence { user, devices }).await?;
+    }
+    let mut sent = relayed_out;
+    let mut acked = relayed_out;
+    let mut relayed_in = network.store.relayed_in()?;
+    let mut unacked_in: Option<u64> = None;
+    pump(&mut link, network, &mut sent, acked).await?;
+    loop {
+        tokio::select! {
+            biased;
+            frame = link.next() => match frame? {
+                ExchangeFrame::Relay { seq, envelope } => {
+                    if seq > relayed_in {
+                        let delivered = host.iim.deliver_relayed(&envelope)?;
+                        relayed_in = seq;
+                        network.store.set_relayed_in(seq)?;
+                        network.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
+                        network.stats.relayed_deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
+                    }
+                    unacked_in = Some(relayed_in);
+                }
+                ExchangeFrame::Ack { seq } => {
+                    if seq > acked {
+                        network.stats.envelopes_acked.fetch_add(seq - acked, Ordering::Relaxed);
+                        acked = seq;
+                        network.store.relay_acked(seq)?;
+                    }
+                    pump(&mut link, network, &mut sent, acked).await?;
+                }
+                ExchangeFrame::Directory { version, entries } => {
+                    network.store.cache_directory(&entries, Some(version))?;
+                    let mut homes = write(&network.homes);
+                    for (user, server) in entries {
+                        homes.insert(user, server);
+                    }
+                    network.directory_version.fetch_max(version, Ordering::Relaxed);
+                }
+                ExchangeFrame::Servers { servers } => network.set_servers(servers)?,
+                ExchangeFrame::Presence { entries } => {
+                    let mut presence = write(&network.presence);
+                    for (user, devices) in entries {
+                        if devices == 0 {
+                            presence.remove(&user);
+                        } else {
+                            presence.insert(user, devices);
+                        }
+                    }
+                }
+                answer @ (ExchangeFrame::Claimed { .. } | ExchangeFrame::Found { .. }) => {
+                    let req = match &answer {
+                        ExchangeFrame::Claimed { req, .. } | ExchangeFrame::Found { req, .. } => *req,
+                        _ => 0,
+                    };
+                    if let Some(waiter) = lock(&network.requests).remove(&req) {
+                        let _ = waiter.send(answer);
+                    }
+                }
+                ExchangeFrame::Error { code, message } => {
+                    anyhow::bail!("the exchange ended the link: {message} ({code})")
+                }
+                ExchangeFrame::Joined { .. } => anyhow::bail!("the exchange sent Joined twice"),
+            },
+            Some(frame) = control.recv() => link.write(&frame).await?,
+            () = network.outbox_ready.notified() => {
+                pump(&mut link, network, &mut sent, acked).await?;
+            }
+            // Nothing else to do: what was applied is made durable, then acknowledged, once
+            // for every envelope read together.
+            () = std::future::ready(()), if unacked_in.is_some() => {
+                host.store.flush().await?;
+                if let Some(seq) = unacked_in.take() {
+                    link.write(&HostFrame::Ack { seq }).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Sends outbox entries after `sent`, as far as the window allows.
+async fn pump(
+    link: &mut Link,
+    network: &Network,
+    sent: &mut u64,
+    acked: u64,
+) -> anyhow::Result<()> {
+    loop {
+        let room = RELAY_WINDOW.saturating_sub(sent.saturating_sub(acked));
+        if room == 0 {
+            return Ok(());
+        }
+        let entries = network.store.relay_outbox(*sent, room as usize)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        for (seq, envelope) in entries {
+            link.write(&HostFrame::Relay { seq, envelope }).await?;
+            network.stats.envelopes_sent.fetch_add(1, Ordering::Relaxed);
+            *sent = seq;
+        }
+    }
+}
+
+/// The address this host gives for its users: `network.advertise`, or the bound address.
+pub fn advertised(config: &Config, bound: SocketAddr) -> String {
+    config
+        .network
+        .advertise
+        .clone()
+        .unwrap_or_else(|| bound.to_string())
+}
+
+/// The rows of `users` (users of other servers) grouped by home server, in first-seen order.
+pub fn rows_by_server(users: impl IntoIterator<Item = (UserId, String)>) -> Vec<RelayRow> {
+    let mut rows: Vec<RelayRow> = Vec::new();
+    for (user, server) in users {
+        match rows.iter_mut().find(|r| r.server == server) {
+            Some(row) => row.users.push(user),
+            None => rows.push(RelayRow {
+                server,
+                users: vec![user],
+            }),
+        }
+    }
+    rows
+}

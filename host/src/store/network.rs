@@ -1,0 +1,168 @@
+//! A host's durable view of its network: its number, the registry and directory it caches,
+//! and its relay outbox (the `network` tree).
+
+use super::{Store, StoreError, decode, encode, get_u64, keys};
+use iim_proto::UserId;
+use iim_proto::peer::{Envelope, ServerInfo};
+use std::sync::atomic::Ordering;
+
+impl Store {
+    /// This host's number in its network, if it has joined one.
+    pub fn host_number(&self) -> Result<Option<u16>, StoreError> {
+        Ok(get_u64(&self.network, "network", keys::NET_NUMBER)?.map(|n| n as u16))
+    }
+
+    /// Records this host's number and numbers every message from now on with it. Durable
+    /// after the next flush.
+    pub fn set_host_number(&self, number: u16) -> Result<(), StoreError> {
+        self.network
+            .insert(keys::NET_NUMBER, &u64::from(number).to_be_bytes())?;
+        self.use_host_number(number);
+        Ok(())
+    }
+
+    /// Numbers every message from now on with `number` (the bits of its id above `iim_proto::peer::ID_BITS`).
+    pub fn use_host_number(&self, number: u16) {
+        self.id_prefix.store(
+            u64::from(number) << iim_proto::peer::ID_BITS,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The cached directory: every (user, home server) and the version it is complete up to.
+    pub fn cached_directory(&self) -> Result<(u64, Vec<(UserId, String)>), StoreError> {
+        let version = get_u64(&self.network, "network", keys::NET_DIRECTORY_VERSION)?.unwrap_or(0);
+        let mut homes = Vec::new();
+        for entry in self.network.scan_prefix(keys::NET_HOME_PREFIX) {
+            let (key, value) = entry?;
+            let corrupt = |reason: &str| StoreError::Corrupt {
+                tree: "network",
+                reason: reason.into(),
+            };
+            let name = std::str::from_utf8(&key[1..]).map_err(|_| corrupt("user not UTF-8"))?;
+            let user = UserId::new(name).map_err(|_| corrupt("invalid user name"))?;
+            let server = String::from_utf8(value.to_vec()).map_err(|_| corrupt("server id"))?;
+            homes.push((user, server));
+        }
+        Ok((version, homes))
+    }
+
+    /// Caches directory entries; `version` (if any) is the version the cache is now complete
+    /// up to.
+    pub fn cache_directory(
+        &self,
+        entries: &[(UserId, String)],
+        version: Option<u64>,
+    ) -> Result<(), StoreError> {
+        for (user, server) in entries {
+            self.network
+                .insert(keys::net_home(user), server.as_bytes())?;
+        }
+        if let Some(version) = version {
+            self.network
+                .insert(keys::NET_DIRECTORY_VERSION, &version.to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The cached registry.
+    pub fn cached_servers(&self) -> Result<Vec<ServerInfo>, StoreError> {
+        self.network
+            .scan_prefix(keys::NET_SERVER_PREFIX)
+            .map(|entry| decode("network", &entry?.1))
+            .collect()
+    }
+
+    /// Caches the registry.
+    pub fn cache_servers(&self, servers: &[ServerInfo]) -> Result<(), StoreError> {
+        for server in servers {
+            self.network
+                .insert(keys::net_server(&server.id), encode(server))?;
+        }
+        Ok(())
+    }
+
+    /// Puts an envelope (`905`) in the relay outbox, numbered one past the last; returns its
+    /// number. Durable after the next flush.
+    pub fn relay_push(&self, envelope: &Envelope) -> Result<u64, StoreError> {
+        let mut head = self.outbox_head.lock().unwrap_or_else(|p| p.into_inner());
+        let last = match *head {
+            Some(last) => last,
+            None => self.relay_last()?,
+        };
+        let seq = last + 1;
+        self.network
+            .insert(keys::net_outbox(seq), encode(envelope))?;
+        *head = Some(seq);
+        Ok(seq)
+    }
+
+    /// The highest number the outbox used: its last entry, or what the exchange acknowledged.
+    fn relay_last(&self) -> Result<u64, StoreError> {
+        let last = match self
+            .network
+            .scan_prefix(keys::NET_OUTBOX_PREFIX)
+            .next_back()
+        {
+            Some(entry) => keys::outbox_seq(&entry?.0).unwrap_or(0),
+            None => 0,
+        };
+        let acked = get_u64(&self.network, "network", keys::NET_OUTBOX_ACKED)?.unwrap_or(0);
+        Ok(last.max(acked))
+    }
+
+    /// Up to `limit` outbox entries after number `after`, in order.
+    pub fn relay_outbox(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Envelope)>, StoreError> {
+        let start = keys::net_outbox(after.saturating_add(1));
+        let mut out = Vec::new();
+        for entry in self.network.range(start..).take(limit) {
+            let (key, value) = entry?;
+            if !key.starts_with(keys::NET_OUTBOX_PREFIX) {
+                break;
+            }
+            let seq = keys::outbox_seq(&key).ok_or_else(|| StoreError::Corrupt {
+                tree: "network",
+                reason: "outbox key without a number".into(),
+            })?;
+            out.push((seq, decode("network", &value)?));
+        }
+        Ok(out)
+    }
+
+    /// The exchange has every outbox entry up to `seq`: they leave the outbox.
+    pub fn relay_acked(&self, seq: u64) -> Result<(), StoreError> {
+        // Remembered first, so that numbers are not used again once the outbox is empty.
+        let acked = get_u64(&self.network, "network", keys::NET_OUTBOX_ACKED)?.unwrap_or(0);
+        if seq > acked {
+            self.network
+                .insert(keys::NET_OUTBOX_ACKED, &seq.to_be_bytes())?;
+        }
+        let end = keys::net_outbox(seq.saturating_add(1));
+        for entry in self.network.range(keys::net_outbox(0)..end) {
+            let (key, _) = entry?;
+            self.network.remove(key)?;
+        }
+        Ok(())
+    }
+
+    /// How many envelopes wait in the relay outbox.
+    pub fn relay_waiting(&self) -> usize {
+        self.network.scan_prefix(keys::NET_OUTBOX_PREFIX).count()
+    }
+
+    /// The highest `906` number this host made durable.
+    pub fn relayed_in(&self) -> Result<u64, StoreError> {
+        Ok(get_u64(&self.network, "network", keys::NET_RELAYED_IN)?.unwrap_or(0))
+    }
+
+    /// Records that every `906` up to `seq` is applied. Durable after the next flush.
+    pub fn set_relayed_in(&self, seq: u64) -> Result<(), StoreError> {
+        self.network
+            .insert(keys::NET_RELAYED_IN, &seq.to_be_bytes())?;
+        Ok(())
+    }
+}

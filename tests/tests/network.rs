@@ -1,0 +1,509 @@
+//! A network of hosts: an exchange and three hosts, each a real `iim-host` process on
+//! loopback, with users spread over them (issue 5; DESIGN.md §2–3).
+
+use anyhow::Context as _;
+use iim_client::new_client_id;
+use iim_client::proto::{ErrorCode, MessageKind};
+use iim_e2e::{HostProcess, Plugins, code_of, default_plugin, next_message, within};
+
+type Result = anyhow::Result<()>;
+
+/// An exchange and hosts `h1`, `h2`, `h3` in its network.
+struct Net {
+    exchange: HostProcess,
+    hosts: Vec<HostProcess>,
+}
+
+impl Net {
+    fn start(toml: &str, chat_only: bool) -> anyhow::Result<Self> {
+        let exchange = HostProcess::start_exchange()?;
+        let chat = default_plugin("chat")?;
+        let mut hosts = Vec::new();
+        for id in ["h1", "h2", "h3"] {
+            let plugins = if chat_only {
+                Plugins::Only(&[("chat", &chat)])
+            } else {
+                Plugins::Default
+            };
+            hosts.push(HostProcess::start_in_network(&exchange, id, toml, plugins)?);
+        }
+        Ok(Self { exchange, hosts })
+    }
+
+    fn host(&self, i: usize) -> &HostProcess {
+        &self.hosts[i]
+    }
+
+    /// Waits until every host sees every host up in its registry.
+    async fn all_up(&self) -> Result {
+        within("every host up everywhere", async {
+            loop {
+                let mut up = 0;
+                for host in &self.hosts {
+                    let out = host.admin("network").await?;
+                    up += out
+                        .lines()
+                        .filter(|l| l.starts_with("host ") && l.ends_with(" up"))
+                        .count();
+                }
+                if up == self.hosts.len() * self.hosts.len() {
+                    return anyhow::Ok(());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+        .await?
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_name_is_taken_once_in_the_network_and_every_host_learns_where_it_lives() -> Result {
+    let net = Net::start("", true)?;
+    net.all_up().await?;
+    let alice = net.host(0).register("alice").await?;
+    net.host(1).register("bob").await?;
+    net.host(2).register("carol").await?;
+
+    // The name is the network's: registering it on another host is refused.
+    let conn = net.host(1).connect().await?;
+    let refused = within("register again", conn.register(&alice, iim_e2e::PASSWORD)).await?;
+    assert_eq!(code_of(refused)?, ErrorCode::USER_EXISTS);
+    conn.close().await;
+
+    // Every host learns the directory (the exchange tells them as users register), and the
+    // exchange lists every host.
+    for host in &net.hosts {
+        stat_reaches(host, "directory_users", 3).await?;
+    }
+    for id in ["h1", "h2", "h3"] {
+        host_line_shows(&net.exchange, id, " up ").await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_crosses_hosts_in_one_envelope_per_host_and_in_order() -> Result {
+    let net = Net::start("", true)?;
+    net.all_up().await?;
+    let alice = net.host(0).register("alice").await?;
+    let bob = net.host(1).register("bob").await?;
+    let carol = net.host(2).register("carol").await?;
+    let dave = net.host(2).register("dave").await?;
+
+    let (b, _) = net.host(1).online(&bob, "phone").await?;
+    let (c, _) = net.host(2).online(&carol, "phone").await?;
+    let (a, _) = net.host(0).online(&alice, "phone").await?;
+
+    // One message to three users on two other hosts: one envelope leaves h1.
+    let before = net.host(0).network_stat("envelopes_out").await?;
+    let to = vec![bob.clone(), carol.clone(), dave.clone()];
+    within(
+        "submit",
+        a.submit(new_client_id(), MessageKind::Chat, &to, b"hello all"),
+    )
+    .await??;
+    let got = next_message(&b).await?;
+    assert_eq!(
+        (got.from.clone(), got.body.clone()),
+        (alice.clone(), b"hello all".to_vec())
+    );
+    let got_c = next_message(&c).await?;
+    assert_eq!(
+        got_c.id, got.id,
+        "the same message, with its id, on every host"
+    );
+    assert_eq!(
+        net.host(0).network_stat("envelopes_out").await? - before,
+        1,
+        "one envelope for two hosts and three users"
+    );
+
+    // Dave was offline: the message waits in his inbox on h3.
+    let (_d, backlog) = net.host(2).online(&dave, "phone").await?;
+    assert_eq!(backlog.len(), 1);
+    assert_eq!(backlog[0].id, got.id);
+
+    // Per sender → recipient order holds across the relay.
+    for i in 0..50u32 {
+        let body = i.to_string();
+        a.submit(
+            new_client_id(),
+            MessageKind::Chat,
+            std::slice::from_ref(&bob),
+            body.as_bytes(),
+        )
+        .await?;
+    }
+    for i in 0..50u32 {
+        let m = next_message(&b).await?;
+        assert_eq!(m.body, i.to_string().into_bytes(), "message {i} in order");
+    }
+    // And back.
+    b.submit(
+        new_client_id(),
+        MessageKind::Chat,
+        std::slice::from_ref(&alice),
+        b"hi alice",
+    )
+    .await?;
+    assert_eq!(next_message(&a).await?.body, b"hi alice".to_vec());
+    Ok(())
+}
+
+/// The next message, which must be of `kind`.
+async fn expect_kind(
+    conn: &iim_client::Connection,
+    kind: MessageKind,
+) -> anyhow::Result<iim_client::proto::Message> {
+    let message = next_message(conn).await?;
+    anyhow::ensure!(
+        message.kind == kind,
+        "expected a {kind} message, got {message:?}"
+    );
+    Ok(message)
+}
+
+fn body_json(message: &iim_client::proto::Message) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_slice(&message.body)?)
+}
+
+/// Waits until `host`'s `iim-host admin network` shows `key` at least `value`.
+async fn stat_reaches(host: &HostProcess, key: &str, value: u64) -> Result {
+    within(&format!("{key} reaching {value}"), async {
+        while host.network_stat(key).await? < value {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        anyhow::Ok(())
+    })
+    .await?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_and_read_receipts_come_back_across_hosts() -> Result {
+    let net = Net::start("", false)?;
+    net.all_up().await?;
+    let alice = net.host(0).register("alice").await?;
+    let bob = net.host(1).register("bob").await?;
+    let (a, _) = net.host(0).online(&alice, "phone").await?;
+    expect_kind(&a, MessageKind::Presence).await?;
+    let (b, _) = net.host(1).online(&bob, "phone").await?;
+    expect_kind(&b, MessageKind::Presence).await?;
+
+    let sent = a.send_text(&bob, "across").await?;
+    let got = expect_kind(&b, MessageKind::Chat).await?;
+    assert_eq!((got.id, got.body.as_slice()), (sent.id, &b"across"[..]));
+    // Bob's phone acknowledged it on h2: the receipts plugin there tells Alice on h1.
+    let delivered = expect_kind(&a, MessageKind::Receipt).await?;
+    assert_eq!(delivered.from, bob);
+    assert_eq!(
+        body_json(&delivered)?,
+        serde_json::json!({"state": "delivered", "id": sent.id.0, "user": "bob", "device": "phone"})
+    );
+    // Bob reads it: Alice learns it across the relay, Bob's own devices locally.
+    let read = serde_json::to_vec(&serde_json::json!({"state": "read", "id": sent.id.0}))?;
+    b.submit(
+        new_client_id(),
+        MessageKind::Receipt,
+        std::slice::from_ref(&alice),
+        &read,
+    )
+    .await?;
+    let expected =
+        serde_json::json!({"state": "read", "id": sent.id.0, "user": "bob", "device": "phone"});
+    assert_eq!(
+        body_json(&expect_kind(&a, MessageKind::Receipt).await?)?,
+        expected
+    );
+    assert_eq!(
+        body_json(&expect_kind(&b, MessageKind::Receipt).await?)?,
+        expected
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_change_reaches_friends_on_every_host_in_one_envelope() -> Result {
+    let net = Net::start("", false)?;
+    net.all_up().await?;
+    let alice = net.host(0).register("alice").await?;
+    // Friends on every host: 2 beside Alice, 3 on each other host.
+    let mut friends = Vec::new();
+    for (host, names) in [
+        (0, &["f1a", "f1b"][..]),
+        (1, &["f2a", "f2b", "f2c"]),
+        (2, &["f3a", "f3b", "f3c"]),
+    ] {
+        for name in names {
+            friends.push((host, net.host(host).register(name).await?));
+        }
+    }
+    let setup = net.host(0).connect().await?;
+    within(
+        "login",
+        setup.login(
+            &alice,
+            iim_e2e::PASSWORD,
+            &"setup".parse()?,
+            iim_client::proto::SessionMode::SendOnly,
+        ),
+    )
+    .await??;
+    for (_, friend) in &friends {
+        setup
+            .add_relation(iim_client::proto::RelationKind::Friend, friend)
+            .await?;
+    }
+    setup.close().await;
+    let mut sessions = Vec::new();
+    for (host, friend) in &friends {
+        let (conn, _) = net.host(*host).online(friend, "phone").await?;
+        // Its own snapshot (its lists are empty).
+        expect_kind(&conn, MessageKind::Presence).await?;
+        sessions.push(conn);
+    }
+    // h1 hears from the exchange that the six friends of the other hosts are online.
+    stat_reaches(net.host(0), "remote_online", 6).await?;
+
+    let out_before = net.host(0).network_stat("envelopes_out").await?;
+    let exchange_before = net.exchange.network_stat("envelopes_out").await?;
+    let (a, _) = net.host(0).online(&alice, "phone").await?;
+    // Alice's snapshot: every friend online, wherever they live.
+    let snapshot = body_json(&expect_kind(&a, MessageKind::Presence).await?)?;
+    let states = snapshot["presence"].as_array().cloned().unwrap_or_default();
+    assert_eq!(states.len(), friends.len(), "{snapshot}");
+    assert!(states.iter().all(|s| s["state"] == "online"), "{snapshot}");
+    for conn in &sessions {
+        let notice = expect_kind(conn, MessageKind::Presence).await?;
+        assert_eq!(notice.from, alice);
+        assert_eq!(
+            body_json(&notice)?,
+            serde_json::json!({"presence": [{"user": "alice", "state": "online", "devices": 1}]})
+        );
+    }
+    assert_eq!(
+        net.host(0).network_stat("envelopes_out").await? - out_before,
+        1,
+        "the origin host sent one envelope for six friends on two hosts"
+    );
+    assert_eq!(
+        net.exchange.network_stat("envelopes_out").await? - exchange_before,
+        2,
+        "the exchange sent one envelope to each of the two hosts"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reaches_another_host_is_redirected_home_and_follows() -> Result {
+    let net = Net::start("", true)?;
+    net.all_up().await?;
+    let alice = net.host(0).register("alice").await?;
+    let bob = net.host(1).register("bob").await?;
+    stat_reaches(net.host(0), "directory_users", 2).await?;
+    let (a, _) = net.host(0).online(&alice, "phone").await?;
+
+    // A plain login at the wrong host is answered with the way home.
+    let conn = net.host(0).connect().await?;
+    let device: iim_client::proto::DeviceId = "phone".parse()?;
+    match within(
+        "login",
+        conn.login(
+            &bob,
+            iim_e2e::PASSWORD,
+            &device,
+            iim_client::proto::SessionMode::SendOnly,
+        ),
+    )
+    .await?
+    {
+        Err(iim_client::ClientError::Redirected { server, addr }) => {
+            assert_eq!(
+                (server.as_str(), addr),
+                ("h2", net.host(1).addr.to_string())
+            );
+        }
+        other => anyhow::bail!("expected a redirect, got {other:?}"),
+    }
+    conn.close().await;
+
+    // A Device opened at h1 ends up at h2 by itself, and stays there.
+    let config = net
+        .host(0)
+        .client_config_trusting(&[net.host(1), net.host(2)])?;
+    let bob_device = within(
+        "open at the wrong host",
+        iim_client::Device::open(
+            &config,
+            &bob,
+            &device,
+            iim_client::Credentials::Password(iim_e2e::PASSWORD.into()),
+            iim_client::proto::SessionMode::Receive,
+        ),
+    )
+    .await??;
+    assert_eq!(bob_device.home(), ("h2".to_owned(), net.host(1).addr));
+    within("send", bob_device.send_text(&alice, "from home")).await??;
+    assert_eq!(next_message(&a).await?.body, b"from home".to_vec());
+    bob_device.close().await;
+
+    // The command-line client follows too, says so, and remembers the home host.
+    let dir = tempfile::tempdir()?;
+    let bundle = dir.path().join("network.pem");
+    let mut pem = Vec::new();
+    for host in &net.hosts {
+        pem.extend(std::fs::read(&host.cert)?);
+    }
+    std::fs::write(&bundle, pem)?;
+    let profile = dir.path().join("bob");
+    let iim = |args: &[&str]| -> anyhow::Result<std::process::Output> {
+        Ok(std::process::Command::new(iim_e2e::binary("iim")?)
+            .arg("--profile")
+            .arg(&profile)
+            .args(args)
+            .output()?)
+    };
+    let h1 = net.host(0).addr.to_string();
+    let login = iim(&[
+        "--server",
+        &h1,
+        "--ca",
+        bundle.to_str().unwrap_or_default(),
+        "login",
+        "bob",
+        "--password",
+        iim_e2e::PASSWORD,
+        "--device",
+        "cli",
+    ])?;
+    let stderr = String::from_utf8_lossy(&login.stderr);
+    assert!(login.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "redirected to home host h2 at {}",
+            net.host(1).addr
+        )),
+        "{stderr}"
+    );
+    let send = iim(&["send", "alice", "from the command line"])?;
+    let stderr = String::from_utf8_lossy(&send.stderr);
+    assert!(send.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("redirected"),
+        "the profile goes straight home: {stderr}"
+    );
+    assert_eq!(
+        next_message(&a).await?.body,
+        b"from the command line".to_vec()
+    );
+    Ok(())
+}
+
+/// The line of `iim-host admin network` about host `id`.
+async fn host_line(node: &HostProcess, id: &str) -> anyhow::Result<String> {
+    let out = node.admin("network").await?;
+    out.lines()
+        .find(|l| l.starts_with(&format!("host {id} ")))
+        .map(str::to_owned)
+        .with_context(|| format!("no host {id} in: {out}"))
+}
+
+/// Waits until `node` shows host `id` with `needle` in its line.
+async fn host_line_shows(node: &HostProcess, id: &str, needle: &str) -> Result {
+    within(&format!("host {id} showing {needle:?}"), async {
+        while !host_line(node, id).await?.contains(needle) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        anyhow::Ok(())
+    })
+    .await?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_survives_restarts_and_traffic_for_a_host_that_is_away_is_held() -> Result {
+    let mut net = Net::start("", true)?;
+    net.all_up().await?;
+    let alice = net.host(0).register("alice").await?;
+    let bob = net.host(1).register("bob").await?;
+    stat_reaches(net.host(0), "directory_users", 2).await?;
+    let numbers = net.exchange.admin("network").await?;
+    let (a, _) = net.host(0).online(&alice, "phone").await?;
+
+    // h2 goes away: the exchange marks it down, and what is sent to its users waits there.
+    net.hosts[1].kill9()?;
+    host_line_shows(&net.exchange, "h2", " down ").await?;
+    for i in 0..5 {
+        let body = format!("held {i}");
+        a.submit(
+            new_client_id(),
+            MessageKind::Chat,
+            std::slice::from_ref(&bob),
+            body.as_bytes(),
+        )
+        .await?;
+    }
+    host_line_shows(&net.exchange, "h2", "waiting 5").await?;
+
+    // The exchange is killed too, and comes back from its store: same numbers, h2 still down,
+    // its five messages still held.
+    net.exchange.kill9()?;
+    tokio::task::block_in_place(|| net.exchange.restart())?;
+    host_line_shows(&net.exchange, "h1", " up ").await?;
+    assert!(host_line(&net.exchange, "h2").await?.contains("waiting 5"));
+    let after = net.exchange.admin("network").await?;
+    for id in ["h1", "h2", "h3"] {
+        let number = |out: &str| {
+            out.lines()
+                .find(|l| l.starts_with(&format!("host {id} ")))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+        };
+        assert_eq!(number(&numbers), number(&after), "{id} keeps its number");
+    }
+
+    // h2 comes back: bob gets the five, in order.
+    tokio::task::block_in_place(|| net.hosts[1].restart())?;
+    let (_b, backlog) = within("bob's backlog", async {
+        loop {
+            let (b, backlog) = net.host(1).online(&bob, "phone").await?;
+            if backlog.len() >= 5 {
+                return anyhow::Ok((b, backlog));
+            }
+            b.close().await;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await??;
+    let bodies: Vec<String> = backlog
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    assert_eq!(
+        bodies,
+        (0..5).map(|i| format!("held {i}")).collect::<Vec<_>>()
+    );
+
+    // A host restarted while the exchange is away still knows where users live (its cache),
+    // accepts, and relays once the exchange is back.
+    a.close().await;
+    net.exchange.kill9()?;
+    tokio::task::block_in_place(|| net.hosts[0].restart())?;
+    let (a, _) = net.host(0).online(&alice, "phone").await?;
+    a.send_text(&bob, "while the exchange is away").await?;
+    assert_eq!(net.host(0).network_stat("envelopes_waiting").await?, 1);
+    tokio::task::block_in_place(|| net.exchange.restart())?;
+    let (b, _) = within("bob online", async {
+        loop {
+            let (b, backlog) = net.host(1).online(&bob, "laptop").await?;
+            if let Some(m) = backlog.last() {
+                anyhow::ensure!(m.body == b"while the exchange is away".to_vec(), "{m:?}");
+                return anyhow::Ok((b, backlog));
+            }
+            b.close().await;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await??;
+    b.close().await;
+    stat_reaches(net.host(0), "envelopes_acked", 1).await?;
+    assert_eq!(net.host(0).network_stat("envelopes_waiting").await?, 0);
+    Ok(())
+}
