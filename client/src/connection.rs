@@ -118,6 +118,21 @@ impl ClientConfig {
     }
 }
 
+impl ClientConfig {
+    /// This configuration for the host a redirect named, at `addr` (`host:port`): an address
+    /// keeps the server name (the network's hosts share one), a DNS name becomes the server
+    /// name the host's certificate must carry.
+    pub(crate) async fn redirected(&self, addr: &str) -> Result<Self, ClientError> {
+        let mut config = self.for_host(resolve(addr).await?);
+        if parse_host_port(addr)?.is_none()
+            && let Some((name, _)) = addr.rsplit_once(':')
+        {
+            config.server_name = name.to_owned();
+        }
+        Ok(config)
+    }
+}
+
 /// The quinn client configuration for an iim host: TLS 1.3, ALPN `iim/1`, trusting `roots`.
 pub fn quic_client_config(
     roots: &[CertificateDer<'static>],
@@ -965,7 +980,7 @@ where
             Err(ClientError::Redirected { server, addr }) => {
                 redirects.follow(&server, &addr)?;
                 tracing::info!(%server, %addr, "the user's home is another host; connecting there");
-                config = config.for_host(resolve(&addr).await?);
+                config = config.redirected(&addr).await?;
             }
             Err(e) => return Err(e),
         }

@@ -13,7 +13,7 @@
 
 use crate::connection::{
     Accepted, Answer, ClientConfig, Connection, Event, Page, Redirects, accepted, follow_redirects,
-    page, resolve, ttl_secs,
+    page, ttl_secs,
 };
 use crate::{ClientError, new_client_id};
 use iim_proto::{DeviceId, Message, MessageId, MessageKind, SessionMode, UserId};
@@ -367,7 +367,7 @@ struct Login {
 impl Login {
     async fn connect(&mut self) -> Result<Connection, ClientError> {
         if let Some(addr) = &self.redirected_to {
-            self.config = self.config.for_host(resolve(addr).await?);
+            self.config = self.config.redirected(addr).await?;
             self.redirected_to = None;
         }
         Connection::resume(

@@ -126,6 +126,13 @@ pub struct PluginsConfig {
     pub max_send_users: usize,
 }
 
+/// The largest `limits.max_frame`: a relay envelope between hosts carries one message and
+/// the names of up to [`MAX_SEND_USERS_LIMIT`] users, and must fit the link's frame limit.
+pub const MAX_FRAME_LIMIT: u32 = 1024 * 1024;
+
+/// The largest `plugins.max_send_users` (see [`MAX_FRAME_LIMIT`]).
+pub const MAX_SEND_USERS_LIMIT: usize = 100_000;
+
 /// Most instances of one plugin: the instance pool is sized for every plugin's instances, a
 /// new build's beside them, and a few being validated.
 pub const MAX_PLUGIN_INSTANCES: usize = 16;
@@ -281,10 +288,10 @@ impl Config {
     /// Checks values that the types alone do not bound.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        if l.max_frame < 1024 {
-            return Err(ConfigError::Invalid(
-                "limits.max_frame must be at least 1024".into(),
-            ));
+        if l.max_frame < 1024 || l.max_frame > MAX_FRAME_LIMIT {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_frame must be between 1024 and {MAX_FRAME_LIMIT}"
+            )));
         }
         if l.max_body == 0 || l.max_body > l.max_frame.saturating_sub(1024) {
             return Err(ConfigError::Invalid(
@@ -356,6 +363,11 @@ impl Config {
                     "plugins.{key} must be at least 1"
                 )));
             }
+        }
+        if p.max_send_users == 0 || p.max_send_users > MAX_SEND_USERS_LIMIT {
+            return Err(ConfigError::Invalid(format!(
+                "plugins.max_send_users must be between 1 and {MAX_SEND_USERS_LIMIT}"
+            )));
         }
         if p.instances > MAX_PLUGIN_INSTANCES {
             return Err(ConfigError::Invalid(format!(

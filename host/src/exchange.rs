@@ -12,9 +12,9 @@
 use crate::config::Config;
 use crate::network::{PEER_MAX_FRAME, RELAY_WINDOW, peer_transport};
 use crate::now_ms;
-use crate::store::exchange::ExchangeStore;
+use crate::store::exchange::{ExchangeStore, Joining};
 use anyhow::Context;
-use iim_proto::peer::{ExchangeFrame, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo};
+use iim_proto::peer::{Envelope, ExchangeFrame, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo};
 use iim_proto::{ErrorCode, UserId, encode_frame};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -62,7 +62,15 @@ struct State {
     presence: Mutex<HashMap<String, HashMap<UserId, u32>>>,
     stats: Stats,
     shutdown: watch::Receiver<bool>,
+    /// Held from a claim's numbering to its broadcast, so that hosts hear of directory
+    /// versions in order.
+    claims: tokio::sync::Mutex<()>,
+    /// Permits for connections that have not joined yet.
+    joining: Arc<tokio::sync::Semaphore>,
 }
+
+/// Connections that have not joined yet, at most.
+const MAX_JOINING: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -80,6 +88,19 @@ impl State {
         match self.store.servers() {
             Ok(servers) => self.tell(None, ExchangeFrame::Servers { servers }),
             Err(e) => tracing::error!(error = %e, "cannot read the registry"),
+        }
+    }
+
+    /// Every user of `server` counts as offline: the other hosts are told.
+    fn forget_presence(&self, server: &str) {
+        let gone: Vec<(UserId, u32)> = lock(&self.presence)
+            .remove(server)
+            .unwrap_or_default()
+            .into_keys()
+            .map(|user| (user, 0))
+            .collect();
+        if !gone.is_empty() {
+            self.tell(Some(server), ExchangeFrame::Presence { entries: gone });
         }
     }
 
@@ -111,7 +132,7 @@ impl Exchange {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let endpoint = crate::server::endpoint(&config, server_config, socket)?;
         let (stop, shutdown) = watch::channel(false);
-        let (events, _) = broadcast::channel(4096);
+        let (events, _) = broadcast::channel(16_384);
         let state = Arc::new(State {
             store,
             secret: config.network.secret.clone().unwrap_or_default(),
@@ -121,6 +142,8 @@ impl Exchange {
             presence: Mutex::default(),
             stats: Stats::default(),
             shutdown,
+            claims: tokio::sync::Mutex::new(()),
+            joining: Arc::new(tokio::sync::Semaphore::new(MAX_JOINING)),
         });
         Ok(Self {
             state,
@@ -157,6 +180,12 @@ impl Exchange {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    // Connections that have not joined yet are few: anyone may open one.
+                    let Ok(permit) = Arc::clone(&self.state.joining).try_acquire_owned() else {
+                        tracing::warn!(remote = %incoming.remote_address(), "connection refused: too many joins under way");
+                        incoming.refuse();
+                        continue;
+                    };
                     let state = Arc::clone(&self.state);
                     links.spawn(async move {
                         let remote = incoming.remote_address();
@@ -164,7 +193,7 @@ impl Exchange {
                             Ok(conn) => conn,
                             Err(e) => return tracing::debug!(%remote, error = %e, "handshake failed"),
                         };
-                        if let Err(e) = serve(&state, conn.clone()).await {
+                        if let Err(e) = serve(&state, conn.clone(), permit).await {
                             tracing::info!(%remote, error = format!("{e:#}"), "host link ended");
                         }
                     });
@@ -243,7 +272,7 @@ fn answer(state: &State, command: &str) -> String {
 /// The stream of one host's link.
 struct Peer {
     send: quinn::SendStream,
-    frames: mpsc::Receiver<Result<HostFrame, String>>,
+    frames: mpsc::UnboundedReceiver<Result<HostFrame, String>>,
 }
 
 impl Peer {
@@ -287,13 +316,19 @@ fn same_secret(a: &str, b: &str) -> bool {
 }
 
 /// One host's link: the join, then relay both ways until it ends.
-async fn serve(state: &Arc<State>, conn: quinn::Connection) -> anyhow::Result<()> {
+async fn serve(
+    state: &Arc<State>,
+    conn: quinn::Connection,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> anyhow::Result<()> {
     let (send, recv) = tokio::time::timeout(JOIN_TIMEOUT, conn.accept_bi())
         .await
         .context("no stream opened in time")??;
+    // Only the join is read before the host is known: small, and nothing after it.
+    let (go, gate) = tokio::sync::oneshot::channel();
     let mut peer = Peer {
         send,
-        frames: crate::network::read_frames(recv, "the host"),
+        frames: crate::network::read_frames(recv, "the host", Some(gate)),
     };
     let first = tokio::time::timeout(JOIN_TIMEOUT, peer.next())
         .await
@@ -303,6 +338,7 @@ async fn serve(state: &Arc<State>, conn: quinn::Connection) -> anyhow::Result<()
         server,
         addr,
         secret,
+        credential,
         directory_since,
         relayed_in,
     } = first
@@ -333,8 +369,24 @@ async fn serve(state: &Arc<State>, conn: quinn::Connection) -> anyhow::Result<()
             )
             .await;
     }
-    let number = state.store.join(&server, &addr, now_ms())?;
-    state.store.flush().await?;
+    let (number, issued) = match state.store.join(&server, &addr, &credential, now_ms())? {
+        Joining::Known(number) => (number, None),
+        Joining::New(number, credential) => (number, Some(credential)),
+        Joining::WrongCredential => {
+            return peer
+                .refuse(
+                    ErrorCode::AUTH_FAILED,
+                    format!(
+                        "server id {server} is registered to another host (its credential \
+                         differs): is this host's data directory new, or is another host \
+                         using this id?"
+                    ),
+                )
+                .await;
+        }
+    };
+    let _ = go.send(());
+    drop(permit);
     // Told before this link registers, so that it does not miss what follows.
     let mut events = state.events.subscribe();
     let link_id = state.next_link.fetch_add(1, Ordering::Relaxed);
@@ -350,14 +402,19 @@ async fn serve(state: &Arc<State>, conn: quinn::Connection) -> anyhow::Result<()
     ) {
         old.replaced.notify_one();
     }
+    // Whoever was online there may be gone: the host tells again who is online now.
+    state.forget_presence(&server);
     tracing::info!(%server, number, %addr, "host joined");
     let result = relay(
         state,
         &mut peer,
-        &server,
-        number,
-        directory_since,
-        relayed_in,
+        Joined {
+            server: &server,
+            number,
+            credential: issued,
+            directory_since,
+            relayed_in,
+        },
         &mut events,
         &outbox_ready,
         &replaced,
@@ -369,51 +426,69 @@ async fn serve(state: &Arc<State>, conn: quinn::Connection) -> anyhow::Result<()
         let ours = links.get(&server).is_some_and(|l| l.id == link_id);
         if ours {
             links.remove(&server);
+            // Under the lock, so that a new link of the host cannot join in between.
+            if let Err(e) = state.store.leave(&server, now_ms()) {
+                tracing::error!(%server, error = %e, "cannot mark the host down");
+            }
         }
         ours
     };
     if ours {
         tracing::info!(%server, "host left");
-        if let Err(e) = state.store.leave(&server, now_ms()) {
-            tracing::error!(%server, error = %e, "cannot mark the host down");
-        }
         state.tell_servers();
-        let gone: Vec<(UserId, u32)> = lock(&state.presence)
-            .remove(&server)
-            .unwrap_or_default()
-            .into_keys()
-            .map(|user| (user, 0))
-            .collect();
-        if !gone.is_empty() {
-            state.tell(Some(&server), ExchangeFrame::Presence { entries: gone });
-        }
+        state.forget_presence(&server);
     }
     conn.close(0u32.into(), b"");
     result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Who joined, and where it said it was.
+struct Joined<'a> {
+    server: &'a str,
+    number: u16,
+    credential: Option<String>,
+    directory_since: u64,
+    relayed_in: u64,
+}
+
+/// Whether a `905` from `origin` (number `number`) is one it may send: a message of its own
+/// (numbered by it, or before it joined a network, from one of its users).
+fn own_message(
+    state: &State,
+    origin: &str,
+    number: u16,
+    envelope: &Envelope,
+) -> anyhow::Result<bool> {
+    let prefix = envelope.message.id.0 >> iim_proto::peer::ID_BITS;
+    if prefix != 0 && prefix != u64::from(number) {
+        return Ok(false);
+    }
+    Ok(state.store.home(&envelope.message.from)?.as_deref() == Some(origin))
+}
+
 async fn relay(
     state: &Arc<State>,
     peer: &mut Peer,
-    server: &str,
-    number: u16,
-    directory_since: u64,
-    relayed_in: u64,
+    joined: Joined<'_>,
     events: &mut broadcast::Receiver<Arc<Broadcast>>,
     outbox_ready: &Notify,
     replaced: &Notify,
 ) -> anyhow::Result<()> {
+    let server = joined.server;
     let servers: Vec<ServerInfo> = state.store.servers()?;
+    // What the exchange says it has must be durable: the host drops what it acknowledges.
+    let relayed_out = state.store.inbound(server)?;
+    state.store.flush().await?;
     peer.write(&ExchangeFrame::Joined {
-        number,
+        number: joined.number,
         servers,
-        relayed_out: state.store.inbound(server)?,
+        relayed_out,
+        credential: joined.credential,
     })
     .await?;
     state.tell_servers();
     // The directory entries the host lacks.
-    let mut since = directory_since;
+    let mut since = joined.directory_since;
     loop {
         let (version, entries) = state.store.directory_after(since, DIRECTORY_CHUNK)?;
         if version == since {
@@ -435,10 +510,12 @@ async fn relay(
         })
         .await?;
     }
-    state.store.outbox_acked(server, relayed_in)?;
-    let mut sent = relayed_in;
-    let mut acked = relayed_in;
-    let mut unacked_in: Option<u64> = None;
+    state.store.outbox_acked(server, joined.relayed_in)?;
+    let mut sent = joined.relayed_in;
+    let mut acked = joined.relayed_in;
+    // The highest `905` stored, and the highest acknowledged to the host.
+    let mut stored_in: Option<u64> = None;
+    let mut acked_in = relayed_out;
     let mut shutdown = state.shutdown.clone();
     pump(state, peer, server, &mut sent, acked).await?;
     loop {
@@ -454,16 +531,29 @@ async fn relay(
             () = replaced.notified() => anyhow::bail!("replaced by a new link of {server}"),
             frame = peer.next() => match frame? {
                 HostFrame::Relay { seq, envelope } => {
-                    let targets = state.store.relay_in(server, seq, envelope)?;
-                    if !targets.is_empty() {
-                        state.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
+                    if own_message(state, server, joined.number, &envelope)? {
+                        let targets = state.store.relay_in(server, seq, envelope)?;
+                        if !targets.is_empty() {
+                            state.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
+                        }
+                        for target in targets {
+                            state.notify(&target);
+                        }
+                    } else {
+                        tracing::error!(%server, seq, id = %envelope.message.id, from = %envelope.message.from, "a relayed message that is not the host's own (another host's id or user); dropped");
                     }
-                    unacked_in = Some(seq.max(unacked_in.unwrap_or(0)));
-                    for target in targets {
-                        state.notify(&target);
+                    stored_in = Some(seq.max(stored_in.unwrap_or(0)));
+                    // Acknowledged once durable: when nothing else is ready, or once half a
+                    // window waits.
+                    if seq.saturating_sub(acked_in) >= RELAY_WINDOW / 2 {
+                        state.store.flush().await?;
+                        peer.write(&ExchangeFrame::Ack { seq }).await?;
+                        acked_in = seq;
+                        stored_in = None;
                     }
                 }
                 HostFrame::Ack { seq } => {
+                    anyhow::ensure!(seq <= sent, "the host acknowledged {seq}, but only {sent} was sent");
                     if seq > acked {
                         state.stats.envelopes_acked.fetch_add(seq - acked, Ordering::Relaxed);
                         acked = seq;
@@ -472,6 +562,8 @@ async fn relay(
                     pump(state, peer, server, &mut sent, acked).await?;
                 }
                 HostFrame::Claim { req, user } => {
+                    // In version order from numbering to broadcast (see `State::claims`).
+                    let _claims = state.claims.lock().await;
                     let (home, version) = state.store.claim(&user, server)?;
                     if let Some(version) = version {
                         state.store.flush().await?;
@@ -481,6 +573,7 @@ async fn relay(
                             entries: vec![(user, home.clone())],
                         });
                     }
+                    drop(_claims);
                     peer.write(&ExchangeFrame::Claimed { req, home }).await?;
                 }
                 HostFrame::Lookup { req, users } => {
@@ -492,8 +585,14 @@ async fn relay(
                     }
                     peer.write(&ExchangeFrame::Found { req, homes }).await?;
                 }
-                HostFrame::Presence { user, devices } => {
-                    {
+                HostFrame::Presence { entries } => {
+                    let mut told = Vec::with_capacity(entries.len());
+                    for (user, devices) in entries {
+                        // Only its own users: a host cannot speak for another's.
+                        if state.store.home(&user)?.as_deref() != Some(server) {
+                            tracing::warn!(%server, %user, "presence of a user who is not the host's own; ignored");
+                            continue;
+                        }
                         let mut presence = lock(&state.presence);
                         let users = presence.entry(server.to_owned()).or_default();
                         if devices == 0 {
@@ -501,8 +600,11 @@ async fn relay(
                         } else {
                             users.insert(user.clone(), devices);
                         }
+                        told.push((user, devices));
                     }
-                    state.tell(Some(server), ExchangeFrame::Presence { entries: vec![(user, devices)] });
+                    if !told.is_empty() {
+                        state.tell(Some(server), ExchangeFrame::Presence { entries: told });
+                    }
                 }
                 HostFrame::Join { .. } => anyhow::bail!("Join sent twice"),
             },
@@ -520,10 +622,11 @@ async fn relay(
             () = outbox_ready.notified() => pump(state, peer, server, &mut sent, acked).await?,
             // Nothing else to do: the `905`s read are made durable and acknowledged, once for
             // all of them.
-            () = std::future::ready(()), if unacked_in.is_some() => {
+            () = std::future::ready(()), if stored_in.is_some() => {
                 state.store.flush().await?;
-                if let Some(seq) = unacked_in.take() {
+                if let Some(seq) = stored_in.take() {
                     peer.write(&ExchangeFrame::Ack { seq }).await?;
+                    acked_in = seq;
                 }
             }
         }
@@ -547,6 +650,9 @@ async fn pump(
         if entries.is_empty() {
             return Ok(());
         }
+        // Only what is durable leaves: a host must never hold a number this exchange could
+        // lose in a crash and hand out again.
+        state.store.flush().await?;
         for (seq, envelope) in entries {
             peer.write(&ExchangeFrame::Relay { seq, envelope }).await?;
             state.stats.envelopes_out.fetch_add(1, Ordering::Relaxed);

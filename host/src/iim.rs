@@ -57,9 +57,21 @@ pub enum IimError {
     /// A row names a server the network does not have.
     #[error("server {0} is not in this host's network")]
     UnknownServer(String),
+    /// The message cannot be relayed to other hosts (too large for the link).
+    #[error("{0}")]
+    Relay(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<crate::network::NetworkError> for IimError {
+    fn from(e: crate::network::NetworkError) -> Self {
+        match e {
+            crate::network::NetworkError::Store(e) => IimError::Store(e),
+            other => IimError::Relay(other.to_string()),
+        }
+    }
 }
 
 /// What `send` did.
@@ -142,18 +154,17 @@ impl Iim {
         self.network.as_ref()
     }
 
-    /// Where `user` lives, if the user exists: an account here, or the directory's entry.
+    /// Where `user` lives, if the user exists. In a network the directory decides (a name is
+    /// one user in the whole network); a user the directory does not name lives here if it
+    /// has an account here.
     pub fn home(&self, user: &UserId) -> Result<Option<Home>, IimError> {
-        if self.store.user_exists(user)? {
-            return Ok(Some(Home::Local));
+        if let Some(server) = self.network.as_ref().and_then(|n| n.home_of(user))
+            && server != self.server
+        {
+            return Ok(Some(Home::Remote(server)));
         }
-        Ok(self
-            .network
-            .as_ref()
-            .and_then(|network| network.home_of(user))
-            // A name claimed for this host whose account a crash cut off does not exist.
-            .filter(|server| *server != self.server)
-            .map(Home::Remote))
+        // A name claimed for this host whose account a crash cut off does not exist.
+        Ok(self.store.user_exists(user)?.then_some(Home::Local))
     }
 
     /// Whether `user` exists, here or on another host of the network.

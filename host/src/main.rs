@@ -126,6 +126,19 @@ fn main() -> anyhow::Result<()> {
         config.tls.cert = Some(cert);
         config.tls.key = Some(key);
     }
+    // Paths relative to where the host was started, made absolute once (the compiled-plugin
+    // cache must be given an absolute path).
+    for path in [
+        Some(&mut config.data_dir),
+        config.plugins.dir.as_mut(),
+        config.plugins.cache_dir.as_mut(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        *path = std::path::absolute(&*path)
+            .with_context(|| format!("cannot resolve the path {}", path.display()))?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -26,8 +26,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-/// Largest frame between a host and the exchange: a message and up to 10,000 user names.
-pub const PEER_MAX_FRAME: u32 = 4 * 1024 * 1024;
+/// Largest frame between a host and the exchange: a message of the largest frame a host may
+/// configure (1 MiB) and the rows of the most users one send may name (100,000 names of at
+/// most 64 bytes).
+pub const PEER_MAX_FRAME: u32 = 16 * 1024 * 1024;
+/// Largest first frame (`Join`) the exchange reads from a connection it does not know yet.
+const JOIN_MAX_FRAME: u32 = 16 * 1024;
 /// Relay envelopes sent ahead of the other side's acknowledgement, at most.
 pub const RELAY_WINDOW: u64 = 256;
 /// How long a claim or look-up waits for the exchange.
@@ -43,6 +47,9 @@ pub enum NetworkError {
     /// The exchange is not connected or did not answer in time.
     #[error("the exchange is out of reach: {0}")]
     Unavailable(String),
+    /// A relay envelope would be larger than the link between hosts carries.
+    #[error("too large to relay: {0}")]
+    TooLarge(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -79,6 +86,10 @@ pub struct Network {
     next_req: AtomicU64,
     control: mpsc::UnboundedSender<HostFrame>,
     control_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<HostFrame>>,
+    /// This host's users whose number of online devices changed since the link last told
+    /// the exchange: it sends their counts as they are when it sends them.
+    presence_changed: Mutex<std::collections::HashSet<UserId>>,
+    presence_ready: Notify,
     /// Relay counters.
     pub stats: RelayStats,
 }
@@ -107,6 +118,8 @@ impl Network {
             next_req: AtomicU64::new(1),
             control,
             control_rx: tokio::sync::Mutex::new(control_rx),
+            presence_changed: Mutex::default(),
+            presence_ready: Notify::new(),
             stats: RelayStats::default(),
         })
     }
@@ -228,15 +241,15 @@ impl Network {
         Ok(())
     }
 
-    /// Tells the other hosts (through the exchange) how many devices of `user`, a user of
-    /// this host, are online. Dropped while the exchange is out of reach: every join sends
+    /// Tells the other hosts (through the exchange) that the number of online devices of
+    /// `user`, a user of this host, changed. The link sends the number as it is when it sends
+    /// it, so that reports of a user's sessions opening and closing at once cannot arrive in
+    /// the wrong order. While the exchange is out of reach nothing is sent: every join sends
     /// the presence of every online user.
-    pub fn report_presence(&self, user: &UserId, devices: u32) {
+    pub fn report_presence(&self, user: &UserId) {
         if self.is_up() {
-            let _ = self.control.send(HostFrame::Presence {
-                user: user.clone(),
-                devices,
-            });
+            lock(&self.presence_changed).insert(user.clone());
+            self.presence_ready.notify_one();
         }
     }
 
@@ -247,11 +260,23 @@ impl Network {
         message: &iim_proto::Message,
         expires_at: Option<u64>,
         rows: Vec<RelayRow>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), NetworkError> {
         let envelope = Envelope {
             message: message.clone(),
             expires_at,
             rows,
+        };
+        // An envelope too large for the link would stop the relay for good: refused here, so
+        // that the send fails visibly instead.
+        let probe = HostFrame::Relay {
+            seq: u64::MAX,
+            envelope,
+        };
+        if let Err(e) = encode_frame(&probe, PEER_MAX_FRAME) {
+            return Err(NetworkError::TooLarge(e.to_string()));
+        }
+        let HostFrame::Relay { envelope, .. } = probe else {
+            unreachable!("built above");
         };
         self.store.relay_push(&envelope)?;
         self.stats.envelopes_out.fetch_add(1, Ordering::Relaxed);
@@ -334,26 +359,42 @@ async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
 }
 
 /// Reads and decodes the frames `peer` sends on `recv`, on a task of its own; the first error
-/// ends them.
+/// ends them. With a `gate`, the first frame may be at most [`JOIN_MAX_FRAME`] bytes and
+/// nothing more is read until the gate opens (the peer is known): a connection that has not
+/// joined makes the reader hold one small frame, no more. The frames are queued without
+/// bound otherwise, so that neither side's loop can block the other's writes (relays are
+/// bounded by the window).
 pub(crate) fn read_frames<F: serde::de::DeserializeOwned + Send + 'static>(
     mut recv: quinn::RecvStream,
     peer: &'static str,
-) -> mpsc::Receiver<Result<F, String>> {
-    let (tx, frames) = mpsc::channel(1024);
+    mut gate: Option<oneshot::Receiver<()>>,
+) -> mpsc::UnboundedReceiver<Result<F, String>> {
+    let (tx, frames) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let mut decoder = FrameDecoder::new(PEER_MAX_FRAME);
+        let first_max = if gate.is_some() {
+            JOIN_MAX_FRAME
+        } else {
+            PEER_MAX_FRAME
+        };
+        let mut decoder = FrameDecoder::new(first_max);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             loop {
                 match decoder.decode::<F>() {
                     Ok(Some(frame)) => {
-                        if tx.send(Ok(frame)).await.is_err() {
+                        if tx.send(Ok(frame)).is_err() {
                             return;
+                        }
+                        if let Some(gate) = gate.take() {
+                            if gate.await.is_err() {
+                                return;
+                            }
+                            decoder.set_max(PEER_MAX_FRAME);
                         }
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        let _ = tx.send(Err(format!("bad frame from {peer}: {e}"))).await;
+                        let _ = tx.send(Err(format!("bad frame from {peer}: {e}")));
                         return;
                     }
                 }
@@ -362,7 +403,7 @@ pub(crate) fn read_frames<F: serde::de::DeserializeOwned + Send + 'static>(
                 Ok(Some(n)) => decoder.push(&buf[..n]),
                 Ok(None) => return,
                 Err(e) => {
-                    let _ = tx.send(Err(format!("link lost: {e}"))).await;
+                    let _ = tx.send(Err(format!("link lost: {e}")));
                     return;
                 }
             }
@@ -375,7 +416,7 @@ pub(crate) fn read_frames<F: serde::de::DeserializeOwned + Send + 'static>(
 struct Link {
     conn: quinn::Connection,
     send: quinn::SendStream,
-    frames: mpsc::Receiver<Result<ExchangeFrame, String>>,
+    frames: mpsc::UnboundedReceiver<Result<ExchangeFrame, String>>,
 }
 
 impl Link {
@@ -394,11 +435,35 @@ impl Link {
     }
 }
 
+/// The exchange refused the join.
+#[derive(Debug, thiserror::Error)]
+#[error("the exchange refused this host: {message} ({code})")]
+struct JoinRefused {
+    code: iim_proto::ErrorCode,
+    message: String,
+}
+
+impl JoinRefused {
+    /// Whether trying again cannot help: the secret, the credential, the version or the
+    /// server id is wrong, which only the operator can fix.
+    fn is_final(&self) -> bool {
+        use iim_proto::ErrorCode;
+        [
+            ErrorCode::AUTH_FAILED,
+            ErrorCode::UNSUPPORTED_VERSION,
+            ErrorCode::INVALID_ARGUMENT,
+            ErrorCode::HANDSHAKE,
+        ]
+        .contains(&self.code)
+    }
+}
+
 /// What the exchange's `Joined` said.
 struct Joined {
     number: u16,
     servers: Vec<ServerInfo>,
     relayed_out: u64,
+    credential: Option<String>,
 }
 
 /// Connects to the exchange and joins: the link, and the exchange's `Joined`.
@@ -421,15 +486,19 @@ async fn join(config: &Config, network: &Network) -> anyhow::Result<(Link, Joine
         .await
         .with_context(|| format!("cannot connect to the exchange at {exchange}"))?;
     let (send, recv) = conn.open_bi().await?;
-    let frames = read_frames(recv, "the exchange");
+    let frames = read_frames(recv, "the exchange", None);
     let mut link = Link { conn, send, frames };
+    // What this host says it has must be durable: the exchange drops what it acknowledges.
+    let relayed_in = network.store.relayed_in()?;
+    network.store.flush().await?;
     link.write(&HostFrame::Join {
         version: PEER_VERSION,
         server: network.server.clone(),
         addr: network.addr.clone(),
         secret: config.network.secret.clone().unwrap_or_default(),
+        credential: network.store.host_credential()?,
         directory_since: network.directory_version.load(Ordering::Relaxed),
-        relayed_in: network.store.relayed_in()?,
+        relayed_in,
     })
     .await?;
     match link.next().await? {
@@ -437,17 +506,17 @@ async fn join(config: &Config, network: &Network) -> anyhow::Result<(Link, Joine
             number,
             servers,
             relayed_out,
+            credential,
         } => Ok((
             link,
             Joined {
                 number,
                 servers,
                 relayed_out,
+                credential,
             },
         )),
-        ExchangeFrame::Error { code, message } => {
-            anyhow::bail!("the exchange refused this host: {message} ({code})")
-        }
+        ExchangeFrame::Error { code, message } => Err(JoinRefused { code, message }.into()),
         other => anyhow::bail!("the exchange answered the join with {other:?}"),
     }
 }
@@ -459,18 +528,32 @@ pub async fn first_join(config: &Config, network: &Network) -> anyhow::Result<u1
     loop {
         match tokio::time::timeout(JOIN_TIMEOUT, join(config, network)).await {
             Ok(Ok((
-                link,
+                mut link,
                 Joined {
-                    number, servers, ..
+                    number,
+                    servers,
+                    credential,
+                    ..
                 },
             ))) => {
+                // Kept before anything else: without it this host cannot join again.
+                if let Some(credential) = credential {
+                    network.store.set_host_credential(&credential)?;
+                    network.store.flush().await?;
+                }
                 network.set_servers(servers)?;
+                claim_existing_users(&mut link, network).await?;
                 network.store.set_host_number(number)?;
                 network.store.flush().await?;
                 link.conn.close(0u32.into(), b"joined");
                 return Ok(number);
             }
             Ok(Err(e)) => {
+                if e.downcast_ref::<JoinRefused>()
+                    .is_some_and(JoinRefused::is_final)
+                {
+                    return Err(e.context("cannot join the network"));
+                }
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "waiting for the exchange to give this host its number"
@@ -481,6 +564,48 @@ pub async fn first_join(config: &Config, network: &Network) -> anyhow::Result<u1
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(REJOIN_MAX);
     }
+}
+
+/// A host that served users alone before it joined: claims each of its users in the
+/// network's directory, so that the other hosts find them. A name another host claimed first
+/// stays that host's, here too: this host's user of that name is no longer reachable (logged
+/// as an error for the operator, who must rename one of them).
+async fn claim_existing_users(link: &mut Link, network: &Network) -> anyhow::Result<()> {
+    let users = network.store.user_names()?;
+    if users.is_empty() {
+        return Ok(());
+    }
+    for (req, user) in users.iter().enumerate() {
+        link.write(&HostFrame::Claim {
+            req: req as u64,
+            user: user.clone(),
+        })
+        .await?;
+    }
+    let mut answered = 0;
+    while answered < users.len() {
+        let frame = tokio::time::timeout(JOIN_TIMEOUT, link.next())
+            .await
+            .context("the exchange did not answer the claims in time")??;
+        // Directory and presence news are sent again at the next join.
+        let ExchangeFrame::Claimed { req, home } = frame else {
+            continue;
+        };
+        answered += 1;
+        let Some(user) = users.get(req as usize) else {
+            continue;
+        };
+        if home == network.server {
+            network.learn(&[(user.clone(), home)])?;
+        } else {
+            tracing::error!(%user, %home, "this host's user has a name another host of the network registered first: the name is that host's user now (messages to it go there, logging in is redirected there)");
+        }
+    }
+    tracing::info!(
+        users = users.len(),
+        "claimed the users this host had before it joined"
+    );
+    Ok(())
 }
 
 /// Keeps the link to the exchange until the host shuts down.
@@ -531,7 +656,14 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
         number,
         servers,
         relayed_out,
+        credential,
     } = joined;
+    if let Some(credential) = credential {
+        // A host whose first join's credential was lost in a crash cannot get here: the
+        // exchange refuses it.
+        network.store.set_host_credential(&credential)?;
+        network.store.flush().await?;
+    }
     if network.store.host_number()? != Some(number) {
         anyhow::bail!(
             "the exchange numbers this host {number}, but its store says {:?}: is another host \
@@ -548,17 +680,24 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
     while control.try_recv().is_ok() {}
     network.up.store(true, Ordering::Relaxed);
     tracing::info!(number, "joined the network");
-    for (user, devices) in host.registry.online_counts() {
-        link.write(&HostFrame::Presence { user, devices }).await?;
+    lock(&network.presence_changed).clear();
+    for entries in host.registry.online_counts().chunks(1000) {
+        link.write(&HostFrame::Presence {
+            entries: entries.to_vec(),
+        })
+        .await?;
     }
     let mut sent = relayed_out;
     let mut acked = relayed_out;
     let mut relayed_in = network.store.relayed_in()?;
     let mut unacked_in: Option<u64> = None;
+    let mut acked_in = relayed_in;
     pump(&mut link, network, &mut sent, acked).await?;
     loop {
         tokio::select! {
             biased;
+            // Claims and look-ups first: a session waits for each.
+            Some(frame) = control.recv() => link.write(&frame).await?,
             frame = link.next() => match frame? {
                 ExchangeFrame::Relay { seq, envelope } => {
                     if seq > relayed_in {
@@ -569,8 +708,17 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
                         network.stats.relayed_deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
                     }
                     unacked_in = Some(relayed_in);
+                    // Acknowledged once durable: when nothing else is ready, or once half a
+                    // window waits.
+                    if relayed_in.saturating_sub(acked_in) >= RELAY_WINDOW / 2 {
+                        host.store.flush().await?;
+                        link.write(&HostFrame::Ack { seq: relayed_in }).await?;
+                        acked_in = relayed_in;
+                        unacked_in = None;
+                    }
                 }
                 ExchangeFrame::Ack { seq } => {
+                    anyhow::ensure!(seq <= sent, "the exchange acknowledged {seq}, but only {sent} was sent");
                     if seq > acked {
                         network.stats.envelopes_acked.fetch_add(seq - acked, Ordering::Relaxed);
                         acked = seq;
@@ -611,7 +759,19 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
                 }
                 ExchangeFrame::Joined { .. } => anyhow::bail!("the exchange sent Joined twice"),
             },
-            Some(frame) = control.recv() => link.write(&frame).await?,
+            () = network.presence_ready.notified() => {
+                let users: Vec<UserId> = lock(&network.presence_changed).drain().collect();
+                let entries: Vec<(UserId, u32)> = users
+                    .into_iter()
+                    .map(|user| {
+                        let devices = host.registry.online(&user).len() as u32;
+                        (user, devices)
+                    })
+                    .collect();
+                for entries in entries.chunks(1000) {
+                    link.write(&HostFrame::Presence { entries: entries.to_vec() }).await?;
+                }
+            }
             () = network.outbox_ready.notified() => {
                 pump(&mut link, network, &mut sent, acked).await?;
             }
@@ -621,6 +781,7 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
                 host.store.flush().await?;
                 if let Some(seq) = unacked_in.take() {
                     link.write(&HostFrame::Ack { seq }).await?;
+                    acked_in = seq;
                 }
             }
         }
@@ -643,6 +804,9 @@ async fn pump(
         if entries.is_empty() {
             return Ok(());
         }
+        // Only what is durable leaves: the exchange must never hold a number this host could
+        // lose in a crash and hand out again.
+        network.store.flush().await?;
         for (seq, envelope) in entries {
             link.write(&HostFrame::Relay { seq, envelope }).await?;
             network.stats.envelopes_sent.fetch_add(1, Ordering::Relaxed);

@@ -351,12 +351,6 @@ impl Session {
                 },
             };
             if Submission::is(&frame) {
-                if let ClientFrame::Submit { to, .. } | ClientFrame::SubmitExpiring { to, .. } =
-                    &frame
-                    && self.auth.is_some()
-                {
-                    cmd::relation::look_up(&self.host, to).await;
-                }
                 if self.auth.is_some()
                     && let Some(wait) = self.submit_wait()
                 {
@@ -367,6 +361,14 @@ impl Session {
                     self.held = Some(frame);
                     self.resume_at = Some(Instant::now() + wait);
                     break;
+                }
+                // A recipient who registered on another host a moment ago: asked for once the
+                // submission is about to be stored.
+                if let ClientFrame::Submit { to, .. } | ClientFrame::SubmitExpiring { to, .. } =
+                    &frame
+                    && self.auth.is_some()
+                {
+                    cmd::relation::look_up(&self.host, to).await;
                 }
                 submissions.push(self.store_submission(frame));
             } else {
@@ -837,7 +839,7 @@ impl Session {
             return Ok(());
         };
         if let Some(network) = self.host.iim.network() {
-            network.report_presence(&opened.user, opened.devices_online);
+            network.report_presence(&opened.user);
         }
         self.host
             .plugins
@@ -1047,7 +1049,7 @@ impl Session {
                 && let Some(closed) = self.session_info()
             {
                 if let Some(network) = self.host.iim.network() {
-                    network.report_presence(&closed.user, closed.devices_online);
+                    network.report_presence(&closed.user);
                 }
                 self.host
                     .plugins

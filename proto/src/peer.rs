@@ -77,6 +77,9 @@ pub enum HostFrame {
         addr: String,
         /// The network's shared secret.
         secret: String,
+        /// The credential the exchange gave this host at its first join (empty the first
+        /// time): a server id belongs to the host that registered it.
+        credential: String,
         /// The directory version the host has every entry up to; the exchange sends the
         /// entries after it.
         directory_since: u64,
@@ -112,12 +115,10 @@ pub enum HostFrame {
         /// The highest.
         seq: u64,
     },
-    /// How many devices of one of this host's users are online now.
+    /// How many devices of some of this host's users are online now.
     Presence {
-        /// The user.
-        user: UserId,
-        /// Devices online.
-        devices: u32,
+        /// (user, devices online).
+        entries: Vec<(UserId, u32)>,
     },
 }
 
@@ -133,6 +134,8 @@ pub enum ExchangeFrame {
         /// The highest `905` number from this host the exchange has made durable; the host
         /// sends from the next one.
         relayed_out: u64,
+        /// At the host's first join: the credential it must show at every later join.
+        credential: Option<String>,
     },
     /// Directory entries (user → home server), in version order: after `Joined` the ones the
     /// host lacks, then each new one as users register anywhere.

@@ -17,6 +17,17 @@ use std::time::Duration;
 /// The secret of the networks tests start ([`HostProcess::start_exchange`]).
 pub const NETWORK_SECRET: &str = "test-network-secret";
 
+/// The configuration of host `server_id` in the network of `exchange`, with `toml` (keys and
+/// sections other than `server_id` and `[network]`).
+pub fn network_config(exchange: &HostProcess, server_id: &str, toml: &str) -> String {
+    format!(
+        "server_id = \"{server_id}\"\n{toml}\n[network]\nexchange = \"{}\"\n\
+         exchange_cert = \"{}\"\nsecret = \"{NETWORK_SECRET}\"\n",
+        exchange.addr,
+        exchange.cert.display()
+    )
+}
+
 /// How long any single step of a test may take before the test fails.
 pub const STEP: Duration = Duration::from_secs(20);
 
@@ -246,13 +257,12 @@ impl HostProcess {
         toml: &str,
         plugins: Plugins<'_>,
     ) -> anyhow::Result<Self> {
-        let toml = format!(
-            "server_id = \"{server_id}\"\n{toml}\n[network]\nexchange = \"{}\"\n\
-             exchange_cert = \"{}\"\nsecret = \"{NETWORK_SECRET}\"\n",
-            exchange.addr,
-            exchange.cert.display()
-        );
-        Self::start_with(&toml, plugins)
+        Self::start_with(&network_config(exchange, server_id, toml), plugins)
+    }
+
+    /// Replaces the configuration file; it takes effect at the next [`HostProcess::restart`].
+    pub fn rewrite_config(&self, toml: &str) -> anyhow::Result<()> {
+        Ok(std::fs::write(self.data.path().join("host.toml"), toml)?)
     }
 
     /// A client configuration for this host that also trusts the certificates of `others`

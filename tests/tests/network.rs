@@ -507,3 +507,98 @@ async fn registration_survives_restarts_and_traffic_for_a_host_that_is_away_is_h
     assert_eq!(net.host(0).network_stat("envelopes_waiting").await?, 0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_served_alone_brings_its_users_into_the_network() -> Result {
+    // A host alone, with users, joins a network: its users keep their accounts and inboxes
+    // and become reachable from the other hosts; a name taken elsewhere first stays there.
+    let exchange = HostProcess::start_exchange()?;
+    let chat = default_plugin("chat")?;
+    let mut old = HostProcess::start_chat_only()?;
+    let olduser = old.register("olduser").await?;
+    old.register("clash").await?;
+    let h2 = HostProcess::start_in_network(&exchange, "h2", "", Plugins::Only(&[("chat", &chat)]))?;
+    let clash_h2 = h2.register("clash").await?;
+    let friend = h2.register("friend").await?;
+
+    old.rewrite_config(&iim_e2e::network_config(&exchange, "h1", ""))?;
+    tokio::task::block_in_place(|| old.restart())?;
+    stat_reaches(&h2, "directory_users", 3).await?;
+    let (o, _) = old.online(&olduser, "phone").await?;
+    let (f, _) = h2.online(&friend, "phone").await?;
+    f.send_text(&olduser, "welcome to the network").await?;
+    assert_eq!(
+        next_message(&o).await?.body,
+        b"welcome to the network".to_vec()
+    );
+    o.send_text(&friend, "glad to be here").await?;
+    assert_eq!(next_message(&f).await?.body, b"glad to be here".to_vec());
+    // "clash" was h2's first: it is h2's user in the whole network, even on the host that had
+    // a user of that name.
+    o.send_text(&clash_h2, "which clash?").await?;
+    let (c, backlog) = h2.online(&clash_h2, "phone").await?;
+    assert_eq!(backlog.len(), 1, "h2's clash got it");
+    c.close().await;
+    assert!(
+        old.log().contains("registered first"),
+        "the operator is told about the clash"
+    );
+    Ok(())
+}
+
+/// Runs `iim-host` with configuration `toml` in a fresh data directory and expects it to
+/// refuse to start: returns what it wrote on stderr.
+fn refused_to_start(toml: &str) -> anyhow::Result<String> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("host.toml"), toml)?;
+    let mut child = std::process::Command::new(iim_e2e::binary("iim-host")?)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--config")
+        .arg(dir.path().join("host.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let started = std::time::Instant::now();
+    while child.try_wait()?.is_none() {
+        if started.elapsed() > iim_e2e::STEP {
+            child.kill()?;
+            anyhow::bail!("iim-host did not stop by itself");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let output = child.wait_with_output()?;
+    anyhow::ensure!(!output.status.success(), "iim-host started");
+    Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_with_a_wrong_secret_or_another_host_s_id_is_refused_and_says_why() -> Result {
+    let net = Net::start("", true)?;
+    net.all_up().await?;
+    // A second host that takes h2's id (a new data directory): refused, h2 unharmed.
+    let err = tokio::task::block_in_place(|| {
+        refused_to_start(&iim_e2e::network_config(&net.exchange, "h2", ""))
+    })?;
+    assert!(err.contains("registered to another host"), "{err}");
+    // The wrong secret.
+    let toml = iim_e2e::network_config(&net.exchange, "h9", "")
+        .replace(iim_e2e::NETWORK_SECRET, "not-the-secret");
+    let err = tokio::task::block_in_place(|| refused_to_start(&toml))?;
+    assert!(err.contains("wrong network secret"), "{err}");
+    host_line_shows(&net.exchange, "h2", " up ").await?;
+    assert!(
+        !net.exchange.admin("network").await?.contains("host h9 "),
+        "a refused host is not registered"
+    );
+    // h2 still works.
+    let alice = net.host(0).register("alice").await?;
+    let bob = net.host(1).register("bob").await?;
+    let (b, _) = net.host(1).online(&bob, "phone").await?;
+    let (a, _) = net.host(0).online(&alice, "phone").await?;
+    a.send_text(&bob, "still here?").await?;
+    assert_eq!(next_message(&b).await?.body, b"still here?".to_vec());
+    Ok(())
+}

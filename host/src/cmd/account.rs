@@ -57,6 +57,9 @@ pub async fn register(host: &Host, user: &UserId, password: String) -> Result<()
                 ));
             }
             Err(NetworkError::Store(e)) => return Err(e.into()),
+            Err(e @ NetworkError::TooLarge(_)) => {
+                return Err(Refusal::new(ErrorCode::INTERNAL, e.to_string()));
+            }
         }
     }
     let record = UserRecord {

@@ -49,6 +49,7 @@ impl From<IimError> for Refusal {
                 ErrorCode::INVALID_ARGUMENT,
                 format!("server {server} is not reachable"),
             ),
+            IimError::Relay(reason) => Refusal::new(ErrorCode::INTERNAL, reason),
             IimError::Store(e) => e.into(),
         }
     }

@@ -28,6 +28,24 @@ pub struct ServerRecord {
     pub up: bool,
     /// When it last joined or left, in ms since the Unix epoch.
     pub since: u64,
+    /// The SHA-256 of the credential it was given at its first join.
+    pub credential: Vec<u8>,
+}
+
+/// What [`ExchangeStore::join`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Joining {
+    /// A known server showed its credential: its number.
+    Known(u16),
+    /// A new server: its number, and the credential it must show from now on.
+    New(u16, String),
+    /// The server id is registered to a host with another credential.
+    WrongCredential,
+}
+
+fn credential_hash(credential: &str) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(credential.as_bytes()).to_vec()
 }
 
 /// The exchange's durable state.
@@ -76,12 +94,30 @@ impl ExchangeStore {
 
     // ---- registry ----
 
-    /// Registers server `id` at `addr` as up; a new server gets the next number. Returns its
-    /// number.
-    pub fn join(&self, id: &str, addr: &str, now: u64) -> Result<u16, StoreError> {
+    /// Registers server `id` at `addr` as up, if `credential` is the one it was given; a new
+    /// server gets the next number and a new credential.
+    pub fn join(
+        &self,
+        id: &str,
+        addr: &str,
+        credential: &str,
+        now: u64,
+    ) -> Result<Joining, StoreError> {
         let _lock = self.registry_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let number = match self.server(id)? {
-            Some(record) => record.number,
+        let (joining, hash) = match self.server(id)? {
+            Some(record) => {
+                let given = credential_hash(credential);
+                let same = given.len() == record.credential.len()
+                    && given
+                        .iter()
+                        .zip(&record.credential)
+                        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                        == 0;
+                if !same {
+                    return Ok(Joining::WrongCredential);
+                }
+                (Joining::Known(record.number), record.credential)
+            }
             None => {
                 let next = get_u64(&self.db, "default", keys::EX_NEXT_NUMBER)?.unwrap_or(1);
                 if next > u64::from(iim_proto::peer::MAX_HOST_NUMBER) {
@@ -92,17 +128,26 @@ impl ExchangeStore {
                 }
                 self.db
                     .insert(keys::EX_NEXT_NUMBER, &(next + 1).to_be_bytes())?;
-                next as u16
+                let credential: String = (0..32)
+                    .map(|_| format!("{:02x}", rand::random::<u8>()))
+                    .collect();
+                let hash = credential_hash(&credential);
+                (Joining::New(next as u16, credential), hash)
             }
+        };
+        let number = match &joining {
+            Joining::Known(n) | Joining::New(n, _) => *n,
+            Joining::WrongCredential => 0,
         };
         let record = ServerRecord {
             number,
             addr: addr.to_owned(),
             up: true,
             since: now,
+            credential: hash,
         };
         self.servers.insert(keys::ex_server(id), encode(&record))?;
-        Ok(number)
+        Ok(joining)
     }
 
     /// Marks server `id` down.
@@ -225,20 +270,35 @@ impl ExchangeStore {
             expires_at,
             rows,
         } = envelope;
-        let mut targets = Vec::with_capacity(rows.len());
+        // One row per server, each user once: a row set that repeats a server (a faulty or
+        // hostile host) makes no more copies.
+        let mut merged: Vec<RelayRow> = Vec::new();
         for row in rows {
+            if row.server == origin {
+                tracing::warn!(origin, id = %message.id, "a relayed message names the origin's own users; that row is dropped");
+                continue;
+            }
             if self.server(&row.server)?.is_none() {
                 tracing::warn!(origin, server = %row.server, id = %message.id, "a relayed message names a server the registry does not have; that row is dropped");
+                continue;
+            }
+            match merged.iter_mut().find(|r| r.server == row.server) {
+                Some(r) => r.users.extend(row.users),
+                None => merged.push(row),
+            }
+        }
+        let mut targets = Vec::with_capacity(merged.len());
+        for mut row in merged {
+            row.users.sort();
+            row.users.dedup();
+            if row.users.is_empty() {
                 continue;
             }
             let target = row.server.clone();
             let one = Envelope {
                 message: message.clone(),
                 expires_at,
-                rows: vec![RelayRow {
-                    server: row.server,
-                    users: row.users,
-                }],
+                rows: vec![row],
             };
             self.outbox_push(&target, &one)?;
             targets.push(target);
@@ -254,7 +314,7 @@ impl ExchangeStore {
             Some(&last) => last,
             None => self.outbox_last(target)?,
         };
-        let seq = last + 1;
+        let seq = last.saturating_add(1);
         self.relay
             .insert(keys::ex_outbox(target, seq), encode(envelope))?;
         heads.insert(target.to_owned(), seq);
@@ -294,10 +354,28 @@ impl ExchangeStore {
 
     /// `target` has every entry of its outbox up to `seq`: they go.
     pub fn outbox_acked(&self, target: &str, seq: u64) -> Result<(), StoreError> {
+        let mut heads = self.outbox_heads.lock().unwrap_or_else(|p| p.into_inner());
+        let last = match heads.get(target) {
+            Some(&last) => last,
+            None => self.outbox_last(target)?,
+        };
+        if seq > last {
+            // The host has numbers this exchange never made durably (its store was lost or
+            // rolled back): numbering goes on above them, or the host would take new
+            // envelopes for repeats and drop them.
+            tracing::error!(
+                target,
+                acknowledged = seq,
+                last,
+                "a host acknowledged relay envelopes this exchange has no record of"
+            );
+        }
         let acked_key = keys::ex_acked(target);
         if seq > get_u64(&self.relay, "relay", &acked_key)?.unwrap_or(0) {
             self.relay.insert(acked_key, &seq.to_be_bytes())?;
         }
+        heads.insert(target.to_owned(), last.max(seq));
+        drop(heads);
         let (start, _) = keys::ex_outbox_after(target, 0);
         let end = keys::ex_outbox(target, seq.saturating_add(1));
         for entry in self.relay.range(start..end) {
@@ -310,5 +388,152 @@ impl ExchangeStore {
     pub fn outbox_len(&self, target: &str) -> usize {
         let (start, end) = keys::ex_outbox_after(target, 0);
         self.relay.range(start..end).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::{message, reopen};
+
+    fn user(name: &str) -> UserId {
+        UserId::new(name).expect("valid")
+    }
+
+    fn row(server: &str, users: &[&str]) -> RelayRow {
+        RelayRow {
+            server: server.into(),
+            users: users.iter().map(|u| user(u)).collect(),
+        }
+    }
+
+    #[test]
+    fn servers_keep_their_numbers_and_a_name_is_claimed_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("exchange");
+        {
+            let store = ExchangeStore::open(&path).expect("open");
+            let Joining::New(1, h1) = store.join("h1", "127.0.0.1:1", "", 1).expect("join") else {
+                panic!("h1 is new");
+            };
+            let Joining::New(2, _) = store.join("h2", "127.0.0.1:2", "", 1).expect("join") else {
+                panic!("h2 is new");
+            };
+            assert_eq!(
+                store.join("h1", "127.0.0.1:9", &h1, 2).expect("again"),
+                Joining::Known(1),
+                "same number"
+            );
+            // Another host that takes h1's id (a new data directory, a mistake) is refused,
+            // and changes nothing.
+            for wrong in ["", "0123", &h1[1..]] {
+                assert_eq!(
+                    store.join("h1", "127.0.0.1:66", wrong, 3).expect("join"),
+                    Joining::WrongCredential
+                );
+            }
+            assert_eq!(
+                store.claim(&user("alice"), "h1").expect("claim"),
+                ("h1".to_owned(), Some(1))
+            );
+            assert_eq!(
+                store.claim(&user("alice"), "h2").expect("claim"),
+                ("h1".to_owned(), None),
+                "taken"
+            );
+            assert_eq!(
+                store.claim(&user("alice"), "h1").expect("claim"),
+                ("h1".to_owned(), None),
+                "its own already"
+            );
+            assert_eq!(
+                store.claim(&user("bob"), "h2").expect("claim"),
+                ("h2".to_owned(), Some(2))
+            );
+        }
+        let store = reopen(&path, ExchangeStore::open);
+        let servers = store.servers().expect("servers");
+        assert_eq!(
+            servers
+                .iter()
+                .map(|s| (s.id.as_str(), s.number, s.addr.as_str(), s.up))
+                .collect::<Vec<_>>(),
+            vec![
+                ("h1", 1, "127.0.0.1:9", false),
+                ("h2", 2, "127.0.0.1:2", false)
+            ],
+            "a restarted exchange has every host down until it joins"
+        );
+        assert!(matches!(
+            store.join("h3", "127.0.0.1:3", "", 3).expect("join"),
+            Joining::New(3, _)
+        ));
+        assert_eq!(store.directory_version().expect("version"), 2);
+        assert_eq!(
+            store.directory_after(0, 1).expect("read"),
+            (1, vec![(user("alice"), "h1".to_owned())])
+        );
+        assert_eq!(
+            store.directory_after(1, 10).expect("read"),
+            (2, vec![(user("bob"), "h2".to_owned())])
+        );
+        assert_eq!(store.directory_after(2, 10).expect("read"), (2, vec![]));
+    }
+
+    #[test]
+    fn a_relayed_message_is_stored_once_per_target_host_and_taken_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("exchange");
+        let store = ExchangeStore::open(&path).expect("open");
+        for (i, id) in ["h1", "h2", "h3"].iter().enumerate() {
+            store
+                .join(id, &format!("127.0.0.1:{i}"), "", 1)
+                .expect("join");
+        }
+        let envelope = Envelope {
+            message: message(10),
+            expires_at: Some(99),
+            rows: vec![
+                row("h2", &["bob", "carol"]),
+                row("h3", &["dave"]),
+                row("h9", &["eve"]),
+            ],
+        };
+        let targets = store.relay_in("h1", 1, envelope.clone()).expect("store");
+        assert_eq!(
+            targets,
+            vec!["h2", "h3"],
+            "a server the registry lacks is dropped"
+        );
+        assert!(
+            store
+                .relay_in("h1", 1, envelope.clone())
+                .expect("again")
+                .is_empty(),
+            "905 number 1 from h1 was stored before"
+        );
+        assert_eq!(store.inbound("h1").expect("read"), 1);
+        let to_h2 = store.outbox("h2", 0, 10).expect("read");
+        assert_eq!(to_h2.len(), 1);
+        assert_eq!(to_h2[0].0, 1);
+        assert_eq!(to_h2[0].1.rows, vec![row("h2", &["bob", "carol"])]);
+        assert_eq!(to_h2[0].1.expires_at, Some(99));
+        assert_eq!(
+            store.outbox("h3", 0, 10).expect("read")[0].1.rows,
+            vec![row("h3", &["dave"])]
+        );
+
+        // h2 took it: its outbox empties, and its numbering goes on after a reopen.
+        store.outbox_acked("h2", 1).expect("ack");
+        assert_eq!(store.outbox_len("h2"), 0);
+        assert_eq!(store.outbox_len("h3"), 1, "h3's is its own");
+        drop(store);
+        let store = reopen(&path, ExchangeStore::open);
+        let more = Envelope {
+            rows: vec![row("h2", &["bob"])],
+            ..envelope
+        };
+        store.relay_in("h1", 2, more).expect("store");
+        assert_eq!(store.outbox("h2", 0, 10).expect("read")[0].0, 2);
     }
 }

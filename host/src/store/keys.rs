@@ -224,6 +224,8 @@ const NET_OUTBOX: u8 = b'o';
 pub const NET_NUMBER: &[u8] = b"n";
 /// `network`: the version of the directory up to which the cache has every entry.
 pub const NET_DIRECTORY_VERSION: &[u8] = b"v";
+/// `network`: the credential the exchange gave this host at its first join.
+pub const NET_CREDENTIAL: &[u8] = b"c";
 /// `network`: the highest relay outbox number the exchange acknowledged.
 pub const NET_OUTBOX_ACKED: &[u8] = b"k";
 /// `network`: the highest `906` number from the exchange this host made durable.

@@ -402,6 +402,23 @@ impl Store {
             .transpose()
     }
 
+    /// Every user with an account here, by name.
+    pub fn user_names(&self) -> Result<Vec<UserId>, StoreError> {
+        self.users
+            .iter()
+            .map(|entry| {
+                let (key, _) = entry?;
+                std::str::from_utf8(&key)
+                    .ok()
+                    .and_then(|name| UserId::new(name).ok())
+                    .ok_or_else(|| StoreError::Corrupt {
+                        tree: "users",
+                        reason: "a key that is not a user name".into(),
+                    })
+            })
+            .collect()
+    }
+
     /// Whether `user` exists.
     pub fn user_exists(&self, user: &UserId) -> Result<bool, StoreError> {
         let known = || self.known_users.read().unwrap_or_else(|p| p.into_inner());
@@ -922,10 +939,10 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn message(id: u64) -> Message {
+    pub(crate) fn message(id: u64) -> Message {
         Message {
             id: MessageId(id),
             kind: iim_proto::MessageKind::Chat,
@@ -935,6 +952,23 @@ mod tests {
             body: b"hi".to_vec(),
             sent_at: 1,
         }
+    }
+
+    /// Opens `path` again after its last store was dropped: its flusher thread lets go of the
+    /// database (and its file lock) a moment later.
+    pub(crate) fn reopen<T>(path: &Path, open: impl Fn(&Path) -> Result<T, StoreError>) -> T {
+        for _ in 0..200 {
+            match open(path) {
+                Ok(store) => return store,
+                Err(StoreError::Sled(sled::Error::Io(e)))
+                    if e.to_string().contains("could not acquire lock") =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        }
+        panic!("reopen: the database stayed locked for 2 s")
     }
 
     /// The positions of the entries sessions would read from `user`'s inbox.

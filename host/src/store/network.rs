@@ -21,6 +21,22 @@ impl Store {
         Ok(())
     }
 
+    /// The credential this host shows the exchange (empty before its first join).
+    pub fn host_credential(&self) -> Result<String, StoreError> {
+        Ok(self
+            .network
+            .get(keys::NET_CREDENTIAL)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default())
+    }
+
+    /// Records the credential the exchange gave this host. Durable after the next flush.
+    pub fn set_host_credential(&self, credential: &str) -> Result<(), StoreError> {
+        self.network
+            .insert(keys::NET_CREDENTIAL, credential.as_bytes())?;
+        Ok(())
+    }
+
     /// Numbers every message from now on with `number` (the bits of its id above `iim_proto::peer::ID_BITS`).
     pub fn use_host_number(&self, number: u16) {
         self.id_prefix.store(
@@ -58,7 +74,10 @@ impl Store {
             self.network
                 .insert(keys::net_home(user), server.as_bytes())?;
         }
-        if let Some(version) = version {
+        if let Some(version) = version
+            && version
+                > get_u64(&self.network, "network", keys::NET_DIRECTORY_VERSION)?.unwrap_or(0)
+        {
             self.network
                 .insert(keys::NET_DIRECTORY_VERSION, &version.to_be_bytes())?;
         }
@@ -135,12 +154,29 @@ impl Store {
 
     /// The exchange has every outbox entry up to `seq`: they leave the outbox.
     pub fn relay_acked(&self, seq: u64) -> Result<(), StoreError> {
+        let mut head = self.outbox_head.lock().unwrap_or_else(|p| p.into_inner());
+        let last = match *head {
+            Some(last) => last,
+            None => self.relay_last()?,
+        };
+        if seq > last {
+            // The exchange has numbers this host never made durably (its store was lost or
+            // rolled back): numbering goes on above them, or the exchange would take new
+            // envelopes for repeats and drop them.
+            tracing::error!(
+                acknowledged = seq,
+                last,
+                "the exchange acknowledged relay envelopes this host has no record of"
+            );
+        }
         // Remembered first, so that numbers are not used again once the outbox is empty.
         let acked = get_u64(&self.network, "network", keys::NET_OUTBOX_ACKED)?.unwrap_or(0);
         if seq > acked {
             self.network
                 .insert(keys::NET_OUTBOX_ACKED, &seq.to_be_bytes())?;
         }
+        *head = Some(last.max(seq));
+        drop(head);
         let end = keys::net_outbox(seq.saturating_add(1));
         for entry in self.network.range(keys::net_outbox(0)..end) {
             let (key, _) = entry?;
@@ -164,5 +200,91 @@ impl Store {
         self.network
             .insert(keys::NET_RELAYED_IN, &seq.to_be_bytes())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::{message, reopen};
+
+    fn envelope(id: u64) -> Envelope {
+        Envelope {
+            message: message(id),
+            expires_at: None,
+            rows: vec![iim_proto::peer::RelayRow {
+                server: "h2".into(),
+                users: vec![UserId::new("bob").expect("valid")],
+            }],
+        }
+    }
+
+    #[test]
+    fn the_relay_outbox_is_numbered_in_order_and_never_reuses_a_number() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        {
+            let store = Store::open(&path).expect("open");
+            for id in 1..=5 {
+                assert_eq!(store.relay_push(&envelope(id)).expect("push"), id);
+            }
+            let first: Vec<u64> = store
+                .relay_outbox(0, 3)
+                .expect("read")
+                .into_iter()
+                .map(|(seq, e)| {
+                    assert_eq!(e.message.id.0, seq);
+                    seq
+                })
+                .collect();
+            assert_eq!(first, vec![1, 2, 3]);
+            assert_eq!(store.relay_outbox(3, 10).expect("read").len(), 2);
+            // The exchange has them all: the outbox empties.
+            store.relay_acked(5).expect("ack");
+            assert_eq!(store.relay_waiting(), 0);
+            assert!(store.relay_outbox(0, 10).expect("read").is_empty());
+        }
+        // Reopened with an empty outbox, numbering goes on after what was acknowledged (the
+        // exchange drops numbers it has seen).
+        let store = reopen(&path, Store::open);
+        assert_eq!(store.relay_push(&envelope(6)).expect("push"), 6);
+        store.relay_acked(3).expect("an old ack changes nothing");
+        assert_eq!(store.relay_waiting(), 1);
+    }
+
+    #[test]
+    fn a_host_number_goes_into_every_message_id_and_the_caches_survive_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let bob = UserId::new("bob").expect("valid");
+        {
+            let store = Store::open(&path).expect("open");
+            assert_eq!(store.host_number().expect("read"), None);
+            store.set_host_number(3).expect("number");
+            let id = store
+                .new_message(|id| iim_proto::Message { id, ..message(0) })
+                .expect("id")
+                .id;
+            assert_eq!(id.0 >> iim_proto::peer::ID_BITS, 3, "{id}");
+            assert!(id.0 < 1 << 53, "fits a JSON number: {id}");
+            store
+                .cache_directory(&[(bob.clone(), "h2".into())], Some(7))
+                .expect("cache");
+            store
+                .cache_servers(&[ServerInfo {
+                    id: "h2".into(),
+                    number: 2,
+                    addr: "127.0.0.1:1".into(),
+                    up: true,
+                }])
+                .expect("cache");
+        }
+        let store = reopen(&path, Store::open);
+        assert_eq!(store.host_number().expect("read"), Some(3));
+        assert_eq!(
+            store.cached_directory().expect("read"),
+            (7, vec![(bob, "h2".to_owned())])
+        );
+        assert_eq!(store.cached_servers().expect("read")[0].number, 2);
     }
 }
