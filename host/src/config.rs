@@ -288,9 +288,15 @@ impl Config {
     /// Checks values that the types alone do not bound.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        if l.max_frame < 1024 || l.max_frame > MAX_FRAME_LIMIT {
+        if l.max_frame < 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.max_frame must be at least 1024".into(),
+            ));
+        }
+        let networked = self.role == Role::Exchange || self.network.exchange.is_some();
+        if networked && l.max_frame > MAX_FRAME_LIMIT {
             return Err(ConfigError::Invalid(format!(
-                "limits.max_frame must be between 1024 and {MAX_FRAME_LIMIT}"
+                "limits.max_frame must be at most {MAX_FRAME_LIMIT} in a network of hosts"
             )));
         }
         if l.max_body == 0 || l.max_body > l.max_frame.saturating_sub(1024) {
@@ -364,9 +370,10 @@ impl Config {
                 )));
             }
         }
-        if p.max_send_users == 0 || p.max_send_users > MAX_SEND_USERS_LIMIT {
+        if p.max_send_users == 0 || (networked && p.max_send_users > MAX_SEND_USERS_LIMIT) {
             return Err(ConfigError::Invalid(format!(
-                "plugins.max_send_users must be between 1 and {MAX_SEND_USERS_LIMIT}"
+                "plugins.max_send_users must be at least 1, and at most {MAX_SEND_USERS_LIMIT} \
+                 in a network of hosts"
             )));
         }
         if p.instances > MAX_PLUGIN_INSTANCES {

@@ -26,8 +26,8 @@ use tokio::sync::{Notify, broadcast, mpsc, watch};
 
 /// Directory entries per frame when a host catches up.
 const DIRECTORY_CHUNK: usize = 1000;
-/// How long a new connection has to join.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new connection has to open its stream, and then to join.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Something every connected host (but one, perhaps) is told.
 #[derive(Debug)]
@@ -99,8 +99,13 @@ impl State {
             .into_keys()
             .map(|user| (user, 0))
             .collect();
-        if !gone.is_empty() {
-            self.tell(Some(server), ExchangeFrame::Presence { entries: gone });
+        for entries in gone.chunks(DIRECTORY_CHUNK) {
+            self.tell(
+                Some(server),
+                ExchangeFrame::Presence {
+                    entries: entries.to_vec(),
+                },
+            );
         }
     }
 
@@ -196,6 +201,8 @@ impl Exchange {
                         if let Err(e) = serve(&state, conn.clone(), permit).await {
                             tracing::info!(%remote, error = format!("{e:#}"), "host link ended");
                         }
+                        // On every path: a connection that never joined must not linger.
+                        conn.close(0u32.into(), b"");
                     });
                 }
                 Some(joined) = links.join_next(), if !links.is_empty() => {
@@ -369,9 +376,16 @@ async fn serve(
             )
             .await;
     }
-    let (number, issued) = match state.store.join(&server, &addr, &credential, now_ms())? {
-        Joining::Known(number) => (number, None),
-        Joining::New(number, credential) => (number, Some(credential)),
+    if credential.len() < 16 || credential.len() > 256 {
+        return peer
+            .refuse(
+                ErrorCode::INVALID_ARGUMENT,
+                "a host's credential is 16 to 256 bytes".into(),
+            )
+            .await;
+    }
+    let number = match state.store.join(&server, &addr, &credential, now_ms())? {
+        Joining::Known(number) | Joining::New(number) => number,
         Joining::WrongCredential => {
             return peer
                 .refuse(
@@ -411,7 +425,6 @@ async fn serve(
         Joined {
             server: &server,
             number,
-            credential: issued,
             directory_since,
             relayed_in,
         },
@@ -446,24 +459,17 @@ async fn serve(
 struct Joined<'a> {
     server: &'a str,
     number: u16,
-    credential: Option<String>,
     directory_since: u64,
     relayed_in: u64,
 }
 
-/// Whether a `905` from `origin` (number `number`) is one it may send: a message of its own
-/// (numbered by it, or before it joined a network, from one of its users).
-fn own_message(
-    state: &State,
-    origin: &str,
-    number: u16,
-    envelope: &Envelope,
-) -> anyhow::Result<bool> {
+/// Whether a `905` from host number `number` is one it may send: a message it numbered
+/// itself (or, number 0, before it joined a network). Its sender is not checked: a host also
+/// relays messages about other hosts' users' messages in their name (an `expired` receipt
+/// goes from the original sender to the original sender).
+fn own_message(number: u16, envelope: &Envelope) -> bool {
     let prefix = envelope.message.id.0 >> iim_proto::peer::ID_BITS;
-    if prefix != 0 && prefix != u64::from(number) {
-        return Ok(false);
-    }
-    Ok(state.store.home(&envelope.message.from)?.as_deref() == Some(origin))
+    prefix == 0 || prefix == u64::from(number)
 }
 
 async fn relay(
@@ -483,14 +489,17 @@ async fn relay(
         number: joined.number,
         servers,
         relayed_out,
-        credential: joined.credential,
     })
     .await?;
     state.tell_servers();
     // The directory entries the host lacks.
     let mut since = joined.directory_since;
     loop {
-        let (version, entries) = state.store.directory_after(since, DIRECTORY_CHUNK)?;
+        // Under the claims lock: a claim is read only once it is durable.
+        let (version, entries) = {
+            let _claims = state.claims.lock().await;
+            state.store.directory_after(since, DIRECTORY_CHUNK)?
+        };
         if version == since {
             break;
         }
@@ -531,7 +540,7 @@ async fn relay(
             () = replaced.notified() => anyhow::bail!("replaced by a new link of {server}"),
             frame = peer.next() => match frame? {
                 HostFrame::Relay { seq, envelope } => {
-                    if own_message(state, server, joined.number, &envelope)? {
+                    if own_message(joined.number, &envelope) {
                         let targets = state.store.relay_in(server, seq, envelope)?;
                         if !targets.is_empty() {
                             state.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
@@ -540,7 +549,7 @@ async fn relay(
                             state.notify(&target);
                         }
                     } else {
-                        tracing::error!(%server, seq, id = %envelope.message.id, from = %envelope.message.from, "a relayed message that is not the host's own (another host's id or user); dropped");
+                        tracing::error!(%server, seq, id = %envelope.message.id, from = %envelope.message.from, "a relayed message numbered by another host; dropped");
                     }
                     stored_in = Some(seq.max(stored_in.unwrap_or(0)));
                     // Acknowledged once durable: when nothing else is ready, or once half a
@@ -577,12 +586,15 @@ async fn relay(
                     peer.write(&ExchangeFrame::Claimed { req, home }).await?;
                 }
                 HostFrame::Lookup { req, users } => {
+                    // Under the claims lock: a claim is read only once it is durable.
+                    let _claims = state.claims.lock().await;
                     let mut homes = Vec::new();
                     for user in users.into_iter().take(iim_proto::MAX_TARGETS) {
                         if let Some(home) = state.store.home(&user)? {
                             homes.push((user, home));
                         }
                     }
+                    drop(_claims);
                     peer.write(&ExchangeFrame::Found { req, homes }).await?;
                 }
                 HostFrame::Presence { entries } => {

@@ -463,7 +463,6 @@ struct Joined {
     number: u16,
     servers: Vec<ServerInfo>,
     relayed_out: u64,
-    credential: Option<String>,
 }
 
 /// Connects to the exchange and joins: the link, and the exchange's `Joined`.
@@ -506,14 +505,12 @@ async fn join(config: &Config, network: &Network) -> anyhow::Result<(Link, Joine
             number,
             servers,
             relayed_out,
-            credential,
         } => Ok((
             link,
             Joined {
                 number,
                 servers,
                 relayed_out,
-                credential,
             },
         )),
         ExchangeFrame::Error { code, message } => Err(JoinRefused { code, message }.into()),
@@ -524,25 +521,35 @@ async fn join(config: &Config, network: &Network) -> anyhow::Result<(Link, Joine
 /// Before a host that never joined its network serves anyone: joins once to learn its number,
 /// the high bits of its message ids, and records it. Tries until the exchange answers.
 pub async fn first_join(config: &Config, network: &Network) -> anyhow::Result<u16> {
+    // This host's credential, made and kept before the exchange ever sees it: a crash at any
+    // moment of the first join leaves the host able to show it again.
+    if network.store.host_credential()?.is_empty() {
+        let credential: String = (0..32)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect();
+        network.store.set_host_credential(&credential)?;
+        network.store.flush().await?;
+    }
     let mut wait = Duration::from_millis(200);
     loop {
         match tokio::time::timeout(JOIN_TIMEOUT, join(config, network)).await {
             Ok(Ok((
                 mut link,
                 Joined {
-                    number,
-                    servers,
-                    credential,
-                    ..
+                    number, servers, ..
                 },
             ))) => {
-                // Kept before anything else: without it this host cannot join again.
-                if let Some(credential) = credential {
-                    network.store.set_host_credential(&credential)?;
-                    network.store.flush().await?;
-                }
                 network.set_servers(servers)?;
-                claim_existing_users(&mut link, network).await?;
+                if let Err(e) = claim_existing_users(&mut link, network).await {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "claiming this host's users failed; joining again"
+                    );
+                    link.conn.close(0u32.into(), b"");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(REJOIN_MAX);
+                    continue;
+                }
                 network.store.set_host_number(number)?;
                 network.store.flush().await?;
                 link.conn.close(0u32.into(), b"joined");
@@ -656,14 +663,7 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
         number,
         servers,
         relayed_out,
-        credential,
     } = joined;
-    if let Some(credential) = credential {
-        // A host whose first join's credential was lost in a crash cannot get here: the
-        // exchange refuses it.
-        network.store.set_host_credential(&credential)?;
-        network.store.flush().await?;
-    }
     if network.store.host_number()? != Some(number) {
         anyhow::bail!(
             "the exchange numbers this host {number}, but its store says {:?}: is another host \

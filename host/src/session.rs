@@ -1044,13 +1044,15 @@ impl Session {
     async fn finish(mut self, end: End) {
         if let (Some(auth), Some(attached)) = (&self.auth, &self.attached) {
             self.host.registry.detach(&auth.user, attached.session);
+            // The other hosts count the user's attached sessions: told of every one that ends,
+            // whether it went online or not.
+            if let Some(network) = self.host.iim.network() {
+                network.report_presence(&auth.user);
+            }
             // Only a session that went online (sent Synced) goes offline.
             if attached.backlog.is_none()
                 && let Some(closed) = self.session_info()
             {
-                if let Some(network) = self.host.iim.network() {
-                    network.report_presence(&closed.user);
-                }
                 self.host
                     .plugins
                     .raise(PluginEvent::SessionClosed(closed))

@@ -77,8 +77,8 @@ pub enum HostFrame {
         addr: String,
         /// The network's shared secret.
         secret: String,
-        /// The credential the exchange gave this host at its first join (empty the first
-        /// time): a server id belongs to the host that registered it.
+        /// A secret of this host's own, made and kept before its first join: the exchange
+        /// records it then, and a server id belongs to the host that shows it.
         credential: String,
         /// The directory version the host has every entry up to; the exchange sends the
         /// entries after it.
@@ -134,8 +134,6 @@ pub enum ExchangeFrame {
         /// The highest `905` number from this host the exchange has made durable; the host
         /// sends from the next one.
         relayed_out: u64,
-        /// At the host's first join: the credential it must show at every later join.
-        credential: Option<String>,
     },
     /// Directory entries (user → home server), in version order: after `Joined` the ones the
     /// host lacks, then each new one as users register anywhere.

@@ -602,3 +602,32 @@ async fn a_host_with_a_wrong_secret_or_another_host_s_id_is_refused_and_says_why
     assert_eq!(next_message(&b).await?.body, b"still here?".to_vec());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_expires_on_another_host_is_reported_back_to_its_sender() -> Result {
+    let net = Net::start("", true)?;
+    net.all_up().await?;
+    let alice = net.host(0).register("alice").await?;
+    let bob = net.host(1).register("bob").await?;
+    stat_reaches(net.host(0), "directory_users", 2).await?;
+    let (a, _) = net.host(0).online(&alice, "phone").await?;
+    // Bob is offline: the message waits in his inbox on h2 for its 1 s, then expires there;
+    // h2 tells Alice on h1, in her own name, across the relay.
+    let sent = a
+        .submit_expiring(
+            new_client_id(),
+            MessageKind::Chat,
+            std::slice::from_ref(&bob),
+            b"soon gone",
+            std::time::Duration::from_secs(1),
+        )
+        .await?;
+    let receipt = expect_kind(&a, MessageKind::Receipt).await?;
+    assert_eq!(
+        body_json(&receipt)?,
+        serde_json::json!({"state": "expired", "id": sent.id.0, "user": "bob"})
+    );
+    let (_b, backlog) = net.host(1).online(&bob, "phone").await?;
+    assert!(backlog.is_empty(), "it left Bob's inbox: {backlog:?}");
+    Ok(())
+}

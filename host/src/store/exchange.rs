@@ -37,8 +37,9 @@ pub struct ServerRecord {
 pub enum Joining {
     /// A known server showed its credential: its number.
     Known(u16),
-    /// A new server: its number, and the credential it must show from now on.
-    New(u16, String),
+    /// A new server: its number. The credential it showed is the one it must show from now
+    /// on.
+    New(u16),
     /// The server id is registered to a host with another credential.
     WrongCredential,
 }
@@ -59,6 +60,9 @@ pub struct ExchangeStore {
     registry_lock: Arc<Mutex<()>>,
     /// The last outbox number of each target, held while an envelope is numbered and written.
     outbox_heads: Arc<Mutex<HashMap<String, u64>>>,
+    /// Held while a `905` is stored: two links of one host (the old one not yet ended) must
+    /// not store the same envelopes side by side.
+    inbound_lock: Arc<Mutex<()>>,
     flusher: std::sync::mpsc::Sender<super::FlushWaiter>,
 }
 
@@ -73,6 +77,7 @@ impl ExchangeStore {
             relay: db.open_tree("relay")?,
             registry_lock: Default::default(),
             outbox_heads: Default::default(),
+            inbound_lock: Default::default(),
             flusher,
             db,
         };
@@ -94,8 +99,8 @@ impl ExchangeStore {
 
     // ---- registry ----
 
-    /// Registers server `id` at `addr` as up, if `credential` is the one it was given; a new
-    /// server gets the next number and a new credential.
+    /// Registers server `id` at `addr` as up, if `credential` is the one it showed at its
+    /// first join; a new server gets the next number, and its credential is recorded.
     pub fn join(
         &self,
         id: &str,
@@ -128,15 +133,11 @@ impl ExchangeStore {
                 }
                 self.db
                     .insert(keys::EX_NEXT_NUMBER, &(next + 1).to_be_bytes())?;
-                let credential: String = (0..32)
-                    .map(|_| format!("{:02x}", rand::random::<u8>()))
-                    .collect();
-                let hash = credential_hash(&credential);
-                (Joining::New(next as u16, credential), hash)
+                (Joining::New(next as u16), credential_hash(credential))
             }
         };
         let number = match &joining {
-            Joining::Known(n) | Joining::New(n, _) => *n,
+            Joining::Known(n) | Joining::New(n) => *n,
             Joining::WrongCredential => 0,
         };
         let record = ServerRecord {
@@ -262,6 +263,7 @@ impl ExchangeStore {
         seq: u64,
         envelope: Envelope,
     ) -> Result<Vec<String>, StoreError> {
+        let _inbound = self.inbound_lock.lock().unwrap_or_else(|p| p.into_inner());
         if seq <= self.inbound(origin)? {
             return Ok(Vec::new());
         }
@@ -413,14 +415,17 @@ mod tests {
         let path = dir.path().join("exchange");
         {
             let store = ExchangeStore::open(&path).expect("open");
-            let Joining::New(1, h1) = store.join("h1", "127.0.0.1:1", "", 1).expect("join") else {
-                panic!("h1 is new");
-            };
-            let Joining::New(2, _) = store.join("h2", "127.0.0.1:2", "", 1).expect("join") else {
-                panic!("h2 is new");
-            };
+            let h1 = "h1's own secret";
             assert_eq!(
-                store.join("h1", "127.0.0.1:9", &h1, 2).expect("again"),
+                store.join("h1", "127.0.0.1:1", h1, 1).expect("join"),
+                Joining::New(1)
+            );
+            assert_eq!(
+                store.join("h2", "127.0.0.1:2", "h2's", 1).expect("join"),
+                Joining::New(2)
+            );
+            assert_eq!(
+                store.join("h1", "127.0.0.1:9", h1, 2).expect("again"),
                 Joining::Known(1),
                 "same number"
             );
@@ -465,8 +470,8 @@ mod tests {
             "a restarted exchange has every host down until it joins"
         );
         assert!(matches!(
-            store.join("h3", "127.0.0.1:3", "", 3).expect("join"),
-            Joining::New(3, _)
+            store.join("h3", "127.0.0.1:3", "h3's", 3).expect("join"),
+            Joining::New(3)
         ));
         assert_eq!(store.directory_version().expect("version"), 2);
         assert_eq!(

@@ -224,7 +224,7 @@ const NET_OUTBOX: u8 = b'o';
 pub const NET_NUMBER: &[u8] = b"n";
 /// `network`: the version of the directory up to which the cache has every entry.
 pub const NET_DIRECTORY_VERSION: &[u8] = b"v";
-/// `network`: the credential the exchange gave this host at its first join.
+/// `network`: the credential this host shows the exchange at every join.
 pub const NET_CREDENTIAL: &[u8] = b"c";
 /// `network`: the highest relay outbox number the exchange acknowledged.
 pub const NET_OUTBOX_ACKED: &[u8] = b"k";

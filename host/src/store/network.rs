@@ -21,7 +21,8 @@ impl Store {
         Ok(())
     }
 
-    /// The credential this host shows the exchange (empty before its first join).
+    /// The credential this host shows the exchange (empty until it is made, before the first
+    /// join).
     pub fn host_credential(&self) -> Result<String, StoreError> {
         Ok(self
             .network
@@ -30,7 +31,7 @@ impl Store {
             .unwrap_or_default())
     }
 
-    /// Records the credential the exchange gave this host. Durable after the next flush.
+    /// Records this host's credential. Durable after the next flush.
     pub fn set_host_credential(&self, credential: &str) -> Result<(), StoreError> {
         self.network
             .insert(keys::NET_CREDENTIAL, credential.as_bytes())?;
