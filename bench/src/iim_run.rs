@@ -28,49 +28,110 @@ pub async fn start_host() -> anyhow::Result<HostProcess> {
         .context("starting the host")?
 }
 
+/// Where a run's users live: the senders at one host, the receivers at `receivers`, pair
+/// after pair in turn. `name` labels the run's progress lines and starts its users' names, so
+/// that runs against the same hosts take fresh users.
+#[derive(Clone, Copy)]
+pub struct Placement<'a> {
+    /// The run's label, and the start of its users' names.
+    pub name: &'a str,
+    /// Where every sender lives.
+    pub senders: &'a HostProcess,
+    /// Where the receivers live: pair `i` at `receivers[i % receivers.len()]`.
+    pub receivers: &'a [&'a HostProcess],
+}
+
+impl Placement<'_> {
+    fn receiver_host(&self, pair: usize) -> &HostProcess {
+        self.receivers[pair % self.receivers.len()]
+    }
+}
+
+/// A sender and its receiver.
+pub type Pair = (UserId, UserId);
+
 /// Runs the load against a fresh host process and returns its figures.
 pub async fn run(load: Load, clock: Clock) -> anyhow::Result<Summary> {
     // Chat only: the load counts every message a receiver gets (no presence snapshots).
     let host = start_host().await?;
     eprintln!("iim: host listening on {}", host.addr);
-    let result = measure(&host, load, clock).await;
+    let place = Placement {
+        name: "iim",
+        senders: &host,
+        receivers: &[&host],
+    };
+    let result = async {
+        let pairs = register(place, load).await?;
+        measure(place, &pairs, load, clock).await
+    }
+    .await;
     if result.is_err() {
-        let log = host.log();
-        let tail: Vec<&str> = log.lines().rev().take(10).collect();
-        eprintln!("iim: last lines of the host's log:");
-        for line in tail.iter().rev() {
-            eprintln!("  {line}");
-        }
+        print_log_tail("host", &host);
     }
     result
 }
 
-async fn measure(host: &HostProcess, load: Load, clock: Clock) -> anyhow::Result<Summary> {
+/// Prints the last lines of `host`'s log, after a failure.
+pub fn print_log_tail(name: &str, host: &HostProcess) {
+    let log = host.log();
+    let tail: Vec<&str> = log.lines().rev().take(10).collect();
+    eprintln!("last lines of the log of {name}:");
+    for line in tail.iter().rev() {
+        eprintln!("  {line}");
+    }
+}
+
+/// Logs `user` in on `conn` as device `device`, with [`iim_e2e::PASSWORD`] and within
+/// [`iim_e2e::STEP`].
+pub async fn login(
+    conn: &Connection,
+    user: &UserId,
+    device: &str,
+    mode: SessionMode,
+) -> anyhow::Result<()> {
+    let device = DeviceId::new(device)?;
+    iim_e2e::within("login", conn.login(user, iim_e2e::PASSWORD, &device, mode)).await??;
+    Ok(())
+}
+
+/// Registers the run's senders and receivers, each at its host.
+pub async fn register(place: Placement<'_>, load: Load) -> anyhow::Result<Vec<Pair>> {
     let mut pairs = Vec::with_capacity(load.pairs as usize);
     for i in 0..load.pairs {
-        let sender = host.register(&format!("s{i}")).await?;
-        let receiver = host.register(&format!("r{i}")).await?;
+        let sender = place
+            .senders
+            .register(&format!("{}-s{i}", place.name))
+            .await?;
+        let receiver = place
+            .receiver_host(i as usize)
+            .register(&format!("{}-r{i}", place.name))
+            .await?;
         pairs.push((sender, receiver));
     }
-    eprintln!("iim: registered {} users", 2 * load.pairs);
+    eprintln!("{}: registered {} users", place.name, 2 * load.pairs);
+    Ok(pairs)
+}
 
+/// Brings the `pairs` (from [`register`]) online, runs the load through them and returns its
+/// figures.
+pub async fn measure(
+    place: Placement<'_>,
+    pairs: &[Pair],
+    load: Load,
+    clock: Clock,
+) -> anyhow::Result<Summary> {
     let mut receivers = Vec::with_capacity(pairs.len());
-    for (_, receiver) in &pairs {
-        let (conn, backlog) = host.online(receiver, "bench").await?;
+    for (i, (_, receiver)) in pairs.iter().enumerate() {
+        let (conn, backlog) = place.receiver_host(i).online(receiver, "bench").await?;
         if !backlog.is_empty() {
             bail!("{receiver} has a backlog of {} messages", backlog.len());
         }
         receivers.push(Arc::new(conn));
     }
     let mut senders = Vec::with_capacity(pairs.len());
-    for (sender, _) in &pairs {
-        let conn = host.connect().await?;
-        let device = DeviceId::new("bench")?;
-        iim_e2e::within(
-            "login",
-            conn.login(sender, iim_e2e::PASSWORD, &device, SessionMode::SendOnly),
-        )
-        .await??;
+    for (sender, _) in pairs {
+        let conn = place.senders.connect().await?;
+        login(&conn, sender, "bench", SessionMode::SendOnly).await?;
         if (conn.max_body() as usize) < load.body {
             bail!(
                 "--body {} is over the host's limit of {} bytes",
@@ -81,8 +142,8 @@ async fn measure(host: &HostProcess, load: Load, clock: Clock) -> anyhow::Result
         senders.push(Arc::new(conn));
     }
     eprintln!(
-        "iim: {} receivers online, {} senders logged in; sending",
-        load.pairs, load.pairs
+        "{}: {} receivers online, {} senders logged in; sending",
+        place.name, load.pairs, load.pairs
     );
 
     let first_send = Arc::new(FirstSend::new());
@@ -133,8 +194,9 @@ async fn measure(host: &HostProcess, load: Load, clock: Clock) -> anyhow::Result
     let refused = rate_limited.load(Ordering::Relaxed);
     if refused > 0 {
         eprintln!(
-            "iim: warning: the host's per-session rate limit refused {refused} submissions \
+            "{}: warning: the host's per-session rate limit refused {refused} submissions \
              (submitted again after {} ms); the figures are capped by it",
+            place.name,
             RATE_BACKOFF.as_millis()
         );
     }

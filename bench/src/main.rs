@@ -14,9 +14,14 @@
 //!
 //! `iim-bench plugins [--events 20000] [--json]` measures the plugin path against a native one
 //! instead (see `plugins.rs`); `iim-bench recovery [--messages 100000] [--users 10] [--json]`
-//! how a host killed with that many messages waiting comes back (see `recovery.rs`).
+//! how a host killed with that many messages waiting comes back (see `recovery.rs`);
+//! `iim-bench network [--pairs 4] [--messages 2000] [--window 32] [--body 100] [--friends 1000]
+//! [--json]` a network of hosts (an exchange and three hosts): the same chat load within one
+//! host and across hosts, and one user's presence reaching friends on every host (see
+//! `network.rs`). Every command takes `--timeout SECS` (default 300).
 
 mod iim_run;
+mod network;
 mod plugins;
 mod raw;
 mod recovery;
@@ -25,6 +30,7 @@ mod stats;
 use anyhow::bail;
 use clap::{Parser, Subcommand};
 use stats::{Clock, Load, Summary};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +46,19 @@ struct Args {
     /// Sender/receiver pairs.
     #[arg(long, default_value_t = 8)]
     pairs: u32,
+    #[command(flatten)]
+    shape: Shape,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Give up (and fail) after this many seconds.
+    #[arg(long, global = true, default_value_t = 300)]
+    timeout: u64,
+}
+
+/// The chat load apart from its number of pairs, whose default differs between commands.
+#[derive(Debug, clap::Args)]
+struct Shape {
     /// Messages each sender sends.
     #[arg(long, default_value_t = 2000)]
     messages: u32,
@@ -49,12 +68,20 @@ struct Args {
     /// Body size of every message, in bytes.
     #[arg(long, default_value_t = 100)]
     body: usize,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// Give up (and fail) after this many seconds.
-    #[arg(long, default_value_t = 300)]
-    timeout: u64,
+}
+
+impl Shape {
+    /// The load of `pairs` pairs of this shape, checked.
+    fn load(&self, pairs: u32) -> anyhow::Result<Load> {
+        let load = Load {
+            pairs,
+            messages: self.messages,
+            window: self.window,
+            body: self.body,
+        };
+        load.check()?;
+        Ok(load)
+    }
 }
 
 /// Subcommands.
@@ -77,6 +104,21 @@ enum Command {
         /// Offline users they wait for.
         #[arg(long, default_value_t = 10)]
         users: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A network of hosts: chat within one host against chat across hosts, and a presence
+    /// change reaching friends on every host.
+    Network {
+        /// Sender/receiver pairs of each chat run.
+        #[arg(long, default_value_t = 4)]
+        pairs: u32,
+        #[command(flatten)]
+        shape: Shape,
+        /// Friends of the user whose presence fans out, spread over the three hosts.
+        #[arg(long, default_value_t = 1000)]
+        friends: u32,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -109,6 +151,12 @@ fn main() -> ExitCode {
             users,
             json,
         }) => recovery_main(*messages, *users, *json, args.timeout),
+        Some(Command::Network {
+            pairs,
+            shape,
+            friends,
+            json,
+        }) => network_main(shape, *pairs, *friends, *json, args.timeout),
         None => bench(&args),
     };
     match result {
@@ -120,50 +168,39 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs both loads and prints the figures.
-fn bench(args: &Args) -> anyhow::Result<()> {
-    let load = Load {
-        pairs: args.pairs,
-        messages: args.messages,
-        window: args.window,
-        body: args.body,
-    };
-    if load.pairs == 0 || load.messages == 0 || load.window == 0 {
-        bail!("--pairs, --messages and --window must be at least 1");
-    }
-    if load.body < stats::HEADER {
-        bail!(
-            "--body must be at least {} bytes (the send time and index)",
-            stats::HEADER
-        );
-    }
-    // Build the host before the clock starts (the first build can take minutes).
+/// Builds the host (before any clock starts: the first build can take minutes), then runs
+/// `measure` on a fresh runtime, failing if it takes more than `timeout` seconds.
+fn run_bounded<T>(
+    what: &str,
+    timeout: u64,
+    measure: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     eprintln!("iim-bench: building iim-host");
     iim_e2e::binary("iim-host")?;
-    let limit = Duration::from_secs(args.timeout);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let runs = runtime.block_on(async {
-        tokio::time::timeout(limit, async {
-            let clock = Clock::new();
-            let iim = iim_run::run(load, clock).await?;
-            eprintln!("iim: done in {:.2} s", iim.secs);
-            let raw = raw::run(load, clock).await?;
-            eprintln!("raw: done in {:.2} s", raw.secs);
-            Ok::<_, anyhow::Error>((iim, raw))
-        })
-        .await
-    });
+    let result = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(timeout), measure).await });
     // Whatever is left (connections of a run that timed out) goes now, not at exit.
     runtime.shutdown_timeout(Duration::from_secs(5));
-    let (iim, raw) = match runs {
-        Ok(runs) => runs?,
-        Err(_) => bail!(
-            "gave up: the benchmark did not finish within {} s (--timeout)",
-            args.timeout
-        ),
-    };
+    match result {
+        Ok(result) => result,
+        Err(_) => bail!("gave up: {what} did not finish within {timeout} s (--timeout)"),
+    }
+}
+
+/// Runs both loads and prints the figures.
+fn bench(args: &Args) -> anyhow::Result<()> {
+    let load = args.shape.load(args.pairs)?;
+    let (iim, raw) = run_bounded("the benchmark", args.timeout, async {
+        let clock = Clock::new();
+        let iim = iim_run::run(load, clock).await?;
+        eprintln!("iim: done in {:.2} s", iim.secs);
+        let raw = raw::run(load, clock).await?;
+        eprintln!("raw: done in {:.2} s", raw.secs);
+        Ok((iim, raw))
+    })?;
     report(&load, &iim, &raw, args.json);
     Ok(())
 }
@@ -173,23 +210,36 @@ fn recovery_main(messages: u32, users: u32, json: bool, timeout: u64) -> anyhow:
     if messages == 0 || users == 0 {
         bail!("--messages and --users must be at least 1");
     }
-    eprintln!("iim-bench: building iim-host");
-    iim_e2e::binary("iim-host")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let figures = runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(timeout), recovery::run(messages, users)).await
-    });
-    runtime.shutdown_timeout(Duration::from_secs(5));
-    let figures = match figures {
-        Ok(figures) => figures?,
-        Err(_) => bail!("gave up: the recovery run did not finish within {timeout} s (--timeout)"),
-    };
+    let figures = run_bounded("the recovery run", timeout, recovery::run(messages, users))?;
     if json {
         println!("{}", serde_json::to_string(&figures).unwrap_or_default());
     } else {
         recovery::print(&figures);
+    }
+    Ok(())
+}
+
+/// Runs the network measurements and prints their figures.
+fn network_main(
+    shape: &Shape,
+    pairs: u32,
+    friends: u32,
+    json: bool,
+    timeout: u64,
+) -> anyhow::Result<()> {
+    let load = shape.load(pairs)?;
+    if friends == 0 {
+        bail!("--friends must be at least 1");
+    }
+    let figures = run_bounded(
+        "the network benchmark",
+        timeout,
+        network::run(load, friends),
+    )?;
+    if json {
+        println!("{}", serde_json::to_string(&figures).unwrap_or_default());
+    } else {
+        network::print(&figures);
     }
     Ok(())
 }
@@ -203,26 +253,14 @@ fn report(load: &Load, iim: &Summary, raw: &Summary, json: bool) {
             "messages_per_sender": load.messages,
             "window": load.window,
             "body": load.body,
-            "iim": iim.json(),
-            "raw": raw.json(),
+            "iim": iim,
+            "raw": raw,
             "ratio": ratio,
         });
         println!("{value}");
         return;
     }
-    println!(
-        "{} pairs x {} messages of {} bytes, window {} per sender",
-        load.pairs, load.messages, load.body, load.window
-    );
-    println!(
-        "{:<5} {:>10} {:>8} {:>12} {:>10} {:>10}",
-        "run", "delivered", "secs", "msgs/s", "p50 µs", "p99 µs"
-    );
-    for (name, s) in [("iim", iim), ("raw", raw)] {
-        println!(
-            "{:<5} {:>10} {:>8.3} {:>12.1} {:>10.1} {:>10.1}",
-            name, s.delivered, s.secs, s.msgs_per_s, s.p50_us, s.p99_us
-        );
-    }
+    println!("{}", load.describe());
+    stats::print_runs(&[("iim", iim), ("raw", raw)]);
     println!("ratio iim/raw (msgs/s): {ratio:.4}");
 }

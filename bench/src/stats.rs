@@ -22,6 +22,25 @@ pub struct Load {
 }
 
 impl Load {
+    /// Fails unless the load sends something and its bodies can carry their header.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.pairs == 0 || self.messages == 0 || self.window == 0 {
+            bail!("--pairs, --messages and --window must be at least 1");
+        }
+        if self.body < HEADER {
+            bail!("--body must be at least {HEADER} bytes (the send time and index)");
+        }
+        Ok(())
+    }
+
+    /// One line saying what the load is.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} pairs x {} messages of {} bytes, window {} per sender",
+            self.pairs, self.messages, self.body, self.window
+        )
+    }
+
     /// Messages every run must deliver.
     pub fn total(&self) -> u64 {
         u64::from(self.pairs) * u64::from(self.messages)
@@ -118,7 +137,7 @@ impl Tally {
 }
 
 /// The figures of one run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Summary {
     /// Messages delivered.
     pub delivered: u64,
@@ -158,16 +177,19 @@ impl Summary {
             p99_us: percentile(&latencies, 0.99) as f64 / 1e3,
         })
     }
+}
 
-    /// The summary as a JSON object.
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "delivered": self.delivered,
-            "secs": self.secs,
-            "msgs_per_s": self.msgs_per_s,
-            "p50_us": self.p50_us,
-            "p99_us": self.p99_us,
-        })
+/// Prints runs as a table, one row per `(name, summary)`.
+pub fn print_runs(runs: &[(&str, &Summary)]) {
+    println!(
+        "{:<10} {:>10} {:>8} {:>12} {:>10} {:>10}",
+        "run", "delivered", "secs", "msgs/s", "p50 µs", "p99 µs"
+    );
+    for (name, s) in runs {
+        println!(
+            "{:<10} {:>10} {:>8.3} {:>12.1} {:>10.1} {:>10.1}",
+            name, s.delivered, s.secs, s.msgs_per_s, s.p50_us, s.p99_us
+        );
     }
 }
 

@@ -275,6 +275,15 @@ impl HostProcess {
         Ok(config)
     }
 
+    /// How many hosts `iim-host admin network` lists as up.
+    pub async fn hosts_up(&self) -> anyhow::Result<usize> {
+        let out = self.admin("network").await?;
+        Ok(out
+            .lines()
+            .filter(|l| l.starts_with("host ") && l.ends_with(" up"))
+            .count())
+    }
+
     /// The value of `key` in `iim-host admin network` (a `key value` line).
     pub async fn network_stat(&self, key: &str) -> anyhow::Result<u64> {
         let out = self.admin("network").await?;

@@ -40,11 +40,7 @@ impl Net {
             loop {
                 let mut up = 0;
                 for host in &self.hosts {
-                    let out = host.admin("network").await?;
-                    up += out
-                        .lines()
-                        .filter(|l| l.starts_with("host ") && l.ends_with(" up"))
-                        .count();
+                    up += host.hosts_up().await?;
                 }
                 if up == self.hosts.len() * self.hosts.len() {
                     return anyhow::Ok(());
