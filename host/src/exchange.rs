@@ -10,19 +10,19 @@
 //! it. A host that goes away is marked down; what is for it waits in its outbox.
 
 use crate::config::Config;
-use crate::network::{PEER_MAX_FRAME, RELAY_WINDOW, peer_transport};
+use crate::network::{RELAY_WINDOW, peer_transport};
 use crate::now_ms;
 use crate::store::exchange::{ExchangeStore, Joining};
 use anyhow::Context;
 use iim_proto::peer::{Envelope, ExchangeFrame, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo};
-use iim_proto::{ErrorCode, UserId, encode_frame};
+use iim_proto::{ErrorCode, UserId};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::sync::{Notify, broadcast, watch};
 
 /// Directory entries per frame when a host catches up.
 const DIRECTORY_CHUNK: usize = 1000;
@@ -276,27 +276,10 @@ fn answer(state: &State, command: &str) -> String {
     }
 }
 
-/// The stream of one host's link.
-struct Peer {
-    send: quinn::SendStream,
-    frames: mpsc::UnboundedReceiver<Result<HostFrame, String>>,
-}
+/// The exchange's end of one host's link.
+type Peer = crate::network::PeerStream<HostFrame>;
 
 impl Peer {
-    async fn write(&mut self, frame: &ExchangeFrame) -> anyhow::Result<()> {
-        let bytes = encode_frame(frame, PEER_MAX_FRAME)?;
-        self.send.write_all(&bytes).await?;
-        Ok(())
-    }
-
-    async fn next(&mut self) -> anyhow::Result<HostFrame> {
-        match self.frames.recv().await {
-            Some(Ok(frame)) => Ok(frame),
-            Some(Err(e)) => anyhow::bail!("{e}"),
-            None => anyhow::bail!("the host closed the link"),
-        }
-    }
-
     /// Refuses the join: says why, and ends.
     async fn refuse(mut self, code: ErrorCode, message: String) -> anyhow::Result<()> {
         tracing::warn!(%code, %message, "join refused");
@@ -333,10 +316,7 @@ async fn serve(
         .context("no stream opened in time")??;
     // Only the join is read before the host is known: small, and nothing after it.
     let (go, gate) = tokio::sync::oneshot::channel();
-    let mut peer = Peer {
-        send,
-        frames: crate::network::read_frames(recv, "the host", Some(gate)),
-    };
+    let mut peer = Peer::new(conn.clone(), send, recv, "the host", Some(gate));
     let first = tokio::time::timeout(JOIN_TIMEOUT, peer.next())
         .await
         .context("no join in time")??;

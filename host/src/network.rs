@@ -364,7 +364,7 @@ async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
 /// joined makes the reader hold one small frame, no more. The frames are queued without
 /// bound otherwise, so that neither side's loop can block the other's writes (relays are
 /// bounded by the window).
-pub(crate) fn read_frames<F: serde::de::DeserializeOwned + Send + 'static>(
+fn read_frames<F: serde::de::DeserializeOwned + Send + 'static>(
     mut recv: quinn::RecvStream,
     peer: &'static str,
     mut gate: Option<oneshot::Receiver<()>>,
@@ -412,28 +412,51 @@ pub(crate) fn read_frames<F: serde::de::DeserializeOwned + Send + 'static>(
     frames
 }
 
-/// One open link: the stream to write to and the frames read.
-struct Link {
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    frames: mpsc::UnboundedReceiver<Result<ExchangeFrame, String>>,
+/// One end of the link between a host and the exchange: the connection, its stream to write
+/// frames to, and the frames the other side sent (`In`).
+pub(crate) struct PeerStream<In> {
+    pub(crate) conn: quinn::Connection,
+    pub(crate) send: quinn::SendStream,
+    frames: mpsc::UnboundedReceiver<Result<In, String>>,
+    peer: &'static str,
 }
 
-impl Link {
-    async fn write(&mut self, frame: &HostFrame) -> anyhow::Result<()> {
+impl<In: serde::de::DeserializeOwned + Send + 'static> PeerStream<In> {
+    /// The stream of `conn` to and from `peer` (for messages); see [`read_frames`] for `gate`.
+    pub(crate) fn new(
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        peer: &'static str,
+        gate: Option<oneshot::Receiver<()>>,
+    ) -> Self {
+        Self {
+            conn,
+            send,
+            frames: read_frames(recv, peer, gate),
+            peer,
+        }
+    }
+
+    /// Writes one frame.
+    pub(crate) async fn write(&mut self, frame: &impl serde::Serialize) -> anyhow::Result<()> {
         let bytes = encode_frame(frame, PEER_MAX_FRAME)?;
         self.send.write_all(&bytes).await?;
         Ok(())
     }
 
-    async fn next(&mut self) -> anyhow::Result<ExchangeFrame> {
+    /// The next frame the other side sent.
+    pub(crate) async fn next(&mut self) -> anyhow::Result<In> {
         match self.frames.recv().await {
             Some(Ok(frame)) => Ok(frame),
             Some(Err(e)) => anyhow::bail!("{e}"),
-            None => anyhow::bail!("the exchange closed the link"),
+            None => anyhow::bail!("{} closed the link", self.peer),
         }
     }
 }
+
+/// A host's end of its link to the exchange.
+type Link = PeerStream<ExchangeFrame>;
 
 /// The exchange refused the join.
 #[derive(Debug, thiserror::Error)]
@@ -485,8 +508,7 @@ async fn join(config: &Config, network: &Network) -> anyhow::Result<(Link, Joine
         .await
         .with_context(|| format!("cannot connect to the exchange at {exchange}"))?;
     let (send, recv) = conn.open_bi().await?;
-    let frames = read_frames(recv, "the exchange", None);
-    let mut link = Link { conn, send, frames };
+    let mut link = Link::new(conn, send, recv, "the exchange", None);
     // What this host says it has must be durable: the exchange drops what it acknowledges.
     let relayed_in = network.store.relayed_in()?;
     network.store.flush().await?;

@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use iim_client::new_client_id;
-use iim_client::proto::{ErrorCode, MessageKind};
+use iim_client::proto::{ErrorCode, MessageKind, UserId};
 use iim_e2e::{HostProcess, Plugins, code_of, default_plugin, next_message, within};
 
 type Result = anyhow::Result<()>;
@@ -28,6 +28,16 @@ impl Net {
             hosts.push(HostProcess::start_in_network(&exchange, id, toml, plugins)?);
         }
         Ok(Self { exchange, hosts })
+    }
+
+    /// A chat-only network, every host up, with alice on h1 and bob on h2, both known to h1.
+    async fn alice_and_bob() -> anyhow::Result<(Self, UserId, UserId)> {
+        let net = Self::start("", true)?;
+        net.all_up().await?;
+        let alice = net.host(0).register("alice").await?;
+        let bob = net.host(1).register("bob").await?;
+        stat_reaches(net.host(0), "directory_users", 2).await?;
+        Ok((net, alice, bob))
     }
 
     fn host(&self, i: usize) -> &HostProcess {
@@ -291,11 +301,7 @@ async fn a_presence_change_reaches_friends_on_every_host_in_one_envelope() -> Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_reaches_another_host_is_redirected_home_and_follows() -> Result {
-    let net = Net::start("", true)?;
-    net.all_up().await?;
-    let alice = net.host(0).register("alice").await?;
-    let bob = net.host(1).register("bob").await?;
-    stat_reaches(net.host(0), "directory_users", 2).await?;
+    let (net, alice, bob) = Net::alice_and_bob().await?;
     let (a, _) = net.host(0).online(&alice, "phone").await?;
 
     // A plain login at the wrong host is answered with the way home.
@@ -416,11 +422,7 @@ async fn host_line_shows(node: &HostProcess, id: &str, needle: &str) -> Result {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_survives_restarts_and_traffic_for_a_host_that_is_away_is_held() -> Result {
-    let mut net = Net::start("", true)?;
-    net.all_up().await?;
-    let alice = net.host(0).register("alice").await?;
-    let bob = net.host(1).register("bob").await?;
-    stat_reaches(net.host(0), "directory_users", 2).await?;
+    let (mut net, alice, bob) = Net::alice_and_bob().await?;
     let numbers = net.exchange.admin("network").await?;
     let (a, _) = net.host(0).online(&alice, "phone").await?;
 
@@ -601,11 +603,7 @@ async fn a_host_with_a_wrong_secret_or_another_host_s_id_is_refused_and_says_why
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_expires_on_another_host_is_reported_back_to_its_sender() -> Result {
-    let net = Net::start("", true)?;
-    net.all_up().await?;
-    let alice = net.host(0).register("alice").await?;
-    let bob = net.host(1).register("bob").await?;
-    stat_reaches(net.host(0), "directory_users", 2).await?;
+    let (net, alice, bob) = Net::alice_and_bob().await?;
     let (a, _) = net.host(0).online(&alice, "phone").await?;
     // Bob is offline: the message waits in his inbox on h2 for its 1 s, then expires there;
     // h2 tells Alice on h1, in her own name, across the relay.
