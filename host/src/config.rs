@@ -126,6 +126,9 @@ pub struct PluginsConfig {
     pub max_send_users: usize,
 }
 
+/// How many backlog entries a session reads from the store at a time.
+const SYNC_BATCH: usize = 256;
+
 /// The largest `limits.max_frame`: a relay envelope between hosts carries one message and
 /// the names of up to [`MAX_SEND_USERS_LIMIT`] users, and must fit the link's frame limit.
 pub const MAX_FRAME_LIMIT: u32 = 1024 * 1024;
@@ -220,6 +223,24 @@ impl Limits {
     /// The default time to live of a message, if messages expire by default.
     pub fn message_ttl(&self) -> Option<Duration> {
         (self.message_ttl_secs > 0).then(|| Duration::from_secs(self.message_ttl_secs))
+    }
+
+    /// What a client connection's session machine is given.
+    pub fn session(&self, server: &str) -> iim_proto::session::HostConfig {
+        iim_proto::session::HostConfig {
+            server: server.to_owned(),
+            max_frame: self.max_frame,
+            max_body: self.max_body,
+            handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
+            auth_timeout: Duration::from_secs(self.auth_timeout_secs),
+            max_in_flight: self.max_in_flight.max(1),
+            sync_batch: SYNC_BATCH,
+            retry: self.retry_policy(),
+            submit_rate: self.submit_rate,
+            submit_burst: self.submit_burst,
+            auth_rate: self.auth_rate,
+            auth_burst: self.auth_burst,
+        }
     }
 
     /// When deliveries are sent again, and when a device is given up.

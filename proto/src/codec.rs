@@ -44,6 +44,36 @@ pub fn encode_frame<T: Serialize>(frame: &T, max: u32) -> Result<Vec<u8>, CodecE
     Ok(out)
 }
 
+/// Encodes `ServerFrame::Deliver { seq, message }` without owning the message: a delivery
+/// shared by several sessions (and kept for retransmission) is not copied to be sent.
+pub fn encode_deliver(
+    seq: u64,
+    message: &crate::frame::Message,
+    max: u32,
+) -> Result<Vec<u8>, CodecError> {
+    encode_frame(&DeliverRef { seq, message }, max)
+}
+
+/// `ServerFrame::Deliver` by reference: the same bytes, as the test below checks.
+struct DeliverRef<'a> {
+    seq: u64,
+    message: &'a crate::frame::Message,
+}
+
+/// The index of `Deliver` among the variants of `ServerFrame`.
+const DELIVER_VARIANT: u32 = 5;
+
+impl Serialize for DeliverRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStructVariant;
+        let mut variant =
+            serializer.serialize_struct_variant("ServerFrame", DELIVER_VARIANT, "Deliver", 2)?;
+        variant.serialize_field("seq", &self.seq)?;
+        variant.serialize_field("message", self.message)?;
+        variant.end()
+    }
+}
+
 /// Reassembles frames from the bytes of a stream.
 #[derive(Debug)]
 pub struct FrameDecoder {
@@ -216,6 +246,31 @@ mod tests {
             decoder.push(&bytes);
             assert_eq!(decoder.decode::<ServerFrame>(), Ok(Some(frame)));
         }
+    }
+
+    #[test]
+    fn a_delivery_by_reference_is_the_same_bytes_as_the_frame() {
+        let message = Message {
+            id: MessageId(5),
+            kind: MessageKind::Custom("poll".into()),
+            from: user("alice"),
+            from_device: DeviceId::new("d1").expect("valid"),
+            to: vec![user("bob"), user("carol")],
+            body: vec![7; 300],
+            sent_at: 1_700_000_000_000,
+        };
+        let owned = ServerFrame::Deliver {
+            seq: 1 << 40,
+            message: message.clone(),
+        };
+        assert_eq!(
+            encode_deliver(1 << 40, &message, 1024),
+            encode_frame(&owned, 1024)
+        );
+        assert!(matches!(
+            encode_deliver(1, &message, 100),
+            Err(CodecError::FrameTooLarge { max: 100, .. })
+        ));
     }
 
     #[test]

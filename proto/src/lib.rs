@@ -9,19 +9,18 @@
 //! operation, is `docs/protocol.md` at the root of the repository.
 
 pub mod codec;
-pub mod delivery;
 pub mod frame;
 pub mod name;
 pub mod peer;
 pub mod rate;
-pub mod reliable;
+pub mod relay;
+pub mod session;
 
-pub use codec::{CodecError, FrameDecoder, encode_frame};
-pub use delivery::{AckOutcome, DeliveryWindow};
+pub use codec::{CodecError, FrameDecoder, encode_deliver, encode_frame};
 pub use frame::*;
 pub use name::{DeviceId, NameError, UserId, stable_hash};
 pub use rate::TokenBucket;
-pub use reliable::{Due, Offered, Reorder, Retransmit, RetryPolicy};
+pub use session::{Refusal, RetryPolicy};
 
 /// The ALPN protocol name negotiated in the TLS handshake of every iim QUIC connection.
 pub const ALPN: &[u8] = b"iim/1";

@@ -6,6 +6,7 @@ use crate::iim::Home;
 use crate::network::NetworkError;
 use crate::store::UserRecord;
 use crate::{Host, now_ms};
+use iim_proto::session::Authenticated;
 use iim_proto::{DeviceId, ErrorCode, UserId};
 
 fn auth_failed() -> Refusal {
@@ -78,11 +79,7 @@ pub async fn register(host: &Host, user: &UserId, password: String) -> Result<()
 }
 
 /// The redirect for a user whose home is another host of the network, if it is.
-pub fn redirect(
-    host: &Host,
-    req: iim_proto::RequestId,
-    user: &UserId,
-) -> Result<Option<iim_proto::ServerFrame>, Refusal> {
+fn redirect(host: &Host, user: &UserId) -> Result<Option<Authenticated>, Refusal> {
     let Some(Home::Remote(server)) = host.iim.home(user)? else {
         return Ok(None);
     };
@@ -92,7 +89,7 @@ pub fn redirect(
         .and_then(|network| network.server_info(&server))
         .map(|info| info.addr);
     match addr {
-        Some(addr) => Ok(Some(iim_proto::ServerFrame::Redirect { req, server, addr })),
+        Some(addr) => Ok(Some(Authenticated::Redirect { server, addr })),
         None => Err(Refusal::new(
             ErrorCode::UNAVAILABLE,
             format!(
@@ -102,13 +99,17 @@ pub fn redirect(
     }
 }
 
-/// Checks the password and issues a new token for `device`, replacing its old one.
+/// Checks the password and issues a new token for `device`, replacing its old one; or
+/// redirects a user whose home is another host there.
 pub async fn login(
     host: &Host,
     user: &UserId,
     password: String,
     device: &DeviceId,
-) -> Result<String, Refusal> {
+) -> Result<Authenticated, Refusal> {
+    if let Some(redirect) = redirect(host, user)? {
+        return Ok(redirect);
+    }
     let Some(record) = host.store.user(user)? else {
         // Hash anyway, so that a wrong user name costs the same time as a wrong password.
         let _ =
@@ -128,22 +129,27 @@ pub async fn login(
     host.store
         .set_token(user, device, &accounts::token_hash(&token))?;
     host.store.flush().await?;
-    Ok(token)
+    Ok(Authenticated::LoggedIn { token })
 }
 
 /// A valid argon2id hash of a password nobody has, for the timing of unknown users.
 const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0eDaQdb1Pn/cm3T3xqAPGhcIvwAQkIVQuJK1d8kLZOk";
 
-/// Checks a device token.
+/// Checks a device token; or redirects a user whose home is another host there.
 pub fn authenticate(
     host: &Host,
     user: &UserId,
     device: &DeviceId,
     token: &str,
-) -> Result<(), Refusal> {
+) -> Result<Authenticated, Refusal> {
+    if let Some(redirect) = redirect(host, user)? {
+        return Ok(redirect);
+    }
     let stored = host.store.token(user, device)?;
     match stored {
-        Some(hash) if accounts::same_hash(&hash, &accounts::token_hash(token)) => Ok(()),
+        Some(hash) if accounts::same_hash(&hash, &accounts::token_hash(token)) => {
+            Ok(Authenticated::TokenAccepted)
+        }
         _ => Err(Refusal::new(
             ErrorCode::AUTH_FAILED,
             "the token is not valid for this user and device; log in again",

@@ -1,7 +1,11 @@
-//! One module per request a client can make. Each takes the host and the request's fields
-//! and returns the answer or a [`Refusal`]; the session turns either into a frame.
+//! One module per request a client can make, and for what a delivery session does: each
+//! carries out an [`iim_proto::session::Action`] of the session machine with the host's
+//! store, network and plugins, and returns its outcome (an answer or a [`Refusal`]), which
+//! the session hands back to the machine.
 
 pub mod account;
+pub mod ack;
+pub mod fetch;
 pub mod relation;
 pub mod submit;
 
@@ -9,24 +13,7 @@ use crate::iim::IimError;
 use crate::store::StoreError;
 use iim_proto::ErrorCode;
 
-/// A request the host will not carry out, and why: sent to the client as an error frame.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    /// The code.
-    pub code: ErrorCode,
-    /// The reason, for people.
-    pub message: String,
-}
-
-impl Refusal {
-    /// A refusal with `code` and `message`.
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
-    }
-}
+pub use iim_proto::Refusal;
 
 impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {

@@ -1,16 +1,54 @@
-//! `Submit`: check a message and store it; the session makes it durable and answers Accepted.
+//! `Submit`: check messages and store them, durably, before the session answers Accepted.
 //!
 //! Everything that can refuse a message is checked before it is stored, so that Accepted
-//! means the host has taken responsibility for it. The session flushes once for all the
-//! submissions it read together (group commit), then answers and dispatches each in order.
+//! means the host has taken responsibility for it. The submissions a session read together
+//! are stored one by one and made durable with one flush (group commit), then answered, in
+//! order, and dispatched.
 
 use super::Refusal;
 use crate::store::Acceptance;
 use crate::{Host, now_ms};
-use iim_proto::{
-    ClientFrame, DeviceId, ErrorCode, Message, MessageId, MessageKind, RequestId, ServerFrame,
-    UserId,
-};
+use iim_proto::session::{Identity, Submission, SubmitAnswer};
+use iim_proto::{DeviceId, ErrorCode, Message, MessageId, MessageKind, ServerFrame, UserId};
+
+/// Stores the submissions `who` sent together and makes them durable with one flush: the
+/// outcome of each, in order, and the messages to dispatch once they are answered.
+pub async fn accept_all(
+    host: &Host,
+    who: &Identity,
+    submissions: Vec<Submission>,
+) -> (Vec<Result<SubmitAnswer, Refusal>>, Vec<Message>) {
+    let mut outcomes = Vec::with_capacity(submissions.len());
+    let mut dispatch = Vec::new();
+    for submission in submissions {
+        // A recipient who registered on another host a moment ago: asked for once the
+        // submission is about to be stored.
+        super::relation::look_up(host, &submission.to).await;
+        outcomes.push(
+            accept(host, &who.user, &who.device, submission).map(|(answer, message)| {
+                dispatch.extend(message);
+                answer
+            }),
+        );
+    }
+    if outcomes.iter().any(Result::is_ok)
+        && let Err(e) = host.store.flush().await
+    {
+        tracing::error!(error = %e, "submissions not flushed");
+        // Not known to be durable, so not accepted: they stay recorded for dispatch (the
+        // periodic retry routes them), and a resubmission with the same client id finds them.
+        dispatch.clear();
+        for outcome in &mut outcomes {
+            if outcome.is_ok() {
+                *outcome = Err(Refusal::new(
+                    ErrorCode::INTERNAL,
+                    "the message could not be stored",
+                ));
+            }
+        }
+    }
+    (outcomes, dispatch)
+}
 
 /// Longest name of a custom message kind, in bytes.
 pub const MAX_KIND: usize = 64;
@@ -42,77 +80,15 @@ pub fn check_deliverable(message: Message, max_frame: u32) -> Result<(), String>
         .map_err(|e| e.to_string())
 }
 
-/// A submission's fields.
-pub struct Submission {
-    /// Request id.
-    pub req: RequestId,
-    /// The client's idempotency id.
-    pub client_id: u64,
-    /// The kind.
-    pub kind: MessageKind,
-    /// The recipients.
-    pub to: Vec<UserId>,
-    /// The body.
-    pub body: Vec<u8>,
-    /// Seconds until it expires, if the client chose; otherwise the host's default.
-    pub ttl_secs: Option<u32>,
-}
-
-impl Submission {
-    /// Whether `frame` is a submission.
-    pub fn is(frame: &ClientFrame) -> bool {
-        matches!(
-            frame,
-            ClientFrame::Submit { .. } | ClientFrame::SubmitExpiring { .. }
-        )
-    }
-
-    /// The submission in `frame`, if it is one.
-    pub fn of(frame: ClientFrame) -> Option<Self> {
-        match frame {
-            ClientFrame::Submit {
-                req,
-                client_id,
-                kind,
-                to,
-                body,
-            } => Some(Self {
-                req,
-                client_id,
-                kind,
-                to,
-                body,
-                ttl_secs: None,
-            }),
-            ClientFrame::SubmitExpiring {
-                req,
-                client_id,
-                kind,
-                to,
-                body,
-                ttl_secs,
-            } => Some(Self {
-                req,
-                client_id,
-                kind,
-                to,
-                body,
-                ttl_secs: Some(ttl_secs),
-            }),
-            _ => None,
-        }
-    }
-}
-
 /// Checks and stores a submission, not yet durably: the caller flushes the store before it
 /// sends the Accepted answer returned here. Also returns the message to dispatch: a new one,
 /// or a resubmitted one whose dispatch had not finished.
-pub fn accept(
+fn accept(
     host: &Host,
     user: &UserId,
     device: &DeviceId,
     s: Submission,
-) -> Result<(ServerFrame, Option<Message>), Refusal> {
+) -> Result<(SubmitAnswer, Option<Message>), Refusal> {
     let limits = &host.config.limits;
     if s.body.len() > limits.max_body as usize {
         return Err(Refusal::new(
@@ -174,9 +150,7 @@ pub fn accept(
         .accept(user, device, s.client_id, expires_at, build)?;
     Ok(match acceptance {
         Acceptance::New(message) => (
-            ServerFrame::Accepted {
-                req: s.req,
-                client_id: s.client_id,
+            SubmitAnswer {
                 id: message.id,
                 sent_at: message.sent_at,
             },
@@ -186,14 +160,6 @@ pub fn accept(
             id,
             sent_at,
             pending,
-        } => (
-            ServerFrame::Accepted {
-                req: s.req,
-                client_id: s.client_id,
-                id,
-                sent_at,
-            },
-            pending,
-        ),
+        } => (SubmitAnswer { id, sent_at }, pending),
     })
 }
