@@ -1,17 +1,19 @@
-//! The connection: a driver task reads frames and routes them; requests write under a lock.
+//! One connection to a host: the application's requests go to the device's session machine
+//! ([`iim_proto::session::ClientSession`]), and a driver task ([`crate::driver`]) moves its
+//! frames over the QUIC stream and routes the answers back.
 
 use crate::ClientError;
+use crate::driver::{self, Reply, Shared};
+use iim_proto::session::{Outgoing, Request};
 use iim_proto::{
-    ClientFrame, DeviceId, ErrorCode, FrameDecoder, Message, MessageId, MessageKind, RelationKind,
-    RelationOp, RequestId, ServerFrame, SessionMode, UserId,
+    DeviceId, Message, MessageId, MessageKind, RelationKind, RelationOp, ServerFrame, SessionMode,
+    UserId,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -213,44 +215,25 @@ pub struct Accepted {
     pub client_id: u64,
 }
 
-type Pending = Arc<Mutex<PendingState>>;
-
-#[derive(Default)]
-struct PendingState {
-    waiting: HashMap<RequestId, oneshot::Sender<Result<ServerFrame, ClientError>>>,
-    /// Set once the connection is over; later requests fail with it at once.
-    closed: Option<ClientError>,
-}
-
 /// A connection to an iim host. Dropping it closes the connection.
 pub struct Connection {
     conn: quinn::Connection,
     endpoint: quinn::Endpoint,
-    /// Whole frames for the writer task: a request cancelled by its caller never leaves half a
-    /// frame on the stream.
-    writer: mpsc::Sender<Vec<u8>>,
-    pending: Pending,
+    /// The device's session machine, which this connection drives.
+    shared: Arc<Shared>,
+    /// This connection's number on the machine.
+    generation: u64,
     events: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Event, ClientError>>>,
-    request_timeout: Duration,
-    next_req: AtomicU64,
-    max_frame: u32,
     max_body: u32,
     server: String,
     used_0rtt: bool,
-}
-
-/// The request id of the `Authenticate` a resuming connection sends with `Hello`.
-const EARLY_REQ: RequestId = 1;
-
-fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, PendingState> {
-    pending.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Connection {
     /// Connects, opens the stream and does the version handshake. Resuming a TLS session
     /// with a host this configuration reached before, it sends `Hello` as 0-RTT early data.
     pub async fn connect(config: &ClientConfig) -> Result<Self, ClientError> {
-        Self::open(config, None).await
+        Self::open(config, &Self::machine(config), None).await
     }
 
     /// Connects and authenticates with a token from an earlier [`Connection::login`], as a
@@ -268,14 +251,30 @@ impl Connection {
         token: &str,
         mode: SessionMode,
     ) -> Result<Self, ClientError> {
-        let authenticate = ClientFrame::Authenticate {
-            req: EARLY_REQ,
+        Self::resume_on(config, &Self::machine(config), user, device, token, mode).await
+    }
+
+    /// [`Connection::resume`] on a device's machine.
+    pub(crate) async fn resume_on(
+        config: &ClientConfig,
+        shared: &Arc<Shared>,
+        user: &UserId,
+        device: &DeviceId,
+        token: &str,
+        mode: SessionMode,
+    ) -> Result<Self, ClientError> {
+        let authenticate = Request::Authenticate {
             user: user.clone(),
             device: device.clone(),
             token: token.to_owned(),
             mode,
         };
-        Self::open(config, Some(authenticate)).await
+        Self::open(config, shared, Some(authenticate)).await
+    }
+
+    /// The machine of a connection on its own: its submissions go with it.
+    fn machine(config: &ClientConfig) -> Arc<Shared> {
+        Shared::new(&config.agent, config.request_timeout, false)
     }
 
     /// Connects to `config`'s host and logs in as [`Connection::login`] does, following the
@@ -290,8 +289,21 @@ impl Connection {
         device: &DeviceId,
         mode: SessionMode,
     ) -> Result<(Self, String, ClientConfig), ClientError> {
+        Self::login_home_on(config, None, user, password, device, mode).await
+    }
+
+    /// [`Connection::login_home`], on a device's machine if one is given.
+    pub(crate) async fn login_home_on(
+        config: &ClientConfig,
+        shared: Option<&Arc<Shared>>,
+        user: &UserId,
+        password: &str,
+        device: &DeviceId,
+        mode: SessionMode,
+    ) -> Result<(Self, String, ClientConfig), ClientError> {
         let ((conn, token), home) = follow_redirects(config, |config| async move {
-            let conn = Self::connect(&config).await?;
+            let shared = shared.cloned().unwrap_or_else(|| Self::machine(&config));
+            let conn = Self::open(&config, &shared, None).await?;
             // On an error (a redirect too) `conn` is dropped here, which closes it.
             let token = conn.login(user, password, device, mode).await?;
             Ok((conn, token))
@@ -321,15 +333,19 @@ impl Connection {
         self.used_0rtt
     }
 
-    /// Connects, sends `Hello` and `first`, and reads their answers: in 0-RTT early data if
-    /// the TLS session can be resumed, else (or if the host refuses early data) after the
+    /// Connects, sends `Hello` and `first`, and waits for their answers: in 0-RTT early data
+    /// if the TLS session can be resumed, else (or if the host refuses early data) after the
     /// handshake.
-    async fn open(config: &ClientConfig, first: Option<ClientFrame>) -> Result<Self, ClientError> {
-        match Self::attempt(config, first.clone(), true).await {
+    async fn open(
+        config: &ClientConfig,
+        shared: &Arc<Shared>,
+        first: Option<Request>,
+    ) -> Result<Self, ClientError> {
+        match Self::attempt(config, shared, first.clone(), true).await {
             Ok(conn) => Ok(conn),
             Err((true, e)) => {
                 tracing::debug!(error = %e, "0-RTT attempt failed; connecting in full");
-                Self::attempt(config, first, false)
+                Self::attempt(config, shared, first, false)
                     .await
                     .map_err(|(_, e)| e)
             }
@@ -340,16 +356,17 @@ impl Connection {
     /// One connection attempt; the error says whether it went out as 0-RTT.
     async fn attempt(
         config: &ClientConfig,
-        first: Option<ClientFrame>,
+        shared: &Arc<Shared>,
+        first: Option<Request>,
         allow_0rtt: bool,
     ) -> Result<Self, (bool, ClientError)> {
         let addr = config.server;
         let connect_err = |reason: String| ClientError::Connect { addr, reason };
         let full = |e| (false, e);
         let bind: SocketAddr = if addr.is_ipv6() {
-            "[::]:0".parse().unwrap_or_else(|_| unreachable!())
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         } else {
-            "0.0.0.0:0".parse().unwrap_or_else(|_| unreachable!())
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
         let mut endpoint =
             quinn::Endpoint::client(bind).map_err(|e| full(connect_err(e.to_string())))?;
@@ -376,33 +393,38 @@ impl Connection {
         };
         let zero_rtt = early.is_some();
         let handshake = async {
-            let (mut send, mut recv) = conn
+            let (send, recv) = conn
                 .open_bi()
                 .await
                 .map_err(|e| connect_err(e.to_string()))?;
-            let hello = ClientFrame::Hello {
-                version: iim_proto::PROTOCOL_VERSION,
-                agent: config.agent.clone(),
+            let (generation, welcome, events) = shared.start();
+            let answer = match first {
+                Some(first) => Some(shared.lock().request(generation, first)?),
+                None => None,
             };
-            let mut bytes = iim_proto::encode_frame(&hello, iim_proto::DEFAULT_MAX_FRAME)
-                .map_err(|e| ClientError::Protocol(e.to_string()))?;
-            if let Some(first) = &first {
-                bytes.extend(
-                    iim_proto::encode_frame(first, iim_proto::DEFAULT_MAX_FRAME)
-                        .map_err(|e| ClientError::Protocol(e.to_string()))?,
-                );
-            }
-            send.write_all(&bytes)
-                .await
-                .map_err(|e| connect_err(e.to_string()))?;
-            // Until Welcome says otherwise, accept frames of the default limit.
-            let mut decoder = FrameDecoder::new(iim_proto::DEFAULT_MAX_FRAME);
-            let welcome = read_frame(&mut recv, &mut decoder).await?;
-            let answer = match (&first, &welcome) {
-                (Some(_), Some(ServerFrame::Welcome { .. })) => {
-                    read_frame(&mut recv, &mut decoder).await?
+            tokio::spawn(driver::drive(
+                Arc::clone(shared),
+                generation,
+                conn.clone(),
+                send,
+                recv,
+            ));
+            shared.wake();
+            let welcome = match welcome.await {
+                Ok(welcome) => welcome,
+                Err(_) => {
+                    return Err(shared.lock().unusable(generation).unwrap_or_else(|| {
+                        ClientError::ConnectionLost("closed during handshake".into())
+                    }));
                 }
-                _ => None,
+            };
+            let answer = match answer {
+                Some(answer) => Some(answer.await.unwrap_or_else(|_| {
+                    Err(ClientError::ConnectionLost(
+                        "closed before answering".into(),
+                    ))
+                })?),
+                None => None,
             };
             // Early data the host refused (it lost the TLS session) is lost with the stream.
             let used_0rtt = match early {
@@ -416,88 +438,30 @@ impl Connection {
                 }
                 None => false,
             };
-            Ok::<_, ClientError>((send, recv, decoder, welcome, answer, used_0rtt))
+            Ok::<_, ClientError>((generation, welcome, events, answer, used_0rtt))
         };
-        let (send, recv, decoder, welcome, answer, used_0rtt) =
+        let (generation, welcome, events, answer, used_0rtt) =
             tokio::time::timeout(config.connect_timeout, handshake)
                 .await
                 .map_err(|_| (zero_rtt, connect_err("timed out".into())))?
-                .map_err(|e| (zero_rtt, e))?;
-        let opened = Self::welcomed(
-            config, conn, endpoint, send, recv, decoder, welcome, used_0rtt,
-        )
-        .map_err(full)?;
-        match answer {
-            None if first.is_none() => Ok(opened),
-            Some(ServerFrame::Error { req, code, message }) => Err(full(match req {
-                Some(_) => ClientError::Refused { code, message },
-                None => ClientError::ClosedByHost { code, message },
-            })),
-            Some(answer) => expect_ok(answer).map(|()| opened).map_err(full),
-            None => Err(full(ClientError::ConnectionLost(
-                "closed before answering".into(),
-            ))),
+                .map_err(|e| {
+                    let lost = matches!(
+                        e,
+                        ClientError::ConnectionLost(_) | ClientError::Connect { .. }
+                    );
+                    (zero_rtt && lost, e)
+                })?;
+        if let Some(answer) = answer {
+            expect_ok(answer).map_err(full)?;
         }
-    }
-
-    /// The connection, once the host's `Welcome` came.
-    #[allow(clippy::too_many_arguments)]
-    fn welcomed(
-        config: &ClientConfig,
-        conn: quinn::Connection,
-        endpoint: quinn::Endpoint,
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
-        decoder: FrameDecoder,
-        welcome: Option<ServerFrame>,
-        used_0rtt: bool,
-    ) -> Result<Self, ClientError> {
-        let (max_frame, max_body, server) = match welcome {
-            Some(ServerFrame::Welcome {
-                max_frame,
-                max_body,
-                server,
-                ..
-            }) => (max_frame, max_body, server),
-            Some(ServerFrame::Error { code, message, .. }) => {
-                return Err(ClientError::ClosedByHost { code, message });
-            }
-            Some(other) => {
-                return Err(ClientError::Protocol(format!(
-                    "expected Welcome, got {other:?}"
-                )));
-            }
-            None => {
-                return Err(ClientError::ConnectionLost(
-                    "closed during handshake".into(),
-                ));
-            }
-        };
-        let pending: Pending = Arc::default();
-        // Unbounded so that the reader never waits for the application: answers to requests
-        // must get through while deliveries pile up unread. The host bounds what it sends
-        // ahead of acknowledgements.
-        let (events_tx, events) = mpsc::unbounded_channel();
-        tokio::spawn(drive(
-            recv,
-            decoder,
-            max_frame,
-            Arc::clone(&pending),
-            events_tx,
-        ));
-        let (writer, frames) = mpsc::channel(256);
-        tokio::spawn(write_frames(send, frames));
         Ok(Self {
             conn,
             endpoint,
-            writer,
-            pending,
+            shared: Arc::clone(shared),
+            generation,
             events: tokio::sync::Mutex::new(events),
-            request_timeout: config.request_timeout,
-            next_req: AtomicU64::new(EARLY_REQ + 1),
-            max_frame,
-            max_body,
-            server,
+            max_body: welcome.max_body,
+            server: welcome.server,
             used_0rtt,
         })
     }
@@ -545,8 +509,7 @@ impl Connection {
     /// Creates an account.
     pub async fn register(&self, user: &UserId, password: &str) -> Result<(), ClientError> {
         let answer = self
-            .request(|req| ClientFrame::Register {
-                req,
+            .request(Request::Register {
                 user: user.clone(),
                 password: password.to_owned(),
             })
@@ -566,8 +529,7 @@ impl Connection {
         mode: SessionMode,
     ) -> Result<String, ClientError> {
         let answer = self
-            .request(|req| ClientFrame::Login {
-                req,
+            .request(Request::Login {
                 user: user.clone(),
                 password: password.to_owned(),
                 device: device.clone(),
@@ -590,8 +552,7 @@ impl Connection {
         mode: SessionMode,
     ) -> Result<(), ClientError> {
         let answer = self
-            .request(|req| ClientFrame::Authenticate {
-                req,
+            .request(Request::Authenticate {
                 user: user.clone(),
                 device: device.clone(),
                 token: token.to_owned(),
@@ -603,7 +564,7 @@ impl Connection {
 
     /// Revokes this device's token; the host then ends the connection.
     pub async fn logout(&self) -> Result<(), ClientError> {
-        let answer = self.request(|req| ClientFrame::Logout { req }).await?;
+        let answer = self.request(Request::Logout).await?;
         expect_ok(answer)
     }
 
@@ -624,17 +585,14 @@ impl Connection {
     }
 
     async fn change_relation(&self, kind: RelationKind, op: RelationOp) -> Result<(), ClientError> {
-        let answer = self
-            .request(|req| ClientFrame::Relation { req, kind, op })
-            .await?;
+        let answer = self.request(Request::Relation { kind, op }).await?;
         expect_ok(answer)
     }
 
     /// The list of `kind`, sorted by name.
     pub async fn relations(&self, kind: RelationKind) -> Result<Vec<UserId>, ClientError> {
         let answer = self
-            .request(|req| ClientFrame::Relation {
-                req,
+            .request(Request::Relation {
                 kind,
                 op: RelationOp::List,
             })
@@ -665,9 +623,7 @@ impl Connection {
         to: &[UserId],
         body: &[u8],
     ) -> Result<Accepted, ClientError> {
-        let answer = self
-            .start_submit(client_id, kind, to.to_vec(), body.to_vec(), None)
-            .await?;
+        let answer = self.start_submit(client_id, kind, to.to_vec(), body.to_vec(), None)?;
         accepted(answer.wait().await?)
     }
 
@@ -682,21 +638,19 @@ impl Connection {
         body: &[u8],
         ttl: Duration,
     ) -> Result<Accepted, ClientError> {
-        let answer = self
-            .start_submit(
-                client_id,
-                kind,
-                to.to_vec(),
-                body.to_vec(),
-                Some(ttl_secs(ttl)),
-            )
-            .await?;
+        let answer = self.start_submit(
+            client_id,
+            kind,
+            to.to_vec(),
+            body.to_vec(),
+            Some(ttl_secs(ttl)),
+        )?;
         accepted(answer.wait().await?)
     }
 
-    /// Writes a submission and returns at once, without its answer: submissions started one
-    /// after the other reach the host, and are accepted, in that order.
-    pub(crate) async fn start_submit(
+    /// Adds a submission to the machine's outbox and returns at once, without its answer:
+    /// submissions started one after the other reach the host, and are accepted, in that order.
+    pub(crate) fn start_submit(
         &self,
         client_id: u64,
         kind: MessageKind,
@@ -704,41 +658,42 @@ impl Connection {
         body: Vec<u8>,
         ttl_secs: Option<u32>,
     ) -> Result<Answer, ClientError> {
-        self.start_request(|req| match ttl_secs {
-            None => ClientFrame::Submit {
-                req,
-                client_id,
-                kind,
-                to,
-                body,
-            },
-            Some(ttl_secs) => ClientFrame::SubmitExpiring {
-                req,
-                client_id,
-                kind,
-                to,
-                body,
-                ttl_secs,
-            },
-        })
-        .await
+        let outgoing = Outgoing {
+            client_id,
+            kind,
+            to,
+            body,
+            ttl_secs,
+        };
+        let rx = {
+            let mut core = self.shared.lock();
+            if let Some(e) = core.unusable(self.generation) {
+                return Err(e);
+            }
+            core.submit(outgoing)
+        };
+        self.shared.wake();
+        Ok(Answer { rx })
     }
 
     /// In a [`SessionMode::Paged`] session, asks for the next page of the backlog: up to `max`
     /// messages, which arrive as [`Event::Message`]s before this returns.
     pub async fn fetch(&self, max: u32) -> Result<Page, ClientError> {
-        page(self.start_fetch(max).await?.wait().await?)
+        page(self.start_request(Request::Fetch { max })?.wait().await?)
     }
 
-    /// Writes a fetch and returns at once, without its answer.
-    pub(crate) async fn start_fetch(&self, max: u32) -> Result<Answer, ClientError> {
-        self.start_request(|req| ClientFrame::Fetch { req, max })
-            .await
-    }
-
-    /// Acknowledges every delivery up to and including `seq`.
+    /// Acknowledges every delivery up to and including `seq` (and a repeat the host sent again
+    /// at a new position that this makes due: see [`iim_proto::session::Filter`]).
     pub async fn ack(&self, seq: u64) -> Result<(), ClientError> {
-        self.write(&ClientFrame::Ack { seq }).await
+        {
+            let mut core = self.shared.lock();
+            if let Some(e) = core.unusable(self.generation) {
+                return Err(e);
+            }
+            core.session.ack(seq);
+        }
+        self.shared.wake();
+        Ok(())
     }
 
     /// The next event; `None` once the connection has ended and every event was taken.
@@ -759,48 +714,15 @@ impl Connection {
         let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
     }
 
-    async fn request(
-        &self,
-        frame: impl FnOnce(RequestId) -> ClientFrame,
-    ) -> Result<ServerFrame, ClientError> {
-        self.start_request(frame).await?.wait().await
+    async fn request(&self, request: Request) -> Result<ServerFrame, ClientError> {
+        self.start_request(request)?.wait().await
     }
 
-    /// Writes a request and returns what waits for its answer.
-    async fn start_request(
-        &self,
-        frame: impl FnOnce(RequestId) -> ClientFrame,
-    ) -> Result<Answer, ClientError> {
-        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut pending = lock(&self.pending);
-            if let Some(closed) = &pending.closed {
-                return Err(closed.clone());
-            }
-            pending.waiting.insert(req, tx);
-        }
-        if let Err(e) = self.write(&frame(req)).await {
-            lock(&self.pending).waiting.remove(&req);
-            return Err(e);
-        }
-        Ok(Answer {
-            req,
-            rx,
-            pending: Arc::clone(&self.pending),
-            timeout: self.request_timeout,
-        })
-    }
-
-    async fn write(&self, frame: &ClientFrame) -> Result<(), ClientError> {
-        let bytes = iim_proto::encode_frame(frame, self.max_frame)
-            .map_err(|e| ClientError::TooLarge(e.to_string()))?;
-        self.writer.send(bytes).await.map_err(|_| {
-            lock(&self.pending)
-                .closed
-                .clone()
-                .unwrap_or_else(|| ClientError::ConnectionLost("the stream is closed".into()))
-        })
+    /// Makes a request and returns at once, with what waits for its answer.
+    fn start_request(&self, request: Request) -> Result<Answer, ClientError> {
+        let rx = self.shared.lock().request(self.generation, request)?;
+        self.shared.wake();
+        Ok(Answer { rx })
     }
 }
 
@@ -814,25 +736,17 @@ pub(crate) fn ttl_secs(ttl: Duration) -> u32 {
 /// How long [`Connection::close`] waits for the host, twice at most.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
-/// A request written to the host, waiting for its answer.
+/// A request written to the host, waiting for its answer (the machine times it out).
 pub(crate) struct Answer {
-    req: RequestId,
-    rx: oneshot::Receiver<Result<ServerFrame, ClientError>>,
-    pending: Pending,
-    timeout: Duration,
+    rx: oneshot::Receiver<Reply>,
 }
 
 impl Answer {
     /// The answer, or why none came: the connection ended, or the request timed out.
     pub(crate) async fn wait(self) -> Result<ServerFrame, ClientError> {
-        match tokio::time::timeout(self.timeout, self.rx).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(ClientError::ConnectionLost("the connection ended".into())),
-            Err(_) => {
-                lock(&self.pending).waiting.remove(&self.req);
-                Err(ClientError::Timeout(self.timeout))
-            }
-        }
+        self.rx
+            .await
+            .unwrap_or_else(|_| Err(ClientError::ConnectionLost("the connection ended".into())))
     }
 }
 
@@ -869,16 +783,6 @@ impl Drop for Connection {
         // the host's session for this device) alive after the application let go of it.
         self.conn.close(0u32.into(), b"dropped");
     }
-}
-
-/// Writes whole frames, one after another, until the connection or the channel ends.
-async fn write_frames(mut send: quinn::SendStream, mut frames: mpsc::Receiver<Vec<u8>>) {
-    while let Some(bytes) = frames.recv().await {
-        if send.write_all(&bytes).await.is_err() {
-            return;
-        }
-    }
-    let _ = send.finish();
 }
 
 fn expect_ok(answer: ServerFrame) -> Result<(), ClientError> {
@@ -990,121 +894,6 @@ where
 /// A fresh idempotency id.
 pub fn new_client_id() -> u64 {
     rand::random()
-}
-
-async fn read_frame(
-    recv: &mut quinn::RecvStream,
-    decoder: &mut FrameDecoder,
-) -> Result<Option<ServerFrame>, ClientError> {
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        if let Some(frame) = decoder
-            .decode::<ServerFrame>()
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-        {
-            return Ok(Some(frame));
-        }
-        match recv.read(&mut buf).await {
-            Ok(Some(n)) => decoder.push(&buf[..n]),
-            Ok(None) => return Ok(None),
-            // The host closed the connection with a reason; its code is an iim error code.
-            Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(
-                close,
-            ))) if close.error_code.into_inner() != 0 => {
-                return Err(ClientError::ClosedByHost {
-                    code: ErrorCode(u16::try_from(close.error_code.into_inner()).unwrap_or(0)),
-                    message: String::from_utf8_lossy(&close.reason).into_owned(),
-                });
-            }
-            Err(e) => return Err(ClientError::ConnectionLost(e.to_string())),
-        }
-    }
-}
-
-/// Reads every frame the host sends and routes it: answers to their request, the rest to the
-/// event queue. Ends when the stream does, failing whatever still waits.
-async fn drive(
-    mut recv: quinn::RecvStream,
-    mut decoder: FrameDecoder,
-    max_frame: u32,
-    pending: Pending,
-    events: mpsc::UnboundedSender<Result<Event, ClientError>>,
-) {
-    decoder.set_max(max_frame);
-    // The highest inbox position received on this connection. The host sends a device's
-    // positions in increasing order, and sends one again only when it was not acknowledged in
-    // time (docs/protocol.md, "Retransmission"): a position not above it is such a repeat.
-    let mut highest: Option<u64> = None;
-    let end = loop {
-        let frame = match read_frame(&mut recv, &mut decoder).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => break ClientError::ConnectionLost("the host closed the stream".into()),
-            Err(e) => break e,
-        };
-        let (req, answer) = match frame {
-            ServerFrame::Deliver { seq, message } => {
-                if highest.is_some_and(|highest| seq <= highest) {
-                    // A retransmission of what the application has (its ack is on its way,
-                    // or the application has not acknowledged it yet).
-                    continue;
-                }
-                highest = Some(seq);
-                // Nobody may be listening for events any more; requests are still answered.
-                let _ = events.send(Ok(Event::Message { seq, message }));
-                continue;
-            }
-            ServerFrame::Synced { count } => {
-                let _ = events.send(Ok(Event::Synced { count }));
-                continue;
-            }
-            ServerFrame::Backlog { count, bytes, ids } => {
-                let _ = events.send(Ok(Event::Backlog { count, bytes, ids }));
-                continue;
-            }
-            ServerFrame::Error {
-                req: None,
-                code,
-                message,
-            } => break ClientError::ClosedByHost { code, message },
-            ServerFrame::Error {
-                req: Some(req),
-                code,
-                message,
-            } => (req, Err(ClientError::Refused { code, message })),
-            ServerFrame::Ok { req }
-            | ServerFrame::LoggedIn { req, .. }
-            | ServerFrame::Users { req, .. }
-            | ServerFrame::Accepted { req, .. }
-            | ServerFrame::Page { req, .. }
-            | ServerFrame::Redirect { req, .. } => (req, Ok(frame)),
-            ServerFrame::Welcome { .. } => {
-                break ClientError::Protocol("Welcome sent twice".into());
-            }
-        };
-        let waiter = lock(&pending).waiting.remove(&req);
-        match waiter {
-            Some(tx) => {
-                let _ = tx.send(answer);
-            }
-            None => tracing::warn!(req, "answer to no request"),
-        }
-    };
-    let waiting = {
-        let mut state = lock(&pending);
-        state.closed = Some(end.clone());
-        std::mem::take(&mut state.waiting)
-    };
-    for (_, tx) in waiting {
-        let _ = tx.send(Err(end.clone()));
-    }
-    let last = match end {
-        e @ ClientError::ClosedByHost { .. } => Some(e),
-        ClientError::ConnectionLost(_) => None,
-        other => Some(other),
-    };
-    if let Some(e) = last {
-        let _ = events.send(Err(e));
-    }
 }
 
 #[cfg(test)]
@@ -1271,14 +1060,14 @@ mod tests {
 
         // A refusal at the home host is the answer; nothing more is tried.
         let refused = ClientError::Refused {
-            code: ErrorCode::AUTH_FAILED,
+            code: iim_proto::ErrorCode::AUTH_FAILED,
             message: "no".into(),
         };
         let (outcome, tried) =
             follow(vec![Err(redirected("h2", "127.0.0.1:7502")), Err(refused)]).await;
         assert_eq!(
             outcome.err().and_then(|e| e.code()),
-            Some(ErrorCode::AUTH_FAILED)
+            Some(iim_proto::ErrorCode::AUTH_FAILED)
         );
         assert_eq!(tried.len(), 2);
 

@@ -1,26 +1,28 @@
 //! A device that stays connected: [`Device`] reconnects by itself, resubmits what the host has
 //! not accepted, and hands each delivery to the application once.
 //!
-//! One task per device owns the current [`Connection`]. Submissions wait in an ordered outbox
-//! until the host accepts them; after a reconnect they are written again, in their order, with
-//! their client ids, so that the host accepts each once and in the order it was made. The host
-//! sends a device its inbox positions in increasing order and, after a reconnect, again from the
-//! device's cursor: a position not above the highest one handed to the application is a repeat.
-//! A message the application has already had that comes again at a new position (the host lost
-//! its first inbox entry in a crash and appended it again) is a repeat too, recognised by its id.
-//! A host that answers the login with a redirect sends the device to the user's home host, for
-//! good: every later reconnect goes there.
+//! A device keeps one session machine ([`iim_proto::session::ClientSession`]) across its
+//! connections: its outbox of submissions the host has not accepted (written again, in their
+//! order and with their client ids, once a new connection is authenticated, so that the host
+//! accepts each once and in the order it was made) and its filter of repeats (each delivery is
+//! handed to the application once, whatever the host sends again after a reconnect or a
+//! crash). One task per device owns the current [`Connection`] and makes a new one when it is
+//! lost, waiting longer after each failed attempt ([`Backoff`]). A host that answers the login
+//! with a redirect sends the device to the user's home host, for good: every later reconnect
+//! goes there.
 
 use crate::connection::{
-    Accepted, Answer, ClientConfig, Connection, Event, Page, Redirects, accepted, follow_redirects,
-    page, ttl_secs,
+    Accepted, ClientConfig, Connection, Event, Page, Redirects, accepted, follow_redirects, page,
+    ttl_secs,
 };
+use crate::driver::{Reply, Shared};
 use crate::{ClientError, new_client_id};
+use iim_proto::session::{Backoff, Outgoing, Request};
 use iim_proto::{DeviceId, Message, MessageId, MessageKind, SessionMode, UserId};
-use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -86,7 +88,7 @@ pub enum Update {
 /// durably, however many reconnects that takes, or to the host's refusal.
 pub struct Submission {
     client_id: u64,
-    answer: oneshot::Receiver<Result<Accepted, ClientError>>,
+    answer: oneshot::Receiver<Reply>,
 }
 
 impl Submission {
@@ -101,9 +103,11 @@ impl Future for Submission {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.answer).poll(cx).map(|answer| {
-            answer.unwrap_or_else(|_| {
-                Err(ClientError::ConnectionLost("the device was closed".into()))
-            })
+            answer
+                .unwrap_or_else(|_| {
+                    Err(ClientError::ConnectionLost("the device was closed".into()))
+                })
+                .and_then(accepted)
         })
     }
 }
@@ -151,25 +155,11 @@ pub struct Device {
     token: String,
     /// The server id and address of the host of the last connection.
     home: watch::Receiver<(String, SocketAddr)>,
-    commands: mpsc::UnboundedSender<Command>,
+    /// The session machine, shared with the current connection.
+    shared: Arc<Shared>,
+    /// Asks the device's task to close (answered once closed).
+    close: mpsc::UnboundedSender<oneshot::Sender<()>>,
     updates: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Update, ClientError>>>,
-}
-
-enum Command {
-    Submit(Outgoing),
-    Ack(u64),
-    Fetch(u32, oneshot::Sender<Result<Page, ClientError>>),
-    Close(oneshot::Sender<()>),
-}
-
-/// A submission the host has not accepted yet.
-struct Outgoing {
-    client_id: u64,
-    kind: MessageKind,
-    to: Vec<UserId>,
-    body: Vec<u8>,
-    ttl_secs: Option<u32>,
-    reply: oneshot::Sender<Result<Accepted, ClientError>>,
 }
 
 impl Device {
@@ -183,25 +173,25 @@ impl Device {
         credentials: Credentials,
         mode: SessionMode,
     ) -> Result<Self, ClientError> {
+        let shared = Shared::new(&config.agent, config.request_timeout, true);
         let (conn, token, config) = match credentials {
             Credentials::Password(password) => {
-                Connection::login_home(config, user, &password, device, mode).await?
+                Connection::login_home_on(config, Some(&shared), user, &password, device, mode)
+                    .await?
             }
             Credentials::Token(token) => {
                 let token_ref = token.as_str();
+                let shared_ref = &shared;
                 let (conn, config) = follow_redirects(config, |config| async move {
-                    let conn = Connection::connect(&config).await?;
-                    conn.authenticate(user, device, token_ref, mode).await?;
-                    Ok(conn)
+                    Connection::resume_on(&config, shared_ref, user, device, token_ref, mode).await
                 })
                 .await?;
                 (conn, token, config)
             }
         };
         let (home_tx, home) = watch::channel((conn.server().to_owned(), config.server));
-        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (close, close_rx) = mpsc::unbounded_channel();
         let (updates_tx, updates) = mpsc::unbounded_channel();
-        let (answers_tx, answers) = mpsc::unbounded_channel();
         let supervisor = Supervisor {
             login: Login {
                 config,
@@ -211,21 +201,17 @@ impl Device {
                 token: token.clone(),
                 mode,
             },
-            commands: commands_rx,
+            shared: Arc::clone(&shared),
+            close: close_rx,
             updates: updates_tx,
-            answers_tx,
-            answers,
-            outbox: BTreeMap::new(),
-            next_key: 0,
-            generation: 0,
-            handover: Handover::default(),
             home: home_tx,
         };
         tokio::spawn(supervisor.run(conn));
         Ok(Self {
             token,
             home,
-            commands,
+            shared,
+            close,
             updates: tokio::sync::Mutex::new(updates),
         })
     }
@@ -264,17 +250,15 @@ impl Device {
         body: &[u8],
         ttl_secs: Option<u32>,
     ) -> Submission {
-        let (reply, answer) = oneshot::channel();
         let outgoing = Outgoing {
             client_id,
             kind,
             to: to.to_vec(),
             body: body.to_vec(),
             ttl_secs,
-            reply,
         };
-        // If the device has ended, `answer` fails at once (its sender is dropped here).
-        let _ = self.commands.send(Command::Submit(outgoing));
+        let answer = self.shared.lock().submit(outgoing);
+        self.shared.wake();
         Submission { client_id, answer }
     }
 
@@ -303,7 +287,8 @@ impl Device {
     /// Acknowledges every delivery up to and including `seq`. If the connection is lost before
     /// the host has it, the device acknowledges again what the host sends again.
     pub fn ack(&self, seq: u64) {
-        let _ = self.commands.send(Command::Ack(seq));
+        self.shared.lock().session.ack(seq);
+        self.shared.wake();
     }
 
     /// In a [`SessionMode::Paged`] device, asks for the next page of the backlog: up to `max`
@@ -315,11 +300,21 @@ impl Device {
     /// connection is lost first; after the reconnect a new [`Update::Backlog`] says what is
     /// left.
     pub async fn fetch(&self, max: u32) -> Result<Page, ClientError> {
-        let (reply, answer) = oneshot::channel();
-        let _ = self.commands.send(Command::Fetch(max, reply));
-        answer
+        let answer = {
+            let mut core = self.shared.lock();
+            let generation = core.generation();
+            core.request(generation, Request::Fetch { max })
+                .map_err(|_| {
+                    ClientError::ConnectionLost(
+                        "not connected; the backlog is summed up again after the reconnect".into(),
+                    )
+                })?
+        };
+        self.shared.wake();
+        let answer = answer
             .await
-            .unwrap_or_else(|_| Err(ClientError::ConnectionLost("the device was closed".into())))
+            .unwrap_or_else(|_| Err(ClientError::ConnectionLost("the connection ended".into())))?;
+        page(answer)
     }
 
     /// The next update; `None` once the device has ended and every update was taken.
@@ -333,14 +328,11 @@ impl Device {
     /// the same client id.
     pub async fn close(self) {
         let (done, closed) = oneshot::channel();
-        if self.commands.send(Command::Close(done)).is_ok() {
+        if self.close.send(done).is_ok() {
             let _ = closed.await;
         }
     }
 }
-
-/// How long a closing device waits for answers already on their way.
-const LAST_ANSWERS: Duration = Duration::from_millis(500);
 
 /// How a connection's service ended.
 enum Served {
@@ -365,13 +357,14 @@ struct Login {
 }
 
 impl Login {
-    async fn connect(&mut self) -> Result<Connection, ClientError> {
+    async fn connect(&mut self, shared: &Arc<Shared>) -> Result<Connection, ClientError> {
         if let Some(addr) = &self.redirected_to {
             self.config = self.config.redirected(addr).await?;
             self.redirected_to = None;
         }
-        Connection::resume(
+        Connection::resume_on(
             &self.config,
+            shared,
             &self.user,
             &self.device,
             &self.token,
@@ -383,9 +376,7 @@ impl Login {
 
 /// One run of attempts to reconnect: the growing wait between them, and the redirects followed.
 struct Reconnect {
-    /// The wait before the last attempt that was not a redirect's.
-    wait: Duration,
-    max: Duration,
+    backoff: Backoff,
     redirects: Redirects,
 }
 
@@ -401,28 +392,30 @@ enum Next {
 }
 
 impl Reconnect {
-    /// The first attempt waits [`ClientConfig::reconnect_first`].
+    /// Waits of [`ClientConfig::reconnect_first`], doubling up to
+    /// [`ClientConfig::reconnect_max`].
     fn new(config: &ClientConfig) -> Self {
         Self {
-            wait: config.reconnect_first,
-            max: config.reconnect_max,
+            backoff: Backoff::new(config.reconnect_first, config.reconnect_max),
             redirects: Redirects::default(),
         }
     }
 
+    /// The wait before the first attempt.
+    fn first(&mut self) -> Duration {
+        self.backoff.next_wait()
+    }
+
     /// After an attempt failed with `error`: a redirect is followed at once (a host answered;
-    /// nothing is wrong to wait out) and leaves the wait as it was; a transient error doubles
-    /// the wait; anything else, or one redirect too many, ends the device.
+    /// nothing is wrong to wait out) and leaves the wait as it was; a transient error waits
+    /// longer than the last time; anything else, or one redirect too many, ends the device.
     fn after(&mut self, error: &ClientError) -> Next {
         match error {
             ClientError::Redirected { server, addr } => match self.redirects.follow(server, addr) {
                 Ok(()) => Next::Home(addr.clone()),
                 Err(e) => Next::GiveUp(e),
             },
-            e if e.is_transient() => {
-                self.wait = (self.wait * 2).min(self.max);
-                Next::Wait(self.wait)
-            }
+            e if e.is_transient() => Next::Wait(self.backoff.next_wait()),
             e => Next::GiveUp(e.clone()),
         }
     }
@@ -431,100 +424,11 @@ impl Reconnect {
 /// The task that owns a device's connection.
 struct Supervisor {
     login: Login,
-    commands: mpsc::UnboundedReceiver<Command>,
+    shared: Arc<Shared>,
+    close: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
     updates: mpsc::UnboundedSender<Result<Update, ClientError>>,
-    /// Answers to submissions: (connection generation, outbox key, answer).
-    answers_tx: mpsc::UnboundedSender<(u64, u64, Result<Accepted, ClientError>)>,
-    answers: mpsc::UnboundedReceiver<(u64, u64, Result<Accepted, ClientError>)>,
-    /// Submissions not yet accepted, in the order they were made.
-    outbox: BTreeMap<u64, Outgoing>,
-    next_key: u64,
-    /// Counts connections, so that a late answer from an old one is recognised.
-    generation: u64,
-    /// What was handed to the application, and what it acknowledged.
-    handover: Handover,
     /// The host of the last connection, for [`Device::home`].
     home: watch::Sender<(String, SocketAddr)>,
-}
-
-/// How many of the last message ids handed over a device remembers, to recognise a message
-/// that comes again at a new position.
-const RECENT_IDS: usize = 4096;
-
-/// What a device handed to its application and what the application acknowledged: decides
-/// which deliveries are repeats and what to acknowledge for them.
-#[derive(Debug, Default)]
-struct Handover {
-    /// The highest inbox position handed to the application (or skipped as a repeat).
-    shown: Option<u64>,
-    /// The highest position the application acknowledged, counting the repeats skipped before
-    /// it as acknowledged.
-    acked: Option<u64>,
-    /// The ids of the last [`RECENT_IDS`] messages handed over, oldest first.
-    recent: VecDeque<MessageId>,
-    recent_set: HashSet<MessageId>,
-    /// Positions of repeats recognised by id, each with the position the application must have
-    /// acknowledged before the repeat is acknowledged for it.
-    /// Both only grow from one to the next.
-    skipped: VecDeque<(u64, u64)>,
-}
-
-/// What to do with a delivery.
-#[derive(Debug, PartialEq, Eq)]
-enum Verdict {
-    /// Hand it to the application.
-    Show,
-    /// Handed over before; acknowledge it at once if `ack` (its acknowledgement was lost with
-    /// an earlier connection, or nothing before it is still unacknowledged).
-    Repeat { ack: bool },
-}
-
-impl Handover {
-    fn on_delivery(&mut self, seq: u64, id: MessageId) -> Verdict {
-        if self.shown.is_some_and(|shown| seq <= shown) {
-            return Verdict::Repeat {
-                ack: self.acked.is_some_and(|acked| seq <= acked),
-            };
-        }
-        if self.recent_set.contains(&id) {
-            // Acknowledging it acknowledges every position before it on this connection: only
-            // once the application has acknowledged what it was handed before.
-            let before = self.shown.unwrap_or(0);
-            self.shown = Some(seq);
-            if self.acked.unwrap_or(0) >= before {
-                self.acked = Some(seq);
-                return Verdict::Repeat { ack: true };
-            }
-            self.skipped.push_back((seq, before));
-            return Verdict::Repeat { ack: false };
-        }
-        self.shown = Some(seq);
-        if self.recent.len() == RECENT_IDS
-            && let Some(oldest) = self.recent.pop_front()
-        {
-            self.recent_set.remove(&oldest);
-        }
-        self.recent.push_back(id);
-        self.recent_set.insert(id);
-        Verdict::Show
-    }
-
-    /// The application acknowledged `seq`: returns the skipped repeats to acknowledge now.
-    fn on_ack(&mut self, seq: u64) -> Vec<u64> {
-        self.acked = self.acked.max(Some(seq));
-        let mut due = Vec::new();
-        while let Some(&(skipped, before)) = self.skipped.front() {
-            if self.acked.unwrap_or(0) < before {
-                break;
-            }
-            self.skipped.pop_front();
-            if self.acked.is_some_and(|acked| acked < skipped) {
-                self.acked = Some(skipped);
-                due.push(skipped);
-            }
-        }
-        due
-    }
 }
 
 impl Supervisor {
@@ -533,14 +437,13 @@ impl Supervisor {
             let reason = match self.serve(&conn).await {
                 Served::Closed(done) => {
                     // The host answers close's last request after every submission before it,
-                    // so their answers are in (or on their way to) `answers` once it returns.
+                    // so their answers are in once it returns.
                     conn.close().await;
-                    if done.is_some() {
-                        self.take_last_answers().await;
-                    }
-                    self.fail_outbox(&ClientError::ConnectionLost(
-                        "the device was closed before the host answered".into(),
-                    ));
+                    self.shared
+                        .lock()
+                        .fail_submissions(&ClientError::ConnectionLost(
+                            "the device was closed before the host answered".into(),
+                        ));
                     drop(done);
                     return;
                 }
@@ -552,27 +455,27 @@ impl Supervisor {
             }
             let mut reason = reason;
             let mut reconnect = Reconnect::new(&self.login.config);
-            let mut delay = self.login.config.reconnect_first;
+            let mut delay = reconnect.first();
             conn = loop {
                 let _ = self.updates.send(Ok(Update::Disconnected {
                     reason,
                     retry_in: delay,
                 }));
                 let login = &mut self.login;
+                let shared = &self.shared;
                 let attempt = async move {
                     tokio::time::sleep(delay).await;
-                    login.connect().await
+                    login.connect(shared).await
                 };
-                let Some(outcome) = Self::while_waiting(
-                    &mut self.commands,
-                    &mut self.outbox,
-                    &mut self.next_key,
-                    &mut self.handover,
-                    attempt,
-                )
-                .await
-                else {
-                    return;
+                let outcome = tokio::select! {
+                    outcome = attempt => outcome,
+                    done = self.close.recv() => {
+                        self.shared.lock().fail_submissions(&ClientError::ConnectionLost(
+                            "the device was closed before the host answered".into(),
+                        ));
+                        drop(done);
+                        return;
+                    }
                 };
                 let error = match outcome {
                     Ok(conn) => break conn,
@@ -595,178 +498,34 @@ impl Supervisor {
         }
     }
 
-    /// Runs `attempt` while taking the application's commands; `None` if the application
-    /// closed the device meanwhile.
-    async fn while_waiting<T>(
-        commands: &mut mpsc::UnboundedReceiver<Command>,
-        outbox: &mut BTreeMap<u64, Outgoing>,
-        next_key: &mut u64,
-        handover: &mut Handover,
-        attempt: impl Future<Output = T>,
-    ) -> Option<T> {
-        tokio::pin!(attempt);
-        loop {
-            tokio::select! {
-                outcome = &mut attempt => return Some(outcome),
-                command = commands.recv() => match command {
-                    None | Some(Command::Close(_)) => return None,
-                    Some(Command::Submit(outgoing)) => {
-                        outbox.insert(*next_key, outgoing);
-                        *next_key += 1;
-                    }
-                    // What comes due is acknowledged when the host sends it again.
-                    Some(Command::Ack(seq)) => drop(handover.on_ack(seq)),
-                    Some(Command::Fetch(_, reply)) => {
-                        let _ = reply.send(Err(ClientError::ConnectionLost(
-                            "not connected; the backlog is summed up again after the reconnect"
-                                .into(),
-                        )));
-                    }
-                },
-            }
-        }
-    }
-
-    /// Serves one connection until it is lost or the application closes the device.
+    /// Hands the connection's deliveries to the application until the connection is lost or
+    /// the application closes the device.
     async fn serve(&mut self, conn: &Connection) -> Served {
-        self.generation += 1;
-        // What the last connection left unaccepted goes first, in its order.
-        let keys: Vec<u64> = self.outbox.keys().copied().collect();
-        for key in keys {
-            if let Err(e) = self.transmit(conn, key).await {
-                return Served::Lost(e);
-            }
-        }
         loop {
-            tokio::select! {
-                command = self.commands.recv() => match command {
-                    None => return Served::Closed(None),
-                    Some(Command::Close(done)) => {
-                        self.commands.close();
-                        return Served::Closed(Some(done));
-                    }
-                    Some(Command::Submit(outgoing)) => {
-                        let key = self.next_key;
-                        self.next_key += 1;
-                        self.outbox.insert(key, outgoing);
-                        if let Err(e) = self.transmit(conn, key).await {
-                            return Served::Lost(e);
-                        }
-                    }
-                    Some(Command::Ack(seq)) => {
-                        let due = self.handover.on_ack(seq);
-                        for seq in std::iter::once(seq).chain(due) {
-                            if let Err(e) = conn.ack(seq).await {
-                                return Served::Lost(e);
-                            }
-                        }
-                    }
-                    Some(Command::Fetch(max, reply)) => match conn.start_fetch(max).await {
-                        Ok(answer) => {
-                            tokio::spawn(async move {
-                                let _ = reply.send(answer.wait().await.and_then(page));
-                            });
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(e.clone()));
-                            return Served::Lost(e);
-                        }
-                    },
-                },
-                Some((generation, key, answer)) = self.answers.recv() => {
-                    if generation != self.generation {
-                        continue;
-                    }
-                    match answer {
-                        Ok(accepted) => self.reply(key, Ok(accepted)),
-                        // No answer in time: the connection is of no use; a new one resends.
-                        Err(e @ ClientError::Timeout(_)) => return Served::Lost(e),
-                        // The event stream says how the connection ended.
-                        Err(e) if e.is_transient() => {}
-                        Err(refused) => self.reply(key, Err(refused)),
-                    }
-                }
-                event = conn.next_event() => match event {
-                    Some(Ok(Event::Message { seq, message })) => {
-                        match self.handover.on_delivery(seq, message.id) {
-                            Verdict::Show => {
-                                let _ = self.updates.send(Ok(Update::Message { seq, message }));
-                            }
-                            Verdict::Repeat { ack: true } => {
-                                if let Err(e) = conn.ack(seq).await {
-                                    return Served::Lost(e);
-                                }
-                            }
-                            Verdict::Repeat { ack: false } => {}
-                        }
-                    }
-                    Some(Ok(Event::Synced { count })) => {
-                        let _ = self.updates.send(Ok(Update::Synced { count }));
-                    }
-                    Some(Ok(Event::Backlog { count, bytes, ids })) => {
-                        let _ = self.updates.send(Ok(Update::Backlog { count, bytes, ids }));
-                    }
-                    Some(Err(e)) => return Served::Lost(e),
-                    None => {
-                        return Served::Lost(ClientError::ConnectionLost("the connection ended".into()));
-                    }
-                },
-            }
-        }
-    }
-
-    /// Writes the outbox's submission `key` and has its answer come back as a message.
-    async fn transmit(&self, conn: &Connection, key: u64) -> Result<(), ClientError> {
-        let Some(outgoing) = self.outbox.get(&key) else {
-            return Ok(());
-        };
-        let answer: Answer = conn
-            .start_submit(
-                outgoing.client_id,
-                outgoing.kind.clone(),
-                outgoing.to.clone(),
-                outgoing.body.clone(),
-                outgoing.ttl_secs,
-            )
-            .await?;
-        let answers = self.answers_tx.clone();
-        let generation = self.generation;
-        tokio::spawn(async move {
-            let answer = answer.wait().await.and_then(accepted);
-            let _ = answers.send((generation, key, answer));
-        });
-        Ok(())
-    }
-
-    /// Hands the answers that came before the close to their submissions (waiting a moment
-    /// for the tasks that forward them).
-    async fn take_last_answers(&mut self) {
-        while !self.outbox.is_empty() {
-            let next = tokio::time::timeout(LAST_ANSWERS, self.answers.recv()).await;
-            let Ok(Some((generation, key, answer))) = next else {
-                return;
+            let event = tokio::select! {
+                done = self.close.recv() => return Served::Closed(done),
+                event = conn.next_event() => event,
             };
-            if generation == self.generation && !matches!(&answer, Err(e) if e.is_transient()) {
-                self.reply(key, answer);
-            }
-        }
-    }
-
-    fn reply(&mut self, key: u64, answer: Result<Accepted, ClientError>) {
-        if let Some(outgoing) = self.outbox.remove(&key) {
-            let _ = outgoing.reply.send(answer);
-        }
-    }
-
-    fn fail_outbox(&mut self, error: &ClientError) {
-        for (_, outgoing) in std::mem::take(&mut self.outbox) {
-            let _ = outgoing.reply.send(Err(error.clone()));
+            let update = match event {
+                Some(Ok(Event::Message { seq, message })) => Update::Message { seq, message },
+                Some(Ok(Event::Synced { count })) => Update::Synced { count },
+                Some(Ok(Event::Backlog { count, bytes, ids })) => {
+                    Update::Backlog { count, bytes, ids }
+                }
+                Some(Err(e)) => return Served::Lost(e),
+                None => {
+                    return Served::Lost(ClientError::ConnectionLost(
+                        "the connection ended".into(),
+                    ));
+                }
+            };
+            let _ = self.updates.send(Ok(update));
         }
     }
 
     /// Gives up: every waiting submission fails with `error`, and so does [`Device::next`].
-    fn end(mut self, error: ClientError) {
-        self.fail_outbox(&error);
+    fn end(self, error: ClientError) {
+        self.shared.lock().give_up(&error);
         let _ = self.updates.send(Err(error));
     }
 }
@@ -776,38 +535,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_message_that_comes_again_at_a_new_position_is_not_handed_over_twice() {
-        let mut h = Handover::default();
-        let (a, b, c) = (MessageId(10), MessageId(11), MessageId(12));
-        assert_eq!(h.on_delivery(1, a), Verdict::Show);
-        assert_eq!(h.on_delivery(2, b), Verdict::Show);
-        // A repeat by position: acknowledged again only once the application acknowledged it.
-        assert_eq!(h.on_delivery(2, b), Verdict::Repeat { ack: false });
-        assert!(h.on_ack(1).is_empty());
-        assert_eq!(h.on_delivery(1, a), Verdict::Repeat { ack: true });
-
-        // After a host crash, `b` comes again at a far position. Acknowledging that would
-        // acknowledge position 2 too, which the application has not acknowledged: it waits.
-        assert_eq!(h.on_delivery(1_000_002, b), Verdict::Repeat { ack: false });
-        assert_eq!(h.on_delivery(1_000_003, c), Verdict::Show);
-        // The application acknowledges `b` at the position it was handed over with: the
-        // repeat is acknowledged for it.
-        assert_eq!(h.on_ack(2), vec![1_000_002]);
-        assert_eq!(h.acked, Some(1_000_002));
-        assert!(h.on_ack(1_000_003).is_empty());
-        // Sent again on a later connection, the repeat is acknowledged at once.
-        assert_eq!(h.on_delivery(1_000_002, b), Verdict::Repeat { ack: true });
-        // With nothing unacknowledged before it, a repeat by id is acknowledged at once.
-        assert_eq!(h.on_delivery(2_000_001, c), Verdict::Repeat { ack: true });
-        assert_eq!(h.acked, Some(2_000_001));
-    }
-
-    #[test]
     fn a_reconnect_follows_a_redirect_at_once_and_backs_off_from_failures() {
         let mut config = ClientConfig::new("127.0.0.1:7501".parse().expect("addr"));
         config.reconnect_first = Duration::from_millis(500);
         config.reconnect_max = Duration::from_secs(2);
         let mut reconnect = Reconnect::new(&config);
+        assert_eq!(reconnect.first().as_millis(), 500);
         let lost = ClientError::ConnectionLost("gone".into());
         let redirect = |n: u16| ClientError::Redirected {
             server: format!("h{n}"),
@@ -843,22 +576,5 @@ mod tests {
             reconnect.after(&refused),
             Next::GiveUp(ClientError::Refused { .. })
         ));
-    }
-
-    #[test]
-    fn only_the_last_ids_are_remembered() {
-        let mut h = Handover::default();
-        for i in 0..=RECENT_IDS as u64 {
-            assert_eq!(h.on_delivery(i + 1, MessageId(i)), Verdict::Show);
-        }
-        assert_eq!(h.recent.len(), RECENT_IDS);
-        assert_eq!(h.recent_set.len(), RECENT_IDS);
-        // The oldest is forgotten; the one after it is not.
-        let next = RECENT_IDS as u64 + 2;
-        assert_eq!(h.on_delivery(next, MessageId(0)), Verdict::Show);
-        assert_eq!(
-            h.on_delivery(next + 1, MessageId(2)),
-            Verdict::Repeat { ack: false }
-        );
     }
 }

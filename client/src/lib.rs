@@ -32,6 +32,7 @@
 
 mod connection;
 mod device;
+mod driver;
 
 pub use connection::{
     Accepted, ClientConfig, Connection, Event, MAX_REDIRECTS, Page, new_client_id,

@@ -12,6 +12,7 @@
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
+use iim_client::proto::session::Backoff;
 use iim_client::proto::{
     DeviceId, Message, MessageId, MessageKind, RelationKind, SessionMode, UserId,
 };
@@ -428,8 +429,9 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
     let (_, ca) = target(cli, Some(&profile))?;
     let mut server = profile.host_for(cli.server);
     let config = ClientConfig::new(server).with_ca_file(&ca)?;
-    // The device reconnects by itself once open; until then, so does this loop.
-    let mut wait = config.reconnect_first;
+    // The device reconnects by itself once open; until then, so does this loop, with the
+    // same growing wait.
+    let mut backoff = Backoff::new(config.reconnect_first, config.reconnect_max);
     let device = loop {
         let opened = tokio::select! {
             biased;
@@ -442,22 +444,23 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
                 SessionMode::Receive,
             ) => opened,
         };
-        match opened {
+        let wait = match opened {
             Ok(device) => break device,
             Err(e) if e.is_transient() => {
+                let wait = backoff.next_wait();
                 eprintln!(
                     "iim: cannot reach the host ({e}); trying again in {:.1} s",
                     wait.as_secs_f64()
                 );
+                wait
             }
             Err(e) => return Err(login_refused(e)),
-        }
+        };
         tokio::select! {
             biased;
             _ = &mut ctrl_c => return Ok(()),
             () = tokio::time::sleep(wait) => {}
         }
-        wait = (wait * 2).min(config.reconnect_max);
     };
     let (home_id, home) = device.home();
     if profile.note_home(server, &home_id, home) {
