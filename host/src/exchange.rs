@@ -10,11 +10,12 @@
 //! it. A host that goes away is marked down; what is for it waits in its outbox.
 
 use crate::config::Config;
-use crate::network::{RELAY_WINDOW, peer_transport};
+use crate::network::peer_transport;
 use crate::now_ms;
 use crate::store::exchange::{ExchangeStore, Joining};
 use anyhow::Context;
 use iim_proto::peer::{Envelope, ExchangeFrame, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo};
+use iim_proto::relay::{Incoming, RelayLink};
 use iim_proto::{ErrorCode, UserId};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -500,14 +501,13 @@ async fn relay(
         .await?;
     }
     state.store.outbox_acked(server, joined.relayed_in)?;
-    let mut sent = joined.relayed_in;
-    let mut acked = joined.relayed_in;
-    // The highest `905` stored, and the highest acknowledged to the host.
-    let mut stored_in: Option<u64> = None;
-    let mut acked_in = relayed_out;
+    // The hop's state: what the host holds of its outbox here, and what this exchange holds
+    // of the host's `905`s.
+    let mut link = RelayLink::joined(joined.relayed_in, relayed_out);
     let mut shutdown = state.shutdown.clone();
-    pump(state, peer, server, &mut sent, acked).await?;
+    pump(state, peer, server, &mut link).await?;
     loop {
+        let idle_ack = link.poll_ack(true).is_some();
         tokio::select! {
             biased;
             () = async { let _ = shutdown.wait_for(|stopping| *stopping).await; } => {
@@ -520,35 +520,29 @@ async fn relay(
             () = replaced.notified() => anyhow::bail!("replaced by a new link of {server}"),
             frame = peer.next() => match frame? {
                 HostFrame::Relay { seq, envelope } => {
-                    if own_message(joined.number, &envelope) {
-                        let targets = state.store.relay_in(server, seq, envelope)?;
-                        if !targets.is_empty() {
-                            state.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
+                    if link.on_envelope(seq) == Incoming::Apply {
+                        if own_message(joined.number, &envelope) {
+                            let targets = state.store.relay_in(server, seq, envelope)?;
+                            if !targets.is_empty() {
+                                state.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
+                            }
+                            for target in targets {
+                                state.notify(&target);
+                            }
+                        } else {
+                            tracing::error!(%server, seq, id = %envelope.message.id, from = %envelope.message.from, "a relayed message numbered by another host; dropped");
                         }
-                        for target in targets {
-                            state.notify(&target);
-                        }
-                    } else {
-                        tracing::error!(%server, seq, id = %envelope.message.id, from = %envelope.message.from, "a relayed message numbered by another host; dropped");
                     }
-                    stored_in = Some(seq.max(stored_in.unwrap_or(0)));
-                    // Acknowledged once durable: when nothing else is ready, or once half a
-                    // window waits.
-                    if seq.saturating_sub(acked_in) >= RELAY_WINDOW / 2 {
-                        state.store.flush().await?;
-                        peer.write(&ExchangeFrame::Ack { seq }).await?;
-                        acked_in = seq;
-                        stored_in = None;
-                    }
+                    // Acknowledged once durable, once half a window waits.
+                    acknowledge(state, peer, &mut link, false).await?;
                 }
                 HostFrame::Ack { seq } => {
-                    anyhow::ensure!(seq <= sent, "the host acknowledged {seq}, but only {sent} was sent");
-                    if seq > acked {
-                        state.stats.envelopes_acked.fetch_add(seq - acked, Ordering::Relaxed);
-                        acked = seq;
+                    let before = link.acked();
+                    if let Some(seq) = link.on_ack(seq)? {
+                        state.stats.envelopes_acked.fetch_add(seq - before, Ordering::Relaxed);
                         state.store.outbox_acked(server, seq)?;
                     }
-                    pump(state, peer, server, &mut sent, acked).await?;
+                    pump(state, peer, server, &mut link).await?;
                 }
                 HostFrame::Claim { req, user } => {
                     // In version order from numbering to broadcast (see `State::claims`).
@@ -611,34 +605,46 @@ async fn relay(
                 }
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
             },
-            () = outbox_ready.notified() => pump(state, peer, server, &mut sent, acked).await?,
+            () = outbox_ready.notified() => pump(state, peer, server, &mut link).await?,
             // Nothing else to do: the `905`s read are made durable and acknowledged, once for
             // all of them.
-            () = std::future::ready(()), if stored_in.is_some() => {
-                state.store.flush().await?;
-                if let Some(seq) = stored_in.take() {
-                    peer.write(&ExchangeFrame::Ack { seq }).await?;
-                    acked_in = seq;
-                }
+            () = std::future::ready(()), if idle_ack => {
+                acknowledge(state, peer, &mut link, true).await?;
             }
         }
     }
 }
 
-/// Sends `server`'s outbox after `sent`, as far as the window allows.
+/// Sends the acknowledgement the link asks for, if it asks (`idle`: whatever waits), once
+/// what it covers is durable.
+async fn acknowledge(
+    state: &State,
+    peer: &mut Peer,
+    link: &mut RelayLink,
+    idle: bool,
+) -> anyhow::Result<()> {
+    let Some(seq) = link.poll_ack(idle) else {
+        return Ok(());
+    };
+    state.store.flush().await?;
+    peer.write(&ExchangeFrame::Ack { seq }).await?;
+    link.on_ack_sent(seq);
+    Ok(())
+}
+
+/// Sends `server`'s outbox after what was sent, as far as the link's window allows.
 async fn pump(
     state: &State,
     peer: &mut Peer,
     server: &str,
-    sent: &mut u64,
-    acked: u64,
+    link: &mut RelayLink,
 ) -> anyhow::Result<()> {
     loop {
-        let room = RELAY_WINDOW.saturating_sub(sent.saturating_sub(acked));
+        let room = link.room();
         if room == 0 {
             return Ok(());
         }
-        let entries = state.store.outbox(server, *sent, room as usize)?;
+        let entries = state.store.outbox(server, link.sent(), room)?;
         if entries.is_empty() {
             return Ok(());
         }
@@ -648,7 +654,7 @@ async fn pump(
         for (seq, envelope) in entries {
             peer.write(&ExchangeFrame::Relay { seq, envelope }).await?;
             state.stats.envelopes_out.fetch_add(1, Ordering::Relaxed);
-            *sent = seq;
+            link.on_sent(seq);
         }
     }
 }

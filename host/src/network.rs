@@ -16,6 +16,8 @@ use anyhow::Context;
 use iim_proto::peer::{
     Envelope, ExchangeFrame, HostFrame, PEER_ALPN, PEER_VERSION, RelayRow, ServerInfo,
 };
+use iim_proto::relay::{Incoming, RelayLink};
+use iim_proto::session::Backoff;
 use iim_proto::{FrameDecoder, UserId, encode_frame};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -32,12 +34,12 @@ use tokio::sync::{Notify, mpsc, oneshot};
 pub const PEER_MAX_FRAME: u32 = 16 * 1024 * 1024;
 /// Largest first frame (`Join`) the exchange reads from a connection it does not know yet.
 const JOIN_MAX_FRAME: u32 = 16 * 1024;
-/// Relay envelopes sent ahead of the other side's acknowledgement, at most.
-pub const RELAY_WINDOW: u64 = 256;
 /// How long a claim or look-up waits for the exchange.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long connecting and joining may take.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The wait before the first attempt to join again; it doubles after each failed attempt.
+const REJOIN_FIRST: Duration = Duration::from_millis(200);
 /// The longest wait between two attempts to join.
 const REJOIN_MAX: Duration = Duration::from_secs(5);
 
@@ -552,7 +554,7 @@ pub async fn first_join(config: &Config, network: &Network) -> anyhow::Result<u1
         network.store.set_host_credential(&credential)?;
         network.store.flush().await?;
     }
-    let mut wait = Duration::from_millis(200);
+    let mut backoff = Backoff::new(REJOIN_FIRST, REJOIN_MAX);
     loop {
         match tokio::time::timeout(JOIN_TIMEOUT, join(config, network)).await {
             Ok(Ok((
@@ -568,8 +570,7 @@ pub async fn first_join(config: &Config, network: &Network) -> anyhow::Result<u1
                         "claiming this host's users failed; joining again"
                     );
                     link.conn.close(0u32.into(), b"");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(REJOIN_MAX);
+                    tokio::time::sleep(backoff.next_wait()).await;
                     continue;
                 }
                 network.store.set_host_number(number)?;
@@ -590,8 +591,7 @@ pub async fn first_join(config: &Config, network: &Network) -> anyhow::Result<u1
             }
             Err(_) => tracing::warn!("waiting for the exchange to give this host its number"),
         }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(REJOIN_MAX);
+        tokio::time::sleep(backoff.next_wait()).await;
     }
 }
 
@@ -640,7 +640,7 @@ async fn claim_existing_users(link: &mut Link, network: &Network) -> anyhow::Res
 /// Keeps the link to the exchange until the host shuts down.
 pub async fn run(host: Arc<Host>, network: Arc<Network>) {
     let mut shutdown = host.shutdown.clone();
-    let mut wait = Duration::from_millis(200);
+    let mut backoff = Backoff::new(REJOIN_FIRST, REJOIN_MAX);
     loop {
         let result = tokio::select! {
             r = serve(&host, &network) => r,
@@ -655,7 +655,7 @@ pub async fn run(host: Arc<Host>, network: Arc<Network>) {
             Ok(()) => return,
             Err(e) => {
                 if was_up {
-                    wait = Duration::from_millis(200);
+                    backoff.reset();
                     tracing::warn!(
                         error = format!("{e:#}"),
                         "link to the exchange lost; joining again"
@@ -669,10 +669,9 @@ pub async fn run(host: Arc<Host>, network: Arc<Network>) {
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(backoff.next_wait()) => {}
             _ = shutdown.wait_for(|stopping| *stopping) => return,
         }
-        wait = (wait * 2).min(REJOIN_MAX);
     }
 }
 
@@ -709,44 +708,34 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
         })
         .await?;
     }
-    let mut sent = relayed_out;
-    let mut acked = relayed_out;
-    let mut relayed_in = network.store.relayed_in()?;
-    let mut unacked_in: Option<u64> = None;
-    let mut acked_in = relayed_in;
-    pump(&mut link, network, &mut sent, acked).await?;
+    // The hop's state: what the exchange holds of this host's outbox, and what this host
+    // holds of what the exchange sent it.
+    let mut relay = RelayLink::joined(relayed_out, network.store.relayed_in()?);
+    pump(&mut link, network, &mut relay).await?;
     loop {
+        let idle_ack = relay.poll_ack(true).is_some();
         tokio::select! {
             biased;
             // Claims and look-ups first: a session waits for each.
             Some(frame) = control.recv() => link.write(&frame).await?,
             frame = link.next() => match frame? {
                 ExchangeFrame::Relay { seq, envelope } => {
-                    if seq > relayed_in {
+                    if relay.on_envelope(seq) == Incoming::Apply {
                         let delivered = host.iim.deliver_relayed(&envelope)?;
-                        relayed_in = seq;
                         network.store.set_relayed_in(seq)?;
                         network.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
                         network.stats.relayed_deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
                     }
-                    unacked_in = Some(relayed_in);
-                    // Acknowledged once durable: when nothing else is ready, or once half a
-                    // window waits.
-                    if relayed_in.saturating_sub(acked_in) >= RELAY_WINDOW / 2 {
-                        host.store.flush().await?;
-                        link.write(&HostFrame::Ack { seq: relayed_in }).await?;
-                        acked_in = relayed_in;
-                        unacked_in = None;
-                    }
+                    // Acknowledged once durable, once half a window waits.
+                    acknowledge(&mut link, host, &mut relay, false).await?;
                 }
                 ExchangeFrame::Ack { seq } => {
-                    anyhow::ensure!(seq <= sent, "the exchange acknowledged {seq}, but only {sent} was sent");
-                    if seq > acked {
-                        network.stats.envelopes_acked.fetch_add(seq - acked, Ordering::Relaxed);
-                        acked = seq;
+                    let before = relay.acked();
+                    if let Some(seq) = relay.on_ack(seq)? {
+                        network.stats.envelopes_acked.fetch_add(seq - before, Ordering::Relaxed);
                         network.store.relay_acked(seq)?;
                     }
-                    pump(&mut link, network, &mut sent, acked).await?;
+                    pump(&mut link, network, &mut relay).await?;
                 }
                 ExchangeFrame::Directory { version, entries } => {
                     network.store.cache_directory(&entries, Some(version))?;
@@ -795,34 +784,42 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
                 }
             }
             () = network.outbox_ready.notified() => {
-                pump(&mut link, network, &mut sent, acked).await?;
+                pump(&mut link, network, &mut relay).await?;
             }
             // Nothing else to do: what was applied is made durable, then acknowledged, once
             // for every envelope read together.
-            () = std::future::ready(()), if unacked_in.is_some() => {
-                host.store.flush().await?;
-                if let Some(seq) = unacked_in.take() {
-                    link.write(&HostFrame::Ack { seq }).await?;
-                    acked_in = seq;
-                }
+            () = std::future::ready(()), if idle_ack => {
+                acknowledge(&mut link, host, &mut relay, true).await?;
             }
         }
     }
 }
 
-/// Sends outbox entries after `sent`, as far as the window allows.
-async fn pump(
+/// Sends the acknowledgement the link asks for, if it asks (`idle`: whatever waits), once
+/// what it covers is durable.
+async fn acknowledge(
     link: &mut Link,
-    network: &Network,
-    sent: &mut u64,
-    acked: u64,
+    host: &Host,
+    relay: &mut RelayLink,
+    idle: bool,
 ) -> anyhow::Result<()> {
+    let Some(seq) = relay.poll_ack(idle) else {
+        return Ok(());
+    };
+    host.store.flush().await?;
+    link.write(&HostFrame::Ack { seq }).await?;
+    relay.on_ack_sent(seq);
+    Ok(())
+}
+
+/// Sends outbox entries after what was sent, as far as the link's window allows.
+async fn pump(link: &mut Link, network: &Network, relay: &mut RelayLink) -> anyhow::Result<()> {
     loop {
-        let room = RELAY_WINDOW.saturating_sub(sent.saturating_sub(acked));
+        let room = relay.room();
         if room == 0 {
             return Ok(());
         }
-        let entries = network.store.relay_outbox(*sent, room as usize)?;
+        let entries = network.store.relay_outbox(relay.sent(), room)?;
         if entries.is_empty() {
             return Ok(());
         }
@@ -832,7 +829,7 @@ async fn pump(
         for (seq, envelope) in entries {
             link.write(&HostFrame::Relay { seq, envelope }).await?;
             network.stats.envelopes_sent.fetch_add(1, Ordering::Relaxed);
-            *sent = seq;
+            relay.on_sent(seq);
         }
     }
 }
