@@ -410,6 +410,20 @@ impl ClientSession {
         }
     }
 
+    /// A session whose filter was kept from an earlier run of the device (an application that
+    /// persists what it handed over, and this filter with it, restarts where it was).
+    pub fn with_filter(config: ClientConfig, filter: Filter) -> Self {
+        Self {
+            filter,
+            ..Self::new(config)
+        }
+    }
+
+    /// The filter of repeats: what the application was handed and acknowledged.
+    pub fn filter(&self) -> &Filter {
+        &self.filter
+    }
+
     /// A new connection starts: `Hello` is the first frame on it. What was not answered on the
     /// last one is forgotten, but the outbox (if it is kept), written again once the new
     /// connection is authenticated.
