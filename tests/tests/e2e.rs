@@ -4,7 +4,7 @@
 //! hosts load only the chat plugin; presence and receipts are tested in `plugins.rs`.
 
 use iim_client::proto::{
-    DeviceId, ErrorCode, MessageId, MessageKind, RelationKind, SessionMode, UserId,
+    DeviceId, ErrorCode, MessageId, MessageKind, RelationKind, ServerFrame, SessionMode, UserId,
 };
 use iim_client::{Credentials, Device, Update, new_client_id};
 use iim_e2e::*;
@@ -622,6 +622,44 @@ async fn an_oversized_frame_is_refused_and_the_host_keeps_serving() -> Result {
         matches!(err, Err(iim_client::ClientError::TooLarge(_))),
         "{err:?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stream_finished_in_the_middle_of_a_frame_is_malformed_not_a_clean_close() -> Result {
+    let TwoUsers {
+        host,
+        alice: _,
+        bob,
+        a,
+        b,
+    } = TwoUsers::start().await?;
+
+    // Hello, then the first 5 bytes of a 12-byte frame, then the end of the stream.
+    let mut raw = RawConnection::hello(&host, 1).await?;
+    raw.send.write_all(&[0, 0, 0, 12, 0x06]).await?;
+    raw.send.finish()?;
+    let frames = raw.read_to_end().await?;
+    let Some(ServerFrame::Error {
+        req: None,
+        code,
+        message,
+    }) = frames.last()
+    else {
+        panic!("no closing error frame in {frames:?}");
+    };
+    assert_eq!(*code, ErrorCode::MALFORMED, "{message}");
+    assert!(message.contains("middle of a frame"), "{message}");
+
+    // The same stream finished between frames is a clean close: no error frame.
+    let mut raw = RawConnection::hello(&host, 1).await?;
+    raw.send.finish()?;
+    let frames = raw.read_to_end().await?;
+    assert!(
+        matches!(frames.as_slice(), [ServerFrame::Welcome { .. }]),
+        "{frames:?}"
+    );
+    chat_still_works(&host, &a, &b, &bob).await?;
     Ok(())
 }
 
