@@ -558,6 +558,15 @@ async fn bad_submissions_get_clear_errors() -> Result {
         code_of(a.submit(2, MessageKind::Chat, &[], b"x").await)?,
         ErrorCode::INVALID_ARGUMENT
     );
+    // A chat message is text; a custom kind may carry any bytes.
+    let not_text = a
+        .submit(5, MessageKind::Chat, std::slice::from_ref(&bob), &[0xff, 0xfe])
+        .await;
+    assert!(
+        matches!(&not_text, Err(iim_client::ClientError::Refused { code, message })
+            if *code == ErrorCode::INVALID_ARGUMENT && message.contains("UTF-8")),
+        "{not_text:?}"
+    );
     assert_eq!(
         code_of(
             a.submit(

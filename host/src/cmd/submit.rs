@@ -100,6 +100,12 @@ fn accept(
             ),
         ));
     }
+    if s.kind == MessageKind::Chat && std::str::from_utf8(&s.body).is_err() {
+        return Err(Refusal::new(
+            ErrorCode::INVALID_ARGUMENT,
+            "a chat message's body is UTF-8 text",
+        ));
+    }
     if s.to.is_empty() {
         return Err(Refusal::new(ErrorCode::INVALID_ARGUMENT, "no recipient"));
     }
