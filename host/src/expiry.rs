@@ -14,6 +14,7 @@
 
 use crate::store::Expiry;
 use crate::{Host, now_ms};
+use iim_proto::body::Receipt;
 use iim_proto::{Message, MessageKind};
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,11 +71,10 @@ fn reportable(message: &Message) -> bool {
 fn report(host: &Host, message: &Message, expiry: &Expiry) -> anyhow::Result<()> {
     let mut key = message.id.0.to_be_bytes().to_vec();
     key.extend_from_slice(expiry.user.as_str().as_bytes());
-    // Names are `a-z 0-9 . _ -`: nothing to escape.
-    let body = format!(
-        r#"{{"state":"expired","id":{},"user":"{}"}}"#,
-        message.id.0, expiry.user
-    );
+    let body = Receipt::Expired {
+        id: message.id.0,
+        user: expiry.user.to_string(),
+    };
     let notice = host
         .store
         .effect_message(NUMBERING, &key, 0, |id| Message {
@@ -83,7 +83,7 @@ fn report(host: &Host, message: &Message, expiry: &Expiry) -> anyhow::Result<()>
             from: message.from.clone(),
             from_device: message.from_device.clone(),
             to: vec![message.from.clone()],
-            body: body.into_bytes(),
+            body: body.to_json(),
             sent_at: now_ms(),
         })?;
     let to = host.iim.resolve(std::slice::from_ref(&message.from))?;

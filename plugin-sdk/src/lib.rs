@@ -107,6 +107,9 @@ pub use bindings::iim::plugin::types::{
     UserId, UserList, UserRow,
 };
 pub use config::Config;
+/// The bodies of the messages the default plugins send and take (receipts, read reports,
+/// presence notices): one definition, shared with the host, the `iim` CLI and the tests.
+pub use iim_proto::body;
 
 /// The WIT package (name and version) this SDK builds plugins against.
 pub const WIT_PACKAGE: &str = "iim:plugin@0.1.0";

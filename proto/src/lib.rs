@@ -1,13 +1,17 @@
 //! The iim wire protocol.
 //!
 //! This crate is the one place that knows the wire format: the frames a client and a host
-//! exchange ([`frame`]), how they are put on a QUIC stream ([`codec`]) and the rules for the
-//! names that appear in them ([`name`]). It is *sans-IO*: no sockets, no clock, no runtime.
-//! The host and the client drive it.
+//! exchange ([`frame`]), how they are put on a QUIC stream ([`codec`]), the rules for the
+//! names that appear in them ([`name`]), the frames between hosts and their exchange
+//! ([`peer`]) and the bodies of the messages the default plugins define ([`body`]). It also
+//! holds the protocol's logic as sans-IO machines: a connection's two ends ([`session`]) and
+//! the hop between a host and its exchange ([`relay`]). No sockets, no clock, no runtime: the
+//! host and the client drive it.
 //!
 //! The full description, with every frame, every error code and the order of frames for each
 //! operation, is `docs/protocol.md` at the root of the repository.
 
+pub mod body;
 pub mod codec;
 pub mod frame;
 pub mod name;

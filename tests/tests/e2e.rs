@@ -560,7 +560,12 @@ async fn bad_submissions_get_clear_errors() -> Result {
     );
     // A chat message is text; a custom kind may carry any bytes.
     let not_text = a
-        .submit(5, MessageKind::Chat, std::slice::from_ref(&bob), &[0xff, 0xfe])
+        .submit(
+            5,
+            MessageKind::Chat,
+            std::slice::from_ref(&bob),
+            &[0xff, 0xfe],
+        )
         .await;
     assert!(
         matches!(&not_text, Err(iim_client::ClientError::Refused { code, message })

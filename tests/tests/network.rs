@@ -206,7 +206,7 @@ async fn delivered_and_read_receipts_come_back_across_hosts() -> Result {
         serde_json::json!({"state": "delivered", "id": sent.id.0, "user": "bob", "device": "phone"})
     );
     // Bob reads it: Alice learns it across the relay, Bob's own devices locally.
-    let read = serde_json::to_vec(&serde_json::json!({"state": "read", "id": sent.id.0}))?;
+    let read = iim_client::proto::body::ReadReport { id: sent.id.0 }.to_json();
     b.submit(
         new_client_id(),
         MessageKind::Receipt,

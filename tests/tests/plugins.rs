@@ -3,6 +3,7 @@
 
 use anyhow::Context as _;
 use iim_client::Connection;
+use iim_client::proto::body::ReadReport;
 use iim_client::proto::{ErrorCode, Message, MessageKind, RelationKind, UserId};
 use iim_e2e::*;
 use serde_json::{Value, json};
@@ -187,7 +188,7 @@ async fn delivered_and_read_receipts_reach_the_sender_and_read_state_the_reader_
     );
 
     // Bob reads it on his phone: Alice learns it, and so does Bob's laptop.
-    let read = serde_json::to_vec(&json!({"state": "read", "id": sent.id.0}))?;
+    let read = ReadReport { id: sent.id.0 }.to_json();
     submit(&b, MessageKind::Receipt, &alice, &read).await?;
     let expected = json!({"state": "read", "id": sent.id.0, "user": "bob", "device": "phone"});
     assert_eq!(
@@ -200,7 +201,10 @@ async fn delivered_and_read_receipts_reach_the_sender_and_read_state_the_reader_
     );
 
     // A read receipt for a message Bob never got is refused by the plugin: Alice hears nothing.
-    let forged = serde_json::to_vec(&json!({"state": "read", "id": sent.id.0 + 1000}))?;
+    let forged = ReadReport {
+        id: sent.id.0 + 1000,
+    }
+    .to_json();
     submit(&b, MessageKind::Receipt, &alice, &forged).await?;
     quiet(&a).await?;
     Ok(())

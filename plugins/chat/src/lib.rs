@@ -14,10 +14,10 @@
 //! Any other value, or any other key, is `invalid-config`. `docs/plugins.md` documents the
 //! bodies for client authors.
 
+use iim_plugin_sdk::body::Receipt;
 use iim_plugin_sdk::{
     Config, Event, HostError, Message, MessageKind, Plugin, PluginError, Subscription, UserId, host,
 };
-use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
 
@@ -49,15 +49,6 @@ impl fmt::Display for Policy {
             Policy::Friends => "friends",
         })
     }
-}
-
-/// The body of the receipt a sender gets for the addressees the policy refused.
-#[derive(Serialize)]
-struct Refused<'a> {
-    state: &'static str,
-    id: u64,
-    users: &'a [UserId],
-    reason: &'static str,
 }
 
 /// The chat plugin.
@@ -126,13 +117,12 @@ impl Plugin for Chat {
             msg.sender,
             refused.len()
         );
-        let body = serde_json::to_vec(&Refused {
-            state: "refused",
+        let body = Receipt::Refused {
             id: msg.id,
-            users: &refused,
-            reason: "not a friend",
-        })
-        .map_err(|e| PluginError::Failed(format!("encoding a receipt: {e}")))?;
+            users: refused,
+            reason: "not a friend".into(),
+        }
+        .to_json();
         let receipt = Message::new(MessageKind::Receipt, vec![msg.sender.clone()], body);
         match host::send_to(&receipt, &receipt.to) {
             Ok(_) => Ok(()),

@@ -16,11 +16,11 @@
 //! It takes no configuration (any key is `invalid-config`). `docs/plugins.md` documents the
 //! bodies for client authors.
 
+use iim_plugin_sdk::body::{self, Presence as Body};
 use iim_plugin_sdk::{
     Config, Event, HostError, Message, MessageKind, Plugin, PluginError, PresenceEntry,
     PresenceState, SessionInfo, Subscription, UserId, host,
 };
-use serde::Serialize;
 use std::collections::BTreeSet;
 
 /// Most contacts in one snapshot message. An entry takes at most about 110 bytes (a user name
@@ -29,34 +29,17 @@ use std::collections::BTreeSet;
 /// 10 of the 64 sends the host allows per event.
 pub const SNAPSHOT_ENTRIES: usize = 100;
 
-/// The body of every presence message.
-#[derive(Serialize)]
-struct PresenceBody<'a> {
-    presence: &'a [Entry<'a>],
-}
-
 /// One user's presence in a body.
-#[derive(Serialize)]
-struct Entry<'a> {
-    user: &'a str,
-    state: &'static str,
-    devices: u32,
-}
+type Entry = body::PresenceEntry;
 
-impl<'a> From<&'a PresenceEntry> for Entry<'a> {
-    fn from(e: &'a PresenceEntry) -> Self {
-        Entry {
-            user: &e.user,
-            state: state_name(e.state),
-            devices: e.devices,
-        }
-    }
-}
-
-fn state_name(state: PresenceState) -> &'static str {
-    match state {
-        PresenceState::Online => "online",
-        PresenceState::Offline => "offline",
+fn entry(e: &PresenceEntry) -> Entry {
+    Entry {
+        user: e.user.clone(),
+        state: match e.state {
+            PresenceState::Online => body::PresenceState::Online,
+            PresenceState::Offline => body::PresenceState::Offline,
+        },
+        devices: e.devices,
     }
 }
 
@@ -93,7 +76,7 @@ fn opened(session: &SessionInfo) -> Result<(), PluginError> {
     if session.devices_online == 1 {
         tell_online_contacts(session, PresenceState::Online, &contacts)?;
     }
-    let snapshot: Vec<Entry> = contacts.iter().map(Entry::from).collect();
+    let snapshot: Vec<Entry> = contacts.iter().map(entry).collect();
     let me = vec![session.user.clone()];
     if snapshot.is_empty() {
         return Ok(send_presence(&[], &me, &me)?);
@@ -152,11 +135,11 @@ fn tell_online_contacts(
     if online.is_empty() {
         return Ok(());
     }
-    let me = Entry {
-        user: &session.user,
-        state: state_name(state),
+    let me = entry(&PresenceEntry {
+        user: session.user.clone(),
+        state,
         devices: session.devices_online,
-    };
+    });
     // The notice's `to` is empty: each contact would otherwise learn who the user's other
     // contacts are.
     Ok(send_presence(&[me], &[], &online)?)
@@ -164,9 +147,10 @@ fn tell_online_contacts(
 
 /// Sends one presence message with `entries`, addressed `to`, to `users`.
 fn send_presence(entries: &[Entry], to: &[UserId], users: &[UserId]) -> Result<(), HostError> {
-    let body = serde_json::to_vec(&PresenceBody { presence: entries })
-        // Strings and numbers always encode; this cannot happen.
-        .map_err(|e| HostError::InvalidArgument(format!("encoding a presence body: {e}")))?;
+    let body = Body {
+        presence: entries.to_vec(),
+    }
+    .to_json();
     let message = Message::new(MessageKind::Presence, to.to_vec(), body);
     host::send_to(&message, users)?;
     Ok(())

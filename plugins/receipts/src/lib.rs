@@ -13,28 +13,10 @@
 //! It takes no configuration (any key is `invalid-config`). `docs/plugins.md` documents the
 //! bodies for client authors.
 
+use iim_plugin_sdk::body::{BodyError, ReadReport, Receipt};
 use iim_plugin_sdk::{
-    Config, Delivery, Event, Message, MessageId, MessageKind, Plugin, PluginError, Subscription,
-    UserId, host,
+    Config, Delivery, Event, Message, MessageKind, Plugin, PluginError, Subscription, UserId, host,
 };
-use serde::{Deserialize, Serialize};
-
-/// The body of a receipt this plugin sends.
-#[derive(Serialize)]
-struct Receipt<'a> {
-    state: &'static str,
-    id: MessageId,
-    user: &'a str,
-    device: &'a str,
-}
-
-/// The body of a receipt a client submits. Other fields are ignored, for clients newer than
-/// this plugin.
-#[derive(Deserialize)]
-struct ReadReport {
-    state: String,
-    id: MessageId,
-}
 
 /// The receipts plugin.
 #[derive(Debug)]
@@ -69,12 +51,12 @@ impl Plugin for Receipts {
 
 /// A recipient's device received a chat message: tell its sender.
 fn delivered(delivery: &Delivery) -> Result<(), PluginError> {
-    let body = encode(&Receipt {
-        state: "delivered",
+    let body = Receipt::Delivered {
         id: delivery.id,
-        user: &delivery.recipient,
-        device: &delivery.recipient_device,
-    })?;
+        user: delivery.recipient.clone(),
+        device: delivery.recipient_device.clone(),
+    }
+    .to_json();
     let receipt = Message::new(MessageKind::Receipt, vec![delivery.sender.clone()], body);
     host::send_to(&receipt, &receipt.to)?;
     Ok(())
@@ -83,16 +65,13 @@ fn delivered(delivery: &Delivery) -> Result<(), PluginError> {
 /// A client says its user read a message: check it, then tell the sender and the reader.
 fn read(report: &Message) -> Result<(), PluginError> {
     let reader = &report.sender;
-    let ReadReport { state, id } = serde_json::from_slice(&report.body).map_err(|e| {
-        PluginError::Rejected(format!(
+    // Other fields are ignored, for clients newer than this plugin.
+    let ReadReport { id } = ReadReport::from_json(&report.body).map_err(|e| match e {
+        BodyError::Json(e) => PluginError::Rejected(format!(
             r#"a receipt's body is {{"state":"read","id":<message id>}}: {e}"#
-        ))
+        )),
+        not_read => PluginError::Rejected(not_read.to_string()),
     })?;
-    if state != "read" {
-        return Err(PluginError::Rejected(format!(
-            "a client may only report `read`, not `{state}`"
-        )));
-    }
     let Some(original) = host::inbox_message(reader, id)? else {
         return Err(PluginError::Rejected(format!(
             "message {id} is not in {reader}'s inbox"
@@ -110,12 +89,12 @@ fn read(report: &Message) -> Result<(), PluginError> {
             original.sender
         )));
     }
-    let body = encode(&Receipt {
-        state: "read",
+    let body = Receipt::Read {
         id,
-        user: reader,
-        device: &report.sender_device,
-    })?;
+        user: reader.clone(),
+        device: report.sender_device.clone(),
+    }
+    .to_json();
     let mut to: Vec<UserId> = vec![original.sender];
     if !to.contains(reader) {
         to.push(reader.clone());
@@ -123,10 +102,6 @@ fn read(report: &Message) -> Result<(), PluginError> {
     let receipt = Message::new(MessageKind::Receipt, to, body);
     host::send_to(&receipt, &receipt.to)?;
     Ok(())
-}
-
-fn encode(receipt: &Receipt) -> Result<Vec<u8>, PluginError> {
-    serde_json::to_vec(receipt).map_err(|e| PluginError::Failed(format!("encoding a receipt: {e}")))
 }
 
 iim_plugin_sdk::export_plugin!(Receipts);
