@@ -183,7 +183,7 @@ async fn measure(events: u32) -> anyhow::Result<Figures> {
             password_hash: String::new(),
             created_at: 0,
         };
-        store.create_user(user, &record)?;
+        store.accounts.create(user, &record)?;
     }
     let config = PluginsConfig::default();
     let plugins = Runtime::new(&config, None).map_err(|e| anyhow!("{e}"))?;

@@ -141,7 +141,11 @@ fn network(host: &Host) -> String {
     let _ = writeln!(out, "envelopes_out {}", load(&stats.envelopes_out));
     let _ = writeln!(out, "envelopes_sent {}", load(&stats.envelopes_sent));
     let _ = writeln!(out, "envelopes_acked {}", load(&stats.envelopes_acked));
-    let _ = writeln!(out, "envelopes_waiting {}", host.store.relay_waiting());
+    let _ = writeln!(
+        out,
+        "envelopes_waiting {}",
+        host.store.network.relay_waiting()
+    );
     let _ = writeln!(out, "envelopes_in {}", load(&stats.envelopes_in));
     let _ = writeln!(
         out,
@@ -181,7 +185,7 @@ fn plugins(host: &Host) -> String {
 }
 
 fn dead_letters(host: &Host) -> String {
-    match host.store.dead_letters() {
+    match host.plugins.dead_letters() {
         Ok(letters) if letters.is_empty() => "no dead letters\n".into(),
         Ok(letters) => {
             let mut out = String::new();
@@ -202,7 +206,7 @@ fn dead_letters(host: &Host) -> String {
 async fn retry_dead_letters(host: &Host, only: Option<u64>) -> String {
     let ids: Vec<u64> = match only {
         Some(id) => vec![id],
-        None => match host.store.dead_letters() {
+        None => match host.plugins.dead_letters() {
             Ok(letters) => letters.into_iter().map(|(id, _)| id).collect(),
             Err(e) => return format!("error: cannot read dead letters: {e}\n"),
         },

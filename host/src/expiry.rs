@@ -42,22 +42,25 @@ pub struct Swept {
 pub fn sweep(host: &Host, now: u64) -> anyhow::Result<Swept> {
     let mut swept = Swept::default();
     loop {
-        let due = host.store.due_expiries(now, BATCH)?;
+        let due = host.store.inbox.due(now, BATCH)?;
         if due.is_empty() {
             return Ok(swept);
         }
         for expiry in due {
-            let entry = host.store.inbox_entry(&expiry.user, expiry.seq)?;
+            let entry = host.store.inbox.entry(&expiry.user, expiry.seq)?;
             if let Some(message) = &entry {
                 if reportable(message)
-                    && !host.store.acknowledged_by_any(&expiry.user, expiry.seq)?
+                    && !host
+                        .store
+                        .inbox
+                        .acknowledged_by_any(&expiry.user, expiry.seq)?
                 {
                     report(host, message, &expiry)?;
                     swept.reported += 1;
                 }
                 swept.expired += 1;
             }
-            host.store.expire(&expiry)?;
+            host.store.inbox.expire(&expiry)?;
         }
     }
 }
@@ -77,7 +80,8 @@ fn report(host: &Host, message: &Message, expiry: &Expiry) -> anyhow::Result<()>
     };
     let notice = host
         .store
-        .effect_message(NUMBERING, &key, 0, |id| Message {
+        .messages
+        .effect(NUMBERING, &key, 0, |id| Message {
             id,
             kind: MessageKind::Receipt,
             from: message.from.clone(),

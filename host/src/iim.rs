@@ -9,10 +9,7 @@ use crate::network::Network;
 use crate::registry::{Delivery, Registry, SessionId};
 use crate::store::{Store, StoreError};
 use iim_proto::{DeviceId, Message, UserId};
-use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// A resolved set of recipients, grouped by the server that holds them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,28 +91,11 @@ pub enum Home {
     Remote(String),
 }
 
-const INBOX_SHARDS: usize = 64;
-
-/// How far past the stored high-water mark a user's positions resume after a start.
-///
-/// Entries are pushed to online devices before the store flushes them (only the submission is
-/// durable when it is accepted), so a crash can lose the last entries of an inbox after a
-/// device has seen their positions. A device drops a position it has seen as a repeat, so
-/// those positions must never be handed out again: a run starts each inbox this far above
-/// what the store shows, far more than one inbox takes between two flushes (sled flushes at
-/// least every 500 ms). Positions only need to grow, not to be contiguous.
-pub const RESTART_GAP: u64 = 1 << 20;
-
 /// The IIM entry point of one host.
 pub struct Iim {
     server: String,
     store: Store,
     registry: Arc<Registry>,
-    /// The last inbox position of each user seen since start, sharded by user. An append holds
-    /// its shard's lock from choosing the position until the live hand-off, so positions are
-    /// handed out, stored and delivered in one order: a session that scans its backlog and
-    /// then takes live deliveries sees every position exactly once and in order.
-    inbox_heads: Vec<Mutex<HashMap<UserId, u64>>>,
     /// How long a message without its own time to live stays unacknowledged in an inbox.
     default_ttl: Option<std::time::Duration>,
     /// The network this host belongs to, if any.
@@ -138,9 +118,6 @@ impl Iim {
             registry,
             default_ttl,
             network,
-            inbox_heads: (0..INBOX_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
-                .collect(),
         }
     }
 
@@ -164,7 +141,7 @@ impl Iim {
             return Ok(Some(Home::Remote(server)));
         }
         // A name claimed for this host whose account a crash cut off does not exist.
-        Ok(self.store.user_exists(user)?.then_some(Home::Local))
+        Ok(self.store.accounts.exists(user)?.then_some(Home::Local))
     }
 
     /// Whether `user` exists, here or on another host of the network.
@@ -240,7 +217,7 @@ impl Iim {
                 Some(Home::Remote(server)) => remote.push((user.user.clone(), server)),
             }
         }
-        let explicit = self.store.message_expiry(message.id)?;
+        let explicit = self.store.messages.expiry(message.id)?;
         let expires_at = self.expires_at(message, explicit);
         let message = Arc::new(message.clone());
         let mut report = SendReport::default();
@@ -272,7 +249,7 @@ impl Iim {
                 continue;
             }
             for user in &row.users {
-                if !self.store.user_exists(user)? {
+                if !self.store.accounts.exists(user)? {
                     tracing::warn!(%user, id = %message.id, "a relayed message for a user this host does not have; dropped");
                     continue;
                 }
@@ -293,34 +270,22 @@ impl Iim {
         })
     }
 
-    /// Appends to one inbox and hands the entry to the user's sessions. `None` if the message
-    /// was in that inbox already.
+    /// Appends to one inbox and hands the entry to the user's sessions, under the inbox's
+    /// lock, so that positions are handed out, stored and delivered in one order: a session
+    /// that scans its backlog and then takes live deliveries sees every position exactly once
+    /// and in order. `None` if the message was in that inbox already.
     fn append(
         &self,
         user: &UserId,
         message: &Arc<Message>,
         expires_at: Option<u64>,
     ) -> Result<Option<usize>, IimError> {
-        let mut hasher = DefaultHasher::new();
-        user.hash(&mut hasher);
-        let shard = &self.inbox_heads[hasher.finish() as usize % INBOX_SHARDS];
-        let mut heads = shard.lock().unwrap_or_else(|p| p.into_inner());
-        let head = match heads.get(user) {
-            Some(&head) => head,
-            None => self
-                .store
-                .inbox_high_water(user)?
-                .saturating_add(RESTART_GAP),
-        };
-        let seq = head + 1;
-        if !self.store.append_inbox(user, seq, message, expires_at)? {
-            return Ok(None);
-        }
-        heads.insert(user.clone(), seq);
-        let delivery = Delivery {
-            seq,
-            message: Arc::clone(message),
-        };
-        Ok(Some(self.registry.push(user, &delivery)))
+        Ok(self.store.inbox.append(user, message, expires_at, |seq| {
+            let delivery = Delivery {
+                seq,
+                message: Arc::clone(message),
+            };
+            self.registry.push(user, &delivery)
+        })?)
     }
 }

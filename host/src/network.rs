@@ -99,8 +99,9 @@ pub struct Network {
 impl Network {
     /// The network of host `server` (reachable by clients at `addr`), from what `store` cached.
     pub fn new(server: String, addr: String, store: Store) -> Result<Self, StoreError> {
-        let (version, homes) = store.cached_directory()?;
+        let (version, homes) = store.network.cached_directory()?;
         let servers = store
+            .network
             .cached_servers()?
             .into_iter()
             .map(|s| (s.id.clone(), ServerInfo { up: false, ..s }))
@@ -235,7 +236,7 @@ impl Network {
     }
 
     fn learn(&self, entries: &[(UserId, String)]) -> Result<(), StoreError> {
-        self.store.cache_directory(entries, None)?;
+        self.store.network.cache_directory(entries, None)?;
         let mut homes = write(&self.homes);
         for (user, server) in entries {
             homes.insert(user.clone(), server.clone());
@@ -280,14 +281,14 @@ impl Network {
         let HostFrame::Relay { envelope, .. } = probe else {
             unreachable!("built above");
         };
-        self.store.relay_push(&envelope)?;
+        self.store.network.relay_push(&envelope)?;
         self.stats.envelopes_out.fetch_add(1, Ordering::Relaxed);
         self.outbox_ready.notify_one();
         Ok(())
     }
 
     fn set_servers(&self, servers: Vec<ServerInfo>) -> Result<(), StoreError> {
-        self.store.cache_servers(&servers)?;
+        self.store.network.cache_servers(&servers)?;
         let mut map = write(&self.servers);
         for server in servers {
             map.insert(server.id.clone(), server);
@@ -512,14 +513,14 @@ async fn join(config: &Config, network: &Network) -> anyhow::Result<(Link, Joine
     let (send, recv) = conn.open_bi().await?;
     let mut link = Link::new(conn, send, recv, "the exchange", None);
     // What this host says it has must be durable: the exchange drops what it acknowledges.
-    let relayed_in = network.store.relayed_in()?;
+    let relayed_in = network.store.network.relayed_in()?;
     network.store.flush().await?;
     link.write(&HostFrame::Join {
         version: PEER_VERSION,
         server: network.server.clone(),
         addr: network.addr.clone(),
         secret: config.network.secret.clone().unwrap_or_default(),
-        credential: network.store.host_credential()?,
+        credential: network.store.network.host_credential()?,
         directory_since: network.directory_version.load(Ordering::Relaxed),
         relayed_in,
     })
@@ -547,11 +548,11 @@ async fn join(config: &Config, network: &Network) -> anyhow::Result<(Link, Joine
 pub async fn first_join(config: &Config, network: &Network) -> anyhow::Result<u16> {
     // This host's credential, made and kept before the exchange ever sees it: a crash at any
     // moment of the first join leaves the host able to show it again.
-    if network.store.host_credential()?.is_empty() {
+    if network.store.network.host_credential()?.is_empty() {
         let credential: String = (0..32)
             .map(|_| format!("{:02x}", rand::random::<u8>()))
             .collect();
-        network.store.set_host_credential(&credential)?;
+        network.store.network.set_host_credential(&credential)?;
         network.store.flush().await?;
     }
     let mut backoff = Backoff::new(REJOIN_FIRST, REJOIN_MAX);
@@ -573,7 +574,7 @@ pub async fn first_join(config: &Config, network: &Network) -> anyhow::Result<u1
                     tokio::time::sleep(backoff.next_wait()).await;
                     continue;
                 }
-                network.store.set_host_number(number)?;
+                network.store.network.set_host_number(number)?;
                 network.store.flush().await?;
                 link.conn.close(0u32.into(), b"joined");
                 return Ok(number);
@@ -600,7 +601,7 @@ pub async fn first_join(config: &Config, network: &Network) -> anyhow::Result<u1
 /// stays that host's, here too: this host's user of that name is no longer reachable (logged
 /// as an error for the operator, who must rename one of them).
 async fn claim_existing_users(link: &mut Link, network: &Network) -> anyhow::Result<()> {
-    let users = network.store.user_names()?;
+    let users = network.store.accounts.names()?;
     if users.is_empty() {
         return Ok(());
     }
@@ -685,16 +686,16 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
         servers,
         relayed_out,
     } = joined;
-    if network.store.host_number()? != Some(number) {
+    if network.store.network.host_number()? != Some(number) {
         anyhow::bail!(
             "the exchange numbers this host {number}, but its store says {:?}: is another host \
              using server id {}?",
-            network.store.host_number()?,
+            network.store.network.host_number()?,
             network.server
         );
     }
     network.set_servers(servers)?;
-    network.store.relay_acked(relayed_out)?;
+    network.store.network.relay_acked(relayed_out)?;
     let mut control = network.control_rx.lock().await;
     // Whatever was queued for an earlier link is stale: requests time out, presence is sent
     // again below.
@@ -710,7 +711,7 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
     }
     // The hop's state: what the exchange holds of this host's outbox, and what this host
     // holds of what the exchange sent it.
-    let mut relay = RelayLink::joined(relayed_out, network.store.relayed_in()?);
+    let mut relay = RelayLink::joined(relayed_out, network.store.network.relayed_in()?);
     pump(&mut link, network, &mut relay).await?;
     loop {
         let idle_ack = relay.poll_ack(true).is_some();
@@ -722,7 +723,7 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
                 ExchangeFrame::Relay { seq, envelope } => {
                     if relay.on_envelope(seq) == Incoming::Apply {
                         let delivered = host.iim.deliver_relayed(&envelope)?;
-                        network.store.set_relayed_in(seq)?;
+                        network.store.network.set_relayed_in(seq)?;
                         network.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
                         network.stats.relayed_deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
                     }
@@ -733,12 +734,12 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
                     let before = relay.acked();
                     if let Some(seq) = relay.on_ack(seq)? {
                         network.stats.envelopes_acked.fetch_add(seq - before, Ordering::Relaxed);
-                        network.store.relay_acked(seq)?;
+                        network.store.network.relay_acked(seq)?;
                     }
                     pump(&mut link, network, &mut relay).await?;
                 }
                 ExchangeFrame::Directory { version, entries } => {
-                    network.store.cache_directory(&entries, Some(version))?;
+                    network.store.network.cache_directory(&entries, Some(version))?;
                     let mut homes = write(&network.homes);
                     for (user, server) in entries {
                         homes.insert(user, server);
@@ -819,7 +820,7 @@ async fn pump(link: &mut Link, network: &Network, relay: &mut RelayLink) -> anyh
         if room == 0 {
             return Ok(());
         }
-        let entries = network.store.relay_outbox(relay.sent(), room)?;
+        let entries = network.store.network.relay_outbox(relay.sent(), room)?;
         if entries.is_empty() {
             return Ok(());
         }

@@ -89,14 +89,14 @@ impl Server {
                 let addr = network::advertised(&config, socket.local_addr()?);
                 let network =
                     Arc::new(Network::new(config.server_id.clone(), addr, store.clone())?);
-                let number = match store.host_number()? {
+                let number = match store.network.host_number()? {
                     Some(number) => number,
                     None => {
                         tracing::info!(%exchange, "joining the network for the first time");
                         network::first_join(&config, &network).await?
                     }
                 };
-                store.use_host_number(number);
+                store.messages.use_host_number(number);
                 tracing::info!(%exchange, number, "member of a network");
                 Some(network)
             }

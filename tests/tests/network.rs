@@ -480,8 +480,17 @@ async fn registration_survives_restarts_and_traffic_for_a_host_that_is_away_is_h
     );
 
     // A host restarted while the exchange is away still knows where users live (its cache),
-    // accepts, and relays once the exchange is back.
+    // accepts, and relays once the exchange is back. (Alice going offline sends bob, online on
+    // h2, a presence notice through the exchange: it is let through first, so that what waits
+    // in h1's outbox below is the one message sent while the exchange is away.)
     a.close().await;
+    within("h1's outbox empty", async {
+        while net.host(0).network_stat("envelopes_waiting").await? > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        anyhow::Ok(())
+    })
+    .await??;
     net.exchange.kill9()?;
     tokio::task::block_in_place(|| net.hosts[0].restart())?;
     let (a, _) = net.host(0).online(&alice, "phone").await?;

@@ -67,7 +67,7 @@ pub async fn register(host: &Host, user: &UserId, password: String) -> Result<()
         password_hash: hash,
         created_at: now_ms(),
     };
-    if !host.store.create_user(user, &record)? {
+    if !host.store.accounts.create(user, &record)? {
         return Err(Refusal::new(
             ErrorCode::USER_EXISTS,
             format!("user {user} exists"),
@@ -110,7 +110,7 @@ pub async fn login(
     if let Some(redirect) = redirect(host, user)? {
         return Ok(redirect);
     }
-    let Some(record) = host.store.user(user)? else {
+    let Some(record) = host.store.accounts.get(user)? else {
         // Hash anyway, so that a wrong user name costs the same time as a wrong password.
         let _ =
             tokio::task::spawn_blocking(move || accounts::verify_password(DUMMY_HASH, &password))
@@ -127,6 +127,7 @@ pub async fn login(
     }
     let token = accounts::new_token();
     host.store
+        .accounts
         .set_token(user, device, &accounts::token_hash(&token))?;
     host.store.flush().await?;
     Ok(Authenticated::LoggedIn { token })
@@ -145,7 +146,7 @@ pub fn authenticate(
     if let Some(redirect) = redirect(host, user)? {
         return Ok(redirect);
     }
-    let stored = host.store.token(user, device)?;
+    let stored = host.store.accounts.token(user, device)?;
     match stored {
         Some(hash) if accounts::same_hash(&hash, &accounts::token_hash(token)) => {
             Ok(Authenticated::TokenAccepted)
@@ -159,7 +160,7 @@ pub fn authenticate(
 
 /// Revokes `device`'s token and ends its delivery session, if another connection has one.
 pub async fn logout(host: &Host, user: &UserId, device: &DeviceId) -> Result<(), Refusal> {
-    host.store.remove_token(user, device)?;
+    host.store.accounts.remove_token(user, device)?;
     host.store.flush().await?;
     host.registry.kick_device(
         user,

@@ -14,8 +14,9 @@ use std::sync::Arc;
 pub fn save_cursor(host: &Host, who: &Identity, cursor: u64) {
     let store = &host.store;
     if let Err(e) = store
-        .set_cursor(&who.user, &who.device, cursor)
-        .and_then(|()| store.prune(&who.user))
+        .cursors
+        .set(&who.user, &who.device, cursor)
+        .and_then(|()| store.inbox.prune(&who.user))
     {
         tracing::error!(error = %e, "cursor not saved or inbox not pruned");
     }

@@ -20,17 +20,18 @@ pub fn attach(
 ) -> Result<(Attachment, u64, Option<InboxSummary>), StoreError> {
     // From now on the inbox keeps what this device has not acknowledged: before it can take a
     // live delivery that another device's ack could prune.
-    host.store.add_cursor(&who.user, &who.device)?;
+    host.store.cursors.add(&who.user, &who.device)?;
     // Attached before the backlog is read: an entry appended meanwhile reaches the session
     // both ways, and the session drops the second copy.
     let attachment = host.registry.attach(&who.user, &who.device);
     let read = || -> Result<_, StoreError> {
-        let cursor = host.store.cursor(&who.user, &who.device)?;
+        let cursor = host.store.cursors.get(&who.user, &who.device)?;
         let summary = match mode {
             SessionMode::Paged => {
                 let s = host
                     .store
-                    .inbox_summary(&who.user, cursor, iim_proto::BACKLOG_IDS)?;
+                    .inbox
+                    .summary(&who.user, cursor, iim_proto::BACKLOG_IDS)?;
                 Some(InboxSummary {
                     count: s.count,
                     bytes: s.bytes,
@@ -60,7 +61,8 @@ pub fn read(
 ) -> Result<Vec<(u64, Arc<Message>)>, StoreError> {
     Ok(host
         .store
-        .inbox_after(user, after, max)?
+        .inbox
+        .after(user, after, max)?
         .into_iter()
         .map(|(seq, message)| (seq, Arc::new(message)))
         .collect())

@@ -33,25 +33,25 @@ pub async fn handle(
                     format!("no such user: {other}"),
                 ));
             }
-            let list = host.store.relations(user, kind)?;
+            let list = host.store.relations.list(user, kind)?;
             if list.len() >= MAX_RELATIONS && !list.contains(&other) {
                 return Err(Refusal::new(
                     ErrorCode::INVALID_ARGUMENT,
                     format!("a {kind} list holds at most {MAX_RELATIONS} users"),
                 ));
             }
-            host.store.add_relation(user, kind, &other)?;
+            host.store.relations.add(user, kind, &other)?;
             host.store.flush().await?;
             Ok(ServerFrame::Ok { req })
         }
         RelationOp::Remove(other) => {
-            host.store.remove_relation(user, kind, &other)?;
+            host.store.relations.remove(user, kind, &other)?;
             host.store.flush().await?;
             Ok(ServerFrame::Ok { req })
         }
         RelationOp::List => Ok(ServerFrame::Users {
             req,
-            users: host.store.relations(user, kind)?,
+            users: host.store.relations.list(user, kind)?,
         }),
     }
 }

@@ -153,6 +153,7 @@ fn accept(
         .map_err(|e| Refusal::new(ErrorCode::BODY_TOO_LARGE, e))?;
     let acceptance = host
         .store
+        .messages
         .accept(user, device, s.client_id, expires_at, build)?;
     Ok(match acceptance {
         Acceptance::New(message) => (

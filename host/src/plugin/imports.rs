@@ -435,7 +435,8 @@ impl IimHost for PluginState {
             let found = self
                 .services
                 .store
-                .inbox_message(&user, MessageId(id))
+                .inbox
+                .message(&user, MessageId(id))
                 .map_err(unavailable)?;
             Ok(found.as_ref().map(convert::message_to_wit))
         })())
@@ -451,7 +452,8 @@ impl IimHost for PluginState {
             }
             self.services
                 .store
-                .plugin_kv_get(&self.plugin, &key)
+                .plugin_kv
+                .get(&self.plugin, &key)
                 .map_err(unavailable)
         })())
     }
@@ -496,7 +498,8 @@ impl PluginState {
         let list = self
             .services
             .store
-            .relations(&user, kind)
+            .relations
+            .list(&user, kind)
             .map_err(unavailable)?;
         Ok(list.into_iter().map(|u| u.to_string()).collect())
     }

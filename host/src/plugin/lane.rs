@@ -8,12 +8,12 @@
 //! After `max_attempts` the event is set aside as a dead letter, which the operator can list,
 //! and the lane goes on with the next event.
 
+use super::DeadLetter;
 use super::event::Event;
 use super::imports::{Call, Effects, Outgoing, Services};
 use super::runtime::{Build, CallOutcome, Instance};
 use super::{LoadedInfo, PluginHost};
 use crate::iim::{ServerRow, UserList, UserRow};
-use crate::store::DeadLetter;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -212,7 +212,7 @@ impl Lane {
             attempts,
             at: crate::now_ms(),
         };
-        if let Err(e) = self.host.services.store.add_dead_letter(&letter) {
+        if let Err(e) = letter.keep(&self.host.services.store) {
             tracing::error!(plugin = %self.name, %event, error = %e, "dead letter not stored");
         }
     }
@@ -221,7 +221,7 @@ impl Lane {
     /// record goes.
     fn settle(&self, event: &Event) {
         if let Event::Message(m) = event {
-            if let Err(e) = self.host.services.store.finish_dispatch(m.id) {
+            if let Err(e) = self.host.services.store.messages.dispatched(m.id) {
                 tracing::error!(id = %m.id, error = %e, "dispatch record not removed; it will be handled again");
             }
             self.host.settled(m.id);
@@ -253,10 +253,13 @@ pub fn apply(
                     sent_at: crate::now_ms(),
                 };
                 match &key {
-                    Some(key) => services
-                        .store
-                        .effect_message(plugin, key, index as u32, build)?,
-                    None => services.store.new_message(build)?,
+                    Some(key) => {
+                        services
+                            .store
+                            .messages
+                            .effect(plugin, key, index as u32, build)?
+                    }
+                    None => services.store.messages.number(build)?,
                 }
             }
         };
@@ -276,7 +279,7 @@ pub fn apply(
         services.iim.send(&message, &list)?;
     }
     if !effects.kv.is_empty() {
-        services.store.plugin_kv_apply(plugin, &effects.kv)?;
+        services.store.plugin_kv.apply(plugin, &effects.kv)?;
     }
     Ok(())
 }

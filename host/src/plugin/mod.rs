@@ -20,12 +20,14 @@
 #[allow(missing_docs)]
 pub mod bindings;
 pub mod convert;
+pub mod dead_letter;
 pub mod event;
 pub mod imports;
 pub mod lane;
 pub mod loader;
 pub mod runtime;
 
+pub use dead_letter::DeadLetter;
 pub use event::{Delivered, Event, SessionInfo, Subscription};
 pub use imports::Services;
 pub use runtime::Runtime;
@@ -195,13 +197,12 @@ impl PluginHost {
 
     /// Hands dead letter `id` to be handled again, now that the plugin may have been fixed,
     /// and answers which plugin it went to. A message goes to whichever plugin handles its
-    /// kind now, as a pending message (see [`crate::store::Store::requeue_dead_letter`]);
+    /// kind now, as a pending message (recorded for dispatch again);
     /// another event goes back to the plugin that failed it only (the others handled it). A
     /// letter that no loaded plugin would take is kept, and the error says why.
     pub async fn retry_dead_letter(&self, id: u64) -> Result<String, String> {
         let store = &self.services.store;
-        let letter = store
-            .dead_letter(id)
+        let letter = DeadLetter::read(store, id)
             .map_err(|e| format!("cannot read dead letter {id}: {e}"))?
             .ok_or_else(|| format!("no dead letter {id}"))?;
         // The plugin it goes to, and (for an event other than a message) that plugin's queue.
@@ -232,8 +233,18 @@ impl PluginHost {
                 (letter.plugin.clone(), Some(permits))
             }
         };
+        // A message event is recorded for dispatch first, so that from here on it is a pending
+        // message like any other: a crash before it is handled leaves it pending, never lost
+        // (at worst the letter stays listed too, and handling it twice delivers it once).
+        if let Event::Message(message) = &letter.event {
+            store
+                .messages
+                .redispatch(message)
+                .map_err(|e| format!("cannot requeue dead letter {id}: {e}"))?;
+        }
         let taken = store
-            .requeue_dead_letter(id, &letter)
+            .dead_letters
+            .remove(id)
             .map_err(|e| format!("cannot requeue dead letter {id}: {e}"))?;
         if !taken {
             return Err(format!("no dead letter {id}"));
@@ -256,7 +267,7 @@ impl PluginHost {
                     None => false,
                 };
                 if !queued {
-                    store.add_dead_letter(&letter).map_err(|e| {
+                    letter.keep(store).map_err(|e| {
                         format!("the plugin went away and the letter could not be kept: {e}")
                     })?;
                     return Err(format!("plugin {plugin} went away; the letter is kept"));
@@ -273,10 +284,15 @@ impl PluginHost {
         self.in_flight().remove(&id);
     }
 
+    /// Every dead letter kept, with its number, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<(u64, DeadLetter)>, crate::store::StoreError> {
+        DeadLetter::all(&self.services.store)
+    }
+
     /// Routes every message recorded for dispatch that is not on its way to a plugin: after a
     /// restart, after a plugin comes back, and periodically. Returns how many were queued.
     pub async fn route_pending(&self) -> Result<usize, crate::store::StoreError> {
-        let pending = self.services.store.pending_dispatch()?;
+        let pending = self.services.store.messages.pending()?;
         let mut routed = 0;
         for message in pending {
             if self.in_flight().contains(&message.id) {

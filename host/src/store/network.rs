@@ -1,23 +1,37 @@
 //! A host's durable view of its network: its number, the registry and directory it caches,
 //! and its relay outbox (the `network` tree).
 
-use super::{Store, StoreError, decode, encode, get_u64, keys};
+use super::{StoreError, decode, encode, get_u64, keys};
 use iim_proto::UserId;
 use iim_proto::peer::{Envelope, ServerInfo};
-use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
-impl Store {
-    /// This host's number in its network, if it has joined one.
-    pub fn host_number(&self) -> Result<Option<u16>, StoreError> {
-        Ok(get_u64(&self.network, "network", keys::NET_NUMBER)?.map(|n| n as u16))
+/// What this host knows of its network, durably, and its relay outbox.
+#[derive(Clone)]
+pub struct NetworkStore {
+    tree: sled::Tree,
+    /// The last number of the relay outbox, held while an envelope is numbered and written so
+    /// that the outbox is written in number order.
+    outbox_head: Arc<Mutex<Option<u64>>>,
+}
+
+impl NetworkStore {
+    pub(super) fn new(db: &sled::Db) -> Result<Self, StoreError> {
+        Ok(Self {
+            tree: db.open_tree("network")?,
+            outbox_head: Arc::default(),
+        })
     }
 
-    /// Records this host's number and numbers every message from now on with it. Durable
-    /// after the next flush.
+    /// This host's number in its network, if it has joined one.
+    pub fn host_number(&self) -> Result<Option<u16>, StoreError> {
+        Ok(get_u64(&self.tree, "network", keys::NET_NUMBER)?.map(|n| n as u16))
+    }
+
+    /// Records this host's number. Durable after the next flush.
     pub fn set_host_number(&self, number: u16) -> Result<(), StoreError> {
-        self.network
+        self.tree
             .insert(keys::NET_NUMBER, &u64::from(number).to_be_bytes())?;
-        self.use_host_number(number);
         Ok(())
     }
 
@@ -25,7 +39,7 @@ impl Store {
     /// join).
     pub fn host_credential(&self) -> Result<String, StoreError> {
         Ok(self
-            .network
+            .tree
             .get(keys::NET_CREDENTIAL)?
             .map(|v| String::from_utf8_lossy(&v).into_owned())
             .unwrap_or_default())
@@ -33,24 +47,16 @@ impl Store {
 
     /// Records this host's credential. Durable after the next flush.
     pub fn set_host_credential(&self, credential: &str) -> Result<(), StoreError> {
-        self.network
+        self.tree
             .insert(keys::NET_CREDENTIAL, credential.as_bytes())?;
         Ok(())
     }
 
-    /// Numbers every message from now on with `number` (the bits of its id above `iim_proto::peer::ID_BITS`).
-    pub fn use_host_number(&self, number: u16) {
-        self.id_prefix.store(
-            u64::from(number) << iim_proto::peer::ID_BITS,
-            Ordering::Relaxed,
-        );
-    }
-
     /// The cached directory: every (user, home server) and the version it is complete up to.
     pub fn cached_directory(&self) -> Result<(u64, Vec<(UserId, String)>), StoreError> {
-        let version = get_u64(&self.network, "network", keys::NET_DIRECTORY_VERSION)?.unwrap_or(0);
+        let version = get_u64(&self.tree, "network", keys::NET_DIRECTORY_VERSION)?.unwrap_or(0);
         let mut homes = Vec::new();
-        for entry in self.network.scan_prefix(keys::NET_HOME_PREFIX) {
+        for entry in self.tree.scan_prefix(keys::NET_HOME_PREFIX) {
             let (key, value) = entry?;
             let corrupt = |reason: &str| StoreError::Corrupt {
                 tree: "network",
@@ -72,14 +78,12 @@ impl Store {
         version: Option<u64>,
     ) -> Result<(), StoreError> {
         for (user, server) in entries {
-            self.network
-                .insert(keys::net_home(user), server.as_bytes())?;
+            self.tree.insert(keys::net_home(user), server.as_bytes())?;
         }
         if let Some(version) = version
-            && version
-                > get_u64(&self.network, "network", keys::NET_DIRECTORY_VERSION)?.unwrap_or(0)
+            && version > get_u64(&self.tree, "network", keys::NET_DIRECTORY_VERSION)?.unwrap_or(0)
         {
-            self.network
+            self.tree
                 .insert(keys::NET_DIRECTORY_VERSION, &version.to_be_bytes())?;
         }
         Ok(())
@@ -87,7 +91,7 @@ impl Store {
 
     /// The cached registry.
     pub fn cached_servers(&self) -> Result<Vec<ServerInfo>, StoreError> {
-        self.network
+        self.tree
             .scan_prefix(keys::NET_SERVER_PREFIX)
             .map(|entry| decode("network", &entry?.1))
             .collect()
@@ -96,7 +100,7 @@ impl Store {
     /// Caches the registry.
     pub fn cache_servers(&self, servers: &[ServerInfo]) -> Result<(), StoreError> {
         for server in servers {
-            self.network
+            self.tree
                 .insert(keys::net_server(&server.id), encode(server))?;
         }
         Ok(())
@@ -111,23 +115,18 @@ impl Store {
             None => self.relay_last()?,
         };
         let seq = last + 1;
-        self.network
-            .insert(keys::net_outbox(seq), encode(envelope))?;
+        self.tree.insert(keys::net_outbox(seq), encode(envelope))?;
         *head = Some(seq);
         Ok(seq)
     }
 
     /// The highest number the outbox used: its last entry, or what the exchange acknowledged.
     fn relay_last(&self) -> Result<u64, StoreError> {
-        let last = match self
-            .network
-            .scan_prefix(keys::NET_OUTBOX_PREFIX)
-            .next_back()
-        {
+        let last = match self.tree.scan_prefix(keys::NET_OUTBOX_PREFIX).next_back() {
             Some(entry) => keys::outbox_seq(&entry?.0).unwrap_or(0),
             None => 0,
         };
-        let acked = get_u64(&self.network, "network", keys::NET_OUTBOX_ACKED)?.unwrap_or(0);
+        let acked = get_u64(&self.tree, "network", keys::NET_OUTBOX_ACKED)?.unwrap_or(0);
         Ok(last.max(acked))
     }
 
@@ -139,7 +138,7 @@ impl Store {
     ) -> Result<Vec<(u64, Envelope)>, StoreError> {
         let start = keys::net_outbox(after.saturating_add(1));
         let mut out = Vec::new();
-        for entry in self.network.range(start..).take(limit) {
+        for entry in self.tree.range(start..).take(limit) {
             let (key, value) = entry?;
             if !key.starts_with(keys::NET_OUTBOX_PREFIX) {
                 break;
@@ -171,35 +170,34 @@ impl Store {
             );
         }
         // Remembered first, so that numbers are not used again once the outbox is empty.
-        let acked = get_u64(&self.network, "network", keys::NET_OUTBOX_ACKED)?.unwrap_or(0);
+        let acked = get_u64(&self.tree, "network", keys::NET_OUTBOX_ACKED)?.unwrap_or(0);
         if seq > acked {
-            self.network
+            self.tree
                 .insert(keys::NET_OUTBOX_ACKED, &seq.to_be_bytes())?;
         }
         *head = Some(last.max(seq));
         drop(head);
         let end = keys::net_outbox(seq.saturating_add(1));
-        for entry in self.network.range(keys::net_outbox(0)..end) {
+        for entry in self.tree.range(keys::net_outbox(0)..end) {
             let (key, _) = entry?;
-            self.network.remove(key)?;
+            self.tree.remove(key)?;
         }
         Ok(())
     }
 
     /// How many envelopes wait in the relay outbox.
     pub fn relay_waiting(&self) -> usize {
-        self.network.scan_prefix(keys::NET_OUTBOX_PREFIX).count()
+        self.tree.scan_prefix(keys::NET_OUTBOX_PREFIX).count()
     }
 
     /// The highest `906` number this host made durable.
     pub fn relayed_in(&self) -> Result<u64, StoreError> {
-        Ok(get_u64(&self.network, "network", keys::NET_RELAYED_IN)?.unwrap_or(0))
+        Ok(get_u64(&self.tree, "network", keys::NET_RELAYED_IN)?.unwrap_or(0))
     }
 
     /// Records that every `906` up to `seq` is applied. Durable after the next flush.
     pub fn set_relayed_in(&self, seq: u64) -> Result<(), StoreError> {
-        self.network
-            .insert(keys::NET_RELAYED_IN, &seq.to_be_bytes())?;
+        self.tree.insert(keys::NET_RELAYED_IN, &seq.to_be_bytes())?;
         Ok(())
     }
 }
@@ -207,6 +205,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
     use crate::store::tests::{message, reopen};
 
     fn envelope(id: u64) -> Envelope {
@@ -227,9 +226,10 @@ mod tests {
         {
             let store = Store::open(&path).expect("open");
             for id in 1..=5 {
-                assert_eq!(store.relay_push(&envelope(id)).expect("push"), id);
+                assert_eq!(store.network.relay_push(&envelope(id)).expect("push"), id);
             }
             let first: Vec<u64> = store
+                .network
                 .relay_outbox(0, 3)
                 .expect("read")
                 .into_iter()
@@ -239,18 +239,21 @@ mod tests {
                 })
                 .collect();
             assert_eq!(first, vec![1, 2, 3]);
-            assert_eq!(store.relay_outbox(3, 10).expect("read").len(), 2);
+            assert_eq!(store.network.relay_outbox(3, 10).expect("read").len(), 2);
             // The exchange has them all: the outbox empties.
-            store.relay_acked(5).expect("ack");
-            assert_eq!(store.relay_waiting(), 0);
-            assert!(store.relay_outbox(0, 10).expect("read").is_empty());
+            store.network.relay_acked(5).expect("ack");
+            assert_eq!(store.network.relay_waiting(), 0);
+            assert!(store.network.relay_outbox(0, 10).expect("read").is_empty());
         }
         // Reopened with an empty outbox, numbering goes on after what was acknowledged (the
         // exchange drops numbers it has seen).
         let store = reopen(&path, Store::open);
-        assert_eq!(store.relay_push(&envelope(6)).expect("push"), 6);
-        store.relay_acked(3).expect("an old ack changes nothing");
-        assert_eq!(store.relay_waiting(), 1);
+        assert_eq!(store.network.relay_push(&envelope(6)).expect("push"), 6);
+        store
+            .network
+            .relay_acked(3)
+            .expect("an old ack changes nothing");
+        assert_eq!(store.network.relay_waiting(), 1);
     }
 
     #[test]
@@ -260,18 +263,22 @@ mod tests {
         let bob = UserId::new("bob").expect("valid");
         {
             let store = Store::open(&path).expect("open");
-            assert_eq!(store.host_number().expect("read"), None);
-            store.set_host_number(3).expect("number");
+            assert_eq!(store.network.host_number().expect("read"), None);
+            store.network.set_host_number(3).expect("number");
+            store.messages.use_host_number(3);
             let id = store
-                .new_message(|id| iim_proto::Message { id, ..message(0) })
+                .messages
+                .number(|id| iim_proto::Message { id, ..message(0) })
                 .expect("id")
                 .id;
             assert_eq!(id.0 >> iim_proto::peer::ID_BITS, 3, "{id}");
             assert!(id.0 < 1 << 53, "fits a JSON number: {id}");
             store
+                .network
                 .cache_directory(&[(bob.clone(), "h2".into())], Some(7))
                 .expect("cache");
             store
+                .network
                 .cache_servers(&[ServerInfo {
                     id: "h2".into(),
                     number: 2,
@@ -281,11 +288,11 @@ mod tests {
                 .expect("cache");
         }
         let store = reopen(&path, Store::open);
-        assert_eq!(store.host_number().expect("read"), Some(3));
+        assert_eq!(store.network.host_number().expect("read"), Some(3));
         assert_eq!(
-            store.cached_directory().expect("read"),
+            store.network.cached_directory().expect("read"),
             (7, vec![(bob, "h2".to_owned())])
         );
-        assert_eq!(store.cached_servers().expect("read")[0].number, 2);
+        assert_eq!(store.network.cached_servers().expect("read")[0].number, 2);
     }
 }

@@ -1,0 +1,226 @@
+//! Accepted messages (the `messages` tree): dedup, dispatch, effect and time-to-live records,
+//! and the numbering of message ids.
+//!
+//! A submission writes its dispatch record (which names its client id) before its dedup
+//! record; [`Messages::recover`] writes any dedup record a crash cut off (see the store's
+//! module documentation).
+
+use super::{StoreError, decode, encode, get_u64, keys};
+use iim_proto::{DeviceId, Message, MessageId, UserId};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// What [`Messages::accept`] did with a submission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acceptance {
+    /// The message is new; it is stored and waiting for dispatch.
+    New(Message),
+    /// The same `(user, device, client id)` was accepted before.
+    Duplicate {
+        /// The first submission's id.
+        id: MessageId,
+        /// When the first submission was accepted.
+        sent_at: u64,
+        /// The first submission, if its dispatch has not finished (it is dispatched again).
+        pending: Option<Message>,
+    },
+}
+
+/// A dispatch record: an accepted message not yet in all its recipients' inboxes.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Dispatch {
+    /// The client id it was submitted with, for a client's submission: its dedup record is
+    /// `(message.from, message.from_device, client_id)`.
+    pub(super) client_id: Option<u64>,
+    /// The message.
+    pub(super) message: Message,
+}
+
+/// The accepted messages of a host and the numbering of their ids.
+#[derive(Clone)]
+pub struct Messages {
+    db: sled::Db,
+    pub(super) tree: sled::Tree,
+    /// Held from choosing a message id to committing the message, so that ids follow the
+    /// order in which messages are accepted.
+    accept_order: Arc<Mutex<()>>,
+    /// The bits of every message id above `iim_proto::peer::ID_BITS`: this host's number in
+    /// its network (0 alone).
+    id_prefix: Arc<AtomicU64>,
+}
+
+impl Messages {
+    pub(super) fn new(db: &sled::Db) -> Result<Self, StoreError> {
+        Ok(Self {
+            db: db.clone(),
+            tree: db.open_tree("messages")?,
+            accept_order: Arc::default(),
+            id_prefix: Arc::default(),
+        })
+    }
+
+    /// Repairs what a crash left of a submission, and moves an earlier version's dispatch
+    /// records to the current form.
+    pub(super) fn recover(&self) -> Result<(), StoreError> {
+        for entry in self.tree.scan_prefix(keys::OLD_DISPATCH_PREFIX) {
+            let (key, value) = entry?;
+            let message: Message = decode("messages", &value)?;
+            let mut batch = sled::Batch::default();
+            batch.insert(
+                keys::dispatch(message.id.0),
+                encode(&Dispatch {
+                    client_id: None,
+                    message,
+                }),
+            );
+            batch.remove(key);
+            self.tree.apply_batch(batch)?;
+        }
+        for entry in self.tree.scan_prefix(keys::DISPATCH_PREFIX) {
+            let (_, value) = entry?;
+            let dispatch: Dispatch = decode("messages", &value)?;
+            let Some(client_id) = dispatch.client_id else {
+                continue;
+            };
+            let m = &dispatch.message;
+            let dedup_key = keys::dedup(&m.from, &m.from_device, client_id);
+            if !self.tree.contains_key(&dedup_key)? {
+                tracing::info!(id = %m.id, "restoring the dedup record a crash cut off");
+                self.tree.insert(dedup_key, encode(&(m.id.0, m.sent_at)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Numbers every message from now on with `number`, this host's number in its network
+    /// (the bits of its id above `iim_proto::peer::ID_BITS`).
+    pub fn use_host_number(&self, number: u16) {
+        self.id_prefix.store(
+            u64::from(number) << iim_proto::peer::ID_BITS,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// A new message id: this host's number in the high bits, then a number that grows (the
+    /// caller holds `accept_order`).
+    fn next_id(&self) -> Result<MessageId, StoreError> {
+        let prefix = self.id_prefix.load(Ordering::Relaxed);
+        Ok(MessageId(prefix | (self.db.generate_id()? + 1)))
+    }
+
+    /// Stores a submission unless the same `(user, device, client_id)` was stored before.
+    ///
+    /// `build` makes the message from the id assigned to it. The new message is recorded for
+    /// dispatch; it is durable after the next [`super::Store::flush`].
+    pub fn accept(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        client_id: u64,
+        expires_at: Option<u64>,
+        build: impl FnOnce(MessageId) -> Message,
+    ) -> Result<Acceptance, StoreError> {
+        let dedup_key = keys::dedup(user, device, client_id);
+        let _order = self.accept_order.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = self.tree.get(&dedup_key)? {
+            return self.duplicate(&existing);
+        }
+        let message = build(self.next_id()?);
+        // In this order (see the module's documentation): a crash that keeps the dispatch
+        // record but not the dedup record is repaired when the store opens.
+        if let Some(at) = expires_at {
+            self.tree
+                .insert(keys::ttl(message.id.0), &at.to_be_bytes())?;
+        }
+        let dispatch = Dispatch {
+            client_id: Some(client_id),
+            message,
+        };
+        self.tree
+            .insert(keys::dispatch(dispatch.message.id.0), encode(&dispatch))?;
+        let message = dispatch.message;
+        self.tree
+            .insert(dedup_key, encode(&(message.id.0, message.sent_at)))?;
+        Ok(Acceptance::New(message))
+    }
+
+    /// When message `id` expires, if it was submitted with its own time to live.
+    pub fn expiry(&self, id: MessageId) -> Result<Option<u64>, StoreError> {
+        get_u64(&self.tree, "messages", keys::ttl(id.0))
+    }
+
+    fn duplicate(&self, dedup_record: &[u8]) -> Result<Acceptance, StoreError> {
+        let (id, sent_at) = decode::<(u64, u64)>("messages", dedup_record)?;
+        let pending = self
+            .tree
+            .get(keys::dispatch(id))?
+            .map(|v| decode::<Dispatch>("messages", &v).map(|d| d.message))
+            .transpose()?;
+        Ok(Acceptance::Duplicate {
+            id: MessageId(id),
+            sent_at,
+            pending,
+        })
+    }
+
+    /// A new message a plugin sends while handling a durable event: numbered once per
+    /// `(plugin, event_key, index)`, so handling the event again yields the same message.
+    pub fn effect(
+        &self,
+        plugin: &str,
+        event_key: &[u8],
+        index: u32,
+        build: impl FnOnce(MessageId) -> Message,
+    ) -> Result<Message, StoreError> {
+        let key = keys::effect(plugin, event_key, index);
+        let _order = self.accept_order.lock().unwrap_or_else(|p| p.into_inner());
+        let mut message = build(MessageId(0));
+        if let Some(existing) = self.tree.get(&key)? {
+            let (id, sent_at) = decode::<(u64, u64)>("messages", &existing)?;
+            message.id = MessageId(id);
+            message.sent_at = sent_at;
+            return Ok(message);
+        }
+        message.id = self.next_id()?;
+        self.tree
+            .insert(key, encode(&(message.id.0, message.sent_at)))?;
+        Ok(message)
+    }
+
+    /// A new message a plugin sends while handling an event that does not outlive the
+    /// process: numbered, not recorded.
+    pub fn number(&self, build: impl FnOnce(MessageId) -> Message) -> Result<Message, StoreError> {
+        let _order = self.accept_order.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(build(self.next_id()?))
+    }
+
+    /// Every accepted message whose dispatch did not finish, oldest first.
+    pub fn pending(&self) -> Result<Vec<Message>, StoreError> {
+        self.tree
+            .scan_prefix(keys::DISPATCH_PREFIX)
+            .map(|entry| {
+                let (_, value) = entry?;
+                decode::<Dispatch>("messages", &value).map(|d| d.message)
+            })
+            .collect()
+    }
+
+    /// Records that message `id` is in every recipient's inbox.
+    pub fn dispatched(&self, id: MessageId) -> Result<(), StoreError> {
+        self.tree.remove(keys::dispatch(id.0))?;
+        Ok(())
+    }
+
+    /// Records `message` for dispatch again (a dead letter handed back): from here on it is a
+    /// pending message like any other.
+    pub fn redispatch(&self, message: &Message) -> Result<(), StoreError> {
+        let dispatch = Dispatch {
+            client_id: None,
+            message: message.clone(),
+        };
+        self.tree
+            .insert(keys::dispatch(message.id.0), encode(&dispatch))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,42 @@
+//! Each plugin's own storage (the `plugin_kv` tree).
+
+use super::{StoreError, keys};
+
+/// The key-value storage of every plugin, each in its own namespace.
+#[derive(Clone)]
+pub struct PluginStorage {
+    tree: sled::Tree,
+}
+
+impl PluginStorage {
+    pub(super) fn new(db: &sled::Db) -> Result<Self, StoreError> {
+        Ok(Self {
+            tree: db.open_tree("plugin_kv")?,
+        })
+    }
+
+    /// A value of `plugin`'s own storage.
+    pub fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .tree
+            .get(keys::plugin_kv(plugin, key))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Writes (or, for `None`, removes) values of `plugin`'s storage in one atomic batch.
+    pub fn apply(
+        &self,
+        plugin: &str,
+        writes: &std::collections::BTreeMap<String, Option<Vec<u8>>>,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in writes {
+            match value {
+                Some(value) => batch.insert(keys::plugin_kv(plugin, key), value.as_slice()),
+                None => batch.remove(keys::plugin_kv(plugin, key)),
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+}
