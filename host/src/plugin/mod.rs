@@ -25,6 +25,7 @@ pub mod imports;
 pub mod lane;
 pub mod loader;
 pub mod runtime;
+pub mod stdio;
 
 pub use event::{Delivered, Event, SessionInfo, Subscription};
 pub use imports::Services;
