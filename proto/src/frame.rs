@@ -47,6 +47,22 @@ impl fmt::Display for MessageKind {
     }
 }
 
+/// The inverse of `Display`: a built-in kind's name is that kind, any other name a custom
+/// kind (whether a plugin handles it is the host's to say). So a custom kind cannot be named
+/// `chat`, `receipt` or `presence`: its name would read as the built-in one everywhere.
+impl std::str::FromStr for MessageKind {
+    type Err = std::convert::Infallible;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Ok(match name {
+            "chat" => MessageKind::Chat,
+            "receipt" => MessageKind::Receipt,
+            "presence" => MessageKind::Presence,
+            custom => MessageKind::Custom(custom.to_owned()),
+        })
+    }
+}
+
 /// A message as the host stores and delivers it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -447,6 +463,18 @@ impl ServerFrame {
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn a_kind_s_name_reads_back_as_that_kind() {
+        for kind in [
+            MessageKind::Chat,
+            MessageKind::Receipt,
+            MessageKind::Presence,
+            MessageKind::Custom("typing".into()),
+        ] {
+            assert_eq!(kind.to_string().parse(), Ok(kind));
+        }
+    }
 
     #[test]
     fn only_what_is_safe_to_replay_is_allowed_in_early_data() {

@@ -458,6 +458,8 @@ fn spawn(data: &Path, listen: SocketAddr) -> anyhow::Result<(Child, SocketAddr, 
         .arg("--plugin-cache-dir")
         .arg(plugin_cache())
         .env("IIM_LOG", "info")
+        // The log is a file that tests search: plain text, without colours.
+        .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()

@@ -2,23 +2,46 @@
 //! presence, receipts): the README's tour, as a test.
 
 use anyhow::{Context, bail, ensure};
-use iim_e2e::{HostProcess, STEP, binary};
-use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
+use iim_e2e::{HostProcess, Plugins, STEP, binary, default_plugin, test_plugin};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 
-fn iim(host: &HostProcess, profile: &Path, args: &[&str]) -> anyhow::Result<Output> {
-    Ok(Command::new(binary("iim")?)
+/// `iim ARGS` for `host`, with profile `profile`.
+fn iim_command(host: &HostProcess, profile: &Path, args: &[&str]) -> anyhow::Result<Command> {
+    let mut command = Command::new(binary("iim")?);
+    command
         .arg("--server")
         .arg(host.addr.to_string())
         .arg("--ca")
         .arg(&host.cert)
         .arg("--profile")
         .arg(profile)
-        .args(args)
-        .output()?)
+        .args(args);
+    Ok(command)
+}
+
+fn iim(host: &HostProcess, profile: &Path, args: &[&str]) -> anyhow::Result<Output> {
+    Ok(iim_command(host, profile, args)?.output()?)
+}
+
+/// [`iim`] with `input` on its stdin.
+fn iim_with_stdin(
+    host: &HostProcess,
+    profile: &Path,
+    args: &[&str],
+    input: &[u8],
+) -> anyhow::Result<Output> {
+    let mut child = iim_command(host, profile, args)?
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Written whole, then closed (dropped): the end of stdin is the end of the body.
+    child.stdin.take().context("stdin")?.write_all(input)?;
+    Ok(child.wait_with_output()?)
 }
 
 fn ok(output: Output) -> anyhow::Result<String> {
@@ -26,6 +49,17 @@ fn ok(output: Output) -> anyhow::Result<String> {
         bail!("iim failed: {}", String::from_utf8_lossy(&output.stderr));
     }
     Ok(String::from_utf8(output.stdout)?)
+}
+
+/// Checks that `iim ARGS` failed as the CLI fails: a non-zero exit and one line on stderr,
+/// `iim: ` and the error, which contains `message`.
+fn fails_in_one_line(output: Output, args: &[&str], message: &str) -> anyhow::Result<()> {
+    ensure!(!output.status.success(), "{args:?} fails");
+    let stderr = String::from_utf8(output.stderr)?;
+    ensure!(stderr.lines().count() == 1, "{args:?}: {stderr}");
+    ensure!(stderr.starts_with("iim: "), "{args:?}: {stderr}");
+    ensure!(stderr.contains(message), "{args:?}: {stderr}");
+    Ok(())
 }
 
 /// Runs `iim send` and returns the message id it printed.
@@ -61,6 +95,22 @@ fn register_and_login(
         format!("logged in as {user} on device {device}\n")
     );
     Ok(())
+}
+
+/// Alice and Bob registered and logged in on device `phone` of `host`, with profiles in a new
+/// temporary directory, and Bob listening as JSON, past his `synced`: the directory, Alice's
+/// profile and Bob's listener.
+fn alice_and_listening_bob(
+    host: &HostProcess,
+) -> anyhow::Result<(tempfile::TempDir, PathBuf, Listen)> {
+    let dir = tempfile::tempdir()?;
+    let (a, b) = (dir.path().join("alice"), dir.path().join("bob"));
+    for (profile, user) in [(&a, "alice"), (&b, "bob")] {
+        register_and_login(host, profile, user, "phone")?;
+    }
+    let bob = Listen::start(&b, &["--json", "listen"])?;
+    assert_eq!(bob.json()?["kind"], "synced");
+    Ok((dir, a, bob))
 }
 
 /// A running `iim listen`, its output read line by line.
@@ -311,11 +361,7 @@ fn two_users_chat_see_each_other_and_get_receipts_through_the_cli() -> anyhow::R
             "wrong user name or password",
         ),
     ] {
-        let bad = iim(&host, profile, args)?;
-        assert!(!bad.status.success(), "{args:?} fails");
-        let stderr = String::from_utf8(bad.stderr)?;
-        assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        fails_in_one_line(iim(&host, profile, args)?, args, message)?;
     }
 
     // Logout revokes the token and forgets the login.
@@ -328,13 +374,7 @@ fn two_users_chat_see_each_other_and_get_receipts_through_the_cli() -> anyhow::R
 #[test]
 fn listen_reconnects_by_itself_when_the_host_restarts() -> anyhow::Result<()> {
     let mut host = HostProcess::start_chat_only()?;
-    let dir = tempfile::tempdir()?;
-    let (a, b) = (dir.path().join("alice"), dir.path().join("bob"));
-    for (profile, user) in [(&a, "alice"), (&b, "bob")] {
-        register_and_login(&host, profile, user, "phone")?;
-    }
-    let bob = Listen::start(&b, &["--json", "listen"])?;
-    assert_eq!(bob.json()?["kind"], "synced");
+    let (_dir, a, bob) = alice_and_listening_bob(&host)?;
     let before = send(&host, &a, "bob", "before")?;
     assert_eq!(bob.json()?["id"], before);
 
@@ -368,4 +408,92 @@ fn listen_reconnects_by_itself_when_the_host_restarts() -> anyhow::Result<()> {
     );
     assert!(said.contains("iim: reconnected"), "{said}");
     Ok(())
+}
+
+#[test]
+fn send_takes_a_custom_kind_and_a_body_from_a_file_or_stdin() -> anyhow::Result<()> {
+    // The test plugin `misbehave` handles the custom kind `misbehave`, and passes on unchanged
+    // a message whose body is none of its requests.
+    let (chat, misbehave) = (default_plugin("chat")?, test_plugin("misbehave")?);
+    let host = HostProcess::start_with(
+        "",
+        Plugins::Only(&[("chat", &chat), ("misbehave", &misbehave)]),
+    )?;
+    let (dir, a, bob) = alice_and_listening_bob(&host)?;
+
+    // Checks that bob's listener printed the message alice's `send` did, with `kind` and
+    // `body`; returns its id.
+    let received = |sent: Output, kind: &str, body: &str| -> anyhow::Result<u64> {
+        let id: u64 = ok(sent)?.trim().parse()?;
+        let got = bob.json()?;
+        let want = serde_json::json!({ "id": id, "from": "alice", "kind": kind, "body": body });
+        let seen = serde_json::json!({
+            "id": got["id"], "from": got["from"], "kind": got["kind"], "body": got["body"]
+        });
+        ensure!(seen == want, "expected {want}, got {got}");
+        Ok(id)
+    };
+    let file = dir.path().join("body.txt");
+    // Several lines, and the file's last newline: the body is the file's bytes, all of them.
+    std::fs::write(&file, "from a file\nsecond line\n")?;
+    let file_arg = file.to_str().context("a UTF-8 path")?;
+    let custom = ["send", "bob", "--kind", "misbehave"];
+    let from_file = received(
+        iim(
+            &host,
+            &a,
+            &[&custom[..], &["--body-file", file_arg]].concat(),
+        )?,
+        "misbehave",
+        "from a file\nsecond line\n",
+    )?;
+    let from_stdin = received(
+        iim_with_stdin(&host, &a, &[&custom[..], &["-"]].concat(), b"from stdin")?,
+        "misbehave",
+        "from stdin",
+    )?;
+    assert!(from_stdin > from_file);
+    // `--body-file -` is stdin too, and chat is still the default kind.
+    received(
+        iim_with_stdin(&host, &a, &["send", "bob", "--body-file", "-"], b"chat")?,
+        "chat",
+        "chat",
+    )?;
+
+    // Errors: one line on stderr, non-zero exit, and nothing sent (bob's next line is the
+    // message after them).
+    let missing = dir.path().join("missing.txt");
+    let missing_arg = missing.to_str().context("a UTF-8 path")?;
+    // One byte over the host's default limit.
+    let large = dir.path().join("large.bin");
+    std::fs::write(&large, vec![b'x'; 32 * 1024 + 1])?;
+    let large_arg = large.to_str().context("a UTF-8 path")?;
+    let cannot_read = format!("cannot read {missing_arg}: ");
+    for (args, message) in [
+        (
+            &["send", "bob", "--body-file", missing_arg][..],
+            cannot_read.as_str(),
+        ),
+        (
+            &["send", "bob", "text", "--body-file", file_arg][..],
+            "two bodies",
+        ),
+        (&["send", "bob"][..], "no body"),
+        (
+            &["send", "bob", "--body-file", large_arg][..],
+            "over the host's limit of 32768 bytes",
+        ),
+        (
+            &["send", "bob", "--kind", "typing", "hi"][..],
+            "no plugin on this host handles messages of kind typing",
+        ),
+    ] {
+        fails_in_one_line(iim(&host, &a, args)?, args, message)?;
+    }
+    received(
+        iim(&host, &a, &["send", "bob", "after the errors"])?,
+        "chat",
+        "after the errors",
+    )?;
+    bob.interrupt()
 }

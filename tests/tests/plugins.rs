@@ -470,6 +470,39 @@ async fn wait_for_dead_letters(host: &HostProcess, count: usize) -> anyhow::Resu
 }
 
 #[tokio::test]
+async fn what_a_plugin_prints_is_logged_under_its_name() -> Result {
+    let (host, _alice, bob, a, b) = misbehaving_host("").await?;
+    let kind = MessageKind::Custom("misbehave".into());
+    // The plugin writes while it handles the message, so its line is logged once Bob has it.
+    for stream in ["stderr", "stdout"] {
+        misbehave(&a, &bob, &format!("{stream} marker-on-{stream}")).await?;
+        expect_kind(&b, kind.clone()).await?;
+        let log = host.log();
+        let line = log
+            .lines()
+            .find(|line| line.contains(&format!("marker-on-{stream}")))
+            .with_context(|| format!("no marker-on-{stream} in the host's log:\n{log}"))?;
+        assert!(
+            line.contains("plugin=misbehave") && line.contains(&format!("stream=\"{stream}\"")),
+            "{line}"
+        );
+    }
+    // A Rust plugin's panic message, the usual reason a plugin writes to stderr, says whose.
+    misbehave(&a, &bob, "trap").await?;
+    wait_for_dead_letters(&host, 1).await?;
+    let log = host.log();
+    let panics: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("asked to trap"))
+        .collect();
+    assert_eq!(panics.len(), 3, "one per attempt: {panics:#?}");
+    for line in panics {
+        assert!(line.contains("plugin=misbehave"), "{line}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn forged_senders_and_malformed_user_lists_get_clear_errors_and_send_nothing() -> Result {
     let (_host, _alice, bob, a, b) = misbehaving_host("").await?;
     misbehave(&a, &bob, "forge").await?;

@@ -78,12 +78,22 @@ enum Command {
         #[command(subcommand)]
         op: RelationCommand,
     },
-    /// Send a chat message; prints the accepted message id.
+    /// Send a message (chat unless --kind says otherwise); prints the accepted message id.
+    ///
+    /// The body is TEXT, or what `-` or --body-file reads: exactly one of them.
     Send {
         /// Recipient.
         to: UserId,
-        /// Text.
-        text: String,
+        /// The body as text; `-` reads the body from stdin instead.
+        text: Option<String>,
+        /// The message's kind: `chat`, `receipt`, `presence`, or the name of a custom kind that
+        /// a plugin of the host handles (say `typing`); the host refuses a kind no plugin
+        /// handles.
+        #[arg(long, value_name = "KIND", default_value = "chat")]
+        kind: MessageKind,
+        /// Send the bytes of file PATH as the body, instead of TEXT (`-`: stdin).
+        #[arg(long, value_name = "PATH")]
+        body_file: Option<PathBuf>,
         /// Seconds the message waits for the recipient; after that it expires and you get an
         /// `expired` receipt. Without it, the host's default applies (30 days unless
         /// configured otherwise).
@@ -322,19 +332,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Friend { op } => relation(&cli, RelationKind::Friend, op).await?,
         Command::Colleague { op } => relation(&cli, RelationKind::Colleague, op).await?,
-        Command::Send { to, text, ttl } => {
+        Command::Send {
+            to,
+            text,
+            kind,
+            body_file,
+            ttl,
+        } => {
+            // Before connecting: a missing file or a second body is the user's to fix, with
+            // no host involved.
+            let source = BodySource::open(text.as_deref(), body_file.as_deref()).await?;
             let (conn, _) = session(&cli, SessionMode::SendOnly).await?;
+            let body = source.read(conn.max_body()).await?;
+            let (client_id, to) = (iim_client::new_client_id(), std::slice::from_ref(to));
             let accepted = match ttl {
-                None => conn.send_text(to, text).await?,
+                None => conn.submit(client_id, kind.clone(), to, &body).await?,
                 Some(secs) => {
-                    conn.submit_expiring(
-                        iim_client::new_client_id(),
-                        MessageKind::Chat,
-                        std::slice::from_ref(to),
-                        text.as_bytes(),
-                        std::time::Duration::from_secs(u64::from(*secs)),
-                    )
-                    .await?
+                    let ttl = std::time::Duration::from_secs(u64::from(*secs));
+                    conn.submit_expiring(client_id, kind.clone(), to, &body, ttl)
+                        .await?
                 }
             };
             if cli.json {
@@ -544,6 +560,69 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ClientError::ConnectionLost("the connection ended".into()).into()),
         }
+    }
+}
+
+/// Where `iim send` takes its message's body from.
+enum BodySource {
+    /// TEXT, as given.
+    Text(String),
+    /// A file, or stdin.
+    Reader {
+        /// What it is, for errors.
+        name: String,
+        /// Its bytes.
+        reader: Box<dyn tokio::io::AsyncRead + Unpin>,
+    },
+}
+
+impl BodySource {
+    /// The one source that TEXT and --body-file name (`-` in either is stdin). A file is
+    /// opened here, so that a missing one is reported before anything else happens.
+    async fn open(text: Option<&str>, file: Option<&Path>) -> anyhow::Result<Self> {
+        let stdin = || BodySource::Reader {
+            name: "stdin".into(),
+            reader: Box::new(tokio::io::stdin()),
+        };
+        match (text, file) {
+            (Some(_), Some(_)) => {
+                bail!("two bodies: give TEXT, `-` (stdin) or --body-file PATH, not two of them")
+            }
+            (None, None) => bail!("no body: give TEXT, `-` (stdin) or --body-file PATH"),
+            (Some("-"), None) => Ok(stdin()),
+            (None, Some(path)) if path == Path::new("-") => Ok(stdin()),
+            (Some(text), None) => Ok(BodySource::Text(text.to_owned())),
+            (None, Some(path)) => {
+                let file = tokio::fs::File::open(path)
+                    .await
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                Ok(BodySource::Reader {
+                    name: path.display().to_string(),
+                    reader: Box::new(file),
+                })
+            }
+        }
+    }
+
+    /// The body. A file or stdin is read up to one byte past `max_body` (the host's limit,
+    /// which it would refuse anyway), so that a huge file or an endless pipe is refused
+    /// without being held in memory whole.
+    async fn read(self, max_body: u32) -> anyhow::Result<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let (name, reader) = match self {
+            BodySource::Text(text) => return Ok(text.into_bytes()),
+            BodySource::Reader { name, reader } => (name, reader),
+        };
+        let mut body = Vec::new();
+        reader
+            .take(u64::from(max_body) + 1)
+            .read_to_end(&mut body)
+            .await
+            .with_context(|| format!("cannot read {name}"))?;
+        if body.len() > max_body as usize {
+            bail!("{name} is over the host's limit of {max_body} bytes for a body");
+        }
+        Ok(body)
     }
 }
 

@@ -34,8 +34,9 @@ pub const MAX_KV_VALUE: usize = 64 * 1024;
 pub const MAX_SENDS_PER_CALL: usize = 64;
 /// Storage writes one `handle` may make.
 pub const MAX_KV_WRITES_PER_CALL: usize = 256;
-/// Longest log line kept, in bytes.
-const MAX_LOG_LINE: usize = 4096;
+/// Longest log line kept, in bytes: of the `log` import, and of a plugin's stdout and stderr
+/// ([`super::stdio`]).
+pub const MAX_LOG_LINE: usize = 4096;
 
 /// What the imports need from the host.
 pub struct Services {

@@ -26,6 +26,7 @@ pub mod imports;
 pub mod lane;
 pub mod loader;
 pub mod runtime;
+pub mod stdio;
 
 pub use dead_letter::DeadLetter;
 pub use event::{Delivered, Event, SessionInfo, Subscription};

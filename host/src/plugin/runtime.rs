@@ -11,6 +11,7 @@ use super::bindings::exports::iim::plugin::handler::PluginError as WitPluginErro
 use super::bindings::iim::plugin::types as wit;
 use super::bindings::{Plugin, PluginPre};
 use super::imports::{PluginState, Services};
+use super::stdio::{PluginOutput, Stream};
 use crate::config::PluginsConfig;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -186,13 +187,12 @@ impl Runtime {
             .table_elements(100_000)
             .trap_on_grow_failure(true)
             .build();
-        let state = PluginState::new(
-            name,
-            services,
-            WasiCtxBuilder::new().inherit_stderr().build(),
-            ResourceTable::new(),
-            limits,
-        );
+        // What the plugin prints goes to the log under its name, not to the host's stderr.
+        let wasi = WasiCtxBuilder::new()
+            .stdout(PluginOutput::new(name, Stream::Stdout))
+            .stderr(PluginOutput::new(name, Stream::Stderr))
+            .build();
+        let state = PluginState::new(name, services, wasi, ResourceTable::new(), limits);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| state.limits());
         store.epoch_deadline_callback(on_tick);

@@ -12,6 +12,8 @@
 //! - `badlist`: sends to a user-list naming an unknown server, then one naming a user twice;
 //! - `count`: adds one to a stored counter, answering the count;
 //! - `count-then-fail`: adds one to the counter, then fails (the write must not last);
+//! - `stderr TEXT`, `stdout TEXT`: writes the line TEXT to its stderr or stdout (which the
+//!   host logs under the plugin's name), then passes the message on;
 //! - anything else: passes the message on to its addressees.
 //!
 //! With `mode = "pass"` in its configuration it misbehaves no more: every message is passed on
@@ -114,6 +116,17 @@ impl Plugin for Misbehave {
                     Err(e) => Err(e),
                 };
                 report(&message, &format!("badlist: {first:?} / {second:?}"))
+            }
+            body if body.starts_with(b"stderr ") || body.starts_with(b"stdout ") => {
+                let (stream, text) = body.split_at(b"stderr ".len());
+                let text = String::from_utf8_lossy(text);
+                if stream == b"stderr " {
+                    eprintln!("{text}");
+                } else {
+                    println!("{text}");
+                }
+                host::forward(&message)?;
+                Ok(())
             }
             b"count" | b"count-then-fail" => {
                 let count = host::kv_get("count")?
