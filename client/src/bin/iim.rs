@@ -12,6 +12,7 @@
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
+use iim_client::proto::body::{Presence, PresenceEntry, PresenceState, ReadReport, Receipt};
 use iim_client::proto::session::Backoff;
 use iim_client::proto::{
     DeviceId, Message, MessageId, MessageKind, RelationKind, SessionMode, UserId,
@@ -371,7 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 read_report_client_id(message, from),
                 MessageKind::Receipt,
                 std::slice::from_ref(from),
-                read_report(message).as_bytes(),
+                &read_report(message),
             )
             .await?;
             print_result(
@@ -509,7 +510,7 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
                         read_report_client_id(id, &message.from),
                         MessageKind::Receipt,
                         std::slice::from_ref(&message.from),
-                        read_report(id).as_bytes(),
+                        &read_report(id),
                     );
                     // The report goes out in order; its answer may wait for a reconnect.
                     tokio::spawn(async move {
@@ -627,8 +628,8 @@ impl BodySource {
 }
 
 /// The body of a read report for chat message `id` (docs/plugins.md).
-fn read_report(id: MessageId) -> String {
-    serde_json::json!({ "state": "read", "id": id.0 }).to_string()
+fn read_report(id: MessageId) -> Vec<u8> {
+    ReadReport { id: id.0 }.to_json()
 }
 
 /// The idempotency id of the read report for message `id` of `sender`: the same every time,
@@ -644,53 +645,6 @@ fn read_report_client_id(id: MessageId, sender: &UserId) -> u64 {
             .chain(sender.as_str().as_bytes())
             .copied(),
     )
-}
-
-/// The body of a `receipt` message (docs/plugins.md, "Receipts"). Fields it does not know are
-/// ignored, as the format asks.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "state", rename_all = "lowercase")]
-enum Receipt {
-    /// `id` reached `device` of recipient `user`.
-    Delivered {
-        id: u64,
-        user: UserId,
-        device: DeviceId,
-    },
-    /// `user` read `id`, as reported by `device`.
-    Read {
-        id: u64,
-        user: UserId,
-        device: DeviceId,
-    },
-    /// `id` was not sent to `users`, for `reason`.
-    Refused {
-        id: u64,
-        users: Vec<UserId>,
-        reason: String,
-    },
-    /// `id` expired before any device of `user` got it.
-    Expired { id: u64, user: UserId },
-}
-
-/// The body of a `presence` message (docs/plugins.md, "Presence").
-#[derive(Debug, Deserialize)]
-struct Presence {
-    presence: Vec<PresenceEntry>,
-}
-
-#[derive(Debug, Deserialize)]
-struct PresenceEntry {
-    user: UserId,
-    state: PresenceState,
-    devices: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum PresenceState {
-    Online,
-    Offline,
 }
 
 /// A message's body as `listen` understands it.
@@ -713,6 +667,7 @@ impl Body {
             MessageKind::Chat | MessageKind::Custom(_) => {
                 return Body::Text(String::from_utf8_lossy(&message.body).into_owned());
             }
+            // Fields this client does not know are ignored, as the format asks.
             MessageKind::Receipt => {
                 json().and_then(|json| Ok(Body::Receipt(Receipt::deserialize(&json)?, json)))
             }
@@ -779,13 +734,12 @@ fn describe(message: &Message, body: Body) -> String {
             format!("#{id} expired before {user} got it")
         }
         Body::Receipt(Receipt::Refused { id, users, reason }, _) => {
-            let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
             format!("#{id} refused for {}: {reason}", users.join(", "))
         }
         // A notification has one entry, the sender's; a snapshot lists the user's contacts,
         // never the user, who sends it.
         Body::Presence(entries, _) => match entries.as_slice() {
-            [entry] if entry.user == message.from => match entry.state {
+            [entry] if entry.user == message.from.as_str() => match entry.state {
                 PresenceState::Online => format!(
                     "{} is online ({} device{})",
                     entry.user,
