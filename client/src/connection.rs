@@ -361,7 +361,10 @@ impl Connection {
         allow_0rtt: bool,
     ) -> Result<Self, (bool, ClientError)> {
         let addr = config.server;
-        let connect_err = |reason: String| ClientError::Connect { addr, reason };
+        let connect_err = |source: Box<dyn std::error::Error + Send + Sync>| ClientError::Connect {
+            addr,
+            source: source.into(),
+        };
         let full = |e| (false, e);
         let bind: SocketAddr = if addr.is_ipv6() {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -369,11 +372,11 @@ impl Connection {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
         let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| full(connect_err(e.to_string())))?;
+            quinn::Endpoint::client(bind).map_err(|e| full(connect_err(e.into())))?;
         endpoint.set_default_client_config(config.quic.get(&config.roots).map_err(full)?);
         let connecting = endpoint
             .connect(addr, &config.server_name)
-            .map_err(|e| full(connect_err(e.to_string())))?;
+            .map_err(|e| full(connect_err(e.into())))?;
         // Without 0-RTT (the fallback after early data was refused), the handshake completes
         // before anything is sent: a stale session ticket must not be tried again.
         let attempt_0rtt = if allow_0rtt {
@@ -387,16 +390,13 @@ impl Connection {
                 let conn = tokio::time::timeout(config.connect_timeout, connecting)
                     .await
                     .map_err(|_| full(connect_err("timed out".into())))?
-                    .map_err(|e| full(connect_err(e.to_string())))?;
+                    .map_err(|e| full(connect_err(e.into())))?;
                 (conn, None)
             }
         };
         let zero_rtt = early.is_some();
         let handshake = async {
-            let (send, recv) = conn
-                .open_bi()
-                .await
-                .map_err(|e| connect_err(e.to_string()))?;
+            let (send, recv) = conn.open_bi().await.map_err(|e| connect_err(e.into()))?;
             let (generation, welcome, events) = shared.start();
             let answer = match first {
                 Some(first) => Some(shared.lock().request(generation, first)?),
@@ -443,7 +443,7 @@ impl Connection {
         let (generation, welcome, events, answer, used_0rtt) =
             tokio::time::timeout(config.connect_timeout, handshake)
                 .await
-                .map_err(|_| (zero_rtt, connect_err("timed out".into())))?
+                .map_err(|e| (zero_rtt, connect_err(e.into())))?
                 .map_err(|e| {
                     let lost = matches!(
                         e,

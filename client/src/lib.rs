@@ -55,12 +55,13 @@ pub enum ClientError {
         reason: String,
     },
     /// No QUIC connection could be made.
-    #[error("cannot connect to {addr}: {reason}")]
+    #[error("cannot connect to {addr}: {source}")]
     Connect {
         /// The host's address.
         addr: std::net::SocketAddr,
-        /// Why.
-        reason: String,
+        /// Why: the socket, the QUIC connection or the timeout's error.
+        #[source]
+        source: std::sync::Arc<dyn std::error::Error + Send + Sync>,
     },
     /// The host refused the request.
     #[error("{message} ({})", code.name())]

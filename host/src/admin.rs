@@ -124,20 +124,20 @@ async fn answer(host: &Host, command: &str) -> String {
 /// The host's view of its network: the registry, the directory's size and the relay
 /// counters, one `key value` pair per line.
 fn network(host: &Host) -> String {
-    let Some(network) = host.iim.network() else {
+    let Some(network) = &host.network else {
         return format!("server {}\nnetwork none\n", host.config.server_id);
     };
     let mut out = String::new();
     let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
-    let stats = &network.stats;
+    let stats = &network.outbox.stats;
     let _ = writeln!(out, "server {}", network.server());
     let _ = writeln!(
         out,
         "exchange {}",
         if network.is_up() { "up" } else { "down" }
     );
-    let _ = writeln!(out, "directory_users {}", network.directory_len());
-    let _ = writeln!(out, "remote_online {}", network.remote_online());
+    let _ = writeln!(out, "directory_users {}", network.directory.len());
+    let _ = writeln!(out, "remote_online {}", network.directory.remote_online());
     let _ = writeln!(out, "envelopes_out {}", load(&stats.envelopes_out));
     let _ = writeln!(out, "envelopes_sent {}", load(&stats.envelopes_sent));
     let _ = writeln!(out, "envelopes_acked {}", load(&stats.envelopes_acked));
@@ -152,7 +152,7 @@ fn network(host: &Host) -> String {
         "relayed_deliveries {}",
         load(&stats.relayed_deliveries)
     );
-    for s in network.servers() {
+    for s in network.directory.servers() {
         let _ = writeln!(
             out,
             "host {} number {} addr {} {}",

@@ -9,13 +9,14 @@
 //! sent to each target as soon as it is connected, in order, until the target acknowledges
 //! it. A host that goes away is marked down; what is for it waits in its outbox.
 
+use crate::clock::now_ms;
 use crate::config::Config;
-use crate::network::peer_transport;
-use crate::now_ms;
+use crate::peer::{self, PeerError, PeerStream};
+use crate::server::ServerError;
+use crate::store::StoreError;
 use crate::store::exchange::{ExchangeStore, Joining};
-use anyhow::Context;
 use iim_proto::peer::{Envelope, ExchangeFrame, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo};
-use iim_proto::relay::{Incoming, RelayLink};
+use iim_proto::relay::{AckBeyondSent, Incoming, RelayLink};
 use iim_proto::{ErrorCode, UserId};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -29,6 +30,38 @@ use tokio::sync::{Notify, broadcast, watch};
 const DIRECTORY_CHUNK: usize = 1000;
 /// How long a new connection has to open its stream, and then to join.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the link of one host ended.
+#[derive(Debug, thiserror::Error)]
+enum HostLinkError {
+    /// The host did not open its stream or join in time.
+    #[error("{0} took too long")]
+    Timeout(&'static str),
+    /// The connection failed.
+    #[error("the connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The link's stream failed.
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    /// The join was refused.
+    #[error("join refused: {0}")]
+    Refused(String),
+    /// The host broke the protocol.
+    #[error("the host broke the protocol: {0}")]
+    Protocol(String),
+    /// The host acknowledged envelopes this exchange never sent it.
+    #[error(transparent)]
+    Acknowledged(#[from] AckBeyondSent),
+    /// A new link of the same host took over.
+    #[error("replaced by a new link of {0}")]
+    Replaced(String),
+    /// The host fell too far behind the notices to all hosts: it joins again to catch up.
+    #[error("the host fell {0} notices behind; it joins again to catch up")]
+    Lagged(u64),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// Something every connected host (but one, perhaps) is told.
 #[derive(Debug)]
@@ -128,14 +161,15 @@ pub struct Exchange {
 
 impl Exchange {
     /// Opens the exchange's store and certificate, and binds.
-    pub async fn start(config: Config) -> anyhow::Result<Self> {
+    pub async fn start(config: Config) -> Result<Self, ServerError> {
         let (server_config, cert_path) =
-            crate::server::prepare(&config, PEER_ALPN, peer_transport())?;
+            crate::server::prepare(&config, PEER_ALPN, peer::transport())?;
         let store_path = config.data_dir.join("exchange");
-        let store = ExchangeStore::open(&store_path)
-            .with_context(|| format!("cannot open the store in {}", store_path.display()))?;
-        let socket = std::net::UdpSocket::bind(config.listen)
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let store = ExchangeStore::open(&store_path).map_err(|source| ServerError::OpenStore {
+            path: store_path.clone(),
+            source,
+        })?;
+        let socket = crate::server::bind(&config)?;
         let endpoint = crate::server::endpoint(&config, server_config, socket)?;
         let (stop, shutdown) = watch::channel(false);
         let (events, _) = broadcast::channel(16_384);
@@ -161,8 +195,8 @@ impl Exchange {
     }
 
     /// The address actually bound.
-    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
-        Ok(self.endpoint.local_addr()?)
+    pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
+        self.endpoint.local_addr().map_err(ServerError::LocalAddr)
     }
 
     /// The certificate hosts should trust (`network.exchange_cert`).
@@ -171,7 +205,7 @@ impl Exchange {
     }
 
     /// Serves hosts until `stop` resolves.
-    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), ServerError> {
         let state = Arc::clone(&self.state);
         let commands: crate::admin::Commands = Arc::new(move |command| {
             let state = Arc::clone(&state);
@@ -179,7 +213,7 @@ impl Exchange {
         });
         let admin =
             crate::admin::serve_socket(&self.data_dir, self.state.shutdown.clone(), commands)
-                .context("cannot open the admin socket")?;
+                .map_err(ServerError::Admin)?;
         let mut links = tokio::task::JoinSet::new();
         tokio::pin!(stop);
         loop {
@@ -200,7 +234,7 @@ impl Exchange {
                             Err(e) => return tracing::debug!(%remote, error = %e, "handshake failed"),
                         };
                         if let Err(e) = serve(&state, conn.clone(), permit).await {
-                            tracing::info!(%remote, error = format!("{e:#}"), "host link ended");
+                            tracing::info!(%remote, error = %e, "host link ended");
                         }
                         // On every path: a connection that never joined must not linger.
                         conn.close(0u32.into(), b"");
@@ -278,11 +312,11 @@ fn answer(state: &State, command: &str) -> String {
 }
 
 /// The exchange's end of one host's link.
-type Peer = crate::network::PeerStream<HostFrame>;
+type Peer = PeerStream<HostFrame>;
 
 impl Peer {
     /// Refuses the join: says why, and ends.
-    async fn refuse(mut self, code: ErrorCode, message: String) -> anyhow::Result<()> {
+    async fn refuse(mut self, code: ErrorCode, message: String) -> Result<(), HostLinkError> {
         tracing::warn!(%code, %message, "join refused");
         let _ = self
             .write(&ExchangeFrame::Error {
@@ -292,7 +326,7 @@ impl Peer {
             .await;
         let _ = self.send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.send.stopped()).await;
-        anyhow::bail!("join refused: {message}")
+        Err(HostLinkError::Refused(message))
     }
 }
 
@@ -311,16 +345,16 @@ async fn serve(
     state: &Arc<State>,
     conn: quinn::Connection,
     permit: tokio::sync::OwnedSemaphorePermit,
-) -> anyhow::Result<()> {
+) -> Result<(), HostLinkError> {
     let (send, recv) = tokio::time::timeout(JOIN_TIMEOUT, conn.accept_bi())
         .await
-        .context("no stream opened in time")??;
+        .map_err(|_| HostLinkError::Timeout("opening a stream"))??;
     // Only the join is read before the host is known: small, and nothing after it.
     let (go, gate) = tokio::sync::oneshot::channel();
     let mut peer = Peer::new(conn.clone(), send, recv, "the host", Some(gate));
     let first = tokio::time::timeout(JOIN_TIMEOUT, peer.next())
         .await
-        .context("no join in time")??;
+        .map_err(|_| HostLinkError::Timeout("joining"))??;
     let HostFrame::Join {
         version,
         server,
@@ -460,7 +494,7 @@ async fn relay(
     events: &mut broadcast::Receiver<Arc<Broadcast>>,
     outbox_ready: &Notify,
     replaced: &Notify,
-) -> anyhow::Result<()> {
+) -> Result<(), HostLinkError> {
     let server = joined.server;
     let servers: Vec<ServerInfo> = state.store.servers()?;
     // What the exchange says it has must be durable: the host drops what it acknowledges.
@@ -517,7 +551,7 @@ async fn relay(
                 }).await;
                 return Ok(());
             }
-            () = replaced.notified() => anyhow::bail!("replaced by a new link of {server}"),
+            () = replaced.notified() => return Err(HostLinkError::Replaced(server.to_owned())),
             frame = peer.next() => match frame? {
                 HostFrame::Relay { seq, envelope } => {
                     if link.on_envelope(seq) == Incoming::Apply {
@@ -592,7 +626,9 @@ async fn relay(
                         state.tell(Some(server), ExchangeFrame::Presence { entries: told });
                     }
                 }
-                HostFrame::Join { .. } => anyhow::bail!("Join sent twice"),
+                HostFrame::Join { .. } => {
+                    return Err(HostLinkError::Protocol("Join sent twice".into()));
+                }
             },
             event = events.recv() => match event {
                 Ok(event) => {
@@ -601,7 +637,7 @@ async fn relay(
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
-                    anyhow::bail!("the host fell {n} notices behind; it joins again to catch up")
+                    return Err(HostLinkError::Lagged(n));
                 }
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
             },
@@ -622,7 +658,7 @@ async fn acknowledge(
     peer: &mut Peer,
     link: &mut RelayLink,
     idle: bool,
-) -> anyhow::Result<()> {
+) -> Result<(), HostLinkError> {
     let Some(seq) = link.poll_ack(idle) else {
         return Ok(());
     };
@@ -638,7 +674,7 @@ async fn pump(
     peer: &mut Peer,
     server: &str,
     link: &mut RelayLink,
-) -> anyhow::Result<()> {
+) -> Result<(), HostLinkError> {
     loop {
         let room = link.room();
         if room == 0 {

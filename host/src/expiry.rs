@@ -12,8 +12,10 @@
 //! recipient), so a crash between the two sends nothing twice: the next sweep finds the entry
 //! again and the same receipt, which the sender's inbox already holds.
 
-use crate::store::Expiry;
-use crate::{Host, now_ms};
+use crate::Host;
+use crate::clock::now_ms;
+use crate::iim::IimError;
+use crate::store::{Expiry, StoreError};
 use iim_proto::body::Receipt;
 use iim_proto::{Message, MessageKind};
 use std::sync::Arc;
@@ -29,6 +31,17 @@ const BATCH: usize = 256;
 /// records can collide with it.
 const NUMBERING: &str = "host:expiry";
 
+/// Why a sweep stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An `expired` receipt could not be sent.
+    #[error("cannot send an expired receipt: {0}")]
+    Report(#[from] IimError),
+}
+
 /// What a sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Swept {
@@ -39,7 +52,7 @@ pub struct Swept {
 }
 
 /// Takes every entry due by `now` out of its inbox, telling senders.
-pub fn sweep(host: &Host, now: u64) -> anyhow::Result<Swept> {
+pub fn sweep(host: &Host, now: u64) -> Result<Swept, SweepError> {
     let mut swept = Swept::default();
     loop {
         let due = host.store.inbox.due(now, BATCH)?;
@@ -71,7 +84,7 @@ fn reportable(message: &Message) -> bool {
 }
 
 /// Sends the sender of `message` an `expired` receipt for the recipient of `expiry`.
-fn report(host: &Host, message: &Message, expiry: &Expiry) -> anyhow::Result<()> {
+fn report(host: &Host, message: &Message, expiry: &Expiry) -> Result<(), SweepError> {
     let mut key = message.id.0.to_be_bytes().to_vec();
     key.extend_from_slice(expiry.user.as_str().as_bytes());
     let body = Receipt::Expired {
@@ -97,7 +110,7 @@ fn report(host: &Host, message: &Message, expiry: &Expiry) -> anyhow::Result<()>
 
 /// Sweeps once a second until shutdown.
 pub async fn run(host: Arc<Host>) {
-    let mut ticks = crate::Ticks::new(&host, SWEEP_EVERY);
+    let mut ticks = crate::clock::Ticks::new(host.shutdown.clone(), SWEEP_EVERY);
     while ticks.next().await {
         let sweeping = Arc::clone(&host);
         match tokio::task::spawn_blocking(move || sweep(&sweeping, now_ms())).await {

@@ -5,7 +5,8 @@
 //! is seed 000's server row-set: one row per server, each with the rows of its users and their
 //! online devices, so that resolving once gives both the distribution and the channels.
 
-use crate::network::Network;
+use crate::directory::Directory;
+use crate::outbox::{OutboxError, RelayOutbox, rows_by_server};
 use crate::registry::{Delivery, Registry, SessionId};
 use crate::store::{Store, StoreError};
 use iim_proto::{DeviceId, Message, UserId};
@@ -54,21 +55,12 @@ pub enum IimError {
     /// A row names a server the network does not have.
     #[error("server {0} is not in this host's network")]
     UnknownServer(String),
-    /// The message cannot be relayed to other hosts (too large for the link).
-    #[error("{0}")]
-    Relay(String),
+    /// The message cannot be relayed to other hosts.
+    #[error("cannot relay the message: {0}")]
+    Relay(#[from] OutboxError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<crate::network::NetworkError> for IimError {
-    fn from(e: crate::network::NetworkError) -> Self {
-        match e {
-            crate::network::NetworkError::Store(e) => IimError::Store(e),
-            other => IimError::Relay(other.to_string()),
-        }
-    }
 }
 
 /// What `send` did.
@@ -98,8 +90,8 @@ pub struct Iim {
     registry: Arc<Registry>,
     /// How long a message without its own time to live stays unacknowledged in an inbox.
     default_ttl: Option<std::time::Duration>,
-    /// The network this host belongs to, if any.
-    network: Option<Arc<Network>>,
+    /// In a network of hosts: what this host knows of it, and its relay outbox.
+    network: Option<(Arc<Directory>, Arc<RelayOutbox>)>,
 }
 
 impl Iim {
@@ -110,7 +102,7 @@ impl Iim {
         store: Store,
         registry: Arc<Registry>,
         default_ttl: Option<std::time::Duration>,
-        network: Option<Arc<Network>>,
+        network: Option<(Arc<Directory>, Arc<RelayOutbox>)>,
     ) -> Self {
         Self {
             server,
@@ -126,16 +118,16 @@ impl Iim {
         &self.server
     }
 
-    /// The network this host belongs to, if any.
-    pub fn network(&self) -> Option<&Arc<Network>> {
-        self.network.as_ref()
+    /// In a network of hosts: what this host knows of it.
+    pub fn directory(&self) -> Option<&Arc<Directory>> {
+        self.network.as_ref().map(|(directory, _)| directory)
     }
 
     /// Where `user` lives, if the user exists. In a network the directory decides (a name is
     /// one user in the whole network); a user the directory does not name lives here if it
     /// has an account here.
     pub fn home(&self, user: &UserId) -> Result<Option<Home>, IimError> {
-        if let Some(server) = self.network.as_ref().and_then(|n| n.home_of(user))
+        if let Some(server) = self.directory().and_then(|d| d.home_of(user))
             && server != self.server
         {
             return Ok(Some(Home::Remote(server)));
@@ -227,11 +219,11 @@ impl Iim {
                 report.live += live;
             }
         }
-        if let Some(network) = &self.network
+        if let Some((_, outbox)) = &self.network
             && !remote.is_empty()
         {
             report.relayed = remote.len();
-            network.relay(&message, explicit, crate::network::rows_by_server(remote))?;
+            outbox.push(&message, explicit, rows_by_server(remote))?;
         }
         Ok(report)
     }

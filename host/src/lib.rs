@@ -8,12 +8,16 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod clock;
 pub mod cmd;
 pub mod config;
+pub mod directory;
 pub mod exchange;
 pub mod expiry;
 pub mod iim;
 pub mod network;
+pub mod outbox;
+pub mod peer;
 pub mod plugin;
 pub mod registry;
 pub mod server;
@@ -35,42 +39,10 @@ pub struct Host {
     pub iim: Arc<iim::Iim>,
     /// The plugins, and the routing of events to them.
     pub plugins: Arc<plugin::PluginHost>,
+    /// The link to the network's exchange, in a network of hosts.
+    pub network: Option<Arc<network::Network>>,
     /// Becomes `true` when the host starts shutting down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Permits to hash a password: bounds the memory and CPU that log-ins can take at once.
     pub hashing: tokio::sync::Semaphore,
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// The ticks of a task the host runs every `period` until it shuts down.
-pub(crate) struct Ticks {
-    interval: tokio::time::Interval,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-}
-
-impl Ticks {
-    /// Ticks every `period` (the first at once), late ticks delayed rather than bunched.
-    pub(crate) fn new(host: &Host, period: std::time::Duration) -> Self {
-        let mut interval = tokio::time::interval(period);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Self {
-            interval,
-            shutdown: host.shutdown.clone(),
-        }
-    }
-
-    /// Waits for the next tick: `false` once the host is shutting down.
-    pub(crate) async fn next(&mut self) -> bool {
-        tokio::select! {
-            _ = self.interval.tick() => true,
-            _ = self.shutdown.wait_for(|stopping| *stopping) => false,
-        }
-    }
 }

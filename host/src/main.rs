@@ -168,7 +168,8 @@ fn main() -> anyhow::Result<()> {
                 exchange.local_addr()?,
                 exchange.cert_path().display()
             );
-            exchange.run(stop_signal()).await
+            exchange.run(stop_signal()).await?;
+            anyhow::Ok(())
         });
     }
     runtime.block_on(async {
@@ -179,7 +180,8 @@ fn main() -> anyhow::Result<()> {
             server.local_addr()?,
             server.cert_path().display()
         );
-        server.run(stop_signal()).await
+        server.run(stop_signal()).await?;
+        anyhow::Ok(())
     })
 }
 

@@ -1,39 +1,34 @@
-//! A host's membership in a network of hosts: its link to the exchange, and what it knows of
-//! the network (DESIGN.md §2–3).
+//! A host's link to the exchange of its network (DESIGN.md §2–3).
 //!
-//! [`Network`] holds the registry, the user directory and the presence of other hosts' users,
-//! cached in memory and (registry, directory) in the store, so that a host restarted while the
-//! exchange is away still routes. [`run`] keeps one QUIC connection to the exchange: it joins,
-//! takes the directory entries it lacks and every later one, sends the relay outbox (`905`s) in
-//! order and drops what the exchange acknowledged, and applies the `906`s it receives to the
-//! inboxes of its users, acknowledging each once it is durable. Connection lost: it joins
-//! again, with a growing wait, and each side sends again what the other did not acknowledge.
+//! [`Network`] is the host's side of the link: it joins, takes the directory entries it lacks
+//! and every later one into the [`Directory`], sends the relay outbox (`905`s) in order and
+//! drops what the exchange acknowledged, and applies the `906`s it receives to the inboxes of
+//! its users through the IIM entry point, acknowledging each once it is durable — the hop's
+//! rules are [`RelayLink`]'s. It also carries claims, look-ups and presence reports. Link lost:
+//! it joins again with a growing wait, and each side sends again what the other did not
+//! acknowledge. [`first_join`] gets a new host its number before it serves anyone.
 
-use crate::Host;
 use crate::config::Config;
+use crate::directory::Directory;
+use crate::iim::{Iim, IimError};
+use crate::outbox::RelayOutbox;
+use crate::peer::{self, PeerError, PeerStream};
+use crate::registry::Registry;
 use crate::store::{Store, StoreError};
-use anyhow::Context;
-use iim_proto::peer::{
-    Envelope, ExchangeFrame, HostFrame, PEER_ALPN, PEER_VERSION, RelayRow, ServerInfo,
-};
-use iim_proto::relay::{Incoming, RelayLink};
+use iim_proto::peer::{ExchangeFrame, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo};
+use iim_proto::relay::{AckBeyondSent, Incoming, RelayLink};
 use iim_proto::session::Backoff;
-use iim_proto::{FrameDecoder, UserId, encode_frame};
+use iim_proto::{ErrorCode, UserId};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
-/// Largest frame between a host and the exchange: a message of the largest frame a host may
-/// configure (1 MiB) and the rows of the most users one send may name (100,000 names of at
-/// most 64 bytes).
-pub const PEER_MAX_FRAME: u32 = 16 * 1024 * 1024;
-/// Largest first frame (`Join`) the exchange reads from a connection it does not know yet.
-const JOIN_MAX_FRAME: u32 = 16 * 1024;
 /// How long a claim or look-up waits for the exchange.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long connecting and joining may take.
@@ -43,128 +38,204 @@ const REJOIN_FIRST: Duration = Duration::from_millis(200);
 /// The longest wait between two attempts to join.
 const REJOIN_MAX: Duration = Duration::from_secs(5);
 
-/// Why the network could not do what was asked.
+/// Why a claim or a look-up could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
     /// The exchange is not connected or did not answer in time.
     #[error("the exchange is out of reach: {0}")]
     Unavailable(String),
-    /// A relay envelope would be larger than the link between hosts carries.
-    #[error("too large to relay: {0}")]
-    TooLarge(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-/// Relay counters since the host started, for the operator (`iim-host admin network`).
-#[derive(Debug, Default)]
-pub struct RelayStats {
-    /// `905` envelopes put in the outbox.
-    pub envelopes_out: AtomicU64,
-    /// `905` envelopes written to the exchange (again after a reconnect included).
-    pub envelopes_sent: AtomicU64,
-    /// `905` envelopes the exchange acknowledged.
-    pub envelopes_acked: AtomicU64,
-    /// `906` envelopes received and applied (repeats excluded).
-    pub envelopes_in: AtomicU64,
-    /// Inbox entries those made.
-    pub relayed_deliveries: AtomicU64,
+/// Why the link to the exchange failed (it joins again), or why a host cannot join at all.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// `network.exchange` or `network.exchange_cert` is not set.
+    #[error("{0} is not set")]
+    Unconfigured(&'static str),
+    /// The exchange's certificate could not be read.
+    #[error("cannot read the exchange's certificate {}: {source}", path.display())]
+    Certificate {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// A certificate of the file is not usable as a root.
+    #[error("{}: not a usable certificate: {source}", path.display())]
+    Root {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: rustls::Error,
+    },
+    /// The TLS configuration could not be made.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The TLS configuration is not usable for QUIC.
+    #[error("TLS configuration: {0}")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    /// The exchange's address could not be resolved.
+    #[error("cannot resolve {addr}: {reason}")]
+    Resolve {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The local endpoint could not be made.
+    #[error("cannot open a local endpoint: {0}")]
+    Endpoint(#[source] std::io::Error),
+    /// The connection could not be started.
+    #[error("cannot connect to the exchange at {addr}: {source}")]
+    Connect {
+        /// The exchange's address.
+        addr: String,
+        /// Why.
+        source: quinn::ConnectError,
+    },
+    /// The connection failed.
+    #[error("the connection to the exchange failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The link's stream failed.
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    /// The exchange refused the join.
+    #[error("the exchange refused this host: {message} ({code})")]
+    Refused {
+        /// Its code.
+        code: ErrorCode,
+        /// Its reason.
+        message: String,
+    },
+    /// The exchange ended the link, saying why.
+    #[error("the exchange ended the link: {message} ({code})")]
+    Ended {
+        /// Its code.
+        code: ErrorCode,
+        /// Its reason.
+        message: String,
+    },
+    /// The exchange sent what the protocol does not allow.
+    #[error("the exchange broke the protocol: {0}")]
+    Protocol(String),
+    /// The exchange acknowledged envelopes this host never sent.
+    #[error(transparent)]
+    Acknowledged(#[from] AckBeyondSent),
+    /// The exchange gives this host another number than its store holds.
+    #[error(
+        "the exchange numbers this host {given}, but its store says {stored:?}: is another host \
+         using server id {server}?"
+    )]
+    NumberMismatch {
+        /// The number the exchange gave.
+        given: u16,
+        /// The number the store holds.
+        stored: Option<u16>,
+        /// This host's server id.
+        server: String,
+    },
+    /// Something took too long.
+    #[error("{0} took too long")]
+    Timeout(&'static str),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A relayed message could not be applied.
+    #[error("a relayed message could not be applied: {0}")]
+    Apply(#[from] IimError),
 }
 
-/// This host's view of its network.
+impl LinkError {
+    /// Whether trying again cannot help: the secret, the credential, the version or the
+    /// server id is wrong, or the configuration is, which only the operator can fix.
+    fn is_final(&self) -> bool {
+        match self {
+            LinkError::Refused { code, .. } => [
+                ErrorCode::AUTH_FAILED,
+                ErrorCode::UNSUPPORTED_VERSION,
+                ErrorCode::INVALID_ARGUMENT,
+                ErrorCode::HANDSHAKE,
+            ]
+            .contains(code),
+            LinkError::Unconfigured(_)
+            | LinkError::Certificate { .. }
+            | LinkError::Root { .. }
+            | LinkError::Tls(_)
+            | LinkError::Quic(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// A host's side of its link to the exchange.
 pub struct Network {
-    server: String,
+    /// What the host knows of its network.
+    pub directory: Arc<Directory>,
+    /// The relay outbox.
+    pub outbox: Arc<RelayOutbox>,
+    /// This host's address for clients, given at each join.
     addr: String,
     store: Store,
-    homes: RwLock<HashMap<UserId, String>>,
-    directory_version: AtomicU64,
-    servers: RwLock<BTreeMap<String, ServerInfo>>,
-    /// Users of other hosts with devices online, and how many.
-    presence: RwLock<HashMap<UserId, u32>>,
     up: AtomicBool,
-    outbox_ready: Notify,
     requests: Mutex<HashMap<u64, oneshot::Sender<ExchangeFrame>>>,
     next_req: AtomicU64,
     control: mpsc::UnboundedSender<HostFrame>,
     control_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<HostFrame>>,
     /// This host's users whose number of online devices changed since the link last told
     /// the exchange: it sends their counts as they are when it sends them.
-    presence_changed: Mutex<std::collections::HashSet<UserId>>,
+    presence_changed: Mutex<HashSet<UserId>>,
     presence_ready: Notify,
-    /// Relay counters.
-    pub stats: RelayStats,
+}
+
+/// What the link drives besides the network: the configuration it joins with, the entry
+/// point that applies relayed messages, the registry it reports presence from, and the
+/// signal to stop.
+pub struct LinkParts {
+    /// The host's configuration.
+    pub config: Config,
+    /// The IIM entry point.
+    pub iim: Arc<Iim>,
+    /// Online devices.
+    pub registry: Arc<Registry>,
+    /// Becomes `true` when the host shuts down.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 impl Network {
-    /// The network of host `server` (reachable by clients at `addr`), from what `store` cached.
-    pub fn new(server: String, addr: String, store: Store) -> Result<Self, StoreError> {
-        let (version, homes) = store.network.cached_directory()?;
-        let servers = store
-            .network
-            .cached_servers()?
-            .into_iter()
-            .map(|s| (s.id.clone(), ServerInfo { up: false, ..s }))
-            .collect();
+    /// The link of a host reachable by clients at `addr`, over `directory` and `outbox`.
+    pub fn new(
+        directory: Arc<Directory>,
+        outbox: Arc<RelayOutbox>,
+        addr: String,
+        store: Store,
+    ) -> Self {
         let (control, control_rx) = mpsc::unbounded_channel();
-        Ok(Self {
-            server,
+        Self {
+            directory,
+            outbox,
             addr,
             store,
-            homes: RwLock::new(homes.into_iter().collect()),
-            directory_version: AtomicU64::new(version),
-            servers: RwLock::new(servers),
-            presence: RwLock::default(),
             up: AtomicBool::new(false),
-            outbox_ready: Notify::new(),
             requests: Mutex::default(),
             next_req: AtomicU64::new(1),
             control,
             control_rx: tokio::sync::Mutex::new(control_rx),
             presence_changed: Mutex::default(),
             presence_ready: Notify::new(),
-            stats: RelayStats::default(),
-        })
+        }
     }
 
     /// This host's server id.
     pub fn server(&self) -> &str {
-        &self.server
+        self.directory.server()
     }
 
     /// Whether the link to the exchange is up.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
-    }
-
-    /// The home server of `user` as the directory says, if it knows the user.
-    pub fn home_of(&self, user: &UserId) -> Option<String> {
-        read(&self.homes).get(user).cloned()
-    }
-
-    /// How many users the cached directory holds.
-    pub fn directory_len(&self) -> usize {
-        read(&self.homes).len()
-    }
-
-    /// Server `id`, if the registry has it.
-    pub fn server_info(&self, id: &str) -> Option<ServerInfo> {
-        read(&self.servers).get(id).cloned()
-    }
-
-    /// The registry.
-    pub fn servers(&self) -> Vec<ServerInfo> {
-        read(&self.servers).values().cloned().collect()
-    }
-
-    /// How many devices of `user`, a user of another host, are online (0 if unknown).
-    pub fn presence_of(&self, user: &UserId) -> u32 {
-        read(&self.presence).get(user).copied().unwrap_or(0)
-    }
-
-    /// How many users of other hosts have devices online, as far as this host knows.
-    pub fn remote_online(&self) -> usize {
-        read(&self.presence).len()
     }
 
     /// Registration: claims `user` for this host. `Ok(home)`: the user's home afterwards
@@ -178,7 +249,7 @@ impl Network {
             .await?
         {
             ExchangeFrame::Claimed { home, .. } => {
-                self.learn(&[(user.clone(), home.clone())])?;
+                self.directory.learn(&[(user.clone(), home.clone())])?;
                 Ok(home)
             }
             other => Err(NetworkError::Unavailable(format!(
@@ -190,14 +261,11 @@ impl Network {
     /// Asks the exchange for the homes of `users` this host does not know, and caches them.
     /// Does nothing while the exchange is out of reach (the users stay unknown).
     pub async fn look_up(&self, users: &[UserId]) -> Result<(), NetworkError> {
-        let unknown: Vec<UserId> = {
-            let homes = read(&self.homes);
-            users
-                .iter()
-                .filter(|u| !homes.contains_key(*u))
-                .cloned()
-                .collect()
-        };
+        let unknown: Vec<UserId> = users
+            .iter()
+            .filter(|u| !self.directory.knows(u))
+            .cloned()
+            .collect();
         if unknown.is_empty() || !self.is_up() {
             return Ok(());
         }
@@ -208,7 +276,7 @@ impl Network {
             })
             .await?
         {
-            self.learn(&homes)?;
+            self.directory.learn(&homes)?;
         }
         Ok(())
     }
@@ -235,15 +303,6 @@ impl Network {
         }
     }
 
-    fn learn(&self, entries: &[(UserId, String)]) -> Result<(), StoreError> {
-        self.store.network.cache_directory(entries, None)?;
-        let mut homes = write(&self.homes);
-        for (user, server) in entries {
-            homes.insert(user.clone(), server.clone());
-        }
-        Ok(())
-    }
-
     /// Tells the other hosts (through the exchange) that the number of online devices of
     /// `user`, a user of this host, changed. The link sends the number as it is when it sends
     /// it, so that reports of a user's sessions opening and closing at once cannot arrive in
@@ -255,54 +314,6 @@ impl Network {
             self.presence_ready.notify_one();
         }
     }
-
-    /// Puts a message for users of other servers in the relay outbox, once, with their rows
-    /// (seed 000's `905`); the link sends it to the exchange.
-    pub fn relay(
-        &self,
-        message: &iim_proto::Message,
-        expires_at: Option<u64>,
-        rows: Vec<RelayRow>,
-    ) -> Result<(), NetworkError> {
-        let envelope = Envelope {
-            message: message.clone(),
-            expires_at,
-            rows,
-        };
-        // An envelope too large for the link would stop the relay for good: refused here, so
-        // that the send fails visibly instead.
-        let probe = HostFrame::Relay {
-            seq: u64::MAX,
-            envelope,
-        };
-        if let Err(e) = encode_frame(&probe, PEER_MAX_FRAME) {
-            return Err(NetworkError::TooLarge(e.to_string()));
-        }
-        let HostFrame::Relay { envelope, .. } = probe else {
-            unreachable!("built above");
-        };
-        self.store.network.relay_push(&envelope)?;
-        self.stats.envelopes_out.fetch_add(1, Ordering::Relaxed);
-        self.outbox_ready.notify_one();
-        Ok(())
-    }
-
-    fn set_servers(&self, servers: Vec<ServerInfo>) -> Result<(), StoreError> {
-        self.store.network.cache_servers(&servers)?;
-        let mut map = write(&self.servers);
-        for server in servers {
-            map.insert(server.id.clone(), server);
-        }
-        Ok(())
-    }
-}
-
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|p| p.into_inner())
-}
-
-fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
 fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -311,20 +322,24 @@ fn lock<T>(lock: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The QUIC client configuration for the exchange: TLS 1.3, ALPN `iim-peer/1`, trusting the
 /// configured certificate.
-fn client_config(config: &Config) -> anyhow::Result<quinn::ClientConfig> {
+fn client_config(config: &Config) -> Result<quinn::ClientConfig, LinkError> {
     let path = config
         .network
         .exchange_cert
         .as_ref()
-        .context("network.exchange_cert is not set")?;
+        .ok_or(LinkError::Unconfigured("network.exchange_cert"))?;
+    let certificate = |source| LinkError::Certificate {
+        path: path.clone(),
+        source,
+    };
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("cannot read {}", path.display()))?
-    {
-        let cert = cert.with_context(|| format!("cannot read {}", path.display()))?;
+    for cert in CertificateDer::pem_file_iter(path).map_err(certificate)? {
         roots
-            .add(cert)
-            .with_context(|| format!("{}: not a usable certificate", path.display()))?;
+            .add(cert.map_err(certificate)?)
+            .map_err(|source| LinkError::Root {
+                path: path.clone(),
+                source,
+            })?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -334,155 +349,27 @@ fn client_config(config: &Config) -> anyhow::Result<quinn::ClientConfig> {
     tls.alpn_protocols = vec![PEER_ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(peer_transport()));
+    client.transport_config(Arc::new(peer::transport()));
     Ok(client)
 }
 
-/// QUIC transport settings of the link between a host and the exchange, both sides.
-pub fn peer_transport() -> quinn::TransportConfig {
-    let mut transport = quinn::TransportConfig::default();
-    transport.max_concurrent_bidi_streams(1u32.into());
-    transport.max_concurrent_uni_streams(0u32.into());
-    // A host or exchange that is gone (killed, cut off) is noticed within seconds: a host
-    // then counts as down and what is for it is held.
-    transport.keep_alive_interval(Some(Duration::from_secs(1)));
-    transport.max_idle_timeout(Duration::from_secs(5).try_into().ok());
-    transport
-}
-
-async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
+async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
     if let Ok(addr) = addr.parse() {
         return Ok(addr);
     }
+    let failed = |reason: String| LinkError::Resolve {
+        addr: addr.to_owned(),
+        reason,
+    };
     tokio::net::lookup_host(addr)
         .await
-        .with_context(|| format!("cannot resolve {addr}"))?
+        .map_err(|e| failed(e.to_string()))?
         .next()
-        .with_context(|| format!("{addr} resolves to no address"))
-}
-
-/// Reads and decodes the frames `peer` sends on `recv`, on a task of its own; the first error
-/// ends them. With a `gate`, the first frame may be at most [`JOIN_MAX_FRAME`] bytes and
-/// nothing more is read until the gate opens (the peer is known): a connection that has not
-/// joined makes the reader hold one small frame, no more. The frames are queued without
-/// bound otherwise, so that neither side's loop can block the other's writes (relays are
-/// bounded by the window).
-fn read_frames<F: serde::de::DeserializeOwned + Send + 'static>(
-    mut recv: quinn::RecvStream,
-    peer: &'static str,
-    mut gate: Option<oneshot::Receiver<()>>,
-) -> mpsc::UnboundedReceiver<Result<F, String>> {
-    let (tx, frames) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let first_max = if gate.is_some() {
-            JOIN_MAX_FRAME
-        } else {
-            PEER_MAX_FRAME
-        };
-        let mut decoder = FrameDecoder::new(first_max);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            loop {
-                match decoder.decode::<F>() {
-                    Ok(Some(frame)) => {
-                        if tx.send(Ok(frame)).is_err() {
-                            return;
-                        }
-                        if let Some(gate) = gate.take() {
-                            if gate.await.is_err() {
-                                return;
-                            }
-                            decoder.set_max(PEER_MAX_FRAME);
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = tx.send(Err(format!("bad frame from {peer}: {e}")));
-                        return;
-                    }
-                }
-            }
-            match recv.read(&mut buf).await {
-                Ok(Some(n)) => decoder.push(&buf[..n]),
-                Ok(None) => return,
-                Err(e) => {
-                    let _ = tx.send(Err(format!("link lost: {e}")));
-                    return;
-                }
-            }
-        }
-    });
-    frames
-}
-
-/// One end of the link between a host and the exchange: the connection, its stream to write
-/// frames to, and the frames the other side sent (`In`).
-pub(crate) struct PeerStream<In> {
-    pub(crate) conn: quinn::Connection,
-    pub(crate) send: quinn::SendStream,
-    frames: mpsc::UnboundedReceiver<Result<In, String>>,
-    peer: &'static str,
-}
-
-impl<In: serde::de::DeserializeOwned + Send + 'static> PeerStream<In> {
-    /// The stream of `conn` to and from `peer` (for messages); see [`read_frames`] for `gate`.
-    pub(crate) fn new(
-        conn: quinn::Connection,
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
-        peer: &'static str,
-        gate: Option<oneshot::Receiver<()>>,
-    ) -> Self {
-        Self {
-            conn,
-            send,
-            frames: read_frames(recv, peer, gate),
-            peer,
-        }
-    }
-
-    /// Writes one frame.
-    pub(crate) async fn write(&mut self, frame: &impl serde::Serialize) -> anyhow::Result<()> {
-        let bytes = encode_frame(frame, PEER_MAX_FRAME)?;
-        self.send.write_all(&bytes).await?;
-        Ok(())
-    }
-
-    /// The next frame the other side sent.
-    pub(crate) async fn next(&mut self) -> anyhow::Result<In> {
-        match self.frames.recv().await {
-            Some(Ok(frame)) => Ok(frame),
-            Some(Err(e)) => anyhow::bail!("{e}"),
-            None => anyhow::bail!("{} closed the link", self.peer),
-        }
-    }
+        .ok_or_else(|| failed("no address".into()))
 }
 
 /// A host's end of its link to the exchange.
 type Link = PeerStream<ExchangeFrame>;
-
-/// The exchange refused the join.
-#[derive(Debug, thiserror::Error)]
-#[error("the exchange refused this host: {message} ({code})")]
-struct JoinRefused {
-    code: iim_proto::ErrorCode,
-    message: String,
-}
-
-impl JoinRefused {
-    /// Whether trying again cannot help: the secret, the credential, the version or the
-    /// server id is wrong, which only the operator can fix.
-    fn is_final(&self) -> bool {
-        use iim_proto::ErrorCode;
-        [
-            ErrorCode::AUTH_FAILED,
-            ErrorCode::UNSUPPORTED_VERSION,
-            ErrorCode::INVALID_ARGUMENT,
-            ErrorCode::HANDSHAKE,
-        ]
-        .contains(&self.code)
-    }
-}
 
 /// What the exchange's `Joined` said.
 struct Joined {
@@ -491,37 +378,46 @@ struct Joined {
     relayed_out: u64,
 }
 
-/// Connects to the exchange and joins: the link, and the exchange's `Joined`.
-async fn join(config: &Config, network: &Network) -> anyhow::Result<(Link, Joined)> {
+/// Connects to the exchange and joins as the host of `directory`, reachable at `addr`: the
+/// link, and the exchange's `Joined`.
+async fn join(
+    config: &Config,
+    directory: &Directory,
+    addr: &str,
+    store: &Store,
+) -> Result<(Link, Joined), LinkError> {
     let exchange = config
         .network
         .exchange
         .as_deref()
-        .context("network.exchange is not set")?;
-    let addr = resolve(exchange).await?;
-    let bind: SocketAddr = if addr.is_ipv6() {
+        .ok_or(LinkError::Unconfigured("network.exchange"))?;
+    let exchange_addr = resolve(exchange).await?;
+    let bind: SocketAddr = if exchange_addr.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let mut endpoint = quinn::Endpoint::client(bind)?;
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(LinkError::Endpoint)?;
     endpoint.set_default_client_config(client_config(config)?);
     let conn = endpoint
-        .connect(addr, config.network.exchange_name())?
-        .await
-        .with_context(|| format!("cannot connect to the exchange at {exchange}"))?;
+        .connect(exchange_addr, config.network.exchange_name())
+        .map_err(|source| LinkError::Connect {
+            addr: exchange.to_owned(),
+            source,
+        })?
+        .await?;
     let (send, recv) = conn.open_bi().await?;
     let mut link = Link::new(conn, send, recv, "the exchange", None);
     // What this host says it has must be durable: the exchange drops what it acknowledges.
-    let relayed_in = network.store.network.relayed_in()?;
-    network.store.flush().await?;
+    let relayed_in = store.network.relayed_in()?;
+    store.flush().await?;
     link.write(&HostFrame::Join {
         version: PEER_VERSION,
-        server: network.server.clone(),
-        addr: network.addr.clone(),
+        server: directory.server().to_owned(),
+        addr: addr.to_owned(),
         secret: config.network.secret.clone().unwrap_or_default(),
-        credential: network.store.network.host_credential()?,
-        directory_since: network.directory_version.load(Ordering::Relaxed),
+        credential: store.network.host_credential()?,
+        directory_since: directory.version(),
         relayed_in,
     })
     .await?;
@@ -538,59 +434,62 @@ async fn join(config: &Config, network: &Network) -> anyhow::Result<(Link, Joine
                 relayed_out,
             },
         )),
-        ExchangeFrame::Error { code, message } => Err(JoinRefused { code, message }.into()),
-        other => anyhow::bail!("the exchange answered the join with {other:?}"),
+        ExchangeFrame::Error { code, message } => Err(LinkError::Refused { code, message }),
+        other => Err(LinkError::Protocol(format!(
+            "it answered the join with {other:?}"
+        ))),
     }
 }
 
 /// Before a host that never joined its network serves anyone: joins once to learn its number,
-/// the high bits of its message ids, and records it. Tries until the exchange answers.
-pub async fn first_join(config: &Config, network: &Network) -> anyhow::Result<u16> {
+/// the high bits of its message ids, and records it. Tries until the exchange answers, or
+/// refuses the host for a reason only the operator can fix.
+pub async fn first_join(
+    config: &Config,
+    directory: &Directory,
+    addr: &str,
+    store: &Store,
+) -> Result<u16, LinkError> {
     // This host's credential, made and kept before the exchange ever sees it: a crash at any
     // moment of the first join leaves the host able to show it again.
-    if network.store.network.host_credential()?.is_empty() {
+    if store.network.host_credential()?.is_empty() {
         let credential: String = (0..32)
             .map(|_| format!("{:02x}", rand::random::<u8>()))
             .collect();
-        network.store.network.set_host_credential(&credential)?;
-        network.store.flush().await?;
+        store.network.set_host_credential(&credential)?;
+        store.flush().await?;
     }
     let mut backoff = Backoff::new(REJOIN_FIRST, REJOIN_MAX);
     loop {
-        match tokio::time::timeout(JOIN_TIMEOUT, join(config, network)).await {
-            Ok(Ok((
+        let joined = tokio::time::timeout(JOIN_TIMEOUT, join(config, directory, addr, store))
+            .await
+            .unwrap_or(Err(LinkError::Timeout("joining")));
+        match joined {
+            Ok((
                 mut link,
                 Joined {
                     number, servers, ..
                 },
-            ))) => {
-                network.set_servers(servers)?;
-                if let Err(e) = claim_existing_users(&mut link, network).await {
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        "claiming this host's users failed; joining again"
-                    );
-                    link.conn.close(0u32.into(), b"");
-                    tokio::time::sleep(backoff.next_wait()).await;
-                    continue;
+            )) => {
+                directory.set_servers(servers)?;
+                match claim_existing_users(&mut link, directory, store).await {
+                    Ok(()) => {
+                        store.network.set_host_number(number)?;
+                        store.flush().await?;
+                        link.conn.close(0u32.into(), b"joined");
+                        return Ok(number);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming this host's users failed; joining again");
+                        link.conn.close(0u32.into(), b"");
+                    }
                 }
-                network.store.network.set_host_number(number)?;
-                network.store.flush().await?;
-                link.conn.close(0u32.into(), b"joined");
-                return Ok(number);
             }
-            Ok(Err(e)) => {
-                if e.downcast_ref::<JoinRefused>()
-                    .is_some_and(JoinRefused::is_final)
-                {
-                    return Err(e.context("cannot join the network"));
-                }
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    "waiting for the exchange to give this host its number"
-                )
-            }
-            Err(_) => tracing::warn!("waiting for the exchange to give this host its number"),
+            Err(e) if e.is_final() => return Err(e),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "waiting for the exchange to give this host its number"
+            ),
         }
         tokio::time::sleep(backoff.next_wait()).await;
     }
@@ -600,8 +499,12 @@ pub async fn first_join(config: &Config, network: &Network) -> anyhow::Result<u1
 /// network's directory, so that the other hosts find them. A name another host claimed first
 /// stays that host's, here too: this host's user of that name is no longer reachable (logged
 /// as an error for the operator, who must rename one of them).
-async fn claim_existing_users(link: &mut Link, network: &Network) -> anyhow::Result<()> {
-    let users = network.store.accounts.names()?;
+async fn claim_existing_users(
+    link: &mut Link,
+    directory: &Directory,
+    store: &Store,
+) -> Result<(), LinkError> {
+    let users = store.accounts.names()?;
     if users.is_empty() {
         return Ok(());
     }
@@ -616,7 +519,7 @@ async fn claim_existing_users(link: &mut Link, network: &Network) -> anyhow::Res
     while answered < users.len() {
         let frame = tokio::time::timeout(JOIN_TIMEOUT, link.next())
             .await
-            .context("the exchange did not answer the claims in time")??;
+            .map_err(|_| LinkError::Timeout("answering the claims"))??;
         // Directory and presence news are sent again at the next join.
         let ExchangeFrame::Claimed { req, home } = frame else {
             continue;
@@ -625,8 +528,8 @@ async fn claim_existing_users(link: &mut Link, network: &Network) -> anyhow::Res
         let Some(user) = users.get(req as usize) else {
             continue;
         };
-        if home == network.server {
-            network.learn(&[(user.clone(), home)])?;
+        if home == directory.server() {
+            directory.learn(&[(user.clone(), home)])?;
         } else {
             tracing::error!(%user, %home, "this host's user has a name another host of the network registered first: the name is that host's user now (messages to it go there, logging in is redirected there)");
         }
@@ -639,33 +542,24 @@ async fn claim_existing_users(link: &mut Link, network: &Network) -> anyhow::Res
 }
 
 /// Keeps the link to the exchange until the host shuts down.
-pub async fn run(host: Arc<Host>, network: Arc<Network>) {
-    let mut shutdown = host.shutdown.clone();
+pub async fn run(network: Arc<Network>, parts: LinkParts) {
+    let mut shutdown = parts.shutdown.clone();
     let mut backoff = Backoff::new(REJOIN_FIRST, REJOIN_MAX);
     loop {
         let result = tokio::select! {
-            r = serve(&host, &network) => r,
+            r = serve(&network, &parts) => r,
             _ = shutdown.wait_for(|stopping| *stopping) => return,
         };
         let was_up = network.up.swap(false, Ordering::Relaxed);
-        write(&network.presence).clear();
-        for server in write(&network.servers).values_mut() {
-            server.up = false;
-        }
+        network.directory.link_down();
         match result {
             Ok(()) => return,
             Err(e) => {
                 if was_up {
                     backoff.reset();
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        "link to the exchange lost; joining again"
-                    );
+                    tracing::warn!(error = %e, "link to the exchange lost; joining again");
                 } else {
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        "cannot join the exchange; trying again"
-                    );
+                    tracing::warn!(error = %e, "cannot join the exchange; trying again");
                 }
             }
         }
@@ -677,25 +571,29 @@ pub async fn run(host: Arc<Host>, network: Arc<Network>) {
 }
 
 /// One link's life: join, then relay both ways until it fails.
-async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
-    let (mut link, joined) = tokio::time::timeout(JOIN_TIMEOUT, join(&host.config, network))
-        .await
-        .context("joining took too long")??;
+async fn serve(network: &Network, parts: &LinkParts) -> Result<(), LinkError> {
+    let (directory, outbox, store) = (&network.directory, &network.outbox, &network.store);
+    let (mut link, joined) = tokio::time::timeout(
+        JOIN_TIMEOUT,
+        join(&parts.config, directory, &network.addr, store),
+    )
+    .await
+    .map_err(|_| LinkError::Timeout("joining"))??;
     let Joined {
         number,
         servers,
         relayed_out,
     } = joined;
-    if network.store.network.host_number()? != Some(number) {
-        anyhow::bail!(
-            "the exchange numbers this host {number}, but its store says {:?}: is another host \
-             using server id {}?",
-            network.store.network.host_number()?,
-            network.server
-        );
+    let stored = store.network.host_number()?;
+    if stored != Some(number) {
+        return Err(LinkError::NumberMismatch {
+            given: number,
+            stored,
+            server: directory.server().to_owned(),
+        });
     }
-    network.set_servers(servers)?;
-    network.store.network.relay_acked(relayed_out)?;
+    directory.set_servers(servers)?;
+    store.network.relay_acked(relayed_out)?;
     let mut control = network.control_rx.lock().await;
     // Whatever was queued for an earlier link is stale: requests time out, presence is sent
     // again below.
@@ -703,7 +601,7 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
     network.up.store(true, Ordering::Relaxed);
     tracing::info!(number, "joined the network");
     lock(&network.presence_changed).clear();
-    for entries in host.registry.online_counts().chunks(1000) {
+    for entries in parts.registry.online_counts().chunks(1000) {
         link.write(&HostFrame::Presence {
             entries: entries.to_vec(),
         })
@@ -711,7 +609,7 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
     }
     // The hop's state: what the exchange holds of this host's outbox, and what this host
     // holds of what the exchange sent it.
-    let mut relay = RelayLink::joined(relayed_out, network.store.network.relayed_in()?);
+    let mut relay = RelayLink::joined(relayed_out, store.network.relayed_in()?);
     pump(&mut link, network, &mut relay).await?;
     loop {
         let idle_ack = relay.poll_ack(true).is_some();
@@ -722,41 +620,27 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
             frame = link.next() => match frame? {
                 ExchangeFrame::Relay { seq, envelope } => {
                     if relay.on_envelope(seq) == Incoming::Apply {
-                        let delivered = host.iim.deliver_relayed(&envelope)?;
-                        network.store.network.set_relayed_in(seq)?;
-                        network.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
-                        network.stats.relayed_deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
+                        let delivered = parts.iim.deliver_relayed(&envelope)?;
+                        store.network.set_relayed_in(seq)?;
+                        outbox.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
+                        outbox.stats.relayed_deliveries.fetch_add(delivered as u64, Ordering::Relaxed);
                     }
                     // Acknowledged once durable, once half a window waits.
-                    acknowledge(&mut link, host, &mut relay, false).await?;
+                    acknowledge(&mut link, store, &mut relay, false).await?;
                 }
                 ExchangeFrame::Ack { seq } => {
                     let before = relay.acked();
                     if let Some(seq) = relay.on_ack(seq)? {
-                        network.stats.envelopes_acked.fetch_add(seq - before, Ordering::Relaxed);
-                        network.store.network.relay_acked(seq)?;
+                        outbox.stats.envelopes_acked.fetch_add(seq - before, Ordering::Relaxed);
+                        store.network.relay_acked(seq)?;
                     }
                     pump(&mut link, network, &mut relay).await?;
                 }
                 ExchangeFrame::Directory { version, entries } => {
-                    network.store.network.cache_directory(&entries, Some(version))?;
-                    let mut homes = write(&network.homes);
-                    for (user, server) in entries {
-                        homes.insert(user, server);
-                    }
-                    network.directory_version.fetch_max(version, Ordering::Relaxed);
+                    directory.update(version, entries)?;
                 }
-                ExchangeFrame::Servers { servers } => network.set_servers(servers)?,
-                ExchangeFrame::Presence { entries } => {
-                    let mut presence = write(&network.presence);
-                    for (user, devices) in entries {
-                        if devices == 0 {
-                            presence.remove(&user);
-                        } else {
-                            presence.insert(user, devices);
-                        }
-                    }
-                }
+                ExchangeFrame::Servers { servers } => directory.set_servers(servers)?,
+                ExchangeFrame::Presence { entries } => directory.set_presence(entries),
                 answer @ (ExchangeFrame::Claimed { .. } | ExchangeFrame::Found { .. }) => {
                     let req = match &answer {
                         ExchangeFrame::Claimed { req, .. } | ExchangeFrame::Found { req, .. } => *req,
@@ -767,16 +651,18 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
                     }
                 }
                 ExchangeFrame::Error { code, message } => {
-                    anyhow::bail!("the exchange ended the link: {message} ({code})")
+                    return Err(LinkError::Ended { code, message });
                 }
-                ExchangeFrame::Joined { .. } => anyhow::bail!("the exchange sent Joined twice"),
+                ExchangeFrame::Joined { .. } => {
+                    return Err(LinkError::Protocol("it sent Joined twice".into()));
+                }
             },
             () = network.presence_ready.notified() => {
                 let users: Vec<UserId> = lock(&network.presence_changed).drain().collect();
                 let entries: Vec<(UserId, u32)> = users
                     .into_iter()
                     .map(|user| {
-                        let devices = host.registry.online(&user).len() as u32;
+                        let devices = parts.registry.online(&user).len() as u32;
                         (user, devices)
                     })
                     .collect();
@@ -784,13 +670,13 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
                     link.write(&HostFrame::Presence { entries: entries.to_vec() }).await?;
                 }
             }
-            () = network.outbox_ready.notified() => {
+            () = outbox.ready.notified() => {
                 pump(&mut link, network, &mut relay).await?;
             }
             // Nothing else to do: what was applied is made durable, then acknowledged, once
             // for every envelope read together.
             () = std::future::ready(()), if idle_ack => {
-                acknowledge(&mut link, host, &mut relay, true).await?;
+                acknowledge(&mut link, store, &mut relay, true).await?;
             }
         }
     }
@@ -800,21 +686,21 @@ async fn serve(host: &Arc<Host>, network: &Network) -> anyhow::Result<()> {
 /// what it covers is durable.
 async fn acknowledge(
     link: &mut Link,
-    host: &Host,
+    store: &Store,
     relay: &mut RelayLink,
     idle: bool,
-) -> anyhow::Result<()> {
+) -> Result<(), LinkError> {
     let Some(seq) = relay.poll_ack(idle) else {
         return Ok(());
     };
-    host.store.flush().await?;
+    store.flush().await?;
     link.write(&HostFrame::Ack { seq }).await?;
     relay.on_ack_sent(seq);
     Ok(())
 }
 
 /// Sends outbox entries after what was sent, as far as the link's window allows.
-async fn pump(link: &mut Link, network: &Network, relay: &mut RelayLink) -> anyhow::Result<()> {
+async fn pump(link: &mut Link, network: &Network, relay: &mut RelayLink) -> Result<(), LinkError> {
     loop {
         let room = relay.room();
         if room == 0 {
@@ -829,7 +715,11 @@ async fn pump(link: &mut Link, network: &Network, relay: &mut RelayLink) -> anyh
         network.store.flush().await?;
         for (seq, envelope) in entries {
             link.write(&HostFrame::Relay { seq, envelope }).await?;
-            network.stats.envelopes_sent.fetch_add(1, Ordering::Relaxed);
+            network
+                .outbox
+                .stats
+                .envelopes_sent
+                .fetch_add(1, Ordering::Relaxed);
             relay.on_sent(seq);
         }
     }
@@ -842,19 +732,4 @@ pub fn advertised(config: &Config, bound: SocketAddr) -> String {
         .advertise
         .clone()
         .unwrap_or_else(|| bound.to_string())
-}
-
-/// The rows of `users` (users of other servers) grouped by home server, in first-seen order.
-pub fn rows_by_server(users: impl IntoIterator<Item = (UserId, String)>) -> Vec<RelayRow> {
-    let mut rows: Vec<RelayRow> = Vec::new();
-    for (user, server) in users {
-        match rows.iter_mut().find(|r| r.server == server) {
-            Some(row) => row.users.push(user),
-            None => rows.push(RelayRow {
-                server,
-                users: vec![user],
-            }),
-        }
-    }
-    rows
 }

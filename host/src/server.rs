@@ -1,18 +1,82 @@
 //! The QUIC endpoint: accepts connections, runs a session for each, and shuts down cleanly.
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::directory::Directory;
 use crate::iim::Iim;
-use crate::network::{self, Network};
+use crate::network::{self, LinkError, LinkParts, Network};
+use crate::outbox::RelayOutbox;
 use crate::plugin::{PluginHost, Services, loader};
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
+use crate::tls::TlsError;
 use crate::{Host, session, tls};
-use anyhow::Context;
 use iim_proto::ErrorCode;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
+
+/// Why a host (or the exchange) could not start, or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is not valid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory could not be made.
+    #[error("cannot create data directory {}: {source}", path.display())]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The certificate, its key or the reset keys could not be loaded or made.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The TLS configuration cannot serve QUIC.
+    #[error("TLS configuration is not usable for QUIC: {0}")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error("cannot open the store in {}: {source}", path.display())]
+    OpenStore {
+        /// Its directory.
+        path: PathBuf,
+        /// Why.
+        source: StoreError,
+    },
+    /// The store failed.
+    #[error("the store: {0}")]
+    Store(#[from] StoreError),
+    /// The host could not join its network.
+    #[error("cannot join the network: {0}")]
+    Network(#[from] LinkError),
+    /// The plugin runtime could not start.
+    #[error("cannot start the plugin runtime: {0}")]
+    Plugins(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The default plugins could not be installed.
+    #[error("cannot install the default plugins in {}: {source}", path.display())]
+    Defaults {
+        /// The plugins directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The operator's socket could not be opened.
+    #[error("cannot open the admin socket: {0}")]
+    Admin(#[source] std::io::Error),
+    /// The local address could not be read.
+    #[error("cannot read the bound address: {0}")]
+    LocalAddr(#[source] std::io::Error),
+}
 
 /// A host that is listening.
 pub struct Server {
@@ -42,15 +106,16 @@ pub(crate) fn prepare(
     config: &Config,
     alpn: &[u8],
     transport: quinn::TransportConfig,
-) -> anyhow::Result<(quinn::ServerConfig, std::path::PathBuf)> {
+) -> Result<(quinn::ServerConfig, PathBuf), ServerError> {
     config.validate()?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
     let identity = tls::load_or_generate(config)?;
     let cert_path = identity.cert_path.clone();
     let crypto = tls::server_config(identity, alpn)?;
-    let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
-        .context("TLS configuration is not usable for QUIC")?;
+    let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
     server_config.transport_config(Arc::new(transport));
     Ok((server_config, cert_path))
@@ -62,7 +127,7 @@ pub(crate) fn endpoint(
     config: &Config,
     server_config: quinn::ServerConfig,
     socket: std::net::UdpSocket,
-) -> anyhow::Result<quinn::Endpoint> {
+) -> Result<quinn::Endpoint, ServerError> {
     let reset_keys = tls::ResetKeys::load_or_generate(&config.data_dir)?;
     quinn::Endpoint::new(
         reset_keys.endpoint_config(),
@@ -70,44 +135,64 @@ pub(crate) fn endpoint(
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .with_context(|| format!("cannot listen on {}", config.listen))
+    .map_err(|source| ServerError::Listen {
+        addr: config.listen,
+        source,
+    })
+}
+
+/// Binds the UDP socket `config` listens on.
+pub(crate) fn bind(config: &Config) -> Result<std::net::UdpSocket, ServerError> {
+    std::net::UdpSocket::bind(config.listen).map_err(|source| ServerError::Listen {
+        addr: config.listen,
+        source,
+    })
 }
 
 impl Server {
     /// Opens the store, loads the certificate and the plugins, routes the messages accepted
     /// before the last stop that no plugin handled yet, and binds.
-    pub async fn start(config: Config) -> anyhow::Result<Self> {
+    pub async fn start(config: Config) -> Result<Self, ServerError> {
         let (server_config, cert_path) = prepare(&config, iim_proto::ALPN, transport(&config))?;
-        let socket = std::net::UdpSocket::bind(config.listen)
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let socket = bind(&config)?;
         let store_path = config.data_dir.join("store");
-        let store = Store::open(&store_path)
-            .with_context(|| format!("cannot open the store in {}", store_path.display()))?;
+        let store = Store::open(&store_path).map_err(|source| ServerError::OpenStore {
+            path: store_path.clone(),
+            source,
+        })?;
+        let registry = Arc::new(Registry::new(config.limits.session_queue));
         let network = match &config.network.exchange {
             None => None,
             Some(exchange) => {
-                let addr = network::advertised(&config, socket.local_addr()?);
-                let network =
-                    Arc::new(Network::new(config.server_id.clone(), addr, store.clone())?);
+                let bound = socket.local_addr().map_err(ServerError::LocalAddr)?;
+                let addr = network::advertised(&config, bound);
+                let directory = Arc::new(Directory::new(config.server_id.clone(), store.clone())?);
                 let number = match store.network.host_number()? {
                     Some(number) => number,
                     None => {
                         tracing::info!(%exchange, "joining the network for the first time");
-                        network::first_join(&config, &network).await?
+                        network::first_join(&config, &directory, &addr, &store).await?
                     }
                 };
                 store.messages.use_host_number(number);
                 tracing::info!(%exchange, number, "member of a network");
-                Some(network)
+                let outbox = Arc::new(RelayOutbox::new(store.clone()));
+                Some(Arc::new(Network::new(
+                    directory,
+                    outbox,
+                    addr,
+                    store.clone(),
+                )))
             }
         };
-        let registry = Arc::new(Registry::new(config.limits.session_queue));
         let iim = Arc::new(Iim::new(
             config.server_id.clone(),
             store.clone(),
             Arc::clone(&registry),
             config.limits.message_ttl(),
-            network,
+            network
+                .as_ref()
+                .map(|n| (Arc::clone(&n.directory), Arc::clone(&n.outbox))),
         ));
         let services = Arc::new(Services {
             store: store.clone(),
@@ -123,15 +208,14 @@ impl Server {
                 Some(&config.plugin_cache_dir()),
                 services,
             )
-            .map_err(|e| anyhow::anyhow!("cannot start the plugin runtime: {e:#}"))?,
+            .map_err(|e| ServerError::Plugins(e.into()))?,
         );
         let plugins_dir = config.plugins_dir();
-        let defaults = loader::install_defaults(&plugins_dir).with_context(|| {
-            format!(
-                "cannot install the default plugins in {}",
-                plugins_dir.display()
-            )
-        })?;
+        let defaults =
+            loader::install_defaults(&plugins_dir).map_err(|source| ServerError::Defaults {
+                path: plugins_dir.clone(),
+                source,
+            })?;
         if defaults.created {
             tracing::info!(dir = %plugins_dir.display(), "installed the default plugins");
         }
@@ -149,6 +233,7 @@ impl Server {
             registry,
             iim,
             plugins,
+            network,
             shutdown,
             hashing: tokio::sync::Semaphore::new(config.limits.max_hashing.max(1)),
             config,
@@ -171,8 +256,8 @@ impl Server {
     }
 
     /// The address actually bound (useful with port 0).
-    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
-        Ok(self.endpoint.local_addr()?)
+    pub fn local_addr(&self) -> Result<SocketAddr, ServerError> {
+        self.endpoint.local_addr().map_err(ServerError::LocalAddr)
     }
 
     /// The certificate clients should trust.
@@ -181,17 +266,21 @@ impl Server {
     }
 
     /// Serves until `stop` resolves, then ends every session and flushes the store.
-    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), ServerError> {
         let mut sessions = JoinSet::new();
         let retries = tokio::spawn(retry_dispatch(Arc::clone(&self.host)));
         let expiry = tokio::spawn(crate::expiry::run(Arc::clone(&self.host)));
         let watcher = tokio::spawn(self.loader.watch(self.host.shutdown.clone()));
-        let admin =
-            crate::admin::start(Arc::clone(&self.host)).context("cannot open the admin socket")?;
-        let link =
-            self.host.iim.network().map(|network| {
-                tokio::spawn(network::run(Arc::clone(&self.host), Arc::clone(network)))
-            });
+        let admin = crate::admin::start(Arc::clone(&self.host)).map_err(ServerError::Admin)?;
+        let link = self.host.network.as_ref().map(|network| {
+            let parts = LinkParts {
+                config: self.host.config.clone(),
+                iim: Arc::clone(&self.host.iim),
+                registry: Arc::clone(&self.host.registry),
+                shutdown: self.host.shutdown.clone(),
+            };
+            tokio::spawn(network::run(Arc::clone(network), parts))
+        });
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -274,7 +363,7 @@ const DISPATCH_RETRY: Duration = Duration::from_secs(5);
 /// Every few seconds, routes what is recorded for dispatch and not on its way to a plugin
 /// (a plugin that was missing, a store failure); stops at shutdown.
 async fn retry_dispatch(host: Arc<Host>) {
-    let mut ticks = crate::Ticks::new(&host, DISPATCH_RETRY);
+    let mut ticks = crate::clock::Ticks::new(host.shutdown.clone(), DISPATCH_RETRY);
     while ticks.next().await {
         match host.plugins.route_pending().await {
             Ok(0) => {}

@@ -235,7 +235,7 @@ impl Session {
             Action::Delivered { who, messages } => cmd::ack::delivered(&host, &who, messages).await,
             Action::Online { who } => {
                 // Online from now on, after the backlog (I3): the presence plugin hears of it.
-                if let Some(network) = host.iim.network() {
+                if let Some(network) = &host.network {
                     network.report_presence(&who.user);
                 }
                 let opened = session_info(&host, &who);
@@ -247,7 +247,7 @@ impl Session {
                 }
                 // The other hosts count the user's attached sessions: told of every one that
                 // ends, whether it went online or not.
-                if let Some(network) = host.iim.network() {
+                if let Some(network) = &host.network {
                     network.report_presence(&who.user);
                 }
                 // Only a session that went online (sent Synced) goes offline.

@@ -50,6 +50,25 @@ impl fmt::Display for MessageKind {
 /// The inverse of `Display`: a built-in kind's name is that kind, any other name a custom
 /// kind (whether a plugin handles it is the host's to say). So a custom kind cannot be named
 /// `chat`, `receipt` or `presence`: its name would read as the built-in one everywhere.
+/// Longest name of a custom message kind, in bytes.
+pub const MAX_KIND: usize = 64;
+
+/// A custom kind whose name is empty or longer than [`MAX_KIND`] bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a custom kind is 1 to {MAX_KIND} bytes")]
+pub struct KindError;
+
+impl MessageKind {
+    /// Checks a custom kind's name: 1 to [`MAX_KIND`] bytes. For clients' submissions and
+    /// plugins' sends alike.
+    pub fn check(&self) -> Result<(), KindError> {
+        match self {
+            MessageKind::Custom(name) if name.is_empty() || name.len() > MAX_KIND => Err(KindError),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl std::str::FromStr for MessageKind {
     type Err = std::convert::Infallible;
 
@@ -80,6 +99,19 @@ pub struct Message {
     pub body: Vec<u8>,
     /// When the host accepted it, in milliseconds since the Unix epoch.
     pub sent_at: u64,
+}
+
+impl Message {
+    /// Checks that the message, with the largest id, position and time, fits in a `Deliver`
+    /// frame of `max_frame` bytes: otherwise no device could ever receive it.
+    pub fn check_deliverable(&self, max_frame: u32) -> Result<(), crate::CodecError> {
+        let probe = Message {
+            id: MessageId(u64::MAX),
+            sent_at: u64::MAX,
+            ..self.clone()
+        };
+        crate::encode_deliver(u64::MAX, &probe, max_frame).map(drop)
+    }
 }
 
 /// Whether an authenticated connection takes deliveries for its device.

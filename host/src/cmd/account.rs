@@ -1,11 +1,12 @@
 //! `Register`, `Login`, `Authenticate`, `Logout`.
 
 use super::Refusal;
+use crate::Host;
 use crate::accounts::{self, PasswordError};
+use crate::clock::now_ms;
 use crate::iim::Home;
 use crate::network::NetworkError;
 use crate::store::UserRecord;
-use crate::{Host, now_ms};
 use iim_proto::session::Authenticated;
 use iim_proto::{DeviceId, ErrorCode, UserId};
 
@@ -42,7 +43,7 @@ pub async fn register(host: &Host, user: &UserId, password: String) -> Result<()
         })?;
     // In a network, the name must be free in every host: the exchange's directory decides,
     // and this host becomes the user's home.
-    if let Some(network) = host.iim.network() {
+    if let Some(network) = &host.network {
         match network.claim(user).await {
             Ok(home) if home == network.server() => {}
             Ok(home) => {
@@ -58,9 +59,6 @@ pub async fn register(host: &Host, user: &UserId, password: String) -> Result<()
                 ));
             }
             Err(NetworkError::Store(e)) => return Err(e.into()),
-            Err(e @ NetworkError::TooLarge(_)) => {
-                return Err(Refusal::new(ErrorCode::INTERNAL, e.to_string()));
-            }
         }
     }
     let record = UserRecord {
@@ -85,8 +83,8 @@ fn redirect(host: &Host, user: &UserId) -> Result<Option<Authenticated>, Refusal
     };
     let addr = host
         .iim
-        .network()
-        .and_then(|network| network.server_info(&server))
+        .directory()
+        .and_then(|directory| directory.server_info(&server))
         .map(|info| info.addr);
     match addr {
         Some(addr) => Ok(Some(Authenticated::Redirect { server, addr })),

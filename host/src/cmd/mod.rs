@@ -36,7 +36,7 @@ impl From<IimError> for Refusal {
                 ErrorCode::INVALID_ARGUMENT,
                 format!("server {server} is not reachable"),
             ),
-            IimError::Relay(reason) => Refusal::new(ErrorCode::INTERNAL, reason),
+            IimError::Relay(e) => Refusal::new(ErrorCode::INTERNAL, e.to_string()),
             IimError::Store(e) => e.into(),
         }
     }

@@ -60,7 +60,7 @@ pub async fn handle(
 /// does not know yet (a user who registered elsewhere a moment ago), so that they are found.
 /// Out of reach, the users stay unknown.
 pub async fn look_up(host: &Host, users: &[UserId]) {
-    let Some(network) = host.iim.network() else {
+    let Some(network) = &host.network else {
         return;
     };
     let unknown: Vec<UserId> = users

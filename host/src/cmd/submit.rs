@@ -6,10 +6,11 @@
 //! order, and dispatched.
 
 use super::Refusal;
+use crate::Host;
+use crate::clock::now_ms;
 use crate::store::Acceptance;
-use crate::{Host, now_ms};
 use iim_proto::session::{Identity, Submission, SubmitAnswer};
-use iim_proto::{DeviceId, ErrorCode, Message, MessageId, MessageKind, ServerFrame, UserId};
+use iim_proto::{DeviceId, ErrorCode, Message, MessageId, MessageKind, UserId};
 
 /// Stores the submissions `who` sent together and makes them durable with one flush: the
 /// outcome of each, in order, and the messages to dispatch once they are answered.
@@ -50,36 +51,6 @@ pub async fn accept_all(
     (outcomes, dispatch)
 }
 
-/// Longest name of a custom message kind, in bytes.
-pub const MAX_KIND: usize = 64;
-
-/// Checks the name of a custom kind: 1 to [`MAX_KIND`] bytes. For clients' submissions and
-/// plugins' sends alike.
-pub fn check_kind(kind: &MessageKind) -> Result<(), String> {
-    match kind {
-        MessageKind::Custom(name) if name.is_empty() || name.len() > MAX_KIND => {
-            Err(format!("a custom kind is 1 to {MAX_KIND} bytes"))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Checks that `message`, with the largest id, position and time, fits in a `Deliver` frame
-/// of `max_frame` bytes: otherwise no device could ever receive it.
-pub fn check_deliverable(message: Message, max_frame: u32) -> Result<(), String> {
-    let probe = ServerFrame::Deliver {
-        seq: u64::MAX,
-        message: Message {
-            id: MessageId(u64::MAX),
-            sent_at: u64::MAX,
-            ..message
-        },
-    };
-    iim_proto::encode_frame(&probe, max_frame)
-        .map(drop)
-        .map_err(|e| e.to_string())
-}
-
 /// Checks and stores a submission, not yet durably: the caller flushes the store before it
 /// sends the Accepted answer returned here. Also returns the message to dispatch: a new one,
 /// or a resubmitted one whose dispatch had not finished.
@@ -115,7 +86,9 @@ fn accept(
             format!("more than {} recipients", iim_proto::MAX_TARGETS),
         ));
     }
-    check_kind(&s.kind).map_err(|e| Refusal::new(ErrorCode::INVALID_ARGUMENT, e))?;
+    s.kind
+        .check()
+        .map_err(|e| Refusal::new(ErrorCode::INVALID_ARGUMENT, e.to_string()))?;
     if host.plugins.handler_of(&s.kind).is_none() {
         return Err(Refusal::new(
             ErrorCode::UNSUPPORTED_KIND,
@@ -149,8 +122,9 @@ fn accept(
         body: s.body.clone(),
         sent_at,
     };
-    check_deliverable(build(MessageId(u64::MAX)), limits.max_frame)
-        .map_err(|e| Refusal::new(ErrorCode::BODY_TOO_LARGE, e))?;
+    build(MessageId(u64::MAX))
+        .check_deliverable(limits.max_frame)
+        .map_err(|e| Refusal::new(ErrorCode::BODY_TOO_LARGE, e.to_string()))?;
     let acceptance = host
         .store
         .messages

@@ -22,7 +22,8 @@ pub fn kind_from_wit(kind: wit::MessageKind) -> Result<MessageKind, HostError> {
         wit::MessageKind::Presence => MessageKind::Presence,
         wit::MessageKind::Custom(name) => MessageKind::Custom(name),
     };
-    crate::cmd::submit::check_kind(&kind).map_err(HostError::InvalidArgument)?;
+    kind.check()
+        .map_err(|e| HostError::InvalidArgument(e.to_string()))?;
     Ok(kind)
 }
 

@@ -62,8 +62,8 @@ pub enum Subscription {
 
 impl Subscription {
     /// The subscription from a plugin's `init`; a custom kind must be a valid name.
-    pub fn from_wit(sub: wit::Subscription) -> Result<Self, String> {
-        let kind = |k| convert::kind_from_wit(k).map_err(|e| format!("{e:?}"));
+    pub fn from_wit(sub: wit::Subscription) -> Result<Self, wit::HostError> {
+        let kind = convert::kind_from_wit;
         Ok(match sub {
             wit::Subscription::Message(k) => Self::Message(kind(k)?),
             wit::Subscription::Delivered(k) => Self::Delivered(kind(k)?),

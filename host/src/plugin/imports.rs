@@ -251,8 +251,9 @@ impl PluginState {
                     body: msg.body.clone(),
                     sent_at: 0,
                 };
-                crate::cmd::submit::check_deliverable(probe, max_frame)
-                    .map_err(HostError::LimitExceeded)?;
+                probe
+                    .check_deliverable(max_frame)
+                    .map_err(|e| HostError::LimitExceeded(e.to_string()))?;
                 Outgoing::New {
                     kind,
                     to,
@@ -273,10 +274,10 @@ impl PluginState {
         };
         let mut users = Vec::new();
         let mut seen = HashSet::new();
-        let network = self.services.iim.network();
+        let directory = self.services.iim.directory();
         for row in &list.servers {
             let known = row.server == server
-                || network.is_some_and(|n| n.server_info(&row.server).is_some());
+                || directory.is_some_and(|d| d.server_info(&row.server).is_some());
             if !known {
                 return Err(HostError::UnknownServer(row.server.clone()));
             }
@@ -408,8 +409,8 @@ impl IimHost for PluginState {
                 .map(|user| {
                     let local = self.services.registry.online(&user).len() as u32;
                     // A user of another host: as its host last told the exchange.
-                    let devices = match self.services.iim.network() {
-                        Some(network) if local == 0 => network.presence_of(&user),
+                    let devices = match self.services.iim.directory() {
+                        Some(directory) if local == 0 => directory.presence_of(&user),
                         _ => local,
                     };
                     PresenceEntry {

@@ -210,7 +210,7 @@ impl Lane {
             event: event.clone(),
             error,
             attempts,
-            at: crate::now_ms(),
+            at: crate::clock::now_ms(),
         };
         if let Err(e) = letter.keep(&self.host.services.store) {
             tracing::error!(plugin = %self.name, %event, error = %e, "dead letter not stored");
@@ -250,7 +250,7 @@ pub fn apply(
                     from_device: device.clone(),
                     to,
                     body,
-                    sent_at: crate::now_ms(),
+                    sent_at: crate::clock::now_ms(),
                 };
                 match &key {
                     Some(key) => {

@@ -279,7 +279,7 @@ impl Loader {
             .into_iter()
             .map(Subscription::from_wit)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(LoadError::Info)?;
+            .map_err(|e| LoadError::Info(format!("{e:?}")))?;
         let info = LoadedInfo {
             name: info.name,
             version: info.version,

@@ -38,6 +38,38 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Semaphore, mpsc};
 
+/// Why a dead letter was not handed back.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryError {
+    /// No letter has this number.
+    #[error("no dead letter {0}")]
+    NoLetter(u64),
+    /// No loaded plugin handles the letter's message now; it is kept.
+    #[error("no plugin handles {0} messages now; the letter is kept")]
+    NoHandler(MessageKind),
+    /// The plugin that failed the letter's event is gone or no longer wants it; it is kept.
+    #[error(
+        "plugin {plugin} is not loaded or no longer handles {subscription}; the letter is kept"
+    )]
+    PluginGone {
+        /// The plugin.
+        plugin: String,
+        /// What the event is.
+        subscription: Subscription,
+    },
+    /// The plugin went away while the letter was handed back; it is kept.
+    #[error("plugin {0} went away; the letter is kept")]
+    WentAway(String),
+    /// The store failed.
+    #[error("dead letter {id}: {source}")]
+    Store {
+        /// The letter.
+        id: u64,
+        /// What failed.
+        source: crate::store::StoreError,
+    },
+}
+
 /// A plugin as loaded: what the operator sees of it.
 #[derive(Debug, Clone)]
 pub struct LoadedInfo {
@@ -201,20 +233,18 @@ impl PluginHost {
     /// kind now, as a pending message (recorded for dispatch again);
     /// another event goes back to the plugin that failed it only (the others handled it). A
     /// letter that no loaded plugin would take is kept, and the error says why.
-    pub async fn retry_dead_letter(&self, id: u64) -> Result<String, String> {
+    pub async fn retry_dead_letter(&self, id: u64) -> Result<String, RetryError> {
         let store = &self.services.store;
+        let failed = |source| RetryError::Store { id, source };
         let letter = DeadLetter::read(store, id)
-            .map_err(|e| format!("cannot read dead letter {id}: {e}"))?
-            .ok_or_else(|| format!("no dead letter {id}"))?;
+            .map_err(failed)?
+            .ok_or(RetryError::NoLetter(id))?;
         // The plugin it goes to, and (for an event other than a message) that plugin's queue.
         let (plugin, permits) = match &letter.event {
             Event::Message(m) => {
-                let handler = self.handler_of(&m.kind).ok_or_else(|| {
-                    format!(
-                        "no plugin handles {} messages now; the letter is kept",
-                        m.kind
-                    )
-                })?;
+                let handler = self
+                    .handler_of(&m.kind)
+                    .ok_or_else(|| RetryError::NoHandler(m.kind.clone()))?;
                 (handler, None)
             }
             event => {
@@ -224,12 +254,9 @@ impl PluginHost {
                     .get(&letter.plugin)
                     .filter(|lane| lane.info.subscriptions.contains(&wanted))
                     .map(|lane| Arc::clone(&lane.permits))
-                    .ok_or_else(|| {
-                        format!(
-                            "plugin {} is not loaded or no longer handles {wanted}; the letter \
-                             is kept",
-                            letter.plugin
-                        )
+                    .ok_or_else(|| RetryError::PluginGone {
+                        plugin: letter.plugin.clone(),
+                        subscription: wanted,
                     })?;
                 (letter.plugin.clone(), Some(permits))
             }
@@ -238,26 +265,16 @@ impl PluginHost {
         // message like any other: a crash before it is handled leaves it pending, never lost
         // (at worst the letter stays listed too, and handling it twice delivers it once).
         if let Event::Message(message) = &letter.event {
-            store
-                .messages
-                .redispatch(message)
-                .map_err(|e| format!("cannot requeue dead letter {id}: {e}"))?;
+            store.messages.redispatch(message).map_err(failed)?;
         }
-        let taken = store
-            .dead_letters
-            .remove(id)
-            .map_err(|e| format!("cannot requeue dead letter {id}: {e}"))?;
-        if !taken {
-            return Err(format!("no dead letter {id}"));
+        if !store.dead_letters.remove(id).map_err(failed)? {
+            return Err(RetryError::NoLetter(id));
         }
         match (&letter.event, permits) {
             (Event::Message(m), _) => {
                 // Durable as a pending message before it is handed over; if no plugin takes it
                 // now, the periodic retry routes it.
-                store
-                    .flush()
-                    .await
-                    .map_err(|e| format!("requeued, not yet on disk: {e}"))?;
+                store.flush().await.map_err(failed)?;
                 if self.raise(letter.event.clone()).await == 0 {
                     tracing::warn!(id = %m.id, "requeued dead letter waits for a plugin");
                 }
@@ -268,10 +285,8 @@ impl PluginHost {
                     None => false,
                 };
                 if !queued {
-                    letter.keep(store).map_err(|e| {
-                        format!("the plugin went away and the letter could not be kept: {e}")
-                    })?;
-                    return Err(format!("plugin {plugin} went away; the letter is kept"));
+                    letter.keep(store).map_err(failed)?;
+                    return Err(RetryError::WentAway(plugin));
                 }
             }
         }

@@ -200,14 +200,14 @@ impl Runtime {
         arm(&mut store, timeout);
         let plugin = bounded(timeout, build.pre.instantiate_async(&mut store))
             .await
-            .map_err(LoadError::Trap)?;
+            .map_err(|e| LoadError::Trap(e.to_string()))?;
         arm(&mut store, timeout);
         let info = bounded(
             timeout,
             plugin.iim_plugin_handler().call_init(&mut store, config),
         )
         .await
-        .map_err(LoadError::Trap)?;
+        .map_err(|e| LoadError::Trap(e.to_string()))?;
         match info {
             Ok(info) => Ok((Instance { store, plugin }, info)),
             Err(WitPluginError::InvalidConfig(reason)) => Err(LoadError::Config(reason)),
@@ -237,7 +237,7 @@ impl Instance {
             Ok(Err(WitPluginError::Failed(reason) | WitPluginError::InvalidConfig(reason))) => {
                 CallOutcome::Failed(reason)
             }
-            Err(trap) => CallOutcome::Trapped(trap),
+            Err(trap) => CallOutcome::Trapped(trap.to_string()),
         }
     }
 }
@@ -289,13 +289,21 @@ fn on_tick(store: wasmtime::StoreContextMut<'_, PluginState>) -> wasmtime::Resul
 async fn bounded<T>(
     timeout: Duration,
     call: impl std::future::Future<Output = wasmtime::Result<T>>,
-) -> Result<T, String> {
+) -> Result<T, CallFailed> {
     match tokio::time::timeout(timeout + timeout / 2 + TICK * 2, call).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(describe_trap(&error, timeout)),
-        Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
+        Ok(Err(error)) => Err(CallFailed(describe_trap(&error, timeout))),
+        Err(_) => Err(CallFailed(format!(
+            "timed out after {} ms",
+            timeout.as_millis()
+        ))),
     }
 }
+
+/// A call into a plugin that trapped or ran out of time, said in one line.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct CallFailed(String);
 
 /// One line saying why a call failed, naming the usual causes plainly. (The full error, with
 /// the guest's backtrace, goes to the debug log.)

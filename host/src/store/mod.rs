@@ -57,9 +57,12 @@ pub enum StoreError {
     /// sled failed (I/O, corruption it detected).
     #[error("storage: {0}")]
     Sled(#[from] sled::Error),
-    /// Making writes durable failed.
+    /// Making writes durable failed (every caller waiting for that flush gets the error).
     #[error("flushing the store: {0}")]
-    Flush(String),
+    Flush(#[source] std::sync::Arc<sled::Error>),
+    /// The flusher thread could not be started, or has stopped.
+    #[error("the store's flusher: {0}")]
+    Flusher(&'static str),
     /// A stored value could not be decoded.
     #[error("stored value under {tree} is corrupt: {reason}")]
     Corrupt {
@@ -106,7 +109,7 @@ pub struct Store {
 /// The format of the records this version writes: 2 since inboxes are pruned.
 const FORMAT: u64 = 2;
 
-type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), String>>;
+type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), std::sync::Arc<sled::Error>>>;
 
 /// The group-commit loop: one sled flush and one fsync for every batch of waiting callers.
 /// Ends when every `Store` is dropped.
@@ -121,13 +124,14 @@ fn run_flusher(
         let waiters: Vec<FlushWaiter> = std::iter::once(first).chain(requests.try_iter()).collect();
         let result = db
             .flush()
-            .map_err(|e| e.to_string())
+            .map(drop)
             .and_then(|_| match &log_file {
                 // sled writes its log with sync_file_range, which leaves the file's size and
                 // the disk's write cache unsynced; fsync closes that gap.
-                Some(file) => file.sync_data().map_err(|e| e.to_string()),
+                Some(file) => file.sync_data().map_err(sled::Error::Io),
                 None => Ok(()),
-            });
+            })
+            .map_err(std::sync::Arc::new);
         for waiter in waiters {
             let _ = waiter.send(result.clone());
         }
@@ -147,14 +151,14 @@ fn open_db(
     std::thread::Builder::new()
         .name(thread.into())
         .spawn(move || run_flusher(flush_db, log_file, requests))
-        .map_err(|e| StoreError::Flush(format!("cannot start the flusher: {e}")))?;
+        .map_err(|_| StoreError::Flusher("cannot start its thread"))?;
     Ok((db, flusher))
 }
 
 /// Asks `flusher` to make every write before this call durable, and waits.
 async fn flush_with(flusher: &std::sync::mpsc::Sender<FlushWaiter>) -> Result<(), StoreError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let gone = || StoreError::Flush("the flusher has stopped".into());
+    let gone = || StoreError::Flusher("it has stopped");
     flusher.send(tx).map_err(|_| gone())?;
     rx.await.map_err(|_| gone())?.map_err(StoreError::Flush)
 }
