@@ -265,6 +265,11 @@ impl Server {
         &self.cert_path
     }
 
+    /// What the host's sessions share: its store, registry, plugins and network.
+    pub fn host(&self) -> Arc<Host> {
+        Arc::clone(&self.host)
+    }
+
     /// Serves until `stop` resolves, then ends every session and flushes the store.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), ServerError> {
         let mut sessions = JoinSet::new();
