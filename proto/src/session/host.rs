@@ -1473,3 +1473,374 @@ fn already_authenticated() -> Refusal {
         "this connection is already authenticated",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::FrameDecoder;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn config() -> HostConfig {
+        HostConfig {
+            server: "h1".into(),
+            max_frame: crate::DEFAULT_MAX_FRAME,
+            max_body: crate::DEFAULT_MAX_BODY,
+            handshake_timeout: Duration::from_secs(10),
+            auth_timeout: Duration::from_secs(60),
+            max_in_flight: 4,
+            sync_batch: 2,
+            retry: RetryPolicy {
+                initial: 100 * MS,
+                max: 400 * MS,
+                budget: 3,
+            },
+            submit_rate: 10,
+            submit_burst: 2,
+            auth_rate: 100,
+            auth_burst: 100,
+        }
+    }
+
+    fn user(name: &str) -> UserId {
+        UserId::new(name).expect("valid")
+    }
+
+    fn device() -> DeviceId {
+        DeviceId::new("phone").expect("valid")
+    }
+
+    /// What the session sent, decoded.
+    fn sent(s: &mut HostSession) -> Vec<ServerFrame> {
+        let mut decoder = FrameDecoder::new(1 << 20);
+        while let Some(bytes) = s.poll_transmit() {
+            decoder.push(&bytes);
+        }
+        std::iter::from_fn(|| decoder.decode().expect("valid")).collect()
+    }
+
+    fn actions(s: &mut HostSession) -> Vec<Action> {
+        std::iter::from_fn(|| s.poll_action()).collect()
+    }
+
+    fn hello() -> ClientFrame {
+        ClientFrame::Hello {
+            version: crate::PROTOCOL_VERSION,
+            agent: "test".into(),
+        }
+    }
+
+    fn authenticate(req: RequestId, mode: SessionMode) -> ClientFrame {
+        ClientFrame::Authenticate {
+            req,
+            user: user("bob"),
+            device: device(),
+            token: "t".into(),
+            mode,
+        }
+    }
+
+    fn chat(req: RequestId) -> ClientFrame {
+        ClientFrame::Submit {
+            req,
+            client_id: req,
+            kind: MessageKind::Chat,
+            to: vec![user("alice")],
+            body: b"hi".to_vec(),
+        }
+    }
+
+    fn message(id: u64) -> Arc<Message> {
+        Arc::new(Message {
+            id: MessageId(id),
+            kind: MessageKind::Chat,
+            from: user("alice"),
+            from_device: device(),
+            to: vec![user("bob")],
+            body: b"hi".to_vec(),
+            sent_at: 0,
+        })
+    }
+
+    /// A session authenticated as bob's phone in `mode`, its handshake complete.
+    fn authenticated(now: Instant, mode: SessionMode) -> HostSession {
+        let mut s = HostSession::new(now, config(), false);
+        s.handle_frame(now, hello());
+        s.handle_frame(now, authenticate(1, mode));
+        assert!(matches!(
+            actions(&mut s).as_slice(),
+            [Action::Authenticate { .. }]
+        ));
+        s.handle_authenticated(now, 1, Ok(Authenticated::TokenAccepted));
+        let _ = sent(&mut s);
+        s
+    }
+
+    #[test]
+    fn the_first_frame_must_be_hello_and_only_once() {
+        let now = Instant::now();
+        let mut s = HostSession::new(now, config(), false);
+        s.handle_frame(now, chat(1));
+        assert!(matches!(s.end(), Some(End::Error { code, .. }) if *code == ErrorCode::HANDSHAKE));
+        let mut s = HostSession::new(now, config(), false);
+        s.handle_frame(now, hello());
+        s.handle_frame(now, hello());
+        assert!(matches!(
+            sent(&mut s).as_slice(),
+            [ServerFrame::Welcome { .. }, ServerFrame::Error { req: None, code, .. }]
+                if *code == ErrorCode::HANDSHAKE
+        ));
+        // No Hello in time.
+        let mut s = HostSession::new(now, config(), false);
+        assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(10)));
+        s.handle_timeout(now + Duration::from_secs(10));
+        assert!(s.end().is_some());
+    }
+
+    #[test]
+    fn early_data_takes_only_what_is_safe_to_replay_and_attaches_once_confirmed() {
+        let now = Instant::now();
+        let mut s = HostSession::new(now, config(), true);
+        s.handle_frame(now, hello());
+        s.handle_frame(
+            now,
+            ClientFrame::Login {
+                req: 1,
+                user: user("bob"),
+                password: "pw".into(),
+                device: device(),
+                mode: SessionMode::Receive,
+            },
+        );
+        let frames = sent(&mut s);
+        assert!(matches!(
+            frames.last(),
+            Some(ServerFrame::Error { req: Some(1), code, .. }) if *code == ErrorCode::TOO_EARLY
+        ));
+        s.handle_frame(now, authenticate(2, SessionMode::Receive));
+        assert!(matches!(
+            actions(&mut s).as_slice(),
+            [Action::Authenticate { .. }]
+        ));
+        s.handle_authenticated(now, 2, Ok(Authenticated::TokenAccepted));
+        // Authenticated, but not the device's delivery session before the handshake is over.
+        assert!(actions(&mut s).is_empty());
+        s.handle_confirmed(now);
+        assert!(matches!(
+            actions(&mut s).as_slice(),
+            [Action::Attach { .. }]
+        ));
+    }
+
+    #[test]
+    fn submissions_read_together_are_accepted_together_and_past_the_rate_wait_their_turn() {
+        let now = Instant::now();
+        let mut s = authenticated(now, SessionMode::SendOnly);
+        // A burst of 2, then 10 per second: the third waits 100 ms, and nothing is read
+        // meanwhile.
+        let mut bytes = Vec::new();
+        for req in 10..13 {
+            bytes.extend(crate::encode_frame(&chat(req), 1024).expect("encode"));
+        }
+        s.handle_data(now, &bytes);
+        let Some(Action::Accept { submissions, .. }) = s.poll_action() else {
+            panic!("the first two are accepted together");
+        };
+        assert_eq!(submissions.len(), 2);
+        let answer = |id| {
+            Ok(SubmitAnswer {
+                id: MessageId(id),
+                sent_at: 0,
+            })
+        };
+        s.handle_accepted(now, vec![answer(1), answer(2)]);
+        assert!(!s.wants_data(), "the third waits for its turn");
+        assert_eq!(s.poll_timeout(), Some(now + 100 * MS));
+        s.handle_timeout(now + 100 * MS);
+        let Some(Action::Accept { submissions, .. }) = s.poll_action() else {
+            panic!("the third is accepted in its turn");
+        };
+        assert_eq!(submissions[0].req, 12);
+        s.handle_accepted(now + 100 * MS, vec![answer(3)]);
+        let reqs: Vec<RequestId> = sent(&mut s)
+            .into_iter()
+            .map(|f| match f {
+                ServerFrame::Accepted { req, .. } => req,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(reqs, [10, 11, 12], "answered in the order sent");
+    }
+
+    #[test]
+    fn a_backlog_is_read_in_batches_within_the_window_and_synced_before_anything_live() {
+        let now = Instant::now();
+        let mut s = authenticated(now, SessionMode::Receive);
+        assert!(matches!(
+            actions(&mut s).as_slice(),
+            [Action::Attach { .. }]
+        ));
+        s.handle_attached(now, 10, None);
+        assert!(matches!(
+            actions(&mut s).as_slice(),
+            [Action::ReadInbox {
+                after: 10,
+                max: 2,
+                ..
+            }]
+        ));
+        assert!(!s.wants_live(), "nothing live before the backlog");
+        s.handle_inbox(now, vec![(11, message(1)), (12, message(2))]);
+        assert!(matches!(
+            actions(&mut s).as_slice(),
+            [Action::ReadInbox {
+                after: 12,
+                max: 2,
+                ..
+            }]
+        ));
+        s.handle_inbox(now, vec![(13, message(3))]);
+        assert!(matches!(
+            actions(&mut s).as_slice(),
+            [Action::ReadInbox {
+                after: 13,
+                max: 1,
+                ..
+            }]
+        ));
+        s.handle_inbox(now, Vec::new());
+        assert!(matches!(
+            actions(&mut s).as_slice(),
+            [Action::Online { .. }]
+        ));
+        let frames = sent(&mut s);
+        assert!(matches!(
+            frames.last(),
+            Some(ServerFrame::Synced { count: 3 })
+        ));
+        // Live now: a copy of what the backlog sent is dropped.
+        s.handle_live(now, 13, message(3));
+        s.handle_live(now, 14, message(4));
+        let seqs: Vec<u64> = sent(&mut s)
+            .into_iter()
+            .filter_map(|f| match f {
+                ServerFrame::Deliver { seq, .. } => Some(seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, [14]);
+        assert!(!s.wants_live(), "the window of 4 is full");
+        // One acknowledgement moves the cursor and frees the window.
+        s.handle_frame(now, ClientFrame::Ack { seq: 14 });
+        let acts = actions(&mut s);
+        assert!(
+            acts.iter()
+                .any(|a| matches!(a, Action::SaveCursor { cursor: 14, .. }))
+        );
+        assert!(
+            acts.iter()
+                .any(|a| matches!(a, Action::Delivered { messages, .. } if messages.len() == 4))
+        );
+        assert!(s.wants_live());
+    }
+
+    #[test]
+    fn an_unacknowledged_delivery_is_sent_again_then_the_device_is_given_up() {
+        let now = Instant::now();
+        let mut s = authenticated(now, SessionMode::Receive);
+        let _ = actions(&mut s);
+        s.handle_attached(now, 0, None);
+        let _ = actions(&mut s);
+        s.handle_inbox(now, vec![(1, message(1))]);
+        let _ = actions(&mut s);
+        s.handle_inbox(now, Vec::new());
+        let _ = (actions(&mut s), sent(&mut s));
+        // 100 ms, then 200 ms more: sent three times; at the third deadline, given up.
+        s.handle_timeout(now + 100 * MS);
+        assert_eq!(sent(&mut s).len(), 1);
+        s.handle_timeout(now + 300 * MS);
+        assert_eq!(sent(&mut s).len(), 1);
+        s.handle_timeout(now + 700 * MS);
+        assert!(matches!(s.end(), Some(End::Error { code, .. }) if *code == ErrorCode::TOO_SLOW));
+        assert!(matches!(
+            actions(&mut s).as_slice(),
+            [Action::Detach { online: true, .. }]
+        ));
+    }
+
+    #[test]
+    fn a_paged_backlog_goes_out_a_page_per_fetch() {
+        let now = Instant::now();
+        let mut s = authenticated(now, SessionMode::Paged);
+        let _ = actions(&mut s);
+        let summary = InboxSummary {
+            count: 3,
+            bytes: 6,
+            ids: vec![MessageId(1), MessageId(2), MessageId(3)],
+            last: 3,
+        };
+        s.handle_attached(now, 0, Some(summary));
+        assert!(actions(&mut s).is_empty(), "nothing pushed before a fetch");
+        assert!(matches!(
+            sent(&mut s).as_slice(),
+            [ServerFrame::Backlog { count: 3, .. }]
+        ));
+        s.handle_frame(now, ClientFrame::Fetch { req: 5, max: 0 });
+        assert!(matches!(
+            sent(&mut s).as_slice(),
+            [ServerFrame::Error { req: Some(5), code, .. }] if *code == ErrorCode::INVALID_ARGUMENT
+        ));
+        s.handle_frame(now, ClientFrame::Fetch { req: 6, max: 2 });
+        assert!(matches!(
+            actions(&mut s).as_slice(),
+            [Action::ReadInbox {
+                after: 0,
+                max: 2,
+                ..
+            }]
+        ));
+        s.handle_inbox(now, vec![(1, message(1)), (2, message(2))]);
+        assert!(matches!(
+            sent(&mut s).last(),
+            Some(ServerFrame::Page {
+                req: 6,
+                count: 2,
+                remaining: 1
+            })
+        ));
+        s.handle_frame(now, ClientFrame::Fetch { req: 7, max: 2 });
+        let _ = actions(&mut s);
+        s.handle_inbox(now, vec![(3, message(3)), (4, message(4))]);
+        let frames = sent(&mut s);
+        assert!(
+            matches!(
+                frames.as_slice(),
+                [
+                    ServerFrame::Deliver { seq: 3, .. },
+                    ServerFrame::Page {
+                        req: 7,
+                        count: 1,
+                        remaining: 0
+                    },
+                    ServerFrame::Synced { count: 3 }
+                ]
+            ),
+            "the entry after the summary waits for Synced: {frames:?}"
+        );
+    }
+
+    #[test]
+    fn a_stream_finished_mid_frame_is_malformed_and_between_frames_is_done() {
+        let now = Instant::now();
+        let mut s = HostSession::new(now, config(), false);
+        let hello = crate::encode_frame(&hello(), 1024).expect("encode");
+        s.handle_data(now, &hello);
+        s.handle_data(now, &[0, 0, 0, 9, 1]);
+        s.handle_finished(now);
+        assert!(matches!(s.end(), Some(End::Error { code, .. }) if *code == ErrorCode::MALFORMED));
+        let mut s = HostSession::new(now, config(), false);
+        s.handle_data(now, &hello);
+        s.handle_finished(now);
+        assert_eq!(s.end(), Some(&End::Done));
+    }
+}
