@@ -27,18 +27,11 @@ pub fn attach(
     let read = || -> Result<_, StoreError> {
         let cursor = host.store.cursors.get(&who.user, &who.device)?;
         let summary = match mode {
-            SessionMode::Paged => {
-                let s = host
-                    .store
-                    .inbox
-                    .summary(&who.user, cursor, iim_proto::BACKLOG_IDS)?;
-                Some(InboxSummary {
-                    count: s.count,
-                    bytes: s.bytes,
-                    ids: s.ids,
-                    last: s.last,
-                })
-            }
+            SessionMode::Paged => Some(host.store.inbox.summary(
+                &who.user,
+                cursor,
+                iim_proto::BACKLOG_IDS,
+            )?),
             _ => None,
         };
         Ok((cursor, summary))

@@ -8,6 +8,7 @@
 //! and handed to online devices in one order.
 
 use super::{Cursors, StoreError, decode, decode_u64, encode, get_u64, keys};
+use iim_proto::session::InboxSummary;
 use iim_proto::{Message, MessageId, UserId};
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
@@ -88,19 +89,6 @@ impl Entry {
             Entry::Whole(message) | Entry::Pruned(message) => message,
         }
     }
-}
-
-/// What waits in an inbox after a position ([`Inbox::summary`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InboxSummary {
-    /// How many entries.
-    pub count: u64,
-    /// The sum of their body sizes, in bytes.
-    pub bytes: u64,
-    /// The ids of the first entries, oldest first.
-    pub ids: Vec<MessageId>,
-    /// The position of the last entry.
-    pub last: u64,
 }
 
 /// Every user's inbox.

@@ -42,7 +42,7 @@ mod relations;
 pub use accounts::Accounts;
 pub use cursors::Cursors;
 pub use dead_letters::DeadLetters;
-pub use inbox::{Expiry, Inbox, InboxSummary, RESTART_GAP};
+pub use inbox::{Expiry, Inbox, RESTART_GAP};
 pub use messages::{Acceptance, Messages};
 pub use network::NetworkStore;
 pub use plugin_kv::PluginStorage;

@@ -828,6 +828,20 @@ mod tests {
         session.handle_data(now, &bytes);
     }
 
+    /// Authenticates the connection: the request's id.
+    fn authenticate(s: &mut ClientSession, now: Instant) -> RequestId {
+        s.request(
+            now,
+            Request::Authenticate {
+                user: UserId::new("alice").expect("valid"),
+                device: DeviceId::new("phone").expect("valid"),
+                token: "t".into(),
+                mode: SessionMode::Receive,
+            },
+        )
+        .expect("connected")
+    }
+
     fn chat(client_id: u64) -> Outgoing {
         Outgoing {
             client_id,
@@ -844,17 +858,7 @@ mod tests {
         // Made before any connection: kept.
         let first = s.submit(now, chat(1));
         s.connect(now);
-        let auth = s
-            .request(
-                now,
-                Request::Authenticate {
-                    user: UserId::new("alice").expect("valid"),
-                    device: DeviceId::new("phone").expect("valid"),
-                    token: "t".into(),
-                    mode: SessionMode::Receive,
-                },
-            )
-            .expect("connected");
+        let auth = authenticate(&mut s, now);
         assert_eq!(auth, FIRST_REQ);
         let second = s.submit(now, chat(2));
         // Nothing is submitted before the authentication is answered.
@@ -875,17 +879,7 @@ mod tests {
         // The connection is lost before the answers: both are written again, in order, on the
         // next one.
         s.connect(now);
-        let auth = s
-            .request(
-                now,
-                Request::Authenticate {
-                    user: UserId::new("alice").expect("valid"),
-                    device: DeviceId::new("phone").expect("valid"),
-                    token: "t".into(),
-                    mode: SessionMode::Receive,
-                },
-            )
-            .expect("connected");
+        let auth = authenticate(&mut s, now);
         host_sends(&mut s, now, ServerFrame::Ok { req: auth });
         let written = frames(&mut s);
         assert_eq!(written.len(), 4, "{written:?}");

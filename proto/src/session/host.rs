@@ -1179,21 +1179,13 @@ impl HostSession {
                 device,
                 mode,
             } => {
-                if self.identity().is_some() {
-                    return self.refuse(req, already_authenticated());
-                }
-                self.waiting = Some(Waiting::Auth {
+                let action = Action::Login {
                     req,
                     user: user.clone(),
-                    device: device.clone(),
-                    mode,
-                });
-                self.actions.push_back(Action::Login {
-                    req,
-                    user,
                     password,
-                    device,
-                });
+                    device: device.clone(),
+                };
+                self.authenticate(req, user, device, mode, action);
             }
             ClientFrame::Authenticate {
                 req,
@@ -1202,21 +1194,13 @@ impl HostSession {
                 token,
                 mode,
             } => {
-                if self.identity().is_some() {
-                    return self.refuse(req, already_authenticated());
-                }
-                self.waiting = Some(Waiting::Auth {
+                let action = Action::Authenticate {
                     req,
                     user: user.clone(),
                     device: device.clone(),
-                    mode,
-                });
-                self.actions.push_back(Action::Authenticate {
-                    req,
-                    user,
-                    device,
                     token,
-                });
+                };
+                self.authenticate(req, user, device, mode, action);
             }
             ClientFrame::Logout { req } => match self.identity().cloned() {
                 Some(who) => {
@@ -1248,6 +1232,28 @@ impl HostSession {
                     Refusal::new(ErrorCode::INTERNAL, "a submission out of its place"),
                 ),
         }
+    }
+
+    /// A login or an authentication: refused on an authenticated connection, else handed to
+    /// the driver (`action`), the session waiting for its outcome.
+    fn authenticate(
+        &mut self,
+        req: RequestId,
+        user: UserId,
+        device: DeviceId,
+        mode: SessionMode,
+        action: Action,
+    ) {
+        if self.identity().is_some() {
+            return self.refuse(req, already_authenticated());
+        }
+        self.waiting = Some(Waiting::Auth {
+            req,
+            user,
+            device,
+            mode,
+        });
+        self.actions.push_back(action);
     }
 
     /// The first frame: `Hello`, answered with `Welcome`.
