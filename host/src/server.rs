@@ -1,6 +1,7 @@
 //! The QUIC endpoint: accepts connections, runs a session for each, and shuts down cleanly.
 
 use crate::config::Config;
+use crate::hashing::PasswordHashers;
 use crate::iim::Iim;
 use crate::network::{self, Network};
 use crate::plugin::{PluginHost, Services, loader};
@@ -144,13 +145,16 @@ impl Server {
         let mut loader = loader::Loader::new(Arc::clone(&plugins), plugins_dir);
         loader.scan().await;
         let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let passwords =
+            PasswordHashers::start(config.limits.max_hashing, config.limits.hashing_queue)
+                .context("cannot start the password hashing threads")?;
         let host = Arc::new(Host {
             store,
             registry,
             iim,
             plugins,
             shutdown,
-            hashing: tokio::sync::Semaphore::new(config.limits.max_hashing.max(1)),
+            passwords,
             config,
         });
         let recovered = host.plugins.route_pending().await?;
