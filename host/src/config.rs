@@ -481,6 +481,21 @@ mod tests {
         assert!(config.validate().is_err(), "a budget of 0");
     }
 
+    /// Writes `toml` to `path` and loads it: valid or not as `valid` says, and if not, the
+    /// error names `key`. Returns what was loaded.
+    fn load_checked(path: &Path, toml: &str, valid: bool, key: &str) -> Config {
+        std::fs::write(path, toml).expect("write");
+        let config = Config::from_file(path).expect("parse");
+        match config.validate() {
+            Ok(()) => assert!(valid, "accepted: {toml}"),
+            Err(e) => {
+                assert!(!valid, "refused: {toml}: {e}");
+                assert!(e.to_string().contains(key), "{e}");
+            }
+        }
+        config
+    }
+
     #[test]
     fn hashing_threads_are_bounded_and_the_queue_may_be_empty() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -492,16 +507,8 @@ mod tests {
             (65, 8, false),
         ] {
             let toml = format!("[limits]\nmax_hashing = {threads}\nhashing_queue = {queue}\n");
-            std::fs::write(&path, toml).expect("write");
-            let config = Config::from_file(&path).expect("parse");
+            let config = load_checked(&path, &toml, valid, "limits.max_hashing");
             assert_eq!(config.limits.hashing_queue, queue);
-            match config.validate() {
-                Ok(()) => assert!(valid, "{threads} accepted"),
-                Err(e) => {
-                    assert!(!valid, "{threads} refused: {e}");
-                    assert!(e.to_string().contains("limits.max_hashing"), "{e}");
-                }
-            }
         }
     }
 
@@ -510,16 +517,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("host.toml");
         for (instances, valid) in [(0, false), (1, true), (16, true), (17, false)] {
-            std::fs::write(&path, format!("[plugins]\ninstances = {instances}\n")).expect("write");
-            let config = Config::from_file(&path).expect("parse");
+            let toml = format!("[plugins]\ninstances = {instances}\n");
+            let config = load_checked(&path, &toml, valid, "plugins.instances");
             assert_eq!(config.plugins.instances, instances);
-            match config.validate() {
-                Ok(()) => assert!(valid, "{instances} accepted"),
-                Err(e) => {
-                    assert!(!valid, "{instances} refused: {e}");
-                    assert!(e.to_string().contains("plugins.instances"), "{e}");
-                }
-            }
         }
     }
 }
