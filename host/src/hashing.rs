@@ -5,7 +5,7 @@
 //! blocking pool (up to 512 threads) a burst of logins ran hundreds of hashes at once, each
 //! thread taking its 19 MiB from its own malloc arena, which kept it afterwards: the host's
 //! memory grew by about 10 MB per login, to gigabytes, and was never returned. Here each
-//! hasher allocates its [`HashMemory`] once, when it starts, and reuses it for every hash, so
+//! hasher is given its [`HashMemory`] once, when it starts, and reuses it for every hash, so
 //! the memory passwords take is `max_hashing` × 19 MiB, whatever the load.
 //!
 //! Why a bounded queue: the hashers get through a fixed number of hashes a second (tens per
@@ -73,7 +73,7 @@ pub struct PasswordHashers {
 }
 
 impl PasswordHashers {
-    /// Starts `threads` hashers (at least one), each with its memory allocated, and a queue
+    /// Starts `threads` hashers (at least one), each with its memory allocated now, and a queue
     /// of `queue` jobs in front of them (0: a job is taken only if a hasher is free).
     pub fn start(threads: usize, queue: usize) -> std::io::Result<Self> {
         let threads = threads.max(1);
@@ -85,9 +85,11 @@ impl PasswordHashers {
         });
         for i in 0..threads {
             let (rx, load) = (Arc::clone(&rx), Arc::clone(&load));
+            // Allocated here, so that the host's memory is what it will stay once it listens.
+            let memory = HashMemory::new();
             std::thread::Builder::new()
                 .name(format!("iim-hasher-{i}"))
-                .spawn(move || hasher(&rx, &load))?;
+                .spawn(move || hasher(memory, &rx, &load))?;
         }
         Ok(Self {
             jobs,
@@ -153,9 +155,8 @@ impl PasswordHashers {
     }
 }
 
-/// A hasher: takes jobs until the pool is dropped, all in the one memory it allocates first.
-fn hasher(jobs: &Mutex<Receiver<Job>>, load: &Load) {
-    let mut memory = HashMemory::new();
+/// A hasher: takes jobs until the pool is dropped, all in its one `memory`.
+fn hasher(mut memory: HashMemory, jobs: &Mutex<Receiver<Job>>, load: &Load) {
     loop {
         // The lock is held while waiting: the other hashers wait for it instead of the
         // channel, which comes to the same.
