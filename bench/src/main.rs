@@ -18,9 +18,14 @@
 //! `iim-bench network [--pairs 4] [--messages 2000] [--window 32] [--body 100] [--friends 1000]
 //! [--json]` a network of hosts (an exchange and three hosts): the same chat load within one
 //! host and across hosts, and one user's presence reaching friends on every host (see
-//! `network.rs`). Every command takes `--timeout SECS` (default 300).
+//! `network.rs`); `iim-bench logins [--logins 10000] [--concurrency 16] [--max-growth-mib 64]
+//! [--json]` password logins against a host: logins per second, and the host's resident memory
+//! before and after them, failing if it grew by more than the limit or if any login failed
+//! otherwise than with a `rate_limited` refusal (see `logins.rs`). Every command takes
+//! `--timeout SECS` (default 300).
 
 mod iim_run;
+mod logins;
 mod network;
 mod plugins;
 mod raw;
@@ -123,6 +128,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Password logins: logins per second and the host's memory before and after them.
+    Logins {
+        /// Logins measured (each on a new connection).
+        #[arg(long, default_value_t = 10_000)]
+        logins: u32,
+        /// Logins in flight at once; the first this many are sent together.
+        #[arg(long, default_value_t = 16)]
+        concurrency: u32,
+        /// Most the host's resident memory may grow over the logins, in MiB.
+        #[arg(long, default_value_t = 64)]
+        max_growth_mib: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs the raw relay until standard input closes.
     #[command(hide = true)]
     Relay {
@@ -157,6 +177,19 @@ fn main() -> ExitCode {
             friends,
             json,
         }) => network_main(shape, *pairs, *friends, *json, args.timeout),
+        Some(Command::Logins {
+            logins,
+            concurrency,
+            max_growth_mib,
+            json,
+        }) => {
+            let shape = logins::Shape {
+                logins: *logins,
+                concurrency: *concurrency,
+                max_growth_mib: *max_growth_mib,
+            };
+            logins_main(shape, *json, args.timeout)
+        }
         None => bench(&args),
     };
     match result {
@@ -242,6 +275,21 @@ fn network_main(
         network::print(&figures);
     }
     Ok(())
+}
+
+/// Runs the login measurement, prints its figures, and fails if the host's memory grew past
+/// the limit or a login failed.
+fn logins_main(shape: logins::Shape, json: bool, timeout: u64) -> anyhow::Result<()> {
+    if shape.logins == 0 || shape.concurrency == 0 {
+        bail!("--logins and --concurrency must be at least 1");
+    }
+    let figures = run_bounded("the login benchmark", timeout, logins::run(shape))?;
+    if json {
+        println!("{}", serde_json::to_string(&figures).unwrap_or_default());
+    } else {
+        logins::print(&figures);
+    }
+    figures.verdict()
 }
 
 /// Prints the figures as a table, or as one JSON object.

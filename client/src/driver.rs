@@ -285,6 +285,8 @@ fn read_error(e: quinn::ReadError) -> ClientError {
                 message: String::from_utf8_lossy(&close.reason).into_owned(),
             }
         }
+        // Its Display is only "connection lost"; the reason (timed out, reset) is what helps.
+        quinn::ReadError::ConnectionLost(lost) => ClientError::ConnectionLost(lost.to_string()),
         e => ClientError::ConnectionLost(e.to_string()),
     }
 }

@@ -124,7 +124,7 @@ impl ClientError {
 
     /// Whether connecting again may get past this error: the network or the host went away,
     /// no answer came, a name did not resolve, or the host asked the device to come back later
-    /// (`shutting_down`, `too_slow`, `unavailable`). Not a refused login, not another session of the device
+    /// (`shutting_down`, `too_slow`, `unavailable`, `rate_limited`). Not a refused login, not another session of the device
     /// taking over, and not a redirect (following one is a new connection elsewhere, made on
     /// purpose).
     pub fn is_transient(&self) -> bool {
@@ -136,8 +136,11 @@ impl ClientError {
             ClientError::ClosedByHost { code, .. } => {
                 *code == ErrorCode::SHUTTING_DOWN || *code == ErrorCode::TOO_SLOW
             }
-            // Something the host needs (its network's exchange) is out of reach for now.
-            ClientError::Refused { code, .. } => *code == ErrorCode::UNAVAILABLE,
+            // Something the host needs (its network's exchange) is out of reach for now, or it
+            // is too busy checking passwords: the refusal says when to come back.
+            ClientError::Refused { code, .. } => {
+                *code == ErrorCode::UNAVAILABLE || *code == ErrorCode::RATE_LIMITED
+            }
             _ => false,
         }
     }

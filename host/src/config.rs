@@ -136,6 +136,9 @@ pub const MAX_FRAME_LIMIT: u32 = 1024 * 1024;
 /// The largest `plugins.max_send_users` (see [`MAX_FRAME_LIMIT`]).
 pub const MAX_SEND_USERS_LIMIT: usize = 100_000;
 
+/// Most password hashing threads: each holds 19 MiB for good.
+pub const MAX_HASHING: usize = 64;
+
 /// Most instances of one plugin: the instance pool is sized for every plugin's instances, a
 /// new build's beside them, and a few being validated.
 pub const MAX_PLUGIN_INSTANCES: usize = 16;
@@ -186,8 +189,16 @@ pub struct Limits {
     pub auth_timeout_secs: u64,
     /// Connections served at once; more are refused.
     pub max_connections: usize,
-    /// Password hashes computed at once (each takes 19 MiB and a core for tens of ms).
+    /// Threads hashing and checking passwords (register and login). Each keeps its 19 MiB of
+    /// argon2 memory for the life of the host and takes a core for tens of ms per hash; more
+    /// threads than cores add memory, not speed.
     pub max_hashing: usize,
+    /// Registrations and logins waiting for a hashing thread, at most. Past it a register or
+    /// login is refused at once with `rate_limited` ("the host is busy checking passwords; try
+    /// again in N s"), so that a burst of logins is told to come back rather than left waiting
+    /// past the client's patience (30 s for an answer, in `iim-client`). The default, 256, is
+    /// about 4 s of hashing on 2 cores and 10 s on one slow core; raise it with the cores.
+    pub hashing_queue: usize,
     /// Seconds without any packet before a connection is dropped.
     pub idle_timeout_secs: u64,
     /// Seconds a write to a client may wait for it to read before the session is ended.
@@ -263,6 +274,7 @@ impl Default for Limits {
             auth_timeout_secs: 60,
             max_connections: 10_000,
             max_hashing: 4,
+            hashing_queue: 256,
             idle_timeout_secs: 30,
             write_timeout_secs: 30,
             max_in_flight: 1024,
@@ -377,6 +389,11 @@ impl Config {
                     .into(),
             ));
         }
+        if l.max_hashing == 0 || l.max_hashing > MAX_HASHING {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_hashing must be between 1 and {MAX_HASHING}"
+            )));
+        }
         let p = &self.plugins;
         for (key, value) in [
             ("call_timeout_ms", p.call_timeout_ms),
@@ -464,21 +481,45 @@ mod tests {
         assert!(config.validate().is_err(), "a budget of 0");
     }
 
+    /// Writes `toml` to `path` and loads it: valid or not as `valid` says, and if not, the
+    /// error names `key`. Returns what was loaded.
+    fn load_checked(path: &Path, toml: &str, valid: bool, key: &str) -> Config {
+        std::fs::write(path, toml).expect("write");
+        let config = Config::from_file(path).expect("parse");
+        match config.validate() {
+            Ok(()) => assert!(valid, "accepted: {toml}"),
+            Err(e) => {
+                assert!(!valid, "refused: {toml}: {e}");
+                assert!(e.to_string().contains(key), "{e}");
+            }
+        }
+        config
+    }
+
+    #[test]
+    fn hashing_threads_are_bounded_and_the_queue_may_be_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("host.toml");
+        for (threads, queue, valid) in [
+            (0, 8, false),
+            (1, 0, true),
+            (64, 1000, true),
+            (65, 8, false),
+        ] {
+            let toml = format!("[limits]\nmax_hashing = {threads}\nhashing_queue = {queue}\n");
+            let config = load_checked(&path, &toml, valid, "limits.max_hashing");
+            assert_eq!(config.limits.hashing_queue, queue);
+        }
+    }
+
     #[test]
     fn plugin_instances_are_bounded() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("host.toml");
         for (instances, valid) in [(0, false), (1, true), (16, true), (17, false)] {
-            std::fs::write(&path, format!("[plugins]\ninstances = {instances}\n")).expect("write");
-            let config = Config::from_file(&path).expect("parse");
+            let toml = format!("[plugins]\ninstances = {instances}\n");
+            let config = load_checked(&path, &toml, valid, "plugins.instances");
             assert_eq!(config.plugins.instances, instances);
-            match config.validate() {
-                Ok(()) => assert!(valid, "{instances} accepted"),
-                Err(e) => {
-                    assert!(!valid, "{instances} refused: {e}");
-                    assert!(e.to_string().contains("plugins.instances"), "{e}");
-                }
-            }
         }
     }
 }

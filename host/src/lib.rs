@@ -14,6 +14,7 @@ pub mod config;
 pub mod directory;
 pub mod exchange;
 pub mod expiry;
+pub mod hashing;
 pub mod iim;
 pub mod network;
 pub mod outbox;
@@ -43,6 +44,7 @@ pub struct Host {
     pub network: Option<Arc<network::Network>>,
     /// Becomes `true` when the host starts shutting down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
-    /// Permits to hash a password: bounds the memory and CPU that log-ins can take at once.
-    pub hashing: tokio::sync::Semaphore,
+    /// The threads that hash and check passwords: they bound the memory and CPU that
+    /// registrations and logins take, and refuse what would wait too long.
+    pub passwords: hashing::PasswordHashers,
 }

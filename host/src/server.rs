@@ -2,6 +2,7 @@
 
 use crate::config::{Config, ConfigError};
 use crate::directory::Directory;
+use crate::hashing::PasswordHashers;
 use crate::iim::Iim;
 use crate::network::{self, LinkError, LinkParts, Network};
 use crate::outbox::RelayOutbox;
@@ -70,6 +71,9 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The password hashing threads could not be started.
+    #[error("cannot start the password hashing threads: {0}")]
+    Hashers(#[source] std::io::Error),
     /// The operator's socket could not be opened.
     #[error("cannot open the admin socket: {0}")]
     Admin(#[source] std::io::Error),
@@ -228,6 +232,9 @@ impl Server {
         let mut loader = loader::Loader::new(Arc::clone(&plugins), plugins_dir);
         loader.scan().await;
         let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let passwords =
+            PasswordHashers::start(config.limits.max_hashing, config.limits.hashing_queue)
+                .map_err(ServerError::Hashers)?;
         let host = Arc::new(Host {
             store,
             registry,
@@ -235,7 +242,7 @@ impl Server {
             plugins,
             network,
             shutdown,
-            hashing: tokio::sync::Semaphore::new(config.limits.max_hashing.max(1)),
+            passwords,
             config,
         });
         let recovered = host.plugins.route_pending().await?;

@@ -118,6 +118,11 @@ impl Session {
                     Err(quinn::ReadError::ConnectionLost(
                         quinn::ConnectionError::ApplicationClosed(_),
                     )) => self.machine.close(End::Done),
+                    // Its Display is only "connection lost"; the reason (timed out, reset)
+                    // is what the operator needs.
+                    Err(quinn::ReadError::ConnectionLost(lost)) => {
+                        self.machine.close(End::Lost(lost.to_string()));
+                    }
                     Err(e) => self.machine.close(End::Lost(e.to_string())),
                 },
                 _ = shutdown.wait_for(|stopping| *stopping) => self.machine.close(End::Error {
@@ -292,6 +297,7 @@ impl Session {
         let timeout = Duration::from_secs(self.host.config.limits.write_timeout_secs);
         match tokio::time::timeout(timeout, self.send.write_all(&bytes)).await {
             Ok(Ok(())) => Ok(()),
+            Ok(Err(quinn::WriteError::ConnectionLost(lost))) => Err(End::Lost(lost.to_string())),
             Ok(Err(e)) => Err(End::Lost(e.to_string())),
             Err(_) => {
                 self.stalled = true;

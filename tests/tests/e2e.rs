@@ -1151,3 +1151,61 @@ async fn many_pipelining_senders_at_once_are_all_delivered_in_order() -> Result 
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_logins_is_answered_or_told_to_wait_and_no_connection_is_dropped() -> Result {
+    // One hashing thread and two places in its queue: a burst of 32 logins sent together
+    // overflows it at once, however fast this machine hashes.
+    const BURST: usize = 32;
+    let host =
+        HostProcess::start_chat_only_with_config("[limits]\nmax_hashing = 1\nhashing_queue = 2\n")?;
+    let alice = host.register("alice").await?;
+    let mut conns = Vec::new();
+    for _ in 0..BURST {
+        conns.push(std::sync::Arc::new(host.connect().await?));
+    }
+    let mut burst = tokio::task::JoinSet::new();
+    for (i, conn) in conns.iter().enumerate() {
+        let (conn, alice) = (std::sync::Arc::clone(conn), alice.clone());
+        burst.spawn(async move {
+            let device = DeviceId::new(format!("d{i}"))?;
+            let answer = conn
+                .login(&alice, PASSWORD, &device, SessionMode::SendOnly)
+                .await;
+            anyhow::Ok((i, answer))
+        });
+    }
+    let (mut logged_in, mut refused) = (Vec::new(), Vec::new());
+    while let Some(done) = within("the burst's answers", burst.join_next()).await? {
+        match done?? {
+            (i, Ok(_)) => logged_in.push(i),
+            (i, Err(iim_client::ClientError::Refused { code, message }))
+                if code == ErrorCode::RATE_LIMITED =>
+            {
+                assert!(
+                    message.starts_with("the host is busy checking passwords; try again in "),
+                    "{message}"
+                );
+                refused.push(i);
+            }
+            (i, Err(e)) => anyhow::bail!("login {i} failed otherwise: {e}"),
+        }
+    }
+    assert!(!logged_in.is_empty(), "the hashing thread checked some");
+    assert!(!refused.is_empty(), "the queue overflowed");
+    // Every connection is still open: the logged-in ones serve requests, and the refused ones
+    // log in now that the queue is empty (one at a time, so it stays so).
+    for &i in &logged_in {
+        conns[i].relations(RelationKind::Friend).await?;
+    }
+    for &i in &refused {
+        let device = DeviceId::new(format!("d{i}"))?;
+        within(
+            "a login after the burst",
+            conns[i].login(&alice, PASSWORD, &device, SessionMode::SendOnly),
+        )
+        .await??;
+        conns[i].relations(RelationKind::Friend).await?;
+    }
+    Ok(())
+}

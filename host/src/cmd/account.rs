@@ -4,6 +4,7 @@ use super::Refusal;
 use crate::Host;
 use crate::accounts::{self, PasswordError};
 use crate::clock::now_ms;
+use crate::hashing::HashingError;
 use crate::iim::Home;
 use crate::network::NetworkError;
 use crate::store::UserRecord;
@@ -14,17 +15,16 @@ fn auth_failed() -> Refusal {
     Refusal::new(ErrorCode::AUTH_FAILED, "wrong user name or password")
 }
 
-/// Runs a password hash or check on a blocking thread, at most `max_hashing` at once.
-async fn hashing<T: Send + 'static>(
-    host: &Host,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Refusal> {
-    let internal = || Refusal::new(ErrorCode::INTERNAL, "password hashing failed");
-    let _permit = host.hashing.acquire().await.map_err(|_| internal())?;
-    tokio::task::spawn_blocking(work).await.map_err(|e| {
-        tracing::error!(error = %e, "password hashing task failed");
-        internal()
-    })
+/// The refusal of a hash or check the hashers did not make: a full queue is `rate_limited`
+/// with the time to wait (the client is told, not left waiting past its patience).
+fn not_hashed(e: HashingError) -> Refusal {
+    match e {
+        HashingError::Busy { .. } => {
+            tracing::info!(%e, "password check refused: the hashing queue is full");
+            Refusal::new(ErrorCode::RATE_LIMITED, e.to_string())
+        }
+        HashingError::Failed => Refusal::new(ErrorCode::INTERNAL, e.to_string()),
+    }
 }
 
 /// Creates an account.
@@ -35,8 +35,14 @@ pub async fn register(host: &Host, user: &UserId, password: String) -> Result<()
             format!("user {user} exists"),
         ));
     }
-    let hash = hashing(host, move || accounts::hash_password(&password))
-        .await?
+    // The rules first: a password they refuse does not wait for a hasher.
+    accounts::check_password(&password)
+        .map_err(|e| Refusal::new(ErrorCode::INVALID_ARGUMENT, e.to_string()))?;
+    let hash = host
+        .passwords
+        .hash(password)
+        .await
+        .map_err(not_hashed)?
         .map_err(|e| match e {
             PasswordError::Hash(_) => Refusal::new(ErrorCode::INTERNAL, e.to_string()),
             _ => Refusal::new(ErrorCode::INVALID_ARGUMENT, e.to_string()),
@@ -108,19 +114,17 @@ pub async fn login(
     if let Some(redirect) = redirect(host, user)? {
         return Ok(redirect);
     }
-    let Some(record) = host.store.accounts.get(user)? else {
-        // Hash anyway, so that a wrong user name costs the same time as a wrong password.
-        let _ =
-            tokio::task::spawn_blocking(move || accounts::verify_password(DUMMY_HASH, &password))
-                .await;
-        return Err(auth_failed());
-    };
-    let ok = tokio::task::spawn_blocking(move || {
-        accounts::verify_password(&record.password_hash, &password)
-    })
-    .await
-    .unwrap_or(false);
-    if !ok {
+    // An unknown user is checked against a hash nobody's password matches, so that a wrong
+    // user name costs the same time (and the same place in the queue) as a wrong password.
+    let record = host.store.accounts.get(user)?;
+    let known = record.is_some();
+    let stored = record.map_or_else(|| DUMMY_HASH.to_owned(), |r| r.password_hash);
+    let matches = host
+        .passwords
+        .verify(stored, password)
+        .await
+        .map_err(not_hashed)?;
+    if !(known && matches) {
         return Err(auth_failed());
     }
     let token = accounts::new_token();
