@@ -46,15 +46,21 @@ fn main() {
         build.args(["-p", &format!("iim-plugin-{plugin}")]);
     }
     // The outer build's settings are for the host's target, not wasm; a lint wrapper (clippy)
-    // would only slow the nested build down.
-    for var in [
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_BUILD_TARGET",
-        "CARGO_TARGET_DIR",
-    ] {
+    // would only slow the nested build down. And the variables cargo gives this build script
+    // about the host's package (`CARGO_PKG_NAME`, ...) are not the nested build's: some build
+    // scripts rerun when they change, so inherited they would make this build and the test
+    // plugins' (`iim_e2e::test_plugin`, same target directory) rebuild each other's crates.
+    for var in ["RUSTFLAGS", "RUSTC_WORKSPACE_WRAPPER", "OUT_DIR"] {
         build.env_remove(var);
+    }
+    for (key, _) in std::env::vars_os() {
+        if let Some(key) = key.to_str()
+            && key.starts_with("CARGO_")
+            // The jobserver is shared, so that the nested build takes no more cores.
+            && !matches!(key, "CARGO_HOME" | "CARGO_MAKEFLAGS")
+        {
+            build.env_remove(key);
+        }
     }
     let output = build
         .output()

@@ -142,7 +142,17 @@ impl Session {
                 }
                 () = sleep_until(timeout) => self.machine.handle_timeout(Instant::now()),
                 delivery = next_delivery(deliveries), if wants_live => match delivery {
-                    Some(d) => self.machine.handle_live(Instant::now(), d.seq, d.message),
+                    Some(d) => {
+                        let now = Instant::now();
+                        self.machine.handle_live(now, d.seq, d.message);
+                        // What else is queued goes out in the same write.
+                        while self.machine.wants_live()
+                            && let Some(a) = self.delivery.as_mut()
+                            && let Ok(d) = a.deliveries.try_recv()
+                        {
+                            self.machine.handle_live(now, d.seq, d.message);
+                        }
+                    }
                     // The registry let go of this session: it was replaced, and the kick
                     // says so.
                     None => {

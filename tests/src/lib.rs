@@ -50,6 +50,25 @@ fn bin_dir() -> PathBuf {
     }
 }
 
+/// A `cargo` command run from a test or a benchmark, with the environment it would have in a
+/// shell. `cargo test` and `cargo run` give the program they run variables about its own
+/// package (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, ...), and some dependencies' build scripts
+/// rerun when those change (ring's does): inherited, they would make this cargo rebuild those
+/// crates in place, and the next `cargo test` or `cargo build` from the shell rebuild them
+/// again.
+pub fn cargo() -> Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let kept = matches!(key, "CARGO_HOME" | "CARGO_TARGET_DIR" | "CARGO_MAKEFLAGS");
+        if (key.starts_with("CARGO_") && !kept) || key == "OUT_DIR" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// Builds (once per test process) and returns the path of a workspace binary.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
@@ -57,8 +76,7 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
         // `cargo test` builds only this package's dependencies as libraries, not the host's
         // binary, so build the binaries here, with the same profile as this test.
         let dir = bin_dir();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
+        let mut cmd = cargo();
         cmd.args([
             "build",
             "--quiet",
@@ -122,8 +140,7 @@ pub fn test_plugin(name: &str) -> anyhow::Result<PathBuf> {
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     if !built.iter().any(|b| b == name) {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        let status = cargo()
             .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
             .arg("-p")
             .arg(format!("iim-test-plugin-{name}"))
