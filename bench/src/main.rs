@@ -157,6 +157,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if cfg!(debug_assertions) && !matches!(args.command, Some(Command::Relay { .. })) {
+        // CI runs the benchmarks small on the tests' debug build, for their checks (every
+        // message delivered once, memory bounded), not for their figures.
+        eprintln!(
+            "iim-bench: a debug build: its checks hold, its figures do not say how fast iim \
+             is (cargo run --release -p iim-bench)"
+        );
+    }
     let result = match &args.command {
         Some(Command::Relay { listen, cert_dir }) => raw::relay_main(*listen, cert_dir),
         Some(Command::Plugins { events, json }) => plugins::run((*events).max(1)).map(|f| {
