@@ -73,8 +73,8 @@ pub struct PasswordHashers {
 }
 
 impl PasswordHashers {
-    /// Starts `threads` hashers (at least one), each with its memory allocated now, and a queue
-    /// of `queue` jobs in front of them (0: a job is taken only if a hasher is free).
+    /// Starts `threads` hashers (at least one), each allocating its memory as it starts, and a
+    /// queue of `queue` jobs in front of them (0: a job is taken only if a hasher is free).
     pub fn start(threads: usize, queue: usize) -> std::io::Result<Self> {
         let threads = threads.max(1);
         let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(queue);
@@ -85,11 +85,12 @@ impl PasswordHashers {
         });
         for i in 0..threads {
             let (rx, load) = (Arc::clone(&rx), Arc::clone(&load));
-            // Allocated here, so that the host's memory is what it will stay once it listens.
-            let memory = HashMemory::new();
+            // Allocated by the hasher at once, not when its first job comes: the host's memory
+            // is what it stays from its first moments on. Not here, where filling tens of MiB
+            // would hold up the host's start (and a restart's first login).
             std::thread::Builder::new()
                 .name(format!("iim-hasher-{i}"))
-                .spawn(move || hasher(memory, &rx, &load))?;
+                .spawn(move || hasher(HashMemory::new(), &rx, &load))?;
         }
         Ok(Self {
             jobs,
