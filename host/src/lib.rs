@@ -8,6 +8,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod blobs;
 pub mod clock;
 pub mod cmd;
 pub mod config;
