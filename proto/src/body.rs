@@ -1,6 +1,6 @@
 //! The bodies of the messages that iim's default plugins and the host send and take: receipts,
-//! read reports and presence notices, in JSON, as `docs/plugins.md` documents them for client
-//! authors.
+//! read reports, presence notices and file references, in JSON, as `docs/plugins.md`
+//! documents them for client authors.
 //!
 //! One definition, shared: the plugins (through `iim-plugin-sdk`) write and read them with
 //! these types, the host writes the `expired` receipt with them, the `iim` CLI shows them, and
@@ -146,6 +146,43 @@ impl Presence {
     /// A presence body from its bytes.
     pub fn from_json(body: &[u8]) -> Result<Self, BodyError> {
         from_json(body)
+    }
+}
+
+/// The kind of a file message: a custom kind, `file`, that the chat plugin handles like chat.
+pub const FILE_KIND: &str = "file";
+
+/// The body of a `file` message: a file the sender uploaded (or received) on their home host,
+/// by its id, with what a client shows before downloading it. The host checks, when it takes
+/// the message, that the sender may read the file and that the size is the stored one; each
+/// recipient may then download it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    /// The file's id: its SHA-256, 64 lower-case hex digits.
+    pub file: String,
+    /// Its name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its media type (may be empty).
+    #[serde(default)]
+    pub media_type: String,
+}
+
+impl FileRef {
+    /// The body's bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        to_json(self)
+    }
+
+    /// A file body from its bytes.
+    pub fn from_json(body: &[u8]) -> Result<Self, BodyError> {
+        from_json(body)
+    }
+
+    /// The file's SHA-256, if `file` is an id.
+    pub fn sha256(&self) -> Option<crate::file::Sha256> {
+        crate::file::parse_hex(&self.file)
     }
 }
 

@@ -435,6 +435,8 @@ error_codes! {
     /// Something the request needs is out of reach for now (in a network of hosts, the
     /// exchange); the request may be sent again later.
     UNAVAILABLE = 20, "unavailable";
+    /// No such file on this host, or not one the user may read (the host does not say which).
+    NOT_FOUND = 21, "not_found";
 }
 
 impl fmt::Display for ErrorCode {

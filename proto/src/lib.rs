@@ -13,6 +13,7 @@
 
 pub mod body;
 pub mod codec;
+pub mod file;
 pub mod frame;
 pub mod name;
 pub mod peer;
