@@ -228,6 +228,10 @@ pub struct Limits {
     /// it, unless its sender chose another time to live (`SubmitExpiring`); then it expires
     /// and its sender is told. 0: messages without their own time to live never expire.
     pub message_ttl_secs: u64,
+    /// Largest file an upload may announce, in bytes (100 MiB by default).
+    pub max_file: u64,
+    /// File streams (uploads and downloads) one connection may have open at once.
+    pub file_streams: u32,
 }
 
 impl Limits {
@@ -286,6 +290,8 @@ impl Default for Limits {
             auth_rate: 2,
             auth_burst: 10,
             message_ttl_secs: 30 * 24 * 3600,
+            max_file: 100 * 1024 * 1024,
+            file_streams: 4,
         }
     }
 }

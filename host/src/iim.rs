@@ -9,7 +9,7 @@ use crate::directory::Directory;
 use crate::outbox::{OutboxError, RelayOutbox, rows_by_server};
 use crate::registry::{Delivery, Registry, SessionId};
 use crate::store::{Store, StoreError};
-use iim_proto::{DeviceId, Message, UserId};
+use iim_proto::{DeviceId, Message, MessageKind, UserId};
 use std::sync::Arc;
 
 /// A resolved set of recipients, grouped by the server that holds them.
@@ -272,6 +272,12 @@ impl Iim {
         message: &Arc<Message>,
         expires_at: Option<u64>,
     ) -> Result<Option<usize>, IimError> {
+        // A file message lets its recipient read the file, from before it can be delivered.
+        // Its body was checked when the message was accepted; a relayed one that does not
+        // read grants nothing.
+        if let Some(sha256) = file_of(message) {
+            self.store.files.grant(user, &sha256)?;
+        }
         Ok(self.store.inbox.append(user, message, expires_at, |seq| {
             let delivery = Delivery {
                 seq,
@@ -279,5 +285,17 @@ impl Iim {
             };
             self.registry.push(user, &delivery)
         })?)
+    }
+}
+
+/// The file a `file` message references, if it is one.
+fn file_of(message: &Message) -> Option<iim_proto::file::Sha256> {
+    match &message.kind {
+        MessageKind::Custom(kind) if kind == iim_proto::body::FILE_KIND => {
+            iim_proto::body::FileRef::from_json(&message.body)
+                .ok()?
+                .sha256()
+        }
+        _ => None,
     }
 }

@@ -48,4 +48,6 @@ pub struct Host {
     /// The threads that hash and check passwords: they bound the memory and CPU that
     /// registrations and logins take, and refuse what would wait too long.
     pub passwords: hashing::PasswordHashers,
+    /// The files' bytes, beside the store.
+    pub blobs: blobs::Blobs,
 }

@@ -1,5 +1,6 @@
 //! The QUIC endpoint: accepts connections, runs a session for each, and shuts down cleanly.
 
+use crate::blobs::Blobs;
 use crate::config::{Config, ConfigError};
 use crate::directory::Directory;
 use crate::hashing::PasswordHashers;
@@ -57,6 +58,9 @@ pub enum ServerError {
     /// The store failed.
     #[error("the store: {0}")]
     Store(#[from] StoreError),
+    /// The blob store (`<data-dir>/files`) could not be opened.
+    #[error("cannot open the files: {0}")]
+    Blobs(#[from] crate::blobs::BlobError),
     /// The host could not join its network.
     #[error("cannot join the network: {0}")]
     Network(#[from] LinkError),
@@ -94,9 +98,10 @@ pub struct Server {
 /// QUIC transport settings for client connections.
 pub fn transport(config: &Config) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
-    // A client opens exactly one bidirectional stream; allowing more would only let a peer
-    // park data in streams nobody reads.
-    transport.max_concurrent_bidi_streams(1u32.into());
+    // A client opens one bidirectional stream for its session and one more for each file it
+    // uploads or downloads; allowing more would only let a peer park data in streams nobody
+    // reads.
+    transport.max_concurrent_bidi_streams((1 + config.limits.file_streams).into());
     transport.max_concurrent_uni_streams(0u32.into());
     let idle = Duration::from_secs(config.limits.idle_timeout_secs);
     transport.max_idle_timeout(idle.try_into().ok());
@@ -164,6 +169,7 @@ impl Server {
             path: store_path.clone(),
             source,
         })?;
+        let blobs = Blobs::open(&config.data_dir.join("files"), config.limits.max_file)?;
         let registry = Arc::new(Registry::new(config.limits.session_queue));
         let network = match &config.network.exchange {
             None => None,
@@ -243,6 +249,7 @@ impl Server {
             network,
             shutdown,
             passwords,
+            blobs,
             config,
         });
         let recovered = host.plugins.route_pending().await?;

@@ -39,6 +39,8 @@ struct Session {
     delivery: Option<Attachment>,
     /// The client stopped reading: nothing more can be written to it.
     stalled: bool,
+    /// No more file streams will come: the connection is ending.
+    streams_closed: bool,
 }
 
 /// Runs the session of an accepted connection until it ends. `early` resolves when the TLS
@@ -75,6 +77,7 @@ pub async fn run(host: Arc<Host>, conn: quinn::Connection, early: quinn::ZeroRtt
             early: Some(Box::pin(early)),
             delivery: None,
             stalled: false,
+            streams_closed: false,
         };
         session.serve().await;
         session.finish().await;
@@ -124,6 +127,19 @@ impl Session {
                         self.machine.close(End::Lost(lost.to_string()));
                     }
                     Err(e) => self.machine.close(End::Lost(e.to_string())),
+                },
+                // A file stream: served by a task of its own, as the connection's identity
+                // is now (refused if it has none yet).
+                stream = self.conn.accept_bi(), if !self.streams_closed => match stream {
+                    Ok((send, recv)) => {
+                        let who = self.machine.identity().cloned();
+                        let host = Arc::clone(&self.host);
+                        tokio::spawn(
+                            cmd::file::serve(host, who, send, recv).in_current_span(),
+                        );
+                    }
+                    // The connection is ending; the session's own stream says how.
+                    Err(_) => self.streams_closed = true,
                 },
                 _ = shutdown.wait_for(|stopping| *stopping) => self.machine.close(End::Error {
                     code: ErrorCode::SHUTTING_DOWN,

@@ -105,6 +105,12 @@ impl FrameDecoder {
         self.buf.len()
     }
 
+    /// The bytes held after the last returned frame: on a file stream, the first bytes of the
+    /// file that came with the frame before them.
+    pub fn into_rest(self) -> Vec<u8> {
+        self.buf
+    }
+
     /// The next whole frame, `Ok(None)` if more bytes are needed.
     ///
     /// After an error the stream cannot be resynchronised; the caller closes it.

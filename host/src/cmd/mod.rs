@@ -6,6 +6,7 @@
 pub mod account;
 pub mod ack;
 pub mod fetch;
+pub mod file;
 pub mod relation;
 pub mod submit;
 

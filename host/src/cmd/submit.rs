@@ -103,6 +103,7 @@ fn accept(
             ));
         }
     }
+    super::file::check_message(host, user, &s.kind, &s.body)?;
     if s.ttl_secs == Some(0) {
         return Err(Refusal::new(
             ErrorCode::INVALID_ARGUMENT,

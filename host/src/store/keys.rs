@@ -22,6 +22,9 @@ const TTL: u8 = b't';
 const EXPIRY: u8 = b'x';
 const INBOX_HIGH: u8 = b'h';
 const INBOX_PRUNED: u8 = b'r';
+// The `files` tree: file records and readers.
+const FILE: u8 = b'f';
+const FILE_READER: u8 = b'a';
 
 fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(rest.len() + 1);
@@ -318,6 +321,16 @@ pub fn ex_acked(target: &str) -> Vec<u8> {
 /// `relay`: origin server → the highest `905` number from it that is stored.
 pub fn ex_inbound(origin: &str) -> Vec<u8> {
     tagged(EX_INBOUND, origin.as_bytes())
+}
+
+/// `files`: a file's record.
+pub fn file(sha256: &[u8; 32]) -> Vec<u8> {
+    tagged(FILE, sha256)
+}
+
+/// `files`: `user` may read file `sha256`.
+pub fn file_reader(user: &UserId, sha256: &[u8; 32]) -> Vec<u8> {
+    tagged(FILE_READER, &join(&[user.as_str().as_bytes(), sha256]))
 }
 
 #[cfg(test)]

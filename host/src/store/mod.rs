@@ -32,6 +32,7 @@ mod accounts;
 mod cursors;
 mod dead_letters;
 pub mod exchange;
+mod files;
 mod inbox;
 pub mod keys;
 mod messages;
@@ -42,6 +43,7 @@ mod relations;
 pub use accounts::Accounts;
 pub use cursors::Cursors;
 pub use dead_letters::DeadLetters;
+pub use files::{FileRecord, Files};
 pub use inbox::{Expiry, Inbox, RESTART_GAP};
 pub use messages::{Acceptance, Messages};
 pub use network::NetworkStore;
@@ -102,6 +104,8 @@ pub struct Store {
     pub plugin_kv: PluginStorage,
     /// Events no plugin build could handle.
     pub dead_letters: DeadLetters,
+    /// The files' records and who may read them (the bytes are in the blob store).
+    pub files: Files,
     /// In a network of hosts: what this host knows of it, and its relay outbox.
     pub network: NetworkStore,
 }
@@ -205,6 +209,7 @@ impl Store {
             cursors,
             plugin_kv: PluginStorage::new(&db)?,
             dead_letters: DeadLetters::new(&db)?,
+            files: Files::new(&db)?,
             network: NetworkStore::new(&db)?,
             flusher,
             db,

@@ -1,6 +1,7 @@
 //! The chat plugin: delivers a `chat` message to its addressees, under a policy.
 //!
-//! Subscribes to `message(chat)`. The message itself is passed on (same id) to the users in its
+//! Subscribes to `message(chat)` and `message(file)` (a file message, whose body references a
+//! file the host keeps, goes where a chat message would). The message itself is passed on (same id) to the users in its
 //! `to`; it goes back to the sender only if the sender addressed themself.
 //!
 //! Configuration (`chat.toml` beside `chat.wasm`):
@@ -14,7 +15,7 @@
 //! Any other value, or any other key, is `invalid-config`. `docs/plugins.md` documents the
 //! bodies for client authors.
 
-use iim_plugin_sdk::body::Receipt;
+use iim_plugin_sdk::body::{self, Receipt};
 use iim_plugin_sdk::{
     Config, Event, HostError, Message, MessageKind, Plugin, PluginError, Subscription, UserId, host,
 };
@@ -76,13 +77,18 @@ impl Plugin for Chat {
     }
 
     fn subscriptions(&self) -> Vec<Subscription> {
-        vec![Subscription::Message(MessageKind::Chat)]
+        // A file message (its body a reference to a file the host keeps) goes where a chat
+        // message would, under the same policy.
+        vec![
+            Subscription::Message(MessageKind::Chat),
+            Subscription::Message(MessageKind::Custom(body::FILE_KIND.into())),
+        ]
     }
 
     fn handle(&self, event: Event) -> Result<(), PluginError> {
         let Event::Message(msg) = event else {
             return Err(PluginError::Rejected(
-                "the chat plugin handles chat messages only".to_owned(),
+                "the chat plugin handles chat and file messages only".to_owned(),
             ));
         };
         let mut addressees: Vec<UserId> = Vec::with_capacity(msg.to.len());

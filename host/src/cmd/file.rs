@@ -1,0 +1,365 @@
+//! File streams: an upload into the blob store, or a download from it, on a bidirectional
+//! stream of its own beside the session's (`iim_proto::file`, `docs/protocol.md`).
+//!
+//! One task per stream. The session hands it the connection's identity when the stream
+//! opened; a stream opened before authentication is refused. Blob I/O runs on blocking
+//! threads, a chunk at a time, so that a file is streamed and never held in memory whole.
+
+use super::Refusal;
+use crate::Host;
+use crate::blobs::{Begun, BlobError, FileId, Upload};
+use crate::clock::now_ms;
+use crate::store::FileRecord;
+use iim_proto::body::{FILE_KIND, FileRef};
+use iim_proto::file::{FileAnswer, FileRequest, Sha256, check_file_name, check_media_type};
+use iim_proto::session::Identity;
+use iim_proto::{ErrorCode, FrameDecoder, MessageKind, UserId};
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Bytes written to or read from the blob store at a time.
+const CHUNK: usize = 256 * 1024;
+
+/// How long a client has to send a file stream's request once it opened the stream.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one file stream until its transfer ends, refusing it with a `Refused` answer (and
+/// the end of the stream) if it cannot be done.
+pub async fn serve(
+    host: Arc<Host>,
+    who: Option<Identity>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let outcome = match who {
+        None => Err(Refusal::new(
+            ErrorCode::NOT_AUTHENTICATED,
+            "open file streams once the session's stream is authenticated",
+        )),
+        Some(who) => transfer(&host, &who, &mut send, &mut recv).await,
+    };
+    if let Err(refusal) = outcome {
+        tracing::debug!(code = %refusal.code, message = %refusal.message, "file stream refused");
+        let answer = FileAnswer::Refused {
+            code: refusal.code,
+            message: refusal.message,
+        };
+        // Nothing more is read from a refused stream.
+        let _ = recv.stop(0u32.into());
+        let _ = write_answer(&host, &mut send, &answer).await;
+    }
+    let _ = send.finish();
+}
+
+async fn transfer(
+    host: &Host,
+    who: &Identity,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), Refusal> {
+    let (request, rest) = read_request(host, recv).await?;
+    match request {
+        FileRequest::Upload {
+            size,
+            sha256,
+            name,
+            media_type,
+        } => {
+            check_file_name(&name).map_err(invalid)?;
+            check_media_type(&media_type).map_err(invalid)?;
+            let record = FileRecord {
+                size,
+                name,
+                media_type,
+                uploader: who.user.clone(),
+                stored_at: now_ms(),
+            };
+            upload(host, send, recv, rest, sha256, record).await
+        }
+        FileRequest::Download { sha256, offset } => {
+            if !rest.is_empty() {
+                return Err(Refusal::new(
+                    ErrorCode::MALFORMED,
+                    "bytes after a download request",
+                ));
+            }
+            download(host, &who.user, send, sha256, offset).await
+        }
+    }
+}
+
+/// The stream's request, and the bytes that came after it (the start of an upload's file).
+async fn read_request(
+    host: &Host,
+    recv: &mut quinn::RecvStream,
+) -> Result<(FileRequest, Vec<u8>), Refusal> {
+    let mut decoder = FrameDecoder::new(host.config.limits.max_frame);
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match decoder.decode::<FileRequest>() {
+            Ok(Some(request)) => return Ok((request, decoder.into_rest())),
+            Ok(None) => {}
+            Err(e) => return Err(Refusal::new(ErrorCode::MALFORMED, e.to_string())),
+        }
+        match tokio::time::timeout_at(deadline, recv.read(&mut buf)).await {
+            Ok(Ok(Some(n))) => decoder.push(&buf[..n]),
+            Ok(Ok(None)) => {
+                return Err(Refusal::new(
+                    ErrorCode::MALFORMED,
+                    "the stream finished before its request",
+                ));
+            }
+            Ok(Err(e)) => return Err(Refusal::new(ErrorCode::INTERNAL, e.to_string())),
+            Err(_) => {
+                return Err(Refusal::new(
+                    ErrorCode::INVALID_ARGUMENT,
+                    format!("no request within {} s", REQUEST_TIMEOUT.as_secs()),
+                ));
+            }
+        }
+    }
+}
+
+/// Takes an upload: answers `Ready` with where to go on from, writes what comes until the
+/// stream ends, then checks and keeps the file and answers `Stored`. A transfer cut off
+/// leaves what arrived for the next upload of the same file.
+async fn upload(
+    host: &Host,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    rest: Vec<u8>,
+    sha256: Sha256,
+    record: FileRecord,
+) -> Result<(), Refusal> {
+    let id = FileId::from_digest(&sha256);
+    let (blobs, size) = (host.blobs.clone(), record.size);
+    let begun = blocking(move || blobs.upload(&id, size)).await?;
+    let mut upload = match begun {
+        Begun::Complete { size: stored } => {
+            if stored != size {
+                return Err(invalid(format!(
+                    "the file with this SHA-256 has {stored} bytes, not {size}"
+                )));
+            }
+            return stored_answer(host, send, sha256, &record).await;
+        }
+        Begun::Partial(upload) => upload,
+    };
+    write_answer(
+        host,
+        send,
+        &FileAnswer::Ready {
+            offset: upload.offset(),
+        },
+    )
+    .await?;
+    let mut pending = rest;
+    loop {
+        let chunk = match recv.read_chunk(CHUNK, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) => break,
+            Err(e) => {
+                // Cut off: what arrived is kept for the next upload to go on from.
+                let _ = write_pending(upload, pending).await;
+                return Err(Refusal::new(ErrorCode::INTERNAL, e.to_string()));
+            }
+        };
+        pending.extend_from_slice(&chunk);
+        if upload.offset() + pending.len() as u64 > upload.size() {
+            return Err(BlobError::Overrun {
+                size: upload.size(),
+            }
+            .into());
+        }
+        if pending.len() >= CHUNK {
+            upload = write_pending(upload, std::mem::take(&mut pending)).await?;
+        }
+    }
+    let upload = write_pending(upload, pending).await?;
+    blocking(move || upload.finish()).await?;
+    stored_answer(host, send, sha256, &record).await
+}
+
+/// Appends `bytes` to the upload on a blocking thread.
+async fn write_pending(mut upload: Box<Upload>, bytes: Vec<u8>) -> Result<Box<Upload>, Refusal> {
+    if bytes.is_empty() {
+        return Ok(upload);
+    }
+    blocking(move || upload.write(&bytes).map(|()| upload)).await
+}
+
+/// Records the stored file (the uploader may read it), makes that durable, and says so.
+async fn stored_answer(
+    host: &Host,
+    send: &mut quinn::SendStream,
+    sha256: Sha256,
+    record: &FileRecord,
+) -> Result<(), Refusal> {
+    host.store.files.stored(&sha256, record)?;
+    host.store.flush().await?;
+    write_answer(host, send, &FileAnswer::Stored { sha256 }).await
+}
+
+/// Sends a file the user may read, from `offset` on.
+async fn download(
+    host: &Host,
+    user: &UserId,
+    send: &mut quinn::SendStream,
+    sha256: Sha256,
+    offset: u64,
+) -> Result<(), Refusal> {
+    let not_found = || {
+        Refusal::new(
+            ErrorCode::NOT_FOUND,
+            format!(
+                "no file {} that you may read on this host",
+                iim_proto::file::hex(&sha256)
+            ),
+        )
+    };
+    if !host.store.files.may_read(user, &sha256)? {
+        return Err(not_found());
+    }
+    let record = host.store.files.get(&sha256)?.ok_or_else(not_found)?;
+    let (blobs, id) = (host.blobs.clone(), FileId::from_digest(&sha256));
+    let (mut file, size) = blocking(move || blobs.read(&id, offset))
+        .await?
+        .ok_or_else(not_found)?;
+    if offset > size {
+        return Err(invalid(format!(
+            "offset {offset} is past the end of the file ({size} bytes)"
+        )));
+    }
+    let sending = FileAnswer::Sending {
+        size,
+        offset,
+        name: record.name,
+        media_type: record.media_type,
+    };
+    write_answer(host, send, &sending).await?;
+    // From here on the stream carries the file's bytes: a failure resets it instead of
+    // answering, and the client goes on from what it has.
+    let timeout = Duration::from_secs(host.config.limits.write_timeout_secs);
+    loop {
+        let read = tokio::task::spawn_blocking(move || {
+            let mut chunk = vec![0u8; CHUNK];
+            let n = file.read(&mut chunk)?;
+            chunk.truncate(n);
+            Ok::<_, std::io::Error>((file, chunk))
+        })
+        .await;
+        let chunk = match read {
+            Ok(Ok((rest, chunk))) => {
+                file = rest;
+                chunk
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "reading a file to send");
+                let _ = send.reset(u32::from(ErrorCode::INTERNAL.0).into());
+                return Ok(());
+            }
+            Err(_) => {
+                let _ = send.reset(u32::from(ErrorCode::INTERNAL.0).into());
+                return Ok(());
+            }
+        };
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(timeout, send.write_all(&chunk)).await {
+            Ok(Ok(())) => {}
+            // The client went away or stopped reading: nothing to tell it.
+            Ok(Err(_)) | Err(_) => {
+                let _ = send.reset(u32::from(ErrorCode::TOO_SLOW.0).into());
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Checks a `file` message as it is submitted: its body is a file reference, and the sender
+/// may read the file it names, whose size it states right. Other kinds pass.
+pub fn check_message(
+    host: &Host,
+    sender: &UserId,
+    kind: &MessageKind,
+    body: &[u8],
+) -> Result<(), Refusal> {
+    if !matches!(kind, MessageKind::Custom(k) if k == FILE_KIND) {
+        return Ok(());
+    }
+    let file = FileRef::from_json(body)
+        .map_err(|e| invalid(format!("a file message's body is a file reference: {e}")))?;
+    let sha256 = file
+        .sha256()
+        .ok_or_else(|| invalid(format!("not a file id: {:?}", file.file)))?;
+    let record = match host.store.files.may_read(sender, &sha256)? {
+        true => host.store.files.get(&sha256)?,
+        false => None,
+    };
+    let record = record.ok_or_else(|| {
+        Refusal::new(
+            ErrorCode::NOT_FOUND,
+            format!("no file {} that you may read on this host", file.file),
+        )
+    })?;
+    if record.size != file.size {
+        return Err(invalid(format!(
+            "file {} has {} bytes, not {}",
+            file.file, record.size, file.size
+        )));
+    }
+    Ok(())
+}
+
+async fn write_answer(
+    host: &Host,
+    send: &mut quinn::SendStream,
+    answer: &FileAnswer,
+) -> Result<(), Refusal> {
+    let bytes = iim_proto::encode_frame(answer, host.config.limits.max_frame)
+        .map_err(|e| Refusal::new(ErrorCode::INTERNAL, e.to_string()))?;
+    let timeout = Duration::from_secs(host.config.limits.write_timeout_secs);
+    match tokio::time::timeout(timeout, send.write_all(&bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Refusal::new(ErrorCode::INTERNAL, e.to_string())),
+        Err(_) => Err(Refusal::new(
+            ErrorCode::TOO_SLOW,
+            "the client stopped reading",
+        )),
+    }
+}
+
+/// Runs blob-store work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, BlobError> + Send + 'static,
+) -> Result<T, Refusal> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| Refusal::new(ErrorCode::INTERNAL, "the host failed"))?
+        .map_err(Refusal::from)
+}
+
+fn invalid(message: impl Into<String>) -> Refusal {
+    Refusal::new(ErrorCode::INVALID_ARGUMENT, message)
+}
+
+impl From<BlobError> for Refusal {
+    fn from(e: BlobError) -> Self {
+        let code = match &e {
+            BlobError::BadId(_)
+            | BlobError::Overrun { .. }
+            | BlobError::Incomplete { .. }
+            | BlobError::HashMismatch { .. } => ErrorCode::INVALID_ARGUMENT,
+            BlobError::TooLarge { .. } => ErrorCode::BODY_TOO_LARGE,
+            BlobError::Busy(_) => ErrorCode::UNAVAILABLE,
+            BlobError::Io { .. } => {
+                tracing::error!(error = %e, "blob store");
+                return Refusal::new(ErrorCode::INTERNAL, "the host could not store the file");
+            }
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
