@@ -4,6 +4,9 @@
 
 use crate::ClientError;
 use crate::driver::{self, Reply, Shared};
+use crate::transfer::{self, Destination, DownloadedFile};
+use iim_proto::body::FileRef;
+use iim_proto::file::Sha256;
 use iim_proto::session::{Outgoing, Request};
 use iim_proto::{
     DeviceId, Message, MessageId, MessageKind, RelationKind, RelationOp, ServerFrame, SessionMode,
@@ -227,6 +230,8 @@ pub struct Connection {
     max_body: u32,
     server: String,
     used_0rtt: bool,
+    /// How long a file transfer waits for the host: an answer, or room for the next bytes.
+    request_timeout: Duration,
 }
 
 impl Connection {
@@ -463,6 +468,7 @@ impl Connection {
             max_body: welcome.max_body,
             server: welcome.server,
             used_0rtt,
+            request_timeout: config.request_timeout,
         })
     }
 
@@ -674,6 +680,71 @@ impl Connection {
         };
         self.shared.wake();
         Ok(Answer { rx })
+    }
+
+    /// Uploads the file at `path` to the host, on a stream of its own, and returns the
+    /// reference to send in a `file` message (kind [`iim_proto::body::FILE_KIND`], body
+    /// [`FileRef::to_json`]). The connection must be authenticated.
+    ///
+    /// The file is read twice and never held in memory whole: once to hash it (the host
+    /// names files by their SHA-256), once to send it. The host asks only for what it lacks:
+    /// nothing if it has the file already, the rest if an earlier upload of the same bytes was
+    /// cut off. `progress` is called with the bytes the host has and the file's size, first
+    /// with where the upload starts, then after every chunk.
+    ///
+    /// Fails with [`ClientError::Refused`] if the host refuses the file (its code and
+    /// reason kept), with [`ClientError::File`] if the file cannot be read, has a name the
+    /// protocol does not allow (its name is `path`'s last component), or changed while it
+    /// was uploaded, and with an error that [`ClientError::is_transient`] if the connection
+    /// was lost: uploading again on a new connection goes on from what the host kept.
+    /// [`Device::upload_file`](crate::Device::upload_file) does that by itself.
+    pub async fn upload_file(
+        &self,
+        path: &Path,
+        media_type: &str,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<FileRef, ClientError> {
+        transfer::upload(&self.conn, self.request_timeout, path, media_type, progress).await
+    }
+
+    /// Downloads the file `sha256` to `out`, on a stream of its own, and says what it is.
+    /// The connection must be authenticated, and the user allowed to read the file (its
+    /// uploader, or a recipient of a `file` message naming it).
+    ///
+    /// The bytes go to `<out>.part` as they come; if that exists (an earlier download was
+    /// cut off), the download goes on from its end. Once the host has sent every byte, the
+    /// SHA-256 of the whole `.part` is checked and it is renamed to `out` (replacing what
+    /// was there). `progress` is called with the bytes there are and the file's size.
+    ///
+    /// Fails with [`ClientError::Refused`] if the host refuses (`not_found`: no such file
+    /// that the user may read), with [`ClientError::Corrupt`] if the bytes are not the file
+    /// (the `.part` is then deleted), with [`ClientError::File`] if `out` or its `.part`
+    /// cannot be written, and with an error that [`ClientError::is_transient`] if the
+    /// connection was lost: downloading again goes on from the `.part`.
+    /// [`Device::download_file`](crate::Device::download_file) does that by itself.
+    pub async fn download_file(
+        &self,
+        sha256: &Sha256,
+        out: &Path,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<DownloadedFile, ClientError> {
+        let to = Destination::File(out);
+        transfer::download(&self.conn, self.request_timeout, sha256, to, progress).await
+    }
+
+    /// [`Connection::download_file`] into the directory `dir`, under the name the host sends
+    /// (its uploader's). Until it is whole the file is `<dir>/<id>.part` (`id` in hex), as
+    /// the name is not known before the host answers. A name that is not a plain file name
+    /// is refused, and so is one that exists in `dir` already: a download does not replace
+    /// a file nobody named.
+    pub async fn download_file_into(
+        &self,
+        sha256: &Sha256,
+        dir: &Path,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<DownloadedFile, ClientError> {
+        let to = Destination::Directory(dir);
+        transfer::download(&self.conn, self.request_timeout, sha256, to, progress).await
     }
 
     /// In a [`SessionMode::Paged`] session, asks for the next page of the backlog: up to `max`

@@ -16,11 +16,15 @@ use crate::connection::{
     ttl_secs,
 };
 use crate::driver::{Reply, Shared};
+use crate::transfer::{self, Destination, DownloadedFile, Progress};
 use crate::{ClientError, new_client_id};
+use iim_proto::body::FileRef;
+use iim_proto::file::Sha256;
 use iim_proto::session::{Backoff, Outgoing, Request};
 use iim_proto::{DeviceId, Message, MessageId, MessageKind, SessionMode, UserId};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -112,6 +116,12 @@ impl Future for Submission {
     }
 }
 
+/// How many times in a row a [`Device`]'s file transfer is tried on a connection that stays
+/// up, without a byte more, before it fails: the waits between them grow from
+/// [`ClientConfig::reconnect_first`] to [`ClientConfig::reconnect_max`] (about 90 s with the
+/// defaults, which outlasts the host's noticing that a lost connection is gone).
+pub const TRANSFER_ATTEMPTS: u32 = 8;
+
 /// A logged-in device that reconnects by itself, with a growing wait
 /// ([`ClientConfig::reconnect_first`] doubling up to [`ClientConfig::reconnect_max`]), when the
 /// connection is lost or the host restarts. Nothing submitted is lost or accepted twice, and no
@@ -160,6 +170,13 @@ pub struct Device {
     /// Asks the device's task to close (answered once closed).
     close: mpsc::UnboundedSender<oneshot::Sender<()>>,
     updates: tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Update, ClientError>>>,
+    /// The current QUIC connection, for file transfers: `None` while the device reconnects,
+    /// and the channel closed once the device has ended.
+    quic: watch::Receiver<Option<quinn::Connection>>,
+    /// How long a file transfer waits for the host ([`ClientConfig::request_timeout`]).
+    request_timeout: Duration,
+    /// The wait between attempts of a file transfer on a connection that stays up.
+    retry: Backoff,
 }
 
 impl Device {
@@ -190,6 +207,11 @@ impl Device {
             }
         };
         let (home_tx, home) = watch::channel((conn.server().to_owned(), config.server));
+        let (quic_tx, quic) = watch::channel(Some(conn.quic().clone()));
+        let (request_timeout, retry) = (
+            config.request_timeout,
+            Backoff::new(config.reconnect_first, config.reconnect_max),
+        );
         let (close, close_rx) = mpsc::unbounded_channel();
         let (updates_tx, updates) = mpsc::unbounded_channel();
         let supervisor = Supervisor {
@@ -205,6 +227,7 @@ impl Device {
             close: close_rx,
             updates: updates_tx,
             home: home_tx,
+            quic: quic_tx,
         };
         tokio::spawn(supervisor.run(conn));
         Ok(Self {
@@ -213,6 +236,9 @@ impl Device {
             shared,
             close,
             updates: tokio::sync::Mutex::new(updates),
+            quic,
+            request_timeout,
+            retry,
         })
     }
 
@@ -317,6 +343,118 @@ impl Device {
         page(answer)
     }
 
+    /// [`Connection::upload_file`], carried on across lost connections: an upload cut off
+    /// goes on from what the host kept, on the device's next connection, as many times as
+    /// that takes. `progress` may go back once (to where the host says the next attempt
+    /// starts) after a loss.
+    ///
+    /// Fails with what [`Connection::upload_file`] fails with, save a lost connection; and
+    /// with the device's own error if it gives up or is closed. On a connection that stays
+    /// up, an error worth trying again after a while (the host is busy with the same file on
+    /// a connection it has not noticed is gone yet, say) is tried again with a growing wait,
+    /// [`TRANSFER_ATTEMPTS`] times in a row at most without a byte more.
+    pub async fn upload_file(
+        &self,
+        path: &Path,
+        media_type: &str,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<FileRef, ClientError> {
+        self.with_retries(&Upload { path, media_type }, progress)
+            .await
+    }
+
+    /// [`Connection::download_file`], carried on across lost connections as
+    /// [`Device::upload_file`] is: a download cut off goes on from its `<out>.part` on the
+    /// device's next connection.
+    pub async fn download_file(
+        &self,
+        sha256: &Sha256,
+        out: &Path,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<DownloadedFile, ClientError> {
+        let to = Destination::File(out);
+        self.with_retries(&Download { sha256, to }, progress).await
+    }
+
+    /// [`Connection::download_file_into`], carried on across lost connections as
+    /// [`Device::download_file`] is.
+    pub async fn download_file_into(
+        &self,
+        sha256: &Sha256,
+        dir: &Path,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<DownloadedFile, ClientError> {
+        let to = Destination::Directory(dir);
+        self.with_retries(&Download { sha256, to }, progress).await
+    }
+
+    /// Runs `attempt` on the device's connection until it succeeds or fails for good: after
+    /// a lost connection, on the next one; after another transient error, on the same one
+    /// after a growing wait, as long as attempts move bytes.
+    async fn with_retries<T: Transfer>(
+        &self,
+        transfer: &T,
+        progress: Progress<'_>,
+    ) -> Result<T::Output, ClientError> {
+        let mut quic = self.quic.clone();
+        let mut retry = self.retry;
+        let mut stalled = 0;
+        // The furthest any attempt got: an attempt that gets further is progress.
+        let mut furthest = None;
+        loop {
+            let conn = self.connected(&mut quic).await?;
+            let before = furthest;
+            let mut tracked = |done: u64, size: u64| {
+                furthest = furthest.max(Some(done));
+                progress(done, size);
+            };
+            let error = match transfer
+                .attempt(&conn, self.request_timeout, &mut tracked)
+                .await
+            {
+                Ok(done) => return Ok(done),
+                Err(e) if e.is_transient() => e,
+                Err(e) => return Err(e),
+            };
+            if furthest > before {
+                retry.reset();
+                stalled = 0;
+            }
+            if conn.close_reason().is_some() {
+                // The device reconnects by itself; the transfer goes on on its next connection.
+                tracing::debug!(%error, "file transfer cut off; going on after the reconnect");
+                continue;
+            }
+            stalled += 1;
+            if stalled >= TRANSFER_ATTEMPTS {
+                return Err(error);
+            }
+            let wait = retry.next_wait();
+            tracing::debug!(%error, ?wait, "file transfer failed; trying again");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The device's connection, once it has a live one; the device's error once it has ended.
+    async fn connected(
+        &self,
+        quic: &mut watch::Receiver<Option<quinn::Connection>>,
+    ) -> Result<quinn::Connection, ClientError> {
+        loop {
+            let current = quic.borrow_and_update().clone();
+            if let Some(conn) = current
+                && conn.close_reason().is_none()
+            {
+                return Ok(conn);
+            }
+            if quic.changed().await.is_err() {
+                return Err(self.shared.lock().gone().unwrap_or_else(|| {
+                    ClientError::ConnectionLost("the device was closed".into())
+                }));
+            }
+        }
+    }
+
     /// The next update; `None` once the device has ended and every update was taken.
     pub async fn next(&self) -> Option<Result<Update, ClientError>> {
         self.updates.lock().await.recv().await
@@ -331,6 +469,58 @@ impl Device {
         if self.close.send(done).is_ok() {
             let _ = closed.await;
         }
+    }
+}
+
+/// A file transfer that a [`Device`] carries on across its connections.
+trait Transfer {
+    /// What it gives once done.
+    type Output;
+
+    /// One attempt, on `conn`.
+    fn attempt<'a>(
+        &'a self,
+        conn: &'a quinn::Connection,
+        timeout: Duration,
+        progress: Progress<'a>,
+    ) -> impl Future<Output = Result<Self::Output, ClientError>> + Send + 'a;
+}
+
+/// [`Device::upload_file`]'s transfer.
+struct Upload<'p> {
+    path: &'p Path,
+    media_type: &'p str,
+}
+
+impl Transfer for Upload<'_> {
+    type Output = FileRef;
+
+    fn attempt<'a>(
+        &'a self,
+        conn: &'a quinn::Connection,
+        timeout: Duration,
+        progress: Progress<'a>,
+    ) -> impl Future<Output = Result<FileRef, ClientError>> + Send + 'a {
+        transfer::upload(conn, timeout, self.path, self.media_type, progress)
+    }
+}
+
+/// [`Device::download_file`]'s and [`Device::download_file_into`]'s transfer.
+struct Download<'p> {
+    sha256: &'p Sha256,
+    to: Destination<'p>,
+}
+
+impl Transfer for Download<'_> {
+    type Output = DownloadedFile;
+
+    fn attempt<'a>(
+        &'a self,
+        conn: &'a quinn::Connection,
+        timeout: Duration,
+        progress: Progress<'a>,
+    ) -> impl Future<Output = Result<DownloadedFile, ClientError>> + Send + 'a {
+        transfer::download(conn, timeout, self.sha256, self.to, progress)
     }
 }
 
@@ -429,6 +619,8 @@ struct Supervisor {
     updates: mpsc::UnboundedSender<Result<Update, ClientError>>,
     /// The host of the last connection, for [`Device::home`].
     home: watch::Sender<(String, SocketAddr)>,
+    /// The current QUIC connection, for [`Device`]'s file transfers.
+    quic: watch::Sender<Option<quinn::Connection>>,
 }
 
 impl Supervisor {
@@ -449,6 +641,7 @@ impl Supervisor {
                 }
                 Served::Lost(reason) => reason,
             };
+            self.quic.send_replace(None);
             drop(conn);
             if !reason.is_transient() {
                 return self.end(reason);
@@ -494,6 +687,7 @@ impl Supervisor {
             };
             self.home
                 .send_replace((conn.server().to_owned(), self.login.config.server));
+            self.quic.send_replace(Some(conn.quic().clone()));
             let _ = self.updates.send(Ok(Update::Reconnected));
         }
     }
@@ -533,6 +727,21 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    /// An application can spawn a transfer: its future is `Send`.
+    #[allow(dead_code)]
+    fn transfers_can_be_spawned(device: &Device, conn: &Connection) {
+        let mut progress = |_: u64, _: u64| {};
+        let (path, id) = (Path::new("f"), [0u8; 32]);
+        assert_send(&device.upload_file(path, "", &mut progress));
+        assert_send(&device.download_file(&id, path, &mut progress));
+        assert_send(&device.download_file_into(&id, path, &mut progress));
+        assert_send(&conn.upload_file(path, "", &mut progress));
+        assert_send(&conn.download_file(&id, path, &mut progress));
+        assert_send(&conn.download_file_into(&id, path, &mut progress));
+    }
 
     #[test]
     fn a_reconnect_follows_a_redirect_at_once_and_backs_off_from_failures() {

@@ -142,6 +142,11 @@ impl Core {
         Ok(rx)
     }
 
+    /// The error the device gave up with, once it has.
+    pub(crate) fn gone(&self) -> Option<ClientError> {
+        self.gone.clone()
+    }
+
     /// The number of the current connection.
     pub(crate) fn generation(&self) -> u64 {
         self.generation
@@ -275,19 +280,25 @@ fn refused(refusal: Refusal) -> ClientError {
 
 /// The error a failed read of the host's stream means: the host closed the connection with a
 /// reason (its code is an iim error code), or it is lost.
-fn read_error(e: quinn::ReadError) -> ClientError {
+pub(crate) fn read_error(e: quinn::ReadError) -> ClientError {
     match e {
-        quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close))
-            if close.error_code.into_inner() != 0 =>
-        {
+        quinn::ReadError::ConnectionLost(lost) => connection_error(lost),
+        e => ClientError::ConnectionLost(e.to_string()),
+    }
+}
+
+/// The error the end of the QUIC connection means: the host closed it with a reason (its code
+/// is an iim error code), or it is lost.
+pub(crate) fn connection_error(e: quinn::ConnectionError) -> ClientError {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(close) if close.error_code.into_inner() != 0 => {
             ClientError::ClosedByHost {
                 code: ErrorCode(u16::try_from(close.error_code.into_inner()).unwrap_or(0)),
                 message: String::from_utf8_lossy(&close.reason).into_owned(),
             }
         }
         // Its Display is only "connection lost"; the reason (timed out, reset) is what helps.
-        quinn::ReadError::ConnectionLost(lost) => ClientError::ConnectionLost(lost.to_string()),
-        e => ClientError::ConnectionLost(e.to_string()),
+        lost => ClientError::ConnectionLost(lost.to_string()),
     }
 }
 

@@ -9,6 +9,12 @@
 //! [`Connection::resume_home`] and [`Device`] follow redirects by themselves and say where they
 //! ended up, for the application to remember.
 //!
+//! Files travel on QUIC streams of their own, beside the session's: [`Connection::upload_file`]
+//! returns the [`FileRef`](iim_proto::body::FileRef) to send in a `file` message, and
+//! [`Connection::download_file`] fetches a file a message named. Both go on from where a
+//! cut-off transfer stopped; [`Device::upload_file`] and [`Device::download_file`] do that by
+//! themselves across reconnects.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), iim_client::ClientError> {
 //! use iim_client::{ClientConfig, Connection, Event};
@@ -33,13 +39,15 @@
 mod connection;
 mod device;
 mod driver;
+mod transfer;
 
 pub use connection::{
     Accepted, ClientConfig, Connection, Event, MAX_REDIRECTS, Page, new_client_id,
     quic_client_config,
 };
-pub use device::{Credentials, Device, Submission, Update};
+pub use device::{Credentials, Device, Submission, TRANSFER_ATTEMPTS, Update};
 pub use iim_proto as proto;
+pub use transfer::DownloadedFile;
 
 use iim_proto::ErrorCode;
 
@@ -107,6 +115,24 @@ pub enum ClientError {
         /// The address, `host:port`.
         addr: String,
         /// Why.
+        reason: String,
+    },
+    /// A local file of a transfer could not be read or written, or is not what the transfer
+    /// needs: a file that changed while it was uploaded, a name the protocol does not allow.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The bytes a download got are not the file asked for: their SHA-256 differs, or more
+    /// came than its size. The partial download was deleted; downloading again starts afresh.
+    #[error("the download of file {file} failed its check: {reason}")]
+    Corrupt {
+        /// The file's id.
+        file: String,
+        /// What did not match, and what became of the partial download.
         reason: String,
     },
 }

@@ -9,10 +9,17 @@
 //! address that redirected: the next command goes straight to the home host, also when
 //! `--server` names the host that redirected. `register` is never redirected: the host an
 //! account is registered at becomes its home.
+//!
+//! `send-file` and `download` move files on streams of their own, through a device that
+//! reconnects by itself (as `listen` does): a transfer cut off goes on from where it stopped,
+//! from what the host kept of an upload or from the `.part` file of a download.
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
-use iim_client::proto::body::{Presence, PresenceEntry, PresenceState, ReadReport, Receipt};
+use iim_client::proto::body::{
+    FILE_KIND, FileRef, Presence, PresenceEntry, PresenceState, ReadReport, Receipt,
+};
+use iim_client::proto::file::Sha256;
 use iim_client::proto::session::Backoff;
 use iim_client::proto::{
     DeviceId, Message, MessageId, MessageKind, RelationKind, SessionMode, UserId,
@@ -108,6 +115,39 @@ enum Command {
         /// Mark every chat message read once it is printed (as `iim read` does).
         #[arg(long)]
         read: bool,
+    },
+    /// Send a file: upload it to your home host, then send a `file` message naming it to TO
+    /// (one or more users); prints the file's id.
+    ///
+    /// An upload cut off (a lost connection, a host that restarts) goes on from what the host
+    /// kept once reconnected; a file the host has already is not sent again. Progress is shown
+    /// on stderr when it is a terminal.
+    SendFile {
+        /// Recipients, one or more.
+        #[arg(required = true, value_name = "TO")]
+        to: Vec<UserId>,
+        /// The file.
+        path: PathBuf,
+        /// Its media type (`image/png`) [default: from the file's extension, else
+        /// application/octet-stream].
+        #[arg(long, value_name = "TYPE")]
+        media_type: Option<String>,
+    },
+    /// Download a file by its id (as `listen` and `send-file` show it); prints where it was
+    /// saved.
+    ///
+    /// The bytes go to PATH.part (without --out: FILE-ID.part) as they come; a download cut
+    /// off goes on from there once reconnected, and so does running the command again. The
+    /// file is checked against its id before it takes its name. Progress is shown on stderr
+    /// when it is a terminal.
+    Download {
+        /// The file's id: 64 hex digits.
+        #[arg(value_name = "FILE-ID", value_parser = parse_file_id)]
+        file: Sha256,
+        /// Where to save it (replacing what is there) [default: the name it was sent with,
+        /// in the current directory, which must not exist yet].
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
     },
     /// Tell the sender of a chat message you received that you read it.
     ///
@@ -365,6 +405,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             conn.close().await;
         }
         Command::Listen { read } => listen(&cli, *read).await?,
+        Command::SendFile {
+            to,
+            path,
+            media_type,
+        } => send_file(&cli, to, path, media_type.as_deref()).await?,
+        Command::Download { file, out } => download(&cli, file, out.as_deref()).await?,
         Command::Read { id, from } => {
             let (conn, _) = session(&cli, SessionMode::SendOnly).await?;
             let message = MessageId(*id);
@@ -441,51 +487,15 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
     // while a message is being handled, or while waiting to reconnect, is not lost.
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
-    let dir = profile_dir(cli)?;
-    let mut profile = saved_login(&dir)?;
-    let (_, ca) = target(cli, Some(&profile))?;
-    let mut server = profile.host_for(cli.server);
-    let config = ClientConfig::new(server).with_ca_file(&ca)?;
-    // The device reconnects by itself once open; until then, so does this loop, with the
-    // same growing wait.
-    let mut backoff = Backoff::new(config.reconnect_first, config.reconnect_max);
-    let device = loop {
-        let opened = tokio::select! {
-            biased;
-            _ = &mut ctrl_c => return Ok(()),
-            opened = Device::open(
-                &config,
-                &profile.user,
-                &profile.device,
-                Credentials::Token(profile.token.clone()),
-                SessionMode::Receive,
-            ) => opened,
-        };
-        let wait = match opened {
-            Ok(device) => break device,
-            Err(e) if e.is_transient() => {
-                let wait = backoff.next_wait();
-                eprintln!(
-                    "iim: cannot reach the host ({e}); trying again in {:.1} s",
-                    wait.as_secs_f64()
-                );
-                wait
-            }
-            Err(e) => return Err(login_refused(e)),
-        };
-        tokio::select! {
-            biased;
-            _ = &mut ctrl_c => return Ok(()),
-            () = tokio::time::sleep(wait) => {}
-        }
+    let Some((device, mut home)) = open_device(cli, SessionMode::Receive, ctrl_c.as_mut()).await?
+    else {
+        return Ok(());
     };
-    let (home_id, home) = device.home();
-    if profile.note_home(server, &home_id, home) {
-        save_profile(&dir, &profile)?;
-        server = home;
-    }
     if !cli.json {
-        eprintln!("listening as {} on device {}", profile.user, profile.device);
+        eprintln!(
+            "listening as {} on device {}",
+            home.profile.user, home.profile.device
+        );
     }
     loop {
         let update = tokio::select! {
@@ -504,7 +514,7 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
                 // Acknowledged before it is reported read, so that its sender hears of the
                 // delivery first (the receipts plugin handles both in the order they come).
                 device.ack(seq);
-                if read && message.kind == MessageKind::Chat && message.from != profile.user {
+                if read && message.kind == MessageKind::Chat && message.from != home.profile.user {
                     let id = message.id;
                     let report = device.submit(
                         read_report_client_id(id, &message.from),
@@ -531,37 +541,369 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
                     eprintln!("({count} waiting message(s) delivered; now live)");
                 }
             }
+            Some(Ok(update)) => home.connection_update(&device, &update),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(ClientError::ConnectionLost("the connection ended".into()).into()),
+        }
+    }
+}
+
+/// Where the profile's device connects, kept up to date as redirects teach it.
+struct Home {
+    dir: PathBuf,
+    profile: Profile,
+    /// The host the device connects to.
+    server: SocketAddr,
+}
+
+impl Home {
+    /// Says on stderr that the device lost its connection or got it back; remembers the home
+    /// host a reconnect was redirected to. Other updates are not about the connection.
+    fn connection_update(&mut self, device: &Device, update: &Update) {
+        match update {
             // The device goes to the home host at once; the profile remembers it once there.
-            Some(Ok(Update::Disconnected {
+            Update::Disconnected {
                 reason: ClientError::Redirected { server, addr },
                 ..
-            })) => eprintln!("redirected to home host {server} at {addr}"),
-            Some(Ok(Update::Disconnected { reason, retry_in })) => {
+            } => eprintln!("redirected to home host {server} at {addr}"),
+            Update::Disconnected { reason, retry_in } => {
                 eprintln!(
                     "iim: connection lost ({reason}); reconnecting in {:.1} s",
                     retry_in.as_secs_f64()
                 );
             }
-            Some(Ok(Update::Reconnected)) => {
+            Update::Reconnected => {
                 eprintln!("iim: reconnected");
                 let (_, home) = device.home();
-                if home != server {
+                if home != self.server {
                     // Said when the redirect came.
-                    profile.server = home;
-                    profile.redirected_from = Some(server);
-                    server = home;
-                    // Listening goes on if the profile cannot be written.
-                    if let Err(e) = save_profile(&dir, &profile) {
+                    self.profile.server = home;
+                    self.profile.redirected_from = Some(self.server);
+                    self.server = home;
+                    // The device goes on if the profile cannot be written.
+                    if let Err(e) = save_profile(&self.dir, &self.profile) {
                         eprintln!("iim: cannot remember the home host: {}", one_line(&e));
                     }
                 }
             }
-            // Only paged devices get a summary; `listen` takes its backlog pushed.
-            Some(Ok(Update::Backlog { .. })) => {}
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(ClientError::ConnectionLost("the connection ended".into()).into()),
+            // Only paged devices get a summary; the commands take their backlog pushed, or
+            // none.
+            Update::Message { .. } | Update::Synced { .. } | Update::Backlog { .. } => {}
         }
     }
+}
+
+/// Opens the profile's device in `mode`, at the user's home host (a redirect is followed and
+/// remembered). The device reconnects by itself once open; until then, this tries again with
+/// the same growing wait while the host cannot be reached. `None` if `stop` comes first.
+async fn open_device<F: std::future::Future>(
+    cli: &Cli,
+    mode: SessionMode,
+    mut stop: std::pin::Pin<&mut F>,
+) -> anyhow::Result<Option<(Device, Home)>> {
+    let dir = profile_dir(cli)?;
+    let mut profile = saved_login(&dir)?;
+    let (_, ca) = target(cli, Some(&profile))?;
+    let mut server = profile.host_for(cli.server);
+    let config = ClientConfig::new(server).with_ca_file(&ca)?;
+    let mut backoff = Backoff::new(config.reconnect_first, config.reconnect_max);
+    let device = loop {
+        let opened = tokio::select! {
+            biased;
+            _ = stop.as_mut() => return Ok(None),
+            opened = Device::open(
+                &config,
+                &profile.user,
+                &profile.device,
+                Credentials::Token(profile.token.clone()),
+                mode,
+            ) => opened,
+        };
+        let wait = match opened {
+            Ok(device) => break device,
+            Err(e) if e.is_transient() => {
+                let wait = backoff.next_wait();
+                eprintln!(
+                    "iim: cannot reach the host ({e}); trying again in {:.1} s",
+                    wait.as_secs_f64()
+                );
+                wait
+            }
+            Err(e) => return Err(login_refused(e)),
+        };
+        tokio::select! {
+            biased;
+            _ = stop.as_mut() => return Ok(None),
+            () = tokio::time::sleep(wait) => {}
+        }
+    };
+    let (home_id, home) = device.home();
+    if profile.note_home(server, &home_id, home) {
+        save_profile(&dir, &profile)?;
+        server = home;
+    }
+    Ok(Some((
+        device,
+        Home {
+            dir,
+            profile,
+            server,
+        },
+    )))
+}
+
+/// Opens the profile's device for a file transfer: sending only, until it is opened.
+async fn transfer_device(cli: &Cli) -> anyhow::Result<(Device, Home)> {
+    let never = std::future::pending::<()>();
+    tokio::pin!(never);
+    open_device(cli, SessionMode::SendOnly, never)
+        .await?
+        .ok_or_else(|| anyhow!("the device was not opened"))
+}
+
+/// Waits for `work` on `device`, saying on stderr when the connection is lost and back (the
+/// device carries the work on across reconnects).
+async fn with_notices<T>(
+    device: &Device,
+    home: &mut Home,
+    line: &ProgressLine,
+    work: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::pin!(work);
+    let mut updates = true;
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            update = device.next(), if updates => match update {
+                Some(Ok(update)) => {
+                    if matches!(update, Update::Disconnected { .. } | Update::Reconnected) {
+                        line.interrupt();
+                    }
+                    home.connection_update(device, &update);
+                }
+                // The device ended: `work` fails with its error.
+                Some(Err(_)) | None => updates = false,
+            },
+        }
+    }
+}
+
+/// `iim send-file`: uploads the file (going on from what the host kept of a cut-off upload),
+/// then sends a `file` message naming it.
+async fn send_file(
+    cli: &Cli,
+    to: &[UserId],
+    path: &Path,
+    media_type: Option<&str>,
+) -> anyhow::Result<()> {
+    // Before connecting: a missing file is the user's to fix, with no host involved.
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a file", path.display());
+    }
+    let media_type = media_type.unwrap_or_else(|| guess_media_type(path));
+    let (device, mut home) = transfer_device(cli).await?;
+    let label = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let line = ProgressLine::new(&label);
+    let mut progress = |done, size| line.show(done, size);
+    let upload = device.upload_file(path, media_type, &mut progress);
+    let file = with_notices(&device, &mut home, &line, upload).await;
+    line.finish();
+    let file = file.with_context(|| format!("cannot upload {}", path.display()))?;
+    let submission = device.submit(
+        iim_client::new_client_id(),
+        MessageKind::Custom(FILE_KIND.into()),
+        to,
+        &file.to_json(),
+    );
+    let accepted = with_notices(&device, &mut home, &line, submission)
+        .await
+        .with_context(|| format!("uploaded {}, but cannot send the message", file.file))?;
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "file": file.file,
+                "name": file.name,
+                "size": file.size,
+                "media_type": file.media_type,
+                "id": accepted.id.0,
+                "sent_at": accepted.sent_at,
+            })
+        );
+    } else {
+        println!("{}", file.file);
+    }
+    device.close().await;
+    Ok(())
+}
+
+/// `iim download`: downloads the file to `out`, or under its name into the current directory,
+/// going on from what a cut-off download left.
+async fn download(cli: &Cli, id: &Sha256, out: Option<&Path>) -> anyhow::Result<()> {
+    let (device, mut home) = transfer_device(cli).await?;
+    let hex_id = iim_client::proto::file::hex(id);
+    let label = out.map_or_else(|| hex_id[..12].to_owned(), |p| p.display().to_string());
+    let line = ProgressLine::new(&label);
+    let mut progress = |done, size| line.show(done, size);
+    let saved = match out {
+        Some(out) => {
+            let download = device.download_file(id, out, &mut progress);
+            with_notices(&device, &mut home, &line, download).await
+        }
+        None => {
+            let download = device.download_file_into(id, Path::new("."), &mut progress);
+            with_notices(&device, &mut home, &line, download).await
+        }
+    };
+    line.finish();
+    let saved = saved.with_context(|| format!("cannot download {hex_id}"))?;
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "file": hex_id,
+                "name": saved.name,
+                "size": saved.size,
+                "media_type": saved.media_type,
+                "path": saved.path,
+            })
+        );
+    } else {
+        println!("{}", saved.path.display());
+    }
+    device.close().await;
+    Ok(())
+}
+
+/// A media type for a file sent without `--media-type`, from its extension: the common ones,
+/// else `application/octet-stream` (bytes, nothing more known).
+fn guess_media_type(path: &Path) -> &'static str {
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    match extension.as_str() {
+        "txt" | "log" => "text/plain",
+        "md" => "text/markdown",
+        "html" | "htm" => "text/html",
+        "css" => "text/css",
+        "csv" => "text/csv",
+        "json" => "application/json",
+        "xml" => "application/xml",
+        "pdf" => "application/pdf",
+        "zip" => "application/zip",
+        "gz" => "application/gzip",
+        "tar" => "application/x-tar",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "svg" => "image/svg+xml",
+        "mp3" => "audio/mpeg",
+        "ogg" => "audio/ogg",
+        "wav" => "audio/wav",
+        "mp4" => "video/mp4",
+        "webm" => "video/webm",
+        "mov" => "video/quicktime",
+        _ => "application/octet-stream",
+    }
+}
+
+/// A transfer's progress on one line of stderr, redrawn in place (`\r`), if stderr is a
+/// terminal; nothing otherwise (a log or a pipe would fill with redraws).
+struct ProgressLine {
+    label: String,
+    terminal: bool,
+    state: std::sync::Mutex<LineState>,
+}
+
+#[derive(Default)]
+struct LineState {
+    /// A line is drawn and not ended yet.
+    open: bool,
+    /// When it was last drawn; redrawn at most every [`REDRAW`], and at the end.
+    drawn: Option<std::time::Instant>,
+}
+
+/// The shortest time between two redraws of a progress line.
+const REDRAW: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl ProgressLine {
+    fn new(label: &str) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            label: label.to_owned(),
+            terminal: std::io::stderr().is_terminal(),
+            state: std::sync::Mutex::default(),
+        }
+    }
+
+    fn show(&self, done: u64, size: u64) {
+        if !self.terminal {
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if done < size && state.drawn.is_some_and(|at| now - at < REDRAW) {
+            return;
+        }
+        state.drawn = Some(now);
+        state.open = true;
+        eprint!("\r{}\x1b[K", progress_text(&self.label, done, size));
+    }
+
+    /// Ends the line, so that what is printed next starts on a line of its own.
+    fn interrupt(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if std::mem::take(&mut state.open) {
+            eprintln!();
+        }
+    }
+
+    fn finish(&self) {
+        self.interrupt();
+    }
+}
+
+/// What a progress line says: `report.pdf: 45% (12.3 MiB of 27.0 MiB)`.
+fn progress_text(label: &str, done: u64, size: u64) -> String {
+    let percent = if size == 0 {
+        100
+    } else {
+        u128::from(done.min(size)) * 100 / u128::from(size)
+    };
+    format!(
+        "{label}: {percent}% ({} of {})",
+        human_bytes(done),
+        human_bytes(size)
+    )
+}
+
+/// A size for people: bytes up to 1 KiB, then KiB, MiB, GiB, TiB with one decimal.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// A file id on the command line: 64 hex digits.
+fn parse_file_id(text: &str) -> Result<Sha256, String> {
+    iim_client::proto::file::parse_hex(text)
+        .ok_or_else(|| "a file id is 64 hex digits (as `listen` and `send-file` show it)".into())
 }
 
 /// Where `iim send` takes its message's body from.
@@ -655,6 +997,8 @@ enum Body {
     Receipt(Receipt, serde_json::Value),
     /// The entries of a presence message, and the JSON it came as.
     Presence(Vec<PresenceEntry>, serde_json::Value),
+    /// A file message's reference, and the JSON it came as.
+    File(FileRef, serde_json::Value),
     /// A receipt or presence body that does not have the documented shape: shown as text
     /// with its kind, so that a newer plugin's message is still seen.
     Unreadable { text: String, reason: String },
@@ -663,7 +1007,10 @@ enum Body {
 impl Body {
     fn of(message: &Message) -> Self {
         let json = || serde_json::from_slice::<serde_json::Value>(&message.body);
-        let parsed = match message.kind {
+        let parsed = match &message.kind {
+            MessageKind::Custom(kind) if kind == FILE_KIND => {
+                json().and_then(|json| Ok(Body::File(FileRef::deserialize(&json)?, json)))
+            }
             MessageKind::Chat | MessageKind::Custom(_) => {
                 return Body::Text(String::from_utf8_lossy(&message.body).into_owned());
             }
@@ -696,7 +1043,7 @@ fn message_line(json: bool, message: &Message) -> String {
         let body = match body {
             Body::Text(text) => text.into(),
             // Passed on whole, fields this client does not know included.
-            Body::Receipt(_, json) | Body::Presence(_, json) => json,
+            Body::Receipt(_, json) | Body::Presence(_, json) | Body::File(_, json) => json,
             Body::Unreadable { text, reason } => {
                 line["invalid"] = reason.into();
                 text.into()
@@ -724,6 +1071,16 @@ fn describe(message: &Message, body: Body) -> String {
     };
     match body {
         Body::Text(text) | Body::Unreadable { text, .. } => raw(&text),
+        Body::File(file, _) => {
+            let media_type = match file.media_type.as_str() {
+                "" => String::new(),
+                media_type => format!(", {media_type}"),
+            };
+            format!(
+                "file from {}: {} ({} bytes{media_type}) id {}",
+                message.from, file.name, file.size, file.file
+            )
+        }
         Body::Receipt(Receipt::Delivered { id, user, device }, _) => {
             format!("#{id} delivered to {user} ({device})")
         }
@@ -923,6 +1280,94 @@ mod tests {
         assert!(line.get("invalid").is_none());
         let line = json(MessageKind::Chat, "hi");
         assert_eq!(line["body"], "hi");
+    }
+
+    #[test]
+    fn file_messages_are_shown_with_their_name_size_type_and_id() {
+        let id = "ab".repeat(32);
+        let body = format!(
+            r#"{{"file":"{id}","name":"report.pdf","size":12345,"media_type":"application/pdf"}}"#
+        );
+        let file = MessageKind::Custom(FILE_KIND.into());
+        assert_eq!(
+            text(file.clone(), &body),
+            format!("12:03:07 file from bob: report.pdf (12345 bytes, application/pdf) id {id}")
+        );
+        let untyped = format!(r#"{{"file":"{id}","name":"a.bin","size":1}}"#);
+        assert_eq!(
+            text(file.clone(), &untyped),
+            format!("12:03:07 file from bob: a.bin (1 bytes) id {id}")
+        );
+        let line = json(file.clone(), &body);
+        assert_eq!(line["kind"], "file");
+        assert_eq!(line["body"]["file"], id);
+        assert_eq!(line["body"]["size"], 12345);
+        // A body of another shape is still seen.
+        assert_eq!(
+            text(file, "{}"),
+            "12:03:07 bob: [file] {}  (#43)".to_owned()
+        );
+    }
+
+    #[test]
+    fn progress_reads_as_a_percentage_and_sizes() {
+        assert_eq!(
+            progress_text("report.pdf", 12_900_000, 28_311_552),
+            "report.pdf: 45% (12.3 MiB of 27.0 MiB)"
+        );
+        assert_eq!(progress_text("a", 0, 0), "a: 100% (0 B of 0 B)");
+        assert_eq!(progress_text("a", 512, 2048), "a: 25% (512 B of 2.0 KiB)");
+        // No overflow at the very end of the range.
+        assert_eq!(
+            progress_text("a", u64::MAX - 1, u64::MAX),
+            "a: 99% (16777216.0 TiB of 16777216.0 TiB)"
+        );
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024 * 1024), "5.0 GiB");
+    }
+
+    #[test]
+    fn send_file_takes_recipients_then_the_file() {
+        let cli = Cli::try_parse_from([
+            "iim",
+            "send-file",
+            "bob",
+            "carol",
+            "report.pdf",
+            "--media-type",
+            "application/pdf",
+        ])
+        .expect("parses");
+        let Command::SendFile {
+            to,
+            path,
+            media_type,
+        } = cli.command
+        else {
+            panic!("not send-file");
+        };
+        assert_eq!(to, ["bob", "carol"].map(|u| UserId::new(u).expect("name")));
+        assert_eq!(path, Path::new("report.pdf"));
+        assert_eq!(media_type.as_deref(), Some("application/pdf"));
+        assert!(Cli::try_parse_from(["iim", "send-file", "report.pdf"]).is_err());
+        assert_eq!(guess_media_type(Path::new("a/b.PDF")), "application/pdf");
+        assert_eq!(
+            guess_media_type(Path::new("notes")),
+            "application/octet-stream"
+        );
+    }
+
+    #[test]
+    fn download_takes_a_file_id() {
+        let id = "0f".repeat(32);
+        let cli = Cli::try_parse_from(["iim", "download", &id, "--out", "x"]).expect("parses");
+        let Command::Download { file, out } = cli.command else {
+            panic!("not download");
+        };
+        assert_eq!(file, [0x0f; 32]);
+        assert_eq!(out.as_deref(), Some(Path::new("x")));
+        assert!(Cli::try_parse_from(["iim", "download", "0f0f"]).is_err());
     }
 
     fn addr(a: &str) -> SocketAddr {
