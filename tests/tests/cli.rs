@@ -497,3 +497,53 @@ fn send_takes_a_custom_kind_and_a_body_from_a_file_or_stdin() -> anyhow::Result<
     )?;
     bob.interrupt()
 }
+
+#[test]
+fn a_file_sent_with_the_cli_reaches_the_listener_and_downloads_whole() -> anyhow::Result<()> {
+    let chat = default_plugin("chat")?;
+    let host = HostProcess::start_with("", Plugins::Only(&[("chat", &chat)]))?;
+    let (dir, a, bob) = alice_and_listening_bob(&host)?;
+    let b = dir.path().join("bob");
+    let path = dir.path().join("report.pdf");
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&path, &bytes)?;
+    let path_arg = path.to_str().context("a UTF-8 path")?;
+
+    let sent = ok(iim(&host, &a, &["--json", "send-file", "bob", path_arg])?)?;
+    let sent: serde_json::Value = serde_json::from_str(sent.trim())?;
+    let id = sent["file"].as_str().context("the file id")?.to_owned();
+    ensure!(id.len() == 64, "a file id is 64 hex digits: {sent}");
+
+    // Bob's listener shows the file message with what a client needs to fetch it.
+    let got = bob.json()?;
+    ensure!(got["kind"] == "file" && got["from"] == "alice", "{got}");
+    ensure!(got["body"]["file"] == id.as_str(), "{got}");
+    ensure!(got["body"]["name"] == "report.pdf", "{got}");
+    ensure!(got["body"]["size"] == 3_000_000, "{got}");
+    ensure!(got["body"]["media_type"] == "application/pdf", "{got}");
+
+    // Bob downloads it whole; what is written is what alice sent.
+    let out = dir.path().join("fetched.pdf");
+    let out_arg = out.to_str().context("a UTF-8 path")?;
+    ok(iim(&host, &b, &["download", &id, "--out", out_arg])?)?;
+    ensure!(
+        std::fs::read(&out)? == bytes,
+        "the downloaded file is the sent one"
+    );
+    ensure!(
+        !dir.path().join("fetched.pdf.part").exists(),
+        "no .part is left"
+    );
+
+    // A file nobody sent bob: one line, not_found, and nothing written.
+    let unknown = "ab".repeat(32);
+    let nothing = dir.path().join("nothing.bin");
+    let nothing_arg = nothing.to_str().context("a UTF-8 path")?;
+    let args = ["download", unknown.as_str(), "--out", nothing_arg];
+    fails_in_one_line(iim(&host, &b, &args)?, &args, "not_found")?;
+    ensure!(
+        !nothing.exists(),
+        "nothing is written for a refused download"
+    );
+    Ok(())
+}
