@@ -405,10 +405,19 @@ async fn download_from(
     progress(start, size);
     let mut buf = vec![0; CHUNK];
     loop {
-        let read = tokio::time::timeout(timeout, recv.read(&mut buf))
-            .await
-            .map_err(|_| ClientError::Timeout(timeout))?
-            .map_err(read_error)?;
+        let read = match tokio::time::timeout(timeout, recv.read(&mut buf)).await {
+            Ok(Ok(read)) => read,
+            failed => {
+                // Cut off: what came is written out before the error is told, so that the
+                // `.part` holds all of it (a tokio file writes in the background) and the
+                // next attempt, in this process or another, goes on from there.
+                file.settle().await;
+                return Err(match failed {
+                    Ok(Err(e)) => read_error(e),
+                    _ => ClientError::Timeout(timeout),
+                });
+            }
+        };
         let Some(n) = read else { break };
         file.append(&buf[..n]).await?;
         progress(file.len, size);
@@ -491,6 +500,12 @@ impl PartFile {
             .map_err(io_error(&self.path))?;
         self.len += bytes.len() as u64;
         Ok(())
+    }
+
+    /// Writes out what was appended; a failure to is left for the next attempt to find
+    /// (it goes on from the `.part`'s length, whatever that is).
+    pub(crate) async fn settle(&mut self) {
+        let _ = self.file.flush().await;
     }
 
     /// Ends the download: checks that every byte came and that they are the file's, then
