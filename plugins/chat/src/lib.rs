@@ -178,7 +178,10 @@ mod tests {
         assert_eq!(info.version, env!("CARGO_PKG_VERSION"));
         assert_eq!(
             info.subscriptions,
-            [Subscription::Message(MessageKind::Chat)]
+            [
+                Subscription::Message(MessageKind::Chat),
+                Subscription::Message(MessageKind::Custom("file".into())),
+            ]
         );
         assert_eq!(chat.policy(), Policy::Anyone);
     }
@@ -222,6 +225,19 @@ mod tests {
             fake.inbox("alice").is_empty(),
             "not sent back to the sender"
         );
+    }
+
+    #[test]
+    fn a_file_message_goes_where_chat_would_under_the_same_policy() {
+        let mut fake = scene();
+        let body = br#"{"file":"ab","name":"a.pdf","size":1,"media_type":""}"#;
+        let kind = MessageKind::Custom("file".into());
+        let event = fake.submit("alice", kind, &["bob", "carol"], body);
+        let message = submitted(&event);
+        fake.run::<Chat>(&[("policy", "friends")], event)
+            .expect("handled");
+        assert_eq!(fake.inbox("bob"), [message], "passed on unchanged, same id");
+        assert!(fake.inbox("carol").is_empty(), "not alice's friend");
     }
 
     #[test]
