@@ -232,6 +232,9 @@ pub struct Limits {
     pub max_file: u64,
     /// File streams (uploads and downloads) one connection may have open at once.
     pub file_streams: u32,
+    /// Bytes of files one user may have uploaded to this host, counting each file they were
+    /// the first to upload (1 GiB by default; 0: no limit).
+    pub file_quota: u64,
 }
 
 impl Limits {
@@ -292,6 +295,7 @@ impl Default for Limits {
             message_ttl_secs: 30 * 24 * 3600,
             max_file: 100 * 1024 * 1024,
             file_streams: 4,
+            file_quota: 1024 * 1024 * 1024,
         }
     }
 }

@@ -437,6 +437,8 @@ error_codes! {
     UNAVAILABLE = 20, "unavailable";
     /// No such file on this host, or not one the user may read (the host does not say which).
     NOT_FOUND = 21, "not_found";
+    /// The upload would take the user past their file quota on this host.
+    QUOTA_EXCEEDED = 22, "quota_exceeded";
 }
 
 impl fmt::Display for ErrorCode {

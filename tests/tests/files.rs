@@ -362,3 +362,57 @@ async fn bad_uploads_downloads_and_file_messages_get_clear_errors_and_change_not
     a.send_text(&bob, "still here").await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_user_past_their_quota_is_refused_and_a_file_stored_already_costs_nothing() -> Result {
+    let host = HostProcess::start_chat_only_with_config("[limits]\nfile_quota = 250000\n")?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let (b, _) = host.online(&bob, "phone").await?;
+    let (first, second, third) = (
+        content(100_000, 1),
+        content(100_000, 2),
+        content(100_000, 3),
+    );
+    upload_whole(&a, &first, 0).await?;
+    upload_whole(&a, &second, 0).await?;
+
+    // A third would make 300,000 bytes: refused before any byte is sent.
+    let mut stream = FileStream::upload(&a, &third, "third.bin").await?;
+    match stream.answer().await? {
+        FileAnswer::Refused { code, message } => {
+            assert_eq!(code, ErrorCode::QUOTA_EXCEEDED);
+            assert!(message.contains("200000 of 250000 bytes used"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let refused = download(&a, sha256(&third), 0)
+        .await?
+        .expect_err("not stored");
+    assert_eq!(refused_code(&refused), Some(ErrorCode::NOT_FOUND));
+
+    // Bytes the host has already cost nothing, to anyone: alice's first file again, and bob
+    // uploading what alice did, are Stored at once.
+    let mut again = FileStream::upload(&a, &first, "again.bin").await?;
+    assert_eq!(
+        again.answer().await?,
+        FileAnswer::Stored {
+            sha256: sha256(&first)
+        }
+    );
+    let mut same = FileStream::upload(&b, &second, "same.bin").await?;
+    assert_eq!(
+        same.answer().await?,
+        FileAnswer::Stored {
+            sha256: sha256(&second)
+        }
+    );
+    // Bob has his own quota: the third file fits in it.
+    upload_whole(&b, &third, 0).await?;
+    let (_, _, got) = download(&b, sha256(&second), 0)
+        .await?
+        .expect("bob may read it now");
+    assert!(got == second);
+    Ok(())
+}

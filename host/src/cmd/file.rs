@@ -135,6 +135,19 @@ async fn upload(
 ) -> Result<(), Refusal> {
     let id = FileId::from_digest(&sha256);
     let (blobs, size) = (host.blobs.clone(), record.size);
+    // A file stored here already costs its uploader nothing: only a new one is counted.
+    let quota = host.config.limits.file_quota;
+    if quota > 0 && blobs.size(&id)?.is_none() {
+        let used = host.store.files.usage(&record.uploader)?;
+        if used.saturating_add(size) > quota {
+            return Err(Refusal::new(
+                ErrorCode::QUOTA_EXCEEDED,
+                format!(
+                    "a file of {size} bytes would take you past your quota: {used} of {quota} bytes used"
+                ),
+            ));
+        }
+    }
     let begun = blocking(move || blobs.upload(&id, size)).await?;
     let mut upload = match begun {
         Begun::Complete { size: stored } => {

@@ -1,7 +1,7 @@
 //! What the host knows of the files in its blob store (the `files` tree): each file's name,
 //! media type and size as uploaded, and who may read it. The bytes are in [`crate::blobs`].
 
-use super::{StoreError, decode, encode, keys};
+use super::{StoreError, decode, decode_u64, encode, get_u64, keys};
 use iim_proto::UserId;
 use iim_proto::file::Sha256;
 use serde::{Deserialize, Serialize};
@@ -35,12 +35,28 @@ impl Files {
     }
 
     /// Records file `sha256` unless it is recorded already (a second upload of the same bytes
-    /// keeps the first name), and lets `record.uploader` read it.
+    /// keeps the first name, and counts against nobody's quota), and lets `record.uploader`
+    /// read it.
     pub fn stored(&self, sha256: &Sha256, record: &FileRecord) -> Result<(), StoreError> {
-        let _ =
+        let new = self
+            .tree
+            .compare_and_swap(keys::file(sha256), None::<&[u8]>, Some(encode(record)))?
+            .is_ok();
+        if new {
+            // After the record: a crash between the two leaves the user's usage short by
+            // this file, never counted twice.
             self.tree
-                .compare_and_swap(keys::file(sha256), None::<&[u8]>, Some(encode(record)))?;
+                .update_and_fetch(keys::file_usage(&record.uploader), |old| {
+                    let used = old.and_then(|v| decode_u64("files", v).ok()).unwrap_or(0);
+                    Some(used.saturating_add(record.size).to_be_bytes().to_vec())
+                })?;
+        }
         self.grant(&record.uploader, sha256)
+    }
+
+    /// The bytes of the files `user` was the first to upload here.
+    pub fn usage(&self, user: &UserId) -> Result<u64, StoreError> {
+        Ok(get_u64(&self.tree, "files", keys::file_usage(user))?.unwrap_or(0))
     }
 
     /// File `sha256`'s record, if it is stored here.

@@ -25,6 +25,7 @@ const INBOX_PRUNED: u8 = b'r';
 // The `files` tree: file records and readers.
 const FILE: u8 = b'f';
 const FILE_READER: u8 = b'a';
+const FILE_USAGE: u8 = b'u';
 
 fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(rest.len() + 1);
@@ -326,6 +327,11 @@ pub fn ex_inbound(origin: &str) -> Vec<u8> {
 /// `files`: a file's record.
 pub fn file(sha256: &[u8; 32]) -> Vec<u8> {
     tagged(FILE, sha256)
+}
+
+/// `files`: the bytes of the files `user` was the first to upload.
+pub fn file_usage(user: &UserId) -> Vec<u8> {
+    tagged(FILE_USAGE, user.as_str().as_bytes())
 }
 
 /// `files`: `user` may read file `sha256`.
