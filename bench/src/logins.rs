@@ -124,19 +124,23 @@ pub async fn run(shape: Shape) -> anyhow::Result<Figures> {
 
 async fn measure(host: &HostProcess, shape: Shape) -> anyhow::Result<Figures> {
     let pid = host.pid().context("the host is not running")?;
-    let rss_start = rss_mib(pid)?;
+    let rss_start = crate::process::rss_mib(pid)?;
     let user = host.register("logins").await?;
     let conn = host.connect().await?;
     crate::iim_run::login(&conn, &user, "warm-up", SessionMode::SendOnly).await?;
     drop(conn);
-    let rss_before = rss_mib(pid)?;
+    let rss_before = crate::process::rss_mib(pid)?;
     eprintln!(
         "logins: host at {rss_before:.1} MiB after the warm-up; {} logins, {} at a time",
         shape.logins, shape.concurrency
     );
 
     let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = tokio::spawn(peak_rss(pid, Arc::clone(&sampling)));
+    let sampler = tokio::spawn(crate::process::peak_rss_mib(
+        pid,
+        SAMPLE,
+        Arc::clone(&sampling),
+    ));
     let tally = Arc::new(Tally::default());
     let workers = shape.concurrency.min(shape.logins).max(1);
     let start = Arc::new(Barrier::new(workers as usize));
@@ -159,7 +163,7 @@ async fn measure(host: &HostProcess, shape: Shape) -> anyhow::Result<Figures> {
     }
     let secs = started.elapsed().as_secs_f64();
     sampling.store(false, Ordering::Relaxed);
-    let rss_after = rss_mib(pid)?;
+    let rss_after = crate::process::rss_mib(pid)?;
     let rss_peak = sampler
         .await
         .context("the memory sampler failed")?
@@ -313,31 +317,6 @@ fn retry_after(message: &str) -> Duration {
         .rsplit_once("try again in ")
         .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
         .map_or(DEFAULT_RETRY, Duration::from_secs)
-}
-
-/// The resident memory of process `pid`, in MiB (`VmRSS` in `/proc/<pid>/status`).
-fn rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().strip_suffix("kB"))
-        .and_then(|kib| kib.trim().parse().ok())
-        .with_context(|| format!("no VmRSS in {path}"))?;
-    Ok(kib / 1024.0)
-}
-
-/// The highest resident memory of `pid` sampled until `sampling` turns false, in MiB.
-async fn peak_rss(pid: u32, sampling: Arc<AtomicBool>) -> f64 {
-    let mut peak: f64 = 0.0;
-    while sampling.load(Ordering::Relaxed) {
-        if let Ok(rss) = rss_mib(pid) {
-            peak = peak.max(rss);
-        }
-        tokio::time::sleep(SAMPLE).await;
-    }
-    peak
 }
 
 /// The nearest-rank percentile `p` (0..=1) of sorted values; 0 for none.

@@ -21,13 +21,19 @@
 //! `network.rs`); `iim-bench logins [--logins 10000] [--concurrency 16] [--max-growth-mib 64]
 //! [--json]` password logins against a host: logins per second, and the host's resident memory
 //! before and after them, failing if it grew by more than the limit or if any login failed
-//! otherwise than with a `rate_limited` refusal (see `logins.rs`). Every command takes
-//! `--timeout SECS` (default 300).
+//! otherwise than with a `rate_limited` refusal (see `logins.rs`); `iim-bench files [--mib 100]
+//! [--rounds 3] [--json]` a file uploaded and downloaded with the client library (each round a
+//! new file) against a bare quinn stream carrying as many bytes up and down, in MiB/s and as
+//! ratios iim/raw, and the host's resident memory before, at its peak during and after the
+//! transfers, failing if a download's bytes are not the file's (see `files.rs`). Every command
+//! takes `--timeout SECS` (default 300).
 
+mod files;
 mod iim_run;
 mod logins;
 mod network;
 mod plugins;
+mod process;
 mod raw;
 mod recovery;
 mod stats;
@@ -143,6 +149,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Files: upload and download MiB/s through a host against a bare QUIC stream, and the
+    /// host's memory during the transfers.
+    ///
+    /// Each round uploads a new file of --mib MiB of pseudo-random bytes (its first 8 bytes
+    /// changed: the host keeps files by their SHA-256) with the client library, then
+    /// downloads it and compares the bytes; the upload's hashing is timed apart from its
+    /// sending. Then a quinn stream in this process carries as many bytes up and down. Prints
+    /// both, the ratios iim/raw, the CPU time each side used, and the host's resident memory
+    /// before, at its peak during (sampled every 50 ms) and after the transfers. Fails if a
+    /// download's bytes differ.
+    Files {
+        /// The file's size, in MiB.
+        #[arg(long, default_value_t = 100)]
+        mib: u64,
+        /// Rounds (an upload and a download each).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs the raw relay until standard input closes.
     #[command(hide = true)]
     Relay {
@@ -197,6 +224,13 @@ fn main() -> ExitCode {
                 max_growth_mib: *max_growth_mib,
             };
             logins_main(shape, *json, args.timeout)
+        }
+        Some(Command::Files { mib, rounds, json }) => {
+            let shape = files::Shape {
+                mib: *mib,
+                rounds: *rounds,
+            };
+            files_main(shape, *json, args.timeout)
         }
         None => bench(&args),
     };
@@ -296,6 +330,20 @@ fn logins_main(shape: logins::Shape, json: bool, timeout: u64) -> anyhow::Result
         println!("{}", serde_json::to_string(&figures).unwrap_or_default());
     } else {
         logins::print(&figures);
+    }
+    figures.verdict()
+}
+
+/// Runs the file measurement, prints its figures, and fails if a download's bytes differ.
+fn files_main(shape: files::Shape, json: bool, timeout: u64) -> anyhow::Result<()> {
+    if shape.mib == 0 || shape.rounds == 0 {
+        bail!("--mib and --rounds must be at least 1");
+    }
+    let figures = run_bounded("the file benchmark", timeout, files::run(shape))?;
+    if json {
+        println!("{}", serde_json::to_string(&figures).unwrap_or_default());
+    } else {
+        files::print(&figures);
     }
     figures.verdict()
 }

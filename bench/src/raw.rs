@@ -48,26 +48,11 @@ pub fn relay_main(listen: SocketAddr, cert_dir: &Path) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async {
-        let generated = rcgen::generate_simple_self_signed(vec![
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-        ])
-        .context("generating a certificate")?;
+        let identity = SelfSigned::generate()?;
         let cert_path = cert_dir.join("relay-cert.pem");
-        std::fs::write(&cert_path, generated.cert.pem())
+        std::fs::write(&cert_path, &identity.cert_pem)
             .with_context(|| format!("writing {}", cert_path.display()))?;
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            generated.signing_key.serialize_der(),
-        ));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_no_client_auth()
-            .with_single_cert(vec![generated.cert.der().clone()], key)?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
-        let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        let endpoint = quinn::Endpoint::server(config, listen)
+        let endpoint = quinn::Endpoint::server(identity.config, listen)
             .with_context(|| format!("cannot listen on {listen}"))?;
         println!(
             "{BANNER}{} (certificate {})",
@@ -101,6 +86,45 @@ pub fn relay_main(listen: SocketAddr, cert_dir: &Path) -> anyhow::Result<()> {
         endpoint.close(0u32.into(), b"bye");
         Ok(())
     })
+}
+
+/// A raw server's identity: a new self-signed certificate for `localhost` and 127.0.0.1, and
+/// the QUIC server configuration presenting it. TLS 1.3 with rustls' ring provider, as the
+/// host's; ALPN `raw/1`; quinn's default transport settings.
+pub(crate) struct SelfSigned {
+    /// The server configuration.
+    pub config: quinn::ServerConfig,
+    /// The certificate, for a client to trust.
+    pub cert: CertificateDer<'static>,
+    /// The same, in PEM.
+    pub cert_pem: String,
+}
+
+impl SelfSigned {
+    /// A new identity.
+    pub fn generate() -> anyhow::Result<Self> {
+        let generated = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ])
+        .context("generating a certificate")?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            generated.signing_key.serialize_der(),
+        ));
+        let cert = generated.cert.der().clone();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+        Ok(Self {
+            config: quinn::ServerConfig::with_crypto(Arc::new(crypto)),
+            cert,
+            cert_pem: generated.cert.pem(),
+        })
+    }
 }
 
 /// One side of a pair, registered and waiting for the other.
@@ -226,8 +250,11 @@ impl Relay {
     }
 }
 
-/// The quinn client configuration for the relay: TLS 1.3, ALPN `raw/1`, trusting `roots`.
-fn client_config(roots: &[CertificateDer<'static>]) -> anyhow::Result<quinn::ClientConfig> {
+/// The quinn client configuration for a raw server (the relay): TLS 1.3 with rustls' ring
+/// provider, ALPN `raw/1`, quinn's default transport settings, trusting `roots`.
+pub(crate) fn client_config(
+    roots: &[CertificateDer<'static>],
+) -> anyhow::Result<quinn::ClientConfig> {
     let mut store = rustls::RootCertStore::empty();
     for cert in roots {
         store.add(cert.clone())?;
