@@ -1,11 +1,12 @@
 //! Files: how fast a file goes up to a host and comes back down, against a bare QUIC stream
 //! carrying as many bytes, and what the transfers cost the host in memory.
 //!
-//! A chat-only host, its `limits.max_file` raised to the file's size, and one user logged in
-//! on one connection. A file of `mib` MiB of pseudo-random bytes is written once. Each round
-//! changes its first 8 bytes (the host keeps files by their SHA-256, and would answer the same
-//! bytes `Stored` at once), uploads it with `Connection::upload_file`, downloads it with
-//! `Connection::download_file` and compares the downloaded bytes with the file's.
+//! A chat-only host (`limits.max_file` the file's size, `limits.file_quota` every round's file)
+//! and one user logged in on one connection. A file of `mib` MiB of pseudo-random bytes is
+//! written once. Each round changes its first 8 bytes (the host keeps files by their SHA-256,
+//! and would answer the same bytes `Stored` at once), uploads it with
+//! `Connection::upload_file`, downloads it with `Connection::download_file` and compares the
+//! downloaded bytes with the file's.
 //!
 //! The client library hashes a file before sending it and takes no hash from its caller, so
 //! an upload's phases are told apart by its progress reports, whose first comes once the hash
@@ -187,7 +188,11 @@ pub async fn run(shape: Shape) -> anyhow::Result<Figures> {
             .await
             .context("writing the file")??;
     }
-    let config = format!("[limits]\nmax_file = {size}\n");
+    // Every round's file is a new one, and stays: the user's quota must hold them all.
+    let quota = size
+        .checked_mul(u64::from(shape.rounds))
+        .context("--mib times --rounds is too large")?;
+    let config = format!("[limits]\nmax_file = {size}\nfile_quota = {quota}\n");
     let host =
         tokio::task::spawn_blocking(move || HostProcess::start_chat_only_with_config(&config))
             .await
