@@ -440,6 +440,8 @@ pub(crate) struct PartFile {
     len: u64,
     /// The file's size.
     size: u64,
+    /// The SHA-256 of what is in it so far: the bytes are hashed as they come, not read back.
+    hasher: sha2::Sha256,
 }
 
 impl PartFile {
@@ -478,12 +480,19 @@ impl PartFile {
         file.seek(SeekFrom::Start(start))
             .await
             .map_err(io_error(path))?;
+        // What an earlier download left is hashed once, here; the rest as it comes.
+        let owned = path.to_owned();
+        let hasher = tokio::task::spawn_blocking(move || hash_prefix(&owned, start))
+            .await
+            .map_err(|e| file_error(path, format!("hashing failed: {e}")))?
+            .map_err(io_error(path))?;
         Ok(Self {
             path: path.to_owned(),
             file,
             sha256: *sha256,
             len: start,
             size,
+            hasher,
         })
     }
 
@@ -498,6 +507,7 @@ impl PartFile {
             .write_all(bytes)
             .await
             .map_err(io_error(&self.path))?;
+        sha2::Digest::update(&mut self.hasher, bytes);
         self.len += bytes.len() as u64;
         Ok(())
     }
@@ -524,8 +534,8 @@ impl PartFile {
         // Renamed into place only once on the disk, so that a crash leaves the `.part` (to
         // be checked again) rather than a file that is not whole.
         self.file.sync_all().await.map_err(io_error(&path))?;
-        let (actual, len) = hash_file(&path).await?;
-        if len != self.size || actual != self.sha256 {
+        let actual: Sha256 = sha2::Digest::finalize(std::mem::take(&mut self.hasher)).into();
+        if self.len != self.size || actual != self.sha256 {
             let reason = format!("its SHA-256 is {}, not the one asked for", hex(&actual));
             return Err(self.discard(reason).await);
         }
@@ -559,6 +569,25 @@ async fn hash_file(path: &Path) -> Result<(Sha256, u64), ClientError> {
         .await
         .map_err(|e| file_error(path, format!("hashing failed: {e}")))?
         .map_err(io_error(path))
+}
+
+/// The SHA-256 state after the first `len` bytes of the file at `path`.
+fn hash_prefix(path: &Path, len: u64) -> std::io::Result<sha2::Sha256> {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    if len == 0 {
+        return Ok(hasher);
+    }
+    let mut file = std::fs::File::open(path)?.take(len);
+    let mut buf = vec![0; CHUNK];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => return Ok(hasher),
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn sha256_of(path: &Path) -> std::io::Result<(Sha256, u64)> {

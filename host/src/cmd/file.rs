@@ -7,7 +7,7 @@
 
 use super::Refusal;
 use crate::Host;
-use crate::blobs::{Begun, BlobError, FileId, Upload};
+use crate::blobs::{Begun, BlobError, FileId};
 use crate::clock::now_ms;
 use crate::store::FileRecord;
 use iim_proto::body::{FILE_KIND, FileRef};
@@ -20,6 +20,9 @@ use std::time::Duration;
 
 /// Bytes written to or read from the blob store at a time.
 const CHUNK: usize = 256 * 1024;
+
+/// Chunks a transfer's disk side may run ahead of (or behind) its network side.
+const WRITE_AHEAD: usize = 4;
 
 /// How long a client has to send a file stream's request once it opened the stream.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -168,39 +171,50 @@ async fn upload(
         },
     )
     .await?;
+    // The disk and the hash work on a thread of their own while the next bytes are read:
+    // the network and the disk overlap, a few chunks apart at most.
+    let (offset, size) = (upload.offset(), upload.size());
+    let (chunks, mut to_write) = tokio::sync::mpsc::channel::<Vec<u8>>(WRITE_AHEAD);
+    let writer = tokio::task::spawn_blocking(move || {
+        while let Some(bytes) = to_write.blocking_recv() {
+            upload.write(&bytes)?;
+        }
+        Ok::<_, BlobError>(upload)
+    });
     let mut pending = rest;
-    loop {
-        let chunk = match recv.read_chunk(CHUNK, true).await {
-            Ok(Some(chunk)) => chunk.bytes,
-            Ok(None) => break,
-            Err(e) => {
-                // Cut off: what arrived is kept for the next upload to go on from.
-                let _ = write_pending(upload, pending).await;
-                return Err(Refusal::new(ErrorCode::INTERNAL, e.to_string()));
-            }
-        };
-        pending.extend_from_slice(&chunk);
-        if upload.offset() + pending.len() as u64 > upload.size() {
-            return Err(BlobError::Overrun {
-                size: upload.size(),
-            }
-            .into());
+    let mut received = pending.len() as u64;
+    let cut_off = loop {
+        if offset + received > size {
+            break Some(Refusal::from(BlobError::Overrun { size }));
         }
-        if pending.len() >= CHUNK {
-            upload = write_pending(upload, std::mem::take(&mut pending)).await?;
+        if pending.len() >= CHUNK && chunks.send(std::mem::take(&mut pending)).await.is_err() {
+            // The writer stopped on an error, which it returns below.
+            break None;
         }
+        match recv.read_chunk(CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                received += chunk.bytes.len() as u64;
+                pending.extend_from_slice(&chunk.bytes);
+            }
+            Ok(None) => break None,
+            // Cut off: what arrived is kept for the next upload to go on from.
+            Err(e) => break Some(Refusal::new(ErrorCode::INTERNAL, e.to_string())),
+        }
+    };
+    let overrun = offset + received > size;
+    if !pending.is_empty() && !overrun {
+        let _ = chunks.send(pending).await;
     }
-    let upload = write_pending(upload, pending).await?;
+    drop(chunks);
+    let written = writer
+        .await
+        .map_err(|_| Refusal::new(ErrorCode::INTERNAL, "the host failed"))?;
+    if let Some(refusal) = cut_off {
+        return Err(refusal);
+    }
+    let upload = written?;
     blocking(move || upload.finish()).await?;
     stored_answer(host, send, sha256, &record).await
-}
-
-/// Appends `bytes` to the upload on a blocking thread.
-async fn write_pending(mut upload: Box<Upload>, bytes: Vec<u8>) -> Result<Box<Upload>, Refusal> {
-    if bytes.is_empty() {
-        return Ok(upload);
-    }
-    blocking(move || upload.write(&bytes).map(|()| upload)).await
 }
 
 /// Records the stored file (the uploader may read it), makes that durable, and says so.
@@ -254,34 +268,37 @@ async fn download(
     write_answer(host, send, &sending).await?;
     // From here on the stream carries the file's bytes: a failure resets it instead of
     // answering, and the client goes on from what it has.
-    let timeout = Duration::from_secs(host.config.limits.write_timeout_secs);
-    loop {
-        let read = tokio::task::spawn_blocking(move || {
-            let mut chunk = vec![0u8; CHUNK];
-            let n = file.read(&mut chunk)?;
-            chunk.truncate(n);
-            Ok::<_, std::io::Error>((file, chunk))
-        })
-        .await;
-        let chunk = match read {
-            Ok(Ok((rest, chunk))) => {
-                file = rest;
-                chunk
+    // The disk is read on a thread of its own, a few chunks ahead of the network; each chunk
+    // goes to QUIC as it is, without another copy.
+    let (chunks, mut to_send) = tokio::sync::mpsc::channel(WRITE_AHEAD);
+    tokio::task::spawn_blocking(move || {
+        loop {
+            let mut chunk = Vec::with_capacity(CHUNK);
+            match (&mut file).take(CHUNK as u64).read_to_end(&mut chunk) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if chunks.blocking_send(Ok(chunk)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = chunks.blocking_send(Err(e));
+                    return;
+                }
             }
-            Ok(Err(e)) => {
+        }
+    });
+    let timeout = Duration::from_secs(host.config.limits.write_timeout_secs);
+    while let Some(read) = to_send.recv().await {
+        let chunk = match read {
+            Ok(chunk) => bytes::Bytes::from(chunk),
+            Err(e) => {
                 tracing::error!(error = %e, "reading a file to send");
                 let _ = send.reset(u32::from(ErrorCode::INTERNAL.0).into());
                 return Ok(());
             }
-            Err(_) => {
-                let _ = send.reset(u32::from(ErrorCode::INTERNAL.0).into());
-                return Ok(());
-            }
         };
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        match tokio::time::timeout(timeout, send.write_all(&chunk)).await {
+        match tokio::time::timeout(timeout, send.write_chunk(chunk)).await {
             Ok(Ok(())) => {}
             // The client went away or stopped reading: nothing to tell it.
             Ok(Err(_)) | Err(_) => {
@@ -290,6 +307,7 @@ async fn download(
             }
         }
     }
+    Ok(())
 }
 
 /// Checks a `file` message as it is submitted: its body is a file reference, and the sender
