@@ -235,6 +235,11 @@ pub struct Limits {
     /// Bytes of files one user may have uploaded to this host, counting each file they were
     /// the first to upload (1 GiB by default; 0: no limit).
     pub file_quota: u64,
+    /// Seconds a file stays once no inbox message references it any longer, counted from
+    /// its last upload or reference (30 days by default; 0: files stay for ever).
+    pub file_ttl_secs: u64,
+    /// Seconds between two looks for files that may leave.
+    pub file_sweep_secs: u64,
 }
 
 impl Limits {
@@ -296,6 +301,8 @@ impl Default for Limits {
             max_file: 100 * 1024 * 1024,
             file_streams: 4,
             file_quota: 1024 * 1024 * 1024,
+            file_ttl_secs: 30 * 24 * 3600,
+            file_sweep_secs: 60,
         }
     }
 }

@@ -73,6 +73,9 @@ pub fn sweep(host: &Host, now: u64) -> Result<Swept, SweepError> {
                 }
                 swept.expired += 1;
             }
+            // The file a leaving message referenced no longer stays for it: before the entry
+            // goes, so that a crash between the two leaves the entry to be swept again.
+            host.store.files.unreferenced(&expiry.user, expiry.id.0)?;
             host.store.inbox.expire(&expiry)?;
         }
     }
@@ -108,10 +111,45 @@ fn report(host: &Host, message: &Message, expiry: &Expiry) -> Result<(), SweepEr
     Ok(())
 }
 
-/// Sweeps once a second until shutdown.
+/// Removes the files that may leave by `now`: no inbox message references them, and none
+/// was uploaded or referenced for `limits.file_ttl_secs`. Their records go first, then their
+/// bytes, so that a crash between the two leaves only bytes nobody can name (a new upload of
+/// the same file finds and keeps them). Returns how many files left.
+pub fn collect_files(host: &Host, now: u64) -> Result<usize, SweepError> {
+    let ttl = host.config.limits.file_ttl_secs;
+    if ttl == 0 {
+        return Ok(0);
+    }
+    let mut removed = 0;
+    for sha256 in host.store.files.unused(now, ttl.saturating_mul(1000))? {
+        if host.store.files.forget(&sha256)?.is_some() {
+            let id = crate::blobs::FileId::from_digest(&sha256);
+            if let Err(e) = host.blobs.remove(&id) {
+                tracing::error!(error = %e, file = %id, "file forgotten but its bytes not removed");
+            }
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Sweeps once a second until shutdown, and looks for files that may leave every
+/// `limits.file_sweep_secs`.
 pub async fn run(host: Arc<Host>) {
     let mut ticks = crate::clock::Ticks::new(host.shutdown.clone(), SWEEP_EVERY);
+    let file_sweep = host.config.limits.file_sweep_secs.max(1);
+    let mut seconds = 0u64;
     while ticks.next().await {
+        seconds += 1;
+        if seconds.is_multiple_of(file_sweep) {
+            let collecting = Arc::clone(&host);
+            match tokio::task::spawn_blocking(move || collect_files(&collecting, now_ms())).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(removed)) => tracing::info!(removed, "unused files removed"),
+                Ok(Err(e)) => tracing::error!(error = %e, "file sweep failed"),
+                Err(e) => tracing::error!(error = %e, "file sweep panicked"),
+            }
+        }
         let sweeping = Arc::clone(&host);
         match tokio::task::spawn_blocking(move || sweep(&sweeping, now_ms())).await {
             Ok(Ok(Swept { expired: 0, .. })) => {}

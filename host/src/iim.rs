@@ -5,6 +5,7 @@
 //! is seed 000's server row-set: one row per server, each with the rows of its users and their
 //! online devices, so that resolving once gives both the distribution and the channels.
 
+use crate::clock::now_ms;
 use crate::directory::Directory;
 use crate::outbox::{OutboxError, RelayOutbox, rows_by_server};
 use crate::registry::{Delivery, Registry, SessionId};
@@ -272,11 +273,14 @@ impl Iim {
         message: &Arc<Message>,
         expires_at: Option<u64>,
     ) -> Result<Option<usize>, IimError> {
-        // A file message lets its recipient read the file, from before it can be delivered.
+        // A file message lets its recipient read the file, from before it can be delivered,
+        // and keeps the file while it is in the inbox.
         // Its body was checked when the message was accepted; a relayed one that does not
         // read grants nothing.
         if let Some(sha256) = file_of(message) {
-            self.store.files.grant(user, &sha256)?;
+            self.store
+                .files
+                .referenced(user, message.id.0, &sha256, now_ms())?;
         }
         Ok(self.store.inbox.append(user, message, expires_at, |seq| {
             let delivery = Delivery {

@@ -416,3 +416,65 @@ async fn a_user_past_their_quota_is_refused_and_a_file_stored_already_costs_noth
     assert!(got == second);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_file_no_message_references_leaves_after_its_time_and_frees_its_quota() -> Result {
+    let config = "[limits]\nfile_ttl_secs = 1\nfile_sweep_secs = 1\nfile_quota = 250000\n";
+    let host = HostProcess::start_chat_only_with_config(config)?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let carol = host.register("carol").await?;
+    let (a, _) = host.online(&alice, "phone").await?;
+    let (kept, alone, expiring) = (content(100_000, 1), content(100_000, 2), content(40_000, 3));
+    for bytes in [&kept, &alone, &expiring] {
+        upload_whole(&a, bytes, 0).await?;
+    }
+    let reference = |bytes: &[u8]| FileRef {
+        file: hex(&sha256(bytes)),
+        name: "f.bin".into(),
+        size: bytes.len() as u64,
+        media_type: String::new(),
+    };
+    // `kept` waits in bob's inbox (30 days); `expiring` in carol's, for a second; `alone` was
+    // sent to nobody.
+    send_file_message(&a, &bob, &reference(&kept)).await?;
+    a.submit_expiring(
+        new_client_id(),
+        MessageKind::Custom(FILE_KIND.into()),
+        std::slice::from_ref(&carol),
+        &reference(&expiring).to_json(),
+        Duration::from_secs(1),
+    )
+    .await?;
+
+    // Within a few seconds the two that nothing references leave.
+    let gone = |bytes: Vec<u8>| {
+        let a = &a;
+        async move {
+            for _ in 0..100 {
+                if let Err(refused) = download(a, sha256(&bytes), 0).await? {
+                    anyhow::ensure!(refused_code(&refused) == Some(ErrorCode::NOT_FOUND));
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::bail!("the file is still there after 10 s")
+        }
+    };
+    gone(alone.clone()).await?;
+    gone(expiring.clone()).await?;
+
+    // The one in bob's inbox stays, for bob and for alice.
+    let (b, _) = host.online(&bob, "laptop").await?;
+    let (_, _, got) = download(&b, sha256(&kept), 0).await?.expect("bob reads it");
+    assert!(got == kept);
+    download(&a, sha256(&kept), 0)
+        .await?
+        .expect("alice still reads it");
+
+    // What left no longer counts against alice's quota: 140,000 bytes fit again, and the
+    // file that left is taken anew from its first byte.
+    upload_whole(&a, &alone, 0).await?;
+    upload_whole(&a, &expiring, 0).await?;
+    Ok(())
+}

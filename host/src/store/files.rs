@@ -1,5 +1,7 @@
 //! What the host knows of the files in its blob store (the `files` tree): each file's name,
-//! media type and size as uploaded, and who may read it. The bytes are in [`crate::blobs`].
+//! media type and size as uploaded, who may read it, which inbox messages reference it, when
+//! it was last uploaded or referenced, and each user's usage. The bytes are in
+//! [`crate::blobs`].
 
 use super::{StoreError, decode, decode_u64, encode, get_u64, keys};
 use iim_proto::UserId;
@@ -42,6 +44,8 @@ impl Files {
             .tree
             .compare_and_swap(keys::file(sha256), None::<&[u8]>, Some(encode(record)))?
             .is_ok();
+        self.tree
+            .insert(keys::file_touched(sha256), &record.stored_at.to_be_bytes())?;
         if new {
             // After the record: a crash between the two leaves the user's usage short by
             // this file, never counted twice.
@@ -76,5 +80,92 @@ impl Files {
     /// Whether `user` may read file `sha256`.
     pub fn may_read(&self, user: &UserId, sha256: &Sha256) -> Result<bool, StoreError> {
         Ok(self.tree.contains_key(keys::file_reader(user, sha256))?)
+    }
+
+    /// Message `id`, which references file `sha256`, is going into `user`'s inbox at `now`:
+    /// the user may read the file, and it stays while the message is in that inbox. Written
+    /// before the message is appended, so that no entry ever references a file without the
+    /// file knowing (an append found to be a repeat writes the same keys again).
+    pub fn referenced(
+        &self,
+        user: &UserId,
+        id: u64,
+        sha256: &Sha256,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(keys::file_reader(user, sha256), &[]);
+        batch.insert(keys::file_ref(user, id), &sha256[..]);
+        batch.insert(keys::file_ref_by_file(sha256, user, id), &[]);
+        batch.insert(keys::file_touched(sha256), &now.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Message `id` is leaving `user`'s inbox: the file it referenced, if any, no longer
+    /// stays for it. (The user may still read the file while it is here.)
+    pub fn unreferenced(&self, user: &UserId, id: u64) -> Result<(), StoreError> {
+        let key = keys::file_ref(user, id);
+        let Some(sha256) = self.tree.get(&key)? else {
+            return Ok(());
+        };
+        let sha256: Sha256 = sha256
+            .as_ref()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt {
+                tree: "files",
+                reason: format!("a file reference of {} bytes", sha256.len()),
+            })?;
+        let mut batch = sled::Batch::default();
+        batch.remove(keys::file_ref_by_file(&sha256, user, id));
+        batch.remove(key);
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// The files that no inbox message references and that nobody uploaded or referenced in
+    /// the `ttl_ms` before `now`: those that may leave.
+    pub fn unused(&self, now: u64, ttl_ms: u64) -> Result<Vec<Sha256>, StoreError> {
+        let mut unused = Vec::new();
+        for entry in self.tree.scan_prefix(keys::files()) {
+            let (key, value) = entry?;
+            let Ok(sha256) = Sha256::try_from(&key[1..]) else {
+                continue;
+            };
+            let record: FileRecord = decode("files", &value)?;
+            let touched = get_u64(&self.tree, "files", keys::file_touched(&sha256))?
+                .unwrap_or(record.stored_at);
+            if touched.saturating_add(ttl_ms) <= now
+                && self
+                    .tree
+                    .scan_prefix(keys::file_refs(&sha256))
+                    .next()
+                    .is_none()
+            {
+                unused.push(sha256);
+            }
+        }
+        Ok(unused)
+    }
+
+    /// Forgets file `sha256`: its record, its readers, and its size in its uploader's usage.
+    /// Returns the record, if there was one. The bytes are the blob store's to remove.
+    pub fn forget(&self, sha256: &Sha256) -> Result<Option<FileRecord>, StoreError> {
+        let Some(record) = self.get(sha256)? else {
+            return Ok(None);
+        };
+        let mut batch = sled::Batch::default();
+        for entry in self.tree.scan_prefix(keys::file_readers(sha256)) {
+            batch.remove(entry?.0);
+        }
+        batch.remove(keys::file_touched(sha256));
+        batch.remove(keys::file(sha256));
+        self.tree.apply_batch(batch)?;
+        self.tree
+            .update_and_fetch(keys::file_usage(&record.uploader), |old| {
+                let used = old.and_then(|v| decode_u64("files", v).ok()).unwrap_or(0);
+                Some(used.saturating_sub(record.size).to_be_bytes().to_vec())
+            })?;
+        Ok(Some(record))
     }
 }

@@ -26,6 +26,9 @@ const INBOX_PRUNED: u8 = b'r';
 const FILE: u8 = b'f';
 const FILE_READER: u8 = b'a';
 const FILE_USAGE: u8 = b'u';
+const FILE_REF: u8 = b'r';
+const FILE_REF_BY_FILE: u8 = b'c';
+const FILE_TOUCHED: u8 = b't';
 
 fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(rest.len() + 1);
@@ -334,9 +337,48 @@ pub fn file_usage(user: &UserId) -> Vec<u8> {
     tagged(FILE_USAGE, user.as_str().as_bytes())
 }
 
-/// `files`: `user` may read file `sha256`.
+/// `files`: the prefix of every file record.
+pub fn files() -> Vec<u8> {
+    vec![FILE]
+}
+
+/// `files`: `user` may read file `sha256` (by file first, so that a file's readers are one
+/// range).
 pub fn file_reader(user: &UserId, sha256: &[u8; 32]) -> Vec<u8> {
-    tagged(FILE_READER, &join(&[user.as_str().as_bytes(), sha256]))
+    let mut key = file_readers(sha256);
+    key.extend_from_slice(user.as_str().as_bytes());
+    key
+}
+
+/// `files`: the prefix of file `sha256`'s readers.
+pub fn file_readers(sha256: &[u8; 32]) -> Vec<u8> {
+    tagged(FILE_READER, sha256)
+}
+
+/// `files`: the file that message `id` in `user`'s inbox references.
+pub fn file_ref(user: &UserId, id: u64) -> Vec<u8> {
+    tagged(
+        FILE_REF,
+        &join(&[user.as_str().as_bytes(), &id.to_be_bytes()]),
+    )
+}
+
+/// `files`: message `id` in `user`'s inbox references file `sha256` (by file first: a file
+/// still referenced has a key in [`file_refs`]).
+pub fn file_ref_by_file(sha256: &[u8; 32], user: &UserId, id: u64) -> Vec<u8> {
+    let mut key = file_refs(sha256);
+    key.extend_from_slice(&join(&[user.as_str().as_bytes(), &id.to_be_bytes()]));
+    key
+}
+
+/// `files`: the prefix of the inbox messages that reference file `sha256`.
+pub fn file_refs(sha256: &[u8; 32]) -> Vec<u8> {
+    tagged(FILE_REF_BY_FILE, sha256)
+}
+
+/// `files`: when file `sha256` was last uploaded or referenced, in ms since the epoch.
+pub fn file_touched(sha256: &[u8; 32]) -> Vec<u8> {
+    tagged(FILE_TOUCHED, sha256)
 }
 
 #[cfg(test)]
