@@ -237,7 +237,10 @@ mod tests {
         // The hasher counts a job done just after it answered: the count comes back to 0.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while hashers.load.pending.load(Ordering::Relaxed) != 0 {
-            assert!(std::time::Instant::now() < deadline, "pending jobs stay counted");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pending jobs stay counted"
+            );
             tokio::task::yield_now().await;
         }
     }
