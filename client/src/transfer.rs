@@ -482,7 +482,7 @@ impl PartFile {
             .map_err(io_error(path))?;
         // What an earlier download left is hashed once, here; the rest as it comes.
         let owned = path.to_owned();
-        let hasher = tokio::task::spawn_blocking(move || hash_prefix(&owned, start))
+        let (hasher, _) = tokio::task::spawn_blocking(move || hash_prefix(&owned, start))
             .await
             .map_err(|e| file_error(path, format!("hashing failed: {e}")))?
             .map_err(io_error(path))?;
@@ -571,19 +571,24 @@ async fn hash_file(path: &Path) -> Result<(Sha256, u64), ClientError> {
         .map_err(io_error(path))
 }
 
-/// The SHA-256 state after the first `len` bytes of the file at `path`.
-fn hash_prefix(path: &Path, len: u64) -> std::io::Result<sha2::Sha256> {
+/// The SHA-256 state after the first `len` bytes of the file at `path` (all of it if it is
+/// shorter), and how many bytes that was.
+fn hash_prefix(path: &Path, len: u64) -> std::io::Result<(sha2::Sha256, u64)> {
     use sha2::Digest as _;
     let mut hasher = sha2::Sha256::new();
     if len == 0 {
-        return Ok(hasher);
+        return Ok((hasher, 0));
     }
     let mut file = std::fs::File::open(path)?.take(len);
     let mut buf = vec![0; CHUNK];
+    let mut read = 0u64;
     loop {
         match file.read(&mut buf) {
-            Ok(0) => return Ok(hasher),
-            Ok(n) => hasher.update(&buf[..n]),
+            Ok(0) => return Ok((hasher, read)),
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                read += n as u64;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -591,22 +596,8 @@ fn hash_prefix(path: &Path, len: u64) -> std::io::Result<sha2::Sha256> {
 }
 
 fn sha256_of(path: &Path) -> std::io::Result<(Sha256, u64)> {
-    use sha2::Digest as _;
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0; CHUNK];
-    let mut len = 0u64;
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok((hasher.finalize().into(), len))
+    let (hasher, len) = hash_prefix(path, u64::MAX)?;
+    Ok((sha2::Digest::finalize(hasher).into(), len))
 }
 
 async fn write_request(

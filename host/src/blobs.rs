@@ -27,27 +27,21 @@ pub struct FileId(String);
 impl FileId {
     /// The id of a file whose SHA-256 is `digest`.
     pub fn from_digest(digest: &[u8; 32]) -> Self {
-        Self(hex(digest))
+        Self(iim_proto::file::hex(digest))
     }
 
     /// Parses an id as clients write it (64 hex digits; upper case is accepted).
     pub fn parse(text: &str) -> Result<Self, BlobError> {
-        if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            Ok(Self(text.to_ascii_lowercase()))
-        } else {
-            Err(BlobError::BadId(text.chars().take(80).collect()))
+        match iim_proto::file::parse_hex(text) {
+            Some(digest) => Ok(Self::from_digest(&digest)),
+            None => Err(BlobError::BadId(text.chars().take(80).collect())),
         }
     }
 
     /// The SHA-256 the id names.
     pub fn digest(&self) -> [u8; 32] {
-        let mut digest = [0u8; 32];
-        for (i, pair) in self.0.as_bytes().chunks(2).enumerate() {
-            // Checked hex digits (see `parse` and `from_digest`).
-            let text = std::str::from_utf8(pair).unwrap_or("00");
-            digest[i] = u8::from_str_radix(text, 16).unwrap_or(0);
-        }
-        digest
+        // Made only from a digest (see `parse` and `from_digest`): always 64 hex digits.
+        iim_proto::file::parse_hex(&self.0).unwrap_or_default()
     }
 
     /// The id as text.
@@ -367,14 +361,6 @@ fn sync_dir(dir: &Path) -> Result<(), BlobError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error("syncing", dir))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 #[cfg(test)]

@@ -330,10 +330,7 @@ fn describe_trap(error: &wasmtime::Error, timeout: Duration) -> String {
 /// The SHA-256 of `bytes`, in lower-case hex: how plugin files are told apart.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    iim_proto::file::hex(&sha2::Sha256::digest(bytes).into())
 }
 
 /// Advances the engine's epoch every [`TICK`] until the engine has no other owner.
