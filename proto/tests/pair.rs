@@ -1301,6 +1301,19 @@ struct End2 {
     link: Option<RelayLink>,
 }
 
+impl End2 {
+    /// An end with `outbox_len` envelopes to send and nothing received yet.
+    fn new(outbox_len: u64) -> Self {
+        Self {
+            outbox_len,
+            applied: Vec::new(),
+            unflushed: Vec::new(),
+            acked_by_peer: 0,
+            link: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wire {
     Join { holds: u64 },
@@ -1314,22 +1327,7 @@ fn two_relay_link_ends_hand_over_every_envelope_once_in_order_across_losses_and_
         let mut rng = Rng(seed.wrapping_mul(7919));
         let total = rng.between(20, 400);
         let window = rng.between(2, 16);
-        let mut ends = [
-            End2 {
-                outbox_len: total,
-                applied: Vec::new(),
-                unflushed: Vec::new(),
-                acked_by_peer: 0,
-                link: None,
-            },
-            End2 {
-                outbox_len: total,
-                applied: Vec::new(),
-                unflushed: Vec::new(),
-                acked_by_peer: 0,
-                link: None,
-            },
-        ];
+        let mut ends = [End2::new(total), End2::new(total)];
         // One ordered pipe each way; a connection is up while `up`.
         let mut pipes: [VecDeque<Wire>; 2] = [VecDeque::new(), VecDeque::new()];
         let mut up = false;
