@@ -81,7 +81,7 @@ impl Bench {
             kind: MessageKind::Chat,
             from: self.alice.clone(),
             from_device: self.phone.clone(),
-            to: vec![self.bob.clone()],
+            to: vec![self.bob.clone().into()],
             body: vec![b'x'; 100],
             sent_at: 0,
         }))
@@ -95,6 +95,7 @@ impl Bench {
                 Event::Message(m) => Some(Arc::clone(m)),
                 _ => None,
             },
+            groups: false,
             effects: Effects::default(),
         }
     }

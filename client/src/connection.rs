@@ -9,8 +9,8 @@ use iim_proto::body::FileRef;
 use iim_proto::file::Sha256;
 use iim_proto::session::{Outgoing, Request};
 use iim_proto::{
-    DeviceId, Message, MessageId, MessageKind, RelationKind, RelationOp, ServerFrame, SessionMode,
-    UserId,
+    Address, DeviceId, Message, MessageId, MessageKind, RelationKind, RelationOp, ServerFrame,
+    SessionMode, UserId,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -622,32 +622,32 @@ impl Connection {
 
     /// Submits a message with the idempotency id `client_id`: submitting it again with the same
     /// id (say, after a lost answer) is answered with the same id and delivers nothing twice.
-    pub async fn submit(
+    pub async fn submit<A: Clone + Into<Address>>(
         &self,
         client_id: u64,
         kind: MessageKind,
-        to: &[UserId],
+        to: &[A],
         body: &[u8],
     ) -> Result<Accepted, ClientError> {
-        let answer = self.start_submit(client_id, kind, to.to_vec(), body.to_vec(), None)?;
+        let answer = self.start_submit(client_id, kind, addresses(to), body.to_vec(), None)?;
         accepted(answer.wait().await?)
     }
 
     /// [`Connection::submit`] with a time to live: the recipients whose devices have not got
     /// the message `ttl` after the host accepted it never will, and the sender gets an
     /// `expired` receipt for each of them (`docs/plugins.md`). Whole seconds, at least 1.
-    pub async fn submit_expiring(
+    pub async fn submit_expiring<A: Clone + Into<Address>>(
         &self,
         client_id: u64,
         kind: MessageKind,
-        to: &[UserId],
+        to: &[A],
         body: &[u8],
         ttl: Duration,
     ) -> Result<Accepted, ClientError> {
         let answer = self.start_submit(
             client_id,
             kind,
-            to.to_vec(),
+            addresses(to),
             body.to_vec(),
             Some(ttl_secs(ttl)),
         )?;
@@ -660,7 +660,7 @@ impl Connection {
         &self,
         client_id: u64,
         kind: MessageKind,
-        to: Vec<UserId>,
+        to: Vec<Address>,
         body: Vec<u8>,
         ttl_secs: Option<u32>,
     ) -> Result<Answer, ClientError> {
@@ -965,6 +965,11 @@ where
 /// A fresh idempotency id.
 pub fn new_client_id() -> u64 {
     rand::random()
+}
+
+/// The addresses of a submission, from users or addresses.
+pub(crate) fn addresses<A: Clone + Into<Address>>(to: &[A]) -> Vec<Address> {
+    to.iter().cloned().map(Into::into).collect()
 }
 
 #[cfg(test)]

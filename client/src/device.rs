@@ -11,6 +11,7 @@
 //! with a redirect sends the device to the user's home host, for good: every later reconnect
 //! goes there.
 
+use crate::connection::addresses;
 use crate::connection::{
     Accepted, ClientConfig, Connection, Event, Page, Redirects, accepted, follow_redirects, page,
     ttl_secs,
@@ -21,7 +22,7 @@ use crate::{ClientError, new_client_id};
 use iim_proto::body::FileRef;
 use iim_proto::file::Sha256;
 use iim_proto::session::{Backoff, Outgoing, Request};
-use iim_proto::{DeviceId, Message, MessageId, MessageKind, SessionMode, UserId};
+use iim_proto::{Address, DeviceId, Message, MessageId, MessageKind, SessionMode, UserId};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -258,28 +259,28 @@ impl Device {
 
     /// Submits a message with the idempotency id `client_id` and returns at once. Submissions
     /// reach the host in the order they were made, and it accepts them in that order.
-    pub fn submit(
+    pub fn submit<A: Clone + Into<Address>>(
         &self,
         client_id: u64,
         kind: MessageKind,
-        to: &[UserId],
+        to: &[A],
         body: &[u8],
     ) -> Submission {
         self.enqueue(client_id, kind, to, body, None)
     }
 
-    fn enqueue(
+    fn enqueue<A: Clone + Into<Address>>(
         &self,
         client_id: u64,
         kind: MessageKind,
-        to: &[UserId],
+        to: &[A],
         body: &[u8],
         ttl_secs: Option<u32>,
     ) -> Submission {
         let outgoing = Outgoing {
             client_id,
             kind,
-            to: to.to_vec(),
+            to: addresses(to),
             body: body.to_vec(),
             ttl_secs,
         };
@@ -289,11 +290,11 @@ impl Device {
     }
 
     /// [`Device::submit`] with a time to live (see [`Connection::submit_expiring`]).
-    pub fn submit_expiring(
+    pub fn submit_expiring<A: Clone + Into<Address>>(
         &self,
         client_id: u64,
         kind: MessageKind,
-        to: &[UserId],
+        to: &[A],
         body: &[u8],
         ttl: Duration,
     ) -> Submission {

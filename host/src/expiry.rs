@@ -102,7 +102,7 @@ fn report(host: &Host, message: &Message, expiry: &Expiry) -> Result<(), SweepEr
             kind: MessageKind::Receipt,
             from: message.from.clone(),
             from_device: message.from_device.clone(),
-            to: vec![message.from.clone()],
+            to: vec![message.from.clone().into()],
             body: body.to_json(),
             sent_at: now_ms(),
         })?;

@@ -86,7 +86,7 @@
 //! ```
 //!
 //! Built with `cargo build --release --target wasm32-wasip2`, a `cdylib` crate with such a
-//! plugin is a component that exports `iim:plugin/handler@0.1.0`.
+//! plugin is a component that exports `iim:plugin/handler@0.1.1`.
 
 #[doc(hidden)]
 // Generated glue: unsafe by nature (see Cargo.toml), documented by the WIT file.
@@ -112,7 +112,7 @@ pub use config::Config;
 pub use iim_proto::body;
 
 /// The WIT package (name and version) this SDK builds plugins against.
-pub const WIT_PACKAGE: &str = "iim:plugin@0.1.0";
+pub const WIT_PACKAGE: &str = "iim:plugin@0.1.1";
 
 /// An iim plugin: built once per instance from its configuration, then handed the events it
 /// subscribed to, one at a time.

@@ -54,6 +54,21 @@ pub enum Receipt {
         /// Why.
         reason: String,
     },
+    /// How many members of a group got and read a message of the sender's (from the plugin that
+    /// handles groups): sent when a count reaches 1, 2, 4, 8, … and when it reaches every
+    /// member, so a message to `m` members costs its sender about `2 log2 m` receipts, not `2m`.
+    Counts {
+        /// The message.
+        id: u64,
+        /// Its group, without `#`.
+        group: String,
+        /// Members it was sent to.
+        members: u32,
+        /// Members with a device that has it.
+        delivered: u32,
+        /// Members who reported reading it.
+        read: u32,
+    },
     /// Message `id` expired before any device of `user` got it (the host).
     Expired {
         /// The message.
@@ -186,6 +201,251 @@ impl FileRef {
     }
 }
 
+/// A member's place in a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupRole {
+    /// Created the group or was handed it: may do everything, and is the only one who may
+    /// delete it, make admins and hand the group on.
+    Owner,
+    /// May rename the group and add and remove members (not the owner, nor other admins).
+    Admin,
+    /// May write to the group, read who is in it and leave.
+    Member,
+}
+
+impl std::fmt::Display for GroupRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Owner => "owner",
+            Self::Admin => "admin",
+            Self::Member => "member",
+        })
+    }
+}
+
+impl std::str::FromStr for GroupRole {
+    type Err = BodyError;
+    fn from_str(text: &str) -> Result<Self, BodyError> {
+        match text {
+            "owner" => Ok(Self::Owner),
+            "admin" => Ok(Self::Admin),
+            "member" => Ok(Self::Member),
+            other => Err(BodyError::Json(format!(
+                "a role is owner, admin or member, not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// What a user asks of the groups plugin: the body of a message of kind
+/// [`GROUP_KIND`](crate::GROUP_KIND) addressed to the group (`#name`), or for `list` to the
+/// user themself. The plugin answers the requester with a [`GroupReply`] or a `refused`
+/// [`Receipt`] naming the request's id, and tells the members what changed with a
+/// [`GroupNotice`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum GroupRequest {
+    /// Makes the group, with the requester as its owner and `members` as members.
+    Create {
+        /// A title to show; the group's name if empty.
+        #[serde(default)]
+        title: String,
+        /// The first members besides the owner.
+        #[serde(default)]
+        members: Vec<String>,
+    },
+    /// Sets the title (owner and admins). The group's name (`#name`) never changes.
+    Rename {
+        /// The new title.
+        title: String,
+    },
+    /// Deletes the group (owner).
+    Delete,
+    /// Adds members (owner and admins).
+    Add {
+        /// The users.
+        users: Vec<String>,
+    },
+    /// Removes members (the owner anyone but themself, an admin plain members).
+    Remove {
+        /// The users.
+        users: Vec<String>,
+    },
+    /// Leaves the group (anyone but the owner, who hands it on or deletes it first).
+    Leave,
+    /// Sets a member's role (owner): `owner` hands the group on, and the old owner becomes
+    /// an admin.
+    Role {
+        /// The member.
+        user: String,
+        /// The new role.
+        role: GroupRole,
+    },
+    /// Asks for the members and their roles (members).
+    Members,
+    /// Asks for the requester's groups.
+    List,
+    /// Asks which members got and read message `id` of the group (its sender).
+    Receipts {
+        /// The message.
+        id: u64,
+    },
+}
+
+impl GroupRequest {
+    /// The request as JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        to_json(self)
+    }
+
+    /// Reads a request.
+    pub fn from_json(body: &[u8]) -> Result<Self, BodyError> {
+        from_json(body)
+    }
+}
+
+/// What changed in a group: the body of a message of kind [`GROUP_KIND`](crate::GROUP_KIND)
+/// addressed to the group, from the member who changed it, to every member (before and
+/// after the change, so a removed member learns it). Members see these in the group's order,
+/// among its messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum GroupNotice {
+    /// The group was made.
+    Created {
+        /// Its title.
+        title: String,
+        /// Its members, the owner first.
+        members: Vec<String>,
+    },
+    /// Its title changed.
+    Renamed {
+        /// The new title.
+        title: String,
+    },
+    /// Members were added.
+    Added {
+        /// The users.
+        users: Vec<String>,
+    },
+    /// Members were removed.
+    Removed {
+        /// The users.
+        users: Vec<String>,
+    },
+    /// The sender left.
+    Left,
+    /// A member's role changed.
+    Role {
+        /// The member.
+        user: String,
+        /// The new role.
+        role: GroupRole,
+    },
+    /// The group was deleted.
+    Deleted,
+}
+
+impl GroupNotice {
+    /// The notice as JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        to_json(self)
+    }
+
+    /// Reads a notice.
+    pub fn from_json(body: &[u8]) -> Result<Self, BodyError> {
+        from_json(body)
+    }
+}
+
+/// One member of a group and their role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMember {
+    /// The user.
+    pub user: String,
+    /// Their role.
+    pub role: GroupRole,
+}
+
+/// One group of a user's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSummary {
+    /// Its name, without `#`.
+    pub group: String,
+    /// Its title.
+    pub title: String,
+    /// The user's role in it.
+    pub role: GroupRole,
+    /// How many members it has.
+    pub members: u32,
+}
+
+/// The groups plugin's answer to a [`GroupRequest`]: the body of a message of kind
+/// [`GROUP_KIND`](crate::GROUP_KIND) addressed to the requester only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "lowercase")]
+pub enum GroupReply {
+    /// A change was made (the members got a [`GroupNotice`] too).
+    Done {
+        /// The request's message id.
+        request: u64,
+    },
+    /// The members of a group.
+    Members {
+        /// The request's message id.
+        request: u64,
+        /// The group, without `#`.
+        group: String,
+        /// Its title.
+        title: String,
+        /// Its members, the owner first, then admins, then members, each by name.
+        members: Vec<GroupMember>,
+    },
+    /// The requester's groups, by name.
+    List {
+        /// The request's message id.
+        request: u64,
+        /// The groups.
+        groups: Vec<GroupSummary>,
+    },
+    /// Who got and read a message.
+    Receipts {
+        /// The request's message id.
+        request: u64,
+        /// The message.
+        id: u64,
+        /// Members it was sent to.
+        members: u32,
+        /// Members with a device that has it, by name.
+        delivered: Vec<String>,
+        /// Members who reported reading it, by name.
+        read: Vec<String>,
+    },
+}
+
+impl GroupReply {
+    /// The request this answers.
+    pub fn request(&self) -> u64 {
+        match self {
+            Self::Done { request }
+            | Self::Members { request, .. }
+            | Self::List { request, .. }
+            | Self::Receipts { request, .. } => *request,
+        }
+    }
+
+    /// The reply as JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        to_json(self)
+    }
+
+    /// Reads a reply.
+    pub fn from_json(body: &[u8]) -> Result<Self, BodyError> {
+        from_json(body)
+    }
+}
+
 fn to_json(value: &impl Serialize) -> Vec<u8> {
     // Strings, numbers and lists always encode.
     serde_json::to_vec(value).unwrap_or_default()
@@ -241,6 +501,48 @@ mod tests {
         assert_eq!(
             presence.to_json(),
             br#"{"presence":[{"user":"bob","state":"online","devices":2}]}"#
+        );
+    }
+
+    #[test]
+    fn group_bodies_are_the_documented_json() {
+        assert_eq!(
+            GroupRequest::Add {
+                users: vec!["bob".into()]
+            }
+            .to_json(),
+            br#"{"op":"add","users":["bob"]}"#
+        );
+        assert_eq!(
+            GroupRequest::from_json(br#"{"op":"create"}"#),
+            Ok(GroupRequest::Create {
+                title: String::new(),
+                members: Vec::new()
+            })
+        );
+        assert_eq!(
+            GroupRequest::from_json(br#"{"op":"role","user":"bob","role":"admin"}"#),
+            Ok(GroupRequest::Role {
+                user: "bob".into(),
+                role: GroupRole::Admin
+            })
+        );
+        assert!(GroupRequest::from_json(br#"{"op":"role","user":"bob","role":"king"}"#).is_err());
+        assert_eq!(GroupNotice::Left.to_json(), br#"{"event":"left"}"#);
+        assert_eq!(
+            GroupReply::Done { request: 5 }.to_json(),
+            br#"{"reply":"done","request":5}"#
+        );
+        let counts = Receipt::Counts {
+            id: 9,
+            group: "team".into(),
+            members: 10,
+            delivered: 4,
+            read: 1,
+        };
+        assert_eq!(
+            counts.to_json(),
+            br#"{"state":"counts","id":9,"group":"team","members":10,"delivered":4,"read":1}"#
         );
     }
 

@@ -185,7 +185,7 @@ mod tests {
                 req: 4,
                 client_id: 99,
                 kind: MessageKind::Custom("poll".into()),
-                to: vec![user("bob"), user("carol")],
+                to: vec![user("bob").into(), user("carol").into()],
                 body: b"hello".to_vec(),
             },
             ClientFrame::Ack { seq: 7 },
@@ -229,7 +229,7 @@ mod tests {
                     kind: MessageKind::Chat,
                     from: user("alice"),
                     from_device: DeviceId::new("d1").expect("valid"),
-                    to: vec![user("bob")],
+                    to: vec![user("bob").into()],
                     body: "hé".as_bytes().to_vec(),
                     sent_at: 1_700_000_000_000,
                 },
@@ -261,7 +261,7 @@ mod tests {
             kind: MessageKind::Custom("poll".into()),
             from: user("alice"),
             from_device: DeviceId::new("d1").expect("valid"),
-            to: vec![user("bob"), user("carol")],
+            to: vec![user("bob").into(), user("carol").into()],
             body: vec![7; 300],
             sent_at: 1_700_000_000_000,
         };
@@ -295,7 +295,7 @@ mod tests {
             req: 1,
             client_id: 1,
             kind: MessageKind::Chat,
-            to: vec![user("bob")],
+            to: vec![user("bob").into()],
             body: vec![0; 200],
         };
         assert!(matches!(
@@ -374,7 +374,7 @@ mod tests {
                 req: 9,
                 client_id: 3,
                 kind: MessageKind::Chat,
-                to: vec![user("bob")],
+                to: vec![user("bob").into()],
                 body,
             };
             let bytes = encode_frame(&frame, 1024).expect("encode");
@@ -418,7 +418,7 @@ mod wire_examples {
             req: 7,
             client_id: 300,
             kind: MessageKind::Chat,
-            to: vec![UserId::new("bob").expect("valid")],
+            to: vec![UserId::new("bob").expect("valid").into()],
             body: b"hi".to_vec(),
         };
         assert_eq!(

@@ -3,7 +3,7 @@
 //! Every frame travels on the connection's one bidirectional stream, encoded by [`crate::codec`].
 //! Requests carry a [`RequestId`] chosen by the client; the host's answer carries the same id.
 
-use crate::name::{DeviceId, UserId};
+use crate::name::{Address, DeviceId, UserId};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -93,15 +93,32 @@ pub struct Message {
     pub from: UserId,
     /// The device it was sent from.
     pub from_device: DeviceId,
-    /// The users it was addressed to.
-    pub to: Vec<UserId>,
+    /// Whom it was addressed to: users, or one group.
+    pub to: Vec<Address>,
     /// The payload; UTF-8 text for chat.
     pub body: Vec<u8>,
     /// When the host accepted it, in milliseconds since the Unix epoch.
     pub sent_at: u64,
 }
 
+/// The kind of the messages that manage groups and tell members what changed in them
+/// (`body::group`).
+pub const GROUP_KIND: &str = "group";
+
+/// The group `to` addresses, if it names one: a message names users, or one group.
+pub fn group_of(to: &[Address]) -> Option<&crate::name::GroupId> {
+    match to {
+        [Address::Group(group)] => Some(group),
+        _ => None,
+    }
+}
+
 impl Message {
+    /// The group the message is addressed to, if it is.
+    pub fn group(&self) -> Option<&crate::name::GroupId> {
+        group_of(&self.to)
+    }
+
     /// Checks that the message, with the largest id, position and time, fits in a `Deliver`
     /// frame of `max_frame` bytes: otherwise no device could ever receive it.
     pub fn check_deliverable(&self, max_frame: u32) -> Result<(), crate::CodecError> {
@@ -230,8 +247,8 @@ pub enum ClientFrame {
         client_id: u64,
         /// What it is.
         kind: MessageKind,
-        /// The recipients.
-        to: Vec<UserId>,
+        /// The recipients: users, or one group.
+        to: Vec<Address>,
         /// The payload.
         body: Vec<u8>,
     },
@@ -260,8 +277,8 @@ pub enum ClientFrame {
         client_id: u64,
         /// What it is.
         kind: MessageKind,
-        /// The recipients.
-        to: Vec<UserId>,
+        /// The recipients: users, or one group.
+        to: Vec<Address>,
         /// The payload.
         body: Vec<u8>,
         /// Seconds from acceptance until it expires; at least 1.
@@ -532,7 +549,7 @@ mod tests {
                 req: 2,
                 client_id: 9,
                 kind: MessageKind::Chat,
-                to: vec![alice.clone()],
+                to: vec![alice.clone().into()],
                 body: vec![],
             },
             ClientFrame::Ack { seq: 3 },

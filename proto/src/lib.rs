@@ -23,7 +23,7 @@ pub mod session;
 
 pub use codec::{CodecError, FrameDecoder, encode_deliver, encode_frame};
 pub use frame::*;
-pub use name::{DeviceId, NameError, UserId, stable_hash};
+pub use name::{Address, DeviceId, GroupId, NameError, UserId, stable_hash};
 pub use rate::TokenBucket;
 pub use session::{Refusal, RetryPolicy};
 

@@ -121,6 +121,99 @@ name_type!(
     DeviceId
 );
 
+name_type!(
+    /// A group's name, without its `#`: unique in the network as a user's name is, in a
+    /// namespace of its own (a group and a user may share a name).
+    GroupId
+);
+impl GroupId {
+    /// Which of `parts` partitions this group falls in, as [`UserId::partition`] computes a
+    /// user's, from the name with its `#`: a host hands each group's events to one lane.
+    pub fn partition(&self, parts: usize) -> usize {
+        let name = std::iter::once(b'#').chain(self.as_str().bytes());
+        (stable_hash(name) % parts.max(1) as u64) as usize
+    }
+}
+
+/// Whom a message is addressed to: a user (`alice`) or a group (`#team`). On the wire and in
+/// JSON it is that text; a message names either users or one group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Address {
+    /// A user.
+    User(UserId),
+    /// A group, written with a leading `#`.
+    Group(GroupId),
+}
+
+impl Address {
+    /// The user, if this names one.
+    pub fn user(&self) -> Option<&UserId> {
+        match self {
+            Self::User(user) => Some(user),
+            Self::Group(_) => None,
+        }
+    }
+
+    /// The group, if this names one.
+    pub fn group(&self) -> Option<&GroupId> {
+        match self {
+            Self::Group(group) => Some(group),
+            Self::User(_) => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Address {
+    type Err = NameError;
+    fn from_str(text: &str) -> Result<Self, NameError> {
+        match text.strip_prefix('#') {
+            Some(group) => GroupId::new(group).map(Self::Group),
+            None => UserId::new(text).map(Self::User),
+        }
+    }
+}
+
+impl TryFrom<String> for Address {
+    type Error = NameError;
+    fn try_from(text: String) -> Result<Self, NameError> {
+        text.parse()
+    }
+}
+
+impl From<Address> for String {
+    fn from(address: Address) -> String {
+        address.to_string()
+    }
+}
+
+impl From<UserId> for Address {
+    fn from(user: UserId) -> Self {
+        Self::User(user)
+    }
+}
+
+impl From<GroupId> for Address {
+    fn from(group: GroupId) -> Self {
+        Self::Group(group)
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::User(user) => user.fmt(f),
+            Self::Group(group) => write!(f, "#{group}"),
+        }
+    }
+}
+
+impl PartialEq<UserId> for Address {
+    fn eq(&self, user: &UserId) -> bool {
+        self.user() == Some(user)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +264,31 @@ mod tests {
         assert!(
             counts.iter().all(|&n| (800..1200).contains(&n)),
             "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn addresses_read_and_write_as_text() {
+        let group: Address = "#team".parse().expect("group");
+        assert_eq!(group, Address::Group(GroupId::new("team").expect("valid")));
+        assert_eq!(group.to_string(), "#team");
+        let user: Address = "team".parse().expect("user");
+        assert_eq!(user, Address::User(UserId::new("team").expect("valid")));
+        assert_eq!("#".parse::<Address>(), Err(NameError::Empty));
+        assert_eq!(
+            "##a".parse::<Address>(),
+            Err(NameError::BadCharacter { found: '#' })
+        );
+        // A user address is the same bytes as a user name: stored messages still read.
+        let bytes = postcard::to_stdvec(&UserId::new("bob").expect("valid")).expect("encode");
+        assert_eq!(
+            postcard::from_bytes::<Address>(&bytes).expect("decode"),
+            Address::User(UserId::new("bob").expect("valid"))
+        );
+        let group = GroupId::new("alice").expect("valid");
+        assert_ne!(
+            group.partition(1000),
+            UserId::new("alice").expect("valid").partition(1000)
         );
     }
 

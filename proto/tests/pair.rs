@@ -336,8 +336,8 @@ impl Host {
     /// Hands a stored message to its recipients (the chat plugin's part), then lets go of its
     /// dispatch record.
     fn dispatch(&mut self, message: &Arc<Message>) {
-        for user in message.to.clone() {
-            self.append(&user, message);
+        for user in message.to.iter().filter_map(|to| to.user()) {
+            self.append(user, message);
         }
         self.store.write(Op::Dispatched(message.id));
     }
@@ -585,7 +585,7 @@ impl Device {
             Outgoing {
                 client_id,
                 kind: MessageKind::Chat,
-                to: vec![UserId::new("bob").expect("valid")],
+                to: vec![UserId::new("bob").expect("valid").into()],
                 body: client_id.to_be_bytes().to_vec(),
                 ttl_secs: None,
             },

@@ -325,7 +325,7 @@ async fn messages_not_received_in_their_time_leave_the_inbox_and_their_sender_is
         assert_eq!(notice.kind, MessageKind::Receipt);
         assert_eq!(
             (&notice.from, &notice.to[..]),
-            (&alice, std::slice::from_ref(&alice))
+            (&alice, &[alice.clone().into()][..])
         );
         notices.push(text(&notice));
     }
@@ -555,7 +555,7 @@ async fn bad_submissions_get_clear_errors() -> Result {
         ErrorCode::UNKNOWN_USER
     );
     assert_eq!(
-        code_of(a.submit(2, MessageKind::Chat, &[], b"x").await)?,
+        code_of(a.submit::<UserId>(2, MessageKind::Chat, &[], b"x").await)?,
         ErrorCode::INVALID_ARGUMENT
     );
     // A chat message is text; a custom kind may carry any bytes.

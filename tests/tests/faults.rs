@@ -645,7 +645,7 @@ async fn early_data_is_taken_only_where_a_replay_would_change_nothing() -> Resul
                 req: 3,
                 client_id: 7,
                 kind: MessageKind::Chat,
-                to: vec![bob.clone()],
+                to: vec![bob.clone().into()],
                 body: b"once".to_vec(),
             },
         ];

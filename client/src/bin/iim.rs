@@ -1090,6 +1090,16 @@ fn describe(message: &Message, body: Body) -> String {
         Body::Receipt(Receipt::Expired { id, user }, _) => {
             format!("#{id} expired before {user} got it")
         }
+        Body::Receipt(
+            Receipt::Counts {
+                id,
+                group,
+                members,
+                delivered,
+                read,
+            },
+            _,
+        ) => format!("#{id} in #{group}: delivered to {delivered} of {members}, read by {read}"),
         Body::Receipt(Receipt::Refused { id, users, reason }, _) => {
             format!("#{id} refused for {}: {reason}", users.join(", "))
         }
@@ -1179,7 +1189,7 @@ mod tests {
             kind,
             from: UserId::new("bob").expect("name"),
             from_device: DeviceId::new("phone").expect("name"),
-            to: vec![UserId::new("alice").expect("name")],
+            to: vec![UserId::new("alice").expect("name").into()],
             body: body.as_bytes().to_vec(),
             sent_at: (12 * 3600 + 3 * 60 + 7) * 1000 + 250,
         }

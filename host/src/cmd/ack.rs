@@ -22,10 +22,16 @@ pub fn save_cursor(host: &Host, who: &Identity, cursor: u64) {
     }
 }
 
-/// Raises `delivered` for each acknowledged message whose kind a plugin wants it for.
+/// Raises `delivered` for each acknowledged message whose kind a plugin wants it for; a
+/// message addressed to a group, for the plugin that handles groups.
 pub async fn delivered(host: &Host, who: &Identity, messages: Vec<Arc<Message>>) {
     for message in messages {
-        if !host.plugins.wants_delivered(&message.kind) {
+        let group = message.group();
+        let wanted = match group {
+            Some(_) => host.plugins.handles_groups(),
+            None => host.plugins.wants_delivered(&message.kind),
+        };
+        if !wanted {
             continue;
         }
         let delivered = Delivered {
@@ -36,6 +42,10 @@ pub async fn delivered(host: &Host, who: &Identity, messages: Vec<Arc<Message>>)
             recipient: who.user.clone(),
             recipient_device: who.device.clone(),
         };
-        host.plugins.raise(Event::Delivered(delivered)).await;
+        let event = match group {
+            Some(group) => Event::GroupDelivered(delivered, group.clone()),
+            None => Event::Delivered(delivered),
+        };
+        host.plugins.raise(event).await;
     }
 }

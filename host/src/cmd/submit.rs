@@ -24,7 +24,13 @@ pub async fn accept_all(
     for submission in submissions {
         // A recipient who registered on another host a moment ago: asked for once the
         // submission is about to be stored.
-        super::relation::look_up(host, &submission.to).await;
+        let users: Vec<_> = submission
+            .to
+            .iter()
+            .filter_map(|a| a.user())
+            .cloned()
+            .collect();
+        super::relation::look_up(host, &users).await;
         outcomes.push(
             accept(host, &who.user, &who.device, submission).map(|(answer, message)| {
                 dispatch.extend(message);
@@ -89,18 +95,38 @@ fn accept(
     s.kind
         .check()
         .map_err(|e| Refusal::new(ErrorCode::INVALID_ARGUMENT, e.to_string()))?;
-    if host.plugins.handler_of(&s.kind).is_none() {
-        return Err(Refusal::new(
-            ErrorCode::UNSUPPORTED_KIND,
-            format!("no plugin on this host handles messages of kind {}", s.kind),
-        ));
-    }
-    for to in &s.to {
-        if !host.iim.exists(to)? {
-            return Err(Refusal::new(
-                ErrorCode::UNKNOWN_USER,
-                format!("no such user: {to}"),
-            ));
+    match iim_proto::group_of(&s.to) {
+        // The plugin that handles groups decides whether the group exists and whether the
+        // sender may write to it, and refuses with a receipt if not (`docs/plugins.md`).
+        Some(group) => {
+            if !host.plugins.handles_groups() {
+                return Err(Refusal::new(
+                    ErrorCode::UNSUPPORTED_KIND,
+                    format!("no plugin on this host handles groups such as #{group}"),
+                ));
+            }
+        }
+        None => {
+            if s.to.iter().any(|to| to.group().is_some()) {
+                return Err(Refusal::new(
+                    ErrorCode::INVALID_ARGUMENT,
+                    "a message is addressed to users or to one group, not both",
+                ));
+            }
+            if host.plugins.handler_of(&s.kind).is_none() {
+                return Err(Refusal::new(
+                    ErrorCode::UNSUPPORTED_KIND,
+                    format!("no plugin on this host handles messages of kind {}", s.kind),
+                ));
+            }
+            for to in s.to.iter().filter_map(|to| to.user()) {
+                if !host.iim.exists(to)? {
+                    return Err(Refusal::new(
+                        ErrorCode::UNKNOWN_USER,
+                        format!("no such user: {to}"),
+                    ));
+                }
+            }
         }
     }
     super::file::check_message(host, user, &s.kind, &s.body)?;

@@ -2,7 +2,7 @@
 
 use super::bindings::iim::plugin::types as wit;
 use super::convert;
-use iim_proto::{DeviceId, Message, MessageId, MessageKind, UserId};
+use iim_proto::{DeviceId, GroupId, Message, MessageId, MessageKind, UserId};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -45,6 +45,9 @@ pub enum Event {
     SessionOpened(SessionInfo),
     /// A delivery session closed.
     SessionClosed(SessionInfo),
+    /// A device acknowledged a message addressed to a group. (Last, so that the dead letters
+    /// stored before it existed still read.)
+    GroupDelivered(Delivered, GroupId),
 }
 
 /// What a plugin handles.
@@ -58,6 +61,8 @@ pub enum Subscription {
     SessionOpened,
     /// Sessions closing.
     SessionClosed,
+    /// Every message addressed to a group, of any kind, and its deliveries (`subscribe-groups`).
+    Groups,
 }
 
 impl Subscription {
@@ -80,6 +85,7 @@ impl std::fmt::Display for Subscription {
             Self::Delivered(kind) => write!(f, "delivered({kind})"),
             Self::SessionOpened => f.write_str("session-opened"),
             Self::SessionClosed => f.write_str("session-closed"),
+            Self::Groups => f.write_str("groups"),
         }
     }
 }
@@ -87,11 +93,34 @@ impl std::fmt::Display for Subscription {
 impl Event {
     /// The subscription that asks for this event.
     pub fn subscription(&self) -> Subscription {
+        if self.group().is_some() {
+            return Subscription::Groups;
+        }
         match self {
             Self::Message(m) => Subscription::Message(m.kind.clone()),
             Self::Delivered(d) => Subscription::Delivered(d.kind.clone()),
             Self::SessionOpened(_) => Subscription::SessionOpened,
             Self::SessionClosed(_) => Subscription::SessionClosed,
+            Self::GroupDelivered(..) => Subscription::Groups,
+        }
+    }
+
+    /// The group whose conversation this event belongs to, if any: a message addressed to a
+    /// group, or its delivery.
+    pub fn group(&self) -> Option<&GroupId> {
+        match self {
+            Self::Message(m) => m.group(),
+            Self::GroupDelivered(_, group) => Some(group),
+            Self::Delivered(_) | Self::SessionOpened(_) | Self::SessionClosed(_) => None,
+        }
+    }
+
+    /// Which of a plugin's `lanes` handles this event: its group's for a group's event (one
+    /// order per group), its acting user's otherwise (one order per user).
+    pub fn lane(&self, lanes: usize) -> usize {
+        match self.group() {
+            Some(group) => group.partition(lanes),
+            None => self.acting().0.partition(lanes),
         }
     }
 
@@ -99,7 +128,7 @@ impl Event {
     pub fn acting(&self) -> (&UserId, &DeviceId) {
         match self {
             Self::Message(m) => (&m.from, &m.from_device),
-            Self::Delivered(d) => (&d.recipient, &d.recipient_device),
+            Self::Delivered(d) | Self::GroupDelivered(d, _) => (&d.recipient, &d.recipient_device),
             Self::SessionOpened(s) | Self::SessionClosed(s) => (&s.user, &s.device),
         }
     }
@@ -114,7 +143,10 @@ impl Event {
                 key.extend_from_slice(&m.id.0.to_be_bytes());
                 Some(key)
             }
-            Self::Delivered(_) | Self::SessionOpened(_) | Self::SessionClosed(_) => None,
+            Self::Delivered(_)
+            | Self::SessionOpened(_)
+            | Self::SessionClosed(_)
+            | Self::GroupDelivered(..) => None,
         }
     }
 
@@ -122,14 +154,16 @@ impl Event {
     pub fn to_wit(&self) -> wit::Event {
         match self {
             Self::Message(m) => wit::Event::Message(convert::message_to_wit(m)),
-            Self::Delivered(d) => wit::Event::Delivered(wit::Delivery {
-                id: d.id.0,
-                kind: convert::kind_to_wit(&d.kind),
-                sender: d.sender.to_string(),
-                sender_device: d.sender_device.to_string(),
-                recipient: d.recipient.to_string(),
-                recipient_device: d.recipient_device.to_string(),
-            }),
+            Self::Delivered(d) | Self::GroupDelivered(d, _) => {
+                wit::Event::Delivered(wit::Delivery {
+                    id: d.id.0,
+                    kind: convert::kind_to_wit(&d.kind),
+                    sender: d.sender.to_string(),
+                    sender_device: d.sender_device.to_string(),
+                    recipient: d.recipient.to_string(),
+                    recipient_device: d.recipient_device.to_string(),
+                })
+            }
             Self::SessionOpened(s) => wit::Event::SessionOpened(session_to_wit(s)),
             Self::SessionClosed(s) => wit::Event::SessionClosed(session_to_wit(s)),
         }
@@ -143,6 +177,11 @@ impl std::fmt::Display for Event {
             Self::Delivered(d) => write!(
                 f,
                 "delivered {} ({}) to {}/{}",
+                d.id, d.kind, d.recipient, d.recipient_device
+            ),
+            Self::GroupDelivered(d, group) => write!(
+                f,
+                "delivered {} ({}, #{group}) to {}/{}",
                 d.id, d.kind, d.recipient, d.recipient_device
             ),
             Self::SessionOpened(s) => write!(f, "session-opened {}/{}", s.user, s.device),

@@ -19,7 +19,7 @@ use super::convert;
 use crate::iim::{Iim, IimError};
 use crate::registry::Registry;
 use crate::store::Store;
-use iim_proto::{DeviceId, Message, MessageId, MessageKind, UserId};
+use iim_proto::{Address, DeviceId, Message, MessageId, MessageKind, UserId};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use wasmtime::StoreLimits;
@@ -32,6 +32,8 @@ pub const MAX_KV_KEY: usize = 256;
 pub const MAX_KV_VALUE: usize = 64 * 1024;
 /// `send` calls one `handle` may make.
 pub const MAX_SENDS_PER_CALL: usize = 64;
+/// Most keys one `kv-keys` returns.
+pub const MAX_KV_KEYS: usize = 1000;
 /// Storage writes one `handle` may make.
 pub const MAX_KV_WRITES_PER_CALL: usize = 256;
 /// Longest log line kept, in bytes: of the `log` import, and of a plugin's stdout and stderr
@@ -63,8 +65,8 @@ pub enum Outgoing {
     New {
         /// Its kind.
         kind: MessageKind,
-        /// The users it is addressed to.
-        to: Vec<UserId>,
+        /// Whom it is addressed to.
+        to: Vec<Address>,
         /// Its body.
         body: Vec<u8>,
     },
@@ -97,6 +99,8 @@ pub struct Call {
     pub device: DeviceId,
     /// The message being handled, for a message event.
     pub message: Option<Arc<Message>>,
+    /// Whether the plugin handles groups: only it may send to a group, or a `group` message.
+    pub groups: bool,
     /// Effects collected so far.
     pub effects: Effects,
 }
@@ -109,6 +113,8 @@ pub struct PluginState {
     table: ResourceTable,
     limits: StoreLimits,
     call: Option<Call>,
+    /// Whether the plugin called `subscribe-groups` in its `init`.
+    groups: bool,
     /// The clock of the call in progress, for the epoch callback.
     pub(super) clock: super::runtime::CallClock,
 }
@@ -129,6 +135,7 @@ impl PluginState {
             table,
             limits,
             call: None,
+            groups: false,
             clock: Default::default(),
         }
     }
@@ -154,6 +161,11 @@ impl PluginState {
     /// Starts a call acting for `call.user`.
     pub fn begin(&mut self, call: Call) {
         self.call = Some(call);
+    }
+
+    /// Whether the plugin asked for the conversations of groups in its `init`.
+    pub fn subscribed_groups(&self) -> bool {
+        self.groups
     }
 
     /// Ends the current call and returns what it did.
@@ -234,13 +246,28 @@ impl PluginState {
                 let to = msg
                     .to
                     .iter()
-                    .map(|name| parse_user(name))
+                    .map(|name| parse_address(name))
                     .collect::<Result<Vec<_>, _>>()?;
                 if to.len() > iim_proto::MAX_TARGETS {
                     return Err(HostError::LimitExceeded(format!(
                         "a message names at most {} recipients",
                         iim_proto::MAX_TARGETS
                     )));
+                }
+                let to_group = to.iter().any(|a| a.group().is_some());
+                if to_group && to.len() > 1 {
+                    return Err(HostError::InvalidArgument(
+                        "a message is addressed to users or to one group, not both".into(),
+                    ));
+                }
+                let group_kind =
+                    matches!(&kind, MessageKind::Custom(k) if k == iim_proto::GROUP_KIND);
+                if (to_group || group_kind) && !call.groups {
+                    return Err(HostError::PermissionDenied(
+                        "only the plugin that handles groups may send a message addressed to \
+                         a group or of kind group"
+                            .into(),
+                    ));
                 }
                 let probe = Message {
                     id: MessageId(0),
@@ -336,6 +363,11 @@ impl PluginState {
 
 fn parse_user(name: &str) -> Result<UserId, HostError> {
     UserId::new(name).map_err(|e| HostError::InvalidArgument(format!("user {name:?}: {e}")))
+}
+
+fn parse_address(text: &str) -> Result<Address, HostError> {
+    text.parse()
+        .map_err(|e| HostError::InvalidArgument(format!("address {text:?}: {e}")))
 }
 
 fn check_key(key: &str) -> Result<(), HostError> {
@@ -466,6 +498,58 @@ impl IimHost for PluginState {
 
     fn kv_delete(&mut self, key: String) -> wasmtime::Result<Result<(), HostError>> {
         Ok(self.kv_write(key, None))
+    }
+
+    fn kv_keys(
+        &mut self,
+        prefix: String,
+        after: Option<String>,
+        limit: u32,
+    ) -> wasmtime::Result<Result<Vec<String>, HostError>> {
+        Ok((|| {
+            let limit = (limit as usize).min(MAX_KV_KEYS);
+            if prefix.len() > MAX_KV_KEY || after.as_ref().is_some_and(|a| a.len() > MAX_KV_KEY) {
+                return Err(HostError::InvalidArgument(format!(
+                    "a storage key is at most {MAX_KV_KEY} bytes"
+                )));
+            }
+            let pending = self.call.as_ref().map(|call| &call.effects.kv);
+            let in_range =
+                |key: &String| key.starts_with(&prefix) && after.as_ref().is_none_or(|a| key > a);
+            // Enough stored keys that, once the pending deletes are taken out, `limit` remain.
+            let deletes = pending.map_or(0, |kv| {
+                kv.iter()
+                    .filter(|(k, v)| v.is_none() && in_range(k))
+                    .count()
+            });
+            let stored = self
+                .services
+                .store
+                .plugin_kv
+                .keys(&self.plugin, &prefix, after.as_deref(), limit + deletes)
+                .map_err(unavailable)?;
+            let mut keys: std::collections::BTreeSet<String> = stored.into_iter().collect();
+            if let Some(kv) = pending {
+                for (key, value) in kv.iter().filter(|(k, _)| in_range(k)) {
+                    match value {
+                        Some(_) => keys.insert(key.clone()),
+                        None => keys.remove(key),
+                    };
+                }
+            }
+            Ok(keys.into_iter().take(limit).collect())
+        })())
+    }
+
+    fn subscribe_groups(&mut self) -> wasmtime::Result<Result<(), HostError>> {
+        Ok(if self.call.is_some() {
+            Err(HostError::PermissionDenied(
+                "subscribe-groups is only allowed in init".into(),
+            ))
+        } else {
+            self.groups = true;
+            Ok(())
+        })
     }
 
     fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {

@@ -118,6 +118,10 @@ impl Lane {
         let max_attempts = self.host.config.max_attempts;
         let timeout = self.host.runtime.call_timeout();
         let wit_event = event.to_wit();
+        let groups = self
+            .info
+            .subscriptions
+            .contains(&super::Subscription::Groups);
         let mut last_error = String::new();
         for attempt in 1..=max_attempts {
             if attempt > 1 {
@@ -137,6 +141,7 @@ impl Lane {
                     Event::Message(m) => Some(Arc::clone(m)),
                     _ => None,
                 },
+                groups,
                 effects: Effects::default(),
             });
             let outcome = instance.handle(&wit_event, timeout).await;

@@ -266,7 +266,7 @@ impl Loader {
             .await
             .map_err(|e| LoadError::Trap(format!("compilation stopped: {e}")))??;
         let services = Arc::clone(&self.host.services);
-        let (instance, info) = self
+        let (mut instance, info) = self
             .host
             .runtime
             .instantiate(&build, name, Arc::clone(&services), &config)
@@ -274,12 +274,15 @@ impl Loader {
         if info.name.is_empty() {
             return Err(LoadError::Info("the plugin gave no name".into()).into());
         }
-        let subscriptions = info
+        let mut subscriptions = info
             .subscriptions
             .into_iter()
             .map(Subscription::from_wit)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| LoadError::Info(format!("{e:?}")))?;
+        if instance.state().subscribed_groups() {
+            subscriptions.push(Subscription::Groups);
+        }
         let info = LoadedInfo {
             name: info.name,
             version: info.version,
@@ -344,7 +347,7 @@ impl PluginHost {
         };
         let mut lanes = self.lanes();
         for sub in &info.subscriptions {
-            if !matches!(sub, Subscription::Message(_)) {
+            if !matches!(sub, Subscription::Message(_) | Subscription::Groups) {
                 continue;
             }
             if let Some((other, _)) = lanes

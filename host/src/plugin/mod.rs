@@ -33,7 +33,7 @@ pub use event::{Delivered, Event, SessionInfo, Subscription};
 pub use imports::Services;
 pub use runtime::Runtime;
 
-use iim_proto::{MessageId, MessageKind, UserId};
+use iim_proto::{MessageId, MessageKind};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Semaphore, mpsc};
@@ -93,10 +93,10 @@ struct LaneHandle {
 }
 
 impl LaneHandle {
-    /// Queues `command` for the lane that handles `user`'s events.
-    fn send_for(&self, user: &UserId, command: lane::Command) -> bool {
-        self.queues[user.partition(self.queues.len())]
-            .send(command)
+    /// Queues `event` for the lane that handles it ([`Event::lane`]).
+    fn queue(&self, event: Event, permit: tokio::sync::OwnedSemaphorePermit) -> bool {
+        self.queues[event.lane(self.queues.len())]
+            .send(lane::Command::Event(event, permit))
             .is_ok()
     }
 
@@ -173,6 +173,13 @@ impl PluginHost {
             .map(|(name, _)| name.clone())
     }
 
+    /// Whether a loaded plugin handles groups (`subscribe-groups`).
+    pub fn handles_groups(&self) -> bool {
+        self.lanes()
+            .values()
+            .any(|lane| lane.info.subscriptions.contains(&Subscription::Groups))
+    }
+
     /// Whether any plugin wants the deliveries of messages of `kind`.
     pub fn wants_delivered(&self, kind: &MessageKind) -> bool {
         let wanted = Subscription::Delivered(kind.clone());
@@ -220,12 +227,9 @@ impl PluginHost {
             return false;
         };
         // The lane may have gone while this waited; its queue then refuses the event.
-        self.lanes().get(name).is_some_and(|lane| {
-            lane.send_for(
-                event.acting().0,
-                lane::Command::Event(event.clone(), permit),
-            )
-        })
+        self.lanes()
+            .get(name)
+            .is_some_and(|lane| lane.queue(event, permit))
     }
 
     /// Hands dead letter `id` to be handled again, now that the plugin may have been fixed,

@@ -247,7 +247,7 @@ pub(crate) mod tests {
             kind: iim_proto::MessageKind::Chat,
             from: UserId::new("alice").expect("valid"),
             from_device: DeviceId::new("phone").expect("valid"),
-            to: vec![UserId::new("bob").expect("valid")],
+            to: vec![UserId::new("bob").expect("valid").into()],
             body: b"hi".to_vec(),
             sent_at: 1,
         }

@@ -23,6 +23,35 @@ impl PluginStorage {
             .map(|v| v.to_vec()))
     }
 
+    /// The keys of `plugin`'s storage that start with `prefix`, in byte order, after `after`
+    /// if it is given: at most `limit`.
+    pub fn keys(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let namespace = keys::plugin_kv(plugin, "").len();
+        let start = keys::plugin_kv(plugin, prefix);
+        let range = match after {
+            Some(after) if after >= prefix => self.tree.range((
+                std::ops::Bound::Excluded(keys::plugin_kv(plugin, after)),
+                std::ops::Bound::Unbounded,
+            )),
+            _ => self.tree.range(start.clone()..),
+        };
+        let mut found = Vec::new();
+        for entry in range {
+            let (key, _) = entry?;
+            if !key.starts_with(&start) || found.len() >= limit {
+                break;
+            }
+            found.push(String::from_utf8_lossy(&key[namespace..]).into_owned());
+        }
+        Ok(found)
+    }
+
     /// Writes (or, for `None`, removes) values of `plugin`'s storage in one atomic batch.
     pub fn apply(
         &self,

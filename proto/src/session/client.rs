@@ -14,7 +14,7 @@ use crate::frame::{
     ClientFrame, ErrorCode, Message, MessageId, MessageKind, RelationKind, RelationOp, RequestId,
     ServerFrame, SessionMode,
 };
-use crate::name::{DeviceId, UserId};
+use crate::name::{Address, DeviceId, UserId};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -129,8 +129,8 @@ pub struct Outgoing {
     pub client_id: u64,
     /// What it is.
     pub kind: MessageKind,
-    /// The recipients.
-    pub to: Vec<UserId>,
+    /// The recipients: users, or one group.
+    pub to: Vec<Address>,
     /// The payload.
     pub body: Vec<u8>,
     /// Seconds it may wait for its recipients, if not the host's default.
@@ -846,7 +846,7 @@ mod tests {
         Outgoing {
             client_id,
             kind: MessageKind::Chat,
-            to: vec![UserId::new("bob").expect("valid")],
+            to: vec![UserId::new("bob").expect("valid").into()],
             body: b"hi".to_vec(),
             ttl_secs: None,
         }
@@ -967,7 +967,7 @@ mod tests {
             kind: MessageKind::Chat,
             from: UserId::new("bob").expect("valid"),
             from_device: DeviceId::new("phone").expect("valid"),
-            to: vec![UserId::new("alice").expect("valid")],
+            to: vec![UserId::new("alice").expect("valid").into()],
             body: Vec::new(),
             sent_at: 0,
         };

@@ -34,7 +34,7 @@ use crate::frame::{
     ClientFrame, ErrorCode, Message, MessageId, MessageKind, RelationKind, RelationOp, RequestId,
     ServerFrame, SessionMode,
 };
-use crate::name::{DeviceId, UserId};
+use crate::name::{Address, DeviceId, UserId};
 use crate::rate::TokenBucket;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -87,8 +87,8 @@ pub struct Submission {
     pub client_id: u64,
     /// The kind.
     pub kind: MessageKind,
-    /// The recipients.
-    pub to: Vec<UserId>,
+    /// The recipients: users, or one group.
+    pub to: Vec<Address>,
     /// The body.
     pub body: Vec<u8>,
     /// Seconds until it expires, if the client chose; otherwise the host's default.
@@ -1551,7 +1551,7 @@ mod tests {
             req,
             client_id: req,
             kind: MessageKind::Chat,
-            to: vec![user("alice")],
+            to: vec![user("alice").into()],
             body: b"hi".to_vec(),
         }
     }
@@ -1562,7 +1562,7 @@ mod tests {
             kind: MessageKind::Chat,
             from: user("alice"),
             from_device: device(),
-            to: vec![user("bob")],
+            to: vec![user("bob").into()],
             body: b"hi".to_vec(),
             sent_at: 0,
         })
