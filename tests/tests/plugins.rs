@@ -517,6 +517,16 @@ async fn forged_senders_and_malformed_user_lists_get_clear_errors_and_send_nothi
     let report = text(&report);
     assert!(report.contains("UnknownServer(\"elsewhere\")"), "{report}");
     assert!(report.contains("appears twice"), "{report}");
+
+    // Only the plugin that handles groups may speak for one.
+    misbehave(&a, &bob, "forge-group").await?;
+    let report = expect_kind(&a, MessageKind::Custom("misbehave-report".into())).await?;
+    let report = text(&report);
+    assert_eq!(
+        report.matches("PermissionDenied").count(),
+        2,
+        "both the group notice and the message to #team are refused: {report}"
+    );
     // Bob received none of it.
     quiet(&b).await?;
     Ok(())
@@ -591,5 +601,28 @@ async fn a_python_plugin_built_with_componentize_py_relays_typing_indicators() -
         "{}",
         host.log()
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_plugin_built_against_wit_0_1_0_still_loads_and_runs() -> Result {
+    let TwoUsers {
+        host, bob, a, b, ..
+    } = TwoUsers::start().await?;
+    install(
+        &test_plugin("compat")?,
+        &host.plugins_dir().join("compat.wasm"),
+    )?;
+    host.admin("reload").await?;
+    let plugins = host.admin("plugins").await?;
+    assert!(
+        plugins.contains("compat"),
+        "the 0.1.0 plugin is not loaded: {plugins}"
+    );
+    let kind = MessageKind::Custom("compat".into());
+    for (sent, want) in [("hello", "hello #1"), ("again", "again #2")] {
+        submit(&a, kind.clone(), &bob, sent.as_bytes()).await?;
+        assert_eq!(text(&expect_kind(&b, kind.clone()).await?), want);
+    }
     Ok(())
 }

@@ -9,6 +9,9 @@
 //! - `fail`: returns `failed` (the host retries, then sets the event aside);
 //! - `reject`: returns `rejected`;
 //! - `forge`: sends as another user (the first addressee);
+//! - `forge-group`: sends a `group` notice to the first addressee, then a chat message
+//!   addressed to the group `#team`, neither of which a plugin that does not handle groups
+//!   may send;
 //! - `badlist`: sends to a user-list naming an unknown server, then one naming a user twice;
 //! - `count`: adds one to a stored counter, answering the count;
 //! - `count-then-fail`: adds one to the counter, then fails (the write must not last);
@@ -96,6 +99,19 @@ impl Plugin for Misbehave {
                 forged.sender = victim;
                 let answer = host::send_to(&forged, &forged.to.clone());
                 report(&message, &format!("forge: {answer:?}"))
+            }
+            b"forge-group" => {
+                let addressee = message.to.first().cloned().unwrap_or_default();
+                let notice = Message::new(
+                    MessageKind::Custom("group".into()),
+                    vec![addressee.clone()],
+                    br#"{"event":"added","users":["mallory"]}"#.to_vec(),
+                );
+                let first = host::send_to(&notice, std::slice::from_ref(&addressee));
+                let to_group =
+                    Message::new(MessageKind::Chat, vec!["#team".into()], b"forged".to_vec());
+                let second = host::send_to(&to_group, std::slice::from_ref(&addressee));
+                report(&message, &format!("forge-group: {first:?} / {second:?}"))
             }
             b"badlist" => {
                 let elsewhere = UserList {
