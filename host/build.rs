@@ -1,7 +1,7 @@
-//! Builds the default plugins (chat, presence, receipts) for `wasm32-wasip2` and hands their
-//! paths to the host's source, which embeds them: a host started with an empty data directory
-//! installs them in its plugins directory, so `cargo run -p iim-host` serves chat on a fresh
-//! machine with nothing else to build.
+//! Builds the default plugins (chat, presence, receipts, groups) for `wasm32-wasip2` and hands
+//! their paths to the host's source, which embeds them: a host started with an empty data
+//! directory installs them in its plugins directory, so `cargo run -p iim-host` serves chat on a
+//! fresh machine with nothing else to build.
 //!
 //! The plugins are built by a nested `cargo build` into their own target directory
 //! (`target/plugins-wasm`): the outer build holds the lock of its own target directory, and one
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const TARGET: &str = "wasm32-wasip2";
-const PLUGINS: &[&str] = &["chat", "presence", "receipts"];
+const PLUGINS: &[&str] = &["chat", "presence", "receipts", "groups"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));

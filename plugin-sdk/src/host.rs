@@ -7,8 +7,22 @@
 //! `unavailable` and log lines go to standard error.
 //!
 //! Every call acts on behalf of the acting user of the event being handled (see the WIT file).
+//!
+//! [`kv_keys`] and [`subscribe_groups`] are imports of `iim:plugin@0.1.1`: a host of 0.1.0
+//! does not load a plugin that uses them.
 
 use crate::{HostError, LogLevel, Message, MessageId, PresenceEntry, UserId, UserList};
+
+/// `send` calls one event may make (the host's limit): more are `limit-exceeded`.
+pub const MAX_SENDS_PER_EVENT: usize = 64;
+/// Storage writes (`kv-set`, `kv-delete`) one event may make (the host's limit).
+pub const MAX_KV_WRITES_PER_EVENT: usize = 256;
+/// The longest storage key, in bytes (the host's limit).
+pub const MAX_KV_KEY: usize = 256;
+/// The largest stored value, in bytes (the host's limit).
+pub const MAX_KV_VALUE: usize = 64 * 1024;
+/// The most keys one [`kv_keys`] returns: a larger `limit` counts as this.
+pub const MAX_KV_KEYS: u32 = 1000;
 
 // The generated imports in a component; functions of the same signatures that call the fake
 // host anywhere else.
@@ -66,6 +80,28 @@ pub fn kv_set(key: &str, value: &[u8]) -> Result<(), HostError> {
 /// Removes a value from this plugin's own storage, when `handle` returns `ok`.
 pub fn kv_delete(key: &str) -> Result<(), HostError> {
     imp::kv_delete(key)
+}
+
+/// Since 0.1.1. The keys of this plugin's storage that start with `prefix`, in byte order,
+/// after `after` if it is given, at most `limit` of them (a `limit` over [`MAX_KV_KEYS`] counts
+/// as that). The writes of the event being handled are seen, as [`kv_get`] sees them. To read
+/// every key under a prefix, call it again with `after` = the last key returned, until it
+/// returns fewer than asked.
+pub fn kv_keys(prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<String>, HostError> {
+    imp::kv_keys(prefix, after, limit)
+}
+
+/// Since 0.1.1. Makes this plugin the one that handles the conversations of groups: every
+/// message addressed to a group (its `to` is one `#name`), whatever its kind, and every
+/// delivery of such a message comes to it, each group's events to one instance, in order; and
+/// it alone may send a new message addressed to a group or of kind
+/// [`GROUP_KIND`](crate::GROUP_KIND). Allowed only during `init` (`permission-denied` while an
+/// event is handled).
+///
+/// A plugin does not call it itself: it answers `true` from [`Plugin::groups`](crate::Plugin::groups)
+/// and the SDK calls it during `init`.
+pub fn subscribe_groups() -> Result<(), HostError> {
+    imp::subscribe_groups()
 }
 
 /// Writes a line to the host's log, under this plugin's name. The [`info!`](crate::info) family

@@ -15,6 +15,19 @@
 //! in-memory host that records what the plugin sends, so a plugin's logic is unit-tested with
 //! `cargo test`.
 //!
+//! # Version 0.1.1
+//!
+//! This SDK builds against `iim:plugin@0.1.1`, which adds two imports and changes nothing of
+//! 0.1.0 (a host of 0.1.1 loads plugins built against either):
+//! - [`host::kv_keys`] lists the keys of the plugin's storage under a prefix, in byte order,
+//!   at most [`host::MAX_KV_KEYS`] per call, so that a plugin can keep one key per item (a
+//!   group's members) instead of one large value;
+//! - `subscribe-groups`: a plugin whose [`Plugin::groups`] answers `true` is subscribed to
+//!   groups during `init` ([`host::subscribe_groups`]). It then receives every message
+//!   addressed to a group (`to` is one `#name`, see [`Message::group`]) and every delivery of
+//!   one, each group's events in one instance and in order, and it alone may send a new
+//!   message addressed to a group or of kind [`GROUP_KIND`]. `plugins/groups` is that plugin.
+//!
 //! # Example
 //!
 //! A plugin that answers every `ping` message with a `pong` to its sender, and its test:
@@ -107,8 +120,12 @@ pub use bindings::iim::plugin::types::{
     UserId, UserList, UserRow,
 };
 pub use config::Config;
+/// The custom kind of the messages that manage groups (requests, notices, replies): only the
+/// plugin that handles groups ([`Plugin::groups`]) takes or sends them.
+pub use iim_proto::GROUP_KIND;
 /// The bodies of the messages the default plugins send and take (receipts, read reports,
-/// presence notices): one definition, shared with the host, the `iim` CLI and the tests.
+/// presence notices, group requests, notices and replies): one definition, shared with the
+/// host, the `iim` CLI and the tests.
 pub use iim_proto::body;
 
 /// The WIT package (name and version) this SDK builds plugins against.
@@ -144,6 +161,16 @@ pub trait Plugin: Sized + 'static {
     /// it returns `Ok`; [`PluginError::Rejected`] refuses the event for good,
     /// [`PluginError::Failed`] (what `?` on a [`HostError`] gives) has it run again.
     fn handle(&self, event: Event) -> Result<(), PluginError>;
+
+    /// Whether this plugin handles the conversations of groups (since 0.1.1): if it answers
+    /// `true`, `init` calls [`host::subscribe_groups`] after [`Plugin::new`], and the host then
+    /// hands it every message addressed to a group (`to` is one `#name`), of any kind, and
+    /// every delivery of such a message, whatever its subscriptions say; each group's events go
+    /// to one instance, in order. Only such a plugin may send a new message addressed to a
+    /// group or of kind [`GROUP_KIND`], and a host loads at most one. `false` by default.
+    fn groups(&self) -> bool {
+        false
+    }
 
     /// What `init` answers the host: the name, version and subscriptions.
     fn info(&self) -> PluginInfo {

@@ -18,10 +18,21 @@ thread_local! {
 
 /// The `init` export: builds the plugin from its configuration and keeps it for `handle`.
 pub fn init<P: Plugin>(config: Vec<(String, String)>) -> Result<PluginInfo, PluginError> {
-    let plugin = P::new(&Config::new(config))?;
+    let plugin = build::<P>(&Config::new(config))?;
     let info = plugin.info();
     INSTANCE.set(Some(Box::new(plugin)));
     Ok(info)
+}
+
+/// What `init` does before it answers: builds the plugin with [`Plugin::new`], then, if it
+/// handles groups ([`Plugin::groups`]), calls `subscribe-groups`, which is allowed only then.
+/// The fake host builds plugins with it too.
+pub fn build<P: Plugin>(config: &Config) -> Result<P, PluginError> {
+    let plugin = P::new(config)?;
+    if plugin.groups() {
+        crate::host::subscribe_groups()?;
+    }
+    Ok(plugin)
 }
 
 /// The `handle` export: runs the event on the instance `init` kept.

@@ -17,7 +17,16 @@
 //!   acting user during `init`;
 //! - the real host's limits on body size, on sends and storage writes per event and on
 //!   storage keys and values (`limit-exceeded`, `invalid-argument`);
-//! - the effects of `handle` (sends, inbox appends, storage) remain only if it returns `ok`.
+//! - the effects of `handle` (sends, inbox appends, storage) remain only if it returns `ok`;
+//! - groups (`iim:plugin@0.1.1`): `subscribe-groups` is allowed only during `init` (the SDK
+//!   calls it for a plugin whose [`Plugin::groups`] is `true`, and [`FakeHost::init`] records
+//!   it: [`FakeHost::subscribed_groups`]). The events of a group (a message addressed to
+//!   `#name`, and the delivery of a message in the recipient's inbox that is addressed to
+//!   one) are handed only to such a plugin, whatever its subscriptions; and a new message
+//!   addressed to a group or of kind [`GROUP_KIND`](crate::GROUP_KIND) may be sent only by it
+//!   (`permission-denied`), addressed to users or to one group, not both (`invalid-argument`);
+//! - `kv-keys` answers as the host does: the keys under a prefix in byte order, after `after`,
+//!   at most [`MAX_KV_KEYS`](crate::host::MAX_KV_KEYS), the event's own writes included.
 //!
 //! Relations are one-way lists, as on the host: `add_friend("alice", "bob")` puts bob in
 //! alice's friends, not alice in bob's.
@@ -29,6 +38,9 @@ use crate::{
 };
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+
+pub use crate::host::{MAX_KV_KEY, MAX_KV_VALUE, MAX_KV_WRITES_PER_EVENT, MAX_SENDS_PER_EVENT};
 
 thread_local! {
     /// The fake host that `crate::host` calls on this thread, while one is installed.
@@ -39,14 +51,6 @@ thread_local! {
 const MAX_KIND: usize = 64;
 /// The longest user or device name, in bytes (as in the WIT file).
 const MAX_NAME: usize = 64;
-/// `send` calls one event may make (the host's limit).
-pub const MAX_SENDS_PER_EVENT: usize = 64;
-/// Storage writes one event may make (the host's limit).
-pub const MAX_KV_WRITES_PER_EVENT: usize = 256;
-/// The longest storage key, in bytes (the host's limit).
-pub const MAX_KV_KEY: usize = 256;
-/// The largest stored value, in bytes (the host's limit).
-pub const MAX_KV_VALUE: usize = 64 * 1024;
 /// The largest message body by default, in bytes (the host's default `max_body`).
 pub const DEFAULT_MAX_BODY: usize = 32 * 1024;
 
@@ -94,6 +98,12 @@ pub struct FakeHost {
     /// Sends and storage writes of the event being handled, against the per-event limits.
     sends: usize,
     kv_writes: usize,
+    /// The plugins (by name) that called `subscribe-groups` in their `init`.
+    groups: BTreeSet<String>,
+    /// Whether `subscribe-groups` was called since the `init` in progress began.
+    subscribed_in_init: bool,
+    /// Whether the plugin handling the current event handles groups (may send to them).
+    handling_groups: bool,
     next_id: MessageId,
     next_session: u64,
     now_ms: u64,
@@ -115,6 +125,9 @@ impl Default for FakeHost {
             handled: None,
             sends: 0,
             kv_writes: 0,
+            groups: BTreeSet::new(),
+            subscribed_in_init: false,
+            handling_groups: false,
             next_id: 1,
             next_session: 1,
             // 2023-11-14: any fixed time will do; tests are deterministic.
@@ -285,10 +298,20 @@ impl FakeHost {
 
     // ----- Running a plugin -----
 
-    /// Builds plugin `P` from `config`, as the host's `init` does.
+    /// Builds plugin `P` from `config`, as the host's `init` does: [`Plugin::new`], then
+    /// `subscribe-groups` if the plugin handles groups, which this host then records
+    /// ([`subscribed_groups`](Self::subscribed_groups)).
     pub fn init<P: Plugin>(&mut self, config: &[(&str, &str)]) -> Result<P, PluginError> {
         let config = Config::from_pairs(config);
-        self.enter(|| P::new(&config))
+        self.subscribed_in_init = false;
+        let plugin = self.enter(|| runtime::build::<P>(&config))?;
+        // As the host: a plugin's new build handles groups only if its own init asked.
+        if std::mem::take(&mut self.subscribed_in_init) {
+            self.groups.insert(P::NAME.to_owned());
+        } else {
+            self.groups.remove(P::NAME);
+        }
+        Ok(plugin)
     }
 
     /// Hands `event` to `plugin` with this host installed and the event's acting user set.
@@ -296,15 +319,30 @@ impl FakeHost {
     ///
     /// # Panics
     ///
-    /// If none of the plugin's subscriptions matches the event: the host would never hand it
-    /// that event, so the test (or the plugin's subscriptions) is wrong.
+    /// If none of the plugin's subscriptions matches the event, or the event is a group's (see
+    /// the [module](self) documentation) and the plugin did not subscribe to groups in its
+    /// [`init`](Self::init): the host would never hand it that event, so the test (or the
+    /// plugin's subscriptions) is wrong.
     pub fn handle<P: Plugin>(&mut self, plugin: &P, event: Event) -> Result<(), PluginError> {
-        let subscriptions = plugin.subscriptions();
-        assert!(
-            subscriptions.iter().any(|s| s.matches(&event)),
-            "plugin {} is not subscribed to {event:?} (its subscriptions: {subscriptions:?})",
-            P::NAME
-        );
+        let groups = self.groups.contains(P::NAME);
+        match self.group_of(&event) {
+            Some(group) => assert!(
+                groups,
+                "plugin {} did not subscribe to groups in its init, and the host hands the \
+                 events of group #{group} only to the plugin that did: {event:?}",
+                P::NAME
+            ),
+            None => {
+                let subscriptions = plugin.subscriptions();
+                assert!(
+                    subscriptions.iter().any(|s| s.matches(&event)),
+                    "plugin {} is not subscribed to {event:?} (its subscriptions: \
+                     {subscriptions:?})",
+                    P::NAME
+                );
+            }
+        }
+        self.handling_groups = groups;
         self.acting = Some((
             event.acting_user().to_owned(),
             event.acting_device().to_owned(),
@@ -324,6 +362,7 @@ impl FakeHost {
         let result = self.enter(|| runtime::dispatch(plugin, event));
         self.acting = None;
         self.handled = None;
+        self.handling_groups = false;
         if result.is_err() {
             self.inboxes = before.inboxes;
             self.kv = before.kv;
@@ -331,6 +370,21 @@ impl FakeHost {
             self.next_id = before.next_id;
         }
         result
+    }
+
+    /// The group whose conversation `event` belongs to, as the host decides it: a message
+    /// addressed to one group, or the delivery of such a message (found in the recipient's
+    /// inbox).
+    fn group_of(&self, event: &Event) -> Option<String> {
+        match event {
+            Event::Message(m) => m.group().map(str::to_owned),
+            Event::Delivered(d) => self
+                .inbox(&d.recipient)
+                .iter()
+                .find(|m| m.id == d.id)
+                .and_then(|m| m.group().map(str::to_owned)),
+            Event::SessionOpened(_) | Event::SessionClosed(_) => None,
+        }
     }
 
     /// Builds plugin `P` from `config`, then hands it `event`: [`init`](Self::init) then
@@ -400,6 +454,16 @@ impl FakeHost {
     /// The value the plugin stored under `key`.
     pub fn stored(&self, key: &str) -> Option<&[u8]> {
         self.kv.get(key).map(Vec::as_slice)
+    }
+
+    /// Whether plugin `P` subscribed to groups in its last [`init`](Self::init) on this host.
+    pub fn subscribed_groups<P: Plugin>(&self) -> bool {
+        self.groups.contains(P::NAME)
+    }
+
+    /// Every key the plugin has stored, in byte order.
+    pub fn stored_keys(&self) -> impl Iterator<Item = &str> {
+        self.kv.keys().map(String::as_str)
     }
 
     /// How many of `user`'s devices are online.
@@ -491,9 +555,7 @@ impl FakeHost {
                         self.max_body
                     )));
                 }
-                for user in &msg.to {
-                    valid_name("user", user)?;
-                }
+                self.check_new_addresses(msg)?;
                 let mut message = msg.clone();
                 message.id = self.next_id;
                 message.sender_device = self
@@ -554,6 +616,41 @@ impl FakeHost {
             appended,
         });
         Ok(count)
+    }
+
+    /// The host's checks of a new message's `to` and kind: valid names or one group, and
+    /// groups only for the plugin that handles them.
+    fn check_new_addresses(&self, msg: &Message) -> Result<(), HostError> {
+        let mut to_group = false;
+        for address in &msg.to {
+            match address.strip_prefix('#') {
+                Some(group) => {
+                    valid_name("group", group)?;
+                    to_group = true;
+                }
+                None => valid_name("user", address)?,
+            }
+        }
+        if msg.to.len() > iim_proto::MAX_TARGETS {
+            return Err(HostError::LimitExceeded(format!(
+                "a message names at most {} recipients",
+                iim_proto::MAX_TARGETS
+            )));
+        }
+        if to_group && msg.to.len() > 1 {
+            return Err(HostError::InvalidArgument(
+                "a message is addressed to users or to one group, not both".into(),
+            ));
+        }
+        let group_kind = matches!(&msg.kind, MessageKind::Custom(k) if k == crate::GROUP_KIND);
+        if (to_group || group_kind) && !self.handling_groups {
+            return Err(HostError::PermissionDenied(
+                "only the plugin that handles groups may send a message addressed to a group \
+                 or of kind group"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     fn friends(&mut self, user: &str) -> Result<Vec<UserId>, HostError> {
@@ -629,6 +726,43 @@ impl FakeHost {
             Some(value) => self.kv.insert(key.to_owned(), value.to_vec()),
             None => self.kv.remove(key),
         };
+        Ok(())
+    }
+
+    fn kv_keys(
+        &mut self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, HostError> {
+        if prefix.len() > MAX_KV_KEY || after.is_some_and(|a| a.len() > MAX_KV_KEY) {
+            return Err(HostError::InvalidArgument(format!(
+                "a storage key is at most {MAX_KV_KEY} bytes"
+            )));
+        }
+        let limit = limit.min(crate::host::MAX_KV_KEYS) as usize;
+        // The event's writes are in `kv` already (undone if it fails), so they are seen.
+        let start = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        Ok(self
+            .kv
+            .range::<str, _>((start, Bound::Unbounded))
+            .map(|(key, _)| key)
+            .take_while(|key| key.starts_with(prefix))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    fn subscribe_groups(&mut self) -> Result<(), HostError> {
+        if self.acting.is_some() {
+            return Err(HostError::PermissionDenied(
+                "subscribe-groups is only allowed in init".into(),
+            ));
+        }
+        self.subscribed_in_init = true;
         Ok(())
     }
 
@@ -714,6 +848,18 @@ pub(crate) mod calls {
 
     pub fn kv_delete(key: &str) -> Result<(), HostError> {
         fake(|host| host.kv_delete(key))
+    }
+
+    pub fn kv_keys(
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<String>, HostError> {
+        fake(|host| host.kv_keys(prefix, after, limit))
+    }
+
+    pub fn subscribe_groups() -> Result<(), HostError> {
+        fake(FakeHost::subscribe_groups)
     }
 
     /// Without a fake host, log lines go to standard error.
@@ -1092,6 +1238,222 @@ mod tests {
     fn an_event_the_plugin_did_not_subscribe_to_is_a_test_bug() {
         let mut fake = scene();
         let event = fake.submit("alice", MessageKind::Presence, &["bob"], b"");
+        let _ = fake.handle(&Probe(|_| Ok(())), event);
+    }
+
+    #[test]
+    fn kv_keys_lists_a_prefix_in_byte_order_with_the_events_own_writes() {
+        let mut fake = scene();
+        let event = chat(&mut fake, &["bob"]);
+        let fill = Probe(|_| {
+            for key in ["m/b", "m/a", "m/c", "m0", "n/a", "m/", "m/a/x"] {
+                host::kv_set(key, b"")?;
+            }
+            Ok(())
+        });
+        fake.handle(&fill, event).expect("stored");
+        let event = chat(&mut fake, &["bob"]);
+        let list = Probe(|_| {
+            let keys = |prefix, after, limit| host::kv_keys(prefix, after, limit);
+            assert_eq!(keys("m/", None, 10)?, ["m/", "m/a", "m/a/x", "m/b", "m/c"]);
+            assert_eq!(keys("m/", Some("m/a"), 2)?, ["m/a/x", "m/b"]);
+            assert_eq!(keys("m/", Some("m/c"), 10)?, Vec::<String>::new());
+            assert_eq!(
+                keys("m/", Some("a"), 1)?,
+                ["m/"],
+                "`after` before the prefix"
+            );
+            assert_eq!(keys("m/", Some("z"), 10)?, Vec::<String>::new());
+            assert_eq!(keys("m/", None, 0)?, Vec::<String>::new());
+            assert_eq!(keys("", None, 100)?.len(), 7, "every key");
+            // This event's writes are seen before they are applied.
+            host::kv_delete("m/b")?;
+            host::kv_set("m/bb", b"")?;
+            assert_eq!(keys("m/", Some("m/a/x"), 10)?, ["m/bb", "m/c"]);
+            let long = "k".repeat(MAX_KV_KEY + 1);
+            assert!(matches!(
+                keys(&long, None, 1),
+                Err(HostError::InvalidArgument(_))
+            ));
+            assert!(matches!(
+                keys("m/", Some(&long), 1),
+                Err(HostError::InvalidArgument(_))
+            ));
+            Ok(())
+        });
+        fake.handle(&list, event).expect("listed");
+        // Outside an event too, as during `init`.
+        let keys = fake.enter(|| host::kv_keys("m/", None, 100));
+        assert_eq!(
+            keys,
+            Ok(["m/", "m/a", "m/a/x", "m/bb", "m/c"]
+                .map(String::from)
+                .to_vec())
+        );
+    }
+
+    #[test]
+    fn kv_keys_answers_at_most_a_thousand_keys() {
+        let mut fake = scene();
+        // Stores 250 keys `k/NNNN`, the batch the body names (an event writes at most 256).
+        let fill = Probe(|event| {
+            let Event::Message(m) = event else {
+                unreachable!()
+            };
+            let batch = usize::from(m.body[0]);
+            for i in batch * 250..(batch + 1) * 250 {
+                host::kv_set(&format!("k/{i:04}"), b"")?;
+            }
+            Ok(())
+        });
+        for batch in 0..5 {
+            let event = fake.submit("alice", MessageKind::Chat, &["bob"], &[batch]);
+            fake.handle(&fill, event).expect("stored");
+        }
+        let all = fake
+            .enter(|| host::kv_keys("k/", None, u32::MAX))
+            .expect("keys");
+        assert_eq!(all.len(), 1000, "a limit over 1000 counts as 1000");
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "in byte order");
+        let last = all.last().cloned();
+        let rest = fake
+            .enter(|| host::kv_keys("k/", last.as_deref(), 1000))
+            .expect("keys");
+        assert_eq!(rest.len(), 250, "the next page after the last key");
+    }
+
+    /// A plugin that handles groups (and chat messages), running a script on every event.
+    struct GroupProbe(fn(&Event) -> Result<(), PluginError>);
+
+    impl Plugin for GroupProbe {
+        const NAME: &'static str = "group-probe";
+        const VERSION: &'static str = "0";
+
+        fn new(_: &Config) -> Result<Self, PluginError> {
+            Ok(GroupProbe(|_| Ok(())))
+        }
+
+        fn subscriptions(&self) -> Vec<Subscription> {
+            vec![Subscription::Message(MessageKind::group())]
+        }
+
+        fn handle(&self, event: Event) -> Result<(), PluginError> {
+            (self.0)(&event)
+        }
+
+        fn groups(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_groups_plugin_subscribes_in_init_only() {
+        let mut fake = scene();
+        fake.init::<Probe>(&[]).expect("init");
+        assert!(!fake.subscribed_groups::<Probe>());
+        fake.init::<GroupProbe>(&[]).expect("init");
+        assert!(fake.subscribed_groups::<GroupProbe>());
+        let event = fake.submit("alice", MessageKind::group(), &["alice"], b"{}");
+        let again = GroupProbe(|_| {
+            assert!(matches!(
+                host::subscribe_groups(),
+                Err(HostError::PermissionDenied(_))
+            ));
+            Ok(())
+        });
+        fake.handle(&again, event).expect("handled");
+        // The export glue subscribes too.
+        fake.enter(|| runtime::init::<GroupProbe>(vec![]))
+            .expect("init");
+    }
+
+    #[test]
+    fn only_the_groups_plugin_sends_to_a_group_or_of_kind_group() {
+        let mut fake = scene();
+        fake.init::<GroupProbe>(&[]).expect("init");
+        let event = fake.submit("alice", MessageKind::Chat, &["#team"], b"hi");
+        let Event::Message(message) = event.clone() else {
+            unreachable!()
+        };
+        assert_eq!(message.group(), Some("team"));
+        let groups = GroupProbe(|event| {
+            let Event::Message(m) = event else {
+                unreachable!()
+            };
+            // The member list is the plugin's: the message goes on unchanged.
+            assert_eq!(host::send_to(m, &["alice".into(), "bob".into()]), Ok(2));
+            let notice = Message::new(MessageKind::group(), vec!["#team".into()], b"{}".to_vec());
+            assert_eq!(host::send_to(&notice, &["bob".into()]), Ok(1));
+            let both = Message::new(
+                MessageKind::Chat,
+                vec!["#team".into(), "bob".into()],
+                vec![],
+            );
+            assert!(matches!(
+                host::send_to(&both, &["bob".into()]),
+                Err(HostError::InvalidArgument(_))
+            ));
+            let bad = Message::new(MessageKind::Chat, vec!["#Team".into()], vec![]);
+            assert!(matches!(
+                host::send_to(&bad, &["bob".into()]),
+                Err(HostError::InvalidArgument(_))
+            ));
+            Ok(())
+        });
+        fake.handle(&groups, event).expect("handled");
+        assert_eq!(fake.inbox("bob").len(), 2);
+        assert_eq!(fake.inbox("alice"), [message]);
+
+        // A plugin that did not subscribe to groups may not.
+        let event = chat(&mut fake, &["bob"]);
+        let other = Probe(|_| {
+            for (kind, to) in [
+                (MessageKind::Chat, "#team"),
+                (MessageKind::group(), "bob"),
+                (MessageKind::group(), "#team"),
+            ] {
+                let message = Message::new(kind, vec![to.into()], b"{}".to_vec());
+                let refused = host::send_to(&message, &["bob".into()]);
+                assert!(
+                    matches!(refused, Err(HostError::PermissionDenied(_))),
+                    "{refused:?}"
+                );
+            }
+            Ok(())
+        });
+        fake.handle(&other, event).expect("handled");
+        assert_eq!(fake.inbox("bob").len(), 2, "nothing more");
+    }
+
+    #[test]
+    fn a_groups_events_go_to_the_groups_plugin_whatever_their_kind() {
+        let mut fake = scene();
+        fake.init::<GroupProbe>(&[]).expect("init");
+        // Not subscribed to chat messages nor to deliveries: a group's are its all the same.
+        let event = fake.submit("alice", MessageKind::Chat, &["#team"], b"hi");
+        let Event::Message(message) = event.clone() else {
+            unreachable!()
+        };
+        let forward = GroupProbe(|event| {
+            let Event::Message(m) = event else {
+                unreachable!()
+            };
+            host::send_to(m, &["bob".into()])?;
+            Ok(())
+        });
+        fake.handle(&forward, event).expect("handled");
+        let delivered = fake.acknowledge("bob", "phone", &message);
+        fake.handle(&GroupProbe(|_| Ok(())), delivered)
+            .expect("a group's delivery");
+    }
+
+    #[test]
+    #[should_panic(expected = "did not subscribe to groups")]
+    fn a_groups_message_is_not_handed_to_another_plugin() {
+        let mut fake = scene();
+        fake.init::<Probe>(&[]).expect("init");
+        // Probe handles chat messages, but not a group's.
+        let event = fake.submit("alice", MessageKind::Chat, &["#team"], b"hi");
         let _ = fake.handle(&Probe(|_| Ok(())), event);
     }
 

@@ -22,6 +22,22 @@ impl Message {
             sent_at: 0,
         }
     }
+
+    /// The group this message is addressed to, without its `#`, if its `to` is exactly one
+    /// group (`#name`): how the host tells a group's message from a message to users.
+    pub fn group(&self) -> Option<&str> {
+        match self.to.as_slice() {
+            [only] => only.strip_prefix('#'),
+            _ => None,
+        }
+    }
+}
+
+impl MessageKind {
+    /// The custom kind [`GROUP_KIND`](crate::GROUP_KIND): group requests, notices and replies.
+    pub fn group() -> Self {
+        MessageKind::Custom(crate::GROUP_KIND.to_owned())
+    }
 }
 
 impl Event {
@@ -47,7 +63,9 @@ impl Event {
 
 impl Subscription {
     /// Whether this subscription asks for `event`: the host hands a plugin only the events
-    /// one of its subscriptions matches.
+    /// one of its subscriptions matches. Except the events of groups: a message addressed to
+    /// a group, and its deliveries, go to the plugin that handles groups
+    /// ([`Plugin::groups`](crate::Plugin::groups)) and to no other, whatever the kind.
     pub fn matches(&self, event: &Event) -> bool {
         match (self, event) {
             (Subscription::Message(kind), Event::Message(m)) => *kind == m.kind,
