@@ -7,8 +7,8 @@
 //! read it.
 
 use crate::store::{Store, StoreError};
-use iim_proto::UserId;
 use iim_proto::peer::ServerInfo;
+use iim_proto::{Address, UserId};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Directory {
     server: String,
     store: Store,
-    homes: RwLock<HashMap<UserId, String>>,
+    /// Users' and groups' homes.
+    homes: RwLock<HashMap<Address, String>>,
     /// The directory version the cache is complete up to.
     version: AtomicU64,
     servers: RwLock<BTreeMap<String, ServerInfo>>,
@@ -51,22 +52,27 @@ impl Directory {
         &self.server
     }
 
+    /// The home server of `name` (a user or a group) as the directory says, if it knows it.
+    pub fn home_of(&self, name: &Address) -> Option<String> {
+        read(&self.homes).get(name).cloned()
+    }
+
     /// The home server of `user` as the directory says, if it knows the user.
-    pub fn home_of(&self, user: &UserId) -> Option<String> {
-        read(&self.homes).get(user).cloned()
+    pub fn home_of_user(&self, user: &UserId) -> Option<String> {
+        self.home_of(&Address::User(user.clone()))
     }
 
-    /// Whether the directory knows `user`.
-    pub fn knows(&self, user: &UserId) -> bool {
-        read(&self.homes).contains_key(user)
+    /// Whether the directory knows `name`.
+    pub fn knows(&self, name: &Address) -> bool {
+        read(&self.homes).contains_key(name)
     }
 
-    /// How many users the cached directory holds.
+    /// How many names (users and groups) the cached directory holds.
     pub fn len(&self) -> usize {
         read(&self.homes).len()
     }
 
-    /// Whether the cached directory holds no user.
+    /// Whether the cached directory holds no name.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -97,7 +103,7 @@ impl Directory {
     }
 
     /// Learns where users live (a claim's or a look-up's answer), caching it.
-    pub fn learn(&self, entries: &[(UserId, String)]) -> Result<(), StoreError> {
+    pub fn learn(&self, entries: &[(Address, String)]) -> Result<(), StoreError> {
         self.store.network.cache_directory(entries, None)?;
         let mut homes = write(&self.homes);
         for (user, server) in entries {
@@ -107,7 +113,7 @@ impl Directory {
     }
 
     /// Takes directory entries the exchange sent, complete up to `version`, caching them.
-    pub fn update(&self, version: u64, entries: Vec<(UserId, String)>) -> Result<(), StoreError> {
+    pub fn update(&self, version: u64, entries: Vec<(Address, String)>) -> Result<(), StoreError> {
         self.store
             .network
             .cache_directory(&entries, Some(version))?;

@@ -17,7 +17,7 @@ use crate::store::StoreError;
 use crate::store::exchange::{ExchangeStore, Joining};
 use iim_proto::peer::{Envelope, ExchangeFrame, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo};
 use iim_proto::relay::{AckBeyondSent, Incoming, RelayLink};
-use iim_proto::{ErrorCode, UserId};
+use iim_proto::{Address, ErrorCode, UserId};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -487,6 +487,20 @@ fn own_message(number: u16, envelope: &Envelope) -> bool {
     prefix == 0 || prefix == u64::from(number)
 }
 
+/// Whether a `905` from `server` is a member's message to one of its groups, which the
+/// group's home passes on to the members with the number the member's host gave it
+/// (DESIGN.md §7: the home is the group's sequencer, and every copy has one id).
+fn group_home_passes_on(
+    store: &ExchangeStore,
+    server: &str,
+    envelope: &Envelope,
+) -> Result<bool, StoreError> {
+    let Some(group) = envelope.message.group() else {
+        return Ok(false);
+    };
+    Ok(store.home(&Address::Group(group.clone()))?.as_deref() == Some(server))
+}
+
 async fn relay(
     state: &Arc<State>,
     peer: &mut Peer,
@@ -555,7 +569,9 @@ async fn relay(
             frame = peer.next() => match frame? {
                 HostFrame::Relay { seq, envelope } => {
                     if link.on_envelope(seq) == Incoming::Apply {
-                        if own_message(joined.number, &envelope) {
+                        if own_message(joined.number, &envelope)
+                            || group_home_passes_on(&state.store, server, &envelope)?
+                        {
                             let targets = state.store.relay_in(server, seq, envelope)?;
                             if !targets.is_empty() {
                                 state.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
@@ -609,7 +625,7 @@ async fn relay(
                     let mut told = Vec::with_capacity(entries.len());
                     for (user, devices) in entries {
                         // Only its own users: a host cannot speak for another's.
-                        if state.store.home(&user)?.as_deref() != Some(server) {
+                        if state.store.home(&user.clone().into())?.as_deref() != Some(server) {
                             tracing::warn!(%server, %user, "presence of a user who is not the host's own; ignored");
                             continue;
                         }

@@ -10,7 +10,7 @@ use crate::directory::Directory;
 use crate::outbox::{OutboxError, RelayOutbox, rows_by_server};
 use crate::registry::{Delivery, Registry, SessionId};
 use crate::store::{Store, StoreError};
-use iim_proto::{DeviceId, Message, MessageKind, UserId};
+use iim_proto::{Address, DeviceId, GroupId, Message, MessageKind, UserId};
 use std::sync::Arc;
 
 /// A resolved set of recipients, grouped by the server that holds them.
@@ -93,6 +93,8 @@ pub struct Iim {
     default_ttl: Option<std::time::Duration>,
     /// In a network of hosts: what this host knows of it, and its relay outbox.
     network: Option<(Arc<Directory>, Arc<RelayOutbox>)>,
+    /// Woken when a relayed message was recorded for the plugins.
+    relayed_for_plugins: tokio::sync::Notify,
 }
 
 impl Iim {
@@ -111,6 +113,7 @@ impl Iim {
             registry,
             default_ttl,
             network,
+            relayed_for_plugins: tokio::sync::Notify::new(),
         }
     }
 
@@ -128,13 +131,49 @@ impl Iim {
     /// one user in the whole network); a user the directory does not name lives here if it
     /// has an account here.
     pub fn home(&self, user: &UserId) -> Result<Option<Home>, IimError> {
-        if let Some(server) = self.directory().and_then(|d| d.home_of(user))
+        if let Some(server) = self.directory().and_then(|d| d.home_of_user(user))
             && server != self.server
         {
             return Ok(Some(Home::Remote(server)));
         }
         // A name claimed for this host whose account a crash cut off does not exist.
         Ok(self.store.accounts.exists(user)?.then_some(Home::Local))
+    }
+
+    /// Where `group` lives: the host whose name claim made it (DESIGN.md §7, its sequencer).
+    /// A group the directory does not name is this host's, whose groups plugin knows whether
+    /// it exists.
+    pub fn group_home(&self, group: &GroupId) -> Home {
+        match self
+            .directory()
+            .and_then(|d| d.home_of(&Address::Group(group.clone())))
+        {
+            Some(server) if server != self.server => Home::Remote(server),
+            _ => Home::Local,
+        }
+    }
+
+    /// Hands `message`, addressed to a group of host `server`, to that host (one `905`
+    /// whose row names the group): its groups plugin passes it on to the members there.
+    pub fn relay_to_group(
+        &self,
+        message: &Message,
+        group: &GroupId,
+        server: String,
+    ) -> Result<(), IimError> {
+        let Some((_, outbox)) = &self.network else {
+            return Err(IimError::UnknownServer(server));
+        };
+        let explicit = self.store.messages.expiry(message.id)?;
+        let rows = rows_by_server([(Address::Group(group.clone()), server)]);
+        outbox.push(message, explicit, rows)?;
+        Ok(())
+    }
+
+    /// Waits until a relayed message was recorded for this host's plugins to handle
+    /// ([`Iim::deliver_relayed`]).
+    pub async fn dispatch_wanted(&self) {
+        self.relayed_for_plugins.notified().await;
     }
 
     /// Whether `user` exists, here or on another host of the network.
@@ -207,7 +246,9 @@ impl Iim {
             match self.home(&user.user)? {
                 None => return Err(IimError::UnknownUser(user.user.clone())),
                 Some(Home::Local) => local.push(&user.user),
-                Some(Home::Remote(server)) => remote.push((user.user.clone(), server)),
+                Some(Home::Remote(server)) => {
+                    remote.push((Address::User(user.user.clone()), server))
+                }
             }
         }
         let explicit = self.store.messages.expiry(message.id)?;
@@ -232,6 +273,9 @@ impl Iim {
     /// Delivers a message relayed from another host (seed 000's `906`) to the users of this
     /// host its rows name, exactly as [`Iim::send`] does for its own. Returns how many inbox
     /// entries it made (a message already in an inbox is not appended again).
+    ///
+    /// A row naming a group of this host is a member's message from another host: it is
+    /// recorded for dispatch, as if accepted here, and the groups plugin passes it on.
     pub fn deliver_relayed(&self, envelope: &iim_proto::peer::Envelope) -> Result<usize, IimError> {
         let message = Arc::new(envelope.message.clone());
         let expires_at = self.expires_at(&message, envelope.expires_at);
@@ -241,12 +285,23 @@ impl Iim {
                 tracing::warn!(server = %row.server, id = %message.id, "a relayed message names another server's users; ignored");
                 continue;
             }
-            for user in &row.users {
+            for to in &row.users {
+                let user = match to {
+                    Address::User(user) => user,
+                    Address::Group(group) => {
+                        tracing::debug!(%group, id = %message.id, "a member's message from another host, for the group");
+                        self.store.messages.redispatch(&message)?;
+                        self.relayed_for_plugins.notify_one();
+                        continue;
+                    }
+                };
                 if !self.store.accounts.exists(user)? {
                     tracing::warn!(%user, id = %message.id, "a relayed message for a user this host does not have; dropped");
                     continue;
                 }
-                if self.append(user, &message, expires_at)?.is_some() {
+                let added = self.append(user, &message, expires_at)?;
+                tracing::debug!(%user, id = %message.id, ?added, "relayed message");
+                if added.is_some() {
                     appended += 1;
                 }
             }

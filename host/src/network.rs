@@ -18,7 +18,7 @@ use crate::store::{Store, StoreError};
 use iim_proto::peer::{ExchangeFrame, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo};
 use iim_proto::relay::{AckBeyondSent, Incoming, RelayLink};
 use iim_proto::session::Backoff;
-use iim_proto::{ErrorCode, UserId};
+use iim_proto::{Address, ErrorCode, UserId};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use std::collections::{HashMap, HashSet};
@@ -238,18 +238,19 @@ impl Network {
         self.up.load(Ordering::Relaxed)
     }
 
-    /// Registration: claims `user` for this host. `Ok(home)`: the user's home afterwards
-    /// (this host if the name was free or its own already).
-    pub async fn claim(&self, user: &UserId) -> Result<String, NetworkError> {
+    /// Registration, or a group's creation: claims `name` for this host. `Ok(home)`: its
+    /// home afterwards (this host if the name was free or its own already).
+    pub async fn claim(&self, name: impl Into<Address>) -> Result<String, NetworkError> {
+        let name = name.into();
         match self
             .request(|req| HostFrame::Claim {
                 req,
-                user: user.clone(),
+                user: name.clone(),
             })
             .await?
         {
             ExchangeFrame::Claimed { home, .. } => {
-                self.directory.learn(&[(user.clone(), home.clone())])?;
+                self.directory.learn(&[(name, home.clone())])?;
                 Ok(home)
             }
             other => Err(NetworkError::Unavailable(format!(
@@ -258,10 +259,10 @@ impl Network {
         }
     }
 
-    /// Asks the exchange for the homes of `users` this host does not know, and caches them.
-    /// Does nothing while the exchange is out of reach (the users stay unknown).
-    pub async fn look_up(&self, users: &[UserId]) -> Result<(), NetworkError> {
-        let unknown: Vec<UserId> = users
+    /// Asks the exchange for the homes of `names` (users or groups) this host does not know,
+    /// and caches them. Does nothing while the exchange is out of reach (they stay unknown).
+    pub async fn look_up(&self, names: &[Address]) -> Result<(), NetworkError> {
+        let unknown: Vec<Address> = names
             .iter()
             .filter(|u| !self.directory.knows(u))
             .cloned()
@@ -511,7 +512,7 @@ async fn claim_existing_users(
     for (req, user) in users.iter().enumerate() {
         link.write(&HostFrame::Claim {
             req: req as u64,
-            user: user.clone(),
+            user: user.clone().into(),
         })
         .await?;
     }
@@ -529,7 +530,7 @@ async fn claim_existing_users(
             continue;
         };
         if home == directory.server() {
-            directory.learn(&[(user.clone(), home)])?;
+            directory.learn(&[(user.clone().into(), home)])?;
         } else {
             tracing::error!(%user, %home, "this host's user has a name another host of the network registered first: the name is that host's user now (messages to it go there, logging in is redirected there)");
         }

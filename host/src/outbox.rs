@@ -6,7 +6,7 @@
 use crate::peer::PEER_MAX_FRAME;
 use crate::store::{Store, StoreError};
 use iim_proto::peer::{Envelope, HostFrame, RelayRow};
-use iim_proto::{CodecError, Message, UserId, encode_frame};
+use iim_proto::{Address, CodecError, Message, encode_frame};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::Notify;
 
@@ -83,8 +83,9 @@ impl RelayOutbox {
     }
 }
 
-/// The rows of `users` (users of other servers) grouped by home server, in first-seen order.
-pub fn rows_by_server(users: impl IntoIterator<Item = (UserId, String)>) -> Vec<RelayRow> {
+/// The rows of `users` (users of other servers, or a group of another server) grouped by
+/// home server, in first-seen order.
+pub fn rows_by_server(users: impl IntoIterator<Item = (Address, String)>) -> Vec<RelayRow> {
     let mut rows: Vec<RelayRow> = Vec::new();
     for (user, server) in users {
         match rows.iter_mut().find(|r| r.server == server) {

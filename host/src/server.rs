@@ -379,11 +379,17 @@ impl Server {
 /// How often messages recorded for dispatch and not on their way to a plugin are routed.
 const DISPATCH_RETRY: Duration = Duration::from_secs(5);
 
-/// Every few seconds, routes what is recorded for dispatch and not on its way to a plugin
-/// (a plugin that was missing, a store failure); stops at shutdown.
+/// Every few seconds, and whenever a relayed message was recorded for the plugins, routes what
+/// is recorded for dispatch and not on its way to a plugin (a plugin that was missing, a store
+/// failure, a group message from another host); stops at shutdown.
 async fn retry_dispatch(host: Arc<Host>) {
     let mut ticks = crate::clock::Ticks::new(host.shutdown.clone(), DISPATCH_RETRY);
-    while ticks.next().await {
+    loop {
+        // A member's message relayed from another host is routed at once.
+        tokio::select! {
+            more = ticks.next() => if !more { break },
+            () = host.iim.dispatch_wanted() => {}
+        }
         match host.plugins.route_pending().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(routed = n, "routed messages waiting for a plugin"),

@@ -9,7 +9,7 @@
 //! acknowledged is sent again and nothing is taken twice.
 
 use crate::frame::Message;
-use crate::name::UserId;
+use crate::name::{Address, UserId};
 use serde::{Deserialize, Serialize};
 
 /// The ALPN protocol name of the connection between a host and its exchange.
@@ -46,8 +46,9 @@ pub struct ServerInfo {
 pub struct RelayRow {
     /// The server's id.
     pub server: String,
-    /// Its users, each once.
-    pub users: Vec<UserId>,
+    /// Its users, each once; or a group whose home the server is, alone: the message is for
+    /// the group (its plugin there passes it on to the members).
+    pub users: Vec<Address>,
 }
 
 /// A message on its way between hosts: the message once, and the rows of the servers it goes
@@ -93,7 +94,7 @@ pub enum HostFrame {
         /// Request id.
         req: u64,
         /// The user name.
-        user: UserId,
+        user: Address,
     },
     /// Asks for the home of users this host does not know. Answered by
     /// [`ExchangeFrame::Found`].
@@ -101,7 +102,7 @@ pub enum HostFrame {
         /// Request id.
         req: u64,
         /// The users.
-        users: Vec<UserId>,
+        users: Vec<Address>,
     },
     /// Seed 000's `905`: a message for users of other servers, once, with their rows.
     Relay {
@@ -141,7 +142,7 @@ pub enum ExchangeFrame {
         /// The version of the last entry.
         version: u64,
         /// The entries.
-        entries: Vec<(UserId, String)>,
+        entries: Vec<(Address, String)>,
     },
     /// The registry changed (a server joined, moved or went up or down).
     Servers {
@@ -161,7 +162,7 @@ pub enum ExchangeFrame {
         /// The request.
         req: u64,
         /// The users found.
-        homes: Vec<(UserId, String)>,
+        homes: Vec<(Address, String)>,
     },
     /// Seed 000's `906`: a message for users of the receiving host.
     Relay {

@@ -479,7 +479,10 @@ fn spawn(data: &Path, listen: SocketAddr) -> anyhow::Result<(Child, SocketAddr, 
         .arg(data.join("host.toml"))
         .arg("--plugin-cache-dir")
         .arg(plugin_cache())
-        .env("IIM_LOG", "info")
+        .env(
+            "IIM_LOG",
+            std::env::var("IIM_TEST_HOST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         // The log is a file that tests search: plain text, without colours.
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())

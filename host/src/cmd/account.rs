@@ -50,7 +50,7 @@ pub async fn register(host: &Host, user: &UserId, password: String) -> Result<()
     // In a network, the name must be free in every host: the exchange's directory decides,
     // and this host becomes the user's home.
     if let Some(network) = &host.network {
-        match network.claim(user).await {
+        match network.claim(user.clone()).await {
             Ok(home) if home == network.server() => {}
             Ok(home) => {
                 return Err(Refusal::new(

@@ -3,9 +3,11 @@
 //! devices, and `delivered` is raised for the plugins that want to hear of it.
 
 use crate::Host;
+use crate::iim::Home;
 use crate::plugin::{Delivered, Event};
-use iim_proto::Message;
+use iim_proto::body::Receipt;
 use iim_proto::session::Identity;
+use iim_proto::{Address, GroupId, Message, MessageKind};
 use std::sync::Arc;
 
 /// Writes the device's new cursor and prunes what every device of the user has now
@@ -27,6 +29,12 @@ pub fn save_cursor(host: &Host, who: &Identity, cursor: u64) {
 pub async fn delivered(host: &Host, who: &Identity, messages: Vec<Arc<Message>>) {
     for message in messages {
         let group = message.group();
+        if let Some(group) = group
+            && let Home::Remote(server) = host.iim.group_home(group)
+        {
+            tell_group_home(host, who, &message, group, server);
+            continue;
+        }
         let wanted = match group {
             Some(_) => host.plugins.handles_groups(),
             None => host.plugins.wants_delivered(&message.kind),
@@ -47,5 +55,44 @@ pub async fn delivered(host: &Host, who: &Identity, messages: Vec<Arc<Message>>)
             None => Event::Delivered(delivered),
         };
         host.plugins.raise(event).await;
+    }
+}
+
+/// A device of this host got a message of a group whose home is another host: its groups
+/// plugin, which counts deliveries for the sender, learns it there, from the member, in a
+/// `delivered` receipt addressed to the group. Not for the sender's own devices. Like a
+/// `delivered` event, it lives in memory until relayed: a crash may lose one.
+fn tell_group_home(
+    host: &Host,
+    who: &Identity,
+    message: &Message,
+    group: &GroupId,
+    server: String,
+) {
+    if who.user == message.from {
+        return;
+    }
+    let body = Receipt::Delivered {
+        id: message.id.0,
+        user: who.user.to_string(),
+        device: who.device.to_string(),
+    }
+    .to_json();
+    let told = host
+        .store
+        .messages
+        .number(|id| Message {
+            id,
+            kind: MessageKind::Receipt,
+            from: who.user.clone(),
+            from_device: who.device.clone(),
+            to: vec![Address::Group(group.clone())],
+            body,
+            sent_at: crate::clock::now_ms(),
+        })
+        .map_err(crate::iim::IimError::from)
+        .and_then(|receipt| host.iim.relay_to_group(&receipt, group, server));
+    if let Err(e) = told {
+        tracing::warn!(id = %message.id, %group, error = %e, "the group's home host was not told of a delivery");
     }
 }

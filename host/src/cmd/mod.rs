@@ -7,6 +7,7 @@ pub mod account;
 pub mod ack;
 pub mod fetch;
 pub mod file;
+pub mod group;
 pub mod relation;
 pub mod submit;
 

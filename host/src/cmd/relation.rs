@@ -71,6 +71,7 @@ pub async fn look_up(host: &Host, users: &[UserId]) {
     if unknown.is_empty() {
         return;
     }
+    let unknown: Vec<iim_proto::Address> = unknown.into_iter().map(Into::into).collect();
     if let Err(e) = network.look_up(&unknown).await {
         tracing::warn!(error = %e, "cannot look users up in the directory");
     }

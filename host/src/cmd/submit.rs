@@ -31,6 +31,10 @@ pub async fn accept_all(
             .cloned()
             .collect();
         super::relation::look_up(host, &users).await;
+        if let Err(refusal) = super::group::find_home(host, &submission).await {
+            outcomes.push(Err(refusal));
+            continue;
+        }
         outcomes.push(
             accept(host, &who.user, &who.device, submission).map(|(answer, message)| {
                 dispatch.extend(message);

@@ -146,6 +146,14 @@ impl Lane {
             });
             let outcome = instance.handle(&wit_event, timeout).await;
             let effects = instance.state().end().map(|call| call.effects);
+            if let (CallOutcome::Handled, Event::Message(m), Some(group)) =
+                (&outcome, &event, event.group())
+                && let Err(e) = self.host.services.store.messages.applying(group, m.id)
+            {
+                tracing::error!(id = %m.id, %group, error = %e, "cannot record the group message being applied; retrying");
+                last_error = format!("recording it failed: {e}");
+                continue;
+            }
             match outcome {
                 CallOutcome::Handled => match apply(
                     &self.host.services,
@@ -281,7 +289,8 @@ pub fn apply(
                     .collect(),
             }],
         };
-        services.iim.send(&message, &list)?;
+        let report = services.iim.send(&message, &list)?;
+        tracing::debug!(%plugin, %event, id = %message.id, ?report, "sent");
     }
     if !effects.kv.is_empty() {
         services.store.plugin_kv.apply(plugin, &effects.kv)?;

@@ -33,7 +33,7 @@ pub use event::{Delivered, Event, SessionInfo, Subscription};
 pub use imports::Services;
 pub use runtime::Runtime;
 
-use iim_proto::{MessageId, MessageKind};
+use iim_proto::{GroupId, Message, MessageId, MessageKind};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Semaphore, mpsc};
@@ -192,6 +192,12 @@ impl PluginHost {
     /// full. A message event no plugin handles stays recorded for dispatch. Returns how many
     /// plugins it was queued for.
     pub async fn raise(&self, event: Event) -> usize {
+        if let Event::Message(m) = &event
+            && let Some(group) = m.group()
+            && let crate::iim::Home::Remote(server) = self.services.iim.group_home(group)
+        {
+            return self.relay_to_group(m, group, server);
+        }
         let wanted = event.subscription();
         if let Event::Message(m) = &event
             && !self.in_flight().insert(m.id)
@@ -218,6 +224,32 @@ impl PluginHost {
             tracing::warn!(id = %m.id, kind = %m.kind, "no plugin handles this message now; it stays recorded for dispatch");
         }
         queued
+    }
+
+    /// Hands a message to a group of another host to that host, whose groups plugin is the
+    /// group's sequencer (DESIGN.md §7), and lets go of its dispatch record: 1 if it is on its
+    /// way, 0 if it stays recorded for the next retry.
+    fn relay_to_group(&self, message: &Message, group: &GroupId, server: String) -> usize {
+        let store = &self.services.store;
+        match self
+            .services
+            .iim
+            .relay_to_group(message, group, server.clone())
+        {
+            Ok(()) => {
+                tracing::debug!(id = %message.id, %group, %server, "relayed to the group's home host");
+                if let Err(e) = store.messages.dispatched(message.id) {
+                    // Relayed again at the next retry: the home host's plugin sees a
+                    // message it handled, which reaches each inbox once.
+                    tracing::error!(id = %message.id, error = %e, "dispatch record not removed");
+                }
+                1
+            }
+            Err(e) => {
+                tracing::warn!(id = %message.id, %group, %server, error = %e, "cannot relay to the group's home host now; it stays recorded for dispatch");
+                0
+            }
+        }
     }
 
     /// Queues `event` for plugin `name`, waiting for room in its queue; `false` if the plugin
@@ -315,7 +347,14 @@ impl PluginHost {
         let pending = self.services.store.messages.pending()?;
         let mut routed = 0;
         for message in pending {
-            if self.in_flight().contains(&message.id) {
+            if !self.in_flight().insert(message.id) {
+                continue;
+            }
+            // Handled since the scan above: a lane removes the record before it lets go of
+            // the id, so a record still here now is one no lane holds.
+            let still = self.services.store.messages.is_pending(message.id);
+            self.in_flight().remove(&message.id);
+            if !still? {
                 continue;
             }
             if self.raise(Event::Message(Arc::new(message))).await > 0 {

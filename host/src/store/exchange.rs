@@ -9,7 +9,7 @@
 //! message at most once).
 
 use super::{StoreError, decode, encode, flush_with, get_u64, keys, open_db};
-use iim_proto::UserId;
+use iim_proto::Address;
 use iim_proto::peer::{Envelope, RelayRow, ServerInfo};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -189,9 +189,9 @@ impl ExchangeStore {
 
     // ---- directory ----
 
-    /// Claims `user` for `server`: the home of `user` afterwards, and the new directory
-    /// version if the name was free.
-    pub fn claim(&self, user: &UserId, server: &str) -> Result<(String, Option<u64>), StoreError> {
+    /// Claims `user` (a user's name or a group's) for `server`: the home of `user`
+    /// afterwards, and the new directory version if the name was free.
+    pub fn claim(&self, user: &Address, server: &str) -> Result<(String, Option<u64>), StoreError> {
         let _lock = self.registry_lock.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(home) = self.home(user)? {
             return Ok((home, None));
@@ -199,13 +199,13 @@ impl ExchangeStore {
         let version = self.directory_version()? + 1;
         let mut batch = sled::Batch::default();
         batch.insert(keys::ex_home(user), server.as_bytes());
-        batch.insert(keys::ex_version(version), user.as_str().as_bytes());
+        batch.insert(keys::ex_version(version), user.to_string().as_bytes());
         self.directory.apply_batch(batch)?;
         Ok((server.to_owned(), Some(version)))
     }
 
-    /// The home server of `user`, if it exists.
-    pub fn home(&self, user: &UserId) -> Result<Option<String>, StoreError> {
+    /// The home server of `user` (a user or a group), if it exists.
+    pub fn home(&self, user: &Address) -> Result<Option<String>, StoreError> {
         Ok(self
             .directory
             .get(keys::ex_home(user))?
@@ -226,7 +226,7 @@ impl ExchangeStore {
         &self,
         after: u64,
         limit: usize,
-    ) -> Result<(u64, Vec<(UserId, String)>), StoreError> {
+    ) -> Result<(u64, Vec<(Address, String)>), StoreError> {
         let (start, end) = keys::ex_versions_after(after);
         let mut last = after;
         let mut entries = Vec::new();
@@ -239,7 +239,7 @@ impl ExchangeStore {
             last = keys::ex_version_of(&key).ok_or_else(corrupt)?;
             let user = std::str::from_utf8(&value)
                 .ok()
-                .and_then(|name| UserId::new(name).ok())
+                .and_then(|name| name.parse::<Address>().ok())
                 .ok_or_else(corrupt)?;
             if let Some(home) = self.home(&user)? {
                 entries.push((user, home));
@@ -398,8 +398,8 @@ mod tests {
     use super::*;
     use crate::store::tests::{message, reopen};
 
-    fn user(name: &str) -> UserId {
-        UserId::new(name).expect("valid")
+    fn user(name: &str) -> Address {
+        Address::User(iim_proto::UserId::new(name).expect("valid"))
     }
 
     fn row(server: &str, users: &[&str]) -> RelayRow {

@@ -4,7 +4,7 @@
 //! parts of a key without ambiguity. Numbers are big-endian so that sled's byte order is
 //! numeric order: an inbox range scan returns messages in inbox order.
 
-use iim_proto::{DeviceId, RelationKind, UserId};
+use iim_proto::{Address, DeviceId, RelationKind, UserId};
 
 const SEP: u8 = 0;
 
@@ -15,6 +15,7 @@ const DEDUP: u8 = b'd';
 /// [`DISPATCH`] records when the store opens.
 const OLD_DISPATCH: u8 = b'p';
 const DISPATCH: u8 = b'q';
+const GROUP_APPLYING: u8 = b'o';
 const INBOX_ENTRY: u8 = b'e';
 const INBOX_ID: u8 = b'i';
 const EFFECT: u8 = b'g';
@@ -103,6 +104,15 @@ pub fn dedup(user: &UserId, device: &DeviceId, client_id: u64) -> Vec<u8> {
 pub fn dispatch(id: u64) -> Vec<u8> {
     tagged(DISPATCH, &id.to_be_bytes())
 }
+
+/// `messages`, the message of a group whose effects are being applied: group → message id.
+/// Written before them, so a crash that left some of them finds the record.
+pub fn group_applying(group: &iim_proto::GroupId) -> Vec<u8> {
+    tagged(GROUP_APPLYING, group.as_str().as_bytes())
+}
+
+/// The prefix of every [`group_applying`] record.
+pub const GROUP_APPLYING_PREFIX: &[u8] = &[GROUP_APPLYING];
 
 /// The prefix of every dispatch record, in message id order.
 pub const DISPATCH_PREFIX: &[u8] = &[DISPATCH];
@@ -239,8 +249,8 @@ pub const NET_OUTBOX_ACKED: &[u8] = b"k";
 pub const NET_RELAYED_IN: &[u8] = b"a";
 
 /// `network`, directory cache: user → home server id.
-pub fn net_home(user: &UserId) -> Vec<u8> {
-    tagged(NET_HOME, user.as_str().as_bytes())
+pub fn net_home(name: &Address) -> Vec<u8> {
+    tagged(NET_HOME, name.to_string().as_bytes())
 }
 
 /// The prefix of every directory cache entry.
@@ -286,8 +296,8 @@ pub fn ex_server(id: &str) -> Vec<u8> {
 }
 
 /// `directory`: user → home server id.
-pub fn ex_home(user: &UserId) -> Vec<u8> {
-    tagged(EX_HOME, user.as_str().as_bytes())
+pub fn ex_home(name: &Address) -> Vec<u8> {
+    tagged(EX_HOME, name.to_string().as_bytes())
 }
 
 /// `directory`: version → user, in version order.

@@ -195,15 +195,42 @@ impl Messages {
         Ok(build(self.next_id()?))
     }
 
-    /// Every accepted message whose dispatch did not finish, oldest first.
+    /// Every accepted message whose dispatch did not finish: a group's message whose effects
+    /// were being applied ([`Messages::applying`]) first, then oldest first.
     pub fn pending(&self) -> Result<Vec<Message>, StoreError> {
-        self.tree
+        let mut applying = std::collections::HashSet::new();
+        for entry in self.tree.scan_prefix(keys::GROUP_APPLYING_PREFIX) {
+            let (_, value) = entry?;
+            if let Ok(id) = <[u8; 8]>::try_from(value.as_ref()) {
+                applying.insert(u64::from_be_bytes(id));
+            }
+        }
+        let mut pending = self
+            .tree
             .scan_prefix(keys::DISPATCH_PREFIX)
             .map(|entry| {
                 let (_, value) = entry?;
                 decode::<Dispatch>("messages", &value).map(|d| d.message)
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        // A group's message whose effects a crash cut off first, then by id (a stable sort).
+        pending.sort_by_key(|m| !applying.contains(&m.id.0));
+        Ok(pending)
+    }
+
+    /// Records that the effects of handling message `id` of `group` are about to be applied
+    /// (written before them): of the messages of a group still recorded for dispatch after a
+    /// crash, only this one can have reached some members and not others, so it goes first
+    /// (see [`Messages::pending`]) and every member keeps one order.
+    pub fn applying(&self, group: &iim_proto::GroupId, id: MessageId) -> Result<(), StoreError> {
+        self.tree
+            .insert(keys::group_applying(group), &id.0.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Whether message `id` is still recorded for dispatch.
+    pub fn is_pending(&self, id: MessageId) -> Result<bool, StoreError> {
+        Ok(self.tree.contains_key(keys::dispatch(id.0))?)
     }
 
     /// Records that message `id` is in every recipient's inbox.

@@ -2,7 +2,7 @@
 //! and its relay outbox (the `network` tree).
 
 use super::{StoreError, decode, encode, get_u64, keys};
-use iim_proto::UserId;
+use iim_proto::Address;
 use iim_proto::peer::{Envelope, ServerInfo};
 use std::sync::{Arc, Mutex};
 
@@ -53,7 +53,7 @@ impl NetworkStore {
     }
 
     /// The cached directory: every (user, home server) and the version it is complete up to.
-    pub fn cached_directory(&self) -> Result<(u64, Vec<(UserId, String)>), StoreError> {
+    pub fn cached_directory(&self) -> Result<(u64, Vec<(Address, String)>), StoreError> {
         let version = get_u64(&self.tree, "network", keys::NET_DIRECTORY_VERSION)?.unwrap_or(0);
         let mut homes = Vec::new();
         for entry in self.tree.scan_prefix(keys::NET_HOME_PREFIX) {
@@ -63,7 +63,7 @@ impl NetworkStore {
                 reason: reason.into(),
             };
             let name = std::str::from_utf8(&key[1..]).map_err(|_| corrupt("user not UTF-8"))?;
-            let user = UserId::new(name).map_err(|_| corrupt("invalid user name"))?;
+            let user: Address = name.parse().map_err(|_| corrupt("invalid name"))?;
             let server = String::from_utf8(value.to_vec()).map_err(|_| corrupt("server id"))?;
             homes.push((user, server));
         }
@@ -74,7 +74,7 @@ impl NetworkStore {
     /// up to.
     pub fn cache_directory(
         &self,
-        entries: &[(UserId, String)],
+        entries: &[(Address, String)],
         version: Option<u64>,
     ) -> Result<(), StoreError> {
         for (user, server) in entries {
@@ -207,6 +207,7 @@ mod tests {
     use super::*;
     use crate::store::Store;
     use crate::store::tests::{message, reopen};
+    use iim_proto::UserId;
 
     fn envelope(id: u64) -> Envelope {
         Envelope {
@@ -214,7 +215,7 @@ mod tests {
             expires_at: None,
             rows: vec![iim_proto::peer::RelayRow {
                 server: "h2".into(),
-                users: vec![UserId::new("bob").expect("valid")],
+                users: vec![UserId::new("bob").expect("valid").into()],
             }],
         }
     }
@@ -260,7 +261,7 @@ mod tests {
     fn a_host_number_goes_into_every_message_id_and_the_caches_survive_a_restart() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("store");
-        let bob = UserId::new("bob").expect("valid");
+        let bob: Address = UserId::new("bob").expect("valid").into();
         {
             let store = Store::open(&path).expect("open");
             assert_eq!(store.network.host_number().expect("read"), None);
