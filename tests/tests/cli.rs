@@ -1,5 +1,5 @@
 //! The `iim` command-line client against the real host with its default plugins (chat,
-//! presence, receipts): the README's tour, as a test.
+//! presence, receipts, groups): the README's tours, as tests.
 
 use anyhow::{Context, bail, ensure};
 use iim_e2e::{HostProcess, Plugins, STEP, binary, default_plugin, test_plugin};
@@ -198,6 +198,20 @@ impl Listen {
         Ok(())
     }
 
+    /// The next lines of text output, until they hold every line of `expected`: for what
+    /// arrives among lines whose number and order depend on timing (the groups plugin's
+    /// counts, the answers that `iim group` left for the listener).
+    fn texts_until_all(&self, expected: &[String]) -> anyhow::Result<Vec<String>> {
+        let mut got = Vec::new();
+        while !expected.iter().all(|line| got.contains(line)) {
+            let line = self
+                .text()
+                .with_context(|| format!("expected {expected:#?}, got {got:#?}"))?;
+            got.push(line);
+        }
+        Ok(got)
+    }
+
     /// Presses Ctrl-C: the client says goodbye to the host and exits, having printed nothing
     /// more.
     fn interrupt(mut self) -> anyhow::Result<()> {
@@ -287,8 +301,8 @@ fn two_users_chat_see_each_other_and_get_receipts_through_the_cli() -> anyhow::R
     // Alice sees Bob come online and her two messages reach his phone.
     alice.texts_in_any_order(&[
         "bob is online (1 device)".into(),
-        format!("#{first} delivered to bob (phone)"),
-        format!("#{second} delivered to bob (phone)"),
+        format!("message {first} delivered to bob (phone)"),
+        format!("message {second} delivered to bob (phone)"),
     ])?;
 
     // Live, both ways, each with its delivered receipt.
@@ -298,9 +312,12 @@ fn two_users_chat_see_each_other_and_get_receipts_through_the_cli() -> anyhow::R
         (m3["id"].as_u64(), m3["body"].as_str()),
         (Some(live), Some("live now"))
     );
-    assert_eq!(alice.text()?, format!("#{live} delivered to bob (phone)"));
+    assert_eq!(
+        alice.text()?,
+        format!("message {live} delivered to bob (phone)")
+    );
     let reply = send(&host, &b, "alice", "on my way")?;
-    assert_eq!(alice.text()?, format!("bob: on my way  (#{reply})"));
+    assert_eq!(alice.text()?, format!("bob: on my way  (id {reply})"));
     let delivered = bob.json()?;
     assert_eq!(
         (&delivered["kind"], &delivered["from"], &delivered["body"]),
@@ -316,9 +333,12 @@ fn two_users_chat_see_each_other_and_get_receipts_through_the_cli() -> anyhow::R
     let read = ["read", first_arg.as_str(), "--from", "alice"];
     assert_eq!(
         ok(iim(&host, &b, &read)?)?,
-        format!("reported #{first} from alice as read\n")
+        format!("reported message {first} from alice as read\n")
     );
-    assert_eq!(alice.text()?, format!("#{first} read by bob (phone)"));
+    assert_eq!(
+        alice.text()?,
+        format!("message {first} read by bob (phone)")
+    );
     let receipt = bob.json()?;
     assert_eq!(
         (&receipt["kind"], &receipt["body"]),
@@ -339,10 +359,13 @@ fn two_users_chat_see_each_other_and_get_receipts_through_the_cli() -> anyhow::R
     assert_eq!(bob.text()?, "contacts: alice online (1)");
     assert_eq!(alice.text()?, "bob is online (1 device)");
     let news = send(&host, &a, "bob", "read me")?;
-    assert_eq!(bob.text()?, format!("alice: read me  (#{news})"));
-    assert_eq!(bob.text()?, format!("#{news} read by bob (phone)"));
-    assert_eq!(alice.text()?, format!("#{news} delivered to bob (phone)"));
-    assert_eq!(alice.text()?, format!("#{news} read by bob (phone)"));
+    assert_eq!(bob.text()?, format!("alice: read me  (id {news})"));
+    assert_eq!(bob.text()?, format!("message {news} read by bob (phone)"));
+    assert_eq!(
+        alice.text()?,
+        format!("message {news} delivered to bob (phone)")
+    );
+    assert_eq!(alice.text()?, format!("message {news} read by bob (phone)"));
     bob.interrupt()?;
     assert_eq!(alice.text()?, "bob is offline");
     alice.interrupt()?;
@@ -474,9 +497,14 @@ fn send_takes_a_custom_kind_and_a_body_from_a_file_or_stdin() -> anyhow::Result<
             &["send", "bob", "--body-file", missing_arg][..],
             cannot_read.as_str(),
         ),
+        // With --body-file every argument is a recipient: a TEXT too is not one.
         (
-            &["send", "bob", "text", "--body-file", file_arg][..],
-            "two bodies",
+            &["send", "bob", "some text", "--body-file", file_arg][..],
+            "\"some text\" is not a user or a group",
+        ),
+        (
+            &["send", "bob", "#team", "hi"][..],
+            "a message goes to users or to one group, not both: #team and bob",
         ),
         (&["send", "bob"][..], "no body"),
         (
@@ -487,6 +515,9 @@ fn send_takes_a_custom_kind_and_a_body_from_a_file_or_stdin() -> anyhow::Result<
             &["send", "bob", "--kind", "typing", "hi"][..],
             "no plugin on this host handles messages of kind typing",
         ),
+        // This host has no groups plugin: the host refuses the request at once.
+        (&["group", "members", "team"][..], "(unsupported_kind)"),
+        (&["send", "#team", "hi"][..], "(unsupported_kind)"),
     ] {
         fails_in_one_line(iim(&host, &a, args)?, args, message)?;
     }
@@ -544,6 +575,185 @@ fn a_file_sent_with_the_cli_reaches_the_listener_and_downloads_whole() -> anyhow
     ensure!(
         !nothing.exists(),
         "nothing is written for a refused download"
+    );
+    Ok(())
+}
+
+/// A host with the chat and groups plugins only: every line a listener shows comes from
+/// what the test does (no presence notices, no per-member receipts).
+fn start_groups_host() -> anyhow::Result<HostProcess> {
+    let chat = default_plugin("chat")?;
+    let groups = default_plugin("groups")?;
+    HostProcess::start_with("", Plugins::Only(&[("chat", &chat), ("groups", &groups)]))
+}
+
+#[test]
+fn two_users_make_a_group_talk_in_it_and_share_a_file_through_the_cli() -> anyhow::Result<()> {
+    let host = start_groups_host()?;
+    let dir = tempfile::tempdir()?;
+    let [a, b, c] = ["alice", "bob", "carol"].map(|user| dir.path().join(user));
+    for (profile, user) in [(&a, "alice"), (&b, "bob"), (&c, "carol")] {
+        register_and_login(&host, profile, user, "phone")?;
+    }
+
+    // Alice makes a group and adds Bob; each command prints the plugin's answer.
+    let create = ["group", "create", "team", "--title", "The team"];
+    assert_eq!(ok(iim(&host, &a, &create)?)?, "created #team\n");
+    assert_eq!(
+        ok(iim(&host, &a, &["group", "add", "#team", "bob"])?)?,
+        "added bob to #team\n"
+    );
+    assert_eq!(
+        ok(iim(&host, &a, &["group", "members", "team"])?)?,
+        "alice  owner\nbob    member\n"
+    );
+    let members: serde_json::Value = serde_json::from_str(&ok(iim(
+        &host,
+        &a,
+        &["--json", "group", "members", "team"],
+    )?)?)?;
+    assert_eq!(
+        (&members["group"], &members["title"], &members["members"]),
+        (
+            &"team".into(),
+            &"The team".into(),
+            &serde_json::json!([
+                { "user": "alice", "role": "owner" },
+                { "user": "bob", "role": "member" }
+            ])
+        )
+    );
+    assert_eq!(
+        ok(iim(&host, &a, &["group", "list"])?)?,
+        "#team (owner, 2 members) The team\n"
+    );
+
+    // Bob listens, marking what he reads: the notice of his joining waited for him.
+    let bob = Listen::start(&b, &["listen", "--read"])?;
+    assert_eq!(bob.text()?, "#team: alice added bob");
+    // A group command while he listens takes his device's deliveries for a moment; the
+    // listener takes them back once it is done (the answer was the command's alone).
+    assert_eq!(
+        ok(iim(&host, &b, &["group", "list"])?)?,
+        "#team (member, 2 members) The team\n"
+    );
+
+    // They talk in it: every member gets each message, its sender too.
+    let hello = send(&host, &a, "#team", "hello team")?;
+    assert_eq!(
+        bob.text()?,
+        format!("#team alice: hello team  (id {hello})")
+    );
+    let hi = send(&host, &b, "#team", "hi alice")?;
+    assert_eq!(bob.text()?, format!("#team bob: hi alice  (id {hi})"));
+
+    // A file to the group: Bob sees it and downloads it whole.
+    let path = dir.path().join("notes.txt");
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    std::fs::write(&path, &bytes)?;
+    let path_arg = path.to_str().context("a UTF-8 path")?;
+    let file = ok(iim(&host, &a, &["send-file", "#team", path_arg])?)?
+        .trim()
+        .to_owned();
+    ensure!(file.len() == 64, "a file id: {file}");
+    assert_eq!(
+        bob.text()?,
+        format!("#team file from alice: notes.txt (300000 bytes, text/plain) id {file}")
+    );
+    let out = dir.path().join("fetched.txt");
+    let out_arg = out.to_str().context("a UTF-8 path")?;
+    ok(iim(&host, &b, &["download", &file, "--out", out_arg])?)?;
+    ensure!(
+        std::fs::read(&out)? == bytes,
+        "the downloaded file is the sent one"
+    );
+
+    // Carol is not a member: her message is refused with the plugin's reason, and nobody
+    // gets it; so are her requests.
+    let carol = Listen::start(&c, &["listen"])?;
+    let refused = send(&host, &c, "#team", "let me in")?;
+    let line = carol.text()?;
+    ensure!(
+        line.starts_with(&format!("message {refused} refused: ")) && line.contains("not a member"),
+        "{line}"
+    );
+    let args = ["group", "members", "team"];
+    fails_in_one_line(iim(&host, &c, &args)?, &args, "not a member")?;
+    carol.interrupt()?;
+    let after = send(&host, &a, "#team", "after carol")?;
+    assert_eq!(
+        bob.text()?,
+        format!("#team alice: after carol  (id {after})")
+    );
+    let stderr = Arc::clone(&bob.stderr);
+    bob.interrupt()?;
+    // Bob's listener said what happened when the command took its deliveries (its stderr is
+    // read to the end by a thread, which the exit just ended).
+    let deadline = std::time::Instant::now() + STEP;
+    let said = loop {
+        let said = stderr.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !said.is_empty() || std::time::Instant::now() > deadline {
+            break said;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    ensure!(
+        said.contains("`iim group` took this device's deliveries")
+            && said.contains("listening again"),
+        "{said}"
+    );
+
+    // Alice listens: what waited for her, the group's history and her commands' answers
+    // among it, and the counts for her messages (Bob got and read "hello team").
+    let alice = Listen::start(&a, &["listen"])?;
+    alice.texts_until_all(&[
+        r#"#team: alice created the group "The team""#.to_owned(),
+        "#team: alice added bob".to_owned(),
+        "#team members: alice (owner), bob (member)".to_owned(),
+        format!("#team alice: hello team  (id {hello})"),
+        format!("#team bob: hi alice  (id {hi})"),
+        format!("#team alice: after carol  (id {after})"),
+        format!("message {hello} in #team: delivered to 1 of 1, read by 1"),
+    ])?;
+    assert_eq!(
+        ok(iim(
+            &host,
+            &a,
+            &["group", "receipts", "team", &hello.to_string()]
+        )?)?,
+        format!(
+            "message {hello} in #team: delivered to 1 of 1, read by 1\ndelivered: bob\nread: bob\n"
+        )
+    );
+
+    // Bob leaves; Alice sees it.
+    assert_eq!(
+        ok(iim(&host, &b, &["group", "leave", "team"])?)?,
+        "left #team\n"
+    );
+    alice.texts_until_all(&["#team: bob left".to_owned()])?;
+    alice.interrupt()?;
+    assert_eq!(
+        ok(iim(&host, &a, &["group", "members", "team"])?)?,
+        "alice  owner\n"
+    );
+
+    // Errors: one line on stderr, non-zero exit.
+    for (args, message) in [
+        (
+            &["send", "#team", "bob", "hi"][..],
+            "not both: #team and bob",
+        ),
+        (&["group", "delete", "nowhere"][..], "refused: "),
+    ] {
+        fails_in_one_line(iim(&host, &a, args)?, args, message)?;
+    }
+    // A name that cannot be a group's is the argument parser's to refuse.
+    let bad = iim(&host, &a, &["group", "members", "Team"])?;
+    let stderr = String::from_utf8(bad.stderr)?;
+    ensure!(
+        !bad.status.success() && stderr.contains("not a group name"),
+        "{stderr}"
     );
     Ok(())
 }

@@ -13,16 +13,27 @@
 //! `send-file` and `download` move files on streams of their own, through a device that
 //! reconnects by itself (as `listen` does): a transfer cut off goes on from where it stopped,
 //! from what the host kept of an upload or from the `.part` file of a download.
+//!
+//! A message goes to users or to one group (`#team`). `group` asks the groups plugin and
+//! waits for its answer, which comes as a message (`group.rs`); `show.rs` is how `listen`
+//! shows each message.
+
+// The binary's modules live in `iim/`, beside this file, which stays where the crate's
+// `[[bin]]` and the documents name it.
+#[path = "iim/deliveries.rs"]
+mod deliveries;
+#[path = "iim/group.rs"]
+mod group;
+#[path = "iim/show.rs"]
+mod show;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
-use iim_client::proto::body::{
-    FILE_KIND, FileRef, Presence, PresenceEntry, PresenceState, ReadReport, Receipt,
-};
+use iim_client::proto::body::{FILE_KIND, ReadReport};
 use iim_client::proto::file::Sha256;
 use iim_client::proto::session::Backoff;
 use iim_client::proto::{
-    DeviceId, Message, MessageId, MessageKind, RelationKind, SessionMode, UserId,
+    Address, DeviceId, ErrorCode, MessageId, MessageKind, RelationKind, SessionMode, UserId,
 };
 use iim_client::{ClientConfig, ClientError, Connection, Credentials, Device, Update};
 use serde::{Deserialize, Serialize};
@@ -38,8 +49,8 @@ const DEV_CA: &str = "iim-data/cert.pem";
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Host address [default: the profile's, else 127.0.0.1:7447]. A host that redirected the
-    /// profile's login to its home host is not asked again: the home host is.
+    /// Host address [default: the profile's, else 127.0.0.1:7447]. After a host redirected the
+    /// profile's login, the profile keeps the home host it named, and that is asked.
     #[arg(long, global = true, env = "IIM_SERVER")]
     server: Option<SocketAddr>,
     /// PEM certificate to trust [default: the profile's, else ./iim-data/cert.pem].
@@ -86,14 +97,20 @@ enum Command {
         #[command(subcommand)]
         op: RelationCommand,
     },
-    /// Send a message (chat unless --kind says otherwise); prints the accepted message id.
+    /// Send a message (chat unless --kind says otherwise) to users or to one group; prints the
+    /// accepted message id.
     ///
-    /// The body is TEXT, or what `-` or --body-file reads: exactly one of them.
+    /// `iim send bob carol TEXT`, `iim send '#team' TEXT`. The body is TEXT, the last
+    /// argument (`-` reads it from stdin instead), or what --body-file reads: then every
+    /// argument is a recipient. A message to a group reaches its members; a non-member's is
+    /// refused by the groups plugin, with a receipt that `listen` shows.
+    #[command(override_usage = "iim send [OPTIONS] TO... <TEXT | ->\n       \
+                                iim send [OPTIONS] --body-file PATH TO...")]
     Send {
-        /// Recipient.
-        to: UserId,
-        /// The body as text; `-` reads the body from stdin instead.
-        text: Option<String>,
+        /// Recipients (users, or one group written `#team`), then the body as text (`-`:
+        /// stdin).
+        #[arg(required = true, value_name = "ARG")]
+        args: Vec<String>,
         /// The message's kind: `chat`, `receipt`, `presence`, or the name of a custom kind that
         /// a plugin of the host handles (say `typing`); the host refuses a kind no plugin
         /// handles.
@@ -108,24 +125,28 @@ enum Command {
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(1..))]
         ttl: Option<u32>,
     },
-    /// Stay connected and print every message as it arrives: chat, contacts coming online or
-    /// going offline, and receipts for the messages you sent. A lost connection, or a host
-    /// that restarts, is reconnected by itself.
+    /// Stay connected and print every message as it arrives.
+    ///
+    /// Chat, contacts coming online or going offline, receipts for the messages you sent, and
+    /// your groups' messages and changes (`#team alice: hello  (id 12)`, `#team: alice added
+    /// bob`). A lost connection, or a host that restarts, is reconnected by itself; so is a
+    /// moment of `iim group`, which takes the device's deliveries while it waits for its
+    /// answer.
     Listen {
         /// Mark every chat message read once it is printed (as `iim read` does).
         #[arg(long)]
         read: bool,
     },
     /// Send a file: upload it to your home host, then send a `file` message naming it to TO
-    /// (one or more users); prints the file's id.
+    /// (one or more users, or one group written `#team`); prints the file's id.
     ///
     /// An upload cut off (a lost connection, a host that restarts) goes on from what the host
     /// kept once reconnected; a file the host has already is not sent again. Progress is shown
     /// on stderr when it is a terminal.
     SendFile {
-        /// Recipients, one or more.
+        /// Recipients: users, or one group (`#team`).
         #[arg(required = true, value_name = "TO")]
-        to: Vec<UserId>,
+        to: Vec<Address>,
         /// The file.
         path: PathBuf,
         /// Its media type (`image/png`) [default: from the file's extension, else
@@ -154,13 +175,24 @@ enum Command {
     /// The host's receipts plugin checks the report: if ID is not a chat message from SENDER in
     /// your inbox, nothing is sent (and no error comes back). Otherwise SENDER and your other
     /// devices get a read receipt. Reporting a message again from this device sends nothing new.
+    /// For a message to a group, name the group (`--from '#team'`): its sender then counts
+    /// you among the readers.
     Read {
-        /// The message's id, as `listen` shows it (`#42`, or `id` with --json).
+        /// The message's id, as `listen` shows it (`(id 42)`, or `id` with --json).
         id: u64,
-        /// Who sent it, as `listen` shows it (`from` with --json).
+        /// Who sent it, as `listen` shows it (`from` with --json); for a group's message, the
+        /// group (`#team`).
         #[arg(long, value_name = "SENDER")]
-        from: UserId,
+        from: Address,
     },
+    /// Manage groups: create, rename, delete, add, remove, leave, role, members, list,
+    /// receipts.
+    ///
+    /// Each asks the groups plugin and waits for its answer (--timeout), which it prints;
+    /// a refusal is an error with the plugin's reason. While it waits it takes this device's
+    /// deliveries from an `iim listen` of the same profile, which takes them back once it is
+    /// done and shows whatever arrived meanwhile.
+    Group(group::GroupArgs),
     /// Revoke this device's token and forget the login.
     Logout,
 }
@@ -374,23 +406,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Friend { op } => relation(&cli, RelationKind::Friend, op).await?,
         Command::Colleague { op } => relation(&cli, RelationKind::Colleague, op).await?,
         Command::Send {
-            to,
-            text,
+            args,
             kind,
             body_file,
             ttl,
         } => {
-            // Before connecting: a missing file or a second body is the user's to fix, with
-            // no host involved.
-            let source = BodySource::open(text.as_deref(), body_file.as_deref()).await?;
+            // Before connecting: recipients that cannot go together, a missing file or a
+            // missing body are the user's to fix, with no host involved.
+            let (to, text) = send_args(args, body_file.is_some())?;
+            let source = BodySource::open(text, body_file.as_deref()).await?;
             let (conn, _) = session(&cli, SessionMode::SendOnly).await?;
             let body = source.read(conn.max_body()).await?;
-            let (client_id, to) = (iim_client::new_client_id(), std::slice::from_ref(to));
+            let client_id = iim_client::new_client_id();
             let accepted = match ttl {
-                None => conn.submit(client_id, kind.clone(), to, &body).await?,
+                None => conn.submit(client_id, kind.clone(), &to, &body).await?,
                 Some(secs) => {
                     let ttl = std::time::Duration::from_secs(u64::from(*secs));
-                    conn.submit_expiring(client_id, kind.clone(), to, &body, ttl)
+                    conn.submit_expiring(client_id, kind.clone(), &to, &body, ttl)
                         .await?
                 }
             };
@@ -421,13 +453,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &read_report(message),
             )
             .await?;
+            let place = if from.group().is_some() { "in" } else { "from" };
             print_result(
                 &cli,
                 serde_json::json!({ "read": id, "from": from }),
-                || format!("reported #{id} from {from} as read"),
+                || format!("reported message {id} {place} {from} as read"),
             );
             conn.close().await;
         }
+        Command::Group(args) => group::run(&cli, args).await?,
         Command::Logout => {
             let dir = profile_dir(&cli)?;
             let (conn, profile) = session(&cli, SessionMode::SendOnly).await?;
@@ -487,7 +521,8 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
     // while a message is being handled, or while waiting to reconnect, is not lost.
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
-    let Some((device, mut home)) = open_device(cli, SessionMode::Receive, ctrl_c.as_mut()).await?
+    let Some((mut device, mut home)) =
+        open_device(cli, SessionMode::Receive, ctrl_c.as_mut()).await?
     else {
         return Ok(());
     };
@@ -510,23 +545,28 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
         };
         match update {
             Some(Ok(Update::Message { seq, message })) => {
-                println!("{}", message_line(cli.json, &message));
+                println!("{}", show::message_line(cli.json, &message));
                 // Acknowledged before it is reported read, so that its sender hears of the
                 // delivery first (the receipts plugin handles both in the order they come).
                 device.ack(seq);
                 if read && message.kind == MessageKind::Chat && message.from != home.profile.user {
+                    // A group's message is reported to the group, which counts its readers.
+                    let to = match show::group_of(&message) {
+                        Some(group) => Address::Group(group.clone()),
+                        None => Address::User(message.from.clone()),
+                    };
                     let id = message.id;
                     let report = device.submit(
-                        read_report_client_id(id, &message.from),
+                        read_report_client_id(id, &to),
                         MessageKind::Receipt,
-                        std::slice::from_ref(&message.from),
+                        std::slice::from_ref(&to),
                         &read_report(id),
                     );
                     // The report goes out in order; its answer may wait for a reconnect.
                     tokio::spawn(async move {
                         // Say so and go on listening: the sender's account may be gone.
                         if let Err(e) = report.await {
-                            eprintln!("iim: cannot mark #{id} read: {e}");
+                            eprintln!("iim: cannot mark message {id} read: {e}");
                         }
                     });
                 }
@@ -542,6 +582,29 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
                 }
             }
             Some(Ok(update)) => home.connection_update(&device, &update),
+            // `iim group` of this profile took the deliveries for a moment: take them back
+            // once it is done. Another listener taking them over is not fought.
+            Some(Err(e))
+                if e.code() == Some(ErrorCode::SESSION_REPLACED)
+                    && deliveries::taken_by_a_command(&home.dir) =>
+            {
+                eprintln!(
+                    "iim: `iim group` took this device's deliveries while it waits for its \
+                     answer; listening again once it is done"
+                );
+                tokio::select! {
+                    biased;
+                    _ = &mut ctrl_c => return Ok(()),
+                    () = deliveries::released(&home.dir) => {}
+                }
+                let Some((again, new_home)) =
+                    open_device(cli, SessionMode::Receive, ctrl_c.as_mut()).await?
+                else {
+                    return Ok(());
+                };
+                (device, home) = (again, new_home);
+                eprintln!("iim: listening again");
+            }
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ClientError::ConnectionLost("the connection ended".into()).into()),
         }
@@ -692,11 +755,13 @@ async fn with_notices<T>(
 /// then sends a `file` message naming it.
 async fn send_file(
     cli: &Cli,
-    to: &[UserId],
+    to: &[Address],
     path: &Path,
     media_type: Option<&str>,
 ) -> anyhow::Result<()> {
-    // Before connecting: a missing file is the user's to fix, with no host involved.
+    // Before connecting: a missing file, or recipients that cannot go together, are the
+    // user's to fix, with no host involved.
+    check_recipients(to)?;
     let meta =
         std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     if !meta.is_file() {
@@ -974,171 +1039,63 @@ fn read_report(id: MessageId) -> Vec<u8> {
     ReadReport { id: id.0 }.to_json()
 }
 
-/// The idempotency id of the read report for message `id` of `sender`: the same every time,
-/// so that the host takes a second report of the same message from this device as a repeat
-/// and sends no second receipt (`listen --read` after a lost acknowledgement, `iim read`
-/// twice). The sender is part of it so that a report corrected after naming the wrong sender
-/// is a new one. A stable hash, because the id must not change between builds of the client.
-fn read_report_client_id(id: MessageId, sender: &UserId) -> u64 {
+/// The idempotency id of the read report for message `id` of `sender` (a user, or the group
+/// of a group's message): the same every time, so that the host takes a second report of the
+/// same message from this device as a repeat and sends no second receipt (`listen --read`
+/// after a lost acknowledgement, `iim read` twice). The sender is part of it so that a report
+/// corrected after naming the wrong sender is a new one. A stable hash, because the id must
+/// not change between builds of the client (a user's address is the user's name, as before
+/// groups).
+fn read_report_client_id(id: MessageId, sender: &Address) -> u64 {
     iim_client::proto::stable_hash(
         b"read\0"
             .iter()
             .chain(&id.0.to_be_bytes())
-            .chain(sender.as_str().as_bytes())
+            .chain(sender.to_string().as_bytes())
             .copied(),
     )
 }
 
-/// A message's body as `listen` understands it.
-enum Body {
-    /// Chat, or a kind this client does not know: shown as text.
-    Text(String),
-    /// A receipt, and the JSON it came as.
-    Receipt(Receipt, serde_json::Value),
-    /// The entries of a presence message, and the JSON it came as.
-    Presence(Vec<PresenceEntry>, serde_json::Value),
-    /// A file message's reference, and the JSON it came as.
-    File(FileRef, serde_json::Value),
-    /// A receipt or presence body that does not have the documented shape: shown as text
-    /// with its kind, so that a newer plugin's message is still seen.
-    Unreadable { text: String, reason: String },
-}
-
-impl Body {
-    fn of(message: &Message) -> Self {
-        let json = || serde_json::from_slice::<serde_json::Value>(&message.body);
-        let parsed = match &message.kind {
-            MessageKind::Custom(kind) if kind == FILE_KIND => {
-                json().and_then(|json| Ok(Body::File(FileRef::deserialize(&json)?, json)))
-            }
-            MessageKind::Chat | MessageKind::Custom(_) => {
-                return Body::Text(String::from_utf8_lossy(&message.body).into_owned());
-            }
-            // Fields this client does not know are ignored, as the format asks.
-            MessageKind::Receipt => {
-                json().and_then(|json| Ok(Body::Receipt(Receipt::deserialize(&json)?, json)))
-            }
-            MessageKind::Presence => json()
-                .and_then(|json| Ok(Body::Presence(Presence::deserialize(&json)?.presence, json))),
-        };
-        parsed.unwrap_or_else(|e| Body::Unreadable {
-            text: String::from_utf8_lossy(&message.body).into_owned(),
-            reason: e.to_string(),
-        })
-    }
-}
-
-/// The line `listen` prints for a message.
-fn message_line(json: bool, message: &Message) -> String {
-    let body = Body::of(message);
-    if json {
-        let mut line = serde_json::json!({
-            "kind": message.kind.to_string(),
-            "id": message.id.0,
-            "from": message.from,
-            "from_device": message.from_device,
-            "to": message.to,
-            "sent_at": message.sent_at,
-        });
-        let body = match body {
-            Body::Text(text) => text.into(),
-            // Passed on whole, fields this client does not know included.
-            Body::Receipt(_, json) | Body::Presence(_, json) | Body::File(_, json) => json,
-            Body::Unreadable { text, reason } => {
-                line["invalid"] = reason.into();
-                text.into()
-            }
-        };
-        line["body"] = body;
-        line.to_string()
-    } else {
-        format!(
-            "{} {}",
-            format_time(message.sent_at),
-            describe(message, body)
-        )
-    }
-}
-
-/// What `listen` prints for a message, after its time.
-fn describe(message: &Message, body: Body) -> String {
-    let raw = |text: &str| {
-        let label = match &message.kind {
-            MessageKind::Chat => String::new(),
-            other => format!("[{other}] "),
-        };
-        format!("{}: {label}{text}  (#{})", message.from, message.id)
+/// The recipients and the TEXT of `iim send`'s arguments: the last one is TEXT (or `-`),
+/// unless --body-file gives the body (`body_file`).
+fn send_args(args: &[String], body_file: bool) -> anyhow::Result<(Vec<Address>, Option<&str>)> {
+    let (to, text) = match args {
+        [] => bail!("no recipient: give users or one group (#name)"),
+        to if body_file => (to, None),
+        [to @ .., text] if !to.is_empty() => (to, Some(text.as_str())),
+        _ => bail!("no body: give TEXT, `-` (stdin) or --body-file PATH after the recipients"),
     };
-    match body {
-        Body::Text(text) | Body::Unreadable { text, .. } => raw(&text),
-        Body::File(file, _) => {
-            let media_type = match file.media_type.as_str() {
-                "" => String::new(),
-                media_type => format!(", {media_type}"),
-            };
-            format!(
-                "file from {}: {} ({} bytes{media_type}) id {}",
-                message.from, file.name, file.size, file.file
-            )
-        }
-        Body::Receipt(Receipt::Delivered { id, user, device }, _) => {
-            format!("#{id} delivered to {user} ({device})")
-        }
-        Body::Receipt(Receipt::Read { id, user, device }, _) => {
-            format!("#{id} read by {user} ({device})")
-        }
-        Body::Receipt(Receipt::Expired { id, user }, _) => {
-            format!("#{id} expired before {user} got it")
-        }
-        Body::Receipt(
-            Receipt::Counts {
-                id,
-                group,
-                members,
-                delivered,
-                read,
-            },
-            _,
-        ) => format!("#{id} in #{group}: delivered to {delivered} of {members}, read by {read}"),
-        Body::Receipt(Receipt::Refused { id, users, reason }, _) => {
-            format!("#{id} refused for {}: {reason}", users.join(", "))
-        }
-        // A notification has one entry, the sender's; a snapshot lists the user's contacts,
-        // never the user, who sends it.
-        Body::Presence(entries, _) => match entries.as_slice() {
-            [entry] if entry.user == message.from.as_str() => match entry.state {
-                PresenceState::Online => format!(
-                    "{} is online ({} device{})",
-                    entry.user,
-                    entry.devices,
-                    if entry.devices == 1 { "" } else { "s" }
-                ),
-                PresenceState::Offline => format!("{} is offline", entry.user),
-            },
-            [] => "contacts: none".to_owned(),
-            entries => {
-                let list: Vec<String> = entries
-                    .iter()
-                    .map(|e| match e.state {
-                        PresenceState::Online => format!("{} online ({})", e.user, e.devices),
-                        PresenceState::Offline => format!("{} offline", e.user),
-                    })
-                    .collect();
-                format!("contacts: {}", list.join(", "))
-            }
-        },
-    }
+    let to = to
+        .iter()
+        .map(|arg| {
+            arg.parse::<Address>()
+                .with_context(|| format!("{arg:?} is not a user or a group (#name)"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    check_recipients(&to)?;
+    Ok((to, text))
 }
 
-/// `HH:MM:SS` UTC of a Unix time in milliseconds.
-fn format_time(ms: u64) -> String {
-    let secs = ms / 1000;
-    format!(
-        "{:02}:{:02}:{:02}",
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60
-    )
+/// A message goes to users or to exactly one group: anything else is said here, before the
+/// host refuses it.
+fn check_recipients(to: &[Address]) -> anyhow::Result<()> {
+    let (groups, users): (Vec<&Address>, Vec<&Address>) =
+        to.iter().partition(|a| a.group().is_some());
+    let list = |addresses: &[&Address]| {
+        addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (groups.as_slice(), users.is_empty()) {
+        ([], _) | ([_], true) => Ok(()),
+        ([group], false) => bail!(
+            "a message goes to users or to one group, not both: {group} and {}",
+            list(&users)
+        ),
+        (groups, _) => bail!("a message goes to one group at most, not {}", list(groups)),
+    }
 }
 
 fn print_result(cli: &Cli, json: serde_json::Value, text: impl FnOnce() -> String) {
@@ -1182,143 +1139,6 @@ fn one_line(e: &anyhow::Error) -> String {
 mod tests {
     use super::*;
 
-    /// A message of `kind` from bob's phone to alice, sent at 12:03:07 UTC.
-    fn message(kind: MessageKind, body: &str) -> Message {
-        Message {
-            id: MessageId(43),
-            kind,
-            from: UserId::new("bob").expect("name"),
-            from_device: DeviceId::new("phone").expect("name"),
-            to: vec![UserId::new("alice").expect("name").into()],
-            body: body.as_bytes().to_vec(),
-            sent_at: (12 * 3600 + 3 * 60 + 7) * 1000 + 250,
-        }
-    }
-
-    fn text(kind: MessageKind, body: &str) -> String {
-        message_line(false, &message(kind, body))
-    }
-
-    fn json(kind: MessageKind, body: &str) -> serde_json::Value {
-        serde_json::from_str(&message_line(true, &message(kind, body)))
-            .expect("listen --json prints JSON")
-    }
-
-    #[test]
-    fn chat_and_custom_kinds_are_shown_as_text() {
-        assert_eq!(text(MessageKind::Chat, "hi"), "12:03:07 bob: hi  (#43)");
-        assert_eq!(
-            text(MessageKind::Custom("typing".into()), "{}"),
-            "12:03:07 bob: [typing] {}  (#43)"
-        );
-    }
-
-    #[test]
-    fn receipts_are_shown_as_sentences() {
-        let receipt = |body| text(MessageKind::Receipt, body);
-        assert_eq!(
-            receipt(r#"{"state":"delivered","id":42,"user":"bob","device":"phone"}"#),
-            "12:03:07 #42 delivered to bob (phone)"
-        );
-        assert_eq!(
-            receipt(r#"{"state":"read","id":42,"user":"bob","device":"laptop","later":1}"#),
-            "12:03:07 #42 read by bob (laptop)"
-        );
-        assert_eq!(
-            receipt(
-                r#"{"state":"refused","id":42,"users":["carol","dave"],"reason":"not a friend"}"#
-            ),
-            "12:03:07 #42 refused for carol, dave: not a friend"
-        );
-        assert_eq!(
-            receipt(r#"{"state":"expired","id":42,"user":"carol"}"#),
-            "12:03:07 #42 expired before carol got it"
-        );
-    }
-
-    #[test]
-    fn presence_changes_and_snapshots_are_shown_as_sentences() {
-        let presence = |body| text(MessageKind::Presence, body);
-        assert_eq!(
-            presence(r#"{"presence":[{"user":"bob","state":"online","devices":1}]}"#),
-            "12:03:07 bob is online (1 device)"
-        );
-        assert_eq!(
-            presence(r#"{"presence":[{"user":"bob","state":"offline","devices":0}]}"#),
-            "12:03:07 bob is offline"
-        );
-        // From bob, about his contacts: a snapshot, even with one entry.
-        assert_eq!(
-            presence(r#"{"presence":[{"user":"carol","state":"online","devices":2}]}"#),
-            "12:03:07 contacts: carol online (2)"
-        );
-        assert_eq!(
-            presence(
-                r#"{"presence":[{"user":"alice","state":"online","devices":1},{"user":"carol","state":"offline","devices":0}]}"#
-            ),
-            "12:03:07 contacts: alice online (1), carol offline"
-        );
-        assert_eq!(presence(r#"{"presence":[]}"#), "12:03:07 contacts: none");
-    }
-
-    #[test]
-    fn a_body_of_another_shape_is_shown_raw_with_its_kind() {
-        assert_eq!(
-            text(MessageKind::Receipt, r#"{"state":"seen","id":42}"#),
-            r#"12:03:07 bob: [receipt] {"state":"seen","id":42}  (#43)"#
-        );
-        assert_eq!(
-            text(MessageKind::Presence, "not json"),
-            "12:03:07 bob: [presence] not json  (#43)"
-        );
-        let line = json(MessageKind::Presence, r#"{"presence":"?"}"#);
-        assert_eq!(line["body"], r#"{"presence":"?"}"#);
-        assert!(line["invalid"].is_string(), "{line}");
-    }
-
-    #[test]
-    fn json_lines_carry_receipt_and_presence_bodies_as_objects() {
-        let body = r#"{"state":"read","id":42,"user":"bob","device":"laptop","later":1}"#;
-        let line = json(MessageKind::Receipt, body);
-        assert_eq!(line["kind"], "receipt");
-        assert_eq!(line["from"], "bob");
-        assert_eq!(line["id"], 43);
-        assert_eq!(
-            line["body"],
-            serde_json::from_str::<serde_json::Value>(body).expect("json")
-        );
-        assert!(line.get("invalid").is_none());
-        let line = json(MessageKind::Chat, "hi");
-        assert_eq!(line["body"], "hi");
-    }
-
-    #[test]
-    fn file_messages_are_shown_with_their_name_size_type_and_id() {
-        let id = "ab".repeat(32);
-        let body = format!(
-            r#"{{"file":"{id}","name":"report.pdf","size":12345,"media_type":"application/pdf"}}"#
-        );
-        let file = MessageKind::Custom(FILE_KIND.into());
-        assert_eq!(
-            text(file.clone(), &body),
-            format!("12:03:07 file from bob: report.pdf (12345 bytes, application/pdf) id {id}")
-        );
-        let untyped = format!(r#"{{"file":"{id}","name":"a.bin","size":1}}"#);
-        assert_eq!(
-            text(file.clone(), &untyped),
-            format!("12:03:07 file from bob: a.bin (1 bytes) id {id}")
-        );
-        let line = json(file.clone(), &body);
-        assert_eq!(line["kind"], "file");
-        assert_eq!(line["body"]["file"], id);
-        assert_eq!(line["body"]["size"], 12345);
-        // A body of another shape is still seen.
-        assert_eq!(
-            text(file, "{}"),
-            "12:03:07 bob: [file] {}  (#43)".to_owned()
-        );
-    }
-
     #[test]
     fn progress_reads_as_a_percentage_and_sizes() {
         assert_eq!(
@@ -1357,7 +1177,7 @@ mod tests {
         else {
             panic!("not send-file");
         };
-        assert_eq!(to, ["bob", "carol"].map(|u| UserId::new(u).expect("name")));
+        assert_eq!(to, ["bob", "carol"].map(address));
         assert_eq!(path, Path::new("report.pdf"));
         assert_eq!(media_type.as_deref(), Some("application/pdf"));
         assert!(Cli::try_parse_from(["iim", "send-file", "report.pdf"]).is_err());
@@ -1366,6 +1186,88 @@ mod tests {
             guess_media_type(Path::new("notes")),
             "application/octet-stream"
         );
+    }
+
+    fn address(text: &str) -> Address {
+        text.parse().expect("address")
+    }
+
+    /// `iim send ARGS` as `send_args` reads them, or its error.
+    fn send(args: &[&str], body_file: bool) -> Result<(Vec<Address>, Option<String>), String> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        send_args(&args, body_file)
+            .map(|(to, text)| (to, text.map(str::to_owned)))
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    #[test]
+    fn send_takes_users_or_one_group_then_the_body() {
+        let cli = Cli::try_parse_from(["iim", "send", "bob", "carol", "hi there"]).expect("parses");
+        let Command::Send { args, .. } = cli.command else {
+            panic!("not send");
+        };
+        assert_eq!(args, ["bob", "carol", "hi there"]);
+        assert_eq!(
+            send(&["bob", "carol", "hi there"], false),
+            Ok((
+                vec![address("bob"), address("carol")],
+                Some("hi there".into())
+            ))
+        );
+        assert_eq!(
+            send(&["#team", "-"], false),
+            Ok((vec![address("#team")], Some("-".into())))
+        );
+        // With --body-file, every argument is a recipient.
+        assert_eq!(
+            send(&["bob", "carol"], true),
+            Ok((vec![address("bob"), address("carol")], None))
+        );
+
+        let error = |args: &[&str], body_file| send(args, body_file).expect_err("refused");
+        assert!(error(&["bob"], false).starts_with("no body"));
+        assert!(error(&[], true).starts_with("no recipient"));
+        assert_eq!(
+            error(&["#team", "bob", "hi"], false),
+            "a message goes to users or to one group, not both: #team and bob"
+        );
+        assert_eq!(
+            error(&["bob", "#team", "carol", "hi"], false),
+            "a message goes to users or to one group, not both: #team and bob, carol"
+        );
+        assert_eq!(
+            error(&["#team", "#ops", "hi"], false),
+            "a message goes to one group at most, not #team, #ops"
+        );
+        assert!(
+            error(&["bob", "two words"], true)
+                .starts_with(r#""two words" is not a user or a group (#name): "#),
+            "{}",
+            error(&["bob", "two words"], true)
+        );
+        assert!(error(&["Bob", "hi"], false).contains("not a user or a group"));
+        assert!(error(&["#", "hi"], false).contains("not a user or a group"));
+    }
+
+    #[test]
+    fn send_file_takes_a_group_alone() {
+        let cli = Cli::try_parse_from(["iim", "send-file", "#team", "a.txt"]).expect("parses");
+        let Command::SendFile { to, .. } = cli.command else {
+            panic!("not send-file");
+        };
+        assert_eq!(to, [address("#team")]);
+        assert!(check_recipients(&to).is_ok());
+        assert!(check_recipients(&[address("#team"), address("bob")]).is_err());
+        assert!(Cli::try_parse_from(["iim", "send-file", "Team", "a.txt"]).is_err());
+    }
+
+    #[test]
+    fn read_takes_a_sender_or_a_group() {
+        let cli = Cli::try_parse_from(["iim", "read", "12", "--from", "#team"]).expect("parses");
+        let Command::Read { id, from } = cli.command else {
+            panic!("not read");
+        };
+        assert_eq!((id, from), (12, address("#team")));
     }
 
     #[test]
@@ -1443,11 +1345,20 @@ mod tests {
 
     #[test]
     fn a_read_report_has_one_id_per_message_and_sender() {
-        let alice = UserId::new("alice").expect("name");
-        let bob = UserId::new("bob").expect("name");
+        let (alice, bob, team) = (address("alice"), address("bob"), address("#team"));
         let id = read_report_client_id(MessageId(42), &alice);
         assert_eq!(id, read_report_client_id(MessageId(42), &alice));
         assert_ne!(id, read_report_client_id(MessageId(43), &alice));
         assert_ne!(id, read_report_client_id(MessageId(42), &bob));
+        assert_ne!(id, read_report_client_id(MessageId(42), &team));
+        // The same id as before groups: a report made again after an upgrade is a repeat.
+        let before = iim_client::proto::stable_hash(
+            b"read\0"
+                .iter()
+                .chain(&42u64.to_be_bytes())
+                .chain(b"alice")
+                .copied(),
+        );
+        assert_eq!(id, before);
     }
 }
