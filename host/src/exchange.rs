@@ -15,7 +15,9 @@ use crate::peer::{self, PeerError, PeerStream};
 use crate::server::ServerError;
 use crate::store::StoreError;
 use crate::store::exchange::{ExchangeStore, Joining};
-use iim_proto::peer::{Envelope, ExchangeFrame, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo};
+use iim_proto::peer::{
+    Envelope, ExchangeFrame, FilePart, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo,
+};
 use iim_proto::relay::{AckBeyondSent, Incoming, RelayLink};
 use iim_proto::{Address, ErrorCode, UserId};
 use std::collections::HashMap;
@@ -24,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 
 /// Directory entries per frame when a host catches up.
 const DIRECTORY_CHUNK: usize = 1000;
@@ -76,6 +78,9 @@ struct Link {
     id: u64,
     outbox_ready: Arc<Notify>,
     replaced: Arc<Notify>,
+    /// Frames for this host alone: file requests and parts between two hosts. Bounded by
+    /// the asking hosts, which wait for each part before they ask for the next.
+    direct: mpsc::UnboundedSender<ExchangeFrame>,
 }
 
 /// Relay counters since the exchange started.
@@ -147,6 +152,13 @@ impl State {
         if let Some(link) = lock(&self.links).get(target) {
             link.outbox_ready.notify_one();
         }
+    }
+
+    /// Hands `frame` to host `target`'s link; `false` if it is not connected.
+    fn send_to(&self, target: &str, frame: ExchangeFrame) -> bool {
+        lock(&self.links)
+            .get(target)
+            .is_some_and(|link| link.direct.send(frame).is_ok())
     }
 }
 
@@ -421,12 +433,14 @@ async fn serve(
     let link_id = state.next_link.fetch_add(1, Ordering::Relaxed);
     let outbox_ready = Arc::new(Notify::new());
     let replaced = Arc::new(Notify::new());
+    let (direct, mut direct_rx) = mpsc::unbounded_channel();
     if let Some(old) = lock(&state.links).insert(
         server.clone(),
         Link {
             id: link_id,
             outbox_ready: Arc::clone(&outbox_ready),
             replaced: Arc::clone(&replaced),
+            direct,
         },
     ) {
         old.replaced.notify_one();
@@ -444,6 +458,7 @@ async fn serve(
             relayed_in,
         },
         &mut events,
+        &mut direct_rx,
         &outbox_ready,
         &replaced,
     )
@@ -506,6 +521,7 @@ async fn relay(
     peer: &mut Peer,
     joined: Joined<'_>,
     events: &mut broadcast::Receiver<Arc<Broadcast>>,
+    direct: &mut mpsc::UnboundedReceiver<ExchangeFrame>,
     outbox_ready: &Notify,
     replaced: &Notify,
 ) -> Result<(), HostLinkError> {
@@ -642,10 +658,32 @@ async fn relay(
                         state.tell(Some(server), ExchangeFrame::Presence { entries: told });
                     }
                 }
+                HostFrame::FileGet { req, server: from, sha256, offset } => {
+                    let asked = state.send_to(&from, ExchangeFrame::FileGet {
+                        req,
+                        by: server.to_owned(),
+                        sha256,
+                        offset,
+                    });
+                    if !asked {
+                        peer.write(&ExchangeFrame::FilePart {
+                            req,
+                            part: FilePart::Refused {
+                                code: ErrorCode::UNAVAILABLE,
+                                message: format!("host {from} is not connected to the network"),
+                            },
+                        }).await?;
+                    }
+                }
+                HostFrame::FilePart { req, to, part } => {
+                    // An asker that went away meanwhile asks again when it is back.
+                    state.send_to(&to, ExchangeFrame::FilePart { req, part });
+                }
                 HostFrame::Join { .. } => {
                     return Err(HostLinkError::Protocol("Join sent twice".into()));
                 }
             },
+            Some(frame) = direct.recv() => peer.write(&frame).await?,
             event = events.recv() => match event {
                 Ok(event) => {
                     if event.except.as_deref() != Some(server) {

@@ -165,8 +165,18 @@ impl Iim {
             return Err(IimError::UnknownServer(server));
         };
         let explicit = self.store.messages.expiry(message.id)?;
+        self.sharing(message)?;
         let rows = rows_by_server([(Address::Group(group.clone()), server)]);
         outbox.push(message, explicit, rows)?;
+        Ok(())
+    }
+
+    /// A file message is leaving for another host: the network's hosts may fetch its file
+    /// from here (`docs/protocol.md`, "Files across hosts").
+    fn sharing(&self, message: &Message) -> Result<(), IimError> {
+        if let Some(sha256) = file_of(message) {
+            self.store.files.shared(&sha256, now_ms())?;
+        }
         Ok(())
     }
 
@@ -265,6 +275,7 @@ impl Iim {
             && !remote.is_empty()
         {
             report.relayed = remote.len();
+            self.sharing(&message)?;
             outbox.push(&message, explicit, rows_by_server(remote))?;
         }
         Ok(report)
@@ -335,7 +346,7 @@ impl Iim {
         if let Some(sha256) = file_of(message) {
             self.store
                 .files
-                .referenced(user, message.id.0, &sha256, now_ms())?;
+                .referenced(user, message.id.0, &message.from, &sha256, now_ms())?;
         }
         Ok(self.store.inbox.append(user, message, expires_at, |seq| {
             let delivery = Delivery {

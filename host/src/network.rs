@@ -8,6 +8,7 @@
 //! it joins again with a growing wait, and each side sends again what the other did not
 //! acknowledge. [`first_join`] gets a new host its number before it serves anyone.
 
+use crate::blobs::{Blobs, FileId};
 use crate::config::Config;
 use crate::directory::Directory;
 use crate::iim::{Iim, IimError};
@@ -15,7 +16,8 @@ use crate::outbox::RelayOutbox;
 use crate::peer::{self, PeerError, PeerStream};
 use crate::registry::Registry;
 use crate::store::{Store, StoreError};
-use iim_proto::peer::{ExchangeFrame, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo};
+use iim_proto::file::Sha256;
+use iim_proto::peer::{ExchangeFrame, FilePart, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo};
 use iim_proto::relay::{AckBeyondSent, Incoming, RelayLink};
 use iim_proto::session::Backoff;
 use iim_proto::{Address, ErrorCode, UserId};
@@ -188,6 +190,8 @@ pub struct Network {
     /// the exchange: it sends their counts as they are when it sends them.
     presence_changed: Mutex<HashSet<UserId>>,
     presence_ready: Notify,
+    /// The files being fetched from other hosts, each by one download at a time.
+    fetching: Mutex<HashMap<Sha256, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// What the link drives besides the network: the configuration it joins with, the entry
@@ -202,6 +206,8 @@ pub struct LinkParts {
     pub registry: Arc<Registry>,
     /// Becomes `true` when the host shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// The blob store, whose files other hosts may fetch.
+    pub blobs: Blobs,
 }
 
 impl Network {
@@ -225,6 +231,7 @@ impl Network {
             control_rx: tokio::sync::Mutex::new(control_rx),
             presence_changed: Mutex::default(),
             presence_ready: Notify::new(),
+            fetching: Mutex::default(),
         }
     }
 
@@ -280,6 +287,46 @@ impl Network {
             self.directory.learn(&homes)?;
         }
         Ok(())
+    }
+
+    /// Runs `fetch` (of file `sha256` from another host) unless another one for the same file
+    /// runs: then waits for that one, and runs `fetch` after it (which finds the file here).
+    pub async fn fetching<T>(&self, sha256: Sha256, fetch: impl Future<Output = T>) -> T {
+        let one = Arc::clone(lock(&self.fetching).entry(sha256).or_default());
+        let outcome = {
+            let _turn = one.lock().await;
+            fetch.await
+        };
+        let mut fetching = lock(&self.fetching);
+        // Ours and the map's: nobody else waits.
+        if Arc::strong_count(&one) == 2 {
+            fetching.remove(&sha256);
+        }
+        outcome
+    }
+
+    /// Asks host `server` for part of file `sha256` from `offset` (at most
+    /// [`iim_proto::peer::FILE_PART`] bytes).
+    pub async fn fetch_part(
+        &self,
+        server: &str,
+        sha256: Sha256,
+        offset: u64,
+    ) -> Result<FilePart, NetworkError> {
+        match self
+            .request(|req| HostFrame::FileGet {
+                req,
+                server: server.to_owned(),
+                sha256,
+                offset,
+            })
+            .await?
+        {
+            ExchangeFrame::FilePart { part, .. } => Ok(part),
+            other => Err(NetworkError::Unavailable(format!(
+                "unexpected answer to a file request: {other:?}"
+            ))),
+        }
     }
 
     async fn request(
@@ -642,9 +689,22 @@ async fn serve(network: &Network, parts: &LinkParts) -> Result<(), LinkError> {
                 }
                 ExchangeFrame::Servers { servers } => directory.set_servers(servers)?,
                 ExchangeFrame::Presence { entries } => directory.set_presence(entries),
-                answer @ (ExchangeFrame::Claimed { .. } | ExchangeFrame::Found { .. }) => {
+                ExchangeFrame::FileGet { req, by, sha256, offset } => {
+                    // On a task of its own: the disk is read off the link's loop.
+                    let (store, blobs) = (store.clone(), parts.blobs.clone());
+                    let control = network.control.clone();
+                    tokio::spawn(async move {
+                        let part = serve_part(store, blobs, sha256, offset).await;
+                        let _ = control.send(HostFrame::FilePart { req, to: by, part });
+                    });
+                }
+                answer @ (ExchangeFrame::Claimed { .. }
+                | ExchangeFrame::Found { .. }
+                | ExchangeFrame::FilePart { .. }) => {
                     let req = match &answer {
-                        ExchangeFrame::Claimed { req, .. } | ExchangeFrame::Found { req, .. } => *req,
+                        ExchangeFrame::Claimed { req, .. }
+                        | ExchangeFrame::Found { req, .. }
+                        | ExchangeFrame::FilePart { req, .. } => *req,
                         _ => 0,
                     };
                     if let Some(waiter) = lock(&network.requests).remove(&req) {
@@ -733,4 +793,54 @@ pub fn advertised(config: &Config, bound: SocketAddr) -> String {
         .advertise
         .clone()
         .unwrap_or_else(|| bound.to_string())
+}
+
+/// Part of file `sha256` from `offset`, for another host of the network: only a file a
+/// message of this host's went to another host with ([`crate::store::files::Files::shared`]),
+/// complete here.
+async fn serve_part(store: Store, blobs: Blobs, sha256: Sha256, offset: u64) -> FilePart {
+    let not_found = || FilePart::Refused {
+        code: ErrorCode::NOT_FOUND,
+        message: format!("no file {} to share here", iim_proto::file::hex(&sha256)),
+    };
+    let read = tokio::task::spawn_blocking(move || {
+        if !store.files.is_shared(&sha256).map_err(|e| e.to_string())? {
+            return Ok(None);
+        }
+        let Some(record) = store.files.get(&sha256).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let Some((file, size)) = blobs
+            .read(&FileId::from_digest(&sha256), offset)
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, u64::from(iim_proto::peer::FILE_PART)),
+            &mut bytes,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok::<_, String>(Some((record, size, bytes)))
+    })
+    .await;
+    match read {
+        Ok(Ok(Some((record, size, bytes)))) => FilePart::Data {
+            size,
+            name: record.name,
+            media_type: record.media_type,
+            offset: offset.min(size),
+            bytes,
+        },
+        Ok(Ok(None)) => not_found(),
+        Ok(Err(e)) => FilePart::Refused {
+            code: ErrorCode::INTERNAL,
+            message: format!("cannot read the file: {e}"),
+        },
+        Err(e) => FilePart::Refused {
+            code: ErrorCode::INTERNAL,
+            message: format!("cannot read the file: {e}"),
+        },
+    }
 }

@@ -297,6 +297,7 @@ impl Server {
                 iim: Arc::clone(&self.host.iim),
                 registry: Arc::clone(&self.host.registry),
                 shutdown: self.host.shutdown.clone(),
+                blobs: self.host.blobs.clone(),
             };
             tokio::spawn(network::run(Arc::clone(network), parts))
         });

@@ -121,6 +121,57 @@ pub enum HostFrame {
         /// (user, devices online).
         entries: Vec<(UserId, u32)>,
     },
+    /// Asks host `server`, through the exchange, for up to [`FILE_PART`] bytes of file
+    /// `sha256` from `offset` (a user of this host may read it, and `server` numbered the
+    /// message that named it). Answered by [`ExchangeFrame::FilePart`] with the same `req`.
+    FileGet {
+        /// Request id.
+        req: u64,
+        /// The host that has the file.
+        server: String,
+        /// The file.
+        sha256: [u8; 32],
+        /// Where to start.
+        offset: u64,
+    },
+    /// This host's answer to an [`ExchangeFrame::FileGet`] of host `to`.
+    FilePart {
+        /// The request id `to` gave.
+        req: u64,
+        /// The host that asked.
+        to: String,
+        /// The bytes, or why not.
+        part: FilePart,
+    },
+}
+
+/// Most bytes of a file one [`FilePart`] carries.
+pub const FILE_PART: u32 = 256 * 1024;
+
+/// Part of a file, for a host that fetches it from another (see [`HostFrame::FileGet`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FilePart {
+    /// The bytes from `offset`: at most [`FILE_PART`], fewer only at the end of the file.
+    Data {
+        /// The whole file's size.
+        size: u64,
+        /// Its name, as uploaded.
+        name: String,
+        /// Its media type, as uploaded.
+        media_type: String,
+        /// Where these bytes start.
+        offset: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// Not sent.
+    Refused {
+        /// Why, for programs: `not_found` (the host has no such file it may share),
+        /// `unavailable` (that host is not connected to the exchange).
+        code: crate::frame::ErrorCode,
+        /// Why, for people.
+        message: String,
+    },
 }
 
 /// A frame the exchange sends to a host.
@@ -187,5 +238,24 @@ pub enum ExchangeFrame {
         code: crate::frame::ErrorCode,
         /// What went wrong, for people.
         message: String,
+    },
+    /// Host `by` asks this host for part of a file ([`HostFrame::FileGet`]); answered by
+    /// [`HostFrame::FilePart`] naming `by` and `req`.
+    FileGet {
+        /// The request id `by` gave.
+        req: u64,
+        /// The host that asks.
+        by: String,
+        /// The file.
+        sha256: [u8; 32],
+        /// Where to start.
+        offset: u64,
+    },
+    /// The answer to this host's [`HostFrame::FileGet`] `req`.
+    FilePart {
+        /// The request.
+        req: u64,
+        /// The bytes, or why not.
+        part: FilePart,
     },
 }

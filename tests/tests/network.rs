@@ -634,3 +634,82 @@ async fn a_message_that_expires_on_another_host_is_reported_back_to_its_sender()
     assert!(backlog.is_empty(), "it left Bob's inbox: {backlog:?}");
     Ok(())
 }
+
+/// A file sent across hosts: each recipient downloads it from their own home host, which
+/// fetches it over the network from the sender's host once, however many of its users ask
+/// at once, checks its SHA-256 and keeps it; a user there who was not sent it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_sent_across_hosts_is_fetched_once_per_host_and_only_its_recipients_get_it() -> Result
+{
+    use iim_client::proto::body::FILE_KIND;
+    let net = Net::start("", true)?;
+    net.all_up().await?;
+    let alice = net.host(0).register("alice").await?;
+    let bob = net.host(1).register("bob").await?;
+    let carol = net.host(1).register("carol").await?;
+    let erin = net.host(1).register("erin").await?;
+    let dave = net.host(2).register("dave").await?;
+    for host in &net.hosts {
+        stat_reaches(host, "directory_users", 5).await?;
+    }
+    // Several parts of 256 KiB, the last a short one.
+    let bytes: Vec<u8> = (0..1_300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("report.bin");
+    std::fs::write(&path, &bytes)?;
+    let (a, _) = net.host(0).online(&alice, "phone").await?;
+    let file = a
+        .upload_file(&path, "application/octet-stream", &mut |_, _| {})
+        .await?;
+    let sha256 = file.sha256().context("the upload's id")?;
+    let to = vec![bob.clone(), carol.clone(), dave.clone()];
+    a.submit(
+        new_client_id(),
+        MessageKind::Custom(FILE_KIND.into()),
+        &to,
+        &file.to_json(),
+    )
+    .await?;
+
+    // Bob and Carol ask h2 at once; Dave asks h3.
+    let mut downloads = Vec::new();
+    for (host, user) in [(1, &bob), (1, &carol), (2, &dave)] {
+        let (conn, _) = net.host(host).online(user, "phone").await?;
+        let out = dir.path().join(format!("{user}.bin"));
+        downloads.push(tokio::spawn(async move {
+            let got = conn.download_file(&sha256, &out, &mut |_, _| {}).await;
+            (out, got)
+        }));
+    }
+    for download in downloads {
+        let (out, got) = download.await?;
+        let got = got?;
+        assert_eq!((got.size, got.name.as_str()), (1_300_000, "report.bin"));
+        assert!(std::fs::read(&out)? == bytes, "{} differs", out.display());
+    }
+    for (i, host) in net.hosts.iter().enumerate().skip(1) {
+        let fetches = host
+            .log()
+            .matches("fetched a file from another host")
+            .count();
+        assert_eq!(fetches, 1, "h{} fetched the file {fetches} times", i + 1);
+    }
+
+    // h2 keeps it: with the sender's host gone, Bob downloads it again from h2.
+    let mut net = net;
+    net.hosts[0].kill9()?;
+    let (b, _) = net.host(1).online(&bob, "laptop").await?;
+    let again = dir.path().join("bob-again.bin");
+    b.download_file(&sha256, &again, &mut |_, _| {}).await?;
+    assert!(std::fs::read(&again)? == bytes);
+
+    // Erin, on h2, which has the file now, was not sent it.
+    let (e, _) = net.host(1).online(&erin, "phone").await?;
+    let out = dir.path().join("erin.bin");
+    assert_eq!(
+        code_of(e.download_file(&sha256, &out, &mut |_, _| {}).await)?,
+        ErrorCode::NOT_FOUND
+    );
+    assert!(!out.exists(), "nothing of the file reached erin");
+    Ok(())
+}

@@ -12,6 +12,7 @@ use crate::clock::now_ms;
 use crate::store::FileRecord;
 use iim_proto::body::{FILE_KIND, FileRef};
 use iim_proto::file::{FileAnswer, FileRequest, Sha256, check_file_name, check_media_type};
+use iim_proto::peer::FilePart;
 use iim_proto::session::Identity;
 use iim_proto::{ErrorCode, FrameDecoder, MessageKind, UserId};
 use std::io::Read;
@@ -249,6 +250,9 @@ async fn download(
     if !host.store.files.may_read(user, &sha256)? {
         return Err(not_found());
     }
+    if host.store.files.get(&sha256)?.is_none() {
+        fetch(host, sha256).await?;
+    }
     let record = host.store.files.get(&sha256)?.ok_or_else(not_found)?;
     let (blobs, id) = (host.blobs.clone(), FileId::from_digest(&sha256));
     let (mut file, size) = blocking(move || blobs.read(&id, offset))
@@ -307,6 +311,117 @@ async fn download(
             }
         }
     }
+    Ok(())
+}
+
+/// Fetches file `sha256`, which a user here may read but another host has, from the host that
+/// numbered the message naming it, over the network: once, however many users ask at once
+/// (the others wait for it), resumed from what an earlier, cut-off fetch left, checked
+/// against its SHA-256 and kept like an upload. Nothing if the file is not another host's.
+async fn fetch(host: &Host, sha256: Sha256) -> Result<(), Refusal> {
+    let Some(network) = &host.network else {
+        return Ok(());
+    };
+    let Some((id, sender)) = host.store.files.named_by(&sha256)? else {
+        return Ok(());
+    };
+    let number = id >> iim_proto::peer::ID_BITS;
+    let Some(origin) = network
+        .directory
+        .servers()
+        .into_iter()
+        .find(|s| u64::from(s.number) == number && s.id != network.server())
+    else {
+        return Ok(());
+    };
+    network
+        .fetching(sha256, async {
+            // Fetched by another download while this one waited.
+            if host.store.files.get(&sha256)?.is_some() {
+                return Ok(());
+            }
+            fetch_from(host, network, &origin.id, sha256, &sender).await?;
+            tracing::info!(file = %iim_proto::file::hex(&sha256), from = %origin.id, "fetched a file from another host");
+            Ok(())
+        })
+        .await
+}
+
+async fn fetch_from(
+    host: &Host,
+    network: &crate::network::Network,
+    server: &str,
+    sha256: Sha256,
+    sender: &UserId,
+) -> Result<(), Refusal> {
+    let part = |offset| async move {
+        match network.fetch_part(server, sha256, offset).await {
+            Ok(FilePart::Data {
+                size,
+                name,
+                media_type,
+                offset: at,
+                bytes,
+            }) if at == offset => Ok((size, name, media_type, bytes)),
+            Ok(FilePart::Data { offset: at, .. }) => Err(Refusal::new(
+                ErrorCode::UNAVAILABLE,
+                format!("{server} sent the file from {at}, not {offset}"),
+            )),
+            Ok(FilePart::Refused { code, message }) => {
+                Err(Refusal::new(code, format!("{server}: {message}")))
+            }
+            Err(e) => Err(Refusal::new(
+                ErrorCode::UNAVAILABLE,
+                format!("cannot fetch the file from {server}: {e}"),
+            )),
+        }
+    };
+    let (size, name, media_type, first) = part(0).await?;
+    let (blobs, id) = (host.blobs.clone(), FileId::from_digest(&sha256));
+    let begun = blocking(move || blobs.upload(&id, size)).await?;
+    let mut upload = match begun {
+        Begun::Complete { .. } => None,
+        Begun::Partial(upload) => Some(upload),
+    };
+    // The first part is from the start: of use only if nothing of the file is here yet.
+    let mut bytes = first;
+    while let Some(mut writing) = upload.take() {
+        let have = writing.offset();
+        if have >= size {
+            blocking(move || writing.finish()).await?;
+            break;
+        }
+        if have > 0 {
+            bytes.clear();
+        }
+        if bytes.is_empty() {
+            let (again, .., more) = part(have).await?;
+            if again != size || more.is_empty() {
+                return Err(Refusal::new(
+                    ErrorCode::UNAVAILABLE,
+                    format!("{server} sent no more of the file at {have} of {size} bytes"),
+                ));
+            }
+            bytes = more;
+        }
+        let chunk = std::mem::take(&mut bytes);
+        upload = Some(
+            blocking(move || {
+                writing.write(&chunk)?;
+                Ok(writing)
+            })
+            .await?,
+        );
+    }
+    let record = FileRecord {
+        size,
+        name,
+        media_type,
+        uploader: sender.clone(),
+        stored_at: now_ms(),
+    };
+    host.store.files.fetched(&sha256, &record)?;
+    host.store.flush().await?;
     Ok(())
 }
 

@@ -58,6 +58,53 @@ impl Files {
         self.grant(&record.uploader, sha256)
     }
 
+    /// Records file `sha256`, fetched from another host of the network for users of this one,
+    /// unless it is recorded already: nobody's upload, so it counts against no quota.
+    pub fn fetched(&self, sha256: &Sha256, record: &FileRecord) -> Result<(), StoreError> {
+        // The mark first: a record without it would count against a quota when it goes.
+        self.tree.insert(keys::file_fetched(sha256), &[])?;
+        let _ =
+            self.tree
+                .compare_and_swap(keys::file(sha256), None::<&[u8]>, Some(encode(record)))?;
+        self.tree
+            .insert(keys::file_touched(sha256), &record.stored_at.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// A message naming file `sha256` left for another host at `now`: the network's hosts may
+    /// fetch the file from here, and it stays its time to live from now.
+    pub fn shared(&self, sha256: &Sha256, now: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        batch.insert(keys::file_shared(sha256), &[]);
+        batch.insert(keys::file_touched(sha256), &now.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Whether another host of the network may fetch file `sha256` from here.
+    pub fn is_shared(&self, sha256: &Sha256) -> Result<bool, StoreError> {
+        Ok(self.tree.contains_key(keys::file_shared(sha256))?)
+    }
+
+    /// The last message that named file `sha256` on its way to an inbox here: its id (whose
+    /// host has the file) and its sender.
+    pub fn named_by(&self, sha256: &Sha256) -> Result<Option<(u64, UserId)>, StoreError> {
+        let Some(value) = self.tree.get(keys::file_named(sha256))? else {
+            return Ok(None);
+        };
+        let corrupt = || StoreError::Corrupt {
+            tree: "files",
+            reason: format!("a file's naming message of {} bytes", value.len()),
+        };
+        let (id, sender) = value.split_at_checked(8).ok_or_else(corrupt)?;
+        let id = u64::from_be_bytes(id.try_into().map_err(|_| corrupt())?);
+        let sender = std::str::from_utf8(sender)
+            .ok()
+            .and_then(|s| UserId::new(s).ok())
+            .ok_or_else(corrupt)?;
+        Ok(Some((id, sender)))
+    }
+
     /// The bytes of the files `user` was the first to upload here.
     pub fn usage(&self, user: &UserId) -> Result<u64, StoreError> {
         Ok(get_u64(&self.tree, "files", keys::file_usage(user))?.unwrap_or(0))
@@ -82,18 +129,23 @@ impl Files {
         Ok(self.tree.contains_key(keys::file_reader(user, sha256))?)
     }
 
-    /// Message `id`, which references file `sha256`, is going into `user`'s inbox at `now`:
-    /// the user may read the file, and it stays while the message is in that inbox. Written
+    /// Message `id` from `sender`, which references file `sha256`, is going into `user`'s
+    /// inbox at `now`: the user may read the file, and it stays while the message is in that
+    /// inbox; if the file is another host's, it is fetched from the host that numbered `id`. Written
     /// before the message is appended, so that no entry ever references a file without the
     /// file knowing (an append found to be a repeat writes the same keys again).
     pub fn referenced(
         &self,
         user: &UserId,
         id: u64,
+        sender: &UserId,
         sha256: &Sha256,
         now: u64,
     ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
+        let mut named = id.to_be_bytes().to_vec();
+        named.extend_from_slice(sender.as_str().as_bytes());
+        batch.insert(keys::file_named(sha256), named);
         batch.insert(keys::file_reader(user, sha256), &[]);
         batch.insert(keys::file_ref(user, id), &sha256[..]);
         batch.insert(keys::file_ref_by_file(sha256, user, id), &[]);
@@ -158,14 +210,20 @@ impl Files {
         for entry in self.tree.scan_prefix(keys::file_readers(sha256)) {
             batch.remove(entry?.0);
         }
+        let fetched = self.tree.contains_key(keys::file_fetched(sha256))?;
         batch.remove(keys::file_touched(sha256));
+        batch.remove(keys::file_shared(sha256));
+        batch.remove(keys::file_fetched(sha256));
+        batch.remove(keys::file_named(sha256));
         batch.remove(keys::file(sha256));
         self.tree.apply_batch(batch)?;
-        self.tree
-            .update_and_fetch(keys::file_usage(&record.uploader), |old| {
-                let used = old.and_then(|v| decode_u64("files", v).ok()).unwrap_or(0);
-                Some(used.saturating_sub(record.size).to_be_bytes().to_vec())
-            })?;
+        if !fetched {
+            self.tree
+                .update_and_fetch(keys::file_usage(&record.uploader), |old| {
+                    let used = old.and_then(|v| decode_u64("files", v).ok()).unwrap_or(0);
+                    Some(used.saturating_sub(record.size).to_be_bytes().to_vec())
+                })?;
+        }
         Ok(Some(record))
     }
 }

@@ -30,6 +30,9 @@ const FILE_USAGE: u8 = b'u';
 const FILE_REF: u8 = b'r';
 const FILE_REF_BY_FILE: u8 = b'c';
 const FILE_TOUCHED: u8 = b't';
+const FILE_SHARED: u8 = b's';
+const FILE_FETCHED: u8 = b'g';
+const FILE_NAMED: u8 = b'n';
 
 fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(rest.len() + 1);
@@ -389,6 +392,22 @@ pub fn file_refs(sha256: &[u8; 32]) -> Vec<u8> {
 /// `files`: when file `sha256` was last uploaded or referenced, in ms since the epoch.
 pub fn file_touched(sha256: &[u8; 32]) -> Vec<u8> {
     tagged(FILE_TOUCHED, sha256)
+}
+
+/// `files`: file `sha256` went to another host in a message a user of this host sent: the
+/// network's hosts may fetch it.
+pub fn file_shared(sha256: &[u8; 32]) -> Vec<u8> {
+    tagged(FILE_SHARED, sha256)
+}
+
+/// `files`: the last message that named file `sha256` here: its id and sender.
+pub fn file_named(sha256: &[u8; 32]) -> Vec<u8> {
+    tagged(FILE_NAMED, sha256)
+}
+
+/// `files`: file `sha256` was fetched from another host, not uploaded here.
+pub fn file_fetched(sha256: &[u8; 32]) -> Vec<u8> {
+    tagged(FILE_FETCHED, sha256)
 }
 
 #[cfg(test)]
