@@ -232,6 +232,9 @@ impl Server {
         for name in &defaults.upgraded {
             tracing::info!(plugin = %name, "default plugin upgraded to this host's build");
         }
+        for name in &defaults.added {
+            tracing::info!(plugin = %name, "default plugin new in this host's build; installed");
+        }
         for name in &defaults.kept {
             tracing::info!(plugin = %name, "default plugin replaced by the operator; kept, not upgraded");
         }

@@ -23,6 +23,7 @@ pub const DEFAULT_PLUGINS: &[(&str, &[u8])] = &[
     ("chat", include_bytes!(env!("IIM_PLUGIN_CHAT_WASM"))),
     ("presence", include_bytes!(env!("IIM_PLUGIN_PRESENCE_WASM"))),
     ("receipts", include_bytes!(env!("IIM_PLUGIN_RECEIPTS_WASM"))),
+    ("groups", include_bytes!(env!("IIM_PLUGIN_GROUPS_WASM"))),
 ];
 
 /// Why a plugin file was not loaded.
@@ -67,13 +68,17 @@ pub struct DefaultsReport {
     pub upgraded: Vec<String>,
     /// Default plugins left as they are because the operator replaced them.
     pub kept: Vec<String>,
+    /// Default plugins new in this host's build (the manifest does not name them, and no file
+    /// of their name is there): installed.
+    pub added: Vec<String>,
 }
 
 /// Creates the plugins directory with the default plugins if it does not exist; in one that
 /// does, upgrades each default plugin this host's build differs from, if the file there is
 /// still the one a host installed (the manifest says so). A default plugin the operator
-/// replaced is kept; one the operator removed stays removed; a directory without a manifest
-/// (made by hand) is not touched.
+/// replaced is kept; one the operator removed stays removed; one new in this build (not in the
+/// manifest, no file of its name) is added; a directory without a manifest (made by hand) is
+/// not touched.
 pub fn install_defaults(dir: &Path) -> std::io::Result<DefaultsReport> {
     let mut report = DefaultsReport::default();
     let mut manifest = BTreeMap::new();
@@ -97,7 +102,15 @@ pub fn install_defaults(dir: &Path) -> std::io::Result<DefaultsReport> {
         let path = dir.join(format!("{name}.wasm"));
         if !report.created {
             let Some(installed) = manifest.get(*name) else {
-                continue; // not one a host installed here
+                if path.exists() {
+                    continue; // the operator's own plugin of that name
+                }
+                report.added.push((*name).to_owned());
+                let partial = dir.join(format!(".{name}.wasm.partial"));
+                std::fs::write(&partial, bytes)?;
+                std::fs::rename(&partial, &path)?;
+                manifest.insert((*name).to_owned(), ours);
+                continue;
             };
             let there = match std::fs::read(&path) {
                 Ok(there) => sha256_hex(&there),
@@ -119,7 +132,7 @@ pub fn install_defaults(dir: &Path) -> std::io::Result<DefaultsReport> {
         std::fs::rename(&partial, &path)?;
         manifest.insert((*name).to_owned(), ours);
     }
-    if report.created || !report.upgraded.is_empty() {
+    if report.created || !report.upgraded.is_empty() || !report.added.is_empty() {
         let text: String = manifest
             .iter()
             .map(|(name, digest)| format!("{name} {digest}\n"))
@@ -462,6 +475,7 @@ mod tests {
                 created: false,
                 upgraded: vec!["chat".into()],
                 kept: vec!["presence".into()],
+                added: Vec::new(),
             }
         );
         let chat = DEFAULT_PLUGINS
@@ -483,6 +497,42 @@ mod tests {
                 .ends_with(".partial")),
             "no partial file left"
         );
+    }
+
+    #[test]
+    fn a_default_plugin_new_in_this_build_is_added_unless_a_file_has_its_name() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("plugins");
+        install_defaults(&dir).expect("install");
+        // As an earlier host left it, before groups was a default plugin.
+        let text: String = manifest(&dir)
+            .lines()
+            .filter(|line| !line.starts_with("groups "))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        std::fs::write(dir.join(DEFAULTS_MANIFEST), text).expect("manifest");
+        std::fs::remove_file(dir.join("groups.wasm")).expect("groups");
+        let report = install_defaults(&dir).expect("again");
+        assert_eq!(report.added, ["groups"]);
+        assert!(dir.join("groups.wasm").exists());
+        assert!(manifest(&dir).contains("groups "));
+        // The operator removes it: it stays removed.
+        std::fs::remove_file(dir.join("groups.wasm")).expect("groups");
+        assert_eq!(
+            install_defaults(&dir).expect("third"),
+            DefaultsReport::default()
+        );
+        assert!(!dir.join("groups.wasm").exists());
+
+        // A plugin of the operator's own by that name is not replaced.
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("plugins");
+        install_defaults(&dir).expect("install");
+        std::fs::write(dir.join(DEFAULTS_MANIFEST), "").expect("manifest");
+        std::fs::write(dir.join("groups.wasm"), b"mine").expect("mine");
+        let report = install_defaults(&dir).expect("again");
+        assert!(!report.added.contains(&"groups".to_owned()));
+        assert_eq!(std::fs::read(dir.join("groups.wasm")).expect("read"), b"mine");
     }
 
     #[test]
