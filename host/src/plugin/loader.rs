@@ -532,7 +532,10 @@ mod tests {
         std::fs::write(dir.join("groups.wasm"), b"mine").expect("mine");
         let report = install_defaults(&dir).expect("again");
         assert!(!report.added.contains(&"groups".to_owned()));
-        assert_eq!(std::fs::read(dir.join("groups.wasm")).expect("read"), b"mine");
+        assert_eq!(
+            std::fs::read(dir.join("groups.wasm")).expect("read"),
+            b"mine"
+        );
     }
 
     #[test]
