@@ -1,14 +1,26 @@
 //! Files, end to end over the wire protocol alone: uploads and downloads on streams of their
 //! own (`docs/protocol.md`, "File streams"), written here from the document with raw QUIC
 //! streams on a logged-in connection, against the real `iim-host` binary.
+//!
+//! Also: a 50 MiB file through a lossy, reordering UDP path (`iim_e2e::lossy`), with the client
+//! library's transfers (`Connection` and `Device`, `upload_file` and `download_file`) cut off
+//! and resumed.
 
+use anyhow::Context as _;
 use iim_client::proto::body::{FILE_KIND, FileRef};
 use iim_client::proto::file::{FileAnswer, FileRequest, Sha256, hex};
-use iim_client::proto::{ErrorCode, FrameDecoder, MessageKind, UserId, encode_frame};
-use iim_client::{Connection, new_client_id};
+use iim_client::proto::{
+    DeviceId, ErrorCode, FrameDecoder, MessageKind, SessionMode, UserId, encode_frame,
+};
+use iim_client::{
+    ClientConfig, ClientError, Connection, Credentials, Device, DownloadedFile, Event,
+    new_client_id,
+};
+use iim_e2e::lossy::{Impairment, LossyPath};
 use iim_e2e::*;
 use sha2::Digest;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 type Result = anyhow::Result<()>;
 
@@ -476,5 +488,310 @@ async fn a_file_no_message_references_leaves_after_its_time_and_frees_its_quota(
     // file that left is taken anew from its first byte.
     upload_whole(&a, &alone, 0).await?;
     upload_whole(&a, &expiring, 0).await?;
+    Ok(())
+}
+
+/// The file the lossy-path test sends: half the host's default limit.
+const LARGE: usize = 50 << 20;
+
+/// A host that notices a connection lost without a word within 12 s (the client's keep-alives
+/// come every 10 s), not 30: until it does, it holds that connection's upload, and another
+/// upload of the same file is refused with `unavailable`.
+const QUICK_IDLE: &str = "[limits]\nidle_timeout_secs = 12\n";
+
+/// A client configuration for `host` whose connections go through `path`: patient enough for
+/// its losses, and a device whose tries of a busy transfer (0.5 s apart, then 1, 2 and 3 s:
+/// 15.5 s for [`iim_client::TRANSFER_ATTEMPTS`], and each hashes the file first) outlast a
+/// [`QUICK_IDLE`] host's noticing.
+fn through(host: &HostProcess, path: &LossyPath) -> anyhow::Result<ClientConfig> {
+    let mut config = host.client_config()?;
+    config.server = path.addr();
+    config.connect_timeout = Duration::from_secs(15);
+    config.request_timeout = Duration::from_secs(15);
+    config.reconnect_first = Duration::from_millis(500);
+    config.reconnect_max = Duration::from_secs(3);
+    Ok(config)
+}
+
+/// A new connection made with `config`, `user` logged in on it as `device`; a receive
+/// session's backlog (there is none) taken.
+async fn logged_in(
+    config: &ClientConfig,
+    user: &UserId,
+    device: &str,
+    mode: SessionMode,
+) -> anyhow::Result<Connection> {
+    let conn = within("connect", Connection::connect(config)).await??;
+    let device = DeviceId::new(device)?;
+    within("login", conn.login(user, PASSWORD, &device, mode)).await??;
+    if mode == SessionMode::Receive {
+        let synced = next_event(&conn).await?;
+        anyhow::ensure!(synced == Event::Synced { count: 0 }, "got {synced:?}");
+    }
+    Ok(conn)
+}
+
+/// A [`Device`] of `user` named `device` that sends only, connecting with `config`.
+async fn sending_device(
+    config: &ClientConfig,
+    user: &UserId,
+    device: &str,
+) -> anyhow::Result<Device> {
+    let credentials = Credentials::Password(PASSWORD.into());
+    let device = DeviceId::new(device)?;
+    let opening = Device::open(config, user, &device, credentials, SessionMode::SendOnly);
+    Ok(within("opening a device", opening).await??)
+}
+
+/// Where a download to `out` keeps what came so far (`<out>.part`, as the client library
+/// names it).
+fn part_of(out: &Path) -> PathBuf {
+    let mut part = out.as_os_str().to_owned();
+    part.push(".part");
+    PathBuf::from(part)
+}
+
+/// The issue's case: a 50 MiB file through a lossy, duplicating, reordering path (each way,
+/// 2% of the datagrams lost, 1% sent twice, 5% held back 5-30 ms), its upload and its
+/// download each cut off part-way by the loss of their connection. The next upload (a
+/// `Device`'s) goes on from what the host kept, `Ready{offset}` past 0, and sends only the
+/// rest; the next download goes on from the `.part` on disk, exactly from its length. Bob,
+/// whom the file message reached, ends up with alice's bytes, SHA-256 and all, and the
+/// client checks the hash of the whole file, not only of what the last attempt brought: a
+/// `.part` with one wrong byte in what was already there fails the check and is deleted.
+/// Carol, who was sent nothing, is refused the file with `not_found`, as is anyone asking
+/// for an id the host does not have, and may not pass the file on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_50_mib_file_through_a_lossy_path_resumes_both_ways_and_reaches_only_its_recipient()
+-> Result {
+    /// The file's bytes, and the path's choices, are drawn from these.
+    const FILE_SEED: u8 = 50;
+    const PATH_SEED: u64 = 0x1f11e5;
+    /// Where the first upload and the first download are cut off.
+    const CUT_UPLOAD: u64 = 16 << 20;
+    const CUT_DOWNLOAD: u64 = 20 << 20;
+    /// The whole test fails if it has not finished by then.
+    const DEADLINE: Duration = Duration::from_secs(120);
+    const MEDIA: &str = "video/x-matroska";
+
+    let started = Instant::now();
+    let host = HostProcess::start_chat_only_with_config(QUICK_IDLE)?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let carol = host.register("carol").await?;
+    let impairment = Impairment {
+        loss: 0.02,
+        duplicate: 0.01,
+        delay: 0.05,
+        delay_ms: (5, 30),
+    };
+    let path = LossyPath::start(host.addr, impairment, PATH_SEED).await?;
+    let config = through(&host, &path)?;
+    let dir = tempfile::tempdir()?;
+    let source = dir.path().join("film.mkv");
+    let bytes = content(LARGE, FILE_SEED);
+    let id = sha256(&bytes);
+    std::fs::write(&source, &bytes)?;
+    let (bob_dir, carol_dir) = (dir.path().join("bob"), dir.path().join("carol"));
+    std::fs::create_dir(&bob_dir)?;
+    std::fs::create_dir(&carol_dir)?;
+    let out = bob_dir.join("film.mkv");
+    let mut phases = vec![("set up", started.elapsed())];
+    let mut lap = {
+        let mut last = Instant::now();
+        move |phases: &mut Vec<_>, what| {
+            phases.push((what, last.elapsed()));
+            last = Instant::now();
+        }
+    };
+
+    tokio::time::timeout(DEADLINE, async {
+        let b = logged_in(&config, &bob, "laptop", SessionMode::Receive).await?;
+
+        // Alice's first upload loses its connection once 16 MiB are on their way. Whether the
+        // host hears of it at once depends: a client that closes its connection with a full
+        // congestion window does not send CONNECTION_CLOSE (quinn-proto 0.11.19,
+        // quinn-rs/quinn#2785), and the path may drop it; then the host lets go of the upload
+        // only at its idle timeout.
+        let a = logged_in(&config, &alice, "phone", SessionMode::SendOnly).await?;
+        let quic = a.quic().clone();
+        let mut sent = 0;
+        let cut = a
+            .upload_file(&source, MEDIA, &mut |done, _| {
+                sent = done;
+                if done >= CUT_UPLOAD {
+                    quic.close(0u32.into(), b"cut off");
+                }
+            })
+            .await;
+        let error = cut.expect_err("the upload was cut off");
+        assert!(error.is_transient(), "a cut-off upload may go on: {error}");
+        assert!(
+            (CUT_UPLOAD..LARGE as u64).contains(&sent),
+            "{sent} bytes sent"
+        );
+        lap(&mut phases, "upload, cut off");
+
+        // Her device uploads it again: the host asks only for what it lacks.
+        let alice_phone = sending_device(&config, &alice, "phone").await?;
+        let (mut resumed_at, mut reached) = (None, 0);
+        let file = alice_phone
+            .upload_file(&source, MEDIA, &mut |done, _| {
+                resumed_at.get_or_insert(done);
+                reached = done;
+            })
+            .await?;
+        let resumed_at = resumed_at.expect("the host answered Ready");
+        eprintln!("the upload was cut off after {sent} bytes; the host went on from {resumed_at}");
+        assert!(
+            resumed_at > 0 && resumed_at <= sent,
+            "the upload went on from what the first one sent, not from {resumed_at}"
+        );
+        assert_eq!(reached, LARGE as u64);
+        let expected = FileRef {
+            file: hex(&id),
+            name: "film.mkv".into(),
+            size: LARGE as u64,
+            media_type: MEDIA.into(),
+        };
+        assert_eq!(file, expected);
+        drop(a);
+        lap(&mut phases, "upload, resumed");
+
+        // A file message to bob alone.
+        let to_bob = alice_phone.submit(
+            new_client_id(),
+            MessageKind::Custom(FILE_KIND.into()),
+            std::slice::from_ref(&bob),
+            &file.to_json(),
+        );
+        let accepted = within("the file message", to_bob).await??;
+        let message = next_message(&b).await?;
+        assert_eq!(message.id, accepted.id);
+        assert_eq!(message.kind, MessageKind::Custom(FILE_KIND.into()));
+        assert_eq!(message.to, std::slice::from_ref(&bob));
+        let reference = FileRef::from_json(&message.body)?;
+        assert_eq!(reference, expected);
+
+        // Bob's first download loses its connection once 20 MiB came: they stay in the
+        // `.part`, exactly, and nothing is at `out`.
+        let quic = b.quic().clone();
+        let mut came = 0;
+        let cut = b
+            .download_file(&id, &out, &mut |done, _| {
+                came = done;
+                if done >= CUT_DOWNLOAD {
+                    quic.close(0u32.into(), b"cut off");
+                }
+            })
+            .await;
+        let error = cut.expect_err("the download was cut off");
+        assert!(
+            error.is_transient(),
+            "a cut-off download may go on: {error}"
+        );
+        let kept = std::fs::read(part_of(&out))?;
+        assert_eq!(kept.len() as u64, came, "the .part holds what came");
+        assert!(
+            (CUT_DOWNLOAD..LARGE as u64).contains(&came),
+            "{came} bytes came"
+        );
+        assert!(
+            kept[..] == bytes[..kept.len()],
+            "the .part is the file's start"
+        );
+        assert!(!out.exists());
+        drop((b, kept));
+        lap(&mut phases, "download, cut off");
+
+        // His device downloads it again, from there, and checks the whole file's SHA-256.
+        let bob_laptop = sending_device(&config, &bob, "laptop").await?;
+        let mut resumed_from = None;
+        let got = bob_laptop
+            .download_file(&id, &out, &mut |done, _| {
+                resumed_from.get_or_insert(done);
+            })
+            .await?;
+        eprintln!("the download was cut off after {came} bytes; it went on from {resumed_from:?}");
+        assert_eq!(
+            resumed_from,
+            Some(came),
+            "the download went on from the .part"
+        );
+        let want = DownloadedFile {
+            path: out.clone(),
+            name: "film.mkv".into(),
+            media_type: MEDIA.into(),
+            size: LARGE as u64,
+        };
+        assert_eq!(got, want);
+        let whole = std::fs::read(&out)?;
+        assert_eq!(hex(&sha256(&whole)), reference.file, "bob has alice's file");
+        assert!(whole == bytes, "bob has alice's bytes");
+        assert!(!part_of(&out).exists());
+        drop(whole);
+        lap(&mut phases, "download, resumed");
+
+        // The hash covers what an earlier attempt left too: a `.part` with one wrong byte
+        // near its start, completed by the host's last MiB, is refused and deleted.
+        let forged = bob_dir.join("forged.mkv");
+        let mut tampered = bytes[..LARGE - (1 << 20)].to_vec();
+        tampered[1000] ^= 0xff;
+        std::fs::write(part_of(&forged), &tampered)?;
+        drop(tampered);
+        let error = bob_laptop
+            .download_file(&id, &forged, &mut |_, _| {})
+            .await
+            .expect_err("a wrong byte in the .part");
+        assert!(matches!(error, ClientError::Corrupt { .. }), "{error:?}");
+        assert!(!part_of(&forged).exists() && !forged.exists());
+        lap(&mut phases, "a forged .part");
+
+        // Carol was sent nothing: refused the file, as is an id the host does not have,
+        // before any byte, and she may not pass the file on.
+        let c = logged_in(&config, &carol, "tablet", SessionMode::SendOnly).await?;
+        let carol_out = carol_dir.join("film.mkv");
+        let mut moved = false;
+        let refused = c
+            .download_file(&id, &carol_out, &mut |_, _| moved = true)
+            .await;
+        assert_eq!(code_of(refused)?, ErrorCode::NOT_FOUND);
+        let unknown = [0x5a; 32];
+        let refused = c
+            .download_file(&unknown, &carol_out, &mut |_, _| moved = true)
+            .await;
+        assert_eq!(code_of(refused)?, ErrorCode::NOT_FOUND);
+        let refused = bob_laptop
+            .download_file(&unknown, &bob_dir.join("unknown"), &mut |_, _| moved = true)
+            .await;
+        assert_eq!(code_of(refused)?, ErrorCode::NOT_FOUND);
+        assert!(!moved, "a refused download reports no progress");
+        assert_eq!(
+            std::fs::read_dir(&carol_dir)?.count(),
+            0,
+            "carol got nothing"
+        );
+        assert_eq!(
+            code_of(send_file_message(&c, &alice, &reference).await)?,
+            ErrorCode::NOT_FOUND
+        );
+        lap(&mut phases, "refusals");
+        alice_phone.close().await;
+        bob_laptop.close().await;
+        anyhow::Ok(())
+    })
+    .await
+    .context("the lossy-path file test did not finish in time")??;
+
+    let (seen, dropped, duplicated, delayed) = path.counts().snapshot();
+    eprintln!(
+        "{seen} datagrams through the path: {dropped} dropped, {duplicated} duplicated, \
+         {delayed} held back; {phases:?}, {:?} in all",
+        started.elapsed()
+    );
+    assert!(
+        dropped > 0 && duplicated > 0 && delayed > 0,
+        "the path did not impair the traffic"
+    );
     Ok(())
 }
