@@ -29,7 +29,7 @@ pub struct Chores {
 #[serde(tag = "job", rename_all = "lowercase")]
 pub enum Job {
     /// Every key of a deleted generation of the group: its members (and their index entries
-    /// that still name it), its tracked messages and their marks.
+    /// that still name it), its tracked messages, their order and their marks.
     Generation {
         /// The generation.
         generation: u64,
@@ -129,5 +129,6 @@ fn generation_gone(store: &mut Storage, group: &str, generation: u64) -> Result<
         }
     }
     Ok(prefix_gone(store, &keys::tracked_all(group, generation))?
+        && prefix_gone(store, &keys::tracked_order_all(group, generation))?
         && prefix_gone(store, &keys::marks_all(group, generation))?)
 }

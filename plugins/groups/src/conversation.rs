@@ -37,9 +37,11 @@ pub fn forward(store: &mut Storage, group: &str, message: &Message) -> Result<()
         read: 0,
     };
     store.save_tracked(group, generation, message.id, &tracked)?;
+    store.track_in_order(group, generation, record.tracked_ever, message.id)?;
+    record.tracked_ever += 1;
     record.tracked += 1;
     if record.tracked > KEEP_RECEIPTS
-        && let Some(oldest) = store.oldest_tracked(group, generation)?
+        && let Some(oldest) = store.take_oldest_tracked(group, generation)?
     {
         store.delete_tracked(group, generation, oldest)?;
         cleanup::add(

@@ -169,6 +169,7 @@ fn create(
         members: count(total),
         generation,
         tracked: 0,
+        tracked_ever: 0,
     };
     store.save_group(group, &record)?;
     store.add_member(group, generation, me, GroupRole::Owner)?;

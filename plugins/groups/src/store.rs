@@ -10,6 +10,7 @@
 //! | `m/<g>/<gen>/<user>` | role: `owner`, `admin`, `member` | one key per member |
 //! | `u/<user>/<g>` | `<gen>`, decimal | the user's groups, for `list` and the limit |
 //! | `t/<g>/<gen>/<id>` | [`Tracked`], JSON | a message's receipt counts |
+//! | `o/<g>/<gen>/<n>` | `<id>`, decimal | the `n`th message tracked (20 digits), in the group's order |
 //! | `k/<g>/<gen>/<id>/d/<user>`, `…/r/<user>` | empty | a member has it, read it |
 //! | `c/<g>` | [`Chores`](crate::cleanup::Chores), JSON | what is left to delete |
 //!
@@ -72,6 +73,17 @@ pub mod keys {
         format!("t/{group}/{generation}/{id:020}")
     }
 
+    /// The tracked messages of a generation in the group's order (a prefix): ids do not say
+    /// it, as each is numbered by its sender's host.
+    pub fn tracked_order_all(group: &str, generation: u64) -> String {
+        format!("o/{group}/{generation}/")
+    }
+
+    /// The `n`th message tracked.
+    pub fn tracked_order(group: &str, generation: u64, n: u64) -> String {
+        format!("o/{group}/{generation}/{n:020}")
+    }
+
     /// Every mark of a generation of a group (a prefix).
     pub fn marks_all(group: &str, generation: u64) -> String {
         format!("k/{group}/{generation}/")
@@ -107,6 +119,9 @@ pub struct GroupRecord {
     /// How many of its messages have receipt counts kept (`t/` keys).
     #[serde(default)]
     pub tracked: u32,
+    /// How many of its messages were ever tracked: the next one's place in the `o/` keys.
+    #[serde(default)]
+    pub tracked_ever: u64,
 }
 
 /// The receipt counts of one message of a group.
@@ -356,6 +371,20 @@ impl Storage {
         self.get_json(&keys::tracked(group, generation, id))
     }
 
+    /// Records that message `id` is the group's `n`th tracked message (one write).
+    pub fn track_in_order(
+        &mut self,
+        group: &str,
+        generation: u64,
+        n: u64,
+        id: MessageId,
+    ) -> Result<(), HostError> {
+        self.set(
+            &keys::tracked_order(group, generation, n),
+            id.to_string().as_bytes(),
+        )
+    }
+
     /// Writes the counts of message `id` (one write).
     pub fn save_tracked(
         &mut self,
@@ -377,17 +406,22 @@ impl Storage {
         self.delete(&keys::tracked(group, generation, id))
     }
 
-    /// The tracked message with the lowest id, the oldest.
-    pub fn oldest_tracked(
-        &self,
+    /// The tracked message first in the group's order, the oldest, with its `o/` key; forgets
+    /// that key (one write). A key whose value does not read (none is written so) is dropped.
+    pub fn take_oldest_tracked(
+        &mut self,
         group: &str,
         generation: u64,
     ) -> Result<Option<MessageId>, HostError> {
-        let prefix = keys::tracked_all(group, generation);
-        let first = host::kv_keys(&prefix, None, 1)?;
-        Ok(first
-            .first()
-            .and_then(|key| key.strip_prefix(&prefix)?.parse().ok()))
+        let prefix = keys::tracked_order_all(group, generation);
+        let Some(key) = host::kv_keys(&prefix, None, 1)?.into_iter().next() else {
+            return Ok(None);
+        };
+        let id = host::kv_get(&key)?
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|v| v.parse().ok());
+        self.delete(&key)?;
+        Ok(id)
     }
 
     /// Marks `user` as having message `id` or having read it; `false` if they were already.

@@ -872,6 +872,33 @@ fn receipts_are_kept_for_the_latest_messages_only() {
 }
 
 #[test]
+fn the_first_in_the_group_s_order_is_forgotten_first_whatever_its_id() {
+    let mut scene = Scene::with_team();
+    // Bob's message, numbered by his host: a higher id than any of this host's below.
+    let Event::Message(mut far) =
+        scene
+            .fake
+            .submit("bob", MessageKind::Chat, &["#team"], b"from afar")
+    else {
+        unreachable!()
+    };
+    far.id = 3 << 42;
+    scene.run(Event::Message(far.clone()));
+    let mut sent = Vec::new();
+    for n in 0..KEEP_RECEIPTS {
+        let (message, _) = scene.say("alice", &format!("{n}"));
+        sent.push(message);
+    }
+    let (id, out) = scene.request("bob", "#team", &GroupRequest::Receipts { id: far.id });
+    assert!(
+        out.refusal(id).contains("has no counts"),
+        "the first is forgotten"
+    );
+    let (id, out) = scene.request("alice", "#team", &GroupRequest::Receipts { id: sent[0].id });
+    assert!(out.answer(id).is_ok(), "the second is kept");
+}
+
+#[test]
 fn members_and_groups_per_user_are_limited() {
     let mut scene = Scene::with(&[("max_members", "3"), ("max_groups", "2")]);
     let (id, out) = scene.request("alice", "#one", &create(&["bob", "carol", "dave"]));
