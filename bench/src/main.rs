@@ -25,10 +25,15 @@
 //! [--rounds 3] [--json]` a file uploaded and downloaded with the client library (each round a
 //! new file) against a bare quinn stream carrying as many bytes up and down, in MiB/s and as
 //! ratios iim/raw, and the host's resident memory before, at its peak during and after the
-//! transfers, failing if a download's bytes are not the file's (see `files.rs`). Every command
-//! takes `--timeout SECS` (default 300).
+//! transfers, failing if a download's bytes are not the file's (see `files.rs`); `iim-bench
+//! groups [--members 10000] [--online 1000] [--senders 8] [--group-size 100] [--messages 100]
+//! [--json]` groups on a network of three hosts: how long one message to a group of that many
+//! members takes to reach the last of its online members, and the envelopes each host takes
+//! for it, then group chat against as many deliveries as 1:1 chat, with the time the set-up
+//! took (see `groups.rs`). Every command takes `--timeout SECS` (default 300).
 
 mod files;
+mod groups;
 mod iim_run;
 mod logins;
 mod network;
@@ -170,6 +175,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Groups on a network of three hosts: one message to a large group, and group chat
+    /// against 1:1 chat.
+    ///
+    /// Registers --members users over hosts h1, h2, h3 and brings the first --online of them
+    /// online; m0 makes #crowd of every user, and #team of the first --group-size online
+    /// ones. Measures one chat message to #crowd from the submission to the last online
+    /// member's device, with the envelopes each host took for it; then --senders members of
+    /// #team each send --messages messages to it, and the same deliveries as 1:1 chat
+    /// messages: deliveries per second, and the ratio. Prints how long each step of the
+    /// set-up took. Fails if a member's device misses a message or gets one twice.
+    Groups {
+        /// Users, every one a member of #crowd (its owner, m0, included).
+        #[arg(long, default_value_t = 10_000)]
+        members: u32,
+        /// Of them, online (the first ones), each on a connection of its own.
+        #[arg(long, default_value_t = 1000)]
+        online: u32,
+        /// Members of #team sending in the throughput runs.
+        #[arg(long, default_value_t = 8)]
+        senders: u32,
+        /// Members of #team, all online.
+        #[arg(long, default_value_t = 100)]
+        group_size: u32,
+        /// Messages each sender sends in each throughput run.
+        #[arg(long, default_value_t = 100)]
+        messages: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs the raw relay until standard input closes.
     #[command(hide = true)]
     Relay {
@@ -231,6 +266,23 @@ fn main() -> ExitCode {
                 rounds: *rounds,
             };
             files_main(shape, *json, args.timeout)
+        }
+        Some(Command::Groups {
+            members,
+            online,
+            senders,
+            group_size,
+            messages,
+            json,
+        }) => {
+            let shape = groups::Shape {
+                members: *members,
+                online: *online,
+                senders: *senders,
+                group_size: *group_size,
+                messages: *messages,
+            };
+            groups_main(shape, *json, args.timeout)
         }
         None => bench(&args),
     };
@@ -346,6 +398,19 @@ fn files_main(shape: files::Shape, json: bool, timeout: u64) -> anyhow::Result<(
         files::print(&figures);
     }
     figures.verdict()
+}
+
+/// Runs the groups measurements and prints their figures; a lost or repeated message has
+/// failed the run already.
+fn groups_main(shape: groups::Shape, json: bool, timeout: u64) -> anyhow::Result<()> {
+    shape.check()?;
+    let figures = run_bounded("the groups benchmark", timeout, groups::run(shape))?;
+    if json {
+        println!("{}", serde_json::to_string(&figures).unwrap_or_default());
+    } else {
+        groups::print(&figures);
+    }
+    Ok(())
 }
 
 /// Prints the figures as a table, or as one JSON object.

@@ -24,17 +24,18 @@ use iim_client::proto::{MessageKind, RelationKind, SessionMode, UserId};
 use iim_e2e::{HostProcess, Plugins, within};
 use iim_host::cmd::relation::MAX_RELATIONS;
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 /// The hosts of each network, `h1` first.
-const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
+pub const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
 /// Most clients registering, logging in or adding relations at once.
 const CONCURRENCY: usize = 32;
 /// Longest wait for the network to settle (hosts up, users and presence known everywhere,
 /// envelopes acknowledged).
-const WAIT: Duration = Duration::from_secs(60);
+pub const WAIT: Duration = Duration::from_secs(60);
 /// How often a wait looks again.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -134,24 +135,32 @@ pub fn print(f: &Figures) {
 }
 
 /// An exchange and its hosts.
-struct Net {
-    exchange: HostProcess,
-    hosts: Vec<HostProcess>,
+pub struct Net {
+    pub exchange: HostProcess,
+    pub hosts: Vec<HostProcess>,
 }
 
 impl Net {
-    /// Starts the exchange and [`HOSTS`] in its network, with the chat plugin only or the
-    /// default plugins and the benchmark's raised submission rate ([`iim_run::HOST_CONFIG`]),
-    /// and waits until every host sees every host up.
-    async fn start(chat_only: bool) -> anyhow::Result<Self> {
+    /// Starts the exchange and [`HOSTS`] in its network, each with configuration `config`
+    /// and the default plugins `only` (all of them if `None`), and waits until every host
+    /// sees every host up.
+    pub async fn start(
+        config: &'static str,
+        only: Option<&'static [&'static str]>,
+    ) -> anyhow::Result<Self> {
         let net = tokio::task::spawn_blocking(move || {
             let exchange = HostProcess::start_exchange()?;
-            let chat = if chat_only {
-                Some(iim_e2e::default_plugin("chat")?)
-            } else {
-                None
-            };
-            let only = chat.as_ref().map(|chat| [("chat", chat.as_path())]);
+            let files = only
+                .map(|names| {
+                    names
+                        .iter()
+                        .map(|name| Ok((*name, iim_e2e::default_plugin(name)?)))
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
+                .transpose()?;
+            let only: Option<Vec<(&str, &Path)>> = files
+                .as_ref()
+                .map(|files| files.iter().map(|(n, f)| (*n, f.as_path())).collect());
             let mut hosts = Vec::new();
             for id in HOSTS {
                 let plugins = match &only {
@@ -159,10 +168,7 @@ impl Net {
                     None => Plugins::Default,
                 };
                 hosts.push(HostProcess::start_in_network(
-                    &exchange,
-                    id,
-                    iim_run::HOST_CONFIG,
-                    plugins,
+                    &exchange, id, config, plugins,
                 )?);
             }
             anyhow::Ok(Net { exchange, hosts })
@@ -184,12 +190,13 @@ impl Net {
         Ok(net)
     }
 
-    fn host(&self, i: usize) -> &HostProcess {
+    /// Host `i % 3`.
+    pub fn host(&self, i: usize) -> &HostProcess {
         &self.hosts[i % self.hosts.len()]
     }
 
     /// Passes `result` on, printing the end of every process's log first if it failed.
-    fn on_failure<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+    pub fn on_failure<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
         if result.is_err() {
             iim_run::print_log_tail("the exchange", &self.exchange);
             for (id, host) in HOSTS.iter().zip(&self.hosts) {
@@ -202,7 +209,7 @@ impl Net {
 
 /// Calls `probe` every [`POLL`] until it says done; fails after [`WAIT`], with `what` and
 /// the state `probe` last described.
-async fn poll_until<F, Fut>(what: &str, mut probe: F) -> anyhow::Result<()>
+pub async fn poll_until<F, Fut>(what: &str, mut probe: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<(bool, String)>>,
@@ -222,7 +229,7 @@ where
 
 /// Runs `task(i)` for every `i` in `0..n`, at most [`CONCURRENCY`] at a time, and returns
 /// their results in order; fails with the first failure (the others are dropped).
-async fn bounded<T, F, Fut>(n: u32, task: F) -> anyhow::Result<Vec<T>>
+pub async fn bounded<T, F, Fut>(n: u32, task: F) -> anyhow::Result<Vec<T>>
 where
     T: Send + 'static,
     F: Fn(u32) -> Fut,
@@ -248,7 +255,7 @@ where
 
 /// The chat load within `h1`, then from `h1` to `h2` and `h3`, against one network.
 async fn chat(load: Load) -> anyhow::Result<(Summary, Summary)> {
-    let net = Net::start(true).await?;
+    let net = Net::start(iim_run::HOST_CONFIG, Some(&["chat"])).await?;
     let runs = async {
         let clock = Clock::new();
         let h1 = net.host(0);
@@ -294,7 +301,7 @@ async fn chat_run(
 
 /// The presence fan-out, on a network of its own with the default plugins.
 async fn fan_out(friends: u32) -> anyhow::Result<FanOut> {
-    let net = Arc::new(Net::start(false).await?);
+    let net = Arc::new(Net::start(iim_run::HOST_CONFIG, None).await?);
     net.on_failure(fan_out_on(&net, friends).await)
 }
 

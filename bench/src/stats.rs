@@ -194,7 +194,7 @@ pub fn print_runs(runs: &[(&str, &Summary)]) {
 }
 
 /// The nearest-rank percentile `p` (0..=1) of sorted values; 0 for none.
-fn percentile(sorted: &[u64], p: f64) -> u64 {
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
