@@ -92,7 +92,7 @@ pub enum BlobError {
         /// What the bytes hash to.
         actual: FileId,
     },
-    /// Another connection is uploading the same file right now.
+    /// Another upload of the same file is under way.
     #[error("the file {0} is being uploaded by another connection")]
     Busy(FileId),
     /// The disk failed.

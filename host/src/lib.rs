@@ -50,4 +50,7 @@ pub struct Host {
     pub passwords: hashing::PasswordHashers,
     /// The files' bytes, beside the store.
     pub blobs: blobs::Blobs,
+    /// The uploads in progress, which a newer upload of the same file by the same user takes
+    /// over.
+    pub uploads: cmd::file::Uploads,
 }

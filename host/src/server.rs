@@ -253,6 +253,7 @@ impl Server {
             shutdown,
             passwords,
             blobs,
+            uploads: Default::default(),
             config,
         });
         let recovered = host.plugins.route_pending().await?;

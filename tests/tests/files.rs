@@ -147,6 +147,57 @@ async fn send_file_message(
     .await
 }
 
+/// A phone whose network went away leaves its upload's stream open on the host until the
+/// idle timeout; the same user's new upload of the file takes over at once, from what the
+/// first wrote. Another user's upload of the same file meanwhile is told it is busy.
+#[tokio::test]
+async fn the_same_user_s_new_upload_takes_over_one_left_hanging() -> Result {
+    let host = HostProcess::start_chat_only_with_config(LIMITS)?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let (old_phone, _) = host.online(&alice, "phone").await?;
+    let bytes = content(3 << 20, 9);
+    let id = sha256(&bytes);
+    let mut hanging = FileStream::upload(&old_phone, &bytes, "clip.mp4").await?;
+    assert_eq!(hanging.answer().await?, FileAnswer::Ready { offset: 0 });
+    hanging.send.write_all(&bytes[..1 << 20]).await?;
+    // Neither the stream nor the connection ends: the bytes stop, as on a dead network.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let (b, _) = host.online(&bob, "laptop").await?;
+    let mut other = FileStream::upload(&b, &bytes, "clip.mp4").await?;
+    assert_eq!(
+        refused_code(&other.answer().await?),
+        Some(ErrorCode::UNAVAILABLE)
+    );
+
+    let (new_phone, _) = host.online(&alice, "tablet").await?;
+    let started = Instant::now();
+    let mut again = FileStream::upload(&new_phone, &bytes, "clip.mp4").await?;
+    let FileAnswer::Ready { offset } = again.answer().await? else {
+        anyhow::bail!("the new upload did not take over");
+    };
+    assert!(
+        offset > 0 && offset <= 1 << 20,
+        "it goes on from what the first wrote, not {offset}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "taken over at once, not after the idle timeout: {:?}",
+        started.elapsed()
+    );
+    let stored = again.finish_with(&bytes[offset as usize..]).await?;
+    assert_eq!(stored, FileAnswer::Stored { sha256: id });
+    // The first stream was told why it ended.
+    assert_eq!(
+        refused_code(&hanging.answer().await?),
+        Some(ErrorCode::UNAVAILABLE)
+    );
+    let (size, _, got) = download(&new_phone, id, 0).await?.expect("alice downloads");
+    assert_eq!((size, got == bytes), (bytes.len() as u64, true));
+    Ok(())
+}
+
 #[tokio::test]
 async fn an_upload_cut_off_resumes_and_only_the_users_sent_the_file_may_download_it() -> Result {
     let mut host = HostProcess::start_chat_only_with_config(LIMITS)?;

@@ -15,9 +15,11 @@ use iim_proto::file::{FileAnswer, FileRequest, Sha256, check_file_name, check_me
 use iim_proto::peer::FilePart;
 use iim_proto::session::Identity;
 use iim_proto::{ErrorCode, FrameDecoder, MessageKind, UserId};
+use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Notify;
 
 /// Bytes written to or read from the blob store at a time.
 const CHUNK: usize = 256 * 1024;
@@ -27,6 +29,68 @@ const WRITE_AHEAD: usize = 4;
 
 /// How long a client has to send a file stream's request once it opened the stream.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a newer upload waits for the one it takes over to let go of the file.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// The uploads in progress: for each file, who uploads it and how to stop that upload.
+///
+/// A phone that loses its network leaves its upload's stream waiting for bytes until the
+/// host's idle timeout ends the old connection (and a close may not reach the host at all:
+/// quinn does not send it while the congestion window is full). When the same user uploads
+/// the same file again meanwhile, the old upload is stopped (what it wrote stays) and the new
+/// one goes on from there, instead of being refused as busy for up to that timeout.
+#[derive(Default)]
+pub struct Uploads(std::sync::Mutex<HashMap<FileId, Running>>);
+
+/// An upload under way: its user, its number, and what stops it.
+struct Running {
+    user: UserId,
+    number: u64,
+    stop: Arc<Notify>,
+}
+
+impl Uploads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FileId, Running>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers upload `n` of `id` by `user`; the notify stops it.
+    fn start(&self, id: &FileId, user: &UserId, n: u64) -> Arc<Notify> {
+        let stop = Arc::new(Notify::new());
+        let running = Running {
+            user: user.clone(),
+            number: n,
+            stop: Arc::clone(&stop),
+        };
+        self.lock().insert(id.clone(), running);
+        stop
+    }
+
+    /// Stops `user`'s upload of `id`, if one runs: whether one did.
+    fn stop(&self, id: &FileId, user: &UserId) -> bool {
+        match self.lock().get(id) {
+            Some(running) if running.user == *user => {
+                running.stop.notify_one();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Upload `n` of `id` ended.
+    fn end(&self, id: &FileId, n: u64) {
+        let mut uploads = self.lock();
+        if uploads.get(id).is_some_and(|running| running.number == n) {
+            uploads.remove(id);
+        }
+    }
+}
+
+/// Numbers the uploads, so that one that ended does not unregister its successor.
+static UPLOAD_NUMBERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Serves one file stream until its transfer ends, refusing it with a `Refused` answer (and
 /// the end of the stream) if it cannot be done.
@@ -152,7 +216,30 @@ async fn upload(
             ));
         }
     }
-    let begun = blocking(move || blobs.upload(&id, size)).await?;
+    let begun = {
+        let (blobs, id) = (blobs.clone(), id.clone());
+        blocking(move || blobs.upload(&id, size)).await
+    };
+    let begun = match begun {
+        // The same user's earlier upload of it, perhaps on a connection that is gone: it is
+        // stopped, and this one goes on from what it wrote.
+        Err(busy)
+            if busy.code == ErrorCode::UNAVAILABLE && host.uploads.stop(&id, &record.uploader) =>
+        {
+            let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+            loop {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let (blobs, id) = (blobs.clone(), id.clone());
+                match blocking(move || blobs.upload(&id, size)).await {
+                    Err(busy)
+                        if busy.code == ErrorCode::UNAVAILABLE
+                            && tokio::time::Instant::now() < deadline => {}
+                    begun => break begun?,
+                }
+            }
+        }
+        begun => begun?,
+    };
     let mut upload = match begun {
         Begun::Complete { size: stored } => {
             if stored != size {
@@ -184,6 +271,8 @@ async fn upload(
     });
     let mut pending = rest;
     let mut received = pending.len() as u64;
+    let number = UPLOAD_NUMBERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let taken_over = host.uploads.start(&id, &record.uploader, number);
     let cut_off = loop {
         if offset + received > size {
             break Some(Refusal::from(BlobError::Overrun { size }));
@@ -192,7 +281,14 @@ async fn upload(
             // The writer stopped on an error, which it returns below.
             break None;
         }
-        match recv.read_chunk(CHUNK, true).await {
+        let read = tokio::select! {
+            read = recv.read_chunk(CHUNK, true) => read,
+            () = taken_over.notified() => break Some(Refusal::new(
+                ErrorCode::UNAVAILABLE,
+                "a newer upload of this file by you took over",
+            )),
+        };
+        match read {
             Ok(Some(chunk)) => {
                 received += chunk.bytes.len() as u64;
                 pending.extend_from_slice(&chunk.bytes);
@@ -202,6 +298,7 @@ async fn upload(
             Err(e) => break Some(Refusal::new(ErrorCode::INTERNAL, e.to_string())),
         }
     };
+    host.uploads.end(&id, number);
     let overrun = offset + received > size;
     if !pending.is_empty() && !overrun {
         let _ = chunks.send(pending).await;
