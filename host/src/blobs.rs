@@ -12,13 +12,15 @@
 //! this module; it only stores bytes and keeps its promise about them. Its I/O is blocking: an
 //! async caller runs it on a blocking thread.
 
+use iim_proto::UserId;
 use sha2::{Digest, Sha256};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::Notify;
 
 /// A file's name: the SHA-256 of its bytes, in lower-case hex.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -244,6 +246,67 @@ impl Blobs {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(io_error("removing", &path)(e)),
+        }
+    }
+}
+
+/// The uploads in progress: for each file, who uploads it and how to stop that upload.
+///
+/// A phone that loses its network leaves its upload's stream waiting for bytes until the
+/// host's idle timeout ends the old connection (and a close may not reach the host at all:
+/// quinn does not send it while the congestion window is full). When the same user uploads
+/// the same file again meanwhile, the old upload is stopped (what it wrote stays) and the new
+/// one goes on from there, instead of being refused as busy for up to that timeout.
+#[derive(Default)]
+pub struct Uploads {
+    running: Mutex<HashMap<FileId, Running>>,
+    /// Numbers the uploads, so that one that ended does not unregister its successor.
+    numbers: std::sync::atomic::AtomicU64,
+}
+
+/// An upload under way: its user, its number, and what stops it.
+struct Running {
+    user: UserId,
+    number: u64,
+    stop: Arc<Notify>,
+}
+
+impl Uploads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FileId, Running>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers an upload of `id` by `user`: its number, and what stops it.
+    pub fn start(&self, id: &FileId, user: &UserId) -> (u64, Arc<Notify>) {
+        let n = self
+            .numbers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stop = Arc::new(Notify::new());
+        let running = Running {
+            user: user.clone(),
+            number: n,
+            stop: Arc::clone(&stop),
+        };
+        self.lock().insert(id.clone(), running);
+        (n, stop)
+    }
+
+    /// Stops `user`'s upload of `id`, if one runs: whether one did.
+    pub fn stop(&self, id: &FileId, user: &UserId) -> bool {
+        match self.lock().get(id) {
+            Some(running) if running.user == *user => {
+                running.stop.notify_one();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Upload `n` of `id` ended.
+    pub fn end(&self, id: &FileId, n: u64) {
+        let mut uploads = self.lock();
+        if uploads.get(id).is_some_and(|running| running.number == n) {
+            uploads.remove(id);
         }
     }
 }

@@ -52,5 +52,5 @@ pub struct Host {
     pub blobs: blobs::Blobs,
     /// The uploads in progress, which a newer upload of the same file by the same user takes
     /// over.
-    pub uploads: cmd::file::Uploads,
+    pub uploads: blobs::Uploads,
 }

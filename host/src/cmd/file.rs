@@ -15,11 +15,9 @@ use iim_proto::file::{FileAnswer, FileRequest, Sha256, check_file_name, check_me
 use iim_proto::peer::FilePart;
 use iim_proto::session::Identity;
 use iim_proto::{ErrorCode, FrameDecoder, MessageKind, UserId};
-use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
 
 /// Bytes written to or read from the blob store at a time.
 const CHUNK: usize = 256 * 1024;
@@ -32,65 +30,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a newer upload waits for the one it takes over to let go of the file.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
-
-/// The uploads in progress: for each file, who uploads it and how to stop that upload.
-///
-/// A phone that loses its network leaves its upload's stream waiting for bytes until the
-/// host's idle timeout ends the old connection (and a close may not reach the host at all:
-/// quinn does not send it while the congestion window is full). When the same user uploads
-/// the same file again meanwhile, the old upload is stopped (what it wrote stays) and the new
-/// one goes on from there, instead of being refused as busy for up to that timeout.
-#[derive(Default)]
-pub struct Uploads(std::sync::Mutex<HashMap<FileId, Running>>);
-
-/// An upload under way: its user, its number, and what stops it.
-struct Running {
-    user: UserId,
-    number: u64,
-    stop: Arc<Notify>,
-}
-
-impl Uploads {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FileId, Running>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Registers upload `n` of `id` by `user`; the notify stops it.
-    fn start(&self, id: &FileId, user: &UserId, n: u64) -> Arc<Notify> {
-        let stop = Arc::new(Notify::new());
-        let running = Running {
-            user: user.clone(),
-            number: n,
-            stop: Arc::clone(&stop),
-        };
-        self.lock().insert(id.clone(), running);
-        stop
-    }
-
-    /// Stops `user`'s upload of `id`, if one runs: whether one did.
-    fn stop(&self, id: &FileId, user: &UserId) -> bool {
-        match self.lock().get(id) {
-            Some(running) if running.user == *user => {
-                running.stop.notify_one();
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Upload `n` of `id` ended.
-    fn end(&self, id: &FileId, n: u64) {
-        let mut uploads = self.lock();
-        if uploads.get(id).is_some_and(|running| running.number == n) {
-            uploads.remove(id);
-        }
-    }
-}
-
-/// Numbers the uploads, so that one that ended does not unregister its successor.
-static UPLOAD_NUMBERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Serves one file stream until its transfer ends, refusing it with a `Refused` answer (and
 /// the end of the stream) if it cannot be done.
@@ -271,8 +210,7 @@ async fn upload(
     });
     let mut pending = rest;
     let mut received = pending.len() as u64;
-    let number = UPLOAD_NUMBERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let taken_over = host.uploads.start(&id, &record.uploader, number);
+    let (number, taken_over) = host.uploads.start(&id, &record.uploader);
     let cut_off = loop {
         if offset + received > size {
             break Some(Refusal::from(BlobError::Overrun { size }));
