@@ -479,6 +479,8 @@ fn spawn(data: &Path, listen: SocketAddr) -> anyhow::Result<(Child, SocketAddr, 
         .arg(data.join("host.toml"))
         .arg("--plugin-cache-dir")
         .arg(plugin_cache())
+        // `IIM_TEST_HOST_LOG=info,iim_host::plugin=debug cargo test ...` gives the hosts a
+        // test starts another log filter, to see why a test failed.
         .env(
             "IIM_LOG",
             std::env::var("IIM_TEST_HOST_LOG").unwrap_or_else(|_| "info".into()),
