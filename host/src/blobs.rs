@@ -311,6 +311,9 @@ impl Uploads {
     }
 }
 
+/// How many bytes of an upload are written between two syncs of its partial file.
+const SYNC_EVERY: u64 = 8 << 20;
+
 /// What [`Blobs::upload`] found.
 #[derive(Debug)]
 pub enum Begun {
@@ -381,7 +384,13 @@ impl Upload {
             .write_all(bytes)
             .map_err(io_error("writing", path))?;
         self.hasher.update(bytes);
+        let before = self.have;
         self.have += bytes.len() as u64;
+        // Synced as it comes, while the next bytes arrive, so that the sync at the end (which
+        // the uploader waits for) has little left to write.
+        if before / SYNC_EVERY != self.have / SYNC_EVERY {
+            self.file.sync_data().map_err(io_error("syncing", path))?;
+        }
         Ok(())
     }
 
