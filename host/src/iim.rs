@@ -310,9 +310,7 @@ impl Iim {
                     tracing::warn!(%user, id = %message.id, "a relayed message for a user this host does not have; dropped");
                     continue;
                 }
-                let added = self.append(user, &message, expires_at)?;
-                tracing::debug!(%user, id = %message.id, ?added, "relayed message");
-                if added.is_some() {
+                if self.append(user, &message, expires_at)?.is_some() {
                     appended += 1;
                 }
             }

@@ -824,20 +824,17 @@ async fn serve_part(store: Store, blobs: Blobs, sha256: Sha256, offset: u64) -> 
         .map_err(|e| e.to_string())?;
         Ok::<_, String>(Some((record, size, bytes)))
     })
-    .await;
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
     match read {
-        Ok(Ok(Some((record, size, bytes)))) => FilePart::Data {
+        Ok(Some((record, size, bytes))) => FilePart::Data {
             size,
             name: record.name,
             media_type: record.media_type,
             offset: offset.min(size),
             bytes,
         },
-        Ok(Ok(None)) => not_found(),
-        Ok(Err(e)) => FilePart::Refused {
-            code: ErrorCode::INTERNAL,
-            message: format!("cannot read the file: {e}"),
-        },
+        Ok(None) => not_found(),
         Err(e) => FilePart::Refused {
             code: ErrorCode::INTERNAL,
             message: format!("cannot read the file: {e}"),

@@ -207,30 +207,7 @@ async fn every_member_s_every_device_gets_the_group_s_messages_once_in_one_order
     a.ask(&team(), &create(&[bob, carol, dave])).await?;
 
     // Three members write at once; Dave is offline.
-    let mut senders = Vec::new();
-    for (i, member) in [&a, &b1, &c].into_iter().enumerate() {
-        let conn = Arc::clone(&member.conn);
-        senders.push(tokio::spawn(async move {
-            let mut ids = Vec::new();
-            for n in 0..PER_SENDER {
-                let body = format!("{i}:{n}");
-                let accepted = conn
-                    .submit(
-                        iim_client::new_client_id(),
-                        MessageKind::Chat,
-                        &[team()],
-                        body.as_bytes(),
-                    )
-                    .await?;
-                ids.push(accepted.id);
-            }
-            anyhow::Ok(ids)
-        }));
-    }
-    let mut accepted = Vec::new();
-    for sender in senders {
-        accepted.push(sender.await??);
-    }
+    let accepted = write_at_once(&[&a, &b1, &c], PER_SENDER).await?;
     let all: HashSet<MessageId> = accepted.iter().flatten().copied().collect();
     ensure!(all.len() == 3 * PER_SENDER, "two submissions got one id");
 
@@ -500,6 +477,35 @@ async fn the_sender_gets_delivered_and_read_counts_not_a_receipt_per_member() ->
     Ok(())
 }
 
+/// Each of `members` (sender `i`) submits `per_sender` chat messages `i:n` to #team, all at
+/// once: the ids accepted, per sender, in the order sent.
+async fn write_at_once(members: &[&Online], per_sender: usize) -> Result<Vec<Vec<MessageId>>> {
+    let mut senders = Vec::new();
+    for (i, member) in members.iter().enumerate() {
+        let conn = Arc::clone(&member.conn);
+        senders.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for n in 0..per_sender {
+                let accepted = conn
+                    .submit(
+                        iim_client::new_client_id(),
+                        MessageKind::Chat,
+                        &[team()],
+                        format!("{i}:{n}").as_bytes(),
+                    )
+                    .await?;
+                ids.push(accepted.id);
+            }
+            anyhow::Ok(ids)
+        }));
+    }
+    let mut accepted = Vec::new();
+    for sender in senders {
+        accepted.push(sender.await??);
+    }
+    Ok(accepted)
+}
+
 /// That `chats` holds each sender's messages (`accepted[i]`, written `i:n`) in the order
 /// they were sent.
 fn in_sender_order<M: std::borrow::Borrow<Message>>(
@@ -595,29 +601,7 @@ async fn three_hosts(hosts: &[HostProcess]) -> Result {
     }
 
     // Members on three hosts write at once, each at their own host.
-    let mut senders = Vec::new();
-    for (i, member) in [&a, &b, &c].into_iter().enumerate() {
-        let conn = Arc::clone(&member.conn);
-        senders.push(tokio::spawn(async move {
-            let mut ids = Vec::new();
-            for n in 0..PER_SENDER {
-                let accepted = conn
-                    .submit(
-                        iim_client::new_client_id(),
-                        MessageKind::Chat,
-                        &[team()],
-                        format!("{i}:{n}").as_bytes(),
-                    )
-                    .await?;
-                ids.push(accepted.id);
-            }
-            anyhow::Ok(ids)
-        }));
-    }
-    let mut accepted = Vec::new();
-    for sender in senders {
-        accepted.push(sender.await??);
-    }
+    let accepted = write_at_once(&[&a, &b, &c], PER_SENDER).await?;
     let total = 3 * PER_SENDER;
     let mut orders = Vec::new();
     for (name, member) in [("alice@h1", &a), ("bob@h2", &b), ("carol@h3", &c)] {

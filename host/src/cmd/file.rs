@@ -413,40 +413,28 @@ async fn fetch_from(
     };
     let (size, name, media_type, first) = part(0).await?;
     let (blobs, id) = (host.blobs.clone(), FileId::from_digest(&sha256));
-    let begun = blocking(move || blobs.upload(&id, size)).await?;
-    let mut upload = match begun {
-        Begun::Complete { .. } => None,
-        Begun::Partial(upload) => Some(upload),
-    };
-    // The first part is from the start: of use only if nothing of the file is here yet.
-    let mut bytes = first;
-    while let Some(mut writing) = upload.take() {
-        let have = writing.offset();
-        if have >= size {
-            blocking(move || writing.finish()).await?;
-            break;
-        }
-        if have > 0 {
-            bytes.clear();
-        }
-        if bytes.is_empty() {
-            let (again, .., more) = part(have).await?;
-            if again != size || more.is_empty() {
+    if let Begun::Partial(mut upload) = blocking(move || blobs.upload(&id, size)).await? {
+        // The first part is from the start: of use only if nothing of the file is here yet.
+        let mut next = (upload.offset() == 0).then_some(first);
+        while upload.offset() < size {
+            let have = upload.offset();
+            let bytes = match next.take() {
+                Some(bytes) => bytes,
+                None => part(have).await?.3,
+            };
+            if bytes.is_empty() {
                 return Err(Refusal::new(
                     ErrorCode::UNAVAILABLE,
                     format!("{server} sent no more of the file at {have} of {size} bytes"),
                 ));
             }
-            bytes = more;
-        }
-        let chunk = std::mem::take(&mut bytes);
-        upload = Some(
-            blocking(move || {
-                writing.write(&chunk)?;
-                Ok(writing)
+            upload = blocking(move || {
+                upload.write(&bytes)?;
+                Ok(upload)
             })
-            .await?,
-        );
+            .await?;
+        }
+        blocking(move || upload.finish()).await?;
     }
     let record = FileRecord {
         size,

@@ -289,8 +289,7 @@ pub fn apply(
                     .collect(),
             }],
         };
-        let report = services.iim.send(&message, &list)?;
-        tracing::debug!(%plugin, %event, id = %message.id, ?report, "sent");
+        services.iim.send(&message, &list)?;
     }
     if !effects.kv.is_empty() {
         services.store.plugin_kv.apply(plugin, &effects.kv)?;

@@ -99,6 +99,17 @@ pub mod keys {
         format!("k/{group}/{generation}/{id:020}/{}/", mark.letter())
     }
 
+    /// `user`'s mark of one kind on one message.
+    pub fn mark(
+        group: &str,
+        generation: u64,
+        id: MessageId,
+        mark: super::Mark,
+        user: &str,
+    ) -> String {
+        format!("{}{user}", marks(group, generation, id, mark))
+    }
+
     /// What is left to delete of a group's old keys.
     pub fn chores(group: &str) -> String {
         format!("c/{group}")
@@ -436,10 +447,7 @@ impl Storage {
         if self.is_marked(group, generation, id, mark, user)? {
             return Ok(false);
         }
-        self.set(
-            &format!("{}{user}", keys::marks(group, generation, id, mark)),
-            b"",
-        )?;
+        self.set(&keys::mark(group, generation, id, mark, user), b"")?;
         Ok(true)
     }
 
@@ -452,8 +460,7 @@ impl Storage {
         mark: Mark,
         user: &str,
     ) -> Result<bool, HostError> {
-        let key = format!("{}{user}", keys::marks(group, generation, id, mark));
-        Ok(host::kv_get(&key)?.is_some())
+        Ok(host::kv_get(&keys::mark(group, generation, id, mark, user))?.is_some())
     }
 
     /// The members marked so for message `id`, by name.

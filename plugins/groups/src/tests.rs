@@ -178,13 +178,18 @@ impl Scene {
         self.submit(who, MessageKind::Chat, "#team", text.as_bytes())
     }
 
+    /// The replies to `who`'s question `request` to `to`, before the `done` that must end them.
+    fn replies(&mut self, who: &str, to: &str, request: &GroupRequest) -> Vec<GroupReply> {
+        let (id, out) = self.request(who, to, request);
+        let mut replies = out.answer(id).expect("answered");
+        let last = replies.pop().expect("a reply");
+        assert_eq!(last, GroupReply::Done { request: id }, "ends with done");
+        replies
+    }
+
     /// The members of #team, as `who` is told them.
     fn members(&mut self, who: &str) -> Vec<(String, GroupRole)> {
-        let (id, out) = self.request(who, "#team", &GroupRequest::Members);
-        let replies = out.answer(id).expect("answered");
-        let (last, parts) = replies.split_last().expect("a reply");
-        assert_eq!(*last, GroupReply::Done { request: id }, "ends with done");
-        parts
+        self.replies(who, "#team", &GroupRequest::Members)
             .iter()
             .flat_map(|reply| match reply {
                 GroupReply::Members { members, group, .. } => {
@@ -199,11 +204,7 @@ impl Scene {
 
     /// `who`'s groups, as `list` answers.
     fn list(&mut self, who: &str) -> Vec<GroupSummary> {
-        let (id, out) = self.request(who, who, &GroupRequest::List);
-        let replies = out.answer(id).expect("answered");
-        let (last, parts) = replies.split_last().expect("a reply");
-        assert_eq!(*last, GroupReply::Done { request: id }, "ends with done");
-        parts
+        self.replies(who, who, &GroupRequest::List)
             .iter()
             .flat_map(|reply| match reply {
                 GroupReply::List { groups, .. } => groups.clone(),
