@@ -31,6 +31,7 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
 
+    embed_kits(&workspace);
     ensure_target();
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -82,6 +83,70 @@ fn main() {
             plugin.to_uppercase(),
             file.display()
         );
+    }
+}
+
+/// Writes `$OUT_DIR/kits.rs`: every file of every `kits/LANG/template/`, for `iim-host plugin
+/// new`. A template holds source files only: what a build leaves in one (tools, outputs, caches)
+/// is not embedded.
+fn embed_kits(workspace: &Path) {
+    let kits = workspace.join("kits");
+    println!("cargo:rerun-if-changed={}", kits.display());
+    let mut out = String::from("/// One file of a template: its path in the project, and its bytes.\n");
+    out.push_str("pub type TemplateFile = (&'static str, &'static [u8]);\n");
+    out.push_str("/// Every kit's template files, by language.\n");
+    out.push_str("pub const KITS: &[(&str, &[TemplateFile])] = &[\n");
+    let mut langs: Vec<PathBuf> = std::fs::read_dir(&kits)
+        .map(|dir| dir.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    langs.sort();
+    for lang in langs {
+        let template = lang.join("template");
+        if !template.is_dir() {
+            continue;
+        }
+        let name = lang
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let mut files = Vec::new();
+        template_files(&template, &template, &mut files);
+        files.sort();
+        out.push_str(&format!("    ({name:?}, &[\n"));
+        for (relative, path) in files {
+            out.push_str(&format!(
+                "        ({relative:?}, include_bytes!({:?})),\n",
+                path.display().to_string()
+            ));
+        }
+        out.push_str("    ]),\n");
+    }
+    out.push_str("];\n");
+    let path = PathBuf::from(env("OUT_DIR")).join("kits.rs");
+    std::fs::write(&path, out).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+fn template_files(root: &Path, dir: &Path, files: &mut Vec<(String, PathBuf)>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let built = (name.starts_with('.') && name != ".gitignore")
+            || matches!(
+                name.as_str(),
+                "node_modules" | "target" | "__pycache__" | "dist"
+            )
+            || name.ends_with(".wasm");
+        if built {
+            continue;
+        }
+        if path.is_dir() {
+            template_files(root, &path, files);
+        } else if let Ok(relative) = path.strip_prefix(root) {
+            files.push((relative.to_string_lossy().into_owned(), path));
+        }
     }
 }
 

@@ -195,7 +195,13 @@ async fn measure(events: u32) -> anyhow::Result<Figures> {
         .context("no chat plugin built in")?;
     let build = plugins.compile(chat)?;
     let (mut instance, _) = plugins
-        .instantiate(&build, "chat", Arc::clone(&services), &[])
+        .instantiate(
+            &build,
+            "chat",
+            Arc::clone(&services),
+            &[],
+            &iim_host::plugin::settings::Settings::defaults(&config),
+        )
         .await?;
     let mut state = PluginState::native("native-chat", Arc::clone(&services));
     let mut bench = Bench {

@@ -167,15 +167,18 @@ fn network(host: &Host) -> String {
 
 fn plugins(host: &Host) -> String {
     let mut out = String::new();
-    for (file, info) in host.plugins.loaded() {
+    for (file, info, settings) in host.plugins.loaded() {
         let subs: Vec<String> = info.subscriptions.iter().map(|s| s.to_string()).collect();
         let _ = writeln!(
             out,
-            "{file}\t{} {}\t{}\t{}",
+            "{file}\t{} {}\t{}\t{}\tinstances {}, {} MiB, {} ms",
             info.name,
             info.version,
             info.digest,
-            subs.join(", ")
+            subs.join(", "),
+            settings.instances,
+            settings.max_memory_mib,
+            settings.call_timeout_ms,
         );
     }
     if out.is_empty() {

@@ -62,6 +62,61 @@ enum Command {
         #[command(subcommand)]
         action: AdminAction,
     },
+    /// Writes, checks, tests and installs plugins (docs/plugins.md, kits/).
+    Plugin {
+        #[command(subcommand)]
+        action: PluginAction,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum PluginAction {
+    /// Writes a new plugin project NAME/ from a kit's template, with the WIT beside it.
+    New {
+        /// The plugin's name: 1 to 64 bytes of a-z 0-9 . _ -.
+        name: String,
+        /// The language: one of the kits (rust, js, ts, python, c, zig).
+        #[arg(long)]
+        lang: String,
+        /// Where to write it [default: ./NAME].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The Rust SDK's directory (plugin-sdk of the iim repository), for --lang rust
+        /// [default: where it was when this host was built].
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Compiles a plugin with the host's engine, checks it against the world, lists every
+    /// import the host does not provide, and runs its init in a sandbox. Touches no running
+    /// host. Exits with 1 if the host would refuse it.
+    Check {
+        /// The component.
+        file: PathBuf,
+        /// Its configuration file (NAME.toml) to run init with.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Checks a plugin, then copies it (and its configuration) into the plugins directory,
+    /// atomically; a running host loads it within half a second.
+    Install {
+        /// The component.
+        file: PathBuf,
+        /// Its configuration file, installed as NAME.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The name to install it under [default: the name its init gives].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Runs a plugin against a host of its own (a temporary store, no server) with a script
+    /// of events and what each should do (docs/plugins.md, "Testing a plugin"). Exits with 1
+    /// if a step fails.
+    Test {
+        /// The component.
+        file: PathBuf,
+        /// The script (TOML).
+        script: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, clap::Subcommand)]
@@ -143,6 +198,15 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
+    if let Some(Command::Plugin { action }) = args.command {
+        let code = runtime
+            .block_on(plugin_command(action, &config))
+            .unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                2
+            });
+        std::process::exit(code);
+    }
     if let Some(Command::Admin { action }) = args.command {
         let command = match action {
             AdminAction::Plugins => "plugins".to_owned(),
@@ -183,6 +247,237 @@ fn main() -> anyhow::Result<()> {
         server.run(stop_signal()).await?;
         anyhow::Ok(())
     })
+}
+
+/// Runs an `iim-host plugin` command; the exit code.
+async fn plugin_command(action: PluginAction, config: &Config) -> anyhow::Result<i32> {
+    use iim_host::plugin::{check, harness, kits, settings};
+    let plugins_dir = config
+        .plugins
+        .dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("plugins"));
+    // Checks and tests compile into a cache of the user's; an install into the host's, so that
+    // the host's load finds the build compiled.
+    let user_cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|dir| dir.join("iim").join("plugin-cache"));
+    let host_cache = config
+        .plugins
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("plugin-cache"));
+    let runtime_with = |cache: Option<&std::path::Path>| {
+        let runtime = iim_host::plugin::Runtime::new(&config.plugins, cache)
+            .map_err(|e| anyhow::anyhow!("cannot start the plugin engine: {e}"))?;
+        iim_host::plugin::runtime::start_ticker(runtime.engine());
+        anyhow::Ok(runtime)
+    };
+    let read_config = |path: Option<&PathBuf>| -> anyhow::Result<settings::PluginFile> {
+        match path {
+            Some(path) => settings::read(path, &config.plugins)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display())),
+            None => Ok(settings::PluginFile {
+                config: Vec::new(),
+                settings: settings::Settings::defaults(&config.plugins),
+            }),
+        }
+    };
+    let read = |file: &PathBuf| {
+        std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))
+    };
+    let stem = |file: &PathBuf| {
+        file.file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("plugin")
+            .to_owned()
+    };
+    match action {
+        PluginAction::New {
+            name,
+            lang,
+            dir,
+            sdk,
+        } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            let written = kits::new_project(&name, &lang, &dir, sdk.as_deref())?;
+            println!(
+                "wrote {} files into {}/; next:",
+                written.len(),
+                dir.display()
+            );
+            println!("  cd {} && ./build.sh", dir.display());
+            println!("  iim-host plugin check {name}.wasm");
+            println!("  iim-host plugin install {name}.wasm --data-dir YOUR_HOST_DATA_DIR");
+            Ok(0)
+        }
+        PluginAction::Check { file, config: path } => {
+            let bytes = read(&file)?;
+            let plugin = read_config(path.as_ref())?;
+            let runtime = runtime_with(user_cache.as_deref())?;
+            let ok = report_check(&runtime, &file, &bytes, &stem(&file), &plugin)
+                .await?
+                .is_some();
+            Ok(if ok { 0 } else { 1 })
+        }
+        PluginAction::Install {
+            file,
+            config: path,
+            name,
+        } => {
+            let bytes = read(&file)?;
+            let plugin = read_config(path.as_ref())?;
+            let runtime = runtime_with(Some(&host_cache))?;
+            let checked_name = name.clone().unwrap_or_else(|| stem(&file));
+            let Some(info) = report_check(&runtime, &file, &bytes, &checked_name, &plugin).await?
+            else {
+                eprintln!("not installed");
+                return Ok(1);
+            };
+            let name = name.unwrap_or(info.name);
+            if iim_proto::UserId::new(&name).is_err() {
+                anyhow::bail!("{name:?} is not a plugin name: 1 to 64 bytes of a-z 0-9 . _ -");
+            }
+            std::fs::create_dir_all(&plugins_dir)
+                .with_context(|| format!("cannot create {}", plugins_dir.display()))?;
+            // The configuration first: the host loads the new build with it.
+            if let Some(path) = &path {
+                let text = std::fs::read(path)?;
+                write_atomically(&plugins_dir.join(format!("{name}.toml")), &text)?;
+            }
+            let target = plugins_dir.join(format!("{name}.wasm"));
+            write_atomically(&target, &bytes)?;
+            println!("installed {} as {}", file.display(), target.display());
+            match iim_host::admin::request(&config.data_dir, "reload").await {
+                Ok(reply) => match reply.lines().find(|l| l.starts_with(&format!("{name}\t"))) {
+                    Some(line) if line.contains(&info.digest) => {
+                        println!("the running host loaded it: {line}");
+                    }
+                    _ => {
+                        println!(
+                            "the running host did not load this build; its log says why                              (`plugin refused`)"
+                        );
+                        return Ok(1);
+                    }
+                },
+                Err(_) => println!(
+                    "no host is running with this data directory; it loads the plugin when it starts"
+                ),
+            }
+            Ok(0)
+        }
+        PluginAction::Test { file, script } => {
+            let bytes = read(&file)?;
+            let text = std::fs::read_to_string(&script)
+                .with_context(|| format!("cannot read {}", script.display()))?;
+            let script_parsed =
+                harness::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", script.display()))?;
+            let runtime = runtime_with(user_cache.as_deref())?;
+            if let Err(e) = check::is_component(&bytes) {
+                anyhow::bail!("{}: {e}", file.display());
+            }
+            let report = harness::run(&runtime, &bytes, &stem(&file), &script_parsed).await?;
+            print!("{}", report.text);
+            if report.failures == 0 {
+                println!("{} steps, all as expected", report.steps);
+                Ok(0)
+            } else {
+                println!("{} of {} steps failed", report.failures, report.steps);
+                Ok(1)
+            }
+        }
+    }
+}
+
+/// Checks a plugin and prints what was found; the loaded info if a host would load it.
+async fn report_check(
+    runtime: &iim_host::plugin::Runtime,
+    file: &std::path::Path,
+    bytes: &[u8],
+    name: &str,
+    plugin: &iim_host::plugin::settings::PluginFile,
+) -> anyhow::Result<Option<iim_host::plugin::LoadedInfo>> {
+    use iim_host::plugin::check;
+    let (examined, init) = match check::check(runtime, bytes, name, plugin).await {
+        Ok(found) => found,
+        Err(e) => {
+            println!("error: {}: {e}", file.display());
+            return Ok(None);
+        }
+    };
+    println!(
+        "{}: a component of {} bytes (digest {}), compiled in {:.1} s",
+        file.display(),
+        examined.size,
+        examined.digest,
+        examined.compile.as_secs_f64()
+    );
+    println!("  imports: {}", examined.imports.join(", "));
+    println!("  exports: {}", examined.exports.join(", "));
+    let mut ok = true;
+    if !examined.missing.is_empty() {
+        ok = false;
+        println!("error: it imports what this host does not provide:");
+        for (import, why) in &examined.missing {
+            println!("  {import}: {why}");
+        }
+    }
+    if let Err(e) = &examined.world {
+        ok = false;
+        println!("error: {e}");
+    }
+    let info = match init {
+        Some(Ok(info)) => {
+            let subs: Vec<String> = info.subscriptions.iter().map(|s| s.to_string()).collect();
+            println!(
+                "  init: {} {}, handles {}",
+                info.name,
+                info.version,
+                if subs.is_empty() {
+                    "nothing".to_owned()
+                } else {
+                    subs.join(", ")
+                }
+            );
+            if info.name != name {
+                println!(
+                    "  note: it calls itself {:?}; a host names a plugin by its file: installed \
+                     as {name}.wasm it is {name:?} in logs, admin and dead letters",
+                    info.name
+                );
+            }
+            Some(info)
+        }
+        Some(Err(e)) => {
+            ok = false;
+            println!("error: init: {e}");
+            None
+        }
+        None => None,
+    };
+    if ok {
+        println!("ok: a host would load it");
+    }
+    Ok(info.filter(|_| ok))
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it, synced, then renamed: a host
+/// watching the directory sees the old file or the new one, whole.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("plugin");
+    let partial = path.with_file_name(format!(".{name}.partial"));
+    let mut file = std::fs::File::create(&partial)
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&partial, path)
+        .with_context(|| format!("cannot rename {} to {}", partial.display(), path.display()))?;
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

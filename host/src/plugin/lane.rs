@@ -12,23 +12,27 @@ use super::DeadLetter;
 use super::event::Event;
 use super::imports::{Call, Effects, Outgoing, Services};
 use super::runtime::{Build, CallOutcome, Instance};
+use super::settings::Settings;
 use super::{LoadedInfo, PluginHost};
 use crate::iim::{ServerRow, UserList, UserRow};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-/// A build ready to serve in one lane: compiled, instantiated and initialised.
+/// A build ready to serve in one lane: compiled, and checked by one instance's `init`.
 pub struct Ready {
-    /// The build, for fresh instances after a trap.
+    /// The build, for the lane's instances.
     pub build: Build,
-    /// The configuration its `init` was given.
+    /// The configuration `init` is given.
     pub config: Vec<(String, String)>,
+    /// How the host runs it.
+    pub settings: Settings,
     /// What `init` said.
     pub info: LoadedInfo,
-    /// The lane's instance.
-    pub instance: Instance,
+    /// The lane's instance if one was made already (the one that checked the build); else the
+    /// lane makes one when its first event comes, so that an idle lane costs no instance.
+    pub instance: Option<Instance>,
 }
 
 /// What a lane is told.
@@ -38,8 +42,18 @@ pub enum Command {
     /// Serve the events after this one with another build. The counter holds how many of the
     /// plugin's lanes have yet to switch.
     Swap(Box<Ready>, Arc<AtomicUsize>),
-    /// Stop after the events queued before this.
-    Stop,
+    /// Stop after the events queued before this; then add a permit to the semaphore, if
+    /// given, which the lanes replacing this one wait for.
+    Stop(Option<Arc<Semaphore>>),
+}
+
+/// What a lane waits for before its first event: the lanes it replaces, each of which adds a
+/// permit to the semaphore when it has handled its last event.
+pub struct Gate {
+    /// Where the replaced lanes leave their permits.
+    pub stopped: Arc<Semaphore>,
+    /// How many lanes are replaced.
+    pub lanes: u32,
 }
 
 /// Runs a lane until it is stopped.
@@ -49,6 +63,7 @@ pub async fn run(
     index: usize,
     mut queue: mpsc::UnboundedReceiver<Command>,
     ready: Ready,
+    gate: Option<Gate>,
 ) {
     let mut lane = Lane {
         host,
@@ -56,9 +71,15 @@ pub async fn run(
         index,
         build: ready.build,
         config: ready.config,
+        settings: ready.settings,
         info: ready.info,
-        instance: Some(ready.instance),
+        instance: ready.instance,
     };
+    if let Some(gate) = gate {
+        // The permits go back at once: every new lane waits for the same old ones.
+        let _ = gate.stopped.acquire_many(gate.lanes).await;
+    }
+    let mut stopped = None;
     while let Some(command) = queue.recv().await {
         match command {
             Command::Event(event, _permit) => lane.handle(event).await,
@@ -77,10 +98,14 @@ pub async fn run(
                 }
                 lane.build = ready.build;
                 lane.config = ready.config;
+                lane.settings = ready.settings;
                 lane.info = ready.info;
-                lane.instance = Some(ready.instance);
+                lane.instance = ready.instance;
             }
-            Command::Stop => break,
+            Command::Stop(gate) => {
+                stopped = gate;
+                break;
+            }
         }
     }
     // Events still queued were never handled here: message events stay recorded for dispatch
@@ -92,6 +117,9 @@ pub async fn run(
         }
     }
     tracing::debug!(plugin = %lane.name, lane = lane.index, "plugin lane stopped");
+    if let Some(stopped) = stopped {
+        stopped.add_permits(1);
+    }
 }
 
 struct Lane {
@@ -100,6 +128,7 @@ struct Lane {
     index: usize,
     build: Build,
     config: Vec<(String, String)>,
+    settings: Settings,
     info: LoadedInfo,
     instance: Option<Instance>,
 }
@@ -116,7 +145,7 @@ impl Lane {
             return;
         }
         let max_attempts = self.host.config.max_attempts;
-        let timeout = self.host.runtime.call_timeout();
+        let timeout = self.settings.call_timeout();
         let wit_event = event.to_wit();
         let groups = self
             .info
@@ -190,7 +219,7 @@ impl Lane {
         self.settle(&event);
     }
 
-    /// The live instance, making a fresh one if the last one was lost.
+    /// The live instance, making one if the lane has none yet or the last one was lost.
     async fn instance(&mut self) -> Option<&mut Instance> {
         if self.instance.is_none() {
             let made = self
@@ -201,6 +230,7 @@ impl Lane {
                     &self.name,
                     Arc::clone(&self.host.services),
                     &self.config,
+                    &self.settings,
                 )
                 .await;
             match made {

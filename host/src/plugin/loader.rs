@@ -10,6 +10,7 @@
 
 use super::lane::{self, Command, Ready};
 use super::runtime::{LoadError, sha256_hex};
+use super::settings::{self, PluginFile};
 use super::{LaneHandle, LoadedInfo, PluginHost, Subscription};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -273,7 +274,9 @@ impl Loader {
         let bytes = tokio::fs::read(&wasm_path)
             .await
             .map_err(|e| RefusedPlugin::Read(wasm_path.clone(), e))?;
-        let config = read_config(&wasm_path.with_extension("toml"))?;
+        let config_path = wasm_path.with_extension("toml");
+        let PluginFile { config, settings } = settings::read(&config_path, &self.host.config)
+            .map_err(|e| RefusedPlugin::Config(config_path, e))?;
         let runtime = Arc::clone(&self.host.runtime);
         let build = tokio::task::spawn_blocking(move || runtime.compile(&bytes))
             .await
@@ -282,72 +285,28 @@ impl Loader {
         let (mut instance, info) = self
             .host
             .runtime
-            .instantiate(&build, name, Arc::clone(&services), &config)
+            .instantiate(&build, name, Arc::clone(&services), &config, &settings)
             .await?;
-        if info.name.is_empty() {
-            return Err(LoadError::Info("the plugin gave no name".into()).into());
+        let groups = instance.state().subscribed_groups();
+        let info = super::check::loaded_info(info, groups, &build.digest)?;
+        if info.name != name {
+            tracing::info!(plugin = %name, calls_itself = %info.name, "the plugin's file name is its name here; plugin-info.name differs");
         }
-        let mut subscriptions = info
-            .subscriptions
-            .into_iter()
-            .map(Subscription::from_wit)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| LoadError::Info(format!("{e:?}")))?;
-        if instance.state().subscribed_groups() {
-            subscriptions.push(Subscription::Groups);
-        }
-        let info = LoadedInfo {
-            name: info.name,
-            version: info.version,
-            digest: build.digest.clone(),
-            subscriptions,
-        };
-        // One instance per lane, each initialised with the same configuration.
-        let mut instances = vec![instance];
-        while instances.len() < self.host.config.instances {
-            let (instance, _) = self
-                .host
-                .runtime
-                .instantiate(&build, name, Arc::clone(&services), &config)
-                .await?;
-            instances.push(instance);
-        }
-        let ready = instances
-            .into_iter()
-            .map(|instance| Ready {
+        // One lane per instance. The instance that checked the build serves the first lane;
+        // the others make theirs when their first event comes.
+        let mut first = Some(instance);
+        let ready = (0..settings.instances)
+            .map(|_| Ready {
                 build: build.clone(),
                 config: config.clone(),
+                settings,
                 info: info.clone(),
-                instance,
+                instance: first.take(),
             })
             .collect();
         self.host.install(name, ready)?;
         Ok(info)
     }
-}
-
-/// The `key = value` pairs of a plugin's configuration file; none if there is no file.
-fn read_config(path: &Path) -> Result<Vec<(String, String)>, RefusedPlugin> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(RefusedPlugin::Read(path.to_owned(), e)),
-    };
-    let table: toml::Table =
-        toml::from_str(&text).map_err(|e| RefusedPlugin::Config(path.to_owned(), e.to_string()))?;
-    table
-        .into_iter()
-        .map(|(key, value)| match value {
-            toml::Value::String(s) => Ok((key, s)),
-            toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_) => {
-                Ok((key, value.to_string()))
-            }
-            _ => Err(RefusedPlugin::Config(
-                path.to_owned(),
-                format!("{key}: only strings, numbers and booleans are passed to a plugin"),
-            )),
-        })
-        .collect()
 }
 
 impl PluginHost {
@@ -370,23 +329,34 @@ impl PluginHost {
                 return Err(RefusedPlugin::Conflict(sub.clone(), other.clone()));
             }
         }
+        if let Some(lane) = lanes.get_mut(name)
+            && lane.queues.len() != ready.len()
+        {
+            // Another number of instances: new lanes, which start once the old ones have
+            // handled what was queued in them, so that each user's events stay in order.
+            let gate = lane.retire();
+            let permits = Arc::clone(&lane.permits);
+            lanes.remove(name);
+            self.start_lanes(&mut lanes, name, ready, Some(gate), permits);
+            return Ok(());
+        }
         if let Some(lane) = lanes.get_mut(name) {
             // The old build's queues stay: what was raised before this is handled by the old
             // build, what is raised after by the new one. The lock held here keeps every
             // event raised meanwhile on one side of the hand-over in every lane.
-            if lane.queues.len() == ready.len() {
-                let mut handed = 0;
-                let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(ready.len()));
-                for (queue, ready) in lane.queues.iter().zip(ready) {
-                    let swap = Command::Swap(Box::new(ready), Arc::clone(&waiting));
-                    if queue.send(swap).is_ok() {
-                        handed += 1;
-                    }
+            let settings = ready[0].settings;
+            let mut handed = 0;
+            let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(ready.len()));
+            for (queue, ready) in lane.queues.iter().zip(ready) {
+                let swap = Command::Swap(Box::new(ready), Arc::clone(&waiting));
+                if queue.send(swap).is_ok() {
+                    handed += 1;
                 }
-                if handed == lane.queues.len() {
-                    lane.info = info;
-                    return Ok(());
-                }
+            }
+            if handed == lane.queues.len() {
+                lane.info = info;
+                lane.settings = settings;
+                return Ok(());
             }
             // A lane ended (it cannot, short of a panic): stop the others and refuse; the
             // next look at the directory starts the plugin afresh.
@@ -396,17 +366,39 @@ impl PluginHost {
             return Err(LoadError::Trap("the plugin's lanes had stopped".into()).into());
         }
         let permits = Arc::new(Semaphore::new(self.config.queue));
+        self.start_lanes(&mut lanes, name, ready, None, permits);
+        Ok(())
+    }
+
+    /// Starts one lane per build in `ready` for plugin `name`, after `gate` if given.
+    fn start_lanes(
+        self: &Arc<Self>,
+        lanes: &mut BTreeMap<String, LaneHandle>,
+        name: &str,
+        ready: Vec<Ready>,
+        gate: Option<lane::Gate>,
+        permits: Arc<Semaphore>,
+    ) {
+        let Some(first) = ready.first() else {
+            return;
+        };
+        let (info, settings) = (first.info.clone(), first.settings);
         let mut queues = Vec::with_capacity(ready.len());
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         for (index, ready) in ready.into_iter().enumerate() {
             let (queue, commands) = mpsc::unbounded_channel();
             queues.push(queue);
+            let gate = gate.as_ref().map(|gate| lane::Gate {
+                stopped: Arc::clone(&gate.stopped),
+                lanes: gate.lanes,
+            });
             tasks.push(tokio::spawn(lane::run(
                 Arc::clone(self),
                 name.to_owned(),
                 index,
                 commands,
                 ready,
+                gate,
             )));
         }
         lanes.insert(
@@ -415,9 +407,9 @@ impl PluginHost {
                 queues,
                 permits,
                 info,
+                settings,
             },
         );
-        Ok(())
     }
 
     /// Stops plugin `name`'s lanes; `false` if it was not loaded.

@@ -19,13 +19,17 @@
 // Generated from wit/iim.wit; the WIT carries the documentation.
 #[allow(missing_docs)]
 pub mod bindings;
+pub mod check;
 pub mod convert;
 pub mod dead_letter;
 pub mod event;
+pub mod harness;
 pub mod imports;
+pub mod kits;
 pub mod lane;
 pub mod loader;
 pub mod runtime;
+pub mod settings;
 pub mod stdio;
 
 pub use dead_letter::DeadLetter;
@@ -90,6 +94,7 @@ struct LaneHandle {
     /// one.
     permits: Arc<Semaphore>,
     info: LoadedInfo,
+    settings: settings::Settings,
 }
 
 impl LaneHandle {
@@ -104,8 +109,24 @@ impl LaneHandle {
     fn stop(&self) {
         self.permits.close();
         for queue in &self.queues {
-            let _ = queue.send(lane::Command::Stop);
+            let _ = queue.send(lane::Command::Stop(None));
         }
+    }
+
+    /// Tells every lane to stop after the events queued in it, for lanes that replace them:
+    /// the gate those wait at. The queue's permits stay open, for the new lanes.
+    fn retire(&self) -> lane::Gate {
+        let stopped = Arc::new(Semaphore::new(0));
+        let mut lanes = 0;
+        for queue in &self.queues {
+            if queue
+                .send(lane::Command::Stop(Some(Arc::clone(&stopped))))
+                .is_ok()
+            {
+                lanes += 1;
+            }
+        }
+        lane::Gate { stopped, lanes }
     }
 }
 
@@ -157,10 +178,10 @@ impl PluginHost {
     }
 
     /// The plugins loaded now, by name.
-    pub fn loaded(&self) -> Vec<(String, LoadedInfo)> {
+    pub fn loaded(&self) -> Vec<(String, LoadedInfo, settings::Settings)> {
         self.lanes()
             .iter()
-            .map(|(name, lane)| (name.clone(), lane.info.clone()))
+            .map(|(name, lane)| (name.clone(), lane.info.clone(), lane.settings))
             .collect()
     }
 

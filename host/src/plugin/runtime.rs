@@ -11,6 +11,7 @@ use super::bindings::exports::iim::plugin::handler::PluginError as WitPluginErro
 use super::bindings::iim::plugin::types as wit;
 use super::bindings::{Plugin, PluginPre};
 use super::imports::{PluginState, Services};
+use super::settings::Settings;
 use super::stdio::{PluginOutput, Stream};
 use crate::config::PluginsConfig;
 use std::sync::Arc;
@@ -59,7 +60,7 @@ pub enum LoadError {
 /// A compiled, type-checked plugin build, ready to instantiate.
 #[derive(Clone)]
 pub struct Build {
-    pre: PluginPre<PluginState>,
+    pub(super) pre: PluginPre<PluginState>,
     /// SHA-256 of the file, to tell builds apart in logs.
     pub digest: String,
 }
@@ -86,8 +87,6 @@ pub enum CallOutcome {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<PluginState>,
-    call_timeout: Duration,
-    max_memory: usize,
 }
 
 impl Runtime {
@@ -142,22 +141,17 @@ impl Runtime {
             &mut linker,
             |state| state,
         )?;
-        Ok(Self {
-            engine,
-            linker,
-            call_timeout: Duration::from_millis(config.call_timeout_ms),
-            max_memory,
-        })
+        Ok(Self { engine, linker })
+    }
+
+    /// The linker: the host's imports.
+    pub(super) fn linker(&self) -> &Linker<PluginState> {
+        &self.linker
     }
 
     /// The engine, whose epoch a ticker advances.
     pub fn engine(&self) -> &Engine {
         &self.engine
-    }
-
-    /// How long one call may run.
-    pub fn call_timeout(&self) -> Duration {
-        self.call_timeout
     }
 
     /// Compiles a component and checks it against the world: its exports and the imports it
@@ -174,16 +168,18 @@ impl Runtime {
         Ok(Build { pre, digest })
     }
 
-    /// Makes a new instance of `build` and runs its `init` with `config`.
+    /// Makes a new instance of `build` and runs its `init` with `config`, bounded by
+    /// `settings`.
     pub async fn instantiate(
         &self,
         build: &Build,
         name: &str,
         services: Arc<Services>,
         config: &[(String, String)],
+        settings: &Settings,
     ) -> Result<(Instance, wit::PluginInfo), LoadError> {
         let limits = wasmtime::StoreLimitsBuilder::new()
-            .memory_size(self.max_memory)
+            .memory_size(settings.max_memory())
             .table_elements(100_000)
             .trap_on_grow_failure(true)
             .build();
@@ -196,7 +192,7 @@ impl Runtime {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| state.limits());
         store.epoch_deadline_callback(on_tick);
-        let timeout = self.call_timeout;
+        let timeout = settings.call_timeout();
         arm(&mut store, timeout);
         let plugin = bounded(timeout, build.pre.instantiate_async(&mut store))
             .await
