@@ -161,6 +161,82 @@ pub fn test_plugin(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// What each kit's example build needs on the machine (its build script installs the rest
+/// from the registries): `.ci/run` installs these, and sets `IIM_KITS_REQUIRED=1` so that a
+/// missing one fails the tests there instead of skipping them.
+const KIT_TOOLS: &[(&str, &[&str])] = &[
+    ("rust", &[]),
+    ("python", &["python3"]),
+    ("js", &["node", "npm"]),
+    ("ts", &["node", "npm"]),
+    ("c", &["clang", "python3", "curl"]),
+    ("zig", &["python3", "curl"]),
+];
+
+/// Builds (once per test process) the example plugin `typing` of kit `lang` (`kits/LANG/example`)
+/// and returns its component; `None`, with a line saying why, when the machine lacks a tool the
+/// kit needs and `IIM_KITS_REQUIRED` is not set.
+pub fn kit_example(lang: &str) -> anyhow::Result<Option<PathBuf>> {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, path)) = built.iter().find(|(l, _)| l == lang) {
+        return Ok(Some(path.clone()));
+    }
+    let (_, tools) = KIT_TOOLS
+        .iter()
+        .find(|(l, _)| *l == lang)
+        .with_context(|| format!("no kit {lang}"))?;
+    let lacking: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|tool| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if !lacking.is_empty() {
+        anyhow::ensure!(
+            std::env::var_os("IIM_KITS_REQUIRED").is_none(),
+            "kit {lang} needs {} on this machine",
+            lacking.join(", ")
+        );
+        eprintln!(
+            "skipped: kit {lang} needs {} (IIM_KITS_REQUIRED=1 makes this a failure)",
+            lacking.join(", ")
+        );
+        return Ok(None);
+    }
+    let path = if lang == "rust" {
+        let status = cargo()
+            .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2"])
+            .args(["-p", "iim-plugin-typing", "--target-dir"])
+            .arg(plugins_target())
+            .status()
+            .context("cannot run cargo")?;
+        anyhow::ensure!(
+            status.success(),
+            "building the Rust example failed: {status}"
+        );
+        plugins_target().join("wasm32-wasip2/release/iim_plugin_typing.wasm")
+    } else {
+        let out = plugins_target().join("kits").join(lang);
+        let script = workspace().join("kits").join(lang).join("example/build.sh");
+        let status = Command::new("bash")
+            .arg(&script)
+            .arg(&out)
+            .status()
+            .context("cannot run bash")?;
+        anyhow::ensure!(status.success(), "{} failed: {status}", script.display());
+        out.join("typing.wasm")
+    };
+    anyhow::ensure!(path.is_file(), "{} was not built", path.display());
+    built.push((lang.to_owned(), path.clone()));
+    Ok(Some(path))
+}
+
 /// Builds (once per test process) the Python plugin `plugins/typing-py` with its recipe
 /// (`build.sh`: componentize-py from PyPI into a virtualenv under `target/`) and returns its
 /// component.
@@ -359,6 +435,11 @@ impl HostProcess {
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// The host's data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
     }
 
     /// The plugins directory the host watches.
@@ -658,4 +739,66 @@ impl TwoUsers {
 /// The ids of `messages`, in order.
 pub fn ids(messages: &[Message]) -> Vec<iim_client::proto::MessageId> {
     messages.iter().map(|m| m.id).collect()
+}
+
+/// Alice sends Bob messages of `kind` (bodies `m0`, `m1`, ...) until `changes` is done (and at
+/// least 100 messages), then an end marker; fails unless Bob got every one once, in order, and
+/// nothing after. For plugins replaced or reconfigured under load.
+pub async fn under_load<F>(
+    (a, b, bob): (Connection, Connection, UserId),
+    kind: iim_client::proto::MessageKind,
+    changes: F,
+) -> anyhow::Result<F::Output>
+where
+    F: std::future::Future,
+{
+    let changing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let still_changing = std::sync::Arc::clone(&changing);
+    let sent_kind = kind.clone();
+    let sender = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        while ids.len() < 100 || still_changing.load(std::sync::atomic::Ordering::SeqCst) {
+            let body = format!("m{}", ids.len());
+            let accepted = a
+                .submit(
+                    iim_client::new_client_id(),
+                    sent_kind.clone(),
+                    std::slice::from_ref(&bob),
+                    body.as_bytes(),
+                )
+                .await?;
+            ids.push(accepted.id);
+        }
+        a.submit(
+            iim_client::new_client_id(),
+            sent_kind,
+            std::slice::from_ref(&bob),
+            b"end",
+        )
+        .await?;
+        anyhow::Ok((a, ids))
+    });
+    let receiver = tokio::spawn(async move {
+        let mut got = Vec::new();
+        loop {
+            let message = next_message(&b).await?;
+            if text(&message) == "end" {
+                return anyhow::Ok((b, got));
+            }
+            got.push(message);
+        }
+    });
+    let outcome = changes.await;
+    changing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (_a, sent) = within("sender", sender).await???;
+    let (b, got) = within("receiver", receiver).await???;
+    anyhow::ensure!(ids(&got) == sent, "not every message once, in order");
+    for (i, message) in got.iter().enumerate() {
+        anyhow::ensure!(message.kind == kind, "{message:?} is not {kind}");
+        anyhow::ensure!(text(message) == format!("m{i}"), "{message:?} is not m{i}");
+    }
+    if let Ok(event) = tokio::time::timeout(Duration::from_millis(300), b.next_event()).await {
+        anyhow::bail!("after the end marker, {event:?}");
+    }
+    Ok(outcome)
 }
