@@ -92,7 +92,8 @@ fn main() {
 fn embed_kits(workspace: &Path) {
     let kits = workspace.join("kits");
     println!("cargo:rerun-if-changed={}", kits.display());
-    let mut out = String::from("/// One file of a template: its path in the project, and its bytes.\n");
+    let mut out =
+        String::from("/// One file of a template: its path in the project, and its bytes.\n");
     out.push_str("pub type TemplateFile = (&'static str, &'static [u8]);\n");
     out.push_str("/// Every kit's template files, by language.\n");
     out.push_str("pub const KITS: &[(&str, &[TemplateFile])] = &[\n");

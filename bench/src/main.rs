@@ -13,7 +13,9 @@
 //! ```
 //!
 //! `iim-bench plugins [--events 20000] [--json]` measures the plugin path against a native one
-//! instead (see `plugins.rs`); `iim-bench recovery [--messages 100000] [--users 10] [--json]`
+//! instead (see `plugins.rs`); `iim-bench plugins --lang rust,python,js,ts,c,zig [--events 2000]
+//! [--instances 8] [--json]` the plugin kits' examples against the Rust one: size, first-load
+//! compile time, memory per instance, cost per event (see `kits.rs`); `iim-bench recovery [--messages 100000] [--users 10] [--json]`
 //! how a host killed with that many messages waiting comes back (see `recovery.rs`);
 //! `iim-bench network [--pairs 4] [--messages 2000] [--window 32] [--body 100] [--friends 1000]
 //! [--json]` a network of hosts (an exchange and three hosts): the same chat load within one
@@ -35,6 +37,7 @@
 mod files;
 mod groups;
 mod iim_run;
+mod kits;
 mod logins;
 mod network;
 mod plugins;
@@ -108,9 +111,29 @@ enum Command {
         /// Events handled per path in each measurement.
         #[arg(long, default_value_t = 20_000)]
         events: u32,
+        /// Compare the plugin kits' examples instead (kits/LANG/example), these languages
+        /// against the Rust one: size, first-load compile time, memory per instance, cost per
+        /// event. Comma-separated: rust, python, js, ts, c, zig.
+        #[arg(long, value_delimiter = ',')]
+        lang: Vec<String>,
+        /// With --lang: instances made of each plugin, as a host's lanes.
+        #[arg(long, default_value_t = 8)]
+        instances: usize,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// One language of `plugins --lang`, measured in a process of its own.
+    #[command(hide = true)]
+    PluginKit {
+        #[arg(long)]
+        lang: String,
+        #[arg(long)]
+        wasm: PathBuf,
+        #[arg(long)]
+        events: u32,
+        #[arg(long)]
+        instances: usize,
     },
     /// Recovery after kill -9 with many messages waiting: restart and drain times.
     Recovery {
@@ -229,7 +252,26 @@ fn main() -> ExitCode {
     }
     let result = match &args.command {
         Some(Command::Relay { listen, cert_dir }) => raw::relay_main(*listen, cert_dir),
-        Some(Command::Plugins { events, json }) => plugins::run((*events).max(1)).map(|f| {
+        Some(Command::Plugins {
+            lang,
+            events,
+            instances,
+            json,
+        }) if !lang.is_empty() => kits::run(lang, (*events).max(1), *instances).map(|f| {
+            if *json {
+                println!("{}", serde_json::to_string(&f).unwrap_or_default());
+            } else {
+                kits::print(&f);
+            }
+        }),
+        Some(Command::PluginKit {
+            lang,
+            wasm,
+            events,
+            instances,
+        }) => kits::measure_one(lang, wasm, *events, *instances)
+            .map(|f| println!("{}", serde_json::to_string(&f).unwrap_or_default())),
+        Some(Command::Plugins { events, json, .. }) => plugins::run((*events).max(1)).map(|f| {
             if *json {
                 println!("{}", serde_json::to_string(&f).unwrap_or_default());
             } else {

@@ -309,7 +309,10 @@ async fn plugin_command(action: PluginAction, config: &Config) -> anyhow::Result
             );
             println!("  cd {} && ./build.sh", dir.display());
             println!("  iim-host plugin check {name}.wasm");
-            println!("  iim-host plugin install {name}.wasm --data-dir YOUR_HOST_DATA_DIR");
+            println!(
+                "  iim-host plugin test {name}.wasm SCRIPT.toml   (docs/plugins.md, \"Testing a plugin\")"
+            );
+            println!("  iim-host --data-dir YOUR_HOST_DATA_DIR plugin install {name}.wasm");
             Ok(0)
         }
         PluginAction::Check { file, config: path } => {

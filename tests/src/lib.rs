@@ -237,31 +237,6 @@ pub fn kit_example(lang: &str) -> anyhow::Result<Option<PathBuf>> {
     Ok(Some(path))
 }
 
-/// Builds (once per test process) the Python plugin `plugins/typing-py` with its recipe
-/// (`build.sh`: componentize-py from PyPI into a virtualenv under `target/`) and returns its
-/// component.
-pub fn python_plugin() -> anyhow::Result<PathBuf> {
-    static BUILT: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(path) = built.as_ref() {
-        return Ok(path.clone());
-    }
-    let out = plugins_target().join("python");
-    let status = Command::new("bash")
-        .arg(workspace().join("plugins/typing-py/build.sh"))
-        .arg(&out)
-        .status()
-        .context("cannot run bash")?;
-    anyhow::ensure!(
-        status.success(),
-        "plugins/typing-py/build.sh failed: {status}"
-    );
-    let path = out.join("typing.wasm");
-    anyhow::ensure!(path.is_file(), "{} was not built", path.display());
-    *built = Some(path.clone());
-    Ok(path)
-}
-
 /// Where test hosts cache compiled plugins: shared by every test and run, so that a large
 /// plugin (the Python one) is compiled once.
 fn plugin_cache() -> PathBuf {

@@ -574,43 +574,6 @@ async fn a_plugin_added_at_run_time_serves_its_kind() -> Result {
 }
 
 #[tokio::test]
-async fn a_python_plugin_built_with_componentize_py_relays_typing_indicators() -> Result {
-    let typing = python_plugin()?;
-    let TwoUsers {
-        host,
-        alice,
-        bob,
-        a,
-        b,
-        ..
-    } = TwoUsers::start().await?;
-    install(&typing, &host.plugins_dir().join("typing.wasm"))?;
-    let listed = host.admin("reload").await?;
-    assert!(
-        listed.contains("message(typing)"),
-        "typing not loaded: {listed}"
-    );
-
-    let kind = MessageKind::Custom("typing".into());
-    let accepted = submit(&a, kind.clone(), &bob, b"started").await?;
-    let got = expect_kind(&b, kind.clone()).await?;
-    assert_eq!(
-        (got.id, got.from.clone(), text(&got)),
-        (accepted.id, alice, "started".into())
-    );
-
-    // Over its configured limit (64 bytes): the plugin refuses it; Bob gets nothing.
-    submit(&a, kind, &bob, &[b'x'; 65]).await?;
-    quiet(&b).await?;
-    assert!(
-        host.log().contains("plugin refused the event"),
-        "{}",
-        host.log()
-    );
-    Ok(())
-}
-
-#[tokio::test]
 async fn a_plugin_built_against_wit_0_1_0_still_loads_and_runs() -> Result {
     let TwoUsers {
         host, bob, a, b, ..

@@ -304,7 +304,7 @@ pub async fn run(
             CallOutcome::Handled => ("ok", String::new()),
             CallOutcome::Rejected(r) => ("rejected", r.clone()),
             CallOutcome::Failed(r) => ("failed", r.clone()),
-            CallOutcome::Trapped(r) => ("trapped", r.clone()),
+            CallOutcome::Trapped(r) => ("trapped", r.trim_start_matches("trapped: ").to_owned()),
         };
         let want = [
             ("rejected", &step.rejected),
@@ -465,7 +465,10 @@ fn event_of(
 }
 
 fn decode_hex(hex: &str) -> anyhow::Result<Vec<u8>> {
-    anyhow::ensure!(hex.len().is_multiple_of(2), "body_hex has an odd number of digits");
+    anyhow::ensure!(
+        hex.len().is_multiple_of(2),
+        "body_hex has an odd number of digits"
+    );
     (0..hex.len())
         .step_by(2)
         .map(|i| {
