@@ -184,6 +184,9 @@ fn plugins(host: &Host) -> String {
     if out.is_empty() {
         out.push_str("no plugin loaded\n");
     }
+    for (file, error) in host.plugins.refused() {
+        let _ = writeln!(out, "{file}\trefused: {error}");
+    }
     out
 }
 

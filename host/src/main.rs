@@ -358,9 +358,11 @@ async fn plugin_command(action: PluginAction, config: &Config) -> anyhow::Result
                         println!("the running host loaded it: {line}");
                     }
                     _ => {
-                        println!(
-                            "the running host did not load this build; its log says why                              (`plugin refused`)"
-                        );
+                        let why = reply
+                            .lines()
+                            .find_map(|l| l.strip_prefix(&format!("{name}\trefused: ")))
+                            .unwrap_or("its log says why (`plugin refused`)");
+                        println!("the running host did not load this build: {why}");
                         return Ok(1);
                     }
                 },

@@ -250,10 +250,13 @@ async fn an_invalid_build_is_refused_and_the_loaded_one_keeps_serving() -> Resul
     let wrong_world = std::fs::read(&misfit)?;
     // The misbehave plugin fits the world; cut it short to break it.
     replace_with(&wrong_world[..wrong_world.len() / 2], &chat)?;
-    assert_eq!(
-        host.admin("reload").await?,
-        before,
-        "the old build still serves"
+    // The old build still serves, and the listing says why the new one was refused.
+    let after = host.admin("reload").await?;
+    let (serving, refused) = after.split_at(before.len());
+    assert_eq!(serving, before, "the old build still serves: {after}");
+    assert!(
+        refused.starts_with("chat\trefused: not a valid component"),
+        "{after}"
     );
     let log = host.log();
     assert!(

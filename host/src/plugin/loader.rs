@@ -181,6 +181,7 @@ impl Loader {
             .collect();
         for name in gone {
             self.seen.remove(&name);
+            self.host.set_refused(&name, None);
             if self.host.unload(&name) {
                 tracing::info!(plugin = %name, "plugin file removed; unloading");
                 changes += 1;
@@ -200,9 +201,11 @@ impl Loader {
                         subscriptions = %info.subscriptions.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "),
                         "plugin loaded"
                     );
+                    self.host.set_refused(&name, None);
                     changes += 1;
                 }
                 Err(e) => {
+                    self.host.set_refused(&name, Some(e.to_string()));
                     let serving = self.host.lanes().contains_key(&name);
                     tracing::error!(
                         plugin = %name,

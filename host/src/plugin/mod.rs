@@ -143,6 +143,9 @@ pub struct PluginHost {
     pub rescan: tokio::sync::Notify,
     /// How many scans of the plugins directory have completed.
     scans: tokio::sync::watch::Sender<u64>,
+    /// Plugin files whose last build was refused, with why: what `admin plugins` shows beside
+    /// what is loaded.
+    refused: Mutex<BTreeMap<String, String>>,
     /// The lanes' tasks, to wait for at shutdown.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -165,6 +168,7 @@ impl PluginHost {
             rescan: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
             scans: tokio::sync::watch::Sender::new(0),
+            refused: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -183,6 +187,25 @@ impl PluginHost {
             .iter()
             .map(|(name, lane)| (name.clone(), lane.info.clone(), lane.settings))
             .collect()
+    }
+
+    /// The plugin files whose last build was refused, with why (a loaded build of the same
+    /// name may still be serving).
+    pub fn refused(&self) -> Vec<(String, String)> {
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused
+            .iter()
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect()
+    }
+
+    /// Records the outcome of loading plugin file `name`: `None` if it loaded (or went).
+    fn set_refused(&self, name: &str, error: Option<String>) {
+        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        match error {
+            Some(error) => refused.insert(name.to_owned(), error),
+            None => refused.remove(name),
+        };
     }
 
     /// The plugin that handles submitted messages of `kind`, if one is loaded.

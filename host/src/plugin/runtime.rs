@@ -69,6 +69,8 @@ pub struct Build {
 pub struct Instance {
     store: Store<PluginState>,
     plugin: Plugin,
+    /// Its stderr, for the last line before a trap.
+    stderr: PluginOutput,
 }
 
 /// What happened to one call of `handle`.
@@ -184,9 +186,10 @@ impl Runtime {
             .trap_on_grow_failure(true)
             .build();
         // What the plugin prints goes to the log under its name, not to the host's stderr.
+        let stderr = PluginOutput::new(name, Stream::Stderr);
         let wasi = WasiCtxBuilder::new()
             .stdout(PluginOutput::new(name, Stream::Stdout))
-            .stderr(PluginOutput::new(name, Stream::Stderr))
+            .stderr(stderr.clone())
             .build();
         let state = PluginState::new(name, services, wasi, ResourceTable::new(), limits);
         let mut store = Store::new(&self.engine, state);
@@ -205,7 +208,14 @@ impl Runtime {
         .await
         .map_err(|e| LoadError::Trap(e.to_string()))?;
         match info {
-            Ok(info) => Ok((Instance { store, plugin }, info)),
+            Ok(info) => Ok((
+                Instance {
+                    store,
+                    plugin,
+                    stderr,
+                },
+                info,
+            )),
             Err(WitPluginError::InvalidConfig(reason)) => Err(LoadError::Config(reason)),
             Err(WitPluginError::Rejected(reason) | WitPluginError::Failed(reason)) => {
                 Err(LoadError::Config(reason))
@@ -222,6 +232,7 @@ impl Instance {
 
     /// Calls `handle(event)`, bounded by `timeout`.
     pub async fn handle(&mut self, event: &wit::Event, timeout: Duration) -> CallOutcome {
+        self.stderr.forget();
         arm(&mut self.store, timeout);
         let call = self
             .plugin
@@ -233,7 +244,11 @@ impl Instance {
             Ok(Err(WitPluginError::Failed(reason) | WitPluginError::InvalidConfig(reason))) => {
                 CallOutcome::Failed(reason)
             }
-            Err(trap) => CallOutcome::Trapped(trap.to_string()),
+            Err(trap) => CallOutcome::Trapped(match self.stderr.last_words() {
+                // An uncaught exception's message, which the trap itself does not carry.
+                Some(words) => format!("{trap}; its last line on stderr: {words}"),
+                None => trap.to_string(),
+            }),
         }
     }
 }

@@ -49,7 +49,27 @@ impl PluginOutput {
             stream,
             line: Vec::new(),
             dropped: 0,
+            last: None,
         })))
+    }
+
+    /// What the guest wrote last on this stream since [`PluginOutput::forget`]: the line being
+    /// written if it has anything, else the last whole line. A guest that traps on an uncaught
+    /// exception (JavaScript, Python) prints why here first.
+    pub fn last_words(&self) -> Option<String> {
+        let log = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let partial = String::from_utf8_lossy(&log.line).trim().to_owned();
+        if partial.is_empty() {
+            log.last.clone()
+        } else {
+            Some(partial)
+        }
+    }
+
+    /// Forgets the last line (at the start of a call, so that [`PluginOutput::last_words`]
+    /// speaks of that call only).
+    pub fn forget(&self) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).last = None;
     }
 
     fn write_bytes(&self, bytes: &[u8]) {
@@ -70,6 +90,8 @@ struct LineLog {
     line: Vec<u8>,
     /// Bytes of the line dropped past [`MAX_LOG_LINE`].
     dropped: usize,
+    /// The last line logged, if it said anything.
+    last: Option<String>,
 }
 
 impl LineLog {
@@ -99,6 +121,7 @@ impl LineLog {
         // Whatever the guest wrote: a byte that is not UTF-8 (or a character the cut split)
         // becomes U+FFFD rather than losing the line.
         let text = String::from_utf8_lossy(line);
+        self.last = Some(text.trim().to_owned());
         let plugin = &self.plugin;
         let dropped = (self.dropped > 0).then_some(self.dropped);
         match self.stream {
@@ -183,6 +206,22 @@ impl AsyncWrite for PluginOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_words_are_the_line_being_written_else_the_last_line_of_the_call() {
+        let out = PluginOutput::new("p", Stream::Stderr);
+        assert_eq!(out.last_words(), None);
+        out.write_bytes(b"Traceback:\n  ValueError: x\n");
+        assert_eq!(out.last_words().as_deref(), Some("ValueError: x"));
+        out.forget();
+        assert_eq!(
+            out.last_words(),
+            None,
+            "a new call starts with nothing said"
+        );
+        out.write_bytes(b"Error: no answer");
+        assert_eq!(out.last_words().as_deref(), Some("Error: no answer"));
+    }
 
     /// The host's log format, written to memory.
     #[derive(Clone, Default)]
