@@ -412,13 +412,32 @@ async fn report_check(
         }
     };
     println!(
-        "{}: a component of {} bytes (digest {}), compiled in {:.1} s",
+        "{}: a component of {} bytes (digest {}), compiled (or taken from the cache) in {:.1} s",
         file.display(),
         examined.size,
         examined.digest,
         examined.compile.as_secs_f64()
     );
-    println!("  imports: {}", examined.imports.join(", "));
+    // By package: `wasi:io@0.2.9 (poll, error, streams)`.
+    let mut packages: Vec<(String, Vec<String>)> = Vec::new();
+    for import in &examined.imports {
+        let (package, interface) = match import.split_once('/') {
+            Some((namespace, rest)) => match rest.split_once('@') {
+                Some((interface, version)) => (format!("{namespace}@{version}"), interface),
+                None => (namespace.to_owned(), rest),
+            },
+            None => (import.clone(), ""),
+        };
+        match packages.iter_mut().find(|(p, _)| *p == package) {
+            Some((_, interfaces)) => interfaces.push(interface.to_owned()),
+            None => packages.push((package, vec![interface.to_owned()])),
+        }
+    }
+    let packages: Vec<String> = packages
+        .into_iter()
+        .map(|(package, interfaces)| format!("{package} ({})", interfaces.join(", ")))
+        .collect();
+    println!("  imports: {}", packages.join("; "));
     println!("  exports: {}", examined.exports.join(", "));
     let mut ok = true;
     if !examined.missing.is_empty() {
