@@ -249,6 +249,14 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+/// `println!` that does not panic when stdout is closed (`iim-host plugin check X | head -1`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Runs an `iim-host plugin` command; the exit code.
 async fn plugin_command(action: PluginAction, config: &Config) -> anyhow::Result<i32> {
     use iim_host::plugin::{check, harness, kits, settings};
@@ -302,17 +310,17 @@ async fn plugin_command(action: PluginAction, config: &Config) -> anyhow::Result
         } => {
             let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
             let written = kits::new_project(&name, &lang, &dir, sdk.as_deref())?;
-            println!(
+            say!(
                 "wrote {} files into {}/; next:",
                 written.len(),
                 dir.display()
             );
-            println!("  cd {} && ./build.sh", dir.display());
-            println!("  iim-host plugin check {name}.wasm");
-            println!(
+            say!("  cd {} && ./build.sh", dir.display());
+            say!("  iim-host plugin check {name}.wasm");
+            say!(
                 "  iim-host plugin test {name}.wasm SCRIPT.toml   (docs/plugins.md, \"Testing a plugin\")"
             );
-            println!("  iim-host --data-dir YOUR_HOST_DATA_DIR plugin install {name}.wasm");
+            say!("  iim-host --data-dir YOUR_HOST_DATA_DIR plugin install {name}.wasm");
             Ok(0)
         }
         PluginAction::Check { file, config: path } => {
@@ -351,22 +359,22 @@ async fn plugin_command(action: PluginAction, config: &Config) -> anyhow::Result
             }
             let target = plugins_dir.join(format!("{name}.wasm"));
             write_atomically(&target, &bytes)?;
-            println!("installed {} as {}", file.display(), target.display());
+            say!("installed {} as {}", file.display(), target.display());
             match iim_host::admin::request(&config.data_dir, "reload").await {
                 Ok(reply) => match reply.lines().find(|l| l.starts_with(&format!("{name}\t"))) {
                     Some(line) if line.contains(&info.digest) => {
-                        println!("the running host loaded it: {line}");
+                        say!("the running host loaded it: {line}");
                     }
                     _ => {
                         let why = reply
                             .lines()
                             .find_map(|l| l.strip_prefix(&format!("{name}\trefused: ")))
                             .unwrap_or("its log says why (`plugin refused`)");
-                        println!("the running host did not load this build: {why}");
+                        say!("the running host did not load this build: {why}");
                         return Ok(1);
                     }
                 },
-                Err(_) => println!(
+                Err(_) => say!(
                     "no host is running with this data directory; it loads the plugin when it starts"
                 ),
             }
@@ -383,12 +391,12 @@ async fn plugin_command(action: PluginAction, config: &Config) -> anyhow::Result
                 anyhow::bail!("{}: {e}", file.display());
             }
             let report = harness::run(&runtime, &bytes, &stem(&file), &script_parsed).await?;
-            print!("{}", report.text);
+            say!("{}", report.text.trim_end());
             if report.failures == 0 {
-                println!("{} steps, all as expected", report.steps);
+                say!("{} steps, all as expected", report.steps);
                 Ok(0)
             } else {
-                println!("{} of {} steps failed", report.failures, report.steps);
+                say!("{} of {} steps failed", report.failures, report.steps);
                 Ok(1)
             }
         }
@@ -407,12 +415,12 @@ async fn report_check(
     let (examined, init) = match check::check(runtime, bytes, name, plugin).await {
         Ok(found) => found,
         Err(e) => {
-            println!("error: {}: {e}", file.display());
+            say!("error: {}: {e}", file.display());
             return Ok(None);
         }
     };
-    println!(
-        "{}: a component of {} bytes (digest {}), compiled (or taken from the cache) in {:.1} s",
+    say!(
+        "{}: a component of {} bytes (digest {}), compiled (or taken from the cache) in {:.3} s",
         file.display(),
         examined.size,
         examined.digest,
@@ -437,24 +445,24 @@ async fn report_check(
         .into_iter()
         .map(|(package, interfaces)| format!("{package} ({})", interfaces.join(", ")))
         .collect();
-    println!("  imports: {}", packages.join("; "));
-    println!("  exports: {}", examined.exports.join(", "));
+    say!("  imports: {}", packages.join("; "));
+    say!("  exports: {}", examined.exports.join(", "));
     let mut ok = true;
     if !examined.missing.is_empty() {
         ok = false;
-        println!("error: it imports what this host does not provide:");
+        say!("error: it imports what this host does not provide:");
         for (import, why) in &examined.missing {
-            println!("  {import}: {why}");
+            say!("  {import}: {why}");
         }
     }
     if let Err(e) = &examined.world {
         ok = false;
-        println!("error: {e}");
+        say!("error: {e}");
     }
     let info = match init {
         Some(Ok(info)) => {
             let subs: Vec<String> = info.subscriptions.iter().map(|s| s.to_string()).collect();
-            println!(
+            say!(
                 "  init: {} {}, handles {}",
                 info.name,
                 info.version,
@@ -465,7 +473,7 @@ async fn report_check(
                 }
             );
             if info.name != name {
-                println!(
+                say!(
                     "  note: it calls itself {:?}; a host names a plugin by its file: installed \
                      as {name}.wasm it is {name:?} in logs, admin and dead letters",
                     info.name
@@ -475,13 +483,13 @@ async fn report_check(
         }
         Some(Err(e)) => {
             ok = false;
-            println!("error: init: {e}");
+            say!("error: init: {e}");
             None
         }
         None => None,
     };
     if ok {
-        println!("ok: a host would load it");
+        say!("ok: a host would load it");
     }
     Ok(info.filter(|_| ok))
 }

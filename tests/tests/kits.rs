@@ -174,6 +174,35 @@ async fn the_python_example_goes_from_build_to_hot_replacement() -> Result {
     example_end_to_end("python").await
 }
 
+#[tokio::test]
+async fn the_c_example_goes_from_build_to_hot_replacement() -> Result {
+    example_end_to_end("c").await
+}
+
+#[tokio::test]
+async fn the_zig_example_goes_from_build_to_hot_replacement() -> Result {
+    example_end_to_end("zig").await
+}
+
+/// The C kit's bindings (which the Zig kit shares) are generated from the WIT and committed, so
+/// that a C author needs no cargo: they must be those of the WIT the host is built against.
+#[test]
+fn the_committed_c_bindings_are_those_of_the_wit() -> Result {
+    use sha2::Digest as _;
+    let wit = std::fs::read(workspace().join("wit/iim.wit"))?;
+    let digest: String = sha2::Sha256::digest(&wit)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let recorded = std::fs::read_to_string(workspace().join("kits/c/bindings.wit-sha256"))?;
+    ensure!(
+        recorded.trim() == digest,
+        "wit/iim.wit changed since the C bindings were generated: run \
+         bash kits/c/regenerate-bindings.sh and commit what it writes"
+    );
+    Ok(())
+}
+
 #[test]
 fn plugin_new_writes_a_project_for_every_kit() -> Result {
     let root = tempfile::tempdir()?;
