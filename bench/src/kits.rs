@@ -50,6 +50,13 @@ pub struct Figures {
     pub instances: usize,
     /// Handling one typing event, µs (median of the rounds).
     pub event_us: f64,
+    /// In a running `iim-host` (release build, chat loaded): how long `admin reload` took to
+    /// load the plugin the first time (compile, check, init), seconds.
+    #[serde(default)]
+    pub host_first_load_s: f64,
+    /// The host's resident memory growth from that load, MiB.
+    #[serde(default)]
+    pub host_load_mib: f64,
     /// `event_us` against the Rust example's in the same run (filled in by the parent; 0 until
     /// then).
     #[serde(default)]
@@ -88,8 +95,10 @@ pub fn run(langs: &[String], events: u32, instances: usize) -> anyhow::Result<Ve
             "measuring {lang} failed: {}",
             String::from_utf8_lossy(&child.stderr)
         );
-        let f: Figures = serde_json::from_slice(&child.stdout)
+        let mut f: Figures = serde_json::from_slice(&child.stdout)
             .with_context(|| format!("the {lang} measurement printed no figures"))?;
+        eprintln!("iim-bench plugins: loading the {lang} example into a running host");
+        (f.host_first_load_s, f.host_load_mib) = in_a_host(&wasm)?;
         figures.push(f);
     }
     let rust = figures
@@ -101,6 +110,36 @@ pub fn run(langs: &[String], events: u32, instances: usize) -> anyhow::Result<Ve
         f.event_ratio = f.event_us / rust;
     }
     Ok(figures)
+}
+
+/// Loads `wasm` into a fresh `iim-host` (chat only) and returns how long the load took and how
+/// much the host's resident memory grew.
+fn in_a_host(wasm: &Path) -> anyhow::Result<(f64, f64)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        // A cache of its own: the first load compiles.
+        let cache = tempfile::tempdir()?;
+        let chat = iim_e2e::default_plugin("chat")?;
+        let host = iim_e2e::HostProcess::start_with(
+            &format!("[plugins]\ncache_dir = {:?}\n", cache.path()),
+            iim_e2e::Plugins::Only(&[("chat", &chat)]),
+        )?;
+        let pid = host.pid().context("the host runs")?;
+        // Settled after its start (chat compiled, the store open).
+        host.admin("plugins").await?;
+        let before = crate::process::rss_mib(pid)?;
+        let tmp = host.plugins_dir().join(".typing.partial");
+        std::fs::copy(wasm, &tmp)?;
+        std::fs::rename(&tmp, host.plugins_dir().join("typing.wasm"))?;
+        let started = Instant::now();
+        let listed = host.admin("reload").await?;
+        let took = started.elapsed().as_secs_f64();
+        anyhow::ensure!(listed.contains("message(typing)"), "not loaded: {listed}");
+        let after = crate::process::rss_mib(pid)?;
+        Ok((took, after - before))
+    })
 }
 
 fn build(workspace: &Path, out: &Path, lang: &str) -> anyhow::Result<PathBuf> {
@@ -306,6 +345,8 @@ async fn measure(
         per_instance_mib,
         instances,
         event_us,
+        host_first_load_s: 0.0,
+        host_load_mib: 0.0,
         event_ratio: 0.0,
     })
 }
@@ -318,7 +359,7 @@ pub fn print(figures: &[Figures]) {
         figures.first().map_or(0, |f| f.instances)
     );
     println!(
-        "{:<8} {:>10} {:>11} {:>11} {:>13} {:>13} {:>10} {:>8}",
+        "{:<8} {:>9} {:>10} {:>9} {:>12} {:>13} {:>10} {:>8} {:>11} {:>10}",
         "kit",
         "size MB",
         "compile s",
@@ -326,11 +367,13 @@ pub fn print(figures: &[Figures]) {
         "1st inst MiB",
         "next inst MiB",
         "µs/event",
-        "vs rust"
+        "vs rust",
+        "host load s",
+        "host +MiB"
     );
     for f in figures {
         println!(
-            "{:<8} {:>10.2} {:>11.2} {:>11.3} {:>13.1} {:>13.2} {:>10.2} {:>8.1}",
+            "{:<8} {:>9.2} {:>10.2} {:>9.3} {:>12.1} {:>13.2} {:>10.2} {:>8.1} {:>11.2} {:>10.1}",
             f.lang,
             f.size as f64 / 1e6,
             f.compile_s,
@@ -338,7 +381,13 @@ pub fn print(figures: &[Figures]) {
             f.first_instance_mib,
             f.per_instance_mib,
             f.event_us,
-            f.event_ratio
+            f.event_ratio,
+            f.host_first_load_s,
+            f.host_load_mib
         );
     }
+    println!(
+        "host load: `admin reload` of the new plugin in a running iim-host (compiled in a child \
+         process, one instance made and initialised); host +MiB: its resident memory after"
+    );
 }

@@ -108,6 +108,18 @@ enum PluginAction {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Compiles a plugin into a compiled-code cache, for a host with these settings (what a
+    /// host runs to compile a new plugin outside its own memory).
+    #[command(hide = true)]
+    Compile {
+        file: PathBuf,
+        #[arg(long)]
+        cache_dir: PathBuf,
+        #[arg(long)]
+        instances: usize,
+        #[arg(long)]
+        max_memory_mib: u64,
+    },
     /// Runs a plugin against a host of its own (a temporary store, no server) with a script
     /// of events and what each should do (docs/plugins.md, "Testing a plugin"). Exits with 1
     /// if a step fails.
@@ -379,6 +391,27 @@ async fn plugin_command(action: PluginAction, config: &Config) -> anyhow::Result
                 ),
             }
             Ok(0)
+        }
+        PluginAction::Compile {
+            file,
+            cache_dir,
+            instances,
+            max_memory_mib,
+        } => {
+            let plugins = iim_host::config::PluginsConfig {
+                instances,
+                max_memory_mib,
+                ..config.plugins.clone()
+            };
+            let runtime = iim_host::plugin::Runtime::new(&plugins, Some(&cache_dir))
+                .map_err(|e| anyhow::anyhow!("cannot start the plugin engine: {e}"))?;
+            Ok(match runtime.compile(&read(&file)?) {
+                Ok(_) => 0,
+                Err(e) => {
+                    eprintln!("error: {}: {e}", file.display());
+                    1
+                }
+            })
         }
         PluginAction::Test { file, script } => {
             let bytes = read(&file)?;

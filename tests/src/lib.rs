@@ -526,15 +526,19 @@ impl Drop for HostProcess {
 fn spawn(data: &Path, listen: SocketAddr) -> anyhow::Result<(Child, SocketAddr, PathBuf, PathBuf)> {
     let stderr_log = data.join(format!("host-{}.log", rand_suffix()));
     let stderr = std::fs::File::create(&stderr_log)?;
-    let mut child = Command::new(binary("iim-host")?)
+    let mut command = Command::new(binary("iim-host")?);
+    // The shared cache, unless the configuration names one (a benchmark timing first loads).
+    let config = std::fs::read_to_string(data.join("host.toml")).unwrap_or_default();
+    if !config.contains("cache_dir") {
+        command.arg("--plugin-cache-dir").arg(plugin_cache());
+    }
+    let mut child = command
         .arg("--listen")
         .arg(listen.to_string())
         .arg("--data-dir")
         .arg(data)
         .arg("--config")
         .arg(data.join("host.toml"))
-        .arg("--plugin-cache-dir")
-        .arg(plugin_cache())
         // `IIM_TEST_HOST_LOG=info,iim_host::plugin=debug cargo test ...` gives the hosts a
         // test starts another log filter, to see why a test failed.
         .env(

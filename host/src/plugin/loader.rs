@@ -280,6 +280,9 @@ impl Loader {
         let config_path = wasm_path.with_extension("toml");
         let PluginFile { config, settings } = settings::read(&config_path, &self.host.config)
             .map_err(|e| RefusedPlugin::Config(config_path, e))?;
+        if let Some(cache) = &self.host.cache_dir {
+            compile_in_child(&wasm_path, cache, &self.host.config).await;
+        }
         let runtime = Arc::clone(&self.host.runtime);
         let build = tokio::task::spawn_blocking(move || runtime.compile(&bytes))
             .await
@@ -309,6 +312,39 @@ impl Loader {
             .collect();
         self.host.install(name, ready)?;
         Ok(info)
+    }
+}
+
+/// Has a child `iim-host` compile `wasm` into the compiled-code cache, so that the host's own
+/// compile finds it there. Compiling a large component (a JavaScript or Python interpreter)
+/// takes hundreds of MiB, which the allocator keeps once freed: in a child, the memory goes
+/// when the child does. Only when this process is `iim-host` (a test or benchmark embedding
+/// the host compiles in process); any failure leaves the compile to this process, which then
+/// reports the error.
+async fn compile_in_child(wasm: &Path, cache: &Path, config: &crate::config::PluginsConfig) {
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    if exe.file_stem().and_then(|s| s.to_str()) != Some("iim-host") {
+        return;
+    }
+    let child = tokio::process::Command::new(&exe)
+        .args(["plugin", "compile"])
+        .arg(wasm)
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(["--instances", &config.instances.to_string()])
+        .args(["--max-memory-mib", &config.max_memory_mib.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status();
+    match tokio::time::timeout(Duration::from_secs(600), child).await {
+        Ok(Ok(status)) if status.success() => {}
+        outcome => {
+            tracing::debug!(?outcome, wasm = %wasm.display(), "compiling in a child did not succeed; compiling here")
+        }
     }
 }
 

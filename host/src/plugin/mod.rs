@@ -135,6 +135,8 @@ pub struct PluginHost {
     runtime: Arc<Runtime>,
     services: Arc<Services>,
     config: crate::config::PluginsConfig,
+    /// Where compiled plugins are cached, if anywhere.
+    cache_dir: Option<std::path::PathBuf>,
     /// Lanes by plugin (file) name.
     lanes: Mutex<BTreeMap<String, LaneHandle>>,
     /// Messages routed to a lane and not yet handled: a retry must not route them again.
@@ -163,6 +165,7 @@ impl PluginHost {
             runtime,
             services,
             config,
+            cache_dir: cache_dir.map(std::path::Path::to_path_buf),
             lanes: Mutex::new(BTreeMap::new()),
             in_flight: Mutex::new(HashSet::new()),
             rescan: tokio::sync::Notify::new(),
