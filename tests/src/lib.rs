@@ -239,7 +239,7 @@ pub fn kit_example(lang: &str) -> anyhow::Result<Option<PathBuf>> {
 
 /// Where test hosts cache compiled plugins: shared by every test and run, so that a large
 /// plugin (the Python one) is compiled once.
-fn plugin_cache() -> PathBuf {
+pub fn plugin_cache() -> PathBuf {
     plugins_target().join("cache")
 }
 

@@ -19,7 +19,9 @@ type Result = anyhow::Result<()>;
 fn iim_host(args: &[&str], data_dir: Option<&Path>) -> anyhow::Result<Output> {
     let mut command = std::process::Command::new(binary("iim-host")?);
     if let Some(dir) = data_dir {
+        // The test hosts' compiled-code cache: an install compiles for the host it installs to.
         command.arg("--data-dir").arg(dir);
+        command.arg("--plugin-cache-dir").arg(plugin_cache());
     }
     // A cache of the test's own for checks and tests, not the user's.
     command.env(
@@ -28,6 +30,17 @@ fn iim_host(args: &[&str], data_dir: Option<&Path>) -> anyhow::Result<Output> {
     );
     let output = command.args(args).output().context("cannot run iim-host")?;
     Ok(output)
+}
+
+/// [`iim_host`] off the async threads: a test's clients stay connected while it compiles.
+async fn iim_host_async(args: &[&str], data_dir: Option<&Path>) -> anyhow::Result<Output> {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let data_dir = data_dir.map(Path::to_path_buf);
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        iim_host(&args, data_dir.as_deref())
+    })
+    .await?
 }
 
 fn said(output: &Output) -> String {
@@ -56,7 +69,7 @@ async fn example_end_to_end(lang: &str) -> Result {
     let wasm_arg = wasm.to_str().context("path")?;
 
     // Checked, then tested against a host of its own, as an author would before installing.
-    let check = iim_host(&["plugin", "check", wasm_arg], None)?;
+    let check = iim_host_async(&["plugin", "check", wasm_arg], None).await?;
     ensure!(
         check.status.success(),
         "{lang}: check failed:\n{}",
@@ -68,10 +81,11 @@ async fn example_end_to_end(lang: &str) -> Result {
         said(&check)
     );
     let script = workspace().join("kits/typing.test.toml");
-    let test = iim_host(
+    let test = iim_host_async(
         &["plugin", "test", wasm_arg, script.to_str().context("path")?],
         None,
-    )?;
+    )
+    .await?;
     ensure!(
         test.status.success(),
         "{lang}: plugin test failed:\n{}",
@@ -86,7 +100,7 @@ async fn example_end_to_end(lang: &str) -> Result {
     let (b, _) = host.online(&bob, "phone").await?;
     let config = host.data_dir().join("typing-config.toml");
     std::fs::write(&config, "kind = \"typing2\"\n[host]\ninstances = 2\n")?;
-    let install = iim_host(
+    let install = iim_host_async(
         &[
             "plugin",
             "install",
@@ -95,7 +109,8 @@ async fn example_end_to_end(lang: &str) -> Result {
             config.to_str().context("path")?,
         ],
         Some(host.data_dir()),
-    )?;
+    )
+    .await?;
     ensure!(
         install.status.success(),
         "{lang}: install failed:\n{}",
@@ -172,6 +187,16 @@ async fn the_rust_example_goes_from_build_to_hot_replacement() -> Result {
 #[tokio::test]
 async fn the_python_example_goes_from_build_to_hot_replacement() -> Result {
     example_end_to_end("python").await
+}
+
+#[tokio::test]
+async fn the_javascript_example_goes_from_build_to_hot_replacement() -> Result {
+    example_end_to_end("js").await
+}
+
+#[tokio::test]
+async fn the_typescript_example_goes_from_build_to_hot_replacement() -> Result {
+    example_end_to_end("ts").await
 }
 
 #[tokio::test]
