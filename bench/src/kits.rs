@@ -19,13 +19,11 @@
 
 use anyhow::{Context, anyhow};
 use iim_host::config::PluginsConfig;
-use iim_host::iim::Iim;
+use iim_host::plugin::check::Sandbox;
 use iim_host::plugin::imports::{Call, Effects};
 use iim_host::plugin::runtime::CallOutcome;
 use iim_host::plugin::settings::Settings;
-use iim_host::plugin::{Event, Runtime, Services};
-use iim_host::registry::Registry;
-use iim_host::store::{Store, UserRecord};
+use iim_host::plugin::{Event, Runtime};
 use iim_proto::{DeviceId, Message, MessageId, MessageKind, UserId};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -202,33 +200,11 @@ async fn measure(
     instances: usize,
 ) -> anyhow::Result<Figures> {
     let bytes = std::fs::read(wasm).with_context(|| format!("cannot read {}", wasm.display()))?;
-    let dir = tempfile::tempdir()?;
-    let store = Store::open(&dir.path().join("store"))?;
-    let registry = Arc::new(Registry::new(16));
-    let iim = Arc::new(Iim::new(
-        "h1".into(),
-        store.clone(),
-        Arc::clone(&registry),
-        None,
-        None,
-    ));
-    let services = Arc::new(Services {
-        store: store.clone(),
-        registry,
-        iim,
-        max_body: iim_proto::DEFAULT_MAX_BODY,
-        max_frame: iim_proto::DEFAULT_MAX_FRAME,
-        max_send_users: 10_000,
-    });
     let alice = UserId::new("alice")?;
     let bob = UserId::new("bob")?;
-    for user in [&alice, &bob] {
-        let record = UserRecord {
-            password_hash: String::new(),
-            created_at: 0,
-        };
-        store.accounts.create(user, &record)?;
-    }
+    let sandbox = Sandbox::new(&[alice.clone(), bob.clone()])?;
+    let services = Arc::clone(&sandbox.services);
+    let dir = tempfile::tempdir()?;
     let config = PluginsConfig::default();
     let settings = Settings {
         instances,

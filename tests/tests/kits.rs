@@ -209,6 +209,90 @@ async fn the_zig_example_goes_from_build_to_hot_replacement() -> Result {
     example_end_to_end("zig").await
 }
 
+/// A project from `plugin new` whose `handle` throws on a 4-byte body, built with the kit's
+/// tools: the kit's wrapper makes the uncaught exception `failed` with its message (retried,
+/// then a dead letter that says why), not a trap.
+async fn an_uncaught_exception_is_failed_not_a_trap(
+    lang: &str,
+    file: &str,
+    from: &str,
+    to: &str,
+) -> Result {
+    // The kit's tools, installed by its example's build.
+    if kit_example(lang)?.is_none() {
+        return Ok(());
+    }
+    let root = tempfile::tempdir()?;
+    let dir = root.path().join("boom");
+    let dir_arg = dir.to_str().context("path")?.to_owned();
+    let new = iim_host_async(
+        &["plugin", "new", "boom", "--lang", lang, "--dir", &dir_arg],
+        None,
+    )
+    .await?;
+    ensure!(new.status.success(), "{}", said(&new));
+    let source = std::fs::read_to_string(dir.join(file))?;
+    ensure!(
+        source.contains(from),
+        "{lang}: the template changed: {source}"
+    );
+    std::fs::write(dir.join(file), source.replacen(from, to, 1))?;
+    let tools = workspace().join("target/kits").join(lang);
+    let build = tokio::process::Command::new("bash")
+        .arg(dir.join("build.sh"))
+        .env("IIM_KIT_TOOLS", &tools)
+        .current_dir(&dir)
+        .output()
+        .await?;
+    ensure!(build.status.success(), "{lang}: {}", said(&build));
+    let script = dir.join("boom.test.toml");
+    std::fs::write(
+        &script,
+        "users = [\"alice\", \"bob\"]\n\n\
+         [[event]]\n\
+         message = { from = \"alice\", to = [\"bob\"], kind = \"boom\", body = \"four\" }\n\
+         failed = \"boom: four bytes\"\n\n\
+         [[event]]\n\
+         message = { from = \"alice\", to = [\"bob\"], kind = \"boom\", body = \"hi\" }\n\
+         sends = [{ to = [\"bob\"], forward = true }]\n",
+    )?;
+    let wasm = dir.join("boom.wasm");
+    let test = iim_host_async(
+        &[
+            "plugin",
+            "test",
+            wasm.to_str().context("path")?,
+            script.to_str().context("path")?,
+        ],
+        None,
+    )
+    .await?;
+    ensure!(test.status.success(), "{lang}: {}", said(&test));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_javascript_exception_is_failed_not_a_trap() -> Result {
+    an_uncaught_exception_is_failed_not_a_trap(
+        "js",
+        "app.js",
+        "  handle(event) {\n",
+        "  handle(event) {\n    if (event.tag === 'message' && event.val.body.length === 4) throw new Error('boom: four bytes');\n",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_python_exception_is_failed_not_a_trap() -> Result {
+    an_uncaught_exception_is_failed_not_a_trap(
+        "python",
+        "app.py",
+        "        msg = event.value\n",
+        "        msg = event.value\n        if len(msg.body) == 4:\n            raise ValueError(\"boom: four bytes\")\n",
+    )
+    .await
+}
+
 /// The C kit's bindings (which the Zig kit shares) are generated from the WIT and committed, so
 /// that a C author needs no cargo: they must be those of the WIT the host is built against.
 #[test]
