@@ -169,8 +169,8 @@ const KIT_TOOLS: &[(&str, &[&str])] = &[
     ("python", &["python3"]),
     ("js", &["node", "npm"]),
     ("ts", &["node", "npm"]),
-    ("c", &["clang", "python3", "curl"]),
-    ("zig", &["python3", "curl"]),
+    ("c", &["clang-14", "python3"]),
+    ("zig", &["python3"]),
 ];
 
 /// Builds (once per test process) the example plugin `typing` of kit `lang` (`kits/LANG/example`)
