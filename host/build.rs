@@ -137,9 +137,10 @@ fn template_files(root: &Path, dir: &Path, files: &mut Vec<(String, PathBuf)>) {
         let built = (name.starts_with('.') && name != ".gitignore")
             || matches!(
                 name.as_str(),
-                "node_modules" | "target" | "__pycache__" | "dist"
+                "node_modules" | "target" | "__pycache__" | "dist" | "Cargo.lock"
             )
-            || name.ends_with(".wasm");
+            || name.ends_with(".wasm")
+            || name.contains(".tmp");
         if built {
             continue;
         }

@@ -139,8 +139,8 @@ pub const MAX_SEND_USERS_LIMIT: usize = 100_000;
 /// Most password hashing threads: each holds 19 MiB for good.
 pub const MAX_HASHING: usize = 64;
 
-/// Most instances of one plugin: the instance pool is sized for every plugin's instances, a
-/// new build's beside them, and a few being validated.
+/// Most instances of one plugin (`plugins.instances`, or a plugin's `[host] instances`): the
+/// instance pool is sized for a dozen plugins of this many, one of them being replaced.
 pub const MAX_PLUGIN_INSTANCES: usize = 16;
 
 impl Default for PluginsConfig {

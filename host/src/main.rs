@@ -350,32 +350,61 @@ async fn plugin_command(action: PluginAction, config: &Config) -> anyhow::Result
             name,
         } => {
             let bytes = read(&file)?;
-            let plugin = read_config(path.as_ref())?;
             let runtime = runtime_with(Some(&host_cache))?;
-            let checked_name = name.clone().unwrap_or_else(|| stem(&file));
-            let Some(info) = report_check(&runtime, &file, &bytes, &checked_name, &plugin).await?
-            else {
-                eprintln!("not installed");
-                return Ok(1);
+            // The name: --name, else the one init gives (a quiet first look; the compile it
+            // makes is cached for the check below).
+            let name = match name {
+                Some(name) => name,
+                None => {
+                    let given = read_config(path.as_ref())?;
+                    match check::check(&runtime, &bytes, &stem(&file), &given).await {
+                        Ok((_, Some(Ok(info)))) => info.name,
+                        _ => stem(&file),
+                    }
+                }
             };
-            let name = name.unwrap_or(info.name);
             if iim_proto::UserId::new(&name).is_err() {
                 anyhow::bail!("{name:?} is not a plugin name: 1 to 64 bytes of a-z 0-9 . _ -");
             }
+            let wasm_target = plugins_dir.join(format!("{name}.wasm"));
+            let toml_target = plugins_dir.join(format!("{name}.toml"));
+            // Without --config, the configuration the host will load it with is the one there.
+            let config_used = path
+                .clone()
+                .or_else(|| toml_target.is_file().then(|| toml_target.clone()));
+            if path.is_none() && config_used.is_some() {
+                say!(
+                    "with the configuration already installed: {}",
+                    toml_target.display()
+                );
+            }
+            let plugin = read_config(config_used.as_ref())?;
+            let Some(info) = report_check(&runtime, &file, &bytes, &name, &plugin).await? else {
+                eprintln!("not installed");
+                return Ok(1);
+            };
             std::fs::create_dir_all(&plugins_dir)
                 .with_context(|| format!("cannot create {}", plugins_dir.display()))?;
-            // The configuration first: the host loads the new build with it.
+            // Both files written and synced beside their places first, what is there kept aside,
+            // then the two renames back to back: a host looking meanwhile sees the old pair or
+            // the new one (at worst, for a moment, the old build with the new configuration,
+            // which it refuses while the old build keeps serving).
+            let mut placed = Vec::new();
             if let Some(path) = &path {
-                let text = std::fs::read(path)?;
-                write_atomically(&plugins_dir.join(format!("{name}.toml")), &text)?;
+                let text = std::fs::read(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                placed.push(Placed::prepare(&toml_target, &text)?);
             }
-            let target = plugins_dir.join(format!("{name}.wasm"));
-            write_atomically(&target, &bytes)?;
-            say!("installed {} as {}", file.display(), target.display());
-            match iim_host::admin::request(&config.data_dir, "reload").await {
+            placed.push(Placed::prepare(&wasm_target, &bytes)?);
+            for file in &mut placed {
+                file.put()?;
+            }
+            say!("installed {} as {}", file.display(), wasm_target.display());
+            let loaded = match iim_host::admin::request(&config.data_dir, "reload").await {
                 Ok(reply) => match reply.lines().find(|l| l.starts_with(&format!("{name}\t"))) {
                     Some(line) if line.contains(&info.digest) => {
                         say!("the running host loaded it: {line}");
+                        true
                     }
                     _ => {
                         let why = reply
@@ -383,14 +412,32 @@ async fn plugin_command(action: PluginAction, config: &Config) -> anyhow::Result
                             .find_map(|l| l.strip_prefix(&format!("{name}\trefused: ")))
                             .unwrap_or("its log says why (`plugin refused`)");
                         say!("the running host did not load this build: {why}");
-                        return Ok(1);
+                        false
                     }
                 },
-                Err(_) => say!(
-                    "no host is running with this data directory; it loads the plugin when it starts"
-                ),
+                Err(_) => {
+                    say!(
+                        "no host is running with this data directory; it loads the plugin when it starts"
+                    );
+                    true
+                }
+            };
+            if loaded {
+                for file in placed {
+                    file.keep();
+                }
+                return Ok(0);
             }
-            Ok(0)
+            // Refused: what was there goes back, so that a restart serves what serves now.
+            for file in placed.into_iter().rev() {
+                file.put_back()?;
+            }
+            let _ = iim_host::admin::request(&config.data_dir, "reload").await;
+            say!(
+                "the files that were there before are back in {}",
+                plugins_dir.display()
+            );
+            Ok(1)
         }
         PluginAction::Compile {
             file,
@@ -527,22 +574,66 @@ async fn report_check(
     Ok(info.filter(|_| ok))
 }
 
-/// Writes `bytes` to `path` through a temporary file beside it, synced, then renamed: a host
-/// watching the directory sees the old file or the new one, whole.
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("plugin");
-    let partial = path.with_file_name(format!(".{name}.partial"));
-    let mut file = std::fs::File::create(&partial)
-        .with_context(|| format!("cannot write {}", partial.display()))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&partial, path)
-        .with_context(|| format!("cannot rename {} to {}", partial.display(), path.display()))?;
-    Ok(())
+/// One file `plugin install` puts in the plugins directory: written and synced beside its
+/// place (a dot-file the host's loader ignores), what was there kept aside until the host has
+/// loaded the new one.
+struct Placed {
+    target: PathBuf,
+    partial: PathBuf,
+    previous: PathBuf,
+    had_previous: bool,
+}
+
+impl Placed {
+    fn prepare(target: &std::path::Path, bytes: &[u8]) -> anyhow::Result<Self> {
+        use std::io::Write as _;
+        let name = target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("plugin");
+        let partial = target.with_file_name(format!(".{name}.partial"));
+        let previous = target.with_file_name(format!(".{name}.previous"));
+        let mut file = std::fs::File::create(&partial)
+            .with_context(|| format!("cannot write {}", partial.display()))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        Ok(Self {
+            target: target.to_owned(),
+            partial,
+            previous,
+            had_previous: false,
+        })
+    }
+
+    /// Keeps what is there aside (a hard link), then renames the new file into place.
+    fn put(&mut self) -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(&self.previous);
+        self.had_previous = std::fs::hard_link(&self.target, &self.previous).is_ok();
+        std::fs::rename(&self.partial, &self.target).with_context(|| {
+            format!(
+                "cannot rename {} to {}",
+                self.partial.display(),
+                self.target.display()
+            )
+        })
+    }
+
+    /// The new file stays; what was there goes.
+    fn keep(self) {
+        let _ = std::fs::remove_file(&self.previous);
+    }
+
+    /// What was there comes back (or, if nothing was, the new file goes).
+    fn put_back(self) -> anyhow::Result<()> {
+        if self.had_previous {
+            std::fs::rename(&self.previous, &self.target)
+                .with_context(|| format!("cannot put back {}", self.target.display()))?;
+        } else {
+            std::fs::remove_file(&self.target)
+                .with_context(|| format!("cannot remove {}", self.target.display()))?;
+        }
+        Ok(())
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

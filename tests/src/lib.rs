@@ -757,6 +757,8 @@ where
         .await?;
         anyhow::Ok((a, ids))
     });
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&received);
     let receiver = tokio::spawn(async move {
         let mut got = Vec::new();
         loop {
@@ -765,8 +767,16 @@ where
                 return anyhow::Ok((b, got));
             }
             got.push(message);
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     });
+    // The changes start once messages flow, so that they happen under the load.
+    within("the first messages", async {
+        while received.load(std::sync::atomic::Ordering::SeqCst) < 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await?;
     let outcome = changes.await;
     changing.store(false, std::sync::atomic::Ordering::SeqCst);
     let (_a, sent) = within("sender", sender).await???;

@@ -210,8 +210,9 @@ async fn the_zig_example_goes_from_build_to_hot_replacement() -> Result {
 }
 
 /// A project from `plugin new` whose `handle` throws on a 4-byte body, built with the kit's
-/// tools: the kit's wrapper makes the uncaught exception `failed` with its message (retried,
-/// then a dead letter that says why), not a trap.
+/// tools: `plugin test` finds the outcome `failed` with the exception's message (the kit's
+/// wrapper; a host retries such an event, then keeps it as a dead letter with that reason),
+/// not a trap.
 async fn an_uncaught_exception_is_failed_not_a_trap(
     lang: &str,
     file: &str,
@@ -291,6 +292,64 @@ async fn a_python_exception_is_failed_not_a_trap() -> Result {
         "        msg = event.value\n        if len(msg.body) == 4:\n            raise ValueError(\"boom: four bytes\")\n",
     )
     .await
+}
+
+/// `plugin install` of a build the check accepts but the running host refuses (here: more memory
+/// than the host allows, which the CLI, run without the host's configuration, did not know): the
+/// files that were there come back, the serving build stays, the command says so.
+#[tokio::test]
+async fn an_install_the_host_refuses_puts_the_previous_files_back() -> Result {
+    let Some(wasm) = kit_example("rust")? else {
+        return Ok(());
+    };
+    let chat = default_plugin("chat")?;
+    let host = HostProcess::start_with(
+        "[plugins]\nmax_memory_mib = 64\n",
+        Plugins::Only(&[("chat", &chat)]),
+    )?;
+    let wasm_arg = wasm.to_str().context("path")?;
+    let first = iim_host_async(&["plugin", "install", wasm_arg], Some(host.data_dir())).await?;
+    ensure!(first.status.success(), "{}", said(&first));
+    let installed = std::fs::read(host.plugins_dir().join("typing.wasm"))?;
+    let serving = host.admin("plugins").await?;
+
+    let other = host.data_dir().join("other.wasm");
+    std::fs::write(&other, rebuilt(&installed, 9))?;
+    let config = host.data_dir().join("big.toml");
+    std::fs::write(&config, "[host]\nmax_memory_mib = 100\n")?;
+    let refused = iim_host_async(
+        &[
+            "plugin",
+            "install",
+            other.to_str().context("path")?,
+            "--config",
+            config.to_str().context("path")?,
+        ],
+        Some(host.data_dir()),
+    )
+    .await?;
+    ensure!(refused.status.code() == Some(1), "{}", said(&refused));
+    ensure!(
+        said(&refused).contains("host.max_memory_mib must be a whole number from 1 to 64")
+            && said(&refused).contains("the files that were there before are back"),
+        "{}",
+        said(&refused)
+    );
+    ensure!(std::fs::read(host.plugins_dir().join("typing.wasm"))? == installed);
+    ensure!(
+        !host.plugins_dir().join("typing.toml").exists(),
+        "the new configuration stayed"
+    );
+    let after = host.admin("plugins").await?;
+    let typing = |listing: &str| {
+        listing
+            .lines()
+            .find(|l| l.starts_with("typing\t"))
+            .map(str::to_owned)
+    };
+    ensure!(typing(&after) == typing(&serving), "{serving}\n{after}");
+    ensure!(!after.contains("refused"), "{after}");
+    Ok(())
 }
 
 /// The C kit's bindings (which the Zig kit shares) are generated from the WIT and committed, so

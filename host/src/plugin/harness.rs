@@ -30,8 +30,9 @@
 //! `session_closed = {user, device?, devices_online?}`, `delivered = {event, user, device?}`
 //! (the delivery of the message of event number `event`, counted from 1). Outcomes: ok (the
 //! default; then `sends`, default none, must match), `rejected`, `failed` or `trapped` with a
-//! part of the reason. A send is `{to, kind?, from?, body?, forward?}`: `to` the users it
-//! goes to (any order), `forward = true` if it is the message being handled, passed on. After
+//! part of the reason. A send is `{to, kind?, body?, forward?}` (its sender is always the acting
+//! user: the host allows no other): `to` the users it goes to (any order), `forward = true` if
+//! it is the message being handled, passed on. After
 //! an event, `stored = {key = "value"}` checks the plugin's storage (`""` for no value).
 //! The effects of an ok event are applied, so later events see its storage and inboxes.
 
@@ -125,7 +126,6 @@ struct DeliveredSpec {
 struct SendSpec {
     to: Vec<String>,
     kind: Option<String>,
-    from: Option<String>,
     body: Option<String>,
     #[serde(default)]
     forward: bool,
@@ -162,6 +162,21 @@ pub async fn run(
     name: &str,
     script: &Script,
 ) -> anyhow::Result<Report> {
+    if let Some(InitExpected {
+        subscriptions: Some(_),
+        refused: Some(_),
+    }) = &script.init
+    {
+        anyhow::bail!("[init]: subscriptions or refused, not both");
+    }
+    for (index, step) in script.event.iter().enumerate() {
+        let outcomes = [&step.rejected, &step.failed, &step.trapped];
+        anyhow::ensure!(
+            outcomes.iter().filter(|o| o.is_some()).count() <= 1,
+            "event {}: one of rejected, failed, trapped, not several",
+            index + 1
+        );
+    }
     let users = script
         .users
         .iter()
@@ -322,7 +337,7 @@ pub async fn run(
             _ => {}
         }
         if got == "ok" {
-            if let Err(problem) = sends_match(&step.sends, &effects, &event) {
+            if let Err(problem) = sends_match(&step.sends, &effects) {
                 problems.push(problem);
             }
         } else if !step.sends.is_empty() {
@@ -409,6 +424,8 @@ fn event_of(
     );
     if let Some(m) = &step.message {
         let kind: MessageKind = m.kind.parse().map_err(|e| anyhow::anyhow!("kind: {e}"))?;
+        kind.check()
+            .map_err(|e| anyhow::anyhow!("kind {:?}: {e}", m.kind))?;
         let to =
             m.to.iter()
                 .map(|a| {
@@ -466,6 +483,10 @@ fn event_of(
 
 fn decode_hex(hex: &str) -> anyhow::Result<Vec<u8>> {
     anyhow::ensure!(
+        hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        "body_hex {hex:?} has a character that is not a hex digit"
+    );
+    anyhow::ensure!(
         hex.len().is_multiple_of(2),
         "body_hex has an odd number of digits"
     );
@@ -494,7 +515,7 @@ fn describe_send(send: &super::imports::PendingSend, event: &Event) -> String {
     )
 }
 
-fn sends_match(want: &[SendSpec], effects: &Effects, event: &Event) -> Result<(), String> {
+fn sends_match(want: &[SendSpec], effects: &Effects) -> Result<(), String> {
     if want.len() != effects.sends.len() {
         return Err(format!(
             "expected {} sends, the plugin made {}",
@@ -511,7 +532,6 @@ fn sends_match(want: &[SendSpec], effects: &Effects, event: &Event) -> Result<()
             Outgoing::Forward(m) => (m.kind.to_string(), &m.body, true),
             Outgoing::New { kind, body, .. } => (kind.to_string(), body, false),
         };
-        let from = event.acting().0.to_string();
         let wrong = if users != to {
             Some(format!("to {users:?}, expected {to:?}"))
         } else if want.kind.as_ref().is_some_and(|k| *k != kind) {
@@ -526,8 +546,6 @@ fn sends_match(want: &[SendSpec], effects: &Effects, event: &Event) -> Result<()
                 String::from_utf8_lossy(body),
                 want.body
             ))
-        } else if want.from.as_ref().is_some_and(|f| *f != from) {
-            Some(format!("from {from}, expected {:?}", want.from))
         } else if want.forward != forward {
             Some(if forward {
                 "the message handled, passed on; expected a new message".to_owned()

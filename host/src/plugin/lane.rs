@@ -79,7 +79,8 @@ pub async fn run(
         // The permits go back at once: every new lane waits for the same old ones.
         let _ = gate.stopped.acquire_many(gate.lanes).await;
     }
-    let mut stopped = None;
+    // Whatever ends this lane (a stop, or a panic), the lanes replacing it are let go.
+    let mut stopped = Stopped(None);
     while let Some(command) = queue.recv().await {
         match command {
             Command::Event(event, _permit) => lane.handle(event).await,
@@ -103,7 +104,7 @@ pub async fn run(
                 lane.instance = ready.instance;
             }
             Command::Stop(gate) => {
-                stopped = gate;
+                stopped.0 = gate;
                 break;
             }
         }
@@ -117,8 +118,17 @@ pub async fn run(
         }
     }
     tracing::debug!(plugin = %lane.name, lane = lane.index, "plugin lane stopped");
-    if let Some(stopped) = stopped {
-        stopped.add_permits(1);
+}
+
+/// Adds a permit to the semaphore the replacing lanes wait at when the lane's task ends, even
+/// by a panic.
+struct Stopped(Option<Arc<Semaphore>>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Some(stopped) = &self.0 {
+            stopped.add_permits(1);
+        }
     }
 }
 
@@ -158,9 +168,12 @@ impl Lane {
                 // gets a chance; a plugin failing for good does not hold its lane for long.
                 tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
             }
-            let Some(instance) = self.instance().await else {
-                last_error = "no instance could be made".into();
-                continue;
+            let instance = match self.instance().await {
+                Ok(instance) => instance,
+                Err(e) => {
+                    last_error = format!("no instance could be made: {e}");
+                    continue;
+                }
             };
             let (user, device) = event.acting();
             instance.state().begin(Call {
@@ -220,7 +233,7 @@ impl Lane {
     }
 
     /// The live instance, making one if the lane has none yet or the last one was lost.
-    async fn instance(&mut self) -> Option<&mut Instance> {
+    async fn instance(&mut self) -> Result<&mut Instance, super::runtime::LoadError> {
         if self.instance.is_none() {
             let made = self
                 .host
@@ -237,11 +250,13 @@ impl Lane {
                 Ok((instance, _)) => self.instance = Some(instance),
                 Err(e) => {
                     tracing::error!(plugin = %self.name, error = %e, "cannot make a new instance");
-                    return None;
+                    return Err(e);
                 }
             }
         }
-        self.instance.as_mut()
+        self.instance
+            .as_mut()
+            .ok_or_else(|| super::runtime::LoadError::Trap("no instance".into()))
     }
 
     fn dead_letter(&self, event: &Event, attempts: u32, error: String) {

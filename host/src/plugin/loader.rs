@@ -280,7 +280,9 @@ impl Loader {
         let config_path = wasm_path.with_extension("toml");
         let PluginFile { config, settings } = settings::read(&config_path, &self.host.config)
             .map_err(|e| RefusedPlugin::Config(config_path, e))?;
-        if let Some(cache) = &self.host.cache_dir {
+        if let Some(cache) = &self.host.cache_dir
+            && bytes.len() > COMPILE_IN_CHILD_OVER
+        {
             compile_in_child(&wasm_path, cache, &self.host.config).await;
         }
         let runtime = Arc::clone(&self.host.runtime);
@@ -314,6 +316,11 @@ impl Loader {
         Ok(info)
     }
 }
+
+/// Components larger than this (bytes) are compiled in a child process first: an interpreter
+/// (JavaScript, Python: 12–18 MB) takes hundreds of MiB to compile; a plugin of a compiled
+/// language (well under 4 MB) takes little, and a child would only add its start-up.
+const COMPILE_IN_CHILD_OVER: usize = 4 << 20;
 
 /// Has a child `iim-host` compile `wasm` into the compiled-code cache, so that the host's own
 /// compile finds it there. Compiling a large component (a JavaScript or Python interpreter)
@@ -375,6 +382,14 @@ impl PluginHost {
             // handled what was queued in them, so that each user's events stay in order.
             let gate = lane.retire();
             let permits = Arc::clone(&lane.permits);
+            tracing::info!(
+                plugin = %name,
+                from = %lane.info.digest,
+                to = %info.digest,
+                version = %info.version,
+                instances = ready.len(),
+                "plugin replaced, with new lanes once the old ones are done"
+            );
             lanes.remove(name);
             self.start_lanes(&mut lanes, name, ready, Some(gate), permits);
             return Ok(());

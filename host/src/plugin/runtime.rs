@@ -103,7 +103,9 @@ impl Runtime {
     ) -> wasmtime::Result<Self> {
         let max_memory =
             usize::try_from(config.max_memory_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
-        let pooled = u32::try_from(config.instances)
+        // Sized for the most instances a plugin may be given (its `[host] instances`), not only
+        // the host's default: an idle lane holds none, so room costs only address space.
+        let pooled = u32::try_from(config.instances.max(crate::config::MAX_PLUGIN_INSTANCES))
             .unwrap_or(u32::MAX)
             .saturating_mul(POOLED_PER_INSTANCE)
             .max(POOLED_INSTANCES);

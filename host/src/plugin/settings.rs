@@ -18,7 +18,7 @@ use crate::config::{MAX_PLUGIN_INSTANCES, PluginsConfig};
 use std::path::Path;
 use std::time::Duration;
 
-/// The longest `call_timeout_ms` a plugin may be given.
+/// The longest `call_timeout_ms` a plugin may be given (or the host's own, if higher).
 pub const MAX_CALL_TIMEOUT_MS: u64 = 60_000;
 
 /// How the host runs one plugin.
@@ -113,7 +113,10 @@ fn host_settings(table: toml::Table, host: &PluginsConfig) -> Result<Settings, S
         match key.as_str() {
             "instances" => settings.instances = number(1, MAX_PLUGIN_INSTANCES as u64)? as usize,
             "max_memory_mib" => settings.max_memory_mib = number(1, host.max_memory_mib)?,
-            "call_timeout_ms" => settings.call_timeout_ms = number(1, MAX_CALL_TIMEOUT_MS)?,
+            "call_timeout_ms" => {
+                let most = MAX_CALL_TIMEOUT_MS.max(host.call_timeout_ms);
+                settings.call_timeout_ms = number(1, most)?;
+            }
             _ => {
                 return Err(format!(
                     "host.{key} is not a setting; the [host] table takes instances, \

@@ -50,6 +50,7 @@ impl PluginOutput {
             line: Vec::new(),
             dropped: 0,
             last: None,
+            forgotten: 0,
         })))
     }
 
@@ -58,7 +59,9 @@ impl PluginOutput {
     /// exception (JavaScript, Python) prints why here first.
     pub fn last_words(&self) -> Option<String> {
         let log = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let partial = String::from_utf8_lossy(&log.line).trim().to_owned();
+        // Only what the line gained since `forget`: the rest was written by an earlier call.
+        let fresh = log.line.get(log.forgotten..).unwrap_or_default();
+        let partial = String::from_utf8_lossy(fresh).trim().to_owned();
         if partial.is_empty() {
             log.last.clone()
         } else {
@@ -69,7 +72,9 @@ impl PluginOutput {
     /// Forgets the last line (at the start of a call, so that [`PluginOutput::last_words`]
     /// speaks of that call only).
     pub fn forget(&self) {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).last = None;
+        let mut log = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        log.last = None;
+        log.forgotten = log.line.len();
     }
 
     fn write_bytes(&self, bytes: &[u8]) {
@@ -92,6 +97,8 @@ struct LineLog {
     dropped: usize,
     /// The last line logged, if it said anything.
     last: Option<String>,
+    /// How much of `line` was there at the last `forget`.
+    forgotten: usize,
 }
 
 impl LineLog {
@@ -134,6 +141,7 @@ impl LineLog {
         }
         self.line.clear();
         self.dropped = 0;
+        self.forgotten = 0;
     }
 }
 
