@@ -351,38 +351,45 @@ async fn plugin_command(action: PluginAction, config: &Config) -> anyhow::Result
         } => {
             let bytes = read(&file)?;
             let runtime = runtime_with(Some(&host_cache))?;
-            // The name: --name, else the one init gives (a quiet first look; the compile it
-            // makes is cached for the check below).
-            let name = match name {
-                Some(name) => name,
-                None => {
-                    let given = read_config(path.as_ref())?;
-                    match check::check(&runtime, &bytes, &stem(&file), &given).await {
-                        Ok((_, Some(Ok(info)))) => info.name,
-                        _ => stem(&file),
-                    }
-                }
+            let given = read_config(path.as_ref())?;
+            let checked_as = name.clone().unwrap_or_else(|| stem(&file));
+            let Some(mut info) = report_check(&runtime, &file, &bytes, &checked_as, &given).await?
+            else {
+                eprintln!("not installed");
+                return Ok(1);
             };
+            // The name: --name, else the one init gives.
+            let name = name.unwrap_or_else(|| info.name.clone());
             if iim_proto::UserId::new(&name).is_err() {
                 anyhow::bail!("{name:?} is not a plugin name: 1 to 64 bytes of a-z 0-9 . _ -");
             }
             let wasm_target = plugins_dir.join(format!("{name}.wasm"));
             let toml_target = plugins_dir.join(format!("{name}.toml"));
-            // Without --config, the configuration the host will load it with is the one there.
-            let config_used = path
-                .clone()
-                .or_else(|| toml_target.is_file().then(|| toml_target.clone()));
-            if path.is_none() && config_used.is_some() {
-                say!(
-                    "with the configuration already installed: {}",
-                    toml_target.display()
-                );
+            // Without --config, the host will load it with the configuration already there:
+            // init runs again with that one (the compile is cached by now).
+            if path.is_none() && toml_target.is_file() {
+                let installed = read_config(Some(&toml_target))?;
+                match check::check(&runtime, &bytes, &name, &installed).await {
+                    Ok((_, Some(Ok(again)))) => {
+                        say!(
+                            "  init with the configuration already installed ({}): ok",
+                            toml_target.display()
+                        );
+                        info = again;
+                    }
+                    Ok((_, Some(Err(e)))) | Err(e) => {
+                        say!(
+                            "error: init with the configuration already installed ({}): {e}",
+                            toml_target.display()
+                        );
+                        eprintln!("not installed");
+                        return Ok(1);
+                    }
+                    Ok((_, None)) => {
+                        anyhow::bail!("{} did not fit on a second look", file.display())
+                    }
+                }
             }
-            let plugin = read_config(config_used.as_ref())?;
-            let Some(info) = report_check(&runtime, &file, &bytes, &name, &plugin).await? else {
-                eprintln!("not installed");
-                return Ok(1);
-            };
             std::fs::create_dir_all(&plugins_dir)
                 .with_context(|| format!("cannot create {}", plugins_dir.display()))?;
             // Both files written and synced beside their places first, what is there kept aside,

@@ -8,11 +8,11 @@
 //! and its `init` run with the configuration given, which tells its name, version and
 //! subscriptions, or why it refuses the configuration.
 
+use super::LoadedInfo;
 use super::bindings::PluginPre;
 use super::imports::{PluginState, Services};
-use super::runtime::{Build, LoadError, Runtime, sha256_hex};
-use super::settings::{PluginFile, Settings};
-use super::{LoadedInfo, Subscription};
+use super::runtime::{Build, LoadError, Runtime, short_digest};
+use super::settings::PluginFile;
 use crate::iim::Iim;
 use crate::registry::Registry;
 use crate::store::Store;
@@ -89,6 +89,7 @@ pub fn examine(runtime: &Runtime, bytes: &[u8]) -> Result<Examined, LoadError> {
         .map(|(name, _)| name.to_owned())
         .collect();
     let missing = missing_imports(runtime.linker(), &component, &imports);
+    let digest = short_digest(bytes);
     let (world, build) = if missing.is_empty() {
         match runtime
             .linker()
@@ -96,8 +97,7 @@ pub fn examine(runtime: &Runtime, bytes: &[u8]) -> Result<Examined, LoadError> {
             .and_then(PluginPre::new)
         {
             Ok(pre) => {
-                let mut digest = sha256_hex(bytes);
-                digest.truncate(12);
+                let digest = digest.clone();
                 (Ok(()), Some(Build { pre, digest }))
             }
             Err(e) => (Err(world_error(&e, &exports)), None),
@@ -117,8 +117,6 @@ pub fn examine(runtime: &Runtime, bytes: &[u8]) -> Result<Examined, LoadError> {
         };
         (world, None)
     };
-    let mut digest = sha256_hex(bytes);
-    digest.truncate(12);
     Ok(Examined {
         size: bytes.len(),
         digest,
@@ -315,32 +313,6 @@ impl Sandbox {
     }
 }
 
-/// What `init` answered, in the host's terms.
-pub fn loaded_info(
-    info: super::bindings::iim::plugin::types::PluginInfo,
-    groups: bool,
-    digest: &str,
-) -> Result<LoadedInfo, LoadError> {
-    if info.name.is_empty() {
-        return Err(LoadError::Info("the plugin gave no name".into()));
-    }
-    let mut subscriptions = info
-        .subscriptions
-        .into_iter()
-        .map(Subscription::from_wit)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| LoadError::Info(format!("{e:?}")))?;
-    if groups {
-        subscriptions.push(Subscription::Groups);
-    }
-    Ok(LoadedInfo {
-        name: info.name,
-        version: info.version,
-        digest: digest.to_owned(),
-        subscriptions,
-    })
-}
-
 /// Checks a plugin file as the host would load it under `name` with configuration `file`:
 /// examines it and, if it fits, runs its `init` in a sandbox. Returns what was found and the
 /// loaded info (or why `init` refused).
@@ -360,14 +332,9 @@ pub async fn check(
         .await
         .and_then(|(mut instance, info)| {
             let groups = instance.state().subscribed_groups();
-            loaded_info(info, groups, &build.digest)
+            LoadedInfo::from_init(info, groups, &build.digest)
         });
     Ok((examined, Some(init)))
-}
-
-/// Host settings for a check: the defaults of a host's configuration.
-pub fn default_settings() -> Settings {
-    Settings::defaults(&crate::config::PluginsConfig::default())
 }
 
 #[cfg(test)]

@@ -36,7 +36,8 @@
 //! an event, `stored = {key = "value"}` checks the plugin's storage (`""` for no value).
 //! The effects of an ok event are applied, so later events see its storage and inboxes.
 
-use super::check::{Sandbox, loaded_info};
+use super::LoadedInfo;
+use super::check::Sandbox;
 use super::event::{Delivered, Event, SessionInfo};
 use super::imports::{Call, Effects, Outgoing};
 use super::runtime::{CallOutcome, LoadError, Runtime};
@@ -252,7 +253,7 @@ pub async fn run(
         }
         (Ok((mut instance, info)), expected) => {
             let groups = instance.state().subscribed_groups();
-            let info = loaded_info(info, groups, &build.digest)?;
+            let info = LoadedInfo::from_init(info, groups, &build.digest)?;
             let subs: Vec<String> = info.subscriptions.iter().map(|s| s.to_string()).collect();
             let problem = match expected {
                 Some(InitExpected {

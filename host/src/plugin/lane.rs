@@ -49,6 +49,7 @@ pub enum Command {
 
 /// What a lane waits for before its first event: the lanes it replaces, each of which adds a
 /// permit to the semaphore when it has handled its last event.
+#[derive(Clone)]
 pub struct Gate {
     /// Where the replaced lanes leave their permits.
     pub stopped: Arc<Semaphore>,

@@ -296,7 +296,7 @@ impl Loader {
             .instantiate(&build, name, Arc::clone(&services), &config, &settings)
             .await?;
         let groups = instance.state().subscribed_groups();
-        let info = super::check::loaded_info(info, groups, &build.digest)?;
+        let info = LoadedInfo::from_init(info, groups, &build.digest)?;
         if info.name != name {
             tracing::info!(plugin = %name, calls_itself = %info.name, "the plugin's file name is its name here; plugin-info.name differs");
         }
@@ -442,10 +442,7 @@ impl PluginHost {
         for (index, ready) in ready.into_iter().enumerate() {
             let (queue, commands) = mpsc::unbounded_channel();
             queues.push(queue);
-            let gate = gate.as_ref().map(|gate| lane::Gate {
-                stopped: Arc::clone(&gate.stopped),
-                lanes: gate.lanes,
-            });
+            let gate = gate.clone();
             tasks.push(tokio::spawn(lane::run(
                 Arc::clone(self),
                 name.to_owned(),

@@ -87,6 +87,35 @@ pub struct LoadedInfo {
     pub subscriptions: Vec<Subscription>,
 }
 
+impl LoadedInfo {
+    /// What `init` answered, in the host's terms: `groups` if it called `subscribe-groups`;
+    /// an error if it gave no name or a subscription the host cannot take.
+    pub fn from_init(
+        info: bindings::iim::plugin::types::PluginInfo,
+        groups: bool,
+        digest: &str,
+    ) -> Result<Self, runtime::LoadError> {
+        if info.name.is_empty() {
+            return Err(runtime::LoadError::Info("the plugin gave no name".into()));
+        }
+        let mut subscriptions = info
+            .subscriptions
+            .into_iter()
+            .map(Subscription::from_wit)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| runtime::LoadError::Info(format!("{e:?}")))?;
+        if groups {
+            subscriptions.push(Subscription::Groups);
+        }
+        Ok(Self {
+            name: info.name,
+            version: info.version,
+            digest: digest.to_owned(),
+            subscriptions,
+        })
+    }
+}
+
 struct LaneHandle {
     /// One queue per lane of the plugin.
     queues: Vec<mpsc::UnboundedSender<lane::Command>>,

@@ -167,9 +167,10 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(LoadError::Interface)?;
         let pre = PluginPre::new(instance_pre).map_err(LoadError::Interface)?;
-        let mut digest = sha256_hex(bytes);
-        digest.truncate(12);
-        Ok(Build { pre, digest })
+        Ok(Build {
+            pre,
+            digest: short_digest(bytes),
+        })
     }
 
     /// Makes a new instance of `build` and runs its `init` with `config`, bounded by
@@ -338,6 +339,14 @@ fn describe_trap(error: &wasmtime::Error, timeout: Duration) -> String {
             }
         }
     }
+}
+
+/// The first 12 hex digits of the SHA-256 of `bytes`: how logs and `admin plugins` tell builds
+/// apart.
+pub fn short_digest(bytes: &[u8]) -> String {
+    let mut digest = sha256_hex(bytes);
+    digest.truncate(12);
+    digest
 }
 
 /// The SHA-256 of `bytes`, in lower-case hex: how plugin files are told apart.
