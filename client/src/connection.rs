@@ -41,13 +41,87 @@ pub struct ClientConfig {
     pub reconnect_first: Duration,
     /// The longest wait between two attempts to reconnect.
     pub reconnect_max: Duration,
-    /// The QUIC configuration made from `roots`, shared by every clone of this configuration,
-    /// with the TLS sessions it can resume (for 0-RTT).
+    /// How long the connection may stay quiet (nothing received) before the client sends a
+    /// QUIC keep-alive. Each keep-alive keeps the host's idle timer and the NAT bindings on
+    /// the way open, and asks the host for an answer, which is how a client that only listens
+    /// notices a host that is gone (see [`ClientConfig::dead_host_after`]). It costs a few
+    /// dozen bytes each way, and on a phone a radio wake-up: see [`NetworkProfile`].
+    pub keep_alive: Duration,
+    /// The QUIC idle timeout this client offers: a connection that receives nothing for that
+    /// long is over. QUIC takes the smaller of the two peers' timeouts, so the host's
+    /// `limits.idle_timeout_secs` (60 s unless configured) caps it. It must be longer than
+    /// [`ClientConfig::keep_alive`].
+    pub idle_timeout: Duration,
+    /// How long a keep-alive may go unanswered before the client takes the host for gone and
+    /// ends the connection (a [`Device`](crate::Device) then reconnects): a client that only
+    /// listens notices a dead host `keep_alive + dead_host_after` after the last packet it
+    /// got, instead of after the idle timeout. A live host answers a keep-alive within a
+    /// round trip; this is the margin for a lossy link, where QUIC sends the keep-alive again.
+    pub dead_host_after: Duration,
+    /// Whether a [`Device`](crate::Device) watches the machine's network interfaces (netlink
+    /// on Linux, the system's own notifications on macOS and Windows) and calls
+    /// [`Device::network_changed`](crate::Device::network_changed) by itself when an address
+    /// comes or goes. An application that gets the OS's connectivity callbacks itself (a
+    /// mobile app) may turn it off and call `network_changed` from them.
+    pub watch_network: bool,
+    /// The QUIC configuration made from `roots` and the timeouts, shared by every clone of
+    /// this configuration, with the TLS sessions it can resume (for 0-RTT).
     pub(crate) quic: QuicCache,
 }
 
-/// A QUIC client configuration and the roots it was made for.
-type MadeFor = (Vec<CertificateDer<'static>>, quinn::ClientConfig);
+/// How a client spends keep-alives: the defaults of [`ClientConfig`]'s timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkProfile {
+    /// A machine on a fixed network and mains power: a keep-alive after 10 s of quiet, idle
+    /// timeout 30 s, a host taken for gone 5 s after an unanswered keep-alive (so a listener
+    /// notices a dead host within 15 s of its last packet). 10 s of quiet costs nothing worth
+    /// saving on a desk, and keeps a host restart's reconnect within 10 s.
+    Desktop,
+    /// A phone on battery and a mobile network: a keep-alive after 25 s of quiet (under the
+    /// 30 s after which many mobile carriers' NATs forget a quiet UDP binding, so the host can
+    /// still reach the phone), idle timeout 60 s (two keep-alives and their retransmissions
+    /// fit in it), a host taken for gone 10 s after an unanswered keep-alive (a mobile link
+    /// may hold a packet back for seconds). That is 2.5 times fewer radio wake-ups than
+    /// `Desktop`; a listener notices a dead host within 35 s. A change of network is noticed
+    /// at once whatever the profile ([`ClientConfig::watch_network`]).
+    Mobile,
+}
+
+impl NetworkProfile {
+    /// `(keep_alive, idle_timeout, dead_host_after)`.
+    fn timeouts(self) -> (Duration, Duration, Duration) {
+        let s = Duration::from_secs;
+        match self {
+            NetworkProfile::Desktop => (s(10), s(30), s(5)),
+            NetworkProfile::Mobile => (s(25), s(60), s(10)),
+        }
+    }
+}
+
+impl std::str::FromStr for NetworkProfile {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "desktop" => Ok(NetworkProfile::Desktop),
+            "mobile" => Ok(NetworkProfile::Mobile),
+            other => Err(format!(
+                "unknown network profile {other:?}: `desktop` or `mobile`"
+            )),
+        }
+    }
+}
+
+/// What a QUIC client configuration is made from.
+#[derive(Clone, PartialEq, Eq)]
+struct QuicParams {
+    roots: Vec<CertificateDer<'static>>,
+    keep_alive: Duration,
+    idle_timeout: Duration,
+}
+
+/// A QUIC client configuration and what it was made from.
+type MadeFor = (QuicParams, quinn::ClientConfig);
 
 /// The QUIC client configuration of a [`ClientConfig`], made once for its roots.
 #[derive(Clone, Default)]
@@ -60,27 +134,30 @@ impl std::fmt::Debug for QuicCache {
 }
 
 impl QuicCache {
-    /// The configuration for `roots`: the one made before if the roots are the same (so its
-    /// TLS sessions can be resumed), else a new one.
-    pub(crate) fn get(
-        &self,
-        roots: &[CertificateDer<'static>],
-    ) -> Result<quinn::ClientConfig, ClientError> {
+    /// The configuration for `config`'s roots and timeouts: the one made before if they are
+    /// the same (so its TLS sessions can be resumed), else a new one.
+    fn get(&self, config: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
+        let params = QuicParams {
+            roots: config.roots.clone(),
+            keep_alive: config.keep_alive,
+            idle_timeout: config.idle_timeout,
+        };
         let mut cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((for_roots, config)) = cached.as_ref()
-            && for_roots == roots
+        if let Some((made_for, quic)) = cached.as_ref()
+            && *made_for == params
         {
-            return Ok(config.clone());
+            return Ok(quic.clone());
         }
-        let config = quic_client_config(roots)?;
-        *cached = Some((roots.to_vec(), config.clone()));
-        Ok(config)
+        let quic = quic_config(&params)?;
+        *cached = Some((params, quic.clone()));
+        Ok(quic)
     }
 }
 
 impl ClientConfig {
     /// A configuration for the host at `server`, named `localhost`, trusting nothing yet.
     pub fn new(server: SocketAddr) -> Self {
+        let (keep_alive, idle_timeout, dead_host_after) = NetworkProfile::Desktop.timeouts();
         Self {
             server,
             server_name: "localhost".into(),
@@ -90,8 +167,49 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(30),
             reconnect_first: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
+            keep_alive,
+            idle_timeout,
+            dead_host_after,
+            watch_network: true,
             quic: QuicCache::default(),
         }
+    }
+
+    /// Sets the keep-alive, idle timeout and dead-host margin of `profile`.
+    pub fn with_profile(mut self, profile: NetworkProfile) -> Self {
+        (self.keep_alive, self.idle_timeout, self.dead_host_after) = profile.timeouts();
+        self
+    }
+
+    /// Checks that the timeouts make sense together: each at least a second (a millisecond
+    /// for `dead_host_after`), a keep-alive sent before the idle timeout ends the connection.
+    pub fn check(&self) -> Result<(), ClientError> {
+        let second = Duration::from_secs(1);
+        if self.keep_alive < second || self.idle_timeout < second {
+            return Err(ClientError::Config(format!(
+                "keep-alive ({:?}) and idle timeout ({:?}) must be at least 1 s",
+                self.keep_alive, self.idle_timeout
+            )));
+        }
+        if self.keep_alive >= self.idle_timeout {
+            return Err(ClientError::Config(format!(
+                "the keep-alive ({:?}) must be shorter than the idle timeout ({:?}), or a quiet \
+                 connection ends before its keep-alive",
+                self.keep_alive, self.idle_timeout
+            )));
+        }
+        if self.idle_timeout > Duration::from_secs(3600) {
+            return Err(ClientError::Config(format!(
+                "idle timeout {:?} is over an hour",
+                self.idle_timeout
+            )));
+        }
+        if self.dead_host_after.is_zero() {
+            return Err(ClientError::Config(
+                "dead_host_after must not be zero".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Trusts the certificates of a PEM file (a host's generated `cert.pem`, or a CA).
@@ -138,12 +256,23 @@ impl ClientConfig {
     }
 }
 
-/// The quinn client configuration for an iim host: TLS 1.3, ALPN `iim/1`, trusting `roots`.
+/// The quinn client configuration for an iim host: TLS 1.3, ALPN `iim/1`, trusting `roots`,
+/// with the [`NetworkProfile::Desktop`] keep-alive and idle timeout.
 pub fn quic_client_config(
     roots: &[CertificateDer<'static>],
 ) -> Result<quinn::ClientConfig, ClientError> {
+    let (keep_alive, idle_timeout, _) = NetworkProfile::Desktop.timeouts();
+    quic_config(&QuicParams {
+        roots: roots.to_vec(),
+        keep_alive,
+        idle_timeout,
+    })
+}
+
+/// [`quic_client_config`] with `params`' timeouts.
+fn quic_config(params: &QuicParams) -> Result<quinn::ClientConfig, ClientError> {
     let mut store = rustls::RootCertStore::empty();
-    for cert in roots {
+    for cert in &params.roots {
         store.add(cert.clone()).map_err(|e| ClientError::Ca {
             path: "(roots)".into(),
             reason: e.to_string(),
@@ -163,10 +292,12 @@ pub fn quic_client_config(
         .map_err(|e| ClientError::Protocol(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    // Keep-alives well inside the host's idle timeout keep a quiet session (and the NAT
-    // binding of a mobile network) open.
-    transport.keep_alive_interval(Some(Duration::from_secs(10)));
-    transport.max_idle_timeout(Duration::from_secs(30).try_into().ok());
+    // Keep-alives well inside the idle timeout keep a quiet session (and the NAT binding of a
+    // mobile network) open.
+    transport.keep_alive_interval(Some(params.keep_alive));
+    let idle = quinn::IdleTimeout::try_from(params.idle_timeout)
+        .map_err(|_| ClientError::Config(format!("idle timeout {:?}", params.idle_timeout)))?;
+    transport.max_idle_timeout(Some(idle));
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -378,7 +509,8 @@ impl Connection {
         };
         let mut endpoint =
             quinn::Endpoint::client(bind).map_err(|e| full(connect_err(e.into())))?;
-        endpoint.set_default_client_config(config.quic.get(&config.roots).map_err(full)?);
+        config.check().map_err(full)?;
+        endpoint.set_default_client_config(config.quic.get(config).map_err(full)?);
         let connecting = endpoint
             .connect(addr, &config.server_name)
             .map_err(|e| full(connect_err(e.into())))?;
@@ -411,8 +543,8 @@ impl Connection {
                 Arc::clone(shared),
                 generation,
                 conn.clone(),
-                send,
-                recv,
+                (send, recv),
+                driver::Liveness::new(config.keep_alive, config.dead_host_after),
             ));
             shared.wake();
             let welcome = match welcome.await {
@@ -503,6 +635,21 @@ impl Connection {
         let new = socket.local_addr().map_err(rebind_err)?;
         self.endpoint.rebind(socket).map_err(rebind_err)?;
         Ok(new)
+    }
+
+    /// Tells the connection that the machine's network changed (an address came or went, the
+    /// OS switched from Wi-Fi to the mobile network): what a mobile application calls from
+    /// the system's connectivity callback. The connection moves to a new UDP socket
+    /// ([`Connection::rebind`]), which sends a probe to the host at once from whatever
+    /// address the system now routes through, with a new connection id; the host validates
+    /// the new path and sends there from then on, within a round trip. Without it, the host
+    /// keeps sending to the old address until the client next says something (its next
+    /// keep-alive, when it only listens). A new socket rather than the old one, because the
+    /// old one may be bound to an address that is gone. Returns the new local address.
+    pub fn network_changed(&self) -> Result<SocketAddr, ClientError> {
+        let moved_to = self.rebind()?;
+        tracing::info!(%moved_to, "network changed; probing the path to the host");
+        Ok(moved_to)
     }
 
     /// The local UDP address the connection uses now.

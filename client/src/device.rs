@@ -30,7 +30,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 /// How a [`Device`] proves who it is.
 #[derive(Clone)]
@@ -178,6 +178,8 @@ pub struct Device {
     request_timeout: Duration,
     /// The wait between attempts of a file transfer on a connection that stays up.
     retry: Backoff,
+    /// Tells the device's task that the network changed.
+    network: Arc<Notify>,
 }
 
 impl Device {
@@ -215,6 +217,12 @@ impl Device {
         );
         let (close, close_rx) = mpsc::unbounded_channel();
         let (updates_tx, updates) = mpsc::unbounded_channel();
+        let network = Arc::new(Notify::new());
+        let interfaces = if config.watch_network {
+            crate::interfaces::watch(Arc::clone(&network))
+        } else {
+            None
+        };
         let supervisor = Supervisor {
             login: Login {
                 config,
@@ -229,6 +237,8 @@ impl Device {
             updates: updates_tx,
             home: home_tx,
             quic: quic_tx,
+            network: Arc::clone(&network),
+            _interfaces: interfaces,
         };
         tokio::spawn(supervisor.run(conn));
         Ok(Self {
@@ -240,7 +250,19 @@ impl Device {
             quic,
             request_timeout,
             retry,
+            network,
         })
+    }
+
+    /// Tells the device that the machine's network changed: what a mobile application calls
+    /// from the system's connectivity callback (a device with
+    /// [`ClientConfig::watch_network`] also notices a change of address by itself). If it is
+    /// connected, the connection moves to a new socket and probes the path at once
+    /// ([`Connection::network_changed`]), so that the host sends to the new address within a
+    /// round trip; if it is waiting to reconnect, it tries now instead of at the end of its
+    /// wait.
+    pub fn network_changed(&self) {
+        self.network.notify_one();
     }
 
     /// The device's token, for [`Credentials::Token`] next time.
@@ -622,6 +644,10 @@ struct Supervisor {
     home: watch::Sender<(String, SocketAddr)>,
     /// The current QUIC connection, for [`Device`]'s file transfers.
     quic: watch::Sender<Option<quinn::Connection>>,
+    /// Notified when the network changed.
+    network: Arc<Notify>,
+    /// The watch of the network interfaces, if any, which ends with the task.
+    _interfaces: Option<crate::interfaces::InterfaceWatch>,
 }
 
 impl Supervisor {
@@ -657,8 +683,15 @@ impl Supervisor {
                 }));
                 let login = &mut self.login;
                 let shared = &self.shared;
+                let network = &self.network;
                 let attempt = async move {
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        // A new network may be the one that reaches the host: no point waiting.
+                        () = network.notified() => {
+                            tracing::info!("network changed; reconnecting now");
+                        }
+                    }
                     login.connect(shared).await
                 };
                 let outcome = tokio::select! {
@@ -700,6 +733,12 @@ impl Supervisor {
             let event = tokio::select! {
                 done = self.close.recv() => return Served::Closed(done),
                 event = conn.next_event() => event,
+                () = self.network.notified() => {
+                    if let Err(e) = conn.network_changed() {
+                        return Served::Lost(e);
+                    }
+                    continue;
+                }
             };
             let update = match event {
                 Some(Ok(Event::Message { seq, message })) => Update::Message { seq, message },

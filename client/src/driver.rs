@@ -302,15 +302,52 @@ pub(crate) fn connection_error(e: quinn::ConnectionError) -> ClientError {
     }
 }
 
+/// Notices a host that stopped answering. QUIC sends a keep-alive once nothing has been
+/// received for the keep-alive interval, and a live host answers it within a round trip; so
+/// nothing received for the keep-alive interval and `dead_host_after` more means the host (or
+/// the path to it) is gone, long before the idle timeout says so.
+pub(crate) struct Liveness {
+    /// Nothing received for this long: the host is gone.
+    limit: Duration,
+    /// How often the count of received datagrams is looked at.
+    every: Duration,
+    /// The count when it last moved, and when that was seen.
+    received: u64,
+    moved_at: Instant,
+}
+
+impl Liveness {
+    pub(crate) fn new(keep_alive: Duration, dead_host_after: Duration) -> Self {
+        Self {
+            limit: keep_alive + dead_host_after,
+            every: (dead_host_after / 2).clamp(Duration::from_millis(100), Duration::from_secs(2)),
+            received: 0,
+            moved_at: Instant::now(),
+        }
+    }
+
+    /// After a look at `received` (the connection's count of datagrams received) at `now`:
+    /// whether the host is gone.
+    fn gone(&mut self, received: u64, now: Instant) -> bool {
+        if received != self.received {
+            self.received = received;
+            self.moved_at = now;
+        }
+        now.duration_since(self.moved_at) >= self.limit
+    }
+}
+
 /// Runs connection `generation` of `shared`'s machine over `send` and `recv` until it ends or
 /// is replaced; then closes `conn` if the client decided it was over.
 pub(crate) async fn drive(
     shared: Arc<Shared>,
     generation: u64,
     conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+    mut liveness: Liveness,
 ) {
+    let mut look = tokio::time::interval(liveness.every);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut buf = vec![0u8; 16 * 1024];
     let mut out: Vec<u8> = Vec::new();
     let mut written = 0;
@@ -362,6 +399,13 @@ pub(crate) async fn drive(
                     .end(generation, ClientError::ConnectionLost(e.to_string())),
             },
             () = shared.wake.notified() => {}
+            _ = look.tick() => {
+                let received = conn.stats().udp_rx.datagrams;
+                if liveness.gone(received, Instant::now()) {
+                    tracing::info!(quiet = ?liveness.limit, "the host stopped answering");
+                    shared.lock().end(generation, ClientError::Timeout(liveness.limit));
+                }
+            }
             () = sleep => {
                 let mut core = shared.lock();
                 core.session.handle_timeout(Instant::now());

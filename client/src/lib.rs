@@ -39,10 +39,11 @@
 mod connection;
 mod device;
 mod driver;
+mod interfaces;
 mod transfer;
 
 pub use connection::{
-    Accepted, ClientConfig, Connection, Event, MAX_REDIRECTS, Page, new_client_id,
+    Accepted, ClientConfig, Connection, Event, MAX_REDIRECTS, NetworkProfile, Page, new_client_id,
     quic_client_config,
 };
 pub use device::{Credentials, Device, Submission, TRANSFER_ATTEMPTS, Update};
@@ -62,6 +63,9 @@ pub enum ClientError {
         /// What was wrong.
         reason: String,
     },
+    /// The [`ClientConfig`] is not usable: timeouts that do not fit together.
+    #[error("client configuration: {0}")]
+    Config(String),
     /// No QUIC connection could be made.
     #[error("cannot connect to {addr}: {source}")]
     Connect {

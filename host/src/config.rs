@@ -199,7 +199,10 @@ pub struct Limits {
     /// past the client's patience (30 s for an answer, in `iim-client`). The default, 256, is
     /// about 4 s of hashing on 2 cores and 10 s on one slow core; raise it with the cores.
     pub hashing_queue: usize,
-    /// Seconds without any packet before a connection is dropped.
+    /// Seconds without any packet before a connection is dropped, at most: QUIC takes the
+    /// smaller of this and the client's own idle timeout (30 s in `iim-client`'s desktop
+    /// profile, 60 s in its mobile one). It is also how long a client that vanished without a
+    /// word (a phone out of coverage) still counts as online.
     pub idle_timeout_secs: u64,
     /// Seconds a write to a client may wait for it to read before the session is ended.
     pub write_timeout_secs: u64,
@@ -287,7 +290,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_hashing: 4,
             hashing_queue: 256,
-            idle_timeout_secs: 30,
+            idle_timeout_secs: 60,
             write_timeout_secs: 30,
             max_in_flight: 1024,
             retransmit_initial_ms: 2_000,

@@ -35,7 +35,9 @@ use iim_client::proto::session::Backoff;
 use iim_client::proto::{
     Address, DeviceId, ErrorCode, MessageId, MessageKind, RelationKind, SessionMode, UserId,
 };
-use iim_client::{ClientConfig, ClientError, Connection, Credentials, Device, Update};
+use iim_client::{
+    ClientConfig, ClientError, Connection, Credentials, Device, NetworkProfile, Update,
+};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,8 +64,38 @@ struct Cli {
     /// Print JSON (one object per line for `listen`).
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    link: LinkArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How the connection spends keep-alives: a profile, and each of its timeouts overridden.
+#[derive(Debug, clap::Args)]
+struct LinkArgs {
+    /// `desktop`: a keep-alive after 10 s of quiet, idle timeout 30 s, a host taken for gone
+    /// 5 s after an unanswered keep-alive. `mobile`: 25 s, 60 s and 10 s, for fewer radio
+    /// wake-ups on battery. The host's `limits.idle_timeout_secs` (60 s unless configured)
+    /// caps the idle timeout.
+    #[arg(
+        long,
+        global = true,
+        env = "IIM_NETWORK_PROFILE",
+        value_name = "PROFILE",
+        default_value = "desktop"
+    )]
+    network_profile: NetworkProfile,
+    /// Seconds of quiet before a keep-alive [default: the profile's].
+    #[arg(long, global = true, value_name = "SECS")]
+    keep_alive: Option<u64>,
+    /// Seconds without a packet from the host after which the connection is over [default:
+    /// the profile's].
+    #[arg(long, global = true, value_name = "SECS")]
+    idle_timeout: Option<u64>,
+    /// Seconds a keep-alive may go unanswered before the host is taken for gone and the
+    /// client reconnects [default: the profile's].
+    #[arg(long, global = true, value_name = "SECS")]
+    dead_host_after: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -308,8 +340,22 @@ fn target(cli: &Cli, profile: Option<&Profile>) -> anyhow::Result<(SocketAddr, P
     Ok((server, ca))
 }
 
-async fn connect(server: SocketAddr, ca: &Path) -> anyhow::Result<Connection> {
-    let config = ClientConfig::new(server).with_ca_file(ca)?;
+/// The client configuration for `server`, trusting `ca`, with the flags' timeouts.
+fn client_config(cli: &Cli, server: SocketAddr, ca: &Path) -> anyhow::Result<ClientConfig> {
+    let link = &cli.link;
+    let mut config = ClientConfig::new(server)
+        .with_ca_file(ca)?
+        .with_profile(link.network_profile);
+    let secs = std::time::Duration::from_secs;
+    config.keep_alive = link.keep_alive.map_or(config.keep_alive, secs);
+    config.idle_timeout = link.idle_timeout.map_or(config.idle_timeout, secs);
+    config.dead_host_after = link.dead_host_after.map_or(config.dead_host_after, secs);
+    config.check()?;
+    Ok(config)
+}
+
+async fn connect(cli: &Cli, server: SocketAddr, ca: &Path) -> anyhow::Result<Connection> {
+    let config = client_config(cli, server, ca)?;
     Ok(Connection::connect(&config).await?)
 }
 
@@ -335,7 +381,7 @@ async fn session(cli: &Cli, mode: SessionMode) -> anyhow::Result<(Connection, Pr
     let mut profile = saved_login(&dir)?;
     let (_, ca) = target(cli, Some(&profile))?;
     let server = profile.host_for(cli.server);
-    let config = ClientConfig::new(server).with_ca_file(&ca)?;
+    let config = client_config(cli, server, &ca)?;
     let (conn, home) = Connection::resume_home(
         &config,
         &profile.user,
@@ -356,7 +402,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Register { user, password } => {
             let dir = profile_dir(&cli)?;
             let (server, ca) = target(&cli, load_profile(&dir)?.as_ref())?;
-            let conn = connect(server, &ca).await?;
+            let conn = connect(&cli, server, &ca).await?;
             conn.register(user, password).await?;
             print_result(&cli, serde_json::json!({ "registered": user }), || {
                 format!("registered {user}")
@@ -380,7 +426,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (None, Some(old)) => old.device.clone(),
                 (None, None) => DeviceId::new(format!("cli-{:08x}", rand::random::<u32>()))?,
             };
-            let config = ClientConfig::new(server).with_ca_file(&ca)?;
+            let config = client_config(&cli, server, &ca)?;
             let (conn, token, home) =
                 Connection::login_home(&config, user, password, &device, SessionMode::SendOnly)
                     .await?;
@@ -668,7 +714,7 @@ async fn open_device<F: std::future::Future>(
     let mut profile = saved_login(&dir)?;
     let (_, ca) = target(cli, Some(&profile))?;
     let mut server = profile.host_for(cli.server);
-    let config = ClientConfig::new(server).with_ca_file(&ca)?;
+    let config = client_config(cli, server, &ca)?;
     let mut backoff = Backoff::new(config.reconnect_first, config.reconnect_max);
     let device = loop {
         let opened = tokio::select! {
