@@ -39,6 +39,7 @@ mod groups;
 mod iim_run;
 mod kits;
 mod logins;
+mod mobile;
 mod network;
 mod plugins;
 mod process;
@@ -228,6 +229,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Mobile recovery: a listening device after its address changes and after its host is
+    /// killed, against a client as iim's was before it watched the network and the host's
+    /// answers (keep-alive 10 s, idle timeout 30 s).
+    ///
+    /// Address change (a relay on loopback gives the device a new address towards the host):
+    /// from the change to the next message handed over. Kill and restart at once: to the
+    /// device's reconnect and to the next message. Kill, host stays down: to the device's
+    /// noticing (one round per client: the old client takes the 30 s idle timeout). Clients:
+    /// `before`, the `desktop` and `mobile` profiles. Fails if a message is handed over twice
+    /// or out of turn.
+    Mobile {
+        /// Rounds of the address change and of the kill and restart, per client.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs the raw relay until standard input closes.
     #[command(hide = true)]
     Relay {
@@ -326,6 +345,9 @@ fn main() -> ExitCode {
             };
             groups_main(shape, *json, args.timeout)
         }
+        Some(Command::Mobile { rounds, json }) => {
+            mobile_main((*rounds).max(1), *json, args.timeout)
+        }
         None => bench(&args),
     };
     match result {
@@ -371,6 +393,17 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         Ok((iim, raw))
     })?;
     report(&load, &iim, &raw, args.json);
+    Ok(())
+}
+
+/// Runs the mobile recovery measurements and prints their figures.
+fn mobile_main(rounds: u32, json: bool, timeout: u64) -> anyhow::Result<()> {
+    let figures = run_bounded("the mobile run", timeout, mobile::run(rounds))?;
+    if json {
+        println!("{}", serde_json::to_string(&figures).unwrap_or_default());
+    } else {
+        mobile::print(&figures);
+    }
     Ok(())
 }
 

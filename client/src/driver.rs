@@ -320,7 +320,7 @@ impl Liveness {
     pub(crate) fn new(keep_alive: Duration, dead_host_after: Duration) -> Self {
         Self {
             limit: keep_alive + dead_host_after,
-            every: (dead_host_after / 2).clamp(Duration::from_millis(100), Duration::from_secs(2)),
+            every: (dead_host_after / 2).clamp(Duration::from_millis(100), Duration::from_secs(1)),
             received: 0,
             moved_at: Instant::now(),
         }

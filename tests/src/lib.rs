@@ -2,6 +2,7 @@
 //! temporary data directory, and connect real clients to it.
 
 pub mod lossy;
+pub mod netns;
 
 use anyhow::{Context, anyhow, bail};
 use iim_client::proto::{DeviceId, ErrorCode, Message, SessionMode, UserId};
@@ -264,6 +265,8 @@ pub struct HostProcess {
     pub cert: PathBuf,
     data: tempfile::TempDir,
     stderr_log: PathBuf,
+    /// The network namespace it runs in, if not the test's own.
+    namespace: Option<String>,
 }
 
 impl HostProcess {
@@ -300,13 +303,30 @@ impl HostProcess {
                 std::fs::copy(file, dir.join(format!("{name}.wasm")))?;
             }
         }
-        let (child, addr, cert, stderr_log) = spawn(data.path(), "127.0.0.1:0".parse()?)?;
+        let (child, addr, cert, stderr_log) = spawn(data.path(), "127.0.0.1:0".parse()?, None)?;
         Ok(Self {
             child: Some(child),
             addr,
             cert,
             data,
             stderr_log,
+            namespace: None,
+        })
+    }
+
+    /// Starts a host with its defaults in network namespace `namespace` (see [`netns`]),
+    /// listening on `listen` there.
+    pub fn start_in_namespace(namespace: &str, listen: SocketAddr) -> anyhow::Result<Self> {
+        let data = tempfile::tempdir()?;
+        std::fs::write(data.path().join("host.toml"), "")?;
+        let (child, addr, cert, stderr_log) = spawn(data.path(), listen, Some(namespace))?;
+        Ok(Self {
+            child: Some(child),
+            addr,
+            cert,
+            data,
+            stderr_log,
+            namespace: Some(namespace.to_owned()),
         })
     }
 
@@ -394,7 +414,8 @@ impl HostProcess {
     /// Starts the host again on the same address and data directory.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9()?;
-        let (child, addr, cert, log) = spawn(self.data.path(), self.addr)?;
+        let (child, addr, cert, log) =
+            spawn(self.data.path(), self.addr, self.namespace.as_deref())?;
         self.child = Some(child);
         self.addr = addr;
         self.cert = cert;
@@ -523,10 +544,17 @@ impl Drop for HostProcess {
     }
 }
 
-fn spawn(data: &Path, listen: SocketAddr) -> anyhow::Result<(Child, SocketAddr, PathBuf, PathBuf)> {
+fn spawn(
+    data: &Path,
+    listen: SocketAddr,
+    namespace: Option<&str>,
+) -> anyhow::Result<(Child, SocketAddr, PathBuf, PathBuf)> {
     let stderr_log = data.join(format!("host-{}.log", rand_suffix()));
     let stderr = std::fs::File::create(&stderr_log)?;
-    let mut command = Command::new(binary("iim-host")?);
+    let mut command = match namespace {
+        Some(namespace) => netns::exec(namespace, &binary("iim-host")?),
+        None => Command::new(binary("iim-host")?),
+    };
     // The shared cache, unless the configuration names one (a benchmark timing first loads).
     let config = std::fs::read_to_string(data.join("host.toml")).unwrap_or_default();
     if !config.contains("cache_dir") {

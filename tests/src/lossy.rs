@@ -3,6 +3,8 @@
 //!
 //! Clients connect to [`LossyPath::addr`] instead of the host's address; each client address
 //! gets its own socket towards the host, as if it came through its own lossy link.
+//! [`LossyPath::rebind_all`] gives every client a new socket towards the host, as a phone's
+//! address changes (or a NAT forgets its binding): the host's datagrams to the old one are lost.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -56,6 +58,8 @@ impl PathCounts {
 pub struct LossyPath {
     addr: SocketAddr,
     counts: Arc<PathCounts>,
+    /// Each client's socket towards the host.
+    backs: Backs,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -75,8 +79,40 @@ impl LossyPath {
             rng: Arc::new(Mutex::new(StdRng::seed_from_u64(seed))),
             counts: Arc::clone(&counts),
         };
-        let task = tokio::spawn(relay(front, target, link));
-        Ok(Self { addr, counts, task })
+        let backs = Backs::default();
+        let task = tokio::spawn(relay(front, target, link, backs.clone()));
+        Ok(Self {
+            addr,
+            counts,
+            backs,
+            task,
+        })
+    }
+
+    /// Returns once no datagram has come in either way for `quiet` (checked every 20 ms): the
+    /// clients behind it are idle, with nothing of theirs left in flight.
+    pub async fn quiet(&self, quiet: std::time::Duration) {
+        let step = std::time::Duration::from_millis(20);
+        let mut seen = self.counts.seen.load(Ordering::Relaxed);
+        let mut still = std::time::Duration::ZERO;
+        while still < quiet {
+            tokio::time::sleep(step).await;
+            let now = self.counts.seen.load(Ordering::Relaxed);
+            if now == seen {
+                still += step;
+            } else {
+                (seen, still) = (now, std::time::Duration::ZERO);
+            }
+        }
+    }
+
+    /// Every client's address towards the host changes, as a phone's does when it moves to
+    /// another network: what a client sends next goes out through a new socket (the host sees
+    /// a new address), and the old sockets are closed, so what the host still sends to them
+    /// is lost until the host follows the client to its new address.
+    pub fn rebind_all(&self) {
+        // Dropped, each closes its socket and stops its task.
+        self.backs.lock().clear();
     }
 
     /// The address clients connect to.
@@ -93,6 +129,7 @@ impl LossyPath {
 impl Drop for LossyPath {
     fn drop(&mut self) {
         self.task.abort();
+        self.backs.lock().clear();
     }
 }
 
@@ -165,18 +202,42 @@ impl Link {
     }
 }
 
-/// Carries what clients send to the host, each client through a socket of its own; ends (and
-/// with it every task it started) when aborted.
-async fn relay(front: Arc<UdpSocket>, target: SocketAddr, link: Link) {
-    let mut backs: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
-    let mut tasks = tokio::task::JoinSet::new();
+/// One client's socket towards the host, and the task that carries what the host sends to it.
+struct Back {
+    socket: Arc<UdpSocket>,
+    task: tokio::task::AbortHandle,
+}
+
+/// The clients' sockets towards the host, by client address.
+#[derive(Clone, Default)]
+struct Backs(Arc<Mutex<HashMap<SocketAddr, Back>>>);
+
+impl Backs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Back>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Back {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Carries what clients send to the host, each client through a socket of its own (made at
+/// its first datagram, and again after [`LossyPath::rebind_all`]); ends when aborted.
+async fn relay(front: Arc<UdpSocket>, target: SocketAddr, link: Link, backs: Backs) {
     let mut buf = vec![0u8; 65_536];
     loop {
         let Ok((n, client)) = front.recv_from(&mut buf).await else {
             return;
         };
-        let back = match backs.get(&client) {
-            Some(back) => Arc::clone(back),
+        let current = backs
+            .lock()
+            .get(&client)
+            .map(|back| Arc::clone(&back.socket));
+        let back = match current {
+            Some(back) => back,
             None => {
                 let Ok(back) = UdpSocket::bind("127.0.0.1:0").await else {
                     continue;
@@ -185,13 +246,19 @@ async fn relay(front: Arc<UdpSocket>, target: SocketAddr, link: Link) {
                     continue;
                 }
                 let back = Arc::new(back);
-                backs.insert(client, Arc::clone(&back));
-                tasks.spawn(relay_back(
+                let task = tokio::spawn(relay_back(
                     Arc::clone(&back),
                     Arc::clone(&front),
                     client,
                     link.clone(),
                 ));
+                backs.lock().insert(
+                    client,
+                    Back {
+                        socket: Arc::clone(&back),
+                        task: task.abort_handle(),
+                    },
+                );
                 back
             }
         };
