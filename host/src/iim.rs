@@ -95,6 +95,35 @@ pub struct Iim {
     network: Option<(Arc<Directory>, Arc<RelayOutbox>)>,
     /// Woken when a relayed message was recorded for the plugins.
     relayed_for_plugins: tokio::sync::Notify,
+    /// Messages that wait for a user with no device online, for the plugin that notifies
+    /// (the push plugin): see [`Iim::waiting_notices`].
+    waiting: WaitingQueue,
+}
+
+/// How many waiting notices may be queued for the plugins; past it, new ones are dropped (and
+/// counted in the log), so that a push gateway that is down never holds up delivery.
+pub const WAITING_QUEUE: usize = 10_000;
+
+/// A waiting notice: the user a message waits for, and the message.
+pub type WaitingNotice = (UserId, Arc<Message>);
+
+/// The queue of waiting notices: the sending end, the receiving end until the host takes it,
+/// and how many were dropped.
+struct WaitingQueue {
+    tx: tokio::sync::mpsc::Sender<WaitingNotice>,
+    rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<WaitingNotice>>>,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl WaitingQueue {
+    fn new() -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(WAITING_QUEUE);
+        Self {
+            tx,
+            rx: std::sync::Mutex::new(Some(rx)),
+            dropped: Default::default(),
+        }
+    }
 }
 
 impl Iim {
@@ -114,6 +143,42 @@ impl Iim {
             default_ttl,
             network,
             relayed_for_plugins: tokio::sync::Notify::new(),
+            waiting: WaitingQueue::new(),
+        }
+    }
+
+    /// The notices that a message waits in the inbox of a user none of whose devices was
+    /// online to take it (not the user's own messages, which the user has seen): the user and
+    /// the message. Taken once, by the task that hands them to the plugins; `None` after.
+    pub fn waiting_notices(&self) -> Option<tokio::sync::mpsc::Receiver<WaitingNotice>> {
+        self.waiting
+            .rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Queues the notice that `message` waits for `user`, unless the queue is full.
+    fn notice_waiting(&self, user: &UserId, message: &Arc<Message>) {
+        if &message.from == user {
+            return;
+        }
+        if self
+            .waiting
+            .tx
+            .try_send((user.clone(), Arc::clone(message)))
+            .is_err()
+        {
+            let dropped = self
+                .waiting
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if dropped.is_multiple_of(1000) {
+                tracing::warn!(
+                    dropped = dropped + 1,
+                    "waiting notices dropped: the plugin that notifies is not keeping up"
+                );
+            }
         }
     }
 
@@ -269,6 +334,9 @@ impl Iim {
             if let Some(live) = self.append(user, &message, expires_at)? {
                 report.appended += 1;
                 report.live += live;
+                if live == 0 {
+                    self.notice_waiting(user, &message);
+                }
             }
         }
         if let Some((_, outbox)) = &self.network
@@ -310,8 +378,11 @@ impl Iim {
                     tracing::warn!(%user, id = %message.id, "a relayed message for a user this host does not have; dropped");
                     continue;
                 }
-                if self.append(user, &message, expires_at)?.is_some() {
+                if let Some(live) = self.append(user, &message, expires_at)? {
                     appended += 1;
+                    if live == 0 {
+                        self.notice_waiting(user, &message);
+                    }
                 }
             }
         }

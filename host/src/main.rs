@@ -534,6 +534,28 @@ async fn report_check(
         .collect();
     say!("  imports: {}", packages.join("; "));
     say!("  exports: {}", examined.exports.join(", "));
+    if examined.imports.iter().any(|i| i.starts_with("wasi:http/")) {
+        let outbound = &plugin.settings.outbound;
+        if outbound.allowed.is_empty() {
+            say!(
+                "  note: it imports wasi:http, but its configuration allows no host: every \
+                 request it makes will be denied (host.allowed_outbound_hosts)"
+            );
+        } else {
+            let allowed: Vec<String> = outbound.allowed.iter().map(|a| a.to_string()).collect();
+            say!(
+                "  outbound HTTP: {} (within {} ms, bodies up to {} KiB{})",
+                allowed.join(", "),
+                outbound.timeout_ms,
+                outbound.max_body_kib,
+                outbound
+                    .ca_file
+                    .as_ref()
+                    .map(|f| format!(", also trusting {}", f.display()))
+                    .unwrap_or_default()
+            );
+        }
+    }
     let mut ok = true;
     if !examined.missing.is_empty() {
         ok = false;

@@ -292,6 +292,11 @@ impl Server {
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), ServerError> {
         let mut sessions = JoinSet::new();
         let retries = tokio::spawn(retry_dispatch(Arc::clone(&self.host)));
+        let notices = self
+            .host
+            .iim
+            .waiting_notices()
+            .map(|notices| tokio::spawn(forward_waiting(Arc::clone(&self.host), notices)));
         let expiry = tokio::spawn(crate::expiry::run(Arc::clone(&self.host)));
         let watcher = tokio::spawn(self.loader.watch(self.host.shutdown.clone()));
         let admin = crate::admin::start(Arc::clone(&self.host)).map_err(ServerError::Admin)?;
@@ -344,6 +349,10 @@ impl Server {
         tracing::info!(sessions = sessions.len(), "shutting down");
         let _ = self.stop.send(true);
         let _ = retries.await;
+        // It may be waiting for room in a plugin's queue; what it holds is only notices.
+        if let Some(notices) = notices {
+            notices.abort();
+        }
         let _ = expiry.await;
         let _ = watcher.await;
         let _ = admin.await;
@@ -378,6 +387,32 @@ impl Server {
         self.host.store.flush().await?;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Hands the host's waiting notices (`Iim::waiting_notices`) to the plugin that handles them,
+/// if one is loaded (else they go: nobody is to be notified); stops at shutdown. Waiting for
+/// room in that plugin's queue holds up only this task: the notices queue behind it, and past
+/// the queue's size they are dropped, never delivery.
+async fn forward_waiting(
+    host: Arc<Host>,
+    mut notices: tokio::sync::mpsc::Receiver<crate::iim::WaitingNotice>,
+) {
+    let kind = iim_proto::MessageKind::Custom(iim_proto::body::WAITING_KIND.into());
+    let mut shutdown = host.shutdown.clone();
+    loop {
+        let (user, message) = tokio::select! {
+            notice = notices.recv() => match notice {
+                Some(notice) => notice,
+                None => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        if host.plugins.handler_of(&kind).is_none() {
+            continue;
+        }
+        let event = crate::plugin::Event::Waiting(crate::plugin::event::Waiting { user, message });
+        host.plugins.raise(event).await;
     }
 }
 

@@ -107,6 +107,7 @@
 pub mod bindings;
 mod config;
 pub mod host;
+pub mod http;
 #[doc(hidden)]
 pub mod runtime;
 // Natively only (a component talks to the real host), but documented for every target.

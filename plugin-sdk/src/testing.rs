@@ -108,6 +108,9 @@ pub struct FakeHost {
     next_session: u64,
     now_ms: u64,
     max_body: usize,
+    /// Outbound HTTP requests made, and the answers still to give.
+    http_requests: Vec<crate::http::Request>,
+    http_answers: std::collections::VecDeque<Result<crate::http::Response, crate::http::HttpError>>,
 }
 
 impl Default for FakeHost {
@@ -133,6 +136,8 @@ impl Default for FakeHost {
             // 2023-11-14: any fixed time will do; tests are deterministic.
             now_ms: 1_700_000_000_000,
             max_body: DEFAULT_MAX_BODY,
+            http_requests: Vec::new(),
+            http_answers: std::collections::VecDeque::new(),
         }
     }
 }
@@ -261,6 +266,31 @@ impl FakeHost {
             to: to.iter().map(|u| (*u).to_owned()).collect(),
             body: body.to_vec(),
             sent_at: self.now_ms,
+        })
+    }
+
+    /// The host's notice that `message` waits in `user`'s inbox and none of the user's devices
+    /// is online: a message event of kind [`WAITING_KIND`](crate::body::WAITING_KIND) from the
+    /// host, acting as `user` (see `docs/plugins.md`, "Push"). The message is put in the
+    /// user's inbox too, as the host would have.
+    pub fn waiting(&mut self, user: &str, message: &Message) -> Event {
+        self.put_in_inbox(user, message.clone());
+        let notice = crate::body::Waiting {
+            id: message.id,
+            kind: message.kind.to_string(),
+            from: message.sender.clone(),
+            from_device: message.sender_device.clone(),
+            to: message.to.clone(),
+            sent_at: message.sent_at,
+        };
+        Event::Message(Message {
+            id: message.id,
+            kind: MessageKind::Custom(crate::body::WAITING_KIND.into()),
+            sender: user.to_owned(),
+            sender_device: "iim-host".to_owned(),
+            to: vec![user.to_owned()],
+            body: notice.to_json(),
+            sent_at: message.sent_at,
         })
     }
 
@@ -430,6 +460,38 @@ impl FakeHost {
     }
 
     // ----- Looking at the outcome -----
+
+    /// Every outbound HTTP request the plugin made, in order (also those of events that
+    /// failed: a request is not undone).
+    pub fn http_requests(&self) -> &[crate::http::Request] {
+        &self.http_requests
+    }
+
+    /// Queues the answer to the next outbound HTTP request the plugin makes; a request with
+    /// no answer queued gets `200` with an empty body.
+    pub fn answer_http(
+        &mut self,
+        answer: Result<crate::http::Response, crate::http::HttpError>,
+    ) -> &mut Self {
+        self.http_answers.push_back(answer);
+        self
+    }
+
+    /// Records `request` and gives the next queued answer.
+    fn http(
+        &mut self,
+        request: &crate::http::Request,
+    ) -> Result<crate::http::Response, crate::http::HttpError> {
+        request.parts()?;
+        self.http_requests.push(request.clone());
+        self.http_answers
+            .pop_front()
+            .unwrap_or(Ok(crate::http::Response {
+                status: 200,
+                headers: Vec::new(),
+                body: Vec::new(),
+            }))
+    }
 
     /// Every `send` of the events handled successfully, in order.
     pub fn sent(&self) -> &[Sent] {
@@ -860,6 +922,19 @@ pub(crate) mod calls {
 
     pub fn subscribe_groups() -> Result<(), HostError> {
         fake(FakeHost::subscribe_groups)
+    }
+
+    /// An outbound HTTP request, to the fake host's recorded answers.
+    pub fn http_send(
+        request: &crate::http::Request,
+    ) -> Result<crate::http::Response, crate::http::HttpError> {
+        FakeHost::with_current(|host| host.http(request)).unwrap_or_else(|| {
+            Err(crate::http::HttpError::Failed(
+                "no host: outside a component, run the plugin through \
+                 iim_plugin_sdk::testing::FakeHost"
+                    .to_owned(),
+            ))
+        })
     }
 
     /// Without a fake host, log lines go to standard error.

@@ -455,6 +455,122 @@ fn from_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, BodyError
     serde_json::from_slice(body).map_err(|e| BodyError::Json(e.to_string()))
 }
 
+/// The kind of the messages a device sends to register for push notifications, and of the push
+/// plugin's answers (`docs/plugins.md`, "Push").
+pub const PUSH_KIND: &str = "push";
+
+/// The kind of the host's notices that a message waits for a user none of whose devices is
+/// online: raised by the host only (a client or a plugin that sends one is refused), handled by
+/// the plugin that handles this kind (the push plugin). Their body is a [`Waiting`].
+pub const WAITING_KIND: &str = "waiting";
+
+/// What a device asks of the push plugin: the body of a [`PUSH_KIND`] message addressed to its
+/// own user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum PushRequest {
+    /// Notify this device through the push gateway, at `token` (an APNs device token or an
+    /// FCM registration token, as the plugin's configured gateway takes), when a message waits
+    /// and none of the user's devices is online. Registering again replaces the token.
+    Register {
+        /// The token the device's platform gave it.
+        token: String,
+    },
+    /// Stop notifying this device.
+    Unregister,
+}
+
+impl PushRequest {
+    /// The body's bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        to_json(self)
+    }
+
+    /// A request from a body's bytes.
+    pub fn from_json(body: &[u8]) -> Result<Self, BodyError> {
+        from_json(body)
+    }
+}
+
+/// The push plugin's answer to a [`PushRequest`], a [`PUSH_KIND`] message to the user's
+/// devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum PushReply {
+    /// `device` will be notified.
+    Registered {
+        /// The device.
+        device: String,
+    },
+    /// `device` will not be notified any more.
+    Unregistered {
+        /// The device.
+        device: String,
+    },
+    /// The request was not taken, for `reason` (a token of the wrong shape for the gateway).
+    Refused {
+        /// The device.
+        device: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl PushReply {
+    /// The body's bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        to_json(self)
+    }
+
+    /// An answer from a body's bytes.
+    pub fn from_json(body: &[u8]) -> Result<Self, BodyError> {
+        from_json(body)
+    }
+}
+
+/// The body of the host's [`WAITING_KIND`] notice: message `id`, now in `user`'s inbox, which
+/// no device of the user was online to take. The message itself (its body) can be read with
+/// `inbox-message(user, id)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    /// The message's id.
+    pub id: u64,
+    /// Its kind (`chat`, `file`, `group`, a receipt…).
+    pub kind: String,
+    /// Its sender.
+    pub from: String,
+    /// The sender's device.
+    pub from_device: String,
+    /// Its addressees: users, or one group (`#team`).
+    pub to: Vec<String>,
+    /// When its host accepted it, in milliseconds since the Unix epoch.
+    pub sent_at: u64,
+}
+
+impl Waiting {
+    /// The notice for `message`.
+    pub fn of(message: &crate::Message) -> Self {
+        Self {
+            id: message.id.0,
+            kind: message.kind.to_string(),
+            from: message.from.to_string(),
+            from_device: message.from_device.to_string(),
+            to: message.to.iter().map(ToString::to_string).collect(),
+            sent_at: message.sent_at,
+        }
+    }
+
+    /// The body's bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        to_json(self)
+    }
+
+    /// A notice from a body's bytes.
+    pub fn from_json(body: &[u8]) -> Result<Self, BodyError> {
+        from_json(body)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,5 +686,33 @@ mod tests {
             Err(BodyError::Json(_))
         ));
         assert!(Presence::from_json(br#"{"presence":"?"}"#).is_err());
+    }
+
+    #[test]
+    fn push_bodies_read_back_and_name_their_op() {
+        let register = PushRequest::Register {
+            token: "ab12".into(),
+        };
+        assert_eq!(register.to_json(), br#"{"op":"register","token":"ab12"}"#);
+        assert_eq!(PushRequest::from_json(&register.to_json()), Ok(register));
+        assert_eq!(
+            PushRequest::from_json(br#"{"op":"unregister"}"#),
+            Ok(PushRequest::Unregister)
+        );
+        assert!(PushRequest::from_json(br#"{"op":"register"}"#).is_err());
+        let reply = PushReply::Refused {
+            device: "phone".into(),
+            reason: "no".into(),
+        };
+        assert_eq!(PushReply::from_json(&reply.to_json()), Ok(reply));
+        let waiting = Waiting {
+            id: 7,
+            kind: "chat".into(),
+            from: "alice".into(),
+            from_device: "laptop".into(),
+            to: vec!["bob".into()],
+            sent_at: 1,
+        };
+        assert_eq!(Waiting::from_json(&waiting.to_json()), Ok(waiting));
     }
 }

@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: start the real `iim-host` binary on loopback with a
 //! temporary data directory, and connect real clients to it.
 
+pub mod gateway;
 pub mod lossy;
 pub mod netns;
 
@@ -254,6 +255,8 @@ pub enum Plugins<'a> {
     Default,
     /// Exactly these, as `(name, component file)`.
     Only(&'a [(&'a str, &'a Path)]),
+    /// Exactly these, as `(name, component file, configuration file's text)`.
+    Configured(&'a [(&'a str, &'a Path, &'a str)]),
 }
 
 /// A running `iim-host` process with its own data directory.
@@ -296,11 +299,21 @@ impl HostProcess {
     pub fn start_with(toml: &str, plugins: Plugins<'_>) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
         std::fs::write(data.path().join("host.toml"), toml)?;
-        if let Plugins::Only(list) = plugins {
-            let dir = data.path().join("plugins");
-            std::fs::create_dir_all(&dir)?;
-            for (name, file) in list {
-                std::fs::copy(file, dir.join(format!("{name}.wasm")))?;
+        let dir = data.path().join("plugins");
+        match plugins {
+            Plugins::Default => {}
+            Plugins::Only(list) => {
+                std::fs::create_dir_all(&dir)?;
+                for (name, file) in list {
+                    std::fs::copy(file, dir.join(format!("{name}.wasm")))?;
+                }
+            }
+            Plugins::Configured(list) => {
+                std::fs::create_dir_all(&dir)?;
+                for (name, file, toml) in list {
+                    std::fs::write(dir.join(format!("{name}.toml")), toml)?;
+                    std::fs::copy(file, dir.join(format!("{name}.wasm")))?;
+                }
             }
         }
         let (child, addr, cert, stderr_log) = spawn(data.path(), "127.0.0.1:0".parse()?, None)?;

@@ -99,6 +99,12 @@ fn accept(
     s.kind
         .check()
         .map_err(|e| Refusal::new(ErrorCode::INVALID_ARGUMENT, e.to_string()))?;
+    if matches!(&s.kind, MessageKind::Custom(k) if k == iim_proto::body::WAITING_KIND) {
+        return Err(Refusal::new(
+            ErrorCode::INVALID_ARGUMENT,
+            "kind waiting is the host's own: its notices that a message waits for a user",
+        ));
+    }
     match iim_proto::group_of(&s.to) {
         // The plugin that handles groups decides whether the group exists and whether the
         // sender may write to it, and refuses with a receipt if not (`docs/plugins.md`).

@@ -34,6 +34,20 @@ pub struct SessionInfo {
     pub devices_online: u32,
 }
 
+/// A message waits in the inbox of a user none of whose devices was online to take it: for the
+/// plugin that handles [`WAITING_KIND`](iim_proto::body::WAITING_KIND) notices (the push
+/// plugin). Lives in memory: a crash may lose one (never the message).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    /// The user it waits for: the acting user of the notice.
+    pub user: UserId,
+    /// The message.
+    pub message: Arc<Message>,
+}
+
+/// The device a host's notice comes from, in its WIT message.
+pub const NOTICE_DEVICE: &str = "iim-host";
+
 /// Something that happened, for the plugins that subscribed to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
@@ -45,9 +59,11 @@ pub enum Event {
     SessionOpened(SessionInfo),
     /// A delivery session closed.
     SessionClosed(SessionInfo),
-    /// A device acknowledged a message addressed to a group. (Last, so that the dead letters
-    /// stored before it existed still read.)
+    /// A device acknowledged a message addressed to a group. (After the others, so that the
+    /// dead letters stored before it existed still read.)
     GroupDelivered(Delivered, GroupId),
+    /// A message waits for a user with no device online. (Last, as `GroupDelivered`.)
+    Waiting(Waiting),
 }
 
 /// What a plugin handles.
@@ -102,6 +118,9 @@ impl Event {
             Self::SessionOpened(_) => Subscription::SessionOpened,
             Self::SessionClosed(_) => Subscription::SessionClosed,
             Self::GroupDelivered(..) => Subscription::Groups,
+            Self::Waiting(_) => {
+                Subscription::Message(MessageKind::Custom(iim_proto::body::WAITING_KIND.into()))
+            }
         }
     }
 
@@ -111,7 +130,10 @@ impl Event {
         match self {
             Self::Message(m) => m.group(),
             Self::GroupDelivered(_, group) => Some(group),
-            Self::Delivered(_) | Self::SessionOpened(_) | Self::SessionClosed(_) => None,
+            Self::Delivered(_)
+            | Self::SessionOpened(_)
+            | Self::SessionClosed(_)
+            | Self::Waiting(_) => None,
         }
     }
 
@@ -130,6 +152,7 @@ impl Event {
             Self::Message(m) => (&m.from, &m.from_device),
             Self::Delivered(d) | Self::GroupDelivered(d, _) => (&d.recipient, &d.recipient_device),
             Self::SessionOpened(s) | Self::SessionClosed(s) => (&s.user, &s.device),
+            Self::Waiting(w) => (&w.user, notice_device()),
         }
     }
 
@@ -146,7 +169,8 @@ impl Event {
             Self::Delivered(_)
             | Self::SessionOpened(_)
             | Self::SessionClosed(_)
-            | Self::GroupDelivered(..) => None,
+            | Self::GroupDelivered(..)
+            | Self::Waiting(_) => None,
         }
     }
 
@@ -166,8 +190,24 @@ impl Event {
             }
             Self::SessionOpened(s) => wit::Event::SessionOpened(session_to_wit(s)),
             Self::SessionClosed(s) => wit::Event::SessionClosed(session_to_wit(s)),
+            // A message of the host's, to the user it waits for, telling which one waits.
+            Self::Waiting(w) => wit::Event::Message(wit::Message {
+                id: w.message.id.0,
+                kind: wit::MessageKind::Custom(iim_proto::body::WAITING_KIND.into()),
+                sender: w.user.to_string(),
+                sender_device: NOTICE_DEVICE.into(),
+                to: vec![w.user.to_string()],
+                body: iim_proto::body::Waiting::of(&w.message).to_json(),
+                sent_at: w.message.sent_at,
+            }),
         }
     }
+}
+
+/// [`NOTICE_DEVICE`] as a device name.
+fn notice_device() -> &'static DeviceId {
+    static DEVICE: std::sync::OnceLock<DeviceId> = std::sync::OnceLock::new();
+    DEVICE.get_or_init(|| DeviceId::new(NOTICE_DEVICE).unwrap_or_else(|_| unreachable!()))
 }
 
 impl std::fmt::Display for Event {
@@ -186,6 +226,11 @@ impl std::fmt::Display for Event {
             ),
             Self::SessionOpened(s) => write!(f, "session-opened {}/{}", s.user, s.device),
             Self::SessionClosed(s) => write!(f, "session-closed {}/{}", s.user, s.device),
+            Self::Waiting(w) => write!(
+                f,
+                "waiting {} ({}) for {}",
+                w.message.id, w.message.kind, w.user
+            ),
         }
     }
 }

@@ -112,6 +112,9 @@ pub struct PluginState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
+    /// `wasi:http`: its context, and the hooks that send what the plugin may send.
+    http: wasmtime_wasi_http::WasiHttpCtx,
+    http_hooks: super::http::PluginHttp,
     call: Option<Call>,
     /// Whether the plugin called `subscribe-groups` in its `init`.
     groups: bool,
@@ -125,8 +128,8 @@ impl PluginState {
         plugin: &str,
         services: Arc<Services>,
         wasi: WasiCtx,
-        table: ResourceTable,
-        limits: StoreLimits,
+        (table, limits): (ResourceTable, StoreLimits),
+        outbound: Arc<super::http::Policy>,
     ) -> Self {
         Self {
             plugin: plugin.into(),
@@ -134,6 +137,8 @@ impl PluginState {
             wasi,
             table,
             limits,
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http_hooks: super::http::PluginHttp(outbound),
             call: None,
             groups: false,
             clock: Default::default(),
@@ -148,8 +153,8 @@ impl PluginState {
             plugin,
             services,
             wasmtime_wasi::WasiCtxBuilder::new().build(),
-            ResourceTable::new(),
-            StoreLimits::default(),
+            (ResourceTable::new(), StoreLimits::default()),
+            Arc::new(super::http::Policy::none(plugin)),
         )
     }
 
@@ -258,6 +263,11 @@ impl PluginState {
                 if to_group && to.len() > 1 {
                     return Err(HostError::InvalidArgument(
                         "a message is addressed to users or to one group, not both".into(),
+                    ));
+                }
+                if matches!(&kind, MessageKind::Custom(k) if k == iim_proto::body::WAITING_KIND) {
+                    return Err(HostError::PermissionDenied(
+                        "kind waiting is the host's own: its notices that a message waits".into(),
                     ));
                 }
                 let group_kind =
@@ -388,6 +398,16 @@ impl WasiView for PluginState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpView for PluginState {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
         }
     }
 }

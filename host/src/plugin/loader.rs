@@ -307,7 +307,7 @@ impl Loader {
             .map(|_| Ready {
                 build: build.clone(),
                 config: config.clone(),
-                settings,
+                settings: settings.clone(),
                 info: info.clone(),
                 instance: first.take(),
             })
@@ -398,7 +398,7 @@ impl PluginHost {
             // The old build's queues stay: what was raised before this is handled by the old
             // build, what is raised after by the new one. The lock held here keeps every
             // event raised meanwhile on one side of the hand-over in every lane.
-            let settings = ready[0].settings;
+            let settings = ready[0].settings.clone();
             let mut handed = 0;
             let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(ready.len()));
             for (queue, ready) in lane.queues.iter().zip(ready) {
@@ -436,7 +436,7 @@ impl PluginHost {
         let Some(first) = ready.first() else {
             return;
         };
-        let (info, settings) = (first.info.clone(), first.settings);
+        let (info, settings) = (first.info.clone(), first.settings.clone());
         let mut queues = Vec::with_capacity(ready.len());
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         for (index, ready) in ready.into_iter().enumerate() {

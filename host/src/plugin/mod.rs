@@ -24,6 +24,7 @@ pub mod convert;
 pub mod dead_letter;
 pub mod event;
 pub mod harness;
+pub mod http;
 pub mod imports;
 pub mod kits;
 pub mod lane;
@@ -217,7 +218,7 @@ impl PluginHost {
     pub fn loaded(&self) -> Vec<(String, LoadedInfo, settings::Settings)> {
         self.lanes()
             .iter()
-            .map(|(name, lane)| (name.clone(), lane.info.clone(), lane.settings))
+            .map(|(name, lane)| (name.clone(), lane.info.clone(), lane.settings.clone()))
             .collect()
     }
 

@@ -141,6 +141,8 @@ impl Runtime {
         let engine = Engine::new(&engine_config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        // Outbound HTTP, to the hosts each plugin's configuration allows (`http.rs`).
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         Plugin::add_to_linker::<PluginState, wasmtime::component::HasSelf<PluginState>>(
             &mut linker,
             |state| state,
@@ -194,7 +196,15 @@ impl Runtime {
             .stdout(PluginOutput::new(name, Stream::Stdout))
             .stderr(stderr.clone())
             .build();
-        let state = PluginState::new(name, services, wasi, ResourceTable::new(), limits);
+        let outbound =
+            super::http::Policy::new(name, &settings.outbound).map_err(LoadError::Config)?;
+        let state = PluginState::new(
+            name,
+            services,
+            wasi,
+            (ResourceTable::new(), limits),
+            Arc::new(outbound),
+        );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| state.limits());
         store.epoch_deadline_callback(on_tick);

@@ -12,8 +12,13 @@
 //! instances = 2
 //! max_memory_mib = 96
 //! call_timeout_ms = 2000
+//! allowed_outbound_hosts = ["https://push.example.com"]   # wasi:http, see http.rs
+//! http_timeout_ms = 5000
+//! http_max_body_kib = 64
+//! http_ca_file = "gateway-ca.pem"   # beside this file, unless absolute
 //! ```
 
+use super::http::{AllowedHost, Outbound};
 use crate::config::{MAX_PLUGIN_INSTANCES, PluginsConfig};
 use std::path::Path;
 use std::time::Duration;
@@ -21,8 +26,11 @@ use std::time::Duration;
 /// The longest `call_timeout_ms` a plugin may be given (or the host's own, if higher).
 pub const MAX_CALL_TIMEOUT_MS: u64 = 60_000;
 
+/// The largest body a plugin's outbound HTTP request or response may be given, in KiB.
+pub const MAX_HTTP_BODY_KIB: u64 = 16 * 1024;
+
 /// How the host runs one plugin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// Instances handling its events side by side (lanes), 1 to [`MAX_PLUGIN_INSTANCES`].
     pub instances: usize,
@@ -31,6 +39,8 @@ pub struct Settings {
     pub max_memory_mib: u64,
     /// Milliseconds one call (`init` or `handle`) may run, 1 to [`MAX_CALL_TIMEOUT_MS`].
     pub call_timeout_ms: u64,
+    /// Where it may send HTTP requests, and their limits.
+    pub outbound: Outbound,
 }
 
 impl Settings {
@@ -40,6 +50,7 @@ impl Settings {
             instances: config.instances,
             max_memory_mib: config.max_memory_mib,
             call_timeout_ms: config.call_timeout_ms,
+            outbound: Outbound::default(),
         }
     }
 
@@ -67,7 +78,16 @@ pub struct PluginFile {
 /// The error says what is wrong, naming the key.
 pub fn read(path: &Path, host: &PluginsConfig) -> Result<PluginFile, String> {
     match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, host),
+        Ok(text) => {
+            let mut file = parse(&text, host)?;
+            // A CA file is named from beside the configuration file.
+            if let (Some(ca), Some(dir)) = (&mut file.settings.outbound.ca_file, path.parent())
+                && ca.is_relative()
+            {
+                *ca = dir.join(&*ca);
+            }
+            Ok(file)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PluginFile {
             config: Vec::new(),
             settings: Settings::defaults(host),
@@ -117,10 +137,36 @@ fn host_settings(table: toml::Table, host: &PluginsConfig) -> Result<Settings, S
                 let most = MAX_CALL_TIMEOUT_MS.max(host.call_timeout_ms);
                 settings.call_timeout_ms = number(1, most)?;
             }
+            "allowed_outbound_hosts" => {
+                let list = value.as_array().ok_or_else(|| {
+                    format!("host.{key} must be a list of origins like \"https://host[:port]\"")
+                })?;
+                settings.outbound.allowed = list
+                    .iter()
+                    .map(|item| {
+                        let text = item.as_str().ok_or_else(|| {
+                            format!("host.{key}: {item} is not a string like \"https://host\"")
+                        })?;
+                        AllowedHost::parse(text).map_err(|e| format!("host.{key}: {e}"))
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            "http_timeout_ms" => settings.outbound.timeout_ms = number(1, MAX_CALL_TIMEOUT_MS)?,
+            "http_max_body_kib" => {
+                settings.outbound.max_body_kib = number(1, MAX_HTTP_BODY_KIB)?;
+            }
+            "http_ca_file" => {
+                let path = value
+                    .as_str()
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| format!("host.{key} must be the path of a PEM file"))?;
+                settings.outbound.ca_file = Some(path.into());
+            }
             _ => {
                 return Err(format!(
                     "host.{key} is not a setting; the [host] table takes instances, \
-                     max_memory_mib and call_timeout_ms"
+                     max_memory_mib, call_timeout_ms, allowed_outbound_hosts, http_timeout_ms, \
+                     http_max_body_kib and http_ca_file"
                 ));
             }
         }
@@ -152,7 +198,8 @@ mod tests {
             Settings {
                 instances: 2,
                 max_memory_mib: host.max_memory_mib,
-                call_timeout_ms: 5000
+                call_timeout_ms: 5000,
+                outbound: Outbound::default(),
             }
         );
         assert_eq!(
@@ -182,6 +229,20 @@ mod tests {
                 "other: only strings, numbers and booleans",
             ),
             ("list = [1]", "list: only strings"),
+            (
+                "[host]\nallowed_outbound_hosts = \"https://x\"",
+                "host.allowed_outbound_hosts must be a list",
+            ),
+            (
+                "[host]\nallowed_outbound_hosts = [\"x.example.com\"]",
+                "host.allowed_outbound_hosts: \"x.example.com\": the scheme",
+            ),
+            ("[host]\nallowed_outbound_hosts = [1]", "1 is not a string"),
+            ("[host]\nhttp_max_body_kib = 0", "host.http_max_body_kib"),
+            (
+                "[host]\nhttp_ca_file = 3",
+                "host.http_ca_file must be the path",
+            ),
             ("x = ", "TOML parse error"),
         ] {
             let error = parse(text, &host).expect_err(text);
