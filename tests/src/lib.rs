@@ -480,6 +480,20 @@ impl HostProcess {
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
     }
 
+    /// The `iim` command-line client for this host (`--server`, `--ca`) with profile
+    /// directory `profile`; its arguments to add.
+    pub fn iim(&self, profile: &Path) -> anyhow::Result<Command> {
+        let mut command = Command::new(binary("iim")?);
+        command
+            .arg("--server")
+            .arg(self.addr.to_string())
+            .arg("--ca")
+            .arg(&self.cert)
+            .arg("--profile")
+            .arg(profile);
+        Ok(command)
+    }
+
     /// A client configuration for this host.
     pub fn client_config(&self) -> anyhow::Result<ClientConfig> {
         Ok(ClientConfig::new(self.addr).with_ca_file(&self.cert)?)

@@ -11,15 +11,8 @@ use std::sync::{Arc, Mutex};
 
 /// `iim ARGS` for `host`, with profile `profile`.
 fn iim_command(host: &HostProcess, profile: &Path, args: &[&str]) -> anyhow::Result<Command> {
-    let mut command = Command::new(binary("iim")?);
-    command
-        .arg("--server")
-        .arg(host.addr.to_string())
-        .arg("--ca")
-        .arg(&host.cert)
-        .arg("--profile")
-        .arg(profile)
-        .args(args);
+    let mut command = host.iim(profile)?;
+    command.args(args);
     Ok(command)
 }
 

@@ -339,3 +339,61 @@ async fn a_client_cannot_send_the_host_s_waiting_notice() -> Result {
     ensure!(gateway.received().is_empty());
     Ok(())
 }
+
+/// `iim ARGS` against `host` with profile `profile`, run off the async threads.
+async fn iim(
+    host: &HostProcess,
+    profile: &std::path::Path,
+    args: &[&str],
+) -> Result<std::process::Output> {
+    let mut command = tokio::process::Command::from(host.iim(profile)?);
+    command.args(args).env("IIM_PASSWORD", PASSWORD);
+    Ok(within("iim", command.output()).await??)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iim_push_register_registers_the_device_and_says_why_a_token_is_refused() -> Result {
+    let gateway = Gateway::start(false).await?;
+    let host = host(&gateway, "fcm", "", None)?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    let profiles = tempfile::tempdir()?;
+    let profile = profiles.path().join("bob");
+    let login = iim(&host, &profile, &["login", "bob", "--device", "phone"]).await?;
+    ensure!(
+        login.status.success(),
+        "{}",
+        String::from_utf8_lossy(&login.stderr)
+    );
+
+    let refused = iim(&host, &profile, &["push", "register", "short"]).await?;
+    ensure!(
+        !refused.status.success(),
+        "a token of the wrong shape was taken"
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(
+        stderr.contains("refused: an FCM registration token"),
+        "{stderr}"
+    );
+
+    let registered = iim(&host, &profile, &["push", "register", TOKEN]).await?;
+    let stdout = String::from_utf8_lossy(&registered.stdout);
+    ensure!(
+        registered.status.success() && stdout.trim() == "registered for push: phone",
+        "{stdout}{}",
+        String::from_utf8_lossy(&registered.stderr)
+    );
+
+    let laptop = open(&host, &alice, "laptop", SessionMode::SendOnly).await?;
+    let sent = laptop.send_text(&bob, "to the registered phone").await?;
+    let received = gateway.wait_for(1, PUSHED).await?;
+    ensure!(received[0].json()?["message"]["token"] == TOKEN);
+    ensure!(pushed_id(&received[0])? == sent.id.0);
+
+    let unregistered = iim(&host, &profile, &["push", "unregister"]).await?;
+    ensure!(
+        String::from_utf8_lossy(&unregistered.stdout).trim() == "unregistered from push: phone"
+    );
+    Ok(())
+}

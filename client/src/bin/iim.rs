@@ -16,14 +16,19 @@
 //!
 //! A message goes to users or to one group (`#team`). `group` asks the groups plugin and
 //! waits for its answer, which comes as a message (`group.rs`); `show.rs` is how `listen`
-//! shows each message.
+//! shows each message. `chat` is a conversation in the terminal on one such device
+//! (`chat.rs`).
 
 // The binary's modules live in `iim/`, beside this file, which stays where the crate's
 // `[[bin]]` and the documents name it.
+#[path = "iim/chat.rs"]
+mod chat;
 #[path = "iim/deliveries.rs"]
 mod deliveries;
 #[path = "iim/group.rs"]
 mod group;
+#[path = "iim/push.rs"]
+mod push;
 #[path = "iim/show.rs"]
 mod show;
 
@@ -169,6 +174,29 @@ enum Command {
         #[arg(long)]
         read: bool,
     },
+    /// Chat in this terminal: type a line and press Enter to send it; what arrives is shown as
+    /// it comes.
+    ///
+    /// `iim chat bob`, `iim chat '#team'`. One device session for the whole chat, as `listen`
+    /// has, reconnected by itself. First what waited for this device, in order, then
+    /// everything as it arrives: messages from anyone (each says who), contacts coming online
+    /// or going offline, groups' changes, receipts. Your own messages show how far they got:
+    /// `pending` (the host does not have it yet; the device holds it, also while it
+    /// reconnects), then its id and `sent`, `delivered to bob`, `read by bob` (a group's:
+    /// `delivered to N of M, read by K`). The conversation's chat messages are reported read as
+    /// they are shown, unless --no-read (or `/read off`). Commands: `/to USER|#GROUP`,
+    /// `/history` (everything that arrived since the chat started), `/who`, `/read [on|off]`,
+    /// `/help`, `/quit` (also Ctrl-D, Ctrl-C), which waits for the messages not sent yet.
+    /// Prints no JSON: --json is refused.
+    Chat {
+        /// Whom to write to: a user, or a group (`#team`); `/to` changes it.
+        #[arg(value_name = "USER|#GROUP")]
+        to: Option<Address>,
+        /// Do not report the conversation's chat messages read as they are shown (`/read on`
+        /// starts it).
+        #[arg(long)]
+        no_read: bool,
+    },
     /// Send a file: upload it to your home host, then send a `file` message naming it to TO
     /// (one or more users, or one group written `#team`); prints the file's id.
     ///
@@ -225,6 +253,15 @@ enum Command {
     /// deliveries from an `iim listen` of the same profile, which takes them back once it is
     /// done and shows whatever arrived meanwhile.
     Group(group::GroupArgs),
+    /// Push notifications for this device: `register TOKEN`, `unregister`.
+    ///
+    /// The host's push plugin then notifies the device through its push gateway (FCM or APNs,
+    /// as the host's operator configured it) when a message waits and none of your devices is
+    /// online. The command asks the plugin and waits for its answer (--timeout), which it
+    /// prints; a refusal (a token of the wrong shape) is an error with the plugin's reason. As
+    /// `group` does, it takes this device's deliveries from an `iim listen` of the same
+    /// profile for that moment.
+    Push(push::PushArgs),
     /// Revoke this device's token and forget the login.
     Logout,
 }
@@ -483,6 +520,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             conn.close().await;
         }
         Command::Listen { read } => listen(&cli, *read).await?,
+        Command::Chat { to, no_read } => chat::run(&cli, to.clone(), !no_read).await?,
         Command::SendFile {
             to,
             path,
@@ -508,6 +546,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             conn.close().await;
         }
         Command::Group(args) => group::run(&cli, args).await?,
+        Command::Push(args) => push::run(&cli, args).await?,
         Command::Logout => {
             let dir = profile_dir(&cli)?;
             let (conn, profile) = session(&cli, SessionMode::SendOnly).await?;
@@ -683,22 +722,28 @@ impl Home {
             }
             Update::Reconnected => {
                 eprintln!("iim: reconnected");
-                let (_, home) = device.home();
-                if home != self.server {
-                    // Said when the redirect came.
-                    self.profile.server = home;
-                    self.profile.redirected_from = Some(self.server);
-                    self.server = home;
-                    // The device goes on if the profile cannot be written.
-                    if let Err(e) = save_profile(&self.dir, &self.profile) {
-                        eprintln!("iim: cannot remember the home host: {}", one_line(&e));
-                    }
+                // The device goes on if the profile cannot be written.
+                if let Err(e) = self.remember_home(device) {
+                    eprintln!("iim: cannot remember the home host: {}", one_line(&e));
                 }
             }
             // Only paged devices get a summary; the commands take their backlog pushed, or
             // none.
             Update::Message { .. } | Update::Synced { .. } | Update::Backlog { .. } => {}
         }
+    }
+
+    /// Once `device` has reconnected: remembers in the profile the home host a redirect sent
+    /// it to, if one did (said when the redirect came).
+    fn remember_home(&mut self, device: &Device) -> anyhow::Result<()> {
+        let (_, home) = device.home();
+        if home != self.server {
+            self.profile.server = home;
+            self.profile.redirected_from = Some(self.server);
+            self.server = home;
+            save_profile(&self.dir, &self.profile)?;
+        }
+        Ok(())
     }
 }
 
@@ -1305,6 +1350,26 @@ mod tests {
         assert!(check_recipients(&to).is_ok());
         assert!(check_recipients(&[address("#team"), address("bob")]).is_err());
         assert!(Cli::try_parse_from(["iim", "send-file", "Team", "a.txt"]).is_err());
+    }
+
+    #[test]
+    fn chat_takes_a_user_a_group_or_nobody() {
+        let to = |args: &[&str]| match Cli::try_parse_from(args).map(|cli| cli.command) {
+            Ok(Command::Chat { to, no_read }) => Ok((to, no_read)),
+            Ok(other) => panic!("not chat: {other:?}"),
+            Err(e) => Err(e.kind()),
+        };
+        assert_eq!(
+            to(&["iim", "chat", "bob"]),
+            Ok((Some(address("bob")), false))
+        );
+        assert_eq!(
+            to(&["iim", "chat", "#team", "--no-read"]),
+            Ok((Some(address("#team")), true))
+        );
+        assert_eq!(to(&["iim", "chat"]), Ok((None, false)));
+        assert!(to(&["iim", "chat", "Bob"]).is_err());
+        assert!(to(&["iim", "chat", "bob", "carol"]).is_err());
     }
 
     #[test]

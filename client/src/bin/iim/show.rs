@@ -287,7 +287,7 @@ pub(crate) fn summary_text(group: &GroupSummary) -> String {
 }
 
 /// `HH:MM:SS` UTC of a Unix time in milliseconds.
-fn format_time(ms: u64) -> String {
+pub(crate) fn format_time(ms: u64) -> String {
     let secs = ms / 1000;
     format!(
         "{:02}:{:02}:{:02}",
