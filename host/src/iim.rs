@@ -95,23 +95,35 @@ pub struct Iim {
     network: Option<(Arc<Directory>, Arc<RelayOutbox>)>,
     /// Woken when a relayed message was recorded for the plugins.
     relayed_for_plugins: tokio::sync::Notify,
-    /// Messages that wait for a user with no device online, for the plugin that notifies
-    /// (the push plugin): see [`Iim::waiting_notices`].
+    /// Messages put in inboxes, for the plugin that notifies devices that are offline (the
+    /// push plugin): see [`Iim::waiting_notices`].
     waiting: WaitingQueue,
 }
 
 /// How many waiting notices may be queued for the plugins; past it, new ones are dropped (and
-/// counted in the log), so that a push gateway that is down never holds up delivery.
+/// counted in the log), so that a push gateway that is down never holds up delivery. Notices
+/// for a user with a device online (which only a device that asked to be notified anyway
+/// needs) take only the first half, so that those for a user with none keep room.
 pub const WAITING_QUEUE: usize = 10_000;
 
-/// A waiting notice: the user a message waits for, and the message.
-pub type WaitingNotice = (UserId, Arc<Message>);
+/// A waiting notice: a message put in a user's inbox, and which of the user's devices were
+/// online to take it (none, for the notice that matters most).
+#[derive(Debug)]
+pub struct WaitingNotice {
+    /// The user.
+    pub user: UserId,
+    /// The message.
+    pub message: Arc<Message>,
+    /// The user's devices that had a delivery session.
+    pub online: Vec<DeviceId>,
+}
 
 /// The queue of waiting notices: the sending end, the receiving end until the host takes it,
-/// and how many were dropped.
+/// whether a plugin takes them (none queued while nobody does), and how many were dropped.
 struct WaitingQueue {
     tx: tokio::sync::mpsc::Sender<WaitingNotice>,
     rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<WaitingNotice>>>,
+    wanted: std::sync::atomic::AtomicBool,
     dropped: std::sync::atomic::AtomicU64,
 }
 
@@ -121,6 +133,8 @@ impl WaitingQueue {
         Self {
             tx,
             rx: std::sync::Mutex::new(Some(rx)),
+            // Until the task that takes them says otherwise.
+            wanted: std::sync::atomic::AtomicBool::new(true),
             dropped: Default::default(),
         }
     }
@@ -147,9 +161,9 @@ impl Iim {
         }
     }
 
-    /// The notices that a message waits in the inbox of a user none of whose devices was
-    /// online to take it (not the user's own messages, which the user has seen): the user and
-    /// the message. Taken once, by the task that hands them to the plugins; `None` after.
+    /// The notices that a message was put in a user's inbox (not the user's own messages,
+    /// which the user has seen), with the user's devices that were online to take it. Taken
+    /// once, by the task that hands them to the plugins; `None` after.
     pub fn waiting_notices(&self) -> Option<tokio::sync::mpsc::Receiver<WaitingNotice>> {
         self.waiting
             .rx
@@ -158,17 +172,38 @@ impl Iim {
             .take()
     }
 
-    /// Queues the notice that `message` waits for `user`, unless the queue is full.
-    fn notice_waiting(&self, user: &UserId, message: &Arc<Message>) {
-        if &message.from == user {
+    /// Whether a plugin takes waiting notices: the task that takes them says so, so that none
+    /// is queued on a host that has no such plugin.
+    pub fn want_waiting_notices(&self, wanted: bool) {
+        self.waiting
+            .wanted
+            .store(wanted, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Queues the notice that `message` is in `user`'s inbox, which `live` of the user's
+    /// devices took, unless the queue is full (half full, if one took it).
+    fn notice_waiting(&self, user: &UserId, message: &Arc<Message>, live: usize) {
+        use std::sync::atomic::Ordering;
+        if &message.from == user || !self.waiting.wanted.load(Ordering::Relaxed) {
             return;
         }
-        if self
-            .waiting
-            .tx
-            .try_send((user.clone(), Arc::clone(message)))
-            .is_err()
-        {
+        let tx = &self.waiting.tx;
+        let room = if live == 0 { 1 } else { WAITING_QUEUE / 2 };
+        let online = match live {
+            0 => Vec::new(),
+            _ => self
+                .registry
+                .online(user)
+                .into_iter()
+                .map(|(d, _)| d)
+                .collect(),
+        };
+        let notice = WaitingNotice {
+            user: user.clone(),
+            message: Arc::clone(message),
+            online,
+        };
+        if tx.capacity() < room || tx.try_send(notice).is_err() {
             let dropped = self
                 .waiting
                 .dropped
@@ -334,9 +369,7 @@ impl Iim {
             if let Some(live) = self.append(user, &message, expires_at)? {
                 report.appended += 1;
                 report.live += live;
-                if live == 0 {
-                    self.notice_waiting(user, &message);
-                }
+                self.notice_waiting(user, &message, live);
             }
         }
         if let Some((_, outbox)) = &self.network
@@ -380,9 +413,7 @@ impl Iim {
                 }
                 if let Some(live) = self.append(user, &message, expires_at)? {
                     appended += 1;
-                    if live == 0 {
-                        self.notice_waiting(user, &message);
-                    }
+                    self.notice_waiting(user, &message, live);
                 }
             }
         }

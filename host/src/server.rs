@@ -391,27 +391,42 @@ impl Server {
 }
 
 /// Hands the host's waiting notices (`Iim::waiting_notices`) to the plugin that handles them,
-/// if one is loaded (else they go: nobody is to be notified); stops at shutdown. Waiting for
-/// room in that plugin's queue holds up only this task: the notices queue behind it, and past
-/// the queue's size they are dropped, never delivery.
+/// if one is loaded, and tells `Iim` every second whether one is (so that a host without one
+/// queues none); stops at shutdown. Waiting for room in that plugin's queue holds up only this
+/// task: the notices queue behind it, and past the queue's size they are dropped, never
+/// delivery.
 async fn forward_waiting(
     host: Arc<Host>,
     mut notices: tokio::sync::mpsc::Receiver<crate::iim::WaitingNotice>,
 ) {
     let kind = iim_proto::MessageKind::Custom(iim_proto::body::WAITING_KIND.into());
     let mut shutdown = host.shutdown.clone();
+    let mut look = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let (user, message) = tokio::select! {
+        let notice = tokio::select! {
             notice = notices.recv() => match notice {
                 Some(notice) => notice,
                 None => return,
             },
+            _ = look.tick() => {
+                host.iim.want_waiting_notices(host.plugins.handler_of(&kind).is_some());
+                continue;
+            }
             _ = shutdown.changed() => return,
         };
         if host.plugins.handler_of(&kind).is_none() {
             continue;
         }
-        let event = crate::plugin::Event::Waiting(crate::plugin::event::Waiting { user, message });
+        let crate::iim::WaitingNotice {
+            user,
+            message,
+            online,
+        } = notice;
+        let event = crate::plugin::Event::Waiting(crate::plugin::event::Waiting {
+            user,
+            message,
+            online,
+        });
         host.plugins.raise(event).await;
     }
 }

@@ -269,12 +269,18 @@ impl FakeHost {
         })
     }
 
-    /// The host's notice that `message` waits in `user`'s inbox and none of the user's devices
-    /// is online: a message event of kind [`WAITING_KIND`](crate::body::WAITING_KIND) from the
-    /// host, acting as `user` (see `docs/plugins.md`, "Push"). The message is put in the
-    /// user's inbox too, as the host would have.
+    /// The host's notice that `message` waits in `user`'s inbox, naming the user's devices
+    /// online now (`connect`): a message event of kind
+    /// [`WAITING_KIND`](crate::body::WAITING_KIND) from the host, acting as `user` (see
+    /// `docs/plugins.md`, "push"). The message is put in the user's inbox too, as the host
+    /// would have.
     pub fn waiting(&mut self, user: &str, message: &Message) -> Event {
         self.put_in_inbox(user, message.clone());
+        let online = self
+            .users
+            .get(user)
+            .map(|devices| devices.iter().map(|d| d.device.clone()).collect())
+            .unwrap_or_default();
         let notice = crate::body::Waiting {
             id: message.id,
             kind: message.kind.to_string(),
@@ -282,6 +288,7 @@ impl FakeHost {
             from_device: message.sender_device.clone(),
             to: message.to.clone(),
             sent_at: message.sent_at,
+            online,
         };
         Event::Message(Message {
             id: message.id,

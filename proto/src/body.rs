@@ -471,10 +471,15 @@ pub const WAITING_KIND: &str = "waiting";
 pub enum PushRequest {
     /// Notify this device through the push gateway, at `token` (an APNs device token or an
     /// FCM registration token, as the plugin's configured gateway takes), when a message waits
-    /// and none of the user's devices is online. Registering again replaces the token.
+    /// and none of the user's devices is online, or with `always`, whenever this device is not
+    /// online (a phone that wants a notification while its user's laptop is connected).
+    /// Registering again replaces the token.
     Register {
         /// The token the device's platform gave it.
         token: String,
+        /// Notified whenever it is offline, not only when every device of the user is.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        always: bool,
     },
     /// Stop notifying this device.
     Unregister,
@@ -528,9 +533,9 @@ impl PushReply {
     }
 }
 
-/// The body of the host's [`WAITING_KIND`] notice: message `id`, now in `user`'s inbox, which
-/// no device of the user was online to take. The message itself (its body) can be read with
-/// `inbox-message(user, id)`.
+/// The body of the host's [`WAITING_KIND`] notice: message `id`, now in the user's inbox, and
+/// which of the user's devices were online to take it (`online`; empty when none was). The
+/// message itself (its body) can be read with `inbox-message(user, id)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Waiting {
     /// The message's id.
@@ -545,11 +550,14 @@ pub struct Waiting {
     pub to: Vec<String>,
     /// When its host accepted it, in milliseconds since the Unix epoch.
     pub sent_at: u64,
+    /// The user's devices that were online (had a delivery session) and took it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub online: Vec<String>,
 }
 
 impl Waiting {
-    /// The notice for `message`.
-    pub fn of(message: &crate::Message) -> Self {
+    /// The notice for `message`, which `online` devices of the user took.
+    pub fn of(message: &crate::Message, online: &[crate::DeviceId]) -> Self {
         Self {
             id: message.id.0,
             kind: message.kind.to_string(),
@@ -557,6 +565,7 @@ impl Waiting {
             from_device: message.from_device.to_string(),
             to: message.to.iter().map(ToString::to_string).collect(),
             sent_at: message.sent_at,
+            online: online.iter().map(ToString::to_string).collect(),
         }
     }
 
@@ -692,6 +701,7 @@ mod tests {
     fn push_bodies_read_back_and_name_their_op() {
         let register = PushRequest::Register {
             token: "ab12".into(),
+            always: false,
         };
         assert_eq!(register.to_json(), br#"{"op":"register","token":"ab12"}"#);
         assert_eq!(PushRequest::from_json(&register.to_json()), Ok(register));
@@ -712,7 +722,15 @@ mod tests {
             from_device: "laptop".into(),
             to: vec!["bob".into()],
             sent_at: 1,
+            online: vec!["laptop".into()],
         };
         assert_eq!(Waiting::from_json(&waiting.to_json()), Ok(waiting));
+        assert_eq!(
+            PushRequest::from_json(br#"{"op":"register","token":"t","always":true}"#),
+            Ok(PushRequest::Register {
+                token: "t".into(),
+                always: true
+            })
+        );
     }
 }

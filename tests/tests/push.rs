@@ -64,8 +64,19 @@ async fn open(
 /// Registers `phone` (a receiving device of bob's) for push with `token`, and waits for the
 /// plugin's answer.
 async fn register(phone: &Device, bob: &UserId, token: &str) -> Result<PushReply> {
+    register_with(phone, bob, token, false).await
+}
+
+/// [`register`], asking to be notified whenever the device is offline (`always`).
+async fn register_with(
+    phone: &Device,
+    bob: &UserId,
+    token: &str,
+    always: bool,
+) -> Result<PushReply> {
     let body = PushRequest::Register {
         token: token.into(),
+        always,
     }
     .to_json();
     let kind = MessageKind::Custom(PUSH_KIND.into());
@@ -215,6 +226,34 @@ async fn an_online_device_is_not_notified() -> Result {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_laptop_online_only_the_device_that_asked_is_notified() -> Result {
+    let gateway = Gateway::start(false).await?;
+    let host = host(&gateway, "fcm", "collapse_secs = 0", None)?;
+    let alice = host.register("alice").await?;
+    let bob = host.register("bob").await?;
+    // Registered in the plugin's order of devices: the phone first, then the tablet.
+    let phone = open(&host, &bob, "phone", SessionMode::Receive).await?;
+    register(&phone, &bob, TOKEN).await?;
+    phone.close().await;
+    let tablet = open(&host, &bob, "tablet", SessionMode::Receive).await?;
+    let tablet_token = "fcm-token-for-bobs-tablet-0123456789";
+    let reply = register_with(&tablet, &bob, tablet_token, true).await?;
+    ensure!(matches!(reply, PushReply::Registered { .. }), "{reply:?}");
+    tablet.close().await;
+
+    let laptop = open(&host, &bob, "laptop", SessionMode::Receive).await?;
+    let sender = open(&host, &alice, "laptop", SessionMode::SendOnly).await?;
+    let sent = sender.send_text(&bob, "bob's laptop is on").await?;
+    ensure!(next_chat(&laptop).await? == "bob's laptop is on");
+    // The tablet's push is made after the phone was passed over: one push in all.
+    let received = gateway.wait_for(1, PUSHED).await?;
+    ensure!(received.len() == 1, "{} pushes", received.len());
+    ensure!(received[0].json()?["message"]["token"] == tablet_token);
+    ensure!(pushed_id(&received[0])? == sent.id.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_may_not_call_a_host_its_configuration_does_not_allow() -> Result {
     let gateway = Gateway::start(false).await?;
     // Allowed: another port of the same address; the gateway's own is not.
@@ -327,6 +366,7 @@ async fn a_client_cannot_send_the_host_s_waiting_notice() -> Result {
         from_device: "d".into(),
         to: vec!["bob".into()],
         sent_at: 0,
+        online: Vec::new(),
     };
     let kind = MessageKind::Custom(iim_client::proto::body::WAITING_KIND.into());
     let refused = conn

@@ -34,15 +34,18 @@ pub struct SessionInfo {
     pub devices_online: u32,
 }
 
-/// A message waits in the inbox of a user none of whose devices was online to take it: for the
-/// plugin that handles [`WAITING_KIND`](iim_proto::body::WAITING_KIND) notices (the push
-/// plugin). Lives in memory: a crash may lose one (never the message).
+/// A message waits in a user's inbox: for the plugin that handles
+/// [`WAITING_KIND`](iim_proto::body::WAITING_KIND) notices (the push plugin), which notifies
+/// the devices that were not online to take it. Lives in memory: a crash may lose one (never
+/// the message).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Waiting {
     /// The user it waits for: the acting user of the notice.
     pub user: UserId,
     /// The message.
     pub message: Arc<Message>,
+    /// The user's devices that had a delivery session (none, for most notices).
+    pub online: Vec<DeviceId>,
 }
 
 /// The device a host's notice comes from, in its WIT message.
@@ -62,7 +65,7 @@ pub enum Event {
     /// A device acknowledged a message addressed to a group. (After the others, so that the
     /// dead letters stored before it existed still read.)
     GroupDelivered(Delivered, GroupId),
-    /// A message waits for a user with no device online. (Last, as `GroupDelivered`.)
+    /// A message waits in a user's inbox. (Last, as `GroupDelivered`.)
     Waiting(Waiting),
 }
 
@@ -197,7 +200,7 @@ impl Event {
                 sender: w.user.to_string(),
                 sender_device: NOTICE_DEVICE.into(),
                 to: vec![w.user.to_string()],
-                body: iim_proto::body::Waiting::of(&w.message).to_json(),
+                body: iim_proto::body::Waiting::of(&w.message, &w.online).to_json(),
                 sent_at: w.message.sent_at,
             }),
         }

@@ -6,9 +6,12 @@
 //!   keeps the token per device and answers with a `push` message to the user:
 //!   `{"op":"registered","device":"…"}`, `unregistered`, or `refused` with a reason (a token
 //!   of the wrong shape for the gateway).
-//! - The host tells it (a `waiting` notice) when a message lands in the inbox of a user none of
-//!   whose devices is online. For each registered device of that user it posts one
-//!   notification to the configured gateway, over HTTPS, shaped for FCM (HTTP v1) or APNs.
+//! - The host tells it (a `waiting` notice) when a message lands in a user's inbox, naming the
+//!   user's devices that were online to take it. If none was, it posts one notification to
+//!   the configured gateway for each registered device of that user, over HTTPS, shaped for
+//!   FCM (HTTP v1) or APNs; if some were, only to the registered devices that are not online
+//!   and asked for it (`{"op":"register","token":"…","always":true}`, `iim push register
+//!   --always`: a phone that wants a notification while its user's laptop is connected).
 //! - A burst is one push: after a push to a device, the next ones within `collapse_secs` are
 //!   held back and counted, and the next push after that says how many messages wait ("3 new
 //!   messages"); the gateway is also given a collapse key, so the phone shows one
@@ -72,6 +75,9 @@ pub struct Push {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Registration {
     token: String,
+    /// Notified whenever it is offline, not only when every device of the user is.
+    #[serde(default)]
+    always: bool,
 }
 
 /// What the plugin remembers of a device's pushes (`state/<user>/<device>`).
@@ -211,9 +217,9 @@ impl Push {
     fn request(&self, m: &Message) -> Result<(), PluginError> {
         let (user, device) = (&m.sender, &m.sender_device);
         let reply = match PushRequest::from_json(&m.body) {
-            Ok(PushRequest::Register { token }) => match self.check_token(&token) {
+            Ok(PushRequest::Register { token, always }) => match self.check_token(&token) {
                 Ok(()) => {
-                    let registration = Registration { token };
+                    let registration = Registration { token, always };
                     host::kv_set(&device_key(user, device), &to_json(&registration))?;
                     host::kv_delete(&state_key(user, device))?;
                     PushReply::Registered {
@@ -272,8 +278,8 @@ impl Push {
         }
     }
 
-    /// The host's notice that message `waiting.id` waits for the acting user, none of whose
-    /// devices is online: notify each registered device.
+    /// The host's notice that message `waiting.id` waits for the acting user: notify each
+    /// registered device that is not online, if none is or if it asked to be anyway.
     fn waiting(&self, notice: &Message) -> Result<(), PluginError> {
         let user = &notice.sender;
         let waiting = Waiting::from_json(&notice.body)
@@ -283,6 +289,9 @@ impl Push {
         }
         let (mut notified, mut failures) = (0, Vec::new());
         for device in registered(user)? {
+            if waiting.online.contains(&device) {
+                continue;
+            }
             match self.notify(user, &device, &waiting) {
                 Ok(true) => notified += 1,
                 Ok(false) => {}
@@ -314,6 +323,10 @@ impl Push {
         else {
             return Ok(false);
         };
+        // Another device of the user has the message: only a device that asked is notified.
+        if !waiting.online.is_empty() && !registration.always {
+            return Ok(false);
+        }
         let state_key = state_key(user, device);
         let mut state: PushState = host::kv_get(&state_key)
             .map_err(|e| e.describe())?
@@ -512,8 +525,13 @@ mod tests {
     }
 
     fn register(host: &mut FakeHost, push: &Push, device: &str, token: &str) {
+        register_with(host, push, device, token, false);
+    }
+
+    fn register_with(host: &mut FakeHost, push: &Push, device: &str, token: &str, always: bool) {
         let body = PushRequest::Register {
             token: token.into(),
+            always,
         }
         .to_json();
         let event = host.submit_from(
@@ -615,6 +633,33 @@ mod tests {
         let notice = chat(&mut host, "two");
         host.handle(&push, notice).expect("waiting");
         assert_eq!(host.http_requests().len(), 2);
+    }
+
+    #[test]
+    fn with_another_device_online_only_a_device_that_asked_is_notified() {
+        let (mut host, push) = host_with(&[("collapse_secs", "0")]);
+        register(&mut host, &push, "phone", TOKEN);
+        register_with(
+            &mut host,
+            &push,
+            "tablet",
+            "fcm-token-of-the-tablet-0123",
+            true,
+        );
+        host.connect("bob", "laptop");
+        let notice = chat(&mut host, "while the laptop is on");
+        host.handle(&push, notice).expect("waiting");
+        let bodies = posted(&host);
+        assert_eq!(bodies.len(), 1, "{bodies:?}");
+        assert_eq!(
+            bodies[0]["message"]["token"],
+            "fcm-token-of-the-tablet-0123"
+        );
+        // A device that is online itself gets nothing, whatever it asked.
+        host.connect("bob", "tablet");
+        let notice = chat(&mut host, "while the tablet is on");
+        host.handle(&push, notice).expect("waiting");
+        assert_eq!(host.http_requests().len(), 1);
     }
 
     #[test]

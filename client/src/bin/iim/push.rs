@@ -42,6 +42,10 @@ pub(crate) enum PushCommand {
     Register {
         /// The device's push token.
         token: String,
+        /// Be notified whenever this device is not online, also while another of your devices
+        /// is (a phone, while your laptop is connected).
+        #[arg(long)]
+        always: bool,
     },
     /// Stop being notified.
     Unregister,
@@ -55,8 +59,9 @@ pub(crate) async fn run(cli: &Cli, args: &PushArgs) -> anyhow::Result<()> {
     saved_login(&dir)?;
     let lock = DeliveryLock::take(&dir, deadline).await?;
     let request = match &args.op {
-        PushCommand::Register { token } => PushRequest::Register {
+        PushCommand::Register { token, always } => PushRequest::Register {
             token: token.clone(),
+            always: *always,
         },
         PushCommand::Unregister => PushRequest::Unregister,
     };
