@@ -62,7 +62,9 @@ pub struct ClientConfig {
     /// on Linux, the system's own notifications on macOS and Windows) and calls
     /// [`Device::network_changed`](crate::Device::network_changed) by itself when an address
     /// comes or goes. An application that gets the OS's connectivity callbacks itself (a
-    /// mobile app) may turn it off and call `network_changed` from them.
+    /// mobile app) may turn it off and call `network_changed` from them; so may one that runs
+    /// many devices in one process, since each device with it on keeps a watch (a netlink
+    /// socket and a task) of its own.
     pub watch_network: bool,
     /// The QUIC configuration made from `roots` and the timeouts, shared by every clone of
     /// this configuration, with the TLS sessions it can resume (for 0-RTT).
