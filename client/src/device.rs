@@ -194,6 +194,13 @@ impl Device {
         mode: SessionMode,
     ) -> Result<Self, ClientError> {
         let shared = Shared::new(&config.agent, config.request_timeout, true);
+        // Watching from before the connection is made: a change while it is made is a change.
+        let network = Arc::new(Notify::new());
+        let interfaces = if config.watch_network {
+            crate::interfaces::watch(Arc::clone(&network))
+        } else {
+            None
+        };
         let (conn, token, config) = match credentials {
             Credentials::Password(password) => {
                 Connection::login_home_on(config, Some(&shared), user, &password, device, mode)
@@ -217,12 +224,6 @@ impl Device {
         );
         let (close, close_rx) = mpsc::unbounded_channel();
         let (updates_tx, updates) = mpsc::unbounded_channel();
-        let network = Arc::new(Notify::new());
-        let interfaces = if config.watch_network {
-            crate::interfaces::watch(Arc::clone(&network))
-        } else {
-            None
-        };
         let supervisor = Supervisor {
             login: Login {
                 config,

@@ -9,18 +9,19 @@
 //!
 //! [`Device::network_changed`]: crate::Device::network_changed
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// The watcher reports every address there is when it starts; they have all come once it has
-/// been quiet this long, and what follows is a change.
-const SETTLED: Duration = Duration::from_millis(100);
-
-/// One change of network usually comes as several events (the old address goes, the new one
-/// comes, an IPv6 address follows): they are taken together if they come this close.
+/// One change of network usually comes as several events (the new address comes, the old one
+/// goes, an IPv6 address follows): they are taken together if they come this close, ...
 const BURST: Duration = Duration::from_millis(50);
+
+/// ... for this long at most, so that changes in quick succession (away and back) are each
+/// acted on.
+const BURST_MOST: Duration = Duration::from_millis(150);
 
 /// A running watch; dropping it stops it.
 pub(crate) struct InterfaceWatch(tokio::task::AbortHandle);
@@ -31,9 +32,26 @@ impl Drop for InterfaceWatch {
     }
 }
 
-/// Starts watching; `changed` is notified after each change. `None` (and a warning in the
-/// log) if the system does not let this process watch.
+/// Starts watching; `changed` is notified after each change of the machine's addresses. `None`
+/// (and a warning in the log) if the system does not let this process watch.
+///
+/// A change is an address that comes or goes, against the addresses read when the watch
+/// starts: the watcher first reports every address there is, and those are no change, however
+/// late its task runs, and even if a real change comes in the same burst. A burst that moves
+/// away and back again is a change too: the host may have followed the first move.
 pub(crate) fn watch(changed: Arc<Notify>) -> Option<InterfaceWatch> {
+    let mut known: BTreeSet<IpAddr> = match if_addrs::get_if_addrs() {
+        Ok(interfaces) => interfaces
+            .iter()
+            .map(if_addrs::Interface::ip)
+            .filter(matters)
+            .collect(),
+        // Then the watcher's first report reads as a change: one probe too many.
+        Err(error) => {
+            tracing::debug!(%error, "cannot read the interfaces' addresses");
+            BTreeSet::new()
+        }
+    };
     let mut watcher = match if_watch::tokio::IfWatcher::new() {
         Ok(watcher) => watcher,
         Err(error) => {
@@ -46,33 +64,37 @@ pub(crate) fn watch(changed: Arc<Notify>) -> Option<InterfaceWatch> {
         }
     };
     let task = tokio::spawn(async move {
-        let failed = |error: std::io::Error| {
-            tracing::warn!(%error, "watching the network interfaces failed; stopped");
-        };
-        // What is there already is no change.
         loop {
-            match tokio::time::timeout(SETTLED, next_event(&mut watcher)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(error)) => return failed(error),
-                Err(_) => break,
-            }
-        }
-        loop {
-            match next_event(&mut watcher).await {
-                Ok(event) if matters(&event) => {
-                    tracing::debug!(?event, "network interface address changed");
-                    while let Ok(Ok(_)) =
-                        tokio::time::timeout(BURST, next_event(&mut watcher)).await
-                    {
-                    }
-                    changed.notify_one();
+            let mut changed_any = match next_event(&mut watcher).await {
+                Ok(event) => apply(&mut known, &event),
+                Err(error) => {
+                    tracing::warn!(%error, "watching the network interfaces failed; stopped");
+                    return;
                 }
-                Ok(_) => {}
-                Err(error) => return failed(error),
+            };
+            let until = tokio::time::Instant::now() + BURST_MOST;
+            while tokio::time::Instant::now() < until {
+                match tokio::time::timeout(BURST, next_event(&mut watcher)).await {
+                    Ok(Ok(event)) => changed_any |= apply(&mut known, &event),
+                    _ => break,
+                }
+            }
+            if changed_any {
+                tracing::debug!(now = ?known, "network interface addresses changed");
+                changed.notify_one();
             }
         }
     });
     Some(InterfaceWatch(task.abort_handle()))
+}
+
+/// `event` applied to the set of addresses `addrs`: whether it changed it.
+fn apply(addrs: &mut BTreeSet<IpAddr>, event: &if_watch::IfEvent) -> bool {
+    match event {
+        if_watch::IfEvent::Up(net) if matters(&net.addr()) => addrs.insert(net.addr()),
+        if_watch::IfEvent::Down(net) => addrs.remove(&net.addr()),
+        if_watch::IfEvent::Up(_) => false,
+    }
 }
 
 async fn next_event(
@@ -81,11 +103,10 @@ async fn next_event(
     std::future::poll_fn(|cx| watcher.poll_if_event(cx)).await
 }
 
-/// Whether an address event can change the path to a host: not the loopback's, nor an IPv6
+/// Whether an address can change the path to a host: not the loopback's, nor an IPv6
 /// link-local address (which comes and goes with every interface and reaches no host).
-fn matters(event: &if_watch::IfEvent) -> bool {
-    let (if_watch::IfEvent::Up(net) | if_watch::IfEvent::Down(net)) = event;
-    match net.addr() {
+fn matters(addr: &IpAddr) -> bool {
+    match addr {
         IpAddr::V4(v4) => !v4.is_loopback(),
         IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
     }
@@ -96,12 +117,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn loopback_and_link_local_addresses_are_no_change_of_network() {
+    fn only_addresses_that_reach_hosts_change_the_set() {
         let net = |s: &str| s.parse::<if_watch::IpNet>().expect("net");
-        assert!(!matters(&if_watch::IfEvent::Up(net("127.0.0.2/8"))));
-        assert!(!matters(&if_watch::IfEvent::Down(net("::1/128"))));
-        assert!(!matters(&if_watch::IfEvent::Up(net("fe80::1/64"))));
-        assert!(matters(&if_watch::IfEvent::Up(net("10.1.2.3/24"))));
-        assert!(matters(&if_watch::IfEvent::Down(net("2001:db8::5/64"))));
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let mut addrs: BTreeSet<IpAddr> = [ip("10.1.2.3")].into();
+        // The watcher's first report of what is there already changes nothing.
+        assert!(!apply(&mut addrs, &if_watch::IfEvent::Up(net("10.1.2.3/24"))));
+        assert!(!apply(&mut addrs, &if_watch::IfEvent::Up(net("127.0.0.1/8"))));
+        assert!(!apply(&mut addrs, &if_watch::IfEvent::Up(net("fe80::1/64"))));
+        assert_eq!(addrs, [ip("10.1.2.3")].into());
+        assert!(apply(&mut addrs, &if_watch::IfEvent::Up(net("2001:db8::5/64"))));
+        assert!(apply(&mut addrs, &if_watch::IfEvent::Down(net("10.1.2.3/24"))));
+        assert_eq!(addrs, [ip("2001:db8::5")].into());
+        // Away and back is a change each way.
+        assert!(apply(&mut addrs, &if_watch::IfEvent::Up(net("10.1.2.3/24"))));
+        assert!(apply(&mut addrs, &if_watch::IfEvent::Down(net("10.1.2.3/24"))));
     }
 }

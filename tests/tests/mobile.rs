@@ -289,20 +289,32 @@ async fn iim_listen_notices_its_interface_address_change_through_netlink() -> Re
             }
         }
     };
-    let send = |text: &str| -> Result {
-        let mut send = cli(&link.host, "alice");
-        send.args(["send", "bob", text]);
-        run(send)
+    // Alice stays connected (`iim chat` reading lines from a pipe), so that what is measured
+    // is the way to bob, not a sender's start.
+    let mut chat = cli(&link.host, "alice");
+    chat.args(["chat", "bob", "--no-read"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut sender = Killed(chat.spawn()?);
+    let mut say = sender.0.stdin.take().context("stdin")?;
+    let mut send = |text: &str| -> Result {
+        use std::io::Write;
+        say.write_all(format!("{text}\n").as_bytes())?;
+        Ok(say.flush()?)
     };
     send("before")?;
     ensure!(next_chat().await?.1 == "before");
 
     let mut took = Vec::new();
     for round in 0..2 {
-        let moved_to = link.move_client()?;
+        // The phone is idle when it moves: its acknowledgement of the last message, sent from
+        // the new address, would tell the host where it is without any help.
+        tokio::time::sleep(QUIET).await;
+        let moved_to = tokio::task::block_in_place(|| link.move_client())?;
         let changed = Instant::now();
         let text = format!("after move {round} to {moved_to}");
-        tokio::task::block_in_place(|| send(&text))?;
+        send(&text)?;
         let (at, got) = next_chat().await?;
         ensure!(got == text, "got {got:?}, not {text:?}");
         took.push(at.duration_since(changed));
@@ -313,6 +325,8 @@ async fn iim_listen_notices_its_interface_address_change_through_netlink() -> Re
         "a message took {took:?} to reach a listener whose address changed (goal: under \
          {WITHIN:?})"
     );
+    drop(say);
+    let _ = tokio::task::block_in_place(|| sender.0.wait());
     drop(listener);
     drop(host);
     Ok(())
