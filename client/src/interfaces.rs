@@ -120,17 +120,19 @@ mod tests {
     fn only_addresses_that_reach_hosts_change_the_set() {
         let net = |s: &str| s.parse::<if_watch::IpNet>().expect("net");
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let up = |s: &str| if_watch::IfEvent::Up(net(s));
+        let down = |s: &str| if_watch::IfEvent::Down(net(s));
         let mut addrs: BTreeSet<IpAddr> = [ip("10.1.2.3")].into();
         // The watcher's first report of what is there already changes nothing.
-        assert!(!apply(&mut addrs, &if_watch::IfEvent::Up(net("10.1.2.3/24"))));
-        assert!(!apply(&mut addrs, &if_watch::IfEvent::Up(net("127.0.0.1/8"))));
-        assert!(!apply(&mut addrs, &if_watch::IfEvent::Up(net("fe80::1/64"))));
+        assert!(!apply(&mut addrs, &up("10.1.2.3/24")));
+        assert!(!apply(&mut addrs, &up("127.0.0.1/8")));
+        assert!(!apply(&mut addrs, &up("fe80::1/64")));
         assert_eq!(addrs, [ip("10.1.2.3")].into());
-        assert!(apply(&mut addrs, &if_watch::IfEvent::Up(net("2001:db8::5/64"))));
-        assert!(apply(&mut addrs, &if_watch::IfEvent::Down(net("10.1.2.3/24"))));
+        assert!(apply(&mut addrs, &up("2001:db8::5/64")));
+        assert!(apply(&mut addrs, &down("10.1.2.3/24")));
         assert_eq!(addrs, [ip("2001:db8::5")].into());
         // Away and back is a change each way.
-        assert!(apply(&mut addrs, &if_watch::IfEvent::Up(net("10.1.2.3/24"))));
-        assert!(apply(&mut addrs, &if_watch::IfEvent::Down(net("10.1.2.3/24"))));
+        assert!(apply(&mut addrs, &up("10.1.2.3/24")));
+        assert!(apply(&mut addrs, &down("10.1.2.3/24")));
     }
 }
