@@ -107,8 +107,9 @@ pub struct Iim {
 pub const WAITING_QUEUE: usize = 10_000;
 
 /// A waiting notice: a message put in a user's inbox, and which of the user's devices were
-/// online to take it (none, for the notice that matters most).
-#[derive(Debug)]
+/// online to take it (none, for the notice that matters most). Lives in memory: a crash may
+/// lose one (never the message); a dead letter keeps one that failed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WaitingNotice {
     /// The user.
     pub user: UserId,

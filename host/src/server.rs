@@ -417,16 +417,7 @@ async fn forward_waiting(
         if host.plugins.handler_of(&kind).is_none() {
             continue;
         }
-        let crate::iim::WaitingNotice {
-            user,
-            message,
-            online,
-        } = notice;
-        let event = crate::plugin::Event::Waiting(crate::plugin::event::Waiting {
-            user,
-            message,
-            online,
-        });
+        let event = crate::plugin::Event::Waiting(notice);
         host.plugins.raise(event).await;
     }
 }

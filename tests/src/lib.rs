@@ -300,31 +300,21 @@ impl HostProcess {
         let data = tempfile::tempdir()?;
         std::fs::write(data.path().join("host.toml"), toml)?;
         let dir = data.path().join("plugins");
-        match plugins {
-            Plugins::Default => {}
-            Plugins::Only(list) => {
-                std::fs::create_dir_all(&dir)?;
-                for (name, file) in list {
-                    std::fs::copy(file, dir.join(format!("{name}.wasm")))?;
-                }
-            }
-            Plugins::Configured(list) => {
-                std::fs::create_dir_all(&dir)?;
-                for (name, file, toml) in list {
-                    std::fs::write(dir.join(format!("{name}.toml")), toml)?;
-                    std::fs::copy(file, dir.join(format!("{name}.wasm")))?;
-                }
-            }
+        let configured: Vec<(&str, &Path, Option<&str>)> = match plugins {
+            Plugins::Default => Vec::new(),
+            Plugins::Only(list) => list.iter().map(|(n, f)| (*n, *f, None)).collect(),
+            Plugins::Configured(list) => list.iter().map(|(n, f, t)| (*n, *f, Some(*t))).collect(),
+        };
+        if !matches!(plugins, Plugins::Default) {
+            std::fs::create_dir_all(&dir)?;
         }
-        let (child, addr, cert, stderr_log) = spawn(data.path(), "127.0.0.1:0".parse()?, None)?;
-        Ok(Self {
-            child: Some(child),
-            addr,
-            cert,
-            data,
-            stderr_log,
-            namespace: None,
-        })
+        for (name, file, toml) in configured {
+            if let Some(toml) = toml {
+                std::fs::write(dir.join(format!("{name}.toml")), toml)?;
+            }
+            std::fs::copy(file, dir.join(format!("{name}.wasm")))?;
+        }
+        Self::launch(data, "127.0.0.1:0".parse()?, None)
     }
 
     /// Starts a host with its defaults in network namespace `namespace` (see [`netns`]),
@@ -332,14 +322,23 @@ impl HostProcess {
     pub fn start_in_namespace(namespace: &str, listen: SocketAddr) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
         std::fs::write(data.path().join("host.toml"), "")?;
-        let (child, addr, cert, stderr_log) = spawn(data.path(), listen, Some(namespace))?;
+        Self::launch(data, listen, Some(namespace))
+    }
+
+    /// Starts the host of data directory `data`, listening on `listen` (in `namespace`).
+    fn launch(
+        data: tempfile::TempDir,
+        listen: SocketAddr,
+        namespace: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let (child, addr, cert, stderr_log) = spawn(data.path(), listen, namespace)?;
         Ok(Self {
             child: Some(child),
             addr,
             cert,
             data,
             stderr_log,
-            namespace: Some(namespace.to_owned()),
+            namespace: namespace.map(str::to_owned),
         })
     }
 
@@ -483,7 +482,15 @@ impl HostProcess {
     /// The `iim` command-line client for this host (`--server`, `--ca`) with profile
     /// directory `profile`; its arguments to add.
     pub fn iim(&self, profile: &Path) -> anyhow::Result<Command> {
-        let mut command = Command::new(binary("iim")?);
+        self.iim_in(None, profile)
+    }
+
+    /// [`HostProcess::iim`], run in network namespace `namespace` if one is given.
+    pub fn iim_in(&self, namespace: Option<&str>, profile: &Path) -> anyhow::Result<Command> {
+        let mut command = match namespace {
+            Some(namespace) => netns::exec(namespace, &binary("iim")?),
+            None => Command::new(binary("iim")?),
+        };
         command
             .arg("--server")
             .arg(self.addr.to_string())

@@ -11,7 +11,7 @@ use anyhow::{Context, ensure};
 use iim_client::proto::{DeviceId, SessionMode, UserId};
 use iim_client::{ClientConfig, ClientError, Credentials, Device, Update};
 use iim_e2e::lossy::{Impairment, LossyPath};
-use iim_e2e::{HostProcess, PASSWORD, binary, netns, within};
+use iim_e2e::{HostProcess, PASSWORD, netns, within};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -224,20 +224,12 @@ async fn iim_listen_notices_its_interface_address_change_through_netlink() -> Re
     let link = netns::Link::new()?;
     let listen = std::net::SocketAddr::new(link.host_ip().into(), 7447);
     let host = HostProcess::start_in_namespace(&link.host, listen)?;
-    let iim = binary("iim")?;
     let profiles = tempfile::tempdir()?;
     // `iim` in namespace `ns` with profile `who`.
-    let cli = |ns: &str, who: &str| {
-        let mut command = netns::exec(ns, &iim);
-        command
-            .arg("--server")
-            .arg(host.addr.to_string())
-            .arg("--ca")
-            .arg(&host.cert)
-            .arg("--profile")
-            .arg(profiles.path().join(who))
-            .env("IIM_PASSWORD", PASSWORD);
-        command
+    let cli = |ns: &str, who: &str| -> Result<std::process::Command> {
+        let mut command = host.iim_in(Some(ns), &profiles.path().join(who))?;
+        command.env("IIM_PASSWORD", PASSWORD);
+        Ok(command)
     };
     let run = |mut command: std::process::Command| -> Result {
         let out = command.output()?;
@@ -249,19 +241,19 @@ async fn iim_listen_notices_its_interface_address_change_through_netlink() -> Re
         Ok(())
     };
     for who in ["alice", "bob"] {
-        let mut register = cli(&link.client, who);
+        let mut register = cli(&link.client, who)?;
         register.args(["register", who]);
         run(register)?;
     }
-    let mut login = cli(&link.client, "bob");
+    let mut login = cli(&link.client, "bob")?;
     login.args(["login", "bob"]);
     run(login)?;
-    let mut login = cli(&link.host, "alice");
+    let mut login = cli(&link.host, "alice")?;
     login.args(["login", "alice"]);
     run(login)?;
 
     // Bob listens from the client side, and prints each message as a line of JSON.
-    let mut listen = cli(&link.client, "bob");
+    let mut listen = cli(&link.client, "bob")?;
     listen
         .args(["--json", "listen"])
         .stdout(Stdio::piped())
@@ -291,7 +283,7 @@ async fn iim_listen_notices_its_interface_address_change_through_netlink() -> Re
     };
     // Alice stays connected (`iim chat` reading lines from a pipe), so that what is measured
     // is the way to bob, not a sender's start.
-    let mut chat = cli(&link.host, "alice");
+    let mut chat = cli(&link.host, "alice")?;
     chat.args(["chat", "bob", "--no-read"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

@@ -36,17 +36,8 @@ pub struct SessionInfo {
 
 /// A message waits in a user's inbox: for the plugin that handles
 /// [`WAITING_KIND`](iim_proto::body::WAITING_KIND) notices (the push plugin), which notifies
-/// the devices that were not online to take it. Lives in memory: a crash may lose one (never
-/// the message).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Waiting {
-    /// The user it waits for: the acting user of the notice.
-    pub user: UserId,
-    /// The message.
-    pub message: Arc<Message>,
-    /// The user's devices that had a delivery session (none, for most notices).
-    pub online: Vec<DeviceId>,
-}
+/// the devices that were not online to take it. `Iim` makes them as it appends to inboxes.
+pub use crate::iim::WaitingNotice as Waiting;
 
 /// The device a host's notice comes from, in its WIT message.
 pub const NOTICE_DEVICE: &str = "iim-host";

@@ -117,47 +117,32 @@ impl Default for Outbound {
 pub struct Policy {
     plugin: Arc<str>,
     outbound: Outbound,
-    tls: Arc<rustls::ClientConfig>,
+    /// Made only for a plugin that may call some origin: most call none.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Policy {
-    /// The policy of `plugin` for `outbound`: reads its CA file, if any. The error says what
-    /// is wrong with the file.
+    /// The policy of `plugin` for `outbound`: reads its CA file, if it may call any origin.
+    /// The error says what is wrong with the file.
     pub fn new(plugin: &str, outbound: &Outbound) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(path) = &outbound.ca_file {
-            for cert in read_certs(path)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("host.http_ca_file {}: {e}", path.display()))?;
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let tls = match outbound.allowed.is_empty() {
+            true => None,
+            false => Some(Arc::new(tls_config(outbound.ca_file.as_deref())?)),
+        };
         Ok(Self {
             plugin: plugin.into(),
             outbound: outbound.clone(),
-            tls: Arc::new(tls),
+            tls,
         })
     }
 
     /// A policy that allows nothing: for a plugin run outside a loaded host.
     pub fn none(plugin: &str) -> Self {
-        Self::new(plugin, &Outbound::default()).unwrap_or_else(|_| Self {
+        Self {
             plugin: plugin.into(),
             outbound: Outbound::default(),
-            tls: Arc::new(
-                rustls::ClientConfig::builder()
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-            ),
-        })
+            tls: None,
+        }
     }
 
     fn timeout(&self) -> Duration {
@@ -191,6 +176,27 @@ impl Policy {
         );
         Err(Error::HttpRequestDenied)
     }
+}
+
+/// TLS for outbound requests: the public web's roots and those of `ca_file`, HTTP/2 or 1.1.
+fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        for cert in read_certs(path)? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("host.http_ca_file {}: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tls)
 }
 
 /// Reads the certificates of a PEM file.
@@ -269,8 +275,9 @@ async fn send(policy: &Policy, mut request: http::Request<WasiBody>) -> Sent {
     let request_body = std::mem::replace(request.body_mut(), empty());
     *request.body_mut() = limited(request_body, max, Error::HttpRequestBodySize(None));
     let response = if https {
+        let tls = policy.tls.as_ref().ok_or(Error::HttpRequestDenied)?;
         let name = ServerName::try_from(host.clone()).map_err(|_| Error::HttpRequestUriInvalid)?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::clone(&policy.tls))
+        let tls = tokio_rustls::TlsConnector::from(Arc::clone(tls))
             .connect(name, tcp)
             .await
             .map_err(Error::Tls)?;
@@ -286,21 +293,10 @@ async fn send(policy: &Policy, mut request: http::Request<WasiBody>) -> Sent {
             tokio::spawn(conn);
             sender.send_request(request).await.map_err(Error::Hyper)?
         } else {
-            origin_form(&mut request);
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(Error::Hyper)?;
-            tokio::spawn(conn);
-            sender.send_request(request).await.map_err(Error::Hyper)?
+            http1(io, request).await?
         }
     } else {
-        origin_form(&mut request);
-        let io = hyper_util::rt::TokioIo::new(tcp);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(Error::Hyper)?;
-        tokio::spawn(conn);
-        sender.send_request(request).await.map_err(Error::Hyper)?
+        http1(hyper_util::rt::TokioIo::new(tcp), request).await?
     };
     let response = response.map(|body| {
         let body = body.map_err(Error::Hyper).boxed_unsync();
@@ -308,6 +304,23 @@ async fn send(policy: &Policy, mut request: http::Request<WasiBody>) -> Sent {
     });
     let done: Box<dyn Future<Output = Result<(), Error>> + Send> = Box::new(async { Ok(()) });
     Ok((response, done))
+}
+
+/// Sends `request` over HTTP/1.1 on `io`: its line names only the path and query (an origin
+/// server's form).
+async fn http1<IO>(
+    io: IO,
+    mut request: http::Request<WasiBody>,
+) -> Result<http::Response<hyper::body::Incoming>, Error>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    origin_form(&mut request);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(Error::Hyper)?;
+    tokio::spawn(conn);
+    sender.send_request(request).await.map_err(Error::Hyper)
 }
 
 /// An empty body.
