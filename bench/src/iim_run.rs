@@ -23,7 +23,14 @@ pub const HOST_CONFIG: &str = "[limits]\nsubmit_rate = 1000000\nsubmit_burst = 1
 
 /// Starts a chat-only host with [`HOST_CONFIG`].
 pub async fn start_host() -> anyhow::Result<HostProcess> {
-    tokio::task::spawn_blocking(|| HostProcess::start_chat_only_with_config(HOST_CONFIG))
+    start_host_with("").await
+}
+
+/// Starts a chat-only host with [`HOST_CONFIG`] and `extra` (TOML sections other than
+/// `[limits]`).
+pub async fn start_host_with(extra: &str) -> anyhow::Result<HostProcess> {
+    let config = format!("{extra}\n{HOST_CONFIG}");
+    tokio::task::spawn_blocking(move || HostProcess::start_chat_only_with_config(&config))
         .await
         .context("starting the host")?
 }
@@ -52,11 +59,21 @@ pub type Pair = (UserId, UserId);
 
 /// Runs the load against a fresh host process and returns its figures.
 pub async fn run(load: Load, clock: Clock) -> anyhow::Result<Summary> {
+    run_with(load, clock, "iim", "").await
+}
+
+/// [`run`] against a host with configuration `extra` too, labelled `name`.
+pub async fn run_with(
+    load: Load,
+    clock: Clock,
+    name: &str,
+    extra: &str,
+) -> anyhow::Result<Summary> {
     // Chat only: the load counts every message a receiver gets (no presence snapshots).
-    let host = start_host().await?;
-    eprintln!("iim: host listening on {}", host.addr);
+    let host = start_host_with(extra).await?;
+    eprintln!("{name}: host listening on {}", host.addr);
     let place = Placement {
-        name: "iim",
+        name,
         senders: &host,
         receivers: &[&host],
     };

@@ -12,6 +12,10 @@
 //! cargo run --release -p iim-bench -- [--pairs 8] [--messages 2000] [--window 32] [--body 100] [--json]
 //! ```
 //!
+//! With `--encryption [ROUNDS]` (default 2) it measures the cost of encryption at rest instead:
+//! the same load against a host whose store is encrypted and one whose store is in the clear,
+//! alternately, and the raw relay once (see `encryption.rs`).
+//!
 //! `iim-bench plugins [--events 20000] [--json]` measures the plugin path against a native one
 //! instead (see `plugins.rs`); `iim-bench plugins --lang rust,python,js,ts,c,zig [--events 2000]
 //! [--instances 8] [--json]` the plugin kits' examples against the Rust one: size, first-load
@@ -32,8 +36,12 @@
 //! [--json]` groups on a network of three hosts: how long one message to a group of that many
 //! members takes to reach the last of its online members, and the envelopes each host takes
 //! for it, then group chat against as many deliveries as 1:1 chat, with the time the set-up
-//! took (see `groups.rs`). Every command takes `--timeout SECS` (default 300).
+//! took (see `groups.rs`); `iim-bench blob-store [--mib 64] [--rounds 3] [--json]` a file
+//! through the blob store alone, encrypted at rest against kept in the clear, in MiB/s and as
+//! ratios (see `blob_store.rs`). Every command takes `--timeout SECS` (default 300).
 
+mod blob_store;
+mod encryption;
 mod files;
 mod groups;
 mod iim_run;
@@ -71,6 +79,11 @@ struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Measures the cost of encryption at rest instead: the same chat load against a host
+    /// with its store encrypted and one with it in the clear, alternately (A B A B …), this
+    /// many rounds each, and the raw relay once.
+    #[arg(long, value_name = "ROUNDS", num_args = 0..=1, default_missing_value = "2")]
+    encryption: Option<u32>,
     /// Give up (and fail) after this many seconds.
     #[arg(long, global = true, default_value_t = 300)]
     timeout: u64,
@@ -193,6 +206,24 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         mib: u64,
         /// Rounds (an upload and a download each).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The blob store's cost of encryption at rest: a file uploaded into and downloaded from
+    /// `Blobs` with its sealer on, against the same store kept in the clear, in MiB/s.
+    ///
+    /// Each round writes a new file of --mib MiB through `Blobs::upload`, `Upload::write` (256
+    /// KiB at a time) and `Upload::finish` (hash check, fsync, rename), then reads it back with
+    /// `Blobs::read` and compares the bytes; rounds alternate between the two stores. Prints
+    /// the medians and the ratios encrypted/clear. Fails if a read's bytes differ.
+    BlobStore {
+        /// The file's size, in MiB.
+        #[arg(long, default_value_t = 64)]
+        mib: u64,
+        /// Rounds per store (an upload and a download each), after one unmeasured.
         #[arg(long, default_value_t = 3)]
         rounds: u32,
         /// Print one JSON object instead of a table.
@@ -328,6 +359,7 @@ fn main() -> ExitCode {
             };
             files_main(shape, *json, args.timeout)
         }
+        Some(Command::BlobStore { mib, rounds, json }) => blob_store_main(*mib, *rounds, *json),
         Some(Command::Groups {
             members,
             online,
@@ -384,6 +416,18 @@ fn run_bounded<T>(
 /// Runs both loads and prints the figures.
 fn bench(args: &Args) -> anyhow::Result<()> {
     let load = args.shape.load(args.pairs)?;
+    if let Some(rounds) = args.encryption {
+        if rounds == 0 {
+            bail!("--encryption takes at least 1 round");
+        }
+        let figures = run_bounded(
+            "the encryption benchmark",
+            args.timeout,
+            encryption::run(load, rounds),
+        )?;
+        encryption::report(&load, &figures, args.json);
+        return Ok(());
+    }
     let (iim, raw) = run_bounded("the benchmark", args.timeout, async {
         let clock = Clock::new();
         let iim = iim_run::run(load, clock).await?;
@@ -473,6 +517,20 @@ fn files_main(shape: files::Shape, json: bool, timeout: u64) -> anyhow::Result<(
         files::print(&figures);
     }
     figures.verdict()
+}
+
+/// Runs the blob store measurement and prints its figures.
+fn blob_store_main(mib: u64, rounds: u32, json: bool) -> anyhow::Result<()> {
+    if mib == 0 || rounds == 0 {
+        bail!("--mib and --rounds must be at least 1");
+    }
+    let figures = blob_store::run(blob_store::Shape { mib, rounds })?;
+    if json {
+        println!("{}", serde_json::to_string(&figures).unwrap_or_default());
+    } else {
+        blob_store::print(&figures);
+    }
+    Ok(())
 }
 
 /// Runs the groups measurements and prints their figures; a lost or repeated message has

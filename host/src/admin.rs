@@ -5,7 +5,9 @@
 //! and answers once the changes are applied (or refused: see the host's log); `dead-letters`
 //! lists the events no plugin build could handle; `retry-dead-letters [ID]` hands them (or
 //! letter `ID`) back to be handled again, once the plugin has been fixed; `network` shows
-//! what the host knows of its network and its relay counters. The exchange serves its own
+//! what the host knows of its network and its relay counters; `rotate-key` makes a new data
+//! key current and re-encrypts in the background, `key-status` shows how far that went
+//! ([`crate::key_rotation`]). The exchange serves its own
 //! commands on the same kind of socket (see [`crate::exchange`]).
 
 use crate::Host;
@@ -107,6 +109,11 @@ async fn answer(host: &Host, command: &str) -> String {
         }
         "dead-letters" => dead_letters(host),
         "network" => network(host),
+        "rotate-key" => match host.key_rotation.rotate(&host.store, &host.blobs) {
+            Ok(reply) => reply,
+            Err(e) => format!("error: {e}\n"),
+        },
+        "key-status" => host.key_rotation.status(&host.store, &host.blobs),
         "retry-dead-letters" => retry_dead_letters(host, None).await,
         retry if retry.starts_with("retry-dead-letters ") => {
             match retry["retry-dead-letters ".len()..].trim().parse::<u64>() {
@@ -116,7 +123,7 @@ async fn answer(host: &Host, command: &str) -> String {
         }
         other => format!(
             "error: unknown command {other:?}; try plugins, reload, dead-letters, \
-             retry-dead-letters [ID] or network\n"
+             retry-dead-letters [ID], network, rotate-key or key-status\n"
         ),
     }
 }

@@ -54,6 +54,31 @@ pub struct Config {
     /// The network of hosts this host belongs to (none: a host alone), or, for the exchange,
     /// the network it serves.
     pub network: NetworkConfig,
+    /// Encryption at rest: the data key.
+    pub storage: StorageConfig,
+}
+
+/// How what the host stores is encrypted (docs/security.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Whether message bodies, files and plugin values are encrypted in the data directory
+    /// (the default). A store once encrypted cannot be opened with this off; a store that is
+    /// not is encrypted (migrated) when a host first starts with it on.
+    pub encrypt: bool,
+    /// The data key file. Without it, `<data_dir>.key`: beside the data directory, never
+    /// inside it, so that a copy of the data directory does not carry its key. Made on first
+    /// start (mode 0600) if missing and the store is new or not yet encrypted.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            encrypt: true,
+            key_file: None,
+        }
+    }
 }
 
 /// What an `iim-host` process is.
@@ -243,6 +268,27 @@ pub struct Limits {
     pub file_ttl_secs: u64,
     /// Seconds between two looks for files that may leave.
     pub file_sweep_secs: u64,
+    /// Networks whose addresses the `address_*` limits leave alone (`a.b.c.d/n`, `x::/n`, or
+    /// one address). By default loopback, where the operator's own tools and tests run.
+    pub address_exempt: Vec<String>,
+    /// Connections open at once from one address (an IPv4 address or an IPv6 /64), at most.
+    /// Past it a new connection is closed at once with `rate_limited`. Sized for a carrier's
+    /// NAT, where many phones share one address.
+    pub address_max_connections: u32,
+    /// New connections one address may open per minute, on average; past the burst, one is
+    /// closed at once with `rate_limited` and the time to wait.
+    pub address_connects_per_minute: u32,
+    /// New connections one address may open in a burst.
+    pub address_connect_burst: u32,
+    /// Password log-ins one address may attempt per minute, on average (tokens, which devices
+    /// reconnect with, are not counted: they are cheap to check and cannot be guessed).
+    pub address_logins_per_minute: u32,
+    /// Password log-ins one address may attempt in a burst.
+    pub address_login_burst: u32,
+    /// Registrations one address may make per hour, on average.
+    pub address_registrations_per_hour: u32,
+    /// Registrations one address may make in a burst.
+    pub address_register_burst: u32,
 }
 
 impl Limits {
@@ -266,6 +312,25 @@ impl Limits {
             submit_burst: self.submit_burst,
             auth_rate: self.auth_rate,
             auth_burst: self.auth_burst,
+        }
+    }
+
+    /// The limits per address; `address_exempt` was checked by [`Config::validate`] (a
+    /// network that does not parse is left out).
+    pub fn address_limits(&self) -> crate::address_limits::Settings {
+        crate::address_limits::Settings {
+            exempt: self
+                .address_exempt
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
+            max_connections: self.address_max_connections,
+            connects_per_minute: self.address_connects_per_minute,
+            connect_burst: self.address_connect_burst,
+            logins_per_minute: self.address_logins_per_minute,
+            login_burst: self.address_login_burst,
+            registrations_per_hour: self.address_registrations_per_hour,
+            register_burst: self.address_register_burst,
         }
     }
 
@@ -306,6 +371,14 @@ impl Default for Limits {
             file_quota: 1024 * 1024 * 1024,
             file_ttl_secs: 30 * 24 * 3600,
             file_sweep_secs: 60,
+            address_exempt: vec!["127.0.0.0/8".into(), "::1".into()],
+            address_max_connections: 1000,
+            address_connects_per_minute: 600,
+            address_connect_burst: 300,
+            address_logins_per_minute: 60,
+            address_login_burst: 60,
+            address_registrations_per_hour: 60,
+            address_register_burst: 20,
         }
     }
 }
@@ -321,6 +394,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             limits: Limits::default(),
             plugins: PluginsConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -394,6 +468,13 @@ impl Config {
             }
             _ => {}
         }
+        if self.storage.key_file.is_none() && self.data_dir.file_name().is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "data_dir {} has no name of its own to put the data key beside: set \
+                 storage.key_file",
+                self.data_dir.display()
+            )));
+        }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.cert and tls.key go together".into(),
@@ -408,6 +489,53 @@ impl Config {
                  retransmit_max_ms at least retransmit_initial_ms"
                     .into(),
             ));
+        }
+        // Values past these would overflow a count or allocate without bound at start (the
+        // fuzz target `config` checks that nothing it accepts panics).
+        for (key, value, max) in [
+            ("limits.file_streams", u64::from(l.file_streams), 1024),
+            ("limits.session_queue", l.session_queue as u64, 1 << 20),
+            ("limits.hashing_queue", l.hashing_queue as u64, 1 << 16),
+            ("plugins.queue", self.plugins.queue as u64, 1 << 20),
+        ] {
+            if value > max {
+                return Err(ConfigError::Invalid(format!("{key} must be at most {max}")));
+            }
+        }
+        const CENTURY_SECS: u64 = 100 * 365 * 24 * 3600;
+        for (key, secs) in [
+            ("handshake_timeout_secs", l.handshake_timeout_secs),
+            ("auth_timeout_secs", l.auth_timeout_secs),
+            ("idle_timeout_secs", l.idle_timeout_secs),
+            ("write_timeout_secs", l.write_timeout_secs),
+            ("retransmit_initial_ms", l.retransmit_initial_ms / 1000),
+            ("retransmit_max_ms", l.retransmit_max_ms / 1000),
+            ("message_ttl_secs", l.message_ttl_secs),
+            ("file_ttl_secs", l.file_ttl_secs),
+            ("file_sweep_secs", l.file_sweep_secs),
+        ] {
+            if secs > CENTURY_SECS {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{key} must be at most a hundred years"
+                )));
+            }
+        }
+        for network in &l.address_exempt {
+            network
+                .parse::<crate::address_limits::Network>()
+                .map_err(|e| ConfigError::Invalid(format!("limits.address_exempt: {e}")))?;
+        }
+        for (key, value) in [
+            ("address_max_connections", l.address_max_connections),
+            ("address_connect_burst", l.address_connect_burst),
+            ("address_login_burst", l.address_login_burst),
+            ("address_register_burst", l.address_register_burst),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{key} must be at least 1"
+                )));
+            }
         }
         if l.max_hashing == 0 || l.max_hashing > MAX_HASHING {
             return Err(ConfigError::Invalid(format!(
@@ -448,6 +576,17 @@ impl Config {
             .cache_dir
             .clone()
             .unwrap_or_else(|| self.data_dir.join("plugin-cache"))
+    }
+
+    /// The data key file: `storage.key_file`, or `<data_dir>.key`.
+    pub fn key_file(&self) -> PathBuf {
+        // `validate` refuses a data directory without a name of its own (`.`, `/`) unless
+        // `storage.key_file` is set.
+        self.storage.key_file.clone().unwrap_or_else(|| {
+            let mut name = self.data_dir.file_name().unwrap_or_default().to_owned();
+            name.push(".key");
+            self.data_dir.with_file_name(name)
+        })
     }
 
     /// The plugins directory.

@@ -177,10 +177,13 @@ impl Exchange {
         let (server_config, cert_path) =
             crate::server::prepare(&config, PEER_ALPN, peer::transport())?;
         let store_path = config.data_dir.join("exchange");
-        let store = ExchangeStore::open(&store_path).map_err(|source| ServerError::OpenStore {
-            path: store_path.clone(),
-            source,
-        })?;
+        let store =
+            crate::store::sealer_for(&store_path, &config.key_file(), config.storage.encrypt)
+                .and_then(|sealer| ExchangeStore::open_with(&store_path, sealer))
+                .map_err(|source| ServerError::OpenStore {
+                    path: store_path.clone(),
+                    source,
+                })?;
         let socket = crate::server::bind(&config)?;
         let endpoint = crate::server::endpoint(&config, server_config, socket)?;
         let (stop, shutdown) = watch::channel(false);

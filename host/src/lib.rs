@@ -7,6 +7,7 @@
 //! point ([`iim`]).
 
 pub mod accounts;
+pub mod address_limits;
 pub mod admin;
 pub mod blobs;
 pub mod clock;
@@ -17,6 +18,7 @@ pub mod exchange;
 pub mod expiry;
 pub mod hashing;
 pub mod iim;
+pub mod key_rotation;
 pub mod network;
 pub mod outbox;
 pub mod peer;
@@ -53,4 +55,8 @@ pub struct Host {
     /// The uploads in progress, which a newer upload of the same file by the same user takes
     /// over.
     pub uploads: blobs::Uploads,
+    /// Data key rotations (`admin rotate-key`) and their re-encryption.
+    pub key_rotation: key_rotation::KeyRotation,
+    /// The limits per network address: connections, log-ins, registrations.
+    pub addresses: Arc<address_limits::AddressLimits>,
 }

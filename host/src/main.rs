@@ -48,6 +48,10 @@ struct Args {
     /// PEM private key of --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
+    /// The data key file, which encrypts the store at rest [default: <data-dir>.key, beside
+    /// the data directory]; made on first start.
+    #[arg(long, env = "IIM_KEY_FILE")]
+    key_file: Option<PathBuf>,
     /// Directory for compiled plugins (default: <data-dir>/plugin-cache).
     #[arg(long)]
     plugin_cache_dir: Option<PathBuf>,
@@ -148,6 +152,13 @@ enum AdminAction {
         /// The number of one dead letter, as `dead-letters` lists it.
         id: Option<u64>,
     },
+    /// Adds a data key to the key file and makes it current: new writes are sealed with it at
+    /// once, and what older keys sealed is re-encrypted in the background (see key-status).
+    /// The older keys stay in the file, for backups made before.
+    RotateKey,
+    /// Shows the data key file, the current key, the keys still in use and how far a
+    /// re-encryption went.
+    KeyStatus,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -189,6 +200,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(dir) = args.plugin_cache_dir {
         config.plugins.cache_dir = Some(dir);
     }
+    if let Some(file) = args.key_file {
+        config.storage.key_file = Some(file);
+    }
     if let (Some(cert), Some(key)) = (args.cert, args.key) {
         config.tls.cert = Some(cert);
         config.tls.key = Some(key);
@@ -199,6 +213,7 @@ fn main() -> anyhow::Result<()> {
         Some(&mut config.data_dir),
         config.plugins.dir.as_mut(),
         config.plugins.cache_dir.as_mut(),
+        config.storage.key_file.as_mut(),
     ]
     .into_iter()
     .flatten()
@@ -227,6 +242,8 @@ fn main() -> anyhow::Result<()> {
             AdminAction::RetryDeadLetters { id: None } => "retry-dead-letters".to_owned(),
             AdminAction::RetryDeadLetters { id: Some(id) } => format!("retry-dead-letters {id}"),
             AdminAction::Network => "network".to_owned(),
+            AdminAction::RotateKey => "rotate-key".to_owned(),
+            AdminAction::KeyStatus => "key-status".to_owned(),
         };
         let reply = runtime.block_on(iim_host::admin::request(&config.data_dir, &command))?;
         print!("{reply}");

@@ -810,7 +810,9 @@ async fn serve_part(store: Store, blobs: Blobs, sha256: Sha256, offset: u64) -> 
         let Some(record) = store.files.get(&sha256).map_err(|e| e.to_string())? else {
             return Ok(None);
         };
-        let Some((file, size)) = blobs
+        // Decrypted here if the store encrypts its files: another host gets the file's bytes,
+        // and keeps them under its own data key.
+        let Some((reader, size)) = blobs
             .read(&FileId::from_digest(&sha256), offset)
             .map_err(|e| e.to_string())?
         else {
@@ -818,7 +820,7 @@ async fn serve_part(store: Store, blobs: Blobs, sha256: Sha256, offset: u64) -> 
         };
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(
-            &mut std::io::Read::take(file, u64::from(iim_proto::peer::FILE_PART)),
+            &mut std::io::Read::take(reader, u64::from(iim_proto::peer::FILE_PART)),
             &mut bytes,
         )
         .map_err(|e| e.to_string())?;

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 pub const PEER_MAX_FRAME: u32 = 16 * 1024 * 1024;
 
 /// Largest first frame (`Join`) the exchange reads from a connection it does not know yet.
-const JOIN_MAX_FRAME: u32 = 16 * 1024;
+pub const JOIN_MAX_FRAME: u32 = 16 * 1024;
 
 /// Why a link's stream failed.
 #[derive(Debug, thiserror::Error)]

@@ -158,6 +158,23 @@ pub(crate) fn bind(config: &Config) -> Result<std::net::UdpSocket, ServerError> 
     })
 }
 
+/// Completes the handshake of a connection refused for its address's limit and closes it with
+/// `rate_limited` and the time to wait, so that the client is told why (a bare refusal would
+/// look like a host that is down). Bounded by the handshake timeout.
+async fn close_over_limit(incoming: quinn::Incoming, limited: crate::address_limits::Limited) {
+    let Ok(connecting) = incoming.accept() else {
+        return;
+    };
+    if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), connecting).await {
+        conn.close(
+            quinn::VarInt::from_u32(ErrorCode::RATE_LIMITED.0.into()),
+            limited.to_string().as_bytes(),
+        );
+        // Until the close is sent.
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    }
+}
+
 impl Server {
     /// Opens the store, loads the certificate and the plugins, routes the messages accepted
     /// before the last stop that no plugin handled yet, and binds.
@@ -165,11 +182,18 @@ impl Server {
         let (server_config, cert_path) = prepare(&config, iim_proto::ALPN, transport(&config))?;
         let socket = bind(&config)?;
         let store_path = config.data_dir.join("store");
-        let store = Store::open(&store_path).map_err(|source| ServerError::OpenStore {
-            path: store_path.clone(),
-            source,
-        })?;
-        let blobs = Blobs::open(&config.data_dir.join("files"), config.limits.max_file)?;
+        let store =
+            crate::store::sealer_for(&store_path, &config.key_file(), config.storage.encrypt)
+                .and_then(|sealer| Store::open_with(&store_path, sealer))
+                .map_err(|source| ServerError::OpenStore {
+                    path: store_path.clone(),
+                    source,
+                })?;
+        let blobs = Blobs::open(
+            &config.data_dir.join("files"),
+            config.limits.max_file,
+            store.sealer.clone(),
+        )?;
         let registry = Arc::new(Registry::new(config.limits.session_queue));
         let network = match &config.network.exchange {
             None => None,
@@ -254,8 +278,24 @@ impl Server {
             passwords,
             blobs,
             uploads: Default::default(),
+            key_rotation: Default::default(),
+            addresses: Arc::new(crate::address_limits::AddressLimits::new(
+                config.limits.address_limits(),
+            )),
             config,
         });
+        if let Some(keys) = host.store.sealer.keys() {
+            let in_use = crate::key_rotation::in_use(&host.store, &host.blobs)
+                .map_err(|e| ServerError::Store(StoreError::Keys(e)))?;
+            if in_use.iter().any(|&id| id != keys.current()) {
+                tracing::info!(
+                    ?in_use,
+                    current = keys.current(),
+                    "a key rotation did not finish: re-encrypting in the background"
+                );
+                host.key_rotation.resume(&host.store, &host.blobs);
+            }
+        }
         let recovered = host.plugins.route_pending().await?;
         if recovered > 0 {
             tracing::info!(
@@ -320,8 +360,19 @@ impl Server {
                         incoming.refuse();
                         continue;
                     }
+                    let remote = incoming.remote_address();
+                    let open = match self.host.addresses.connect(remote.ip(), crate::clock::now_ms()) {
+                        Ok(open) => open,
+                        Err(limited) => {
+                            tracing::info!(%remote, %limited, "connection refused: over the limit of its address");
+                            sessions.spawn(close_over_limit(incoming, limited));
+                            continue;
+                        }
+                    };
                     let host = Arc::clone(&self.host);
                     sessions.spawn(async move {
+                        // Counted against its address until the session ends.
+                        let _open = open;
                         let connecting = match incoming.accept() {
                             Ok(connecting) => connecting,
                             Err(e) => return tracing::debug!(error = %e, "handshake failed"),

@@ -86,7 +86,18 @@ pub async fn run(host: Arc<Host>, conn: quinn::Connection, early: quinn::ZeroRtt
     .await
 }
 
+/// The refusal of a request its address is over a limit for (`[limits] address_*`).
+fn over_address_limit(limited: &crate::address_limits::Limited) -> Refusal {
+    tracing::info!(%limited, "refused: over the limit of its address");
+    Refusal::new(ErrorCode::RATE_LIMITED, limited.to_string())
+}
+
 impl Session {
+    /// The address the client is at now.
+    fn ip(&self) -> std::net::IpAddr {
+        self.conn.remote_address().ip()
+    }
+
     /// Drives the machine until the session ends.
     async fn serve(&mut self) {
         let mut buf = vec![0u8; 16 * 1024];
@@ -201,7 +212,10 @@ impl Session {
                 user,
                 password,
             } => {
-                let answer = cmd::account::register(&host, &user, password).await;
+                let answer = match host.addresses.register(self.ip(), crate::clock::now_ms()) {
+                    Ok(()) => cmd::account::register(&host, &user, password).await,
+                    Err(limited) => Err(over_address_limit(&limited)),
+                };
                 let answer = answer.map(|()| ServerFrame::Ok { req });
                 self.machine.handle_answer(Instant::now(), req, answer);
             }
@@ -211,7 +225,10 @@ impl Session {
                 password,
                 device,
             } => {
-                let outcome = cmd::account::login(&host, &user, password, &device).await;
+                let outcome = match host.addresses.login(self.ip(), crate::clock::now_ms()) {
+                    Ok(()) => cmd::account::login(&host, &user, password, &device).await,
+                    Err(limited) => Err(over_address_limit(&limited)),
+                };
                 self.authenticated(req, outcome, &user, &device);
             }
             Action::Authenticate {

@@ -267,6 +267,9 @@ pub struct HostProcess {
     /// Its certificate.
     pub cert: PathBuf,
     data: tempfile::TempDir,
+    /// Holds the data key file, outside the data directory (as a host's default, beside it,
+    /// would be, but removed with the test).
+    keys: tempfile::TempDir,
     stderr_log: PathBuf,
     /// The network namespace it runs in, if not the test's own.
     namespace: Option<String>,
@@ -325,18 +328,40 @@ impl HostProcess {
         Self::launch(data, listen, Some(namespace))
     }
 
+    /// Starts a host on data directory `data` (a copy of another host's: [`copy_dir`]) with a
+    /// copy of `key_file` as its data key file (none: the host has no key file).
+    pub fn start_on(data: tempfile::TempDir, key_file: Option<&Path>) -> anyhow::Result<Self> {
+        let keys = tempfile::tempdir()?;
+        if let Some(key_file) = key_file {
+            std::fs::copy(key_file, keys.path().join("data.key"))?;
+        }
+        Self::launch_with(data, keys, "127.0.0.1:0".parse()?, None)
+    }
+
     /// Starts the host of data directory `data`, listening on `listen` (in `namespace`).
     fn launch(
         data: tempfile::TempDir,
         listen: SocketAddr,
         namespace: Option<&str>,
     ) -> anyhow::Result<Self> {
-        let (child, addr, cert, stderr_log) = spawn(data.path(), listen, namespace)?;
+        Self::launch_with(data, tempfile::tempdir()?, listen, namespace)
+    }
+
+    /// [`HostProcess::launch`] with the data key file in `keys`.
+    fn launch_with(
+        data: tempfile::TempDir,
+        keys: tempfile::TempDir,
+        listen: SocketAddr,
+        namespace: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let key_file = keys.path().join("data.key");
+        let (child, addr, cert, stderr_log) = spawn(data.path(), &key_file, listen, namespace)?;
         Ok(Self {
             child: Some(child),
             addr,
             cert,
             data,
+            keys,
             stderr_log,
             namespace: namespace.map(str::to_owned),
         })
@@ -426,8 +451,12 @@ impl HostProcess {
     /// Starts the host again on the same address and data directory.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9()?;
-        let (child, addr, cert, log) =
-            spawn(self.data.path(), self.addr, self.namespace.as_deref())?;
+        let (child, addr, cert, log) = spawn(
+            self.data.path(),
+            &self.key_file(),
+            self.addr,
+            self.namespace.as_deref(),
+        )?;
         self.child = Some(child);
         self.addr = addr;
         self.cert = cert;
@@ -448,6 +477,11 @@ impl HostProcess {
     /// The host's data directory.
     pub fn data_dir(&self) -> &Path {
         self.data.path()
+    }
+
+    /// The host's data key file (outside its data directory).
+    pub fn key_file(&self) -> PathBuf {
+        self.keys.path().join("data.key")
     }
 
     /// The plugins directory the host watches.
@@ -578,8 +612,28 @@ impl Drop for HostProcess {
     }
 }
 
+/// `command` (an `iim-host`) given data directory `data`, data key file `key_file`, the
+/// configuration file in `data` and the address to listen on.
+fn host_args<'a>(
+    command: &'a mut Command,
+    data: &Path,
+    key_file: &Path,
+    listen: SocketAddr,
+) -> &'a mut Command {
+    command
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--key-file")
+        .arg(key_file)
+        .arg("--config")
+        .arg(data.join("host.toml"))
+}
+
 fn spawn(
     data: &Path,
+    key_file: &Path,
     listen: SocketAddr,
     namespace: Option<&str>,
 ) -> anyhow::Result<(Child, SocketAddr, PathBuf, PathBuf)> {
@@ -594,13 +648,7 @@ fn spawn(
     if !config.contains("cache_dir") {
         command.arg("--plugin-cache-dir").arg(plugin_cache());
     }
-    let mut child = command
-        .arg("--listen")
-        .arg(listen.to_string())
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--config")
-        .arg(data.join("host.toml"))
+    let mut child = host_args(&mut command, data, key_file, listen)
         // `IIM_TEST_HOST_LOG=info,iim_host::plugin=debug cargo test ...` gives the hosts a
         // test starts another log filter, to see why a test failed.
         .env(
@@ -634,6 +682,70 @@ fn spawn(
         .ok_or_else(|| anyhow!("unexpected first line from iim-host: {line:?}"))?;
     let cert = PathBuf::from(cert.trim_end_matches(')'));
     Ok((child, addr.parse()?, cert, stderr_log))
+}
+
+/// Runs `iim-host` on data directory `data` with data key file `key_file` (which may not
+/// exist) and the configuration file there, and expects it to refuse to start: returns what it
+/// wrote on stderr.
+pub fn refused_to_start_on(data: &Path, key_file: &Path) -> anyhow::Result<String> {
+    let mut child = host_args(
+        &mut Command::new(binary("iim-host")?),
+        data,
+        key_file,
+        "127.0.0.1:0".parse()?,
+    )
+    .arg("--plugin-cache-dir")
+    .arg(plugin_cache())
+    .env("NO_COLOR", "1")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()?;
+    let started = std::time::Instant::now();
+    while child.try_wait()?.is_none() {
+        if started.elapsed() > STEP {
+            child.kill()?;
+            bail!("iim-host did not stop by itself");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output()?;
+    anyhow::ensure!(!output.status.success(), "iim-host exited successfully");
+    Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// Copies directory `from` into `to` (made if need be): its directories and regular files;
+/// sockets and the like are left out.
+pub fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every regular file under `dir` whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            found.extend(files_containing(&entry.path(), needle)?);
+        } else if kind.is_file() {
+            let bytes = std::fs::read(entry.path())?;
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                found.push(entry.path());
+            }
+        }
+    }
+    Ok(found)
 }
 
 fn rand_suffix() -> u64 {
@@ -693,8 +805,14 @@ pub struct RawConnection {
 impl RawConnection {
     /// Connects and opens the stream; sends nothing.
     pub async fn open(host: &HostProcess) -> anyhow::Result<Self> {
+        Self::open_from(host, "127.0.0.1".parse()?).await
+    }
+
+    /// [`RawConnection::open`] from address `from` (another loopback address is another
+    /// client's address, for the host's limits per address).
+    pub async fn open_from(host: &HostProcess, from: std::net::IpAddr) -> anyhow::Result<Self> {
         let config = host.client_config()?;
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        let mut endpoint = quinn::Endpoint::client(SocketAddr::new(from, 0))?;
         endpoint.set_default_client_config(iim_client::quic_client_config(&config.roots)?);
         let conn = within("raw connect", endpoint.connect(host.addr, "localhost")?).await??;
         let (send, recv) = conn.open_bi().await?;
@@ -717,6 +835,37 @@ impl RawConnection {
             .write_all(&iim_client::proto::encode_frame(&hello, 1024)?)
             .await?;
         Ok(raw)
+    }
+
+    /// Sends `frame`, and reads the host's frames until one answers request `req`: returns it.
+    pub async fn request(
+        &mut self,
+        req: u64,
+        frame: &iim_client::proto::ClientFrame,
+    ) -> anyhow::Result<iim_client::proto::ServerFrame> {
+        use iim_client::proto::ServerFrame;
+        self.send
+            .write_all(&iim_client::proto::encode_frame(frame, 1 << 16)?)
+            .await?;
+        let mut decoder = iim_client::proto::FrameDecoder::new(1 << 20);
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            while let Some(frame) = decoder.decode::<ServerFrame>()? {
+                let answers = match &frame {
+                    ServerFrame::Ok { req: r }
+                    | ServerFrame::LoggedIn { req: r, .. }
+                    | ServerFrame::Error { req: Some(r), .. } => *r == req,
+                    _ => false,
+                };
+                if answers {
+                    return Ok(frame);
+                }
+            }
+            let n = within("an answer", self.recv.read(&mut buf))
+                .await??
+                .context("the host ended the stream")?;
+            decoder.push(&buf[..n]);
+        }
     }
 
     /// Reads to the end of the stream and returns the code of the closing error frame (an

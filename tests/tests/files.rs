@@ -328,21 +328,24 @@ async fn bad_uploads_downloads_and_file_messages_get_clear_errors_and_change_not
     let refused = download(&a, id, 0).await?.expect_err("nothing was stored");
     assert_eq!(refused_code(&refused), Some(ErrorCode::NOT_FOUND));
 
-    // Fewer bytes than announced: kept, and the next upload goes on from them.
+    // Fewer bytes than announced: kept, and the next upload goes on from them. The host
+    // encrypts its files (storage.encrypt, the default): it keeps what came up to the end of
+    // its last whole chunk of 64 KiB (less than that never reaches its disk) and says so.
     let mut stream = FileStream::upload(&a, &bytes, "data.bin").await?;
     assert_eq!(stream.answer().await?, FileAnswer::Ready { offset: 0 });
-    let answer = stream.finish_with(&bytes[..60_000]).await?;
+    let answer = stream.finish_with(&bytes[..70_000]).await?;
     match &answer {
         FileAnswer::Refused { code, message } => {
             assert_eq!(*code, ErrorCode::INVALID_ARGUMENT);
             assert!(
-                message.contains("60000 of the announced 100000"),
+                message.contains("70000 of the announced 100000")
+                    && message.contains("goes on from byte 65536"),
                 "{message}"
             );
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
-    upload_whole(&a, &bytes, 60_000).await?;
+    upload_whole(&a, &bytes, 65_536).await?;
 
     // Over the host's limit, a bad name, an unknown file, an offset past the end.
     let big = FileRequest::Upload {

@@ -563,6 +563,8 @@ fn refused_to_start(toml: &str) -> anyhow::Result<String> {
         .arg("127.0.0.1:0")
         .arg("--data-dir")
         .arg(dir.path())
+        .arg("--key-file")
+        .arg(dir.path().join("data.key"))
         .arg("--config")
         .arg(dir.path().join("host.toml"))
         .stdout(std::process::Stdio::null())

@@ -290,7 +290,7 @@ async fn download(
     }
     let record = host.store.files.get(&sha256)?.ok_or_else(not_found)?;
     let (blobs, id) = (host.blobs.clone(), FileId::from_digest(&sha256));
-    let (mut file, size) = blocking(move || blobs.read(&id, offset))
+    let (mut reader, size) = blocking(move || blobs.read(&id, offset))
         .await?
         .ok_or_else(not_found)?;
     if offset > size {
@@ -307,13 +307,15 @@ async fn download(
     write_answer(host, send, &sending).await?;
     // From here on the stream carries the file's bytes: a failure resets it instead of
     // answering, and the client goes on from what it has.
-    // The disk is read on a thread of its own, a few chunks ahead of the network; each chunk
-    // goes to QUIC as it is, without another copy.
+    // The disk is read (and the file decrypted, if the store encrypts its files) on a thread
+    // of its own, a few chunks ahead of the network; each chunk goes to QUIC as it is, without
+    // another copy. A part of the file that does not open (altered on disk) is a read error:
+    // the stream is reset, and nothing but the file's own bytes is ever sent.
     let (chunks, mut to_send) = tokio::sync::mpsc::channel(WRITE_AHEAD);
     tokio::task::spawn_blocking(move || {
         loop {
             let mut chunk = Vec::with_capacity(CHUNK);
-            match (&mut file).take(CHUNK as u64).read_to_end(&mut chunk) {
+            match (&mut reader).take(CHUNK as u64).read_to_end(&mut chunk) {
                 Ok(0) => return,
                 Ok(_) => {
                     if chunks.blocking_send(Ok(chunk)).is_err() {
@@ -524,7 +526,10 @@ impl From<BlobError> for Refusal {
             | BlobError::HashMismatch { .. } => ErrorCode::INVALID_ARGUMENT,
             BlobError::TooLarge { .. } => ErrorCode::BODY_TOO_LARGE,
             BlobError::Busy(_) => ErrorCode::UNAVAILABLE,
-            BlobError::Io { .. } => {
+            BlobError::Io { .. }
+            | BlobError::Unreadable { .. }
+            | BlobError::KeyMissing { .. }
+            | BlobError::Encrypted(_) => {
                 tracing::error!(error = %e, "blob store");
                 return Refusal::new(ErrorCode::INTERNAL, "the host could not store the file");
             }

@@ -197,14 +197,7 @@ impl PluginState {
 
     /// Checks a list of user names: how many, and that each is valid.
     fn parse_users(&self, names: &[String]) -> Result<Vec<UserId>, HostError> {
-        if names.len() > self.services.max_send_users {
-            return Err(HostError::LimitExceeded(format!(
-                "{} users named; at most {}",
-                names.len(),
-                self.services.max_send_users
-            )));
-        }
-        names.iter().map(|name| parse_user(name)).collect()
+        check_user_names(names, self.services.max_send_users)
     }
 
     /// Checks a list of user names, and that each user exists.
@@ -226,139 +219,29 @@ impl PluginState {
     }
 
     fn check_send(&mut self, msg: wit::Message, list: wit::UserList) -> Result<u32, HostError> {
-        let max_body = self.services.max_body;
-        let max_frame = self.services.max_frame;
-        let max_users = self.services.max_send_users;
-        let server = self.services.iim.server().to_owned();
-        let call = self.call("send")?;
-        if msg.sender != call.user.as_str() {
-            return Err(HostError::ForgedSender(msg.sender));
-        }
-        if call.effects.sends.len() >= MAX_SENDS_PER_CALL {
-            return Err(HostError::LimitExceeded(format!(
-                "at most {MAX_SENDS_PER_CALL} sends per event"
-            )));
-        }
-        let message = match (&call.message, msg.id) {
-            (_, 0) => {
-                let kind = convert::kind_from_wit(msg.kind)?;
-                if msg.body.len() > max_body as usize {
-                    return Err(HostError::LimitExceeded(format!(
-                        "body of {} bytes is over the limit of {max_body}",
-                        msg.body.len()
-                    )));
-                }
-                let to = msg
-                    .to
-                    .iter()
-                    .map(|name| parse_address(name))
-                    .collect::<Result<Vec<_>, _>>()?;
-                if to.len() > iim_proto::MAX_TARGETS {
-                    return Err(HostError::LimitExceeded(format!(
-                        "a message names at most {} recipients",
-                        iim_proto::MAX_TARGETS
-                    )));
-                }
-                let to_group = to.iter().any(|a| a.group().is_some());
-                if to_group && to.len() > 1 {
-                    return Err(HostError::InvalidArgument(
-                        "a message is addressed to users or to one group, not both".into(),
-                    ));
-                }
-                if matches!(&kind, MessageKind::Custom(k) if k == iim_proto::body::WAITING_KIND) {
-                    return Err(HostError::PermissionDenied(
-                        "kind waiting is the host's own: its notices that a message waits".into(),
-                    ));
-                }
-                let group_kind =
-                    matches!(&kind, MessageKind::Custom(k) if k == iim_proto::GROUP_KIND);
-                if (to_group || group_kind) && !call.groups {
-                    return Err(HostError::PermissionDenied(
-                        "only the plugin that handles groups may send a message addressed to \
-                         a group or of kind group"
-                            .into(),
-                    ));
-                }
-                let probe = Message {
-                    id: MessageId(0),
-                    kind: kind.clone(),
-                    from: call.user.clone(),
-                    from_device: call.device.clone(),
-                    to: to.clone(),
-                    body: msg.body.clone(),
-                    sent_at: 0,
-                };
-                probe
-                    .check_deliverable(max_frame)
-                    .map_err(|e| HostError::LimitExceeded(e.to_string()))?;
-                Outgoing::New {
-                    kind,
-                    to,
-                    body: msg.body,
-                }
-            }
-            (Some(handled), id) if id == handled.id.0 => {
-                let kind = convert::kind_from_wit(msg.kind)?;
-                if kind != handled.kind || msg.body != handled.body {
-                    return Err(HostError::InvalidArgument(format!(
-                        "message {id} is passed on with another kind or body; send a new \
-                         message (id 0) instead"
-                    )));
-                }
-                Outgoing::Forward(Arc::clone(handled))
-            }
-            (_, id) => return Err(HostError::UnknownMessage(id)),
+        let services = Arc::clone(&self.services);
+        let limits = SendLimits {
+            max_body: services.max_body,
+            max_frame: services.max_frame,
+            max_users: services.max_send_users,
         };
-        let mut users = Vec::new();
-        let mut seen = HashSet::new();
-        let directory = self.services.iim.directory();
-        for row in &list.servers {
-            let known = row.server == server
-                || directory.is_some_and(|d| d.server_info(&row.server).is_some());
-            if !known {
-                return Err(HostError::UnknownServer(row.server.clone()));
-            }
-            for user_row in &row.users {
-                let user = parse_user(&user_row.user)?;
-                for device in &user_row.devices {
-                    DeviceId::new(&device.device).map_err(|e| {
-                        HostError::InvalidArgument(format!(
-                            "device {:?} of user {user}: {e}",
-                            device.device
-                        ))
-                    })?;
-                }
-                if !seen.insert(user.clone()) {
-                    return Err(HostError::InvalidArgument(format!(
-                        "user {user} appears twice in the user-list"
-                    )));
-                }
-                if seen.len() > max_users {
-                    return Err(HostError::LimitExceeded(format!(
-                        "a user-list names at most {max_users} users"
-                    )));
-                }
-                users.push(user);
-            }
-        }
-        for user in &users {
+        let server = services.iim.server();
+        let directory = services.iim.directory();
+        let known_server =
+            |row: &str| row == server || directory.is_some_and(|d| d.server_info(row).is_some());
+        let call = self.call("send")?;
+        let send = check_send_arguments(call, limits, msg, &list, known_server)?;
+        for user in &send.users {
             self.check_exists(user)?;
         }
-        let count = users.len() as u32;
+        let count = send.users.len() as u32;
         let call = self.call("send")?;
-        call.effects.sends.push(PendingSend { message, users });
+        call.effects.sends.push(send);
         Ok(count)
     }
 
     fn kv_write(&mut self, key: String, value: Option<Vec<u8>>) -> Result<(), HostError> {
-        check_key(&key)?;
-        if let Some(v) = &value
-            && v.len() > MAX_KV_VALUE
-        {
-            return Err(HostError::LimitExceeded(format!(
-                "a stored value is at most {MAX_KV_VALUE} bytes"
-            )));
-        }
+        check_kv_write(&key, value.as_deref())?;
         let call = self.call("kv-set and kv-delete")?;
         if call.effects.kv_writes >= MAX_KV_WRITES_PER_CALL {
             return Err(HostError::LimitExceeded(format!(
@@ -371,6 +254,191 @@ impl PluginState {
     }
 }
 
+/// The limits `send` checks a message and its user-list against.
+#[derive(Debug, Clone, Copy)]
+pub struct SendLimits {
+    /// Largest message body.
+    pub max_body: u32,
+    /// Largest frame a delivery must fit in.
+    pub max_frame: u32,
+    /// Most users one user-list may name.
+    pub max_users: usize,
+}
+
+/// Checks the arguments of a `send` made during `call`, before anything is looked up: the
+/// sender is the acting user; the call has sends left; the message is a new one within the
+/// limits or the one being handled, passed on unchanged; the user-list's servers are known
+/// (`known_server`), its names valid and each user named once, at most `limits.max_users`.
+/// Whether each user exists is the caller's to check. A function of its arguments alone, so
+/// that it can be fuzzed (`fuzz/fuzz_targets/plugin_imports.rs`).
+pub fn check_send_arguments(
+    call: &Call,
+    limits: SendLimits,
+    msg: wit::Message,
+    list: &wit::UserList,
+    known_server: impl Fn(&str) -> bool,
+) -> Result<PendingSend, HostError> {
+    if msg.sender != call.user.as_str() {
+        return Err(HostError::ForgedSender(msg.sender));
+    }
+    if call.effects.sends.len() >= MAX_SENDS_PER_CALL {
+        return Err(HostError::LimitExceeded(format!(
+            "at most {MAX_SENDS_PER_CALL} sends per event"
+        )));
+    }
+    let message = match (&call.message, msg.id) {
+        (_, 0) => {
+            let kind = convert::kind_from_wit(msg.kind)?;
+            if msg.body.len() > limits.max_body as usize {
+                return Err(HostError::LimitExceeded(format!(
+                    "body of {} bytes is over the limit of {}",
+                    msg.body.len(),
+                    limits.max_body
+                )));
+            }
+            let to = msg
+                .to
+                .iter()
+                .map(|name| parse_address(name))
+                .collect::<Result<Vec<_>, _>>()?;
+            if to.len() > iim_proto::MAX_TARGETS {
+                return Err(HostError::LimitExceeded(format!(
+                    "a message names at most {} recipients",
+                    iim_proto::MAX_TARGETS
+                )));
+            }
+            let to_group = to.iter().any(|a| a.group().is_some());
+            if to_group && to.len() > 1 {
+                return Err(HostError::InvalidArgument(
+                    "a message is addressed to users or to one group, not both".into(),
+                ));
+            }
+            if matches!(&kind, MessageKind::Custom(k) if k == iim_proto::body::WAITING_KIND) {
+                return Err(HostError::PermissionDenied(
+                    "kind waiting is the host's own: its notices that a message waits".into(),
+                ));
+            }
+            let group_kind = matches!(&kind, MessageKind::Custom(k) if k == iim_proto::GROUP_KIND);
+            if (to_group || group_kind) && !call.groups {
+                return Err(HostError::PermissionDenied(
+                    "only the plugin that handles groups may send a message addressed to \
+                         a group or of kind group"
+                        .into(),
+                ));
+            }
+            let probe = Message {
+                id: MessageId(0),
+                kind: kind.clone(),
+                from: call.user.clone(),
+                from_device: call.device.clone(),
+                to: to.clone(),
+                body: msg.body.clone(),
+                sent_at: 0,
+            };
+            probe
+                .check_deliverable(limits.max_frame)
+                .map_err(|e| HostError::LimitExceeded(e.to_string()))?;
+            Outgoing::New {
+                kind,
+                to,
+                body: msg.body,
+            }
+        }
+        (Some(handled), id) if id == handled.id.0 => {
+            let kind = convert::kind_from_wit(msg.kind)?;
+            if kind != handled.kind || msg.body != handled.body {
+                return Err(HostError::InvalidArgument(format!(
+                    "message {id} is passed on with another kind or body; send a new \
+                         message (id 0) instead"
+                )));
+            }
+            Outgoing::Forward(Arc::clone(handled))
+        }
+        (_, id) => return Err(HostError::UnknownMessage(id)),
+    };
+    let mut users = Vec::new();
+    let mut seen = HashSet::new();
+    for row in &list.servers {
+        if !known_server(&row.server) {
+            return Err(HostError::UnknownServer(row.server.clone()));
+        }
+        for user_row in &row.users {
+            let user = parse_user(&user_row.user)?;
+            for device in &user_row.devices {
+                DeviceId::new(&device.device).map_err(|e| {
+                    HostError::InvalidArgument(format!(
+                        "device {:?} of user {user}: {e}",
+                        device.device
+                    ))
+                })?;
+            }
+            if !seen.insert(user.clone()) {
+                return Err(HostError::InvalidArgument(format!(
+                    "user {user} appears twice in the user-list"
+                )));
+            }
+            if seen.len() > limits.max_users {
+                return Err(HostError::LimitExceeded(format!(
+                    "a user-list names at most {} users",
+                    limits.max_users
+                )));
+            }
+            users.push(user);
+        }
+    }
+    Ok(PendingSend { message, users })
+}
+
+/// Checks a list of user names (of `resolve` and `presence`): at most `max`, each valid.
+pub fn check_user_names(names: &[String], max: usize) -> Result<Vec<UserId>, HostError> {
+    if names.len() > max {
+        return Err(HostError::LimitExceeded(format!(
+            "{} users named; at most {max}",
+            names.len()
+        )));
+    }
+    names.iter().map(|name| parse_user(name)).collect()
+}
+
+/// Checks the arguments of `kv-set` (`value`) and `kv-delete` (none): the key's length and
+/// the value's size.
+pub fn check_kv_write(key: &str, value: Option<&[u8]>) -> Result<(), HostError> {
+    check_key(key)?;
+    if let Some(v) = value
+        && v.len() > MAX_KV_VALUE
+    {
+        return Err(HostError::LimitExceeded(format!(
+            "a stored value is at most {MAX_KV_VALUE} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the arguments of `kv-keys`: the prefix and the key to start after are at most
+/// [`MAX_KV_KEY`] bytes (either may be empty).
+pub fn check_key_range(prefix: &str, after: Option<&str>) -> Result<(), HostError> {
+    if prefix.len() > MAX_KV_KEY || after.is_some_and(|a| a.len() > MAX_KV_KEY) {
+        return Err(HostError::InvalidArgument(format!(
+            "a storage key is at most {MAX_KV_KEY} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// The line `log` keeps of `message`: its first [`MAX_LOG_LINE`] bytes, cut back to the last
+/// whole character.
+pub fn log_line(message: String) -> String {
+    let mut line = message;
+    if line.len() > MAX_LOG_LINE {
+        let mut end = MAX_LOG_LINE;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+    }
+    line
+}
+
 fn parse_user(name: &str) -> Result<UserId, HostError> {
     UserId::new(name).map_err(|e| HostError::InvalidArgument(format!("user {name:?}: {e}")))
 }
@@ -380,7 +448,8 @@ fn parse_address(text: &str) -> Result<Address, HostError> {
         .map_err(|e| HostError::InvalidArgument(format!("address {text:?}: {e}")))
 }
 
-fn check_key(key: &str) -> Result<(), HostError> {
+/// Checks a storage key (of `kv-get`, `kv-set`, `kv-delete`): 1 to [`MAX_KV_KEY`] bytes.
+pub fn check_key(key: &str) -> Result<(), HostError> {
     if key.is_empty() || key.len() > MAX_KV_KEY {
         return Err(HostError::InvalidArgument(format!(
             "a storage key is 1 to {MAX_KV_KEY} bytes"
@@ -528,11 +597,7 @@ impl IimHost for PluginState {
     ) -> wasmtime::Result<Result<Vec<String>, HostError>> {
         Ok((|| {
             let limit = (limit as usize).min(MAX_KV_KEYS);
-            if prefix.len() > MAX_KV_KEY || after.as_ref().is_some_and(|a| a.len() > MAX_KV_KEY) {
-                return Err(HostError::InvalidArgument(format!(
-                    "a storage key is at most {MAX_KV_KEY} bytes"
-                )));
-            }
+            check_key_range(&prefix, after.as_deref())?;
             let pending = self.call.as_ref().map(|call| &call.effects.kv);
             let in_range =
                 |key: &String| key.starts_with(&prefix) && after.as_ref().is_none_or(|a| key > a);
@@ -573,14 +638,7 @@ impl IimHost for PluginState {
     }
 
     fn log(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
-        let mut line = message;
-        if line.len() > MAX_LOG_LINE {
-            let mut end = MAX_LOG_LINE;
-            while !line.is_char_boundary(end) {
-                end -= 1;
-            }
-            line.truncate(end);
-        }
+        let line = log_line(message);
         let plugin = &*self.plugin;
         match level {
             LogLevel::Trace => tracing::trace!(plugin, "{line}"),
@@ -608,5 +666,156 @@ impl PluginState {
             .list(&user, kind)
             .map_err(unavailable)?;
         Ok(list.into_iter().map(|u| u.to_string()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: SendLimits = SendLimits {
+        max_body: 64,
+        max_frame: 4096,
+        max_users: 2,
+    };
+
+    fn call(handled: Option<Message>) -> Call {
+        Call {
+            user: UserId::new("alice").expect("valid"),
+            device: DeviceId::new("phone").expect("valid"),
+            message: handled.map(Arc::new),
+            groups: false,
+            effects: Effects::default(),
+        }
+    }
+
+    fn new_message(sender: &str, to: &[&str], body: &[u8]) -> wit::Message {
+        wit::Message {
+            id: 0,
+            kind: wit::MessageKind::Chat,
+            sender: sender.into(),
+            sender_device: String::new(),
+            to: to.iter().map(|t| t.to_string()).collect(),
+            body: body.to_vec(),
+            sent_at: 0,
+        }
+    }
+
+    fn list(rows: &[(&str, &[&str])]) -> wit::UserList {
+        wit::UserList {
+            servers: rows
+                .iter()
+                .map(|(server, users)| wit::ServerRow {
+                    server: server.to_string(),
+                    users: users
+                        .iter()
+                        .map(|user| wit::UserRow {
+                            user: user.to_string(),
+                            devices: Vec::new(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn check(
+        call: &Call,
+        msg: wit::Message,
+        list: &wit::UserList,
+    ) -> Result<Vec<String>, HostError> {
+        check_send_arguments(call, LIMITS, msg, list, |server| server == "h1")
+            .map(|send| send.users.iter().map(|u| u.to_string()).collect())
+    }
+
+    #[test]
+    fn a_send_is_checked_before_anything_is_looked_up() {
+        let call = call(None);
+        let to_bob = list(&[("h1", &["bob"])]);
+        let hi = new_message("alice", &["bob"], b"hi");
+        assert_eq!(
+            check(&call, hi.clone(), &to_bob).ok(),
+            Some(vec!["bob".into()])
+        );
+
+        let forged = new_message("bob", &["#team"], &[0; 1000]);
+        assert!(matches!(
+            check(&call, forged, &to_bob),
+            Err(HostError::ForgedSender(_))
+        ));
+        let long = new_message("alice", &["bob"], &[0; 65]);
+        assert!(matches!(
+            check(&call, long, &to_bob),
+            Err(HostError::LimitExceeded(_))
+        ));
+        let group = new_message("alice", &["#team"], b"hi");
+        assert!(matches!(
+            check(&call, group, &to_bob),
+            Err(HostError::PermissionDenied(_))
+        ));
+        let elsewhere = list(&[("h9", &["bob"])]);
+        assert!(matches!(
+            check(&call, hi.clone(), &elsewhere),
+            Err(HostError::UnknownServer(_))
+        ));
+        let twice = list(&[("h1", &["bob"]), ("h1", &["bob"])]);
+        assert!(matches!(
+            check(&call, hi.clone(), &twice),
+            Err(HostError::InvalidArgument(e)) if e.contains("twice")
+        ));
+        let many = list(&[("h1", &["bob", "carol", "dave"])]);
+        assert!(matches!(
+            check(&call, hi, &many),
+            Err(HostError::LimitExceeded(_))
+        ));
+    }
+
+    #[test]
+    fn only_the_handled_message_passes_on_and_unchanged() {
+        let handled = Message {
+            id: MessageId(7),
+            kind: MessageKind::Chat,
+            from: UserId::new("bob").expect("valid"),
+            from_device: DeviceId::new("laptop").expect("valid"),
+            to: vec![UserId::new("alice").expect("valid").into()],
+            body: b"hi".to_vec(),
+            sent_at: 1,
+        };
+        let call = call(Some(handled));
+        let to_carol = list(&[("h1", &["carol"])]);
+        let forward = wit::Message {
+            id: 7,
+            ..new_message("alice", &["alice"], b"hi")
+        };
+        assert_eq!(
+            check(&call, forward.clone(), &to_carol).ok(),
+            Some(vec!["carol".into()])
+        );
+        let changed = wit::Message {
+            body: b"ho".to_vec(),
+            ..forward.clone()
+        };
+        assert!(matches!(
+            check(&call, changed, &to_carol),
+            Err(HostError::InvalidArgument(_))
+        ));
+        let other = wit::Message { id: 8, ..forward };
+        assert!(matches!(
+            check(&call, other, &to_carol),
+            Err(HostError::UnknownMessage(_))
+        ));
+    }
+
+    #[test]
+    fn storage_keys_and_log_lines_are_bounded() {
+        assert!(check_kv_write("k", Some(&[0; MAX_KV_VALUE])).is_ok());
+        assert!(check_kv_write("", None).is_err());
+        assert!(check_kv_write("k", Some(&[0; MAX_KV_VALUE + 1])).is_err());
+        assert!(check_key_range("", None).is_ok());
+        assert!(check_key_range("", Some(&"k".repeat(MAX_KV_KEY + 1))).is_err());
+        let line = log_line("é".repeat(MAX_LOG_LINE));
+        assert_eq!(line.len(), MAX_LOG_LINE);
+        let line = log_line(format!("x{}", "é".repeat(MAX_LOG_LINE)));
+        assert_eq!(line.len(), MAX_LOG_LINE - 1);
     }
 }

@@ -3,33 +3,42 @@
 //! The store keeps each as the bytes the plugin runtime made of it: what a dead letter is
 //! belongs to the plugins, not to the store.
 
-use super::{StoreError, decode_u64, keys};
+use super::{Ids, Sealer, StoreError, decode_u64, keys};
 
 /// The dead letters, numbered in the order they were set aside.
 #[derive(Clone)]
 pub struct DeadLetters {
-    db: sled::Db,
+    ids: Ids,
     tree: sled::Tree,
+    /// Dead letters are sealed: they hold the event, its message with it.
+    sealer: Sealer,
 }
 
 impl DeadLetters {
-    pub(super) fn new(db: &sled::Db) -> Result<Self, StoreError> {
+    pub(super) fn new(db: &sled::Db, ids: Ids, sealer: &Sealer) -> Result<Self, StoreError> {
         Ok(Self {
-            db: db.clone(),
+            ids,
+            sealer: sealer.clone(),
             tree: db.open_tree("dead_letters")?,
         })
     }
 
     /// Keeps a dead letter; returns its number.
     pub fn add(&self, letter: &[u8]) -> Result<u64, StoreError> {
-        let id = self.db.generate_id()?;
-        self.tree.insert(keys::dead_letter(id), letter)?;
+        let id = self.ids.next()?;
+        let key = keys::dead_letter(id);
+        let sealed = self.sealer.seal("dead_letters", &key, letter.to_vec());
+        self.tree.insert(key, sealed)?;
         Ok(id)
     }
 
     /// Dead letter `id`, if it is kept.
     pub fn get(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree.get(keys::dead_letter(id))?.map(|v| v.to_vec()))
+        let key = keys::dead_letter(id);
+        self.tree
+            .get(&key)?
+            .map(|v| Ok(self.sealer.open("dead_letters", &key, &v)?.into_owned()))
+            .transpose()
     }
 
     /// Takes dead letter `id` out; `false` if it was no longer there.
@@ -43,7 +52,8 @@ impl DeadLetters {
             .iter()
             .map(|entry| {
                 let (key, value) = entry?;
-                Ok((decode_u64("dead_letters", &key)?, value.to_vec()))
+                let letter = self.sealer.open("dead_letters", &key, &value)?;
+                Ok((decode_u64("dead_letters", &key)?, letter.into_owned()))
             })
             .collect()
     }

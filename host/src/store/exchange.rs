@@ -8,7 +8,7 @@
 //! between them makes the origin send it again, and the targets take it once (an inbox holds a
 //! message at most once).
 
-use super::{StoreError, decode, encode, flush_with, get_u64, keys, open_db};
+use super::{Sealer, StoreError, decode, encode, flush_with, get_u64, keys, open_db};
 use iim_proto::Address;
 use iim_proto::peer::{Envelope, RelayRow, ServerInfo};
 use serde::{Deserialize, Serialize};
@@ -64,14 +64,27 @@ pub struct ExchangeStore {
     /// not store the same envelopes side by side.
     inbound_lock: Arc<Mutex<()>>,
     flusher: std::sync::mpsc::Sender<super::FlushWaiter>,
+    /// The relayed envelopes (they hold messages) are sealed.
+    sealer: Sealer,
 }
 
 impl ExchangeStore {
     /// Opens (creating if needed) the store in directory `path`. Every server is marked down:
     /// it is up again when it joins.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, Sealer::clear())
+    }
+
+    /// Opens (creating if needed) the store in directory `path`, its relayed messages sealed
+    /// by `sealer`; a store kept in the clear until now is sealed first, and one whose keys
+    /// `sealer` lacks is refused before anything is written (as [`super::Store::open_with`]).
+    pub fn open_with(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
+        super::encryption::seal_if_clear(path, &sealer)?;
+        super::encryption::check_keys(path, &sealer)?;
         let (db, flusher) = open_db(path, "iim-exchange-flush")?;
+        super::encryption::mark_sealed(&db, &sealer)?;
         let store = Self {
+            sealer,
             servers: db.open_tree("servers")?,
             directory: db.open_tree("directory")?,
             relay: db.open_tree("relay")?,
@@ -317,8 +330,9 @@ impl ExchangeStore {
             None => self.outbox_last(target)?,
         };
         let seq = last.saturating_add(1);
-        self.relay
-            .insert(keys::ex_outbox(target, seq), encode(envelope))?;
+        let key = keys::ex_outbox(target, seq);
+        let sealed = self.sealer.seal("relay", &key, encode(envelope));
+        self.relay.insert(key, sealed)?;
         heads.insert(target.to_owned(), seq);
         Ok(seq)
     }
@@ -349,7 +363,8 @@ impl ExchangeStore {
                 tree: "relay",
                 reason: "outbox key without a number".into(),
             })?;
-            out.push((seq, decode("relay", &value)?));
+            let envelope = self.sealer.open("relay", &key, &value)?;
+            out.push((seq, decode("relay", &envelope)?));
         }
         Ok(out)
     }

@@ -3,7 +3,7 @@
 //! it was last uploaded or referenced, and each user's usage. The bytes are in
 //! [`crate::blobs`].
 
-use super::{StoreError, decode, decode_u64, encode, get_u64, keys};
+use super::{Sealer, StoreError, decode, decode_u64, encode, get_u64, keys};
 use iim_proto::UserId;
 use iim_proto::file::Sha256;
 use serde::{Deserialize, Serialize};
@@ -27,13 +27,26 @@ pub struct FileRecord {
 #[derive(Clone)]
 pub struct Files {
     tree: sled::Tree,
+    /// File records are sealed: they hold the file's name and media type.
+    sealer: Sealer,
 }
 
 impl Files {
-    pub(super) fn new(db: &sled::Db) -> Result<Self, StoreError> {
+    pub(super) fn new(db: &sled::Db, sealer: &Sealer) -> Result<Self, StoreError> {
         Ok(Self {
             tree: db.open_tree("files")?,
+            sealer: sealer.clone(),
         })
+    }
+
+    /// `record`, the record of file `sha256`, as stored.
+    fn seal(&self, sha256: &Sha256, record: &FileRecord) -> Vec<u8> {
+        self.sealer
+            .seal("files", &keys::file(sha256), encode(record))
+    }
+
+    fn open(&self, key: &[u8], stored: &[u8]) -> Result<FileRecord, StoreError> {
+        decode("files", &self.sealer.open("files", key, stored)?)
     }
 
     /// Records file `sha256` unless it is recorded already (a second upload of the same bytes
@@ -42,7 +55,11 @@ impl Files {
     pub fn stored(&self, sha256: &Sha256, record: &FileRecord) -> Result<(), StoreError> {
         let new = self
             .tree
-            .compare_and_swap(keys::file(sha256), None::<&[u8]>, Some(encode(record)))?
+            .compare_and_swap(
+                keys::file(sha256),
+                None::<&[u8]>,
+                Some(self.seal(sha256, record)),
+            )?
             .is_ok();
         self.tree
             .insert(keys::file_touched(sha256), &record.stored_at.to_be_bytes())?;
@@ -63,9 +80,10 @@ impl Files {
     pub fn fetched(&self, sha256: &Sha256, record: &FileRecord) -> Result<(), StoreError> {
         // The mark first: a record without it would count against a quota when it goes.
         self.tree.insert(keys::file_fetched(sha256), &[])?;
-        let _ =
-            self.tree
-                .compare_and_swap(keys::file(sha256), None::<&[u8]>, Some(encode(record)))?;
+        let sealed = self.seal(sha256, record);
+        let _ = self
+            .tree
+            .compare_and_swap(keys::file(sha256), None::<&[u8]>, Some(sealed))?;
         self.tree
             .insert(keys::file_touched(sha256), &record.stored_at.to_be_bytes())?;
         Ok(())
@@ -112,9 +130,10 @@ impl Files {
 
     /// File `sha256`'s record, if it is stored here.
     pub fn get(&self, sha256: &Sha256) -> Result<Option<FileRecord>, StoreError> {
+        let key = keys::file(sha256);
         self.tree
-            .get(keys::file(sha256))?
-            .map(|v| decode("files", &v))
+            .get(&key)?
+            .map(|v| self.open(&key, &v))
             .transpose()
     }
 
@@ -184,7 +203,7 @@ impl Files {
             let Ok(sha256) = Sha256::try_from(&key[1..]) else {
                 continue;
             };
-            let record: FileRecord = decode("files", &value)?;
+            let record = self.open(&key, &value)?;
             let touched = get_u64(&self.tree, "files", keys::file_touched(&sha256))?
                 .unwrap_or(record.stored_at);
             if touched.saturating_add(ttl_ms) <= now

@@ -7,7 +7,7 @@
 //! itself and hands it on while it still holds the inbox, so that positions are chosen, stored
 //! and handed to online devices in one order.
 
-use super::{Cursors, StoreError, decode, decode_u64, encode, get_u64, keys};
+use super::{Cursors, Sealer, StoreError, decode, decode_u64, encode, get_u64, keys};
 use iim_proto::session::InboxSummary;
 use iim_proto::{Message, MessageId, UserId};
 use std::collections::HashMap;
@@ -96,6 +96,8 @@ impl Entry {
 pub struct Inbox {
     pub(super) tree: sled::Tree,
     cursors: Cursors,
+    /// Entries are sealed.
+    sealer: Sealer,
     /// The last position of each inbox seen since start, sharded by user. An append holds its
     /// shard's lock from choosing the position until the hand-off, so that positions are
     /// handed out, stored and delivered in one order.
@@ -103,10 +105,15 @@ pub struct Inbox {
 }
 
 impl Inbox {
-    pub(super) fn new(db: &sled::Db, cursors: Cursors) -> Result<Self, StoreError> {
+    pub(super) fn new(
+        db: &sled::Db,
+        cursors: Cursors,
+        sealer: &Sealer,
+    ) -> Result<Self, StoreError> {
         Ok(Self {
             tree: db.open_tree("inbox")?,
             cursors,
+            sealer: sealer.clone(),
             heads: Arc::new(
                 (0..HEAD_SHARDS)
                     .map(|_| Mutex::new(HashMap::new()))
@@ -171,7 +178,9 @@ impl Inbox {
                 .insert(keys::expiry(at, user, seq), &message.id.0.to_be_bytes())?;
         }
         self.tree.insert(id_key, &seq.to_be_bytes())?;
-        self.tree.insert(keys::inbox(user, seq), encode(message))?;
+        let key = keys::inbox(user, seq);
+        let sealed = self.sealer.seal("inbox", &key, encode(message));
+        self.tree.insert(key, sealed)?;
         Ok(true)
     }
 
@@ -183,9 +192,10 @@ impl Inbox {
     }
 
     fn stored(&self, user: &UserId, seq: u64) -> Result<Option<Entry>, StoreError> {
+        let key = keys::inbox(user, seq);
         self.tree
-            .get(keys::inbox(user, seq))?
-            .map(|v| Entry::decode(&v))
+            .get(&key)?
+            .map(|v| self.entry_of(&key, &v))
             .transpose()
     }
 
@@ -212,11 +222,12 @@ impl Inbox {
         let mut pruned = 0;
         for entry in self.tree.range(start..end) {
             let (key, value) = entry?;
-            if let Entry::Whole(message) = Entry::decode(&value)? {
+            if let Entry::Whole(message) = self.entry_of(&key, &value)? {
+                let without_body = self.sealer.seal("inbox", &key, Entry::pruned(message));
                 // Unless the entry changed meanwhile (it expired): then it stays as it is.
-                let swapped =
-                    self.tree
-                        .compare_and_swap(key, Some(value), Some(Entry::pruned(message)))?;
+                let swapped = self
+                    .tree
+                    .compare_and_swap(key, Some(value), Some(without_body))?;
                 pruned += usize::from(swapped.is_ok());
             }
         }
@@ -304,7 +315,7 @@ impl Inbox {
                 tree: "inbox",
                 reason: "key does not end in a position".into(),
             })?;
-            if let Some(message) = Entry::decode(&value)?.whole() {
+            if let Some(message) = self.entry_of(&key, &value)?.whole() {
                 out.push((seq, message));
             }
         }
@@ -328,7 +339,7 @@ impl Inbox {
         };
         for entry in self.tree.range(start..end) {
             let (key, value) = entry?;
-            let Some(message) = Entry::decode(&value)?.whole() else {
+            let Some(message) = self.entry_of(&key, &value)?.whole() else {
                 continue;
             };
             summary.count += 1;
@@ -339,6 +350,11 @@ impl Inbox {
             summary.last = keys::inbox_seq(&key).unwrap_or(summary.last);
         }
         Ok(summary)
+    }
+
+    /// The entry stored under `key`.
+    fn entry_of(&self, key: &[u8], stored: &[u8]) -> Result<Entry, StoreError> {
+        Entry::decode(&self.sealer.open("inbox", key, stored)?)
     }
 
     /// The highest position used in `user`'s inbox or acknowledged by one of its devices.

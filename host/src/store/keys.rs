@@ -55,6 +55,42 @@ fn join(parts: &[&[u8]]) -> Vec<u8> {
 /// The default tree: the store's format number.
 pub const FORMAT: &[u8] = b"format";
 
+/// The default tree: present when the store's sealed records are encrypted (docs/security.md).
+pub const SEALED: &[u8] = b"sealed";
+
+/// The default tree: the number sled's id generator started above when the store was copied
+/// into a new database (sealing a store kept in the clear).
+pub const ID_FLOOR: &[u8] = b"id-floor";
+
+/// Whether record `key` of tree `tree` holds what users wrote, and so is sealed with the data
+/// key in an encrypted store: messages (dispatch records, inbox entries, relay outboxes),
+/// plugin values, dead letters, file records, the host's network credential. The rest (names,
+/// positions, counters, cursors, password hashes) is what the store finds records by.
+pub fn sealed(tree: &str, key: &[u8]) -> bool {
+    let tag = key.first().copied();
+    match tree {
+        "messages" => matches!(tag, Some(DISPATCH | OLD_DISPATCH)),
+        "inbox" => tag == Some(INBOX_ENTRY),
+        "plugin_kv" | "dead_letters" => true,
+        "files" => tag == Some(FILE),
+        "network" => tag == Some(NET_OUTBOX) || key == NET_CREDENTIAL,
+        // The exchange's store.
+        "relay" => tag == Some(EX_OUTBOX),
+        _ => false,
+    }
+}
+
+/// The trees that hold sealed records (see [`sealed`]).
+pub const SEALED_TREES: &[&str] = &[
+    "messages",
+    "inbox",
+    "plugin_kv",
+    "dead_letters",
+    "files",
+    "network",
+    "relay",
+];
+
 /// `users`: user → account record.
 pub fn user(user: &UserId) -> Vec<u8> {
     user.as_str().as_bytes().to_vec()

@@ -5,7 +5,7 @@
 //! record; [`Messages::recover`] writes any dedup record a crash cut off (see the store's
 //! module documentation).
 
-use super::{StoreError, decode, encode, get_u64, keys};
+use super::{Ids, Sealer, StoreError, decode, encode, get_u64, keys};
 use iim_proto::{DeviceId, Message, MessageId, UserId};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,8 +40,10 @@ pub(super) struct Dispatch {
 /// The accepted messages of a host and the numbering of their ids.
 #[derive(Clone)]
 pub struct Messages {
-    db: sled::Db,
+    ids: Ids,
     pub(super) tree: sled::Tree,
+    /// Dispatch records are sealed: they hold the message.
+    sealer: Sealer,
     /// Held from choosing a message id to committing the message, so that ids follow the
     /// order in which messages are accepted.
     accept_order: Arc<Mutex<()>>,
@@ -51,10 +53,11 @@ pub struct Messages {
 }
 
 impl Messages {
-    pub(super) fn new(db: &sled::Db) -> Result<Self, StoreError> {
+    pub(super) fn new(db: &sled::Db, ids: Ids, sealer: &Sealer) -> Result<Self, StoreError> {
         Ok(Self {
-            db: db.clone(),
+            ids,
             tree: db.open_tree("messages")?,
+            sealer: sealer.clone(),
             accept_order: Arc::default(),
             id_prefix: Arc::default(),
         })
@@ -65,21 +68,20 @@ impl Messages {
     pub(super) fn recover(&self) -> Result<(), StoreError> {
         for entry in self.tree.scan_prefix(keys::OLD_DISPATCH_PREFIX) {
             let (key, value) = entry?;
-            let message: Message = decode("messages", &value)?;
+            let message: Message =
+                decode("messages", &self.sealer.open("messages", &key, &value)?)?;
+            let dispatch = Dispatch {
+                client_id: None,
+                message,
+            };
             let mut batch = sled::Batch::default();
-            batch.insert(
-                keys::dispatch(message.id.0),
-                encode(&Dispatch {
-                    client_id: None,
-                    message,
-                }),
-            );
+            batch.insert(keys::dispatch(dispatch.message.id.0), self.seal(&dispatch));
             batch.remove(key);
             self.tree.apply_batch(batch)?;
         }
         for entry in self.tree.scan_prefix(keys::DISPATCH_PREFIX) {
-            let (_, value) = entry?;
-            let dispatch: Dispatch = decode("messages", &value)?;
+            let (key, value) = entry?;
+            let dispatch = self.open(&key, &value)?;
             let Some(client_id) = dispatch.client_id else {
                 continue;
             };
@@ -106,7 +108,7 @@ impl Messages {
     /// caller holds `accept_order`).
     fn next_id(&self) -> Result<MessageId, StoreError> {
         let prefix = self.id_prefix.load(Ordering::Relaxed);
-        Ok(MessageId(prefix | (self.db.generate_id()? + 1)))
+        Ok(MessageId(prefix | (self.ids.next()? + 1)))
     }
 
     /// Stores a submission unless the same `(user, device, client_id)` was stored before.
@@ -138,7 +140,7 @@ impl Messages {
             message,
         };
         self.tree
-            .insert(keys::dispatch(dispatch.message.id.0), encode(&dispatch))?;
+            .insert(keys::dispatch(dispatch.message.id.0), self.seal(&dispatch))?;
         let message = dispatch.message;
         self.tree
             .insert(dedup_key, encode(&(message.id.0, message.sent_at)))?;
@@ -152,10 +154,11 @@ impl Messages {
 
     fn duplicate(&self, dedup_record: &[u8]) -> Result<Acceptance, StoreError> {
         let (id, sent_at) = decode::<(u64, u64)>("messages", dedup_record)?;
+        let key = keys::dispatch(id);
         let pending = self
             .tree
-            .get(keys::dispatch(id))?
-            .map(|v| decode::<Dispatch>("messages", &v).map(|d| d.message))
+            .get(&key)?
+            .map(|v| self.open(&key, &v).map(|d| d.message))
             .transpose()?;
         Ok(Acceptance::Duplicate {
             id: MessageId(id),
@@ -209,8 +212,8 @@ impl Messages {
             .tree
             .scan_prefix(keys::DISPATCH_PREFIX)
             .map(|entry| {
-                let (_, value) = entry?;
-                decode::<Dispatch>("messages", &value).map(|d| d.message)
+                let (key, value) = entry?;
+                self.open(&key, &value).map(|d| d.message)
             })
             .collect::<Result<Vec<_>, _>>()?;
         // A group's message whose effects a crash cut off first, then by id (a stable sort).
@@ -247,7 +250,18 @@ impl Messages {
             message: message.clone(),
         };
         self.tree
-            .insert(keys::dispatch(message.id.0), encode(&dispatch))?;
+            .insert(keys::dispatch(message.id.0), self.seal(&dispatch))?;
         Ok(())
+    }
+
+    /// A dispatch record as stored.
+    fn seal(&self, dispatch: &Dispatch) -> Vec<u8> {
+        let key = keys::dispatch(dispatch.message.id.0);
+        self.sealer.seal("messages", &key, encode(dispatch))
+    }
+
+    /// The dispatch record stored under `key`.
+    fn open(&self, key: &[u8], stored: &[u8]) -> Result<Dispatch, StoreError> {
+        decode("messages", &self.sealer.open("messages", key, stored)?)
     }
 }

@@ -31,6 +31,7 @@
 mod accounts;
 mod cursors;
 mod dead_letters;
+mod encryption;
 pub mod exchange;
 mod files;
 mod inbox;
@@ -39,6 +40,7 @@ mod messages;
 mod network;
 mod plugin_kv;
 mod relations;
+pub mod sealing;
 
 pub use accounts::Accounts;
 pub use cursors::Cursors;
@@ -49,6 +51,7 @@ pub use messages::{Acceptance, Messages};
 pub use network::NetworkStore;
 pub use plugin_kv::PluginStorage;
 pub use relations::Relations;
+pub use sealing::{DataKeys, KeyFileError, KeyId, Sealer};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::path::Path;
@@ -65,6 +68,31 @@ pub enum StoreError {
     /// The flusher thread could not be started, or has stopped.
     #[error("the store's flusher: {0}")]
     Flusher(&'static str),
+    /// A sealed value did not open (docs/security.md).
+    #[error("a stored value under {tree} does not open: {reason}")]
+    Sealed {
+        /// The tree it is in.
+        tree: &'static str,
+        /// Why.
+        reason: sealing::OpenError,
+    },
+    /// The store's data keys are missing or wrong; nothing was changed.
+    #[error("{0}")]
+    Keys(String),
+    /// The data key file could not be read or written.
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    /// Sealing a store kept in the clear, or re-encrypting, failed on the disk.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A stored value could not be decoded.
     #[error("stored value under {tree} is corrupt: {reason}")]
     Corrupt {
@@ -90,6 +118,10 @@ pub struct UserRecord {
 pub struct Store {
     db: sled::Db,
     flusher: std::sync::mpsc::Sender<FlushWaiter>,
+    /// Seals the records that hold what users wrote (docs/security.md).
+    pub sealer: Sealer,
+    /// The store's directory (its key checks are beside it).
+    path: std::path::PathBuf,
     /// Accounts and device tokens.
     pub accounts: Accounts,
     /// Friends and colleagues.
@@ -108,6 +140,56 @@ pub struct Store {
     pub files: Files,
     /// In a network of hosts: what this host knows of it, and its relay outbox.
     pub network: NetworkStore,
+}
+
+/// What seals the store in directory `store`: nothing if `encrypt` is off; else the keys of
+/// `key_file`, made (mode 0600) if it does not exist and the store is not encrypted yet. A
+/// missing key file of an encrypted store is an error: a new key would not open it.
+pub fn sealer_for(store: &Path, key_file: &Path, encrypt: bool) -> Result<Sealer, StoreError> {
+    if !encrypt {
+        return Ok(Sealer::clear());
+    }
+    if key_file.exists() {
+        return Ok(Sealer::new(DataKeys::load(key_file)?));
+    }
+    if encryption::is_sealed(store)? {
+        return Err(StoreError::Keys(format!(
+            "the store {} is encrypted and its data key file {} is missing: restore that file \
+             (a new key cannot open the store)",
+            store.display(),
+            key_file.display()
+        )));
+    }
+    let keys = DataKeys::create(key_file, crate::clock::now_ms())?;
+    tracing::warn!(
+        key_file = %key_file.display(),
+        "made a new data key: without this file the store cannot be read; back it up apart \
+         from the data directory"
+    );
+    Ok(Sealer::new(keys))
+}
+
+/// The numbers of messages and dead letters: sled's id generator, above the last number an
+/// earlier database of this store used (a store sealed by copying it into a new database
+/// records that number, [`keys::ID_FLOOR`]), so that no number is used twice.
+#[derive(Clone)]
+pub(crate) struct Ids {
+    db: sled::Db,
+    floor: u64,
+}
+
+impl Ids {
+    fn new(db: &sled::Db) -> Result<Self, StoreError> {
+        Ok(Self {
+            db: db.clone(),
+            floor: get_u64(db, "default", keys::ID_FLOOR)?.unwrap_or(0),
+        })
+    }
+
+    /// A number never handed out before.
+    pub(crate) fn next(&self) -> Result<u64, StoreError> {
+        Ok(self.floor + self.db.generate_id()?)
+    }
 }
 
 /// The format of the records this version writes: 2 since inboxes are pruned.
@@ -197,21 +279,36 @@ fn get_u64(
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in directory `path`.
+    /// Opens (creating if needed) the store in directory `path`, kept in the clear (tests,
+    /// tools, and `storage.encrypt = false`).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, Sealer::clear())
+    }
+
+    /// Opens (creating if needed) the store in directory `path`, its records sealed by
+    /// `sealer`. A store kept in the clear until now is sealed first (into a new directory
+    /// that then takes its place); a store whose keys `sealer` lacks is refused before
+    /// anything is written.
+    pub fn open_with(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
+        encryption::seal_if_clear(path, &sealer)?;
+        encryption::check_keys(path, &sealer)?;
         let (db, flusher) = open_db(path, "iim-store-flush")?;
+        encryption::mark_sealed(&db, &sealer)?;
+        let ids = Ids::new(&db)?;
         let cursors = Cursors::new(&db)?;
         Self {
             accounts: Accounts::new(&db)?,
             relations: Relations::new(&db)?,
-            messages: Messages::new(&db)?,
-            inbox: Inbox::new(&db, cursors.clone())?,
+            messages: Messages::new(&db, ids.clone(), &sealer)?,
+            inbox: Inbox::new(&db, cursors.clone(), &sealer)?,
             cursors,
-            plugin_kv: PluginStorage::new(&db)?,
-            dead_letters: DeadLetters::new(&db)?,
-            files: Files::new(&db)?,
-            network: NetworkStore::new(&db)?,
+            plugin_kv: PluginStorage::new(&db, &sealer)?,
+            dead_letters: DeadLetters::new(&db, ids, &sealer)?,
+            files: Files::new(&db, &sealer)?,
+            network: NetworkStore::new(&db, &sealer)?,
             flusher,
+            sealer,
+            path: path.to_owned(),
             db,
         }
         .recovered()
@@ -232,6 +329,30 @@ impl Store {
     /// Makes every write made before this call durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         flush_with(&self.flusher).await
+    }
+
+    /// Seals new writes with `rotated`'s current key (a rotation: the key file, written, has
+    /// it and the older keys). What older keys sealed stays readable until [`Store::reseal`].
+    pub fn rotate(&self, rotated: DataKeys) -> Result<(), StoreError> {
+        encryption::rotate(&self.path, &self.sealer, rotated)
+    }
+
+    /// Re-encrypts with the current data key what older keys sealed (after a rotation, or
+    /// one a restart cut off); `progress` is told how many records so far. Returns how many.
+    /// One at a time: the caller does not start another rotation meanwhile.
+    pub fn reseal(&self, progress: impl FnMut(u64)) -> Result<u64, StoreError> {
+        encryption::reseal(&self.db, &self.sealer, progress)
+    }
+
+    /// Forgets the older data keys: nothing here is sealed with them any longer
+    /// ([`Store::reseal`] is done). The key file keeps them, for backups.
+    pub fn forget_older_keys(&self) -> Result<(), StoreError> {
+        encryption::forget_older_keys(&self.path, &self.sealer)
+    }
+
+    /// The data keys some record may still be sealed with (empty for a store in the clear).
+    pub fn keys_in_use(&self) -> Result<std::collections::BTreeSet<KeyId>, StoreError> {
+        encryption::keys_in_use(&self.path)
     }
 }
 
@@ -281,6 +402,225 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("store")).expect("open");
         (dir, store)
+    }
+
+    /// Every file under `dir` whose bytes contain `needle`.
+    fn files_containing(dir: &Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                found.extend(files_containing(&path, needle));
+            } else if std::fs::read(&path)
+                .expect("read")
+                .windows(needle.len())
+                .any(|w| w == needle)
+            {
+                found.push(path);
+            }
+        }
+        found
+    }
+
+    fn marked(id: u64) -> Message {
+        Message {
+            body: format!("QZX-secret-{id}").into_bytes(),
+            ..message(id)
+        }
+    }
+
+    /// Writes what users write into every sealed kind of record of `store`.
+    fn fill(store: &Store) {
+        let bob = UserId::new("bob").expect("valid");
+        let phone = DeviceId::new("phone").expect("valid");
+        for i in 0..50u64 {
+            let accepted = store
+                .messages
+                .accept(&bob, &phone, i, None, |id| Message { id, ..marked(i) })
+                .expect("accept");
+            let Acceptance::New(m) = accepted else {
+                panic!("new")
+            };
+            store
+                .inbox
+                .append(&bob, &m, Some(10_000), |_| ())
+                .expect("append");
+        }
+        let writes = std::collections::BTreeMap::from([(
+            "token".to_owned(),
+            Some(b"QZX-secret-plugin-value".to_vec()),
+        )]);
+        store.plugin_kv.apply("push", &writes).expect("kv");
+        store
+            .dead_letters
+            .add(b"QZX-secret-dead-letter")
+            .expect("dead letter");
+        store
+            .network
+            .set_host_credential("QZX-secret-credential")
+            .expect("credential");
+    }
+
+    fn key_file(dir: &Path, name: &str) -> Sealer {
+        Sealer::new(DataKeys::create(&dir.join(name), 1).expect("key file"))
+    }
+
+    #[test]
+    fn a_sealed_store_holds_nothing_in_the_clear_and_opens_only_with_its_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let sealer = key_file(dir.path(), "data.key");
+        let store = Store::open_with(&path, sealer.clone()).expect("open");
+        fill(&store);
+        let bob = UserId::new("bob").expect("valid");
+        assert_eq!(store.inbox.after(&bob, 0, 100).expect("read").len(), 50);
+        store.db.flush().expect("flush");
+        drop(store);
+        assert_eq!(
+            files_containing(&path, b"QZX-secret"),
+            Vec::<std::path::PathBuf>::new()
+        );
+
+        let files_before = |p: &Path| {
+            let mut all = Vec::new();
+            for entry in std::fs::read_dir(p).expect("dir") {
+                let path = entry.expect("entry").path();
+                if path.is_file() {
+                    all.push((path.clone(), std::fs::read(&path).expect("read")));
+                }
+            }
+            all.sort();
+            all
+        };
+        let before = files_before(&path);
+        for (sealer, why) in [
+            (Sealer::clear(), "storage.encrypt is off"),
+            (
+                key_file(dir.path(), "other.key"),
+                "does not open this store",
+            ),
+        ] {
+            let refused = reopen_err(&path, sealer);
+            assert!(refused.contains(why), "{refused}");
+        }
+        assert!(
+            before == files_before(&path),
+            "a refused open changed the store"
+        );
+
+        let store = reopen(&path, |p| Store::open_with(p, sealer.clone()));
+        assert_eq!(store.inbox.after(&bob, 0, 100).expect("read").len(), 50);
+        assert_eq!(
+            store.plugin_kv.get("push", "token").expect("kv").as_deref(),
+            Some(&b"QZX-secret-plugin-value"[..])
+        );
+        assert_eq!(
+            store.network.host_credential().expect("credential"),
+            "QZX-secret-credential"
+        );
+    }
+
+    /// The error of opening `path` with `sealer`, waiting for the lock of a store just dropped.
+    fn reopen_err(path: &Path, sealer: Sealer) -> String {
+        for _ in 0..200 {
+            match Store::open_with(path, sealer.clone()) {
+                Ok(_) => panic!("opened"),
+                Err(StoreError::Sled(sled::Error::Io(e)))
+                    if e.to_string().contains("could not acquire lock") =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return e.to_string(),
+            }
+        }
+        panic!("the database stayed locked for 2 s")
+    }
+
+    #[test]
+    fn a_store_in_the_clear_is_sealed_by_copying_and_its_numbers_go_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let store = Store::open(&path).expect("open");
+        fill(&store);
+        let last = store.messages.number(|id| message(id.0)).expect("id").id;
+        store.db.flush().expect("flush");
+        drop(store);
+        assert!(
+            !files_containing(&path, b"QZX-secret").is_empty(),
+            "the scan finds it"
+        );
+
+        let sealer = key_file(dir.path(), "data.key");
+        let store = reopen(&path, |p| Store::open_with(p, sealer.clone()));
+        assert!(files_containing(&path, b"QZX-secret").is_empty());
+        assert!(
+            !dir.path().join("store.sealing").exists() && !dir.path().join("store.clear").exists()
+        );
+        let bob = UserId::new("bob").expect("valid");
+        let inbox = store.inbox.after(&bob, 0, 100).expect("read");
+        assert_eq!(inbox.len(), 50);
+        assert_eq!(inbox[7].1.body, b"QZX-secret-7");
+        assert_eq!(store.messages.pending().expect("pending").len(), 50);
+        let next = store.messages.number(|id| message(id.0)).expect("id").id;
+        assert!(next > last, "{next:?} after {last:?}");
+        assert_eq!(store.dead_letters.all().expect("all").len(), 1);
+    }
+
+    #[test]
+    fn a_copy_a_crash_cut_off_is_made_again_and_a_whole_one_put_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let store = Store::open(&path).expect("open");
+        fill(&store);
+        store.db.flush().expect("flush");
+        drop(store);
+        // A copy cut off: a half-made `store.sealing` beside the store.
+        std::fs::create_dir_all(dir.path().join("store.sealing")).expect("dir");
+        std::fs::write(dir.path().join("store.sealing/db"), b"half").expect("write");
+        let sealer = key_file(dir.path(), "data.key");
+        let store = reopen(&path, |p| Store::open_with(p, sealer.clone()));
+        let bob = UserId::new("bob").expect("valid");
+        assert_eq!(store.inbox.after(&bob, 0, 100).expect("read").len(), 50);
+        drop(store);
+        // A whole copy, the store moved aside but the copy not yet in place.
+        std::fs::rename(&path, dir.path().join("store.sealing")).expect("rename");
+        let store = reopen(&path, |p| Store::open_with(p, sealer.clone()));
+        assert_eq!(store.inbox.after(&bob, 0, 100).expect("read").len(), 50);
+    }
+
+    #[test]
+    fn after_a_rotation_old_records_open_and_a_reseal_leaves_only_the_new_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let sealer = key_file(dir.path(), "data.key");
+        let store = Store::open_with(&path, sealer.clone()).expect("open");
+        fill(&store);
+        let rotated = sealer.keys().expect("keys").rotated(2).expect("rotate");
+        store.rotate(rotated).expect("rotate");
+        assert_eq!(store.keys_in_use().expect("in use"), [1, 2].into());
+        let bob = UserId::new("bob").expect("valid");
+        assert_eq!(store.inbox.after(&bob, 0, 100).expect("read").len(), 50);
+        let mut seen = 0;
+        let resealed = store.reseal(|n| seen = n).expect("reseal");
+        // 50 dispatch records, 50 entries, a plugin value, a dead letter, a credential.
+        assert_eq!((resealed, seen), (103, 103));
+        assert_eq!(store.reseal(|_| ()).expect("again"), 0);
+        store.forget_older_keys().expect("forget");
+        assert_eq!(store.keys_in_use().expect("in use"), [2].into());
+        store.db.flush().expect("flush");
+        drop(store);
+        // Key 1 is no longer needed.
+        let text = std::fs::read_to_string(dir.path().join("data.key")).expect("read");
+        let only_2 = text
+            .split("[[keys]]")
+            .filter(|b| b.contains("\nid = 2\n"))
+            .map(|b| format!("current = 2\n[[keys]]{b}"))
+            .next()
+            .expect("key 2");
+        std::fs::write(dir.path().join("data.key"), only_2).expect("write");
+        let sealer = Sealer::new(DataKeys::load(&dir.path().join("data.key")).expect("load"));
+        let store = reopen(&path, |p| Store::open_with(p, sealer.clone()));
+        assert_eq!(store.inbox.after(&bob, 0, 100).expect("read").len(), 50);
     }
 
     #[test]

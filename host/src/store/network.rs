@@ -1,7 +1,7 @@
 //! A host's durable view of its network: its number, the registry and directory it caches,
 //! and its relay outbox (the `network` tree).
 
-use super::{StoreError, decode, encode, get_u64, keys};
+use super::{Sealer, StoreError, decode, encode, get_u64, keys};
 use iim_proto::Address;
 use iim_proto::peer::{Envelope, ServerInfo};
 use std::sync::{Arc, Mutex};
@@ -10,15 +10,18 @@ use std::sync::{Arc, Mutex};
 #[derive(Clone)]
 pub struct NetworkStore {
     tree: sled::Tree,
+    /// The relay outbox's envelopes (they hold messages) and the host's credential are sealed.
+    sealer: Sealer,
     /// The last number of the relay outbox, held while an envelope is numbered and written so
     /// that the outbox is written in number order.
     outbox_head: Arc<Mutex<Option<u64>>>,
 }
 
 impl NetworkStore {
-    pub(super) fn new(db: &sled::Db) -> Result<Self, StoreError> {
+    pub(super) fn new(db: &sled::Db, sealer: &Sealer) -> Result<Self, StoreError> {
         Ok(Self {
             tree: db.open_tree("network")?,
+            sealer: sealer.clone(),
             outbox_head: Arc::default(),
         })
     }
@@ -38,17 +41,21 @@ impl NetworkStore {
     /// The credential this host shows the exchange (empty until it is made, before the first
     /// join).
     pub fn host_credential(&self) -> Result<String, StoreError> {
-        Ok(self
-            .tree
-            .get(keys::NET_CREDENTIAL)?
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-            .unwrap_or_default())
+        let Some(stored) = self.tree.get(keys::NET_CREDENTIAL)? else {
+            return Ok(String::new());
+        };
+        let credential = self.sealer.open("network", keys::NET_CREDENTIAL, &stored)?;
+        Ok(String::from_utf8_lossy(&credential).into_owned())
     }
 
     /// Records this host's credential. Durable after the next flush.
     pub fn set_host_credential(&self, credential: &str) -> Result<(), StoreError> {
-        self.tree
-            .insert(keys::NET_CREDENTIAL, credential.as_bytes())?;
+        let sealed = self.sealer.seal(
+            "network",
+            keys::NET_CREDENTIAL,
+            credential.as_bytes().to_vec(),
+        );
+        self.tree.insert(keys::NET_CREDENTIAL, sealed)?;
         Ok(())
     }
 
@@ -115,7 +122,9 @@ impl NetworkStore {
             None => self.relay_last()?,
         };
         let seq = last + 1;
-        self.tree.insert(keys::net_outbox(seq), encode(envelope))?;
+        let key = keys::net_outbox(seq);
+        let sealed = self.sealer.seal("network", &key, encode(envelope));
+        self.tree.insert(key, sealed)?;
         *head = Some(seq);
         Ok(seq)
     }
@@ -147,7 +156,8 @@ impl NetworkStore {
                 tree: "network",
                 reason: "outbox key without a number".into(),
             })?;
-            out.push((seq, decode("network", &value)?));
+            let envelope = self.sealer.open("network", &key, &value)?;
+            out.push((seq, decode("network", &envelope)?));
         }
         Ok(out)
     }

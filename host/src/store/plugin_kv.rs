@@ -1,26 +1,30 @@
 //! Each plugin's own storage (the `plugin_kv` tree).
 
-use super::{StoreError, keys};
+use super::{Sealer, StoreError, keys};
 
 /// The key-value storage of every plugin, each in its own namespace.
 #[derive(Clone)]
 pub struct PluginStorage {
     tree: sled::Tree,
+    /// Values are sealed; keys are not (a plugin looks them up by prefix).
+    sealer: Sealer,
 }
 
 impl PluginStorage {
-    pub(super) fn new(db: &sled::Db) -> Result<Self, StoreError> {
+    pub(super) fn new(db: &sled::Db, sealer: &Sealer) -> Result<Self, StoreError> {
         Ok(Self {
             tree: db.open_tree("plugin_kv")?,
+            sealer: sealer.clone(),
         })
     }
 
     /// A value of `plugin`'s own storage.
     pub fn get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .tree
-            .get(keys::plugin_kv(plugin, key))?
-            .map(|v| v.to_vec()))
+        let key = keys::plugin_kv(plugin, key);
+        self.tree
+            .get(&key)?
+            .map(|v| Ok(self.sealer.open("plugin_kv", &key, &v)?.into_owned()))
+            .transpose()
     }
 
     /// The keys of `plugin`'s storage that start with `prefix`, in byte order, after `after`
@@ -61,7 +65,11 @@ impl PluginStorage {
         let mut batch = sled::Batch::default();
         for (key, value) in writes {
             match value {
-                Some(value) => batch.insert(keys::plugin_kv(plugin, key), value.as_slice()),
+                Some(value) => {
+                    let key = keys::plugin_kv(plugin, key);
+                    let sealed = self.sealer.seal("plugin_kv", &key, value.clone());
+                    batch.insert(key, sealed)
+                }
                 None => batch.remove(keys::plugin_kv(plugin, key)),
             }
         }

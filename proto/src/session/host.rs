@@ -489,7 +489,7 @@ impl HostSession {
     /// complete yet, so what arrives may be 0-RTT early data
     /// ([`HostSession::handle_confirmed`] says when it is).
     pub fn new(now: Instant, config: HostConfig, early: bool) -> Self {
-        let deadline = now + config.handshake_timeout;
+        let deadline = super::deadline(now, config.handshake_timeout);
         Self {
             start: now,
             phase: Phase::Handshake { deadline },
@@ -907,7 +907,7 @@ impl HostSession {
                     if seq > last {
                         break;
                     }
-                    window.sent(seq, Arc::clone(&message), now + retry_wait);
+                    window.sent(seq, Arc::clone(&message), super::deadline(now, retry_wait));
                     self.transmits.push_back(Transmit::Deliver(seq, message));
                     count += 1;
                 }
@@ -957,7 +957,7 @@ impl HostSession {
                     if seq <= window.last_sent {
                         continue;
                     }
-                    window.sent(seq, Arc::clone(&message), now + retry_wait);
+                    window.sent(seq, Arc::clone(&message), super::deadline(now, retry_wait));
                     self.transmits.push_back(Transmit::Deliver(seq, message));
                     count += 1;
                 }
@@ -983,7 +983,7 @@ impl HostSession {
         } = &mut self.phase
             && seq > window.last_sent
         {
-            window.sent(seq, Arc::clone(&message), now + retry_wait);
+            window.sent(seq, Arc::clone(&message), super::deadline(now, retry_wait));
             self.transmits.push_back(Transmit::Deliver(seq, message));
         }
     }
@@ -1280,7 +1280,7 @@ impl HostSession {
             server: self.config.server.clone(),
         });
         self.phase = Phase::Unauthenticated {
-            deadline: now + self.config.auth_timeout,
+            deadline: super::deadline(now, self.config.auth_timeout),
         };
     }
 
@@ -1462,7 +1462,7 @@ fn retransmit(
             });
         }
         o.transmissions += 1;
-        o.deadline = now + policy.wait_after(o.transmissions);
+        o.deadline = super::deadline(now, policy.wait_after(o.transmissions));
         transmits.push_back(Transmit::Deliver(*seq, Arc::clone(&o.message)));
     }
     window.next_deadline = None;

@@ -25,7 +25,7 @@ pub use host::{
 };
 
 use crate::frame::ErrorCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A request the host will not carry out, and why: sent to the client as an `Error` frame
 /// about the request.
@@ -104,10 +104,27 @@ impl RetryPolicy {
             .min(self.max)
     }
 
-    /// How long after the first transmission a delivery that is never acknowledged is given up.
+    /// How long after the first transmission a delivery that is never acknowledged is given up
+    /// (at most `Duration::MAX`).
     pub fn give_up_after(&self) -> Duration {
-        (1..=self.budget).map(|n| self.wait_after(n)).sum()
+        // The waits stop doubling by the 32nd transmission: those are added one by one, the
+        // rest (up to 4 billion of them) multiplied.
+        let doubling = self.budget.min(32);
+        let first = (1..=doubling).fold(Duration::ZERO, |sum, n| {
+            sum.saturating_add(self.wait_after(n))
+        });
+        let rest = self.budget - doubling;
+        first.saturating_add(self.wait_after(doubling + 1).saturating_mul(rest))
     }
+}
+
+/// The longest wait a machine sets a deadline for: a configured timeout longer than this (a
+/// century) comes when this does, and never panics the clock's arithmetic.
+const LONGEST_WAIT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// When a wait of `wait` from `now` ends.
+fn deadline(now: Instant, wait: Duration) -> Instant {
+    now + wait.min(LONGEST_WAIT)
 }
 
 #[cfg(test)]
@@ -136,5 +153,30 @@ mod tests {
             budget: 40,
         };
         assert_eq!(huge.wait_after(40), Duration::MAX, "no overflow");
+        assert_eq!(huge.give_up_after(), Duration::MAX, "no overflow");
+    }
+
+    /// The longest times a host's configuration lets through (TOML's largest integer) made
+    /// the session panic at its first deadline, and `give_up_after` at its sum. The `config`
+    /// fuzz target checks that a valid configuration gives a working session; these inputs are
+    /// in its corpus (`fuzz/corpus/config/crash-*`).
+    #[test]
+    fn the_longest_configurable_times_neither_overflow_nor_take_long() {
+        let longest = RetryPolicy {
+            initial: Duration::from_millis(i64::MAX as u64),
+            max: Duration::from_millis(i64::MAX as u64),
+            budget: u32::MAX,
+        };
+        assert_eq!(longest.give_up_after(), Duration::MAX);
+        let many = RetryPolicy {
+            initial: MS,
+            max: 4 * MS,
+            budget: u32::MAX,
+        };
+        let waits = 1 + 2 + 4 * (u64::from(u32::MAX) - 2);
+        assert_eq!(many.give_up_after(), Duration::from_millis(waits));
+        let now = Instant::now();
+        assert_eq!(deadline(now, Duration::MAX), now + LONGEST_WAIT);
+        assert_eq!(deadline(now, 5 * MS), now + 5 * MS);
     }
 }
