@@ -113,7 +113,7 @@ async fn answer(host: &Host, command: &str) -> String {
             Ok(reply) => reply,
             Err(e) => format!("error: {e}\n"),
         },
-        "key-status" => host.key_rotation.status(&host.store, &host.blobs),
+        "key-status" => host.key_rotation.status(&host.store),
         "retry-dead-letters" => retry_dead_letters(host, None).await,
         retry if retry.starts_with("retry-dead-letters ") => {
             match retry["retry-dead-letters ".len()..].trim().parse::<u64>() {

@@ -285,8 +285,8 @@ impl Server {
             config,
         });
         if let Some(keys) = host.store.sealer.keys() {
-            let in_use = crate::key_rotation::in_use(&host.store, &host.blobs)
-                .map_err(|e| ServerError::Store(StoreError::Keys(e)))?;
+            // Covers the files' keys too (see `Store::keys_in_use`): no file is read at start.
+            let in_use = host.store.keys_in_use()?;
             if in_use.iter().any(|&id| id != keys.current()) {
                 tracing::info!(
                     ?in_use,

@@ -142,6 +142,15 @@ async fn send_to(laptop: &Device, bob: &UserId, scratch: &Path, n: usize) -> Res
     })
 }
 
+/// The texts of the chat messages among `messages`, in order.
+fn chat_texts(messages: &[iim_client::proto::Message]) -> Vec<String> {
+    messages
+        .iter()
+        .filter(|m| m.kind == MessageKind::Chat)
+        .map(text)
+        .collect()
+}
+
 /// Every file under `dir` that holds one of `marks`, by mark.
 fn leaks(dir: &Path, marks: &[&str]) -> Result<BTreeMap<String, Vec<PathBuf>>> {
     let mut found = BTreeMap::new();
@@ -243,11 +252,7 @@ async fn a_copied_data_directory_reveals_nothing_without_its_key_and_everything_
     // With it: everything is there.
     let copied = HostProcess::start_on(copy, Some(&host.key_file()))?;
     let (conn, backlog) = copied.online(&bob, "phone").await?;
-    let texts: Vec<String> = backlog
-        .iter()
-        .filter(|m| m.kind == MessageKind::Chat)
-        .map(text)
-        .collect();
+    let texts = chat_texts(&backlog);
     assert_eq!(texts, sent.texts);
     let file_message = backlog
         .iter()
@@ -296,11 +301,7 @@ async fn a_store_kept_in_the_clear_is_encrypted_when_encryption_is_turned_on() -
         host.log()
     );
     let (conn, backlog) = host.online(&bob, "phone").await?;
-    let texts: Vec<String> = backlog
-        .iter()
-        .filter(|m| m.kind == MessageKind::Chat)
-        .map(text)
-        .collect();
+    let texts = chat_texts(&backlog);
     assert_eq!(texts, sent.texts);
     ensure!(
         backlog[0].kind == MessageKind::Custom(FILE_KIND.into()),

@@ -350,7 +350,9 @@ impl Store {
         encryption::forget_older_keys(&self.path, &self.sealer)
     }
 
-    /// The data keys some record may still be sealed with (empty for a store in the clear).
+    /// The data keys some record may still be sealed with (empty for a store in the clear);
+    /// the files' keys too, as long as a rotation's caller forgets the older keys only after
+    /// the files are re-wrapped as well (`key_rotation` does).
     pub fn keys_in_use(&self) -> Result<std::collections::BTreeSet<KeyId>, StoreError> {
         encryption::keys_in_use(&self.path)
     }
