@@ -9,8 +9,8 @@ use iim_proto::body::FileRef;
 use iim_proto::file::Sha256;
 use iim_proto::session::{Outgoing, Request};
 use iim_proto::{
-    Address, DeviceId, Message, MessageId, MessageKind, RelationKind, RelationOp, ServerFrame,
-    SessionMode, UserId,
+    AccountOp, Address, DeviceId, DeviceInfo, Message, MessageId, MessageKind, RelationKind,
+    RelationOp, ServerFrame, SessionMode, UserId,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -756,6 +756,40 @@ impl Connection {
             ServerFrame::Users { users, .. } => Ok(users),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Replaces the account's password. Every other device's token is revoked and its
+    /// sessions end (they log in again with the new password); this device keeps its token.
+    pub async fn change_password(&self, old: &str, new: &str) -> Result<(), ClientError> {
+        let op = AccountOp::ChangePassword {
+            old: old.to_owned(),
+            new: new.to_owned(),
+        };
+        expect_ok(self.request(Request::Account(op)).await?)
+    }
+
+    /// The account's devices (those with a token), sorted by name, with their last activity
+    /// and open sessions.
+    pub async fn devices(&self) -> Result<Vec<DeviceInfo>, ClientError> {
+        match self.request(Request::Account(AccountOp::Devices)).await? {
+            ServerFrame::Devices { devices, .. } => Ok(devices),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Revokes `device`: its token, its sessions (ended at once) and its deliveries.
+    pub async fn revoke_device(&self, device: &DeviceId) -> Result<(), ClientError> {
+        let op = AccountOp::Revoke(device.clone());
+        expect_ok(self.request(Request::Account(op)).await?)
+    }
+
+    /// Deletes the account and everything it owns; cannot be undone. The connection then
+    /// ends.
+    pub async fn delete_account(&self, password: &str) -> Result<(), ClientError> {
+        let op = AccountOp::Delete {
+            password: password.to_owned(),
+        };
+        expect_ok(self.request(Request::Account(op)).await?)
     }
 
     /// Sends a chat message with `text` to `to`.

@@ -449,13 +449,18 @@ impl Iim {
                 .files
                 .referenced(user, message.id.0, &message.from, &sha256, now_ms())?;
         }
-        Ok(self.store.inbox.append(user, message, expires_at, |seq| {
-            let delivery = Delivery {
-                seq,
-                message: Arc::clone(message),
-            };
-            self.registry.push(user, &delivery)
-        })?)
+        // An account deleted while the message was on its way gets nothing.
+        let exists = || self.store.accounts.exists(user);
+        Ok(self
+            .store
+            .inbox
+            .append_if(user, message, expires_at, exists, |seq| {
+                let delivery = Delivery {
+                    seq,
+                    message: Arc::clone(message),
+                };
+                self.registry.push(user, &delivery)
+            })?)
     }
 }
 

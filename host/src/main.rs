@@ -71,6 +71,22 @@ enum Command {
         #[command(subcommand)]
         action: PluginAction,
     },
+    /// Reads the store of a stopped host (--data-dir, or the config's; its data key file).
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum StoreAction {
+    /// Lists every record whose key or value (opened with the data key) holds TEXT: one line
+    /// per record, `tree<TAB>key<TAB>(in the key|value)`. An audit of what the store keeps of
+    /// a name, for instance after an account's deletion. Exits with 1 if it finds any.
+    Find {
+        /// The text to look for.
+        text: String,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -233,6 +249,29 @@ fn main() -> anyhow::Result<()> {
                 2
             });
         std::process::exit(code);
+    }
+    if let Some(Command::Store {
+        action: StoreAction::Find { text },
+    }) = &args.command
+    {
+        let path = config.data_dir.join("store");
+        if !path.exists() {
+            anyhow::bail!("no store in {}", config.data_dir.display());
+        }
+        let store = iim_host::store::sealer_for(&path, &config.key_file(), config.storage.encrypt)
+            .and_then(|sealer| iim_host::store::Store::open_with(&path, sealer))
+            .with_context(|| {
+                format!(
+                    "cannot open the store in {} (is its host running?)",
+                    path.display()
+                )
+            })?;
+        let found = store.records_containing(text.as_bytes())?;
+        let mut out = std::io::stdout().lock();
+        for record in &found {
+            let _ = std::io::Write::write_fmt(&mut out, format_args!("{record}\n"));
+        }
+        std::process::exit(i32::from(!found.is_empty()));
     }
     if let Some(Command::Admin { action }) = args.command {
         let command = match action {

@@ -58,9 +58,26 @@ pub struct Attachment {
     pub kick: watch::Receiver<Option<Kick>>,
 }
 
-/// The delivery sessions of every online device.
+/// An authenticated connection, delivery session or not: what ends it when its device is
+/// revoked or its account deleted.
+struct Connection {
+    device: DeviceId,
+    id: SessionId,
+    kick: watch::Sender<Option<Kick>>,
+}
+
+/// What an authenticated connection holds while it is one: told when the host ends it.
+pub struct SignedIn {
+    /// Its number, to sign it out with.
+    pub id: SessionId,
+    /// Set when the host ends the connection.
+    pub kick: watch::Receiver<Option<Kick>>,
+}
+
+/// The delivery sessions of every online device, and every authenticated connection.
 pub struct Registry {
     sessions: Mutex<HashMap<UserId, Vec<Entry>>>,
+    connections: Mutex<HashMap<UserId, Vec<Connection>>>,
     next_session: AtomicU64,
     queue: usize,
 }
@@ -70,6 +87,7 @@ impl Registry {
     pub fn new(queue: usize) -> Self {
         Self {
             sessions: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             queue: queue.max(1),
         }
@@ -79,6 +97,70 @@ impl Registry {
         // A panic while holding this lock cannot leave the map half-updated (every update is
         // one push or retain), so a poisoned lock is still consistent.
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_connections(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, Vec<Connection>>> {
+        // As `lock`: every update is one push or retain.
+        self.connections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a connection that authenticated as `device` of `user` until
+    /// [`Registry::sign_out`], so that revoking the device ends it.
+    pub fn sign_in(&self, user: &UserId, device: &DeviceId) -> SignedIn {
+        let id = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
+        let (tx, kick) = watch::channel(None);
+        self.lock_connections()
+            .entry(user.clone())
+            .or_default()
+            .push(Connection {
+                device: device.clone(),
+                id,
+                kick: tx,
+            });
+        SignedIn { id, kick }
+    }
+
+    /// Forgets a connection that ended.
+    pub fn sign_out(&self, user: &UserId, id: SessionId) {
+        let mut connections = self.lock_connections();
+        if let Some(list) = connections.get_mut(user) {
+            list.retain(|c| c.id != id);
+            if list.is_empty() {
+                connections.remove(user);
+            }
+        }
+    }
+
+    /// How many authenticated connections each device of `user` has open.
+    pub fn connections(&self, user: &UserId) -> HashMap<DeviceId, u32> {
+        let mut counts = HashMap::new();
+        for connection in self.lock_connections().get(user).into_iter().flatten() {
+            *counts.entry(connection.device.clone()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Ends every connection of `user` for which `which` holds, delivery sessions included.
+    fn kick_connections(
+        &self,
+        user: &UserId,
+        which: impl Fn(&DeviceId) -> bool,
+        code: ErrorCode,
+        reason: &str,
+    ) {
+        for connection in self.lock_connections().get(user).into_iter().flatten() {
+            if which(&connection.device) {
+                let _ = connection.kick.send(Some(Kick {
+                    code,
+                    reason: reason.to_owned(),
+                }));
+            }
+        }
+        if let Some(entries) = self.lock().get(user) {
+            for entry in entries.iter().filter(|e| which(&e.device)) {
+                entry.kick(code, reason);
+            }
+        }
     }
 
     /// Makes a new session the delivery session of `device`, ending the one it replaces.
@@ -174,13 +256,19 @@ impl Registry {
         delivered
     }
 
-    /// Ends the delivery session of one device, if it has one.
+    /// Ends every connection of one device (logged out, revoked).
     pub fn kick_device(&self, user: &UserId, device: &DeviceId, code: ErrorCode, reason: &str) {
-        if let Some(entries) = self.lock().get(user) {
-            for entry in entries.iter().filter(|e| &e.device == device) {
-                entry.kick(code, reason);
-            }
-        }
+        self.kick_connections(user, |d| d == device, code, reason);
+    }
+
+    /// Ends every connection of `user`'s devices but `keep` (the password changed).
+    pub fn kick_others(&self, user: &UserId, keep: &DeviceId, code: ErrorCode, reason: &str) {
+        self.kick_connections(user, |d| d != keep, code, reason);
+    }
+
+    /// Ends every connection of `user` (the account was deleted).
+    pub fn kick_user(&self, user: &UserId, code: ErrorCode, reason: &str) {
+        self.kick_connections(user, |_| true, code, reason);
     }
 
     /// Ends every session (host shutdown).

@@ -11,9 +11,9 @@
 use crate::Host;
 use crate::cmd;
 use crate::plugin::{Event, SessionInfo};
-use crate::registry::{Attachment, Delivery, Kick};
+use crate::registry::{Attachment, Delivery, Kick, SignedIn};
 use iim_proto::session::{Action, Authenticated, End, HostSession, Identity, Refusal};
-use iim_proto::{DeviceId, ErrorCode, ServerFrame, UserId};
+use iim_proto::{AccountOp, DeviceId, ErrorCode, ServerFrame, UserId};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -37,6 +37,9 @@ struct Session {
     early: Option<Pin<Box<quinn::ZeroRttAccepted>>>,
     /// The device's deliveries, once the session is its delivery session.
     delivery: Option<Attachment>,
+    /// Once authenticated: the registry's hold on the connection, which ends it when its
+    /// device is revoked or its account deleted.
+    signed_in: Option<(Identity, SignedIn)>,
     /// The client stopped reading: nothing more can be written to it.
     stalled: bool,
     /// No more file streams will come: the connection is ending.
@@ -76,6 +79,7 @@ pub async fn run(host: Arc<Host>, conn: quinn::Connection, early: quinn::ZeroRtt
             machine,
             early: Some(Box::pin(early)),
             delivery: None,
+            signed_in: None,
             stalled: false,
             streams_closed: false,
         };
@@ -118,6 +122,7 @@ impl Session {
                 Some(a) => (Some(&mut a.deliveries), Some(&*a.lag), Some(&mut a.kick)),
                 None => (None, None, None),
             };
+            let ended = self.signed_in.as_mut().map(|(_, s)| &mut s.kick);
             // Biased: the handshake's end first, so that nothing read after it counts as
             // early; then what the client sent (acks above all), before more is sent to it.
             tokio::select! {
@@ -157,6 +162,9 @@ impl Session {
                     reason: "the host is shutting down; reconnect later".into(),
                 }),
                 kick = next_kick(kick) => if let Some(kick) = kick {
+                    self.machine.close(kicked(kick));
+                },
+                kick = next_kick(ended) => if let Some(kick) = kick {
                     self.machine.close(kicked(kick));
                 },
                 () = notified(lag) => {
@@ -244,6 +252,16 @@ impl Session {
                 let outcome = cmd::account::logout(&host, &who.user, &who.device).await;
                 self.machine.handle_logged_out(Instant::now(), req, outcome);
             }
+            Action::Account { req, who, op } => match op {
+                AccountOp::Delete { password } => {
+                    let outcome = cmd::account::delete(&host, &who, password).await;
+                    self.machine.handle_logged_out(Instant::now(), req, outcome);
+                }
+                op => {
+                    let answer = cmd::account::manage(&host, req, &who, op).await;
+                    self.machine.handle_answer(Instant::now(), req, answer);
+                }
+            },
             Action::Relation {
                 req,
                 user,
@@ -317,6 +335,12 @@ impl Session {
         device: &DeviceId,
     ) {
         if let Ok(Authenticated::LoggedIn { .. } | Authenticated::TokenAccepted) = &outcome {
+            let signed_in = self.host.registry.sign_in(user, device);
+            let who = Identity {
+                user: user.clone(),
+                device: device.clone(),
+            };
+            self.signed_in = Some((who, signed_in));
             let span = tracing::Span::current();
             span.record("user", user.as_str());
             span.record("device", device.as_str());
@@ -381,6 +405,21 @@ impl Session {
     /// closes the connection.
     async fn finish(mut self) {
         self.act().await;
+        if let Some((who, signed_in)) = self.signed_in.take() {
+            self.host.registry.sign_out(&who.user, signed_in.id);
+            // The device's last activity; not for a revoked device or a deleted account.
+            let kicked = signed_in.kick.borrow().is_some();
+            if !kicked
+                && let Err(e) = self.host.store.accounts.touch(
+                    &who.user,
+                    &who.device,
+                    crate::clock::now_ms(),
+                    false,
+                )
+            {
+                tracing::warn!(error = %e, "the device's last activity not recorded");
+            }
+        }
         if self.stalled {
             tracing::info!("client stopped reading; closing");
             self.conn.close(

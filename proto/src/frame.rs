@@ -176,6 +176,47 @@ pub enum RelationOp {
     List,
 }
 
+/// What a user does with their own account ([`ClientFrame::Account`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AccountOp {
+    /// Replace the password. Every other device's token is revoked and its sessions end: a
+    /// password is changed most often because it may be known to someone else, who may have
+    /// logged a device in with it. The device that asks keeps its token. Answered by
+    /// [`ServerFrame::Ok`].
+    ChangePassword {
+        /// The password now.
+        old: String,
+        /// The new one; the rules of registration apply.
+        new: String,
+    },
+    /// List the account's devices. Answered by [`ServerFrame::Devices`].
+    Devices,
+    /// Revoke a device: its token is revoked, its sessions end at once, it receives nothing
+    /// more. A device may revoke itself. Answered by [`ServerFrame::Ok`].
+    Revoke(DeviceId),
+    /// Delete the account with what the host keeps of it (devices, inbox, relations, files;
+    /// `docs/protocol.md` "Accounts" says what else, and what not yet). Answered by
+    /// [`ServerFrame::Ok`]; then every session of the account ends, this one included.
+    Delete {
+        /// The password, asked again: deleting cannot be undone.
+        password: String,
+    },
+}
+
+/// One of a user's devices, as [`ServerFrame::Devices`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Its name.
+    pub device: DeviceId,
+    /// When it last logged in with its password, in ms since the Unix epoch (0 if a host of an
+    /// earlier version issued its token).
+    pub logged_in_at: u64,
+    /// When it was last active (a session opened or ended), in ms since the Unix epoch.
+    pub last_active_at: u64,
+    /// How many sessions it has open now.
+    pub sessions: u32,
+}
+
 /// A frame sent by a client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientFrame {
@@ -284,6 +325,14 @@ pub enum ClientFrame {
         /// Seconds from acceptance until it expires; at least 1.
         ttl_secs: u32,
     },
+    /// Change, list, revoke or delete what the account holds. Answered as each
+    /// [`AccountOp`] says.
+    Account {
+        /// Request id.
+        req: RequestId,
+        /// What to do.
+        op: AccountOp,
+    },
 }
 
 /// A frame sent by a host.
@@ -383,6 +432,13 @@ pub enum ServerFrame {
         /// Its address for clients (`host:port`).
         addr: String,
     },
+    /// The account's devices, answering [`AccountOp::Devices`].
+    Devices {
+        /// The request.
+        req: RequestId,
+        /// The devices with a token, sorted by name.
+        devices: Vec<DeviceInfo>,
+    },
 }
 
 /// A numbered error, stable across versions: programs match on the number, people read the text.
@@ -456,6 +512,11 @@ error_codes! {
     NOT_FOUND = 21, "not_found";
     /// The upload would take the user past their file quota on this host.
     QUOTA_EXCEEDED = 22, "quota_exceeded";
+    /// The device was revoked (from another device, or its password changed elsewhere). The
+    /// connection is closed; the device must log in with the password again.
+    REVOKED = 23, "revoked";
+    /// The account was deleted. The connection is closed.
+    ACCOUNT_DELETED = 24, "account_deleted";
 }
 
 impl fmt::Display for ErrorCode {
@@ -475,7 +536,8 @@ impl ClientFrame {
             | ClientFrame::Relation { req, .. }
             | ClientFrame::Submit { req, .. }
             | ClientFrame::Fetch { req, .. }
-            | ClientFrame::SubmitExpiring { req, .. } => Some(*req),
+            | ClientFrame::SubmitExpiring { req, .. }
+            | ClientFrame::Account { req, .. } => Some(*req),
             ClientFrame::Hello { .. } | ClientFrame::Ack { .. } => None,
         }
     }
@@ -494,6 +556,7 @@ impl ClientFrame {
             | ClientFrame::Ack { .. }
             | ClientFrame::Fetch { .. } => true,
             ClientFrame::Relation { op, .. } => *op == RelationOp::List,
+            ClientFrame::Account { op, .. } => *op == AccountOp::Devices,
             ClientFrame::Register { .. }
             | ClientFrame::Login { .. }
             | ClientFrame::Logout { .. } => false,
@@ -578,6 +641,12 @@ mod tests {
                 req: 9,
                 kind: RelationKind::Friend,
                 op: RelationOp::Add(alice),
+            },
+            ClientFrame::Account {
+                req: 10,
+                op: AccountOp::Delete {
+                    password: "p".into(),
+                },
             },
         ];
         assert!(allowed.iter().all(ClientFrame::allowed_early));

@@ -684,6 +684,33 @@ fn spawn(
     Ok((child, addr.parse()?, cert, stderr_log))
 }
 
+impl HostProcess {
+    /// The records of this (stopped) host's store that hold `text`, as `iim-host store find`
+    /// lists them: `tree<TAB>key<TAB>(in the key|value)`.
+    pub fn store_find(&self, text: &str) -> anyhow::Result<Vec<String>> {
+        let output = host_args(
+            &mut Command::new(binary("iim-host")?),
+            self.data.path(),
+            &self.key_file(),
+            "127.0.0.1:0".parse()?,
+        )
+        .args(["store", "find", text])
+        .env("NO_COLOR", "1")
+        .output()
+        .context("cannot run iim-host store find")?;
+        match output.status.code() {
+            Some(0 | 1) => Ok(String::from_utf8(output.stdout)?
+                .lines()
+                .map(str::to_owned)
+                .collect()),
+            _ => bail!(
+                "iim-host store find failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        }
+    }
+}
+
 /// Runs `iim-host` on data directory `data` with data key file `key_file` (which may not
 /// exist) and the configuration file there, and expects it to refuse to start: returns what it
 /// wrote on stderr.

@@ -21,6 +21,8 @@
 
 // The binary's modules live in `iim/`, beside this file, which stays where the crate's
 // `[[bin]]` and the documents name it.
+#[path = "iim/account.rs"]
+mod account;
 #[path = "iim/chat.rs"]
 mod chat;
 #[path = "iim/deliveries.rs"]
@@ -264,6 +266,11 @@ enum Command {
     Push(push::PushArgs),
     /// Revoke this device's token and forget the login.
     Logout,
+    /// Your account: change the password, list and revoke devices, delete it.
+    Account {
+        #[command(subcommand)]
+        op: account::AccountCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -547,6 +554,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Group(args) => group::run(&cli, args).await?,
         Command::Push(args) => push::run(&cli, args).await?,
+        Command::Account { op } => account::run(&cli, op).await?,
         Command::Logout => {
             let dir = profile_dir(&cli)?;
             let (conn, profile) = session(&cli, SessionMode::SendOnly).await?;

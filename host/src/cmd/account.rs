@@ -1,4 +1,5 @@
-//! `Register`, `Login`, `Authenticate`, `Logout`.
+//! `Register`, `Login`, `Authenticate`, `Logout`, and `Account`: what a user does with their
+//! own account (change the password, list and revoke devices, delete it).
 
 use super::Refusal;
 use crate::Host;
@@ -8,8 +9,8 @@ use crate::hashing::HashingError;
 use crate::iim::Home;
 use crate::network::NetworkError;
 use crate::store::UserRecord;
-use iim_proto::session::Authenticated;
-use iim_proto::{DeviceId, ErrorCode, UserId};
+use iim_proto::session::{Authenticated, Identity};
+use iim_proto::{AccountOp, DeviceId, DeviceInfo, ErrorCode, RequestId, ServerFrame, UserId};
 
 fn auth_failed() -> Refusal {
     Refusal::new(ErrorCode::AUTH_FAILED, "wrong user name or password")
@@ -131,6 +132,7 @@ pub async fn login(
     host.store
         .accounts
         .set_token(user, device, &accounts::token_hash(&token))?;
+    host.store.accounts.touch(user, device, now_ms(), true)?;
     host.store.flush().await?;
     Ok(Authenticated::LoggedIn { token })
 }
@@ -151,6 +153,8 @@ pub fn authenticate(
     let stored = host.store.accounts.token(user, device)?;
     match stored {
         Some(hash) if accounts::same_hash(&hash, &accounts::token_hash(token)) => {
+            // Not flushed: a last activity lost in a crash is an earlier one.
+            host.store.accounts.touch(user, device, now_ms(), false)?;
             Ok(Authenticated::TokenAccepted)
         }
         _ => Err(Refusal::new(
@@ -170,5 +174,132 @@ pub async fn logout(host: &Host, user: &UserId, device: &DeviceId) -> Result<(),
         ErrorCode::LOGGED_OUT,
         "this device logged out",
     );
+    Ok(())
+}
+
+/// Checks `password` against `user`'s (the hashers' queue, as a login): for the requests that
+/// ask for it again.
+async fn check_password(host: &Host, user: &UserId, password: String) -> Result<(), Refusal> {
+    let Some(record) = host.store.accounts.get(user)? else {
+        return Err(auth_failed());
+    };
+    let matches = host
+        .passwords
+        .verify(record.password_hash, password)
+        .await
+        .map_err(not_hashed)?;
+    if matches {
+        Ok(())
+    } else {
+        Err(Refusal::new(ErrorCode::AUTH_FAILED, "wrong password"))
+    }
+}
+
+/// Changes the password, lists or revokes devices ([`AccountOp`], but deletion: [`delete`]).
+pub async fn manage(
+    host: &Host,
+    req: RequestId,
+    who: &Identity,
+    op: AccountOp,
+) -> Result<ServerFrame, Refusal> {
+    let user = &who.user;
+    match op {
+        AccountOp::ChangePassword { old, new } => {
+            accounts::check_password(&new)
+                .map_err(|e| Refusal::new(ErrorCode::INVALID_ARGUMENT, e.to_string()))?;
+            check_password(host, user, old).await?;
+            let hash = host
+                .passwords
+                .hash(new)
+                .await
+                .map_err(not_hashed)?
+                .map_err(|e| Refusal::new(ErrorCode::INTERNAL, e.to_string()))?;
+            if !host.store.accounts.set_password(user, hash)? {
+                return Err(auth_failed());
+            }
+            // Whoever knew the old password may have logged a device in with it: every other
+            // device logs in again, with the new one.
+            let others: Vec<DeviceId> = host
+                .store
+                .accounts
+                .devices(user)?
+                .into_iter()
+                .map(|(device, _)| device)
+                .filter(|device| device != &who.device)
+                .collect();
+            for device in &others {
+                host.store.accounts.remove_token(user, device)?;
+            }
+            host.store.flush().await?;
+            host.registry.kick_others(
+                user,
+                &who.device,
+                ErrorCode::REVOKED,
+                "the account's password changed; log in again",
+            );
+            tracing::info!(%user, revoked = others.len(), "password changed");
+            Ok(ServerFrame::Ok { req })
+        }
+        AccountOp::Devices => {
+            let sessions = host.registry.connections(user);
+            let devices = host
+                .store
+                .accounts
+                .devices(user)?
+                .into_iter()
+                .map(|(device, record)| DeviceInfo {
+                    sessions: sessions.get(&device).copied().unwrap_or(0),
+                    device,
+                    logged_in_at: record.logged_in_at,
+                    last_active_at: record.last_active_at,
+                })
+                .collect();
+            Ok(ServerFrame::Devices { req, devices })
+        }
+        AccountOp::Revoke(device) => {
+            if host.store.accounts.token(user, &device)?.is_none() {
+                return Err(Refusal::new(
+                    ErrorCode::INVALID_ARGUMENT,
+                    format!("{user} has no device {device}"),
+                ));
+            }
+            host.store.accounts.remove_token(user, &device)?;
+            // It receives nothing more: pruning no longer waits for it.
+            host.store.cursors.remove(user, &device)?;
+            host.store.flush().await?;
+            host.registry.kick_device(
+                user,
+                &device,
+                ErrorCode::REVOKED,
+                &format!("this device was revoked by {}", who.device),
+            );
+            tracing::info!(%user, %device, by = %who.device, "device revoked");
+            Ok(ServerFrame::Ok { req })
+        }
+        AccountOp::Delete { .. } => Err(Refusal::new(
+            ErrorCode::INTERNAL,
+            "an account's deletion out of its place",
+        )),
+    }
+}
+
+/// Deletes `who`'s account and what the store keeps of it, once the password is given again
+/// ([`crate::store::Store::delete_user`]), then the bytes of its files; every session of the
+/// account ends. (What plugins keep for the user, and in a network the exchange's record of
+/// the name, are not removed yet: `docs/security.md`.)
+pub async fn delete(host: &Host, who: &Identity, password: String) -> Result<(), Refusal> {
+    let user = &who.user;
+    check_password(host, user, password).await?;
+    let files = host.store.delete_user(user)?;
+    host.store.flush().await?;
+    for sha256 in &files {
+        let id = crate::blobs::FileId::from_digest(sha256);
+        if let Err(e) = host.blobs.remove(&id) {
+            tracing::error!(error = %e, file = %id, "a deleted account's file forgotten but its bytes not removed");
+        }
+    }
+    host.registry
+        .kick_user(user, ErrorCode::ACCOUNT_DELETED, "the account was deleted");
+    tracing::info!(%user, files = files.len(), "account deleted");
     Ok(())
 }

@@ -1,20 +1,32 @@
-//! Accounts and device tokens (the `users` and `tokens` trees).
+//! Accounts, device tokens and what a device did last (the `users`, `tokens` and `devices`
+//! trees).
 
 use super::{StoreError, UserRecord, decode, encode, keys};
 use iim_proto::{DeviceId, UserId};
+use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
 /// Most users [`Accounts::exists`] remembers.
 const KNOWN_USERS: usize = 65_536;
 
+/// When a device logged in and was last active, in ms since the Unix epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Its last log-in with the password.
+    pub logged_in_at: u64,
+    /// The last time one of its sessions opened or ended.
+    pub last_active_at: u64,
+}
+
 /// The accounts of a host's users and their devices' tokens.
 #[derive(Clone)]
 pub struct Accounts {
     pub(super) users: sled::Tree,
     pub(super) tokens: sled::Tree,
-    /// Users known to exist (accounts are never deleted), up to [`KNOWN_USERS`]: every
-    /// submission and send checks its recipients, and this spares the store those reads.
+    devices: sled::Tree,
+    /// Users known to exist, up to [`KNOWN_USERS`]: every submission and send checks its
+    /// recipients, and this spares the store those reads. A deleted account leaves it first.
     known: Arc<RwLock<HashSet<UserId>>>,
 }
 
@@ -23,6 +35,7 @@ impl Accounts {
         Ok(Self {
             users: db.open_tree("users")?,
             tokens: db.open_tree("tokens")?,
+            devices: db.open_tree("devices")?,
             known: Arc::default(),
         })
     }
@@ -69,10 +82,12 @@ impl Accounts {
         }
         let exists = self.users.contains_key(keys::user(user))?;
         if exists && known().len() < KNOWN_USERS {
-            self.known
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(user.clone());
+            // Looked at again under the lock: an account deleted meanwhile (under it too)
+            // must not be remembered as existing.
+            let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+            if self.users.contains_key(keys::user(user))? {
+                known.insert(user.clone());
+            }
         }
         Ok(exists)
     }
@@ -96,9 +111,83 @@ impl Accounts {
             .map(|v| v.to_vec()))
     }
 
-    /// Revokes the token of `device`.
+    /// Revokes the token of `device` and forgets what it did last.
     pub fn remove_token(&self, user: &UserId, device: &DeviceId) -> Result<(), StoreError> {
         self.tokens.remove(keys::token(user, device))?;
+        self.devices.remove(keys::device(user, device))?;
+        Ok(())
+    }
+
+    /// Replaces `user`'s password hash; `false` if the account does not exist.
+    pub fn set_password(&self, user: &UserId, password_hash: String) -> Result<bool, StoreError> {
+        let Some(mut record) = self.get(user)? else {
+            return Ok(false);
+        };
+        record.password_hash = password_hash;
+        self.users.insert(keys::user(user), encode(&record))?;
+        Ok(true)
+    }
+
+    /// Records that `device` was active at `now` (and logged in with the password, if
+    /// `logged_in`), if it has a token (a revoked device is forgotten, not touched).
+    pub fn touch(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        now: u64,
+        logged_in: bool,
+    ) -> Result<(), StoreError> {
+        if !self.tokens.contains_key(keys::token(user, device))? {
+            return Ok(());
+        }
+        self.devices
+            .fetch_and_update(keys::device(user, device), |old| {
+                let mut record: DeviceRecord = old
+                    .and_then(|v| postcard::from_bytes(v).ok())
+                    .unwrap_or_default();
+                record.last_active_at = record.last_active_at.max(now);
+                if logged_in {
+                    record.logged_in_at = now;
+                }
+                Some(encode(&record))
+            })?;
+        Ok(())
+    }
+
+    /// The devices of `user` with a token, by name, and what each did last.
+    pub fn devices(&self, user: &UserId) -> Result<Vec<(DeviceId, DeviceRecord)>, StoreError> {
+        let prefix = keys::user_prefix(user);
+        let mut out = Vec::new();
+        for entry in self.tokens.scan_prefix(&prefix) {
+            let (key, _) = entry?;
+            let device =
+                keys::device_of(&key, prefix.len()).ok_or_else(|| StoreError::Corrupt {
+                    tree: "tokens",
+                    reason: "a key that does not end in a device name".into(),
+                })?;
+            let record = match self.devices.get(&key)? {
+                Some(v) => decode("devices", &v)?,
+                None => DeviceRecord::default(),
+            };
+            out.push((device, record));
+        }
+        Ok(out)
+    }
+
+    /// Deletes `user`'s account, its devices' tokens and records. The name is free from here
+    /// on (the caller clears what else the user owned).
+    pub fn delete(&self, user: &UserId) -> Result<(), StoreError> {
+        {
+            let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+            self.users.remove(keys::user(user))?;
+            known.remove(user);
+        }
+        let prefix = keys::user_prefix(user);
+        for tree in [&self.tokens, &self.devices] {
+            for entry in tree.scan_prefix(&prefix) {
+                tree.remove(entry?.0)?;
+            }
+        }
         Ok(())
     }
 }

@@ -68,4 +68,18 @@ impl Cursors {
             })?;
         Ok(())
     }
+
+    /// Forgets `device`'s cursor (revoked): pruning waits for it no more.
+    pub fn remove(&self, user: &UserId, device: &DeviceId) -> Result<(), StoreError> {
+        self.tree.remove(keys::cursor(user, device))?;
+        Ok(())
+    }
+
+    /// Forgets the cursors of every device of `user` (the account was deleted).
+    pub fn forget_user(&self, user: &UserId) -> Result<(), StoreError> {
+        for entry in self.tree.scan_prefix(keys::cursor_prefix(user)) {
+            self.tree.remove(entry?.0)?;
+        }
+        Ok(())
+    }
 }

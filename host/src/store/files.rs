@@ -245,4 +245,40 @@ impl Files {
         }
         Ok(Some(record))
     }
+
+    /// Forgets what `user` had of files (the account was deleted): the files they were the
+    /// first to upload (returned: their bytes are the blob store's to remove), their right to
+    /// read others', their inbox's references, their usage. Every reader and file record is
+    /// read: deleting an account is rare, and an index by uploader would cost every upload.
+    pub fn forget_user(&self, user: &UserId) -> Result<Vec<Sha256>, StoreError> {
+        let mut uploaded = Vec::new();
+        for entry in self.tree.scan_prefix(keys::files()) {
+            let (key, value) = entry?;
+            if let Ok(sha256) = Sha256::try_from(&key[1..])
+                && self.open(&key, &value)?.uploader == *user
+            {
+                uploaded.push(sha256);
+            }
+        }
+        for sha256 in &uploaded {
+            self.forget(sha256)?;
+        }
+        let mut batch = sled::Batch::default();
+        for entry in self.tree.scan_prefix(keys::file_refs_of(user)) {
+            let (key, sha256) = entry?;
+            if let (Ok(sha256), Some(id)) = (Sha256::try_from(&sha256[..]), keys::inbox_seq(&key)) {
+                batch.remove(keys::file_ref_by_file(&sha256, user, id));
+            }
+            batch.remove(key);
+        }
+        for entry in self.tree.scan_prefix(keys::FILE_READER_PREFIX) {
+            let (key, _) = entry?;
+            if keys::file_reader_user(&key).as_ref() == Some(user) {
+                batch.remove(key);
+            }
+        }
+        batch.remove(keys::file_usage(user));
+        self.tree.apply_batch(batch)?;
+        Ok(uploaded)
+    }
 }

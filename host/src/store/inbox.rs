@@ -136,10 +136,24 @@ impl Inbox {
         expires_at: Option<u64>,
         then: impl FnOnce(u64) -> T,
     ) -> Result<Option<T>, StoreError> {
-        let mut hasher = DefaultHasher::new();
-        user.hash(&mut hasher);
-        let shard = &self.heads[hasher.finish() as usize % HEAD_SHARDS];
-        let mut heads = shard.lock().unwrap_or_else(|p| p.into_inner());
+        self.append_if(user, message, expires_at, || Ok(true), then)
+    }
+
+    /// [`Inbox::append`], if `exists` says, under the inbox's lock, that the user still
+    /// exists: an account deleted meanwhile ([`Inbox::forget_user`] takes the same lock) gets
+    /// no entry. `None` if the message was not appended.
+    pub fn append_if<T>(
+        &self,
+        user: &UserId,
+        message: &Message,
+        expires_at: Option<u64>,
+        exists: impl FnOnce() -> Result<bool, StoreError>,
+        then: impl FnOnce(u64) -> T,
+    ) -> Result<Option<T>, StoreError> {
+        let mut heads = self.shard(user).lock().unwrap_or_else(|p| p.into_inner());
+        if !exists()? {
+            return Ok(None);
+        }
         let head = match heads.get(user) {
             Some(&head) => head,
             None => self.high_water(user)?.saturating_add(RESTART_GAP),
@@ -150,6 +164,35 @@ impl Inbox {
         }
         heads.insert(user.clone(), seq);
         Ok(Some(then(seq)))
+    }
+
+    fn shard(&self, user: &UserId) -> &Mutex<HashMap<UserId, u64>> {
+        let mut hasher = DefaultHasher::new();
+        user.hash(&mut hasher);
+        &self.heads[hasher.finish() as usize % HEAD_SHARDS]
+    }
+
+    /// Removes `user`'s inbox: its entries, their id and expiry records, its marks (the
+    /// account was deleted; its name, if registered again, starts a new inbox). Holds the
+    /// inbox's lock, so that an append racing with the deletion either is removed here or
+    /// finds the account gone ([`Inbox::append_if`]).
+    pub fn forget_user(&self, user: &UserId) -> Result<(), StoreError> {
+        let mut heads = self.shard(user).lock().unwrap_or_else(|p| p.into_inner());
+        heads.remove(user);
+        for prefix in keys::inbox_prefixes(user) {
+            for entry in self.tree.scan_prefix(prefix) {
+                self.tree.remove(entry?.0)?;
+            }
+        }
+        for entry in self.tree.scan_prefix(keys::EXPIRY_PREFIX) {
+            let (key, _) = entry?;
+            if keys::expiry_parts(&key).is_some_and(|(_, of, _)| &of == user) {
+                self.tree.remove(key)?;
+            }
+        }
+        self.tree.remove(keys::inbox_high(user))?;
+        self.tree.remove(keys::inbox_pruned(user))?;
+        Ok(())
     }
 
     /// Appends `message` to `user`'s inbox at `seq`, unless it is there already (a dispatch

@@ -101,6 +101,32 @@ pub fn token(user: &UserId, device: &DeviceId) -> Vec<u8> {
     join(&[user.as_str().as_bytes(), device.as_str().as_bytes()])
 }
 
+/// `devices`: (user, device) → when it logged in and was last active.
+pub fn device(user: &UserId, device: &DeviceId) -> Vec<u8> {
+    token(user, device)
+}
+
+/// The prefix of every key of one user in the trees keyed by (user, …): `tokens`, `devices`,
+/// `cursors`, `relations`.
+pub fn user_prefix(user: &UserId) -> Vec<u8> {
+    let mut key = user.as_str().as_bytes().to_vec();
+    key.push(SEP);
+    key
+}
+
+/// The device named by a key of `tokens` or `devices` that starts with `prefix`
+/// ([`user_prefix`]).
+pub fn device_of(key: &[u8], prefix_len: usize) -> Option<DeviceId> {
+    let name = std::str::from_utf8(key.get(prefix_len..)?).ok()?;
+    DeviceId::new(name).ok()
+}
+
+/// The user a `relations` key names as the related one (its last part).
+pub fn related_user(key: &[u8]) -> Option<UserId> {
+    let start = key.iter().rposition(|&b| b == SEP)? + 1;
+    relation_other(key, start)
+}
+
 /// `relations`: (user, kind, other) → nothing.
 pub fn relation(user: &UserId, kind: RelationKind, other: &UserId) -> Vec<u8> {
     let mut key = relation_prefix(user, kind);
@@ -122,6 +148,36 @@ pub fn relation_prefix(user: &UserId, kind: RelationKind) -> Vec<u8> {
 /// The last part of a `relations` key: the related user's name.
 pub fn relation_other(key: &[u8], prefix_len: usize) -> Option<UserId> {
     let name = std::str::from_utf8(key.get(prefix_len..)?).ok()?;
+    UserId::new(name).ok()
+}
+
+/// `messages`: the prefix of the dedup records of every device of `user`.
+pub fn dedup_prefix(user: &UserId) -> Vec<u8> {
+    tagged(DEDUP, &user_prefix(user))
+}
+
+/// `inbox`: the prefixes of `user`'s entries and of its id records.
+pub fn inbox_prefixes(user: &UserId) -> [Vec<u8>; 2] {
+    [
+        tagged(INBOX_ENTRY, &user_prefix(user)),
+        tagged(INBOX_ID, &user_prefix(user)),
+    ]
+}
+
+/// `inbox`: the prefix of every expiry record.
+pub const EXPIRY_PREFIX: &[u8] = &[EXPIRY];
+
+/// `files`: the prefixes of `user`'s file references (by message).
+pub fn file_refs_of(user: &UserId) -> Vec<u8> {
+    tagged(FILE_REF, &user_prefix(user))
+}
+
+/// `files`: the prefix of every reader record (file, user).
+pub const FILE_READER_PREFIX: &[u8] = &[FILE_READER];
+
+/// The user a `files` reader record names (after the tag and the 32-byte digest).
+pub fn file_reader_user(key: &[u8]) -> Option<UserId> {
+    let name = std::str::from_utf8(key.get(33..)?).ok()?;
     UserId::new(name).ok()
 }
 
@@ -264,9 +320,7 @@ pub fn cursor(user: &UserId, device: &DeviceId) -> Vec<u8> {
 
 /// The prefix of every `cursors` key of one user.
 pub fn cursor_prefix(user: &UserId) -> Vec<u8> {
-    let mut key = user.as_str().as_bytes().to_vec();
-    key.push(SEP);
-    key
+    user_prefix(user)
 }
 
 // ---- networks of hosts ----

@@ -231,6 +231,15 @@ impl Messages {
         Ok(())
     }
 
+    /// Forgets the dedup records of `user`'s devices (the account was deleted). Its messages
+    /// still on their way are the recipients' and go on.
+    pub fn forget_user(&self, user: &iim_proto::UserId) -> Result<(), StoreError> {
+        for entry in self.tree.scan_prefix(keys::dedup_prefix(user)) {
+            self.tree.remove(entry?.0)?;
+        }
+        Ok(())
+    }
+
     /// Whether message `id` is still recorded for dispatch.
     pub fn is_pending(&self, id: MessageId) -> Result<bool, StoreError> {
         Ok(self.tree.contains_key(keys::dispatch(id.0))?)

@@ -42,7 +42,7 @@ mod plugin_kv;
 mod relations;
 pub mod sealing;
 
-pub use accounts::Accounts;
+pub use accounts::{Accounts, DeviceRecord};
 pub use cursors::Cursors;
 pub use dead_letters::DeadLetters;
 pub use files::{FileRecord, Files};
@@ -110,6 +110,31 @@ pub struct UserRecord {
     pub password_hash: String,
     /// When the account was created, in milliseconds since the Unix epoch.
     pub created_at: u64,
+}
+
+/// A record [`Store::records_containing`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundRecord {
+    /// Its tree.
+    pub tree: String,
+    /// Its key.
+    pub key: Vec<u8>,
+    /// Whether the key holds what was looked for (else the value does).
+    pub in_key: bool,
+}
+
+impl std::fmt::Display for FoundRecord {
+    /// `tree key (in the key|value)`, the key's bytes shown as text where they are printable
+    /// and `\xNN` where not.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key: String = self
+            .key
+            .iter()
+            .map(|&b| std::ascii::escape_default(b).to_string())
+            .collect();
+        let place = if self.in_key { "key" } else { "value" };
+        write!(f, "{}\t{key}\t(in the {place})", self.tree)
+    }
 }
 
 /// The host's durable state, one handle per concern. Cloning it is cheap: the clones share
@@ -326,6 +351,62 @@ impl Store {
         Ok(self)
     }
 
+    /// Deletes `user`'s account and everything of it the store holds: devices and tokens,
+    /// cursors, inbox, relations (theirs, and them in others' lists), dedup records, files
+    /// (returned: the bytes are the blob store's to remove). The account goes first, so that
+    /// nothing new is appended for it (see [`Inbox::append_if`]). Not flushed. What plugins
+    /// keep for the user is theirs to forget (they are told), and messages the user sent that
+    /// are in others' inboxes are those users'.
+    pub fn delete_user(
+        &self,
+        user: &iim_proto::UserId,
+    ) -> Result<Vec<iim_proto::file::Sha256>, StoreError> {
+        self.accounts.delete(user)?;
+        self.cursors.forget_user(user)?;
+        self.inbox.forget_user(user)?;
+        self.relations.forget_user(user)?;
+        self.messages.forget_user(user)?;
+        self.files.forget_user(user)
+    }
+
+    /// Every record whose key or (opened, if sealed) value holds `needle`: an audit of what
+    /// the store keeps of a name or a text (`iim-host store find`), for instance after an
+    /// account was deleted. Reads every record of every tree.
+    pub fn records_containing(&self, needle: &[u8]) -> Result<Vec<FoundRecord>, StoreError> {
+        let holds =
+            |bytes: &[u8]| !needle.is_empty() && bytes.windows(needle.len()).any(|w| w == needle);
+        let mut found = Vec::new();
+        for name in self.db.tree_names() {
+            let tree_name = String::from_utf8_lossy(&name).into_owned();
+            let tree = self.db.open_tree(&name)?;
+            for entry in tree.iter() {
+                let (key, value) = entry?;
+                let in_key = holds(&key);
+                let in_value = !in_key
+                    && if keys::sealed(&tree_name, &key) {
+                        let plain =
+                            self.sealer
+                                .try_open(&tree_name, &key, &value)
+                                .map_err(|reason| StoreError::Sealed {
+                                    tree: "(a search)",
+                                    reason,
+                                })?;
+                        holds(&plain)
+                    } else {
+                        holds(&value)
+                    };
+                if in_key || in_value {
+                    found.push(FoundRecord {
+                        tree: tree_name.clone(),
+                        key: key.to_vec(),
+                        in_key,
+                    });
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Makes every write made before this call durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         flush_with(&self.flusher).await
@@ -362,7 +443,7 @@ impl Store {
 pub(crate) mod tests {
     use super::messages::Dispatch;
     use super::*;
-    use iim_proto::{DeviceId, Message, MessageId, UserId};
+    use iim_proto::{DeviceId, Message, MessageId, RelationKind, UserId};
 
     pub(crate) fn message(id: u64) -> Message {
         Message {
@@ -465,6 +546,92 @@ pub(crate) mod tests {
 
     fn key_file(dir: &Path, name: &str) -> Sealer {
         Sealer::new(DataKeys::create(&dir.join(name), 1).expect("key file"))
+    }
+
+    #[test]
+    fn a_deleted_user_leaves_no_record_and_an_append_after_the_deletion_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_with(&dir.path().join("store"), key_file(dir.path(), "data.key"))
+            .expect("open");
+        let user = |name: &str| UserId::new(name).expect("valid");
+        let (gone, bob) = (user("gone-user"), user("bob"));
+        let phone = DeviceId::new("phone").expect("valid");
+        let record = UserRecord {
+            password_hash: "hash".into(),
+            created_at: 1,
+        };
+        for who in [&gone, &bob] {
+            assert!(store.accounts.create(who, &record).expect("create"));
+            store
+                .accounts
+                .set_token(who, &phone, b"token")
+                .expect("token");
+            store.accounts.touch(who, &phone, 5, true).expect("touch");
+            store.cursors.add(who, &phone).expect("cursor");
+        }
+        store
+            .relations
+            .add(&gone, RelationKind::Friend, &bob)
+            .expect("relation");
+        store
+            .relations
+            .add(&bob, RelationKind::Colleague, &gone)
+            .expect("relation");
+        let accepted = store
+            .messages
+            .accept(&gone, &phone, 7, None, |id| Message {
+                id,
+                from: gone.clone(),
+                ..message(0)
+            })
+            .expect("accept");
+        let Acceptance::New(sent) = accepted else {
+            panic!("new")
+        };
+        let to_gone = store
+            .messages
+            .number(|id| Message { id, ..message(0) })
+            .expect("id");
+        for (who, m) in [(&gone, &to_gone), (&bob, &sent)] {
+            store
+                .inbox
+                .append(who, m, Some(10_000), |_| ())
+                .expect("append");
+        }
+        // In every inbox it was for: its dispatch is done.
+        store.messages.dispatched(sent.id).expect("dispatched");
+        let holding = |store: &Store| store.records_containing(b"gone-user").expect("search");
+        assert!(holding(&store).len() >= 8, "{:?}", holding(&store));
+
+        store.delete_user(&gone).expect("delete");
+        // What is left holds the name only in bob's inbox, as the sender of bob's message.
+        let left = holding(&store);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!((left[0].tree.as_str(), left[0].in_key), ("inbox", false));
+        assert!(!store.accounts.exists(&gone).expect("exists"));
+        assert!(store.accounts.devices(&gone).expect("devices").is_empty());
+        assert_eq!(
+            store
+                .relations
+                .list(&bob, RelationKind::Colleague)
+                .expect("list"),
+            Vec::<UserId>::new()
+        );
+        // A message on its way when the account went finds it gone and writes nothing.
+        let late = Message {
+            id: MessageId(to_gone.id.0 + 100),
+            ..to_gone.clone()
+        };
+        let appended = store
+            .inbox
+            .append_if(&gone, &late, None, || store.accounts.exists(&gone), |_| ())
+            .expect("append");
+        assert!(appended.is_none());
+        assert_eq!(holding(&store).len(), 1);
+        // Bob's account is untouched.
+        assert!(store.accounts.exists(&bob).expect("exists"));
+        assert_eq!(store.accounts.devices(&bob).expect("devices").len(), 1);
+        assert_eq!(positions(&store, "bob").len(), 1);
     }
 
     #[test]

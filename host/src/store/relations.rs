@@ -48,4 +48,18 @@ impl Relations {
         }
         Ok(out)
     }
+
+    /// Removes `user`'s lists, and `user` from everyone's lists (the account was deleted).
+    /// Every list is read: deleting an account is rare, and a second index would cost every
+    /// change of a relation a write.
+    pub fn forget_user(&self, user: &UserId) -> Result<(), StoreError> {
+        let own = keys::user_prefix(user);
+        for entry in self.tree.iter() {
+            let (key, _) = entry?;
+            if key.starts_with(&own) || keys::related_user(&key).as_ref() == Some(user) {
+                self.tree.remove(key)?;
+            }
+        }
+        Ok(())
+    }
 }

@@ -11,8 +11,8 @@
 use super::Refusal;
 use crate::codec::{FrameDecoder, encode_frame};
 use crate::frame::{
-    ClientFrame, ErrorCode, Message, MessageId, MessageKind, RelationKind, RelationOp, RequestId,
-    ServerFrame, SessionMode,
+    AccountOp, ClientFrame, ErrorCode, Message, MessageId, MessageKind, RelationKind, RelationOp,
+    RequestId, ServerFrame, SessionMode,
 };
 use crate::name::{Address, DeviceId, UserId};
 use std::collections::{BTreeMap, HashSet, VecDeque};
@@ -77,6 +77,8 @@ pub enum Request {
         /// Most messages.
         max: u32,
     },
+    /// Change, list, revoke or delete what the account holds.
+    Account(AccountOp),
 }
 
 impl Request {
@@ -114,6 +116,7 @@ impl Request {
             Request::Logout => ClientFrame::Logout { req },
             Request::Relation { kind, op } => ClientFrame::Relation { req, kind, op },
             Request::Fetch { max } => ClientFrame::Fetch { req, max },
+            Request::Account(op) => ClientFrame::Account { req, op },
         }
     }
 
@@ -701,7 +704,8 @@ impl ClientSession {
             | ServerFrame::Users { req, .. }
             | ServerFrame::Accepted { req, .. }
             | ServerFrame::Page { req, .. }
-            | ServerFrame::Redirect { req, .. } => (req, Ok(frame)),
+            | ServerFrame::Redirect { req, .. }
+            | ServerFrame::Devices { req, .. } => (req, Ok(frame)),
         };
         // An answer to nothing (its request timed out) is dropped.
         let Some((waiting, _)) = connection.pending.remove(&req) else {

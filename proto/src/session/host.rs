@@ -31,8 +31,8 @@
 use super::{End, Refusal, RetryPolicy};
 use crate::codec::{CodecError, FrameDecoder, encode_deliver, encode_frame};
 use crate::frame::{
-    ClientFrame, ErrorCode, Message, MessageId, MessageKind, RelationKind, RelationOp, RequestId,
-    ServerFrame, SessionMode,
+    AccountOp, ClientFrame, ErrorCode, Message, MessageId, MessageKind, RelationKind, RelationOp,
+    RequestId, ServerFrame, SessionMode,
 };
 use crate::name::{Address, DeviceId, UserId};
 use crate::rate::TokenBucket;
@@ -231,6 +231,17 @@ pub enum Action {
         kind: RelationKind,
         /// What to do.
         op: RelationOp,
+    },
+    /// Change, list, revoke or delete what `who`'s account holds; hand the answer back with
+    /// [`HostSession::handle_answer`], or for [`AccountOp::Delete`] with
+    /// [`HostSession::handle_logged_out`] (the session then ends).
+    Account {
+        /// Request id.
+        req: RequestId,
+        /// Who asks.
+        who: Identity,
+        /// What to do.
+        op: AccountOp,
     },
     /// Check and store these submissions of `who`, make them durable with one flush, and
     /// hand the outcomes back, in this order, with [`HostSession::handle_accepted`]; then
@@ -715,7 +726,7 @@ impl HostSession {
         self.end = Some(end);
     }
 
-    /// The outcome of [`Action::Register`] or [`Action::Relation`].
+    /// The outcome of [`Action::Register`], [`Action::Relation`] or [`Action::Account`].
     pub fn handle_answer(
         &mut self,
         now: Instant,
@@ -778,7 +789,8 @@ impl HostSession {
         self.process(now);
     }
 
-    /// The outcome of [`Action::Logout`]: on success the session ends.
+    /// The outcome of [`Action::Logout`] or of an account's deletion: on success the session
+    /// ends.
     pub fn handle_logged_out(
         &mut self,
         now: Instant,
@@ -1220,6 +1232,19 @@ impl HostSession {
                         kind,
                         op,
                     });
+                }
+                None => self.refuse(req, not_authenticated()),
+            },
+            ClientFrame::Account { req, op } => match self.identity().cloned() {
+                Some(who) => {
+                    self.waiting = Some(match op {
+                        AccountOp::Delete { .. } => {
+                            self.flush_acks();
+                            Waiting::Logout(req)
+                        }
+                        _ => Waiting::Answer(req),
+                    });
+                    self.actions.push_back(Action::Account { req, who, op });
                 }
                 None => self.refuse(req, not_authenticated()),
             },
