@@ -750,3 +750,95 @@ fn two_users_make_a_group_talk_in_it_and_share_a_file_through_the_cli() -> anyho
     );
     Ok(())
 }
+
+/// `iim account`: the devices listed, one revoked (its profile's token then opens nothing),
+/// the password changed (the other device logged out, this one kept), the account deleted
+/// (its profile forgotten, the name free again).
+#[test]
+fn a_user_manages_devices_password_and_deletes_the_account_through_the_cli() -> anyhow::Result<()> {
+    let host = HostProcess::start_chat_only()?;
+    let dir = tempfile::tempdir()?;
+    let (phone, laptop, tablet) = (
+        dir.path().join("phone"),
+        dir.path().join("laptop"),
+        dir.path().join("tablet"),
+    );
+    register_and_login(&host, &phone, "erin", "phone")?;
+    for (profile, device) in [(&laptop, "laptop"), (&tablet, "tablet")] {
+        ok(iim(
+            &host,
+            profile,
+            &[
+                "login",
+                "erin",
+                "--password",
+                "correct horse",
+                "--device",
+                device,
+            ],
+        )?)?;
+    }
+    let listed = ok(iim(&host, &phone, &["account", "devices"])?)?;
+    let names: Vec<&str> = listed
+        .lines()
+        .map(|line| line.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["laptop", "phone", "tablet"], "{listed}");
+    ensure!(
+        listed.contains("phone (this one)") && listed.contains("last active"),
+        "{listed}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(iim(&host, &phone, &["--json", "account", "devices"])?)?)?;
+    ensure!(json.as_array().is_some_and(|d| d.len() == 3), "{json}");
+
+    assert_eq!(
+        ok(iim(&host, &phone, &["account", "revoke", "laptop"])?)?,
+        "revoked device laptop of erin\n"
+    );
+    let args = ["friend", "list"];
+    fails_in_one_line(iim(&host, &laptop, &args)?, &args, "auth_failed")?;
+
+    let args = [
+        "account",
+        "password",
+        "--old",
+        "wrong password",
+        "--new",
+        "a new one!",
+    ];
+    fails_in_one_line(iim(&host, &phone, &args)?, &args, "wrong password")?;
+    ok(iim(
+        &host,
+        &phone,
+        &[
+            "account",
+            "password",
+            "--old",
+            "correct horse",
+            "--new",
+            "a new one!",
+        ],
+    )?)?;
+    let args = ["friend", "list"];
+    fails_in_one_line(iim(&host, &tablet, &args)?, &args, "auth_failed")?;
+    ok(iim(&host, &phone, &["friend", "list"])?)?;
+
+    let args = ["account", "delete", "--password", "a new one!"];
+    fails_in_one_line(iim(&host, &phone, &args)?, &args, "add --yes")?;
+    assert_eq!(
+        ok(iim(
+            &host,
+            &phone,
+            &["account", "delete", "--password", "a new one!", "--yes"]
+        )?)?,
+        "deleted the account erin\n"
+    );
+    ensure!(!phone.join("profile.json").exists(), "the profile stays");
+    ok(iim(
+        &host,
+        &phone,
+        &["register", "erin", "--password", "another one"],
+    )?)?;
+    Ok(())
+}

@@ -108,7 +108,7 @@ pub(crate) async fn run(cli: &Cli, op: &AccountCommand) -> anyhow::Result<()> {
             conn.delete_account(password).await?;
             forget_login(&dir)?;
             print_result(cli, serde_json::json!({ "deleted": user }), || {
-                format!("deleted the account {user} and everything it owned")
+                format!("deleted the account {user}")
             });
         }
     }
