@@ -108,6 +108,7 @@ async fn answer(host: &Host, command: &str) -> String {
             plugins(host)
         }
         "dead-letters" => dead_letters(host),
+        "notices" => notices(host),
         "network" => network(host),
         "rotate-key" => match host.key_rotation.rotate(&host.store, &host.blobs) {
             Ok(reply) => reply,
@@ -123,7 +124,7 @@ async fn answer(host: &Host, command: &str) -> String {
         }
         other => format!(
             "error: unknown command {other:?}; try plugins, reload, dead-letters, \
-             retry-dead-letters [ID], network, rotate-key or key-status\n"
+             retry-dead-letters [ID], notices, network, rotate-key or key-status\n"
         ),
     }
 }
@@ -195,6 +196,24 @@ fn plugins(host: &Host) -> String {
         let _ = writeln!(out, "{file}\trefused: {error}");
     }
     out
+}
+
+/// The notices of deleted accounts that plugins have not handled yet, one per line.
+fn notices(host: &Host) -> String {
+    match host.store.accounts.pending_notices() {
+        Ok(notices) if notices.is_empty() => "no notices waiting\n".into(),
+        Ok(notices) => {
+            let mut out = String::new();
+            for (id, plugin, user, at) in notices {
+                let _ = writeln!(
+                    out,
+                    "{id}\taccount-deleted {user}\tfor {plugin}\tat {at} ms"
+                );
+            }
+            out
+        }
+        Err(e) => format!("error: cannot read the notices: {e}\n"),
+    }
 }
 
 fn dead_letters(host: &Host) -> String {

@@ -102,24 +102,26 @@ impl Directory {
         read(&self.presence).len()
     }
 
-    /// Learns where users live (a claim's or a look-up's answer), caching it.
+    /// Learns where users live (a claim's, a release's or a look-up's answer), caching it. An
+    /// empty home forgets the name.
     pub fn learn(&self, entries: &[(Address, String)]) -> Result<(), StoreError> {
         self.store.network.cache_directory(entries, None)?;
         let mut homes = write(&self.homes);
         for (user, server) in entries {
-            homes.insert(user.clone(), server.clone());
+            set_home(&mut homes, user.clone(), server.clone());
         }
         Ok(())
     }
 
-    /// Takes directory entries the exchange sent, complete up to `version`, caching them.
+    /// Takes directory entries the exchange sent, complete up to `version`, caching them. An
+    /// entry with an empty home forgets the name: it was released (its account deleted).
     pub fn update(&self, version: u64, entries: Vec<(Address, String)>) -> Result<(), StoreError> {
         self.store
             .network
             .cache_directory(&entries, Some(version))?;
         let mut homes = write(&self.homes);
         for (user, server) in entries {
-            homes.insert(user, server);
+            set_home(&mut homes, user, server);
         }
         self.version.fetch_max(version, Ordering::Relaxed);
         Ok(())
@@ -154,6 +156,16 @@ impl Directory {
         for server in write(&self.servers).values_mut() {
             server.up = false;
         }
+    }
+}
+
+/// Records `name`'s home, or forgets the name if `home` is empty (the directory's mark of a
+/// released name: no host is its home).
+fn set_home(homes: &mut HashMap<Address, String>, name: Address, home: String) {
+    if home.is_empty() {
+        homes.remove(&name);
+    } else {
+        homes.insert(name, home);
     }
 }
 

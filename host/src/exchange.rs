@@ -3,11 +3,12 @@
 //! Hosts join it over QUIC (ALPN `iim-peer/1`, one stream each, frames of
 //! [`iim_proto::peer`]) with the network's secret. It keeps, in its own store
 //! ([`ExchangeStore`]): the registry of servers (id, number, address, up or down), the user
-//! directory (user → home server, claimed at registration) and one relay outbox per host. It
-//! serves the registry and the directory to every host, which cache them; and it relays: a
-//! `905` from a host is stored as one `906` per target host, acknowledged once durable, and
-//! sent to each target as soon as it is connected, in order, until the target acknowledges
-//! it. A host that goes away is marked down; what is for it waits in its outbox.
+//! directory (user → home server, claimed at registration, released when the account is
+//! deleted) and one relay outbox per host. It serves the registry and the directory to every
+//! host, which cache them; and it relays: a `905` from a host is stored as one `906` per
+//! target host, acknowledged once durable, and sent to each target as soon as it is
+//! connected, in order, until the target acknowledges it. A host that goes away is marked
+//! down; what is for it waits in its outbox.
 
 use crate::clock::now_ms;
 use crate::config::Config;
@@ -101,8 +102,8 @@ struct State {
     presence: Mutex<HashMap<String, HashMap<UserId, u32>>>,
     stats: Stats,
     shutdown: watch::Receiver<bool>,
-    /// Held from a claim's numbering to its broadcast, so that hosts hear of directory
-    /// versions in order.
+    /// Held from a claim's or a release's numbering to its broadcast, so that hosts hear of
+    /// directory versions in order.
     claims: tokio::sync::Mutex<()>,
     /// Permits for connections that have not joined yet.
     joining: Arc<tokio::sync::Semaphore>,
@@ -627,6 +628,24 @@ async fn relay(
                     }
                     drop(_claims);
                     peer.write(&ExchangeFrame::Claimed { req, home }).await?;
+                }
+                HostFrame::Release { req, user } => {
+                    // Under the claims lock, as a claim: hosts hear of versions in order, and
+                    // a host that joins meanwhile reads the release only once it is durable.
+                    let _claims = state.claims.lock().await;
+                    let (home, version) = state.store.release(&user, server)?;
+                    if let Some(version) = version {
+                        state.store.flush().await?;
+                        tracing::info!(%user, version, "user name released");
+                        state.tell(None, ExchangeFrame::Directory {
+                            version,
+                            entries: vec![(user.into(), String::new())],
+                        });
+                    } else if let Some(home) = &home {
+                        tracing::warn!(%server, %user, %home, "a host asked to release a name of another host; refused");
+                    }
+                    drop(_claims);
+                    peer.write(&ExchangeFrame::Released { req, home }).await?;
                 }
                 HostFrame::Lookup { req, users } => {
                     // Under the claims lock: a claim is read only once it is durable.

@@ -159,6 +159,8 @@ enum AdminAction {
     Reload,
     /// Lists the events no plugin build could handle.
     DeadLetters,
+    /// Lists the notices of deleted accounts that plugins have not handled yet.
+    Notices,
     /// Shows the network: the registry, the directory and the relay counters (of a host or
     /// of the exchange).
     Network,
@@ -278,6 +280,7 @@ fn main() -> anyhow::Result<()> {
             AdminAction::Plugins => "plugins".to_owned(),
             AdminAction::Reload => "reload".to_owned(),
             AdminAction::DeadLetters => "dead-letters".to_owned(),
+            AdminAction::Notices => "notices".to_owned(),
             AdminAction::RetryDeadLetters { id: None } => "retry-dead-letters".to_owned(),
             AdminAction::RetryDeadLetters { id: Some(id) } => format!("retry-dead-letters {id}"),
             AdminAction::Network => "network".to_owned(),

@@ -4,9 +4,11 @@
 //! and every later one into the [`Directory`], sends the relay outbox (`905`s) in order and
 //! drops what the exchange acknowledged, and applies the `906`s it receives to the inboxes of
 //! its users through the IIM entry point, acknowledging each once it is durable — the hop's
-//! rules are [`RelayLink`]'s. It also carries claims, look-ups and presence reports. Link lost:
-//! it joins again with a growing wait, and each side sends again what the other did not
-//! acknowledge. [`first_join`] gets a new host its number before it serves anyone.
+//! rules are [`RelayLink`]'s. It also carries claims, look-ups and presence reports, and
+//! releases the names of deleted accounts (kept in the store until the exchange has released
+//! them, and asked again whenever the link comes up). Link lost: it joins again with a growing
+//! wait, and each side sends again what the other did not acknowledge. [`first_join`] gets a
+//! new host its number before it serves anyone.
 
 use crate::blobs::{Blobs, FileId};
 use crate::config::Config;
@@ -39,8 +41,11 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 const REJOIN_FIRST: Duration = Duration::from_millis(200);
 /// The longest wait between two attempts to join.
 const REJOIN_MAX: Duration = Duration::from_secs(5);
+/// The wait before names left to release are asked again while the link is up (the exchange
+/// did not answer in time); a link that comes up asks at once.
+const RELEASE_RETRY: Duration = Duration::from_secs(5);
 
-/// Why a claim or a look-up could not be made.
+/// Why a claim, a release or a look-up could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
     /// The exchange is not connected or did not answer in time.
@@ -192,6 +197,11 @@ pub struct Network {
     presence_ready: Notify,
     /// The files being fetched from other hosts, each by one download at a time.
     fetching: Mutex<HashMap<Sha256, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held while a name waiting to be released is released, or claimed again: the claim
+    /// comes after the release, and no release follows it.
+    releasing: tokio::sync::Mutex<()>,
+    /// Wakes the releases: a name waits to be released, or the link came up.
+    releases_ready: Notify,
 }
 
 /// What the link drives besides the network: the configuration it joins with, the entry
@@ -232,6 +242,8 @@ impl Network {
             presence_changed: Mutex::default(),
             presence_ready: Notify::new(),
             fetching: Mutex::default(),
+            releasing: tokio::sync::Mutex::new(()),
+            releases_ready: Notify::new(),
         }
     }
 
@@ -246,9 +258,20 @@ impl Network {
     }
 
     /// Registration, or a group's creation: claims `name` for this host. `Ok(home)`: its
-    /// home afterwards (this host if the name was free or its own already).
+    /// home afterwards (this host if the name was free or its own already). A user's name
+    /// that waited to be released ([`Network::release_later`]) and is this host's again
+    /// waits no more.
     pub async fn claim(&self, name: impl Into<Address>) -> Result<String, NetworkError> {
         let name = name.into();
+        let waiting = match &name {
+            Address::User(user) if self.store.network.is_to_release(user)? => Some(user.clone()),
+            _ => None,
+        };
+        // Only then in turn with the releases: other claims do not wait for each other.
+        let _releasing = match waiting {
+            Some(_) => Some(self.releasing.lock().await),
+            None => None,
+        };
         match self
             .request(|req| HostFrame::Claim {
                 req,
@@ -258,12 +281,100 @@ impl Network {
         {
             ExchangeFrame::Claimed { home, .. } => {
                 self.directory.learn(&[(name, home.clone())])?;
+                if let Some(user) = waiting
+                    && home == self.server()
+                {
+                    self.store.network.release_done(&user)?;
+                }
                 Ok(home)
             }
             other => Err(NetworkError::Unavailable(format!(
                 "unexpected answer to a claim: {other:?}"
             ))),
         }
+    }
+
+    /// Releases the name of `user`, whose account this host deleted, at the exchange: the
+    /// name is free in the network again, and the other hosts forget it. `Ok`: the exchange
+    /// does not list the name as this host's any more (released now, free already, or —
+    /// logged — another host's), this host's directory says the same, and the name no longer
+    /// waits to be released ([`Network::release_later`]). Call it once the account is gone
+    /// from this host.
+    pub async fn release(&self, user: UserId) -> Result<(), NetworkError> {
+        let _releasing = self.releasing.lock().await;
+        self.release_now(&user).await
+    }
+
+    /// [`Network::release`], in turn with claims (the caller holds `releasing`).
+    async fn release_now(&self, user: &UserId) -> Result<(), NetworkError> {
+        match self
+            .request(|req| HostFrame::Release {
+                req,
+                user: user.clone(),
+            })
+            .await?
+        {
+            ExchangeFrame::Released { home, .. } => {
+                if let Some(home) = &home {
+                    tracing::warn!(%user, %home, "the exchange did not release the name of a deleted account: it is another host's");
+                }
+                self.directory
+                    .learn(&[(user.clone().into(), home.unwrap_or_default())])?;
+                self.store.network.release_done(user)?;
+                tracing::info!(%user, "user name released in the network");
+                Ok(())
+            }
+            other => Err(NetworkError::Unavailable(format!(
+                "unexpected answer to a release: {other:?}"
+            ))),
+        }
+    }
+
+    /// Records, durably after the next flush, that the name of `user`, whose account this
+    /// host deleted, is to be released at the exchange, and wakes the releases: the link
+    /// releases it as soon as it is up, after a restart too, trying again until the exchange
+    /// answers. A name claimed again here before that ([`Network::claim`]), or whose account
+    /// exists here again, is not released.
+    pub fn release_later(&self, user: &UserId) -> Result<(), StoreError> {
+        self.store.network.release_later(user)?;
+        self.releases_ready.notify_one();
+        Ok(())
+    }
+
+    /// Releases every name that waits to be released, while the link is up. `Ok(true)`: some
+    /// are left, for the exchange did not answer.
+    async fn release_waiting(&self) -> Result<bool, NetworkError> {
+        if !self.is_up() {
+            // The link coming up wakes the releases again.
+            return Ok(false);
+        }
+        let names = self.store.network.to_release()?;
+        if names.is_empty() {
+            return Ok(false);
+        }
+        // Only what is durable is released: an account whose deletion a crash could undo
+        // keeps its name.
+        self.store.flush().await?;
+        for user in names {
+            let _releasing = self.releasing.lock().await;
+            if !self.store.network.is_to_release(&user)? {
+                continue;
+            }
+            if self.store.accounts.exists(&user)? {
+                // Registered here again: the name is in use.
+                self.store.network.release_done(&user)?;
+                continue;
+            }
+            match self.release_now(&user).await {
+                Ok(()) => {}
+                Err(NetworkError::Unavailable(reason)) => {
+                    tracing::info!(%user, %reason, "a deleted account's name is released later");
+                    return Ok(true);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
     }
 
     /// Asks the exchange for the homes of `names` (users or groups) this host does not know,
@@ -589,13 +700,40 @@ async fn claim_existing_users(
     Ok(())
 }
 
-/// Keeps the link to the exchange until the host shuts down.
+/// Keeps the link to the exchange, and releases the names of deleted accounts, until the host
+/// shuts down.
 pub async fn run(network: Arc<Network>, parts: LinkParts) {
+    let releases = release_names(&network, parts.shutdown.clone());
+    tokio::join!(keep_link(&network, &parts), releases);
+}
+
+/// Releases the names that wait to be released ([`Network::release_later`]) whenever one is
+/// added or the link comes up, and every [`RELEASE_RETRY`] while the exchange leaves some
+/// unanswered, until the host shuts down.
+async fn release_names(network: &Network, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let retry = match network.release_waiting().await {
+            Ok(left) => left,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot release the names of deleted accounts");
+                true
+            }
+        };
+        tokio::select! {
+            () = network.releases_ready.notified() => {}
+            () = tokio::time::sleep(RELEASE_RETRY), if retry => {}
+            _ = shutdown.wait_for(|stopping| *stopping) => return,
+        }
+    }
+}
+
+/// Keeps the link to the exchange until the host shuts down.
+async fn keep_link(network: &Network, parts: &LinkParts) {
     let mut shutdown = parts.shutdown.clone();
     let mut backoff = Backoff::new(REJOIN_FIRST, REJOIN_MAX);
     loop {
         let result = tokio::select! {
-            r = serve(&network, &parts) => r,
+            r = serve(network, parts) => r,
             _ = shutdown.wait_for(|stopping| *stopping) => return,
         };
         let was_up = network.up.swap(false, Ordering::Relaxed);
@@ -647,6 +785,7 @@ async fn serve(network: &Network, parts: &LinkParts) -> Result<(), LinkError> {
     // again below.
     while control.try_recv().is_ok() {}
     network.up.store(true, Ordering::Relaxed);
+    network.releases_ready.notify_one();
     tracing::info!(number, "joined the network");
     lock(&network.presence_changed).clear();
     for entries in parts.registry.online_counts().chunks(1000) {
@@ -700,11 +839,13 @@ async fn serve(network: &Network, parts: &LinkParts) -> Result<(), LinkError> {
                 }
                 answer @ (ExchangeFrame::Claimed { .. }
                 | ExchangeFrame::Found { .. }
-                | ExchangeFrame::FilePart { .. }) => {
+                | ExchangeFrame::FilePart { .. }
+                | ExchangeFrame::Released { .. }) => {
                     let req = match &answer {
                         ExchangeFrame::Claimed { req, .. }
                         | ExchangeFrame::Found { req, .. }
-                        | ExchangeFrame::FilePart { req, .. } => *req,
+                        | ExchangeFrame::FilePart { req, .. }
+                        | ExchangeFrame::Released { req, .. } => *req,
                         _ => 0,
                     };
                     if let Some(waiter) = lock(&network.requests).remove(&req) {
@@ -841,5 +982,197 @@ async fn serve_part(store: Store, blobs: Blobs, sha256: Sha256, offset: u64) -> 
             code: ErrorCode::INTERNAL,
             message: format!("cannot read the file: {e}"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Role;
+    use crate::exchange::Exchange;
+    use crate::server::Server;
+    use crate::store::UserRecord;
+    use std::path::Path;
+
+    const SECRET: &str = "the test network's secret";
+
+    /// Waits (at most 20 s) until `done`.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(20), async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "timed out: {what}");
+    }
+
+    /// An exchange in `dir`, listening on `listen`: its address, certificate, and what stops
+    /// it (awaited until it has stopped).
+    async fn exchange(
+        dir: &Path,
+        listen: SocketAddr,
+    ) -> (
+        SocketAddr,
+        PathBuf,
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let config = Config {
+            role: Role::Exchange,
+            data_dir: dir.join("exchange"),
+            listen,
+            network: crate::config::NetworkConfig {
+                secret: Some(SECRET.into()),
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        // The address of an exchange that stopped a moment ago may not be free yet.
+        let mut tries = 0;
+        let exchange = loop {
+            match Exchange::start(config.clone()).await {
+                Ok(exchange) => break exchange,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "the exchange cannot start yet");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("the exchange cannot start: {e}"),
+            }
+        };
+        let addr = exchange.local_addr().expect("addr");
+        let cert = exchange.cert_path().to_owned();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = exchange
+                .run(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        (addr, cert, stop, task)
+    }
+
+    /// Host `id` of the network of the exchange at `exchange`, in `dir`.
+    async fn host(
+        dir: &Path,
+        id: &str,
+        exchange: SocketAddr,
+        cert: &Path,
+    ) -> (Arc<crate::Host>, oneshot::Sender<()>) {
+        let config = Config {
+            server_id: id.into(),
+            data_dir: dir.join(id),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            network: crate::config::NetworkConfig {
+                exchange: Some(exchange.to_string()),
+                exchange_cert: Some(cert.to_owned()),
+                secret: Some(SECRET.into()),
+                ..Default::default()
+            },
+            ..Config::default()
+        };
+        let server = Server::start(config).await.expect("host");
+        let host = server.host();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        (host, stop)
+    }
+
+    fn network(host: &crate::Host) -> &Network {
+        host.network.as_deref().expect("in a network")
+    }
+
+    /// Registers `name` on `host` as registration does: the claim, then the account.
+    async fn register(host: &crate::Host, name: &str) -> UserId {
+        let user = UserId::new(name).expect("valid");
+        let home = network(host).claim(user.clone()).await.expect("claim");
+        assert_eq!(home, network(host).server(), "{user} is free");
+        let record = UserRecord {
+            password_hash: "not a hash".into(),
+            created_at: 1,
+        };
+        assert!(host.store.accounts.create(&user, &record).expect("create"));
+        host.store.flush().await.expect("flush");
+        user
+    }
+
+    /// Deletes `user`'s account on `host` and records the release of the name, as the
+    /// deletion of an account does.
+    async fn delete(host: &crate::Host, user: &UserId) {
+        host.store.delete_user(user).expect("delete");
+        network(host).release_later(user).expect("record");
+        host.store.flush().await.expect("flush");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deleted_account_s_name_is_released_at_once_or_when_the_exchange_is_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (addr, cert, stop, running) =
+            exchange(dir.path(), "127.0.0.1:0".parse().expect("addr")).await;
+        let (h1, _stop1) = host(dir.path(), "h1", addr, &cert).await;
+        let (h2, _stop2) = host(dir.path(), "h2", addr, &cert).await;
+        until("both links up", || {
+            network(&h1).is_up() && network(&h2).is_up()
+        })
+        .await;
+
+        // Released at once while the exchange is there: h2 forgets the name and may take it;
+        // h1 learns it is h2's.
+        let dora = register(&h1, "dora").await;
+        until("h2 knowing dora", || {
+            network(&h2).directory.home_of_user(&dora).is_some()
+        })
+        .await;
+        delete(&h1, &dora).await;
+        until("h2 forgetting dora", || {
+            network(&h2).directory.home_of_user(&dora).is_none()
+        })
+        .await;
+        assert!(!h1.store.network.is_to_release(&dora).expect("read"));
+        assert_eq!(network(&h2).claim(dora.clone()).await.expect("claim"), "h2");
+        until("h1 learning dora's new home", || {
+            network(&h1).directory.home_of_user(&dora).as_deref() == Some("h2")
+        })
+        .await;
+
+        // Deleted while the exchange is away: the release waits in the store, and goes when
+        // the link is back.
+        let ella = register(&h1, "ella").await;
+        until("h2 knowing ella", || {
+            network(&h2).directory.home_of_user(&ella).is_some()
+        })
+        .await;
+        let _ = stop.send(());
+        running.await.expect("stopped");
+        until("h1's link down", || !network(&h1).is_up()).await;
+        delete(&h1, &ella).await;
+        assert!(
+            h1.store.network.is_to_release(&ella).expect("read"),
+            "waits"
+        );
+        let (_, _, _stop, _running) = exchange(dir.path(), addr).await;
+        until("h2 forgetting ella", || {
+            network(&h2).directory.home_of_user(&ella).is_none()
+        })
+        .await;
+        assert!(!h1.store.network.is_to_release(&ella).expect("read"));
+        assert_eq!(network(&h2).claim(ella).await.expect("claim"), "h2");
+
+        // A name registered here again before its release went (the releases not woken yet)
+        // is not released any more.
+        let fay = register(&h1, "fay").await;
+        h1.store.delete_user(&fay).expect("delete");
+        h1.store.network.release_later(&fay).expect("record");
+        let again = register(&h1, "fay").await;
+        assert!(!h1.store.network.is_to_release(&again).expect("read"));
+        assert_eq!(
+            network(&h2).claim(again).await.expect("claim"),
+            "h1",
+            "still h1's"
+        );
     }
 }

@@ -301,6 +301,25 @@ impl FakeHost {
         })
     }
 
+    /// The host's notice that `user`'s account was deleted: a message event of kind
+    /// [`ACCOUNT_DELETED_KIND`](crate::body::ACCOUNT_DELETED_KIND) from the host, acting as
+    /// `user` (see `docs/plugins.md`, "The `account-deleted` notice"). The user is gone from this host.
+    pub fn account_deleted(&mut self, user: &str) -> Event {
+        self.users.remove(user);
+        let body = crate::body::AccountDeleted {
+            user: user.to_owned(),
+        };
+        Event::Message(Message {
+            id: 0,
+            kind: MessageKind::Custom(crate::body::ACCOUNT_DELETED_KIND.into()),
+            sender: user.to_owned(),
+            sender_device: "iim-host".to_owned(),
+            to: vec![user.to_owned()],
+            body: body.to_json(),
+            sent_at: self.now_ms,
+        })
+    }
+
     /// `recipient`'s `device` acknowledges `message`: the `delivered` event.
     pub fn acknowledge(&mut self, recipient: &str, device: &str, message: &Message) -> Event {
         Event::Delivered(Delivery {

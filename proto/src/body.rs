@@ -464,6 +464,37 @@ pub const PUSH_KIND: &str = "push";
 /// the plugin that handles this kind (the push plugin). Their body is a [`Waiting`].
 pub const WAITING_KIND: &str = "waiting";
 
+/// The kind of the host's notice that an account was deleted: raised by the host only (a
+/// client or a plugin that sends one is refused), to every plugin that handles this kind, acting
+/// as the deleted user, so that each forgets what it keeps for the user (the push plugin: its
+/// devices' tokens). Its body is an [`AccountDeleted`].
+pub const ACCOUNT_DELETED_KIND: &str = "account-deleted";
+
+/// Whether messages of custom kind `kind` are the host's own notices ([`WAITING_KIND`],
+/// [`ACCOUNT_DELETED_KIND`]), which no client or plugin may send.
+pub fn is_host_notice(kind: &str) -> bool {
+    kind == WAITING_KIND || kind == ACCOUNT_DELETED_KIND
+}
+
+/// The body of the host's [`ACCOUNT_DELETED_KIND`] notice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountDeleted {
+    /// The user whose account was deleted (the notice's sender and only addressee as well).
+    pub user: String,
+}
+
+impl AccountDeleted {
+    /// The notice's body.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads a notice's body.
+    pub fn from_json(body: &[u8]) -> Result<Self, BodyError> {
+        serde_json::from_slice(body).map_err(|e| BodyError::Json(e.to_string()))
+    }
+}
+
 /// What a device asks of the push plugin: the body of a [`PUSH_KIND`] message addressed to its
 /// own user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

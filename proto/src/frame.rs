@@ -194,8 +194,8 @@ pub enum AccountOp {
     /// Revoke a device: its token is revoked, its sessions end at once, it receives nothing
     /// more. A device may revoke itself. Answered by [`ServerFrame::Ok`].
     Revoke(DeviceId),
-    /// Delete the account with what the host keeps of it (devices, inbox, relations, files;
-    /// `docs/protocol.md` "Accounts" says what else, and what not yet). Answered by
+    /// Delete the account with what the host keeps of it (devices, inbox, relations, files,
+    /// plugins' data; `docs/protocol.md` "Accounts" says what else, and what not yet). Answered by
     /// [`ServerFrame::Ok`]; then every session of the account ends, this one included.
     Delete {
         /// The password, asked again: deleting cannot be undone.

@@ -143,6 +143,15 @@ pub enum HostFrame {
         /// The bytes, or why not.
         part: FilePart,
     },
+    /// The account of `user`, a user of this host, was deleted: its name is free again in
+    /// the network. Answered by [`ExchangeFrame::Released`]; a name whose home is another host
+    /// is not released. (Appended last: the frames before keep their numbers on the wire.)
+    Release {
+        /// Request id.
+        req: u64,
+        /// The user name.
+        user: UserId,
+    },
 }
 
 /// Most bytes of a file one [`FilePart`] carries.
@@ -188,7 +197,8 @@ pub enum ExchangeFrame {
         relayed_out: u64,
     },
     /// Directory entries (user → home server), in version order: after `Joined` the ones the
-    /// host lacks, then each new one as users register anywhere.
+    /// host lacks, then each new one as users register anywhere. An empty home: the name was
+    /// released (its account deleted; [`HostFrame::Release`]), and no host has it now.
     Directory {
         /// The version of the last entry.
         version: u64,
@@ -258,4 +268,50 @@ pub enum ExchangeFrame {
         /// The bytes, or why not.
         part: FilePart,
     },
+    /// Answer to [`HostFrame::Release`], as [`ExchangeFrame::Claimed`] answers a claim: the
+    /// home of the name afterwards. (Appended last: the frames before keep their numbers on
+    /// the wire.)
+    Released {
+        /// The request.
+        req: u64,
+        /// `None`: the name is free, released now or nobody's before. `Some(home)`: the
+        /// release was refused, the name is another host's, `home`.
+        home: Option<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first byte of a frame's postcard encoding is its variant's number.
+    fn variant<T: Serialize>(frame: &T) -> u8 {
+        postcard::to_stdvec(frame).expect("encode")[0]
+    }
+
+    #[test]
+    fn release_frames_come_after_the_others_on_the_wire() {
+        let release = HostFrame::Release {
+            req: 7,
+            user: UserId::new("dora").expect("valid"),
+        };
+        let released = ExchangeFrame::Released {
+            req: 7,
+            home: Some("h2".into()),
+        };
+        assert_eq!(variant(&HostFrame::Ack { seq: 1 }), 4, "unchanged");
+        assert_eq!(variant(&release), 8);
+        assert_eq!(variant(&ExchangeFrame::Ack { seq: 1 }), 6, "unchanged");
+        assert_eq!(variant(&released), 11);
+        let bytes = postcard::to_stdvec(&release).expect("encode");
+        assert_eq!(
+            postcard::from_bytes::<HostFrame>(&bytes).expect("decode"),
+            release
+        );
+        let bytes = postcard::to_stdvec(&released).expect("encode");
+        assert_eq!(
+            postcard::from_bytes::<ExchangeFrame>(&bytes).expect("decode"),
+            released
+        );
+    }
 }

@@ -106,6 +106,17 @@ impl Gateway {
         format!("https://{}", self.addr)
     }
 
+    /// The push plugin's configuration file (`push.toml`) that posts here, FCM-shaped.
+    pub fn push_config(&self) -> String {
+        format!(
+            "gateway = \"{}/v1/projects/test/messages:send\"\nformat = \"fcm\"\n\
+             [host]\nallowed_outbound_hosts = [\"{}\"]\nhttp_ca_file = \"{}\"\n",
+            self.origin(),
+            self.origin(),
+            self.cert.display()
+        )
+    }
+
     /// Every request received so far.
     pub fn received(&self) -> Vec<Received> {
         self.state

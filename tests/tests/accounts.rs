@@ -6,7 +6,7 @@
 //! sent that are other users' now, and the name can be registered again.
 
 use anyhow::{Context, ensure};
-use iim_client::proto::body::FILE_KIND;
+use iim_client::proto::body::{FILE_KIND, PUSH_KIND, PushReply, PushRequest};
 use iim_client::proto::{DeviceId, ErrorCode, MessageKind, RelationKind, SessionMode, UserId};
 use iim_client::{ClientError, Connection, new_client_id};
 use iim_e2e::*;
@@ -147,10 +147,74 @@ async fn devices_are_listed_revoked_at_once_and_a_new_password_logs_the_others_o
     Ok(())
 }
 
+/// A host with the chat plugin, the push plugin (which keeps each device's push token in its
+/// storage, and forgets a deleted account's), posting to `gateway`, and the keys plugin (the
+/// end-to-end key directory, which forgets a deleted account's cards).
+fn plugins_host(gateway: &gateway::Gateway) -> anyhow::Result<HostProcess> {
+    let toml = gateway.push_config();
+    let (chat, push) = (default_plugin("chat")?, default_plugin("push")?);
+    let keys = default_plugin("keys")?;
+    HostProcess::start_with(
+        "",
+        Plugins::Configured(&[
+            ("chat", &chat, ""),
+            ("push", &push, &toml),
+            ("keys", &keys, "[host]\ninstances = 1\n"),
+        ]),
+    )
+}
+
+/// Publishes a card for the device of `conn` (a delivery session of `user`) in the key
+/// directory, and waits for the plugin's answer. The card is opaque to the plugin: any bytes.
+async fn publish_card(conn: &Connection, user: &UserId) -> Result {
+    let kind = MessageKind::Custom("keys".into());
+    // "a card" and "a key package", in base64.
+    let body = br#"{"op":"publish","card":"YSBjYXJk","key_packages":["YSBrZXkgcGFja2FnZQ=="]}"#;
+    conn.submit(
+        new_client_id(),
+        kind.clone(),
+        std::slice::from_ref(user),
+        body,
+    )
+    .await?;
+    let reply = next_message(conn).await?;
+    ensure!(reply.kind == kind, "{reply:?}");
+    ensure!(
+        text(&reply).contains(r#""op":"published""#),
+        "{}",
+        text(&reply)
+    );
+    Ok(())
+}
+
+/// Registers the device of `conn` (a delivery session of `user`) for push, and waits for the
+/// plugin's answer.
+async fn register_for_push(conn: &Connection, user: &UserId) -> Result {
+    let kind = MessageKind::Custom(PUSH_KIND.into());
+    let body = PushRequest::Register {
+        token: "push-token-of-the-user-to-delete".into(),
+        always: false,
+    }
+    .to_json();
+    conn.submit(
+        new_client_id(),
+        kind.clone(),
+        std::slice::from_ref(user),
+        &body,
+    )
+    .await?;
+    let reply = next_message(conn).await?;
+    ensure!(reply.kind == kind, "{reply:?}");
+    let reply = PushReply::from_json(&reply.body)?;
+    ensure!(matches!(reply, PushReply::Registered { .. }), "{reply:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_account_leaves_nothing_of_its_user_in_the_store_and_its_name_is_free() -> Result
 {
-    let mut host = HostProcess::start_chat_only()?;
+    let gateway = gateway::Gateway::start(false).await?;
+    let mut host = plugins_host(&gateway)?;
     // A name no other record could hold by chance.
     let alice = host.register("alice-to-delete").await?;
     let bob = host.register("bob").await?;
@@ -162,8 +226,10 @@ async fn a_deleted_account_leaves_nothing_of_its_user_in_the_store_and_its_name_
     a.add_relation(RelationKind::Colleague, &carol).await?;
     b.add_relation(RelationKind::Friend, &alice).await?;
 
-    // What alice owns: messages waiting in her inbox (one delivered, more not), a file she
-    // uploaded and sent; what she sent bob is bob's.
+    // What alice owns: a push registration (a plugin's value), messages waiting in her inbox
+    // (one delivered, more not), a file she uploaded and sent; what she sent bob is bob's.
+    register_for_push(&a, &alice).await?;
+    publish_card(&a, &alice).await?;
     for i in 0..3 {
         b.send_text(&alice, &format!("to alice {i}")).await?;
     }
@@ -216,6 +282,21 @@ async fn a_deleted_account_leaves_nothing_of_its_user_in_the_store_and_its_name_
     let login = logged_in(&host, &alice, PASSWORD, "phone", SessionMode::SendOnly).await;
     ensure!(login.is_err(), "a deleted account logs in");
     b.close().await;
+    // The push and keys plugins were told, and forgot her registration and her card.
+    within("the plugins handling the deletion's notice", async {
+        loop {
+            let notices = host.admin("notices").await?;
+            if notices == "no notices waiting\n" {
+                return anyhow::Ok(());
+            }
+            ensure!(
+                notices.contains("for push") || notices.contains("for keys"),
+                "{notices}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await??;
 
     // The store, searched record by record (values opened with the data key): alice's name
     // is only in bob's inbox, as the sender of the messages she sent him.

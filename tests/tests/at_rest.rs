@@ -26,13 +26,7 @@ const NAME_MARK: &str = "QZX-file-name";
 /// A host with the chat plugin and the push plugin (which keeps each device's push token in
 /// its storage), posting to `gateway`.
 fn push_host(gateway: &Gateway) -> Result<HostProcess> {
-    let toml = format!(
-        "gateway = \"{}/v1/projects/test/messages:send\"\nformat = \"fcm\"\n\
-         [host]\nallowed_outbound_hosts = [\"{}\"]\nhttp_ca_file = \"{}\"\n",
-        gateway.origin(),
-        gateway.origin(),
-        gateway.cert.display()
-    );
+    let toml = gateway.push_config();
     let (chat, push) = (default_plugin("chat")?, default_plugin("push")?);
     HostProcess::start_with(
         "",

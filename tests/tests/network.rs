@@ -715,3 +715,95 @@ async fn a_file_sent_across_hosts_is_fetched_once_per_host_and_only_its_recipien
     assert!(!out.exists(), "nothing of the file reached erin");
     Ok(())
 }
+
+/// A deleted account's name is released at the exchange: another host may register it, and
+/// messages to the name reach the new user there. (The release is asynchronous: the host
+/// that deleted the account asks the exchange once the deletion is durable, and the other
+/// hosts hear of it as of a registration.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_account_s_name_is_free_again_in_the_whole_network() -> Result {
+    use iim_client::proto::SessionMode;
+    let exchange = HostProcess::start_exchange()?;
+    let chat = default_plugin("chat")?;
+    let h1 = HostProcess::start_in_network(&exchange, "h1", "", Plugins::Only(&[("chat", &chat)]))?;
+    let h2 = HostProcess::start_in_network(&exchange, "h2", "", Plugins::Only(&[("chat", &chat)]))?;
+    within("both hosts up on both", async {
+        while h1.hosts_up().await? + h2.hosts_up().await? < 4 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        anyhow::Ok(())
+    })
+    .await??;
+    let dora = h1.register("dora").await?;
+    let erin = h1.register("erin").await?;
+    let fred = h2.register("fred").await?;
+    stat_reaches(&h2, "directory_users", 3).await?;
+
+    // Dora lives on h1: h2 refuses her name, and fred's message reaches her there.
+    let conn = h2.connect().await?;
+    let refused = within("register on h2", conn.register(&dora, iim_e2e::PASSWORD)).await?;
+    assert_eq!(code_of(refused)?, ErrorCode::USER_EXISTS);
+    conn.close().await;
+    let (d, _) = h1.online(&dora, "phone").await?;
+    let (f, _) = h2.online(&fred, "phone").await?;
+    f.send_text(&dora, "hello dora of h1").await?;
+    assert_eq!(next_message(&d).await?.body, b"hello dora of h1".to_vec());
+
+    // She deletes her account on h1.
+    let setup = h1.connect().await?;
+    within(
+        "login",
+        setup.login(
+            &dora,
+            iim_e2e::PASSWORD,
+            &"laptop".parse()?,
+            SessionMode::SendOnly,
+        ),
+    )
+    .await??;
+    within("delete", setup.delete_account(iim_e2e::PASSWORD)).await??;
+    setup.close().await;
+    d.close().await;
+
+    // Her name is free: h2 registers it, once the release has gone through.
+    within("registering dora on h2", async {
+        loop {
+            let conn = h2.connect().await?;
+            let registered = conn.register(&dora, iim_e2e::PASSWORD).await;
+            conn.close().await;
+            if registered.is_ok() {
+                return anyhow::Ok(());
+            }
+            let code = code_of(registered)?;
+            anyhow::ensure!(code == ErrorCode::USER_EXISTS, "refused with {code}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await??;
+    // The name is h2's now, h1 included.
+    let conn = h1.connect().await?;
+    let refused = within("register on h1", conn.register(&dora, iim_e2e::PASSWORD)).await?;
+    assert_eq!(code_of(refused)?, ErrorCode::USER_EXISTS);
+    conn.close().await;
+
+    // The new dora starts with nothing of the old one, and a message from h1 reaches her on
+    // h2 (h1 may hear of her a moment after h2 took her: it is asked again until then).
+    let (new_dora, backlog) = h2.online(&dora, "phone").await?;
+    assert!(backlog.is_empty(), "{backlog:?}");
+    let (e, _) = h1.online(&erin, "phone").await?;
+    within("sending to the new dora", async {
+        loop {
+            let sent = e.send_text(&dora, "hello dora of h2").await;
+            if sent.is_ok() {
+                return anyhow::Ok(());
+            }
+            let code = code_of(sent)?;
+            anyhow::ensure!(code == ErrorCode::UNKNOWN_USER, "refused with {code}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await??;
+    let got = next_message(&new_dora).await?;
+    assert_eq!((got.from, got.body), (erin, b"hello dora of h2".to_vec()));
+    Ok(())
+}

@@ -8,9 +8,12 @@ use crate::clock::now_ms;
 use crate::hashing::HashingError;
 use crate::iim::Home;
 use crate::network::NetworkError;
+use crate::plugin::{AccountDeletion, Subscription};
 use crate::store::UserRecord;
 use iim_proto::session::{Authenticated, Identity};
-use iim_proto::{AccountOp, DeviceId, DeviceInfo, ErrorCode, RequestId, ServerFrame, UserId};
+use iim_proto::{
+    AccountOp, DeviceId, DeviceInfo, ErrorCode, MessageKind, RequestId, ServerFrame, UserId,
+};
 
 fn auth_failed() -> Refusal {
     Refusal::new(ErrorCode::AUTH_FAILED, "wrong user name or password")
@@ -284,13 +287,32 @@ pub async fn manage(
 }
 
 /// Deletes `who`'s account and what the store keeps of it, once the password is given again
-/// ([`crate::store::Store::delete_user`]), then the bytes of its files; every session of the
-/// account ends. (What plugins keep for the user, and in a network the exchange's record of
-/// the name, are not removed yet: `docs/security.md`.)
+/// ([`crate::store::Store::delete_user`]), with the notices to the plugins that keep things
+/// for users (recorded in the same flush, so that a crash still tells them), then the bytes of
+/// its files; every session of the account ends, and the plugins are told. In a network the
+/// exchange is asked to release the name.
 pub async fn delete(host: &Host, who: &Identity, password: String) -> Result<(), Refusal> {
     let user = &who.user;
     check_password(host, user, password).await?;
     let files = host.store.delete_user(user)?;
+    let deletion = AccountDeletion {
+        id: host.store.messages.new_id()?,
+        user: user.clone(),
+        at: now_ms(),
+    };
+    let plugins = host
+        .plugins
+        .subscribers(&Subscription::Message(MessageKind::Custom(
+            iim_proto::body::ACCOUNT_DELETED_KIND.into(),
+        )));
+    host.store
+        .accounts
+        .notice_deletion(deletion.id.0, user, deletion.at, &plugins)?;
+    // In a network the exchange releases the name: asked once the deletion is durable, and
+    // again until it answers (the record is written with the deletion).
+    if let Some(network) = &host.network {
+        network.release_later(user)?;
+    }
     host.store.flush().await?;
     for sha256 in &files {
         let id = crate::blobs::FileId::from_digest(sha256);
@@ -300,6 +322,7 @@ pub async fn delete(host: &Host, who: &Identity, password: String) -> Result<(),
     }
     host.registry
         .kick_user(user, ErrorCode::ACCOUNT_DELETED, "the account was deleted");
-    tracing::info!(%user, files = files.len(), "account deleted");
+    tracing::info!(%user, files = files.len(), plugins = plugins.len(), "account deleted");
+    host.plugins.tell_deleted(&deletion, &plugins).await;
     Ok(())
 }

@@ -99,10 +99,12 @@ fn accept(
     s.kind
         .check()
         .map_err(|e| Refusal::new(ErrorCode::INVALID_ARGUMENT, e.to_string()))?;
-    if matches!(&s.kind, MessageKind::Custom(k) if k == iim_proto::body::WAITING_KIND) {
+    if let MessageKind::Custom(k) = &s.kind
+        && iim_proto::body::is_host_notice(k)
+    {
         return Err(Refusal::new(
             ErrorCode::INVALID_ARGUMENT,
-            "kind waiting is the host's own: its notices that a message waits for a user",
+            format!("kind {k} is the host's own: its notices to plugins"),
         ));
     }
     match iim_proto::group_of(&s.to) {

@@ -58,6 +58,22 @@ pub enum Event {
     GroupDelivered(Delivered, GroupId),
     /// A message waits in a user's inbox. (Last, as `GroupDelivered`.)
     Waiting(Waiting),
+    /// An account was deleted: the plugins forget what they keep for its user. (Last, as
+    /// `GroupDelivered`.)
+    AccountDeleted(AccountDeletion),
+}
+
+/// An account's deletion, as its notice to a plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountDeletion {
+    /// A number of the deletion's own (from the store's message ids): the plugins' notices
+    /// are recorded under it until each plugin handled its own, and what a plugin sends while
+    /// handling it is numbered once under it.
+    pub id: MessageId,
+    /// The user.
+    pub user: UserId,
+    /// When, in ms since the Unix epoch.
+    pub at: u64,
 }
 
 /// What a plugin handles.
@@ -115,6 +131,9 @@ impl Event {
             Self::Waiting(_) => {
                 Subscription::Message(MessageKind::Custom(iim_proto::body::WAITING_KIND.into()))
             }
+            Self::AccountDeleted(_) => Subscription::Message(MessageKind::Custom(
+                iim_proto::body::ACCOUNT_DELETED_KIND.into(),
+            )),
         }
     }
 
@@ -127,7 +146,8 @@ impl Event {
             Self::Delivered(_)
             | Self::SessionOpened(_)
             | Self::SessionClosed(_)
-            | Self::Waiting(_) => None,
+            | Self::Waiting(_)
+            | Self::AccountDeleted(_) => None,
         }
     }
 
@@ -147,6 +167,7 @@ impl Event {
             Self::Delivered(d) | Self::GroupDelivered(d, _) => (&d.recipient, &d.recipient_device),
             Self::SessionOpened(s) | Self::SessionClosed(s) => (&s.user, &s.device),
             Self::Waiting(w) => (&w.user, notice_device()),
+            Self::AccountDeleted(d) => (&d.user, notice_device()),
         }
     }
 
@@ -158,6 +179,11 @@ impl Event {
             Self::Message(m) => {
                 let mut key = b"m".to_vec();
                 key.extend_from_slice(&m.id.0.to_be_bytes());
+                Some(key)
+            }
+            Self::AccountDeleted(d) => {
+                let mut key = b"a".to_vec();
+                key.extend_from_slice(&d.id.0.to_be_bytes());
                 Some(key)
             }
             Self::Delivered(_)
@@ -194,6 +220,19 @@ impl Event {
                 body: iim_proto::body::Waiting::of(&w.message, &w.online).to_json(),
                 sent_at: w.message.sent_at,
             }),
+            // A message of the host's, from and to the deleted user.
+            Self::AccountDeleted(d) => wit::Event::Message(wit::Message {
+                id: d.id.0,
+                kind: wit::MessageKind::Custom(iim_proto::body::ACCOUNT_DELETED_KIND.into()),
+                sender: d.user.to_string(),
+                sender_device: NOTICE_DEVICE.into(),
+                to: vec![d.user.to_string()],
+                body: iim_proto::body::AccountDeleted {
+                    user: d.user.to_string(),
+                }
+                .to_json(),
+                sent_at: d.at,
+            }),
         }
     }
 }
@@ -225,6 +264,7 @@ impl std::fmt::Display for Event {
                 "waiting {} ({}) for {}",
                 w.message.id, w.message.kind, w.user
             ),
+            Self::AccountDeleted(d) => write!(f, "account-deleted {} ({})", d.user, d.id),
         }
     }
 }

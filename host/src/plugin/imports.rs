@@ -313,10 +313,12 @@ pub fn check_send_arguments(
                     "a message is addressed to users or to one group, not both".into(),
                 ));
             }
-            if matches!(&kind, MessageKind::Custom(k) if k == iim_proto::body::WAITING_KIND) {
-                return Err(HostError::PermissionDenied(
-                    "kind waiting is the host's own: its notices that a message waits".into(),
-                ));
+            if let MessageKind::Custom(k) = &kind
+                && iim_proto::body::is_host_notice(k)
+            {
+                return Err(HostError::PermissionDenied(format!(
+                    "kind {k} is the host's own: its notices to plugins"
+                )));
             }
             let group_kind = matches!(&kind, MessageKind::Custom(k) if k == iim_proto::GROUP_KIND);
             if (to_group || group_kind) && !call.groups {

@@ -149,9 +149,12 @@ impl Lane {
         if !self.info.subscriptions.contains(&event.subscription()) {
             // A build that replaced the one this was queued for no longer handles it.
             tracing::info!(plugin = %self.name, %event, "no longer subscribed; not handled here");
-            if let Event::Message(m) = &event {
+            match &event {
                 // Still recorded for dispatch: the next plugin that handles its kind gets it.
-                self.host.settled(m.id);
+                Event::Message(m) => self.host.settled(m.id),
+                // This plugin no longer wants it.
+                Event::AccountDeleted(d) => self.host.notice_settled(d.id, &self.name),
+                _ => {}
             }
             return;
         }
@@ -277,13 +280,17 @@ impl Lane {
     }
 
     /// The event is done with (handled, refused or set aside): a message event's dispatch
-    /// record goes.
+    /// record goes, and a deletion notice's record for this plugin.
     fn settle(&self, event: &Event) {
-        if let Event::Message(m) = event {
-            if let Err(e) = self.host.services.store.messages.dispatched(m.id) {
-                tracing::error!(id = %m.id, error = %e, "dispatch record not removed; it will be handled again");
+        match event {
+            Event::Message(m) => {
+                if let Err(e) = self.host.services.store.messages.dispatched(m.id) {
+                    tracing::error!(id = %m.id, error = %e, "dispatch record not removed; it will be handled again");
+                }
+                self.host.settled(m.id);
             }
-            self.host.settled(m.id);
+            Event::AccountDeleted(d) => self.host.notice_settled(d.id, &self.name),
+            _ => {}
         }
     }
 }

@@ -368,6 +368,12 @@ impl PluginHost {
             if !matches!(sub, Subscription::Message(_) | Subscription::Groups) {
                 continue;
             }
+            // A deleted account's notice goes to every plugin that asks for it.
+            if matches!(sub, Subscription::Message(iim_proto::MessageKind::Custom(k))
+                if k == iim_proto::body::ACCOUNT_DELETED_KIND)
+            {
+                continue;
+            }
             if let Some((other, _)) = lanes
                 .iter()
                 .find(|(other, lane)| *other != name && lane.info.subscriptions.contains(sub))

@@ -34,7 +34,7 @@ pub mod settings;
 pub mod stdio;
 
 pub use dead_letter::DeadLetter;
-pub use event::{Delivered, Event, SessionInfo, Subscription};
+pub use event::{AccountDeletion, Delivered, Event, SessionInfo, Subscription};
 pub use imports::Services;
 pub use runtime::Runtime;
 
@@ -171,6 +171,8 @@ pub struct PluginHost {
     lanes: Mutex<BTreeMap<String, LaneHandle>>,
     /// Messages routed to a lane and not yet handled: a retry must not route them again.
     in_flight: Mutex<HashSet<MessageId>>,
+    /// Deletion notices queued to a plugin and not yet handled: (deletion id, plugin).
+    notices_in_flight: Mutex<HashSet<(MessageId, String)>>,
     /// Wakes the loader for a look at the plugins directory now.
     pub rescan: tokio::sync::Notify,
     /// How many scans of the plugins directory have completed.
@@ -198,6 +200,7 @@ impl PluginHost {
             cache_dir: cache_dir.map(std::path::Path::to_path_buf),
             lanes: Mutex::new(BTreeMap::new()),
             in_flight: Mutex::new(HashSet::new()),
+            notices_in_flight: Mutex::new(HashSet::new()),
             rescan: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
             scans: tokio::sync::watch::Sender::new(0),
@@ -248,6 +251,57 @@ impl PluginHost {
             .iter()
             .find(|(_, lane)| lane.info.subscriptions.contains(&wanted))
             .map(|(name, _)| name.clone())
+    }
+
+    /// The loaded plugins that subscribed to `wanted`, by name.
+    pub fn subscribers(&self, wanted: &Subscription) -> Vec<String> {
+        self.lanes()
+            .iter()
+            .filter(|(_, lane)| lane.info.subscriptions.contains(wanted))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Hands the notice of an account's deletion to `plugins` (those it was recorded for,
+    /// [`crate::store::Accounts::notice_deletion`]); a plugin not loaded now gets it when
+    /// [`PluginHost::route_pending`] finds it loaded. Returns how many it was queued for.
+    pub async fn tell_deleted(&self, deletion: &AccountDeletion, plugins: &[String]) -> usize {
+        let mut queued = 0;
+        for name in plugins {
+            let notice = (deletion.id, name.clone());
+            if !self.notices_in_flight().insert(notice.clone()) {
+                continue;
+            }
+            let permits = self.lanes().get(name).map(|lane| Arc::clone(&lane.permits));
+            let sent = match permits {
+                Some(permits) => {
+                    let event = Event::AccountDeleted(deletion.clone());
+                    self.queue_to(name, permits, event).await
+                }
+                None => false,
+            };
+            if sent {
+                queued += 1;
+            } else {
+                self.notices_in_flight().remove(&notice);
+            }
+        }
+        queued
+    }
+
+    fn notices_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<(MessageId, String)>> {
+        self.notices_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by a lane when it is done with a deletion notice (handled, refused or set
+    /// aside): its record goes, and a later routing may not send it again.
+    fn notice_settled(&self, id: MessageId, plugin: &str) {
+        if let Err(e) = self.services.store.accounts.notice_handled(id.0, plugin) {
+            tracing::error!(%id, plugin, error = %e, "deletion notice record not removed; it will be handled again");
+        }
+        self.notices_in_flight().remove(&(id, plugin.to_owned()));
     }
 
     /// Whether a loaded plugin handles groups (`subscribe-groups`).
@@ -413,6 +467,23 @@ impl PluginHost {
         self.in_flight().remove(&id);
     }
 
+    /// Hands every deletion notice not handled yet to its plugin, unless it is on its way
+    /// there already. Returns how many were queued.
+    async fn route_deletion_notices(&self) -> Result<usize, crate::store::StoreError> {
+        let mut routed = 0;
+        for (id, plugin, user, at) in self.services.store.accounts.pending_notices()? {
+            let deletion = AccountDeletion {
+                id: MessageId(id),
+                user,
+                at,
+            };
+            routed += self
+                .tell_deleted(&deletion, std::slice::from_ref(&plugin))
+                .await;
+        }
+        Ok(routed)
+    }
+
     /// Every dead letter kept, with its number, oldest first.
     pub fn dead_letters(&self) -> Result<Vec<(u64, DeadLetter)>, crate::store::StoreError> {
         DeadLetter::all(&self.services.store)
@@ -421,8 +492,8 @@ impl PluginHost {
     /// Routes every message recorded for dispatch that is not on its way to a plugin: after a
     /// restart, after a plugin comes back, and periodically. Returns how many were queued.
     pub async fn route_pending(&self) -> Result<usize, crate::store::StoreError> {
+        let mut routed = self.route_deletion_notices().await?;
         let pending = self.services.store.messages.pending()?;
-        let mut routed = 0;
         for message in pending {
             if !self.in_flight().insert(message.id) {
                 continue;

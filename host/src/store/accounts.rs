@@ -25,6 +25,8 @@ pub struct Accounts {
     pub(super) users: sled::Tree,
     pub(super) tokens: sled::Tree,
     devices: sled::Tree,
+    /// (deletion id, plugin) → user: a deleted account's notice a plugin has not handled yet.
+    notices: sled::Tree,
     /// Users known to exist, up to [`KNOWN_USERS`]: every submission and send checks its
     /// recipients, and this spares the store those reads. A deleted account leaves it first.
     known: Arc<RwLock<HashSet<UserId>>>,
@@ -36,6 +38,7 @@ impl Accounts {
             users: db.open_tree("users")?,
             tokens: db.open_tree("tokens")?,
             devices: db.open_tree("devices")?,
+            notices: db.open_tree("deletion_notices")?,
             known: Arc::default(),
         })
     }
@@ -189,5 +192,43 @@ impl Accounts {
             }
         }
         Ok(())
+    }
+
+    /// Records that `plugins` must be told of `user`'s deletion `id` (made at `at`), until
+    /// each handled it ([`Accounts::notice_handled`]).
+    pub fn notice_deletion(
+        &self,
+        id: u64,
+        user: &UserId,
+        at: u64,
+        plugins: &[String],
+    ) -> Result<(), StoreError> {
+        for plugin in plugins {
+            self.notices
+                .insert(keys::deletion_notice(id, plugin), encode(&(user, at)))?;
+        }
+        Ok(())
+    }
+
+    /// Plugin `plugin` is done with deletion `id`'s notice (handled, refused or set aside).
+    pub fn notice_handled(&self, id: u64, plugin: &str) -> Result<(), StoreError> {
+        self.notices.remove(keys::deletion_notice(id, plugin))?;
+        Ok(())
+    }
+
+    /// Every deletion notice not handled yet: (deletion id, plugin, user, when).
+    pub fn pending_notices(&self) -> Result<Vec<(u64, String, UserId, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.notices.iter() {
+            let (key, value) = entry?;
+            let (user, at): (UserId, u64) = decode("deletion_notices", &value)?;
+            let (id, plugin) =
+                keys::deletion_notice_parts(&key).ok_or_else(|| StoreError::Corrupt {
+                    tree: "deletion_notices",
+                    reason: "a key that is not a deletion and a plugin".into(),
+                })?;
+            out.push((id, plugin, user, at));
+        }
+        Ok(out)
     }
 }

@@ -4,13 +4,14 @@
 //! Trees: `servers` (server id → [`ServerRecord`]), `directory` (user → home server, and
 //! version → user), `relay` (per target, number → `906` envelope; per origin, the highest
 //! `905` number stored). A claim writes its two directory records in one batch (claims are
-//! rare). A `905` writes one outbox entry per target, then the origin's number: a crash
+//! rare); so does a release, which removes the user's home and adds a version whose user has
+//! none: hosts learn of it in version order, as of a claim. A `905` writes one outbox entry per target, then the origin's number: a crash
 //! between them makes the origin send it again, and the targets take it once (an inbox holds a
 //! message at most once).
 
 use super::{Sealer, StoreError, decode, encode, flush_with, get_u64, keys, open_db};
-use iim_proto::Address;
 use iim_proto::peer::{Envelope, RelayRow, ServerInfo};
+use iim_proto::{Address, UserId};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
@@ -217,6 +218,31 @@ impl ExchangeStore {
         Ok((server.to_owned(), Some(version)))
     }
 
+    /// Releases the name of `user`, whose account `server` deleted: the name's home afterwards
+    /// (`None`: it is free), and the new directory version if it was `server`'s until now.
+    /// The version's entry has no home ([`ExchangeStore::directory_after`] gives it an empty
+    /// one), so that hosts forget the name. A name of another server is not released; a name
+    /// nobody has is free already.
+    pub fn release(
+        &self,
+        user: &UserId,
+        server: &str,
+    ) -> Result<(Option<String>, Option<u64>), StoreError> {
+        let _lock = self.registry_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let name = Address::User(user.clone());
+        match self.home(&name)? {
+            None => return Ok((None, None)),
+            Some(home) if home != server => return Ok((Some(home), None)),
+            Some(_) => {}
+        }
+        let version = self.directory_version()? + 1;
+        let mut batch = sled::Batch::default();
+        batch.remove(keys::ex_home(&name));
+        batch.insert(keys::ex_version(version), name.to_string().as_bytes());
+        self.directory.apply_batch(batch)?;
+        Ok((None, Some(version)))
+    }
+
     /// The home server of `user` (a user or a group), if it exists.
     pub fn home(&self, user: &Address) -> Result<Option<String>, StoreError> {
         Ok(self
@@ -235,6 +261,8 @@ impl ExchangeStore {
     }
 
     /// Up to `limit` directory entries after version `after`, with the version of the last.
+    /// Each names its user's home as it is now: empty for a name released since (as a host
+    /// takes each entry in order, the last one of a name is what the host keeps).
     pub fn directory_after(
         &self,
         after: u64,
@@ -254,9 +282,8 @@ impl ExchangeStore {
                 .ok()
                 .and_then(|name| name.parse::<Address>().ok())
                 .ok_or_else(corrupt)?;
-            if let Some(home) = self.home(&user)? {
-                entries.push((user, home));
-            }
+            let home = self.home(&user)?.unwrap_or_default();
+            entries.push((user, home));
         }
         Ok((last, entries))
     }
@@ -498,6 +525,78 @@ mod tests {
             (2, vec![(user("bob"), "h2".to_owned())])
         );
         assert_eq!(store.directory_after(2, 10).expect("read"), (2, vec![]));
+    }
+
+    #[test]
+    fn a_released_name_leaves_the_directory_in_a_version_of_its_own_and_is_free_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("exchange");
+        let dora = iim_proto::UserId::new("dora").expect("valid");
+        {
+            let store = ExchangeStore::open(&path).expect("open");
+            assert_eq!(
+                store.claim(&user("dora"), "h1").expect("claim"),
+                ("h1".to_owned(), Some(1))
+            );
+            assert_eq!(
+                store.claim(&user("bob"), "h2").expect("claim"),
+                ("h2".to_owned(), Some(2))
+            );
+            // Only its home releases a name.
+            assert_eq!(
+                store.release(&dora, "h2").expect("release"),
+                (Some("h1".to_owned()), None),
+                "h1's, not h2's"
+            );
+            assert_eq!(
+                store.home(&user("dora")).expect("home").as_deref(),
+                Some("h1")
+            );
+            assert_eq!(
+                store.release(&dora, "h1").expect("release"),
+                (None, Some(3))
+            );
+            assert_eq!(store.home(&user("dora")).expect("home"), None);
+            assert_eq!(
+                store.release(&dora, "h1").expect("again"),
+                (None, None),
+                "free already: nothing new"
+            );
+        }
+        // Durable, and in the version log: a host that joins after it learns that the name
+        // is free (an empty home), wherever it starts.
+        let store = reopen(&path, ExchangeStore::open);
+        assert_eq!(store.directory_version().expect("version"), 3);
+        assert_eq!(
+            store.directory_after(2, 10).expect("read"),
+            (3, vec![(user("dora"), String::new())])
+        );
+        assert_eq!(
+            store.directory_after(0, 10).expect("read"),
+            (
+                3,
+                vec![
+                    (user("dora"), String::new()),
+                    (user("bob"), "h2".to_owned()),
+                    (user("dora"), String::new()),
+                ]
+            ),
+            "every entry of a name as the name is now"
+        );
+        // Another host claims the name: a new version, its home.
+        assert_eq!(
+            store.claim(&user("dora"), "h2").expect("claim"),
+            ("h2".to_owned(), Some(4))
+        );
+        assert_eq!(
+            store.directory_after(3, 10).expect("read"),
+            (4, vec![(user("dora"), "h2".to_owned())])
+        );
+        assert_eq!(
+            store.release(&dora, "h1").expect("release"),
+            (Some("h2".to_owned()), None),
+            "h1 cannot release h2's dora"
+        );
     }
 
     #[test]

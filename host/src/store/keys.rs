@@ -127,6 +127,20 @@ pub fn related_user(key: &[u8]) -> Option<UserId> {
     relation_other(key, start)
 }
 
+/// `deletion_notices`: (deletion id, plugin) → (user, when).
+pub fn deletion_notice(id: u64, plugin: &str) -> Vec<u8> {
+    let mut key = id.to_be_bytes().to_vec();
+    key.extend_from_slice(plugin.as_bytes());
+    key
+}
+
+/// The parts of a [`deletion_notice`] key.
+pub fn deletion_notice_parts(key: &[u8]) -> Option<(u64, String)> {
+    let id: [u8; 8] = key.get(..8)?.try_into().ok()?;
+    let plugin = std::str::from_utf8(key.get(8..)?).ok()?;
+    Some((u64::from_be_bytes(id), plugin.to_owned()))
+}
+
 /// `relations`: (user, kind, other) → nothing.
 pub fn relation(user: &UserId, kind: RelationKind, other: &UserId) -> Vec<u8> {
     let mut key = relation_prefix(user, kind);
@@ -428,6 +442,25 @@ pub fn ex_acked(target: &str) -> Vec<u8> {
 /// `relay`: origin server → the highest `905` number from it that is stored.
 pub fn ex_inbound(origin: &str) -> Vec<u8> {
     tagged(EX_INBOUND, origin.as_bytes())
+}
+
+// A host's `network` tree, continued: the names of deleted accounts it has yet to release at
+// the exchange.
+const NET_RELEASE: u8 = b'r';
+
+/// `network`, release record: user → nothing, for a user whose account was deleted and whose
+/// name the exchange has not released yet.
+pub fn net_release(user: &UserId) -> Vec<u8> {
+    tagged(NET_RELEASE, user.as_str().as_bytes())
+}
+
+/// The prefix of every release record.
+pub const NET_RELEASE_PREFIX: &[u8] = &[NET_RELEASE];
+
+/// The user a release record names.
+pub fn net_release_user(key: &[u8]) -> Option<UserId> {
+    let name = std::str::from_utf8(key.strip_prefix(NET_RELEASE_PREFIX)?).ok()?;
+    UserId::new(name).ok()
 }
 
 /// `files`: a file's record.

@@ -111,6 +111,13 @@ impl Messages {
         Ok(MessageId(prefix | (self.ids.next()? + 1)))
     }
 
+    /// A new id, in the order of message ids, for something the host numbers that is not a
+    /// message (an account's deletion).
+    pub fn new_id(&self) -> Result<MessageId, StoreError> {
+        let _order = self.accept_order.lock().unwrap_or_else(|p| p.into_inner());
+        self.next_id()
+    }
+
     /// Stores a submission unless the same `(user, device, client_id)` was stored before.
     ///
     /// `build` makes the message from the id assigned to it. The new message is recorded for

@@ -1,9 +1,10 @@
 //! A host's durable view of its network: its number, the registry and directory it caches,
-//! and its relay outbox (the `network` tree).
+//! its relay outbox, and the names of deleted accounts it has yet to release at the exchange
+//! (the `network` tree).
 
 use super::{Sealer, StoreError, decode, encode, get_u64, keys};
-use iim_proto::Address;
 use iim_proto::peer::{Envelope, ServerInfo};
+use iim_proto::{Address, UserId};
 use std::sync::{Arc, Mutex};
 
 /// What this host knows of its network, durably, and its relay outbox.
@@ -78,14 +79,18 @@ impl NetworkStore {
     }
 
     /// Caches directory entries; `version` (if any) is the version the cache is now complete
-    /// up to.
+    /// up to. An entry with an empty home removes its name: it was released.
     pub fn cache_directory(
         &self,
         entries: &[(Address, String)],
         version: Option<u64>,
     ) -> Result<(), StoreError> {
         for (user, server) in entries {
-            self.tree.insert(keys::net_home(user), server.as_bytes())?;
+            if server.is_empty() {
+                self.tree.remove(keys::net_home(user))?;
+            } else {
+                self.tree.insert(keys::net_home(user), server.as_bytes())?;
+            }
         }
         if let Some(version) = version
             && version > get_u64(&self.tree, "network", keys::NET_DIRECTORY_VERSION)?.unwrap_or(0)
@@ -210,6 +215,38 @@ impl NetworkStore {
         self.tree.insert(keys::NET_RELAYED_IN, &seq.to_be_bytes())?;
         Ok(())
     }
+
+    /// Records that the name of `user`, whose account was deleted, is to be released at the
+    /// exchange. Durable after the next flush.
+    pub fn release_later(&self, user: &UserId) -> Result<(), StoreError> {
+        self.tree.insert(keys::net_release(user), &[])?;
+        Ok(())
+    }
+
+    /// The names waiting to be released, by name.
+    pub fn to_release(&self) -> Result<Vec<UserId>, StoreError> {
+        self.tree
+            .scan_prefix(keys::NET_RELEASE_PREFIX)
+            .map(|entry| {
+                keys::net_release_user(&entry?.0).ok_or_else(|| StoreError::Corrupt {
+                    tree: "network",
+                    reason: "a release record without a valid name".into(),
+                })
+            })
+            .collect()
+    }
+
+    /// Whether the name of `user` waits to be released.
+    pub fn is_to_release(&self, user: &UserId) -> Result<bool, StoreError> {
+        Ok(self.tree.contains_key(keys::net_release(user))?)
+    }
+
+    /// The name of `user` needs no release any more: the exchange released it, or this host
+    /// claimed it again. Durable after the next flush.
+    pub fn release_done(&self, user: &UserId) -> Result<(), StoreError> {
+        self.tree.remove(keys::net_release(user))?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -305,5 +342,45 @@ mod tests {
             (7, vec![(bob, "h2".to_owned())])
         );
         assert_eq!(store.network.cached_servers().expect("read")[0].number, 2);
+    }
+
+    #[test]
+    fn a_released_name_leaves_the_cache_and_a_release_waits_across_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let dora = UserId::new("dora").expect("valid");
+        let bob: Address = UserId::new("bob").expect("valid").into();
+        {
+            let store = Store::open(&path).expect("open");
+            let entries = [
+                (dora.clone().into(), "h1".to_owned()),
+                (bob.clone(), "h2".into()),
+            ];
+            store
+                .network
+                .cache_directory(&entries, Some(2))
+                .expect("cache");
+            store
+                .network
+                .cache_directory(&[(dora.clone().into(), String::new())], Some(3))
+                .expect("cache");
+            store.network.release_later(&dora).expect("record");
+            store.network.release_later(&dora).expect("twice is once");
+        }
+        let store = reopen(&path, Store::open);
+        assert_eq!(
+            store.network.cached_directory().expect("read"),
+            (3, vec![(bob, "h2".to_owned())]),
+            "no empty home is kept"
+        );
+        assert_eq!(
+            store.network.to_release().expect("read"),
+            vec![dora.clone()]
+        );
+        assert!(store.network.is_to_release(&dora).expect("read"));
+        assert!(store.network.relay_outbox(0, 10).expect("read").is_empty());
+        store.network.release_done(&dora).expect("done");
+        assert!(store.network.to_release().expect("read").is_empty());
+        assert!(!store.network.is_to_release(&dora).expect("read"));
     }
 }

@@ -35,7 +35,9 @@
 //! (3000). The gateway's origin must also be in the file's `[host]` table:
 //! `allowed_outbound_hosts = ["https://fcm.googleapis.com"]` — the host sends nowhere else.
 
-use iim_plugin_sdk::body::{PUSH_KIND, PushReply, PushRequest, WAITING_KIND, Waiting};
+use iim_plugin_sdk::body::{
+    ACCOUNT_DELETED_KIND, PUSH_KIND, PushReply, PushRequest, WAITING_KIND, Waiting,
+};
 use iim_plugin_sdk::http::{HttpError, Request, Response};
 use iim_plugin_sdk::{
     Config, Event, Message, MessageKind, Plugin, PluginError, SessionInfo, Subscription, host,
@@ -160,6 +162,8 @@ impl Plugin for Push {
         vec![
             Subscription::Message(MessageKind::Custom(PUSH_KIND.into())),
             Subscription::Message(MessageKind::Custom(WAITING_KIND.into())),
+            // The host's notice that an account was deleted: its tokens go.
+            Subscription::Message(MessageKind::Custom(ACCOUNT_DELETED_KIND.into())),
             Subscription::SessionOpened,
         ]
     }
@@ -168,6 +172,9 @@ impl Plugin for Push {
         match event {
             Event::Message(m) if m.kind == MessageKind::Custom(WAITING_KIND.into()) => {
                 self.waiting(&m)
+            }
+            Event::Message(m) if m.kind == MessageKind::Custom(ACCOUNT_DELETED_KIND.into()) => {
+                forget(&m.sender)
             }
             Event::Message(m) => self.request(&m),
             Event::SessionOpened(session) => online(&session),
@@ -190,6 +197,15 @@ fn state_key(user: &str, device: &str) -> String {
 fn online(session: &SessionInfo) -> Result<(), PluginError> {
     for device in registered(&session.user)? {
         host::kv_delete(&state_key(&session.user, &device))?;
+    }
+    Ok(())
+}
+
+/// `user`'s account was deleted: every registration of theirs and its state go.
+fn forget(user: &str) -> Result<(), PluginError> {
+    for device in registered(user)? {
+        host::kv_delete(&device_key(user, &device))?;
+        host::kv_delete(&state_key(user, &device))?;
     }
     Ok(())
 }
@@ -583,6 +599,29 @@ mod tests {
         assert_eq!(body["notification"]["body"], "New message");
         assert_eq!(body["android"]["collapse_key"], "iim-bob");
         assert!(!String::from_utf8_lossy(&requests[0].body).contains("secret"));
+    }
+
+    #[test]
+    fn a_deleted_account_s_registrations_go_and_another_user_s_stay() {
+        let (mut host, push) = host_with(&[]);
+        register(&mut host, &push, "phone", TOKEN);
+        register(&mut host, &push, "tablet", TOKEN);
+        let body = PushRequest::Register {
+            token: TOKEN.into(),
+            always: false,
+        }
+        .to_json();
+        let kind = MessageKind::Custom(PUSH_KIND.into());
+        let event = host.submit_from("alice", "phone", kind, &["alice"], &body);
+        host.handle(&push, event).expect("register");
+        let notice = chat(&mut host, "one");
+        host.handle(&push, notice).expect("waiting");
+        assert!(host.stored_keys().any(|k| k.starts_with("state/bob/")));
+
+        let deleted = host.account_deleted("bob");
+        host.handle(&push, deleted).expect("account deleted");
+        let left: Vec<&str> = host.stored_keys().collect();
+        assert_eq!(left, ["device/alice/phone"]);
     }
 
     #[test]
