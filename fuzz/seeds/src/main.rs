@@ -9,6 +9,7 @@
 //! A seed starts with the header its target reads (`fuzz_targets/*.rs`): for the frame
 //! targets, a byte choosing the frame type and limits and a byte choosing the chunking. What
 //! the fuzzer found and kept (its corpus files are named by their SHA-1) is left alone.
+//! `e2e_bodies`' seeds are sealed with the identities in `fuzz/keys/`, made the first time.
 //! `plugin_imports` has no seeds here: its input is the `Arbitrary` form of its arguments,
 //! which only the fuzzer writes well.
 
@@ -31,6 +32,58 @@ fn main() -> std::io::Result<()> {
         seeds.add(name, text.as_bytes().to_vec());
     }
     seeds.write(&corpus.join("config"))?;
+    let mut seeds = Seeds::default();
+    e2e_bodies(&mut seeds, &corpus.join("../keys"))?;
+    seeds.write(&corpus.join("e2e_bodies"))?;
+    Ok(())
+}
+
+/// The identity of `user`'s `device` kept in `dir` (made and written the first time): the
+/// `e2e_bodies` target opens envelopes with the same ones.
+fn identity(dir: &Path, user: &str, device: &str) -> std::io::Result<iim_e2ee::DeviceIdentity> {
+    let path = dir.join(format!("{user}-{device}.identity"));
+    if let Ok(bytes) = std::fs::read(&path) {
+        return Ok(iim_e2ee::DeviceIdentity::from_bytes(&bytes).expect("a kept identity loads"));
+    }
+    let made =
+        iim_e2ee::DeviceIdentity::generate(user, device, 1_700_000_000_000).expect("an identity");
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(&path, made.to_bytes().expect("an identity saves"))?;
+    Ok(made)
+}
+
+/// `e2e_bodies`: header byte 0 even (every parser) or odd (bob's phone opens a 1:1 envelope
+/// from alice's phone): envelopes, a card, group messages (a welcome, a commit, an
+/// application message).
+fn e2e_bodies(seeds: &mut Seeds, keys: &Path) -> std::io::Result<()> {
+    const PARSE: u8 = 0;
+    const OPEN: u8 = 1;
+    let alice = identity(keys, "alice", "phone")?;
+    let bob = identity(keys, "bob", "phone")?;
+    let cards = [alice.card().expect("a card"), bob.card().expect("a card")];
+    let with = |kind: u8, body: &[u8]| [&[kind][..], body].concat();
+    for (name, text) in [("short", &b"hi"[..]), ("long", &[b'x'; 600][..])] {
+        let sealed = iim_e2ee::seal(&alice, &["bob".to_owned()], &cards, text)
+            .expect("a seed envelope seals");
+        seeds.add(&format!("direct-{name}"), with(OPEN, &sealed));
+        seeds.add(&format!("direct-{name}-parsed"), with(PARSE, &sealed));
+    }
+    seeds.add("card", with(PARSE, &cards[0].to_bytes().expect("a card")));
+    let mut creator = iim_e2ee::Device::new(alice);
+    let mut member = iim_e2ee::Device::new(bob);
+    let package = member.key_packages(1).expect("a key package").remove(0);
+    creator.create_group("team").expect("a group");
+    let (commit, welcome) = creator
+        .add("team", &[(cards[1].clone(), package)])
+        .expect("bob added");
+    let hello = creator.encrypt("team", b"hello").expect("encrypted");
+    for (name, body) in [
+        ("welcome", welcome),
+        ("commit", commit),
+        ("application", hello),
+    ] {
+        seeds.add(&format!("group-{name}"), with(PARSE, &body));
+    }
     Ok(())
 }
 
