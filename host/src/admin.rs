@@ -110,11 +110,11 @@ async fn answer(host: &Host, command: &str) -> String {
         "dead-letters" => dead_letters(host),
         "notices" => notices(host),
         "network" => network(host),
-        "rotate-key" => match host.key_rotation.rotate(&host.store, &host.blobs) {
+        "rotate-key" => match host.key_rotation.rotate(&host.data()) {
             Ok(reply) => reply,
             Err(e) => format!("error: {e}\n"),
         },
-        "key-status" => host.key_rotation.status(&host.store),
+        "key-status" => host.key_rotation.status(&host.data()),
         "retry-dead-letters" => retry_dead_letters(host, None).await,
         retry if retry.starts_with("retry-dead-letters ") => {
             match retry["retry-dead-letters ".len()..].trim().parse::<u64>() {

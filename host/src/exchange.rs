@@ -105,6 +105,8 @@ struct State {
     /// Held from a claim's or a release's numbering to its broadcast, so that hosts hear of
     /// directory versions in order.
     claims: tokio::sync::Mutex<()>,
+    /// Data key rotations (`admin rotate-key`) and their re-encryption.
+    key_rotation: crate::key_rotation::KeyRotation,
     /// Permits for connections that have not joined yet.
     joining: Arc<tokio::sync::Semaphore>,
 }
@@ -200,6 +202,7 @@ impl Exchange {
             shutdown,
             claims: tokio::sync::Mutex::new(()),
             joining: Arc::new(tokio::sync::Semaphore::new(MAX_JOINING)),
+            key_rotation: Default::default(),
         });
         Ok(Self {
             state,
@@ -222,6 +225,17 @@ impl Exchange {
 
     /// Serves hosts until `stop` resolves.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), ServerError> {
+        if let Some(keys) = self.state.store.sealer.keys() {
+            let in_use = self.state.store.keys_in_use()?;
+            if in_use.iter().any(|&id| id != keys.current()) {
+                tracing::info!(
+                    ?in_use,
+                    current = keys.current(),
+                    "a key rotation did not finish: re-encrypting in the background"
+                );
+                self.state.key_rotation.resume(&self.state.store);
+            }
+        }
         let state = Arc::clone(&self.state);
         let commands: crate::admin::Commands = Arc::new(move |command| {
             let state = Arc::clone(&state);
@@ -284,9 +298,14 @@ impl Exchange {
 }
 
 /// The exchange's admin commands: `network` shows the registry, the directory's size and
-/// each host's relay outbox.
+/// each host's relay outbox; `rotate-key` and `key-status` as a host's.
 fn answer(state: &State, command: &str) -> String {
     match command {
+        "rotate-key" => match state.key_rotation.rotate(&state.store) {
+            Ok(reply) => reply,
+            Err(e) => format!("error: {e}\n"),
+        },
+        "key-status" => state.key_rotation.status(&state.store),
         "network" => {
             let mut out = String::new();
             let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
@@ -323,7 +342,10 @@ fn answer(state: &State, command: &str) -> String {
             }
             out
         }
-        other => format!("error: unknown command {other:?}; the exchange knows network\n"),
+        other => format!(
+            "error: unknown command {other:?}; the exchange knows network, rotate-key and \
+             key-status\n"
+        ),
     }
 }
 

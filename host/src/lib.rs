@@ -60,3 +60,13 @@ pub struct Host {
     /// The limits per network address: connections, log-ins, registrations.
     pub addresses: Arc<address_limits::AddressLimits>,
 }
+
+impl Host {
+    /// What its data key seals, for a key rotation: the store and the files.
+    pub fn data(&self) -> key_rotation::HostData {
+        key_rotation::HostData {
+            store: self.store.clone(),
+            blobs: self.blobs.clone(),
+        }
+    }
+}

@@ -293,7 +293,7 @@ impl Server {
                     current = keys.current(),
                     "a key rotation did not finish: re-encrypting in the background"
                 );
-                host.key_rotation.resume(&host.store, &host.blobs);
+                host.key_rotation.resume(&host.data());
             }
         }
         let recovered = host.plugins.route_pending().await?;

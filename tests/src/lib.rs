@@ -711,6 +711,20 @@ impl HostProcess {
     }
 }
 
+/// Keeps only the key numbered `id` in key file `path`, current: after a rotation and its
+/// re-encryption, the older keys are not needed to read anything.
+pub fn keep_only_key(path: &Path, id: u32) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let mut blocks = text.split("[[keys]]");
+    let _head = blocks.next();
+    let kept: Vec<&str> = blocks
+        .filter(|block| block.contains(&format!("\nid = {id}\n")))
+        .collect();
+    anyhow::ensure!(kept.len() == 1, "key {id} in {text}");
+    std::fs::write(path, format!("current = {id}\n\n[[keys]]{}", kept[0]))?;
+    Ok(())
+}
+
 /// Runs `iim-host` on data directory `data` with data key file `key_file` (which may not
 /// exist) and the configuration file there, and expects it to refuse to start: returns what it
 /// wrote on stderr.

@@ -343,19 +343,6 @@ async fn a_store_kept_in_the_clear_is_encrypted_when_encryption_is_turned_on() -
     Ok(())
 }
 
-/// Keeps only the key numbered `id` in key file `path`, current.
-fn keep_only_key(path: &Path, id: u32) -> Result {
-    let text = std::fs::read_to_string(path)?;
-    let mut blocks = text.split("[[keys]]");
-    let _head = blocks.next();
-    let kept: Vec<&str> = blocks
-        .filter(|block| block.contains(&format!("\nid = {id}\n")))
-        .collect();
-    ensure!(kept.len() == 1, "key {id} in {text}");
-    std::fs::write(path, format!("current = {id}\n\n[[keys]]{}", kept[0]))?;
-    Ok(())
-}
-
 /// `admin rotate-key` while Alice sends Bob messages without pause: every message arrives once,
 /// in order; what the old key sealed (a backlog waiting for Carol, a file) is re-encrypted, so
 /// that after the re-encryption the old key can leave the key file and everything still reads.

@@ -807,3 +807,71 @@ async fn a_deleted_account_s_name_is_free_again_in_the_whole_network() -> Result
     assert_eq!((got.from, got.body), (erin, b"hello dora of h2".to_vec()));
     Ok(())
 }
+
+/// `admin rotate-key` on the exchange: what waits there for a host that is away (sealed with
+/// the old key) is re-encrypted, so that the old key can leave the exchange's key file and the
+/// host, back, gets everything, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exchange_s_key_is_rotated_and_what_it_holds_reads_without_the_old_key() -> Result {
+    let (mut net, alice, bob) = Net::alice_and_bob().await?;
+    let (a, _) = net.host(0).online(&alice, "phone").await?;
+    net.hosts[1].kill9()?;
+    host_line_shows(&net.exchange, "h2", " down ").await?;
+    for i in 0..5 {
+        a.send_text(&bob, &format!("held {i}")).await?;
+    }
+    host_line_shows(&net.exchange, "h2", "waiting 5").await?;
+
+    let reply = net.exchange.admin("rotate-key").await?;
+    anyhow::ensure!(reply.contains("data key 2 of"), "{reply}");
+    let status = within("the exchange's re-encryption", async {
+        loop {
+            let status = net.exchange.admin("key-status").await?;
+            anyhow::ensure!(!status.contains("reencryption failed"), "{status}");
+            if status.contains("reencryption done") {
+                return anyhow::Ok(status);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await??;
+    anyhow::ensure!(
+        status.contains("current 2\n") && status.contains("in_use 2\n"),
+        "{status}"
+    );
+    anyhow::ensure!(
+        status
+            .lines()
+            .any(|l| l.starts_with("reencrypted_records ") && l != "reencrypted_records 0"),
+        "the held messages were re-encrypted: {status}"
+    );
+
+    // Without key 1: the exchange starts, and h2, back, gets the five in order.
+    net.exchange.terminate()?;
+    within("the exchange's exit", net.exchange.wait()).await??;
+    iim_e2e::keep_only_key(&net.exchange.key_file(), 2)?;
+    tokio::task::block_in_place(|| net.exchange.restart())?;
+    tokio::task::block_in_place(|| net.hosts[1].restart())?;
+    let (b, backlog) = within("bob's backlog", async {
+        loop {
+            let (b, backlog) = net.host(1).online(&bob, "phone").await?;
+            if backlog.len() >= 5 {
+                return anyhow::Ok((b, backlog));
+            }
+            b.close().await;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await??;
+    let bodies: Vec<String> = backlog
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    assert_eq!(
+        bodies,
+        (0..5).map(|i| format!("held {i}")).collect::<Vec<_>>()
+    );
+    a.close().await;
+    b.close().await;
+    Ok(())
+}

@@ -66,7 +66,9 @@ pub struct ExchangeStore {
     inbound_lock: Arc<Mutex<()>>,
     flusher: std::sync::mpsc::Sender<super::FlushWaiter>,
     /// The relayed envelopes (they hold messages) are sealed.
-    sealer: Sealer,
+    pub(crate) sealer: Sealer,
+    /// The store's directory (its key checks are beside it).
+    path: std::path::PathBuf,
 }
 
 impl ExchangeStore {
@@ -94,6 +96,7 @@ impl ExchangeStore {
             inbound_lock: Default::default(),
             flusher,
             db,
+            path: path.to_owned(),
         };
         for entry in store.servers.iter() {
             let (key, value) = entry?;
@@ -109,6 +112,26 @@ impl ExchangeStore {
     /// Makes every write made before this call durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         flush_with(&self.flusher).await
+    }
+
+    /// As [`super::Store::rotate`].
+    pub fn rotate(&self, rotated: super::DataKeys) -> Result<(), StoreError> {
+        super::encryption::rotate(&self.path, &self.sealer, rotated)
+    }
+
+    /// As [`super::Store::reseal`].
+    pub fn reseal(&self, progress: impl FnMut(u64)) -> Result<u64, StoreError> {
+        super::encryption::reseal(&self.db, &self.sealer, progress)
+    }
+
+    /// As [`super::Store::forget_older_keys`].
+    pub fn forget_older_keys(&self) -> Result<(), StoreError> {
+        super::encryption::forget_older_keys(&self.path, &self.sealer)
+    }
+
+    /// As [`super::Store::keys_in_use`].
+    pub fn keys_in_use(&self) -> Result<std::collections::BTreeSet<super::KeyId>, StoreError> {
+        super::encryption::keys_in_use(&self.path)
     }
 
     // ---- registry ----
