@@ -420,6 +420,31 @@ async fn host_line_shows(node: &HostProcess, id: &str, needle: &str) -> Result {
     .await?
 }
 
+/// Bob online on h2 once the five messages held for him (`held 0` … `held 4`) are there: they
+/// come, in order. Returns his connection.
+async fn held_five(net: &Net, bob: &UserId) -> anyhow::Result<iim_client::Connection> {
+    let (b, backlog) = within("bob's backlog", async {
+        loop {
+            let (b, backlog) = net.host(1).online(bob, "phone").await?;
+            if backlog.len() >= 5 {
+                return anyhow::Ok((b, backlog));
+            }
+            b.close().await;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await??;
+    let bodies: Vec<String> = backlog
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    assert_eq!(
+        bodies,
+        (0..5).map(|i| format!("held {i}")).collect::<Vec<_>>()
+    );
+    Ok(b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_survives_restarts_and_traffic_for_a_host_that_is_away_is_held() -> Result {
     let (mut net, alice, bob) = Net::alice_and_bob().await?;
@@ -459,25 +484,7 @@ async fn registration_survives_restarts_and_traffic_for_a_host_that_is_away_is_h
 
     // h2 comes back: bob gets the five, in order.
     tokio::task::block_in_place(|| net.hosts[1].restart())?;
-    let (_b, backlog) = within("bob's backlog", async {
-        loop {
-            let (b, backlog) = net.host(1).online(&bob, "phone").await?;
-            if backlog.len() >= 5 {
-                return anyhow::Ok((b, backlog));
-            }
-            b.close().await;
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-    })
-    .await??;
-    let bodies: Vec<String> = backlog
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
-        .collect();
-    assert_eq!(
-        bodies,
-        (0..5).map(|i| format!("held {i}")).collect::<Vec<_>>()
-    );
+    let _b = held_five(&net, &bob).await?;
 
     // A host restarted while the exchange is away still knows where users live (its cache),
     // accepts, and relays once the exchange is back. (Alice going offline sends bob, online on
@@ -852,25 +859,7 @@ async fn the_exchange_s_key_is_rotated_and_what_it_holds_reads_without_the_old_k
     iim_e2e::keep_only_key(&net.exchange.key_file(), 2)?;
     tokio::task::block_in_place(|| net.exchange.restart())?;
     tokio::task::block_in_place(|| net.hosts[1].restart())?;
-    let (b, backlog) = within("bob's backlog", async {
-        loop {
-            let (b, backlog) = net.host(1).online(&bob, "phone").await?;
-            if backlog.len() >= 5 {
-                return anyhow::Ok((b, backlog));
-            }
-            b.close().await;
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-    })
-    .await??;
-    let bodies: Vec<String> = backlog
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
-        .collect();
-    assert_eq!(
-        bodies,
-        (0..5).map(|i| format!("held {i}")).collect::<Vec<_>>()
-    );
+    let b = held_five(&net, &bob).await?;
     a.close().await;
     b.close().await;
     Ok(())
