@@ -291,6 +291,16 @@ pub enum GroupRequest {
         /// The message.
         id: u64,
     },
+    /// Takes a deleted account out of the group, then passes the request on to the first of
+    /// `next` with the rest: the groups plugin sends it itself, as the deleted user, when the
+    /// host tells it of the deletion ([`ACCOUNT_DELETED_KIND`]). The group goes on without the
+    /// user (an owner's group to its first admin by name, else its first member, else it is
+    /// deleted). Refused from a user whose account exists.
+    Forget {
+        /// The user's other groups, without `#`, to go through after this one.
+        #[serde(default)]
+        next: Vec<String>,
+    },
 }
 
 impl GroupRequest {

@@ -6,8 +6,12 @@
 //! sent that are other users' now, and the name can be registered again.
 
 use anyhow::{Context, ensure};
-use iim_client::proto::body::{FILE_KIND, PUSH_KIND, PushReply, PushRequest};
-use iim_client::proto::{DeviceId, ErrorCode, MessageKind, RelationKind, SessionMode, UserId};
+use iim_client::proto::body::{
+    FILE_KIND, GroupNotice, GroupRequest, GroupRole, PUSH_KIND, PushReply, PushRequest,
+};
+use iim_client::proto::{
+    Address, DeviceId, ErrorCode, GROUP_KIND, MessageKind, RelationKind, SessionMode, UserId,
+};
 use iim_client::{ClientError, Connection, new_client_id};
 use iim_e2e::*;
 
@@ -148,18 +152,20 @@ async fn devices_are_listed_revoked_at_once_and_a_new_password_logs_the_others_o
 }
 
 /// A host with the chat plugin, the push plugin (which keeps each device's push token in its
-/// storage, and forgets a deleted account's), posting to `gateway`, and the keys plugin (the
-/// end-to-end key directory, which forgets a deleted account's cards).
+/// storage, and forgets a deleted account's), posting to `gateway`, the keys plugin (the
+/// end-to-end key directory, which forgets a deleted account's cards) and the groups plugin
+/// (whose groups go on without a deleted member).
 fn plugins_host(gateway: &gateway::Gateway) -> anyhow::Result<HostProcess> {
     let toml = gateway.push_config();
     let (chat, push) = (default_plugin("chat")?, default_plugin("push")?);
-    let keys = default_plugin("keys")?;
+    let (keys, groups) = (default_plugin("keys")?, default_plugin("groups")?);
     HostProcess::start_with(
         "",
         Plugins::Configured(&[
             ("chat", &chat, ""),
             ("push", &push, &toml),
             ("keys", &keys, "[host]\ninstances = 1\n"),
+            ("groups", &groups, ""),
         ]),
     )
 }
@@ -249,6 +255,25 @@ async fn a_deleted_account_leaves_nothing_of_its_user_in_the_store_and_its_name_
     .await?;
     next_message(&b).await?;
     let sha256 = file.sha256().context("a file id")?;
+    // A group alice owns, with bob: it goes on without her, bob its owner.
+    let create = GroupRequest::Create {
+        title: String::new(),
+        members: vec![bob.to_string()],
+    };
+    a.submit(
+        new_client_id(),
+        MessageKind::Custom(GROUP_KIND.into()),
+        &["#team".parse::<Address>()?],
+        &create.to_json(),
+    )
+    .await?;
+    next_message(&a).await?;
+    let created = next_message(&b).await?;
+    ensure!(
+        GroupNotice::from_json(&created.body)
+            .is_ok_and(|n| matches!(n, GroupNotice::Created { .. })),
+        "{created:?}"
+    );
     let file_id = sha256
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -281,6 +306,20 @@ async fn a_deleted_account_leaves_nothing_of_its_user_in_the_store_and_its_name_
     assert_eq!(code_of(gone)?, ErrorCode::NOT_FOUND);
     let login = logged_in(&host, &alice, PASSWORD, "phone", SessionMode::SendOnly).await;
     ensure!(login.is_err(), "a deleted account logs in");
+    let mut told = Vec::new();
+    while told.len() < 2 {
+        told.push(GroupNotice::from_json(&next_message(&b).await?.body)?);
+    }
+    assert_eq!(
+        told,
+        [
+            GroupNotice::Left,
+            GroupNotice::Role {
+                user: bob.to_string(),
+                role: GroupRole::Owner
+            }
+        ]
+    );
     b.close().await;
     // The push and keys plugins were told, and forgot her registration and her card.
     within("the plugins handling the deletion's notice", async {
@@ -290,7 +329,9 @@ async fn a_deleted_account_leaves_nothing_of_its_user_in_the_store_and_its_name_
                 return anyhow::Ok(());
             }
             ensure!(
-                notices.contains("for push") || notices.contains("for keys"),
+                ["push", "keys", "groups"]
+                    .iter()
+                    .any(|p| notices.contains(&format!("for {p}"))),
                 "{notices}"
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -361,6 +361,7 @@ pub async fn run(
             }
         }
         if got == "ok" {
+            // Requests to groups stay recorded for dispatch: the sandbox raises no more events.
             super::lane::apply(&sandbox.services, name, &event, effects)
                 .map_err(|e| anyhow::anyhow!("event {number}: applying its effects: {e}"))?;
         }

@@ -207,8 +207,9 @@ impl Lane {
                     &event,
                     effects.unwrap_or_default(),
                 ) {
-                    Ok(()) => {
+                    Ok(requests) => {
                         self.settle(&event);
+                        self.raise_requests(requests);
                         return;
                     }
                     Err(e) => {
@@ -279,6 +280,21 @@ impl Lane {
         }
     }
 
+    /// Hands the requests to groups a handling made to the plugins, in order, from a task of
+    /// their own: this lane may be the one they go to, and must not wait for room in its own
+    /// queue. They are recorded for dispatch, so a crash meanwhile loses none.
+    fn raise_requests(&self, requests: Vec<iim_proto::Message>) {
+        if requests.is_empty() {
+            return;
+        }
+        let host = Arc::clone(&self.host);
+        tokio::spawn(async move {
+            for request in requests {
+                host.raise(Event::Message(Arc::new(request))).await;
+            }
+        });
+    }
+
     /// The event is done with (handled, refused or set aside): a message event's dispatch
     /// record goes, and a deletion notice's record for this plugin.
     fn settle(&self, event: &Event) {
@@ -295,17 +311,35 @@ impl Lane {
     }
 }
 
+/// Whether `send` is a request to a group rather than a message to users: a new message of kind
+/// `group` addressed to one group, sent to nobody (which only the plugin that handles groups
+/// may send). It is handled as if its acting user had submitted it: in the group's order, by
+/// the plugin that handles groups (on the group's home host).
+fn is_group_request(send: &super::imports::PendingSend) -> bool {
+    match &send.message {
+        Outgoing::New { kind, to, .. } => {
+            send.users.is_empty()
+                && matches!(kind, iim_proto::MessageKind::Custom(k) if k == iim_proto::GROUP_KIND)
+                && matches!(to.as_slice(), [iim_proto::Address::Group(_)])
+        }
+        Outgoing::Forward(_) => false,
+    }
+}
+
 /// Applies the effects of plugin `plugin`'s successful handling of `event`: sends what it sent,
-/// in order, and writes what it stored, in one batch.
+/// in order, and writes what it stored, in one batch. Returns the requests to groups it made
+/// ([`is_group_request`]), recorded for dispatch: the caller raises them.
 pub fn apply(
     services: &Services,
     plugin: &str,
     event: &Event,
     effects: Effects,
-) -> Result<(), crate::iim::IimError> {
+) -> Result<Vec<iim_proto::Message>, crate::iim::IimError> {
     let (user, device) = event.acting();
     let key = event.durable_key();
+    let mut requests = Vec::new();
     for (index, send) in effects.sends.into_iter().enumerate() {
+        let request = is_group_request(&send);
         let message = match send.message {
             Outgoing::Forward(message) => Arc::unwrap_or_clone(message),
             Outgoing::New { kind, to, body } => {
@@ -329,6 +363,13 @@ pub fn apply(
                 }
             }
         };
+        if request {
+            // Recorded for dispatch as a submission is: raised by the caller, routed again
+            // after a crash.
+            services.store.messages.redispatch(&message)?;
+            requests.push(message);
+            continue;
+        }
         let list = UserList {
             servers: vec![ServerRow {
                 server: services.iim.server().to_owned(),
@@ -347,5 +388,5 @@ pub fn apply(
     if !effects.kv.is_empty() {
         services.store.plugin_kv.apply(plugin, &effects.kv)?;
     }
-    Ok(())
+    Ok(requests)
 }

@@ -1,7 +1,7 @@
 //! What the plugin sends: a group's messages to its members, notices, replies and refusals.
 
-use iim_plugin_sdk::body::{GroupNotice, GroupReply, Receipt};
-use iim_plugin_sdk::{HostError, Message, MessageKind, PluginError, UserId, host};
+use iim_plugin_sdk::body::{GroupNotice, GroupReply, GroupRequest, Receipt};
+use iim_plugin_sdk::{HostError, Message, MessageKind, PluginError, UserId, UserList, host};
 
 /// Most users one `resolve` names: the host's default `plugins.max_send_users`. A host
 /// configured lower answers `limit-exceeded`, and the list is halved until it fits.
@@ -77,6 +77,24 @@ pub fn notice(group: &str, members: &[UserId], notice: &GroupNotice) -> Result<(
         notice.to_json(),
     );
     to_users(&message, members)
+}
+
+/// Sends `request` to `group` (without `#`), from the acting user, to be handled in the
+/// group's order: a `group` message addressed to the group and sent to nobody, which the host
+/// hands to this plugin as if the acting user had submitted it.
+pub fn request(group: &str, request: &GroupRequest) -> Result<(), HostError> {
+    let message = Message::new(
+        MessageKind::group(),
+        vec![format!("#{group}")],
+        request.to_json(),
+    );
+    host::send(
+        &message,
+        &UserList {
+            servers: Vec::new(),
+        },
+    )?;
+    Ok(())
 }
 
 /// Answers `requester` with `reply`: a new `group` message to them only.

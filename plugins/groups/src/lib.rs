@@ -29,6 +29,7 @@ mod requests;
 mod store;
 
 use answer::Failure;
+use iim_plugin_sdk::body::ACCOUNT_DELETED_KIND;
 use iim_plugin_sdk::{Config, Event, Message, MessageKind, Plugin, PluginError, Subscription};
 use requests::Limits;
 use store::Storage;
@@ -94,8 +95,12 @@ impl Plugin for Groups {
 
     fn subscriptions(&self) -> Vec<Subscription> {
         // Messages to groups come through `groups`; a `list` request is addressed to its
-        // requester, so it comes as a `group` message to a user.
-        vec![Subscription::Message(MessageKind::group())]
+        // requester, so it comes as a `group` message to a user. A deleted account leaves its
+        // groups (`requests::forget_everywhere`).
+        vec![
+            Subscription::Message(MessageKind::group()),
+            Subscription::Message(MessageKind::Custom(ACCOUNT_DELETED_KIND.into())),
+        ]
     }
 
     fn groups(&self) -> bool {
@@ -105,6 +110,11 @@ impl Plugin for Groups {
     fn handle(&self, event: Event) -> Result<(), PluginError> {
         let mut store = Storage::new();
         match event {
+            Event::Message(message)
+                if message.kind == MessageKind::Custom(ACCOUNT_DELETED_KIND.into()) =>
+            {
+                requests::forget_everywhere(&mut store, &message.sender)
+            }
             Event::Message(message) => {
                 let group = message.group().map(str::to_owned);
                 let outcome = match &group {

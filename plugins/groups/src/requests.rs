@@ -9,7 +9,7 @@ use crate::store::{GroupRecord, Mark, Storage};
 use iim_plugin_sdk::body::{
     GroupMember, GroupNotice, GroupReply, GroupRequest, GroupRole, GroupSummary,
 };
-use iim_plugin_sdk::{HostError, Message, MessageId, UserId, host};
+use iim_plugin_sdk::{HostError, Message, MessageId, PluginError, UserId, host};
 
 /// Most users one request (`create`, `add`, `remove`) names: each takes two storage writes,
 /// and an event may make 256.
@@ -63,7 +63,113 @@ pub fn to_group(
         GroupRequest::Role { user, role } => acting(store)?.set_role(user, role),
         GroupRequest::Members => acting(store)?.members(),
         GroupRequest::Receipts { id } => acting(store)?.receipts(id),
+        GroupRequest::Forget { next } => forget(store, group, request, next),
     }
+}
+
+/// Most groups one chain of `forget` requests goes through: the first and 62 `next`, so that
+/// the 64 chains one event may start (one send each) cover [`crate::MAX_GROUPS`].
+const FORGET_CHAIN: usize = 63;
+const _: () = assert!(64 * FORGET_CHAIN >= crate::MAX_GROUPS as usize);
+
+/// The host's notice that `user`'s account was deleted, in the user's order: a `forget`
+/// request goes through each of the user's groups in turn, in that group's order (a group's
+/// keys are written by its own events only), in chains of [`FORGET_CHAIN`]. Every index
+/// entry counts, of deleted groups too: each is the group's to remove.
+pub fn forget_everywhere(store: &mut Storage, user: &str) -> Result<(), PluginError> {
+    let groups = store.all_under(&crate::store::keys::user_groups(user))?;
+    for chain in groups.chunks(FORGET_CHAIN) {
+        if let Some((first, next)) = chain.split_first() {
+            answer::request(
+                first,
+                &GroupRequest::Forget {
+                    next: next.to_vec(),
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `forget`: the deleted user leaves `group` (an owner hands it on, or deletes it if alone),
+/// their index entry of it goes, then the request goes on to the next group.
+fn forget(
+    store: &mut Storage,
+    group: &str,
+    request: &Message,
+    next: Vec<String>,
+) -> Result<(), Failure> {
+    let me = request.sender.clone();
+    match host::resolve(std::slice::from_ref(&me)) {
+        Err(HostError::UnknownUser(_)) => {}
+        Ok(_) => return refused("forget is the host's, for a deleted account; leave instead"),
+        Err(e) => return Err(e.into()),
+    }
+    if next.len() >= FORGET_CHAIN || next.iter().any(|g| !valid_user(g)) {
+        return refused("forget names at most 62 more groups, by name");
+    }
+    if let Some(record) = store.group(group)?
+        && let Some(role) = store.role(group, record.generation, &me)?
+    {
+        without(store, group, record, role, &me)?;
+    }
+    // Whatever generation it names (a deleted group's entry too): the group's key to remove.
+    store.delete(&crate::store::keys::user_group(&me, group))?;
+    if let Some((first, rest)) = next.split_first() {
+        answer::request(
+            first,
+            &GroupRequest::Forget {
+                next: rest.to_vec(),
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Takes `me` (a deleted account, of role `role`) out of `group`: the members are told; an
+/// owner's group goes to its first admin by name, else its first member, else it is deleted.
+fn without(
+    store: &mut Storage,
+    group: &str,
+    mut record: GroupRecord,
+    role: GroupRole,
+    me: &str,
+) -> Result<(), Failure> {
+    let generation = record.generation;
+    let others: Vec<UserId> = store
+        .members(group, generation)?
+        .into_iter()
+        .filter(|member| member != me)
+        .collect();
+    store.remove_member(group, generation, me)?;
+    if others.is_empty() {
+        store.delete_group(group)?;
+        cleanup::add(store, group, Job::Generation { generation })?;
+        return Ok(());
+    }
+    record.members = record.members.saturating_sub(1);
+    let mut notices = vec![GroupNotice::Left];
+    if role == GroupRole::Owner {
+        let mut successor = None;
+        for member in &others {
+            if store.role(group, generation, member)? == Some(GroupRole::Admin) {
+                successor = Some(member.clone());
+                break;
+            }
+        }
+        let successor = successor.unwrap_or_else(|| others[0].clone());
+        store.set_role(group, generation, &successor, GroupRole::Owner)?;
+        record.owner = successor.clone();
+        notices.push(GroupNotice::Role {
+            user: successor,
+            role: GroupRole::Owner,
+        });
+    }
+    store.save_group(group, &record)?;
+    for notice in &notices {
+        answer::notice(group, &others, notice)?;
+    }
+    Ok(())
 }
 
 /// A `group` message addressed to users, not to a group: only `list`, addressed to the
@@ -99,6 +205,7 @@ fn op_name(op: &GroupRequest) -> &'static str {
         GroupRequest::Members => "members",
         GroupRequest::List => "list",
         GroupRequest::Receipts { .. } => "receipts",
+        GroupRequest::Forget { .. } => "forget",
     }
 }
 

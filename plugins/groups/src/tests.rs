@@ -234,7 +234,10 @@ fn describes_itself_subscribes_to_groups_and_checks_its_configuration() {
     assert_eq!(info.name, "groups");
     assert_eq!(
         info.subscriptions,
-        [Subscription::Message(MessageKind::Custom("group".into()))]
+        [
+            Subscription::Message(MessageKind::Custom("group".into())),
+            Subscription::Message(MessageKind::Custom("account-deleted".into()))
+        ]
     );
     assert!(scene.fake.subscribed_groups::<Groups>());
     assert_eq!(
@@ -1029,4 +1032,83 @@ fn a_large_group_is_paged_sent_in_one_message_and_deleted_over_several_events() 
     );
     assert_eq!(scene.list("m6").len(), 1);
     assert!(scene.list("m7").is_empty());
+}
+
+/// The requests to groups an event sent (a `group` message to one group, sent to nobody): the
+/// host hands each back to the plugin in its group's order, as the test does here.
+fn group_requests(out: &Outcome) -> Vec<Message> {
+    out.sent
+        .iter()
+        .filter(|sent| sent.users.servers.iter().all(|row| row.users.is_empty()))
+        .map(|sent| sent.message.clone())
+        .collect()
+}
+
+#[test]
+fn a_deleted_account_leaves_every_group_and_its_groups_go_on_without_it() {
+    // alice owns #team (bob, carol) and is a member of bob's #club and of #solo, her own,
+    // alone.
+    let mut scene = Scene::with_team();
+    let (id, out) = scene.request("bob", "#club", &create(&["alice", "dave"]));
+    out.done(id);
+    let (id, out) = scene.request("alice", "#solo", &create(&[]));
+    out.done(id);
+
+    let deleted = scene.fake.account_deleted("alice");
+    let mut pending = group_requests(&scene.run(deleted));
+    assert_eq!(pending.len(), 1, "one chain for three groups");
+    let mut notices = Vec::new();
+    while let Some(request) = pending.pop() {
+        assert_eq!(request.sender, "alice");
+        assert!(matches!(
+            GroupRequest::from_json(&request.body),
+            Ok(GroupRequest::Forget { .. })
+        ));
+        let out = scene.run(Event::Message(request));
+        pending.extend(group_requests(&out));
+        let (_, told): (Vec<Sent>, Vec<Sent>) = out
+            .sent
+            .into_iter()
+            .partition(|sent| sent.users.servers.iter().all(|row| row.users.is_empty()));
+        notices.extend(Outcome { sent: told }.notices());
+    }
+    // #club and #team are told alice left; #team is bob's now (the first member by name, no
+    // admin); #solo is gone.
+    assert!(
+        notices.contains(&(GroupNotice::Left, names(&["bob", "dave"]))),
+        "{notices:?}"
+    );
+    assert!(
+        notices.contains(&(GroupNotice::Left, names(&["bob", "carol"]))),
+        "{notices:?}"
+    );
+    assert!(
+        notices.contains(&(
+            GroupNotice::Role {
+                user: "bob".into(),
+                role: GroupRole::Owner
+            },
+            names(&["bob", "carol"])
+        )),
+        "{notices:?}"
+    );
+    assert_eq!(
+        scene.members("bob"),
+        [
+            ("bob".to_owned(), GroupRole::Owner),
+            ("carol".to_owned(), GroupRole::Member)
+        ]
+    );
+    // Nothing of alice's is left in the plugin's storage but what #solo's cleanup removes
+    // next, which names no user.
+    let left: Vec<&str> = scene
+        .fake
+        .stored_keys()
+        .filter(|key| key.contains("alice"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // A user whose account exists cannot send it.
+    let (id, out) = scene.request("carol", "#team", &GroupRequest::Forget { next: vec![] });
+    assert!(out.refusal(id).contains("forget is the host's"));
 }

@@ -30,7 +30,7 @@ pub(crate) enum AccountCommand {
     },
     /// Delete your account with what the host keeps of it: devices, inbox, relations (also
     /// your name in others' lists), the files you uploaded, what plugins keep for you (push
-    /// tokens, published keys; not yet group memberships). Your name may then be registered
+    /// tokens, published keys, group memberships). Your name may then be registered
     /// again, on any host of the network. This cannot be undone.
     Delete {
         /// The password, asked again.
