@@ -9,8 +9,8 @@ use iim_proto::body::FileRef;
 use iim_proto::file::Sha256;
 use iim_proto::session::{Outgoing, Request};
 use iim_proto::{
-    AccountOp, Address, DeviceId, DeviceInfo, Message, MessageId, MessageKind, RelationKind,
-    RelationOp, ServerFrame, SessionMode, UserId,
+    AccountOp, Address, DeviceId, DeviceInfo, ErrorCode, Message, MessageId, MessageKind,
+    RelationKind, RelationOp, ServerFrame, SessionMode, UserId,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -529,13 +529,18 @@ impl Connection {
                 let conn = tokio::time::timeout(config.connect_timeout, connecting)
                     .await
                     .map_err(|_| full(connect_err("timed out".into())))?
-                    .map_err(|e| full(connect_err(e.into())))?;
+                    .map_err(|e| {
+                        full(closed_by_host(&e).unwrap_or_else(|| connect_err(e.into())))
+                    })?;
                 (conn, None)
             }
         };
         let zero_rtt = early.is_some();
         let handshake = async {
-            let (send, recv) = conn.open_bi().await.map_err(|e| connect_err(e.into()))?;
+            let (send, recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| closed_by_host(&e).unwrap_or_else(|| connect_err(e.into())))?;
             let (generation, welcome, events) = shared.start();
             let answer = match first {
                 Some(first) => Some(shared.lock().request(generation, first)?),
@@ -1037,6 +1042,21 @@ impl Drop for Connection {
         // the host's session for this device) alive after the application let go of it.
         self.conn.close(0u32.into(), b"dropped");
     }
+}
+
+/// The host's own close of a connection it would not serve (over a limit of its address,
+/// shutting down), as the error it says: its code and reason, rather than a failure to connect.
+fn closed_by_host(e: &quinn::ConnectionError) -> Option<ClientError> {
+    let quinn::ConnectionError::ApplicationClosed(close) = e else {
+        return None;
+    };
+    let code = u16::try_from(close.error_code.into_inner())
+        .ok()
+        .filter(|&code| code != 0)?;
+    Some(ClientError::ClosedByHost {
+        code: ErrorCode(code),
+        message: String::from_utf8_lossy(&close.reason).into_owned(),
+    })
 }
 
 fn expect_ok(answer: ServerFrame) -> Result<(), ClientError> {

@@ -163,8 +163,12 @@ impl ClientError {
             | ClientError::ConnectionLost(_)
             | ClientError::Timeout(_)
             | ClientError::Resolve { .. } => true,
+            // A connection over a limit of its address is closed with `rate_limited` and the
+            // time to wait.
             ClientError::ClosedByHost { code, .. } => {
-                *code == ErrorCode::SHUTTING_DOWN || *code == ErrorCode::TOO_SLOW
+                *code == ErrorCode::SHUTTING_DOWN
+                    || *code == ErrorCode::TOO_SLOW
+                    || *code == ErrorCode::RATE_LIMITED
             }
             // Something the host needs (its network's exchange) is out of reach for now, or it
             // is too busy checking passwords: the refusal says when to come back.
