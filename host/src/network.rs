@@ -1132,7 +1132,11 @@ mod tests {
             network(&h2).directory.home_of_user(&dora).is_none()
         })
         .await;
-        assert!(!h1.store.network.is_to_release(&dora).expect("read"));
+        // The exchange answers h1 and tells h2 in either order: wait for the answer too.
+        until("h1's release of dora answered", || {
+            !h1.store.network.is_to_release(&dora).expect("read")
+        })
+        .await;
         assert_eq!(network(&h2).claim(dora.clone()).await.expect("claim"), "h2");
         until("h1 learning dora's new home", || {
             network(&h1).directory.home_of_user(&dora).as_deref() == Some("h2")
@@ -1159,7 +1163,11 @@ mod tests {
             network(&h2).directory.home_of_user(&ella).is_none()
         })
         .await;
-        assert!(!h1.store.network.is_to_release(&ella).expect("read"));
+        // The exchange answers h1 and tells h2 in either order: wait for the answer too.
+        until("h1's release of ella answered", || {
+            !h1.store.network.is_to_release(&ella).expect("read")
+        })
+        .await;
         assert_eq!(network(&h2).claim(ella).await.expect("claim"), "h2");
 
         // A name registered here again before its release went (the releases not woken yet)
