@@ -39,6 +39,7 @@
 mod connection;
 mod device;
 mod driver;
+pub mod e2e;
 mod interfaces;
 mod transfer;
 

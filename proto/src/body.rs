@@ -10,6 +10,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod keys;
+
 /// Why a body could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {
@@ -621,9 +623,38 @@ impl Waiting {
     }
 }
 
+/// The first bytes of an end-to-end encrypted 1:1 envelope: the same bytes as the `iim-e2ee`
+/// crate's `MAGIC_DIRECT`, repeated here so that a plugin can tell ciphertext without that crate.
+pub const E2E_DIRECT_MAGIC: &[u8; 8] = b"iim-e2e\x01";
+
+/// The first bytes of an end-to-end encrypted MLS group message: the same bytes as the
+/// `iim-e2ee` crate's `MAGIC_MLS`.
+pub const E2E_GROUP_MAGIC: &[u8; 8] = b"iim-mls\x01";
+
+/// Whether a message body is end-to-end encrypted (it starts with [`E2E_DIRECT_MAGIC`] or
+/// [`E2E_GROUP_MAGIC`]): ciphertext, which no plugin or host can read and none should show as
+/// text.
+pub fn is_end_to_end(body: &[u8]) -> bool {
+    body.starts_with(E2E_DIRECT_MAGIC) || body.starts_with(E2E_GROUP_MAGIC)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn end_to_end_bodies_are_told_by_their_magic() {
+        assert!(is_end_to_end(b"iim-e2e\x01ciphertext"));
+        assert!(is_end_to_end(b"iim-mls\x01"));
+        assert!(!is_end_to_end(b"hello"));
+        assert!(!is_end_to_end(b"iim-e2e\x02ciphertext"), "another version");
+        assert!(!is_end_to_end(b"iim-e2e"), "too short");
+        assert!(
+            !is_end_to_end(b"iim-crd\x01card"),
+            "a device card is no message"
+        );
+        assert!(!is_end_to_end(b""));
+    }
 
     #[test]
     fn bodies_are_the_documented_json() {

@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: start the real `iim-host` binary on loopback with a
 //! temporary data directory, and connect real clients to it.
 
+pub mod cli;
 pub mod gateway;
 pub mod lossy;
 pub mod netns;

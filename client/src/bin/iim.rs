@@ -27,6 +27,8 @@ mod account;
 mod chat;
 #[path = "iim/deliveries.rs"]
 mod deliveries;
+#[path = "iim/e2e.rs"]
+mod e2e;
 #[path = "iim/group.rs"]
 mod group;
 #[path = "iim/push.rs"]
@@ -163,6 +165,15 @@ enum Command {
         /// configured otherwise).
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(1..))]
         ttl: Option<u32>,
+        /// Encrypt the message end to end, for every device of the recipients and your other
+        /// devices, with the keys they published in the host's key directory (`keys` plugin):
+        /// the host sees who it is to, never what it says. A chat message to users only.
+        /// `iim e2e on USER` makes it the default for a conversation.
+        #[arg(long, conflicts_with = "plain")]
+        e2e: bool,
+        /// Send in the clear even where `iim e2e on` made encryption the default.
+        #[arg(long)]
+        plain: bool,
     },
     /// Stay connected and print every message as it arrives.
     ///
@@ -255,6 +266,16 @@ enum Command {
     /// deliveries from an `iim listen` of the same profile, which takes them back once it is
     /// done and shows whatever arrived meanwhile.
     Group(group::GroupArgs),
+    /// End-to-end encryption of this device: `setup`, `status`, `cards USER...`, `trust
+    /// USER/DEVICE`, `on [USER]`, `off [USER]`.
+    ///
+    /// Each device has its own keys, kept in the profile (`e2e.keys`, readable by you only);
+    /// their public half, the device's card, is published in the host's key directory (the
+    /// `keys` plugin). A device's first card is pinned (trusted on first use); a different one
+    /// later is refused until you compare fingerprints with its owner and trust it. `listen`
+    /// opens what is encrypted and says so; a body altered or played again is shown as
+    /// refused.
+    E2e(e2e::E2eArgs),
     /// Push notifications for this device: `register TOKEN`, `unregister`.
     ///
     /// The host's push plugin then notifies the device through its push gateway (FCM or APNs,
@@ -302,6 +323,9 @@ struct Profile {
     /// be redirected again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     redirected_from: Option<SocketAddr>,
+    /// Which conversations `iim send` encrypts end to end by default (`iim e2e on|off`).
+    #[serde(default, skip_serializing_if = "e2e::E2eSettings::is_off")]
+    e2e: e2e::E2eSettings,
 }
 
 impl Profile {
@@ -483,7 +507,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 redirected_from: same_user
                     .filter(|old| old.server == server)
                     .and_then(|old| old.redirected_from),
+                e2e: same_user.map(|old| old.e2e.clone()).unwrap_or_default(),
             };
+            // The end-to-end keys are the device's: another device (or user) of this profile
+            // makes its own.
+            if same_user.is_none_or(|old| old.device != device) {
+                e2e::forget_keys(&dir)?;
+            }
             profile.note_home(server, conn.server(), home.server);
             save_profile(&dir, &profile)?;
             print_result(
@@ -500,11 +530,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kind,
             body_file,
             ttl,
+            e2e,
+            plain,
         } => {
             // Before connecting: recipients that cannot go together, a missing file or a
             // missing body are the user's to fix, with no host involved.
             let (to, text) = send_args(args, body_file.is_some())?;
             let source = BodySource::open(text, body_file.as_deref()).await?;
+            let profile = saved_login(&profile_dir(&cli)?)?;
+            let e2e = *e2e || (!plain && *kind == MessageKind::Chat && profile.e2e.covers(&to));
+            if e2e {
+                return send_e2e(&cli, kind, &to, source, *ttl).await;
+            }
             let (conn, _) = session(&cli, SessionMode::SendOnly).await?;
             let body = source.read(conn.max_body()).await?;
             let client_id = iim_client::new_client_id();
@@ -554,19 +591,87 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Group(args) => group::run(&cli, args).await?,
         Command::Push(args) => push::run(&cli, args).await?,
+        Command::E2e(args) => e2e::run(&cli, args).await?,
         Command::Account { op } => account::run(&cli, op).await?,
         Command::Logout => {
             let dir = profile_dir(&cli)?;
             let (conn, profile) = session(&cli, SessionMode::SendOnly).await?;
+            if e2e::keyring_path(&dir).exists() {
+                e2e::unpublish(&conn, &profile.user, profile.device.as_str()).await;
+            }
             conn.logout().await?;
             std::fs::remove_file(dir.join("profile.json"))
                 .with_context(|| format!("cannot remove the profile in {}", dir.display()))?;
+            e2e::forget_keys(&dir)?;
             print_result(
                 &cli,
                 serde_json::json!({ "logged_out": profile.user }),
                 || format!("logged out {}", profile.user),
             );
         }
+    }
+    Ok(())
+}
+
+/// `iim send --e2e`: seals the body for the recipients' devices and this user's others, as
+/// the key directory lists them now, and sends it as a chat message.
+async fn send_e2e(
+    cli: &Cli,
+    kind: &MessageKind,
+    to: &[Address],
+    source: BodySource,
+    ttl: Option<u32>,
+) -> anyhow::Result<()> {
+    if *kind != MessageKind::Chat {
+        bail!(
+            "only chat messages are encrypted end to end (this one is {kind}): send it with --plain"
+        );
+    }
+    let users = to
+        .iter()
+        .map(|address| match address {
+            Address::User(user) => Ok(user.clone()),
+            Address::Group(group) => Err(anyhow!(
+                "#{group}: messages to a group are not encrypted end to end by `iim send`; \
+                 send it with --plain"
+            )),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let dir = profile_dir(cli)?;
+    let profile = saved_login(&dir)?;
+    let new_keyring = !e2e::keyring_path(&dir).exists();
+    let mut keys = e2e::keyring(&dir, &profile)?;
+    let mut directory = e2e::Directory::open(cli, std::time::Duration::from_secs(10)).await?;
+    let sent = async {
+        let conn = directory.connection();
+        let body = source.read(conn.max_body()).await?;
+        let (sealed, addresses) =
+            e2e::seal(&mut directory, &mut keys, new_keyring, &users, &body).await?;
+        let conn = directory.connection();
+        let client_id = iim_client::new_client_id();
+        let accepted = match ttl {
+            None => {
+                conn.submit(client_id, kind.clone(), &addresses, &sealed)
+                    .await?
+            }
+            Some(secs) => {
+                let ttl = std::time::Duration::from_secs(u64::from(secs));
+                conn.submit_expiring(client_id, kind.clone(), &addresses, &sealed, ttl)
+                    .await?
+            }
+        };
+        anyhow::Ok(accepted)
+    }
+    .await;
+    directory.close().await;
+    let accepted = sent?;
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({ "id": accepted.id.0, "sent_at": accepted.sent_at, "e2e": true })
+        );
+    } else {
+        println!("{}", accepted.id);
     }
     Ok(())
 }
@@ -625,7 +730,9 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
             home.profile.user, home.profile.device
         );
     }
+    let mut opener = e2e::Opener::new(&home.dir, &home.profile);
     loop {
+        let card_wait = opener.deadline();
         let update = tokio::select! {
             biased;
             _ = &mut ctrl_c => {
@@ -634,34 +741,19 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
                 device.close().await;
                 return Ok(());
             }
+            () = tokio::time::sleep_until(card_wait.unwrap_or_else(tokio::time::Instant::now)),
+                if card_wait.is_some() => {
+                for ready in opener.expire(&device) {
+                    shown(cli, &device, &home, read, ready);
+                }
+                continue;
+            }
             update = device.next() => update,
         };
         match update {
             Some(Ok(Update::Message { seq, message })) => {
-                println!("{}", show::message_line(cli.json, &message));
-                // Acknowledged before it is reported read, so that its sender hears of the
-                // delivery first (the receipts plugin handles both in the order they come).
-                device.ack(seq);
-                if read && message.kind == MessageKind::Chat && message.from != home.profile.user {
-                    // A group's message is reported to the group, which counts its readers.
-                    let to = match show::group_of(&message) {
-                        Some(group) => Address::Group(group.clone()),
-                        None => Address::User(message.from.clone()),
-                    };
-                    let id = message.id;
-                    let report = device.submit(
-                        read_report_client_id(id, &to),
-                        MessageKind::Receipt,
-                        std::slice::from_ref(&to),
-                        &read_report(id),
-                    );
-                    // The report goes out in order; its answer may wait for a reconnect.
-                    tokio::spawn(async move {
-                        // Say so and go on listening: the sender's account may be gone.
-                        if let Err(e) = report.await {
-                            eprintln!("iim: cannot mark message {id} read: {e}");
-                        }
-                    });
+                for ready in opener.take(&device, seq, message) {
+                    shown(cli, &device, &home, read, ready);
                 }
             }
             Some(Ok(Update::Synced { count })) => {
@@ -696,11 +788,46 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
                     return Ok(());
                 };
                 (device, home) = (again, new_home);
+                // What it held comes again on the new session.
+                opener = e2e::Opener::new(&home.dir, &home.profile);
                 eprintln!("iim: listening again");
             }
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ClientError::ConnectionLost("the connection ended".into()).into()),
         }
+    }
+}
+
+/// Shows a message `listen` got (unless it is the key directory's business), acknowledges
+/// it, and with `read` reports a chat message from someone else read.
+fn shown(cli: &Cli, device: &Device, home: &Home, read: bool, ready: e2e::Ready) {
+    let e2e::Ready { seq, message, seal } = ready;
+    if seal != e2e::Seal::Hidden {
+        println!("{}", show::message_line_sealed(cli.json, &message, &seal));
+    }
+    // Acknowledged before it is reported read, so that its sender hears of the delivery
+    // first (the receipts plugin handles both in the order they come).
+    device.ack(seq);
+    if read && message.kind == MessageKind::Chat && message.from != home.profile.user {
+        // A group's message is reported to the group, which counts its readers.
+        let to = match show::group_of(&message) {
+            Some(group) => Address::Group(group.clone()),
+            None => Address::User(message.from.clone()),
+        };
+        let id = message.id;
+        let report = device.submit(
+            read_report_client_id(id, &to),
+            MessageKind::Receipt,
+            std::slice::from_ref(&to),
+            &read_report(id),
+        );
+        // The report goes out in order; its answer may wait for a reconnect.
+        tokio::spawn(async move {
+            // Say so and go on listening: the sender's account may be gone.
+            if let Err(e) = report.await {
+                eprintln!("iim: cannot mark message {id} read: {e}");
+            }
+        });
     }
 }
 
@@ -1413,6 +1540,7 @@ mod tests {
             device: DeviceId::new("laptop").expect("name"),
             token: "t".into(),
             redirected_from: None,
+            e2e: e2e::E2eSettings::default(),
         }
     }
 

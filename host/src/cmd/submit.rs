@@ -81,10 +81,14 @@ fn accept(
             ),
         ));
     }
-    if s.kind == MessageKind::Chat && std::str::from_utf8(&s.body).is_err() {
+    // An end-to-end encrypted body is opaque bytes the host cannot check.
+    if s.kind == MessageKind::Chat
+        && std::str::from_utf8(&s.body).is_err()
+        && !iim_proto::body::is_end_to_end(&s.body)
+    {
         return Err(Refusal::new(
             ErrorCode::INVALID_ARGUMENT,
-            "a chat message's body is UTF-8 text",
+            "a chat message's body is UTF-8 text, or an end-to-end encrypted body",
         ));
     }
     if s.to.is_empty() {

@@ -1,6 +1,6 @@
 //! What the plugin sends: replies to the requesting user, in parts when they are large.
 
-use crate::body::{Answer, KEYS_KIND, KeysReply};
+use iim_plugin_sdk::body::keys::{Answer, KEYS_KIND, KeysReply};
 use iim_plugin_sdk::host::{self, MAX_SENDS_PER_EVENT};
 use iim_plugin_sdk::{HostError, Message, MessageKind, PluginError};
 use serde::Serialize;

@@ -9,7 +9,7 @@
 //! own devices' cards.
 //!
 //! Subscribes to `message(keys)`. A device sends a `keys` message addressed to its own user,
-//! whose body is `{"op": ...}` (`body::KeysRequest`):
+//! whose body is `{"op": ...}` (`iim_proto::body::keys::KeysRequest`):
 //! - `publish`: stores the sending device's card (replacing its older one) and adds its key
 //!   packages to those waiting;
 //! - `unpublish`: removes a device's card and waiting key packages (any device of the user may
@@ -18,20 +18,19 @@
 //! - `claim`: takes one key package of each device named (given to no one else), with its
 //!   card; devices with none left are `missing`.
 //!
-//! The answer is a `keys` message to the user (`body::KeysReply`), naming the request's id and
-//! the device that sent it; a refusal is a `refused` reply with the reason, and changes
-//! nothing. It takes no configuration (any key is `invalid-config`), but must run with one
-//! instance (`store` says why). `README.md` documents the bodies for client authors; `store`
-//! documents the storage layout.
+//! The answer is a `keys` message to the user (`iim_proto::body::keys::KeysReply`), naming the
+//! request's id and the device that sent it; a refusal is a `refused` reply with the reason, and
+//! changes nothing. It takes no configuration (any key is `invalid-config`), but must run with
+//! one instance (`store` says why). `README.md` documents the bodies for client authors;
+//! `store` documents the storage layout.
 
 mod answer;
-pub mod body;
 mod requests;
 mod store;
 
 use answer::Request;
-use body::{Answer, KEYS_KIND};
 use iim_plugin_sdk::body::ACCOUNT_DELETED_KIND;
+use iim_plugin_sdk::body::keys::{Answer, KEYS_KIND};
 use iim_plugin_sdk::{Config, Event, MessageKind, Plugin, PluginError, Subscription};
 use requests::Failure;
 

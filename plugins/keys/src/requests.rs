@@ -2,10 +2,10 @@
 //! nothing.
 
 use crate::answer::{self, Part, Request};
-use crate::body::{Answer, Base64, CardEntry, ClaimedPackage, KeysRequest};
 use crate::store;
 use crate::{MAX_CARD, MAX_DEVICES, MAX_KEY_PACKAGE, MAX_NAMES, MAX_PACKAGES_PER_REQUEST};
 use crate::{MAX_NAME, MAX_WAITING, MAX_WAITING_PER_USER};
+use iim_plugin_sdk::body::keys::{Answer, Base64, CardEntry, ClaimedPackage, KeysRequest};
 use iim_plugin_sdk::{HostError, PluginError};
 
 /// Why a request is not carried out.

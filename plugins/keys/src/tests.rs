@@ -1,7 +1,7 @@
 //! The key directory against the fake host: what each request stores and what it answers.
 
 use super::*;
-use crate::body::{Base64, CardEntry, ClaimedPackage, KeysReply, KeysRequest};
+use iim_plugin_sdk::body::keys::{Base64, CardEntry, ClaimedPackage, KeysReply, KeysRequest};
 use iim_plugin_sdk::testing::FakeHost;
 use serde_json::json;
 

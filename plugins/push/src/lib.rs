@@ -18,7 +18,8 @@
 //!   notification. The count starts again when one of the user's devices comes online.
 //! - At most `max_per_hour` pushes per device; past it, nothing until the hour is over.
 //! - The message's text goes in the push only with `include_body = true` (it then passes
-//!   through the gateway's operator); otherwise the push says who wrote, not what.
+//!   through the gateway's operator); otherwise the push says who wrote, not what. An end-to-end
+//!   encrypted message has no text to give: its push says "Encrypted message".
 //! - A gateway that fails (no connection, 5xx, 429) is tried again with a growing wait
 //!   (`retries` times: 0.2 s, 0.8 s, 3.2 s); a token the gateway says is gone (404, 410) is
 //!   forgotten. A notice no device could be notified for fails, so the host tries it again
@@ -36,7 +37,7 @@
 //! `allowed_outbound_hosts = ["https://fcm.googleapis.com"]` — the host sends nowhere else.
 
 use iim_plugin_sdk::body::{
-    ACCOUNT_DELETED_KIND, PUSH_KIND, PushReply, PushRequest, WAITING_KIND, Waiting,
+    ACCOUNT_DELETED_KIND, PUSH_KIND, PushReply, PushRequest, WAITING_KIND, Waiting, is_end_to_end,
 };
 use iim_plugin_sdk::http::{HttpError, Request, Response};
 use iim_plugin_sdk::{
@@ -449,7 +450,8 @@ impl Push {
     }
 
     /// What the push says of one message: its text if the configuration lets it through, else
-    /// what it is.
+    /// what it is. An end-to-end encrypted body is ciphertext, which read as text would show
+    /// the user noise (and hand the gateway bytes of it), so it is named, never shown.
     fn text_of(&self, user: &str, waiting: &Waiting) -> String {
         let generic = match waiting.kind.as_str() {
             "file" => "sent a file",
@@ -459,6 +461,7 @@ impl Push {
             return generic.to_owned();
         }
         match host::inbox_message(user, waiting.id) {
+            Ok(Some(message)) if is_end_to_end(&message.body) => "Encrypted message".to_owned(),
             Ok(Some(message)) => {
                 let text = String::from_utf8_lossy(&message.body);
                 let mut cut: String = text.chars().take(self.body_chars).collect();
@@ -526,6 +529,7 @@ iim_plugin_sdk::export_plugin!(Push);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use iim_plugin_sdk::body::{E2E_DIRECT_MAGIC, E2E_GROUP_MAGIC};
     use iim_plugin_sdk::testing::FakeHost;
 
     const TOKEN: &str = "fcm-token-0123456789abcdef";
@@ -726,6 +730,27 @@ mod tests {
             posted(&host)[0]["message"]["notification"]["body"],
             "hello…"
         );
+    }
+
+    #[test]
+    fn an_end_to_end_encrypted_message_is_named_not_shown() {
+        let (mut host, push) = host_with(&[("include_body", "true"), ("collapse_secs", "0")]);
+        register(&mut host, &push, "phone", TOKEN);
+        for magic in [E2E_DIRECT_MAGIC, E2E_GROUP_MAGIC] {
+            let mut body = magic.to_vec();
+            body.extend_from_slice(b"ciphertext \xff\x00");
+            let Event::Message(message) = host.submit("alice", MessageKind::Chat, &["bob"], &body)
+            else {
+                unreachable!()
+            };
+            let notice = host.waiting("bob", &message);
+            host.handle(&push, notice).expect("waiting");
+        }
+        let posted = posted(&host);
+        assert_eq!(posted.len(), 2, "{posted:?}");
+        for push in &posted {
+            assert_eq!(push["message"]["notification"]["body"], "Encrypted message");
+        }
     }
 
     #[test]

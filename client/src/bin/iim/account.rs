@@ -97,9 +97,13 @@ pub(crate) async fn run(cli: &Cli, op: &AccountCommand) -> anyhow::Result<()> {
             }
         }
         AccountCommand::Revoke { device } => {
+            // Its card leaves the key directory first (while this device may still ask, if it
+            // is the one revoked): nobody seals messages to it any more.
+            super::e2e::unpublish(&conn, user, device.as_str()).await;
             conn.revoke_device(device).await?;
             if device == &profile.device {
                 forget_login(&dir)?;
+                super::e2e::forget_keys(&dir)?;
             }
             print_result(cli, serde_json::json!({ "revoked": device }), || {
                 format!("revoked device {device} of {user}")
@@ -108,6 +112,7 @@ pub(crate) async fn run(cli: &Cli, op: &AccountCommand) -> anyhow::Result<()> {
         AccountCommand::Delete { password, .. } => {
             conn.delete_account(password).await?;
             forget_login(&dir)?;
+            super::e2e::forget_keys(&dir)?;
             print_result(cli, serde_json::json!({ "deleted": user }), || {
                 format!("deleted the account {user}")
             });

@@ -28,6 +28,27 @@ const POLL: Duration = Duration::from_millis(50);
 /// the command has finished since.
 const RECENTLY: Duration = Duration::from_secs(10);
 
+/// `--timeout SECS`: how long a command that asks a plugin waits for its answer.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub(crate) struct AnswerTimeout {
+    /// Seconds to wait for the plugin's answer.
+    #[arg(
+        long = "timeout",
+        value_name = "SECS",
+        default_value_t = 10,
+        global = true,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    secs: u64,
+}
+
+impl AnswerTimeout {
+    /// The wait.
+    pub(crate) fn duration(self) -> Duration {
+        Duration::from_secs(self.secs)
+    }
+}
+
 /// The profile's deliveries, held by a group command until dropped (after its connection is
 /// closed).
 pub(crate) struct DeliveryLock {

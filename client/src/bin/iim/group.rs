@@ -22,7 +22,7 @@
 //! The device's deliveries are taken from a `listen` of the same profile for that moment; see
 //! `deliveries.rs` for how the listener gets them back.
 
-use super::deliveries::DeliveryLock;
+use super::deliveries::{AnswerTimeout, DeliveryLock};
 use super::show::summary_text;
 use super::{Cli, profile_dir, saved_login, session};
 use anyhow::{anyhow, bail};
@@ -38,15 +38,8 @@ use tokio::time::Instant;
 /// `iim group`: the subcommand and how long to wait for the answer.
 #[derive(Debug, clap::Args)]
 pub(crate) struct GroupArgs {
-    /// Seconds to wait for the groups plugin's answer.
-    #[arg(
-        long,
-        value_name = "SECS",
-        default_value_t = 10,
-        global = true,
-        value_parser = clap::value_parser!(u64).range(1..)
-    )]
-    timeout: u64,
+    #[command(flatten)]
+    timeout: AnswerTimeout,
     #[command(subcommand)]
     op: GroupCommand,
 }
@@ -297,7 +290,7 @@ enum NoAnswer {
 
 /// Runs `iim group`.
 pub(crate) async fn run(cli: &Cli, args: &GroupArgs) -> anyhow::Result<()> {
-    let timeout = Duration::from_secs(args.timeout);
+    let timeout = args.timeout.duration();
     let deadline = Instant::now() + timeout;
     let dir = profile_dir(cli)?;
     // Not logged in is said as every command says it, before the lock is made.
@@ -647,12 +640,16 @@ mod tests {
             request(&["list"]),
             (Address::User(me.clone()), GroupRequest::List)
         );
-        assert_eq!(parse(&["list"]).expect("parses").timeout, 10);
+        assert_eq!(
+            parse(&["list"]).expect("parses").timeout.duration(),
+            Duration::from_secs(10)
+        );
         assert_eq!(
             parse(&["members", "team", "--timeout", "3"])
                 .expect("parses")
-                .timeout,
-            3
+                .timeout
+                .duration(),
+            Duration::from_secs(3)
         );
         for bad in [
             &["add", "team"][..],

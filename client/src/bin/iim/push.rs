@@ -6,7 +6,7 @@
 //! for the answer naming this device; it acknowledges only while everything that came was its
 //! own, so that `listen` loses nothing (see `group.rs`).
 
-use super::deliveries::DeliveryLock;
+use super::deliveries::{AnswerTimeout, DeliveryLock};
 use super::{Cli, profile_dir, saved_login, session};
 use anyhow::{anyhow, bail};
 use clap::Subcommand;
@@ -19,15 +19,8 @@ use tokio::time::Instant;
 /// `iim push`: the subcommand and how long to wait for the answer.
 #[derive(Debug, clap::Args)]
 pub(crate) struct PushArgs {
-    /// Seconds to wait for the push plugin's answer.
-    #[arg(
-        long,
-        value_name = "SECS",
-        default_value_t = 10,
-        global = true,
-        value_parser = clap::value_parser!(u64).range(1..)
-    )]
-    timeout: u64,
+    #[command(flatten)]
+    timeout: AnswerTimeout,
     #[command(subcommand)]
     op: PushCommand,
 }
@@ -53,7 +46,7 @@ pub(crate) enum PushCommand {
 
 /// Runs `iim push`.
 pub(crate) async fn run(cli: &Cli, args: &PushArgs) -> anyhow::Result<()> {
-    let timeout = Duration::from_secs(args.timeout);
+    let timeout = args.timeout.duration();
     let deadline = Instant::now() + timeout;
     let dir = profile_dir(cli)?;
     saved_login(&dir)?;

@@ -4,6 +4,7 @@
 //! Message ids are written `id 12` (`(id 12)` after a chat line, `message 12` in a receipt):
 //! `#` starts a group's name (`#team`), and nothing else.
 
+use super::e2e::Seal;
 use iim_client::proto::body::{
     FILE_KIND, FileRef, GroupMember, GroupNotice, GroupReply, GroupSummary, Presence,
     PresenceEntry, PresenceState, Receipt,
@@ -74,7 +75,22 @@ pub(crate) fn group_of(message: &Message) -> Option<&GroupId> {
 
 /// The line `listen` prints for a message.
 pub(crate) fn message_line(json: bool, message: &Message) -> String {
-    let body = Body::of(message);
+    message_line_sealed(json, message, &Seal::Plain)
+}
+
+/// The line `listen` prints for a message whose body was end-to-end encrypted (`seal`): one
+/// opened shows what it said, marked `e2e`; one that did not open says why.
+pub(crate) fn message_line_sealed(json: bool, message: &Message, seal: &Seal) -> String {
+    let body = match seal {
+        Seal::Failed(reason) => {
+            Body::Text(format!("[end-to-end encrypted, not readable: {reason}]"))
+        }
+        _ => Body::of(message),
+    };
+    message_line_of(json, message, body, seal)
+}
+
+fn message_line_of(json: bool, message: &Message, body: Body, seal: &Seal) -> String {
     if json {
         let mut line = serde_json::json!({
             "kind": message.kind.to_string(),
@@ -98,10 +114,20 @@ pub(crate) fn message_line(json: bool, message: &Message) -> String {
             }
         };
         line["body"] = body;
+        if let Seal::Opened | Seal::Failed(_) = seal {
+            line["e2e"] = true.into();
+        }
+        if let Seal::Failed(reason) = seal {
+            line["e2e_error"] = reason.as_str().into();
+        }
         line.to_string()
     } else {
+        let mark = match seal {
+            Seal::Opened | Seal::Failed(_) => " [e2e]",
+            Seal::Plain | Seal::Hidden => "",
+        };
         format!(
-            "{} {}",
+            "{} {}{mark}",
             format_time(message.sent_at),
             describe(message, body)
         )

@@ -2,9 +2,10 @@
 //! answers ([`KeysReply`]). UTF-8 JSON objects tagged by `op`; cards and key packages travel as
 //! standard base64 (RFC 4648 §4, with padding).
 //!
-//! These types belong with the other bodies in `iim_proto::body` (where the client and the
-//! tests would share them); they live here until a client needs them, and move there then.
+//! The key directory plugin (`plugins/keys`) reads the requests and writes the replies with
+//! these types; `plugins/keys/README.md` documents them for client authors.
 
+use super::to_json;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -129,7 +130,7 @@ pub enum Answer {
         /// Cards, grouped by user in the order asked.
         cards: Vec<CardEntry>,
         /// More parts follow; the last part has none.
-        #[serde(default, skip_serializing_if = "is_false")]
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         more: bool,
         /// In the last part: users whose cards had no room in this answer (all of theirs or
         /// some): ask again for them.
@@ -145,7 +146,7 @@ pub enum Answer {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         missing: Vec<String>,
         /// More parts follow; the last part has none.
-        #[serde(default, skip_serializing_if = "is_false")]
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         more: bool,
         /// In the last part: devices (`user/device`) whose key package had no room in this
         /// answer; none of theirs was taken: ask again for them.
@@ -181,15 +182,6 @@ pub struct ClaimedPackage {
     pub card: Base64,
     /// The key package, as published.
     pub key_package: Base64,
-}
-
-fn is_false(value: &bool) -> bool {
-    !*value
-}
-
-fn to_json(value: &impl Serialize) -> Vec<u8> {
-    // Strings, numbers and lists always encode.
-    serde_json::to_vec(value).unwrap_or_default()
 }
 
 #[cfg(test)]
