@@ -1,13 +1,22 @@
-//! The cost of encryption at rest: the chat load of the default benchmark against a host whose
-//! store is encrypted (`storage.encrypt = true`, the default) and one whose store is in the
-//! clear, in alternate rounds (clear, encrypted, clear, encrypted, …) so that the machine's
-//! drift falls on both alike, and once over the raw relay as the baseline of the run.
+//! The cost of encryption at rest and of end-to-end encryption: the chat load of the default
+//! benchmark against a host whose store is in the clear, one whose store is encrypted
+//! (`storage.encrypt = true`, the default), and one whose store is encrypted while every
+//! sender also seals each body end to end for its receiver (`iim_client::e2e::Keyring::seal`)
+//! and every receiver opens it and checks it (`Keyring::open`). The three run in alternate
+//! rounds (clear, encrypted, e2e, clear, encrypted, e2e, …) so that the machine's drift falls
+//! on them alike, and the raw relay runs once as the baseline of the run.
+//!
+//! The e2e figure includes the clients' sealing and opening: the bench's clients run in this
+//! process, on the same cores as the host, and a message counts as sent before it is sealed
+//! and as received once opened. Their cards are exchanged in memory rather than through the
+//! host's key directory. A message that does not open, or opens into other bytes than were
+//! sealed, fails the run.
 //!
 //! ```text
 //! cargo run --release -p iim-bench -- --encryption [ROUNDS] [--pairs 8] [--messages 2000]
 //! ```
 
-use crate::iim_run;
+use crate::iim_run::{self, Sealing};
 use crate::raw;
 use crate::stats::{self, Clock, Load, Summary};
 use serde::Serialize;
@@ -20,83 +29,131 @@ const CLEAR: &str = "[storage]\nencrypt = false\n";
 pub struct Figures {
     /// Each round's run in the clear.
     pub clear: Vec<Summary>,
-    /// Each round's run encrypted.
+    /// Each round's run encrypted at rest.
     pub encrypted: Vec<Summary>,
+    /// Each round's run encrypted at rest and end to end.
+    pub end_to_end: Vec<Summary>,
     /// The raw relay, once.
     pub raw: Summary,
 }
 
 impl Figures {
-    /// Encrypted throughput over clear throughput, per round.
-    fn ratios(&self) -> Vec<f64> {
-        self.encrypted
-            .iter()
-            .zip(&self.clear)
-            .map(|(e, c)| e.msgs_per_s / c.msgs_per_s)
+    /// The throughput of the runs `of` over that of the runs `over`, per round.
+    fn ratios(of: &[Summary], over: &[Summary]) -> Vec<f64> {
+        of.iter()
+            .zip(over)
+            .map(|(a, b)| a.msgs_per_s / b.msgs_per_s)
             .collect()
     }
 
-    fn mean(runs: &[Summary]) -> f64 {
-        runs.iter().map(|s| s.msgs_per_s).sum::<f64>() / runs.len().max(1) as f64
+    fn mean(values: impl ExactSizeIterator<Item = f64>) -> f64 {
+        let n = values.len().max(1) as f64;
+        values.sum::<f64>() / n
+    }
+
+    fn mean_rate(runs: &[Summary]) -> f64 {
+        Self::mean(runs.iter().map(|s| s.msgs_per_s))
     }
 }
 
-/// Runs `rounds` rounds of both, then the raw relay.
+/// Runs `rounds` rounds of the three, then the raw relay.
 pub async fn run(load: Load, rounds: u32) -> anyhow::Result<Figures> {
     let clock = Clock::new();
-    let (mut clear, mut encrypted) = (Vec::new(), Vec::new());
+    let (mut clear, mut encrypted, mut end_to_end) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let run = iim_run::run_with(load, clock, "clear", CLEAR).await?;
+        let run = iim_run::run_with(load, clock, "clear", CLEAR, Sealing::Clear).await?;
         eprintln!("round {round}: in the clear {:.0} msgs/s", run.msgs_per_s);
         clear.push(run);
-        let run = iim_run::run_with(load, clock, "encrypted", "").await?;
+        let run = iim_run::run_with(load, clock, "encrypted", "", Sealing::Clear).await?;
         eprintln!("round {round}: encrypted {:.0} msgs/s", run.msgs_per_s);
         encrypted.push(run);
+        let run = iim_run::run_with(load, clock, "e2e", "", Sealing::EndToEnd).await?;
+        eprintln!(
+            "round {round}: encrypted, and end to end {:.0} msgs/s",
+            run.msgs_per_s
+        );
+        end_to_end.push(run);
     }
     let raw = raw::run(load, clock).await?;
     Ok(Figures {
         clear,
         encrypted,
+        end_to_end,
         raw,
     })
 }
 
 /// Prints the figures: every run, then the ratios.
 pub fn report(load: &Load, figures: &Figures, json: bool) {
-    let ratios = figures.ratios();
-    let mean_ratio = ratios.iter().sum::<f64>() / ratios.len().max(1) as f64;
+    let at_rest = Figures::ratios(&figures.encrypted, &figures.clear);
+    let e2e_over_encrypted = Figures::ratios(&figures.end_to_end, &figures.encrypted);
+    let e2e_over_clear = Figures::ratios(&figures.end_to_end, &figures.clear);
+    let mean = |ratios: &[f64]| Figures::mean(ratios.iter().copied());
+    let sealed_body = figures.end_to_end.first().and_then(|s| s.sealed_body);
     if json {
         let value = serde_json::json!({
             "pairs": load.pairs,
             "messages_per_sender": load.messages,
+            "body": load.body,
+            "sealed_body": sealed_body,
             "figures": figures,
-            "encrypted_over_clear": ratios,
-            "encrypted_over_clear_mean": mean_ratio,
-            "encrypted_over_raw": Figures::mean(&figures.encrypted) / figures.raw.msgs_per_s,
+            "encrypted_over_clear": at_rest,
+            "encrypted_over_clear_mean": mean(&at_rest),
+            "encrypted_over_raw": Figures::mean_rate(&figures.encrypted) / figures.raw.msgs_per_s,
+            "e2e_over_encrypted": e2e_over_encrypted,
+            "e2e_over_encrypted_mean": mean(&e2e_over_encrypted),
+            "e2e_over_clear": e2e_over_clear,
+            "e2e_over_clear_mean": mean(&e2e_over_clear),
+            "e2e_over_raw": Figures::mean_rate(&figures.end_to_end) / figures.raw.msgs_per_s,
         });
         println!("{value}");
         return;
     }
     println!("{}", load.describe());
+    if let Some(sealed) = sealed_body {
+        println!(
+            "e2e: each body of {} bytes sealed into {sealed} bytes by its sender and opened by its \
+             receiver, in the bench's clients on the same cores as the host",
+            load.body
+        );
+    }
     let mut runs = Vec::new();
-    let names: Vec<(String, String)> = (1..=figures.clear.len())
-        .map(|i| (format!("clear {i}"), format!("enc {i}")))
+    let names: Vec<[String; 3]> = (1..=figures.clear.len())
+        .map(|i| [format!("clear {i}"), format!("enc {i}"), format!("e2e {i}")])
         .collect();
-    for (i, (clear, encrypted)) in names.iter().enumerate() {
+    for (i, [clear, encrypted, end_to_end]) in names.iter().enumerate() {
         runs.push((clear.as_str(), &figures.clear[i]));
         runs.push((encrypted.as_str(), &figures.encrypted[i]));
+        runs.push((end_to_end.as_str(), &figures.end_to_end[i]));
     }
     runs.push(("raw", &figures.raw));
     stats::print_runs(&runs);
-    let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
+    let listed = |ratios: &[f64]| {
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
+        each.join(", ")
+    };
     println!(
-        "encrypted/clear (msgs/s): {mean_ratio:.3} (per round: {}); cost of encryption at rest: \
-         {:.1}%",
-        listed.join(", "),
-        (1.0 - mean_ratio) * 100.0
+        "encrypted/clear (msgs/s): {:.3} (per round: {}); cost of encryption at rest: {:.1}%",
+        mean(&at_rest),
+        listed(&at_rest),
+        (1.0 - mean(&at_rest)) * 100.0
     );
     println!(
-        "encrypted/raw (msgs/s): {:.4}",
-        Figures::mean(&figures.encrypted) / figures.raw.msgs_per_s
+        "e2e/encrypted (msgs/s): {:.3} (per round: {}); cost of end-to-end encryption on top: \
+         {:.1}%",
+        mean(&e2e_over_encrypted),
+        listed(&e2e_over_encrypted),
+        (1.0 - mean(&e2e_over_encrypted)) * 100.0
+    );
+    println!(
+        "e2e/clear (msgs/s): {:.3} (per round: {}); cost of both: {:.1}%",
+        mean(&e2e_over_clear),
+        listed(&e2e_over_clear),
+        (1.0 - mean(&e2e_over_clear)) * 100.0
+    );
+    println!(
+        "encrypted/raw (msgs/s): {:.4}; e2e/raw: {:.4}",
+        Figures::mean_rate(&figures.encrypted) / figures.raw.msgs_per_s,
+        Figures::mean_rate(&figures.end_to_end) / figures.raw.msgs_per_s
     );
 }

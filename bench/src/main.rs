@@ -12,8 +12,10 @@
 //! cargo run --release -p iim-bench -- [--pairs 8] [--messages 2000] [--window 32] [--body 100] [--json]
 //! ```
 //!
-//! With `--encryption [ROUNDS]` (default 2) it measures the cost of encryption at rest instead:
-//! the same load against a host whose store is encrypted and one whose store is in the clear,
+//! With `--encryption [ROUNDS]` (default 2) it measures the cost of encryption at rest and end
+//! to end instead: the same load against a host whose store is in the clear, one whose store is
+//! encrypted, and one whose store is encrypted while every sender seals each body end to end
+//! and every receiver opens it (the clients' sealing and opening counted, on the same cores),
 //! alternately, and the raw relay once (see `encryption.rs`).
 //!
 //! `iim-bench plugins [--events 20000] [--json]` measures the plugin path against a native one
@@ -79,9 +81,11 @@ struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
-    /// Measures the cost of encryption at rest instead: the same chat load against a host
-    /// with its store encrypted and one with it in the clear, alternately (A B A B …), this
-    /// many rounds each, and the raw relay once.
+    /// Measures the cost of encryption at rest and end to end instead: the same chat load
+    /// against a host with its store in the clear, one with it encrypted, and one with it
+    /// encrypted while every sender seals each body end to end with its keyring and every
+    /// receiver opens and checks it (their CPU time counted: the clients share the cores with
+    /// the host), alternately (A B C A B C …), this many rounds each, and the raw relay once.
     #[arg(long, value_name = "ROUNDS", num_args = 0..=1, default_missing_value = "2")]
     encryption: Option<u32>,
     /// Give up (and fail) after this many seconds.

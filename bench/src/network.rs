@@ -296,7 +296,7 @@ async fn chat_run(
         Ok((n >= all, format!("directory_users {n} of {all}")))
     })
     .await?;
-    iim_run::measure(place, &pairs, load, clock).await
+    iim_run::measure(place, &pairs, load, clock, iim_run::Sealing::Clear).await
 }
 
 /// The presence fan-out, on a network of its own with the default plugins.

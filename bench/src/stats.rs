@@ -149,6 +149,10 @@ pub struct Summary {
     pub p50_us: f64,
     /// 99th percentile end-to-end latency, in microseconds.
     pub p99_us: f64,
+    /// The size of a body as the host carried it, when the clients sealed the bodies end to
+    /// end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealed_body: Option<usize>,
 }
 
 impl Summary {
@@ -175,6 +179,7 @@ impl Summary {
             msgs_per_s: delivered as f64 / secs,
             p50_us: percentile(&latencies, 0.50) as f64 / 1e3,
             p99_us: percentile(&latencies, 0.99) as f64 / 1e3,
+            sealed_body: None,
         })
     }
 }

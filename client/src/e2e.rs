@@ -16,13 +16,15 @@
 
 use crate::ClientError;
 use iim_e2ee::{DeviceCard, DeviceIdentity};
-use iim_proto::body::keys::{Answer, Base64, CardEntry, KEYS_KIND, KeysReply, KeysRequest};
-use iim_proto::{Address, DeviceId, Message, MessageKind, UserId};
+use iim_proto::body::keys::{
+    Answer, Base64, CardEntry, ClaimedPackage, KEYS_KIND, KeysReply, KeysRequest,
+};
+use iim_proto::{Address, DeviceId, GroupId, Message, MessageKind, UserId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
-pub use iim_e2ee::Opened;
+pub use iim_e2ee::{GroupMessage, Opened, Processed};
 pub use iim_proto::body::is_end_to_end;
 
 /// How many nonces of opened messages a keyring keeps: a replay of anything older is not
@@ -88,6 +90,14 @@ pub enum E2eError {
     /// The message's visible fields do not match what was sealed inside.
     #[error("{0}")]
     Mismatch(String),
+    /// A group's welcome for other devices, or a commit of a group this device is not in
+    /// (every member gets the group's messages).
+    #[error("a group change for other devices")]
+    NotForThisDevice,
+    /// A message of a group whose MLS group this device is not in: it was not added yet (or
+    /// had no key package left), or was removed.
+    #[error("this device is not in #{0}'s end-to-end group")]
+    NotInGroup(String),
     /// The cryptography refused: a body altered, not sealed for this device, malformed.
     #[error("{0}")]
     Crypto(#[from] iim_e2ee::Error),
@@ -165,6 +175,8 @@ struct KeyringFile {
     offered: BTreeMap<String, Vec<u8>>,
     /// Nonces of opened 1:1 messages, oldest first.
     nonces: Vec<[u8; 16]>,
+    /// The MLS groups this device created, and so commits the changes of.
+    created: BTreeSet<String>,
 }
 
 /// One device's end-to-end keys and trust, saved in a file.
@@ -175,6 +187,7 @@ pub struct Keyring {
     offered: BTreeMap<String, DeviceCard>,
     nonces: VecDeque<[u8; 16]>,
     seen: HashSet<[u8; 16]>,
+    created: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -238,7 +251,41 @@ impl Keyring {
         for nonce in file.nonces {
             keyring.remember(nonce);
         }
+        keyring.created = file.created;
         Ok(keyring)
+    }
+
+    /// Runs `f` on the keyring in `path` (made if there is none) and saves it after, all under
+    /// an exclusive lock of `path` + `.lock`: the processes of one device (a `listen`, a
+    /// `send`) change it in turn, each from what the one before saved. Blocks while another
+    /// holds the lock, which is held for local work only, never across a network wait.
+    pub fn update<T>(
+        path: &Path,
+        user: &UserId,
+        device: &DeviceId,
+        now_ms: u64,
+        f: impl FnOnce(&mut Keyring) -> T,
+    ) -> Result<T, E2eError> {
+        let file_error = |reason: String| E2eError::File {
+            path: path.display().to_string(),
+            reason,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| file_error(e.to_string()))?;
+        }
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path.with_extension("lock"))
+            .map_err(|e| file_error(format!("cannot open its lock: {e}")))?;
+        lock.lock()
+            .map_err(|e| file_error(format!("cannot lock it: {e}")))?;
+        let mut keyring = Self::open_or_create(path, user, device, now_ms)?;
+        let result = f(&mut keyring);
+        keyring.save()?;
+        drop(lock);
+        Ok(result)
     }
 
     fn empty(path: &Path, device: iim_e2ee::Device) -> Self {
@@ -249,6 +296,7 @@ impl Keyring {
             offered: BTreeMap::new(),
             nonces: VecDeque::new(),
             seen: HashSet::new(),
+            created: BTreeSet::new(),
         }
     }
 
@@ -276,6 +324,7 @@ impl Keyring {
             pinned: cards(&self.pinned)?,
             offered: cards(&self.offered)?,
             nonces: self.nonces.iter().copied().collect(),
+            created: self.created.clone(),
         };
         let mut bytes = MAGIC.to_vec();
         bytes.extend(postcard::to_stdvec(&file).map_err(|e| file_error(e.to_string()))?);
@@ -494,6 +543,149 @@ impl Keyring {
         Ok(opened)
     }
 
+    /// Whether this device is in the MLS group of iim group `group`.
+    pub fn in_group(&self, group: &GroupId) -> bool {
+        self.device.groups().any(|g| g == group.as_str())
+    }
+
+    /// Whether this device created the MLS group of `group`, and so commits its changes.
+    pub fn commits(&self, group: &GroupId) -> bool {
+        self.created.contains(group.as_str()) && self.in_group(group)
+    }
+
+    /// Creates the MLS group of `group`, with this device its only member and its committer.
+    pub fn create_group(&mut self, group: &GroupId) -> Result<(), E2eError> {
+        self.device.create_group(group.as_str())?;
+        self.created.insert(group.to_string());
+        Ok(())
+    }
+
+    /// The devices (`user/device`) in the MLS group of `group`.
+    pub fn group_members(&self, group: &GroupId) -> Result<Vec<String>, E2eError> {
+        Ok(self.device.members(group.as_str())?)
+    }
+
+    /// Removes `devices` from the MLS group of `group`: the commit to send to the group.
+    pub fn remove_from_group(
+        &mut self,
+        group: &GroupId,
+        devices: &[String],
+    ) -> Result<Vec<u8>, E2eError> {
+        Ok(self.device.remove(group.as_str(), devices)?)
+    }
+
+    /// Adds the devices whose key packages were claimed to the MLS group of `group`, each
+    /// checked against the card pinned for it (a device seen for the first time is pinned
+    /// now); returns the commit and the welcome, to send to the group in that order.
+    pub fn add_to_group(
+        &mut self,
+        group: &GroupId,
+        claimed: &[ClaimedPackage],
+    ) -> Result<(Vec<u8>, Vec<u8>), E2eError> {
+        let entries: Vec<CardEntry> = claimed
+            .iter()
+            .map(|c| CardEntry {
+                user: c.user.clone(),
+                device: c.device.clone(),
+                card: c.card.clone(),
+            })
+            .collect();
+        let mut members = Vec::with_capacity(claimed.len());
+        for (news, package) in self.accept_cards(&entries).into_iter().zip(claimed) {
+            match news {
+                CardNews::New { device, .. } | CardNews::Known { device, .. } => {
+                    let card = self.pinned.get(&device).cloned().ok_or_else(|| {
+                        E2eError::Directory(format!("no card pinned for {device}"))
+                    })?;
+                    members.push((card, package.key_package.0.clone()));
+                }
+                CardNews::Changed {
+                    device,
+                    pinned,
+                    offered,
+                } => {
+                    return Err(E2eError::KeyChanged {
+                        device,
+                        pinned,
+                        offered,
+                    });
+                }
+                CardNews::Invalid { device, reason } => {
+                    return Err(E2eError::Directory(format!(
+                        "the card of {device} is invalid: {reason}"
+                    )));
+                }
+            }
+        }
+        Ok(self.device.add(group.as_str(), &members)?)
+    }
+
+    /// Encrypts `plaintext` for the MLS group of `group`: the body of a chat message to it.
+    pub fn encrypt_for_group(
+        &mut self,
+        group: &GroupId,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, E2eError> {
+        Ok(self.device.encrypt(group.as_str(), plaintext)?)
+    }
+
+    /// Processes the MLS body of `message`, a message to a group: an application message
+    /// (checked to be from the device the host says sent it, for the group it was sent to),
+    /// a commit (merged), or a welcome (this device joins; a welcome for other devices is
+    /// [`E2eError::NotForThisDevice`]).
+    pub fn process_group(&mut self, message: &Message) -> Result<Processed, E2eError> {
+        let parsed = iim_e2ee::GroupMessage::from_bytes(&message.body)?;
+        let routed = iim_proto::group_of(&message.to).map(ToString::to_string);
+        if parsed.is_welcome() {
+            return match self.device.process(&message.body) {
+                Ok(processed) => {
+                    if let Processed::Joined { group } = &processed
+                        && routed.as_deref() != Some(group.as_str())
+                    {
+                        return Err(E2eError::Mismatch(format!(
+                            "a welcome to group {group} came through {routed:?}"
+                        )));
+                    }
+                    Ok(processed)
+                }
+                // Every member gets the group's welcomes: most are for the devices added.
+                Err(_) => Err(E2eError::NotForThisDevice),
+            };
+        }
+        if routed
+            .as_deref()
+            .is_some_and(|g| !self.device.groups().any(|mine| mine == g))
+        {
+            // A commit before this device was added (the one that adds it comes to it too),
+            // or anything after it was removed.
+            return Err(match parsed.is_application() {
+                true => E2eError::NotInGroup(routed.unwrap_or_default()),
+                false => E2eError::NotForThisDevice,
+            });
+        }
+        if parsed.group() != routed {
+            return Err(E2eError::Mismatch(format!(
+                "sealed for group {:?} but sent to {routed:?}",
+                parsed.group()
+            )));
+        }
+        let processed = self.device.process(&message.body)?;
+        let sender = match &processed {
+            Processed::Application { sender, .. } => Some(sender),
+            Processed::Commit { committer, .. } => Some(committer),
+            _ => None,
+        };
+        let from = format!("{}/{}", message.from, message.from_device);
+        if let Some(sender) = sender
+            && *sender != from
+        {
+            return Err(E2eError::Mismatch(format!(
+                "sent by {sender} in the group but delivered as from {from}"
+            )));
+        }
+        Ok(processed)
+    }
+
     fn remember(&mut self, nonce: [u8; 16]) {
         if self.seen.insert(nonce) {
             self.nonces.push_back(nonce);
@@ -521,6 +713,41 @@ pub fn keys_reply(message: &Message, device: &DeviceId) -> Option<KeysReply> {
     KeysReply::from_json(&message.body)
         .ok()
         .filter(|reply| reply.device == device.as_str())
+}
+
+/// A whole `claim` answer.
+#[derive(Debug, Clone, Default)]
+pub struct Claimed {
+    /// The key packages taken, with their devices' cards.
+    pub packages: Vec<ClaimedPackage>,
+    /// The devices (`user/device`) that had no card or no key package left.
+    pub missing: Vec<String>,
+}
+
+/// The key packages of a whole `claim` answer, once its last part came: `None` while parts
+/// are missing.
+pub fn claimed_of(parts: &[KeysReply]) -> Option<Result<Claimed, E2eError>> {
+    let mut packages = Vec::new();
+    for part in parts {
+        match &part.answer {
+            Answer::Claimed {
+                packages: some,
+                missing,
+                more,
+                unanswered,
+            } => {
+                packages.extend(some.iter().cloned());
+                if !more {
+                    let mut missing = missing.clone();
+                    missing.extend(unanswered.iter().cloned());
+                    return Some(Ok(Claimed { packages, missing }));
+                }
+            }
+            Answer::Refused { reason } => return Some(Err(E2eError::Directory(reason.clone()))),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The cards of a whole `cards` answer, once its last part came: `None` while parts are

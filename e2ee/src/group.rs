@@ -10,9 +10,9 @@ use openmls::group::{
     StagedWelcome,
 };
 use openmls::prelude::{
-    BasicCredential, Credential, DeserializeBytes, GroupId, KeyPackage, MlsMessageBodyIn,
-    MlsMessageIn, MlsMessageOut, OpenMlsProvider, ProcessedMessageContent, ProtocolMessage,
-    ProtocolVersion,
+    BasicCredential, ContentType, Credential, DeserializeBytes, GroupId, KeyPackage,
+    MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, OpenMlsProvider, ProcessedMessageContent,
+    ProtocolMessage, ProtocolVersion,
 };
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,17 @@ impl GroupMessage {
             _ => return None,
         };
         String::from_utf8(id.as_slice().to_vec()).ok()
+    }
+
+    /// Whether this is an application message (what a member wrote), rather than a commit, a
+    /// welcome or a key package. The content type is visible (MLS encrypts only the content).
+    pub fn is_application(&self) -> bool {
+        let content_type = match self.body.as_ref() {
+            MlsMessageBodyIn::PrivateMessage(m) => m.content_type(),
+            MlsMessageBodyIn::PublicMessage(m) => m.content_type(),
+            _ => return false,
+        };
+        content_type == ContentType::Application
     }
 
     /// Whether this is a welcome, for [`Device::join`].

@@ -3,22 +3,22 @@
 //! what a device added later, a revoked device and a body altered or played again come to.
 
 use anyhow::{Context, ensure};
-use iim_client::e2e::{E2eError, Keyring};
+use iim_client::e2e::{E2eError, GroupMessage, Keyring, Processed};
 use iim_client::proto::{DeviceId, Message, MessageKind, UserId};
 use iim_e2e::cli::*;
 use iim_e2e::{HostProcess, PASSWORD, Plugins, default_plugin, next_event, within};
 use std::path::Path;
 
-/// A host with the chat, receipts and keys plugins (the key directory in one instance, as its
-/// README asks).
-fn keys_host() -> anyhow::Result<HostProcess> {
-    let (chat, receipts) = (default_plugin("chat")?, default_plugin("receipts")?);
+/// A host with the chat plugin, plugin `other` (receipts, groups), and the keys plugin (the
+/// key directory, in one instance as its README asks).
+fn keys_host(other: &str) -> anyhow::Result<HostProcess> {
+    let (chat, other_wasm) = (default_plugin("chat")?, default_plugin(other)?);
     let keys = default_plugin("keys")?;
     HostProcess::start_with(
         "",
         Plugins::Configured(&[
             ("chat", &chat, ""),
-            ("receipts", &receipts, ""),
+            (other, &other_wasm, ""),
             ("keys", &keys, "[host]\ninstances = 1\n"),
         ]),
     )
@@ -84,7 +84,7 @@ fn user(name: &str) -> UserId {
 /// phone; receipts still come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_users_with_two_devices_each_talk_end_to_end_through_the_cli() -> anyhow::Result<()> {
-    let mut host = keys_host()?;
+    let mut host = keys_host("receipts")?;
     let dir = tempfile::tempdir()?;
     for name in ["alice", "bob"] {
         ok(iim(
@@ -298,6 +298,181 @@ async fn two_users_with_two_devices_each_talk_end_to_end_through_the_cli() -> an
     }
     ensure!(
         !host.store_find("plain words")?.is_empty(),
+        "the control is found"
+    );
+    Ok(())
+}
+
+/// The next chat line of `listen` that says `text` (group notices and other lines skipped).
+fn chat_saying(listen: &Listen, text: &str) -> anyhow::Result<serde_json::Value> {
+    loop {
+        let line = next_chat(listen)?;
+        if line["body"]
+            .as_str()
+            .is_some_and(|body| body.contains(text))
+        {
+            return Ok(line);
+        }
+    }
+}
+
+/// The next raw chat message to `#team` a library session gets that is an MLS application
+/// message (commits and welcomes skipped).
+async fn next_raw_application(conn: &iim_client::Connection) -> anyhow::Result<Message> {
+    loop {
+        let (_, message) = within("a group message", next_raw(conn)).await??;
+        if GroupMessage::from_bytes(&message.body).is_ok_and(|m| m.is_application()) {
+            return Ok(message);
+        }
+    }
+}
+
+/// A group with end-to-end encryption through the CLI: the owner's device makes the MLS group
+/// of `#team` and adds every member's device; members read each other; the host holds only
+/// opaque bodies; a member removed from the group is removed from the MLS group before the
+/// next message, which their device cannot open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_talks_end_to_end_and_a_member_removed_cannot_read_after() -> anyhow::Result<()> {
+    let mut host = keys_host("groups")?;
+    let dir = tempfile::tempdir()?;
+    for name in ["alice", "bob", "carol"] {
+        ok(iim(
+            &host,
+            &dir.path().join(name),
+            &["register", name, "--password", PASSWORD],
+        )?)?;
+    }
+    let (alice, _) = device(&host, dir.path(), "alice", "phone")?;
+    let (bob, _) = device(&host, dir.path(), "bob", "phone")?;
+    let (carol, _) = device(&host, dir.path(), "carol", "phone")?;
+    ok(iim(
+        &host,
+        &alice,
+        &["group", "create", "team", "bob", "carol"],
+    )?)?;
+    // Bob's device without keys, which sees the group's bodies as the host holds them.
+    let (probe, _) = host.online(&user("bob"), "probe").await?;
+    let listens: Vec<Listen> = [&bob, &carol]
+        .into_iter()
+        .map(|profile| Listen::start(profile, &["--json", "listen"]))
+        .collect::<anyhow::Result<_>>()?;
+
+    let made = ok(iim(&host, &alice, &["--json", "e2e", "group", "team"])?)?;
+    let made: serde_json::Value = serde_json::from_str(made.trim())?;
+    ensure!(
+        made["added"] == serde_json::json!(["bob/phone", "carol/phone"]),
+        "{made}"
+    );
+    for listen in &listens {
+        let joined = chat_saying(listen, "joined #team's end-to-end group")?;
+        ensure!(joined["e2e"] == true, "{joined}");
+    }
+
+    ok(iim(
+        &host,
+        &alice,
+        &["send", "--e2e", "#team", "group secret one"],
+    )?)?;
+    for listen in &listens {
+        let line = next_chat(listen)?;
+        ensure!(
+            line["body"] == "group secret one" && line["e2e"] == true && line["from"] == "alice",
+            "{line}"
+        );
+    }
+    ok(iim(
+        &host,
+        &bob,
+        &["send", "--e2e", "#team", "bob's group secret"],
+    )?)?;
+    let line = chat_saying(&listens[1], "bob's group secret")?;
+    ensure!(line["e2e"] == true && line["from"] == "bob", "{line}");
+    let raw = next_raw_application(&probe).await?;
+    ensure!(
+        !String::from_utf8_lossy(&raw.body).contains("group secret one"),
+        "the host sees an opaque body"
+    );
+
+    // Carol leaves the group (removed by alice): alice's next e2e message first removes her
+    // device from the MLS group.
+    ok(iim(&host, &alice, &["group", "remove", "team", "carol"])?)?;
+    ok(iim(
+        &host,
+        &alice,
+        &["send", "--e2e", "#team", "after carol"],
+    )?)?;
+    let change = chat_saying(&listens[0], "end-to-end keys changed")?;
+    ensure!(
+        change["body"]
+            .as_str()
+            .is_some_and(|b| b.contains("removed carol/phone")),
+        "{change}"
+    );
+    let line = next_chat(&listens[0])?;
+    ensure!(
+        line["body"] == "after carol" && line["e2e"] == true,
+        "{line}"
+    );
+    // The bodies as the host holds them: the commit that removes carol's device, then the
+    // message.
+    let mut commit = None;
+    let after = loop {
+        let (_, message) = within("a group message", next_raw(&probe)).await??;
+        if message.id.0 <= raw.id.0 {
+            continue;
+        }
+        match GroupMessage::from_bytes(&message.body) {
+            Ok(m) if m.is_application() && commit.is_some() => break message,
+            Ok(m) if m.is_application() => {}
+            Ok(m) if !m.is_welcome() => commit = Some(message),
+            _ => {}
+        }
+    };
+    let commit = commit.context("the removal's commit")?;
+    // Carol's keys, as her device left them: given the commit, they learn her device is out
+    // of the group; the message after it does not open.
+    drop(listens);
+    // Joining used one of carol's ten key packages, and her device published another.
+    let setup = ok(iim(&host, &carol, &["e2e", "setup"])?)?;
+    ensure!(setup.contains("(20 key packages wait)"), "{setup}");
+    let mut carol_keys = Keyring::open_or_create(
+        &carol.join("e2e.keys"),
+        &user("carol"),
+        &DeviceId::new("phone")?,
+        0,
+    )?;
+    match carol_keys.process_group(&commit)? {
+        Processed::Commit { removed, .. } => {
+            ensure!(removed == ["carol/phone"], "{removed:?}");
+        }
+        other => anyhow::bail!("not a commit: {other:?}"),
+    }
+    let refused = carol_keys
+        .process_group(&after)
+        .expect_err("carol cannot read after her removal");
+    ensure!(matches!(refused, E2eError::NotInGroup(_)), "{refused}");
+
+    // For comparison, a message to the group in the clear.
+    ok(iim(&host, &alice, &["send", "#team", "plain team words"])?)?;
+    within("the plain message", async {
+        loop {
+            let (_, message) = next_raw(&probe).await?;
+            if message.body == b"plain team words" {
+                return anyhow::Ok(());
+            }
+        }
+    })
+    .await??;
+
+    probe.close().await;
+    host.terminate()?;
+    host.wait().await?;
+    for secret in ["group secret one", "bob's group secret", "after carol"] {
+        let found = host.store_find(secret)?;
+        ensure!(found.is_empty(), "{secret}: {found:?}");
+    }
+    ensure!(
+        !host.store_find("plain team words")?.is_empty(),
         "the control is found"
     );
     Ok(())

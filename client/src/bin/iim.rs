@@ -167,8 +167,9 @@ enum Command {
         ttl: Option<u32>,
         /// Encrypt the message end to end, for every device of the recipients and your other
         /// devices, with the keys they published in the host's key directory (`keys` plugin):
-        /// the host sees who it is to, never what it says. A chat message to users only.
-        /// `iim e2e on USER` makes it the default for a conversation.
+        /// the host sees who it is to, never what it says. To a group (`#team`), with the
+        /// group's MLS group (`iim e2e group`). Chat messages only. `iim e2e on USER` makes it
+        /// the default for a conversation.
         #[arg(long, conflicts_with = "plain")]
         e2e: bool,
         /// Send in the clear even where `iim e2e on` made encryption the default.
@@ -267,7 +268,7 @@ enum Command {
     /// done and shows whatever arrived meanwhile.
     Group(group::GroupArgs),
     /// End-to-end encryption of this device: `setup`, `status`, `cards USER...`, `trust
-    /// USER/DEVICE`, `on [USER]`, `off [USER]`.
+    /// USER/DEVICE`, `group NAME`, `on [USER]`, `off [USER]`.
     ///
     /// Each device has its own keys, kept in the profile (`e2e.keys`, readable by you only);
     /// their public half, the device's card, is published in the host's key directory (the
@@ -540,7 +541,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let profile = saved_login(&profile_dir(&cli)?)?;
             let e2e = *e2e || (!plain && *kind == MessageKind::Chat && profile.e2e.covers(&to));
             if e2e {
-                return send_e2e(&cli, kind, &to, source, *ttl).await;
+                return e2e::send(&cli, kind, &to, source, *ttl).await;
             }
             let (conn, _) = session(&cli, SessionMode::SendOnly).await?;
             let body = source.read(conn.max_body()).await?;
@@ -609,69 +610,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 || format!("logged out {}", profile.user),
             );
         }
-    }
-    Ok(())
-}
-
-/// `iim send --e2e`: seals the body for the recipients' devices and this user's others, as
-/// the key directory lists them now, and sends it as a chat message.
-async fn send_e2e(
-    cli: &Cli,
-    kind: &MessageKind,
-    to: &[Address],
-    source: BodySource,
-    ttl: Option<u32>,
-) -> anyhow::Result<()> {
-    if *kind != MessageKind::Chat {
-        bail!(
-            "only chat messages are encrypted end to end (this one is {kind}): send it with --plain"
-        );
-    }
-    let users = to
-        .iter()
-        .map(|address| match address {
-            Address::User(user) => Ok(user.clone()),
-            Address::Group(group) => Err(anyhow!(
-                "#{group}: messages to a group are not encrypted end to end by `iim send`; \
-                 send it with --plain"
-            )),
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let dir = profile_dir(cli)?;
-    let profile = saved_login(&dir)?;
-    let new_keyring = !e2e::keyring_path(&dir).exists();
-    let mut keys = e2e::keyring(&dir, &profile)?;
-    let mut directory = e2e::Directory::open(cli, std::time::Duration::from_secs(10)).await?;
-    let sent = async {
-        let conn = directory.connection();
-        let body = source.read(conn.max_body()).await?;
-        let (sealed, addresses) =
-            e2e::seal(&mut directory, &mut keys, new_keyring, &users, &body).await?;
-        let conn = directory.connection();
-        let client_id = iim_client::new_client_id();
-        let accepted = match ttl {
-            None => {
-                conn.submit(client_id, kind.clone(), &addresses, &sealed)
-                    .await?
-            }
-            Some(secs) => {
-                let ttl = std::time::Duration::from_secs(u64::from(secs));
-                conn.submit_expiring(client_id, kind.clone(), &addresses, &sealed, ttl)
-                    .await?
-            }
-        };
-        anyhow::Ok(accepted)
-    }
-    .await;
-    directory.close().await;
-    let accepted = sent?;
-    if cli.json {
-        println!(
-            "{}",
-            serde_json::json!({ "id": accepted.id.0, "sent_at": accepted.sent_at, "e2e": true })
-        );
-    } else {
-        println!("{}", accepted.id);
     }
     Ok(())
 }

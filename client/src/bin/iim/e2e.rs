@@ -16,9 +16,15 @@ use super::{Cli, Profile, print_result, profile_dir, save_profile, saved_login, 
 use anyhow::{Context, anyhow, bail};
 use clap::Subcommand;
 use iim_client::e2e::is_end_to_end;
-use iim_client::e2e::{CardNews, E2eError, KEY_PACKAGES, Keyring, cards_of, keys_kind, keys_reply};
+use iim_client::e2e::{
+    CardNews, E2eError, KEY_PACKAGES, Keyring, Processed, cards_of, claimed_of, keys_kind,
+    keys_reply,
+};
+use iim_client::proto::body::GroupRole;
 use iim_client::proto::body::keys::{Answer, CardEntry, KeysReply, KeysRequest};
-use iim_client::proto::{Address, ErrorCode, Message, MessageId, MessageKind, SessionMode, UserId};
+use iim_client::proto::{
+    Address, ErrorCode, GroupId, Message, MessageId, MessageKind, SessionMode, UserId,
+};
 use iim_client::{ClientError, Connection, Event};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -65,6 +71,18 @@ pub(crate) enum E2eCommand {
         /// The device, `user/device`.
         device: String,
     },
+    /// Make the end-to-end (MLS) group of group NAME on this device, or bring it up to date
+    /// with the group's members: every device of theirs with a card in the key directory is
+    /// added (it reads what is sent from then on, not before), the devices of members who left
+    /// and devices no longer in the directory (revoked, logged out) are removed (they cannot
+    /// read what is sent after). The device that made it (the group's owner's) is the only one
+    /// that changes it; `iim send --e2e '#NAME'` from it does this first by itself. Members'
+    /// devices join through the welcome their `iim listen` receives.
+    Group {
+        /// The group (`team` or `#team`).
+        #[arg(value_parser = super::group::parse_group)]
+        group: GroupId,
+    },
     /// Encrypt messages end to end by default (`iim send`): to USER, or without USER to
     /// everyone. `iim send --plain` sends one message in the clear all the same.
     On {
@@ -110,14 +128,27 @@ pub(crate) fn keyring_path(dir: &Path) -> PathBuf {
     dir.join(KEYRING_FILE)
 }
 
-/// The profile's keyring, made if there is none (not saved yet).
-pub(crate) fn keyring(dir: &Path, profile: &Profile) -> anyhow::Result<Keyring> {
-    Ok(Keyring::open_or_create(
+/// Runs `f` on the profile's keyring (made if there is none), under its lock, and saves it
+/// after (`Keyring::update`): `listen` and the commands of one device change it in turn.
+pub(crate) fn with_keys<T>(
+    dir: &Path,
+    profile: &Profile,
+    f: impl FnOnce(&mut Keyring) -> T,
+) -> anyhow::Result<T> {
+    Ok(Keyring::update(
         &keyring_path(dir),
         &profile.user,
         &profile.device,
         now_ms(),
+        f,
     )?)
+}
+
+/// This device's `user/device` and fingerprint.
+fn who_am_i(dir: &Path, profile: &Profile) -> anyhow::Result<(String, String)> {
+    Ok(with_keys(dir, profile, |k| {
+        k.fingerprint().map(|fingerprint| (k.me(), fingerprint))
+    })??)
 }
 
 fn now_ms() -> u64 {
@@ -133,21 +164,19 @@ pub(crate) async fn run(cli: &Cli, args: &E2eArgs) -> anyhow::Result<()> {
     let timeout = args.timeout.duration();
     match &args.op {
         E2eCommand::Setup => {
-            let mut keys = keyring(&dir, &profile)?;
             let mut directory = Directory::open(cli, timeout).await?;
-            let waiting = publish(&mut directory, &mut keys).await;
+            let waiting = publish(&mut directory, &dir).await;
             directory.close().await;
             let waiting = waiting?;
-            let fingerprint = keys.fingerprint()?;
+            let (me, fingerprint) = who_am_i(&dir, &profile)?;
             print_result(
                 cli,
-                serde_json::json!({ "device": keys.me(), "fingerprint": fingerprint,
+                serde_json::json!({ "device": me, "fingerprint": fingerprint,
                                     "key_packages": waiting }),
                 || {
                     format!(
-                        "published the card of {} ({waiting} key packages wait)\n\
-                         fingerprint {fingerprint}",
-                        keys.me()
+                        "published the card of {me} ({waiting} key packages wait)\n\
+                         fingerprint {fingerprint}"
                     )
                 },
             );
@@ -157,16 +186,16 @@ pub(crate) async fn run(cli: &Cli, args: &E2eArgs) -> anyhow::Result<()> {
             if !path.exists() {
                 bail!("this device has no end-to-end keys yet: `iim e2e setup` makes them");
             }
-            let keys = keyring(&dir, &profile)?;
-            let pinned: Vec<(String, String)> = keys
-                .pinned()
-                .map(|(device, fingerprint)| (device.to_owned(), fingerprint))
-                .collect();
-            let fingerprint = keys.fingerprint()?;
+            let pinned: Vec<(String, String)> = with_keys(&dir, &profile, |k| {
+                k.pinned()
+                    .map(|(device, fingerprint)| (device.to_owned(), fingerprint))
+                    .collect()
+            })?;
+            let (me, fingerprint) = who_am_i(&dir, &profile)?;
             let settings = &profile.e2e;
             print_result(
                 cli,
-                serde_json::json!({ "device": keys.me(), "fingerprint": fingerprint,
+                serde_json::json!({ "device": me, "fingerprint": fingerprint,
                                     "default": settings, "pinned": pinned }),
                 || {
                     let default = match (settings.all, settings.with.is_empty()) {
@@ -180,9 +209,8 @@ pub(crate) async fn run(cli: &Cli, args: &E2eArgs) -> anyhow::Result<()> {
                             .join(", "),
                     };
                     let mut text = format!(
-                        "device {} fingerprint {fingerprint}\nencrypted by default: {default}\n\
-                         pinned keys:",
-                        keys.me()
+                        "device {me} fingerprint {fingerprint}\nencrypted by default: \
+                         {default}\npinned keys:"
                     );
                     for (device, fingerprint) in &pinned {
                         text.push_str(&format!("\n  {device}  {fingerprint}"));
@@ -192,12 +220,11 @@ pub(crate) async fn run(cli: &Cli, args: &E2eArgs) -> anyhow::Result<()> {
             );
         }
         E2eCommand::Cards { users } => {
-            let mut keys = keyring(&dir, &profile)?;
             let mut directory = Directory::open(cli, timeout).await?;
             let cards = fetch_cards(&mut directory, users).await;
             directory.close().await;
-            let news = keys.accept_cards(&cards?);
-            keys.save()?;
+            let cards = cards?;
+            let news = with_keys(&dir, &profile, |k| k.accept_cards(&cards))?;
             if cli.json {
                 for news in &news {
                     println!("{}", news_json(news));
@@ -210,10 +237,42 @@ pub(crate) async fn run(cli: &Cli, args: &E2eArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        E2eCommand::Group { group } => {
+            let new_keyring = !keyring_path(&dir).exists();
+            let mut directory = Directory::open(cli, timeout).await?;
+            let done = async {
+                publish_if_new(&mut directory, &dir, new_keyring).await?;
+                let (in_group, commits) =
+                    with_keys(&dir, &profile, |k| (k.in_group(group), k.commits(group)))?;
+                if in_group && !commits {
+                    bail!(
+                        "#{group}'s end-to-end group is changed by the device that made it; \
+                         this one reads and writes in it"
+                    );
+                }
+                sync_group(&mut directory, &dir, group, !in_group).await
+            }
+            .await;
+            directory.close().await;
+            let (added, removed) = done?;
+            print_result(
+                cli,
+                serde_json::json!({ "group": group, "added": added, "removed": removed }),
+                || {
+                    let list = |devices: &[String]| match devices {
+                        [] => "none".to_owned(),
+                        devices => devices.join(", "),
+                    };
+                    format!(
+                        "#{group}: end-to-end group up to date; added: {}; removed: {}",
+                        list(&added),
+                        list(&removed)
+                    )
+                },
+            );
+        }
         E2eCommand::Trust { device } => {
-            let mut keys = keyring(&dir, &profile)?;
-            let fingerprint = keys.trust(device)?;
-            keys.save()?;
+            let fingerprint = with_keys(&dir, &profile, |k| k.trust(device))??;
             print_result(
                 cli,
                 serde_json::json!({ "trusted": device, "fingerprint": fingerprint }),
@@ -253,11 +312,10 @@ pub(crate) async fn run(cli: &Cli, args: &E2eArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Publishes this device's card and tops its key packages up to [`KEY_PACKAGES`]; saves the
-/// keyring (the packages' secrets) before the request goes out. Returns how many wait.
-pub(crate) async fn publish(directory: &mut Directory, keys: &mut Keyring) -> anyhow::Result<u32> {
-    let request = keys.publish(KEY_PACKAGES)?;
-    keys.save()?;
+/// Publishes this device's card and [`KEY_PACKAGES`] more key packages; the keyring (the
+/// packages' secrets) is saved before the request goes out. Returns how many wait.
+pub(crate) async fn publish(directory: &mut Directory, dir: &Path) -> anyhow::Result<u32> {
+    let request = with_keys(dir, &directory.profile, |k| k.publish(KEY_PACKAGES))??;
     let replies = directory.ask(&request).await?;
     match replies.last().map(|reply| &reply.answer) {
         Some(Answer::Published { key_packages }) => Ok(*key_packages),
@@ -280,40 +338,248 @@ pub(crate) async fn fetch_cards(
         .map_err(Into::into)
 }
 
-/// Seals `plaintext` for users `to` and this user's other devices, as the directory lists
-/// them now (publishing this device's card first if the keyring is new). Says on stderr which
-/// devices it saw for the first time. Returns the body and where to send it.
-pub(crate) async fn seal(
+/// Publishes this device's card first if its keys are new (`new_keyring`), saying so.
+async fn publish_if_new(
     directory: &mut Directory,
-    keys: &mut Keyring,
+    dir: &Path,
     new_keyring: bool,
+) -> anyhow::Result<()> {
+    if new_keyring {
+        publish(directory, dir).await?;
+        let (_, fingerprint) = who_am_i(dir, &directory.profile)?;
+        eprintln!("iim: made this device's end-to-end keys; fingerprint {fingerprint}");
+    }
+    Ok(())
+}
+
+/// Pins the cards fetched, saying on stderr which devices were new or changed; returns what
+/// `f` makes of the keyring after.
+fn accept_and<T>(
+    dir: &Path,
+    profile: &Profile,
+    cards: &[CardEntry],
+    f: impl FnOnce(&mut Keyring) -> T,
+) -> anyhow::Result<T> {
+    with_keys(dir, profile, |k| {
+        for news in k.accept_cards(cards) {
+            match &news {
+                CardNews::Known { .. } => {}
+                CardNews::New { device, .. } if *device == k.me() => {}
+                news => eprintln!("iim: {}", news_text(news)),
+            }
+        }
+        f(k)
+    })
+}
+
+/// Seals `plaintext` for users `to` and this user's other devices, as the directory lists
+/// them now. Returns the body and where to send it.
+async fn seal(
+    directory: &mut Directory,
+    dir: &Path,
     to: &[UserId],
     plaintext: &[u8],
 ) -> anyhow::Result<(Vec<u8>, Vec<Address>)> {
-    if new_keyring {
-        publish(directory, keys).await?;
-        eprintln!(
-            "iim: made this device's end-to-end keys; fingerprint {}",
-            keys.fingerprint()?
-        );
-    }
     let mut users: Vec<UserId> = to.to_vec();
-    let me = &directory.profile.user;
-    if !users.contains(me) {
-        users.push(me.clone());
+    let me = directory.profile.user.clone();
+    if !users.contains(&me) {
+        users.push(me);
     }
     let cards = fetch_cards(directory, &users).await?;
-    for news in keys.accept_cards(&cards) {
-        match &news {
-            CardNews::Known { .. } => {}
-            CardNews::New { device, .. } if *device == keys.me() => {}
-            news => eprintln!("iim: {}", news_text(news)),
-        }
-    }
-    let sealed = keys.seal(to, &cards, plaintext);
+    let profile = directory.profile.clone();
     // Cards pinned are kept whether or not the message could be sealed.
-    keys.save()?;
-    Ok(sealed?)
+    Ok(accept_and(dir, &profile, &cards, |k| {
+        k.seal(to, &cards, plaintext)
+    })??)
+}
+
+/// `iim send --e2e`: seals the body for the recipients' devices and this user's others (or,
+/// for a group, encrypts it for the group's MLS group, which this device first brings up to
+/// date with the group's members if it commits its changes) and sends it as a chat message.
+pub(crate) async fn send(
+    cli: &Cli,
+    kind: &MessageKind,
+    to: &[Address],
+    source: super::BodySource,
+    ttl: Option<u32>,
+) -> anyhow::Result<()> {
+    if *kind != MessageKind::Chat {
+        bail!(
+            "only chat messages are encrypted end to end (this one is {kind}): send it with \
+             --plain"
+        );
+    }
+    let group = match to {
+        [Address::Group(group)] => Some(group.clone()),
+        _ => None,
+    };
+    let users = match &group {
+        Some(_) => Vec::new(),
+        None => to
+            .iter()
+            .map(|address| match address {
+                Address::User(user) => Ok(user.clone()),
+                Address::Group(group) => Err(anyhow!(
+                    "#{group}: a message to a group goes to that group alone"
+                )),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
+    };
+    let dir = profile_dir(cli)?;
+    let new_keyring = !keyring_path(&dir).exists();
+    let mut directory = Directory::open(cli, Duration::from_secs(10)).await?;
+    let sent = async {
+        let body = source.read(directory.connection().max_body()).await?;
+        publish_if_new(&mut directory, &dir, new_keyring).await?;
+        let (sealed, addresses) = match &group {
+            Some(group) => {
+                let profile = directory.profile.clone();
+                let (in_group, commits) =
+                    with_keys(&dir, &profile, |k| (k.in_group(group), k.commits(group)))?;
+                if !in_group {
+                    bail!(
+                        "this device is not in #{group}'s end-to-end group: the group's owner \
+                         makes it with `iim e2e group {group}`, and `iim listen` here then \
+                         receives its welcome"
+                    );
+                }
+                if commits {
+                    sync_group(&mut directory, &dir, group, false).await?;
+                }
+                let sealed = with_keys(&dir, &profile, |k| k.encrypt_for_group(group, &body))??;
+                (sealed, vec![Address::Group(group.clone())])
+            }
+            None => seal(&mut directory, &dir, &users, &body).await?,
+        };
+        let conn = directory.connection();
+        let client_id = iim_client::new_client_id();
+        let accepted = match ttl {
+            None => {
+                conn.submit(client_id, kind.clone(), &addresses, &sealed)
+                    .await?
+            }
+            Some(secs) => {
+                let ttl = Duration::from_secs(u64::from(secs));
+                conn.submit_expiring(client_id, kind.clone(), &addresses, &sealed, ttl)
+                    .await?
+            }
+        };
+        anyhow::Ok(accepted)
+    }
+    .await;
+    directory.close().await;
+    let accepted = sent?;
+    print_result(
+        cli,
+        serde_json::json!({ "id": accepted.id.0, "sent_at": accepted.sent_at, "e2e": true }),
+        || accepted.id.to_string(),
+    );
+    Ok(())
+}
+
+/// Sends an MLS body (a commit, a welcome) to `group`, as a chat message.
+async fn to_group(conn: &Connection, group: &GroupId, body: &[u8]) -> Result<(), ClientError> {
+    let to = [Address::Group(group.clone())];
+    conn.submit(iim_client::new_client_id(), MessageKind::Chat, &to, body)
+        .await
+        .map(drop)
+}
+
+/// Users in one `cards` request, devices in one `claim` (the key directory's limit).
+const PER_REQUEST: usize = 64;
+
+/// Brings the MLS group of `group` up to date with the group's members, as this device (its
+/// committer) sees them: the devices of users no longer members, or no longer in the key
+/// directory, removed; every device of the members with a card and a key package left
+/// added. With `create`, makes the MLS group first (this user must own the group). The
+/// commits and the welcome go to the group, in order. Returns `(added, removed)`.
+async fn sync_group(
+    directory: &mut Directory,
+    dir: &Path,
+    group: &GroupId,
+    create: bool,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let profile = directory.profile.clone();
+    let members = super::group::members(
+        directory.connection(),
+        &profile.user,
+        group,
+        directory.deadline,
+    )
+    .await?;
+    if create {
+        let owner = members.first().filter(|m| m.role == GroupRole::Owner);
+        if owner.is_none_or(|m| m.user != profile.user.as_str()) {
+            bail!("only #{group}'s owner makes its end-to-end group");
+        }
+        with_keys(dir, &profile, |k| k.create_group(group))??;
+    }
+    let users: Vec<UserId> = members
+        .iter()
+        .filter_map(|m| UserId::new(m.user.as_str()).ok())
+        .collect();
+    let mut cards = Vec::new();
+    for chunk in users.chunks(PER_REQUEST) {
+        cards.extend(fetch_cards(directory, chunk).await?);
+    }
+    // Which devices should be in: those with a card pinned (new or as pinned); a changed key
+    // stops everything until trusted.
+    let (removal, to_add) = accept_and(dir, &profile, &cards, |k| {
+        let me = k.me();
+        let wanted: BTreeSet<String> = cards
+            .iter()
+            .map(|c| format!("{}/{}", c.user, c.device))
+            .filter(|d| *d != me)
+            .collect();
+        let members: BTreeSet<String> = k
+            .group_members(group)?
+            .into_iter()
+            .filter(|d| *d != me)
+            .collect();
+        let gone: Vec<String> = members.difference(&wanted).cloned().collect();
+        let new: Vec<String> = wanted.difference(&members).cloned().collect();
+        let removal = match gone.is_empty() {
+            true => None,
+            false => Some((k.remove_from_group(group, &gone)?, gone)),
+        };
+        Ok::<_, E2eError>((removal, new))
+    })??;
+    let removed = match removal {
+        Some((commit, gone)) => {
+            to_group(directory.connection(), group, &commit).await?;
+            gone
+        }
+        None => Vec::new(),
+    };
+    let mut claimed = Vec::new();
+    let mut missing = Vec::new();
+    for chunk in to_add.chunks(PER_REQUEST) {
+        let request = KeysRequest::Claim {
+            devices: chunk.to_vec(),
+        };
+        let replies = directory.ask(&request).await?;
+        let answer = claimed_of(&replies)
+            .unwrap_or_else(|| Err(E2eError::Directory("an incomplete answer".into())))?;
+        claimed.extend(answer.packages);
+        missing.extend(answer.missing);
+    }
+    for device in &missing {
+        eprintln!(
+            "iim: {device} has no key package left in the key directory: it is added once it \
+             publishes more (`iim e2e setup` on it)"
+        );
+    }
+    let mut added = Vec::new();
+    if !claimed.is_empty() {
+        let (commit, welcome) = with_keys(dir, &profile, |k| k.add_to_group(group, &claimed))??;
+        to_group(directory.connection(), group, &commit).await?;
+        to_group(directory.connection(), group, &welcome).await?;
+        added = claimed
+            .iter()
+            .map(|c| format!("{}/{}", c.user, c.device))
+            .collect();
+    }
+    Ok((added, removed))
 }
 
 fn news_text(news: &CardNews) -> String {
@@ -505,10 +771,13 @@ pub(crate) enum Seal {
     Plain,
     /// An end-to-end body this device opened: the message's body is now what was sealed.
     Opened,
+    /// What an end-to-end body that carries no message said: a group's members changed, this
+    /// device joined a group, this device sent it.
+    Notice(String),
     /// An end-to-end body this device could not open, and why.
     Failed(String),
-    /// The key directory's business (a reply to this device or another of the user's): not
-    /// shown.
+    /// Not shown: the key directory's business (a reply to this device or another of the
+    /// user's), or a group's welcome for other devices.
     Hidden,
 }
 
@@ -528,8 +797,6 @@ const CARDS_FRESH: Duration = Duration::from_secs(60);
 pub(crate) struct Opener {
     dir: PathBuf,
     profile: Profile,
-    /// Loaded at the first e2e body.
-    keys: Option<Keyring>,
     held: std::collections::VecDeque<(u64, Message)>,
     /// The user whose cards were asked for, and until when the answer is waited for.
     asking: Option<(UserId, Instant)>,
@@ -537,6 +804,8 @@ pub(crate) struct Opener {
     parts: Vec<KeysReply>,
     /// When each user's cards were last fetched.
     fetched: std::collections::BTreeMap<UserId, Instant>,
+    /// This device joined a group, using up one of its key packages: one more is published.
+    used_key_package: bool,
 }
 
 impl Opener {
@@ -544,11 +813,11 @@ impl Opener {
         Self {
             dir: dir.to_owned(),
             profile: profile.clone(),
-            keys: None,
             held: std::collections::VecDeque::new(),
             asking: None,
             parts: Vec::new(),
             fetched: std::collections::BTreeMap::new(),
+            used_key_package: false,
         }
     }
 
@@ -585,19 +854,11 @@ impl Opener {
         if let Some((user, _)) = self.asking.take() {
             self.fetched.insert(user, Instant::now());
         }
-        match (cards, self.keys.as_mut()) {
-            (Ok(cards), Some(keys)) => {
-                for news in keys.accept_cards(&cards) {
-                    if !matches!(news, CardNews::Known { .. }) {
-                        eprintln!("iim: {}", news_text(&news));
-                    }
-                }
-                if let Err(e) = keys.save() {
-                    eprintln!("iim: {e}");
-                }
-            }
-            (Err(e), _) => eprintln!("iim: {e}"),
-            (Ok(_), None) => {}
+        let pinned = cards
+            .map_err(anyhow::Error::from)
+            .and_then(|cards| accept_and(&self.dir, &self.profile, &cards, |_| ()));
+        if let Err(e) = pinned {
+            eprintln!("iim: {e:#}");
         }
     }
 
@@ -626,7 +887,31 @@ impl Opener {
             };
             ready.push(Ready { seq, message, seal });
         }
+        if std::mem::take(&mut self.used_key_package) {
+            self.publish_one(device);
+        }
         ready
+    }
+
+    /// Publishes one more key package of this device, in place of the one a welcome used, so
+    /// that the device can be added to as many groups as before.
+    fn publish_one(&self, device: &iim_client::Device) {
+        let request = match with_keys(&self.dir, &self.profile, |k| k.publish(1)) {
+            Ok(Ok(request)) => request,
+            Ok(Err(e)) => return eprintln!("iim: cannot make a key package: {e}"),
+            Err(e) => return eprintln!("iim: cannot make a key package: {e:#}"),
+        };
+        let submission = device.submit(
+            iim_client::new_client_id(),
+            keys_kind(),
+            std::slice::from_ref(&self.profile.user),
+            &request.to_json(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = submission.await {
+                eprintln!("iim: cannot publish a key package: {e}");
+            }
+        });
     }
 
     /// How `message` shows, its body replaced by what it opened to; `Err(user)`: the card of
@@ -638,20 +923,21 @@ impl Opener {
         if message.kind != MessageKind::Chat || !is_end_to_end(&message.body) {
             return Ok(Seal::Plain);
         }
-        let keys = match &mut self.keys {
-            Some(keys) => keys,
-            None => match keyring(&self.dir, &self.profile) {
-                Ok(keys) => self.keys.insert(keys),
-                Err(e) => return Ok(Seal::Failed(format!("{e:#}"))),
-            },
+        if message.from == self.profile.user && message.from_device == self.profile.device {
+            // Sealed for the others: this device keeps no copy of what it sent.
+            return Ok(Seal::Notice(
+                "(sent from this device, end to end encrypted)".into(),
+            ));
+        }
+        if let Some(group) = iim_client::proto::group_of(&message.to).cloned() {
+            return Ok(self.open_group(&group, message));
+        }
+        let opened = match with_keys(&self.dir, &self.profile, |k| k.open(message)) {
+            Ok(opened) => opened,
+            Err(e) => return Ok(Seal::Failed(format!("{e:#}"))),
         };
-        let opened = keys.open(message);
-        let saved = keys.save();
         match opened {
             Ok(opened) => {
-                if let Err(e) = saved {
-                    eprintln!("iim: {e}");
-                }
                 message.body = opened.plaintext;
                 Ok(Seal::Opened)
             }
@@ -668,10 +954,44 @@ impl Opener {
                     Err(message.from.clone())
                 }
             }
-            Err(e) if e.is_tampering() => Ok(Seal::Failed(format!(
-                "REFUSED, it failed its end-to-end check: {e}"
-            ))),
-            Err(e) => Ok(Seal::Failed(e.to_string())),
+            Err(e) => Ok(failed(&e)),
+        }
+    }
+
+    /// What a group's MLS body comes to on this device.
+    fn open_group(&mut self, group: &GroupId, message: &mut Message) -> Seal {
+        let processed = match with_keys(&self.dir, &self.profile, |k| k.process_group(message)) {
+            Ok(processed) => processed,
+            Err(e) => return Seal::Failed(format!("{e:#}")),
+        };
+        match processed {
+            Ok(Processed::Application { plaintext, .. }) => {
+                message.body = plaintext;
+                Seal::Opened
+            }
+            Ok(Processed::Commit { added, removed, .. }) => {
+                let mut changes = Vec::new();
+                if !added.is_empty() {
+                    changes.push(format!("added {}", added.join(", ")));
+                }
+                if !removed.is_empty() {
+                    changes.push(format!("removed {}", removed.join(", ")));
+                }
+                let me = format!("{}/{}", self.profile.user, self.profile.device);
+                if removed.contains(&me) {
+                    changes.push("this device can no longer read the group".into());
+                }
+                Seal::Notice(format!("end-to-end keys changed: {}", changes.join("; ")))
+            }
+            Ok(Processed::Joined { .. }) => {
+                self.used_key_package = true;
+                Seal::Notice(format!("this device joined #{group}'s end-to-end group"))
+            }
+            Ok(Processed::Own { .. }) => {
+                Seal::Notice("(sent from this device, end to end encrypted)".into())
+            }
+            Err(E2eError::NotForThisDevice) => Seal::Hidden,
+            Err(e) => failed(&e),
         }
     }
 
@@ -694,6 +1014,15 @@ impl Opener {
         });
         self.parts.clear();
         self.asking = Some((user, Instant::now() + CARD_WAIT));
+    }
+}
+
+/// A body that did not open: said plainly, and loudly when the body itself failed its check.
+fn failed(e: &E2eError) -> Seal {
+    if e.is_tampering() {
+        Seal::Failed(format!("REFUSED, it failed its end-to-end check: {e}"))
+    } else {
+        Seal::Failed(e.to_string())
     }
 }
 

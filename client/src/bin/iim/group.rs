@@ -27,7 +27,7 @@ use super::show::summary_text;
 use super::{Cli, profile_dir, saved_login, session};
 use anyhow::{anyhow, bail};
 use clap::Subcommand;
-use iim_client::proto::body::{GroupReply, GroupRequest, GroupRole, Receipt};
+use iim_client::proto::body::{GroupMember, GroupReply, GroupRequest, GroupRole, Receipt};
 use iim_client::proto::{
     Address, ErrorCode, GROUP_KIND, GroupId, Message, MessageId, MessageKind, SessionMode, UserId,
 };
@@ -339,6 +339,34 @@ pub(crate) async fn run(cli: &Cli, args: &GroupArgs) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+}
+
+/// The members of `group` (owner first), asked of the groups plugin on `conn`, a delivery
+/// session of `me` (for `iim e2e group`, which holds the deliveries already).
+pub(crate) async fn members(
+    conn: &Connection,
+    me: &UserId,
+    group: &GroupId,
+    deadline: Instant,
+) -> anyhow::Result<Vec<GroupMember>> {
+    let asked = Asked {
+        client_id: iim_client::new_client_id(),
+        to: Address::Group(group.clone()),
+        request: GroupRequest::Members,
+        me: me.clone(),
+    };
+    let parts = match ask(conn, &asked, deadline).await {
+        Ok(outcome) => outcome.map_err(|reason| anyhow!("#{group}: refused: {reason}"))?,
+        Err(NoAnswer::Lost(e)) => return Err(e.into()),
+        Err(NoAnswer::Failed(e)) => return Err(e),
+        Err(NoAnswer::Timeout { request, .. }) => {
+            bail!("no answer from the groups plugin to request {request} for #{group}'s members")
+        }
+    };
+    match merge(parts) {
+        Some(GroupReply::Members { members, .. }) => Ok(members),
+        other => bail!("unexpected answer from the groups plugin: {other:?}"),
     }
 }
 

@@ -79,13 +79,15 @@ pub(crate) fn message_line(json: bool, message: &Message) -> String {
 }
 
 /// The line `listen` prints for a message whose body was end-to-end encrypted (`seal`): one
-/// opened shows what it said, marked `e2e`; one that did not open says why.
+/// opened shows what it said, marked `e2e`; one that carried no message says what it did; one
+/// that did not open says why.
 pub(crate) fn message_line_sealed(json: bool, message: &Message, seal: &Seal) -> String {
     let body = match seal {
         Seal::Failed(reason) => {
             Body::Text(format!("[end-to-end encrypted, not readable: {reason}]"))
         }
-        _ => Body::of(message),
+        Seal::Notice(text) => Body::Text(format!("[{text}]")),
+        Seal::Plain | Seal::Opened | Seal::Hidden => Body::of(message),
     };
     message_line_of(json, message, body, seal)
 }
@@ -114,7 +116,7 @@ fn message_line_of(json: bool, message: &Message, body: Body, seal: &Seal) -> St
             }
         };
         line["body"] = body;
-        if let Seal::Opened | Seal::Failed(_) = seal {
+        if let Seal::Opened | Seal::Notice(_) | Seal::Failed(_) = seal {
             line["e2e"] = true.into();
         }
         if let Seal::Failed(reason) = seal {
@@ -123,7 +125,7 @@ fn message_line_of(json: bool, message: &Message, body: Body, seal: &Seal) -> St
         line.to_string()
     } else {
         let mark = match seal {
-            Seal::Opened | Seal::Failed(_) => " [e2e]",
+            Seal::Opened | Seal::Notice(_) | Seal::Failed(_) => " [e2e]",
             Seal::Plain | Seal::Hidden => "",
         };
         format!(
