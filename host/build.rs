@@ -1,10 +1,10 @@
-//! Builds the default plugins (chat, presence, receipts, groups) for `wasm32-wasip2` and hands
-//! their paths to the host's source, which embeds them: a host started with an empty data
-//! directory installs them in its plugins directory, so `cargo run -p iim-host` serves chat on a
-//! fresh machine with nothing else to build. It builds the push and keys plugins too, which are
-//! not installed by default (push needs a gateway to post to; keys, the end-to-end key
-//! directory, is for hosts whose clients encrypt end to end): an operator installs
-//! `target/plugins-wasm/wasm32-wasip2/release/iim_plugin_push.wasm` with its configuration.
+//! Builds the default plugins (chat, presence, receipts, groups, keys) for `wasm32-wasip2` and
+//! hands their paths to the host's source, which embeds them: a host started with an empty data
+//! directory installs them in its plugins directory, so `cargo run -p iim-host` serves chat
+//! (and end-to-end encryption's key directory) on a fresh machine with nothing else to build.
+//! It builds the push plugin too, which is not installed by default (it needs a gateway to post
+//! to): an operator installs `target/plugins-wasm/wasm32-wasip2/release/iim_plugin_push.wasm`
+//! with its configuration.
 //!
 //! The plugins are built by a nested `cargo build` into their own target directory
 //! (`target/plugins-wasm`): the outer build holds the lock of its own target directory, and one

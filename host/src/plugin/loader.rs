@@ -25,7 +25,17 @@ pub const DEFAULT_PLUGINS: &[(&str, &[u8])] = &[
     ("presence", include_bytes!(env!("IIM_PLUGIN_PRESENCE_WASM"))),
     ("receipts", include_bytes!(env!("IIM_PLUGIN_RECEIPTS_WASM"))),
     ("groups", include_bytes!(env!("IIM_PLUGIN_GROUPS_WASM"))),
+    ("keys", include_bytes!(env!("IIM_PLUGIN_KEYS_WASM"))),
 ];
+
+/// The configuration written beside a default plugin when it is installed, if the directory
+/// has none of that name: the key directory runs in one instance (a claim takes another
+/// user's one-time key package, which two instances could hand out twice).
+pub const DEFAULT_CONFIGS: &[(&str, &str)] = &[(
+    "keys",
+    "# Written by iim-host with the keys plugin: one instance, see plugins/keys/README.md.\n\
+     [host]\ninstances = 1\n",
+)];
 
 /// Why a plugin file was not loaded.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +89,8 @@ pub struct DefaultsReport {
 /// still the one a host installed (the manifest says so). A default plugin the operator
 /// replaced is kept; one the operator removed stays removed; one new in this build (not in the
 /// manifest, no file of its name) is added; a directory without a manifest (made by hand) is
-/// not touched.
+/// not touched. A default plugin of this host's that has a [`DEFAULT_CONFIGS`] entry and no
+/// configuration file gets that one.
 pub fn install_defaults(dir: &Path) -> std::io::Result<DefaultsReport> {
     let mut report = DefaultsReport::default();
     let mut manifest = BTreeMap::new();
@@ -132,6 +143,16 @@ pub fn install_defaults(dir: &Path) -> std::io::Result<DefaultsReport> {
         std::fs::write(&partial, bytes)?;
         std::fs::rename(&partial, &path)?;
         manifest.insert((*name).to_owned(), ours);
+    }
+    for (name, config) in DEFAULT_CONFIGS {
+        let path = dir.join(format!("{name}.toml"));
+        let ours = manifest.contains_key(*name) && dir.join(format!("{name}.wasm")).exists();
+        if ours && !path.exists() {
+            // Before the plugin is loaded (the loader runs after): it starts configured.
+            let partial = dir.join(format!(".{name}.toml.partial"));
+            std::fs::write(&partial, config)?;
+            std::fs::rename(&partial, &path)?;
+        }
     }
     if report.created || !report.upgraded.is_empty() || !report.added.is_empty() {
         let text: String = manifest
@@ -500,9 +521,18 @@ mod tests {
             assert_eq!(&there, bytes);
             assert!(manifest(&dir).contains(&format!("{name} {}\n", sha256_hex(bytes))));
         }
+        let keys = std::fs::read_to_string(dir.join("keys.toml")).expect("keys' configuration");
+        assert!(keys.contains("instances = 1"), "{keys}");
+        // The operator's own configuration is left as it is.
+        std::fs::write(dir.join("keys.toml"), "[host]\ninstances = 1\n# mine\n").expect("write");
         assert_eq!(
             install_defaults(&dir).expect("again"),
             DefaultsReport::default()
+        );
+        assert!(
+            std::fs::read_to_string(dir.join("keys.toml"))
+                .expect("read")
+                .contains("# mine")
         );
 
         // As if an earlier host had installed other builds: chat untouched since, presence
