@@ -4,8 +4,8 @@
 
 use anyhow::{Context as _, ensure};
 use iim_client::proto::body::{FILE_KIND, FileRef, PUSH_KIND, PushReply, PushRequest};
-use iim_client::proto::{DeviceId, MessageKind, SessionMode, UserId};
-use iim_client::{Credentials, Device, Update, new_client_id};
+use iim_client::proto::{MessageKind, SessionMode, UserId};
+use iim_client::{Device, Update, new_client_id};
 use iim_e2e::gateway::Gateway;
 use iim_e2e::*;
 use std::collections::BTreeMap;
@@ -32,22 +32,6 @@ fn push_host(gateway: &Gateway) -> Result<HostProcess> {
         "",
         Plugins::Configured(&[("chat", &chat, ""), ("push", &push, &toml)]),
     )
-}
-
-async fn open(
-    host: &HostProcess,
-    user: &UserId,
-    device: &str,
-    mode: SessionMode,
-) -> Result<Device> {
-    let config = host.client_config()?;
-    let credentials = Credentials::Password(PASSWORD.into());
-    let device = DeviceId::new(device)?;
-    Ok(within(
-        "open",
-        Device::open(&config, user, &device, credentials, mode),
-    )
-    .await??)
 }
 
 /// Registers `phone` for push with [`TOKEN_MARK`] and waits for the plugin's answer.
@@ -203,11 +187,11 @@ async fn a_copied_data_directory_reveals_nothing_without_its_key_and_everything_
     let mut host = push_host(&gateway)?;
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
-    let phone = open(&host, &bob, "phone", SessionMode::Receive).await?;
+    let phone = host.device(&bob, "phone", SessionMode::Receive).await?;
     register_for_push(&phone, &bob).await?;
     phone.close().await;
 
-    let laptop = open(&host, &alice, "laptop", SessionMode::SendOnly).await?;
+    let laptop = host.device(&alice, "laptop", SessionMode::SendOnly).await?;
     let scratch = tempfile::tempdir()?;
     let sent = send_to(&laptop, &bob, scratch.path(), 20).await?;
     // Bob's phone was told of what waits (the push plugin handled the waiting notices).
@@ -273,7 +257,7 @@ async fn a_store_kept_in_the_clear_is_encrypted_when_encryption_is_turned_on() -
     let mut host = HostProcess::start_chat_only_with_config(clear)?;
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
-    let laptop = open(&host, &alice, "laptop", SessionMode::SendOnly).await?;
+    let laptop = host.device(&alice, "laptop", SessionMode::SendOnly).await?;
     let scratch = tempfile::tempdir()?;
     let sent = send_to(&laptop, &bob, scratch.path(), 50).await?;
     laptop.close().await;
@@ -313,7 +297,7 @@ async fn a_store_kept_in_the_clear_is_encrypted_when_encryption_is_turned_on() -
         std::fs::read(&out)? == sent.content,
         "the file came back changed"
     );
-    let laptop = open(&host, &alice, "laptop", SessionMode::SendOnly).await?;
+    let laptop = host.device(&alice, "laptop", SessionMode::SendOnly).await?;
     let next = laptop
         .submit(
             new_client_id(),

@@ -5,7 +5,7 @@
 use anyhow::{Context, ensure};
 use iim_client::proto::body::{PUSH_KIND, PushReply, PushRequest};
 use iim_client::proto::{DeviceId, MessageKind, SessionMode, UserId};
-use iim_client::{Credentials, Device, Update};
+use iim_client::{Device, Update};
 use iim_e2e::gateway::Gateway;
 use iim_e2e::{HostProcess, PASSWORD, Plugins, default_plugin, within};
 use std::time::Duration;
@@ -42,23 +42,6 @@ fn host(
         "",
         Plugins::Configured(&[("chat", &chat, ""), ("push", &push, &toml)]),
     )
-}
-
-/// Opens `user`'s `device` in `mode`.
-async fn open(
-    host: &HostProcess,
-    user: &UserId,
-    device: &str,
-    mode: SessionMode,
-) -> Result<Device> {
-    let config = host.client_config()?;
-    let device = DeviceId::new(device)?;
-    let credentials = Credentials::Password(PASSWORD.into());
-    Ok(within(
-        "open",
-        Device::open(&config, user, &device, credentials, mode),
-    )
-    .await??)
 }
 
 /// Registers `phone` (a receiving device of bob's) for push with `token`, and waits for the
@@ -135,7 +118,7 @@ struct Users {
 async fn offline_bob(host: &HostProcess) -> Result<Users> {
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
-    let phone = open(host, &bob, "phone", SessionMode::Receive).await?;
+    let phone = host.device(&bob, "phone", SessionMode::Receive).await?;
     let reply = register(&phone, &bob, TOKEN).await?;
     ensure!(
         reply
@@ -145,7 +128,7 @@ async fn offline_bob(host: &HostProcess) -> Result<Users> {
         "{reply:?}"
     );
     phone.close().await;
-    let laptop = open(host, &alice, "laptop", SessionMode::SendOnly).await?;
+    let laptop = host.device(&alice, "laptop", SessionMode::SendOnly).await?;
     Ok(Users { bob, laptop })
 }
 
@@ -205,7 +188,7 @@ async fn an_offline_device_is_notified_once_without_the_text_and_a_burst_is_one_
     );
 
     // Everything is still in bob's inbox for when the phone comes back.
-    let phone = open(&host, &bob, "phone", SessionMode::Receive).await?;
+    let phone = host.device(&bob, "phone", SessionMode::Receive).await?;
     ensure!(next_chat(&phone).await? == "the secret plans");
     Ok(())
 }
@@ -215,7 +198,7 @@ async fn an_online_device_is_not_notified() -> Result {
     let gateway = Gateway::start(false).await?;
     let host = host(&gateway, "fcm", "collapse_secs = 0", None)?;
     let Users { bob, laptop, .. } = offline_bob(&host).await?;
-    let phone = open(&host, &bob, "phone", SessionMode::Receive).await?;
+    let phone = host.device(&bob, "phone", SessionMode::Receive).await?;
     laptop.send_text(&bob, "while online").await?;
     ensure!(next_chat(&phone).await? == "while online");
     phone.close().await;
@@ -234,17 +217,17 @@ async fn with_a_laptop_online_only_the_device_that_asked_is_notified() -> Result
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
     // Registered in the plugin's order of devices: the phone first, then the tablet.
-    let phone = open(&host, &bob, "phone", SessionMode::Receive).await?;
+    let phone = host.device(&bob, "phone", SessionMode::Receive).await?;
     register(&phone, &bob, TOKEN).await?;
     phone.close().await;
-    let tablet = open(&host, &bob, "tablet", SessionMode::Receive).await?;
+    let tablet = host.device(&bob, "tablet", SessionMode::Receive).await?;
     let tablet_token = "fcm-token-for-bobs-tablet-0123456789";
     let reply = register_with(&tablet, &bob, tablet_token, true).await?;
     ensure!(matches!(reply, PushReply::Registered { .. }), "{reply:?}");
     tablet.close().await;
 
-    let laptop = open(&host, &bob, "laptop", SessionMode::Receive).await?;
-    let sender = open(&host, &alice, "laptop", SessionMode::SendOnly).await?;
+    let laptop = host.device(&bob, "laptop", SessionMode::Receive).await?;
+    let sender = host.device(&alice, "laptop", SessionMode::SendOnly).await?;
     let sent = sender.send_text(&bob, "bob's laptop is on").await?;
     ensure!(next_chat(&laptop).await? == "bob's laptop is on");
     // The tablet's push is made after the phone was passed over: one push in all.
@@ -274,7 +257,7 @@ async fn a_plugin_may_not_call_a_host_its_configuration_does_not_allow() -> Resu
     );
     ensure!(gateway.received().is_empty(), "the gateway was reached");
     // Chat is untouched.
-    let phone = open(&host, &bob, "phone", SessionMode::Receive).await?;
+    let phone = host.device(&bob, "phone", SessionMode::Receive).await?;
     ensure!(next_chat(&phone).await? == "hello");
     Ok(())
 }
@@ -307,7 +290,7 @@ async fn a_gateway_that_is_down_costs_a_dead_letter_and_nothing_else() -> Result
     ensure!(pushed_id(&received[tried])? == back.id.0);
 
     // And every message waits for bob, in order.
-    let phone = open(&host, &bob, "phone", SessionMode::Receive).await?;
+    let phone = host.device(&bob, "phone", SessionMode::Receive).await?;
     for text in [
         "while the gateway is down",
         "while the gateway fails",
@@ -324,7 +307,7 @@ async fn apns_pushes_go_over_http2_to_the_device_token_s_path() -> Result {
     let host = host(&gateway, "apns", "apns_topic = \"com.example.iim\"", None)?;
     let alice = host.register("alice").await?;
     let bob = host.register("bob").await?;
-    let phone = open(&host, &bob, "phone", SessionMode::Receive).await?;
+    let phone = host.device(&bob, "phone", SessionMode::Receive).await?;
     let token = "0a".repeat(32);
     let reply = register(&phone, &bob, &token).await?;
     ensure!(matches!(reply, PushReply::Registered { .. }), "{reply:?}");
@@ -332,7 +315,7 @@ async fn apns_pushes_go_over_http2_to_the_device_token_s_path() -> Result {
     let refused = register(&phone, &bob, "not-hex").await?;
     ensure!(matches!(refused, PushReply::Refused { .. }), "{refused:?}");
     phone.close().await;
-    let laptop = open(&host, &alice, "laptop", SessionMode::SendOnly).await?;
+    let laptop = host.device(&alice, "laptop", SessionMode::SendOnly).await?;
     laptop.send_text(&bob, "hi").await?;
     let received = gateway.wait_for(1, PUSHED).await?;
     let push = &received[0];
@@ -427,7 +410,7 @@ async fn iim_push_register_registers_the_device_and_says_why_a_token_is_refused(
         String::from_utf8_lossy(&registered.stderr)
     );
 
-    let laptop = open(&host, &alice, "laptop", SessionMode::SendOnly).await?;
+    let laptop = host.device(&alice, "laptop", SessionMode::SendOnly).await?;
     let sent = laptop.send_text(&bob, "to the registered phone").await?;
     let received = gateway.wait_for(1, PUSHED).await?;
     ensure!(received[0].json()?["message"]["token"] == TOKEN);
