@@ -188,6 +188,18 @@ async fn two_users_with_two_devices_each_talk_end_to_end_through_the_cli() -> an
         line["id"] == id3 && line["body"] == "plain words" && line.get("e2e").is_none(),
         "{line}"
     );
+    // `iim chat` follows the setting too: a line typed (here piped) to bob is encrypted.
+    ok(iim_with_stdin(
+        &host,
+        &alice_phone,
+        &["chat", "bob"],
+        b"secret through chat\n",
+    )?)?;
+    let line = next_chat(&listeners[0])?;
+    ensure!(
+        line["body"] == "secret through chat" && line["e2e"] == true,
+        "{line}"
+    );
 
     // Bob adds a tablet: it cannot read what was sent before it had keys (if it is given it),
     // and reads what is sent after.

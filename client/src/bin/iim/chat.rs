@@ -21,7 +21,7 @@ mod terminal;
 
 use super::show::{self, format_time, group_of};
 use super::{
-    Cli, Home, deliveries, login_refused, open_device, read_report, read_report_client_id,
+    Cli, Home, deliveries, e2e, login_refused, open_device, read_report, read_report_client_id,
 };
 use anyhow::bail;
 use iim_client::proto::body::{Presence, PresenceState, Receipt};
@@ -143,12 +143,13 @@ async fn converse(
                 }
             }
             () = signals.ended.wait() => leave = Leave::Now,
+            () = sleep_until(chat.opener.deadline()) => chat.cards_late(&mut link),
             (what, answer) = next_answer(&mut link.waiting), if !link.waiting.is_empty() => {
                 chat.answered(what, answer);
             }
             update = next_update(link.device.as_ref()) => match update {
                 Some(Ok(Update::Message { seq, message })) => {
-                    chat.received(&mut link, seq, &message);
+                    chat.delivered(&mut link, seq, message);
                 }
                 Some(Ok(Update::Synced { count })) => chat.synced(count),
                 Some(Ok(Update::Disconnected { reason, retry_in })) => {
@@ -196,7 +197,10 @@ async fn converse(
                     Ok(Some((device, new_home))) => {
                         link.device = Some(device);
                         home = new_home;
+                        // What it held comes again on the new session.
+                        chat.opener = e2e::Opener::new(&home.dir, &home.profile);
                         chat.back(&mut link);
+                        chat.seal_waiting(&mut link);
                     }
                     Ok(None) => {
                         ended = Some(anyhow::anyhow!("the device was not opened again"));
@@ -265,6 +269,14 @@ async fn converse(
     Ok(())
 }
 
+/// Sleeps until `deadline`; never, without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The next update of `device`; never, without one.
 async fn next_update(device: Option<&Device>) -> Option<Result<Update, ClientError>> {
     match device {
@@ -328,12 +340,13 @@ impl Link {
             return false;
         };
         // The same client id every time it is submitted: the host accepts it once.
-        let submission = device.submit(
-            sent.client_id,
-            MessageKind::Chat,
-            std::slice::from_ref(&sent.to),
-            sent.text.as_bytes(),
-        );
+        // An e2e message to users goes to the addresses its sealing named (the sender too, for
+        // their other devices).
+        let (to, body) = match &sent.sealed {
+            Some((body, to)) => (to.as_slice(), body.as_slice()),
+            None => (std::slice::from_ref(&sent.to), sent.text.as_bytes()),
+        };
+        let submission = device.submit(sent.client_id, MessageKind::Chat, to, body);
         self.waiting.push(Waiting {
             what: What::Message(index),
             submission,
@@ -368,6 +381,9 @@ struct Sent {
     client_id: u64,
     to: Address,
     text: String,
+    /// What is submitted when it is not `text`: the end-to-end body sealed from it and the
+    /// addresses it goes to (sealed once, submitted as it is again after a reconnect).
+    sealed: Option<(Vec<u8>, Vec<Address>)>,
     /// When it was typed; once accepted, when the host accepted it (ms since the epoch).
     at: u64,
     state: SentState,
@@ -595,6 +611,14 @@ struct Chat {
     /// Splits what is read into lines when it is not a terminal.
     lines: LineSplitter,
     screen: Screen,
+    /// Opens what arrives end-to-end encrypted, and keeps the cards fetched for sealing.
+    opener: e2e::Opener,
+    /// Which conversations are encrypted end to end (the profile's `iim e2e on`).
+    e2e: e2e::E2eSettings,
+    /// The profile, for its keyring.
+    home: (std::path::PathBuf, super::Profile),
+    /// Own messages to encrypt, in order, waiting for their recipients' cards.
+    sealing: VecDeque<usize>,
 }
 
 impl Chat {
@@ -616,6 +640,10 @@ impl Chat {
             editor: LineEditor::default(),
             lines: LineSplitter::default(),
             screen,
+            opener: e2e::Opener::new(&home.dir, &home.profile),
+            e2e: home.profile.e2e.clone(),
+            home: (home.dir.clone(), home.profile.clone()),
+            sealing: VecDeque::new(),
         };
         chat.screen.prompt = prompt(chat.to.as_ref());
         chat
@@ -623,6 +651,9 @@ impl Chat {
 
     fn welcome(&mut self) {
         let with = match &self.to {
+            Some(to) if self.e2e.covers(std::slice::from_ref(to)) => {
+                format!("with {to} (end-to-end encrypted)")
+            }
             Some(to) => format!("with {to}"),
             None => "with nobody yet (/to USER or /to #GROUP)".to_owned(),
         };
@@ -686,6 +717,9 @@ impl Chat {
                 }
             }
             Request::Command(Command::To(None)) => match &self.to {
+                Some(to) if self.e2e.covers(std::slice::from_ref(to)) => {
+                    self.say(&format!("talking to {to}, end-to-end encrypted"));
+                }
                 Some(to) => self.say(&format!("talking to {to}")),
                 None => self.say("talking to nobody yet: /to USER or /to #GROUP"),
             },
@@ -731,14 +765,70 @@ impl Chat {
             client_id: iim_client::new_client_id(),
             to,
             text: text.to_owned(),
+            sealed: None,
             at: now_ms(),
             state: SentState::Pending,
         });
         self.remember(Entry::Sent(index));
         let line = self.sent[index].line(&self.me);
         self.screen.print_keyed(LineKey::Sent(index), &line);
-        if !link.submit(index, &self.sent[index]) {
+        if self.e2e.covers(std::slice::from_ref(&self.sent[index].to)) {
+            self.sealing.push_back(index);
+            self.seal_waiting(link);
+        } else if !link.submit(index, &self.sent[index]) {
             self.resubmit.push(index);
+        }
+    }
+
+    /// Encrypts and submits the own messages waiting to be, in order, as far as the cards
+    /// fetched allow; asks for the cards the first one needs.
+    fn seal_waiting(&mut self, link: &mut Link) {
+        while let Some(&index) = self.sealing.front() {
+            let Some(sent) = self.sent.get(index) else {
+                self.sealing.pop_front();
+                continue;
+            };
+            let (dir, profile) = &self.home;
+            let sealed = match &sent.to {
+                Address::Group(group) => e2e::with_keys(dir, profile, |k| {
+                    k.encrypt_for_group(group, sent.text.as_bytes())
+                        .map(|body| (body, vec![sent.to.clone()]))
+                })
+                .and_then(|sealed| Ok(sealed?)),
+                Address::User(user) => {
+                    let mut users = vec![user.clone()];
+                    if *user != self.me {
+                        users.push(self.me.clone());
+                    }
+                    let Some(cards) = self.opener.cards(&users) else {
+                        if let Some(device) = &link.device {
+                            self.opener.ask(device, users);
+                        }
+                        return;
+                    };
+                    e2e::seal_with(dir, profile, user, &cards, sent.text.as_bytes())
+                }
+            };
+            self.sealing.pop_front();
+            match sealed {
+                Ok(sealed) => {
+                    self.sent[index].sealed = Some(sealed);
+                    if !link.submit(index, &self.sent[index]) {
+                        self.resubmit.push(index);
+                    }
+                }
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    let news = format!(
+                        "{} message to {} not sent ({reason}): {}",
+                        format_time(now_ms()),
+                        self.sent[index].to,
+                        excerpt(&self.sent[index].text)
+                    );
+                    self.sent[index].state = SentState::Refused(reason);
+                    self.show_sent(index, &news);
+                }
+            }
         }
     }
 
@@ -830,18 +920,43 @@ impl Chat {
     }
 
     /// Whether the chat may end now. Closing a connected device hands the host every
-    /// submission it holds; a device waiting to reconnect cannot.
+    /// submission it holds; a device waiting to reconnect cannot, and a message still waiting
+    /// to be encrypted is not submitted yet.
     fn may_leave(&self, leave: Leave, has_device: bool) -> bool {
         match leave {
             Leave::Stay => false,
-            Leave::WhenSent => self.unsent() == 0 || (has_device && self.connected),
+            Leave::WhenSent => {
+                self.unsent() == 0 || (has_device && self.connected && self.sealing.is_empty())
+            }
             Leave::Now => true,
         }
     }
 
+    /// A delivery: opened if it is end-to-end encrypted (held while its sender's card is
+    /// fetched), then each ready one handled in order.
+    fn delivered(&mut self, link: &mut Link, seq: u64, message: Message) {
+        let Some(device) = &link.device else { return };
+        for ready in self.opener.take(device, seq, message) {
+            self.received(link, ready);
+        }
+        // The cards some own messages waited for may be here.
+        self.seal_waiting(link);
+    }
+
+    /// No answer came for the cards asked for: what waited for them goes on without.
+    fn cards_late(&mut self, link: &mut Link) {
+        let Some(device) = &link.device else { return };
+        for ready in self.opener.expire(device) {
+            self.received(link, ready);
+        }
+        self.seal_waiting(link);
+    }
+
     /// A delivery: shown, acknowledged, and reported read if it is the conversation's.
-    fn received(&mut self, link: &mut Link, seq: u64, message: &Message) {
-        self.show_message(message);
+    fn received(&mut self, link: &mut Link, ready: e2e::Ready) {
+        let e2e::Ready { seq, message, seal } = ready;
+        let message = &message;
+        self.show_message(message, &seal);
         if let Some(device) = &link.device {
             device.ack(seq);
         }
@@ -866,7 +981,10 @@ impl Chat {
         self.unread.push_back((conversation, message.id));
     }
 
-    fn show_message(&mut self, message: &Message) {
+    fn show_message(&mut self, message: &Message, seal: &e2e::Seal) {
+        if *seal == e2e::Seal::Hidden {
+            return;
+        }
         match &message.kind {
             MessageKind::Receipt => {
                 if let Ok(receipt) = Receipt::from_json(&message.body)
@@ -888,7 +1006,7 @@ impl Chat {
             _ if message.from == self.me && self.by_id.contains_key(&message.id) => return,
             _ => {}
         }
-        let line = show::message_line(false, message);
+        let line = show::message_line_sealed(false, message, seal);
         self.screen.print(&line);
         self.remember(Entry::Line(line));
     }
@@ -1101,6 +1219,7 @@ mod tests {
             client_id: 1,
             to: "bob".parse().expect("user"),
             text: "hi".into(),
+            sealed: None,
             at: (12 * 3600 + 3 * 60 + 7) * 1000,
             state: SentState::Pending,
         };

@@ -393,6 +393,21 @@ async fn seal(
     })??)
 }
 
+/// Seals `plaintext` for `to` and this user's other devices with `cards`, the current cards
+/// of both users (pinning the new ones): the body and the addresses it goes to.
+pub(crate) fn seal_with(
+    dir: &Path,
+    profile: &Profile,
+    to: &UserId,
+    cards: &[CardEntry],
+    plaintext: &[u8],
+) -> anyhow::Result<(Vec<u8>, Vec<Address>)> {
+    let to = std::slice::from_ref(to);
+    Ok(accept_and(dir, profile, cards, |k| {
+        k.seal(to, cards, plaintext)
+    })??)
+}
+
 /// `iim send --e2e`: seals the body for the recipients' devices and this user's others (or,
 /// for a group, encrypts it for the group's MLS group, which this device first brings up to
 /// date with the group's members if it commits its changes) and sends it as a chat message.
@@ -798,12 +813,12 @@ pub(crate) struct Opener {
     dir: PathBuf,
     profile: Profile,
     held: std::collections::VecDeque<(u64, Message)>,
-    /// The user whose cards were asked for, and until when the answer is waited for.
-    asking: Option<(UserId, Instant)>,
+    /// The users whose cards were asked for, and until when the answer is waited for.
+    asking: Option<(Vec<UserId>, Instant)>,
     /// The parts of the `cards` answer so far.
     parts: Vec<KeysReply>,
-    /// When each user's cards were last fetched.
-    fetched: std::collections::BTreeMap<UserId, Instant>,
+    /// Each user's cards as last fetched, and when.
+    fetched: std::collections::BTreeMap<UserId, (Instant, Vec<CardEntry>)>,
     /// This device joined a group, using up one of its key packages: one more is published.
     used_key_package: bool,
 }
@@ -851,22 +866,35 @@ impl Opener {
     /// The whole answer to the cards asked for came: the new ones are pinned.
     fn cards_came(&mut self, cards: Result<Vec<CardEntry>, E2eError>) {
         self.parts.clear();
-        if let Some((user, _)) = self.asking.take() {
-            self.fetched.insert(user, Instant::now());
+        let asked = self
+            .asking
+            .take()
+            .map(|(users, _)| users)
+            .unwrap_or_default();
+        let cards = cards.unwrap_or_else(|e| {
+            eprintln!("iim: {e}");
+            Vec::new()
+        });
+        for user in asked {
+            let theirs = cards
+                .iter()
+                .filter(|c| c.user == user.as_str())
+                .cloned()
+                .collect();
+            self.fetched.insert(user, (Instant::now(), theirs));
         }
-        let pinned = cards
-            .map_err(anyhow::Error::from)
-            .and_then(|cards| accept_and(&self.dir, &self.profile, &cards, |_| ()));
-        if let Err(e) = pinned {
+        if let Err(e) = accept_and(&self.dir, &self.profile, &cards, |_| ()) {
             eprintln!("iim: {e:#}");
         }
     }
 
     /// The deadline passed: the held message's sender's card did not come.
     pub(crate) fn expire(&mut self, device: &iim_client::Device) -> Vec<Ready> {
-        if let Some((user, _)) = self.asking.take() {
-            eprintln!("iim: the key directory did not answer for {user}'s keys");
-            self.fetched.insert(user, Instant::now());
+        if let Some((users, _)) = self.asking.take() {
+            eprintln!("iim: the key directory did not answer for the keys of {users:?}");
+            for user in users {
+                self.fetched.insert(user, (Instant::now(), Vec::new()));
+            }
             self.parts.clear();
         }
         self.drain(device)
@@ -879,7 +907,7 @@ impl Opener {
                 Ok(seal) => seal,
                 Err(user) => {
                     if self.asking.is_none() {
-                        self.ask(device, user);
+                        self.ask(device, vec![user]);
                     }
                     self.held.push_front((seq, message));
                     break;
@@ -945,7 +973,7 @@ impl Opener {
                 let fresh = self
                     .fetched
                     .get(&message.from)
-                    .is_some_and(|at| at.elapsed() < CARDS_FRESH);
+                    .is_some_and(|(at, _)| at.elapsed() < CARDS_FRESH);
                 if fresh {
                     Ok(Seal::Failed(format!(
                         "no key of {user}/{device} in the key directory"
@@ -995,10 +1023,27 @@ impl Opener {
         }
     }
 
-    /// Asks the directory, through `device`, for the cards of `user`.
-    fn ask(&mut self, device: &iim_client::Device, user: UserId) {
+    /// The cards of every device of `users`, if they were all fetched lately.
+    pub(crate) fn cards(&self, users: &[UserId]) -> Option<Vec<CardEntry>> {
+        let mut cards = Vec::new();
+        for user in users {
+            let (at, theirs) = self.fetched.get(user)?;
+            if at.elapsed() >= CARDS_FRESH {
+                return None;
+            }
+            cards.extend(theirs.iter().cloned());
+        }
+        Some(cards)
+    }
+
+    /// Asks the directory, through `device`, for the cards of `users` (one request at a
+    /// time: nothing is asked while an answer is awaited).
+    pub(crate) fn ask(&mut self, device: &iim_client::Device, users: Vec<UserId>) {
+        if self.asking.is_some() {
+            return;
+        }
         let request = KeysRequest::Cards {
-            users: vec![user.to_string()],
+            users: users.iter().map(ToString::to_string).collect(),
         };
         let submission = device.submit(
             iim_client::new_client_id(),
@@ -1006,14 +1051,13 @@ impl Opener {
             std::slice::from_ref(&self.profile.user),
             &request.to_json(),
         );
-        let asked = user.clone();
         tokio::spawn(async move {
             if let Err(e) = submission.await {
-                eprintln!("iim: cannot ask the key directory for {asked}'s keys: {e}");
+                eprintln!("iim: cannot ask the key directory for keys: {e}");
             }
         });
         self.parts.clear();
-        self.asking = Some((user, Instant::now() + CARD_WAIT));
+        self.asking = Some((users, Instant::now() + CARD_WAIT));
     }
 }
 
