@@ -83,8 +83,8 @@ pub(crate) enum E2eCommand {
         #[arg(value_parser = super::group::parse_group)]
         group: GroupId,
     },
-    /// Encrypt messages end to end by default (`iim send`): to USER, or without USER to
-    /// everyone. `iim send --plain` sends one message in the clear all the same.
+    /// Encrypt messages end to end by default (`iim send`, `iim chat`): to USER, or without
+    /// USER to everyone. `iim send --plain` sends one message in the clear all the same.
     On {
         /// The conversation [default: every conversation].
         user: Option<UserId>,
