@@ -177,6 +177,8 @@ struct KeyringFile {
     nonces: Vec<[u8; 16]>,
     /// The MLS groups this device created, and so commits the changes of.
     created: BTreeSet<String>,
+    /// Whether the key directory took this device's card.
+    published: bool,
 }
 
 /// One device's end-to-end keys and trust, saved in a file.
@@ -188,6 +190,7 @@ pub struct Keyring {
     nonces: VecDeque<[u8; 16]>,
     seen: HashSet<[u8; 16]>,
     created: BTreeSet<String>,
+    published: bool,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -252,6 +255,7 @@ impl Keyring {
             keyring.remember(nonce);
         }
         keyring.created = file.created;
+        keyring.published = file.published;
         Ok(keyring)
     }
 
@@ -297,6 +301,7 @@ impl Keyring {
             nonces: VecDeque::new(),
             seen: HashSet::new(),
             created: BTreeSet::new(),
+            published: false,
         }
     }
 
@@ -325,6 +330,7 @@ impl Keyring {
             offered: cards(&self.offered)?,
             nonces: self.nonces.iter().copied().collect(),
             created: self.created.clone(),
+            published: self.published,
         };
         let mut bytes = MAGIC.to_vec();
         bytes.extend(postcard::to_stdvec(&file).map_err(|e| file_error(e.to_string()))?);
@@ -339,6 +345,16 @@ impl Keyring {
     /// `user/device` of this keyring.
     pub fn me(&self) -> String {
         self.device.identity().identity()
+    }
+
+    /// Whether the key directory took this device's card ([`set_published`](Self::set_published)).
+    pub fn is_published(&self) -> bool {
+        self.published
+    }
+
+    /// Notes that the key directory took this device's card.
+    pub fn set_published(&mut self) {
+        self.published = true;
     }
 
     /// This device's fingerprint, for its user to compare with those who write to it.

@@ -238,10 +238,9 @@ pub(crate) async fn run(cli: &Cli, args: &E2eArgs) -> anyhow::Result<()> {
             }
         }
         E2eCommand::Group { group } => {
-            let new_keyring = !keyring_path(&dir).exists();
             let mut directory = Directory::open(cli, timeout).await?;
             let done = async {
-                publish_if_new(&mut directory, &dir, new_keyring).await?;
+                publish_if_new(&mut directory, &dir).await?;
                 let (in_group, commits) =
                     with_keys(&dir, &profile, |k| (k.in_group(group), k.commits(group)))?;
                 if in_group && !commits {
@@ -318,7 +317,10 @@ pub(crate) async fn publish(directory: &mut Directory, dir: &Path) -> anyhow::Re
     let request = with_keys(dir, &directory.profile, |k| k.publish(KEY_PACKAGES))??;
     let replies = directory.ask(&request).await?;
     match replies.last().map(|reply| &reply.answer) {
-        Some(Answer::Published { key_packages }) => Ok(*key_packages),
+        Some(Answer::Published { key_packages }) => {
+            with_keys(dir, &directory.profile, Keyring::set_published)?;
+            Ok(*key_packages)
+        }
         Some(Answer::Refused { reason }) => bail!("the key directory refused: {reason}"),
         other => bail!("unexpected answer from the key directory: {other:?}"),
     }
@@ -338,13 +340,11 @@ pub(crate) async fn fetch_cards(
         .map_err(Into::into)
 }
 
-/// Publishes this device's card first if its keys are new (`new_keyring`), saying so.
-async fn publish_if_new(
-    directory: &mut Directory,
-    dir: &Path,
-    new_keyring: bool,
-) -> anyhow::Result<()> {
-    if new_keyring {
+/// Publishes this device's card first if the key directory has not taken it yet (new keys),
+/// saying so.
+async fn publish_if_new(directory: &mut Directory, dir: &Path) -> anyhow::Result<()> {
+    let published = with_keys(dir, &directory.profile, |k| k.is_published())?;
+    if !published {
         publish(directory, dir).await?;
         let (_, fingerprint) = who_am_i(dir, &directory.profile)?;
         eprintln!("iim: made this device's end-to-end keys; fingerprint {fingerprint}");
@@ -441,11 +441,10 @@ pub(crate) async fn send(
             .collect::<anyhow::Result<Vec<_>>>()?,
     };
     let dir = profile_dir(cli)?;
-    let new_keyring = !keyring_path(&dir).exists();
     let mut directory = Directory::open(cli, Duration::from_secs(10)).await?;
     let sent = async {
         let body = source.read(directory.connection().max_body()).await?;
-        publish_if_new(&mut directory, &dir, new_keyring).await?;
+        publish_if_new(&mut directory, &dir).await?;
         let (sealed, addresses) = match &group {
             Some(group) => {
                 let profile = directory.profile.clone();
