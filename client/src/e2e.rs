@@ -21,7 +21,7 @@ use iim_proto::body::keys::{
 };
 use iim_proto::{Address, DeviceId, GroupId, Message, MessageKind, UserId};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 pub use iim_e2ee::{GroupMessage, Opened, Processed};
@@ -94,6 +94,10 @@ pub enum E2eError {
     /// (every member gets the group's messages).
     #[error("a group change for other devices")]
     NotForThisDevice,
+    /// A group message this device processed before, delivered again: its secrets are spent
+    /// (forward secrecy), it cannot be opened twice.
+    #[error("processed before on this device")]
+    SeenBefore,
     /// A message of a group whose MLS group this device is not in: it was not added yet (or
     /// had no key package left), or was removed.
     #[error("this device is not in #{0}'s end-to-end group")]
@@ -119,6 +123,7 @@ impl E2eError {
                 | E2eError::Mismatch(_)
                 | E2eError::Crypto(
                     iim_e2ee::Error::BadSignature
+                        | iim_e2ee::Error::BadKeyPackage(_)
                         | iim_e2ee::Error::DecryptFailed
                         | iim_e2ee::Error::Malformed(_)
                         | iim_e2ee::Error::WrongSender { .. }
@@ -174,7 +179,9 @@ struct KeyringFile {
     /// Cards offered for a pinned device that differ from its pinned one, by `user/device`.
     offered: BTreeMap<String, Vec<u8>>,
     /// Nonces of opened 1:1 messages, oldest first.
-    nonces: Vec<[u8; 16]>,
+    nonces: Vec<([u8; 16], u64)>,
+    /// Ids of the group messages processed, oldest first.
+    processed: Vec<u64>,
     /// The MLS groups this device created, and so commits the changes of.
     created: BTreeSet<String>,
     /// Whether the key directory took this device's card.
@@ -188,7 +195,12 @@ pub struct Keyring {
     pinned: BTreeMap<String, DeviceCard>,
     offered: BTreeMap<String, DeviceCard>,
     nonces: VecDeque<[u8; 16]>,
-    seen: HashSet<[u8; 16]>,
+    /// Each nonce kept, with the id of the message it came in.
+    seen: HashMap<[u8; 16], u64>,
+    /// Ids of the group messages processed (their secrets are spent: a message delivered
+    /// again cannot be processed again).
+    processed: VecDeque<u64>,
+    processed_set: HashSet<u64>,
     created: BTreeSet<String>,
     published: bool,
 }
@@ -251,8 +263,11 @@ impl Keyring {
         let mut keyring = Self::empty(path, device);
         keyring.pinned = cards(file.pinned)?;
         keyring.offered = cards(file.offered)?;
-        for nonce in file.nonces {
-            keyring.remember(nonce);
+        for (nonce, id) in file.nonces {
+            keyring.remember(nonce, id);
+        }
+        for id in file.processed {
+            keyring.processed_one(id);
         }
         keyring.created = file.created;
         keyring.published = file.published;
@@ -299,7 +314,9 @@ impl Keyring {
             pinned: BTreeMap::new(),
             offered: BTreeMap::new(),
             nonces: VecDeque::new(),
-            seen: HashSet::new(),
+            seen: HashMap::new(),
+            processed: VecDeque::new(),
+            processed_set: HashSet::new(),
             created: BTreeSet::new(),
             published: false,
         }
@@ -328,7 +345,12 @@ impl Keyring {
             device: self.device.to_bytes()?,
             pinned: cards(&self.pinned)?,
             offered: cards(&self.offered)?,
-            nonces: self.nonces.iter().copied().collect(),
+            nonces: self
+                .nonces
+                .iter()
+                .map(|nonce| (*nonce, self.seen.get(nonce).copied().unwrap_or_default()))
+                .collect(),
+            processed: self.processed.iter().copied().collect(),
             created: self.created.clone(),
             published: self.published,
         };
@@ -552,10 +574,13 @@ impl Keyring {
                 message.to
             )));
         }
-        if self.seen.contains(&opened.nonce) {
-            return Err(E2eError::Replayed);
+        match self.seen.get(&opened.nonce) {
+            // The same message delivered again (a session that ended before its
+            // acknowledgement reached the host): not a replay.
+            Some(id) if *id == message.id.0 => {}
+            Some(_) => return Err(E2eError::Replayed),
+            None => self.remember(opened.nonce, message.id.0),
         }
-        self.remember(opened.nonce);
         Ok(opened)
     }
 
@@ -650,23 +675,17 @@ impl Keyring {
     /// a commit (merged), or a welcome (this device joins; a welcome for other devices is
     /// [`E2eError::NotForThisDevice`]).
     pub fn process_group(&mut self, message: &Message) -> Result<Processed, E2eError> {
+        if self.processed_set.contains(&message.id.0) {
+            return Err(E2eError::SeenBefore);
+        }
         let parsed = iim_e2ee::GroupMessage::from_bytes(&message.body)?;
         let routed = iim_proto::group_of(&message.to).map(ToString::to_string);
         if parsed.is_welcome() {
-            return match self.device.process(&message.body) {
-                Ok(processed) => {
-                    if let Processed::Joined { group } = &processed
-                        && routed.as_deref() != Some(group.as_str())
-                    {
-                        return Err(E2eError::Mismatch(format!(
-                            "a welcome to group {group} came through {routed:?}"
-                        )));
-                    }
-                    Ok(processed)
-                }
-                // Every member gets the group's welcomes: most are for the devices added.
-                Err(_) => Err(E2eError::NotForThisDevice),
-            };
+            let joined = self.join(message, routed.as_deref());
+            if joined.is_ok() {
+                self.processed_one(message.id.0);
+            }
+            return joined;
         }
         if routed
             .as_deref()
@@ -686,6 +705,7 @@ impl Keyring {
             )));
         }
         let processed = self.device.process(&message.body)?;
+        self.processed_one(message.id.0);
         let sender = match &processed {
             Processed::Application { sender, .. } => Some(sender),
             Processed::Commit { committer, .. } => Some(committer),
@@ -702,13 +722,81 @@ impl Keyring {
         Ok(processed)
     }
 
-    fn remember(&mut self, nonce: [u8; 16]) {
-        if self.seen.insert(nonce) {
+    /// Joins the group of a welcome routed through `routed`: sent by the device the host says
+    /// sent it, and naming only members whose signature keys are those of the cards this
+    /// device pinned (a member with no card pinned: [`E2eError::UnknownSender`]; fetch that
+    /// user's cards and process the welcome again, which the attempt did not spend).
+    fn join(&mut self, message: &Message, routed: Option<&str>) -> Result<Processed, E2eError> {
+        // Kept to undo a join refused: the attempt spends the welcome's key package.
+        let before = self.device.to_bytes()?;
+        let pinned = &self.pinned;
+        let mut unknown = None;
+        let joined = self
+            .device
+            .join_checked(&message.body, &mut |member, key| match pinned.get(member) {
+                Some(card) if card.signature_key() == key => Ok(()),
+                Some(_) => Err(iim_e2ee::Error::BadKeyPackage(format!(
+                    "the welcome gives {member} a key other than its pinned card's"
+                ))),
+                None => {
+                    unknown = Some(member.to_owned());
+                    Err(iim_e2ee::Error::UnknownMember(member.to_owned()))
+                }
+            });
+        let (group, sender) = match joined {
+            Ok(joined) => joined,
+            // Every member gets the group's welcomes: most are for the devices added.
+            Err(iim_e2ee::Error::NotForThisDevice) => return Err(E2eError::NotForThisDevice),
+            Err(e) => {
+                self.device = iim_e2ee::Device::from_bytes(&before)?;
+                return Err(match unknown {
+                    Some(member) => {
+                        let (user, device) = member.split_once('/').unwrap_or((&member, ""));
+                        E2eError::UnknownSender {
+                            user: user.to_owned(),
+                            device: device.to_owned(),
+                        }
+                    }
+                    None => e.into(),
+                });
+            }
+        };
+        let from = format!("{}/{}", message.from, message.from_device);
+        let refused = if routed != Some(group.as_str()) {
+            Some(format!(
+                "a welcome to group {group} came through {routed:?}"
+            ))
+        } else if sender != from {
+            Some(format!("a welcome from {sender} delivered as from {from}"))
+        } else {
+            None
+        };
+        if let Some(reason) = refused {
+            // Not joined after all.
+            self.device = iim_e2ee::Device::from_bytes(&before)?;
+            return Err(E2eError::Mismatch(reason));
+        }
+        Ok(Processed::Joined { group })
+    }
+
+    fn remember(&mut self, nonce: [u8; 16], id: u64) {
+        if self.seen.insert(nonce, id).is_none() {
             self.nonces.push_back(nonce);
         }
         while self.nonces.len() > NONCES_KEPT {
             if let Some(old) = self.nonces.pop_front() {
                 self.seen.remove(&old);
+            }
+        }
+    }
+
+    fn processed_one(&mut self, id: u64) {
+        if self.processed_set.insert(id) {
+            self.processed.push_back(id);
+        }
+        while self.processed.len() > NONCES_KEPT {
+            if let Some(old) = self.processed.pop_front() {
+                self.processed_set.remove(&old);
             }
         }
     }
@@ -873,6 +961,8 @@ mod tests {
         );
         assert!(is_end_to_end(&body));
         let message = delivered("alice", &["bob", "alice"], body);
+        let mut replayed = message.clone();
+        replayed.id = iim_proto::MessageId(8);
         for reader in [&mut bob, &mut bob_laptop, &mut alice_laptop] {
             assert!(matches!(
                 reader.open(&message),
@@ -881,14 +971,18 @@ mod tests {
             reader.accept_cards(&current);
             let opened = reader.open(&message).expect("opens");
             assert_eq!(opened.plaintext, b"hello bob");
-            let again = reader.open(&message).expect_err("replayed");
+            // Delivered again (the same message): opens again; the same body in another
+            // message: a replay.
+            reader.open(&message).expect("delivered again");
+            let again = reader.open(&replayed).expect_err("replayed");
             assert!(matches!(again, E2eError::Replayed) && again.is_tampering());
         }
 
         // Saved and read back: the nonces too.
         bob.save().expect("save");
         let mut bob = keyring(dir.path(), "bob/phone");
-        assert!(matches!(bob.open(&message), Err(E2eError::Replayed)));
+        assert!(matches!(bob.open(&replayed), Err(E2eError::Replayed)));
+        bob.open(&message).expect("delivered again");
         let other = Keyring::open_or_create(
             &dir.path().join("bob-phone.keys"),
             &user("bob"),

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use openmls::group::{
     MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig, PURE_CIPHERTEXT_WIRE_FORMAT_POLICY,
-    StagedWelcome,
+    StagedWelcome, WelcomeError,
 };
 use openmls::prelude::{
     BasicCredential, ContentType, Credential, DeserializeBytes, GroupId, KeyPackage,
@@ -241,26 +241,53 @@ impl Device {
 
     /// Joins the group a welcome is for; returns its name.
     pub fn join(&mut self, welcome: &[u8]) -> Result<String> {
-        match *GroupMessage::from_bytes(welcome)?.body {
-            MlsMessageBodyIn::Welcome(welcome) => {
-                let config = MlsGroupJoinConfig::builder()
-                    .use_ratchet_tree_extension(true)
-                    .max_past_epochs(MAX_PAST_EPOCHS)
-                    .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
-                    .build();
-                let staged =
-                    StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
-                        .map_err(mls)?;
-                let name = group_name(staged.group_context().group_id())?;
-                if self.groups.contains_key(&name) {
-                    return Err(Error::GroupExists(name));
-                }
-                let group = staged.into_group(&self.provider).map_err(mls)?;
-                self.groups.insert(name.clone(), group);
-                Ok(name)
-            }
-            _ => Err(Error::Unexpected("not a welcome")),
+        self.join_checked(welcome, &mut |_, _| Ok(()))
+            .map(|(name, _)| name)
+    }
+
+    /// Joins the group a welcome is for, as [`join`](Self::join) does, once `check` accepted
+    /// every member the welcome names, by `"user/device"` and signature key (the client
+    /// compares them with the cards it accepted); returns the group's name and the
+    /// `"user/device"` of the member who sent the welcome. Refused by `check`, the device joins
+    /// nothing (the key package the welcome used is spent all the same).
+    pub fn join_checked(
+        &mut self,
+        welcome: &[u8],
+        check: &mut dyn FnMut(&str, &[u8]) -> Result<()>,
+    ) -> Result<(String, String)> {
+        let MlsMessageBodyIn::Welcome(welcome) = *GroupMessage::from_bytes(welcome)?.body else {
+            return Err(Error::Unexpected("not a welcome"));
+        };
+        let config = MlsGroupJoinConfig::builder()
+            .use_ratchet_tree_extension(true)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
+            .build();
+        let staged = StagedWelcome::new_from_welcome(&self.provider, &config, welcome, None)
+            .map_err(|e| match e {
+                WelcomeError::NoMatchingKeyPackage => Error::NotForThisDevice,
+                e => mls(e),
+            })?;
+        let name = group_name(staged.group_context().group_id())?;
+        if self.groups.contains_key(&name) {
+            return Err(Error::GroupExists(name));
         }
+        for member in staged.members() {
+            check(&identity_of(&member.credential)?, &member.signature_key)?;
+        }
+        let sender = identity_of(staged.welcome_sender().map_err(mls)?.credential())?;
+        let group = staged.into_group(&self.provider).map_err(mls)?;
+        self.groups.insert(name.clone(), group);
+        Ok((name, sender))
+    }
+
+    /// The members of `group`, as `"user/device"`, each with its signature key.
+    pub fn members_with_keys(&self, group: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let mls_group = self.groups.get(group).ok_or_else(|| unknown(group))?;
+        mls_group
+            .members()
+            .map(|member| Ok((identity_of(&member.credential)?, member.signature_key)))
+            .collect()
     }
 
     /// Encrypts an application message for `group`.

@@ -212,6 +212,9 @@ async fn two_users_with_two_devices_each_talk_end_to_end_through_the_cli() -> an
     )?)?
     .trim()
     .parse()?;
+    // A new device gets what waits in the user's inbox: the earlier e2e messages, which it
+    // cannot read.
+    let mut unreadable = 0;
     loop {
         let line = tablet.json()?;
         if line["kind"] != "chat" {
@@ -224,11 +227,13 @@ async fn two_users_with_two_devices_each_talk_end_to_end_through_the_cli() -> an
             );
             break;
         }
-        if line["id"] == id || line["id"] == id2 {
+        if line["e2e"] == true {
             let error = line["e2e_error"].as_str().unwrap_or_default();
             ensure!(error.contains("no copy for this device"), "{line}");
+            unreadable += 1;
         }
     }
+    ensure!(unreadable >= 2, "the earlier e2e messages: {unreadable}");
 
     // Bob revokes the laptop: its card leaves the directory, and what alice sends next has no
     // copy for it.
@@ -240,11 +245,10 @@ async fn two_users_with_two_devices_each_talk_end_to_end_through_the_cli() -> an
     )?)?
     .trim()
     .parse()?;
-    let line = next_chat(&listeners[0])?;
-    ensure!(
-        line["id"] == id2 || line["id"] == id4 || line["id"] == id5,
-        "{line}"
-    );
+    for (id, text) in [(id4, "secret four"), (id5, "secret five")] {
+        let line = next_chat(&listeners[0])?;
+        ensure!(line["id"] == id && line["body"] == text, "{line}");
+    }
     let mut raw5 = None;
     while raw5.is_none() {
         let (_, message) = within("the probe's copies", next_raw(&probe)).await??;
@@ -441,8 +445,7 @@ async fn a_group_talks_end_to_end_and_a_member_removed_cannot_read_after() -> an
         }
     };
     let commit = commit.context("the removal's commit")?;
-    // Carol's keys, as her device left them: given the commit, they learn her device is out
-    // of the group; the message after it does not open.
+    // Carol's keys, as her device left them.
     drop(listens);
     // Joining used one of carol's ten key packages, and her device published another.
     let setup = ok(iim(&host, &carol, &["e2e", "setup"])?)?;
@@ -453,6 +456,16 @@ async fn a_group_talks_end_to_end_and_a_member_removed_cannot_read_after() -> an
         &DeviceId::new("phone")?,
         0,
     )?;
+    // As her device has them (the host no longer sends her the group's messages, the commit
+    // included), they do not open the message: it is of the epoch after her removal.
+    let refused = carol_keys
+        .process_group(&after)
+        .expect_err("carol cannot read after her removal");
+    ensure!(
+        matches!(&refused, E2eError::Crypto(e) if e.to_string().starts_with("mls:")),
+        "{refused:?}"
+    );
+    // Given the commit, they learn that her device is out of the group.
     match carol_keys.process_group(&commit)? {
         Processed::Commit { removed, .. } => {
             ensure!(removed == ["carol/phone"], "{removed:?}");

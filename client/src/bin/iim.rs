@@ -681,7 +681,7 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
             }
             () = tokio::time::sleep_until(card_wait.unwrap_or_else(tokio::time::Instant::now)),
                 if card_wait.is_some() => {
-                for ready in opener.expire(&device) {
+                for ready in opener.expire(&device)? {
                     shown(cli, &device, &home, read, ready);
                 }
                 continue;
@@ -690,7 +690,7 @@ async fn listen(cli: &Cli, read: bool) -> anyhow::Result<()> {
         };
         match update {
             Some(Ok(Update::Message { seq, message })) => {
-                for ready in opener.take(&device, seq, message) {
+                for ready in opener.take(&device, seq, message)? {
                     shown(cli, &device, &home, read, ready);
                 }
             }

@@ -143,13 +143,21 @@ async fn converse(
                 }
             }
             () = signals.ended.wait() => leave = Leave::Now,
-            () = sleep_until(chat.opener.deadline()) => chat.cards_late(&mut link),
+            () = sleep_until(chat.opener.deadline()) => {
+                if let Err(e) = chat.cards_late(&mut link) {
+                    ended = Some(e);
+                    break;
+                }
+            }
             (what, answer) = next_answer(&mut link.waiting), if !link.waiting.is_empty() => {
                 chat.answered(what, answer);
             }
             update = next_update(link.device.as_ref()) => match update {
                 Some(Ok(Update::Message { seq, message })) => {
-                    chat.delivered(&mut link, seq, message);
+                    if let Err(e) = chat.delivered(&mut link, seq, message) {
+                        ended = Some(e);
+                        break;
+                    }
                 }
                 Some(Ok(Update::Synced { count })) => chat.synced(count),
                 Some(Ok(Update::Disconnected { reason, retry_in })) => {
@@ -934,22 +942,28 @@ impl Chat {
 
     /// A delivery: opened if it is end-to-end encrypted (held while its sender's card is
     /// fetched), then each ready one handled in order.
-    fn delivered(&mut self, link: &mut Link, seq: u64, message: Message) {
-        let Some(device) = &link.device else { return };
-        for ready in self.opener.take(device, seq, message) {
+    fn delivered(&mut self, link: &mut Link, seq: u64, message: Message) -> anyhow::Result<()> {
+        let Some(device) = &link.device else {
+            return Ok(());
+        };
+        for ready in self.opener.take(device, seq, message)? {
             self.received(link, ready);
         }
         // The cards some own messages waited for may be here.
         self.seal_waiting(link);
+        Ok(())
     }
 
     /// No answer came for the cards asked for: what waited for them goes on without.
-    fn cards_late(&mut self, link: &mut Link) {
-        let Some(device) = &link.device else { return };
-        for ready in self.opener.expire(device) {
+    fn cards_late(&mut self, link: &mut Link) -> anyhow::Result<()> {
+        let Some(device) = &link.device else {
+            return Ok(());
+        };
+        for ready in self.opener.expire(device)? {
             self.received(link, ready);
         }
         self.seal_waiting(link);
+        Ok(())
     }
 
     /// A delivery: shown, acknowledged, and reported read if it is the conversation's.

@@ -847,7 +847,7 @@ impl Opener {
         device: &iim_client::Device,
         seq: u64,
         message: Message,
-    ) -> Vec<Ready> {
+    ) -> anyhow::Result<Vec<Ready>> {
         let reply = keys_reply(&message, &self.profile.device)
             .filter(|r| matches!(r.answer, Answer::Cards { .. } | Answer::Refused { .. }));
         if let Some(reply) = reply
@@ -888,7 +888,7 @@ impl Opener {
     }
 
     /// The deadline passed: the held message's sender's card did not come.
-    pub(crate) fn expire(&mut self, device: &iim_client::Device) -> Vec<Ready> {
+    pub(crate) fn expire(&mut self, device: &iim_client::Device) -> anyhow::Result<Vec<Ready>> {
         if let Some((users, _)) = self.asking.take() {
             eprintln!("iim: the key directory did not answer for the keys of {users:?}");
             for user in users {
@@ -899,17 +899,26 @@ impl Opener {
         self.drain(device)
     }
 
-    fn drain(&mut self, device: &iim_client::Device) -> Vec<Ready> {
+    /// The held messages that can be shown now, in order. A failure of this device's own
+    /// (its keyring cannot be read or written) is an error: nothing after the message is
+    /// shown or acknowledged, so the host keeps it.
+    fn drain(&mut self, device: &iim_client::Device) -> anyhow::Result<Vec<Ready>> {
         let mut ready = Vec::new();
         while let Some((seq, mut message)) = self.held.pop_front() {
             let seal = match self.open(&mut message) {
                 Ok(seal) => seal,
-                Err(user) => {
+                Err(Need::Cards(user)) => {
                     if self.asking.is_none() {
                         self.ask(device, vec![user]);
                     }
                     self.held.push_front((seq, message));
                     break;
+                }
+                Err(Need::Fatal(e)) => {
+                    return Err(e.context(format!(
+                        "message {} cannot be opened on this device",
+                        message.id
+                    )));
                 }
             };
             ready.push(Ready { seq, message, seal });
@@ -917,7 +926,7 @@ impl Opener {
         if std::mem::take(&mut self.used_key_package) {
             self.publish_one(device);
         }
-        ready
+        Ok(ready)
     }
 
     /// Publishes one more key package of this device, in place of the one a welcome used, so
@@ -941,9 +950,8 @@ impl Opener {
         });
     }
 
-    /// How `message` shows, its body replaced by what it opened to; `Err(user)`: the card of
-    /// its sender, of `user`, is to be fetched first.
-    fn open(&mut self, message: &mut Message) -> Result<Seal, UserId> {
+    /// How `message` shows, its body replaced by what it opened to; or what it needs first.
+    fn open(&mut self, message: &mut Message) -> Result<Seal, Need> {
         if message.kind == keys_kind() {
             return Ok(Seal::Hidden);
         }
@@ -957,11 +965,11 @@ impl Opener {
             ));
         }
         if let Some(group) = iim_client::proto::group_of(&message.to).cloned() {
-            return Ok(self.open_group(&group, message));
+            return self.open_group(&group, message);
         }
         let opened = match with_keys(&self.dir, &self.profile, |k| k.open(message)) {
             Ok(opened) => opened,
-            Err(e) => return Ok(Seal::Failed(format!("{e:#}"))),
+            Err(e) => return Err(Need::Fatal(e)),
         };
         match opened {
             Ok(opened) => {
@@ -978,20 +986,36 @@ impl Opener {
                         "no key of {user}/{device} in the key directory"
                     )))
                 } else {
-                    Err(message.from.clone())
+                    Err(Need::Cards(message.from.clone()))
                 }
             }
             Err(e) => Ok(failed(&e)),
         }
     }
 
-    /// What a group's MLS body comes to on this device.
-    fn open_group(&mut self, group: &GroupId, message: &mut Message) -> Seal {
-        let processed = match with_keys(&self.dir, &self.profile, |k| k.process_group(message)) {
-            Ok(processed) => processed,
-            Err(e) => return Seal::Failed(format!("{e:#}")),
-        };
-        match processed {
+    /// What a group's MLS body comes to on this device; or what it needs first (the cards of a
+    /// member a welcome names).
+    fn open_group(&mut self, group: &GroupId, message: &mut Message) -> Result<Seal, Need> {
+        let processed = with_keys(&self.dir, &self.profile, |k| k.process_group(message))
+            .map_err(Need::Fatal)?;
+        if let Err(E2eError::UnknownSender { user, device }) = &processed {
+            let Ok(user) = UserId::new(user.as_str()) else {
+                return Ok(Seal::Failed(format!(
+                    "REFUSED, a welcome names {user}/{device}"
+                )));
+            };
+            let fresh = self
+                .fetched
+                .get(&user)
+                .is_some_and(|(at, _)| at.elapsed() < CARDS_FRESH);
+            if !fresh {
+                return Err(Need::Cards(user));
+            }
+            return Ok(Seal::Failed(format!(
+                "REFUSED, the welcome names {user}/{device}, which has no key in the key directory"
+            )));
+        }
+        Ok(match processed {
             Ok(Processed::Application { plaintext, .. }) => {
                 message.body = plaintext;
                 Seal::Opened
@@ -1018,8 +1042,11 @@ impl Opener {
                 Seal::Notice("(sent from this device, end to end encrypted)".into())
             }
             Err(E2eError::NotForThisDevice) => Seal::Hidden,
+            Err(E2eError::SeenBefore) => {
+                Seal::Notice("(delivered again; shown before on this device)".into())
+            }
             Err(e) => failed(&e),
-        }
+        })
     }
 
     /// The cards of every device of `users`, if they were all fetched lately.
@@ -1058,6 +1085,14 @@ impl Opener {
         self.parts.clear();
         self.asking = Some((users, Instant::now() + CARD_WAIT));
     }
+}
+
+/// Why a held message cannot be shown yet.
+enum Need {
+    /// The cards of this user are to be fetched first.
+    Cards(UserId),
+    /// This device's keyring failed: stop, the host keeps the message.
+    Fatal(anyhow::Error),
 }
 
 /// A body that did not open: said plainly, and loudly when the body itself failed its check.
