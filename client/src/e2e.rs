@@ -553,7 +553,19 @@ impl Keyring {
             }
             return Err(E2eError::UnknownSender { user, device });
         };
-        let opened = iim_e2ee::open(self.device.identity(), card, &message.body)?;
+        let opened = match iim_e2ee::open(self.device.identity(), card, &message.body) {
+            Ok(opened) => opened,
+            // Signed with another key than the pinned one: if the directory offered a new card
+            // for the device, its keys changed (rather than the body).
+            Err(iim_e2ee::Error::BadSignature) if self.offered.contains_key(&name) => {
+                return Err(E2eError::KeyChanged {
+                    pinned: card.fingerprint(),
+                    offered: self.offered[&name].fingerprint(),
+                    device: name,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         let sealed_to: BTreeSet<&str> = opened
             .to_users
             .iter()
@@ -599,6 +611,32 @@ impl Keyring {
         self.device.create_group(group.as_str())?;
         self.created.insert(group.to_string());
         Ok(())
+    }
+
+    /// Whether `entry` is the card pinned for its device (not a changed one, not invalid).
+    pub fn is_pinned(&self, entry: &CardEntry) -> bool {
+        let device = format!("{}/{}", entry.user, entry.device);
+        self.pinned
+            .get(&device)
+            .and_then(|card| card.to_bytes().ok())
+            .is_some_and(|bytes| bytes == entry.card.0)
+    }
+
+    /// The members of the MLS group of `group` whose key is not that of the card pinned for
+    /// them (their device made new keys, or no card is pinned): to be removed, and added again
+    /// with their current card.
+    pub fn stale_members(&self, group: &GroupId) -> Result<Vec<String>, E2eError> {
+        Ok(self
+            .device
+            .members_with_keys(group.as_str())?
+            .into_iter()
+            .filter(|(member, key)| {
+                self.pinned
+                    .get(member)
+                    .is_none_or(|card| card.signature_key() != key.as_slice())
+            })
+            .map(|(member, _)| member)
+            .collect())
     }
 
     /// The devices (`user/device`) in the MLS group of `group`.

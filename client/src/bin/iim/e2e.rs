@@ -536,21 +536,28 @@ async fn sync_group(
     for chunk in users.chunks(PER_REQUEST) {
         cards.extend(fetch_cards(directory, chunk).await?);
     }
-    // Which devices should be in: those with a card pinned (new or as pinned); a changed key
-    // stops everything until trusted.
+    // Which devices should be in: those whose card is the one pinned (a changed or invalid
+    // card leaves its device out until trusted); a member whose key in the group is not its
+    // pinned card's (it made new keys) is removed and added again.
     let (removal, to_add) = accept_and(dir, &profile, &cards, |k| {
         let me = k.me();
         let wanted: BTreeSet<String> = cards
             .iter()
+            .filter(|c| k.is_pinned(c))
             .map(|c| format!("{}/{}", c.user, c.device))
+            .filter(|d| *d != me)
+            .collect();
+        let stale: BTreeSet<String> = k
+            .stale_members(group)?
+            .into_iter()
             .filter(|d| *d != me)
             .collect();
         let members: BTreeSet<String> = k
             .group_members(group)?
             .into_iter()
-            .filter(|d| *d != me)
+            .filter(|d| *d != me && !stale.contains(d))
             .collect();
-        let gone: Vec<String> = members.difference(&wanted).cloned().collect();
+        let gone: Vec<String> = members.difference(&wanted).chain(&stale).cloned().collect();
         let new: Vec<String> = wanted.difference(&members).cloned().collect();
         let removal = match gone.is_empty() {
             true => None,
@@ -574,7 +581,12 @@ async fn sync_group(
         let replies = directory.ask(&request).await?;
         let answer = claimed_of(&replies)
             .unwrap_or_else(|| Err(E2eError::Directory("an incomplete answer".into())))?;
-        claimed.extend(answer.packages);
+        // Only the devices asked for: the directory cannot slip others in.
+        claimed.extend(answer.packages.into_iter().filter(|p| {
+            chunk
+                .iter()
+                .any(|d| *d == format!("{}/{}", p.user, p.device))
+        }));
         missing.extend(answer.missing);
     }
     for device in &missing {
@@ -768,9 +780,19 @@ pub(crate) async fn unpublish(conn: &Connection, me: &UserId, device: &str) {
     }
 }
 
-/// Removes the keyring of profile directory `dir` (the device logged out or was revoked).
+/// Removes the keyring of profile directory `dir` (the device logged out or was revoked),
+/// under its lock: a `listen` of the device does not write it back.
 pub(crate) fn forget_keys(dir: &Path) -> anyhow::Result<()> {
     let path = keyring_path(dir);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path.with_extension("lock"))
+        .and_then(|lock| lock.lock().map(|()| lock));
+    // Without it (no profile directory: nothing to remove; a file system without locks) the
+    // keyring is removed all the same.
+    let _lock = lock.ok();
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -977,17 +999,18 @@ impl Opener {
                 Ok(Seal::Opened)
             }
             Err(E2eError::UnknownSender { user, device }) => {
-                let fresh = self
-                    .fetched
-                    .get(&message.from)
-                    .is_some_and(|(at, _)| at.elapsed() < CARDS_FRESH);
-                if fresh {
+                if self.fresh(&message.from) {
                     Ok(Seal::Failed(format!(
                         "no key of {user}/{device} in the key directory"
                     )))
                 } else {
                     Err(Need::Cards(message.from.clone()))
                 }
+            }
+            // A pinned sender's signature that fails: its keys may have changed. Its user's
+            // cards are fetched once (a changed card is then said so) before it is refused.
+            Err(E2eError::Crypto(iim_e2ee::Error::BadSignature)) if !self.fresh(&message.from) => {
+                Err(Need::Cards(message.from.clone()))
             }
             Err(e) => Ok(failed(&e)),
         }
@@ -1004,11 +1027,7 @@ impl Opener {
                     "REFUSED, a welcome names {user}/{device}"
                 )));
             };
-            let fresh = self
-                .fetched
-                .get(&user)
-                .is_some_and(|(at, _)| at.elapsed() < CARDS_FRESH);
-            if !fresh {
+            if !self.fresh(&user) {
                 return Err(Need::Cards(user));
             }
             return Ok(Seal::Failed(format!(
@@ -1047,6 +1066,13 @@ impl Opener {
             }
             Err(e) => failed(&e),
         })
+    }
+
+    /// Whether `user`'s cards were fetched lately.
+    fn fresh(&self, user: &UserId) -> bool {
+        self.fetched
+            .get(user)
+            .is_some_and(|(at, _)| at.elapsed() < CARDS_FRESH)
     }
 
     /// The cards of every device of `users`, if they were all fetched lately.
