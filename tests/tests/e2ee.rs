@@ -73,6 +73,17 @@ async fn next_raw(conn: &iim_client::Connection) -> anyhow::Result<(u64, Message
     }
 }
 
+/// The keyring `user`'s `device` left in its CLI profile `profile`.
+fn saved_keys(profile: &Path, user: &str, device: &str) -> anyhow::Result<Keyring> {
+    let path = profile.join("e2e.keys");
+    Ok(Keyring::open_or_create(
+        &path,
+        &UserId::new(user)?,
+        &DeviceId::new(device)?,
+        0,
+    )?)
+}
+
 fn user(name: &str) -> UserId {
     UserId::new(name).expect("user")
 }
@@ -257,12 +268,7 @@ async fn two_users_with_two_devices_each_talk_end_to_end_through_the_cli() -> an
         }
     }
     let raw5 = raw5.context("message five")?;
-    let mut laptop_keys = Keyring::open_or_create(
-        &bob_laptop.join("e2e.keys"),
-        &user("bob"),
-        &DeviceId::new("laptop")?,
-        0,
-    )?;
+    let mut laptop_keys = saved_keys(&bob_laptop, "bob", "laptop")?;
     let refused = laptop_keys
         .open(&raw5)
         .expect_err("no copy for the revoked laptop");
@@ -450,12 +456,7 @@ async fn a_group_talks_end_to_end_and_a_member_removed_cannot_read_after() -> an
     // Joining used one of carol's ten key packages, and her device published another.
     let setup = ok(iim(&host, &carol, &["e2e", "setup"])?)?;
     ensure!(setup.contains("(20 key packages wait)"), "{setup}");
-    let mut carol_keys = Keyring::open_or_create(
-        &carol.join("e2e.keys"),
-        &user("carol"),
-        &DeviceId::new("phone")?,
-        0,
-    )?;
+    let mut carol_keys = saved_keys(&carol, "carol", "phone")?;
     // As her device has them (the host no longer sends her the group's messages, the commit
     // included), they do not open the message: it is of the epoch after her removal.
     let refused = carol_keys

@@ -814,7 +814,13 @@ impl Chat {
                         }
                         return;
                     };
-                    e2e::seal_with(dir, profile, user, &cards, sent.text.as_bytes())
+                    e2e::seal_with(
+                        dir,
+                        profile,
+                        std::slice::from_ref(user),
+                        &cards,
+                        sent.text.as_bytes(),
+                    )
                 }
             };
             self.sealing.pop_front();

@@ -386,23 +386,19 @@ async fn seal(
         users.push(me);
     }
     let cards = fetch_cards(directory, &users).await?;
-    let profile = directory.profile.clone();
-    // Cards pinned are kept whether or not the message could be sealed.
-    Ok(accept_and(dir, &profile, &cards, |k| {
-        k.seal(to, &cards, plaintext)
-    })??)
+    seal_with(dir, &directory.profile, to, &cards, plaintext)
 }
 
-/// Seals `plaintext` for `to` and this user's other devices with `cards`, the current cards
-/// of both users (pinning the new ones): the body and the addresses it goes to.
+/// Seals `plaintext` for users `to` and this user's other devices with `cards`, the current
+/// cards of those users and this one (pinning the new ones; what is pinned is kept whether or
+/// not the message could be sealed): the body and the addresses it goes to.
 pub(crate) fn seal_with(
     dir: &Path,
     profile: &Profile,
-    to: &UserId,
+    to: &[UserId],
     cards: &[CardEntry],
     plaintext: &[u8],
 ) -> anyhow::Result<(Vec<u8>, Vec<Address>)> {
-    let to = std::slice::from_ref(to);
     Ok(accept_and(dir, profile, cards, |k| {
         k.seal(to, cards, plaintext)
     })??)
@@ -959,6 +955,12 @@ impl Opener {
             Ok(Err(e)) => return eprintln!("iim: cannot make a key package: {e}"),
             Err(e) => return eprintln!("iim: cannot make a key package: {e:#}"),
         };
+        self.request(device, &request, "publish a key package");
+    }
+
+    /// Sends `request` to the key directory through `device`, its answer to come among the
+    /// deliveries; a failure to send is said on stderr (`cannot WHAT`).
+    fn request(&self, device: &iim_client::Device, request: &KeysRequest, what: &'static str) {
         let submission = device.submit(
             iim_client::new_client_id(),
             keys_kind(),
@@ -967,7 +969,7 @@ impl Opener {
         );
         tokio::spawn(async move {
             if let Err(e) = submission.await {
-                eprintln!("iim: cannot publish a key package: {e}");
+                eprintln!("iim: cannot {what}: {e}");
             }
         });
     }
@@ -1097,17 +1099,7 @@ impl Opener {
         let request = KeysRequest::Cards {
             users: users.iter().map(ToString::to_string).collect(),
         };
-        let submission = device.submit(
-            iim_client::new_client_id(),
-            keys_kind(),
-            std::slice::from_ref(&self.profile.user),
-            &request.to_json(),
-        );
-        tokio::spawn(async move {
-            if let Err(e) = submission.await {
-                eprintln!("iim: cannot ask the key directory for keys: {e}");
-            }
-        });
+        self.request(device, &request, "ask the key directory for keys");
         self.parts.clear();
         self.asking = Some((users, Instant::now() + CARD_WAIT));
     }
