@@ -56,6 +56,16 @@ pub struct Config {
     pub network: NetworkConfig,
     /// Encryption at rest: the data key.
     pub storage: StorageConfig,
+    /// The metrics and health endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// Where the metrics and health endpoint listens (README, "Metrics and health").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP address of `/metrics`, `/healthz` and `/readyz` (plain HTTP). Off without it.
+    pub listen: Option<SocketAddr>,
 }
 
 /// How what the host stores is encrypted (docs/security.md).
@@ -395,6 +405,7 @@ impl Default for Config {
             limits: Limits::default(),
             plugins: PluginsConfig::default(),
             storage: StorageConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -172,6 +172,32 @@ pub struct Exchange {
     stop: watch::Sender<bool>,
     cert_path: std::path::PathBuf,
     data_dir: std::path::PathBuf,
+    metrics: Option<crate::metrics::Endpoint>,
+}
+
+/// What the metrics endpoint reads of the exchange at each scrape: each host's relay outbox.
+struct Observed(Arc<State>);
+
+impl crate::metrics::Observed for Observed {
+    fn refresh(&self, metrics: &crate::metrics::Metrics) {
+        let Ok(servers) = self.0.store.servers() else {
+            return;
+        };
+        for server in servers {
+            let waiting = self.0.store.outbox_len(&server.id);
+            metrics
+                .relay_waiting
+                .get_or_create(&crate::metrics::label("peer", server.id))
+                .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        match *self.0.shutdown.borrow() {
+            true => Err("shutting down".into()),
+            false => Ok(()),
+        }
+    }
 }
 
 impl Exchange {
@@ -204,13 +230,26 @@ impl Exchange {
             joining: Arc::new(tokio::sync::Semaphore::new(MAX_JOINING)),
             key_rotation: Default::default(),
         });
+        let metrics = match config.metrics.listen {
+            Some(addr) => {
+                let observed = Arc::new(Observed(Arc::clone(&state)));
+                Some(crate::metrics::Endpoint::start(addr, observed).await?)
+            }
+            None => None,
+        };
         Ok(Self {
             state,
             endpoint,
             stop,
             cert_path,
             data_dir: config.data_dir,
+            metrics,
         })
+    }
+
+    /// Where the metrics endpoint listens, if it does.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(crate::metrics::Endpoint::addr)
     }
 
     /// The address actually bound.
@@ -246,6 +285,9 @@ impl Exchange {
                 .map_err(ServerError::Admin)?;
         let mut links = tokio::task::JoinSet::new();
         tokio::pin!(stop);
+        if let Some(metrics) = &self.metrics {
+            metrics.serving(true);
+        }
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
@@ -279,6 +321,9 @@ impl Exchange {
             }
         }
         tracing::info!("shutting down");
+        if let Some(metrics) = &self.metrics {
+            metrics.serving(false);
+        }
         let _ = self.stop.send(true);
         let _ = admin.await;
         let _ = tokio::time::timeout(Duration::from_secs(3), async {

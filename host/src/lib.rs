@@ -19,6 +19,7 @@ pub mod expiry;
 pub mod hashing;
 pub mod iim;
 pub mod key_rotation;
+pub mod metrics;
 pub mod network;
 pub mod outbox;
 pub mod peer;

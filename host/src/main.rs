@@ -55,6 +55,13 @@ struct Args {
     /// Directory for compiled plugins (default: <data-dir>/plugin-cache).
     #[arg(long)]
     plugin_cache_dir: Option<PathBuf>,
+    /// Serves /metrics (Prometheus' text format), /healthz and /readyz over plain HTTP on this
+    /// TCP address (port 0: any free one) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// How the log (on stderr) is written: text for people, or json, one object a line.
+    #[arg(long, value_enum, env = "IIM_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -179,14 +186,27 @@ enum AdminAction {
     KeyStatus,
 }
 
+/// How the log is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One line per event, for people.
+    Text,
+    /// One JSON object per line, for log collectors: `timestamp`, `level`, `fields`
+    /// (`message` and the event's own), `target`, and the `spans` it happened in.
+    Json,
+}
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    let args = Args::parse();
+    let log = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("IIM_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    let args = Args::parse();
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => log.init(),
+        LogFormat::Json => log.json().with_span_list(true).init(),
+    }
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -217,6 +237,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(dir) = args.plugin_cache_dir {
         config.plugins.cache_dir = Some(dir);
+    }
+    if let Some(addr) = args.metrics {
+        config.metrics.listen = Some(addr);
     }
     if let Some(file) = args.key_file {
         config.storage.key_file = Some(file);
@@ -303,6 +326,9 @@ fn main() -> anyhow::Result<()> {
                 exchange.local_addr()?,
                 exchange.cert_path().display()
             );
+            if let Some(addr) = exchange.metrics_addr() {
+                metrics_line(addr);
+            }
             exchange.run(stop_signal()).await?;
             anyhow::Ok(())
         });
@@ -315,9 +341,23 @@ fn main() -> anyhow::Result<()> {
             server.local_addr()?,
             server.cert_path().display()
         );
+        if let Some(addr) = server.metrics_addr() {
+            metrics_line(addr);
+        }
         server.run(stop_signal()).await?;
         anyhow::Ok(())
     })
+}
+
+/// Says where the metrics endpoint listens, on stdout (after the line scripts read for the
+/// bound port; whoever read that may have closed stdout since) and in the log.
+fn metrics_line(addr: SocketAddr) {
+    use std::io::Write as _;
+    tracing::info!(%addr, "metrics endpoint listening (/metrics, /healthz, /readyz)");
+    let _ = writeln!(
+        std::io::stdout(),
+        "iim-host metrics on http://{addr}/metrics"
+    );
 }
 
 /// `println!` that does not panic when stdout is closed (`iim-host plugin check X | head -1`).

@@ -11,7 +11,7 @@ use crate::plugin::{PluginHost, Services, loader};
 use crate::registry::Registry;
 use crate::store::{Store, StoreError};
 use crate::tls::TlsError;
-use crate::{Host, session, tls};
+use crate::{Host, metrics, session, tls};
 use iim_proto::ErrorCode;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,6 +25,9 @@ pub enum ServerError {
     /// The configuration is not valid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The metrics endpoint could not listen.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::ListenError),
     /// The data directory could not be made.
     #[error("cannot create data directory {}: {source}", path.display())]
     DataDir {
@@ -93,6 +96,34 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     stop: tokio::sync::watch::Sender<bool>,
     cert_path: std::path::PathBuf,
+    metrics: Option<metrics::Endpoint>,
+}
+
+/// What the metrics endpoint reads of a host at each scrape.
+struct Observed(Arc<Host>);
+
+impl metrics::Observed for Observed {
+    fn refresh(&self, metrics: &metrics::Metrics) {
+        let host = &self.0;
+        let online: u32 = host.registry.online_counts().iter().map(|(_, n)| n).sum();
+        metrics.devices_online.set(online.into());
+        if let Some(network) = &host.network {
+            let waiting = host.store.network.relay_waiting();
+            let exchange = metrics::label("peer", "exchange");
+            metrics
+                .relay_waiting
+                .get_or_create(&exchange)
+                .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+            metrics.exchange_connected.set(network.is_up().into());
+        }
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        match *self.0.shutdown.borrow() {
+            true => Err("shutting down".into()),
+            false => Ok(()),
+        }
+    }
 }
 
 /// QUIC transport settings for client connections.
@@ -304,13 +335,27 @@ impl Server {
             );
         }
         let endpoint = endpoint(&host.config, server_config, socket)?;
+        let metrics = match host.config.metrics.listen {
+            Some(addr) => {
+                let observed = Arc::new(Observed(Arc::clone(&host)));
+                Some(metrics::Endpoint::start(addr, observed).await?)
+            }
+            None => None,
+        };
+        count_inboxes(host.store.clone());
         Ok(Self {
             host,
             loader,
             endpoint,
             stop,
             cert_path,
+            metrics,
         })
+    }
+
+    /// Where the metrics endpoint listens, if it does.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(metrics::Endpoint::addr)
     }
 
     /// The address actually bound (useful with port 0).
@@ -351,6 +396,9 @@ impl Server {
             tokio::spawn(network::run(Arc::clone(network), parts))
         });
         tokio::pin!(stop);
+        if let Some(metrics) = &self.metrics {
+            metrics.serving(true);
+        }
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
@@ -398,6 +446,9 @@ impl Server {
             }
         }
         tracing::info!(sessions = sessions.len(), "shutting down");
+        if let Some(metrics) = &self.metrics {
+            metrics.serving(false);
+        }
         let _ = self.stop.send(true);
         let _ = retries.await;
         // It may be waiting for room in a plugin's queue; what it holds is only notices.
@@ -439,6 +490,17 @@ impl Server {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Counts the inbox entries waiting after a start (the metric `inbox_waiting`), on a thread
+/// of its own: the store may hold many, and the host serves meanwhile.
+fn count_inboxes(store: Store) {
+    tokio::task::spawn_blocking(move || match store.inbox.count_waiting() {
+        Ok(waiting) => {
+            metrics::metrics().inbox_waiting.inc_by(waiting);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot count the inboxes' entries for the metrics"),
+    });
 }
 
 /// Hands the host's waiting notices (`Iim::waiting_notices`) to the plugin that handles them,

@@ -51,6 +51,7 @@ struct Session {
 pub async fn run(host: Arc<Host>, conn: quinn::Connection, early: quinn::ZeroRttAccepted) {
     let span = tracing::info_span!("session", remote = %conn.remote_address(), user = tracing::field::Empty, device = tracing::field::Empty);
     async move {
+        let _open = Open::connection();
         let config = host.config.limits.session(host.iim.server());
         let mut machine = HostSession::new(Instant::now(), config, true);
         // One deadline for opening the stream and sending Hello: the machine's first.
@@ -88,6 +89,22 @@ pub async fn run(host: Arc<Host>, conn: quinn::Connection, early: quinn::ZeroRtt
     }
     .instrument(span)
     .await
+}
+
+/// A connection counted open (the metric `connections`) while it lives.
+struct Open;
+
+impl Open {
+    fn connection() -> Self {
+        crate::metrics::metrics().connections.inc();
+        Self
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        crate::metrics::metrics().connections.dec();
+    }
 }
 
 /// The refusal of a request its address is over a limit for (`[limits] address_*`).
@@ -357,6 +374,12 @@ impl Session {
         let mut bytes = Vec::new();
         while let Some(frame) = self.machine.poll_transmit() {
             bytes.extend_from_slice(&frame);
+        }
+        let counts = self.machine.take_counts();
+        if counts.sent > 0 {
+            let metrics = crate::metrics::metrics();
+            metrics.deliveries.inc_by(counts.sent - counts.resent);
+            metrics.redeliveries.inc_by(counts.resent);
         }
         if bytes.is_empty() {
             return Ok(());

@@ -27,6 +27,7 @@ pub fn save_cursor(host: &Host, who: &Identity, cursor: u64) {
 /// Raises `delivered` for each acknowledged message whose kind a plugin wants it for; a
 /// message addressed to a group, for the plugin that handles groups.
 pub async fn delivered(host: &Host, who: &Identity, messages: Vec<Arc<Message>>) {
+    crate::metrics::metrics().acks.inc_by(messages.len() as u64);
     for message in messages {
         let group = message.group();
         if let Some(group) = group

@@ -9,12 +9,14 @@ use super::Refusal;
 use crate::Host;
 use crate::blobs::{Begun, BlobError, FileId};
 use crate::clock::now_ms;
+use crate::metrics::label;
 use crate::store::FileRecord;
 use iim_proto::body::{FILE_KIND, FileRef};
 use iim_proto::file::{FileAnswer, FileRequest, Sha256, check_file_name, check_media_type};
 use iim_proto::peer::FilePart;
 use iim_proto::session::Identity;
 use iim_proto::{ErrorCode, FrameDecoder, MessageKind, UserId};
+use prometheus_client::metrics::counter::Counter;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
@@ -237,6 +239,7 @@ async fn upload(
         }
     };
     host.uploads.end(&id, number);
+    file_measures("upload").0.inc_by(received);
     let overrun = offset + received > size;
     if !pending.is_empty() && !overrun {
         let _ = chunks.send(pending).await;
@@ -250,7 +253,19 @@ async fn upload(
     }
     let upload = written?;
     blocking(move || upload.finish()).await?;
-    stored_answer(host, send, sha256, &record).await
+    stored_answer(host, send, sha256, &record).await?;
+    file_measures("upload").1.inc();
+    Ok(())
+}
+
+/// The metrics of `direction` (`upload`, `download`): bytes, and transfers finished.
+fn file_measures(direction: &'static str) -> (Counter, Counter) {
+    let metrics = crate::metrics::metrics();
+    let direction = label("direction", direction);
+    (
+        metrics.file_bytes.get_or_create_owned(&direction),
+        metrics.file_transfers.get_or_create_owned(&direction),
+    )
 }
 
 /// Records the stored file (the uploader may read it), makes that durable, and says so.
@@ -330,6 +345,7 @@ async fn download(
         }
     });
     let timeout = Duration::from_secs(host.config.limits.write_timeout_secs);
+    let (sent_bytes, downloads) = file_measures("download");
     while let Some(read) = to_send.recv().await {
         let chunk = match read {
             Ok(chunk) => bytes::Bytes::from(chunk),
@@ -339,8 +355,11 @@ async fn download(
                 return Ok(());
             }
         };
+        let len = chunk.len() as u64;
         match tokio::time::timeout(timeout, send.write_chunk(chunk)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                sent_bytes.inc_by(len);
+            }
             // The client went away or stopped reading: nothing to tell it.
             Ok(Err(_)) | Err(_) => {
                 let _ = send.reset(u32::from(ErrorCode::TOO_SLOW.0).into());
@@ -348,6 +367,7 @@ async fn download(
             }
         }
     }
+    downloads.inc();
     Ok(())
 }
 

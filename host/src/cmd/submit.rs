@@ -8,6 +8,7 @@
 use super::Refusal;
 use crate::Host;
 use crate::clock::now_ms;
+use crate::metrics::label;
 use crate::store::Acceptance;
 use iim_proto::session::{Identity, Submission, SubmitAnswer};
 use iim_proto::{DeviceId, ErrorCode, Message, MessageId, MessageKind, UserId};
@@ -58,6 +59,15 @@ pub async fn accept_all(
             }
         }
     }
+    let accepted = outcomes.iter().filter(|o| o.is_ok()).count() as u64;
+    let metrics = crate::metrics::metrics();
+    let counted = |outcome| {
+        metrics
+            .submissions
+            .get_or_create_owned(&label("outcome", outcome))
+    };
+    counted("accepted").inc_by(accepted);
+    counted("refused").inc_by(outcomes.len() as u64 - accepted);
     (outcomes, dispatch)
 }
 

@@ -15,6 +15,9 @@ use super::runtime::{Build, CallOutcome, Instance};
 use super::settings::Settings;
 use super::{LoadedInfo, PluginHost};
 use crate::iim::{ServerRow, UserList, UserRow};
+use crate::metrics::label;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -68,6 +71,7 @@ pub async fn run(
 ) {
     let mut lane = Lane {
         host,
+        measures: Measures::of(&name),
         name,
         index,
         build: ready.build,
@@ -133,8 +137,30 @@ impl Drop for Stopped {
     }
 }
 
+/// A plugin's metrics, looked up once for its lane.
+struct Measures {
+    calls: Counter,
+    seconds: Histogram,
+    failures: Counter,
+    dead_letters: Counter,
+}
+
+impl Measures {
+    fn of(plugin: &str) -> Self {
+        let metrics = crate::metrics::metrics();
+        let plugin = label("plugin", plugin);
+        Self {
+            calls: metrics.plugin_calls.get_or_create_owned(&plugin),
+            seconds: metrics.plugin_call_seconds.get_or_create_owned(&plugin),
+            failures: metrics.plugin_failures.get_or_create_owned(&plugin),
+            dead_letters: metrics.plugin_dead_letters.get_or_create_owned(&plugin),
+        }
+    }
+}
+
 struct Lane {
     host: Arc<PluginHost>,
+    measures: Measures,
     name: String,
     index: usize,
     build: Build,
@@ -190,8 +216,16 @@ impl Lane {
                 groups,
                 effects: Effects::default(),
             });
+            let started = std::time::Instant::now();
             let outcome = instance.handle(&wit_event, timeout).await;
             let effects = instance.state().end().map(|call| call.effects);
+            self.measures.calls.inc();
+            self.measures
+                .seconds
+                .observe(started.elapsed().as_secs_f64());
+            if matches!(outcome, CallOutcome::Failed(_) | CallOutcome::Trapped(_)) {
+                self.measures.failures.inc();
+            }
             if let (CallOutcome::Handled, Event::Message(m), Some(group)) =
                 (&outcome, &event, event.group())
                 && let Err(e) = self.host.services.store.messages.applying(group, m.id)
@@ -266,6 +300,7 @@ impl Lane {
 
     fn dead_letter(&self, event: &Event, attempts: u32, error: String) {
         tracing::error!(plugin = %self.name, %event, attempts, %error, "event set aside as a dead letter");
+        self.measures.dead_letters.inc();
         let letter = DeadLetter {
             plugin: self.name.clone(),
             version: self.info.version.clone(),

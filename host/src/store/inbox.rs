@@ -179,6 +179,8 @@ impl Inbox {
     pub fn forget_user(&self, user: &UserId) -> Result<(), StoreError> {
         let mut heads = self.shard(user).lock().unwrap_or_else(|p| p.into_inner());
         heads.remove(user);
+        let (start, end) = keys::inbox_range(user, 0);
+        let waiting = self.count_whole(self.tree.range(start..end))?;
         for prefix in keys::inbox_prefixes(user) {
             for entry in self.tree.scan_prefix(prefix) {
                 self.tree.remove(entry?.0)?;
@@ -192,7 +194,28 @@ impl Inbox {
         }
         self.tree.remove(keys::inbox_high(user))?;
         self.tree.remove(keys::inbox_pruned(user))?;
+        crate::metrics::metrics().inbox_waiting.dec_by(waiting);
         Ok(())
+    }
+
+    /// How many entries of every inbox still hold their message, for the metric
+    /// `inbox_waiting`: read once after a start (in the background; appends, prunes and
+    /// expiries while it reads may be counted off by as many).
+    pub fn count_waiting(&self) -> Result<i64, StoreError> {
+        self.count_whole(self.tree.scan_prefix(keys::INBOX_ENTRY_PREFIX))
+    }
+
+    /// How many of `entries` still hold their message.
+    fn count_whole(
+        &self,
+        entries: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    ) -> Result<i64, StoreError> {
+        let mut whole = 0;
+        for entry in entries {
+            let (key, value) = entry?;
+            whole += i64::from(matches!(self.entry_of(&key, &value)?, Entry::Whole(_)));
+        }
+        Ok(whole)
     }
 
     /// Appends `message` to `user`'s inbox at `seq`, unless it is there already (a dispatch
@@ -224,6 +247,9 @@ impl Inbox {
         let key = keys::inbox(user, seq);
         let sealed = self.sealer.seal("inbox", &key, encode(message));
         self.tree.insert(key, sealed)?;
+        let metrics = crate::metrics::metrics();
+        metrics.inbox_appends.inc();
+        metrics.inbox_waiting.inc();
         Ok(true)
     }
 
@@ -275,6 +301,9 @@ impl Inbox {
             }
         }
         self.tree.insert(mark_key, &through.to_be_bytes())?;
+        crate::metrics::metrics()
+            .inbox_waiting
+            .dec_by(pruned as i64);
         Ok(pruned)
     }
 
@@ -306,7 +335,11 @@ impl Inbox {
         if get_u64(&self.tree, "inbox", &id_key)? == Some(expiry.seq) {
             batch.remove(id_key);
         }
-        if self.entry_is(user, expiry.seq, expiry.id)? {
+        let entry = self
+            .stored(user, expiry.seq)?
+            .filter(|entry| entry.message().id == expiry.id);
+        let unacknowledged = matches!(entry, Some(Entry::Whole(_)));
+        if entry.is_some() {
             batch.remove(keys::inbox(user, expiry.seq));
             // The inbox's last entries may be going: remember how far positions went.
             let high_key = keys::inbox_high(&expiry.user);
@@ -315,6 +348,11 @@ impl Inbox {
             }
         }
         self.tree.apply_batch(batch)?;
+        if unacknowledged {
+            let metrics = crate::metrics::metrics();
+            metrics.expired.inc();
+            metrics.inbox_waiting.dec();
+        }
         Ok(())
     }
 

@@ -178,6 +178,9 @@ pub fn inbox_prefixes(user: &UserId) -> [Vec<u8>; 2] {
     ]
 }
 
+/// `inbox`: the prefix of every user's entries.
+pub const INBOX_ENTRY_PREFIX: &[u8] = &[INBOX_ENTRY];
+
 /// `inbox`: the prefix of every expiry record.
 pub const EXPIRY_PREFIX: &[u8] = &[EXPIRY];
 

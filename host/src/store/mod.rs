@@ -233,16 +233,18 @@ fn run_flusher(
         // Every request already queued was made after its caller's writes, and so is covered
         // by a flush that starts now.
         let waiters: Vec<FlushWaiter> = std::iter::once(first).chain(requests.try_iter()).collect();
-        let result = db
-            .flush()
-            .map(drop)
-            .and_then(|_| match &log_file {
+        let metrics = crate::metrics::metrics();
+        metrics.commit_round_size.observe(waiters.len() as f64);
+        let result = crate::metrics::timed(&metrics.commit_seconds, || {
+            db.flush().map(drop).and_then(|_| match &log_file {
                 // sled writes its log with sync_file_range, which leaves the file's size and
                 // the disk's write cache unsynced; fsync closes that gap.
-                Some(file) => file.sync_data().map_err(sled::Error::Io),
+                Some(file) => crate::metrics::timed(&metrics.fsync_seconds, || file.sync_data())
+                    .map_err(sled::Error::Io),
                 None => Ok(()),
             })
-            .map_err(std::sync::Arc::new);
+        })
+        .map_err(std::sync::Arc::new);
         for waiter in waiters {
             let _ = waiter.send(result.clone());
         }

@@ -468,6 +468,16 @@ enum Transmit {
     Deliver(u64, Arc<Message>),
 }
 
+/// Deliveries a session sent since the driver last took its counts
+/// ([`HostSession::take_counts`]): the figures of a host's metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryCounts {
+    /// Deliveries written, first sendings and repeats.
+    pub sent: u64,
+    /// Of them, repeats: deliveries sent again for want of an acknowledgement.
+    pub resent: u64,
+}
+
 /// The host's side of one client connection. See the [module documentation](self).
 #[derive(Debug)]
 pub struct HostSession {
@@ -493,6 +503,7 @@ pub struct HostSession {
     transmits: VecDeque<Transmit>,
     actions: VecDeque<Action>,
     end: Option<End>,
+    counts: DeliveryCounts,
 }
 
 impl HostSession {
@@ -517,6 +528,7 @@ impl HostSession {
             transmits: VecDeque::new(),
             actions: VecDeque::new(),
             end: None,
+            counts: DeliveryCounts::default(),
             config,
         }
     }
@@ -529,6 +541,7 @@ impl HostSession {
             let encoded = match &transmit {
                 Transmit::Frame(frame) => encode_frame(frame, self.config.max_frame),
                 Transmit::Deliver(seq, message) => {
+                    self.counts.sent += 1;
                     encode_deliver(*seq, message, self.config.max_frame)
                 }
             };
@@ -543,6 +556,11 @@ impl HostSession {
             }
         }
         None
+    }
+
+    /// The deliveries sent since the last call.
+    pub fn take_counts(&mut self) -> DeliveryCounts {
+        std::mem::take(&mut self.counts)
     }
 
     /// The next thing the driver must do.
@@ -683,8 +701,10 @@ impl HostSession {
                 delivery: Delivery::Attached { window, .. },
                 ..
             } => {
-                if let Err(end) = retransmit(window, &self.config.retry, now, &mut self.transmits) {
-                    return self.close(end);
+                let retry = &self.config.retry;
+                match retransmit(window, retry, now, &mut self.transmits) {
+                    Ok(resent) => self.counts.resent += resent,
+                    Err(end) => return self.close(end),
                 }
             }
             _ => {}
@@ -1461,16 +1481,18 @@ impl Submission {
 }
 
 /// Sends again what is due, or gives the device up once a delivery used its retry budget
-/// (I4): what it did not acknowledge stays in the inbox for its next session.
+/// (I4): what it did not acknowledge stays in the inbox for its next session. Returns how
+/// many it sends again.
 fn retransmit(
     window: &mut Window,
     policy: &RetryPolicy,
     now: Instant,
     transmits: &mut VecDeque<Transmit>,
-) -> Result<(), End> {
+) -> Result<u64, End> {
     if window.next_deadline().is_none_or(|at| at > now) {
-        return Ok(());
+        return Ok(0);
     }
+    let mut resent = 0;
     for (seq, o) in window.outstanding.iter_mut() {
         if o.deadline > now {
             continue;
@@ -1489,9 +1511,10 @@ fn retransmit(
         o.transmissions += 1;
         o.deadline = super::deadline(now, policy.wait_after(o.transmissions));
         transmits.push_back(Transmit::Deliver(*seq, Arc::clone(&o.message)));
+        resent += 1;
     }
     window.next_deadline = None;
-    Ok(())
+    Ok(resent)
 }
 
 fn not_authenticated() -> Refusal {
@@ -1786,11 +1809,15 @@ mod tests {
         let _ = actions(&mut s);
         s.handle_inbox(now, Vec::new());
         let _ = (actions(&mut s), sent(&mut s));
+        let first = DeliveryCounts { sent: 1, resent: 0 };
+        assert_eq!(s.take_counts(), first);
         // 100 ms, then 200 ms more: sent three times; at the third deadline, given up.
         s.handle_timeout(now + 100 * MS);
         assert_eq!(sent(&mut s).len(), 1);
         s.handle_timeout(now + 300 * MS);
         assert_eq!(sent(&mut s).len(), 1);
+        let repeats = DeliveryCounts { sent: 2, resent: 2 };
+        assert_eq!(s.take_counts(), repeats);
         s.handle_timeout(now + 700 * MS);
         assert!(matches!(s.end(), Some(End::Error { code, .. }) if *code == ErrorCode::TOO_SLOW));
         assert!(matches!(

@@ -20,8 +20,8 @@ pub use client::{
     Backoff, ClientConfig, ClientEvent, ClientSession, Filter, Outgoing, Request, Verdict,
 };
 pub use host::{
-    Action, Authenticated, HostConfig, HostSession, Identity, InboxSummary, Submission,
-    SubmitAnswer,
+    Action, Authenticated, DeliveryCounts, HostConfig, HostSession, Identity, InboxSummary,
+    Submission, SubmitAnswer,
 };
 
 use crate::frame::ErrorCode;
