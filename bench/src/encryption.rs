@@ -16,9 +16,9 @@
 //! cargo run --release -p iim-bench -- --encryption [ROUNDS] [--pairs 8] [--messages 2000]
 //! ```
 
-use crate::iim_run::{self, Sealing};
-use crate::raw;
-use crate::stats::{self, Clock, Load, Summary};
+use crate::iim_run::{Build, Sealing, Variant};
+use crate::stats::{Clock, Load, Summary};
+use crate::{raw, rounds};
 use serde::Serialize;
 
 /// A host kept in the clear.
@@ -38,14 +38,6 @@ pub struct Figures {
 }
 
 impl Figures {
-    /// The throughput of the runs `of` over that of the runs `over`, per round.
-    fn ratios(of: &[Summary], over: &[Summary]) -> Vec<f64> {
-        of.iter()
-            .zip(over)
-            .map(|(a, b)| a.msgs_per_s / b.msgs_per_s)
-            .collect()
-    }
-
     fn mean(values: impl ExactSizeIterator<Item = f64>) -> f64 {
         let n = values.len().max(1) as f64;
         values.sum::<f64>() / n
@@ -59,21 +51,20 @@ impl Figures {
 /// Runs `rounds` rounds of the three, then the raw relay.
 pub async fn run(load: Load, rounds: u32) -> anyhow::Result<Figures> {
     let clock = Clock::new();
-    let (mut clear, mut encrypted, mut end_to_end) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 1..=rounds {
-        let run = iim_run::run_with(load, clock, "clear", CLEAR, Sealing::Clear).await?;
-        eprintln!("round {round}: in the clear {:.0} msgs/s", run.msgs_per_s);
-        clear.push(run);
-        let run = iim_run::run_with(load, clock, "encrypted", "", Sealing::Clear).await?;
-        eprintln!("round {round}: encrypted {:.0} msgs/s", run.msgs_per_s);
-        encrypted.push(run);
-        let run = iim_run::run_with(load, clock, "e2e", "", Sealing::EndToEnd).await?;
-        eprintln!(
-            "round {round}: encrypted, and end to end {:.0} msgs/s",
-            run.msgs_per_s
-        );
-        end_to_end.push(run);
-    }
+    let variant = |name, extra, sealing| Variant {
+        name,
+        build: &Build::Current,
+        extra,
+        sealing,
+    };
+    let variants = [
+        variant("clear", CLEAR, Sealing::Clear),
+        variant("encrypted", "", Sealing::Clear),
+        variant("e2e", "", Sealing::EndToEnd),
+    ];
+    let [clear, encrypted, end_to_end] =
+        <[Vec<Summary>; 3]>::try_from(rounds::run(load, clock, rounds, &variants).await?)
+            .map_err(|_| anyhow::anyhow!("the rounds did not run three variants"))?;
     let raw = raw::run(load, clock).await?;
     Ok(Figures {
         clear,
@@ -85,9 +76,9 @@ pub async fn run(load: Load, rounds: u32) -> anyhow::Result<Figures> {
 
 /// Prints the figures: every run, then the ratios.
 pub fn report(load: &Load, figures: &Figures, json: bool) {
-    let at_rest = Figures::ratios(&figures.encrypted, &figures.clear);
-    let e2e_over_encrypted = Figures::ratios(&figures.end_to_end, &figures.encrypted);
-    let e2e_over_clear = Figures::ratios(&figures.end_to_end, &figures.clear);
+    let at_rest = rounds::ratios(&figures.encrypted, &figures.clear);
+    let e2e_over_encrypted = rounds::ratios(&figures.end_to_end, &figures.encrypted);
+    let e2e_over_clear = rounds::ratios(&figures.end_to_end, &figures.clear);
     let mean = |ratios: &[f64]| Figures::mean(ratios.iter().copied());
     let sealed_body = figures.end_to_end.first().and_then(|s| s.sealed_body);
     if json {
@@ -117,38 +108,31 @@ pub fn report(load: &Load, figures: &Figures, json: bool) {
             load.body
         );
     }
-    let mut runs = Vec::new();
-    let names: Vec<[String; 3]> = (1..=figures.clear.len())
-        .map(|i| [format!("clear {i}"), format!("enc {i}"), format!("e2e {i}")])
-        .collect();
-    for (i, [clear, encrypted, end_to_end]) in names.iter().enumerate() {
-        runs.push((clear.as_str(), &figures.clear[i]));
-        runs.push((encrypted.as_str(), &figures.encrypted[i]));
-        runs.push((end_to_end.as_str(), &figures.end_to_end[i]));
-    }
-    runs.push(("raw", &figures.raw));
-    stats::print_runs(&runs);
-    let listed = |ratios: &[f64]| {
-        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
-        each.join(", ")
-    };
+    rounds::print(
+        &[
+            ("clear", &figures.clear),
+            ("enc", &figures.encrypted),
+            ("e2e", &figures.end_to_end),
+        ],
+        &figures.raw,
+    );
     println!(
         "encrypted/clear (msgs/s): {:.3} (per round: {}); cost of encryption at rest: {:.1}%",
         mean(&at_rest),
-        listed(&at_rest),
+        rounds::listed(&at_rest),
         (1.0 - mean(&at_rest)) * 100.0
     );
     println!(
         "e2e/encrypted (msgs/s): {:.3} (per round: {}); cost of end-to-end encryption on top: \
          {:.1}%",
         mean(&e2e_over_encrypted),
-        listed(&e2e_over_encrypted),
+        rounds::listed(&e2e_over_encrypted),
         (1.0 - mean(&e2e_over_encrypted)) * 100.0
     );
     println!(
         "e2e/clear (msgs/s): {:.3} (per round: {}); cost of both: {:.1}%",
         mean(&e2e_over_clear),
-        listed(&e2e_over_clear),
+        rounds::listed(&e2e_over_clear),
         (1.0 - mean(&e2e_over_clear)) * 100.0
     );
     println!(

@@ -37,6 +37,7 @@
 //! far less than a file.
 
 use crate::raw;
+use crate::stats::median;
 use anyhow::{Context, bail};
 use iim_client::proto::SessionMode;
 use iim_client::proto::file::Sha256;
@@ -516,17 +517,6 @@ fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize>
     Ok(n)
 }
 
-/// The median of `values`; 0 for none.
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut sorted: Vec<f64> = values.collect();
-    sorted.sort_unstable_by(f64::total_cmp);
-    match sorted.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
-
 // ---- the raw baseline ----
 
 /// The raw server: a quinn endpoint in this process, on a runtime (and threads) of its own.
@@ -817,13 +807,6 @@ pub fn print(f: &Figures) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_median_is_the_middle_value() {
-        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
-        assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
-        assert_eq!(median(std::iter::empty()), 0.0);
-    }
 
     #[test]
     fn a_marked_file_differs_only_in_its_first_bytes() {

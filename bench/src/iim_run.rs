@@ -2,17 +2,22 @@
 //! receiver, every delivery acknowledged; the bodies sent as they are, or sealed end to end by
 //! each sender and opened by its receiver ([`Sealing`]).
 
+use crate::schedule::{self, Due, OpenRun, Part, Parts, Schedule};
 use crate::stats::{self, Clock, FirstSend, Load, Summary, Tally};
 use anyhow::{Context, anyhow, bail};
 use iim_client::e2e::{CardNews, Keyring};
 use iim_client::proto::body::keys::{CardEntry, KeysRequest};
 use iim_client::proto::{Address, DeviceId, ErrorCode, Message, MessageKind, SessionMode, UserId};
-use iim_client::{Connection, Event};
-use iim_e2e::HostProcess;
-use std::path::Path;
+use iim_client::{Accepted, ClientError, Connection, Event};
+use iim_e2e::{HostProcess, Plugins};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 /// Longest wait for the next delivery, or for the answer to a submission, before giving up.
@@ -27,16 +32,60 @@ pub const HOST_CONFIG: &str = "[limits]\nsubmit_rate = 1000000\nsubmit_burst = 1
 
 /// Starts a chat-only host with [`HOST_CONFIG`].
 pub async fn start_host() -> anyhow::Result<HostProcess> {
-    start_host_with("").await
+    start_host_with(&Build::Current, "").await
 }
 
-/// Starts a chat-only host with [`HOST_CONFIG`] and `extra` (TOML sections other than
-/// `[limits]`).
-pub async fn start_host_with(extra: &str) -> anyhow::Result<HostProcess> {
+/// Which build of the host a run starts.
+#[derive(Debug, Clone)]
+pub enum Build {
+    /// This workspace's `iim-host` and chat plugin.
+    Current,
+    /// Another build's (`bench/baseline.sh`): its `iim-host` with its own chat plugin.
+    Other {
+        /// Its `iim-host` executable.
+        host: PathBuf,
+        /// Its chat plugin.
+        chat: PathBuf,
+    },
+}
+
+impl Build {
+    /// The build `bench/baseline.sh` made in the worktree `dir`: `dir/target/release/iim-host`
+    /// and the chat plugin its build script built into `dir/target/plugins-wasm`.
+    pub fn other(dir: &Path) -> anyhow::Result<Self> {
+        let dir = std::fs::canonicalize(dir).with_context(|| {
+            format!(
+                "no baseline at {} (bash bench/baseline.sh [REV] [DIR] makes one)",
+                dir.display()
+            )
+        })?;
+        let host = dir.join("target/release/iim-host");
+        let chat = dir.join("target/plugins-wasm/wasm32-wasip2/release/iim_plugin_chat.wasm");
+        for file in [&host, &chat] {
+            if !file.is_file() {
+                bail!(
+                    "no {}: build the baseline first (bash bench/baseline.sh [REV] [DIR])",
+                    file.display()
+                );
+            }
+        }
+        Ok(Self::Other { host, chat })
+    }
+}
+
+/// Starts a chat-only host of `build` with [`HOST_CONFIG`] and `extra` (TOML sections other
+/// than `[limits]`).
+pub async fn start_host_with(build: &Build, extra: &str) -> anyhow::Result<HostProcess> {
     let config = format!("{extra}\n{HOST_CONFIG}");
-    tokio::task::spawn_blocking(move || HostProcess::start_chat_only_with_config(&config))
-        .await
-        .context("starting the host")?
+    let build = build.clone();
+    tokio::task::spawn_blocking(move || match &build {
+        Build::Current => HostProcess::start_chat_only_with_config(&config),
+        Build::Other { host, chat } => {
+            HostProcess::start_from(host, &config, Plugins::Only(&[("chat", chat)]))
+        }
+    })
+    .await
+    .context("starting the host")?
 }
 
 /// Where a run's users live: the senders at one host, the receivers at `receivers`, pair
@@ -78,22 +127,46 @@ pub enum Sealing {
 /// The device every user of a run logs in as.
 const DEVICE: &str = "bench";
 
-/// Runs the load against a fresh host process and returns its figures.
-pub async fn run(load: Load, clock: Clock) -> anyhow::Result<Summary> {
-    run_with(load, clock, "iim", "", Sealing::Clear).await
+/// A kind of host and client a run measures.
+#[derive(Debug, Clone, Copy)]
+pub struct Variant<'a> {
+    /// The run's label, and the start of its users' names.
+    pub name: &'a str,
+    /// The host's build.
+    pub build: &'a Build,
+    /// The host's configuration besides [`HOST_CONFIG`]: TOML sections other than `[limits]`.
+    pub extra: &'a str,
+    /// What the clients do with each body.
+    pub sealing: Sealing,
 }
 
-/// [`run`] against a host with configuration `extra` too, labelled `name`, the bodies sealed
-/// or not as `sealing` says.
-pub async fn run_with(
-    load: Load,
-    clock: Clock,
-    name: &str,
-    extra: &str,
-    sealing: Sealing,
-) -> anyhow::Result<Summary> {
+impl Default for Variant<'_> {
+    /// This workspace's host, as configured for a benchmark, and bodies in the clear.
+    fn default() -> Self {
+        Self {
+            name: "iim",
+            build: &Build::Current,
+            extra: "",
+            sealing: Sealing::Clear,
+        }
+    }
+}
+
+/// Runs the load against a fresh host process and returns its figures.
+pub async fn run(load: Load, clock: Clock) -> anyhow::Result<Summary> {
+    run_with(load, clock, &Variant::default()).await
+}
+
+/// [`run`] against a fresh host of `variant`.
+pub async fn run_with(load: Load, clock: Clock, variant: &Variant<'_>) -> anyhow::Result<Summary> {
+    let Variant {
+        name,
+        build,
+        extra,
+        sealing,
+    } = *variant;
     // Chat only: the load counts every message a receiver gets (no presence snapshots).
-    let host = start_host_with(extra).await?;
+    let host = start_host_with(build, extra).await?;
     eprintln!("{name}: host listening on {}", host.addr);
     let place = Placement {
         name,
@@ -195,32 +268,7 @@ pub async fn measure(
         None => None,
     };
 
-    let mut receivers = Vec::with_capacity(pairs.len());
-    for (i, (_, receiver)) in pairs.iter().enumerate() {
-        let (conn, backlog) = place.receiver_host(i).online(receiver, DEVICE).await?;
-        if !backlog.is_empty() {
-            bail!("{receiver} has a backlog of {} messages", backlog.len());
-        }
-        receivers.push(Arc::new(conn));
-    }
-    let mut senders = Vec::with_capacity(pairs.len());
-    for (sender, _) in pairs {
-        let conn = place.senders.connect().await?;
-        login(&conn, sender, DEVICE, SessionMode::SendOnly).await?;
-        if (conn.max_body() as usize) < wire_body.unwrap_or(load.body) {
-            bail!(
-                "--body {} ({} bytes sealed) is over the host's limit of {} bytes",
-                load.body,
-                wire_body.unwrap_or(load.body),
-                conn.max_body()
-            );
-        }
-        senders.push(Arc::new(conn));
-    }
-    eprintln!(
-        "{}: {} receivers online, {} senders logged in; sending",
-        place.name, load.pairs, load.pairs
-    );
+    let (receivers, senders) = connect(place, pairs, load.body, wire_body).await?;
 
     let first_send = Arc::new(FirstSend::new());
     let rate_limited = Arc::new(AtomicU64::new(0));
@@ -231,7 +279,7 @@ pub async fn measure(
         let from = pairs[i].0.clone();
         let who = pairs[i].1.clone();
         tasks.spawn(async move {
-            receive(conn, from, load, clock, opener)
+            receive(conn, from, load, clock, opener, None)
                 .await
                 .map(Some)
                 .with_context(|| format!("receiver {who}"))
@@ -274,12 +322,55 @@ pub async fn measure(
         );
     }
 
-    for conn in senders.into_iter().chain(receivers) {
+    close(senders.into_iter().chain(receivers)).await;
+    Ok(summary)
+}
+
+/// Brings the receivers of `pairs` online and logs their senders in; fails if a receiver has
+/// a backlog or the host takes no bodies of `body` bytes (`wire_body` once sealed).
+async fn connect(
+    place: Placement<'_>,
+    pairs: &[Pair],
+    body: usize,
+    wire_body: Option<usize>,
+) -> anyhow::Result<(Vec<Arc<Connection>>, Vec<Arc<Connection>>)> {
+    let mut receivers = Vec::with_capacity(pairs.len());
+    for (i, (_, receiver)) in pairs.iter().enumerate() {
+        let (conn, backlog) = place.receiver_host(i).online(receiver, DEVICE).await?;
+        if !backlog.is_empty() {
+            bail!("{receiver} has a backlog of {} messages", backlog.len());
+        }
+        receivers.push(Arc::new(conn));
+    }
+    let mut senders = Vec::with_capacity(pairs.len());
+    for (sender, _) in pairs {
+        let conn = place.senders.connect().await?;
+        login(&conn, sender, DEVICE, SessionMode::SendOnly).await?;
+        if (conn.max_body() as usize) < wire_body.unwrap_or(body) {
+            bail!(
+                "--body {body} ({} bytes sealed) is over the host's limit of {} bytes",
+                wire_body.unwrap_or(body),
+                conn.max_body()
+            );
+        }
+        senders.push(Arc::new(conn));
+    }
+    eprintln!(
+        "{}: {} receivers online, {} senders logged in; sending",
+        place.name,
+        pairs.len(),
+        pairs.len()
+    );
+    Ok((receivers, senders))
+}
+
+/// Closes the connections no task holds any more, each within 2 s.
+async fn close(conns: impl Iterator<Item = Arc<Connection>>) {
+    for conn in conns {
         if let Ok(conn) = Arc::try_unwrap(conn) {
             let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
         }
     }
-    Ok(summary)
 }
 
 /// A sender's keyring, with the cards it seals with: its own and its receiver's.
@@ -412,26 +503,31 @@ async fn send_worker(
 }
 
 /// A receiver: takes deliveries from `from`, acknowledging each, until the sender's messages
-/// arrived; with a keyring, opens each and fails unless it holds the plaintext sent.
+/// arrived (or, given `until`, that time on `clock` came); with a keyring, opens each and fails
+/// unless it holds the plaintext sent.
 async fn receive(
     conn: Arc<Connection>,
     from: UserId,
     load: Load,
     clock: Clock,
     mut keyring: Option<Keyring>,
+    until: Option<u64>,
 ) -> anyhow::Result<Tally> {
     let expected = load.messages;
     let mut tally = Tally::new(expected);
     while !tally.done() {
-        let event = tokio::time::timeout(STALL, conn.next_event())
-            .await
-            .map_err(|_| {
-                anyhow!(
-                    "no delivery for {} s; received {} of {expected}",
-                    STALL.as_secs(),
-                    tally.count()
-                )
-            })?;
+        let Some(wait) = schedule::wait(STALL, clock, until) else {
+            break;
+        };
+        let event = match tokio::time::timeout(wait, conn.next_event()).await {
+            Ok(event) => event,
+            Err(_) if schedule::wait(STALL, clock, until).is_none() => break,
+            Err(_) => bail!(
+                "no delivery for {} s; received {} of {expected}",
+                STALL.as_secs(),
+                tally.count()
+            ),
+        };
         match event {
             Some(Ok(Event::Message { seq, message })) => {
                 if message.from != from {
@@ -483,4 +579,113 @@ fn check_plaintext(plaintext: &[u8], len: usize) -> anyhow::Result<()> {
         bail!("message {index} opened into other bytes than were sealed");
     }
     Ok(())
+}
+
+/// Runs `schedule` open loop against a fresh host of this workspace: each sender submits each
+/// message as it falls due, without waiting for the answers to those before it, and each
+/// receiver takes what arrives until every message did or [`schedule::DRAIN`] after the last
+/// was due.
+pub async fn run_open(schedule: Schedule, clock: Clock) -> anyhow::Result<(Schedule, OpenRun)> {
+    let host = start_host().await?;
+    let place = Placement {
+        name: "open",
+        senders: &host,
+        receivers: &[&host],
+    };
+    let result = async {
+        let load = schedule.load();
+        let pairs = register(place, load).await?;
+        let (receivers, senders) = connect(place, &pairs, load.body, None).await?;
+        let (schedule, dues) = schedule::pace(schedule, clock)?;
+        let until = schedule.until_ns();
+        let mut tasks: JoinSet<anyhow::Result<Part>> = JoinSet::new();
+        for (i, conn) in receivers.iter().enumerate() {
+            let (conn, from, who) = (Arc::clone(conn), pairs[i].0.clone(), pairs[i].1.clone());
+            tasks.spawn(async move {
+                let tally = receive(conn, from, load, clock, None, Some(until))
+                    .await
+                    .with_context(|| format!("receiver {who}"))?;
+                Ok(Part::Received(i, tally))
+            });
+        }
+        for (i, (conn, dues)) in senders.iter().zip(dues).enumerate() {
+            let (conn, to, who) = (Arc::clone(conn), pairs[i].1.clone(), pairs[i].0.clone());
+            tasks.spawn(async move {
+                let lateness = send_open(conn, to, dues, load.body, clock, until)
+                    .await
+                    .with_context(|| format!("sender {who}"))?;
+                Ok(Part::Sent(lateness))
+            });
+        }
+        let mut parts = Parts::new(schedule.senders);
+        while let Some(done) = tasks.join_next().await {
+            parts.add(done.context("a benchmark task failed")??)?;
+        }
+        let run = parts.finish(clock)?;
+        close(senders.into_iter().chain(receivers)).await;
+        Ok((schedule, run))
+    }
+    .await;
+    if result.is_err() {
+        print_log_tail("host", &host);
+    }
+    result
+}
+
+/// An open-loop sender: submits each message as the pacer hands it over, on `conn`, to `to`;
+/// then waits for the answers still due, until `until`. Fails if the host refuses one.
+/// Returns how late it issued each message.
+async fn send_open(
+    conn: Arc<Connection>,
+    to: UserId,
+    mut dues: mpsc::UnboundedReceiver<Due>,
+    body: usize,
+    clock: Clock,
+    until: u64,
+) -> anyhow::Result<Vec<u64>> {
+    let to = [Address::User(to)];
+    let mut lateness = Vec::new();
+    let mut answers: JoinSet<(u32, Result<Accepted, ClientError>)> = JoinSet::new();
+    let check = |(index, answer): (u32, Result<Accepted, ClientError>)| {
+        answer
+            .map(|_| ())
+            .with_context(|| format!("submitting message {index}"))
+    };
+    while let Some(due) = dues.recv().await {
+        let body = schedule::issue(clock, due, &mut lateness, body);
+        let (conn, to, index) = (Arc::clone(&conn), to.clone(), due.index);
+        let mut submission = Box::pin(async move {
+            let id = iim_client::new_client_id();
+            (index, conn.submit(id, MessageKind::Chat, &to, &body).await)
+        });
+        // Polled once here, the submission enters the connection's outbox now, and a
+        // connection writes its submissions in the order they entered it: this sender's
+        // reach the host in their schedule's order, none waiting for an earlier one's answer.
+        match poll_once(&mut submission).await {
+            Poll::Ready(answer) => check(answer)?,
+            Poll::Pending => {
+                answers.spawn(submission);
+            }
+        }
+        while let Some(answer) = answers.try_join_next() {
+            check(answer.context("a submission's task failed")?)?;
+        }
+    }
+    let answered = async {
+        while let Some(answer) = answers.join_next().await {
+            check(answer.context("a submission's task failed")?)?;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    // What is not answered by then shows as undelivered.
+    if let Ok(answered) = tokio::time::timeout_at(clock.instant_at(until).into(), answered).await {
+        answered?;
+    }
+    Ok(lateness)
+}
+
+/// Polls `future` once: its output if that was enough, else `Pending` (it goes on when polled
+/// again, by whoever holds it then).
+async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx))).await
 }

@@ -18,6 +18,20 @@
 //! and every receiver opens it (the clients' sealing and opening counted, on the same cores),
 //! alternately, and the raw relay once (see `encryption.rs`).
 //!
+//! With `--baseline DIR [--rounds 2]` (its `--messages` default 4000) it measures this build
+//! against another: the `iim-host` and chat plugin that `bash bench/baseline.sh [REV] [DIR]`
+//! built at commit REV (default c1dbb36, where issue 18 started) in the worktree DIR, and this
+//! workspace's, alternately (A B A B …), each round against a fresh host, then the raw relay
+//! once; it prints every round, the medians, the ratio current/baseline and iim/raw of each
+//! (see `baseline.rs`).
+//!
+//! `iim-bench open-loop [--pairs 8] [--seconds 10] [--at 0.25,0.5,0.75] [--body 100]
+//! [--messages 4000] [--window 32] [--json]` measures latency under a fixed load instead: the
+//! closed-loop maximum of iim and of the raw relay, then each fraction of iim's maximum offered
+//! on a fixed schedule, independent of the answers, to a host and to the relay: p50, p99,
+//! p99.9 and max from each message's due time, the delivered rate, and how late the load
+//! generator itself was (see `open_loop.rs`).
+//!
 //! `iim-bench plugins [--events 20000] [--json]` measures the plugin path against a native one
 //! instead (see `plugins.rs`); `iim-bench plugins --lang rust,python,js,ts,c,zig [--events 2000]
 //! [--instances 8] [--json]` the plugin kits' examples against the Rust one: size, first-load
@@ -42,6 +56,7 @@
 //! through the blob store alone, encrypted at rest against kept in the clear, in MiB/s and as
 //! ratios (see `blob_store.rs`). Every command takes `--timeout SECS` (default 300).
 
+mod baseline;
 mod blob_store;
 mod encryption;
 mod files;
@@ -51,10 +66,13 @@ mod kits;
 mod logins;
 mod mobile;
 mod network;
+mod open_loop;
 mod plugins;
 mod process;
 mod raw;
 mod recovery;
+mod rounds;
+mod schedule;
 mod stats;
 
 use anyhow::bail;
@@ -88,6 +106,14 @@ struct Args {
     /// the host), alternately (A B C A B C …), this many rounds each, and the raw relay once.
     #[arg(long, value_name = "ROUNDS", num_args = 0..=1, default_missing_value = "2")]
     encryption: Option<u32>,
+    /// Measures this build against a baseline instead: the `iim-host` and chat plugin that
+    /// `bash bench/baseline.sh [REV] [DIR]` built in worktree DIR (A), and this workspace's
+    /// (B), alternately (A B A B …), --rounds rounds each, and the raw relay once.
+    #[arg(long, value_name = "DIR", conflicts_with = "encryption")]
+    baseline: Option<PathBuf>,
+    /// With --baseline: rounds of each build.
+    #[arg(long, default_value_t = 2, requires = "baseline")]
+    rounds: u32,
     /// Give up (and fail) after this many seconds.
     #[arg(long, global = true, default_value_t = 300)]
     timeout: u64,
@@ -96,9 +122,10 @@ struct Args {
 /// The chat load apart from its number of pairs, whose default differs between commands.
 #[derive(Debug, clap::Args)]
 struct Shape {
-    /// Messages each sender sends.
-    #[arg(long, default_value_t = 2000)]
-    messages: u32,
+    /// Messages each sender sends [default: 2000; 4000 with --baseline and for open-loop's
+    /// maximum, issue 18's load].
+    #[arg(long)]
+    messages: Option<u32>,
     /// Most submissions each sender has in flight.
     #[arg(long, default_value_t = 32)]
     window: u32,
@@ -107,12 +134,22 @@ struct Shape {
     body: usize,
 }
 
+/// Messages each sender sends unless `--messages` says otherwise.
+const MESSAGES: u32 = 2000;
+/// The same, for the loads issue 18 sets its goals with (`--baseline`, open-loop's maximum).
+const ISSUE_MESSAGES: u32 = 4000;
+
 impl Shape {
     /// The load of `pairs` pairs of this shape, checked.
     fn load(&self, pairs: u32) -> anyhow::Result<Load> {
+        self.load_or(pairs, MESSAGES)
+    }
+
+    /// [`Shape::load`], with `messages` per sender unless `--messages` says otherwise.
+    fn load_or(&self, pairs: u32, messages: u32) -> anyhow::Result<Load> {
         let load = Load {
             pairs,
-            messages: self.messages,
+            messages: self.messages.unwrap_or(messages),
             window: self.window,
             body: self.body,
         };
@@ -282,6 +319,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Latency under a fixed load: messages offered at fixed times, independent of the
+    /// answers, through a host and through the raw relay at the same rates.
+    ///
+    /// First the closed-loop load (--messages per sender, --window) measures the maximum of
+    /// iim and of the raw relay. Then each fraction of --at of iim's maximum is offered for
+    /// --seconds, spread evenly over the senders (message k of sender s of S due at
+    /// start + (k·S + s) / rate), to a fresh host and then to a fresh relay. Latency runs from
+    /// each message's due time to its delivery: p50, p99, p99.9, max, with the delivered rate
+    /// and how many messages this process issued late. Prints iim's p99 over raw's at each
+    /// rate, and whether issue 18's goal (p99 at 50% ≤ 2× raw's, or ≤ 10 ms) is met.
+    OpenLoop {
+        /// Senders, each with its receiver.
+        #[arg(long, default_value_t = 8)]
+        pairs: u32,
+        /// Seconds each open-loop run offers messages for.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Offered rates, as fractions of iim's closed-loop maximum, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [0.25, 0.5, 0.75])]
+        at: Vec<f64>,
+        #[command(flatten)]
+        shape: Shape,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs the raw relay until standard input closes.
     #[command(hide = true)]
     Relay {
@@ -384,6 +447,20 @@ fn main() -> ExitCode {
         Some(Command::Mobile { rounds, json }) => {
             mobile_main((*rounds).max(1), *json, args.timeout)
         }
+        Some(Command::OpenLoop {
+            pairs,
+            seconds,
+            at,
+            shape,
+            json,
+        }) => shape.load_or(*pairs, ISSUE_MESSAGES).and_then(|max_load| {
+            let shape = open_loop::Shape {
+                max_load,
+                seconds: *seconds,
+                at: at.clone(),
+            };
+            open_loop_main(shape, *json, args.timeout)
+        }),
         None => bench(&args),
     };
     match result {
@@ -419,6 +496,21 @@ fn run_bounded<T>(
 
 /// Runs both loads and prints the figures.
 fn bench(args: &Args) -> anyhow::Result<()> {
+    if let Some(dir) = &args.baseline {
+        if args.rounds == 0 {
+            bail!("--rounds must be at least 1");
+        }
+        let load = args.shape.load_or(args.pairs, ISSUE_MESSAGES)?;
+        // Checked before the current host is built, which can take minutes.
+        let build = iim_run::Build::other(dir)?;
+        let figures = run_bounded(
+            "the baseline benchmark",
+            args.timeout,
+            baseline::run(load, args.rounds, build, dir),
+        )?;
+        baseline::report(&load, &figures, args.json);
+        return Ok(());
+    }
     let load = args.shape.load(args.pairs)?;
     if let Some(rounds) = args.encryption {
         if rounds == 0 {
@@ -441,6 +533,15 @@ fn bench(args: &Args) -> anyhow::Result<()> {
         Ok((iim, raw))
     })?;
     report(&load, &iim, &raw, args.json);
+    Ok(())
+}
+
+/// Runs the open-loop measurements and prints their figures.
+fn open_loop_main(shape: open_loop::Shape, json: bool, timeout: u64) -> anyhow::Result<()> {
+    shape.check()?;
+    schedule::tighten_timer_slack();
+    let figures = run_bounded("the open-loop benchmark", timeout, open_loop::run(shape))?;
+    open_loop::report(&figures, json);
     Ok(())
 }
 

@@ -11,6 +11,7 @@
 //! relay does not answer for frames), where iim's counts submissions the host has not yet
 //! accepted.
 
+use crate::schedule::{self, Due, OpenRun, Part, Parts, Schedule};
 use crate::stats::{self, Clock, FirstSend, Load, Summary, Tally};
 use anyhow::{Context, anyhow, bail};
 use rustls::pki_types::pem::PemObject;
@@ -21,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 /// The ALPN of the relay.
@@ -314,17 +315,23 @@ pub async fn run(load: Load, clock: Clock) -> anyhow::Result<Summary> {
     result
 }
 
-async fn measure(relay: &Relay, load: Load, clock: Clock) -> anyhow::Result<Summary> {
-    // Every receiver is registered before any sender connects.
-    let mut receivers = Vec::with_capacity(load.pairs as usize);
-    for pair in 0..load.pairs {
+/// Connects the receivers and the senders of `pairs` pairs: every receiver is registered
+/// before any sender connects.
+async fn connect(relay: &Relay, pairs: u32) -> anyhow::Result<(Vec<Client>, Vec<Client>)> {
+    let mut receivers = Vec::with_capacity(pairs as usize);
+    for pair in 0..pairs {
         receivers.push(Client::connect(relay, pair, RECEIVER).await?);
     }
-    let mut senders = Vec::with_capacity(load.pairs as usize);
-    for pair in 0..load.pairs {
+    let mut senders = Vec::with_capacity(pairs as usize);
+    for pair in 0..pairs {
         senders.push(Client::connect(relay, pair, SENDER).await?);
     }
-    eprintln!("raw: {} pairs connected; sending", load.pairs);
+    eprintln!("raw: {pairs} pairs connected; sending");
+    Ok((receivers, senders))
+}
+
+async fn measure(relay: &Relay, load: Load, clock: Clock) -> anyhow::Result<Summary> {
+    let (receivers, senders) = connect(relay, load.pairs).await?;
 
     let first_send = Arc::new(FirstSend::new());
     // Senders and receivers in one set, so that whichever fails first ends the run. Every
@@ -333,7 +340,7 @@ async fn measure(relay: &Relay, load: Load, clock: Clock) -> anyhow::Result<Summ
     let mut tasks: JoinSet<anyhow::Result<(Option<Tally>, Client)>> = JoinSet::new();
     for client in receivers {
         tasks.spawn(async move {
-            receive(client, load, clock)
+            receive(client, load.messages, clock, None)
                 .await
                 .map(|(tally, client)| (Some(tally), client))
         });
@@ -413,23 +420,31 @@ async fn send(
     Ok(client)
 }
 
-/// A receiver: reads frames, acknowledging each, until `load.messages` arrived.
-async fn receive(mut client: Client, load: Load, clock: Clock) -> anyhow::Result<(Tally, Client)> {
-    let mut tally = Tally::new(load.messages);
+/// A receiver: reads frames, acknowledging each, until `messages` arrived (or, given `until`,
+/// that time on `clock` came).
+async fn receive(
+    mut client: Client,
+    messages: u32,
+    clock: Clock,
+    until: Option<u64>,
+) -> anyhow::Result<(Tally, Client)> {
+    let mut tally = Tally::new(messages);
     let mut buf: Vec<u8> = Vec::new();
     let mut acks = Vec::new();
     while !tally.done() {
-        let chunk = tokio::time::timeout(STALL, client.recv.read_chunk(usize::MAX, true))
-            .await
-            .map_err(|_| {
-                anyhow!(
-                    "no frame for {} s; received {} of {}",
-                    STALL.as_secs(),
-                    tally.count(),
-                    load.messages
-                )
-            })??
-            .ok_or_else(|| anyhow!("the relay ended the stream"))?;
+        let Some(wait) = schedule::wait(STALL, clock, until) else {
+            break;
+        };
+        let chunk = match tokio::time::timeout(wait, client.recv.read_chunk(usize::MAX, true)).await
+        {
+            Ok(chunk) => chunk?.ok_or_else(|| anyhow!("the relay ended the stream"))?,
+            Err(_) if schedule::wait(STALL, clock, until).is_none() => break,
+            Err(_) => bail!(
+                "no frame for {} s; received {} of {messages}",
+                STALL.as_secs(),
+                tally.count()
+            ),
+        };
         let now = clock.now_ns();
         buf.extend_from_slice(&chunk.bytes);
         let mut used = 0;
@@ -455,4 +470,102 @@ async fn receive(mut client: Client, load: Load, clock: Clock) -> anyhow::Result
     }
     client.send.finish()?;
     Ok((tally, client))
+}
+
+/// Runs `schedule` open loop over a fresh relay: each sender writes each frame as it falls
+/// due, whatever the acknowledgements, and each receiver takes what arrives until every frame
+/// did or [`schedule::DRAIN`] after the last was due.
+pub async fn run_open(schedule: Schedule, clock: Clock) -> anyhow::Result<(Schedule, OpenRun)> {
+    let relay = Relay::start().await?;
+    eprintln!("raw: relay listening on {}", relay.addr);
+    let result = measure_open(&relay, schedule, clock).await;
+    relay.stop().await;
+    result
+}
+
+async fn measure_open(
+    relay: &Relay,
+    schedule: Schedule,
+    clock: Clock,
+) -> anyhow::Result<(Schedule, OpenRun)> {
+    let (receivers, senders) = connect(relay, schedule.senders).await?;
+    let (schedule, dues) = schedule::pace(schedule, clock)?;
+    let until = schedule.until_ns();
+    let (messages, body) = (schedule.messages, schedule.body);
+    // Every connection stays open until all are done.
+    let mut tasks: JoinSet<anyhow::Result<(Part, Client)>> = JoinSet::new();
+    for (i, client) in receivers.into_iter().enumerate() {
+        tasks.spawn(async move {
+            let (tally, client) = receive(client, messages, clock, Some(until)).await?;
+            Ok((Part::Received(i, tally), client))
+        });
+    }
+    for (client, dues) in senders.into_iter().zip(dues) {
+        tasks.spawn(async move {
+            let (lateness, client) = send_open(client, dues, messages, body, clock, until).await?;
+            Ok((Part::Sent(lateness), client))
+        });
+    }
+    let mut parts = Parts::new(schedule.senders);
+    let mut open = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (part, client) = done.context("a benchmark task failed")??;
+        parts.add(part)?;
+        open.push(client);
+    }
+    let run = parts.finish(clock)?;
+    for client in open {
+        client.conn.close(0u32.into(), b"done");
+    }
+    Ok((schedule, run))
+}
+
+/// An open-loop sender: writes each frame as the pacer hands it over, then finishes its
+/// stream. Its receiver acknowledges every frame; they are read, so that they do not fill the
+/// stream, and counted for nothing: no frame waits for one. Returns how late it issued each
+/// frame (a frame waits for the stream's flow control, like a message for a host's reading).
+async fn send_open(
+    mut client: Client,
+    mut dues: mpsc::UnboundedReceiver<Due>,
+    dues_expected: u32,
+    body: usize,
+    clock: Clock,
+    until: u64,
+) -> anyhow::Result<(Vec<u64>, Client)> {
+    let mut recv = client.recv;
+    let ack_bytes = 4 * u64::from(dues_expected);
+    let acks = tokio::spawn(async move {
+        let mut read = 0u64;
+        while read < ack_bytes
+            && let Some(wait) = schedule::wait(STALL, clock, Some(until))
+        {
+            match tokio::time::timeout(wait, recv.read_chunk(usize::MAX, true)).await {
+                Ok(Ok(Some(chunk))) => read += chunk.bytes.len() as u64,
+                // The relay closes a pair's connections once both its streams are finished,
+                // which may come before the end of this one is read; and what this reads
+                // counts for nothing.
+                Ok(Ok(None) | Err(_)) | Err(_) => break,
+            }
+        }
+        recv
+    });
+    let body_len = u32::try_from(body)?;
+    let mut lateness = Vec::new();
+    let mut frame = Vec::with_capacity(4 + body);
+    while let Some(due) = dues.recv().await {
+        let body = schedule::issue(clock, due, &mut lateness, body);
+        frame.clear();
+        frame.extend_from_slice(&body_len.to_be_bytes());
+        frame.extend_from_slice(&body);
+        // A stream its reader stopped reading (its run is over) takes no more: what is left
+        // counts as undelivered.
+        let write = client.send.write_all(&frame);
+        match tokio::time::timeout_at(clock.instant_at(until).into(), write).await {
+            Ok(written) => written.context("writing a frame")?,
+            Err(_) => break,
+        }
+    }
+    client.send.finish()?;
+    client.recv = acks.await.context("the acknowledgement reader failed")?;
+    Ok((lateness, client))
 }

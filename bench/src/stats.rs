@@ -2,18 +2,19 @@
 //! receivers' tallies and the summary of a run.
 
 use anyhow::{Context, anyhow, bail};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Bytes at the start of every body that the benchmark reads back: the send time (16 hex
 /// digits) and the message's index (8 hex digits). Hex keeps a chat body valid UTF-8 text.
 pub const HEADER: usize = 24;
 
 /// The load both runs carry.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Load {
     /// Sender/receiver pairs.
     pub pairs: u32,
     /// Messages each sender sends.
+    #[serde(rename = "messages_per_sender")]
     pub messages: u32,
     /// Most submissions a sender has in flight.
     pub window: u32,
@@ -64,6 +65,11 @@ impl Clock {
     /// Nanoseconds since the clock started.
     pub fn now_ns(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The instant `ns` nanoseconds after the clock started.
+    pub fn instant_at(&self, ns: u64) -> Instant {
+        self.epoch + Duration::from_nanos(ns)
     }
 }
 
@@ -134,6 +140,14 @@ impl Tally {
     pub fn done(&self) -> bool {
         self.count as usize == self.seen.len()
     }
+
+    /// The indexes of the expected messages that did not arrive.
+    pub fn missing(&self) -> impl Iterator<Item = u32> + '_ {
+        (0u32..)
+            .zip(&self.seen)
+            .filter(|(_, seen)| !**seen)
+            .map(|(index, _)| index)
+    }
 }
 
 /// The figures of one run.
@@ -198,6 +212,43 @@ pub fn print_runs(runs: &[(&str, &Summary)]) {
     }
 }
 
+/// The latencies of an open-loop run, where the tail is the point.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Tail {
+    /// Median, in microseconds.
+    pub p50_us: f64,
+    /// 99th percentile, in microseconds.
+    pub p99_us: f64,
+    /// 99.9th percentile, in microseconds.
+    pub p999_us: f64,
+    /// The largest, in microseconds.
+    pub max_us: f64,
+}
+
+impl Tail {
+    /// The tail of `sorted` latencies in nanoseconds; zeros for none.
+    pub fn of(sorted: &[u64]) -> Self {
+        let us = |p: f64| percentile(sorted, p) as f64 / 1e3;
+        Self {
+            p50_us: us(0.50),
+            p99_us: us(0.99),
+            p999_us: us(0.999),
+            max_us: us(1.0),
+        }
+    }
+}
+
+/// The median of `values` (the mean of the middle two of an even count); 0 for none.
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut sorted: Vec<f64> = values.into_iter().collect();
+    sorted.sort_unstable_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 /// The nearest-rank percentile `p` (0..=1) of sorted values; 0 for none.
 pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
@@ -254,13 +305,28 @@ mod tests {
     }
 
     #[test]
+    fn tail_and_median() {
+        let v: Vec<u64> = (1..=1000).map(|n| n * 1000).collect();
+        let tail = Tail::of(&v);
+        assert_eq!(
+            (tail.p50_us, tail.p99_us, tail.p999_us, tail.max_us),
+            (500.0, 990.0, 999.0, 1000.0)
+        );
+        assert_eq!(median([3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median([]), 0.0);
+    }
+
+    #[test]
     fn tally_refuses_duplicates() -> anyhow::Result<()> {
         let mut t = Tally::new(2);
         t.record(&body(30, 5, 0), 10)?;
         assert!(t.record(&body(30, 5, 0), 11).is_err());
         assert!(t.record(&body(30, 5, 2), 11).is_err());
+        assert_eq!(t.missing().collect::<Vec<_>>(), vec![1]);
         t.record(&body(30, 6, 1), 20)?;
         assert!(t.done());
+        assert_eq!(t.missing().count(), 0);
         assert_eq!(t.latencies, vec![5, 14]);
         Ok(())
     }

@@ -274,6 +274,8 @@ pub struct HostProcess {
     stderr_log: PathBuf,
     /// The network namespace it runs in, if not the test's own.
     namespace: Option<String>,
+    /// The `iim-host` it runs, when not this workspace's ([`HostProcess::start_from`]).
+    program: Option<PathBuf>,
 }
 
 impl HostProcess {
@@ -301,6 +303,30 @@ impl HostProcess {
 
     /// Starts a host with configuration `toml` and the given plugins.
     pub fn start_with(toml: &str, plugins: Plugins<'_>) -> anyhow::Result<Self> {
+        let data = Self::data_dir_with(toml, plugins)?;
+        Self::launch(data, "127.0.0.1:0".parse()?, None)
+    }
+
+    /// [`HostProcess::start_with`], running the `iim-host` executable `program` rather than
+    /// this workspace's: another build of it, say a benchmark's baseline built at an older
+    /// commit. Its command line (the flags `spawn` passes, the line it prints when listening)
+    /// must be this workspace's. [`HostProcess::restart`], [`HostProcess::admin`] and
+    /// [`HostProcess::store_find`] run `program` too.
+    pub fn start_from(program: &Path, toml: &str, plugins: Plugins<'_>) -> anyhow::Result<Self> {
+        anyhow::ensure!(program.is_file(), "no iim-host at {}", program.display());
+        let data = Self::data_dir_with(toml, plugins)?;
+        let keys = tempfile::tempdir()?;
+        Self::launch_from(
+            Some(program.to_path_buf()),
+            data,
+            keys,
+            "127.0.0.1:0".parse()?,
+            None,
+        )
+    }
+
+    /// A fresh data directory holding the configuration file `toml` and `plugins`.
+    fn data_dir_with(toml: &str, plugins: Plugins<'_>) -> anyhow::Result<tempfile::TempDir> {
         let data = tempfile::tempdir()?;
         std::fs::write(data.path().join("host.toml"), toml)?;
         let dir = data.path().join("plugins");
@@ -318,7 +344,7 @@ impl HostProcess {
             }
             std::fs::copy(file, dir.join(format!("{name}.wasm")))?;
         }
-        Self::launch(data, "127.0.0.1:0".parse()?, None)
+        Ok(data)
     }
 
     /// Starts a host with its defaults in network namespace `namespace` (see [`netns`]),
@@ -355,8 +381,25 @@ impl HostProcess {
         listen: SocketAddr,
         namespace: Option<&str>,
     ) -> anyhow::Result<Self> {
+        Self::launch_from(None, data, keys, listen, namespace)
+    }
+
+    /// [`HostProcess::launch_with`], running `program` (none: this workspace's `iim-host`).
+    fn launch_from(
+        program: Option<PathBuf>,
+        data: tempfile::TempDir,
+        keys: tempfile::TempDir,
+        listen: SocketAddr,
+        namespace: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let key_file = keys.path().join("data.key");
-        let (child, addr, cert, stderr_log) = spawn(data.path(), &key_file, listen, namespace)?;
+        let (child, addr, cert, stderr_log) = spawn(
+            program.as_deref(),
+            data.path(),
+            &key_file,
+            listen,
+            namespace,
+        )?;
         Ok(Self {
             child: Some(child),
             addr,
@@ -365,7 +408,16 @@ impl HostProcess {
             keys,
             stderr_log,
             namespace: namespace.map(str::to_owned),
+            program,
         })
+    }
+
+    /// The `iim-host` executable this host runs.
+    fn program(&self) -> anyhow::Result<PathBuf> {
+        match &self.program {
+            Some(program) => Ok(program.clone()),
+            None => binary("iim-host"),
+        }
     }
 
     /// Starts an exchange (`role = "exchange"`) on 127.0.0.1 with a fresh data directory and
@@ -453,6 +505,7 @@ impl HostProcess {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9()?;
         let (child, addr, cert, log) = spawn(
+            self.program.as_deref(),
             self.data.path(),
             &self.key_file(),
             self.addr,
@@ -492,7 +545,7 @@ impl HostProcess {
 
     /// Runs `iim-host admin <command>` against this host and returns what it printed.
     pub async fn admin(&self, command: &str) -> anyhow::Result<String> {
-        let mut cmd = tokio::process::Command::new(binary("iim-host")?);
+        let mut cmd = tokio::process::Command::new(self.program()?);
         cmd.arg("--data-dir")
             .arg(self.data.path())
             .arg("admin")
@@ -632,7 +685,9 @@ fn host_args<'a>(
         .arg(data.join("host.toml"))
 }
 
+/// Starts `program` (none: this workspace's `iim-host`) on data directory `data`.
 fn spawn(
+    program: Option<&Path>,
     data: &Path,
     key_file: &Path,
     listen: SocketAddr,
@@ -640,9 +695,13 @@ fn spawn(
 ) -> anyhow::Result<(Child, SocketAddr, PathBuf, PathBuf)> {
     let stderr_log = data.join(format!("host-{}.log", rand_suffix()));
     let stderr = std::fs::File::create(&stderr_log)?;
+    let program = match program {
+        Some(program) => program.to_path_buf(),
+        None => binary("iim-host")?,
+    };
     let mut command = match namespace {
-        Some(namespace) => netns::exec(namespace, &binary("iim-host")?),
-        None => Command::new(binary("iim-host")?),
+        Some(namespace) => netns::exec(namespace, &program),
+        None => Command::new(&program),
     };
     // The shared cache, unless the configuration names one (a benchmark timing first loads).
     let config = std::fs::read_to_string(data.join("host.toml")).unwrap_or_default();
@@ -690,7 +749,7 @@ impl HostProcess {
     /// lists them: `tree<TAB>key<TAB>(in the key|value)`.
     pub fn store_find(&self, text: &str) -> anyhow::Result<Vec<String>> {
         let output = host_args(
-            &mut Command::new(binary("iim-host")?),
+            &mut Command::new(self.program()?),
             self.data.path(),
             &self.key_file(),
             "127.0.0.1:0".parse()?,
