@@ -3,14 +3,16 @@
 //! each sender and opened by its receiver ([`Sealing`]).
 
 use crate::schedule::{self, Due, OpenRun, Part, Parts, Schedule};
-use crate::stats::{self, Clock, FirstSend, Load, Summary, Tally};
+use crate::stats::{self, Breakdown, Clock, FirstSend, Load, Summary, Tally};
 use anyhow::{Context, anyhow, bail};
 use iim_client::e2e::{CardNews, Keyring};
 use iim_client::proto::body::keys::{CardEntry, KeysRequest};
 use iim_client::proto::{Address, DeviceId, ErrorCode, Message, MessageKind, SessionMode, UserId};
 use iim_client::{Accepted, ClientError, Connection, Event};
+use iim_e2e::metrics::Scrape;
 use iim_e2e::{HostProcess, Plugins};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -99,6 +101,9 @@ pub struct Placement<'a> {
     pub senders: &'a HostProcess,
     /// Where the receivers live: pair `i` at `receivers[i % receivers.len()]`.
     pub receivers: &'a [&'a HostProcess],
+    /// The metrics endpoint of the senders' host, if it serves one: the run then says where
+    /// the host's CPU went ([`Breakdown`]).
+    pub probe: Option<SocketAddr>,
 }
 
 impl Placement<'_> {
@@ -152,10 +157,19 @@ impl Default for Variant<'_> {
     }
 }
 
-/// Runs the load against a fresh host process and returns its figures.
+/// Runs the load against a fresh host process, which serves its metrics, and returns its
+/// figures with where the host's CPU went.
 pub async fn run(load: Load, clock: Clock) -> anyhow::Result<Summary> {
-    run_with(load, clock, &Variant::default()).await
+    let variant = Variant {
+        extra: METRICS,
+        ..Variant::default()
+    };
+    run_with(load, clock, &variant).await
 }
+
+/// The configuration of a host that serves its metrics on a free port of loopback: the run
+/// reads them to say where the host's CPU went.
+pub const METRICS: &str = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
 
 /// [`run`] against a fresh host of `variant`.
 pub async fn run_with(load: Load, clock: Clock, variant: &Variant<'_>) -> anyhow::Result<Summary> {
@@ -168,10 +182,15 @@ pub async fn run_with(load: Load, clock: Clock, variant: &Variant<'_>) -> anyhow
     // Chat only: the load counts every message a receiver gets (no presence snapshots).
     let host = start_host_with(build, extra).await?;
     eprintln!("{name}: host listening on {}", host.addr);
+    let probe = match extra.contains("[metrics]") {
+        true => Some(iim_e2e::metrics::endpoint(&host).await?),
+        false => None,
+    };
     let place = Placement {
         name,
         senders: &host,
         receivers: &[&host],
+        probe,
     };
     let result = async {
         let pairs = register(place, load).await?;
@@ -272,6 +291,10 @@ pub async fn measure(
 
     let first_send = Arc::new(FirstSend::new());
     let rate_limited = Arc::new(AtomicU64::new(0));
+    let before = match place.probe {
+        Some(addr) => Some(Scrape::of(addr).await?),
+        None => None,
+    };
     // Senders and receivers in one set, so that whichever fails first ends the run.
     let mut tasks: JoinSet<anyhow::Result<Option<Tally>>> = JoinSet::new();
     for ((i, conn), opener) in receivers.iter().enumerate().zip(openers) {
@@ -312,6 +335,10 @@ pub async fn measure(
     }
     let mut summary = Summary::of(&tallies, first_send.get(), load.total())?;
     summary.sealed_body = wire_body;
+    if let (Some(addr), Some(before)) = (place.probe, before) {
+        let after = Scrape::of(addr).await?;
+        summary.breakdown = Some(Breakdown::between(&before, &after, &summary));
+    }
     let refused = rate_limited.load(Ordering::Relaxed);
     if refused > 0 {
         eprintln!(
@@ -591,6 +618,7 @@ pub async fn run_open(schedule: Schedule, clock: Clock) -> anyhow::Result<(Sched
         name: "open",
         senders: &host,
         receivers: &[&host],
+        probe: None,
     };
     let result = async {
         let load = schedule.load();

@@ -54,7 +54,14 @@
 //! for it, then group chat against as many deliveries as 1:1 chat, with the time the set-up
 //! took (see `groups.rs`); `iim-bench blob-store [--mib 64] [--rounds 3] [--json]` a file
 //! through the blob store alone, encrypted at rest against kept in the clear, in MiB/s and as
-//! ratios (see `blob_store.rs`). Every command takes `--timeout SECS` (default 300).
+//! ratios (see `blob_store.rs`); `iim-bench store [--messages 200000] [--round 256]
+//! [--sweep 1,16,64,256] [--sweep-messages 2048] [--checkpoint 16] [--json]` the message path's
+//! store work alone, in one process per variant: each record a separate sled write as today
+//! (through the host's `Store`, and as this benchmark writes it), one sled batch per tree per
+//! round, and an append-only log with in-memory indexes (with and without a sled checkpoint of
+//! them), one flush and one fsync per round: CPU and wall time per message, fsyncs, disk bytes,
+//! ratios to today's, at each round size (see `store.rs`). Every command takes `--timeout SECS`
+//! (default 300).
 
 mod baseline;
 mod blob_store;
@@ -74,6 +81,7 @@ mod recovery;
 mod rounds;
 mod schedule;
 mod stats;
+mod store;
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
@@ -345,6 +353,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The message path's store work alone: today's separate sled writes against rounds
+    /// written as one sled batch per tree or as an append-only log (issue 18, Deliver 1).
+    ///
+    /// Replays, in one thread, the store work of --messages chat messages from 8 senders to
+    /// 8 receivers (one device each): accept, inbox append, dispatch record removed, cursor,
+    /// prune, in the host's record shapes, sealed. Variants, each in a process of its own on a
+    /// fresh directory: A the host's `Store` as today, B one sled batch per tree per round, C
+    /// an append-only log (one write per round) with its indexes in memory, D C with the index
+    /// checkpointed into sled every --checkpoint rounds; one flush and one fsync per round of
+    /// --round messages. Then A, A' (A's writes made by the benchmark itself, which B batches),
+    /// B and C at each round size of --sweep with --sweep-messages messages. Prints CPU and
+    /// wall µs per message, msgs/s, fsyncs, disk bytes per message and ratios to A; fails if
+    /// the variants do not end with the same records.
+    Store {
+        /// Messages of the main runs.
+        #[arg(long, default_value_t = 200_000)]
+        messages: u32,
+        /// Messages per round (one flush and one fsync each) of the main runs.
+        #[arg(long, default_value_t = 256)]
+        round: u32,
+        /// Round sizes of the sweep, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 16, 64, 256])]
+        sweep: Vec<u32>,
+        /// Messages of each sweep run (0: no sweep).
+        #[arg(long, default_value_t = 2048)]
+        sweep_messages: u32,
+        /// D: rounds between checkpoints of the log's index into sled.
+        #[arg(long, default_value_t = 16)]
+        checkpoint: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One variant of `store`, measured in a process of its own.
+    #[command(hide = true)]
+    StoreVariant {
+        #[arg(long)]
+        variant: store::Variant,
+        #[arg(long)]
+        messages: u32,
+        #[arg(long)]
+        round: u32,
+        #[arg(long)]
+        checkpoint: u32,
+    },
     /// Runs the raw relay until standard input closes.
     #[command(hide = true)]
     Relay {
@@ -359,7 +412,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if cfg!(debug_assertions) && !matches!(args.command, Some(Command::Relay { .. })) {
+    if cfg!(debug_assertions)
+        && !matches!(
+            args.command,
+            Some(Command::Relay { .. } | Command::StoreVariant { .. })
+        )
+    {
         // CI runs the benchmarks small on the tests' debug build, for their checks (every
         // message delivered once, memory bounded), not for their figures.
         eprintln!(
@@ -461,6 +519,30 @@ fn main() -> ExitCode {
             };
             open_loop_main(shape, *json, args.timeout)
         }),
+        Some(Command::Store {
+            messages,
+            round,
+            sweep,
+            sweep_messages,
+            checkpoint,
+            json,
+        }) => {
+            let shape = store::Shape {
+                messages: *messages,
+                round: *round,
+                sweep: sweep.clone(),
+                sweep_messages: *sweep_messages,
+                checkpoint: *checkpoint,
+            };
+            store_main(&shape, *json, args.timeout)
+        }
+        Some(Command::StoreVariant {
+            variant,
+            messages,
+            round,
+            checkpoint,
+        }) => store::measure(*variant, *messages, *round, *checkpoint)
+            .map(|run| println!("{}", serde_json::to_string(&run).unwrap_or_default())),
         None => bench(&args),
     };
     match result {
@@ -638,6 +720,21 @@ fn blob_store_main(mib: u64, rounds: u32, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs the store measurements and prints their figures; fails if the variants did not end
+/// with the same records.
+fn store_main(shape: &store::Shape, json: bool, timeout: u64) -> anyhow::Result<()> {
+    let figures = store::run(shape, timeout)?;
+    if json {
+        println!("{}", serde_json::to_string(&figures).unwrap_or_default());
+    } else {
+        store::print(&figures);
+    }
+    if !figures.census_agrees {
+        bail!("the variants did not end with the same records");
+    }
+    Ok(())
+}
+
 /// Runs the groups measurements and prints their figures; a lost or repeated message has
 /// failed the run already.
 fn groups_main(shape: groups::Shape, json: bool, timeout: u64) -> anyhow::Result<()> {
@@ -670,4 +767,7 @@ fn report(load: &Load, iim: &Summary, raw: &Summary, json: bool) {
     println!("{}", load.describe());
     stats::print_runs(&[("iim", iim), ("raw", raw)]);
     println!("ratio iim/raw (msgs/s): {ratio:.4}");
+    if let Some(breakdown) = &iim.breakdown {
+        println!("{}", breakdown.describe());
+    }
 }

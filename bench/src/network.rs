@@ -263,6 +263,7 @@ async fn chat(load: Load) -> anyhow::Result<(Summary, Summary)> {
             name: "same-host",
             senders: h1,
             receivers: &[h1],
+            probe: None,
         };
         let same = chat_run(&net, same, load, clock).await?;
         eprintln!("same-host: done in {:.2} s", same.secs);
@@ -270,6 +271,7 @@ async fn chat(load: Load) -> anyhow::Result<(Summary, Summary)> {
             name: "cross-host",
             senders: h1,
             receivers: &[net.host(1), net.host(2)],
+            probe: None,
         };
         let cross = chat_run(&net, cross, load, clock).await?;
         eprintln!("cross-host: done in {:.2} s", cross.secs);

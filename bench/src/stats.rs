@@ -2,6 +2,7 @@
 //! receivers' tallies and the summary of a run.
 
 use anyhow::{Context, anyhow, bail};
+use iim_e2e::metrics::Scrape;
 use std::time::{Duration, Instant};
 
 /// Bytes at the start of every body that the benchmark reads back: the send time (16 hex
@@ -167,6 +168,59 @@ pub struct Summary {
     /// end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sealed_body: Option<usize>,
+    /// Where the host's CPU went, when it served its metrics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breakdown: Option<Breakdown>,
+}
+
+/// Where a host's CPU went during a run, per delivered message, from the counters it keeps
+/// (its metrics endpoint, scraped as the sending started and once everything was delivered):
+/// the process's CPU time, and the time its threads spent in each part of the message path
+/// (`iim_busy_seconds_total{part}`; wall time of code that does not wait).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Breakdown {
+    /// The host's CPU time, µs per message.
+    pub cpu_us: f64,
+    /// Of it, the message path's store records (accept, append, acknowledge, read), µs.
+    pub store_us: f64,
+    /// Calls into plugins, with the imports they call, µs.
+    pub plugin_us: f64,
+    /// Sessions decoding, handling and encoding frames, µs.
+    pub frames_us: f64,
+    /// The rest: QUIC and TLS, the store's commits, scheduling, µs.
+    pub other_us: f64,
+    /// The host's CPU time over the run's wall time: cores it kept busy.
+    pub cores: f64,
+}
+
+impl Breakdown {
+    /// The breakdown of `run` from the scrapes `before` and `after` it.
+    pub fn between(before: &Scrape, after: &Scrape, run: &Summary) -> Self {
+        let moved = |name: &str| after.get(name) - before.get(name);
+        let per_message = |secs: f64| secs * 1e6 / run.delivered.max(1) as f64;
+        let busy =
+            |part: &str| per_message(moved(&format!("iim_busy_seconds_total{{part=\"{part}\"}}")));
+        let cpu_secs = moved("iim_cpu_seconds_total");
+        let (store_us, plugin_us, frames_us) = (busy("store"), busy("plugin"), busy("frames"));
+        let cpu_us = per_message(cpu_secs);
+        Self {
+            cpu_us,
+            store_us,
+            plugin_us,
+            frames_us,
+            other_us: cpu_us - store_us - plugin_us - frames_us,
+            cores: cpu_secs / run.secs.max(f64::MIN_POSITIVE),
+        }
+    }
+
+    /// One line for a table.
+    pub fn describe(&self) -> String {
+        format!(
+            "host CPU per message {:.1} µs ({:.2} cores): store {:.1} µs, plugin {:.1} µs, \
+             frames {:.1} µs, other (QUIC, TLS, commits, scheduling) {:.1} µs",
+            self.cpu_us, self.cores, self.store_us, self.plugin_us, self.frames_us, self.other_us
+        )
+    }
 }
 
 impl Summary {
@@ -194,6 +248,7 @@ impl Summary {
             p50_us: percentile(&latencies, 0.50) as f64 / 1e3,
             p99_us: percentile(&latencies, 0.99) as f64 / 1e3,
             sealed_body: None,
+            breakdown: None,
         })
     }
 }

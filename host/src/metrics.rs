@@ -23,7 +23,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -81,7 +81,25 @@ pub struct Metrics {
     pub file_transfers: Family<Label, Counter>,
     /// Bytes of files received and sent, by direction.
     pub file_bytes: Family<Label, Counter>,
+    /// CPU time the host's threads spent in each part of the message path, by part: `store`
+    /// (the message path's records: accepting, appending, acknowledging, reading inboxes),
+    /// `plugin` (calls into plugins, with the imports they call), `frames` (a session
+    /// decoding and handling what its client sent, and encoding what it sends); see
+    /// [`Busy`]. What the process's CPU time ([`Metrics::cpu_seconds`]) has beyond their sum
+    /// is QUIC, TLS, the store's commits, scheduling and the rest.
+    pub busy: Family<Label, Seconds>,
+    /// `busy{part="store"}`.
+    pub busy_store: Seconds,
+    /// `busy{part="plugin"}`.
+    pub busy_plugin: Seconds,
+    /// `busy{part="frames"}`.
+    pub busy_frames: Seconds,
+    /// CPU time of the process, user and system (brought up to date at each scrape).
+    pub cpu_seconds: Seconds,
 }
+
+/// A counter of seconds.
+pub type Seconds = Counter<f64, AtomicU64>;
 
 impl Metrics {
     fn new() -> Self {
@@ -108,7 +126,15 @@ impl Metrics {
             exchange_connected: Gauge::default(),
             file_transfers: Family::default(),
             file_bytes: Family::default(),
+            busy: Family::default(),
+            busy_store: Seconds::default(),
+            busy_plugin: Seconds::default(),
+            busy_frames: Seconds::default(),
+            cpu_seconds: Seconds::default(),
         };
+        let busy = |part| m.busy.get_or_create_owned(&label("part", part));
+        let (busy_store, busy_plugin, busy_frames) =
+            (busy("store"), busy("plugin"), busy("frames"));
         let r = &mut registry;
         r.register(
             "connections",
@@ -210,7 +236,40 @@ impl Metrics {
             Unit::Bytes,
             m.file_bytes.clone(),
         );
-        Self { registry, ..m }
+        r.register_with_unit(
+            "busy",
+            "Time spent in each part of the message path, by part",
+            Unit::Seconds,
+            m.busy.clone(),
+        );
+        r.register_with_unit(
+            "cpu",
+            "CPU time of the process, user and system",
+            Unit::Seconds,
+            m.cpu_seconds.clone(),
+        );
+        Self {
+            registry,
+            busy_store,
+            busy_plugin,
+            busy_frames,
+            ..m
+        }
+    }
+
+    /// Brings the process's CPU time up to date.
+    fn refresh_cpu(&self) {
+        use nix::sys::resource::{UsageWho, getrusage};
+        let Ok(usage) = getrusage(UsageWho::RUSAGE_SELF) else {
+            return;
+        };
+        let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+        let total = secs(usage.user_time()) + secs(usage.system_time());
+        // Scrapes may overlap: the counter only grows.
+        let seen = self.cpu_seconds.get();
+        if total > seen {
+            self.cpu_seconds.inc_by(total - seen);
+        }
     }
 
     /// The counters in the text format.
@@ -232,6 +291,50 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 /// The process's metrics.
 pub fn metrics() -> &'static Metrics {
     &METRICS
+}
+
+/// Counts the CPU time of the calling thread from now until it is dropped into a counter of
+/// seconds: a part of the message path ([`Metrics::busy`]). CPU time rather than wall time,
+/// so that waiting for a lock or for a core is not counted; a section that ends on another
+/// thread than it started on (an `await` in it moved the task) counts its wall time instead.
+pub struct Busy {
+    counter: &'static Seconds,
+    thread: std::thread::ThreadId,
+    cpu: Option<Duration>,
+    wall: std::time::Instant,
+}
+
+impl Busy {
+    /// Starts timing into `part` (one of [`Metrics`]' `busy_*`).
+    pub fn start(part: fn(&'static Metrics) -> &'static Seconds) -> Self {
+        Self {
+            counter: part(metrics()),
+            thread: std::thread::current().id(),
+            cpu: thread_cpu(),
+            wall: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let same_thread = std::thread::current().id() == self.thread;
+        let spent = match (same_thread, self.cpu, thread_cpu()) {
+            (true, Some(start), Some(end)) => end.saturating_sub(start),
+            _ => self.wall.elapsed(),
+        };
+        self.counter.inc_by(spent.as_secs_f64());
+    }
+}
+
+/// The CPU time the calling thread has used.
+fn thread_cpu() -> Option<Duration> {
+    use nix::time::{ClockId, clock_gettime};
+    let t = clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).ok()?;
+    Some(Duration::new(
+        u64::try_from(t.tv_sec()).ok()?,
+        u32::try_from(t.tv_nsec()).ok()?,
+    ))
 }
 
 /// Times `f` into `histogram`.
@@ -345,6 +448,7 @@ impl State {
         match request.uri().path() {
             "/metrics" => {
                 let metrics = metrics();
+                metrics.refresh_cpu();
                 self.observed.refresh(metrics);
                 reply(StatusCode::OK, OPENMETRICS, metrics.encode())
             }

@@ -10,6 +10,7 @@
 
 use crate::Host;
 use crate::cmd;
+use crate::metrics::Busy;
 use crate::plugin::{Event, SessionInfo};
 use crate::registry::{Attachment, Delivery, Kick, SignedIn};
 use iim_proto::session::{Action, Authenticated, End, HostSession, Identity, Refusal};
@@ -148,6 +149,7 @@ impl Session {
                 read = self.recv.read(&mut buf), if wants_data => match read {
                     Ok(Some(n)) => {
                         self.check_confirmed();
+                        let _busy = Busy::start(|m| &m.busy_frames);
                         self.machine.handle_data(Instant::now(), &buf[..n]);
                     }
                     Ok(None) => self.machine.handle_finished(Instant::now()),
@@ -371,10 +373,12 @@ impl Session {
     /// it once QUIC's flow-control window is full; past the write timeout the session is
     /// ended, so a stalled client cannot hold a session (and its deliveries) forever.
     async fn transmit(&mut self) -> Result<(), End> {
+        let busy = Busy::start(|m| &m.busy_frames);
         let mut bytes = Vec::new();
         while let Some(frame) = self.machine.poll_transmit() {
             bytes.extend_from_slice(&frame);
         }
+        drop(busy);
         let counts = self.machine.take_counts();
         if counts.sent > 0 {
             let metrics = crate::metrics::metrics();

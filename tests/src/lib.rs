@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod gateway;
 pub mod lossy;
+pub mod metrics;
 pub mod netns;
 
 use anyhow::{Context, anyhow, bail};

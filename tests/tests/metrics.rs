@@ -1,91 +1,20 @@
 //! The metrics and health endpoint (`--metrics`, `[metrics] listen`) of a real host and of a
 //! real exchange, scraped over HTTP while users talk: the counters move by what happened.
 
-use anyhow::{Context as _, anyhow, bail, ensure};
+use anyhow::{bail, ensure};
 use iim_client::Connection;
 use iim_client::proto::MessageKind;
+use iim_e2e::metrics::{Scrape, endpoint, get};
 use iim_e2e::*;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type Result = anyhow::Result<()>;
 
 /// The endpoint configuration: any free port on loopback.
 const METRICS: &str = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
-
-/// Where the endpoint of `host` listens, from the line its log says it on.
-async fn endpoint(host: &HostProcess) -> anyhow::Result<SocketAddr> {
-    within("the metrics endpoint's address in the log", async {
-        loop {
-            let log = host.log();
-            let found = log
-                .lines()
-                .find(|l| l.contains("metrics endpoint listening"))
-                .and_then(|l| l.split("addr=").nth(1))
-                .and_then(|rest| rest.split_whitespace().next())
-                .map(str::parse::<SocketAddr>);
-            if let Some(addr) = found {
-                return addr.context("the address in the log");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await?
-}
-
-/// One HTTP/1.1 GET: the status code and the body.
-async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = within("connect", tokio::net::TcpStream::connect(addr)).await??;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = String::new();
-    within("response", stream.read_to_string(&mut response)).await??;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no end of the head in {response:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
-    Ok((status, body.to_owned()))
-}
-
-/// A scrape: every sample, by its name with its labels (`iim_acks_total`,
-/// `iim_plugin_calls_total{plugin="chat"}`).
-#[derive(Debug)]
-struct Scrape(HashMap<String, f64>);
-
-impl Scrape {
-    async fn of(addr: SocketAddr) -> anyhow::Result<Self> {
-        let (status, body) = get(addr, "/metrics").await?;
-        ensure!(status == 200, "/metrics answered {status}: {body}");
-        ensure!(
-            body.ends_with("# EOF\n"),
-            "the exposition did not end: {body}"
-        );
-        let mut samples = HashMap::new();
-        for line in body.lines().filter(|l| !l.starts_with('#')) {
-            let (name, value) = line
-                .rsplit_once(' ')
-                .ok_or_else(|| anyhow!("a sample without a value: {line:?}"))?;
-            let value = value
-                .parse()
-                .with_context(|| format!("the value of {line:?}"))?;
-            samples.insert(name.to_owned(), value);
-        }
-        Ok(Self(samples))
-    }
-
-    /// A sample's value; absent (a family with no such labels yet) is 0.
-    fn get(&self, name: &str) -> f64 {
-        self.0.get(name).copied().unwrap_or(0.0)
-    }
-}
 
 /// Scrapes `addr` until `done` holds of a scrape (failing after [`STEP`]): for what the host
 /// counts after it answered (acknowledgements, connections closing).
@@ -209,6 +138,17 @@ async fn a_host_s_counters_move_with_its_traffic_and_it_says_it_is_healthy_and_r
     assert!(commits >= 1.0, "{commits} commits");
     assert!(moved("iim_commit_round_size_sum") >= n, "{after:?}");
     assert_eq!(moved("iim_fsync_seconds_count"), commits);
+    // Where the CPU went: every part of the message path took some, and the process more
+    // than their sum.
+    let parts: f64 = ["store", "plugin", "frames"]
+        .iter()
+        .map(|part| {
+            let busy = moved(&format!("iim_busy_seconds_total{{part=\"{part}\"}}"));
+            assert!(busy > 0.0, "no CPU time counted for {part}");
+            busy
+        })
+        .sum();
+    assert!(moved("iim_cpu_seconds_total") > parts, "{after:?}");
     // Bob acknowledged everything: nothing waits in an inbox (once his cursor is saved).
     until(addr, "bob's inbox emptied", |s| {
         s.get("iim_inbox_waiting") == 0.0

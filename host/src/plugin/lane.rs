@@ -217,8 +217,10 @@ impl Lane {
                 effects: Effects::default(),
             });
             let started = std::time::Instant::now();
+            let busy = crate::metrics::Busy::start(|m| &m.busy_plugin);
             let outcome = instance.handle(&wit_event, timeout).await;
             let effects = instance.state().end().map(|call| call.effects);
+            drop(busy);
             self.measures.calls.inc();
             self.measures
                 .seconds

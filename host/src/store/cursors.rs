@@ -59,6 +59,7 @@ impl Cursors {
     /// Moves `device`'s cursor forward to `seq`; a cursor already past it stays (an old
     /// session's late ack must not move it back).
     pub fn set(&self, user: &UserId, device: &DeviceId, seq: u64) -> Result<(), StoreError> {
+        let _busy = crate::metrics::Busy::start(|m| &m.busy_store);
         self.tree
             .fetch_and_update(keys::cursor(user, device), |old| {
                 let old = old

@@ -150,6 +150,7 @@ impl Inbox {
         exists: impl FnOnce() -> Result<bool, StoreError>,
         then: impl FnOnce(u64) -> T,
     ) -> Result<Option<T>, StoreError> {
+        let _busy = crate::metrics::Busy::start(|m| &m.busy_store);
         let mut heads = self.shard(user).lock().unwrap_or_else(|p| p.into_inner());
         if !exists()? {
             return Ok(None);
@@ -278,6 +279,7 @@ impl Inbox {
     /// pruned entry keeps its position, id, kind and sender but not its body, and is read by
     /// no session; it leaves when it expires. Returns how many entries were pruned.
     pub fn prune(&self, user: &UserId) -> Result<usize, StoreError> {
+        let _busy = crate::metrics::Busy::start(|m| &m.busy_store);
         let Some(through) = self.cursors.of_user(user)?.into_iter().min() else {
             return Ok(0);
         };
@@ -385,6 +387,7 @@ impl Inbox {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Message)>, StoreError> {
+        let _busy = crate::metrics::Busy::start(|m| &m.busy_store);
         let (start, end) = keys::inbox_range(user, after);
         let mut out = Vec::new();
         for entry in self.tree.range(start..end) {

@@ -130,6 +130,7 @@ impl Messages {
         expires_at: Option<u64>,
         build: impl FnOnce(MessageId) -> Message,
     ) -> Result<Acceptance, StoreError> {
+        let _busy = crate::metrics::Busy::start(|m| &m.busy_store);
         let dedup_key = keys::dedup(user, device, client_id);
         let _order = self.accept_order.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = self.tree.get(&dedup_key)? {
@@ -183,6 +184,7 @@ impl Messages {
         index: u32,
         build: impl FnOnce(MessageId) -> Message,
     ) -> Result<Message, StoreError> {
+        let _busy = crate::metrics::Busy::start(|m| &m.busy_store);
         let key = keys::effect(plugin, event_key, index);
         let _order = self.accept_order.lock().unwrap_or_else(|p| p.into_inner());
         let mut message = build(MessageId(0));
@@ -254,6 +256,7 @@ impl Messages {
 
     /// Records that message `id` is in every recipient's inbox.
     pub fn dispatched(&self, id: MessageId) -> Result<(), StoreError> {
+        let _busy = crate::metrics::Busy::start(|m| &m.busy_store);
         self.tree.remove(keys::dispatch(id.0))?;
         Ok(())
     }
