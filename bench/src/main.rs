@@ -58,9 +58,10 @@
 //! [--sweep 1,16,64,256] [--sweep-messages 2048] [--checkpoint 16] [--json]` the message path's
 //! store work alone, in one process per variant: each record a separate sled write as today
 //! (through the host's `Store`, and as this benchmark writes it), one sled batch per tree per
-//! round, and an append-only log with in-memory indexes (with and without a sled checkpoint of
-//! them), one flush and one fsync per round: CPU and wall time per message, fsyncs, disk bytes,
-//! ratios to today's, at each round size (see `store.rs`). Every command takes `--timeout SECS`
+//! round, an append-only log with in-memory indexes (with and without a sled checkpoint of
+//! them), and fjall (each record a write, or one write batch per round), one flush and one
+//! fsync per round: CPU and wall time per message, fsyncs, disk bytes, ratios to today's, at
+//! each round size (see `store.rs`). Every command takes `--timeout SECS`
 //! (default 300).
 
 mod baseline;
@@ -354,16 +355,18 @@ enum Command {
         json: bool,
     },
     /// The message path's store work alone: today's separate sled writes against rounds
-    /// written as one sled batch per tree or as an append-only log (issue 18, Deliver 1).
+    /// written as one sled batch per tree, as an append-only log, or into fjall (issue 18,
+    /// Deliver 1).
     ///
     /// Replays, in one thread, the store work of --messages chat messages from 8 senders to
     /// 8 receivers (one device each): accept, inbox append, dispatch record removed, cursor,
     /// prune, in the host's record shapes, sealed. Variants, each in a process of its own on a
     /// fresh directory: A the host's `Store` as today, B one sled batch per tree per round, C
     /// an append-only log (one write per round) with its indexes in memory, D C with the index
-    /// checkpointed into sled every --checkpoint rounds; one flush and one fsync per round of
-    /// --round messages. Then A, A' (A's writes made by the benchmark itself, which B batches),
-    /// B and C at each round size of --sweep with --sweep-messages messages. Prints CPU and
+    /// checkpointed into sled every --checkpoint rounds, E1 fjall with each record a write, E2
+    /// fjall with one write batch per round; one flush and one fsync per round of --round
+    /// messages. Then A, A' (A's writes made by the benchmark itself, which B batches), B, C,
+    /// E1 and E2 at each round size of --sweep with --sweep-messages messages. Prints CPU and
     /// wall µs per message, msgs/s, fsyncs, disk bytes per message and ratios to A; fails if
     /// the variants do not end with the same records.
     Store {

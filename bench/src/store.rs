@@ -1,6 +1,7 @@
 //! `iim-bench store`: what the store work of the message path costs per chat message, written
 //! as today (each record a separate sled write) and in rounds (issue 18, Deliver 1): one sled
-//! batch per tree per round, or an append-only log beside sled. No network, no plugin, no host:
+//! batch per tree per round, an append-only log beside sled, or fjall (a maintained LSM engine)
+//! in place of sled. No network, no plugin, no host:
 //! one thread replays the store's part of N chat messages from 8 senders to 8 receivers (one
 //! device each, 100-byte bodies), in the host's record shapes — keys from
 //! `iim_host::store::keys`, values postcard, messages sealed with the real `Sealer`.
@@ -16,8 +17,8 @@
 //!
 //! Variants, each in a process of its own (so that sled's process-wide state — its thread
 //! pool, the lock its first batch turns on — and the allocator start alike) on a fresh
-//! directory; A, B, C and D at the main size, then A, A', B and C at each round size of the
-//! sweep:
+//! directory; A, B, C, D, E1 and E2 at the main size, then A, A', B, C, E1 and E2 at each round
+//! size of the sweep:
 //!
 //! - `today` (A): the host's own `iim_host::store::Store`, called as the host calls it
 //!   (`Messages::accept`, `Messages::expiry`, `Inbox::append`, `Messages::dispatched`,
@@ -46,6 +47,24 @@
 //!   the dispatch set's removals; no bodies) written to a sled database in one batch per tree,
 //!   flushed and synced: what persisting the index costs, so that a start need not replay the
 //!   whole log.
+//! - `fjall-each` (E1) and `fjall-batch` (E2): the same records, keys and sealed values in a
+//!   fjall database (an LSM tree per keyspace, one journal for all of them) whose keyspaces are
+//!   named as the host's sled trees; E1 writes each record with its own `insert`/`remove`, as
+//!   A', E2 gathers the round into one `OwnedWriteBatch` (atomic across the keyspaces), as B
+//!   (the same maps beside it for what the round reads of its own writes). Then one
+//!   `Database::persist(SyncData)` per round (an `fdatasync` of the journal): the journal's
+//!   only sync, as fjall is set to leave persisting to its caller (`manual_journal_persist`) —
+//!   fjall still `fsync`s the journal when it seals a memtable and its tables when it writes
+//!   them, on its worker threads (not counted, as sled's own). The reads go through fjall as
+//!   the host's would, but for one: the prune reads each of the user's cursors with a `get`
+//!   (the devices known in memory) instead of a prefix scan, whose cost in an LSM tree grows
+//!   with the versions of a cursor not yet compacted away (see `FjallPath::cursor_keys`).
+//!   Settings (`fjall_open`): memtables of 16 MiB per keyspace, journals bounded to 64 MiB
+//!   (fjall's least) so that a start replays little, no compression (the values are
+//!   ciphertext), fjall's default worker threads (min(cores, 4)) and 32 MiB block cache. Its
+//!   start-up is measured apart (`replay`): the database closed, then opened again (its
+//!   journal replayed into memtables) and its records compared with the live ones. Flushes
+//!   and compactions still running after the last round are not awaited.
 //!
 //! Left out of every variant alike: the account check of an append (a sled read that stays in
 //! sled whatever the message path becomes), sled's id generator (a counter here: it is an
@@ -85,7 +104,7 @@ const PRUNED: u8 = 0;
 
 /// A way of writing the message path's records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Variant {
     /// A: the host's `Store`, each record a sled write, a flush and an fsync per round.
     Today,
@@ -97,6 +116,10 @@ pub enum Variant {
     Log,
     /// D: C, and the index changes checkpointed into sled every K rounds.
     Checkpoint,
+    /// E1: fjall, each record an insert or a removal, one journal sync per round.
+    FjallEach,
+    /// E2: fjall, one write batch per round, one journal sync per round.
+    FjallBatch,
 }
 
 impl Variant {
@@ -108,6 +131,8 @@ impl Variant {
             Variant::Batch => "B sled batch",
             Variant::Log => "C log",
             Variant::Checkpoint => "D log+ckpt",
+            Variant::FjallEach => "E1 fjall each",
+            Variant::FjallBatch => "E2 fjall batch",
         }
     }
 
@@ -119,7 +144,14 @@ impl Variant {
             Variant::Batch => "batch",
             Variant::Log => "log",
             Variant::Checkpoint => "checkpoint",
+            Variant::FjallEach => "fjall-each",
+            Variant::FjallBatch => "fjall-batch",
         }
+    }
+
+    /// Whether its database is fjall's, whose start is an opening rather than a replay.
+    fn fjall(self) -> bool {
+        matches!(self, Variant::FjallEach | Variant::FjallBatch)
     }
 }
 
@@ -173,12 +205,14 @@ pub struct Census {
 }
 
 /// The start-up replay of a log (C, D): the whole file read, each frame's crc checked, each
-/// record decoded and indexed again.
+/// record decoded and indexed again. For fjall (E): the database opened again, its journal
+/// replayed into memtables by fjall.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Replay {
-    /// Records replayed.
+    /// C, D: records replayed. E: records written since the database was made (what its
+    /// journals hold, less what fjall already flushed into tables).
     pub records: u64,
-    /// The log's size, in bytes.
+    /// C, D: the log's size. E: the database directory's disk use (journals and tables).
     pub bytes: u64,
     /// Wall time, in s.
     pub wall_secs: f64,
@@ -220,7 +254,7 @@ pub struct Run {
     pub disk_bytes_per_message: f64,
     /// The records at the end.
     pub census: Census,
-    /// C, D: the log's replay.
+    /// C, D: the log's replay; E: the database's reopening.
     pub replay: Option<Replay>,
 }
 
@@ -250,9 +284,9 @@ pub struct Figures {
     pub pairs: usize,
     /// Body size, in bytes.
     pub body: usize,
-    /// A, B, C and D at the main size.
+    /// A, B, C, D, E1 and E2 at the main size.
     pub main: Vec<Row>,
-    /// A, A', B and C at each round size of the sweep.
+    /// A, A', B, C, E1 and E2 at each round size of the sweep.
     pub sweep: Vec<Row>,
     /// Every variant ended with the same records.
     pub census_agrees: bool,
@@ -268,6 +302,8 @@ pub fn run(shape: &Shape, timeout: u64) -> anyhow::Result<Figures> {
         Variant::Batch,
         Variant::Log,
         Variant::Checkpoint,
+        Variant::FjallEach,
+        Variant::FjallBatch,
     ] {
         main.push(child(
             variant,
@@ -289,6 +325,8 @@ pub fn run(shape: &Shape, timeout: u64) -> anyhow::Result<Figures> {
             Variant::Replica,
             Variant::Batch,
             Variant::Log,
+            Variant::FjallEach,
+            Variant::FjallBatch,
         ] {
             sweep.push(child(
                 variant,
@@ -404,7 +442,20 @@ pub fn print(f: &Figures) {
     );
     print_rows(&f.main);
     for row in &f.main {
-        if let Some(replay) = &row.run.replay {
+        if let Some(replay) = &row.run.replay
+            && row.run.variant.fjall()
+        {
+            println!(
+                "{}: reopening at start ({} records written, {:.1} MiB on disk): {:.0} ms wall, \
+                 {:.0} ms CPU, {:.2} µs per message",
+                row.run.variant.label(),
+                replay.records,
+                replay.bytes as f64 / (1024.0 * 1024.0),
+                replay.wall_secs * 1e3,
+                replay.cpu_secs * 1e3,
+                replay.wall_us_per_message
+            );
+        } else if let Some(replay) = &row.run.replay {
             println!(
                 "{}: replaying its log at start ({} records, {:.1} MiB): {:.0} ms wall, {:.0} ms \
                  CPU, {:.2} µs per message",
@@ -419,6 +470,14 @@ pub fn print(f: &Figures) {
     }
     if let Some(ckpt) = f.main.iter().find_map(|r| r.run.checkpoint_every) {
         println!("D checkpoints the index every {ckpt} rounds");
+    }
+    if f.main.iter().chain(&f.sweep).any(|r| r.run.variant.fjall()) {
+        println!(
+            "E: fjall, memtables of {} MiB per keyspace, journals of at most {} MiB, no \
+             compression, the journal's sync left to the round's persist (SyncData)",
+            FJALL_MEMTABLE >> 20,
+            FJALL_JOURNALS >> 20
+        );
     }
     if let Some(first) = f.sweep.first() {
         println!();
@@ -512,6 +571,8 @@ pub fn measure(
             ttl,
             Some(checkpoint),
         )?),
+        Variant::FjallEach => Box::new(FjallPath::open(&path, sealer.clone(), ttl, false)?),
+        Variant::FjallBatch => Box::new(FjallPath::open(&path, sealer.clone(), ttl, true)?),
     };
     // Each receiver's device takes deliveries: it has a cursor (`cmd::fetch` adds it).
     backend.prepare(&load)?;
@@ -687,7 +748,7 @@ trait Backend {
     }
     /// fsyncs asked for since `prepare`.
     fn fsyncs(&self) -> u64;
-    /// C, D: the log's start-up replay.
+    /// C, D: the log's start-up replay; E: the database's reopening.
     fn replay(&mut self, messages: u32) -> anyhow::Result<Option<Replay>>;
     /// The records at the end.
     fn census(self: Box<Self>, sealer: &Sealer) -> anyhow::Result<Census>;
@@ -1160,34 +1221,45 @@ impl Tags {
     }
 }
 
+impl Census {
+    /// Counts the record `(key, value)` of `tree` (`MESSAGES`, `INBOX`, `CURSORS`), stored in
+    /// the host's layout.
+    fn count(
+        &mut self,
+        tags: &Tags,
+        sealer: &Sealer,
+        tree: u8,
+        key: &[u8],
+        value: &[u8],
+    ) -> anyhow::Result<()> {
+        let tag = key.first().copied();
+        match tree {
+            MESSAGES if tag == Some(tags.dedup) => self.dedup += 1,
+            MESSAGES if tag == Some(tags.dispatch) => self.dispatch += 1,
+            INBOX if tag == Some(tags.entry) => {
+                self.entries += 1;
+                let plain = sealer.open("inbox", key, value)?;
+                self.pruned += u64::from(plain.first() == Some(&PRUNED));
+            }
+            INBOX if tag == Some(tags.id) => self.ids += 1,
+            INBOX if tag == Some(tags.expiry) => self.expiry += 1,
+            INBOX if tag == Some(tags.mark) => self.marks += u64_of(value)?,
+            CURSORS => self.cursors += u64_of(value)?,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 /// Counts the records of a database in the host's layout.
 fn sled_census(db: &sled::Db, sealer: &Sealer) -> anyhow::Result<Census> {
     let tags = Tags::new()?;
     let mut census = Census::default();
-    for entry in db.open_tree("messages")?.iter() {
-        let (key, _) = entry?;
-        match key.first() {
-            Some(&t) if t == tags.dedup => census.dedup += 1,
-            Some(&t) if t == tags.dispatch => census.dispatch += 1,
-            _ => {}
+    for (tree, name) in (0u8..).zip(TREES) {
+        for entry in db.open_tree(name)?.iter() {
+            let (key, value) = entry?;
+            census.count(&tags, sealer, tree, &key, &value)?;
         }
-    }
-    for entry in db.open_tree("inbox")?.iter() {
-        let (key, value) = entry?;
-        match key.first() {
-            Some(&t) if t == tags.entry => {
-                census.entries += 1;
-                let plain = sealer.open("inbox", &key, &value)?;
-                census.pruned += u64::from(plain.first() == Some(&PRUNED));
-            }
-            Some(&t) if t == tags.id => census.ids += 1,
-            Some(&t) if t == tags.expiry => census.expiry += 1,
-            Some(&t) if t == tags.mark => census.marks += u64_of(&value)?,
-            _ => {}
-        }
-    }
-    for entry in db.open_tree("cursors")?.iter() {
-        census.cursors += u64_of(&entry?.1)?;
     }
     Ok(census)
 }
@@ -1731,5 +1803,379 @@ impl Backend for LogPath {
             }
         }
         Ok(census)
+    }
+}
+
+// ---- E1 and E2: fjall ----
+
+/// E: the largest memtable of each keyspace before fjall seals it and flushes it into a table.
+/// fjall's default is 64 MiB; 16 bounds the memory of the three keyspaces (each with at most
+/// four sealed memtables waiting for a flush before fjall holds writes back) and what a start
+/// replays, and still holds many rounds of a busy host.
+const FJALL_MEMTABLE: u64 = 16 << 20;
+/// E: the journals' total size past which fjall flushes the keyspaces that hold the oldest
+/// journal back (512 MiB by default, 64 MiB at least): the `cursors` keyspace, small, would
+/// otherwise keep every journal until then, and a start would replay them all.
+const FJALL_JOURNALS: u64 = 64 << 20;
+
+/// Opens (or makes) a fjall database with the keyspaces `TREES`, set for the message path: the
+/// caller persists the journal (once per round), nothing is compressed (the values are
+/// ciphertext; keys go into tables with fjall's prefix truncation anyway).
+fn fjall_open(path: &Path) -> anyhow::Result<(fjall::Database, [fjall::Keyspace; 3])> {
+    let db = fjall::Database::builder(path)
+        .manual_journal_persist(true)
+        .journal_compression(fjall::CompressionType::None)
+        .max_journaling_size(FJALL_JOURNALS)
+        .open()?;
+    let options = || {
+        fjall::KeyspaceCreateOptions::default()
+            .manual_journal_persist(true)
+            .max_memtable_size(FJALL_MEMTABLE)
+            .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
+            .index_block_compression_policy(fjall::config::CompressionPolicy::disabled())
+    };
+    let [messages, inbox, cursors] = TREES;
+    let trees = [
+        db.keyspace(messages, options)?,
+        db.keyspace(inbox, options)?,
+        db.keyspace(cursors, options)?,
+    ];
+    Ok((db, trees))
+}
+
+/// Counts the records of a fjall database in the host's layout.
+fn fjall_census(trees: &[fjall::Keyspace; 3], sealer: &Sealer) -> anyhow::Result<Census> {
+    let tags = Tags::new()?;
+    let mut census = Census::default();
+    for (tree, keyspace) in (0u8..).zip(trees) {
+        for guard in keyspace.iter() {
+            let (key, value) = guard.into_inner()?;
+            census.count(&tags, sealer, tree, &key, &value)?;
+        }
+    }
+    Ok(census)
+}
+
+/// The disk space the files under `dir` take (their blocks: fjall's journal is made 64 MiB
+/// long at once, most of it a hole).
+fn disk_use(dir: &Path) -> anyhow::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        bytes += if meta.is_dir() {
+            disk_use(&entry.path())?
+        } else {
+            meta.blocks() * 512
+        };
+    }
+    Ok(bytes)
+}
+
+/// E2: a round's write batch, and what the round reads of its own writes (as B's `Round`).
+struct FjallRound {
+    batch: fjall::OwnedWriteBatch,
+    /// Dedup records written this round.
+    dedup: HashMap<Vec<u8>, (u64, u64)>,
+    /// Cursors written this round.
+    cursor: HashMap<Vec<u8>, u64>,
+    /// Prune marks written this round.
+    mark: HashMap<Vec<u8>, u64>,
+}
+
+impl FjallRound {
+    fn new(db: &fjall::Database) -> Self {
+        Self {
+            batch: db.batch(),
+            dedup: HashMap::new(),
+            cursor: HashMap::new(),
+            mark: HashMap::new(),
+        }
+    }
+}
+
+/// An open fjall database.
+struct Fjall {
+    db: fjall::Database,
+    /// `messages`, `inbox`, `cursors`: indexed by `MESSAGES`, `INBOX`, `CURSORS`.
+    trees: [fjall::Keyspace; 3],
+    /// E2: the round being gathered (it holds the database too).
+    round: Option<FjallRound>,
+}
+
+impl Fjall {
+    fn insert(&mut self, tree: u8, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
+        let keyspace = &self.trees[usize::from(tree)];
+        match &mut self.round {
+            Some(round) => round.batch.insert(keyspace, key, value),
+            None => keyspace.insert(key, value)?,
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, tree: u8, key: &[u8]) -> anyhow::Result<()> {
+        let keyspace = &self.trees[usize::from(tree)];
+        match &mut self.round {
+            Some(round) => round.batch.remove(keyspace, key),
+            None => keyspace.remove(key)?,
+        }
+        Ok(())
+    }
+
+    fn get(&self, tree: u8, key: &[u8]) -> anyhow::Result<Option<fjall::Slice>> {
+        Ok(self.trees[usize::from(tree)].get(key)?)
+    }
+
+    /// A stored number, or none.
+    fn number(&self, tree: u8, key: &[u8]) -> anyhow::Result<Option<u64>> {
+        self.get(tree, key)?.map(|v| u64_of(&v)).transpose()
+    }
+}
+
+/// The host's records in fjall, written one by one (E1) or in one batch per round (E2).
+struct FjallPath {
+    /// None while it is reopened.
+    open: Option<Fjall>,
+    path: PathBuf,
+    sealer: Sealer,
+    /// E2.
+    batched: bool,
+    /// The last position of each inbox (the host's `Inbox` heads).
+    heads: HashMap<UserId, u64>,
+    /// The cursor keys of each user's devices, known in memory (as the host knows a user's
+    /// devices), so that the prune reads each cursor with a point `get`. A prefix scan of the
+    /// user's cursors, as the host does in sled, walks every version of a cursor that is
+    /// still in fjall's memtable (one per write, until the memtable is flushed): its cost
+    /// grows with the run (measured with rounds of 256, E1: 41 µs of CPU per message at 2,500
+    /// messages, 188 µs at 20,000; with these gets, 17 µs at both).
+    cursor_keys: HashMap<UserId, Vec<Vec<u8>>>,
+    next_id: u64,
+    ttl: u64,
+    fsyncs: u64,
+    /// Inserts and removals made since the database was made.
+    records: u64,
+}
+
+impl FjallPath {
+    fn open(path: &Path, sealer: Sealer, ttl: u64, batched: bool) -> anyhow::Result<Self> {
+        let (db, trees) = fjall_open(path)?;
+        let round = batched.then(|| FjallRound::new(&db));
+        Ok(Self {
+            open: Some(Fjall { db, trees, round }),
+            path: path.to_owned(),
+            sealer,
+            batched,
+            heads: HashMap::new(),
+            cursor_keys: HashMap::new(),
+            next_id: 1,
+            ttl,
+            fsyncs: 0,
+            records: 0,
+        })
+    }
+
+    fn fjall(&mut self) -> anyhow::Result<&mut Fjall> {
+        self.open.as_mut().context("the database is closed")
+    }
+}
+
+impl Backend for FjallPath {
+    fn prepare(&mut self, load: &Load) -> anyhow::Result<()> {
+        let fjall = self.open.as_mut().context("the database is closed")?;
+        for user in &load.receivers {
+            let key = keys::cursor(user, &load.device);
+            fjall.trees[usize::from(CURSORS)].insert(&key, 0u64.to_be_bytes())?;
+            self.cursor_keys.entry(user.clone()).or_default().push(key);
+        }
+        fjall.db.persist(fjall::PersistMode::SyncData)?;
+        self.records += load.receivers.len() as u64;
+        Ok(())
+    }
+
+    fn accept(
+        &mut self,
+        user: &UserId,
+        device: &DeviceId,
+        client_id: u64,
+        build: &dyn Fn(MessageId) -> Message,
+    ) -> anyhow::Result<Message> {
+        let id = MessageId(self.next_id);
+        let fjall = self.open.as_mut().context("the database is closed")?;
+        let dedup_key = keys::dedup(user, device, client_id);
+        let seen = match &fjall.round {
+            Some(round) => round.dedup.contains_key(&dedup_key),
+            None => false,
+        };
+        if seen || fjall.get(MESSAGES, &dedup_key)?.is_some() {
+            bail!("client id {client_id} accepted twice");
+        }
+        let message = build(id);
+        let key = keys::dispatch(message.id.0);
+        let dispatch = Dispatch {
+            client_id: Some(client_id),
+            message: &message,
+        };
+        let sealed = self.sealer.seal("messages", &key, encode(&dispatch)?);
+        let dedup = encode(&(message.id.0, message.sent_at))?;
+        // In this order, as `Messages::accept`.
+        fjall.insert(MESSAGES, &key, &sealed)?;
+        fjall.insert(MESSAGES, &dedup_key, &dedup)?;
+        if let Some(round) = &mut fjall.round {
+            round
+                .dedup
+                .insert(dedup_key, (message.id.0, message.sent_at));
+        }
+        self.next_id += 1;
+        self.records += 2;
+        Ok(message)
+    }
+
+    fn append(&mut self, user: &UserId, message: &Message) -> anyhow::Result<u64> {
+        let id = message.id.0;
+        let seq = self.heads.get(user).copied().unwrap_or(RESTART_GAP) + 1;
+        let fjall = self.open.as_mut().context("the database is closed")?;
+        let explicit = fjall.number(MESSAGES, &keys::ttl(id))?;
+        let expires_at = explicit.unwrap_or(message.sent_at.saturating_add(self.ttl));
+        let id_key = keys::inbox_id(user, id);
+        if fjall.get(INBOX, &id_key)?.is_some() {
+            bail!("message {id} appended twice");
+        }
+        let expiry_key = keys::expiry(expires_at, user, seq);
+        let key = keys::inbox(user, seq);
+        let sealed = self.sealer.seal("inbox", &key, encode(message)?);
+        // In this order, as `Inbox::append_at`.
+        fjall.insert(INBOX, &expiry_key, &id.to_be_bytes())?;
+        fjall.insert(INBOX, &id_key, &seq.to_be_bytes())?;
+        fjall.insert(INBOX, &key, &sealed)?;
+        self.heads.insert(user.clone(), seq);
+        self.records += 3;
+        Ok(seq)
+    }
+
+    fn dispatched(&mut self, id: MessageId) -> anyhow::Result<()> {
+        self.fjall()?.remove(MESSAGES, &keys::dispatch(id.0))?;
+        self.records += 1;
+        Ok(())
+    }
+
+    fn ack(&mut self, user: &UserId, device: &DeviceId, seq: u64) -> anyhow::Result<()> {
+        let fjall = self.open.as_mut().context("the database is closed")?;
+        let cursor_key = keys::cursor(user, device);
+        // The cursor, as `Cursors::set`: never moved back. fjall has no `fetch_and_update`
+        // outside its transactions: one writer owns the round, so a read and a write.
+        let pending = fjall
+            .round
+            .as_ref()
+            .and_then(|r| r.cursor.get(&cursor_key).copied());
+        let old = match pending {
+            Some(old) => old,
+            None => fjall.number(CURSORS, &cursor_key)?.unwrap_or(0),
+        };
+        let new = old.max(seq);
+        fjall.insert(CURSORS, &cursor_key, &new.to_be_bytes())?;
+        self.records += 1;
+        if let Some(round) = &mut fjall.round {
+            round.cursor.insert(cursor_key, new);
+        }
+        // The prune, as `Inbox::prune`: up to the lowest cursor of the user's devices, each
+        // read with a `get` (not a prefix scan: see `cursor_keys`).
+        let mut through = None::<u64>;
+        for key in self.cursor_keys.get(user).into_iter().flatten() {
+            let pending = fjall
+                .round
+                .as_ref()
+                .and_then(|r| r.cursor.get(key).copied());
+            let cursor = match pending {
+                Some(pending) => pending,
+                None => match fjall.number(CURSORS, key)? {
+                    Some(cursor) => cursor,
+                    // Forgotten meanwhile (a device revoked): the prune waits for it no more.
+                    None => continue,
+                },
+            };
+            through = Some(through.map_or(cursor, |t| t.min(cursor)));
+        }
+        let Some(through) = through else {
+            return Ok(());
+        };
+        let mark_key = keys::inbox_pruned(user);
+        let from = match fjall.round.as_ref().and_then(|r| r.mark.get(&mark_key)) {
+            Some(&pending) => pending,
+            None => fjall.number(INBOX, &mark_key)?.unwrap_or(0),
+        };
+        if through <= from {
+            return Ok(());
+        }
+        let (start, end) = keys::inbox_range(user, from);
+        let end = end.min(keys::inbox(user, through.saturating_add(1)));
+        // Read whole before the writes (E1 writes into the keyspace it reads).
+        let entries = fjall.trees[usize::from(INBOX)]
+            .range(start..end)
+            .map(|guard| guard.into_inner())
+            .collect::<Result<Vec<_>, _>>()?;
+        for (key, value) in entries {
+            let plain = self.sealer.open("inbox", &key, &value)?;
+            let Some(pruned) = pruned_entry(&plain)? else {
+                continue;
+            };
+            // No compare-and-swap outside fjall's transactions: the one writer's insert.
+            let without_body = self.sealer.seal("inbox", &key, pruned);
+            fjall.insert(INBOX, &key, &without_body)?;
+            self.records += 1;
+        }
+        fjall.insert(INBOX, &mark_key, &through.to_be_bytes())?;
+        self.records += 1;
+        if let Some(round) = &mut fjall.round {
+            round.mark.insert(mark_key, through);
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self) -> anyhow::Result<()> {
+        let fjall = self.open.as_mut().context("the database is closed")?;
+        if let Some(round) = fjall.round.take() {
+            // Atomic across the keyspaces, in the journal's one order.
+            round.batch.commit()?;
+            fjall.round = Some(FjallRound::new(&fjall.db));
+        }
+        // The journal's buffer written out and `fdatasync`ed.
+        fjall.db.persist(fjall::PersistMode::SyncData)?;
+        self.fsyncs += 1;
+        Ok(())
+    }
+
+    fn fsyncs(&self) -> u64 {
+        self.fsyncs
+    }
+
+    fn replay(&mut self, messages: u32) -> anyhow::Result<Option<Replay>> {
+        let fjall = self.open.as_ref().context("the database is closed")?;
+        let live = fjall_census(&fjall.trees, &self.sealer)?;
+        // Closed when its last handle goes (the keyspaces and a batch hold it too): its
+        // worker threads stopped, its journal synced, its lock let go. Its memtables are not
+        // flushed: the opening replays the journal as after a crash.
+        drop(self.open.take());
+        let (cpu, started) = (Cpu::now()?, Instant::now());
+        let (db, trees) = fjall_open(&self.path)?;
+        let wall_secs = started.elapsed().as_secs_f64();
+        let (cpu_secs, _) = cpu.since()?;
+        if fjall_census(&trees, &self.sealer)? != live {
+            bail!("the reopened database holds other records than the live one");
+        }
+        let round = self.batched.then(|| FjallRound::new(&db));
+        self.open = Some(Fjall { db, trees, round });
+        Ok(Some(Replay {
+            records: self.records,
+            bytes: disk_use(&self.path)?,
+            wall_secs,
+            cpu_secs,
+            wall_us_per_message: wall_secs * 1e6 / f64::from(messages),
+        }))
+    }
+
+    fn census(self: Box<Self>, sealer: &Sealer) -> anyhow::Result<Census> {
+        let fjall = self.open.as_ref().context("the database is closed")?;
+        fjall_census(&fjall.trees, sealer)
     }
 }
