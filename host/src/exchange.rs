@@ -193,10 +193,7 @@ impl crate::metrics::Observed for Observed {
     }
 
     fn readiness(&self) -> Result<(), String> {
-        match *self.0.shutdown.borrow() {
-            true => Err("shutting down".into()),
-            false => Ok(()),
-        }
+        crate::metrics::until_shutdown(&self.0.shutdown)
     }
 }
 

@@ -85,8 +85,9 @@ pub struct Metrics {
     /// (the message path's records: accepting, appending, acknowledging, reading inboxes),
     /// `plugin` (calls into plugins, with the imports they call), `frames` (a session
     /// decoding and handling what its client sent, and encoding what it sends); see
-    /// [`Busy`]. What the process's CPU time ([`Metrics::cpu_seconds`]) has beyond their sum
-    /// is QUIC, TLS, the store's commits, scheduling and the rest.
+    /// [`Busy`] (timed only while an endpoint serves them). What the process's CPU time
+    /// ([`Metrics::cpu_seconds`]) has beyond their sum is QUIC, TLS, the store's commits,
+    /// scheduling and the rest.
     pub busy: Family<Label, Seconds>,
     /// `busy{part="store"}`.
     pub busy_store: Seconds,
@@ -297,7 +298,10 @@ pub fn metrics() -> &'static Metrics {
 /// seconds: a part of the message path ([`Metrics::busy`]). CPU time rather than wall time,
 /// so that waiting for a lock or for a core is not counted; a section that ends on another
 /// thread than it started on (an `await` in it moved the task) counts its wall time instead.
-pub struct Busy {
+pub struct Busy(Option<Section>);
+
+/// A section being timed.
+struct Section {
     counter: &'static Seconds,
     thread: std::thread::ThreadId,
     cpu: Option<Duration>,
@@ -305,27 +309,37 @@ pub struct Busy {
 }
 
 impl Busy {
-    /// Starts timing into `part` (one of [`Metrics`]' `busy_*`).
+    /// Starts timing into `part` (one of [`Metrics`]' `busy_*`); times nothing (no clock
+    /// read) unless the process serves its metrics.
     pub fn start(part: fn(&'static Metrics) -> &'static Seconds) -> Self {
-        Self {
+        if !SERVED.load(Ordering::Relaxed) {
+            return Self(None);
+        }
+        Self(Some(Section {
             counter: part(metrics()),
             thread: std::thread::current().id(),
             cpu: thread_cpu(),
             wall: std::time::Instant::now(),
-        }
+        }))
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let same_thread = std::thread::current().id() == self.thread;
-        let spent = match (same_thread, self.cpu, thread_cpu()) {
-            (true, Some(start), Some(end)) => end.saturating_sub(start),
-            _ => self.wall.elapsed(),
+        let Some(section) = &self.0 else {
+            return;
         };
-        self.counter.inc_by(spent.as_secs_f64());
+        let same_thread = std::thread::current().id() == section.thread;
+        let spent = match (same_thread, section.cpu, thread_cpu()) {
+            (true, Some(start), Some(end)) => end.saturating_sub(start),
+            _ => section.wall.elapsed(),
+        };
+        section.counter.inc_by(spent.as_secs_f64());
     }
 }
+
+/// Whether an [`Endpoint`] serves the metrics: only then are the `busy` parts timed.
+static SERVED: AtomicBool = AtomicBool::new(false);
 
 /// The CPU time the calling thread has used.
 fn thread_cpu() -> Option<Duration> {
@@ -353,6 +367,14 @@ pub trait Observed: Send + Sync + 'static {
     fn readiness(&self) -> Result<(), String>;
 }
 
+/// The readiness of a process whose shutdown signal is `shutdown`: ready until it stops.
+pub fn until_shutdown(shutdown: &tokio::sync::watch::Receiver<bool>) -> Result<(), String> {
+    match *shutdown.borrow() {
+        true => Err("shutting down".into()),
+        false => Ok(()),
+    }
+}
+
 /// A failure to start the endpoint.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen for metrics on {addr}: {source}")]
@@ -378,6 +400,7 @@ impl Endpoint {
         let local = listener
             .local_addr()
             .map_err(|source| ListenError { addr, source })?;
+        SERVED.store(true, Ordering::Relaxed);
         let serving = Arc::new(AtomicBool::new(false));
         let (stop_tx, mut stop) = tokio::sync::oneshot::channel::<()>();
         let state = Arc::new(State {

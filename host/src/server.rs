@@ -119,10 +119,7 @@ impl metrics::Observed for Observed {
     }
 
     fn readiness(&self) -> Result<(), String> {
-        match *self.0.shutdown.borrow() {
-            true => Err("shutting down".into()),
-            false => Ok(()),
-        }
+        metrics::until_shutdown(&self.0.shutdown)
     }
 }
 
@@ -338,11 +335,13 @@ impl Server {
         let metrics = match host.config.metrics.listen {
             Some(addr) => {
                 let observed = Arc::new(Observed(Arc::clone(&host)));
-                Some(metrics::Endpoint::start(addr, observed).await?)
+                let endpoint = metrics::Endpoint::start(addr, observed).await?;
+                // Only a host that shows its metrics reads every inbox for them.
+                count_inboxes(host.store.clone());
+                Some(endpoint)
             }
             None => None,
         };
-        count_inboxes(host.store.clone());
         Ok(Self {
             host,
             loader,
