@@ -354,21 +354,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The message path's store work alone: today's separate sled writes against rounds
-    /// written as one sled batch per tree, as an append-only log, or into fjall (issue 18,
-    /// Deliver 1).
+    /// The message path's store work alone: the host's `Store` (its message log) against the
+    /// separate sled writes it made before, rounds written as one sled batch per tree, a bare
+    /// append-only log, and fjall (issue 18, Deliver 1).
     ///
     /// Replays, in one thread, the store work of --messages chat messages from 8 senders to
     /// 8 receivers (one device each): accept, inbox append, dispatch record removed, cursor,
     /// prune, in the host's record shapes, sealed. Variants, each in a process of its own on a
-    /// fresh directory: A the host's `Store` as today, B one sled batch per tree per round, C
-    /// an append-only log (one write per round) with its indexes in memory, D C with the index
-    /// checkpointed into sled every --checkpoint rounds, E1 fjall with each record a write, E2
-    /// fjall with one write batch per round; one flush and one fsync per round of --round
-    /// messages. Then A, A' (A's writes made by the benchmark itself, which B batches), B, C,
-    /// E1 and E2 at each round size of --sweep with --sweep-messages messages. Prints CPU and
-    /// wall µs per message, msgs/s, fsyncs, disk bytes per message and ratios to A; fails if
-    /// the variants do not end with the same records.
+    /// fresh directory: A the host's `Store` (the message log), A' the sled writes the store
+    /// made one by one before the message log (format 2), B those writes as one sled batch per
+    /// tree per round, C a bare append-only log (one write per round) with its indexes in
+    /// memory, D C with the index checkpointed into sled every --checkpoint rounds, E1 fjall
+    /// with each record a write, E2 fjall with one write batch per round; one commit (flush
+    /// and fsync) per round of --round messages. Then A, A', B, C, E1 and E2 at each round size
+    /// of --sweep with --sweep-messages messages. Prints CPU and wall µs per message, msgs/s,
+    /// fsyncs, disk bytes per message and ratios to A; fails if the variants do not end with
+    /// the same records.
     Store {
         /// Messages of the main runs.
         #[arg(long, default_value_t = 200_000)]

@@ -191,6 +191,14 @@ pub struct Breakdown {
     pub other_us: f64,
     /// The host's CPU time over the run's wall time: cores it kept busy.
     pub cores: f64,
+    /// The store's commit rounds during the run.
+    pub commits: f64,
+    /// Their mean duration, ms.
+    pub commit_ms: f64,
+    /// Disk syncs during the run.
+    pub fsyncs: f64,
+    /// Their mean duration, ms.
+    pub fsync_ms: f64,
 }
 
 impl Breakdown {
@@ -203,7 +211,17 @@ impl Breakdown {
         let cpu_secs = moved("iim_cpu_seconds_total");
         let (store_us, plugin_us, frames_us) = (busy("store"), busy("plugin"), busy("frames"));
         let cpu_us = per_message(cpu_secs);
+        let mean_ms = |name: &str| {
+            let count = moved(&format!("{name}_count"));
+            (count, moved(&format!("{name}_sum")) * 1e3 / count.max(1.0))
+        };
+        let (commits, commit_ms) = mean_ms("iim_commit_seconds");
+        let (fsyncs, fsync_ms) = mean_ms("iim_fsync_seconds");
         Self {
+            commits,
+            commit_ms,
+            fsyncs,
+            fsync_ms,
             cpu_us,
             store_us,
             plugin_us,
@@ -213,12 +231,22 @@ impl Breakdown {
         }
     }
 
-    /// One line for a table.
+    /// Two lines for a table: the CPU, then the commits.
     pub fn describe(&self) -> String {
         format!(
             "host CPU per message {:.1} µs ({:.2} cores): store {:.1} µs, plugin {:.1} µs, \
-             frames {:.1} µs, other (QUIC, TLS, commits, scheduling) {:.1} µs",
-            self.cpu_us, self.cores, self.store_us, self.plugin_us, self.frames_us, self.other_us
+             frames {:.1} µs, other (QUIC, TLS, commits, scheduling) {:.1} µs\n\
+             store commits {:.0} ({:.2} ms each), disk syncs {:.0} ({:.2} ms each)",
+            self.cpu_us,
+            self.cores,
+            self.store_us,
+            self.plugin_us,
+            self.frames_us,
+            self.other_us,
+            self.commits,
+            self.commit_ms,
+            self.fsyncs,
+            self.fsync_ms
         )
     }
 }

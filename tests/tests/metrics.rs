@@ -133,11 +133,17 @@ async fn a_host_s_counters_move_with_its_traffic_and_it_says_it_is_healthy_and_r
     );
     assert!(moved("iim_plugin_call_seconds_sum{plugin=\"chat\"}") > 0.0);
     assert_eq!(moved("iim_plugin_failures_total{plugin=\"chat\"}"), 0.0);
-    // Every accepted submission was made durable by a commit, with its fsync.
+    // Every accepted submission was made durable by a commit round; a round syncs the disk
+    // once or twice (sled's log file if sled wrote, the message log if it has new records),
+    // and every one these submissions waited for had records to write.
     let commits = moved("iim_commit_seconds_count");
     assert!(commits >= 1.0, "{commits} commits");
     assert!(moved("iim_commit_round_size_sum") >= n, "{after:?}");
-    assert_eq!(moved("iim_fsync_seconds_count"), commits);
+    let fsyncs = moved("iim_fsync_seconds_count");
+    assert!(
+        fsyncs >= 1.0 && fsyncs <= 2.0 * commits,
+        "{fsyncs} disk syncs in {commits} commits"
+    );
     // Where the CPU went: every part of the message path took some, and the process more
     // than their sum.
     let parts: f64 = ["store", "plugin", "frames"]

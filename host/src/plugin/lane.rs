@@ -375,6 +375,7 @@ pub fn apply(
     let (user, device) = event.acting();
     let key = event.durable_key();
     let mut requests = Vec::new();
+    let sent = !effects.sends.is_empty();
     for (index, send) in effects.sends.into_iter().enumerate() {
         let request = is_group_request(&send);
         let message = match send.message {
@@ -423,6 +424,13 @@ pub fn apply(
         services.iim.send(&message, &list)?;
     }
     if !effects.kv.is_empty() {
+        if sent {
+            // The sends' inbox entries (in the message log) durable before the plugin's
+            // values (in sled): a value must not outlive the messages the event sent with it,
+            // or the event, handled again after a crash, would find its values changed and
+            // its messages gone. Only events with both pay for this commit.
+            services.store.commit_now()?;
+        }
         services.store.plugin_kv.apply(plugin, &effects.kv)?;
     }
     Ok(requests)

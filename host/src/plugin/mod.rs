@@ -428,11 +428,13 @@ impl PluginHost {
                 (letter.plugin.clone(), Some(permits))
             }
         };
-        // A message event is recorded for dispatch first, so that from here on it is a pending
+        // A message event is recorded for dispatch first, and durably (the message log and
+        // sled are made durable one after the other), so that from here on it is a pending
         // message like any other: a crash before it is handled leaves it pending, never lost
         // (at worst the letter stays listed too, and handling it twice delivers it once).
         if let Event::Message(message) = &letter.event {
             store.messages.redispatch(message).map_err(failed)?;
+            store.flush().await.map_err(failed)?;
         }
         if !store.dead_letters.remove(id).map_err(failed)? {
             return Err(RetryError::NoLetter(id));

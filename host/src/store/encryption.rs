@@ -83,7 +83,10 @@ pub(super) fn seal_if_clear(path: &Path, sealer: &Sealer) -> Result<(), StoreErr
         return Ok(());
     }
     let old = sled::Config::new().path(path).flush_every_ms(None).open()?;
-    if old.contains_key(keys::SEALED)? || !has_sealed_records(&old)? {
+    let log = path.join("log");
+    if old.contains_key(keys::SEALED)?
+        || !(has_sealed_records(&old)? || super::hot::log_has_records(&log)?)
+    {
         return Ok(());
     }
     let total: usize = old.len()
@@ -138,6 +141,7 @@ pub(super) fn seal_if_clear(path: &Path, sealer: &Sealer) -> Result<(), StoreErr
     let floor = get_u64(&old, "default", keys::ID_FLOOR)?.unwrap_or(0) + old.generate_id()? + 1;
     new.insert(keys::ID_FLOOR, &floor.to_be_bytes())?;
     new.insert(keys::SEALED, &[])?;
+    copied += super::hot::seal_log(&log, &sealing.join("log"), sealer)? as usize;
     new.flush()?;
     drop((old, new));
     std::fs::rename(path, &clear).map_err(io_error("moving aside", path))?;

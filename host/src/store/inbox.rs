@@ -1,13 +1,13 @@
-//! Inboxes (the `inbox` tree): each user's ordered log of messages, its positions, and the
-//! records that make it crash-safe (id records, expiry records, the high water of positions,
-//! the prune mark).
+//! Inboxes, in the message log ([`super::hot`]): each user's ordered entries, their positions
+//! and expiries, the high water of positions, the prune mark.
 //!
-//! An append writes its expiry record, then its id record, then its entry (see the store's
-//! module documentation for why this order is safe). [`Inbox::append`] chooses the position
-//! itself and hands it on while it still holds the inbox, so that positions are chosen, stored
-//! and handed to online devices in one order.
+//! An append is one record. [`Inbox::append`] chooses the position itself and hands it on while
+//! it still holds the inbox, so that positions are chosen, stored and handed to online devices
+//! in one order.
 
-use super::{Cursors, Sealer, StoreError, decode, decode_u64, encode, get_u64, keys};
+use super::hot::{Head, Journal};
+use super::log::Located;
+use super::{Cursors, Sealer, StoreError, decode, encode, keys};
 use iim_proto::session::InboxSummary;
 use iim_proto::{Message, MessageId, UserId};
 use std::collections::HashMap;
@@ -17,12 +17,12 @@ use std::sync::{Arc, Mutex};
 
 /// How far past the stored high-water mark a user's positions resume after a start.
 ///
-/// Entries are pushed to online devices before the store flushes them (only the submission is
+/// Entries are pushed to online devices before the store commits them (only the submission is
 /// durable when it is accepted), so a crash can lose the last entries of an inbox after a
 /// device has seen their positions. A device drops a position it has seen as a repeat, so
 /// those positions must never be handed out again: a run starts each inbox this far above
-/// what the store shows, far more than one inbox takes between two flushes (sled flushes at
-/// least every 500 ms). Positions only need to grow, not to be contiguous.
+/// what the store shows, far more than one inbox takes between two commit rounds. Positions
+/// only need to grow, not to be contiguous.
 pub const RESTART_GAP: u64 = 1 << 20;
 
 /// Shards of the inbox heads, each under its own lock.
@@ -78,12 +78,6 @@ impl Entry {
         }
     }
 
-    fn message(&self) -> &Message {
-        match self {
-            Entry::Whole(message) | Entry::Pruned(message) => message,
-        }
-    }
-
     fn into_message(self) -> Message {
         match self {
             Entry::Whole(message) | Entry::Pruned(message) => message,
@@ -94,7 +88,7 @@ impl Entry {
 /// Every user's inbox.
 #[derive(Clone)]
 pub struct Inbox {
-    pub(super) tree: sled::Tree,
+    journal: Arc<Journal>,
     cursors: Cursors,
     /// Entries are sealed.
     sealer: Sealer,
@@ -105,13 +99,9 @@ pub struct Inbox {
 }
 
 impl Inbox {
-    pub(super) fn new(
-        db: &sled::Db,
-        cursors: Cursors,
-        sealer: &Sealer,
-    ) -> Result<Self, StoreError> {
-        Ok(Self {
-            tree: db.open_tree("inbox")?,
+    pub(super) fn new(journal: &Arc<Journal>, cursors: Cursors, sealer: &Sealer) -> Self {
+        Self {
+            journal: Arc::clone(journal),
             cursors,
             sealer: sealer.clone(),
             heads: Arc::new(
@@ -119,7 +109,7 @@ impl Inbox {
                     .map(|_| Mutex::new(HashMap::new()))
                     .collect(),
             ),
-        })
+        }
     }
 
     /// Appends `message` to `user`'s inbox at its next position, unless it is there already (a
@@ -173,50 +163,26 @@ impl Inbox {
         &self.heads[hasher.finish() as usize % HEAD_SHARDS]
     }
 
-    /// Removes `user`'s inbox: its entries, their id and expiry records, its marks (the
-    /// account was deleted; its name, if registered again, starts a new inbox). Holds the
-    /// inbox's lock, so that an append racing with the deletion either is removed here or
-    /// finds the account gone ([`Inbox::append_if`]).
+    /// Removes `user`'s inbox: its entries and marks (the account was deleted; its name, if
+    /// registered again, starts a new inbox). Holds the inbox's lock, so that an append racing
+    /// with the deletion either is removed here or finds the account gone
+    /// ([`Inbox::append_if`]).
     pub fn forget_user(&self, user: &UserId) -> Result<(), StoreError> {
         let mut heads = self.shard(user).lock().unwrap_or_else(|p| p.into_inner());
         heads.remove(user);
-        let (start, end) = keys::inbox_range(user, 0);
-        let waiting = self.count_whole(self.tree.range(start..end))?;
-        for prefix in keys::inbox_prefixes(user) {
-            for entry in self.tree.scan_prefix(prefix) {
-                self.tree.remove(entry?.0)?;
-            }
-        }
-        for entry in self.tree.scan_prefix(keys::EXPIRY_PREFIX) {
-            let (key, _) = entry?;
-            if keys::expiry_parts(&key).is_some_and(|(_, of, _)| &of == user) {
-                self.tree.remove(key)?;
-            }
-        }
-        self.tree.remove(keys::inbox_high(user))?;
-        self.tree.remove(keys::inbox_pruned(user))?;
+        let mut inner = self.journal.lock();
+        let before = inner.state.whole;
+        inner.log(Head::ForgetInbox { user: user.clone() }, &[]);
+        let waiting = before - inner.state.whole;
+        drop(inner);
         crate::metrics::metrics().inbox_waiting.dec_by(waiting);
         Ok(())
     }
 
     /// How many entries of every inbox still hold their message, for the metric
-    /// `inbox_waiting`: read once after a start (in the background; appends, prunes and
-    /// expiries while it reads may be counted off by as many).
+    /// `inbox_waiting`.
     pub fn count_waiting(&self) -> Result<i64, StoreError> {
-        self.count_whole(self.tree.scan_prefix(keys::INBOX_ENTRY_PREFIX))
-    }
-
-    /// How many of `entries` still hold their message.
-    fn count_whole(
-        &self,
-        entries: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
-    ) -> Result<i64, StoreError> {
-        let mut whole = 0;
-        for entry in entries {
-            let (key, value) = entry?;
-            whole += i64::from(matches!(self.entry_of(&key, &value)?, Entry::Whole(_)));
-        }
-        Ok(whole)
+        Ok(self.journal.lock().state.whole)
     }
 
     /// Appends `message` to `user`'s inbox at `seq`, unless it is there already (a dispatch
@@ -231,42 +197,63 @@ impl Inbox {
         message: &Message,
         expires_at: Option<u64>,
     ) -> Result<bool, StoreError> {
-        let id_key = keys::inbox_id(user, message.id.0);
-        // An id record without its entry is an append a crash cut off: appended anew below.
-        if let Some(at) = get_u64(&self.tree, "inbox", &id_key)?
-            && self.entry_is(user, at, message.id)?
-        {
+        if self.seq_of(user, message.id).is_some() {
             return Ok(false);
         }
-        // In this order (see the module's documentation): the expiry record first, so that
-        // whatever a crash leaves of an append is taken out when it is due.
-        if let Some(at) = expires_at {
-            self.tree
-                .insert(keys::expiry(at, user, seq), &message.id.0.to_be_bytes())?;
-        }
-        self.tree.insert(id_key, &seq.to_be_bytes())?;
         let key = keys::inbox(user, seq);
         let sealed = self.sealer.seal("inbox", &key, encode(message));
-        self.tree.insert(key, sealed)?;
+        let head = Head::Appended {
+            user: user.clone(),
+            seq,
+            id: message.id.0,
+            expires_at,
+            pruned: false,
+        };
+        self.journal.lock().log(head, &sealed);
         let metrics = crate::metrics::metrics();
         metrics.inbox_appends.inc();
         metrics.inbox_waiting.inc();
         Ok(true)
     }
 
-    /// Whether position `seq` of `user`'s inbox holds message `id` (whole or pruned).
-    fn entry_is(&self, user: &UserId, seq: u64, id: MessageId) -> Result<bool, StoreError> {
-        Ok(self
-            .stored(user, seq)?
-            .is_some_and(|entry| entry.message().id == id))
+    /// The position of message `id` in `user`'s inbox, if it is there.
+    fn seq_of(&self, user: &UserId, id: MessageId) -> Option<u64> {
+        let inner = self.journal.lock();
+        inner.state.users.get(user)?.ids.get(&id.0).copied()
+    }
+
+    /// Where the entry at `seq` of `user`'s inbox is, and whether it was pruned.
+    fn locate(&self, user: &UserId, seq: u64) -> Result<Option<(Located, bool)>, StoreError> {
+        let inner = self.journal.lock();
+        let Some(entry) = inner
+            .state
+            .users
+            .get(user)
+            .and_then(|i| i.entries.get(&seq))
+        else {
+            return Ok(None);
+        };
+        Ok(Some((inner.tail.locate(entry.loc)?, entry.pruned)))
+    }
+
+    /// The entry at `seq` of `user`'s inbox, read from where [`Inbox::locate`] found it.
+    fn read(&self, user: &UserId, seq: u64, located: Located) -> Result<Entry, StoreError> {
+        let key = keys::inbox(user, seq);
+        Entry::decode(&self.sealer.open("inbox", &key, &located.read()?)?)
     }
 
     fn stored(&self, user: &UserId, seq: u64) -> Result<Option<Entry>, StoreError> {
-        let key = keys::inbox(user, seq);
-        self.tree
-            .get(&key)?
-            .map(|v| self.entry_of(&key, &v))
-            .transpose()
+        let Some((located, pruned)) = self.locate(user, seq)? else {
+            return Ok(None);
+        };
+        let entry = self.read(user, seq, located)?;
+        Ok(Some(match entry {
+            Entry::Whole(message) if pruned => Entry::Pruned(Message {
+                body: Vec::new(),
+                ..message
+            }),
+            entry => entry,
+        }))
     }
 
     /// The entry at position `seq` of `user`'s inbox, if it is there and not pruned.
@@ -280,80 +267,63 @@ impl Inbox {
     /// no session; it leaves when it expires. Returns how many entries were pruned.
     pub fn prune(&self, user: &UserId) -> Result<usize, StoreError> {
         let _busy = crate::metrics::Busy::start(|m| &m.busy_store);
-        let Some(through) = self.cursors.of_user(user)?.into_iter().min() else {
+        let mut inner = self.journal.lock();
+        let Some(inbox) = inner.state.users.get(user) else {
             return Ok(0);
         };
-        let mark_key = keys::inbox_pruned(user);
-        let from = get_u64(&self.tree, "inbox", &mark_key)?.unwrap_or(0);
-        if through <= from {
+        let Some(through) = inbox.cursors.values().min().copied() else {
+            return Ok(0);
+        };
+        if through <= inbox.pruned {
             return Ok(0);
         }
-        let (start, end) = keys::inbox_range(user, from);
-        let end = end.min(keys::inbox(user, through.saturating_add(1)));
-        let mut pruned = 0;
-        for entry in self.tree.range(start..end) {
-            let (key, value) = entry?;
-            if let Entry::Whole(message) = self.entry_of(&key, &value)? {
-                let without_body = self.sealer.seal("inbox", &key, Entry::pruned(message));
-                // Unless the entry changed meanwhile (it expired): then it stays as it is.
-                let swapped = self
-                    .tree
-                    .compare_and_swap(key, Some(value), Some(without_body))?;
-                pruned += usize::from(swapped.is_ok());
-            }
-        }
-        self.tree.insert(mark_key, &through.to_be_bytes())?;
-        crate::metrics::metrics()
-            .inbox_waiting
-            .dec_by(pruned as i64);
-        Ok(pruned)
+        let before = inner.state.whole;
+        let head = Head::Pruned {
+            user: user.clone(),
+            through,
+        };
+        inner.log(head, &[]);
+        let pruned = before - inner.state.whole;
+        drop(inner);
+        crate::metrics::metrics().inbox_waiting.dec_by(pruned);
+        Ok(pruned as usize)
     }
 
     /// Up to `limit` inbox entries whose time ran out by `now`, the earliest first.
     pub fn due(&self, now: u64, limit: usize) -> Result<Vec<Expiry>, StoreError> {
-        let (start, end) = keys::expiry_due(now);
-        let mut due = Vec::new();
-        for entry in self.tree.range(start..end).take(limit) {
-            let (key, value) = entry?;
-            let (at, user, seq) = keys::expiry_parts(&key).ok_or_else(|| StoreError::Corrupt {
-                tree: "inbox",
-                reason: "an expiry key that does not decode".into(),
-            })?;
-            let id = MessageId(decode_u64("inbox", &value)?);
-            due.push(Expiry { at, user, seq, id });
-        }
-        Ok(due)
+        let inner = self.journal.lock();
+        Ok(inner
+            .state
+            .expiries
+            .iter()
+            .take_while(|((at, _, _), _)| *at <= now)
+            .take(limit)
+            .map(|((at, user, seq), id)| Expiry {
+                at: *at,
+                user: user.clone(),
+                seq: *seq,
+                id: MessageId(*id),
+            })
+            .collect())
     }
 
-    /// Takes an expired entry (whole or pruned) out of its inbox, with its records, in one
-    /// batch.
+    /// Takes an expired entry (whole or pruned) out of its inbox.
     pub fn expire(&self, expiry: &Expiry) -> Result<(), StoreError> {
-        let user = &expiry.user;
-        let mut batch = sled::Batch::default();
-        batch.remove(keys::expiry(expiry.at, user, expiry.seq));
-        // The id record goes if it is this entry's, even without the entry (an append a crash
-        // cut off); a message appended anew elsewhere keeps its own.
-        let id_key = keys::inbox_id(user, expiry.id.0);
-        if get_u64(&self.tree, "inbox", &id_key)? == Some(expiry.seq) {
-            batch.remove(id_key);
-        }
-        let entry = self
-            .stored(user, expiry.seq)?
-            .filter(|entry| entry.message().id == expiry.id);
-        let unacknowledged = matches!(entry, Some(Entry::Whole(_)));
-        if entry.is_some() {
-            batch.remove(keys::inbox(user, expiry.seq));
-            // The inbox's last entries may be going: remember how far positions went.
-            let high_key = keys::inbox_high(&expiry.user);
-            if expiry.seq > get_u64(&self.tree, "inbox", &high_key)?.unwrap_or(0) {
-                batch.insert(high_key, &expiry.seq.to_be_bytes());
-            }
-        }
-        self.tree.apply_batch(batch)?;
-        if unacknowledged {
+        let mut inner = self.journal.lock();
+        let before = inner.state.whole;
+        let head = Head::Expired {
+            user: expiry.user.clone(),
+            seq: expiry.seq,
+            id: expiry.id.0,
+            at: expiry.at,
+        };
+        inner.log(head, &[]);
+        let unacknowledged = before - inner.state.whole;
+        drop(inner);
+        if unacknowledged > 0 {
             let metrics = crate::metrics::metrics();
-            metrics.expired.inc();
-            metrics.inbox_waiting.dec();
+            metrics.expired.inc_by(unacknowledged as u64);
+            metrics.inbox_waiting.dec_by(unacknowledged);
         }
         Ok(())
     }
@@ -370,14 +340,37 @@ impl Inbox {
     /// Message `id` if it is in `user`'s inbox; without its body if it was pruned
     /// ([`Inbox::prune`]).
     pub fn message(&self, user: &UserId, id: MessageId) -> Result<Option<Message>, StoreError> {
-        let Some(seq) = get_u64(&self.tree, "inbox", keys::inbox_id(user, id.0))? else {
+        let Some(seq) = self.seq_of(user, id) else {
             return Ok(None);
         };
-        // An id record whose append a crash cut off may point at a missing or another entry.
         Ok(self
             .stored(user, seq)?
             .map(Entry::into_message)
             .filter(|message| message.id == id))
+    }
+
+    /// The entries of `user`'s inbox after position `after` that still hold their message, up
+    /// to `limit` of them (all if `None`), where they are.
+    fn whole_after(
+        &self,
+        user: &UserId,
+        after: u64,
+        limit: Option<usize>,
+    ) -> Result<Vec<(u64, Located)>, StoreError> {
+        let inner = self.journal.lock();
+        let Some(inbox) = inner.state.users.get(user) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (seq, entry) in inbox.entries.range(after.saturating_add(1)..) {
+            if limit.is_some_and(|limit| out.len() >= limit) {
+                break;
+            }
+            if !entry.pruned {
+                out.push((*seq, inner.tail.locate(entry.loc)?));
+            }
+        }
+        Ok(out)
     }
 
     /// Up to `limit` entries of `user`'s inbox after position `after`, in order.
@@ -388,18 +381,9 @@ impl Inbox {
         limit: usize,
     ) -> Result<Vec<(u64, Message)>, StoreError> {
         let _busy = crate::metrics::Busy::start(|m| &m.busy_store);
-        let (start, end) = keys::inbox_range(user, after);
         let mut out = Vec::new();
-        for entry in self.tree.range(start..end) {
-            if out.len() >= limit {
-                break;
-            }
-            let (key, value) = entry?;
-            let seq = keys::inbox_seq(&key).ok_or_else(|| StoreError::Corrupt {
-                tree: "inbox",
-                reason: "key does not end in a position".into(),
-            })?;
-            if let Some(message) = self.entry_of(&key, &value)?.whole() {
+        for (seq, located) in self.whole_after(user, after, Some(limit))? {
+            if let Some(message) = self.read(user, seq, located)?.whole() {
                 out.push((seq, message));
             }
         }
@@ -414,16 +398,14 @@ impl Inbox {
         after: u64,
         max_ids: usize,
     ) -> Result<InboxSummary, StoreError> {
-        let (start, end) = keys::inbox_range(user, after);
         let mut summary = InboxSummary {
             count: 0,
             bytes: 0,
             ids: Vec::new(),
             last: after,
         };
-        for entry in self.tree.range(start..end) {
-            let (key, value) = entry?;
-            let Some(message) = self.entry_of(&key, &value)?.whole() else {
+        for (seq, located) in self.whole_after(user, after, None)? {
+            let Some(message) = self.read(user, seq, located)?.whole() else {
                 continue;
             };
             summary.count += 1;
@@ -431,28 +413,27 @@ impl Inbox {
             if summary.ids.len() < max_ids {
                 summary.ids.push(message.id);
             }
-            summary.last = keys::inbox_seq(&key).unwrap_or(summary.last);
+            summary.last = seq;
         }
         Ok(summary)
-    }
-
-    /// The entry stored under `key`.
-    fn entry_of(&self, key: &[u8], stored: &[u8]) -> Result<Entry, StoreError> {
-        Entry::decode(&self.sealer.open("inbox", key, stored)?)
     }
 
     /// The highest position used in `user`'s inbox or acknowledged by one of its devices.
     /// A new entry goes after it.
     pub fn high_water(&self, user: &UserId) -> Result<u64, StoreError> {
-        let (start, end) = keys::inbox_range(user, 0);
-        let last = match self.tree.range(start..end).next_back() {
-            Some(entry) => keys::inbox_seq(&entry?.0).unwrap_or(0),
-            None => 0,
+        let inner = self.journal.lock();
+        let Some(inbox) = inner.state.users.get(user) else {
+            return Ok(0);
         };
-        let expired = get_u64(&self.tree, "inbox", keys::inbox_high(user))?;
-        let acknowledged = self.cursors.of_user(user)?.into_iter().max();
-        Ok(last
-            .max(expired.unwrap_or(0))
-            .max(acknowledged.unwrap_or(0)))
+        let last = inbox.entries.keys().next_back().copied().unwrap_or(0);
+        let acknowledged = inbox.cursors.values().max().copied().unwrap_or(0);
+        Ok(last.max(inbox.high).max(acknowledged))
+    }
+}
+
+/// An inbox entry's plain bytes without its body (what a pruned entry keeps).
+pub(super) fn pruned_form(plain: &[u8]) -> Result<Vec<u8>, StoreError> {
+    match Entry::decode(plain)? {
+        Entry::Whole(message) | Entry::Pruned(message) => Ok(Entry::pruned(message)),
     }
 }

@@ -13,16 +13,16 @@ const SEP: u8 = 0;
 const DEDUP: u8 = b'd';
 /// Dispatch records as an earlier version wrote them (the message alone); moved to
 /// [`DISPATCH`] records when the store opens.
-const OLD_DISPATCH: u8 = b'p';
-const DISPATCH: u8 = b'q';
-const GROUP_APPLYING: u8 = b'o';
-const INBOX_ENTRY: u8 = b'e';
+pub(crate) const OLD_DISPATCH: u8 = b'p';
+pub(crate) const DISPATCH: u8 = b'q';
+pub(crate) const GROUP_APPLYING: u8 = b'o';
+pub(crate) const INBOX_ENTRY: u8 = b'e';
 const INBOX_ID: u8 = b'i';
 const EFFECT: u8 = b'g';
-const TTL: u8 = b't';
+pub(crate) const TTL: u8 = b't';
 const EXPIRY: u8 = b'x';
-const INBOX_HIGH: u8 = b'h';
-const INBOX_PRUNED: u8 = b'r';
+pub(crate) const INBOX_HIGH: u8 = b'h';
+pub(crate) const INBOX_PRUNED: u8 = b'r';
 // The `files` tree: file records and readers.
 const FILE: u8 = b'f';
 const FILE_READER: u8 = b'a';
@@ -169,6 +169,9 @@ pub fn relation_other(key: &[u8], prefix_len: usize) -> Option<UserId> {
 pub fn dedup_prefix(user: &UserId) -> Vec<u8> {
     tagged(DEDUP, &user_prefix(user))
 }
+
+/// `messages`: the prefix of every dedup record.
+pub const DEDUP_PREFIX: &[u8] = &[DEDUP];
 
 /// `inbox`: the prefixes of `user`'s entries and of its id records.
 pub fn inbox_prefixes(user: &UserId) -> [Vec<u8>; 2] {
@@ -318,6 +321,28 @@ pub fn expiry_due(now: u64) -> (Vec<u8>, Vec<u8>) {
         vec![EXPIRY],
         tagged(EXPIRY, &now.saturating_add(1).to_be_bytes()),
     )
+}
+
+/// The number after the tag of a key made of a tag and a number (a `ttl` key).
+pub fn number_after_tag(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(1..)?.try_into().ok()?))
+}
+
+/// The parts of an `inbox` entry's key: (user, seq).
+pub fn inbox_parts(key: &[u8]) -> Option<(UserId, u64)> {
+    let rest = key.strip_prefix(&[INBOX_ENTRY])?;
+    let seq = inbox_seq(rest)?;
+    let name = rest.get(..rest.len().checked_sub(9)?)?;
+    let user = UserId::new(std::str::from_utf8(name).ok()?).ok()?;
+    Some((user, seq))
+}
+
+/// The parts of a `cursors` key: (user, device).
+pub fn cursor_parts(key: &[u8]) -> Option<(UserId, DeviceId)> {
+    let at = key.iter().position(|&b| b == SEP)?;
+    let user = UserId::new(std::str::from_utf8(&key[..at]).ok()?).ok()?;
+    let device = DeviceId::new(std::str::from_utf8(&key[at + 1..]).ok()?).ok()?;
+    Some((user, device))
 }
 
 /// The parts of an expiry record's key: (expires at, user, seq).

@@ -1,11 +1,12 @@
-//! Accepted messages (the `messages` tree): dedup, dispatch, effect and time-to-live records,
-//! and the numbering of message ids.
+//! Accepted messages: dispatch, group and time-to-live records in the message log
+//! ([`super::hot`]); dedup and effect records in sled's `messages` tree; the numbering of
+//! message ids.
 //!
-//! A submission writes its dispatch record (which names its client id) before its dedup
-//! record; [`Messages::recover`] writes any dedup record a crash cut off (see the store's
-//! module documentation).
+//! A submission is one `Accepted` record; its dedup record reaches sled only once that record
+//! is durable (see [`super::hot`]).
 
-use super::{Ids, Sealer, StoreError, decode, encode, get_u64, keys};
+use super::hot::{Head, Journal};
+use super::{Ids, Sealer, StoreError, decode, encode, keys};
 use iim_proto::{DeviceId, Message, MessageId, UserId};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +45,8 @@ pub struct Messages {
     pub(super) tree: sled::Tree,
     /// Dispatch records are sealed: they hold the message.
     sealer: Sealer,
+    /// The dispatch records.
+    journal: Arc<Journal>,
     /// Held from choosing a message id to committing the message, so that ids follow the
     /// order in which messages are accepted.
     accept_order: Arc<Mutex<()>>,
@@ -53,46 +56,20 @@ pub struct Messages {
 }
 
 impl Messages {
-    pub(super) fn new(db: &sled::Db, ids: Ids, sealer: &Sealer) -> Result<Self, StoreError> {
+    pub(super) fn new(
+        db: &sled::Db,
+        ids: Ids,
+        sealer: &Sealer,
+        journal: &Arc<Journal>,
+    ) -> Result<Self, StoreError> {
         Ok(Self {
             ids,
             tree: db.open_tree("messages")?,
             sealer: sealer.clone(),
+            journal: Arc::clone(journal),
             accept_order: Arc::default(),
             id_prefix: Arc::default(),
         })
-    }
-
-    /// Repairs what a crash left of a submission, and moves an earlier version's dispatch
-    /// records to the current form.
-    pub(super) fn recover(&self) -> Result<(), StoreError> {
-        for entry in self.tree.scan_prefix(keys::OLD_DISPATCH_PREFIX) {
-            let (key, value) = entry?;
-            let message: Message =
-                decode("messages", &self.sealer.open("messages", &key, &value)?)?;
-            let dispatch = Dispatch {
-                client_id: None,
-                message,
-            };
-            let mut batch = sled::Batch::default();
-            batch.insert(keys::dispatch(dispatch.message.id.0), self.seal(&dispatch));
-            batch.remove(key);
-            self.tree.apply_batch(batch)?;
-        }
-        for entry in self.tree.scan_prefix(keys::DISPATCH_PREFIX) {
-            let (key, value) = entry?;
-            let dispatch = self.open(&key, &value)?;
-            let Some(client_id) = dispatch.client_id else {
-                continue;
-            };
-            let m = &dispatch.message;
-            let dedup_key = keys::dedup(&m.from, &m.from_device, client_id);
-            if !self.tree.contains_key(&dedup_key)? {
-                tracing::info!(id = %m.id, "restoring the dedup record a crash cut off");
-                self.tree.insert(dedup_key, encode(&(m.id.0, m.sent_at)))?;
-            }
-        }
-        Ok(())
     }
 
     /// Numbers every message from now on with `number`, this host's number in its network
@@ -133,41 +110,43 @@ impl Messages {
         let _busy = crate::metrics::Busy::start(|m| &m.busy_store);
         let dedup_key = keys::dedup(user, device, client_id);
         let _order = self.accept_order.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(existing) = self.tree.get(&dedup_key)? {
-            return self.duplicate(&existing);
+        if let Some(existing) = self.dedup(&dedup_key)? {
+            return self.duplicate(existing);
         }
         let message = build(self.next_id()?);
-        // In this order (see the module's documentation): a crash that keeps the dispatch
-        // record but not the dedup record is repaired when the store opens.
-        if let Some(at) = expires_at {
-            self.tree
-                .insert(keys::ttl(message.id.0), &at.to_be_bytes())?;
-        }
+        let head = Head::Accepted {
+            id: message.id.0,
+            client: Some((user.clone(), device.clone(), client_id)),
+            sent_at: message.sent_at,
+            expires_at,
+        };
         let dispatch = Dispatch {
             client_id: Some(client_id),
             message,
         };
+        let sealed = self.seal(&dispatch);
+        self.journal.lock().log(head, &sealed);
+        Ok(Acceptance::New(dispatch.message))
+    }
+
+    /// The dedup record under `key`: (message id, sent at).
+    fn dedup(&self, key: &[u8]) -> Result<Option<(u64, u64)>, StoreError> {
+        if let Some(found) = self.journal.lock().state.unsaved.get(key) {
+            return Ok(Some(*found));
+        }
         self.tree
-            .insert(keys::dispatch(dispatch.message.id.0), self.seal(&dispatch))?;
-        let message = dispatch.message;
-        self.tree
-            .insert(dedup_key, encode(&(message.id.0, message.sent_at)))?;
-        Ok(Acceptance::New(message))
+            .get(key)?
+            .map(|v| decode::<(u64, u64)>("messages", &v))
+            .transpose()
     }
 
     /// When message `id` expires, if it was submitted with its own time to live.
     pub fn expiry(&self, id: MessageId) -> Result<Option<u64>, StoreError> {
-        get_u64(&self.tree, "messages", keys::ttl(id.0))
+        Ok(self.journal.lock().state.ttl.get(&id.0).copied())
     }
 
-    fn duplicate(&self, dedup_record: &[u8]) -> Result<Acceptance, StoreError> {
-        let (id, sent_at) = decode::<(u64, u64)>("messages", dedup_record)?;
-        let key = keys::dispatch(id);
-        let pending = self
-            .tree
-            .get(&key)?
-            .map(|v| self.open(&key, &v).map(|d| d.message))
-            .transpose()?;
+    fn duplicate(&self, (id, sent_at): (u64, u64)) -> Result<Acceptance, StoreError> {
+        let pending = self.read_pending(id)?.map(|d| d.message);
         Ok(Acceptance::Duplicate {
             id: MessageId(id),
             sent_at,
@@ -207,24 +186,35 @@ impl Messages {
         Ok(build(self.next_id()?))
     }
 
+    /// The dispatch record of message `id`, if it is pending.
+    fn read_pending(&self, id: u64) -> Result<Option<Dispatch>, StoreError> {
+        let located = {
+            let inner = self.journal.lock();
+            match inner.state.pending.get(&id) {
+                Some(p) => inner.tail.locate(p.loc)?,
+                None => return Ok(None),
+            }
+        };
+        self.open(&keys::dispatch(id), &located.read()?).map(Some)
+    }
+
     /// Every accepted message whose dispatch did not finish: a group's message whose effects
     /// were being applied ([`Messages::applying`]) first, then oldest first.
     pub fn pending(&self) -> Result<Vec<Message>, StoreError> {
-        let mut applying = std::collections::HashSet::new();
-        for entry in self.tree.scan_prefix(keys::GROUP_APPLYING_PREFIX) {
-            let (_, value) = entry?;
-            if let Ok(id) = <[u8; 8]>::try_from(value.as_ref()) {
-                applying.insert(u64::from_be_bytes(id));
+        let (applying, found) = {
+            let inner = self.journal.lock();
+            let applying: std::collections::HashSet<u64> =
+                inner.state.applying.values().copied().collect();
+            let mut found = Vec::with_capacity(inner.state.pending.len());
+            for (id, p) in &inner.state.pending {
+                found.push((*id, inner.tail.locate(p.loc)?));
             }
-        }
-        let mut pending = self
-            .tree
-            .scan_prefix(keys::DISPATCH_PREFIX)
-            .map(|entry| {
-                let (key, value) = entry?;
-                self.open(&key, &value).map(|d| d.message)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+            (applying, found)
+        };
+        let mut pending = found
+            .into_iter()
+            .map(|(id, located)| Ok(self.open(&keys::dispatch(id), &located.read()?)?.message))
+            .collect::<Result<Vec<_>, StoreError>>()?;
         // A group's message whose effects a crash cut off first, then by id (a stable sort).
         pending.sort_by_key(|m| !applying.contains(&m.id.0));
         Ok(pending)
@@ -235,29 +225,32 @@ impl Messages {
     /// crash, only this one can have reached some members and not others, so it goes first
     /// (see [`Messages::pending`]) and every member keeps one order.
     pub fn applying(&self, group: &iim_proto::GroupId, id: MessageId) -> Result<(), StoreError> {
-        self.tree
-            .insert(keys::group_applying(group), &id.0.to_be_bytes())?;
+        let head = Head::Applying {
+            group: group.clone(),
+            id: id.0,
+        };
+        self.journal.lock().log(head, &[]);
         Ok(())
     }
 
     /// Forgets the dedup records of `user`'s devices (the account was deleted). Its messages
     /// still on their way are the recipients' and go on.
     pub fn forget_user(&self, user: &iim_proto::UserId) -> Result<(), StoreError> {
-        for entry in self.tree.scan_prefix(keys::dedup_prefix(user)) {
-            self.tree.remove(entry?.0)?;
-        }
-        Ok(())
+        self.journal.forget_dedups(user, &self.tree)
     }
 
     /// Whether message `id` is still recorded for dispatch.
     pub fn is_pending(&self, id: MessageId) -> Result<bool, StoreError> {
-        Ok(self.tree.contains_key(keys::dispatch(id.0))?)
+        Ok(self.journal.lock().state.pending.contains_key(&id.0))
     }
 
     /// Records that message `id` is in every recipient's inbox.
     pub fn dispatched(&self, id: MessageId) -> Result<(), StoreError> {
         let _busy = crate::metrics::Busy::start(|m| &m.busy_store);
-        self.tree.remove(keys::dispatch(id.0))?;
+        let mut inner = self.journal.lock();
+        if inner.state.pending.contains_key(&id.0) {
+            inner.log(Head::Dispatched { id: id.0 }, &[]);
+        }
         Ok(())
     }
 
@@ -268,8 +261,14 @@ impl Messages {
             client_id: None,
             message: message.clone(),
         };
-        self.tree
-            .insert(keys::dispatch(message.id.0), self.seal(&dispatch))?;
+        let head = Head::Accepted {
+            id: message.id.0,
+            client: None,
+            sent_at: message.sent_at,
+            expires_at: None,
+        };
+        let sealed = self.seal(&dispatch);
+        self.journal.lock().log(head, &sealed);
         Ok(())
     }
 
@@ -280,7 +279,7 @@ impl Messages {
     }
 
     /// The dispatch record stored under `key`.
-    fn open(&self, key: &[u8], stored: &[u8]) -> Result<Dispatch, StoreError> {
+    pub(super) fn open(&self, key: &[u8], stored: &[u8]) -> Result<Dispatch, StoreError> {
         decode("messages", &self.sealer.open("messages", key, stored)?)
     }
 }

@@ -1,32 +1,32 @@
-//! Durable state, in sled, behind one small interface: a [`Store`] with one handle per concern.
+//! Durable state behind one small interface: a [`Store`] with one handle per concern.
 //!
-//! [`Accounts`] (trees `users`, `tokens`), [`Relations`] (`relations`), [`Messages`]
-//! (`messages`: dedup, dispatch, effect and time-to-live records, and message ids), [`Inbox`]
-//! (`inbox`: entries, id, expiry, high-water and prune records, and the positions),
-//! [`Cursors`] (`cursors`), [`PluginStorage`] (`plugin_kv`), [`DeadLetters`] (`dead_letters`,
-//! kept as the plugin runtime's bytes) and [`NetworkStore`] (`network`: a host's view of its
-//! network and its relay outbox). The exchange has a store of its own ([`exchange`]). Every key
-//! is built in [`keys`]; values are postcard. Concurrent writers of the same records are
-//! serialised by the caller's locks (or the handle's), which is much cheaper than sled's
-//! transactions. The store knows nothing of plugins, sessions or the network's link.
+//! The message path's records are in the message log ([`hot`], [`log`]): messages accepted for
+//! dispatch, inboxes, cursors, a host's relay position — appended to numbered segment files in
+//! commit rounds, held in memory, replayed at start, compacted with snapshots. Everything else
+//! is in sled: [`Accounts`] (trees `users`, `tokens`), [`Relations`] (`relations`), the dedup
+//! and effect records of [`Messages`] (`messages`) and the numbering of message ids,
+//! [`PluginStorage`] (`plugin_kv`), [`DeadLetters`] (`dead_letters`, kept as the plugin
+//! runtime's bytes), [`Files`] (`files`) and [`NetworkStore`] (`network`: a host's view of its
+//! network and its relay outbox). The exchange has a store of its own ([`exchange`]), in sled
+//! only. Every sled key is built in [`keys`]; values are postcard. Concurrent writers of the
+//! same records are serialised by the caller's locks (or the handle's). The store knows
+//! nothing of plugins, sessions or the network's link.
 //!
-//! Crash consistency without batches on the message path: sled recovers a prefix of its log
-//! (the writes up to the first one that did not reach the disk), so records that belong
-//! together are written one by one, in an order in which every prefix is either harmless or
-//! repaired. A submission writes its dispatch record (which names its client id) before its
-//! dedup record; [`Store::open`] writes any dedup record a crash cut off. An inbox append writes
-//! the expiry record, then the id record, then the entry; an append done again (the dispatch
-//! record outlives the appends) appends anew where it finds an id record without its entry, and
-//! the expiry sweep takes out whatever an append left. sled's atomic batches are kept for rare
-//! writes only: each one makes sled write its log buffer out twice, which on the message path
-//! cost two thirds of the throughput.
+//! Durability: a write here is in memory, not yet on disk. [`Store::flush`] makes every write
+//! before it durable. One flusher thread serves every caller (group commit): it takes all the
+//! requests waiting and makes one commit round for them — sled flushed (and its log file
+//! synced, if the flush wrote anything), then the message log's new records written with one
+//! write and synced — and answers them all; every 200 ms it commits what nobody waited for (an
+//! acknowledgement's cursor). sled flushes nothing by itself here.
 //!
-//! Durability: a write here is in sled's log, not yet on disk. [`Store::flush`] makes every
-//! write before it durable. One flusher thread serves every caller (group commit): it takes all
-//! the requests waiting, flushes sled's log once and `fsync`s the log file once, and answers
-//! them all. Callers that need durability (Accepted) so share one disk sync instead of paying
-//! one each. A single flusher also keeps sled 0.34's `flush_async` out of the picture: run by
-//! many tasks at once it can deadlock sled's I/O threads.
+//! Crash consistency: each store recovers a prefix of its writes in order (sled its log, the
+//! message log its records), and a round makes sled durable before the message log, so a
+//! message-log record is never durable without the sled writes made before it (a plugin's
+//! effect record, a dead letter, an account). The other way round is not kept by the rounds:
+//! the few sled writes that must not outlive a message-log record wait for a commit first (a
+//! dead letter handed back is removed after its message is durably pending; a plugin's values
+//! are written after the messages its event sent are durable, `Store::commit_now`), and a
+//! host's relay position is in the message log with the entries it made.
 
 mod accounts;
 mod cursors;
@@ -34,9 +34,12 @@ mod dead_letters;
 mod encryption;
 pub mod exchange;
 mod files;
+mod hot;
 mod inbox;
 pub mod keys;
+mod log;
 mod messages;
+mod migrate;
 mod network;
 mod plugin_kv;
 mod relations;
@@ -46,6 +49,7 @@ pub use accounts::{Accounts, DeviceRecord};
 pub use cursors::Cursors;
 pub use dead_letters::DeadLetters;
 pub use files::{FileRecord, Files};
+pub use hot::Counts;
 pub use inbox::{Expiry, Inbox, RESTART_GAP};
 pub use messages::{Acceptance, Messages};
 pub use network::NetworkStore;
@@ -64,7 +68,11 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     /// Making writes durable failed (every caller waiting for that flush gets the error).
     #[error("flushing the store: {0}")]
-    Flush(#[source] std::sync::Arc<sled::Error>),
+    Flush(#[source] std::sync::Arc<StoreError>),
+    /// A commit round could not write the message log: nothing written since is durable, and
+    /// the store takes no more writes until the host is restarted.
+    #[error("the message log failed: {0}")]
+    Failed(String),
     /// The flusher thread could not be started, or has stopped.
     #[error("the store's flusher: {0}")]
     Flusher(&'static str),
@@ -142,6 +150,8 @@ impl std::fmt::Display for FoundRecord {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    /// The message path's records (messages for dispatch, inboxes, cursors).
+    journal: std::sync::Arc<hot::Journal>,
     flusher: std::sync::mpsc::Sender<FlushWaiter>,
     /// Seals the records that hold what users wrote (docs/security.md).
     pub sealer: Sealer,
@@ -217,55 +227,133 @@ impl Ids {
     }
 }
 
-/// The format of the records this version writes: 2 since inboxes are pruned.
-const FORMAT: u64 = 2;
+/// The format of the records this version writes: 2 since inboxes are pruned, 3 since the
+/// message path's records are in the message log.
+const FORMAT: u64 = 3;
 
-type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), std::sync::Arc<sled::Error>>>;
+/// How often the store commits when nobody asks it to.
+const COMMIT_TICK: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// The group-commit loop: one sled flush and one fsync for every batch of waiting callers.
-/// Ends when every `Store` is dropped.
+type FlushWaiter = tokio::sync::oneshot::Sender<Result<(), std::sync::Arc<StoreError>>>;
+
+/// The group-commit loop: one commit (`commit`: a flush and a sync) for every batch of waiting
+/// callers. Ends when every handle on `requests`' sender is dropped.
 fn run_flusher(
-    db: sled::Db,
-    log_file: Option<std::fs::File>,
+    commit: impl Fn() -> Result<bool, StoreError>,
+    tick: Option<std::time::Duration>,
     requests: std::sync::mpsc::Receiver<FlushWaiter>,
 ) {
-    while let Ok(first) = requests.recv() {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        let first = match tick {
+            Some(tick) => match requests.recv_timeout(tick) {
+                Ok(first) => first,
+                Err(RecvTimeoutError::Timeout) => {
+                    // What no caller waited for (an acknowledgement's cursor, a device's
+                    // last activity) is durable within a tick all the same; counted as a
+                    // commit if there was anything to make durable.
+                    let started = std::time::Instant::now();
+                    match commit() {
+                        Ok(true) => crate::metrics::metrics()
+                            .commit_seconds
+                            .observe(started.elapsed().as_secs_f64()),
+                        Ok(false) => {}
+                        Err(e) => tracing::error!(error = %e, "the store's periodic commit failed"),
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            },
+            None => match requests.recv() {
+                Ok(first) => first,
+                Err(_) => return,
+            },
+        };
         // Every request already queued was made after its caller's writes, and so is covered
-        // by a flush that starts now.
+        // by a commit that starts now.
         let waiters: Vec<FlushWaiter> = std::iter::once(first).chain(requests.try_iter()).collect();
         let metrics = crate::metrics::metrics();
         metrics.commit_round_size.observe(waiters.len() as f64);
-        let result = crate::metrics::timed(&metrics.commit_seconds, || {
-            db.flush().map(drop).and_then(|_| match &log_file {
-                // sled writes its log with sync_file_range, which leaves the file's size and
-                // the disk's write cache unsynced; fsync closes that gap.
-                Some(file) => crate::metrics::timed(&metrics.fsync_seconds, || file.sync_data())
-                    .map_err(sled::Error::Io),
-                None => Ok(()),
-            })
-        })
-        .map_err(std::sync::Arc::new);
+        let result = crate::metrics::timed(&metrics.commit_seconds, &commit)
+            .map(drop)
+            .map_err(std::sync::Arc::new);
         for waiter in waiters {
             let _ = waiter.send(result.clone());
         }
     }
 }
 
-/// Opens the sled database in directory `path` and starts its flusher thread (named `thread`).
+/// Starts a flusher thread named `thread` that commits with `commit` when asked, and every
+/// `tick` if nobody asks.
+fn start_flusher(
+    thread: &str,
+    tick: Option<std::time::Duration>,
+    commit: impl Fn() -> Result<bool, StoreError> + Send + 'static,
+) -> Result<std::sync::mpsc::Sender<FlushWaiter>, StoreError> {
+    let (flusher, requests) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(thread.into())
+        .spawn(move || run_flusher(commit, tick, requests))
+        .map_err(|_| StoreError::Flusher("cannot start its thread"))?;
+    Ok(flusher)
+}
+
+/// Opens the sled database in directory `path`, with an fd of our own on its log file (sled
+/// keeps it in `<path>/db`) to sync it: sled writes its log with `sync_file_range`, which
+/// leaves the file's size and the disk's write cache unsynced.
+fn open_sled(
+    path: &Path,
+    flush_every_ms: Option<u64>,
+) -> Result<(sled::Db, Option<std::fs::File>), StoreError> {
+    let db = sled::Config::new()
+        .path(path)
+        .flush_every_ms(flush_every_ms)
+        .open()?;
+    let log_file = std::fs::File::open(path.join("db")).ok();
+    Ok((db, log_file))
+}
+
+/// Opens the sled database in directory `path` and starts its flusher thread (named `thread`):
+/// one sled flush and one sync of its log file per round.
 fn open_db(
     path: &Path,
     thread: &str,
 ) -> Result<(sled::Db, std::sync::mpsc::Sender<FlushWaiter>), StoreError> {
-    let db = sled::Config::new().path(path).open()?;
-    // sled keeps its log in `<path>/db`; an fd of our own on it lets the flusher fsync it.
-    let log_file = std::fs::File::open(path.join("db")).ok();
-    let (flusher, requests) = std::sync::mpsc::channel();
+    let (db, log_file) = open_sled(path, Some(500))?;
     let flush_db = db.clone();
-    std::thread::Builder::new()
-        .name(thread.into())
-        .spawn(move || run_flusher(flush_db, log_file, requests))
-        .map_err(|_| StoreError::Flusher("cannot start its thread"))?;
+    let flusher = start_flusher(thread, None, move || {
+        flush_db.flush()?;
+        if let Some(file) = &log_file {
+            let metrics = crate::metrics::metrics();
+            crate::metrics::timed(&metrics.fsync_seconds, || file.sync_data())
+                .map_err(sled::Error::Io)?;
+        }
+        Ok(true)
+    })?;
     Ok((db, flusher))
+}
+
+/// Starts the thread that compacts `journal`'s log when asked (by the flusher, when the log
+/// holds more dead records than live ones); it ends when the flusher does.
+fn start_compactor(
+    journal: &std::sync::Arc<hot::Journal>,
+) -> Result<std::sync::mpsc::SyncSender<()>, StoreError> {
+    let (asks, asked) = std::sync::mpsc::sync_channel::<()>(1);
+    let weak = std::sync::Arc::downgrade(journal);
+    std::thread::Builder::new()
+        .name("iim-store-compact".into())
+        .spawn(move || {
+            while asked.recv().is_ok() {
+                let Some(journal) = weak.upgrade() else {
+                    return;
+                };
+                if let Err(e) = journal.maintain() {
+                    tracing::error!(error = %e, "compacting the message log failed");
+                }
+            }
+        })
+        .map_err(|_| StoreError::Flusher("cannot start the compactor's thread"))?;
+    Ok(asks)
 }
 
 /// Asks `flusher` to make every write before this call durable, and waits.
@@ -319,38 +407,48 @@ impl Store {
     pub fn open_with(path: &Path, sealer: Sealer) -> Result<Self, StoreError> {
         encryption::seal_if_clear(path, &sealer)?;
         encryption::check_keys(path, &sealer)?;
-        let (db, flusher) = open_db(path, "iim-store-flush")?;
+        // sled flushes only in the commit rounds: a round's sled flush is then all that sled
+        // wrote, and the round syncs its file only if it wrote anything.
+        let (db, sled_log) = open_sled(path, None)?;
         encryption::mark_sealed(&db, &sealer)?;
+        let log_dir = path.join("log");
+        let format = get_u64(&db, "default", keys::FORMAT)?.unwrap_or(1);
+        if format < FORMAT {
+            // A log a move cut off before it was done: the move starts again.
+            migrate::discard_log(&log_dir)?;
+        }
+        let journal = std::sync::Arc::new(hot::Journal::open(&log_dir, &sealer, &db, sled_log)?);
+        if format < FORMAT {
+            migrate::into_log(&db, &journal, &sealer, format)?;
+        }
+        let compactor = start_compactor(&journal)?;
+        let committer = std::sync::Arc::clone(&journal);
+        let flusher = start_flusher("iim-store-commit", Some(COMMIT_TICK), move || {
+            let wrote = committer.commit()?;
+            if committer.wants_work() {
+                // Full: one is under way.
+                let _ = compactor.try_send(());
+            }
+            Ok(wrote)
+        })?;
         let ids = Ids::new(&db)?;
-        let cursors = Cursors::new(&db)?;
-        Self {
+        let cursors = Cursors::new(&journal);
+        Ok(Self {
             accounts: Accounts::new(&db)?,
             relations: Relations::new(&db)?,
-            messages: Messages::new(&db, ids.clone(), &sealer)?,
-            inbox: Inbox::new(&db, cursors.clone(), &sealer)?,
+            messages: Messages::new(&db, ids.clone(), &sealer, &journal)?,
+            inbox: Inbox::new(&journal, cursors.clone(), &sealer),
             cursors,
             plugin_kv: PluginStorage::new(&db, &sealer)?,
             dead_letters: DeadLetters::new(&db, ids, &sealer)?,
             files: Files::new(&db, &sealer)?,
-            network: NetworkStore::new(&db, &sealer)?,
+            network: NetworkStore::new(&db, &sealer, &journal)?,
             flusher,
             sealer,
             path: path.to_owned(),
+            journal,
             db,
-        }
-        .recovered()
-    }
-
-    /// Repairs what a crash can leave half written (see the module's documentation) and moves
-    /// an earlier version's records to the current form.
-    fn recovered(self) -> Result<Self, StoreError> {
-        let format = get_u64(&self.db, "default", keys::FORMAT)?.unwrap_or(1);
-        if format < FORMAT {
-            self.cursors.upgrade(&self.accounts.tokens)?;
-            self.db.insert(keys::FORMAT, &FORMAT.to_be_bytes())?;
-        }
-        self.messages.recover()?;
-        Ok(self)
+        })
     }
 
     /// Deletes `user`'s account and everything of it the store holds: devices and tokens,
@@ -406,12 +504,26 @@ impl Store {
                 }
             }
         }
+        found.extend(self.journal.records_containing(&holds)?);
         Ok(found)
     }
 
     /// Makes every write made before this call durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
         flush_with(&self.flusher).await
+    }
+
+    /// How many records of each kind the message path holds (`iim-bench store` checks that
+    /// every way of writing them ends with the same).
+    pub fn counts(&self) -> Result<Counts, StoreError> {
+        self.journal.counts(&self.messages.tree)
+    }
+
+    /// Makes every write made before this call durable, on this thread (a commit round of its
+    /// own, not shared with other callers): for the rare writer that must order a sled write
+    /// after the message log's.
+    pub fn commit_now(&self) -> Result<(), StoreError> {
+        self.journal.commit().map(drop)
     }
 
     /// Seals new writes with `rotated`'s current key (a rotation: the key file, written, has
@@ -423,8 +535,13 @@ impl Store {
     /// Re-encrypts with the current data key what older keys sealed (after a rotation, or
     /// one a restart cut off); `progress` is told how many records so far. Returns how many.
     /// One at a time: the caller does not start another rotation meanwhile.
-    pub fn reseal(&self, progress: impl FnMut(u64)) -> Result<u64, StoreError> {
-        encryption::reseal(&self.db, &self.sealer, progress)
+    pub fn reseal(&self, mut progress: impl FnMut(u64)) -> Result<u64, StoreError> {
+        let in_sled = encryption::reseal(&self.db, &self.sealer, &mut progress)?;
+        if !self.sealer.is_on() {
+            return Ok(in_sled);
+        }
+        let in_log = self.journal.compact(true, |n| progress(in_sled + n))?;
+        Ok(in_sled + in_log)
     }
 
     /// Forgets the older data keys: nothing here is sealed with them any longer
@@ -794,89 +911,156 @@ pub(crate) mod tests {
         assert_eq!(store.inbox.after(&bob, 0, 100).expect("read").len(), 50);
     }
 
-    #[test]
-    fn a_submission_whose_dedup_record_a_crash_cut_off_gets_it_back_on_opening() {
-        let (_dir, store) = open();
-        let alice = UserId::new("alice").expect("valid");
-        let phone = DeviceId::new("phone").expect("valid");
-        // What a crash between the two writes of `accept` leaves: the dispatch record alone.
-        let cut = Dispatch {
-            client_id: Some(7),
-            message: message(10),
-        };
-        store
-            .messages
-            .tree
-            .insert(keys::dispatch(10), encode(&cut))
-            .expect("write");
-        // A dispatch record of an earlier version: the message alone.
-        let mut old = keys::OLD_DISPATCH_PREFIX.to_vec();
-        old.extend_from_slice(&11u64.to_be_bytes());
-        store
-            .messages
-            .tree
-            .insert(old, encode(&message(11)))
-            .expect("write");
-        let store = store.recovered().expect("recover");
+    /// A store of format `format` at `path`, as an earlier version left it: `fill` writes its
+    /// records into sled.
+    fn earlier_store(path: &Path, format: u64, fill: impl FnOnce(&sled::Db)) {
+        let db = sled::Config::new().path(path).open().expect("sled");
+        if format > 1 {
+            db.insert(keys::FORMAT, &format.to_be_bytes())
+                .expect("write");
+        }
+        fill(&db);
+        db.flush().expect("flush");
+    }
 
-        let again = store
-            .messages
-            .accept(&alice, &phone, 7, None, |_| {
-                unreachable!("not a new message")
-            })
-            .expect("accept");
-        assert_eq!(
-            again,
-            Acceptance::Duplicate {
-                id: MessageId(10),
-                sent_at: 1,
-                pending: Some(message(10)),
-            },
-            "the resubmission is the same message, not a second one"
-        );
-        let pending: Vec<MessageId> = store
-            .messages
-            .pending()
-            .expect("read")
-            .iter()
-            .map(|m| m.id)
-            .collect();
-        assert_eq!(pending, [MessageId(10), MessageId(11)]);
-        assert_eq!(
-            store
+    fn put(db: &sled::Db, tree: &str, key: Vec<u8>, value: &[u8]) {
+        db.open_tree(tree)
+            .expect("tree")
+            .insert(key, value)
+            .expect("write");
+    }
+
+    #[test]
+    fn a_store_of_format_2_moves_into_the_log_and_a_cut_off_dedup_record_comes_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let bob = UserId::new("bob").expect("valid");
+        earlier_store(&path, 2, |db| {
+            // What a crash between the two writes of an earlier `accept` left: the dispatch
+            // record alone.
+            let cut = Dispatch {
+                client_id: Some(7),
+                message: message(10),
+            };
+            put(db, "messages", keys::dispatch(10), &encode(&cut));
+            // A dispatch record of an earlier version still: the message alone.
+            let mut old = keys::OLD_DISPATCH_PREFIX.to_vec();
+            old.extend_from_slice(&11u64.to_be_bytes());
+            put(db, "messages", old, &encode(&message(11)));
+            put(db, "messages", keys::ttl(10), &500u64.to_be_bytes());
+            // An inbox entry with its expiry, another pruned, the marks, a cursor.
+            put(db, "inbox", keys::inbox(&bob, 5), &encode(&message(12)));
+            put(db, "inbox", keys::inbox_id(&bob, 12), &5u64.to_be_bytes());
+            put(
+                db,
+                "inbox",
+                keys::expiry(900, &bob, 5),
+                &12u64.to_be_bytes(),
+            );
+            let mut pruned = vec![0];
+            pruned.extend(encode(&Message {
+                body: Vec::new(),
+                ..message(9)
+            }));
+            put(db, "inbox", keys::inbox(&bob, 4), &pruned);
+            put(db, "inbox", keys::inbox_id(&bob, 9), &4u64.to_be_bytes());
+            put(db, "inbox", keys::inbox_pruned(&bob), &4u64.to_be_bytes());
+            put(db, "inbox", keys::inbox_high(&bob), &3u64.to_be_bytes());
+            put(
+                db,
+                "cursors",
+                keys::cursor(&bob, &DeviceId::new("phone").expect("valid")),
+                &4u64.to_be_bytes(),
+            );
+            put(
+                db,
+                "network",
+                keys::NET_RELAYED_IN.to_vec(),
+                &33u64.to_be_bytes(),
+            );
+        });
+        let check = |store: &Store| {
+            let alice = UserId::new("alice").expect("valid");
+            let phone = DeviceId::new("phone").expect("valid");
+            let again = store
                 .messages
-                .tree
-                .scan_prefix(keys::OLD_DISPATCH_PREFIX)
-                .count(),
+                .accept(&alice, &phone, 7, None, |_| {
+                    unreachable!("not a new message")
+                })
+                .expect("accept");
+            assert_eq!(
+                again,
+                Acceptance::Duplicate {
+                    id: MessageId(10),
+                    sent_at: 1,
+                    pending: Some(message(10)),
+                },
+                "the resubmission is the same message, not a second one"
+            );
+            let pending: Vec<MessageId> = store
+                .messages
+                .pending()
+                .expect("read")
+                .iter()
+                .map(|m| m.id)
+                .collect();
+            assert_eq!(pending, [MessageId(10), MessageId(11)]);
+            assert_eq!(
+                store.messages.expiry(MessageId(10)).expect("read"),
+                Some(500)
+            );
+            assert_eq!(positions(store, "bob"), [5]);
+            let kept = store
+                .inbox
+                .message(&bob, MessageId(9))
+                .expect("read")
+                .expect("kept");
+            assert!(kept.body.is_empty(), "pruned, without its body");
+            assert_eq!(store.inbox.high_water(&bob).expect("read"), 5);
+            let due = store.inbox.due(1000, 10).expect("due");
+            assert_eq!(
+                due.iter().map(|e| (e.at, e.seq)).collect::<Vec<_>>(),
+                [(900, 5)]
+            );
+            assert_eq!(store.network.relayed_in().expect("read"), 33);
+            assert_eq!(store.cursors.of_user(&bob).expect("read"), [4]);
+        };
+        let store = Store::open(&path).expect("open");
+        check(&store);
+        assert_eq!(
+            store.db.open_tree("inbox").expect("tree").len(),
             0,
-            "the old record was moved"
+            "the old records are gone from sled"
         );
+        drop(store);
+        // Opening again reads the same from the log.
+        let store = reopen(&path, Store::open);
+        check(&store);
     }
 
     #[test]
     fn devices_of_an_earlier_version_get_a_cursor_so_that_pruning_waits_for_them() {
-        let (_dir, store) = open();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
         let bob = UserId::new("bob").expect("valid");
         let (phone, tablet) = (
             DeviceId::new("phone").expect("valid"),
             DeviceId::new("tablet").expect("valid"),
         );
-        // As an earlier version left it: two devices logged in, only the phone acknowledged.
-        store.db.remove(keys::FORMAT).expect("write");
-        store
-            .accounts
-            .set_token(&bob, &phone, b"hash")
-            .expect("token");
-        store
-            .accounts
-            .set_token(&bob, &tablet, b"hash")
-            .expect("token");
-        store
-            .inbox
-            .append_at(&bob, 1, &message(10), None)
-            .expect("append");
-        store.cursors.set(&bob, &phone, 1).expect("cursor");
-        let store = store.recovered().expect("recover");
+        // As format 1 left it: two devices logged in, only the phone acknowledged.
+        earlier_store(&path, 1, |db| {
+            put(db, "tokens", keys::token(&bob, &phone), b"hash");
+            put(db, "tokens", keys::token(&bob, &tablet), b"hash");
+            put(db, "inbox", keys::inbox(&bob, 1), &encode(&message(10)));
+            put(db, "inbox", keys::inbox_id(&bob, 10), &1u64.to_be_bytes());
+            put(
+                db,
+                "cursors",
+                keys::cursor(&bob, &phone),
+                &1u64.to_be_bytes(),
+            );
+        });
+        let store = Store::open(&path).expect("open");
         assert_eq!(
             store.inbox.prune(&bob).expect("prune"),
             0,
@@ -884,99 +1068,207 @@ pub(crate) mod tests {
         );
         assert_eq!(positions(&store, "bob"), [1]);
         assert_eq!(store.cursors.get(&bob, &phone).expect("read"), 1, "kept");
-        // Opening again changes nothing.
         store.cursors.set(&bob, &tablet, 1).expect("cursor");
-        let store = store.recovered().expect("recover");
-        assert_eq!(store.cursors.get(&bob, &tablet).expect("read"), 1);
         assert_eq!(store.inbox.prune(&bob).expect("prune"), 1);
     }
 
     #[test]
-    fn an_append_a_crash_cut_off_is_done_again_and_a_whole_one_is_not() {
-        let (_dir, store) = open();
+    fn an_append_a_crash_cut_off_in_an_earlier_format_still_raises_the_high_water() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
         let bob = UserId::new("bob").expect("valid");
-        // Cut off after the id record: no entry at position 1.
-        store
-            .inbox
-            .tree
-            .insert(keys::inbox_id(&bob, 10), &1u64.to_be_bytes())
-            .expect("write");
+        // Cut off after the expiry and id records of message 12 at position 3; message 10's
+        // cut off after its id record.
+        earlier_store(&path, 2, |db| {
+            put(db, "inbox", keys::inbox_id(&bob, 10), &1u64.to_be_bytes());
+            put(
+                db,
+                "inbox",
+                keys::expiry(100, &bob, 3),
+                &12u64.to_be_bytes(),
+            );
+            put(db, "inbox", keys::inbox_id(&bob, 12), &3u64.to_be_bytes());
+        });
+        let store = Store::open(&path).expect("open");
         assert_eq!(
             store.inbox.message(&bob, MessageId(10)).expect("read"),
             None
         );
-        assert_eq!(store.inbox.high_water(&bob).expect("read"), 0);
-        // After the restart, another message took position 1 first.
+        assert_eq!(store.inbox.high_water(&bob).expect("read"), 3);
+        assert!(store.inbox.due(u64::MAX, 10).expect("due").is_empty());
+        // Dispatched again, both are appended.
         assert!(
             store
                 .inbox
-                .append_at(&bob, 1, &message(11), None)
+                .append_at(&bob, 4, &message(10), None)
                 .expect("append")
         );
-        assert_eq!(
-            store.inbox.message(&bob, MessageId(10)).expect("read"),
-            None
-        );
-        // Dispatched again, message 10 is appended after it.
         assert!(
             store
                 .inbox
-                .append_at(&bob, 2, &message(10), None)
-                .expect("append")
-        );
-        assert_eq!(
-            store.inbox.message(&bob, MessageId(10)).expect("read"),
-            Some(message(10))
-        );
-
-        // Cut off after the expiry and id records of message 12 at position 3: a message sent
-        // for an event that is not handled again, so it is never appended anew.
-        store
-            .inbox
-            .tree
-            .insert(keys::expiry(100, &bob, 3), &12u64.to_be_bytes())
-            .expect("write");
-        store
-            .inbox
-            .tree
-            .insert(keys::inbox_id(&bob, 12), &3u64.to_be_bytes())
-            .expect("write");
-        // A whole append, then a dispatch done again: not appended twice.
-        assert!(
-            store
-                .inbox
-                .append_at(&bob, 4, &message(13), Some(150))
+                .append_at(&bob, 5, &message(12), None)
                 .expect("append")
         );
         assert!(
             !store
                 .inbox
-                .append_at(&bob, 5, &message(13), Some(150))
+                .append_at(&bob, 6, &message(12), None)
                 .expect("append")
         );
-        // The expiry records clean up after the cut-off append and leave the whole one.
-        let due = store.inbox.due(120, 10).expect("due");
-        assert_eq!(
-            due.iter().map(|e| (e.at, e.seq, e.id)).collect::<Vec<_>>(),
-            [(100, 3, MessageId(12))]
-        );
-        for expiry in &due {
-            store.inbox.expire(expiry).expect("expire");
+        assert_eq!(positions(&store, "bob"), [4, 5]);
+    }
+
+    #[test]
+    fn compactions_under_writes_replay_to_the_same_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let sealer = key_file(dir.path(), "data.key");
+        let store = Store::open_with(&path, sealer.clone()).expect("open");
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let users: Vec<UserId> = (0..7)
+                    .map(|i| UserId::new(format!("u{i}")).expect("valid"))
+                    .collect();
+                let phone = DeviceId::new("phone").expect("valid");
+                let alice = UserId::new("alice").expect("valid");
+                for i in 0..3000u64 {
+                    let user = &users[(i % 7) as usize];
+                    let m = Message {
+                        id: MessageId(10_000 + i),
+                        ..marked(i)
+                    };
+                    store
+                        .inbox
+                        .append(user, &m, Some(i % 500), |_| ())
+                        .expect("append");
+                    if i % 5 == 0 {
+                        store
+                            .cursors
+                            .set(user, &phone, 1 << 20 | i)
+                            .expect("cursor");
+                        store.inbox.prune(user).expect("prune");
+                    }
+                    if i % 13 == 0 {
+                        for expiry in store.inbox.due(i / 10, 20).expect("due") {
+                            store.inbox.expire(&expiry).expect("expire");
+                        }
+                    }
+                    let accepted = store
+                        .messages
+                        .accept(&alice, &phone, i, Some(i + 50_000), |id| Message {
+                            id,
+                            ..marked(i)
+                        })
+                        .expect("accept");
+                    if let Acceptance::New(m) = accepted
+                        && i % 3 != 0
+                    {
+                        store.messages.dispatched(m.id).expect("dispatched");
+                    }
+                    if i % 700 == 0 {
+                        store.cursors.forget_user(user).expect("forget");
+                        store.inbox.forget_user(user).expect("forget");
+                    }
+                    if i % 97 == 0 {
+                        store.journal.commit().expect("commit");
+                    }
+                }
+            })
+        };
+        let mut compactions = 0;
+        while !writer.is_finished() {
+            store.journal.compact(false, |_| ()).expect("compact");
+            compactions += 1;
         }
-        assert_eq!(
+        writer.join().expect("writer");
+        store.journal.compact(false, |_| ()).expect("compact");
+        assert!(
+            compactions > 1,
+            "compacted {compactions} times under writes"
+        );
+        let before = store.journal.fingerprint();
+        assert!(before.len() > 1000, "{} lines", before.len());
+        drop(store);
+        let store = reopen(&path, |p| Store::open_with(p, sealer.clone()));
+        let after = store.journal.fingerprint();
+        assert!(before == after, "the replay differs");
+        // Every dedup record is back: each submission is a repeat.
+        let alice = UserId::new("alice").expect("valid");
+        let phone = DeviceId::new("phone").expect("valid");
+        for i in [0, 1, 1500, 2999] {
+            let again = store
+                .messages
+                .accept(&alice, &phone, i, None, |_| unreachable!("a repeat"))
+                .expect("accept");
+            assert!(matches!(again, Acceptance::Duplicate { .. }));
+        }
+    }
+
+    #[test]
+    fn the_log_is_compacted_and_replays_to_the_same_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let store = Store::open(&path).expect("open");
+        let bob = UserId::new("bob").expect("valid");
+        let phone = DeviceId::new("phone").expect("valid");
+        store.cursors.add(&bob, &phone).expect("cursor");
+        for seq in 1..=300 {
+            let m = marked(seq);
             store
                 .inbox
-                .tree
-                .get(keys::inbox_id(&bob, 12))
-                .expect("read"),
-            None
+                .append_at(&bob, seq, &m, Some(10_000 + seq))
+                .expect("append");
+        }
+        store.cursors.set(&bob, &phone, 100).expect("cursor");
+        assert_eq!(store.inbox.prune(&bob).expect("prune"), 100);
+        for expiry in store.inbox.due(10_050, 1000).expect("due") {
+            store.inbox.expire(&expiry).expect("expire");
+        }
+        let alice = UserId::new("alice").expect("valid");
+        for c in 0..5 {
+            store
+                .messages
+                .accept(&alice, &phone, c, Some(99_999_999_999_999), |id| Message {
+                    id,
+                    ..marked(1000 + c)
+                })
+                .expect("accept");
+        }
+        let first = store.messages.pending().expect("pending")[0].id;
+        store.messages.dispatched(first).expect("dispatched");
+        let before = (
+            store.inbox.after(&bob, 0, 1000).expect("read"),
+            store.inbox.message(&bob, MessageId(60)).expect("read"),
+            store.messages.pending().expect("pending"),
+            store.inbox.high_water(&bob).expect("read"),
+            store.inbox.count_waiting().expect("count"),
         );
-        assert_eq!(positions(&store, "bob"), [1, 2, 4]);
-        assert_eq!(
-            store.inbox.message(&bob, MessageId(13)).expect("read"),
-            Some(message(13))
-        );
-        assert_eq!(store.inbox.due(200, 10).expect("due").len(), 1);
+        store.journal.compact(false, |_| ()).expect("compact");
+        let log = path.join("log");
+        let segments = std::fs::read_dir(&log).expect("list").count();
+        assert_eq!(segments, 1, "the older segments went");
+        let after = |store: &Store| {
+            (
+                store.inbox.after(&bob, 0, 1000).expect("read"),
+                store.inbox.message(&bob, MessageId(60)).expect("read"),
+                store.messages.pending().expect("pending"),
+                store.inbox.high_water(&bob).expect("read"),
+                store.inbox.count_waiting().expect("count"),
+            )
+        };
+        assert_eq!(after(&store), before);
+        // The pruned entries lost their bodies in the copy.
+        assert!(files_containing(&log, b"QZX-secret-60").is_empty());
+        assert_eq!(files_containing(&log, b"QZX-secret-200").len(), 1);
+        drop(store);
+        let store = reopen(&path, Store::open);
+        assert_eq!(after(&store), before);
+        let again = store
+            .messages
+            .accept(&alice, &phone, 3, None, |_| unreachable!("a repeat"))
+            .expect("accept");
+        assert!(matches!(again, Acceptance::Duplicate { .. }));
     }
 
     #[test]
@@ -1044,18 +1336,7 @@ pub(crate) mod tests {
             store.inbox.message(&bob, MessageId(11)).expect("read"),
             None
         );
-        assert_eq!(
-            store.inbox.tree.get(keys::inbox(&bob, 1)).expect("read"),
-            None
-        );
-        assert_eq!(
-            store
-                .inbox
-                .tree
-                .get(keys::inbox_id(&bob, 11))
-                .expect("read"),
-            None
-        );
+        assert_eq!(store.inbox.entry(&bob, 1).expect("read"), None);
         assert_eq!(store.inbox.after(&bob, 0, 10).expect("read").len(), 2);
     }
 

@@ -2,6 +2,7 @@
 //! its relay outbox, and the names of deleted accounts it has yet to release at the exchange
 //! (the `network` tree).
 
+use super::hot::{Head, Journal};
 use super::{Sealer, StoreError, decode, encode, get_u64, keys};
 use iim_proto::peer::{Envelope, ServerInfo};
 use iim_proto::{Address, UserId};
@@ -16,14 +17,21 @@ pub struct NetworkStore {
     /// The last number of the relay outbox, held while an envelope is numbered and written so
     /// that the outbox is written in number order.
     outbox_head: Arc<Mutex<Option<u64>>>,
+    /// Where the relay position is.
+    journal: Arc<Journal>,
 }
 
 impl NetworkStore {
-    pub(super) fn new(db: &sled::Db, sealer: &Sealer) -> Result<Self, StoreError> {
+    pub(super) fn new(
+        db: &sled::Db,
+        sealer: &Sealer,
+        journal: &Arc<Journal>,
+    ) -> Result<Self, StoreError> {
         Ok(Self {
             tree: db.open_tree("network")?,
             sealer: sealer.clone(),
             outbox_head: Arc::default(),
+            journal: Arc::clone(journal),
         })
     }
 
@@ -207,12 +215,14 @@ impl NetworkStore {
 
     /// The highest `906` number this host made durable.
     pub fn relayed_in(&self) -> Result<u64, StoreError> {
-        Ok(get_u64(&self.tree, "network", keys::NET_RELAYED_IN)?.unwrap_or(0))
+        Ok(self.journal.lock().state.relayed_in)
     }
 
     /// Records that every `906` up to `seq` is applied. Durable after the next flush.
     pub fn set_relayed_in(&self, seq: u64) -> Result<(), StoreError> {
-        self.tree.insert(keys::NET_RELAYED_IN, &seq.to_be_bytes())?;
+        // In the message log, with the inbox entries the relayed messages made: both are
+        // durable, or neither.
+        self.journal.lock().log(Head::RelayedIn { seq }, &[]);
         Ok(())
     }
 

@@ -1,0 +1,963 @@
+//! The message path's records: accepted messages waiting for dispatch, inboxes, cursors, and
+//! the relay position — kept in memory and in the message log ([`super::log`]) instead of sled.
+//!
+//! Every change is one record, appended to the log's tail and applied to the in-memory state
+//! under one lock, in one order: replaying the log rebuilds the state exactly ([`State::apply`]
+//! is used for both). A record is atomic (it is whole in the log or not at all), so none of
+//! sled's write orders and repairs are needed here. A commit round ([`Journal::commit`]) first
+//! flushes sled, then writes the tail: a record is durable only with every sled write made
+//! before it (a plugin's effect record, a dead letter, an account). The bodies (sealed, as in
+//! sled before) stay in the log's files; memory holds where each one is.
+//!
+//! The dedup records of client submissions stay in sled (they are kept for good, and memory
+//! must not grow with every message ever sent): an accepted submission's dedup record is held
+//! in memory, beside its `Accepted` record in the log, until the compactor writes a batch of
+//! them to sled (more than [`DEDUP_IN_MEMORY`], or before a compaction drops the segments that
+//! hold their records), off the commit rounds. A crash loses only dedup records whose
+//! `Accepted` records are still in the log: replay puts them back in memory. A dedup record
+//! never reaches the disk before its message.
+//!
+//! The log is compacted with snapshots ([`Journal::compact`]): a new segment starts with a
+//! `Snapshot` record, every live record still in an older segment is copied into it (a pruned
+//! entry without its body, a value an older data key sealed sealed anew), then `SnapshotDone`;
+//! once that is durable, the older segments go. Records written meanwhile interleave with the
+//! copies: every record either sets what it names outright or changes nothing that a later
+//! copy does not carry, so replay from the snapshot's segment gives the same state.
+
+use super::log::{Loc, Located, Tail};
+use super::{Sealer, StoreError, keys};
+use iim_proto::{DeviceId, GroupId, UserId};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+/// What a record says happened. Postcard numbers the variants in this order: new ones go at
+/// the end.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) enum Head {
+    /// A snapshot starts in this segment.
+    Snapshot,
+    /// The snapshot that started in this segment is complete.
+    SnapshotDone,
+    /// A message accepted for dispatch (blob: its sealed dispatch record); a client's
+    /// submission names its dedup record.
+    Accepted {
+        id: u64,
+        client: Option<(UserId, DeviceId, u64)>,
+        sent_at: u64,
+        expires_at: Option<u64>,
+    },
+    /// The message is in every recipient's inbox.
+    Dispatched { id: u64 },
+    /// The effects of handling message `id` of `group` are being applied.
+    Applying { group: GroupId, id: u64 },
+    /// When message `id` expires (a message with its own time to live).
+    Ttl { id: u64, at: u64 },
+    /// An inbox entry (blob: the sealed entry), or a snapshot's copy of one.
+    Appended {
+        user: UserId,
+        seq: u64,
+        id: u64,
+        expires_at: Option<u64>,
+        pruned: bool,
+    },
+    /// Every entry of `user`'s inbox up to `through` is acknowledged by every device.
+    Pruned { user: UserId, through: u64 },
+    /// The entry at `seq` (message `id`) expired and leaves.
+    Expired {
+        user: UserId,
+        seq: u64,
+        id: u64,
+        at: u64,
+    },
+    /// A snapshot's copy of an inbox's marks.
+    Marks {
+        user: UserId,
+        high: u64,
+        pruned: u64,
+    },
+    /// A device's cursor moves to `seq` (0: the device takes deliveries from now on).
+    Cursor {
+        user: UserId,
+        device: DeviceId,
+        seq: u64,
+    },
+    /// A device's cursor goes (the device was revoked).
+    CursorRemoved { user: UserId, device: DeviceId },
+    /// `user`'s inbox goes (the account was deleted).
+    ForgetInbox { user: UserId },
+    /// `user`'s cursors go (the account was deleted).
+    ForgetCursors { user: UserId },
+    /// What this host applied of its relay link from the exchange.
+    RelayedIn { seq: u64 },
+    /// The dedup records of `user`'s devices go (the account was deleted).
+    ForgetDedup { user: UserId },
+}
+
+/// An accepted message waiting for dispatch.
+#[derive(Debug, Clone)]
+pub(super) struct Pending {
+    pub(super) loc: Loc,
+    client: Option<(UserId, DeviceId, u64)>,
+    sent_at: u64,
+    expires_at: Option<u64>,
+}
+
+/// An inbox entry.
+#[derive(Debug, Clone)]
+pub(super) struct EntryState {
+    pub(super) id: u64,
+    pub(super) loc: Loc,
+    pub(super) pruned: bool,
+    pub(super) expires_at: Option<u64>,
+}
+
+/// One user's inbox and cursors.
+#[derive(Debug, Default)]
+pub(super) struct UserState {
+    pub(super) entries: BTreeMap<u64, EntryState>,
+    pub(super) ids: HashMap<u64, u64>,
+    /// The highest position an expired entry had.
+    pub(super) high: u64,
+    /// How far pruning went.
+    pub(super) pruned: u64,
+    pub(super) cursors: BTreeMap<DeviceId, u64>,
+}
+
+impl UserState {
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.cursors.is_empty() && self.high == 0 && self.pruned == 0
+    }
+}
+
+/// What the records say, in memory.
+#[derive(Debug, Default)]
+pub(super) struct State {
+    pub(super) pending: BTreeMap<u64, Pending>,
+    pub(super) ttl: HashMap<u64, u64>,
+    pub(super) applying: HashMap<GroupId, u64>,
+    pub(super) users: HashMap<UserId, UserState>,
+    /// (expires at, user, seq) → message id.
+    pub(super) expiries: BTreeMap<(u64, UserId, u64), u64>,
+    pub(super) relayed_in: u64,
+    /// Entries that still hold their message.
+    pub(super) whole: i64,
+    /// Dedup records not yet written to sled: key → (id, sent at).
+    pub(super) unsaved: HashMap<Vec<u8>, (u64, u64)>,
+    /// Bytes of blobs live records point at (for when to compact).
+    pub(super) live: u64,
+}
+
+impl State {
+    /// Applies a record whose blob is at `loc`.
+    pub(super) fn apply(&mut self, head: &Head, loc: Loc) {
+        match head {
+            Head::Snapshot | Head::SnapshotDone => {}
+            Head::Accepted {
+                id,
+                client,
+                sent_at,
+                expires_at,
+            } => {
+                if let Some(old) = self.pending.insert(
+                    *id,
+                    Pending {
+                        loc,
+                        client: client.clone(),
+                        sent_at: *sent_at,
+                        expires_at: *expires_at,
+                    },
+                ) {
+                    self.live -= u64::from(old.loc.len);
+                }
+                self.live += u64::from(loc.len);
+                if let Some(at) = expires_at {
+                    self.ttl.insert(*id, *at);
+                }
+                if let Some((user, device, client_id)) = client {
+                    let key = keys::dedup(user, device, *client_id);
+                    self.unsaved.insert(key, (*id, *sent_at));
+                }
+            }
+            Head::Dispatched { id } => {
+                if let Some(old) = self.pending.remove(id) {
+                    self.live -= u64::from(old.loc.len);
+                }
+            }
+            Head::Applying { group, id } => {
+                self.applying.insert(group.clone(), *id);
+            }
+            Head::Ttl { id, at } => {
+                self.ttl.insert(*id, *at);
+            }
+            Head::Appended {
+                user,
+                seq,
+                id,
+                expires_at,
+                pruned,
+            } => {
+                let inbox = self.users.entry(user.clone()).or_default();
+                let entry = EntryState {
+                    id: *id,
+                    loc,
+                    pruned: *pruned,
+                    expires_at: *expires_at,
+                };
+                if let Some(old) = inbox.entries.insert(*seq, entry) {
+                    self.whole -= i64::from(!old.pruned);
+                    self.live -= u64::from(old.loc.len);
+                    if inbox.ids.get(&old.id) == Some(seq) {
+                        inbox.ids.remove(&old.id);
+                    }
+                    if let Some(at) = old.expires_at {
+                        self.expiries.remove(&(at, user.clone(), *seq));
+                    }
+                }
+                inbox.ids.insert(*id, *seq);
+                self.whole += i64::from(!pruned);
+                self.live += u64::from(loc.len);
+                if let Some(at) = expires_at {
+                    self.expiries.insert((*at, user.clone(), *seq), *id);
+                }
+            }
+            Head::Pruned { user, through } => {
+                let inbox = self.users.entry(user.clone()).or_default();
+                let from = inbox.pruned;
+                if *through > from {
+                    for entry in inbox.entries.range_mut(from + 1..=*through).map(|(_, e)| e) {
+                        if !entry.pruned {
+                            entry.pruned = true;
+                            self.whole -= 1;
+                        }
+                    }
+                    inbox.pruned = *through;
+                }
+            }
+            Head::Expired { user, seq, id, at } => {
+                self.expiries.remove(&(*at, user.clone(), *seq));
+                let inbox = self.users.entry(user.clone()).or_default();
+                if inbox.entries.get(seq).is_some_and(|e| e.id == *id)
+                    && let Some(old) = inbox.entries.remove(seq)
+                {
+                    self.whole -= i64::from(!old.pruned);
+                    self.live -= u64::from(old.loc.len);
+                }
+                if inbox.ids.get(id) == Some(seq) {
+                    inbox.ids.remove(id);
+                }
+                // Positions are never handed out twice, even when the last entries are gone.
+                inbox.high = inbox.high.max(*seq);
+            }
+            Head::Marks { user, high, pruned } => {
+                let inbox = self.users.entry(user.clone()).or_default();
+                inbox.high = inbox.high.max(*high);
+                inbox.pruned = inbox.pruned.max(*pruned);
+            }
+            Head::Cursor { user, device, seq } => {
+                let inbox = self.users.entry(user.clone()).or_default();
+                let cursor = inbox.cursors.entry(device.clone()).or_insert(0);
+                *cursor = (*cursor).max(*seq);
+            }
+            Head::CursorRemoved { user, device } => {
+                if let Some(inbox) = self.users.get_mut(user) {
+                    inbox.cursors.remove(device);
+                }
+                self.drop_if_empty(user);
+            }
+            Head::ForgetInbox { user } => {
+                if let Some(inbox) = self.users.get_mut(user) {
+                    for (seq, entry) in std::mem::take(&mut inbox.entries) {
+                        self.whole -= i64::from(!entry.pruned);
+                        self.live -= u64::from(entry.loc.len);
+                        if let Some(at) = entry.expires_at {
+                            self.expiries.remove(&(at, user.clone(), seq));
+                        }
+                    }
+                    inbox.ids.clear();
+                    inbox.high = 0;
+                    inbox.pruned = 0;
+                }
+                self.drop_if_empty(user);
+            }
+            Head::ForgetCursors { user } => {
+                if let Some(inbox) = self.users.get_mut(user) {
+                    inbox.cursors.clear();
+                }
+                self.drop_if_empty(user);
+            }
+            Head::RelayedIn { seq } => self.relayed_in = *seq,
+            Head::ForgetDedup { user } => {
+                let prefix = keys::dedup_prefix(user);
+                self.unsaved.retain(|key, _| !key.starts_with(&prefix));
+            }
+        }
+    }
+
+    fn drop_if_empty(&mut self, user: &UserId) {
+        if self.users.get(user).is_some_and(UserState::is_empty) {
+            self.users.remove(user);
+        }
+    }
+}
+
+/// The state and the log's tail, under one lock.
+pub(super) struct Inner {
+    pub(super) state: State,
+    pub(super) tail: Tail,
+}
+
+impl Inner {
+    /// Appends a record and applies it.
+    pub(super) fn log(&mut self, head: Head, blob: &[u8]) -> Loc {
+        let loc = self.tail.append(&encode_head(&head), blob);
+        self.state.apply(&head, loc);
+        loc
+    }
+}
+
+fn encode_head(head: &Head) -> Vec<u8> {
+    // Encoding our own in-memory values into a Vec cannot fail.
+    postcard::to_stdvec(head).unwrap_or_default()
+}
+
+fn decode_head(bytes: &[u8]) -> Result<Head, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        tree: "message log",
+        reason: format!("a record that does not decode: {e}"),
+    })
+}
+
+/// The message path's records, shared by the handles [`super::Messages`], [`super::Inbox`],
+/// [`super::Cursors`] and [`super::NetworkStore`] (its relay position).
+pub(crate) struct Journal {
+    inner: Mutex<Inner>,
+    pub(super) sealer: Sealer,
+    /// sled, flushed first in every round, and its log file (synced: sled's own flush leaves
+    /// the file's size and the disk's cache unsynced).
+    db: sled::Db,
+    sled_log: Option<std::fs::File>,
+    /// Held through a round: rounds are written one at a time, in order.
+    committing: Mutex<()>,
+    /// Serialises compactions (and re-encryptions, which are compactions).
+    compacting: Mutex<()>,
+    /// Held while dedup records are written to sled, or removed from it.
+    saving: Mutex<()>,
+    /// Why a round failed to reach the disk, if one did: no round after it is written.
+    failed: Mutex<Option<String>>,
+}
+
+/// How many records of each kind the message path holds ([`super::Store::counts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Dedup records, in memory and in sled.
+    pub dedup: u64,
+    /// Messages accepted and not yet dispatched.
+    pub pending: u64,
+    /// Inbox entries.
+    pub entries: u64,
+    /// Of them, pruned (every device acknowledged them).
+    pub pruned: u64,
+    /// Entries with an expiry.
+    pub expiries: u64,
+    /// The sum of every device's cursor.
+    pub cursor_sum: u64,
+    /// The sum of every inbox's prune mark.
+    pub prune_mark_sum: u64,
+}
+
+impl Journal {
+    /// How many records of each kind there are; `tree` holds the saved dedup records.
+    pub(super) fn counts(&self, tree: &sled::Tree) -> Result<Counts, StoreError> {
+        let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        let inner = self.lock();
+        let mut saved = 0;
+        for entry in tree.scan_prefix(keys::DEDUP_PREFIX) {
+            let (key, _) = entry?;
+            // A dedup record saved and still held in memory counts once.
+            saved += u64::from(!inner.state.unsaved.contains_key(key.as_ref()));
+        }
+        let state = &inner.state;
+        let mut counts = Counts {
+            dedup: state.unsaved.len() as u64 + saved,
+            pending: state.pending.len() as u64,
+            expiries: state.expiries.len() as u64,
+            ..Counts::default()
+        };
+        for inbox in state.users.values() {
+            counts.entries += inbox.entries.len() as u64;
+            counts.pruned += inbox.entries.values().filter(|e| e.pruned).count() as u64;
+            counts.cursor_sum += inbox.cursors.values().sum::<u64>();
+            counts.prune_mark_sum += inbox.pruned;
+        }
+        Ok(counts)
+    }
+}
+
+#[cfg(test)]
+impl Journal {
+    /// Everything the state holds, as text, bodies opened (a pruned entry's without its body):
+    /// what a replay must give back.
+    pub(super) fn fingerprint(&self) -> Vec<String> {
+        let inner = self.lock();
+        let state = &inner.state;
+        let read = |tree: &'static str, key: Vec<u8>, loc: Loc| -> Vec<u8> {
+            let stored = inner
+                .tail
+                .locate(loc)
+                .expect("locate")
+                .read()
+                .expect("read");
+            self.sealer
+                .open(tree, &key, &stored)
+                .expect("open")
+                .into_owned()
+        };
+        let mut out = Vec::new();
+        for (id, p) in &state.pending {
+            let plain = read("messages", keys::dispatch(*id), p.loc);
+            out.push(format!(
+                "pending {id} {:?} {} {:?} {plain:?}",
+                p.client, p.sent_at, p.expires_at
+            ));
+        }
+        let mut ttl: Vec<_> = state.ttl.iter().collect();
+        ttl.sort();
+        out.push(format!("ttl {ttl:?}"));
+        let mut applying: Vec<_> = state.applying.iter().collect();
+        applying.sort();
+        out.push(format!("applying {applying:?}"));
+        let mut users: Vec<_> = state.users.iter().collect();
+        users.sort_by(|a, b| a.0.cmp(b.0));
+        for (user, inbox) in users {
+            out.push(format!(
+                "user {user} high {} pruned {} cursors {:?}",
+                inbox.high, inbox.pruned, inbox.cursors
+            ));
+            for (seq, e) in &inbox.entries {
+                let plain = read("inbox", keys::inbox(user, *seq), e.loc);
+                let plain = if e.pruned {
+                    super::inbox::pruned_form(&plain).expect("pruned")
+                } else {
+                    plain
+                };
+                out.push(format!(
+                    "  {seq} {} {} {:?} {plain:?}",
+                    e.id, e.pruned, e.expires_at
+                ));
+            }
+            let mut ids: Vec<_> = inbox.ids.iter().collect();
+            ids.sort();
+            out.push(format!("  ids {ids:?}"));
+        }
+        out.push(format!("expiries {:?}", state.expiries));
+        out.push(format!(
+            "relayed {} whole {}",
+            state.relayed_in, state.whole
+        ));
+        out
+    }
+}
+
+/// Opens the log in `dir` and rebuilds its state: from the newest segment that holds a whole
+/// snapshot (older segments are removed), else from the first.
+fn replay(dir: &Path) -> Result<(State, Tail), StoreError> {
+    let mut state = State::default();
+    let tail = Tail::open(
+        dir,
+        |_, records| {
+            records
+                .iter()
+                .any(|r| matches!(decode_head(r.head), Ok(Head::SnapshotDone)))
+        },
+        |record| {
+            state.apply(&decode_head(record.head)?, record.loc);
+            Ok(())
+        },
+    )?;
+    Ok((state, tail))
+}
+
+/// Whether the message log in `dir` holds any record.
+pub(super) fn log_has_records(dir: &Path) -> Result<bool, StoreError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(false);
+    };
+    for entry in entries.flatten() {
+        if entry.metadata().is_ok_and(|m| m.len() > 0) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Copies the live records of the message log in `from`, kept in the clear, into a new log in
+/// `to`, sealed by `sealer` (sealing a store kept in the clear). Returns how many values were
+/// sealed.
+pub(super) fn seal_log(from: &Path, to: &Path, sealer: &Sealer) -> Result<u64, StoreError> {
+    let (state, old) = replay(from)?;
+    let mut new = Inner {
+        state: State::default(),
+        tail: Tail::open(to, |_, _| false, |_| Ok(()))?,
+    };
+    new.log(Head::Snapshot, &[]);
+    let mut sealed = 0;
+    for (id, p) in &state.pending {
+        let plain = old.locate(p.loc)?.read()?;
+        let head = Head::Accepted {
+            id: *id,
+            client: p.client.clone(),
+            sent_at: p.sent_at,
+            expires_at: p.expires_at,
+        };
+        new.log(head, &sealer.seal("messages", &keys::dispatch(*id), plain));
+        sealed += 1;
+    }
+    for (id, at) in &state.ttl {
+        new.log(Head::Ttl { id: *id, at: *at }, &[]);
+    }
+    for (group, id) in &state.applying {
+        let head = Head::Applying {
+            group: group.clone(),
+            id: *id,
+        };
+        new.log(head, &[]);
+    }
+    for (user, inbox) in &state.users {
+        for (seq, entry) in &inbox.entries {
+            let plain = old.locate(entry.loc)?.read()?;
+            let plain = if entry.pruned {
+                super::inbox::pruned_form(&plain)?
+            } else {
+                plain
+            };
+            let head = Head::Appended {
+                user: user.clone(),
+                seq: *seq,
+                id: entry.id,
+                expires_at: entry.expires_at,
+                pruned: entry.pruned,
+            };
+            new.log(head, &sealer.seal("inbox", &keys::inbox(user, *seq), plain));
+            sealed += 1;
+        }
+        let head = Head::Marks {
+            user: user.clone(),
+            high: inbox.high,
+            pruned: inbox.pruned,
+        };
+        new.log(head, &[]);
+        for (device, seq) in &inbox.cursors {
+            let head = Head::Cursor {
+                user: user.clone(),
+                device: device.clone(),
+                seq: *seq,
+            };
+            new.log(head, &[]);
+        }
+    }
+    new.log(
+        Head::RelayedIn {
+            seq: state.relayed_in,
+        },
+        &[],
+    );
+    new.log(Head::SnapshotDone, &[]);
+    let (round, _) = new.tail.take(false)?;
+    round.write(to).map_err(|source| StoreError::Io {
+        what: "writing the sealed message log",
+        path: to.to_owned(),
+        source,
+    })?;
+    Ok(sealed)
+}
+
+impl Drop for Journal {
+    /// What is still in memory is committed, as sled flushes what it holds when it is dropped.
+    fn drop(&mut self) {
+        if let Err(e) = self.commit() {
+            tracing::error!(error = %e, "committing the message log at close failed");
+        }
+    }
+}
+
+/// When the log is compacted: once it holds this many bytes more than its live records and
+/// more than twice as many.
+const COMPACT_SLACK: u64 = 2 * super::log::SEGMENT_BYTES;
+
+/// Dedup records kept in memory (their `Accepted` records in the log) before they are written
+/// to sled, off the commit rounds.
+const DEDUP_IN_MEMORY: usize = 1 << 16;
+
+impl Journal {
+    /// Opens the log in `dir` and rebuilds the state from it.
+    pub(super) fn open(
+        dir: &Path,
+        sealer: &Sealer,
+        db: &sled::Db,
+        sled_log: Option<std::fs::File>,
+    ) -> Result<Self, StoreError> {
+        let (state, tail) = replay(dir)?;
+        Ok(Self {
+            inner: Mutex::new(Inner { state, tail }),
+            sealer: sealer.clone(),
+            db: db.clone(),
+            sled_log,
+            committing: Mutex::new(()),
+            compacting: Mutex::new(()),
+            saving: Mutex::new(()),
+            failed: Mutex::new(None),
+        })
+    }
+
+    /// The state and the tail, locked.
+    pub(super) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One commit round: takes the records appended so far, flushes sled (so that every sled
+    /// write before them is durable first; sled's log file is synced only if the flush wrote
+    /// something: sled flushes nothing by itself here), then writes and syncs them.
+    /// Returns whether it wrote anything.
+    pub(super) fn commit(&self) -> Result<bool, StoreError> {
+        self.commit_rolling(false).map(|(_, wrote)| wrote)
+    }
+
+    /// [`Journal::commit`]; with `roll`, the records appended after the round's go to a new
+    /// segment, whose number is returned (with whether it wrote anything).
+    fn commit_rolling(&self, roll: bool) -> Result<(Option<u32>, bool), StoreError> {
+        let _one = self.committing.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(reason) = &*self.failed.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Err(StoreError::Failed(reason.clone()));
+        }
+        let (round, rolled, dir) = {
+            let mut inner = self.lock();
+            let dir = inner.tail.dir().to_owned();
+            let (round, rolled) = inner.tail.take(roll)?;
+            (round, rolled, dir)
+        };
+        let sled_wrote = self.db.flush()? > 0;
+        if sled_wrote && let Some(file) = &self.sled_log {
+            let metrics = crate::metrics::metrics();
+            crate::metrics::timed(&metrics.fsync_seconds, || file.sync_data())
+                .map_err(sled::Error::Io)?;
+        }
+        if let Err(source) = round.write(&dir) {
+            // The round's records are in memory, not on disk: a later round written after
+            // them would leave a hole, so none is.
+            let reason = format!("writing the message log in {}: {source}", dir.display());
+            *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+            return Err(StoreError::Failed(reason));
+        }
+        self.lock().tail.written(&round);
+        Ok((rolled, sled_wrote || !round.is_empty()))
+    }
+
+    /// Writes the dedup records held in memory to sled (durable at the next round).
+    pub(super) fn save_dedups(&self) -> Result<(), StoreError> {
+        let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        let records: Vec<(Vec<u8>, (u64, u64))> = {
+            let inner = self.lock();
+            inner
+                .state
+                .unsaved
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()
+        };
+        let mut batch = sled::Batch::default();
+        for (key, value) in &records {
+            batch.insert(key.as_slice(), super::encode(value));
+        }
+        self.db.open_tree("messages")?.apply_batch(batch)?;
+        let mut inner = self.lock();
+        for (key, value) in records {
+            if inner.state.unsaved.get(&key) == Some(&value) {
+                inner.state.unsaved.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the dedup records of `user`'s devices, in memory and in sled's `tree`.
+    pub(super) fn forget_dedups(&self, user: &UserId, tree: &sled::Tree) -> Result<(), StoreError> {
+        let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        self.lock()
+            .log(Head::ForgetDedup { user: user.clone() }, &[]);
+        for entry in tree.scan_prefix(keys::dedup_prefix(user)) {
+            tree.remove(entry?.0)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the compactor has work: a log with enough dead records to compact, or more
+    /// dedup records in memory than [`DEDUP_IN_MEMORY`].
+    pub(super) fn wants_work(&self) -> bool {
+        let inner = self.lock();
+        inner.state.unsaved.len() > DEDUP_IN_MEMORY
+            || inner.tail.size() > inner.state.live.saturating_mul(2) + COMPACT_SLACK
+    }
+
+    /// The compactor's work ([`Journal::wants_work`]).
+    pub(super) fn maintain(&self) -> Result<(), StoreError> {
+        let (compact, save) = {
+            let inner = self.lock();
+            (
+                inner.tail.size() > inner.state.live.saturating_mul(2) + COMPACT_SLACK,
+                inner.state.unsaved.len() > DEDUP_IN_MEMORY,
+            )
+        };
+        if compact {
+            let started = std::time::Instant::now();
+            self.compact(false, |_| ())?;
+            tracing::info!(
+                ms = started.elapsed().as_millis() as u64,
+                "compacted the message log"
+            );
+        } else if save {
+            self.save_dedups()?;
+        }
+        Ok(())
+    }
+
+    /// Every record whose key or opened value `holds` what is looked for, named as the tree
+    /// and key sled kept it under before the message log (`iim-host store find`).
+    pub(super) fn records_containing(
+        &self,
+        holds: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<Vec<super::FoundRecord>, StoreError> {
+        let mut blobs = Vec::new();
+        let mut found = Vec::new();
+        {
+            let inner = self.lock();
+            for (id, p) in &inner.state.pending {
+                blobs.push(("messages", keys::dispatch(*id), inner.tail.locate(p.loc)?));
+            }
+            for (user, inbox) in &inner.state.users {
+                for (seq, entry) in &inbox.entries {
+                    let key = keys::inbox(user, *seq);
+                    blobs.push(("inbox", key, inner.tail.locate(entry.loc)?));
+                }
+                for device in inbox.cursors.keys() {
+                    let key = keys::cursor(user, device);
+                    if holds(&key) {
+                        found.push(super::FoundRecord {
+                            tree: "cursors".into(),
+                            key,
+                            in_key: true,
+                        });
+                    }
+                }
+            }
+        }
+        for (tree, key, located) in blobs {
+            let in_key = holds(&key);
+            let in_value = !in_key && {
+                let plain =
+                    self.sealer
+                        .try_open(tree, &key, &located.read()?)
+                        .map_err(|reason| StoreError::Sealed {
+                            tree: "(a search)",
+                            reason,
+                        })?;
+                holds(&plain)
+            };
+            if in_key || in_value {
+                found.push(super::FoundRecord {
+                    tree: tree.into(),
+                    key,
+                    in_key,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Compacts the log: a snapshot of every live record in a new segment, then the older
+    /// segments go. With `reseal`, every sealed value not sealed with the current data key is
+    /// sealed with it (and every record is copied, wherever it is). `commit` makes what was
+    /// appended durable (a commit round); `progress` is told how many values were sealed anew.
+    /// Returns how many.
+    pub(super) fn compact(
+        &self,
+        reseal: bool,
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, StoreError> {
+        let _one = self.compacting.lock().unwrap_or_else(|p| p.into_inner());
+        let base = self.commit_rolling(true)?.0.ok_or(StoreError::Flusher(
+            "a compaction's commit did not start a segment",
+        ))?;
+        self.lock().log(Head::Snapshot, &[]);
+        // The dedup records of the messages accepted in the older segments, in sled before
+        // those segments go (the last round below flushes sled first).
+        self.save_dedups()?;
+        let (pending, users) = {
+            let mut inner = self.lock();
+            let state = &inner.state;
+            let now = crate::clock::now_ms();
+            let mut small = Vec::new();
+            small.extend(state.applying.iter().map(|(group, id)| Head::Applying {
+                group: group.clone(),
+                id: *id,
+            }));
+            small.extend(
+                state
+                    .ttl
+                    .iter()
+                    .filter(|(_, at)| **at > now)
+                    .map(|(id, at)| Head::Ttl { id: *id, at: *at }),
+            );
+            small.push(Head::RelayedIn {
+                seq: state.relayed_in,
+            });
+            for (user, inbox) in &state.users {
+                small.push(Head::Marks {
+                    user: user.clone(),
+                    high: inbox.high,
+                    pruned: inbox.pruned,
+                });
+                small.extend(inbox.cursors.iter().map(|(device, seq)| Head::Cursor {
+                    user: user.clone(),
+                    device: device.clone(),
+                    seq: *seq,
+                }));
+            }
+            // Expired time-to-live records go.
+            inner.state.ttl.retain(|_, at| *at > now);
+            for head in small {
+                inner.log(head, &[]);
+            }
+            let pending: Vec<u64> = inner.state.pending.keys().copied().collect();
+            let users: Vec<UserId> = inner.state.users.keys().cloned().collect();
+            (pending, users)
+        };
+        let mut resealed = 0;
+        let current = self.sealer.keys().map(|k| k.current());
+        // Whether a blob sealed as `stored` must be sealed anew.
+        let stale = |stored: &[u8]| {
+            reseal && current.is_some() && super::sealing::key_of(stored) != current
+        };
+        // Until no pending message is left in an older segment (one changed while it was
+        // copied is copied again).
+        let mut ids = pending;
+        while !ids.is_empty() {
+            for chunk in ids.chunks(256) {
+                let found: Vec<(u64, Loc, Located)> = {
+                    let inner = self.lock();
+                    let mut found = Vec::new();
+                    for id in chunk {
+                        if let Some(p) = inner.state.pending.get(id)
+                            && p.loc.segment < base
+                        {
+                            found.push((*id, p.loc, inner.tail.locate(p.loc)?));
+                        }
+                    }
+                    found
+                };
+                let mut copies = Vec::new();
+                for (id, loc, located) in found {
+                    let mut blob = located.read()?;
+                    if stale(&blob) {
+                        let key = keys::dispatch(id);
+                        let plain = self.sealer.open("messages", &key, &blob)?.into_owned();
+                        blob = self.sealer.seal("messages", &key, plain);
+                        resealed += 1;
+                    }
+                    copies.push((id, loc, blob));
+                }
+                let mut inner = self.lock();
+                for (id, loc, blob) in copies {
+                    let Some(p) = inner.state.pending.get(&id).filter(|p| p.loc == loc) else {
+                        continue;
+                    };
+                    let head = Head::Accepted {
+                        id,
+                        client: p.client.clone(),
+                        sent_at: p.sent_at,
+                        expires_at: p.expires_at,
+                    };
+                    inner.log(head, &blob);
+                }
+                drop(inner);
+                progress(resealed);
+            }
+            let inner = self.lock();
+            ids = inner
+                .state
+                .pending
+                .iter()
+                .filter(|(_, p)| p.loc.segment < base)
+                .map(|(id, _)| *id)
+                .collect();
+        }
+        for user in &users {
+            loop {
+                let found: Vec<(u64, EntryState, Located)> = {
+                    let inner = self.lock();
+                    let Some(inbox) = inner.state.users.get(user) else {
+                        break;
+                    };
+                    let mut found = Vec::new();
+                    for (seq, entry) in &inbox.entries {
+                        if entry.loc.segment < base {
+                            found.push((*seq, entry.clone(), inner.tail.locate(entry.loc)?));
+                        }
+                        if found.len() == 256 {
+                            break;
+                        }
+                    }
+                    found
+                };
+                if found.is_empty() {
+                    break;
+                }
+                let mut copies = Vec::new();
+                for (seq, entry, located) in found {
+                    let key = keys::inbox(user, seq);
+                    let stored = located.read()?;
+                    let is_stale = stale(&stored);
+                    let blob = if entry.pruned || is_stale {
+                        let plain = self.sealer.open("inbox", &key, &stored)?;
+                        let plain = if entry.pruned {
+                            super::inbox::pruned_form(&plain)?
+                        } else {
+                            plain.into_owned()
+                        };
+                        resealed += u64::from(is_stale);
+                        self.sealer.seal("inbox", &key, plain)
+                    } else {
+                        stored
+                    };
+                    copies.push((seq, entry, blob));
+                }
+                let mut inner = self.lock();
+                for (seq, entry, blob) in copies {
+                    let same = inner
+                        .state
+                        .users
+                        .get(user)
+                        .and_then(|i| i.entries.get(&seq))
+                        .is_some_and(|e| e.loc == entry.loc && e.pruned == entry.pruned);
+                    if !same {
+                        continue;
+                    }
+                    let head = Head::Appended {
+                        user: user.clone(),
+                        seq,
+                        id: entry.id,
+                        expires_at: entry.expires_at,
+                        pruned: entry.pruned,
+                    };
+                    inner.log(head, &blob);
+                }
+                drop(inner);
+                progress(resealed);
+            }
+        }
+        self.lock().log(Head::SnapshotDone, &[]);
+        self.commit()?;
+        self.lock().tail.drop_before(base)?;
+        Ok(resealed)
+    }
+}
