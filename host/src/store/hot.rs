@@ -340,6 +340,8 @@ pub(crate) struct Journal {
     sled_log: Option<std::fs::File>,
     /// Held through a round: rounds are written one at a time, in order.
     committing: Mutex<()>,
+    /// The size and time of change of sled's log file when a round last looked.
+    sled_seen: Mutex<Option<(u64, Option<std::time::SystemTime>)>>,
     /// Serialises compactions (and re-encryptions, which are compactions).
     compacting: Mutex<()>,
     /// Held while dedup records are written to sled, or removed from it.
@@ -605,6 +607,7 @@ impl Journal {
             db: db.clone(),
             sled_log,
             committing: Mutex::new(()),
+            sled_seen: Mutex::new(None),
             compacting: Mutex::new(()),
             saving: Mutex::new(()),
             failed: Mutex::new(None),
@@ -637,7 +640,10 @@ impl Journal {
             let (round, rolled) = inner.tail.take(roll)?;
             (round, rolled, dir)
         };
-        let sled_wrote = self.db.flush()? > 0;
+        // sled's own threads may write out a full buffer between rounds: its file changed
+        // since the last sync is synced too.
+        let flushed = self.db.flush()? > 0;
+        let sled_wrote = self.sled_log_changed() || flushed;
         if sled_wrote && let Some(file) = &self.sled_log {
             let metrics = crate::metrics::metrics();
             crate::metrics::timed(&metrics.fsync_seconds, || file.sync_data())
@@ -652,6 +658,23 @@ impl Journal {
         }
         self.lock().tail.written(&round);
         Ok((rolled, sled_wrote || !round.is_empty()))
+    }
+
+    /// Whether sled's log file changed (its size or its time of change) since the last round
+    /// looked; remembers what it saw.
+    fn sled_log_changed(&self) -> bool {
+        let Some(seen) = self
+            .sled_log
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| (m.len(), m.modified().ok()))
+        else {
+            return false;
+        };
+        let mut last = self.sled_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = last.as_ref() != Some(&seen);
+        *last = Some(seen);
+        changed
     }
 
     /// Writes the dedup records held in memory to sled (durable at the next round).
