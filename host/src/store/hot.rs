@@ -125,6 +125,31 @@ pub(super) struct UserState {
     pub(super) cursors: BTreeMap<DeviceId, u64>,
 }
 
+impl Pending {
+    /// The record that accepts message `id` as it is now (a snapshot's copy).
+    fn head(&self, id: u64) -> Head {
+        Head::Accepted {
+            id,
+            client: self.client.clone(),
+            sent_at: self.sent_at,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+impl EntryState {
+    /// The record of this entry, at `seq` of `user`'s inbox, as it is now (a snapshot's copy).
+    fn head(&self, user: &UserId, seq: u64) -> Head {
+        Head::Appended {
+            user: user.clone(),
+            seq,
+            id: self.id,
+            expires_at: self.expires_at,
+            pruned: self.pruned,
+        }
+    }
+}
+
 impl UserState {
     fn is_empty(&self) -> bool {
         self.entries.is_empty() && self.cursors.is_empty() && self.high == 0 && self.pruned == 0
@@ -293,6 +318,41 @@ impl State {
                 self.unsaved.retain(|key, _| !key.starts_with(&prefix));
             }
         }
+    }
+
+    /// A snapshot's records of everything that has no blob: groups being applied, times to
+    /// live not run out by `now`, the relay position, each inbox's marks and cursors.
+    fn bodiless(&self, now: u64) -> Vec<Head> {
+        let mut heads: Vec<Head> = self
+            .applying
+            .iter()
+            .map(|(group, id)| Head::Applying {
+                group: group.clone(),
+                id: *id,
+            })
+            .collect();
+        heads.extend(
+            self.ttl
+                .iter()
+                .filter(|(_, at)| **at > now)
+                .map(|(id, at)| Head::Ttl { id: *id, at: *at }),
+        );
+        heads.push(Head::RelayedIn {
+            seq: self.relayed_in,
+        });
+        for (user, inbox) in &self.users {
+            heads.push(Head::Marks {
+                user: user.clone(),
+                high: inbox.high,
+                pruned: inbox.pruned,
+            });
+            heads.extend(inbox.cursors.iter().map(|(device, seq)| Head::Cursor {
+                user: user.clone(),
+                device: device.clone(),
+                seq: *seq,
+            }));
+        }
+        heads
     }
 
     fn drop_if_empty(&mut self, user: &UserId) {
@@ -507,24 +567,11 @@ pub(super) fn seal_log(from: &Path, to: &Path, sealer: &Sealer) -> Result<u64, S
     let mut sealed = 0;
     for (id, p) in &state.pending {
         let plain = old.locate(p.loc)?.read()?;
-        let head = Head::Accepted {
-            id: *id,
-            client: p.client.clone(),
-            sent_at: p.sent_at,
-            expires_at: p.expires_at,
-        };
-        new.log(head, &sealer.seal("messages", &keys::dispatch(*id), plain));
+        new.log(
+            p.head(*id),
+            &sealer.seal("messages", &keys::dispatch(*id), plain),
+        );
         sealed += 1;
-    }
-    for (id, at) in &state.ttl {
-        new.log(Head::Ttl { id: *id, at: *at }, &[]);
-    }
-    for (group, id) in &state.applying {
-        let head = Head::Applying {
-            group: group.clone(),
-            id: *id,
-        };
-        new.log(head, &[]);
     }
     for (user, inbox) in &state.users {
         for (seq, entry) in &inbox.entries {
@@ -534,37 +581,15 @@ pub(super) fn seal_log(from: &Path, to: &Path, sealer: &Sealer) -> Result<u64, S
             } else {
                 plain
             };
-            let head = Head::Appended {
-                user: user.clone(),
-                seq: *seq,
-                id: entry.id,
-                expires_at: entry.expires_at,
-                pruned: entry.pruned,
-            };
-            new.log(head, &sealer.seal("inbox", &keys::inbox(user, *seq), plain));
+            let sealed_entry = sealer.seal("inbox", &keys::inbox(user, *seq), plain);
+            new.log(entry.head(user, *seq), &sealed_entry);
             sealed += 1;
         }
-        let head = Head::Marks {
-            user: user.clone(),
-            high: inbox.high,
-            pruned: inbox.pruned,
-        };
-        new.log(head, &[]);
-        for (device, seq) in &inbox.cursors {
-            let head = Head::Cursor {
-                user: user.clone(),
-                device: device.clone(),
-                seq: *seq,
-            };
-            new.log(head, &[]);
-        }
     }
-    new.log(
-        Head::RelayedIn {
-            seq: state.relayed_in,
-        },
-        &[],
-    );
+    // Every time to live is carried over, run out or not, as the records were.
+    for head in state.bodiless(0) {
+        new.log(head, &[]);
+    }
     new.log(Head::SnapshotDone, &[]);
     let (round, _) = new.tail.take(false)?;
     round.write(to).map_err(|source| StoreError::Io {
@@ -717,20 +742,23 @@ impl Journal {
     /// Whether the compactor has work: a log with enough dead records to compact, or more
     /// dedup records in memory than [`DEDUP_IN_MEMORY`].
     pub(super) fn wants_work(&self) -> bool {
+        let (compact, save) = self.work();
+        compact || save
+    }
+
+    /// Whether the log holds enough dead records to compact, and whether more dedup records
+    /// than [`DEDUP_IN_MEMORY`] wait in memory.
+    fn work(&self) -> (bool, bool) {
         let inner = self.lock();
-        inner.state.unsaved.len() > DEDUP_IN_MEMORY
-            || inner.tail.size() > inner.state.live.saturating_mul(2) + COMPACT_SLACK
+        (
+            inner.tail.size() > inner.state.live.saturating_mul(2) + COMPACT_SLACK,
+            inner.state.unsaved.len() > DEDUP_IN_MEMORY,
+        )
     }
 
     /// The compactor's work ([`Journal::wants_work`]).
     pub(super) fn maintain(&self) -> Result<(), StoreError> {
-        let (compact, save) = {
-            let inner = self.lock();
-            (
-                inner.tail.size() > inner.state.live.saturating_mul(2) + COMPACT_SLACK,
-                inner.state.unsaved.len() > DEDUP_IN_MEMORY,
-            )
-        };
+        let (compact, save) = self.work();
         if compact {
             let started = std::time::Instant::now();
             self.compact(false, |_| ())?;
@@ -817,35 +845,8 @@ impl Journal {
         self.save_dedups()?;
         let (pending, users) = {
             let mut inner = self.lock();
-            let state = &inner.state;
             let now = crate::clock::now_ms();
-            let mut small = Vec::new();
-            small.extend(state.applying.iter().map(|(group, id)| Head::Applying {
-                group: group.clone(),
-                id: *id,
-            }));
-            small.extend(
-                state
-                    .ttl
-                    .iter()
-                    .filter(|(_, at)| **at > now)
-                    .map(|(id, at)| Head::Ttl { id: *id, at: *at }),
-            );
-            small.push(Head::RelayedIn {
-                seq: state.relayed_in,
-            });
-            for (user, inbox) in &state.users {
-                small.push(Head::Marks {
-                    user: user.clone(),
-                    high: inbox.high,
-                    pruned: inbox.pruned,
-                });
-                small.extend(inbox.cursors.iter().map(|(device, seq)| Head::Cursor {
-                    user: user.clone(),
-                    device: device.clone(),
-                    seq: *seq,
-                }));
-            }
+            let small = inner.state.bodiless(now);
             // Expired time-to-live records go.
             inner.state.ttl.retain(|_, at| *at > now);
             for head in small {
@@ -894,12 +895,7 @@ impl Journal {
                     let Some(p) = inner.state.pending.get(&id).filter(|p| p.loc == loc) else {
                         continue;
                     };
-                    let head = Head::Accepted {
-                        id,
-                        client: p.client.clone(),
-                        sent_at: p.sent_at,
-                        expires_at: p.expires_at,
-                    };
+                    let head = p.head(id);
                     inner.log(head, &blob);
                 }
                 drop(inner);
@@ -965,14 +961,7 @@ impl Journal {
                     if !same {
                         continue;
                     }
-                    let head = Head::Appended {
-                        user: user.clone(),
-                        seq,
-                        id: entry.id,
-                        expires_at: entry.expires_at,
-                        pruned: entry.pruned,
-                    };
-                    inner.log(head, &blob);
+                    inner.log(entry.head(user, seq), &blob);
                 }
                 drop(inner);
                 progress(resealed);

@@ -99,6 +99,9 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
+/// Segments' bytes by number.
+type Segments = BTreeMap<u32, Vec<u8>>;
+
 /// One record read back.
 pub(super) struct Read<'a> {
     pub(super) head: &'a [u8],
@@ -150,7 +153,7 @@ impl Tail {
     ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(io("making the message log's directory", dir))?;
         let segments = Self::segments(dir)?;
-        let from = Self::base(dir, &segments, base)?;
+        let (from, mut read) = Self::base(dir, &segments, base)?;
         let mut files = BTreeMap::new();
         let (mut segment, mut end) = (from.unwrap_or(1), 0);
         let mut older = 0;
@@ -161,7 +164,10 @@ impl Tail {
                 std::fs::remove_file(&path).map_err(io("removing an old log segment", &path))?;
                 continue;
             }
-            let bytes = std::fs::read(&path).map_err(io("reading a log segment", &path))?;
+            let bytes = match read.remove(&number) {
+                Some(bytes) => bytes,
+                None => std::fs::read(&path).map_err(io("reading a log segment", &path))?,
+            };
             if let Some(at) = cut {
                 if !bytes.is_empty() {
                     return Err(StoreError::Corrupt {
@@ -245,20 +251,25 @@ impl Tail {
         Ok(segments)
     }
 
-    /// The newest segment `base` accepts as where replay starts (a complete snapshot's).
+    /// The newest segment `base` accepts as where replay starts (a complete snapshot's), and
+    /// the bytes of the segments it read on the way (from the newest down to it), which the
+    /// replay then does not read again.
     fn base(
         dir: &Path,
         segments: &[u32],
         mut base: impl FnMut(u32, &[Read<'_>]) -> bool,
-    ) -> Result<Option<u32>, StoreError> {
+    ) -> Result<(Option<u32>, Segments), StoreError> {
+        let mut read = BTreeMap::new();
         for &number in segments.iter().rev() {
             let path = segment_path(dir, number);
             let bytes = std::fs::read(&path).map_err(io("reading a log segment", &path))?;
-            if base(number, &records(number, &bytes).0) {
-                return Ok(Some(number));
+            let found = base(number, &records(number, &bytes).0);
+            read.insert(number, bytes);
+            if found {
+                return Ok((Some(number), read));
             }
         }
-        Ok(segments.first().copied())
+        Ok((segments.first().copied(), read))
     }
 
     /// The directory of the log.
