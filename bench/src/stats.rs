@@ -176,7 +176,7 @@ pub struct Summary {
 /// Where a host's CPU went during a run, per delivered message, from the counters it keeps
 /// (its metrics endpoint, scraped as the sending started and once everything was delivered):
 /// the process's CPU time, and the time its threads spent in each part of the message path
-/// (`iim_busy_seconds_total{part}`; wall time of code that does not wait).
+/// (`iim_busy_seconds_total{part}`: thread CPU time, the host timing one section in 16).
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Breakdown {
     /// The host's CPU time, µs per message.
