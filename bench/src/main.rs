@@ -61,8 +61,14 @@
 //! round, an append-only log with in-memory indexes (with and without a sled checkpoint of
 //! them), and fjall (each record a write, or one write batch per round), one flush and one
 //! fsync per round: CPU and wall time per message, fsyncs, disk bytes, ratios to today's, at
-//! each round size (see `store.rs`). Every command takes `--timeout SECS`
-//! (default 300).
+//! each round size (see `store.rs`); `iim-bench sessions [--clients 10000] [--json]` idle
+//! sessions: that many devices (a user each) log in with their tokens, each on a QUIC
+//! connection of its own kept open and idle, then get one chat message fanned out to all of
+//! them: token logins per second, the host's resident memory before and after and per session
+//! (issue 18's goal: at most 32 KiB), and the time from the submissions to the last device,
+//! failing unless every device got it exactly once (see `sessions.rs`; its set-up registers
+//! and logs in every user with a password, two hashes each: at 10,000 it needs more than the
+//! default `--timeout`). Every command takes `--timeout SECS` (default 300).
 
 mod baseline;
 mod blob_store;
@@ -81,6 +87,7 @@ mod raw;
 mod recovery;
 mod rounds;
 mod schedule;
+mod sessions;
 mod stats;
 mod store;
 
@@ -390,6 +397,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Idle sessions: token logins per second, the host's memory per idle session, and one
+    /// message fanned out to every device (issue 18, Deliver 4).
+    ///
+    /// Registers --clients users on a chat-only host (limits.max_connections raised to fit)
+    /// and logs each in once with its password (one device each; two argon2id hashes a user,
+    /// which the host's hashing threads bound: at 10,000 users give --timeout 1200). Then reads
+    /// the host's resident memory, logs every device in with its token (`Authenticate`,
+    /// receive mode), 64 at a time, each on a QUIC connection of its own that stays open and
+    /// idle (500 connections per client UDP socket), and reads it again: the growth per
+    /// session, against the goal of 32 KiB. Then one chat message to every user, as
+    /// submissions of at most 256 recipients (the protocol's limit) all in flight: the time
+    /// from the first submission to the last device. Fails unless every device got it exactly
+    /// once.
+    Sessions {
+        /// Devices, each a user of its own, each on a connection of its own.
+        #[arg(long, default_value_t = 10_000)]
+        clients: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// One variant of `store`, measured in a process of its own.
     #[command(hide = true)]
     StoreVariant {
@@ -540,6 +568,7 @@ fn main() -> ExitCode {
             };
             store_main(&shape, *json, args.timeout)
         }
+        Some(Command::Sessions { clients, json }) => sessions_main(*clients, *json, args.timeout),
         Some(Command::StoreVariant {
             variant,
             messages,
@@ -694,6 +723,21 @@ fn logins_main(shape: logins::Shape, json: bool, timeout: u64) -> anyhow::Result
         logins::print(&figures);
     }
     figures.verdict()
+}
+
+/// Runs the idle-sessions measurement and prints its figures; a device that missed the
+/// message or got it twice has failed the run already.
+fn sessions_main(clients: u32, json: bool, timeout: u64) -> anyhow::Result<()> {
+    if clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    let figures = run_bounded("the sessions benchmark", timeout, sessions::run(clients))?;
+    if json {
+        println!("{}", serde_json::to_string(&figures).unwrap_or_default());
+    } else {
+        sessions::print(&figures);
+    }
+    Ok(())
 }
 
 /// Runs the file measurement, prints its figures, and fails if a download's bytes differ.

@@ -16,6 +16,7 @@ pub mod config;
 pub mod directory;
 pub mod exchange;
 pub mod expiry;
+pub mod fd_limit;
 pub mod hashing;
 pub mod iim;
 pub mod key_rotation;

@@ -317,6 +317,7 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    iim_host::fd_limit::raise(config.limits.max_connections);
     if config.role == Role::Exchange {
         return runtime.block_on(async {
             let exchange = Exchange::start(config).await?;
