@@ -26,6 +26,9 @@ use tracing::Instrument;
 /// How long the last frames of a session that ends may take to write.
 const LAST_WRITE: Duration = Duration::from_secs(2);
 
+/// Received chunks a session takes from its stream at once.
+const READ_CHUNKS: usize = 16;
+
 /// A connection's driver.
 struct Session {
     host: Arc<Host>,
@@ -122,7 +125,9 @@ impl Session {
 
     /// Drives the machine until the session ends.
     async fn serve(&mut self) {
-        let mut buf = vec![0u8; 16 * 1024];
+        // What the client sent, taken as the chunks quinn received (no copy, and no buffer of
+        // the session's own: an idle session holds none), several at a time.
+        let mut chunks: [bytes::Bytes; READ_CHUNKS] = Default::default();
         let mut shutdown = self.host.shutdown.clone();
         loop {
             self.act().await;
@@ -146,11 +151,13 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = async { early?.await; Some(()) }, if is_early => self.confirmed(),
-                read = self.recv.read(&mut buf), if wants_data => match read {
+                read = self.recv.read_chunks(&mut chunks), if wants_data => match read {
                     Ok(Some(n)) => {
                         self.check_confirmed();
                         let _busy = Busy::start(|m| &m.busy_frames);
-                        self.machine.handle_data(Instant::now(), &buf[..n]);
+                        self.machine.handle_data_parts(Instant::now(), &chunks[..n]);
+                        // Not kept until the next read: they hold received packets.
+                        chunks[..n].fill(bytes::Bytes::new());
                     }
                     Ok(None) => self.machine.handle_finished(Instant::now()),
                     Err(quinn::ReadError::ConnectionLost(

@@ -9,6 +9,10 @@ use serde::{Serialize, de::DeserializeOwned};
 /// Bytes of the length prefix in front of every frame.
 pub const LENGTH_PREFIX: usize = 4;
 
+/// The most room a [`FrameDecoder`] keeps once it has decoded everything it was given: an
+/// idle stream does not hold the buffer of its last burst.
+const KEPT_CAPACITY: usize = 4096;
+
 /// Why bytes could not be turned into a frame, or a frame into bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CodecError {
@@ -78,6 +82,9 @@ impl Serialize for DeliverRef<'_> {
 #[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Where the bytes not yet decoded start in `buf`: a decoded frame's bytes are dropped
+    /// when more are pushed, not moved out one frame at a time.
+    start: usize,
     max: u32,
 }
 
@@ -86,6 +93,7 @@ impl FrameDecoder {
     pub fn new(max: u32) -> Self {
         Self {
             buf: Vec::new(),
+            start: 0,
             max,
         }
     }
@@ -97,17 +105,29 @@ impl FrameDecoder {
 
     /// Appends bytes read from the stream.
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.start == self.buf.len() {
+            // Everything decoded: start over, and give back the room of a burst.
+            self.buf.clear();
+            if self.buf.capacity() > KEPT_CAPACITY {
+                self.buf = Vec::new();
+            }
+            self.start = 0;
+        } else if self.start > self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// Bytes held that are not yet part of a returned frame.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     /// The bytes held after the last returned frame: on a file stream, the first bytes of the
     /// file that came with the frame before them.
-    pub fn into_rest(self) -> Vec<u8> {
+    pub fn into_rest(mut self) -> Vec<u8> {
+        self.buf.drain(..self.start);
         self.buf
     }
 
@@ -115,11 +135,12 @@ impl FrameDecoder {
     ///
     /// After an error the stream cannot be resynchronised; the caller closes it.
     pub fn decode<T: DeserializeOwned>(&mut self) -> Result<Option<T>, CodecError> {
-        if self.buf.len() < LENGTH_PREFIX {
+        let held = &self.buf[self.start..];
+        if held.len() < LENGTH_PREFIX {
             return Ok(None);
         }
         let mut prefix = [0u8; LENGTH_PREFIX];
-        prefix.copy_from_slice(&self.buf[..LENGTH_PREFIX]);
+        prefix.copy_from_slice(&held[..LENGTH_PREFIX]);
         let len = u32::from_be_bytes(prefix);
         if len > self.max {
             return Err(CodecError::FrameTooLarge {
@@ -131,10 +152,10 @@ impl FrameDecoder {
             return Err(CodecError::Empty);
         }
         let end = LENGTH_PREFIX + len as usize;
-        if self.buf.len() < end {
+        if held.len() < end {
             return Ok(None);
         }
-        let (frame, rest) = postcard::take_from_bytes::<T>(&self.buf[LENGTH_PREFIX..end])
+        let (frame, rest) = postcard::take_from_bytes::<T>(&held[LENGTH_PREFIX..end])
             .map_err(|e| CodecError::Malformed(e.to_string()))?;
         if !rest.is_empty() {
             return Err(CodecError::Malformed(format!(
@@ -142,7 +163,7 @@ impl FrameDecoder {
                 rest.len()
             )));
         }
-        self.buf.drain(..end);
+        self.start += end;
         Ok(Some(frame))
     }
 }
@@ -389,6 +410,45 @@ mod tests {
             } else {
                 prop_assert_eq!(first, Some(frame));
             }
+        }
+
+        #[test]
+        fn a_stream_of_frames_pushed_in_any_pieces_decodes_in_order(
+            bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..40),
+            cuts in proptest::collection::vec(1usize..700, 1..60),
+            tail in proptest::collection::vec(any::<u8>(), 0..3),
+        ) {
+            let frames: Vec<ClientFrame> = bodies
+                .into_iter()
+                .enumerate()
+                .map(|(i, body)| ClientFrame::Submit {
+                    req: i as u64,
+                    client_id: i as u64,
+                    kind: MessageKind::Chat,
+                    to: vec![user("bob").into()],
+                    body,
+                })
+                .collect();
+            let mut stream: Vec<u8> = frames
+                .iter()
+                .flat_map(|f| encode_frame(f, 1024).expect("encode"))
+                .collect();
+            // The start of a frame that never ends: held, never decoded.
+            stream.extend_from_slice(&tail);
+            let mut decoder = FrameDecoder::new(1024);
+            let mut decoded = Vec::new();
+            let (mut at, mut cut) = (0, cuts.iter().cycle());
+            while at < stream.len() {
+                let end = (at + cut.next().copied().unwrap_or(1)).min(stream.len());
+                decoder.push(&stream[at..end]);
+                at = end;
+                while let Some(frame) = decoder.decode::<ClientFrame>().expect("no error") {
+                    decoded.push(frame);
+                }
+            }
+            prop_assert_eq!(decoded, frames);
+            prop_assert_eq!(decoder.buffered(), tail.len());
+            prop_assert_eq!(decoder.into_rest(), tail);
         }
     }
 }

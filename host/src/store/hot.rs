@@ -617,6 +617,12 @@ const COMPACT_SLACK: u64 = 2 * super::log::SEGMENT_BYTES;
 /// to sled, off the commit rounds.
 const DEDUP_IN_MEMORY: usize = 1 << 16;
 
+/// Dedup records written to sled in one batch when they are saved.
+const DEDUP_SAVE_BATCH: usize = 512;
+
+/// The pause between two of those batches, in which sled's readers and writers go on.
+const DEDUP_SAVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
+
 impl Journal {
     /// Opens the log in `dir` and rebuilds the state from it.
     pub(super) fn open(
@@ -714,15 +720,24 @@ impl Journal {
                 .map(|(k, v)| (k.clone(), *v))
                 .collect()
         };
-        let mut batch = sled::Batch::default();
-        for (key, value) in &records {
-            batch.insert(key.as_slice(), super::encode(value));
-        }
-        self.db.open_tree("messages")?.apply_batch(batch)?;
-        let mut inner = self.lock();
-        for (key, value) in records {
-            if inner.state.unsaved.get(&key) == Some(&value) {
-                inner.state.unsaved.remove(&key);
+        let tree = self.db.open_tree("messages")?;
+        // In small batches, with a pause between them: a sled batch holds sled's write lock,
+        // which every read of sled waits for (a submission's dedup look-up among them); one
+        // batch of all of them stalled the message path for half a second.
+        for (i, chunk) in records.chunks(DEDUP_SAVE_BATCH).enumerate() {
+            if i > 0 {
+                std::thread::sleep(DEDUP_SAVE_PAUSE);
+            }
+            let mut batch = sled::Batch::default();
+            for (key, value) in chunk {
+                batch.insert(key.as_slice(), super::encode(value));
+            }
+            tree.apply_batch(batch)?;
+            let mut inner = self.lock();
+            for (key, value) in chunk {
+                if inner.state.unsaved.get(key) == Some(value) {
+                    inner.state.unsaved.remove(key);
+                }
             }
         }
         Ok(())

@@ -627,10 +627,17 @@ impl HostSession {
 
     /// Bytes the client sent on the connection's stream.
     pub fn handle_data(&mut self, now: Instant, bytes: &[u8]) {
+        self.handle_data_parts(now, &[bytes]);
+    }
+
+    /// Bytes the client sent, in the pieces they were read in (in order).
+    pub fn handle_data_parts(&mut self, now: Instant, parts: &[impl AsRef<[u8]>]) {
         if self.end.is_some() {
             return;
         }
-        self.decoder.push(bytes);
+        for part in parts {
+            self.decoder.push(part.as_ref());
+        }
         self.process(now);
     }
 
