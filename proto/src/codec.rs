@@ -105,14 +105,7 @@ impl FrameDecoder {
 
     /// Appends bytes read from the stream.
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.start == self.buf.len() {
-            // Everything decoded: start over, and give back the room of a burst.
-            self.buf.clear();
-            if self.buf.capacity() > KEPT_CAPACITY {
-                self.buf = Vec::new();
-            }
-            self.start = 0;
-        } else if self.start > self.buf.len() / 2 {
+        if self.start > self.buf.len() / 2 {
             self.buf.drain(..self.start);
             self.start = 0;
         }
@@ -164,6 +157,15 @@ impl FrameDecoder {
             )));
         }
         self.start += end;
+        if self.start == self.buf.len() {
+            // Everything decoded: start over, and give back the room of a burst now, not at
+            // the next push (an idle stream may see none for hours).
+            self.buf.clear();
+            if self.buf.capacity() > KEPT_CAPACITY {
+                self.buf = Vec::new();
+            }
+            self.start = 0;
+        }
         Ok(Some(frame))
     }
 }
