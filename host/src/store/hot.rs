@@ -10,7 +10,8 @@
 //! sled before) stay in the log's files; memory holds where each one is.
 //!
 //! The dedup records of client submissions stay in sled (they are kept for good, and memory
-//! must not grow with every message ever sent): an accepted submission's dedup record is held
+//! must not grow with every message ever sent), up to 256 client ids of a device to a sled
+//! record ([`keys::dedup_chunk`]): an accepted submission's dedup record is held
 //! in memory, beside its `Accepted` record in the log, until the compactor writes a batch of
 //! them to sled (more than [`DEDUP_IN_MEMORY`], or before a compaction drops the segments that
 //! hold their records), off the commit rounds. A crash loses only dedup records whose
@@ -435,10 +436,13 @@ impl Journal {
         let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let inner = self.lock();
         let mut saved = 0;
-        for entry in tree.scan_prefix(keys::DEDUP_PREFIX) {
-            let (key, _) = entry?;
-            // A dedup record saved and still held in memory counts once.
-            saved += u64::from(!inner.state.unsaved.contains_key(key.as_ref()));
+        for entry in tree.scan_prefix(keys::DEDUP_CHUNK_PREFIX) {
+            let (chunk, value) = entry?;
+            for (low, _) in super::dedup::records(&value)? {
+                // A dedup record saved and still held in memory counts once.
+                let key = keys::dedup_in_chunk(&chunk, low).unwrap_or_default();
+                saved += u64::from(!inner.state.unsaved.contains_key(&key));
+            }
         }
         let state = &inner.state;
         let mut counts = Counts {
@@ -617,8 +621,8 @@ const COMPACT_SLACK: u64 = 2 * super::log::SEGMENT_BYTES;
 /// to sled, off the commit rounds.
 const DEDUP_IN_MEMORY: usize = 1 << 16;
 
-/// Dedup records written to sled in one batch when they are saved.
-const DEDUP_SAVE_BATCH: usize = 512;
+/// Dedup chunks written to sled in one batch when they are saved (up to 256 records each).
+const DEDUP_SAVE_CHUNKS: usize = 256;
 
 /// The pause between two of those batches, in which sled's readers and writers go on.
 const DEDUP_SAVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
@@ -708,7 +712,8 @@ impl Journal {
         changed
     }
 
-    /// Writes the dedup records held in memory to sled (durable at the next round).
+    /// Writes the dedup records held in memory to sled (durable at the next round), into
+    /// their chunks ([`keys::dedup_chunk`]).
     pub(super) fn save_dedups(&self) -> Result<(), StoreError> {
         let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         let records: Vec<(Vec<u8>, (u64, u64))> = {
@@ -720,21 +725,18 @@ impl Journal {
                 .map(|(k, v)| (k.clone(), *v))
                 .collect()
         };
+        let chunks = super::dedup::by_chunk(records)?;
         let tree = self.db.open_tree("messages")?;
-        // In small batches, with a pause between them: a sled batch holds sled's write lock,
-        // which every read of sled waits for (a submission's dedup look-up among them); one
-        // batch of all of them stalled the message path for half a second.
-        for (i, chunk) in records.chunks(DEDUP_SAVE_BATCH).enumerate() {
+        // A few chunks at a time, with a pause between them: a sled batch holds sled's write
+        // lock, which every read of sled waits for (a submission's dedup look-up among them);
+        // one batch of 65,536 records stalled the message path for half a second.
+        for (i, group) in chunks.chunks(DEDUP_SAVE_CHUNKS).enumerate() {
             if i > 0 {
                 std::thread::sleep(DEDUP_SAVE_PAUSE);
             }
-            let mut batch = sled::Batch::default();
-            for (key, value) in chunk {
-                batch.insert(key.as_slice(), super::encode(value));
-            }
-            tree.apply_batch(batch)?;
+            super::dedup::save(&tree, group)?;
             let mut inner = self.lock();
-            for (key, value) in chunk {
+            for (key, value) in group.iter().flat_map(|(_, records)| records) {
                 if inner.state.unsaved.get(key) == Some(value) {
                     inner.state.unsaved.remove(key);
                 }
@@ -748,7 +750,7 @@ impl Journal {
         let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
         self.lock()
             .log(Head::ForgetDedup { user: user.clone() }, &[]);
-        for entry in tree.scan_prefix(keys::dedup_prefix(user)) {
+        for entry in tree.scan_prefix(keys::dedup_chunk_prefix(user)) {
             tree.remove(entry?.0)?;
         }
         Ok(())

@@ -10,7 +10,11 @@ const SEP: u8 = 0;
 
 // The `messages` and `inbox` trees hold several kinds of record each. A leading byte tells the
 // kinds apart.
-const DEDUP: u8 = b'd';
+/// Dedup records one by one, as format 3 wrote them to sled; in memory still (the key of
+/// [`dedup`]). Moved into [`DEDUP_CHUNK`] records when the store opens.
+pub(crate) const DEDUP: u8 = b'd';
+/// Dedup records, up to 256 client ids of a device to a record (see [`dedup_chunk`]).
+const DEDUP_CHUNK: u8 = b'c';
 /// Dispatch records as an earlier version wrote them (the message alone); moved to
 /// [`DISPATCH`] records when the store opens.
 pub(crate) const OLD_DISPATCH: u8 = b'p';
@@ -170,8 +174,16 @@ pub fn dedup_prefix(user: &UserId) -> Vec<u8> {
     tagged(DEDUP, &user_prefix(user))
 }
 
-/// `messages`: the prefix of every dedup record.
+/// `messages`: the prefix of every dedup record kept one by one (format 3).
 pub const DEDUP_PREFIX: &[u8] = &[DEDUP];
+
+/// `messages`: the prefix of the dedup chunks of every device of `user`.
+pub fn dedup_chunk_prefix(user: &UserId) -> Vec<u8> {
+    tagged(DEDUP_CHUNK, &user_prefix(user))
+}
+
+/// `messages`: the prefix of every dedup chunk.
+pub const DEDUP_CHUNK_PREFIX: &[u8] = &[DEDUP_CHUNK];
 
 /// `inbox`: the prefixes of `user`'s entries and of its id records.
 pub fn inbox_prefixes(user: &UserId) -> [Vec<u8>; 2] {
@@ -211,6 +223,29 @@ pub fn dedup(user: &UserId, device: &DeviceId, client_id: u64) -> Vec<u8> {
             &client_id.to_be_bytes(),
         ]),
     )
+}
+
+/// The chunk that holds the dedup record under `dedup_key` (a key of [`dedup`]), and the
+/// record's place in it (the client id's low byte): (user, device, client id / 256). A
+/// client that numbers its submissions one after the other fills a chunk's 256 places, so
+/// that saving them is one sled write, not 256.
+pub fn dedup_chunk(dedup_key: &[u8]) -> Option<(Vec<u8>, u8)> {
+    let (&low, rest) = dedup_key.split_last()?;
+    if rest.first() != Some(&DEDUP) || rest.len() < 8 {
+        return None;
+    }
+    Some((tagged(DEDUP_CHUNK, &rest[1..]), low))
+}
+
+/// The dedup record's key of place `low` of the chunk under `chunk_key` (the inverse of
+/// [`dedup_chunk`]).
+pub fn dedup_in_chunk(chunk_key: &[u8], low: u8) -> Option<Vec<u8>> {
+    if chunk_key.first() != Some(&DEDUP_CHUNK) {
+        return None;
+    }
+    let mut key = tagged(DEDUP, &chunk_key[1..]);
+    key.push(low);
+    Some(key)
 }
 
 /// `messages`, dispatch record: message id → (client id, message), for every accepted message
@@ -608,7 +643,36 @@ mod tests {
         assert!(dispatch(7).starts_with(DISPATCH_PREFIX));
         let dedup = dedup(&user("a"), &DeviceId::new("d").expect("valid"), 7);
         assert!(!dedup.starts_with(DISPATCH_PREFIX));
+        let (chunk, _) = dedup_chunk(&dedup).expect("a dedup key");
+        assert!(!chunk.starts_with(DISPATCH_PREFIX));
         assert!(!dispatch(7).starts_with(OLD_DISPATCH_PREFIX));
+    }
+
+    #[test]
+    fn a_dedup_key_names_its_chunk_and_place_and_back() {
+        let phone = DeviceId::new("phone").expect("valid");
+        let key = dedup(&user("ab"), &phone, 0x1234);
+        let (chunk, low) = dedup_chunk(&key).expect("a dedup key");
+        assert_eq!(low, 0x34);
+        assert_eq!(dedup_in_chunk(&chunk, low), Some(key.clone()));
+        // Neighbours share a chunk; 256 apart do not.
+        assert_eq!(
+            dedup_chunk(&dedup(&user("ab"), &phone, 0x1200)).map(|c| c.0),
+            Some(chunk.clone())
+        );
+        assert_ne!(
+            dedup_chunk(&dedup(&user("ab"), &phone, 0x1334)).map(|c| c.0),
+            Some(chunk.clone())
+        );
+        assert!(chunk.starts_with(&dedup_chunk_prefix(&user("ab"))));
+        assert!(!chunk.starts_with(&dedup_chunk_prefix(&user("a"))));
+        assert!(chunk.starts_with(DEDUP_CHUNK_PREFIX));
+        assert_eq!(dedup_chunk(&chunk), None, "a chunk key is not a dedup key");
+        assert_eq!(
+            dedup_in_chunk(&key, 0),
+            None,
+            "a dedup key is not a chunk key"
+        );
     }
 
     #[test]

@@ -134,10 +134,13 @@ impl Messages {
         if let Some(found) = self.journal.lock().state.unsaved.get(key) {
             return Ok(Some(*found));
         }
-        self.tree
-            .get(key)?
-            .map(|v| decode::<(u64, u64)>("messages", &v))
-            .transpose()
+        let Some((chunk, low)) = keys::dedup_chunk(key) else {
+            return Ok(None);
+        };
+        match self.tree.get(chunk)? {
+            Some(value) => super::dedup::find(&value, low),
+            None => Ok(None),
+        }
     }
 
     /// When message `id` expires, if it was submitted with its own time to live.

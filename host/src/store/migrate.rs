@@ -1,5 +1,6 @@
 //! Moving a store of an earlier format into the current one: the message path's records, kept
-//! in sled up to format 2, go into the message log (format 3).
+//! in sled up to format 2, go into the message log (format 3); the dedup records, one sled
+//! record each up to format 3, go into chunks of up to 256 (format 4).
 //!
 //! The move writes every record as a snapshot in the log and commits it, then records format
 //! 3 in sled and flushes, then clears the old records. A crash before the format is durable
@@ -162,7 +163,7 @@ pub(super) fn into_log(
         inner.log(Head::SnapshotDone, &[]);
     }
     journal.commit()?;
-    db.insert(keys::FORMAT, &super::FORMAT.to_be_bytes())?;
+    db.insert(keys::FORMAT, &super::LOG_FORMAT.to_be_bytes())?;
     journal.commit()?;
     // The old records go; a crash now leaves some, which nothing reads.
     for entry in messages.iter() {
@@ -183,6 +184,55 @@ pub(super) fn into_log(
             records = moved,
             "moved the store's messages and inboxes into the message log"
         );
+    }
+    Ok(())
+}
+
+/// Moves the dedup records kept one by one (format 3) into their chunks, then marks the store
+/// as of the current format (4), then removes them (and any such record a crash left behind
+/// after the format was marked). Saving a record into its chunk keeps a record already there,
+/// so a move a crash cut off is simply made again.
+pub(super) fn dedup_into_chunks(
+    db: &sled::Db,
+    journal: &Journal,
+    format: u64,
+) -> Result<(), StoreError> {
+    let messages = db.open_tree("messages")?;
+    if format < super::FORMAT {
+        let mut moved = 0u64;
+        let mut records = Vec::new();
+        let mut move_records = |records: &mut Vec<(Vec<u8>, (u64, u64))>| {
+            moved += records.len() as u64;
+            let chunks = super::dedup::by_chunk(std::mem::take(records))?;
+            for group in chunks.chunks(1024) {
+                super::dedup::save(&messages, group)?;
+            }
+            Ok::<_, StoreError>(())
+        };
+        for entry in messages.scan_prefix(keys::DEDUP_PREFIX) {
+            let (key, value) = entry?;
+            records.push((key.to_vec(), decode::<(u64, u64)>("messages", &value)?));
+            // Records of one chunk are next to each other: a chunk may be written twice
+            // across two groups, which merging allows.
+            if records.len() == 1 << 16 {
+                move_records(&mut records)?;
+            }
+        }
+        move_records(&mut records)?;
+        journal.commit()?;
+        db.insert(keys::FORMAT, &super::FORMAT.to_be_bytes())?;
+        journal.commit()?;
+        if moved > 0 {
+            tracing::info!(records = moved, "moved the dedup records into chunks");
+        }
+    }
+    let mut removed = 0u64;
+    for entry in messages.scan_prefix(keys::DEDUP_PREFIX) {
+        messages.remove(entry?.0)?;
+        removed += 1;
+    }
+    if removed > 0 {
+        journal.commit()?;
     }
     Ok(())
 }

@@ -31,6 +31,7 @@
 mod accounts;
 mod cursors;
 mod dead_letters;
+mod dedup;
 mod encryption;
 pub mod exchange;
 mod files;
@@ -228,8 +229,12 @@ impl Ids {
 }
 
 /// The format of the records this version writes: 2 since inboxes are pruned, 3 since the
-/// message path's records are in the message log.
-const FORMAT: u64 = 3;
+/// message path's records are in the message log ([`LOG_FORMAT`]), 4 since dedup records are
+/// kept in chunks.
+const FORMAT: u64 = 4;
+
+/// The first format whose message path's records are in the message log.
+const LOG_FORMAT: u64 = 3;
 
 /// How often the store commits when nobody asks it to.
 const COMMIT_TICK: std::time::Duration = std::time::Duration::from_millis(200);
@@ -413,14 +418,15 @@ impl Store {
         encryption::mark_sealed(&db, &sealer)?;
         let log_dir = path.join("log");
         let format = get_u64(&db, "default", keys::FORMAT)?.unwrap_or(1);
-        if format < FORMAT {
+        if format < LOG_FORMAT {
             // A log a move cut off before it was done: the move starts again.
             migrate::discard_log(&log_dir)?;
         }
         let journal = std::sync::Arc::new(hot::Journal::open(&log_dir, &sealer, &db, sled_log)?);
-        if format < FORMAT {
+        if format < LOG_FORMAT {
             migrate::into_log(&db, &journal, &sealer, format)?;
         }
+        migrate::dedup_into_chunks(&db, &journal, format)?;
         let compactor = start_compactor(&journal)?;
         let committer = std::sync::Arc::clone(&journal);
         let flusher = start_flusher("iim-store-commit", Some(COMMIT_TICK), move || {
@@ -1036,6 +1042,93 @@ pub(crate) mod tests {
         // Opening again reads the same from the log.
         let store = reopen(&path, Store::open);
         check(&store);
+    }
+
+    #[test]
+    fn dedup_records_of_format_3_move_into_chunks_and_still_answer_repeats() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let alice = UserId::new("alice").expect("valid");
+        let (phone, tablet) = (
+            DeviceId::new("phone").expect("valid"),
+            DeviceId::new("tablet").expect("valid"),
+        );
+        // Client ids over three chunks of the phone, one far away, one of the tablet; each
+        // (message id, sent at) its own.
+        let mut old: Vec<(DeviceId, u64)> = (0..600).map(|c| (phone.clone(), c)).collect();
+        old.push((phone.clone(), u64::MAX));
+        old.push((tablet.clone(), 7));
+        let record = |c: u64| (c.wrapping_mul(3).wrapping_add(1), c.wrapping_add(1000));
+        earlier_store(&path, 3, |db| {
+            for (device, c) in &old {
+                put(
+                    db,
+                    "messages",
+                    keys::dedup(&alice, device, *c),
+                    &encode(&record(*c)),
+                );
+            }
+            // A move a crash cut off: one chunk already written, holding one of them.
+            let (chunk, low) = keys::dedup_chunk(&keys::dedup(&alice, &phone, 5)).expect("key");
+            put(
+                db,
+                "messages",
+                chunk,
+                &dedup::merge(None, &[(low, record(5))]).expect("merge"),
+            );
+        });
+        let check = |store: &Store, new: u64| {
+            for (device, c) in &old {
+                let again = store
+                    .messages
+                    .accept(&alice, device, *c, None, |_| unreachable!("a repeat"))
+                    .expect("accept");
+                let (id, sent_at) = record(*c);
+                assert_eq!(
+                    again,
+                    Acceptance::Duplicate {
+                        id: MessageId(id),
+                        sent_at,
+                        pending: None,
+                    },
+                    "client id {c} of {device}"
+                );
+            }
+            assert_eq!(
+                store.counts().expect("counts").dedup,
+                old.len() as u64 + new
+            );
+            let legacy = store.db.open_tree("messages").expect("tree");
+            assert_eq!(
+                legacy.scan_prefix(keys::DEDUP_PREFIX).count(),
+                0,
+                "moved, not copied"
+            );
+            // 3 chunks of the phone's first 600, 1 for u64::MAX, 1 of the tablet.
+            assert_eq!(legacy.scan_prefix(keys::DEDUP_CHUNK_PREFIX).count(), 5);
+        };
+        let store = Store::open(&path).expect("open");
+        check(&store, 0);
+        assert_eq!(
+            get_u64(&store.db, "default", keys::FORMAT).expect("read"),
+            Some(FORMAT)
+        );
+        // A new client id is new, a neighbour of the saved ones and far from them.
+        for c in [600, 1 << 40] {
+            let new = store
+                .messages
+                .accept(&alice, &phone, c, None, |id| Message { id, ..message(0) })
+                .expect("accept");
+            assert!(matches!(new, Acceptance::New(_)), "client id {c}");
+        }
+        drop(store);
+        let store = reopen(&path, Store::open);
+        check(&store, 2);
+        // Deleting the account forgets them all.
+        store.delete_user(&alice).expect("delete");
+        let legacy = store.db.open_tree("messages").expect("tree");
+        assert_eq!(legacy.scan_prefix(keys::DEDUP_CHUNK_PREFIX).count(), 0);
+        assert_eq!(store.counts().expect("counts").dedup, 0);
     }
 
     #[test]
