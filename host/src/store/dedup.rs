@@ -77,9 +77,7 @@ pub(super) fn merge(old: Option<&[u8]>, new: &[(u8, Record)]) -> Result<Vec<u8>,
 
 /// The records of `records` (dedup keys, as [`keys::dedup`] makes them, and their records) by
 /// the chunk that holds them, in the chunks' order.
-pub(super) fn by_chunk(
-    records: Vec<(Vec<u8>, Record)>,
-) -> Result<Vec<ChunkRecords>, StoreError> {
+pub(super) fn by_chunk(records: Vec<(Vec<u8>, Record)>) -> Result<Vec<ChunkRecords>, StoreError> {
     let mut chunks: std::collections::BTreeMap<Vec<u8>, Vec<(Vec<u8>, Record)>> =
         std::collections::BTreeMap::new();
     for (key, record) in records {
@@ -92,12 +90,32 @@ pub(super) fn by_chunk(
     Ok(chunks.into_iter().collect())
 }
 
+/// `chunks` in groups of at most `most_records` records (a chunk holding more is a group of
+/// its own) and at most `most_chunks` chunks, in order.
+pub(super) fn groups(
+    chunks: &[ChunkRecords],
+    most_records: usize,
+    most_chunks: usize,
+) -> Vec<&[ChunkRecords]> {
+    let mut groups = Vec::new();
+    let (mut from, mut records) = (0, 0);
+    for (i, (_, of_chunk)) in chunks.iter().enumerate() {
+        let full = i - from == most_chunks || records + of_chunk.len() > most_records;
+        if i > from && full {
+            groups.push(&chunks[from..i]);
+            (from, records) = (i, 0);
+        }
+        records += of_chunk.len();
+    }
+    if from < chunks.len() {
+        groups.push(&chunks[from..]);
+    }
+    groups
+}
+
 /// Saves `chunks` (as [`by_chunk`] groups them) into `tree`: one read and one write of each
 /// chunk, in one sled batch. The caller keeps other writers of these chunks away.
-pub(super) fn save(
-    tree: &sled::Tree,
-    chunks: &[ChunkRecords],
-) -> Result<(), StoreError> {
+pub(super) fn save(tree: &sled::Tree, chunks: &[ChunkRecords]) -> Result<(), StoreError> {
     let mut batch = sled::Batch::default();
     for (chunk, records) in chunks {
         let new: Vec<(u8, Record)> = records
@@ -154,6 +172,33 @@ mod tests {
                 Some((u64::from(low) << 40, 7))
             );
         }
+    }
+
+    #[test]
+    fn groups_hold_few_records_and_few_chunks_and_every_chunk_once() {
+        let chunk = |n: usize| (vec![n as u8], vec![(Vec::new(), (0, 0)); n]);
+        let chunks: Vec<ChunkRecords> = [256, 256, 256, 256, 256, 3, 1, 1, 1, 1, 1, 500, 600]
+            .into_iter()
+            .map(chunk)
+            .collect();
+        let groups = groups(&chunks, 1024, 4);
+        let sizes: Vec<Vec<usize>> = groups
+            .iter()
+            .map(|g| g.iter().map(|c| c.1.len()).collect())
+            .collect();
+        assert_eq!(
+            sizes,
+            [
+                vec![256, 256, 256, 256],
+                vec![256, 3, 1, 1],
+                vec![1, 1, 1, 500],
+                vec![600]
+            ]
+        );
+        // One chunk over the bound is a group of its own.
+        let big = [chunk(2000)];
+        assert_eq!(super::groups(&big, 1024, 4).len(), 1);
+        assert!(super::groups(&[], 1024, 4).is_empty());
     }
 
     #[test]

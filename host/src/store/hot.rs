@@ -31,7 +31,7 @@ use iim_proto::{DeviceId, GroupId, UserId};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// What a record says happened. Postcard numbers the variants in this order: new ones go at
 /// the end.
@@ -171,11 +171,22 @@ pub(super) struct State {
     pub(super) whole: i64,
     /// Dedup records not yet written to sled: key → (id, sent at).
     pub(super) unsaved: HashMap<Vec<u8>, (u64, u64)>,
+    /// Dedup records being written to sled ([`Journal::save_dedups`] takes them out of
+    /// `unsaved` at once, not one by one under the lock), still looked up here until written.
+    pub(super) saving: Arc<HashMap<Vec<u8>, (u64, u64)>>,
     /// Bytes of blobs live records point at (for when to compact).
     pub(super) live: u64,
 }
 
 impl State {
+    /// The dedup record under `key` held in memory: (message id, sent at).
+    pub(super) fn dedup(&self, key: &[u8]) -> Option<(u64, u64)> {
+        self.unsaved
+            .get(key)
+            .or_else(|| self.saving.get(key))
+            .copied()
+    }
+
     /// Applies a record whose blob is at `loc`.
     pub(super) fn apply(&mut self, head: &Head, loc: Loc) {
         match head {
@@ -317,6 +328,9 @@ impl State {
             Head::ForgetDedup { user } => {
                 let prefix = keys::dedup_prefix(user);
                 self.unsaved.retain(|key, _| !key.starts_with(&prefix));
+                if !self.saving.is_empty() {
+                    Arc::make_mut(&mut self.saving).retain(|key, _| !key.starts_with(&prefix));
+                }
             }
         }
     }
@@ -441,11 +455,12 @@ impl Journal {
             for (low, _) in super::dedup::records(&value)? {
                 // A dedup record saved and still held in memory counts once.
                 let key = keys::dedup_in_chunk(&chunk, low).unwrap_or_default();
-                saved += u64::from(!inner.state.unsaved.contains_key(&key));
+                saved += u64::from(inner.state.dedup(&key).is_none());
             }
         }
         let state = &inner.state;
         let mut counts = Counts {
+            // `saving` is empty: no save is under way.
             dedup: state.unsaved.len() as u64 + saved,
             pending: state.pending.len() as u64,
             expiries: state.expiries.len() as u64,
@@ -621,8 +636,10 @@ const COMPACT_SLACK: u64 = 2 * super::log::SEGMENT_BYTES;
 /// to sled, off the commit rounds.
 const DEDUP_IN_MEMORY: usize = 1 << 16;
 
-/// Dedup chunks written to sled in one batch when they are saved (up to 256 records each).
-const DEDUP_SAVE_CHUNKS: usize = 256;
+/// The most dedup records written to sled in one batch when they are saved, and the most
+/// chunks (a client that numbers its submissions at random has a chunk for each).
+const DEDUP_SAVE_RECORDS: usize = 1024;
+const DEDUP_SAVE_CHUNKS: usize = 64;
 
 /// The pause between two of those batches, in which sled's readers and writers go on.
 const DEDUP_SAVE_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
@@ -716,32 +733,37 @@ impl Journal {
     /// their chunks ([`keys::dedup_chunk`]).
     pub(super) fn save_dedups(&self) -> Result<(), StoreError> {
         let _saving = self.saving.lock().unwrap_or_else(|p| p.into_inner());
-        let records: Vec<(Vec<u8>, (u64, u64))> = {
-            let inner = self.lock();
-            inner
-                .state
-                .unsaved
-                .iter()
-                .map(|(k, v)| (k.clone(), *v))
-                .collect()
+        // Taken out of `unsaved` at once (with those of a save that failed, if one did), and
+        // looked up in `saving` until they are in sled.
+        let (records, failed) = {
+            let mut inner = self.lock();
+            let state = &mut inner.state;
+            let mut records = std::mem::take(&mut state.unsaved);
+            let failed = std::mem::take(&mut state.saving);
+            for (key, value) in failed.iter() {
+                records.entry(key.clone()).or_insert(*value);
+            }
+            state.saving = Arc::new(records);
+            (Arc::clone(&state.saving), failed)
         };
-        let chunks = super::dedup::by_chunk(records)?;
+        drop(failed);
+        let list: Vec<(Vec<u8>, (u64, u64))> =
+            records.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let chunks = super::dedup::by_chunk(list)?;
         let tree = self.db.open_tree("messages")?;
-        // A few chunks at a time, with a pause between them: a sled batch holds sled's write
-        // lock, which every read of sled waits for (a submission's dedup look-up among them);
-        // one batch of 65,536 records stalled the message path for half a second.
-        for (i, group) in chunks.chunks(DEDUP_SAVE_CHUNKS).enumerate() {
+        // A few at a time, with a pause between them: a sled batch holds sled's write lock,
+        // which every read of sled waits for (a submission's dedup look-up among them); one
+        // batch of 65,536 records stalled the message path for half a second.
+        let groups = super::dedup::groups(&chunks, DEDUP_SAVE_RECORDS, DEDUP_SAVE_CHUNKS);
+        for (i, group) in groups.into_iter().enumerate() {
             if i > 0 {
                 std::thread::sleep(DEDUP_SAVE_PAUSE);
             }
             super::dedup::save(&tree, group)?;
-            let mut inner = self.lock();
-            for (key, value) in group.iter().flat_map(|(_, records)| records) {
-                if inner.state.unsaved.get(key) == Some(value) {
-                    inner.state.unsaved.remove(key);
-                }
-            }
         }
+        let saved = std::mem::take(&mut self.lock().state.saving);
+        // Freed here, not under the lock.
+        drop((saved, records, chunks));
         Ok(())
     }
 

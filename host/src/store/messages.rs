@@ -131,8 +131,8 @@ impl Messages {
 
     /// The dedup record under `key`: (message id, sent at).
     fn dedup(&self, key: &[u8]) -> Result<Option<(u64, u64)>, StoreError> {
-        if let Some(found) = self.journal.lock().state.unsaved.get(key) {
-            return Ok(Some(*found));
+        if let Some(found) = self.journal.lock().state.dedup(key) {
+            return Ok(Some(found));
         }
         let Some((chunk, low)) = keys::dedup_chunk(key) else {
             return Ok(None);

@@ -1259,6 +1259,14 @@ pub(crate) mod tests {
                     {
                         store.messages.dispatched(m.id).expect("dispatched");
                     }
+                    // An earlier one again, wherever its dedup record is: in memory, being
+                    // saved by a compaction, or in sled.
+                    for earlier in [i / 2, i.saturating_sub(1)] {
+                        let again = store.messages.accept(&alice, &phone, earlier, None, |_| {
+                            unreachable!("client id {earlier} again, at {i}")
+                        });
+                        assert!(matches!(again, Ok(Acceptance::Duplicate { .. })));
+                    }
                     if i % 700 == 0 {
                         store.cursors.forget_user(user).expect("forget");
                         store.inbox.forget_user(user).expect("forget");
