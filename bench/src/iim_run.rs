@@ -612,18 +612,23 @@ fn check_plaintext(plaintext: &[u8], len: usize) -> anyhow::Result<()> {
 /// message as it falls due, without waiting for the answers to those before it, and each
 /// receiver takes what arrives until every message did or [`schedule::DRAIN`] after the last
 /// was due.
-pub async fn run_open(schedule: Schedule, clock: Clock) -> anyhow::Result<(Schedule, OpenRun)> {
-    let host = start_host().await?;
+pub async fn run_open(
+    schedule: Schedule,
+    clock: Clock,
+) -> anyhow::Result<(Schedule, OpenRun, Breakdown)> {
+    let host = start_host_with(&Build::Current, METRICS).await?;
+    let probe = iim_e2e::metrics::endpoint(&host).await?;
     let place = Placement {
         name: "open",
         senders: &host,
         receivers: &[&host],
-        probe: None,
+        probe: Some(probe),
     };
     let result = async {
         let load = schedule.load();
         let pairs = register(place, load).await?;
         let (receivers, senders) = connect(place, &pairs, load.body, None).await?;
+        let before = Scrape::of(probe).await?;
         let (schedule, dues) = schedule::pace(schedule, clock)?;
         let until = schedule.until_ns();
         let mut tasks: JoinSet<anyhow::Result<Part>> = JoinSet::new();
@@ -650,8 +655,12 @@ pub async fn run_open(schedule: Schedule, clock: Clock) -> anyhow::Result<(Sched
             parts.add(done.context("a benchmark task failed")??)?;
         }
         let run = parts.finish(clock)?;
+        let after = Scrape::of(probe).await?;
+        let delivered = run.tallies.iter().map(|t| u64::from(t.count())).sum();
+        let secs = run.end_ns.saturating_sub(schedule.due_ns(0, 0)) as f64 / 1e9;
+        let breakdown = Breakdown::of(&before, &after, delivered, secs);
         close(senders.into_iter().chain(receivers)).await;
-        Ok((schedule, run))
+        Ok((schedule, run, breakdown))
     }
     .await;
     if result.is_err() {

@@ -21,7 +21,7 @@
 //! ```
 
 use crate::schedule::{self, OpenFigures, Schedule};
-use crate::stats::{Clock, Load, Summary};
+use crate::stats::{Breakdown, Clock, Load, Summary};
 use crate::{iim_run, raw};
 use anyhow::bail;
 use serde::Serialize;
@@ -84,6 +84,8 @@ pub struct AtRate {
     pub offered_per_s: f64,
     /// Through a host.
     pub iim: OpenFigures,
+    /// Where the host's CPU went.
+    pub iim_breakdown: Breakdown,
     /// Through the raw relay.
     pub raw: OpenFigures,
 }
@@ -111,9 +113,10 @@ pub async fn run(shape: Shape) -> anyhow::Result<Figures> {
             fraction * 100.0,
             offered.messages
         );
-        let (schedule, run) = iim_run::run_open(offered, clock).await?;
+        let (schedule, run, iim_breakdown) = iim_run::run_open(offered, clock).await?;
         let iim = OpenFigures::of(&schedule, &run);
         say("iim", &iim);
+        eprintln!("iim: {}", iim_breakdown.describe().replace('\n', "\niim: "));
         let (schedule, run) = raw::run_open(offered, clock).await?;
         let raw = OpenFigures::of(&schedule, &run);
         say("raw", &raw);
@@ -121,6 +124,7 @@ pub async fn run(shape: Shape) -> anyhow::Result<Figures> {
             fraction,
             offered_per_s: rate,
             iim,
+            iim_breakdown,
             raw,
         });
     }
@@ -195,6 +199,7 @@ pub fn report(figures: &Figures, json: bool) {
                     "offered_per_s": r.offered_per_s,
                     "iim": r.iim,
                     "raw": r.raw,
+                    "iim_breakdown": r.iim_breakdown,
                     "p99_iim_over_raw": r.p99_ratio(),
                     "generator_kept_schedule": r.iim.kept_schedule() && r.raw.kept_schedule(),
                 })
@@ -258,6 +263,11 @@ pub fn report(figures: &Figures, json: bool) {
                 f.issued_late.p99_us
             );
         }
+    }
+    println!("where the host's CPU went in each iim run:");
+    for r in &figures.rates {
+        let lines = r.iim_breakdown.describe().replace('\n', "\n      ");
+        println!("{:>4.0}%  {lines}", r.fraction * 100.0);
     }
     let ratios: Vec<String> = figures
         .rates

@@ -204,8 +204,14 @@ pub struct Breakdown {
 impl Breakdown {
     /// The breakdown of `run` from the scrapes `before` and `after` it.
     pub fn between(before: &Scrape, after: &Scrape, run: &Summary) -> Self {
+        Self::of(before, after, run.delivered, run.secs)
+    }
+
+    /// The breakdown of a run that delivered `delivered` messages in `secs`, from the scrapes
+    /// `before` and `after` it.
+    pub fn of(before: &Scrape, after: &Scrape, delivered: u64, secs: f64) -> Self {
         let moved = |name: &str| after.get(name) - before.get(name);
-        let per_message = |secs: f64| secs * 1e6 / run.delivered.max(1) as f64;
+        let per_message = |secs: f64| secs * 1e6 / delivered.max(1) as f64;
         let busy =
             |part: &str| per_message(moved(&format!("iim_busy_seconds_total{{part=\"{part}\"}}")));
         let cpu_secs = moved("iim_cpu_seconds_total");
@@ -227,7 +233,7 @@ impl Breakdown {
             plugin_us,
             frames_us,
             other_us: cpu_us - store_us - plugin_us - frames_us,
-            cores: cpu_secs / run.secs.max(f64::MIN_POSITIVE),
+            cores: cpu_secs / secs.max(f64::MIN_POSITIVE),
         }
     }
 

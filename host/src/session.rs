@@ -56,40 +56,14 @@ pub async fn run(host: Arc<Host>, conn: quinn::Connection, early: quinn::ZeroRtt
     let span = tracing::info_span!("session", remote = %conn.remote_address(), user = tracing::field::Empty, device = tracing::field::Empty);
     async move {
         let _open = Open::connection();
-        let config = host.config.limits.session(host.iim.server());
-        let mut machine = HostSession::new(Instant::now(), config, true);
-        // One deadline for opening the stream and sending Hello: the machine's first.
-        let deadline = machine
-            .poll_timeout()
-            .map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std);
-        let (send, recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
-            Ok(Ok(streams)) => streams,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "connection closed before opening a stream");
-                return;
-            }
-            Err(_) => {
-                conn.close(
-                    quinn::VarInt::from_u32(ErrorCode::HANDSHAKE.0.into()),
-                    b"no stream opened",
-                );
-                return;
-            }
-        };
-        let mut session = Session {
-            host,
-            conn,
-            send,
-            recv,
-            machine,
-            early: Some(Box::pin(early)),
-            delivery: None,
-            signed_in: None,
-            stalled: false,
-            streams_closed: false,
+        // What a session holds while it waits is what every idle connection costs: the
+        // session and its `serve` loop, nothing of how it opened (in `open`, which returns
+        // it), of what it does (`act` boxes each action) or of how it ends (boxed).
+        let Some(mut session) = Session::open(host, conn, early).await else {
+            return;
         };
         session.serve().await;
-        session.finish().await;
+        Box::pin(session.finish()).await;
     }
     .instrument(span)
     .await
@@ -118,6 +92,47 @@ fn over_address_limit(limited: &crate::address_limits::Limited) -> Refusal {
 }
 
 impl Session {
+    /// The session of `conn`, once the client opened its stream; none if it did not in
+    /// time (the connection is closed) or the connection ended first.
+    async fn open(
+        host: Arc<Host>,
+        conn: quinn::Connection,
+        early: quinn::ZeroRttAccepted,
+    ) -> Option<Self> {
+        let config = host.config.limits.session(host.iim.server());
+        let mut machine = HostSession::new(Instant::now(), config, true);
+        // One deadline for opening the stream and sending Hello: the machine's first.
+        let deadline = machine
+            .poll_timeout()
+            .map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std);
+        let (send, recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
+            Ok(Ok(streams)) => streams,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "connection closed before opening a stream");
+                return None;
+            }
+            Err(_) => {
+                conn.close(
+                    quinn::VarInt::from_u32(ErrorCode::HANDSHAKE.0.into()),
+                    b"no stream opened",
+                );
+                return None;
+            }
+        };
+        Some(Session {
+            host,
+            conn,
+            send,
+            recv,
+            machine,
+            early: Some(Box::pin(early)),
+            delivery: None,
+            signed_in: None,
+            stalled: false,
+            streams_closed: false,
+        })
+    }
+
     /// The address the client is at now.
     fn ip(&self) -> std::net::IpAddr {
         self.conn.remote_address().ip()
@@ -234,7 +249,7 @@ impl Session {
     /// Carries out what the machine asks, handing back the outcomes.
     async fn act(&mut self) {
         while let Some(action) = self.machine.poll_action() {
-            self.carry_out(action).await;
+            Box::pin(self.carry_out(action)).await;
         }
     }
 
