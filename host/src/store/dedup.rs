@@ -1,9 +1,9 @@
-//! The value of a dedup chunk ([`keys::dedup_chunk`]): the dedup records of up to 256 client
+//! The value of a dedup chunk ([`super::keys::dedup_chunk`]): the dedup records of up to 256 client
 //! ids of one device, each `low byte, message id, sent at` (17 bytes, numbers big-endian),
 //! sorted by low byte, each low byte once. A look-up is a binary search in place; nothing is
-//! decoded.
+//! decoded. In memory, until they are saved, the records are held by chunk too ([`Held`]).
 
-use super::{StoreError, keys};
+use super::StoreError;
 
 /// One record's bytes.
 const RECORD: usize = 17;
@@ -11,8 +11,79 @@ const RECORD: usize = 17;
 /// A record of a chunk: (message id, sent at).
 pub(super) type Record = (u64, u64);
 
-/// A chunk's key and the records to save into it, each under its dedup key.
-pub(super) type ChunkRecords = (Vec<u8>, Vec<(Vec<u8>, Record)>);
+/// A chunk's key and records of it, each at its place (the client id's low byte).
+pub(super) type ChunkRecords<'a> = (&'a [u8], &'a [(u8, Record)]);
+
+/// Dedup records held in memory, by chunk: one key and one small vector for up to 256
+/// records of a device, not a key each.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Held {
+    chunks: std::collections::HashMap<Vec<u8>, Vec<(u8, Record)>>,
+    records: usize,
+}
+
+impl Held {
+    /// Holds `record` at place `low` of `chunk` (a record there is replaced: the same one,
+    /// when a snapshot copies a message's record).
+    pub(super) fn insert(&mut self, chunk: Vec<u8>, low: u8, record: Record) {
+        let places = self.chunks.entry(chunk).or_default();
+        match places.iter_mut().find(|(at, _)| *at == low) {
+            Some(place) => place.1 = record,
+            None => {
+                places.push((low, record));
+                self.records += 1;
+            }
+        }
+    }
+
+    /// The record at place `low` of `chunk`, if held.
+    pub(super) fn get(&self, chunk: &[u8], low: u8) -> Option<Record> {
+        let places = self.chunks.get(chunk)?;
+        places.iter().find(|(at, _)| *at == low).map(|(_, r)| *r)
+    }
+
+    /// Lets go of the chunks whose keys start with `prefix`.
+    pub(super) fn forget(&mut self, prefix: &[u8]) {
+        let mut gone = 0;
+        self.chunks.retain(|chunk, places| {
+            let keep = !chunk.starts_with(prefix);
+            gone += if keep { 0 } else { places.len() };
+            keep
+        });
+        self.records -= gone;
+    }
+
+    /// How many records are held.
+    pub(super) fn len(&self) -> usize {
+        self.records
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    /// Holds what `other` holds too, where this holds nothing at its place.
+    pub(super) fn absorb(&mut self, other: &Held) {
+        for (chunk, places) in &other.chunks {
+            for (low, record) in places {
+                if self.get(chunk, *low).is_none() {
+                    self.insert(chunk.clone(), *low, *record);
+                }
+            }
+        }
+    }
+
+    /// Every chunk held, in the chunks' order (sled's: neighbours are written together).
+    pub(super) fn sorted(&self) -> Vec<ChunkRecords<'_>> {
+        let mut chunks: Vec<ChunkRecords<'_>> = self
+            .chunks
+            .iter()
+            .map(|(chunk, places)| (chunk.as_slice(), places.as_slice()))
+            .collect();
+        chunks.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        chunks
+    }
+}
 
 fn corrupt(len: usize) -> StoreError {
     StoreError::Corrupt {
@@ -75,28 +146,13 @@ pub(super) fn merge(old: Option<&[u8]>, new: &[(u8, Record)]) -> Result<Vec<u8>,
     Ok(value)
 }
 
-/// The records of `records` (dedup keys, as [`keys::dedup`] makes them, and their records) by
-/// the chunk that holds them, in the chunks' order.
-pub(super) fn by_chunk(records: Vec<(Vec<u8>, Record)>) -> Result<Vec<ChunkRecords>, StoreError> {
-    let mut chunks: std::collections::BTreeMap<Vec<u8>, Vec<(Vec<u8>, Record)>> =
-        std::collections::BTreeMap::new();
-    for (key, record) in records {
-        let (chunk, _) = keys::dedup_chunk(&key).ok_or_else(|| StoreError::Corrupt {
-            tree: "messages",
-            reason: "a dedup record's key that names no chunk".into(),
-        })?;
-        chunks.entry(chunk).or_default().push((key, record));
-    }
-    Ok(chunks.into_iter().collect())
-}
-
 /// `chunks` in groups of at most `most_records` records (a chunk holding more is a group of
 /// its own) and at most `most_chunks` chunks, in order.
-pub(super) fn groups(
-    chunks: &[ChunkRecords],
+pub(super) fn groups<'a, 'b>(
+    chunks: &'b [ChunkRecords<'a>],
     most_records: usize,
     most_chunks: usize,
-) -> Vec<&[ChunkRecords]> {
+) -> Vec<&'b [ChunkRecords<'a>]> {
     let mut groups = Vec::new();
     let (mut from, mut records) = (0, 0);
     for (i, (_, of_chunk)) in chunks.iter().enumerate() {
@@ -113,17 +169,13 @@ pub(super) fn groups(
     groups
 }
 
-/// Saves `chunks` (as [`by_chunk`] groups them) into `tree`: one read and one write of each
-/// chunk, in one sled batch. The caller keeps other writers of these chunks away.
-pub(super) fn save(tree: &sled::Tree, chunks: &[ChunkRecords]) -> Result<(), StoreError> {
+/// Saves `chunks` into `tree`: one read and one write of each chunk, in one sled batch. The
+/// caller keeps other writers of these chunks away.
+pub(super) fn save(tree: &sled::Tree, chunks: &[ChunkRecords<'_>]) -> Result<(), StoreError> {
     let mut batch = sled::Batch::default();
-    for (chunk, records) in chunks {
-        let new: Vec<(u8, Record)> = records
-            .iter()
-            .filter_map(|(key, record)| Some((*key.last()?, *record)))
-            .collect();
+    for (chunk, places) in chunks {
         let old = tree.get(chunk)?;
-        batch.insert(chunk.as_slice(), merge(old.as_deref(), &new)?);
+        batch.insert(*chunk, merge(old.as_deref(), places)?);
     }
     tree.apply_batch(batch)?;
     Ok(())
@@ -176,7 +228,8 @@ mod tests {
 
     #[test]
     fn groups_hold_few_records_and_few_chunks_and_every_chunk_once() {
-        let chunk = |n: usize| (vec![n as u8], vec![(Vec::new(), (0, 0)); n]);
+        let places = vec![(0, (0, 0)); 2000];
+        let chunk = |n: usize| -> ChunkRecords<'_> { (b"c", &places[..n]) };
         let chunks: Vec<ChunkRecords> = [256, 256, 256, 256, 256, 3, 1, 1, 1, 1, 1, 500, 600]
             .into_iter()
             .map(chunk)
@@ -199,6 +252,31 @@ mod tests {
         let big = [chunk(2000)];
         assert_eq!(super::groups(&big, 1024, 4).len(), 1);
         assert!(super::groups(&[], 1024, 4).is_empty());
+    }
+
+    #[test]
+    fn held_records_are_found_counted_and_forgotten_by_chunk() {
+        let mut held = Held::default();
+        held.insert(b"cu\0a".to_vec(), 1, (10, 1));
+        held.insert(b"cu\0a".to_vec(), 2, (20, 1));
+        held.insert(b"cu\0a".to_vec(), 1, (10, 1));
+        held.insert(b"cv\0a".to_vec(), 1, (30, 1));
+        assert_eq!(held.len(), 3, "a record held again counts once");
+        assert_eq!(held.get(b"cu\0a", 2), Some((20, 1)));
+        assert_eq!(held.get(b"cu\0a", 3), None);
+        assert_eq!(held.get(b"cw\0a", 1), None);
+        let sorted: Vec<&[u8]> = held.sorted().iter().map(|c| c.0).collect();
+        assert_eq!(sorted, [&b"cu\0a"[..], &b"cv\0a"[..]]);
+        let mut other = Held::default();
+        other.insert(b"cu\0a".to_vec(), 2, (99, 9));
+        other.insert(b"cu\0a".to_vec(), 4, (40, 1));
+        held.absorb(&other);
+        assert_eq!(held.len(), 4);
+        assert_eq!(held.get(b"cu\0a", 2), Some((20, 1)), "what was held stays");
+        held.forget(b"cu\0");
+        assert_eq!(held.len(), 1);
+        assert_eq!(held.get(b"cv\0a", 1), Some((30, 1)));
+        assert!(!held.is_empty());
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! copies: every record either sets what it names outright or changes nothing that a later
 //! copy does not carry, so replay from the snapshot's segment gives the same state.
 
+use super::dedup::Held;
 use super::log::{Loc, Located, Tail};
 use super::{Sealer, StoreError, keys};
 use iim_proto::{DeviceId, GroupId, UserId};
@@ -169,22 +170,21 @@ pub(super) struct State {
     pub(super) relayed_in: u64,
     /// Entries that still hold their message.
     pub(super) whole: i64,
-    /// Dedup records not yet written to sled: key → (id, sent at).
-    pub(super) unsaved: HashMap<Vec<u8>, (u64, u64)>,
+    /// Dedup records not yet written to sled, by chunk.
+    pub(super) unsaved: Held,
     /// Dedup records being written to sled ([`Journal::save_dedups`] takes them out of
     /// `unsaved` at once, not one by one under the lock), still looked up here until written.
-    pub(super) saving: Arc<HashMap<Vec<u8>, (u64, u64)>>,
+    pub(super) saving: Arc<Held>,
     /// Bytes of blobs live records point at (for when to compact).
     pub(super) live: u64,
 }
 
 impl State {
-    /// The dedup record under `key` held in memory: (message id, sent at).
-    pub(super) fn dedup(&self, key: &[u8]) -> Option<(u64, u64)> {
+    /// The dedup record at place `low` of `chunk` held in memory: (message id, sent at).
+    pub(super) fn dedup(&self, chunk: &[u8], low: u8) -> Option<(u64, u64)> {
         self.unsaved
-            .get(key)
-            .or_else(|| self.saving.get(key))
-            .copied()
+            .get(chunk, low)
+            .or_else(|| self.saving.get(chunk, low))
     }
 
     /// Applies a record whose blob is at `loc`.
@@ -213,8 +213,8 @@ impl State {
                     self.ttl.insert(*id, *at);
                 }
                 if let Some((user, device, client_id)) = client {
-                    let key = keys::dedup(user, device, *client_id);
-                    self.unsaved.insert(key, (*id, *sent_at));
+                    let (chunk, low) = keys::dedup_chunk_of(user, device, *client_id);
+                    self.unsaved.insert(chunk, low, (*id, *sent_at));
                 }
             }
             Head::Dispatched { id } => {
@@ -326,10 +326,10 @@ impl State {
             }
             Head::RelayedIn { seq } => self.relayed_in = *seq,
             Head::ForgetDedup { user } => {
-                let prefix = keys::dedup_prefix(user);
-                self.unsaved.retain(|key, _| !key.starts_with(&prefix));
+                let prefix = keys::dedup_chunk_prefix(user);
+                self.unsaved.forget(&prefix);
                 if !self.saving.is_empty() {
-                    Arc::make_mut(&mut self.saving).retain(|key, _| !key.starts_with(&prefix));
+                    Arc::make_mut(&mut self.saving).forget(&prefix);
                 }
             }
         }
@@ -454,8 +454,7 @@ impl Journal {
             let (chunk, value) = entry?;
             for (low, _) in super::dedup::records(&value)? {
                 // A dedup record saved and still held in memory counts once.
-                let key = keys::dedup_in_chunk(&chunk, low).unwrap_or_default();
-                saved += u64::from(inner.state.dedup(&key).is_none());
+                saved += u64::from(inner.state.dedup(&chunk, low).is_none());
             }
         }
         let state = &inner.state;
@@ -740,16 +739,12 @@ impl Journal {
             let state = &mut inner.state;
             let mut records = std::mem::take(&mut state.unsaved);
             let failed = std::mem::take(&mut state.saving);
-            for (key, value) in failed.iter() {
-                records.entry(key.clone()).or_insert(*value);
-            }
+            records.absorb(&failed);
             state.saving = Arc::new(records);
             (Arc::clone(&state.saving), failed)
         };
         drop(failed);
-        let list: Vec<(Vec<u8>, (u64, u64))> =
-            records.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        let chunks = super::dedup::by_chunk(list)?;
+        let chunks = records.sorted();
         let tree = self.db.open_tree("messages")?;
         // A few at a time, with a pause between them: a sled batch holds sled's write lock,
         // which every read of sled waits for (a submission's dedup look-up among them); one
@@ -761,9 +756,10 @@ impl Journal {
             }
             super::dedup::save(&tree, group)?;
         }
+        drop(chunks);
         let saved = std::mem::take(&mut self.lock().state.saving);
         // Freed here, not under the lock.
-        drop((saved, records, chunks));
+        drop((saved, records));
         Ok(())
     }
 

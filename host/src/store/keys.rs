@@ -237,15 +237,16 @@ pub fn dedup_chunk(dedup_key: &[u8]) -> Option<(Vec<u8>, u8)> {
     Some((tagged(DEDUP_CHUNK, &rest[1..]), low))
 }
 
-/// The dedup record's key of place `low` of the chunk under `chunk_key` (the inverse of
-/// [`dedup_chunk`]).
-pub fn dedup_in_chunk(chunk_key: &[u8], low: u8) -> Option<Vec<u8>> {
-    if chunk_key.first() != Some(&DEDUP_CHUNK) {
-        return None;
-    }
-    let mut key = tagged(DEDUP, &chunk_key[1..]);
-    key.push(low);
-    Some(key)
+/// The chunk of the dedup record of (user, device, client id), and its place in it: what
+/// [`dedup_chunk`] gives for that record's [`dedup`] key.
+pub fn dedup_chunk_of(user: &UserId, device: &DeviceId, client_id: u64) -> (Vec<u8>, u8) {
+    let number = client_id.to_be_bytes();
+    let key = join(&[
+        user.as_str().as_bytes(),
+        device.as_str().as_bytes(),
+        &number[..7],
+    ]);
+    (tagged(DEDUP_CHUNK, &key), number[7])
 }
 
 /// `messages`, dispatch record: message id → (client id, message), for every accepted message
@@ -649,12 +650,15 @@ mod tests {
     }
 
     #[test]
-    fn a_dedup_key_names_its_chunk_and_place_and_back() {
+    fn a_dedup_key_names_its_chunk_and_place() {
         let phone = DeviceId::new("phone").expect("valid");
         let key = dedup(&user("ab"), &phone, 0x1234);
         let (chunk, low) = dedup_chunk(&key).expect("a dedup key");
         assert_eq!(low, 0x34);
-        assert_eq!(dedup_in_chunk(&chunk, low), Some(key.clone()));
+        assert_eq!(
+            dedup_chunk_of(&user("ab"), &phone, 0x1234),
+            (chunk.clone(), low)
+        );
         // Neighbours share a chunk; 256 apart do not.
         assert_eq!(
             dedup_chunk(&dedup(&user("ab"), &phone, 0x1200)).map(|c| c.0),
@@ -668,11 +672,6 @@ mod tests {
         assert!(!chunk.starts_with(&dedup_chunk_prefix(&user("a"))));
         assert!(chunk.starts_with(DEDUP_CHUNK_PREFIX));
         assert_eq!(dedup_chunk(&chunk), None, "a chunk key is not a dedup key");
-        assert_eq!(
-            dedup_in_chunk(&key, 0),
-            None,
-            "a dedup key is not a chunk key"
-        );
     }
 
     #[test]

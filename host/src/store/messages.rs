@@ -108,9 +108,9 @@ impl Messages {
         build: impl FnOnce(MessageId) -> Message,
     ) -> Result<Acceptance, StoreError> {
         let _busy = crate::metrics::Busy::start(|m| &m.busy_store);
-        let dedup_key = keys::dedup(user, device, client_id);
+        let (chunk, low) = keys::dedup_chunk_of(user, device, client_id);
         let _order = self.accept_order.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(existing) = self.dedup(&dedup_key)? {
+        if let Some(existing) = self.dedup(&chunk, low)? {
             return self.duplicate(existing);
         }
         let message = build(self.next_id()?);
@@ -129,14 +129,11 @@ impl Messages {
         Ok(Acceptance::New(dispatch.message))
     }
 
-    /// The dedup record under `key`: (message id, sent at).
-    fn dedup(&self, key: &[u8]) -> Result<Option<(u64, u64)>, StoreError> {
-        if let Some(found) = self.journal.lock().state.dedup(key) {
+    /// The dedup record at place `low` of `chunk`: (message id, sent at).
+    fn dedup(&self, chunk: &[u8], low: u8) -> Result<Option<(u64, u64)>, StoreError> {
+        if let Some(found) = self.journal.lock().state.dedup(chunk, low) {
             return Ok(Some(found));
         }
-        let Some((chunk, low)) = keys::dedup_chunk(key) else {
-            return Ok(None);
-        };
         match self.tree.get(chunk)? {
             Some(value) => super::dedup::find(&value, low),
             None => Ok(None),

@@ -200,25 +200,28 @@ pub(super) fn dedup_into_chunks(
     let messages = db.open_tree("messages")?;
     if format < super::FORMAT {
         let mut moved = 0u64;
-        let mut records = Vec::new();
-        let mut move_records = |records: &mut Vec<(Vec<u8>, (u64, u64))>| {
-            moved += records.len() as u64;
-            let chunks = super::dedup::by_chunk(std::mem::take(records))?;
+        let mut held = super::dedup::Held::default();
+        let mut move_held = |held: &mut super::dedup::Held| {
+            moved += held.len() as u64;
+            let chunks = held.sorted();
             for group in chunks.chunks(1024) {
                 super::dedup::save(&messages, group)?;
             }
+            drop(chunks);
+            *held = super::dedup::Held::default();
             Ok::<_, StoreError>(())
         };
         for entry in messages.scan_prefix(keys::DEDUP_PREFIX) {
             let (key, value) = entry?;
-            records.push((key.to_vec(), decode::<(u64, u64)>("messages", &value)?));
+            let (chunk, low) = keys::dedup_chunk(&key).ok_or_else(|| corrupt("a dedup key"))?;
+            held.insert(chunk, low, decode::<(u64, u64)>("messages", &value)?);
             // Records of one chunk are next to each other: a chunk may be written twice
             // across two groups, which merging allows.
-            if records.len() == 1 << 16 {
-                move_records(&mut records)?;
+            if held.len() == 1 << 16 {
+                move_held(&mut held)?;
             }
         }
-        move_records(&mut records)?;
+        move_held(&mut held)?;
         journal.commit()?;
         db.insert(keys::FORMAT, &super::FORMAT.to_be_bytes())?;
         journal.commit()?;
