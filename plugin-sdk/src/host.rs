@@ -8,8 +8,8 @@
 //!
 //! Every call acts on behalf of the acting user of the event being handled (see the WIT file).
 //!
-//! [`kv_keys`] and [`subscribe_groups`] are imports of `iim:plugin@0.1.1`: a host of 0.1.0
-//! does not load a plugin that uses them.
+//! [`kv_keys`] and [`subscribe_groups`] are imports of `iim:plugin@0.1.1`, [`pass_on`] of
+//! `0.1.2`: a host of an earlier version does not load a plugin that uses them.
 
 use crate::{HostError, LogLevel, Message, MessageId, PresenceEntry, UserId, UserList};
 
@@ -43,6 +43,18 @@ pub fn resolve(users: &[UserId]) -> Result<UserList, HostError> {
 /// handled; `msg.sender` must be the acting user. Returns how many users it was sent to.
 pub fn send(msg: &Message, users: &UserList) -> Result<u32, HostError> {
     imp::send(msg, users)
+}
+
+/// Since 0.1.2. Passes the message being handled on, unchanged (same id), to every user of
+/// `users`: [`send`] of that message to [`resolve`]`(users)`, in one call and without the
+/// message or a user-list crossing back to the host. Duplicates count once; an unknown user is
+/// `unknown-user`; an event that is not a message is `invalid-argument`. Sends nothing and
+/// returns 0 when `users` is empty.
+pub fn pass_on(users: &[UserId]) -> Result<u32, HostError> {
+    if users.is_empty() {
+        return Ok(0);
+    }
+    imp::pass_on(users)
 }
 
 /// The acting user's friends; `permission-denied` for anyone else's.

@@ -15,10 +15,13 @@
 //! in-memory host that records what the plugin sends, so a plugin's logic is unit-tested with
 //! `cargo test`.
 //!
-//! # Version 0.1.1
+//! # Version 0.1.2
 //!
-//! This SDK builds against `iim:plugin@0.1.1`, which adds two imports and changes nothing of
-//! 0.1.0 (a host of 0.1.1 loads plugins built against either):
+//! This SDK builds against `iim:plugin@0.1.2`. Each version since 0.1.0 only adds imports, and
+//! a host loads plugins built against its version or an earlier one. 0.1.2 adds
+//! [`host::pass_on`]: the message being handled passed on, unchanged, to users, in one call
+//! and without the message or a user-list crossing back to the host (what the `chat` plugin
+//! does with every message). 0.1.1 added:
 //! - [`host::kv_keys`] lists the keys of the plugin's storage under a prefix, in byte order,
 //!   at most [`host::MAX_KV_KEYS`] per call, so that a plugin can keep one key per item (a
 //!   group's members) instead of one large value;
@@ -130,7 +133,7 @@ pub use iim_proto::GROUP_KIND;
 pub use iim_proto::body;
 
 /// The WIT package (name and version) this SDK builds plugins against.
-pub const WIT_PACKAGE: &str = "iim:plugin@0.1.1";
+pub const WIT_PACKAGE: &str = "iim:plugin@0.1.2";
 
 /// An iim plugin: built once per instance from its configuration, then handed the events it
 /// subscribed to, one at a time.

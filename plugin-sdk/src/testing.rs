@@ -25,6 +25,8 @@
 //!   one) are handed only to such a plugin, whatever its subscriptions; and a new message
 //!   addressed to a group or of kind [`GROUP_KIND`](crate::GROUP_KIND) may be sent only by it
 //!   (`permission-denied`), addressed to users or to one group, not both (`invalid-argument`);
+//! - `pass-on` (`iim:plugin@0.1.2`) passes on the message event being handled, as `send` of
+//!   it to `resolve(users)` does, and is `invalid-argument` during any other event;
 //! - `kv-keys` answers as the host does: the keys under a prefix in byte order, after `after`,
 //!   at most [`MAX_KV_KEYS`](crate::host::MAX_KV_KEYS), the event's own writes included.
 //!
@@ -617,6 +619,21 @@ impl FakeHost {
         })
     }
 
+    fn pass_on(&mut self, users: &[UserId]) -> Result<u32, HostError> {
+        self.acting_user("pass-on")?;
+        let Some(handled) = self.handled.clone() else {
+            return Err(HostError::InvalidArgument(
+                "pass-on passes on the message being handled, and this event is not a message"
+                    .to_owned(),
+            ));
+        };
+        if users.is_empty() {
+            return Ok(0);
+        }
+        let list = self.resolve(users)?;
+        self.send(&handled, &list)
+    }
+
     fn send(&mut self, msg: &Message, users: &UserList) -> Result<u32, HostError> {
         let acting = self.acting_user("send")?;
         if msg.sender != acting {
@@ -910,6 +927,10 @@ pub(crate) mod calls {
         fake(|host| host.send(msg, users))
     }
 
+    pub fn pass_on(users: &[UserId]) -> Result<u32, HostError> {
+        fake(|host| host.pass_on(users))
+    }
+
     pub fn friends(user: &str) -> Result<Vec<UserId>, HostError> {
         fake(|host| host.friends(user))
     }
@@ -1012,6 +1033,42 @@ mod tests {
 
     fn chat(fake: &mut FakeHost, to: &[&str]) -> Event {
         fake.submit("alice", MessageKind::Chat, to, b"hi")
+    }
+
+    #[test]
+    fn pass_on_passes_the_handled_message_on_and_only_during_a_message() {
+        let mut fake = scene();
+        let event = chat(&mut fake, &["bob"]);
+        let Event::Message(handled) = event.clone() else {
+            unreachable!("a message event")
+        };
+        let probe = Probe(|_| {
+            assert!(matches!(
+                host::pass_on(&["bob".into(), "mallory".into()]),
+                Err(HostError::UnknownUser(user)) if user == "mallory"
+            ));
+            assert_eq!(host::pass_on(&[]), Ok(0));
+            assert_eq!(host::pass_on(&["bob".into(), "carol".into(), "bob".into()]), Ok(2));
+            Ok(())
+        });
+        fake.handle(&probe, event).expect("handled");
+        let [sent] = fake.sent() else {
+            panic!("one send: {:?}", fake.sent())
+        };
+        assert_eq!(sent.message, handled, "the message itself, same id");
+        assert_eq!(sent.recipients(), ["bob", "carol"]);
+        assert_eq!(fake.inbox("carol"), [handled]);
+
+        let opened = Probe(|_| {
+            assert!(matches!(
+                host::pass_on(&["bob".into()]),
+                Err(HostError::InvalidArgument(_))
+            ));
+            Ok(())
+        });
+        let session = fake.open_session("alice", "phone");
+        fake.handle(&opened, session).expect("handled");
+        assert_eq!(fake.sent().len(), 1, "nothing more sent");
     }
 
     #[test]

@@ -542,6 +542,23 @@ async fn forged_senders_and_malformed_user_lists_get_clear_errors_and_send_nothi
 }
 
 #[tokio::test]
+async fn pass_on_delivers_the_handled_message_once_and_refuses_unknown_users() -> Result {
+    let (_host, _alice, bob, a, b) = misbehaving_host("").await?;
+    let kind = MessageKind::Custom("misbehave".into());
+    let accepted = submit(&a, kind.clone(), &bob, b"pass-on").await?;
+    let report = expect_kind(&a, MessageKind::Custom("misbehave-report".into())).await?;
+    assert_eq!(
+        text(&report),
+        "pass-on: Err(HostError::UnknownUser(\"nobody-here\")) / Ok(1)"
+    );
+    let passed = expect_kind(&b, kind).await?;
+    assert_eq!(passed.id, accepted.id, "the message itself, same id");
+    assert_eq!(text(&passed), "pass-on");
+    quiet(&b).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn plugin_storage_keeps_only_what_successful_calls_wrote() -> Result {
     let (_host, _alice, bob, a, _b) = misbehaving_host("").await?;
     for (what, expected) in [

@@ -398,7 +398,7 @@ mod tests {
             why.contains("another version of the iim:plugin WIT"),
             "{why}"
         );
-        assert!(why.contains("iim:plugin@0.1.1"), "{why}");
+        assert!(why.contains("iim:plugin@0.1.2"), "{why}");
     }
 
     #[test]

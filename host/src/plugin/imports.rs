@@ -240,6 +240,41 @@ impl PluginState {
         Ok(count)
     }
 
+    fn check_pass_on(&mut self, names: &[String]) -> Result<u32, HostError> {
+        let users = self.parse_users(names)?;
+        let call = self.call("pass-on")?;
+        let Some(handled) = call.message.clone() else {
+            return Err(HostError::InvalidArgument(
+                "pass-on passes on the message being handled, and this event is not a message"
+                    .into(),
+            ));
+        };
+        if users.is_empty() {
+            return Ok(0);
+        }
+        if call.effects.sends.len() >= MAX_SENDS_PER_CALL {
+            return Err(HostError::LimitExceeded(format!(
+                "at most {MAX_SENDS_PER_CALL} sends per event"
+            )));
+        }
+        let mut recipients = Vec::with_capacity(users.len());
+        let mut seen = HashSet::with_capacity(users.len());
+        for user in users {
+            if seen.contains(&user) {
+                continue;
+            }
+            self.check_exists(&user)?;
+            seen.insert(user.clone());
+            recipients.push(user);
+        }
+        let count = recipients.len() as u32;
+        self.call("pass-on")?.effects.sends.push(PendingSend {
+            message: Outgoing::Forward(handled),
+            users: recipients,
+        });
+        Ok(count)
+    }
+
     fn kv_write(&mut self, key: String, value: Option<Vec<u8>>) -> Result<(), HostError> {
         check_kv_write(&key, value.as_deref())?;
         let call = self.call("kv-set and kv-delete")?;
@@ -509,6 +544,14 @@ impl IimHost for PluginState {
         let result = self.check_send(msg, users);
         if let Err(e) = &result {
             tracing::debug!(plugin = %self.plugin, error = ?e, "send refused");
+        }
+        Ok(result)
+    }
+
+    fn pass_on(&mut self, users: Vec<String>) -> wasmtime::Result<Result<u32, HostError>> {
+        let result = self.check_pass_on(&users);
+        if let Err(e) = &result {
+            tracing::debug!(plugin = %self.plugin, error = ?e, "pass-on refused");
         }
         Ok(result)
     }
@@ -805,6 +848,64 @@ mod tests {
         assert!(matches!(
             check(&call, other, &to_carol),
             Err(HostError::UnknownMessage(_))
+        ));
+    }
+
+    #[test]
+    fn pass_on_sends_the_handled_message_to_existing_users_each_once() {
+        use super::super::bindings::iim::plugin::iim::Host as _;
+        let names = ["alice", "bob", "carol"].map(|u| UserId::new(u).expect("valid"));
+        let sandbox = super::super::check::Sandbox::new(&names).expect("sandbox");
+        let mut state = PluginState::native("chat", Arc::clone(&sandbox.services));
+        let users = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let handled = Message {
+            id: MessageId(7),
+            kind: MessageKind::Chat,
+            from: names[0].clone(),
+            from_device: DeviceId::new("phone").expect("valid"),
+            to: vec![names[1].clone().into()],
+            body: b"hi".to_vec(),
+            sent_at: 1,
+        };
+
+        // Outside an event, and during an event that is not a message: refused.
+        assert!(matches!(
+            state.pass_on(users(&["bob"])).expect("no trap"),
+            Err(HostError::PermissionDenied(_))
+        ));
+        state.begin(call(None));
+        assert!(matches!(
+            state.pass_on(users(&["bob"])).expect("no trap"),
+            Err(HostError::InvalidArgument(_))
+        ));
+        assert!(state.end().expect("a call").effects.sends.is_empty());
+
+        state.begin(call(Some(handled.clone())));
+        assert!(matches!(state.pass_on(users(&[])).expect("no trap"), Ok(0)));
+        assert!(matches!(
+            state.pass_on(users(&["bob", "dave"])).expect("no trap"),
+            Err(HostError::UnknownUser(user)) if user == "dave"
+        ));
+        assert!(matches!(
+            state.pass_on(users(&["Bob"])).expect("no trap"),
+            Err(HostError::InvalidArgument(_))
+        ));
+        assert!(matches!(state.pass_on(users(&["bob", "carol", "bob"])).expect("no trap"), Ok(2)));
+        let effects = state.end().expect("a call").effects;
+        let [send] = effects.sends.as_slice() else {
+            panic!("one send, the refused calls none: {:?}", effects.sends);
+        };
+        assert!(matches!(&send.message, Outgoing::Forward(m) if **m == handled));
+        assert_eq!(send.users, [names[1].clone(), names[2].clone()]);
+
+        // One send each against the limit per event.
+        state.begin(call(Some(handled)));
+        for _ in 0..MAX_SENDS_PER_CALL {
+            assert!(matches!(state.pass_on(users(&["bob"])).expect("no trap"), Ok(1)));
+        }
+        assert!(matches!(
+            state.pass_on(users(&["bob"])).expect("no trap"),
+            Err(HostError::LimitExceeded(_))
         ));
     }
 

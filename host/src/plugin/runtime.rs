@@ -42,9 +42,9 @@ pub enum LoadError {
     /// The file is not a valid component, or wasmtime could not compile it.
     #[error("not a valid component: {0:#}")]
     Compile(wasmtime::Error),
-    /// The component does not fit the `iim:plugin@0.1.1` world (or 0.1.0): a missing or mistyped export,
+    /// The component does not fit the `iim:plugin@0.1.2` world (or 0.1.0, 0.1.1): a missing or mistyped export,
     /// or an import the host does not provide.
-    #[error("does not fit the iim:plugin@0.1.1 world: {0:#}")]
+    #[error("does not fit the iim:plugin@0.1.2 world: {0:#}")]
     Interface(wasmtime::Error),
     /// Instantiating or initialising it trapped, ran out of time or memory.
     #[error("init failed: {0}")]

@@ -95,15 +95,11 @@ static bool forward(iim_message_t *msg, iim_error_t *err) {
     uint32_t sent = 0;
     size_t addressed = recipients.len;
     if (recipients.len > 0) {
-        iim_user_list_t users;
+        /* The message being handled, unchanged (same id): the host passes it on. */
         iim_host_error_t host_error;
-        bool resolved = iim_plugin_iim_resolve(&recipients, &users, &host_error);
+        bool ok = iim_plugin_iim_pass_on(&recipients, &sent, &host_error);
         iim_user_ids_free(&recipients);
-        if (!resolved) return iim_from_host_error(err, "resolve", &host_error);
-        /* The message itself, unchanged (same id): send only reads it. */
-        bool ok = iim_plugin_iim_send(msg, &users, &sent, &host_error);
-        iim_user_list_free(&users);
-        if (!ok) return iim_from_host_error(err, "send", &host_error);
+        if (!ok) return iim_from_host_error(err, "pass-on", &host_error);
     }
 
     int shown = body->len > 64 ? 64 : (int)body->len;

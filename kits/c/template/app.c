@@ -24,16 +24,12 @@ static bool pass_on(iim_message_t *msg, iim_error_t *err) {
     }
     if (to.len == 0) return true;
 
-    iim_user_list_t users;
-    iim_host_error_t host_error;
-    bool resolved = iim_plugin_iim_resolve(&to, &users, &host_error);
-    iim_user_ids_free(&to);
-    if (!resolved) return iim_from_host_error(err, "resolve", &host_error);
-
+    /* The message being handled, unchanged (same id): the host passes it on. */
     uint32_t sent;
-    bool ok = iim_plugin_iim_send(msg, &users, &sent, &host_error);
-    iim_user_list_free(&users);
-    if (!ok) return iim_from_host_error(err, "send", &host_error);
+    iim_host_error_t host_error;
+    bool ok = iim_plugin_iim_pass_on(&to, &sent, &host_error);
+    iim_user_ids_free(&to);
+    if (!ok) return iim_from_host_error(err, "pass-on", &host_error);
     iim_log(IIM_DEBUG, "message %llu passed on to %u user(s)", (unsigned long long)msg->id, sent);
     return true;
 }

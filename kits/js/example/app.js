@@ -6,7 +6,7 @@
 // `./iim.js` is the kit's helper, kits/js/template/iim.js: build.sh builds this file in a
 // project made as `iim-host plugin new typing --lang js` makes one, where it is beside it.
 
-import { resolve, send, log } from 'iim:plugin/iim@0.1.1';
+import { passOn, log } from 'iim:plugin/iim@0.1.2';
 import {
   plugin,
   rejected,
@@ -69,17 +69,11 @@ function forward(msg) {
   const recipients = [...new Set(msg.to)].filter((user) => user !== msg.sender);
   let sent = 0;
   if (recipients.length > 0) {
-    let users;
     try {
-      users = resolve(recipients);
+      // The message being handled, unchanged (same id): the host passes it on.
+      sent = passOn(recipients);
     } catch (e) {
-      throw hostFailure('resolve', e);
-    }
-    try {
-      // The message itself: same record, same id.
-      sent = send(msg, users);
-    } catch (e) {
-      throw hostFailure('send', e);
+      throw hostFailure('pass-on', e);
     }
   }
   log(

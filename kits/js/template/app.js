@@ -3,7 +3,7 @@
 // It handles messages of the custom kind `{{name}}` and passes each one on, unchanged, to its
 // addressees other than the sender.
 
-import { resolve, send, log } from 'iim:plugin/iim@0.1.1';
+import { passOn, log } from 'iim:plugin/iim@0.1.2';
 import { plugin, rejected, failed, invalidConfig, hostError, describeHostError } from './iim.js';
 
 const KIND = '{{name}}';
@@ -30,8 +30,9 @@ export const handler = plugin({
     if (to.length === 0) return;
     let sent;
     try {
-      // The message itself, same id: the host passes it on rather than making a new one.
-      sent = send(msg, resolve(to));
+      // The message being handled, unchanged (same id): the host passes it on rather than
+      // making a new one, and neither it nor a user-list crosses back.
+      sent = passOn(to);
     } catch (e) {
       const err = hostError(e);
       if (err === undefined) throw e;

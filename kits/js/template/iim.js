@@ -9,7 +9,7 @@
 // instance and finally keeps it as a dead letter, with no reason. `plugin()` below turns such
 // an Error into `failed(its message)` instead.
 
-import { log } from 'iim:plugin/iim@0.1.1';
+import { log } from 'iim:plugin/iim@0.1.2';
 
 const PLUGIN_ERRORS = ['invalid-config', 'rejected', 'failed'];
 const HOST_ERRORS = [

@@ -67,14 +67,10 @@ def _forward(msg: Message) -> None:
     sent = 0
     if recipients:
         try:
-            users = iim.resolve(recipients)
+            # The message being handled, unchanged (same id): the host passes it on.
+            sent = iim.pass_on(recipients)
         except Err as e:
-            host_failure("resolve", e.value)
-        try:
-            # The message itself, unchanged: same record, same id.
-            sent = iim.send(msg, users)
-        except Err as e:
-            host_failure("send", e.value)
+            host_failure("pass-on", e.value)
 
     iim.log(
         LogLevel.DEBUG,

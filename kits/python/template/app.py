@@ -46,9 +46,9 @@ class Handler(Plugin):
         if not to:
             return
         try:
-            users = iim.resolve(to)
-            # The message itself, unchanged: same record, same id.
-            sent = iim.send(msg, users)
+            # The message being handled, unchanged (same id): the host passes it on, and
+            # neither it nor a user-list crosses back.
+            sent = iim.pass_on(to)
         except Err as e:
-            host_failure("resolve or send", e.value)
+            host_failure("pass-on", e.value)
         iim.log(LogLevel.DEBUG, f"message {msg.id} from {msg.sender} sent to {sent} user(s)")

@@ -7,7 +7,7 @@
 #
 # `app.ts` is the plugin: a module exporting `handler` ({init, handle}); it may import other
 # modules of this directory by relative path, written with .js ('./iim.js'). The steps:
-#   1. jco guest-types: the types of the WIT's interfaces ('iim:plugin/iim@0.1.1', ...) into
+#   1. jco guest-types: the types of the WIT's interfaces ('iim:plugin/iim@0.1.2', ...) into
 #      .types/ (tsconfig.json includes them);
 #   2. tsc -p tsconfig.json: type-checks and writes dist/*.js;
 #   3. componentize-js dist/app.js: the component.

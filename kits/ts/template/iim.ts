@@ -11,13 +11,13 @@
 //
 // The types of 'iim:plugin/*' come from the WIT: build.sh generates them into .types/.
 
-import { log } from 'iim:plugin/iim@0.1.1';
+import { log } from 'iim:plugin/iim@0.1.2';
 import type {
   Event,
   HostError,
   PluginError as PluginErrorValue,
   PluginInfo,
-} from 'iim:plugin/types@0.1.1';
+} from 'iim:plugin/types@0.1.2';
 
 const PLUGIN_ERRORS: readonly string[] = ['invalid-config', 'rejected', 'failed'];
 const HOST_ERRORS: readonly string[] = [

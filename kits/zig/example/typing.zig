@@ -102,10 +102,8 @@ fn forward(msg: *iim.Message) !void {
 
     var sent: u32 = 0;
     if (recipients.items.len > 0) {
-        var users = iim.resolve(recipients.items) catch |e| return iim.fromHostError("resolve", e);
-        defer users.deinit();
-        // The message itself, unchanged (same id): send only reads it.
-        sent = iim.send(msg, &users) catch |e| return iim.fromHostError("send", e);
+        // The message being handled, unchanged (same id): the host passes it on.
+        sent = iim.passOn(recipients.items) catch |e| return iim.fromHostError("pass-on", e);
     }
     iim.log(.debug, "typing '{s}' from {s}/{s} (message {d}) sent to {d} of {d} user(s)", .{
         body[0..@min(body.len, 64)], sender, iim.str(msg.sender_device), msg.id, sent, recipients.items.len,

@@ -41,8 +41,7 @@ fn passOn(msg: *iim.Message) !void {
     }
     if (to.items.len == 0) return;
 
-    var users = iim.resolve(to.items) catch |e| return iim.fromHostError("resolve", e);
-    defer users.deinit();
-    const sent = iim.send(msg, &users) catch |e| return iim.fromHostError("send", e);
+    // The message being handled, unchanged (same id): the host passes it on.
+    const sent = iim.passOn(to.items) catch |e| return iim.fromHostError("pass-on", e);
     iim.log(.debug, "message {d} passed on to {d} user(s)", .{ msg.id, sent });
 }

@@ -259,6 +259,20 @@ pub fn send(msg: *Message, list: *UserList) HostError!u32 {
     return sent;
 }
 
+/// Passes the message being handled on, unchanged (same id), to `names` (since 0.1.2):
+/// `send` of that message to `resolve(names)` in one call. Returns how many users it was sent
+/// to. `names` are only read.
+pub fn passOn(names: []const []const u8) (HostError || error{OutOfMemory})!u32 {
+    const list = try allocator.alloc(String, names.len);
+    defer allocator.free(list);
+    for (names, list) |name, *s| s.* = .{ .ptr = @constCast(name.ptr), .len = name.len };
+    var arg: c.iim_plugin_iim_list_user_id_t = .{ .ptr = list.ptr, .len = list.len };
+    var sent: u32 = 0;
+    var e: c.iim_plugin_types_host_error_t = undefined;
+    if (!c.iim_plugin_iim_pass_on(&arg, &sent, &e)) return keepHostError(e);
+    return sent;
+}
+
 /// Writes a line to the host's log under the plugin's name.
 pub fn log(level: LogLevel, comptime fmt: []const u8, args: anytype) void {
     const line = std.fmt.allocPrint(allocator, fmt, args) catch {

@@ -106,7 +106,8 @@ impl Plugin for Chat {
                     .partition(|user| *user == msg.sender || friends.contains(user))
             }
         };
-        host::send_to(&msg, &allowed).map_err(|e| match e {
+        // The message itself, unchanged: it does not cross back to the host.
+        host::pass_on(&allowed).map_err(|e| match e {
             // The host checks addressees when it accepts a message; one unknown here cannot
             // become known by retrying.
             HostError::UnknownUser(user) => {

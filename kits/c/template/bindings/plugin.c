@@ -3,47 +3,50 @@
 #include <stdlib.h>
 #include <string.h>
 
-// Imported Functions from `iim:plugin/iim@0.1.1`
+// Imported Functions from `iim:plugin/iim@0.1.2`
 
-__attribute__((__import_module__("iim:plugin/iim@0.1.1"), __import_name__("resolve")))
+__attribute__((__import_module__("iim:plugin/iim@0.1.2"), __import_name__("resolve")))
 extern void __wasm_import_iim_plugin_iim_resolve(uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("iim:plugin/iim@0.1.1"), __import_name__("send")))
+__attribute__((__import_module__("iim:plugin/iim@0.1.2"), __import_name__("send")))
 extern void __wasm_import_iim_plugin_iim_send(int64_t, int32_t, uint8_t *, size_t, uint8_t *, size_t, uint8_t *, size_t, uint8_t *, size_t, uint8_t *, size_t, int64_t, uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("iim:plugin/iim@0.1.1"), __import_name__("friends")))
+__attribute__((__import_module__("iim:plugin/iim@0.1.2"), __import_name__("pass-on")))
+extern void __wasm_import_iim_plugin_iim_pass_on(uint8_t *, size_t, uint8_t *);
+
+__attribute__((__import_module__("iim:plugin/iim@0.1.2"), __import_name__("friends")))
 extern void __wasm_import_iim_plugin_iim_friends(uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("iim:plugin/iim@0.1.1"), __import_name__("colleagues")))
+__attribute__((__import_module__("iim:plugin/iim@0.1.2"), __import_name__("colleagues")))
 extern void __wasm_import_iim_plugin_iim_colleagues(uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("iim:plugin/iim@0.1.1"), __import_name__("presence")))
+__attribute__((__import_module__("iim:plugin/iim@0.1.2"), __import_name__("presence")))
 extern void __wasm_import_iim_plugin_iim_presence(uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("iim:plugin/iim@0.1.1"), __import_name__("inbox-message")))
+__attribute__((__import_module__("iim:plugin/iim@0.1.2"), __import_name__("inbox-message")))
 extern void __wasm_import_iim_plugin_iim_inbox_message(uint8_t *, size_t, int64_t, uint8_t *);
 
-__attribute__((__import_module__("iim:plugin/iim@0.1.1"), __import_name__("kv-get")))
+__attribute__((__import_module__("iim:plugin/iim@0.1.2"), __import_name__("kv-get")))
 extern void __wasm_import_iim_plugin_iim_kv_get(uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("iim:plugin/iim@0.1.1"), __import_name__("kv-set")))
+__attribute__((__import_module__("iim:plugin/iim@0.1.2"), __import_name__("kv-set")))
 extern void __wasm_import_iim_plugin_iim_kv_set(uint8_t *, size_t, uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("iim:plugin/iim@0.1.1"), __import_name__("kv-delete")))
+__attribute__((__import_module__("iim:plugin/iim@0.1.2"), __import_name__("kv-delete")))
 extern void __wasm_import_iim_plugin_iim_kv_delete(uint8_t *, size_t, uint8_t *);
 
-__attribute__((__import_module__("iim:plugin/iim@0.1.1"), __import_name__("log")))
+__attribute__((__import_module__("iim:plugin/iim@0.1.2"), __import_name__("log")))
 extern void __wasm_import_iim_plugin_iim_log(int32_t, uint8_t *, size_t);
 
-__attribute__((__import_module__("iim:plugin/iim@0.1.1"), __import_name__("kv-keys")))
+__attribute__((__import_module__("iim:plugin/iim@0.1.2"), __import_name__("kv-keys")))
 extern void __wasm_import_iim_plugin_iim_kv_keys(uint8_t *, size_t, int32_t, uint8_t *, size_t, int32_t, uint8_t *);
 
-__attribute__((__import_module__("iim:plugin/iim@0.1.1"), __import_name__("subscribe-groups")))
+__attribute__((__import_module__("iim:plugin/iim@0.1.2"), __import_name__("subscribe-groups")))
 extern void __wasm_import_iim_plugin_iim_subscribe_groups(uint8_t *);
 
-// Exported Functions from `iim:plugin/handler@0.1.1`
+// Exported Functions from `iim:plugin/handler@0.1.2`
 
-__attribute__((__weak__, __export_name__("cabi_post_iim:plugin/handler@0.1.1#init")))
+__attribute__((__weak__, __export_name__("cabi_post_iim:plugin/handler@0.1.2#init")))
 void __wasm_export_exports_iim_plugin_handler_init_post_return(uint8_t * arg0) {
   switch ((int32_t) (int32_t) *((uint8_t*) (arg0 + 0))) {
     case 0: {
@@ -138,7 +141,7 @@ void __wasm_export_exports_iim_plugin_handler_init_post_return(uint8_t * arg0) {
   }
 }
 
-__attribute__((__weak__, __export_name__("cabi_post_iim:plugin/handler@0.1.1#handle")))
+__attribute__((__weak__, __export_name__("cabi_post_iim:plugin/handler@0.1.2#handle")))
 void __wasm_export_exports_iim_plugin_handler_handle_post_return(uint8_t * arg0) {
   switch ((int32_t) (int32_t) *((uint8_t*) (arg0 + 0))) {
     case 0: {
@@ -755,6 +758,70 @@ bool iim_plugin_iim_send(iim_plugin_iim_message_t *msg, iim_plugin_iim_user_list
       }
 
       result.val.err = variant5;
+      break;
+    }
+  }
+  if (!result.is_err) {
+    *ret = result.val.ok;
+    return 1;
+  } else {
+    *err = result.val.err;
+    return 0;
+  }
+}
+
+bool iim_plugin_iim_pass_on(iim_plugin_iim_list_user_id_t *users, uint32_t *ret, iim_plugin_iim_host_error_t *err) {
+  __attribute__((__aligned__(8)))
+  uint8_t ret_area[(16+2*sizeof(void*))];
+  uint8_t *ptr = (uint8_t *) &ret_area;
+  __wasm_import_iim_plugin_iim_pass_on((uint8_t *) (*users).ptr, (*users).len, ptr);
+  iim_plugin_iim_result_u32_host_error_t result;
+  switch ((int32_t) *((uint8_t*) (ptr + 0))) {
+    case 0: {
+      result.is_err = false;
+      result.val.ok = (uint32_t) (*((int32_t*) (ptr + 8)));
+      break;
+    }
+    case 1: {
+      result.is_err = true;
+      iim_plugin_types_host_error_t variant;
+      variant.tag = (int32_t) *((uint8_t*) (ptr + 8));
+      switch ((int32_t) variant.tag) {
+        case 0: {
+          variant.val.unknown_user = (plugin_string_t) { (uint8_t*)(*((uint8_t **) (ptr + 16))), (*((size_t*) (ptr + (16+1*sizeof(void*))))) };
+          break;
+        }
+        case 1: {
+          variant.val.unknown_server = (plugin_string_t) { (uint8_t*)(*((uint8_t **) (ptr + 16))), (*((size_t*) (ptr + (16+1*sizeof(void*))))) };
+          break;
+        }
+        case 2: {
+          variant.val.forged_sender = (plugin_string_t) { (uint8_t*)(*((uint8_t **) (ptr + 16))), (*((size_t*) (ptr + (16+1*sizeof(void*))))) };
+          break;
+        }
+        case 3: {
+          variant.val.unknown_message = (uint64_t) (*((int64_t*) (ptr + 16)));
+          break;
+        }
+        case 4: {
+          variant.val.invalid_argument = (plugin_string_t) { (uint8_t*)(*((uint8_t **) (ptr + 16))), (*((size_t*) (ptr + (16+1*sizeof(void*))))) };
+          break;
+        }
+        case 5: {
+          variant.val.permission_denied = (plugin_string_t) { (uint8_t*)(*((uint8_t **) (ptr + 16))), (*((size_t*) (ptr + (16+1*sizeof(void*))))) };
+          break;
+        }
+        case 6: {
+          variant.val.limit_exceeded = (plugin_string_t) { (uint8_t*)(*((uint8_t **) (ptr + 16))), (*((size_t*) (ptr + (16+1*sizeof(void*))))) };
+          break;
+        }
+        case 7: {
+          variant.val.unavailable = (plugin_string_t) { (uint8_t*)(*((uint8_t **) (ptr + 16))), (*((size_t*) (ptr + (16+1*sizeof(void*))))) };
+          break;
+        }
+      }
+
+      result.val.err = variant;
       break;
     }
   }
@@ -1410,7 +1477,7 @@ bool iim_plugin_iim_subscribe_groups(iim_plugin_iim_host_error_t *err) {
   }
 }
 
-__attribute__((__export_name__("iim:plugin/handler@0.1.1#init")))
+__attribute__((__export_name__("iim:plugin/handler@0.1.2#init")))
 uint8_t * __wasm_export_exports_iim_plugin_handler_init(uint8_t * arg, size_t arg0) {
   plugin_list_tuple2_string_string_t arg1 = (plugin_list_tuple2_string_string_t) { (plugin_tuple2_string_string_t*)(arg), (arg0) };
   exports_iim_plugin_handler_result_plugin_info_plugin_error_t ret;
@@ -1461,7 +1528,7 @@ uint8_t * __wasm_export_exports_iim_plugin_handler_init(uint8_t * arg, size_t ar
   return ptr;
 }
 
-__attribute__((__export_name__("iim:plugin/handler@0.1.1#handle")))
+__attribute__((__export_name__("iim:plugin/handler@0.1.2#handle")))
 uint8_t * __wasm_export_exports_iim_plugin_handler_handle(int32_t arg, int64_t arg0, size_t arg1, uint8_t * arg2, size_t arg3, uint8_t * arg4, size_t arg5, uint8_t * arg6, size_t arg7, uint8_t * arg8, size_t arg9, uint8_t * arg10, size_t arg11, int64_t arg12) {
   iim_plugin_types_event_t variant14;
   variant14.tag = arg;

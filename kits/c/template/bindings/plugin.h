@@ -394,7 +394,7 @@ typedef struct {
   } val;
 } exports_iim_plugin_handler_result_void_plugin_error_t;
 
-// Imported Functions from `iim:plugin/iim@0.1.1`
+// Imported Functions from `iim:plugin/iim@0.1.2`
 // Resolves users into a user-list: their servers and online devices. Duplicates are
 // resolved once.
 extern bool iim_plugin_iim_resolve(iim_plugin_iim_list_user_id_t *users, iim_plugin_iim_user_list_t *ret, iim_plugin_iim_host_error_t *err);
@@ -404,6 +404,14 @@ extern bool iim_plugin_iim_resolve(iim_plugin_iim_list_user_id_t *users, iim_plu
 // unchanged. `msg.sender` must be the acting user. Returns how many users it was sent to.
 // The message is sent when `handle` returns `ok`.
 extern bool iim_plugin_iim_send(iim_plugin_iim_message_t *msg, iim_plugin_iim_user_list_t *users, uint32_t *ret, iim_plugin_iim_host_error_t *err);
+// Since 0.1.2. Passes the message being handled on, unchanged (same id), to every user of
+// `users`: what `send` does with that message and `resolve(users)`, in one call and
+// without the message or a user-list crossing back to the host. Duplicates count once; an
+// unknown user is `unknown-user`; an event that is not a message is `invalid-argument`.
+// Counts as one `send` against the limit per event. Returns how many users it was sent
+// to (0 for an empty list, which sends nothing). The message is sent when `handle`
+// returns `ok`.
+extern bool iim_plugin_iim_pass_on(iim_plugin_iim_list_user_id_t *users, uint32_t *ret, iim_plugin_iim_host_error_t *err);
 // The acting user's friends.
 extern bool iim_plugin_iim_friends(iim_plugin_iim_user_id_t *user, iim_plugin_iim_list_user_id_t *ret, iim_plugin_iim_host_error_t *err);
 // The acting user's colleagues.
@@ -438,7 +446,7 @@ extern bool iim_plugin_iim_kv_keys(plugin_string_t *prefix, plugin_string_t *may
 // the call is `permission-denied`.
 extern bool iim_plugin_iim_subscribe_groups(iim_plugin_iim_host_error_t *err);
 
-// Exported Functions from `iim:plugin/handler@0.1.1`
+// Exported Functions from `iim:plugin/handler@0.1.2`
 bool exports_iim_plugin_handler_init(plugin_list_tuple2_string_string_t *config, exports_iim_plugin_handler_plugin_info_t *ret, exports_iim_plugin_handler_plugin_error_t *err);
 bool exports_iim_plugin_handler_handle(exports_iim_plugin_handler_event_t *event, exports_iim_plugin_handler_plugin_error_t *err);
 

@@ -89,9 +89,10 @@ impl Plugin for Typing {
                 to.push(user.clone());
             }
         }
-        host::send_to(&message, &to).map_err(|e| match e {
-            HostError::Unavailable(reason) => PluginError::Failed(format!("send: {reason}")),
-            other => PluginError::Rejected(format!("send: {other:?}")),
+        // The message being handled, unchanged (same id): the host passes it on.
+        host::pass_on(&to).map_err(|e| match e {
+            HostError::Unavailable(reason) => PluginError::Failed(format!("pass-on: {reason}")),
+            other => PluginError::Rejected(format!("pass-on: {other:?}")),
         })?;
         iim_plugin_sdk::debug!(
             "typing {} from {} to {} users",

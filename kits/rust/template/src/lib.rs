@@ -2,7 +2,7 @@
 //! addressees other than the sender.
 //!
 //! `iim_plugin_sdk` gives the WIT types (`Message`, `Event`, ...) and the host's functions
-//! (`host::resolve`, `host::send`, `host::kv_get`, ...). Return `Err(PluginError::Rejected(..))`
+//! (`host::pass_on`, `host::resolve`, `host::send`, `host::kv_get`, ...). Return `Err(PluginError::Rejected(..))`
 //! to refuse an event for good, `Err(PluginError::Failed(..))` to have it tried again. A panic
 //! traps the instance: the host counts it as a failed attempt, so return errors instead.
 
@@ -37,7 +37,8 @@ impl Plugin for Relay {
                 to.push(user.clone());
             }
         }
-        host::send_to(&message, &to).map_err(|e| match e {
+        // The message being handled, unchanged (same id): the host passes it on.
+        host::pass_on(&to).map_err(|e| match e {
             // The host could not do it now: try the event again.
             HostError::Unavailable(reason) => PluginError::Failed(reason),
             other => PluginError::Rejected(format!("{other:?}")),

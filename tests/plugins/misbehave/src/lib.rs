@@ -133,6 +133,12 @@ impl Plugin for Misbehave {
                 };
                 report(&message, &format!("badlist: {first:?} / {second:?}"))
             }
+            b"pass-on" => {
+                let addressee = message.to.first().cloned().unwrap_or_default();
+                let unknown = host::pass_on(&[addressee.clone(), "nobody-here".into()]);
+                let twice = host::pass_on(&[addressee.clone(), addressee]);
+                report(&message, &format!("pass-on: {unknown:?} / {twice:?}"))
+            }
             body if body.starts_with(b"stderr ") || body.starts_with(b"stdout ") => {
                 let (stream, text) = body.split_at(b"stderr ".len());
                 let text = String::from_utf8_lossy(text);
