@@ -1048,7 +1048,10 @@ mod tests {
                 Err(HostError::UnknownUser(user)) if user == "mallory"
             ));
             assert_eq!(host::pass_on(&[]), Ok(0));
-            assert_eq!(host::pass_on(&["bob".into(), "carol".into(), "bob".into()]), Ok(2));
+            assert_eq!(
+                host::pass_on(&["bob".into(), "carol".into(), "bob".into()]),
+                Ok(2)
+            );
             Ok(())
         });
         fake.handle(&probe, event).expect("handled");

@@ -890,7 +890,12 @@ mod tests {
             state.pass_on(users(&["Bob"])).expect("no trap"),
             Err(HostError::InvalidArgument(_))
         ));
-        assert!(matches!(state.pass_on(users(&["bob", "carol", "bob"])).expect("no trap"), Ok(2)));
+        assert!(matches!(
+            state
+                .pass_on(users(&["bob", "carol", "bob"]))
+                .expect("no trap"),
+            Ok(2)
+        ));
         let effects = state.end().expect("a call").effects;
         let [send] = effects.sends.as_slice() else {
             panic!("one send, the refused calls none: {:?}", effects.sends);
@@ -901,7 +906,10 @@ mod tests {
         // One send each against the limit per event.
         state.begin(call(Some(handled)));
         for _ in 0..MAX_SENDS_PER_CALL {
-            assert!(matches!(state.pass_on(users(&["bob"])).expect("no trap"), Ok(1)));
+            assert!(matches!(
+                state.pass_on(users(&["bob"])).expect("no trap"),
+                Ok(1)
+            ));
         }
         assert!(matches!(
             state.pass_on(users(&["bob"])).expect("no trap"),
