@@ -14,7 +14,7 @@
 //! outbox and the store; the link decides what to send, what to take and when to acknowledge.
 
 /// Envelopes sent ahead of the other side's acknowledgement, at most.
-pub const RELAY_WINDOW: u64 = 256;
+pub const RELAY_WINDOW: u64 = 1024;
 
 /// An acknowledgement that cannot be right: the link must end.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -95,6 +95,11 @@ pub(super) enum Head {
     RelayedIn { seq: u64 },
     /// The dedup records of `user`'s devices go (the account was deleted).
     ForgetDedup { user: UserId },
+    /// An envelope in the relay outbox, numbered `seq` (blob: the sealed envelope), or a
+    /// snapshot's copy of one.
+    RelayOut { seq: u64 },
+    /// The exchange has every relay outbox envelope up to `seq`: they leave the outbox.
+    RelayAcked { seq: u64 },
 }
 
 /// An accepted message waiting for dispatch.
@@ -168,6 +173,12 @@ pub(super) struct State {
     /// (expires at, user, seq) → message id.
     pub(super) expiries: BTreeMap<(u64, UserId, u64), u64>,
     pub(super) relayed_in: u64,
+    /// The relay outbox: where each envelope waiting for the exchange is, by number.
+    pub(super) relay_out: BTreeMap<u64, Loc>,
+    /// The highest relay outbox number the exchange acknowledged.
+    pub(super) relay_acked: u64,
+    /// The highest relay outbox number used (never handed out again).
+    pub(super) relay_high: u64,
     /// Entries that still hold their message.
     pub(super) whole: i64,
     /// Dedup records not yet written to sled, by chunk.
@@ -325,6 +336,21 @@ impl State {
                 self.drop_if_empty(user);
             }
             Head::RelayedIn { seq } => self.relayed_in = *seq,
+            Head::RelayOut { seq } => {
+                if let Some(old) = self.relay_out.insert(*seq, loc) {
+                    self.live -= u64::from(old.len);
+                }
+                self.live += u64::from(loc.len);
+                self.relay_high = self.relay_high.max(*seq);
+            }
+            Head::RelayAcked { seq } => {
+                let waiting = self.relay_out.split_off(&(seq.saturating_add(1)));
+                for (_, gone) in std::mem::replace(&mut self.relay_out, waiting) {
+                    self.live -= u64::from(gone.len);
+                }
+                self.relay_acked = self.relay_acked.max(*seq);
+                self.relay_high = self.relay_high.max(*seq);
+            }
             Head::ForgetDedup { user } => {
                 let prefix = keys::dedup_chunk_prefix(user);
                 self.unsaved.forget(&prefix);
@@ -354,6 +380,9 @@ impl State {
         );
         heads.push(Head::RelayedIn {
             seq: self.relayed_in,
+        });
+        heads.push(Head::RelayAcked {
+            seq: self.relay_acked,
         });
         for (user, inbox) in &self.users {
             heads.push(Head::Marks {
@@ -531,6 +560,14 @@ impl Journal {
             ids.sort();
             out.push(format!("  ids {ids:?}"));
         }
+        for (seq, loc) in &state.relay_out {
+            let plain = read("network", keys::net_outbox(*seq), *loc);
+            out.push(format!("relay out {seq} {plain:?}"));
+        }
+        out.push(format!(
+            "relay acked {} high {}",
+            state.relay_acked, state.relay_high
+        ));
         out.push(format!("expiries {:?}", state.expiries));
         out.push(format!(
             "relayed {} whole {}",
@@ -603,6 +640,14 @@ pub(super) fn seal_log(from: &Path, to: &Path, sealer: &Sealer) -> Result<u64, S
             new.log(entry.head(user, *seq), &sealed_entry);
             sealed += 1;
         }
+    }
+    for (seq, loc) in &state.relay_out {
+        let plain = old.locate(*loc)?.read()?;
+        new.log(
+            Head::RelayOut { seq: *seq },
+            &sealer.seal("network", &keys::net_outbox(*seq), plain),
+        );
+        sealed += 1;
     }
     // Every time to live is carried over, run out or not, as the records were.
     for head in state.bodiless(0) {
@@ -944,6 +989,45 @@ impl Journal {
                 .filter(|(_, p)| p.loc.segment < base)
                 .map(|(id, _)| *id)
                 .collect();
+        }
+        // The relay outbox's envelopes still in an older segment, a batch at a time (one the
+        // exchange acknowledged meanwhile is not copied).
+        loop {
+            let found: Vec<(u64, Loc, Located)> = {
+                let inner = self.lock();
+                let mut found = Vec::new();
+                for (seq, loc) in &inner.state.relay_out {
+                    if loc.segment < base {
+                        found.push((*seq, *loc, inner.tail.locate(*loc)?));
+                    }
+                    if found.len() == 256 {
+                        break;
+                    }
+                }
+                found
+            };
+            if found.is_empty() {
+                break;
+            }
+            let mut copies = Vec::new();
+            for (seq, loc, located) in found {
+                let mut blob = located.read()?;
+                if stale(&blob) {
+                    let key = keys::net_outbox(seq);
+                    let plain = self.sealer.open("network", &key, &blob)?.into_owned();
+                    blob = self.sealer.seal("network", &key, plain);
+                    resealed += 1;
+                }
+                copies.push((seq, loc, blob));
+            }
+            let mut inner = self.lock();
+            for (seq, loc, blob) in copies {
+                if inner.state.relay_out.get(&seq) == Some(&loc) {
+                    inner.log(Head::RelayOut { seq }, &blob);
+                }
+            }
+            drop(inner);
+            progress(resealed);
         }
         for user in &users {
             loop {

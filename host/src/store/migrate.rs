@@ -1,6 +1,7 @@
 //! Moving a store of an earlier format into the current one: the message path's records, kept
 //! in sled up to format 2, go into the message log (format 3); the dedup records, one sled
-//! record each up to format 3, go into chunks of up to 256 (format 4).
+//! record each up to format 3, go into chunks of up to 256 (format 4); the relay outbox, in
+//! sled up to format 4, goes into the message log (format 5).
 //!
 //! The move writes every record as a snapshot in the log and commits it, then records format
 //! 3 in sled and flushes, then clears the old records. A crash before the format is durable
@@ -198,7 +199,7 @@ pub(super) fn dedup_into_chunks(
     format: u64,
 ) -> Result<(), StoreError> {
     let messages = db.open_tree("messages")?;
-    if format < super::FORMAT {
+    if format < super::CHUNK_FORMAT {
         let mut moved = 0u64;
         let mut held = super::dedup::Held::default();
         let mut move_held = |held: &mut super::dedup::Held| {
@@ -237,6 +238,45 @@ pub(super) fn dedup_into_chunks(
     if removed > 0 {
         journal.commit()?;
     }
+    Ok(())
+}
+
+/// Moves the relay outbox kept in sled (formats up to 4: its envelopes and the number the
+/// exchange acknowledged, in the `network` tree) into the message log, then removes it from
+/// sled. Runs whenever sled still holds any of it: the log's records set what they name
+/// outright, so a move a crash cut off is simply made again. The sealed envelopes are copied
+/// as they are (sealed for the same tree and key).
+pub(super) fn outbox_into_log(db: &sled::Db, journal: &Journal) -> Result<(), StoreError> {
+    let network = db.open_tree("network")?;
+    let acked = super::get_u64(&network, "network", keys::NET_OUTBOX_ACKED)?;
+    let mut entries = Vec::new();
+    for entry in network.scan_prefix(keys::NET_OUTBOX_PREFIX) {
+        let (key, sealed) = entry?;
+        let seq = keys::outbox_seq(&key).ok_or_else(|| corrupt("a relay outbox key"))?;
+        entries.push((key, seq, sealed));
+    }
+    if acked.is_none() && entries.is_empty() {
+        return Ok(());
+    }
+    {
+        let mut inner = journal.lock();
+        if let Some(seq) = acked {
+            inner.log(Head::RelayAcked { seq }, &[]);
+        }
+        for (_, seq, sealed) in &entries {
+            inner.log(Head::RelayOut { seq: *seq }, sealed);
+        }
+    }
+    journal.commit()?;
+    for (key, _, _) in &entries {
+        network.remove(key)?;
+    }
+    network.remove(keys::NET_OUTBOX_ACKED)?;
+    journal.commit()?;
+    tracing::info!(
+        envelopes = entries.len(),
+        "moved the relay outbox into the message log"
+    );
     Ok(())
 }
 

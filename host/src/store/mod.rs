@@ -230,8 +230,11 @@ impl Ids {
 
 /// The format of the records this version writes: 2 since inboxes are pruned, 3 since the
 /// message path's records are in the message log ([`LOG_FORMAT`]), 4 since dedup records are
-/// kept in chunks.
-const FORMAT: u64 = 4;
+/// kept in chunks ([`CHUNK_FORMAT`]), 5 since the relay outbox is in the message log.
+const FORMAT: u64 = 5;
+
+/// The first format whose dedup records are kept in chunks.
+const CHUNK_FORMAT: u64 = 4;
 
 /// The first format whose message path's records are in the message log.
 const LOG_FORMAT: u64 = 3;
@@ -426,7 +429,13 @@ impl Store {
         if format < LOG_FORMAT {
             migrate::into_log(&db, &journal, &sealer, format)?;
         }
+        // Before the format is marked: it runs whenever sled still holds an outbox.
+        migrate::outbox_into_log(&db, &journal)?;
         migrate::dedup_into_chunks(&db, &journal, format)?;
+        if get_u64(&db, "default", keys::FORMAT)?.unwrap_or(1) < FORMAT {
+            db.insert(keys::FORMAT, &FORMAT.to_be_bytes())?;
+            journal.commit()?;
+        }
         let compactor = start_compactor(&journal)?;
         let committer = std::sync::Arc::clone(&journal);
         let flusher = start_flusher("iim-store-commit", Some(COMMIT_TICK), move || {
@@ -1031,7 +1040,7 @@ pub(crate) mod tests {
             assert_eq!(store.network.relayed_in().expect("read"), 33);
             assert_eq!(store.cursors.of_user(&bob).expect("read"), [4]);
         };
-        let store = Store::open(&path).expect("open");
+        let store = reopen(&path, Store::open);
         check(&store);
         assert_eq!(
             store.db.open_tree("inbox").expect("tree").len(),
@@ -1107,7 +1116,7 @@ pub(crate) mod tests {
             // 3 chunks of the phone's first 600, 1 for u64::MAX, 1 of the tablet.
             assert_eq!(legacy.scan_prefix(keys::DEDUP_CHUNK_PREFIX).count(), 5);
         };
-        let store = Store::open(&path).expect("open");
+        let store = reopen(&path, Store::open);
         check(&store, 0);
         assert_eq!(
             get_u64(&store.db, "default", keys::FORMAT).expect("read"),
@@ -1153,7 +1162,7 @@ pub(crate) mod tests {
                 &1u64.to_be_bytes(),
             );
         });
-        let store = Store::open(&path).expect("open");
+        let store = reopen(&path, Store::open);
         assert_eq!(
             store.inbox.prune(&bob).expect("prune"),
             0,
@@ -1182,7 +1191,7 @@ pub(crate) mod tests {
             );
             put(db, "inbox", keys::inbox_id(&bob, 12), &3u64.to_be_bytes());
         });
-        let store = Store::open(&path).expect("open");
+        let store = reopen(&path, Store::open);
         assert_eq!(
             store.inbox.message(&bob, MessageId(10)).expect("read"),
             None
@@ -1209,6 +1218,70 @@ pub(crate) mod tests {
                 .expect("append")
         );
         assert_eq!(positions(&store, "bob"), [4, 5]);
+    }
+
+    #[test]
+    fn a_relay_outbox_of_format_4_moves_into_the_log_and_numbering_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("store");
+        let envelope = |id: u64| iim_proto::peer::Envelope {
+            message: message(id),
+            expires_at: None,
+            rows: vec![iim_proto::peer::RelayRow {
+                server: "h2".into(),
+                users: vec![UserId::new("bob").expect("valid").into()],
+            }],
+        };
+        // Acknowledged up to 3; 4 and 5 wait.
+        earlier_store(&path, 4, |db| {
+            put(
+                db,
+                "network",
+                keys::NET_OUTBOX_ACKED.to_vec(),
+                &3u64.to_be_bytes(),
+            );
+            for seq in [4, 5] {
+                put(
+                    db,
+                    "network",
+                    keys::net_outbox(seq),
+                    &encode(&envelope(seq)),
+                );
+            }
+        });
+        let check = |store: &Store, waiting: &[u64]| {
+            let read = store.network.relay_outbox(0, 10).expect("read");
+            let seqs: Vec<u64> = read.iter().map(|(seq, _)| *seq).collect();
+            assert_eq!(seqs, waiting);
+            for (seq, e) in read {
+                assert_eq!(e, envelope(seq), "the envelope as it was");
+            }
+            assert_eq!(store.network.relay_waiting(), waiting.len());
+        };
+        let store = reopen(&path, Store::open);
+        check(&store, &[4, 5]);
+        let network = store.db.open_tree("network").expect("tree");
+        assert_eq!(
+            network.scan_prefix(keys::NET_OUTBOX_PREFIX).count(),
+            0,
+            "gone from sled"
+        );
+        assert!(network.get(keys::NET_OUTBOX_ACKED).expect("read").is_none());
+        assert_eq!(
+            get_u64(&store.db, "default", keys::FORMAT).expect("read"),
+            Some(FORMAT)
+        );
+        assert_eq!(store.network.relay_push(&envelope(6)).expect("push"), 6);
+        store.network.relay_acked(4).expect("ack");
+        drop((network, store));
+        let store = reopen(&path, Store::open);
+        check(&store, &[5, 6]);
+        // Everything acknowledged: numbering goes on after it, across a restart.
+        store.network.relay_acked(6).expect("ack");
+        drop(store);
+        let store = reopen(&path, Store::open);
+        check(&store, &[]);
+        assert_eq!(store.network.relay_push(&envelope(7)).expect("push"), 7);
     }
 
     #[test]
@@ -1271,6 +1344,25 @@ pub(crate) mod tests {
                         store.cursors.forget_user(user).expect("forget");
                         store.inbox.forget_user(user).expect("forget");
                     }
+                    // The relay outbox: an envelope for another host every other message,
+                    // acknowledged some way behind.
+                    if i % 2 == 0 {
+                        let envelope = iim_proto::peer::Envelope {
+                            message: marked(i),
+                            expires_at: Some(i),
+                            rows: vec![iim_proto::peer::RelayRow {
+                                server: "h2".into(),
+                                users: vec![user.clone().into()],
+                            }],
+                        };
+                        let seq = store.network.relay_push(&envelope).expect("push");
+                        if i % 22 == 0 {
+                            store
+                                .network
+                                .relay_acked(seq.saturating_sub(7))
+                                .expect("ack");
+                        }
+                    }
                     if i % 97 == 0 {
                         store.journal.commit().expect("commit");
                     }
@@ -1290,6 +1382,10 @@ pub(crate) mod tests {
         );
         let before = store.journal.fingerprint();
         assert!(before.len() > 1000, "{} lines", before.len());
+        assert!(
+            before.iter().filter(|l| l.starts_with("relay out")).count() > 5,
+            "envelopes wait in the relay outbox"
+        );
         drop(store);
         let store = reopen(&path, |p| Store::open_with(p, sealer.clone()));
         let after = store.journal.fingerprint();

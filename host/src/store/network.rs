@@ -1,12 +1,12 @@
 //! A host's durable view of its network: its number, the registry and directory it caches,
-//! its relay outbox, and the names of deleted accounts it has yet to release at the exchange
-//! (the `network` tree).
+//! and the names of deleted accounts it has yet to release at the exchange (the `network`
+//! tree); and its relay outbox and relay position, in the message log.
 
 use super::hot::{Head, Journal};
 use super::{Sealer, StoreError, decode, encode, get_u64, keys};
 use iim_proto::peer::{Envelope, ServerInfo};
 use iim_proto::{Address, UserId};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// What this host knows of its network, durably, and its relay outbox.
 #[derive(Clone)]
@@ -14,10 +14,7 @@ pub struct NetworkStore {
     tree: sled::Tree,
     /// The relay outbox's envelopes (they hold messages) and the host's credential are sealed.
     sealer: Sealer,
-    /// The last number of the relay outbox, held while an envelope is numbered and written so
-    /// that the outbox is written in number order.
-    outbox_head: Arc<Mutex<Option<u64>>>,
-    /// Where the relay position is.
+    /// Where the relay outbox and the relay position are.
     journal: Arc<Journal>,
 }
 
@@ -30,7 +27,6 @@ impl NetworkStore {
         Ok(Self {
             tree: db.open_tree("network")?,
             sealer: sealer.clone(),
-            outbox_head: Arc::default(),
             journal: Arc::clone(journal),
         })
     }
@@ -127,29 +123,15 @@ impl NetworkStore {
     }
 
     /// Puts an envelope (`905`) in the relay outbox, numbered one past the last; returns its
-    /// number. Durable after the next flush.
+    /// number. Durable after the next flush. The outbox is in the message log: numbered and
+    /// appended under its lock, so that it is written in number order.
     pub fn relay_push(&self, envelope: &Envelope) -> Result<u64, StoreError> {
-        let mut head = self.outbox_head.lock().unwrap_or_else(|p| p.into_inner());
-        let last = match *head {
-            Some(last) => last,
-            None => self.relay_last()?,
-        };
-        let seq = last + 1;
-        let key = keys::net_outbox(seq);
-        let sealed = self.sealer.seal("network", &key, encode(envelope));
-        self.tree.insert(key, sealed)?;
-        *head = Some(seq);
+        let plain = encode(envelope);
+        let mut inner = self.journal.lock();
+        let seq = inner.state.relay_high + 1;
+        let sealed = self.sealer.seal("network", &keys::net_outbox(seq), plain);
+        inner.log(Head::RelayOut { seq }, &sealed);
         Ok(seq)
-    }
-
-    /// The highest number the outbox used: its last entry, or what the exchange acknowledged.
-    fn relay_last(&self) -> Result<u64, StoreError> {
-        let last = match self.tree.scan_prefix(keys::NET_OUTBOX_PREFIX).next_back() {
-            Some(entry) => keys::outbox_seq(&entry?.0).unwrap_or(0),
-            None => 0,
-        };
-        let acked = get_u64(&self.tree, "network", keys::NET_OUTBOX_ACKED)?.unwrap_or(0);
-        Ok(last.max(acked))
     }
 
     /// Up to `limit` outbox entries after number `after`, in order.
@@ -158,30 +140,32 @@ impl NetworkStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Envelope)>, StoreError> {
-        let start = keys::net_outbox(after.saturating_add(1));
-        let mut out = Vec::new();
-        for entry in self.tree.range(start..).take(limit) {
-            let (key, value) = entry?;
-            if !key.starts_with(keys::NET_OUTBOX_PREFIX) {
-                break;
-            }
-            let seq = keys::outbox_seq(&key).ok_or_else(|| StoreError::Corrupt {
-                tree: "network",
-                reason: "outbox key without a number".into(),
-            })?;
-            let envelope = self.sealer.open("network", &key, &value)?;
-            out.push((seq, decode("network", &envelope)?));
-        }
-        Ok(out)
+        let found = {
+            let inner = self.journal.lock();
+            inner
+                .state
+                .relay_out
+                .range(after.saturating_add(1)..)
+                .take(limit)
+                .map(|(seq, loc)| Ok((*seq, inner.tail.locate(*loc)?)))
+                .collect::<Result<Vec<_>, StoreError>>()?
+        };
+        found
+            .into_iter()
+            .map(|(seq, located)| {
+                let key = keys::net_outbox(seq);
+                let stored = located.read()?;
+                let envelope = self.sealer.open("network", &key, &stored)?;
+                Ok((seq, decode("network", &envelope)?))
+            })
+            .collect()
     }
 
-    /// The exchange has every outbox entry up to `seq`: they leave the outbox.
+    /// The exchange has every outbox entry up to `seq`: they leave the outbox. Durable after
+    /// the next flush (until then a restart sends them again, and the exchange drops repeats).
     pub fn relay_acked(&self, seq: u64) -> Result<(), StoreError> {
-        let mut head = self.outbox_head.lock().unwrap_or_else(|p| p.into_inner());
-        let last = match *head {
-            Some(last) => last,
-            None => self.relay_last()?,
-        };
+        let mut inner = self.journal.lock();
+        let last = inner.state.relay_high;
         if seq > last {
             // The exchange has numbers this host never made durably (its store was lost or
             // rolled back): numbering goes on above them, or the exchange would take new
@@ -192,25 +176,15 @@ impl NetworkStore {
                 "the exchange acknowledged relay envelopes this host has no record of"
             );
         }
-        // Remembered first, so that numbers are not used again once the outbox is empty.
-        let acked = get_u64(&self.tree, "network", keys::NET_OUTBOX_ACKED)?.unwrap_or(0);
-        if seq > acked {
-            self.tree
-                .insert(keys::NET_OUTBOX_ACKED, &seq.to_be_bytes())?;
-        }
-        *head = Some(last.max(seq));
-        drop(head);
-        let end = keys::net_outbox(seq.saturating_add(1));
-        for entry in self.tree.range(keys::net_outbox(0)..end) {
-            let (key, _) = entry?;
-            self.tree.remove(key)?;
+        if seq > inner.state.relay_acked || seq > last {
+            inner.log(Head::RelayAcked { seq }, &[]);
         }
         Ok(())
     }
 
     /// How many envelopes wait in the relay outbox.
     pub fn relay_waiting(&self) -> usize {
-        self.tree.scan_prefix(keys::NET_OUTBOX_PREFIX).count()
+        self.journal.lock().state.relay_out.len()
     }
 
     /// The highest `906` number this host made durable.
