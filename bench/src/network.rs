@@ -7,7 +7,10 @@
 //!   network, with fresh users each time: first every user at `h1` (same host), then the
 //!   senders at `h1` and the receivers spread over `h2` and `h3` (cross host: each message
 //!   goes `h1` → exchange → its host, one envelope a hop, each made durable and acknowledged).
-//!   The ratio cross/same compares their throughput.
+//!   The ratio cross/same compares their throughput. Each run also says how much CPU every
+//!   process of the network (and this one, the clients) used per delivered message, read from
+//!   `/proc` before and after it: on one machine the processes share its cores, so the
+//!   cross-host rate is bounded by the sum.
 //! - *Presence fan-out.* On a second network, with the default plugins (presence is one):
 //!   `star` at `h1` has F contacts spread evenly over the three hosts, all online. Measured
 //!   from `star`'s login request: the first and the last contact to get `star`'s presence
@@ -56,8 +59,48 @@ pub struct Figures {
     pub cross_host: Summary,
     /// Cross-host over same-host throughput.
     pub ratio: f64,
+    /// CPU per delivered message of the same-host run, by process.
+    pub same_host_cpu: CpuPerMessage,
+    /// CPU per delivered message of the cross-host run, by process.
+    pub cross_host_cpu: CpuPerMessage,
     /// The presence fan-out.
     pub presence: FanOut,
+}
+
+/// CPU time per delivered message of one chat run, µs, by process.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct CpuPerMessage {
+    /// Hosts `h1`, `h2`, `h3`.
+    pub hosts: [f64; 3],
+    /// The exchange.
+    pub exchange: f64,
+    /// This process: the clients.
+    pub clients: f64,
+}
+
+impl CpuPerMessage {
+    /// Every process together.
+    pub fn total(&self) -> f64 {
+        self.hosts.iter().sum::<f64>() + self.exchange + self.clients
+    }
+}
+
+/// CPU seconds each process of a network has used so far: `h1`, `h2`, `h3`, the exchange,
+/// this process.
+fn cpu_now(net: &Net) -> anyhow::Result<[f64; 5]> {
+    let of = |host: &HostProcess| -> anyhow::Result<f64> {
+        let pid = host
+            .pid()
+            .context("a process of the network is not running")?;
+        crate::process::cpu_secs(&pid.to_string())
+    };
+    Ok([
+        of(net.host(0))?,
+        of(net.host(1))?,
+        of(net.host(2))?,
+        of(&net.exchange)?,
+        crate::process::cpu_secs("self")?,
+    ])
 }
 
 /// The figures of the presence fan-out.
@@ -85,7 +128,7 @@ pub struct FanOut {
 
 /// Runs both measurements, one network after the other.
 pub async fn run(load: Load, friends: u32) -> anyhow::Result<Figures> {
-    let (same_host, cross_host) = chat(load).await?;
+    let ((same_host, same_host_cpu), (cross_host, cross_host_cpu)) = chat(load).await?;
     let presence = fan_out(friends).await?;
     Ok(Figures {
         pairs: load.pairs,
@@ -95,6 +138,8 @@ pub async fn run(load: Load, friends: u32) -> anyhow::Result<Figures> {
         same_host,
         cross_host,
         ratio: cross_host.msgs_per_s / same_host.msgs_per_s,
+        same_host_cpu,
+        cross_host_cpu,
         presence,
     })
 }
@@ -111,6 +156,22 @@ pub fn print(f: &Figures) {
     println!("chat: {}; senders at h1", load.describe());
     stats::print_runs(&[("same-host", &f.same_host), ("cross-host", &f.cross_host)]);
     println!("ratio cross/same (msgs/s): {:.4}", f.ratio);
+    println!("CPU per delivered message, µs, by process (this machine's cores are shared by all):");
+    println!("run              h1       h2       h3  exchange  clients    total");
+    for (name, cpu) in [
+        ("same-host", &f.same_host_cpu),
+        ("cross-host", &f.cross_host_cpu),
+    ] {
+        println!(
+            "{name:<10} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8.1} {:>8.1}",
+            cpu.hosts[0],
+            cpu.hosts[1],
+            cpu.hosts[2],
+            cpu.exchange,
+            cpu.clients,
+            cpu.total()
+        );
+    }
     let p = &f.presence;
     let per_host: Vec<String> = HOSTS
         .iter()
@@ -254,7 +315,7 @@ where
 }
 
 /// The chat load within `h1`, then from `h1` to `h2` and `h3`, against one network.
-async fn chat(load: Load) -> anyhow::Result<(Summary, Summary)> {
+async fn chat(load: Load) -> anyhow::Result<((Summary, CpuPerMessage), (Summary, CpuPerMessage))> {
     let net = Net::start(iim_run::HOST_CONFIG, Some(&["chat"])).await?;
     let runs = async {
         let clock = Clock::new();
@@ -266,7 +327,7 @@ async fn chat(load: Load) -> anyhow::Result<(Summary, Summary)> {
             probe: None,
         };
         let same = chat_run(&net, same, load, clock).await?;
-        eprintln!("same-host: done in {:.2} s", same.secs);
+        eprintln!("same-host: done in {:.2} s", same.0.secs);
         let cross = Placement {
             name: "cross-host",
             senders: h1,
@@ -274,7 +335,7 @@ async fn chat(load: Load) -> anyhow::Result<(Summary, Summary)> {
             probe: None,
         };
         let cross = chat_run(&net, cross, load, clock).await?;
-        eprintln!("cross-host: done in {:.2} s", cross.secs);
+        eprintln!("cross-host: done in {:.2} s", cross.0.secs);
         Ok((same, cross))
     };
     net.on_failure(runs.await)
@@ -286,7 +347,7 @@ async fn chat_run(
     place: Placement<'_>,
     load: Load,
     clock: Clock,
-) -> anyhow::Result<Summary> {
+) -> anyhow::Result<(Summary, CpuPerMessage)> {
     let h1 = net.host(0);
     let known = h1.network_stat("directory_users").await?;
     let pairs = iim_run::register(place, load).await?;
@@ -298,7 +359,16 @@ async fn chat_run(
         Ok((n >= all, format!("directory_users {n} of {all}")))
     })
     .await?;
-    iim_run::measure(place, &pairs, load, clock, iim_run::Sealing::Clear).await
+    let before = cpu_now(net)?;
+    let summary = iim_run::measure(place, &pairs, load, clock, iim_run::Sealing::Clear).await?;
+    let after = cpu_now(net)?;
+    let per = |i: usize| (after[i] - before[i]) * 1e6 / summary.delivered.max(1) as f64;
+    let cpu = CpuPerMessage {
+        hosts: [per(0), per(1), per(2)],
+        exchange: per(3),
+        clients: per(4),
+    };
+    Ok((summary, cpu))
 }
 
 /// The presence fan-out, on a network of its own with the default plugins.
