@@ -252,20 +252,14 @@ impl PluginState {
         if users.is_empty() {
             return Ok(0);
         }
-        if call.effects.sends.len() >= MAX_SENDS_PER_CALL {
-            return Err(HostError::LimitExceeded(format!(
-                "at most {MAX_SENDS_PER_CALL} sends per event"
-            )));
-        }
+        check_sends_left(call)?;
         let mut recipients = Vec::with_capacity(users.len());
         let mut seen = HashSet::with_capacity(users.len());
         for user in users {
-            if seen.contains(&user) {
-                continue;
+            if seen.insert(user.clone()) {
+                self.check_exists(&user)?;
+                recipients.push(user);
             }
-            self.check_exists(&user)?;
-            seen.insert(user.clone());
-            recipients.push(user);
         }
         let count = recipients.len() as u32;
         self.call("pass-on")?.effects.sends.push(PendingSend {
@@ -316,11 +310,7 @@ pub fn check_send_arguments(
     if msg.sender != call.user.as_str() {
         return Err(HostError::ForgedSender(msg.sender));
     }
-    if call.effects.sends.len() >= MAX_SENDS_PER_CALL {
-        return Err(HostError::LimitExceeded(format!(
-            "at most {MAX_SENDS_PER_CALL} sends per event"
-        )));
-    }
+    check_sends_left(call)?;
     let message = match (&call.message, msg.id) {
         (_, 0) => {
             let kind = convert::kind_from_wit(msg.kind)?;
@@ -424,6 +414,16 @@ pub fn check_send_arguments(
         }
     }
     Ok(PendingSend { message, users })
+}
+
+/// `limit-exceeded` once `call` has made the most sends an event may.
+fn check_sends_left(call: &Call) -> Result<(), HostError> {
+    if call.effects.sends.len() >= MAX_SENDS_PER_CALL {
+        return Err(HostError::LimitExceeded(format!(
+            "at most {MAX_SENDS_PER_CALL} sends per event"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a list of user names (of `resolve` and `presence`): at most `max`, each valid.

@@ -177,8 +177,6 @@ pub(super) struct State {
     pub(super) relay_out: BTreeMap<u64, Loc>,
     /// The highest relay outbox number the exchange acknowledged.
     pub(super) relay_acked: u64,
-    /// The highest relay outbox number used (never handed out again).
-    pub(super) relay_high: u64,
     /// Entries that still hold their message.
     pub(super) whole: i64,
     /// Dedup records not yet written to sled, by chunk.
@@ -196,6 +194,13 @@ impl State {
         self.unsaved
             .get(chunk, low)
             .or_else(|| self.saving.get(chunk, low))
+    }
+
+    /// The highest relay outbox number used, never handed out again: the last one waiting,
+    /// or the last one acknowledged (an acknowledgement removes only numbers up to its own).
+    pub(super) fn relay_high(&self) -> u64 {
+        let last = self.relay_out.last_key_value().map_or(0, |(seq, _)| *seq);
+        last.max(self.relay_acked)
     }
 
     /// Applies a record whose blob is at `loc`.
@@ -341,7 +346,6 @@ impl State {
                     self.live -= u64::from(old.len);
                 }
                 self.live += u64::from(loc.len);
-                self.relay_high = self.relay_high.max(*seq);
             }
             Head::RelayAcked { seq } => {
                 let waiting = self.relay_out.split_off(&(seq.saturating_add(1)));
@@ -349,7 +353,6 @@ impl State {
                     self.live -= u64::from(gone.len);
                 }
                 self.relay_acked = self.relay_acked.max(*seq);
-                self.relay_high = self.relay_high.max(*seq);
             }
             Head::ForgetDedup { user } => {
                 let prefix = keys::dedup_chunk_prefix(user);
@@ -566,7 +569,8 @@ impl Journal {
         }
         out.push(format!(
             "relay acked {} high {}",
-            state.relay_acked, state.relay_high
+            state.relay_acked,
+            state.relay_high()
         ));
         out.push(format!("expiries {:?}", state.expiries));
         out.push(format!(
@@ -923,7 +927,7 @@ impl Journal {
         // The dedup records of the messages accepted in the older segments, in sled before
         // those segments go (the last round below flushes sled first).
         self.save_dedups()?;
-        let (pending, users) = {
+        let users = {
             let mut inner = self.lock();
             let now = crate::clock::now_ms();
             let small = inner.state.bodiless(now);
@@ -932,9 +936,7 @@ impl Journal {
             for head in small {
                 inner.log(head, &[]);
             }
-            let pending: Vec<u64> = inner.state.pending.keys().copied().collect();
-            let users: Vec<UserId> = inner.state.users.keys().cloned().collect();
-            (pending, users)
+            inner.state.users.keys().cloned().collect::<Vec<UserId>>()
         };
         let mut resealed = 0;
         let current = self.sealer.keys().map(|k| k.current());
@@ -942,93 +944,28 @@ impl Journal {
         let stale = |stored: &[u8]| {
             reseal && current.is_some() && super::sealing::key_of(stored) != current
         };
-        // Until no pending message is left in an older segment (one changed while it was
-        // copied is copied again).
-        let mut ids = pending;
-        while !ids.is_empty() {
-            for chunk in ids.chunks(256) {
-                let found: Vec<(u64, Loc, Located)> = {
-                    let inner = self.lock();
-                    let mut found = Vec::new();
-                    for id in chunk {
-                        if let Some(p) = inner.state.pending.get(id)
-                            && p.loc.segment < base
-                        {
-                            found.push((*id, p.loc, inner.tail.locate(p.loc)?));
-                        }
-                    }
-                    found
-                };
-                let mut copies = Vec::new();
-                for (id, loc, located) in found {
-                    let mut blob = located.read()?;
-                    if stale(&blob) {
-                        let key = keys::dispatch(id);
-                        let plain = self.sealer.open("messages", &key, &blob)?.into_owned();
-                        blob = self.sealer.seal("messages", &key, plain);
-                        resealed += 1;
-                    }
-                    copies.push((id, loc, blob));
-                }
-                let mut inner = self.lock();
-                for (id, loc, blob) in copies {
-                    let Some(p) = inner.state.pending.get(&id).filter(|p| p.loc == loc) else {
-                        continue;
-                    };
-                    let head = p.head(id);
-                    inner.log(head, &blob);
-                }
-                drop(inner);
-                progress(resealed);
-            }
-            let inner = self.lock();
-            ids = inner
-                .state
-                .pending
-                .iter()
-                .filter(|(_, p)| p.loc.segment < base)
-                .map(|(id, _)| *id)
-                .collect();
-        }
-        // The relay outbox's envelopes still in an older segment, a batch at a time (one the
-        // exchange acknowledged meanwhile is not copied).
-        loop {
-            let found: Vec<(u64, Loc, Located)> = {
-                let inner = self.lock();
-                let mut found = Vec::new();
-                for (seq, loc) in &inner.state.relay_out {
-                    if loc.segment < base {
-                        found.push((*seq, *loc, inner.tail.locate(*loc)?));
-                    }
-                    if found.len() == 256 {
-                        break;
-                    }
-                }
-                found
-            };
-            if found.is_empty() {
-                break;
-            }
-            let mut copies = Vec::new();
-            for (seq, loc, located) in found {
-                let mut blob = located.read()?;
-                if stale(&blob) {
-                    let key = keys::net_outbox(seq);
-                    let plain = self.sealer.open("network", &key, &blob)?.into_owned();
-                    blob = self.sealer.seal("network", &key, plain);
-                    resealed += 1;
-                }
-                copies.push((seq, loc, blob));
-            }
-            let mut inner = self.lock();
-            for (seq, loc, blob) in copies {
-                if inner.state.relay_out.get(&seq) == Some(&loc) {
-                    inner.log(Head::RelayOut { seq }, &blob);
-                }
-            }
-            drop(inner);
-            progress(resealed);
-        }
+        self.copy_older(
+            ("messages", keys::dispatch),
+            &stale,
+            |state, from| older(&state.pending, from, base, |p| p.loc),
+            |state, id, loc| {
+                let p = state.pending.get(&id).filter(|p| p.loc == loc)?;
+                Some(p.head(id))
+            },
+            &mut resealed,
+            &mut progress,
+        )?;
+        // One the exchange acknowledged meanwhile is not copied.
+        self.copy_older(
+            ("network", keys::net_outbox),
+            &stale,
+            |state, from| older(&state.relay_out, from, base, |loc| *loc),
+            |state, seq, loc| {
+                (state.relay_out.get(&seq) == Some(&loc)).then_some(Head::RelayOut { seq })
+            },
+            &mut resealed,
+            &mut progress,
+        )?;
         for user in &users {
             loop {
                 let found: Vec<(u64, EntryState, Located)> = {
@@ -1090,5 +1027,75 @@ impl Journal {
         self.commit()?;
         self.lock().tail.drop_before(base)?;
         Ok(resealed)
+    }
+}
+
+/// Up to 256 records of `map`, from key `from` on, whose blobs are in a segment older than
+/// `base`: (key, where the blob is).
+fn older<T>(
+    map: &BTreeMap<u64, T>,
+    from: u64,
+    base: u32,
+    loc: impl Fn(&T) -> Loc,
+) -> Vec<(u64, Loc)> {
+    map.range(from..)
+        .map(|(key, value)| (*key, loc(value)))
+        .filter(|(_, loc)| loc.segment < base)
+        .take(256)
+        .collect()
+}
+
+impl Journal {
+    /// A compaction's copy of the records of one map of the state whose blobs are in a
+    /// segment older than the snapshot's, in key order, a batch at a time: `older` finds a
+    /// batch from a key on, `current` gives the record as it is now if its blob is still where it was
+    /// read (one changed or gone meanwhile was written to a newer segment, or needs no copy).
+    /// A blob sealed with another key than the current one is sealed anew if `stale` says so,
+    /// under `tree` and the key `key_of` makes; `resealed` counts them, `progress` is told.
+    fn copy_older(
+        &self,
+        (tree, key_of): (&'static str, fn(u64) -> Vec<u8>),
+        stale: &dyn Fn(&[u8]) -> bool,
+        older: impl Fn(&State, u64) -> Vec<(u64, Loc)>,
+        current: impl Fn(&State, u64, Loc) -> Option<Head>,
+        resealed: &mut u64,
+        progress: &mut impl FnMut(u64),
+    ) -> Result<(), StoreError> {
+        let mut from = 0;
+        loop {
+            let found: Vec<(u64, Loc, Located)> = {
+                let inner = self.lock();
+                older(&inner.state, from)
+                    .into_iter()
+                    .map(|(key, loc)| Ok((key, loc, inner.tail.locate(loc)?)))
+                    .collect::<Result<_, StoreError>>()?
+            };
+            let Some(&(last, _, _)) = found.last() else {
+                return Ok(());
+            };
+            let mut copies = Vec::with_capacity(found.len());
+            for (key, loc, located) in found {
+                let mut blob = located.read()?;
+                if stale(&blob) {
+                    let sealed_as = key_of(key);
+                    let plain = self.sealer.open(tree, &sealed_as, &blob)?.into_owned();
+                    blob = self.sealer.seal(tree, &sealed_as, plain);
+                    *resealed += 1;
+                }
+                copies.push((key, loc, blob));
+            }
+            let mut inner = self.lock();
+            for (key, loc, blob) in copies {
+                if let Some(head) = current(&inner.state, key, loc) {
+                    inner.log(head, &blob);
+                }
+            }
+            drop(inner);
+            progress(*resealed);
+            match last.checked_add(1) {
+                Some(next) => from = next,
+                None => return Ok(()),
+            }
+        }
     }
 }

@@ -260,11 +260,12 @@ pub(super) fn outbox_into_log(db: &sled::Db, journal: &Journal) -> Result<(), St
     }
     {
         let mut inner = journal.lock();
-        if let Some(seq) = acked {
-            inner.log(Head::RelayAcked { seq }, &[]);
-        }
         for (_, seq, sealed) in &entries {
             inner.log(Head::RelayOut { seq: *seq }, sealed);
+        }
+        // After the entries: one an acknowledgement's removal left behind goes.
+        if let Some(seq) = acked {
+            inner.log(Head::RelayAcked { seq }, &[]);
         }
     }
     journal.commit()?;

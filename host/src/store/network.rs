@@ -128,7 +128,7 @@ impl NetworkStore {
     pub fn relay_push(&self, envelope: &Envelope) -> Result<u64, StoreError> {
         let plain = encode(envelope);
         let mut inner = self.journal.lock();
-        let seq = inner.state.relay_high + 1;
+        let seq = inner.state.relay_high() + 1;
         let sealed = self.sealer.seal("network", &keys::net_outbox(seq), plain);
         inner.log(Head::RelayOut { seq }, &sealed);
         Ok(seq)
@@ -165,7 +165,7 @@ impl NetworkStore {
     /// the next flush (until then a restart sends them again, and the exchange drops repeats).
     pub fn relay_acked(&self, seq: u64) -> Result<(), StoreError> {
         let mut inner = self.journal.lock();
-        let last = inner.state.relay_high;
+        let last = inner.state.relay_high();
         if seq > last {
             // The exchange has numbers this host never made durably (its store was lost or
             // rolled back): numbering goes on above them, or the exchange would take new
@@ -176,7 +176,7 @@ impl NetworkStore {
                 "the exchange acknowledged relay envelopes this host has no record of"
             );
         }
-        if seq > inner.state.relay_acked || seq > last {
+        if seq > inner.state.relay_acked {
             inner.log(Head::RelayAcked { seq }, &[]);
         }
         Ok(())
