@@ -124,6 +124,12 @@ pub struct FanOut {
     pub first_ms: f64,
     /// From `star`'s login request to the last contact's notice, in ms.
     pub last_ms: f64,
+    /// From `star`'s login request to the first and the last notice at `h1`, `h2`, `h3`, in
+    /// ms.
+    pub per_host_ms: Vec<(f64, f64)>,
+    /// CPU each process used from just before `star`'s login request until every contact
+    /// had the notice, ms: `h1`, `h2`, `h3`, the exchange, this process (the clients).
+    pub cpu_ms: [f64; 5],
 }
 
 /// Runs both measurements, one network after the other.
@@ -193,6 +199,15 @@ pub fn print(f: &Figures) {
     println!("login request to its answer    {:>10.1} ms", p.login_ms);
     println!("login request to first notice  {:>10.1} ms", p.first_ms);
     println!("login request to last notice   {:>10.1} ms", p.last_ms);
+    for (host, (first, last)) in HOSTS.iter().zip(&p.per_host_ms) {
+        println!("  at {host}: first {first:>6.1} ms, last {last:>6.1} ms");
+    }
+    let [h1, h2, h3, exchange, clients] = p.cpu_ms;
+    println!(
+        "CPU until the last notice, ms: h1 {h1:.1}, h2 {h2:.1}, h3 {h3:.1}, exchange \
+         {exchange:.1}, clients {clients:.1} (total {:.1})",
+        p.cpu_ms.iter().sum::<f64>()
+    );
 }
 
 /// An exchange and its hosts.
@@ -413,6 +428,7 @@ async fn fan_out_on(net: &Arc<Net>, friends: u32) -> anyhow::Result<FanOut> {
         });
     }
     let star_conn = h1.connect().await?;
+    let cpu_before = cpu_now(net)?;
     let login = clock.now_ns();
     iim_run::login(&star_conn, &star, "phone", SessionMode::Receive).await?;
     let logged_in = clock.now_ns();
@@ -424,11 +440,12 @@ async fn fan_out_on(net: &Arc<Net>, friends: u32) -> anyhow::Result<FanOut> {
     while let Some(done) = listeners.join_next().await {
         let (i, conn, got) = done.context("a friend's task failed")?;
         match got {
-            Ok(at) => times.push(at.saturating_sub(login)),
+            Ok(at) => times.push((i % HOSTS.len(), at.saturating_sub(login))),
             Err(e) => missing.push((i, e)),
         }
         conns.push(conn);
     }
+    let cpu_after = cpu_now(net)?;
     if let Some((i, e)) = missing.first() {
         let mut per_host_missing = vec![0; HOSTS.len()];
         for (i, _) in &missing {
@@ -472,6 +489,15 @@ async fn fan_out_on(net: &Arc<Net>, friends: u32) -> anyhow::Result<FanOut> {
     // Only now may star go offline, and its friends with it.
     drop((star_conn, conns));
     let ms = |ns: u64| ns as f64 / 1e6;
+    let span = |host: Option<usize>| {
+        let at = times
+            .iter()
+            .filter(|(h, _)| host.is_none_or(|host| *h == host))
+            .map(|(_, at)| *at);
+        let (first, last) = at.fold((u64::MAX, 0), |(f, l), at| (f.min(at), l.max(at)));
+        (ms(if first == u64::MAX { 0 } else { first }), ms(last))
+    };
+    let (first_ms, last_ms) = span(None);
     Ok(FanOut {
         friends,
         per_host,
@@ -480,8 +506,10 @@ async fn fan_out_on(net: &Arc<Net>, friends: u32) -> anyhow::Result<FanOut> {
         origin_envelopes,
         exchange_envelopes,
         login_ms: ms(logged_in.saturating_sub(login)),
-        first_ms: ms(times.iter().copied().min().unwrap_or(0)),
-        last_ms: ms(times.iter().copied().max().unwrap_or(0)),
+        first_ms,
+        last_ms,
+        per_host_ms: (0..HOSTS.len()).map(|h| span(Some(h))).collect(),
+        cpu_ms: std::array::from_fn(|i| (cpu_after[i] - cpu_before[i]) * 1e3),
     })
 }
 

@@ -366,19 +366,21 @@ impl Iim {
         let expires_at = self.expires_at(message, explicit);
         let message = Arc::new(message.clone());
         let mut report = SendReport::default();
-        for user in local {
-            if let Some(live) = self.append(user, &message, expires_at)? {
-                report.appended += 1;
-                report.live += live;
-                self.notice_waiting(user, &message, live);
-            }
-        }
+        // The relay first: its link waits for a disk sync and three hops, the local sessions
+        // for neither, and the link is woken before the sessions are.
         if let Some((_, outbox)) = &self.network
             && !remote.is_empty()
         {
             report.relayed = remote.len();
             self.sharing(&message)?;
             outbox.push(&message, explicit, rows_by_server(remote))?;
+        }
+        for user in local {
+            if let Some(live) = self.append(user, &message, expires_at)? {
+                report.appended += 1;
+                report.live += live;
+                self.notice_waiting(user, &message, live);
+            }
         }
         Ok(report)
     }

@@ -700,6 +700,39 @@ async fn claim_existing_users(
     Ok(())
 }
 
+/// Runs [`run`] on a thread of its own, with a runtime of its own (which also drives the
+/// link's QUIC connection); resolves when it has ended.
+///
+/// The link is one task that every message to or from another host goes through, and each
+/// of its steps waits for a disk sync: on the host's runtime it would wait behind whatever
+/// the sessions have queued (a presence notice to a thousand local contacts puts their
+/// sessions in the run queues before the relay's sync is done), and every host after it would
+/// wait too. On its own thread it is scheduled as soon as it is woken.
+pub fn spawn(
+    network: Arc<Network>,
+    parts: LinkParts,
+) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("iim-link-io")
+        .build()?;
+    let (done, ended) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("iim-link".into())
+        .spawn(move || {
+            runtime.block_on(run(network, parts));
+            // Its only blocking tasks read parts of files for other hosts.
+            runtime.shutdown_timeout(LINK_SHUTDOWN);
+            drop(done);
+        })?;
+    Ok(async move {
+        let _ = ended.await;
+    })
+}
+
+/// How long a stopping link waits for the file reads it started.
+const LINK_SHUTDOWN: Duration = Duration::from_secs(2);
+
 /// Keeps the link to the exchange, and releases the names of deleted accounts, until the host
 /// shuts down.
 pub async fn run(network: Arc<Network>, parts: LinkParts) {

@@ -67,6 +67,9 @@ pub enum ServerError {
     /// The host could not join its network.
     #[error("cannot join the network: {0}")]
     Network(#[from] LinkError),
+    /// The thread of the link to the exchange could not start.
+    #[error("cannot start the link to the exchange: {0}")]
+    LinkThread(#[source] std::io::Error),
     /// The plugin runtime could not start.
     #[error("cannot start the plugin runtime: {0}")]
     Plugins(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -407,16 +410,22 @@ impl Server {
         let expiry = tokio::spawn(crate::expiry::run(Arc::clone(&self.host)));
         let watcher = tokio::spawn(self.loader.watch(self.host.shutdown.clone()));
         let admin = crate::admin::start(Arc::clone(&self.host)).map_err(ServerError::Admin)?;
-        let link = self.host.network.as_ref().map(|network| {
-            let parts = LinkParts {
-                config: self.host.config.clone(),
-                iim: Arc::clone(&self.host.iim),
-                registry: Arc::clone(&self.host.registry),
-                shutdown: self.host.shutdown.clone(),
-                blobs: self.host.blobs.clone(),
-            };
-            tokio::spawn(network::run(Arc::clone(network), parts))
-        });
+        let link = self
+            .host
+            .network
+            .as_ref()
+            .map(|network| {
+                let parts = LinkParts {
+                    config: self.host.config.clone(),
+                    iim: Arc::clone(&self.host.iim),
+                    registry: Arc::clone(&self.host.registry),
+                    shutdown: self.host.shutdown.clone(),
+                    blobs: self.host.blobs.clone(),
+                };
+                network::spawn(Arc::clone(network), parts)
+            })
+            .transpose()
+            .map_err(ServerError::LinkThread)?;
         tokio::pin!(stop);
         if let Some(metrics) = &self.metrics {
             metrics.serving(true);
