@@ -489,13 +489,15 @@ async fn fan_out_on(net: &Arc<Net>, friends: u32) -> anyhow::Result<FanOut> {
     // Only now may star go offline, and its friends with it.
     drop((star_conn, conns));
     let ms = |ns: u64| ns as f64 / 1e6;
+    // The first and the last notice among the contacts at `host`, or at every host.
     let span = |host: Option<usize>| {
-        let at = times
-            .iter()
-            .filter(|(h, _)| host.is_none_or(|host| *h == host))
-            .map(|(_, at)| *at);
-        let (first, last) = at.fold((u64::MAX, 0), |(f, l), at| (f.min(at), l.max(at)));
-        (ms(if first == u64::MAX { 0 } else { first }), ms(last))
+        let at = || {
+            times
+                .iter()
+                .filter(move |(h, _)| host.is_none_or(|host| *h == host))
+                .map(|(_, at)| *at)
+        };
+        (ms(at().min().unwrap_or(0)), ms(at().max().unwrap_or(0)))
     };
     let (first_ms, last_ms) = span(None);
     Ok(FanOut {

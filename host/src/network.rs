@@ -734,8 +734,8 @@ pub fn spawn(
 const LINK_SHUTDOWN: Duration = Duration::from_secs(2);
 
 /// Keeps the link to the exchange, and releases the names of deleted accounts, until the host
-/// shuts down.
-pub async fn run(network: Arc<Network>, parts: LinkParts) {
+/// shuts down. On the link's own thread: see [`spawn`].
+async fn run(network: Arc<Network>, parts: LinkParts) {
     let releases = release_names(&network, parts.shutdown.clone());
     tokio::join!(keep_link(&network, &parts), releases);
 }
