@@ -6,6 +6,7 @@ pub mod gateway;
 pub mod lossy;
 pub mod metrics;
 pub mod netns;
+pub mod postgres;
 
 use anyhow::{Context, anyhow, bail};
 use iim_client::proto::{DeviceId, ErrorCode, Message, SessionMode, UserId};

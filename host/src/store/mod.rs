@@ -43,6 +43,7 @@ mod messages;
 mod migrate;
 mod network;
 mod plugin_kv;
+pub mod postgres;
 mod relations;
 pub mod sealing;
 
