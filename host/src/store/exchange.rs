@@ -45,9 +45,20 @@ pub enum Joining {
     WrongCredential,
 }
 
-fn credential_hash(credential: &str) -> Vec<u8> {
+pub(super) fn credential_hash(credential: &str) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(credential.as_bytes()).to_vec()
+}
+
+/// Whether `credential` is the one whose hash is `stored` (in constant time).
+pub(super) fn same_credential(stored: &[u8], credential: &str) -> bool {
+    let given = credential_hash(credential);
+    given.len() == stored.len()
+        && given
+            .iter()
+            .zip(stored)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// The exchange's durable state.
@@ -148,14 +159,7 @@ impl ExchangeStore {
         let _lock = self.registry_lock.lock().unwrap_or_else(|p| p.into_inner());
         let (joining, hash) = match self.server(id)? {
             Some(record) => {
-                let given = credential_hash(credential);
-                let same = given.len() == record.credential.len()
-                    && given
-                        .iter()
-                        .zip(&record.credential)
-                        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                        == 0;
-                if !same {
+                if !same_credential(&record.credential, credential) {
                     return Ok(Joining::WrongCredential);
                 }
                 (Joining::Known(record.number), record.credential)

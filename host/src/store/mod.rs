@@ -34,6 +34,7 @@ mod dead_letters;
 mod dedup;
 mod encryption;
 pub mod exchange;
+pub mod exchange_db;
 mod files;
 mod hot;
 mod inbox;
@@ -103,6 +104,9 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The exchange's PostgreSQL database failed, or could not be reached (its own words).
+    #[error("the database: {0}")]
+    Database(String),
     /// A stored value could not be decoded.
     #[error("stored value under {tree} is corrupt: {reason}")]
     Corrupt {

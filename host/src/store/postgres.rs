@@ -6,6 +6,10 @@
 //! records each in the table `iim_schema`. A database already past the newest this binary
 //! knows is refused, unchanged: an older exchange must not write to a schema it does not know.
 
+use super::StoreError;
+use super::exchange::{Joining, credential_hash, same_credential};
+use iim_proto::peer::ServerInfo;
+use iim_proto::{Address, UserId};
 use tokio_postgres::Client;
 
 /// The advisory lock held while a schema is migrated (its key: "iim" and 1).
@@ -138,4 +142,313 @@ pub async fn migrate(
         tracing::info!(from, to = known, "database schema migrated");
     }
     Ok(Migrated { from, to: known })
+}
+
+/// The exchange's schema, oldest first (DESIGN.md §10). Names are stored as their text
+/// (`Address`'s `Display`: `alice`, `#team`).
+pub const SCHEMA: &[Migration] = &[Migration {
+    version: 1,
+    name: "registry and directory",
+    sql: "CREATE TABLE servers (
+              id text PRIMARY KEY,
+              number integer NOT NULL UNIQUE,
+              addr text NOT NULL,
+              up boolean NOT NULL,
+              since bigint NOT NULL,
+              credential bytea NOT NULL
+          );
+          -- Every name's home now, and the version that last changed it.
+          CREATE TABLE directory (
+              name text PRIMARY KEY,
+              home text NOT NULL
+          );
+          -- One row per change, in order: what a host that caught up to a version lacks.
+          CREATE TABLE directory_log (
+              version bigint PRIMARY KEY,
+              name text NOT NULL
+          );
+          -- The last version, one row: taking it for update orders claims and releases.
+          CREATE TABLE directory_head (
+              one boolean PRIMARY KEY DEFAULT true CHECK (one),
+              version bigint NOT NULL
+          );
+          INSERT INTO directory_head (version) VALUES (0);",
+}];
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        StoreError::Database(described(&error))
+    }
+}
+
+/// The exchange's state in PostgreSQL: the registry and the directory, which any number of
+/// exchanges share. Every change is one transaction.
+pub struct PgExchange {
+    client: tokio::sync::Mutex<Client>,
+}
+
+impl PgExchange {
+    /// Connects to the database at `url` (libpq's forms: `postgresql://…` or `host=… …`) and
+    /// brings its schema up to date.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %described(&e), "the connection to the database ended");
+            }
+        });
+        migrate(&mut client, SCHEMA)
+            .await
+            .map_err(|e| StoreError::Database(e.to_string()))?;
+        Ok(Self {
+            client: tokio::sync::Mutex::new(client),
+        })
+    }
+
+    // ---- registry ----
+
+    /// As [`super::exchange::ExchangeStore::join`].
+    pub async fn join(
+        &self,
+        id: &str,
+        addr: &str,
+        credential: &str,
+        now: u64,
+    ) -> Result<Joining, StoreError> {
+        let mut client = self.client.lock().await;
+        let transaction = client.transaction().await?;
+        // New numbers are handed out one at a time.
+        transaction
+            .batch_execute("LOCK TABLE servers IN SHARE ROW EXCLUSIVE MODE")
+            .await?;
+        let known = transaction
+            .query_opt(
+                "SELECT number, credential FROM servers WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        let (joining, number) = match known {
+            Some(row) => {
+                let stored: Vec<u8> = row.get(1);
+                if !same_credential(&stored, credential) {
+                    return Ok(Joining::WrongCredential);
+                }
+                let number = number_of(row.get(0))?;
+                (Joining::Known(number), number)
+            }
+            None => {
+                let last: i32 = transaction
+                    .query_one("SELECT coalesce(max(number), 0) FROM servers", &[])
+                    .await?
+                    .get(0);
+                let next = number_of(last.saturating_add(1))
+                    .ok()
+                    .filter(|n| *n <= iim_proto::peer::MAX_HOST_NUMBER)
+                    .ok_or_else(|| StoreError::Corrupt {
+                        tree: "servers",
+                        reason: "every server number is taken".into(),
+                    })?;
+                (Joining::New(next), next)
+            }
+        };
+        transaction
+            .execute(
+                "INSERT INTO servers (id, number, addr, up, since, credential)
+                 VALUES ($1, $2, $3, true, $4, $5)
+                 ON CONFLICT (id) DO UPDATE SET addr = $3, up = true, since = $4",
+                &[
+                    &id,
+                    &i32::from(number),
+                    &addr,
+                    &ms(now),
+                    &credential_hash(credential),
+                ],
+            )
+            .await?;
+        transaction.commit().await?;
+        Ok(joining)
+    }
+
+    /// As [`super::exchange::ExchangeStore::leave`].
+    pub async fn leave(&self, id: &str, now: u64) -> Result<(), StoreError> {
+        let client = self.client.lock().await;
+        client
+            .execute(
+                "UPDATE servers SET up = false, since = $2 WHERE id = $1",
+                &[&id, &ms(now)],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// As [`super::exchange::ExchangeStore::servers`].
+    pub async fn servers(&self) -> Result<Vec<ServerInfo>, StoreError> {
+        let client = self.client.lock().await;
+        let rows = client
+            .query("SELECT id, number, addr, up FROM servers ORDER BY id", &[])
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ServerInfo {
+                    id: row.get(0),
+                    number: number_of(row.get(1))?,
+                    addr: row.get(2),
+                    up: row.get(3),
+                })
+            })
+            .collect()
+    }
+
+    // ---- directory ----
+
+    /// As [`super::exchange::ExchangeStore::claim`].
+    pub async fn claim(
+        &self,
+        name: &Address,
+        server: &str,
+    ) -> Result<(String, Option<u64>), StoreError> {
+        let mut client = self.client.lock().await;
+        let transaction = client.transaction().await?;
+        let version = next_version(&transaction).await?;
+        let name = name.to_string();
+        if let Some(row) = transaction
+            .query_opt("SELECT home FROM directory WHERE name = $1", &[&name])
+            .await?
+        {
+            // Taken: the version taken above is given back with the transaction.
+            return Ok((row.get(0), None));
+        }
+        transaction
+            .execute(
+                "INSERT INTO directory (name, home) VALUES ($1, $2)",
+                &[&name, &server],
+            )
+            .await?;
+        log_version(&transaction, version, &name).await?;
+        transaction.commit().await?;
+        Ok((server.to_owned(), Some(version_of(version)?)))
+    }
+
+    /// As [`super::exchange::ExchangeStore::release`].
+    pub async fn release(
+        &self,
+        user: &UserId,
+        server: &str,
+    ) -> Result<(Option<String>, Option<u64>), StoreError> {
+        let mut client = self.client.lock().await;
+        let transaction = client.transaction().await?;
+        let version = next_version(&transaction).await?;
+        let name = Address::User(user.clone()).to_string();
+        let home: Option<String> = transaction
+            .query_opt("SELECT home FROM directory WHERE name = $1", &[&name])
+            .await?
+            .map(|row| row.get(0));
+        match home {
+            None => return Ok((None, None)),
+            Some(home) if home != server => return Ok((Some(home), None)),
+            Some(_) => {}
+        }
+        transaction
+            .execute("DELETE FROM directory WHERE name = $1", &[&name])
+            .await?;
+        log_version(&transaction, version, &name).await?;
+        transaction.commit().await?;
+        Ok((None, Some(version_of(version)?)))
+    }
+
+    /// As [`super::exchange::ExchangeStore::home`].
+    pub async fn home(&self, name: &Address) -> Result<Option<String>, StoreError> {
+        let client = self.client.lock().await;
+        Ok(client
+            .query_opt(
+                "SELECT home FROM directory WHERE name = $1",
+                &[&name.to_string()],
+            )
+            .await?
+            .map(|row| row.get(0)))
+    }
+
+    /// As [`super::exchange::ExchangeStore::directory_version`].
+    pub async fn directory_version(&self) -> Result<u64, StoreError> {
+        let client = self.client.lock().await;
+        let version: i64 = client
+            .query_one("SELECT version FROM directory_head", &[])
+            .await?
+            .get(0);
+        version_of(version)
+    }
+
+    /// As [`super::exchange::ExchangeStore::directory_after`].
+    pub async fn directory_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(u64, Vec<(Address, String)>), StoreError> {
+        let client = self.client.lock().await;
+        let rows = client
+            .query(
+                "SELECT l.version, l.name, coalesce(d.home, '')
+                 FROM directory_log l LEFT JOIN directory d ON d.name = l.name
+                 WHERE l.version > $1 ORDER BY l.version LIMIT $2",
+                &[&ms(after), &i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+            .await?;
+        let mut last = after;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in &rows {
+            last = version_of(row.get(0))?;
+            let name: String = row.get(1);
+            let name = name.parse::<Address>().map_err(|e| StoreError::Corrupt {
+                tree: "directory_log",
+                reason: format!("{name:?} is not a name: {e}"),
+            })?;
+            entries.push((name, row.get(2)));
+        }
+        Ok((last, entries))
+    }
+}
+
+/// The directory's next version, taken for this transaction (claims and releases wait here
+/// for one another, on every exchange).
+async fn next_version(transaction: &tokio_postgres::Transaction<'_>) -> Result<i64, StoreError> {
+    Ok(transaction
+        .query_one(
+            "UPDATE directory_head SET version = version + 1 RETURNING version",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+async fn log_version(
+    transaction: &tokio_postgres::Transaction<'_>,
+    version: i64,
+    name: &str,
+) -> Result<(), StoreError> {
+    transaction
+        .execute(
+            "INSERT INTO directory_log (version, name) VALUES ($1, $2)",
+            &[&version, &name],
+        )
+        .await?;
+    Ok(())
+}
+
+/// A time or a version as PostgreSQL's `bigint`.
+fn ms(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn version_of(value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt {
+        tree: "directory_log",
+        reason: format!("a negative version {value}"),
+    })
+}
+
+fn number_of(value: i32) -> Result<u16, StoreError> {
+    u16::try_from(value).map_err(|_| StoreError::Corrupt {
+        tree: "servers",
+        reason: format!("server number {value} is out of range"),
+    })
 }
