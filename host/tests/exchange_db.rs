@@ -6,7 +6,9 @@ use iim_e2e::postgres::{self, Cluster};
 use iim_host::store::exchange::{ExchangeStore, Joining};
 use iim_host::store::exchange_db::ExchangeDb;
 use iim_host::store::postgres::PgExchange;
-use iim_proto::{Address, UserId};
+use iim_host::store::{DataKeys, Sealer};
+use iim_proto::peer::{Envelope, RelayRow};
+use iim_proto::{Address, DeviceId, Message, MessageId, MessageKind, UserId};
 
 fn user(name: &str) -> Address {
     Address::User(UserId::new(name).expect("valid"))
@@ -14,6 +16,102 @@ fn user(name: &str) -> Address {
 
 fn group(name: &str) -> Address {
     format!("#{name}").parse().expect("valid")
+}
+
+fn message(id: u64) -> Message {
+    Message {
+        id: MessageId(id),
+        kind: MessageKind::Chat,
+        from: UserId::new("alice").expect("valid"),
+        from_device: DeviceId::new("phone").expect("valid"),
+        to: vec![user("bob")],
+        body: b"a secret plan".to_vec(),
+        sent_at: 1,
+    }
+}
+
+fn row(server: &str, users: &[&str]) -> RelayRow {
+    RelayRow {
+        server: server.into(),
+        users: users.iter().map(|u| user(u)).collect(),
+    }
+}
+
+/// What every store must do with relayed messages.
+async fn relay(db: &ExchangeDb) -> anyhow::Result<()> {
+    for (i, id) in ["h1", "h2", "h3"].iter().enumerate() {
+        db.join(id, &format!("127.0.0.1:{i}"), "", 1).await?;
+    }
+    let envelope = Envelope {
+        message: message(10),
+        expires_at: Some(99),
+        rows: vec![
+            row("h2", &["carol", "bob"]),
+            row("h3", &["dave"]),
+            row("h9", &["eve"]),
+            row("h1", &["alice"]),
+            row("h2", &["bob", "erin"]),
+        ],
+    };
+    let targets = db.relay_in("h1", 1, envelope.clone()).await?;
+    assert_eq!(
+        targets,
+        ["h2", "h3"],
+        "a server the registry lacks, and the origin itself, are dropped"
+    );
+    assert!(
+        db.relay_in("h1", 1, envelope.clone()).await?.is_empty(),
+        "905 number 1 from h1 was stored before"
+    );
+    db.flush().await?;
+    assert_eq!(db.inbound("h1").await?, 1);
+    assert_eq!(db.inbound("h2").await?, 0);
+    let to_h2 = db.outbox("h2", 0, 10).await?;
+    assert_eq!(to_h2.len(), 1);
+    let (seq, ref to_h2) = to_h2[0];
+    assert_eq!(seq, 1);
+    assert_eq!(to_h2.message, message(10));
+    assert_eq!(to_h2.expires_at, Some(99));
+    assert_eq!(
+        to_h2.rows,
+        [row("h2", &["bob", "carol", "erin"])],
+        "one row per server, each user once"
+    );
+    assert_eq!(
+        db.outbox("h3", 0, 10).await?[0].1.rows,
+        [row("h3", &["dave"])]
+    );
+
+    // Numbered per target, in the order stored; taken from any point.
+    let more = Envelope {
+        message: message(11),
+        rows: vec![row("h2", &["bob"])],
+        ..envelope
+    };
+    assert_eq!(db.relay_in("h1", 2, more).await?, ["h2"]);
+    let numbers: Vec<u64> = db.outbox("h2", 0, 10).await?.iter().map(|e| e.0).collect();
+    assert_eq!(numbers, [1, 2]);
+    assert_eq!(db.outbox("h2", 1, 10).await?[0].1.message.id, MessageId(11));
+    assert_eq!(db.outbox("h2", 0, 1).await?.len(), 1, "at most the limit");
+
+    // h2 took the first: it goes; h3's copy of the same message waits.
+    db.outbox_acked("h2", 1).await?;
+    assert_eq!(db.outbox_len("h2").await?, 1);
+    assert_eq!(db.outbox_len("h3").await?, 1, "h3's is its own");
+    assert_eq!(db.outbox("h3", 0, 10).await?[0].1.message, message(10));
+    db.outbox_acked("h2", 2).await?;
+    db.outbox_acked("h3", 1).await?;
+    assert_eq!(db.outbox_len("h2").await?, 0);
+    assert_eq!(db.outbox_len("h3").await?, 0);
+    // Numbering goes on after what was acknowledged.
+    let third = Envelope {
+        message: message(12),
+        expires_at: None,
+        rows: vec![row("h2", &["bob"])],
+    };
+    db.relay_in("h1", 3, third).await?;
+    assert_eq!(db.outbox("h2", 0, 10).await?[0].0, 3);
+    Ok(())
 }
 
 /// What every store must do with the registry and the directory.
@@ -119,12 +217,12 @@ async fn postgres_keeps_the_registry_and_the_directory() -> anyhow::Result<()> {
         return Ok(());
     }
     let cluster = Cluster::start(&[])?;
-    let db = ExchangeDb::Postgres(PgExchange::connect(&cluster.url()).await?);
+    let db = ExchangeDb::Postgres(PgExchange::connect(&cluster.url(), Sealer::clear()).await?);
     registry_and_directory(&db).await?;
 
     // A second exchange on the same database: the same registry and directory, and numbers
     // and versions that go on from the first's.
-    let other = ExchangeDb::Postgres(PgExchange::connect(&cluster.url()).await?);
+    let other = ExchangeDb::Postgres(PgExchange::connect(&cluster.url(), Sealer::clear()).await?);
     assert_eq!(
         other.join("h3", "127.0.0.1:3", "h3's", 5).await?,
         Joining::New(3)
@@ -146,7 +244,7 @@ async fn exchanges_claiming_one_name_at_once_give_it_one_home() -> anyhow::Resul
     let cluster = Cluster::start(&[])?;
     let mut claims = tokio::task::JoinSet::new();
     for i in 0..4 {
-        let db = PgExchange::connect(&cluster.url()).await?;
+        let db = PgExchange::connect(&cluster.url(), Sealer::clear()).await?;
         claims.spawn(async move {
             let mut won = Vec::new();
             for n in 0..25 {
@@ -165,8 +263,129 @@ async fn exchanges_claiming_one_name_at_once_give_it_one_home() -> anyhow::Resul
     // Each of the 25 names was won once, and the versions have no gaps and no repeats.
     versions.sort_unstable();
     assert_eq!(versions, (1..=25).collect::<Vec<u64>>());
-    let db = PgExchange::connect(&cluster.url()).await?;
+    let db = PgExchange::connect(&cluster.url(), Sealer::clear()).await?;
     let (last, entries) = db.directory_after(0, 100).await?;
     assert_eq!((last, entries.len()), (25, 25));
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_sled_store_relays() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = ExchangeDb::Sled(ExchangeStore::open(&dir.path().join("exchange"))?);
+    relay(&db).await
+}
+
+#[tokio::test]
+async fn postgres_relays_each_message_stored_once_and_sealed() -> anyhow::Result<()> {
+    if !postgres::available()? {
+        return Ok(());
+    }
+    let cluster = Cluster::start(&[])?;
+    let keys = tempfile::tempdir()?;
+    let sealer = Sealer::new(DataKeys::create(&keys.path().join("data.key"), 1)?);
+    let db = ExchangeDb::Postgres(PgExchange::connect(&cluster.url(), sealer.clone()).await?);
+    relay(&db).await?;
+
+    let sql = cluster.connect().await?;
+    let count = |table: &'static str| {
+        let sql = &sql;
+        async move {
+            let row = sql
+                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await?;
+            anyhow::Ok(row.get::<_, i64>(0))
+        }
+    };
+    // Acknowledged messages are gone; the one still waiting is stored once, sealed.
+    assert_eq!(count("relay_messages").await?, 1);
+    let body: Vec<u8> = sql
+        .query_one("SELECT body FROM relay_messages", &[])
+        .await?
+        .get(0);
+    assert!(
+        !body.windows(13).any(|w| w == b"a secret plan"),
+        "sealed at rest"
+    );
+
+    // A message for two hosts is one row of relay_messages; it goes with the last target.
+    let envelope = Envelope {
+        message: message(20),
+        expires_at: None,
+        rows: vec![row("h2", &["bob"]), row("h3", &["dave"])],
+    };
+    db.relay_in("h1", 4, envelope).await?;
+    assert_eq!(count("relay_messages").await?, 2);
+    assert_eq!(count("relay_rows").await?, 3);
+    db.outbox_acked("h2", 4).await?;
+    assert_eq!(count("relay_messages").await?, 1, "h3 still waits for it");
+    db.outbox_acked("h3", 2).await?;
+    assert_eq!(count("relay_messages").await?, 0);
+
+    // Another exchange on the same database (a restart, or a second one): the same outboxes,
+    // numbering going on, a repeated 905 recognised; and a wrong key is refused.
+    let other = ExchangeDb::Postgres(PgExchange::connect(&cluster.url(), sealer).await?);
+    assert_eq!(other.inbound("h1").await?, 4);
+    let again = Envelope {
+        message: message(21),
+        expires_at: None,
+        rows: vec![row("h2", &["bob"])],
+    };
+    assert!(other.relay_in("h1", 4, again.clone()).await?.is_empty());
+    assert_eq!(other.relay_in("h1", 5, again).await?, ["h2"]);
+    assert_eq!(other.outbox("h2", 0, 10).await?[0].0, 5);
+    let wrong = Sealer::new(DataKeys::create(&keys.path().join("other.key"), 1)?);
+    let wrong = PgExchange::connect(&cluster.url(), wrong).await?;
+    let err = wrong
+        .outbox("h2", 0, 10)
+        .await
+        .expect_err("another key opens nothing");
+    assert!(err.to_string().contains("relay_messages"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn targets_acknowledging_one_message_at_once_leave_nothing_behind() -> anyhow::Result<()> {
+    if !postgres::available()? {
+        return Ok(());
+    }
+    let cluster = Cluster::start(&[])?;
+    let db = PgExchange::connect(&cluster.url(), Sealer::clear()).await?;
+    for id in ["h1", "h2", "h3"] {
+        db.join(id, "127.0.0.1:1", "", 1).await?;
+    }
+    const MESSAGES: u64 = 100;
+    for n in 1..=MESSAGES {
+        let envelope = Envelope {
+            message: message(n),
+            expires_at: None,
+            rows: vec![row("h2", &["bob"]), row("h3", &["dave"])],
+        };
+        db.relay_in("h1", n, envelope).await?;
+    }
+    // h2 and h3 acknowledge through two exchanges, one message at a time, each message by
+    // both at the same moment.
+    let together = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+    let mut acks = tokio::task::JoinSet::new();
+    for target in ["h2", "h3"] {
+        let db = PgExchange::connect(&cluster.url(), Sealer::clear()).await?;
+        let together = std::sync::Arc::clone(&together);
+        acks.spawn(async move {
+            for n in 1..=MESSAGES {
+                together.wait().await;
+                db.outbox_acked(target, n).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = acks.join_next().await {
+        done??;
+    }
+    let sql = cluster.connect().await?;
+    let left: i64 = sql
+        .query_one("SELECT count(*) FROM relay_messages", &[])
+        .await?
+        .get(0);
+    assert_eq!(left, 0, "every message went with its last target");
     Ok(())
 }

@@ -11,7 +11,7 @@
 
 use super::{Sealer, StoreError, decode, encode, flush_with, get_u64, keys, open_db};
 use iim_proto::peer::{Envelope, RelayRow, ServerInfo};
-use iim_proto::{Address, UserId};
+use iim_proto::{Address, Message, UserId};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
@@ -59,6 +59,39 @@ pub(super) fn same_credential(stored: &[u8], credential: &str) -> bool {
             .zip(stored)
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+}
+
+/// The rows of a `905` from `origin` that are relayed: one per target server, each user
+/// once, none empty (a row set that repeats a server, a faulty or hostile host's, makes no
+/// more copies); rows for the origin's own users, or for a server `known` does not have, are
+/// dropped with a warning.
+pub(super) fn target_rows(
+    origin: &str,
+    message: &Message,
+    rows: Vec<RelayRow>,
+    mut known: impl FnMut(&str) -> Result<bool, StoreError>,
+) -> Result<Vec<RelayRow>, StoreError> {
+    let mut merged: Vec<RelayRow> = Vec::new();
+    for row in rows {
+        if row.server == origin {
+            tracing::warn!(origin, id = %message.id, "a relayed message names the origin's own users; that row is dropped");
+            continue;
+        }
+        if !known(&row.server)? {
+            tracing::warn!(origin, server = %row.server, id = %message.id, "a relayed message names a server the registry does not have; that row is dropped");
+            continue;
+        }
+        match merged.iter_mut().find(|r| r.server == row.server) {
+            Some(r) => r.users.extend(row.users),
+            None => merged.push(row),
+        }
+    }
+    for row in &mut merged {
+        row.users.sort();
+        row.users.dedup();
+    }
+    merged.retain(|row| !row.users.is_empty());
+    Ok(merged)
 }
 
 /// The exchange's durable state.
@@ -339,30 +372,11 @@ impl ExchangeStore {
             expires_at,
             rows,
         } = envelope;
-        // One row per server, each user once: a row set that repeats a server (a faulty or
-        // hostile host) makes no more copies.
-        let mut merged: Vec<RelayRow> = Vec::new();
-        for row in rows {
-            if row.server == origin {
-                tracing::warn!(origin, id = %message.id, "a relayed message names the origin's own users; that row is dropped");
-                continue;
-            }
-            if self.server(&row.server)?.is_none() {
-                tracing::warn!(origin, server = %row.server, id = %message.id, "a relayed message names a server the registry does not have; that row is dropped");
-                continue;
-            }
-            match merged.iter_mut().find(|r| r.server == row.server) {
-                Some(r) => r.users.extend(row.users),
-                None => merged.push(row),
-            }
-        }
+        let merged = target_rows(origin, &message, rows, |server| {
+            Ok(self.server(server)?.is_some())
+        })?;
         let mut targets = Vec::with_capacity(merged.len());
-        for mut row in merged {
-            row.users.sort();
-            row.users.dedup();
-            if row.users.is_empty() {
-                continue;
-            }
+        for row in merged {
             let target = row.server.clone();
             let one = Envelope {
                 message: message.clone(),

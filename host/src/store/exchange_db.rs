@@ -6,7 +6,7 @@
 use super::StoreError;
 use super::exchange::{ExchangeStore, Joining};
 use super::postgres::PgExchange;
-use iim_proto::peer::ServerInfo;
+use iim_proto::peer::{Envelope, ServerInfo};
 use iim_proto::{Address, UserId};
 
 /// Where an exchange keeps the network's registry and directory.
@@ -101,6 +101,66 @@ impl ExchangeDb {
         match self {
             Self::Sled(store) => store.directory_after(after, limit),
             Self::Postgres(db) => db.directory_after(after, limit).await,
+        }
+    }
+
+    /// The highest `905` number from `origin` that is stored.
+    pub async fn inbound(&self, origin: &str) -> Result<u64, StoreError> {
+        match self {
+            Self::Sled(store) => store.inbound(origin),
+            Self::Postgres(db) => db.inbound(origin).await,
+        }
+    }
+
+    /// Stores `905` number `seq` from `origin`: one `906` per target host, in its outbox.
+    /// Returns the targets, or nothing if it was stored before. Durable after
+    /// [`ExchangeDb::flush`].
+    pub async fn relay_in(
+        &self,
+        origin: &str,
+        seq: u64,
+        envelope: Envelope,
+    ) -> Result<Vec<String>, StoreError> {
+        match self {
+            Self::Sled(store) => store.relay_in(origin, seq, envelope),
+            Self::Postgres(db) => db.relay_in(origin, seq, envelope).await,
+        }
+    }
+
+    /// Up to `limit` entries of `target`'s outbox after `after`, in order.
+    pub async fn outbox(
+        &self,
+        target: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Envelope)>, StoreError> {
+        match self {
+            Self::Sled(store) => store.outbox(target, after, limit),
+            Self::Postgres(db) => db.outbox(target, after, limit).await,
+        }
+    }
+
+    /// `target` has every entry of its outbox up to `seq`: they go.
+    pub async fn outbox_acked(&self, target: &str, seq: u64) -> Result<(), StoreError> {
+        match self {
+            Self::Sled(store) => store.outbox_acked(target, seq),
+            Self::Postgres(db) => db.outbox_acked(target, seq).await,
+        }
+    }
+
+    /// How many envelopes wait in `target`'s outbox.
+    pub async fn outbox_len(&self, target: &str) -> Result<usize, StoreError> {
+        match self {
+            Self::Sled(store) => Ok(store.outbox_len(target)),
+            Self::Postgres(db) => db.outbox_len(target).await,
+        }
+    }
+
+    /// Makes every change made before this call durable (PostgreSQL's are when they return).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Sled(store) => store.flush().await,
+            Self::Postgres(_) => Ok(()),
         }
     }
 }

@@ -6,10 +6,11 @@
 //! records each in the table `iim_schema`. A database already past the newest this binary
 //! knows is refused, unchanged: an older exchange must not write to a schema it does not know.
 
-use super::StoreError;
 use super::exchange::{Joining, credential_hash, same_credential};
-use iim_proto::peer::ServerInfo;
-use iim_proto::{Address, UserId};
+use super::{Sealer, StoreError, decode, encode};
+use iim_proto::peer::{Envelope, RelayRow, ServerInfo};
+use iim_proto::{Address, Message, UserId};
+use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 /// The advisory lock held while a schema is migrated (its key: "iim" and 1).
@@ -172,8 +173,42 @@ pub const SCHEMA: &[Migration] = &[Migration {
               one boolean PRIMARY KEY DEFAULT true CHECK (one),
               version bigint NOT NULL
           );
-          INSERT INTO directory_head (version) VALUES (0);",
+          INSERT INTO directory_head (version) VALUES (0);
+          -- Each relayed message once, by its id (unique in the network), sealed as the
+          -- exchange's store seals what users wrote.
+          CREATE TABLE relay_messages (
+              id bigint PRIMARY KEY,
+              body bytea NOT NULL
+          );
+          -- One row per target host and message, numbered per target in the order stored:
+          -- the target's outbox. A row goes when its target acknowledges it durable.
+          CREATE TABLE relay_rows (
+              target text NOT NULL,
+              seq bigint NOT NULL,
+              message bigint NOT NULL REFERENCES relay_messages (id),
+              users bytea NOT NULL,
+              PRIMARY KEY (target, seq)
+          );
+          CREATE INDEX relay_rows_message ON relay_rows (message);
+          -- Per target: its last number and the highest it acknowledged.
+          CREATE TABLE relay_targets (
+              target text PRIMARY KEY,
+              last bigint NOT NULL,
+              acked bigint NOT NULL
+          );
+          -- Per origin host: the highest `905` number stored.
+          CREATE TABLE relay_inbound (
+              origin text PRIMARY KEY,
+              seq bigint NOT NULL
+          );",
 }];
+
+/// A relayed message as `relay_messages` keeps it (sealed).
+#[derive(Serialize, Deserialize)]
+struct Relayed {
+    message: Message,
+    expires_at: Option<u64>,
+}
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(error: tokio_postgres::Error) -> Self {
@@ -185,12 +220,14 @@ impl From<tokio_postgres::Error> for StoreError {
 /// exchanges share. Every change is one transaction.
 pub struct PgExchange {
     client: tokio::sync::Mutex<Client>,
+    /// The relayed messages (what users wrote) are sealed.
+    sealer: Sealer,
 }
 
 impl PgExchange {
     /// Connects to the database at `url` (libpq's forms: `postgresql://…` or `host=… …`) and
-    /// brings its schema up to date.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    /// brings its schema up to date; relayed messages are sealed by `sealer`.
+    pub async fn connect(url: &str, sealer: Sealer) -> Result<Self, StoreError> {
         let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -202,6 +239,7 @@ impl PgExchange {
             .map_err(|e| StoreError::Database(e.to_string()))?;
         Ok(Self {
             client: tokio::sync::Mutex::new(client),
+            sealer,
         })
     }
 
@@ -326,7 +364,7 @@ impl PgExchange {
             .await?;
         log_version(&transaction, version, &name).await?;
         transaction.commit().await?;
-        Ok((server.to_owned(), Some(version_of(version)?)))
+        Ok((server.to_owned(), Some(count_of("directory_log", version)?)))
     }
 
     /// As [`super::exchange::ExchangeStore::release`].
@@ -353,7 +391,7 @@ impl PgExchange {
             .await?;
         log_version(&transaction, version, &name).await?;
         transaction.commit().await?;
-        Ok((None, Some(version_of(version)?)))
+        Ok((None, Some(count_of("directory_log", version)?)))
     }
 
     /// As [`super::exchange::ExchangeStore::home`].
@@ -375,7 +413,7 @@ impl PgExchange {
             .query_one("SELECT version FROM directory_head", &[])
             .await?
             .get(0);
-        version_of(version)
+        count_of("directory_log", version)
     }
 
     /// As [`super::exchange::ExchangeStore::directory_after`].
@@ -396,7 +434,7 @@ impl PgExchange {
         let mut last = after;
         let mut entries = Vec::with_capacity(rows.len());
         for row in &rows {
-            last = version_of(row.get(0))?;
+            last = count_of("directory_log", row.get(0))?;
             let name: String = row.get(1);
             let name = name.parse::<Address>().map_err(|e| StoreError::Corrupt {
                 tree: "directory_log",
@@ -406,6 +444,252 @@ impl PgExchange {
         }
         Ok((last, entries))
     }
+}
+
+impl PgExchange {
+    // ---- relay ----
+
+    /// As [`super::exchange::ExchangeStore::inbound`].
+    pub async fn inbound(&self, origin: &str) -> Result<u64, StoreError> {
+        let client = self.client.lock().await;
+        let seq: Option<i64> = client
+            .query_opt(
+                "SELECT seq FROM relay_inbound WHERE origin = $1",
+                &[&origin],
+            )
+            .await?
+            .map(|row| row.get(0));
+        seq.map_or(Ok(0), |seq| count_of("relay_inbound", seq))
+    }
+
+    /// Stores `905` number `seq` from `origin` in one transaction: the message once, one row
+    /// per target in its outbox, the origin's number. Returns the targets, or nothing if it
+    /// was stored before (by this exchange or another). Durable when it returns.
+    pub async fn relay_in(
+        &self,
+        origin: &str,
+        seq: u64,
+        envelope: Envelope,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut client = self.client.lock().await;
+        let transaction = client.transaction().await?;
+        // The origin's row, locked: two links of one host store its `905`s one at a time.
+        transaction
+            .execute(
+                "INSERT INTO relay_inbound (origin, seq) VALUES ($1, 0)
+                 ON CONFLICT (origin) DO NOTHING",
+                &[&origin],
+            )
+            .await?;
+        let stored: i64 = transaction
+            .query_one(
+                "SELECT seq FROM relay_inbound WHERE origin = $1 FOR UPDATE",
+                &[&origin],
+            )
+            .await?
+            .get(0);
+        if seq <= count_of("relay_inbound", stored)? {
+            return Ok(Vec::new());
+        }
+        let Envelope {
+            message,
+            expires_at,
+            rows,
+        } = envelope;
+        let known: Vec<String> = transaction
+            .query("SELECT id FROM servers", &[])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let rows = super::exchange::target_rows(origin, &message, rows, |server| {
+            Ok(known.iter().any(|k| k == server))
+        })?;
+        let id = i64::try_from(message.id.0).map_err(|_| StoreError::Corrupt {
+            tree: "relay_messages",
+            reason: format!("message id {} is out of range", message.id),
+        })?;
+        if !rows.is_empty() {
+            let body = self.sealer.seal(
+                "relay_messages",
+                &id.to_be_bytes(),
+                encode(&Relayed {
+                    message,
+                    expires_at,
+                }),
+            );
+            // A message relayed before (another origin's copy cannot have its id) is kept.
+            transaction
+                .execute(
+                    "INSERT INTO relay_messages (id, body) VALUES ($1, $2)
+                     ON CONFLICT (id) DO NOTHING",
+                    &[&id, &body],
+                )
+                .await?;
+        }
+        let mut targets = Vec::with_capacity(rows.len());
+        for row in rows {
+            transaction
+                .execute(
+                    "INSERT INTO relay_targets (target, last, acked) VALUES ($1, 0, 0)
+                     ON CONFLICT (target) DO NOTHING",
+                    &[&row.server],
+                )
+                .await?;
+            let number: i64 = transaction
+                .query_one(
+                    "UPDATE relay_targets SET last = last + 1 WHERE target = $1
+                     RETURNING last",
+                    &[&row.server],
+                )
+                .await?
+                .get(0);
+            transaction
+                .execute(
+                    "INSERT INTO relay_rows (target, seq, message, users)
+                     VALUES ($1, $2, $3, $4)",
+                    &[&row.server, &number, &id, &encode(&row.users)],
+                )
+                .await?;
+            targets.push(row.server);
+        }
+        transaction
+            .execute(
+                "UPDATE relay_inbound SET seq = $2 WHERE origin = $1",
+                &[&origin, &ms(seq)],
+            )
+            .await?;
+        transaction.commit().await?;
+        Ok(targets)
+    }
+
+    /// As [`super::exchange::ExchangeStore::outbox`].
+    pub async fn outbox(
+        &self,
+        target: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Envelope)>, StoreError> {
+        let client = self.client.lock().await;
+        let rows = client
+            .query(
+                "SELECT r.seq, r.users, m.id, m.body
+                 FROM relay_rows r JOIN relay_messages m ON m.id = r.message
+                 WHERE r.target = $1 AND r.seq > $2 ORDER BY r.seq LIMIT $3",
+                &[
+                    &target,
+                    &ms(after),
+                    &i64::try_from(limit).unwrap_or(i64::MAX),
+                ],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let seq = count_of("relay_rows", row.get(0))?;
+            let users: Vec<Address> = decode("relay_rows", row.get(1))?;
+            let id: i64 = row.get(2);
+            let body: &[u8] = row.get(3);
+            let body = self
+                .sealer
+                .open("relay_messages", &id.to_be_bytes(), body)?;
+            let Relayed {
+                message,
+                expires_at,
+            } = decode("relay_messages", &body)?;
+            let envelope = Envelope {
+                message,
+                expires_at,
+                rows: vec![RelayRow {
+                    server: target.to_owned(),
+                    users,
+                }],
+            };
+            out.push((seq, envelope));
+        }
+        Ok(out)
+    }
+
+    /// `target` has every row of its outbox up to `seq`: they go, and so does each message
+    /// no other target still waits for.
+    pub async fn outbox_acked(&self, target: &str, seq: u64) -> Result<(), StoreError> {
+        let mut client = self.client.lock().await;
+        let transaction = client.transaction().await?;
+        let last: Option<i64> = transaction
+            .query_opt(
+                "SELECT last FROM relay_targets WHERE target = $1 FOR UPDATE",
+                &[&target],
+            )
+            .await?
+            .map(|row| row.get(0));
+        let last = last.map_or(Ok(0), |last| count_of("relay_targets", last))?;
+        if seq > last {
+            // As in the sled store: numbering goes on above what the host has.
+            tracing::error!(
+                target,
+                acknowledged = seq,
+                last,
+                "a host acknowledged relay envelopes this exchange has no record of"
+            );
+        }
+        transaction
+            .execute(
+                "INSERT INTO relay_targets (target, last, acked) VALUES ($1, $2, $2)
+                 ON CONFLICT (target) DO UPDATE
+                 SET acked = greatest(relay_targets.acked, $2),
+                     last = greatest(relay_targets.last, $2)",
+                &[&target, &ms(seq)],
+            )
+            .await?;
+        // The messages first, locked in order: of two targets acknowledging the last rows
+        // of one message at once, the second sees the first's rows gone and removes it.
+        let messages: Vec<i64> = transaction
+            .query(
+                "SELECT id FROM relay_messages WHERE id IN
+                     (SELECT message FROM relay_rows WHERE target = $1 AND seq <= $2)
+                 ORDER BY id FOR UPDATE",
+                &[&target, &ms(seq)],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        transaction
+            .execute(
+                "DELETE FROM relay_rows WHERE target = $1 AND seq <= $2",
+                &[&target, &ms(seq)],
+            )
+            .await?;
+        transaction
+            .execute(
+                "DELETE FROM relay_messages m WHERE m.id = ANY($1)
+                 AND NOT EXISTS (SELECT 1 FROM relay_rows r WHERE r.message = m.id)",
+                &[&messages],
+            )
+            .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// How many rows wait in `target`'s outbox.
+    pub async fn outbox_len(&self, target: &str) -> Result<usize, StoreError> {
+        let client = self.client.lock().await;
+        let count: i64 = client
+            .query_one(
+                "SELECT count(*) FROM relay_rows WHERE target = $1",
+                &[&target],
+            )
+            .await?
+            .get(0);
+        Ok(usize::try_from(count).unwrap_or(0))
+    }
+}
+
+/// A number stored as `bigint` (never negative when written).
+fn count_of(table: &'static str, value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt {
+        tree: table,
+        reason: format!("a negative number {value}"),
+    })
 }
 
 /// The directory's next version, taken for this transaction (claims and releases wait here
@@ -437,13 +721,6 @@ async fn log_version(
 /// A time or a version as PostgreSQL's `bigint`.
 fn ms(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn version_of(value: i64) -> Result<u64, StoreError> {
-    u64::try_from(value).map_err(|_| StoreError::Corrupt {
-        tree: "directory_log",
-        reason: format!("a negative version {value}"),
-    })
 }
 
 fn number_of(value: i32) -> Result<u16, StoreError> {
