@@ -5,6 +5,7 @@
 use iim_e2e::postgres::{self, Cluster};
 use iim_host::store::exchange::{ExchangeStore, Joining};
 use iim_host::store::exchange_db::ExchangeDb;
+use iim_host::store::postgres::Durability::{Replicated, SingleNode};
 use iim_host::store::postgres::PgExchange;
 use iim_host::store::{DataKeys, Sealer};
 use iim_proto::peer::{Envelope, RelayRow};
@@ -217,12 +218,16 @@ async fn postgres_keeps_the_registry_and_the_directory() -> anyhow::Result<()> {
         return Ok(());
     }
     let cluster = Cluster::start(&[])?;
-    let db = ExchangeDb::Postgres(PgExchange::connect(&cluster.url(), Sealer::clear()).await?);
+    let db = ExchangeDb::Postgres(
+        PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?,
+    );
     registry_and_directory(&db).await?;
 
     // A second exchange on the same database: the same registry and directory, and numbers
     // and versions that go on from the first's.
-    let other = ExchangeDb::Postgres(PgExchange::connect(&cluster.url(), Sealer::clear()).await?);
+    let other = ExchangeDb::Postgres(
+        PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?,
+    );
     assert_eq!(
         other.join("h3", "127.0.0.1:3", "h3's", 5).await?,
         Joining::New(3)
@@ -244,7 +249,7 @@ async fn exchanges_claiming_one_name_at_once_give_it_one_home() -> anyhow::Resul
     let cluster = Cluster::start(&[])?;
     let mut claims = tokio::task::JoinSet::new();
     for i in 0..4 {
-        let db = PgExchange::connect(&cluster.url(), Sealer::clear()).await?;
+        let db = PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?;
         claims.spawn(async move {
             let mut won = Vec::new();
             for n in 0..25 {
@@ -263,7 +268,7 @@ async fn exchanges_claiming_one_name_at_once_give_it_one_home() -> anyhow::Resul
     // Each of the 25 names was won once, and the versions have no gaps and no repeats.
     versions.sort_unstable();
     assert_eq!(versions, (1..=25).collect::<Vec<u64>>());
-    let db = PgExchange::connect(&cluster.url(), Sealer::clear()).await?;
+    let db = PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?;
     let (last, entries) = db.directory_after(0, 100).await?;
     assert_eq!((last, entries.len()), (25, 25));
     Ok(())
@@ -284,7 +289,9 @@ async fn postgres_relays_each_message_stored_once_and_sealed() -> anyhow::Result
     let cluster = Cluster::start(&[])?;
     let keys = tempfile::tempdir()?;
     let sealer = Sealer::new(DataKeys::create(&keys.path().join("data.key"), 1)?);
-    let db = ExchangeDb::Postgres(PgExchange::connect(&cluster.url(), sealer.clone()).await?);
+    let db = ExchangeDb::Postgres(
+        PgExchange::connect(&cluster.url(), sealer.clone(), SingleNode).await?,
+    );
     relay(&db).await?;
 
     let sql = cluster.connect().await?;
@@ -324,7 +331,8 @@ async fn postgres_relays_each_message_stored_once_and_sealed() -> anyhow::Result
 
     // Another exchange on the same database (a restart, or a second one): the same outboxes,
     // numbering going on, a repeated 905 recognised; and a wrong key is refused.
-    let other = ExchangeDb::Postgres(PgExchange::connect(&cluster.url(), sealer).await?);
+    let other =
+        ExchangeDb::Postgres(PgExchange::connect(&cluster.url(), sealer, SingleNode).await?);
     assert_eq!(other.inbound("h1").await?, 4);
     let again = Envelope {
         message: message(21),
@@ -335,7 +343,7 @@ async fn postgres_relays_each_message_stored_once_and_sealed() -> anyhow::Result
     assert_eq!(other.relay_in("h1", 5, again).await?, ["h2"]);
     assert_eq!(other.outbox("h2", 0, 10).await?[0].0, 5);
     let wrong = Sealer::new(DataKeys::create(&keys.path().join("other.key"), 1)?);
-    let wrong = PgExchange::connect(&cluster.url(), wrong).await?;
+    let wrong = PgExchange::connect(&cluster.url(), wrong, SingleNode).await?;
     let err = wrong
         .outbox("h2", 0, 10)
         .await
@@ -350,7 +358,7 @@ async fn targets_acknowledging_one_message_at_once_leave_nothing_behind() -> any
         return Ok(());
     }
     let cluster = Cluster::start(&[])?;
-    let db = PgExchange::connect(&cluster.url(), Sealer::clear()).await?;
+    let db = PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?;
     for id in ["h1", "h2", "h3"] {
         db.join(id, "127.0.0.1:1", "", 1).await?;
     }
@@ -368,7 +376,7 @@ async fn targets_acknowledging_one_message_at_once_leave_nothing_behind() -> any
     let together = std::sync::Arc::new(tokio::sync::Barrier::new(2));
     let mut acks = tokio::task::JoinSet::new();
     for target in ["h2", "h3"] {
-        let db = PgExchange::connect(&cluster.url(), Sealer::clear()).await?;
+        let db = PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?;
         let together = std::sync::Arc::clone(&together);
         acks.spawn(async move {
             for n in 1..=MESSAGES {
@@ -387,5 +395,87 @@ async fn targets_acknowledging_one_message_at_once_leave_nothing_behind() -> any
         .await?
         .get(0);
     assert_eq!(left, 0, "every message went with its last target");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failover_to_the_synchronous_standby_loses_no_acknowledged_relay() -> anyhow::Result<()> {
+    if !postgres::available()? {
+        return Ok(());
+    }
+    // A database without a synchronous standby is refused unless declared single-node.
+    let alone = Cluster::start(&[])?;
+    let Err(err) = PgExchange::connect(&alone.url(), Sealer::clear(), Replicated).await else {
+        panic!("a database with no standby was taken");
+    };
+    assert!(err.to_string().contains("synchronous standby"), "{err}");
+    drop(alone);
+
+    let mut primary = Cluster::start(&["synchronous_standby_names=standby1"])?;
+    let standby = Cluster::start_standby(&primary, "standby1")?;
+    // The standby first: the exchange must find the writable one.
+    let url = Cluster::url_of_writable(&[&standby, &primary]);
+    let db = std::sync::Arc::new(PgExchange::connect(&url, Sealer::clear(), Replicated).await?);
+    for id in ["h1", "h2"] {
+        db.join(id, "127.0.0.1:1", "", 1).await?;
+    }
+    // h1 relays to h2 without pause; the primary dies under it and the standby takes over.
+    let writer = {
+        let db = std::sync::Arc::clone(&db);
+        tokio::spawn(async move {
+            let mut acknowledged = 0;
+            for n in 1..=100_000 {
+                let envelope = Envelope {
+                    message: message(n),
+                    expires_at: None,
+                    rows: vec![row("h2", &["bob"])],
+                };
+                if db.relay_in("h1", n, envelope).await.is_err() {
+                    break;
+                }
+                acknowledged = n;
+            }
+            acknowledged
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    primary.stop("immediate")?;
+    let acknowledged = tokio::time::timeout(std::time::Duration::from_secs(20), writer).await??;
+    assert!(
+        acknowledged > 0,
+        "nothing was relayed before the primary died"
+    );
+    standby.promote()?;
+
+    // The same exchange goes on: its connection is made again, to the promoted standby (the
+    // first use may still meet the old one ending).
+    let read = db.outbox("h2", 0, 200_000).await;
+    let outbox = match read {
+        Ok(outbox) => outbox,
+        Err(_) => db.outbox("h2", 0, 200_000).await?,
+    };
+    let ids: Vec<u64> = outbox.iter().map(|(_, e)| e.message.id.0).collect();
+    assert!(
+        ids.len() as u64 >= acknowledged,
+        "{} acknowledged, {} after the failover",
+        acknowledged,
+        ids.len()
+    );
+    assert_eq!(
+        ids[..acknowledged as usize],
+        (1..=acknowledged).collect::<Vec<_>>(),
+        "every acknowledged message, in order"
+    );
+    let next = u64::try_from(ids.len())? + 1;
+    let envelope = Envelope {
+        message: message(next),
+        expires_at: None,
+        rows: vec![row("h2", &["bob"])],
+    };
+    assert_eq!(db.relay_in("h1", next, envelope).await?, ["h2"]);
+    eprintln!(
+        "{acknowledged} relays acknowledged before the primary died, {} kept",
+        ids.len()
+    );
     Ok(())
 }

@@ -107,6 +107,45 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// A streaming standby of `primary`, copied from it with `pg_basebackup` and started;
+    /// it names itself `name` to the primary, whose `synchronous_standby_names` may list it.
+    pub fn start_standby(primary: &Cluster, name: &str) -> anyhow::Result<Self> {
+        let mut cluster = Self::empty(name)?;
+        let mut copy = cluster.command("pg_basebackup");
+        copy.arg("-D")
+            .arg(cluster.data())
+            .arg("-d")
+            .arg(format!(
+                "host=127.0.0.1 port={} user={SUPERUSER} application_name={name}",
+                primary.port
+            ))
+            .args(["-R", "-X", "stream", "--checkpoint=fast", "--no-sync"]);
+        run(copy, "pg_basebackup")?;
+        cluster.start_server(&[])?;
+        Ok(cluster)
+    }
+
+    /// Makes a standby the primary (`pg_ctl promote`), waiting until it takes writes.
+    pub fn promote(&self) -> anyhow::Result<()> {
+        let mut promote = self.command("pg_ctl");
+        promote
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-t", "30", "promote"]);
+        run(promote, "pg_ctl promote")
+    }
+
+    /// The connection string for every one of `clusters`, to whichever takes writes.
+    pub fn url_of_writable(clusters: &[&Cluster]) -> String {
+        let ports: Vec<String> = clusters.iter().map(|c| c.port.to_string()).collect();
+        let hosts = vec!["127.0.0.1"; clusters.len()].join(",");
+        format!(
+            "host={hosts} port={} user={SUPERUSER} dbname=postgres \
+             target_session_attrs=read-write connect_timeout=5",
+            ports.join(",")
+        )
+    }
+
     /// The port it listens on, on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port

@@ -216,31 +216,60 @@ impl From<tokio_postgres::Error> for StoreError {
     }
 }
 
-/// The exchange's state in PostgreSQL: the registry and the directory, which any number of
-/// exchanges share. Every change is one transaction.
+/// What an exchange asks of its database's durability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// A commit must reach a synchronous standby (the default): a failover to that standby
+    /// loses nothing acknowledged. A database without one is refused.
+    Replicated,
+    /// One database server, no standby: what it commits survives a crash of it, not the loss
+    /// of its disk, and there is nothing to fail over to.
+    SingleNode,
+}
+
+/// The exchange's state in PostgreSQL: the registry, the directory and the relay, which any
+/// number of exchanges share. Every change is one transaction, durable when it returns. A
+/// connection that ended (its server died, a failover) is made again at the next use, to
+/// whichever server the connection string finds writable.
 pub struct PgExchange {
+    url: String,
     client: tokio::sync::Mutex<Client>,
     /// The relayed messages (what users wrote) are sealed.
     sealer: Sealer,
 }
 
 impl PgExchange {
-    /// Connects to the database at `url` (libpq's forms: `postgresql://…` or `host=… …`) and
-    /// brings its schema up to date; relayed messages are sealed by `sealer`.
-    pub async fn connect(url: &str, sealer: Sealer) -> Result<Self, StoreError> {
-        let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %described(&e), "the connection to the database ended");
-            }
-        });
+    /// Connects to the database at `url` (libpq's forms: `postgresql://…` or `host=… …`; for
+    /// a primary and its standbys, every host with `target_session_attrs=read-write`), checks
+    /// that it is as durable as `durability` asks, and brings its schema up to date;
+    /// relayed messages are sealed by `sealer`.
+    pub async fn connect(
+        url: &str,
+        sealer: Sealer,
+        durability: Durability,
+    ) -> Result<Self, StoreError> {
+        let mut client = open(url).await?;
+        if durability == Durability::Replicated {
+            replicated(&client).await?;
+        }
         migrate(&mut client, SCHEMA)
             .await
             .map_err(|e| StoreError::Database(e.to_string()))?;
         Ok(Self {
+            url: url.to_owned(),
             client: tokio::sync::Mutex::new(client),
             sealer,
         })
+    }
+
+    /// The connection, made again first if it ended.
+    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Client>, StoreError> {
+        let mut client = self.client.lock().await;
+        if client.is_closed() {
+            tracing::info!("connecting to the database again");
+            *client = open(&self.url).await?;
+        }
+        Ok(client)
     }
 
     // ---- registry ----
@@ -253,7 +282,7 @@ impl PgExchange {
         credential: &str,
         now: u64,
     ) -> Result<Joining, StoreError> {
-        let mut client = self.client.lock().await;
+        let mut client = self.client().await?;
         let transaction = client.transaction().await?;
         // New numbers are handed out one at a time.
         transaction
@@ -309,7 +338,7 @@ impl PgExchange {
 
     /// As [`super::exchange::ExchangeStore::leave`].
     pub async fn leave(&self, id: &str, now: u64) -> Result<(), StoreError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         client
             .execute(
                 "UPDATE servers SET up = false, since = $2 WHERE id = $1",
@@ -321,7 +350,7 @@ impl PgExchange {
 
     /// As [`super::exchange::ExchangeStore::servers`].
     pub async fn servers(&self) -> Result<Vec<ServerInfo>, StoreError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         let rows = client
             .query("SELECT id, number, addr, up FROM servers ORDER BY id", &[])
             .await?;
@@ -345,7 +374,7 @@ impl PgExchange {
         name: &Address,
         server: &str,
     ) -> Result<(String, Option<u64>), StoreError> {
-        let mut client = self.client.lock().await;
+        let mut client = self.client().await?;
         let transaction = client.transaction().await?;
         let version = next_version(&transaction).await?;
         let name = name.to_string();
@@ -373,7 +402,7 @@ impl PgExchange {
         user: &UserId,
         server: &str,
     ) -> Result<(Option<String>, Option<u64>), StoreError> {
-        let mut client = self.client.lock().await;
+        let mut client = self.client().await?;
         let transaction = client.transaction().await?;
         let version = next_version(&transaction).await?;
         let name = Address::User(user.clone()).to_string();
@@ -396,7 +425,7 @@ impl PgExchange {
 
     /// As [`super::exchange::ExchangeStore::home`].
     pub async fn home(&self, name: &Address) -> Result<Option<String>, StoreError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         Ok(client
             .query_opt(
                 "SELECT home FROM directory WHERE name = $1",
@@ -408,7 +437,7 @@ impl PgExchange {
 
     /// As [`super::exchange::ExchangeStore::directory_version`].
     pub async fn directory_version(&self) -> Result<u64, StoreError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         let version: i64 = client
             .query_one("SELECT version FROM directory_head", &[])
             .await?
@@ -422,7 +451,7 @@ impl PgExchange {
         after: u64,
         limit: usize,
     ) -> Result<(u64, Vec<(Address, String)>), StoreError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         let rows = client
             .query(
                 "SELECT l.version, l.name, coalesce(d.home, '')
@@ -451,7 +480,7 @@ impl PgExchange {
 
     /// As [`super::exchange::ExchangeStore::inbound`].
     pub async fn inbound(&self, origin: &str) -> Result<u64, StoreError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         let seq: Option<i64> = client
             .query_opt(
                 "SELECT seq FROM relay_inbound WHERE origin = $1",
@@ -471,7 +500,7 @@ impl PgExchange {
         seq: u64,
         envelope: Envelope,
     ) -> Result<Vec<String>, StoreError> {
-        let mut client = self.client.lock().await;
+        let mut client = self.client().await?;
         let transaction = client.transaction().await?;
         // The origin's row, locked: two links of one host store its `905`s one at a time.
         transaction
@@ -570,7 +599,7 @@ impl PgExchange {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Envelope)>, StoreError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         let rows = client
             .query(
                 "SELECT r.seq, r.users, m.id, m.body
@@ -612,7 +641,7 @@ impl PgExchange {
     /// `target` has every row of its outbox up to `seq`: they go, and so does each message
     /// no other target still waits for.
     pub async fn outbox_acked(&self, target: &str, seq: u64) -> Result<(), StoreError> {
-        let mut client = self.client.lock().await;
+        let mut client = self.client().await?;
         let transaction = client.transaction().await?;
         let last: Option<i64> = transaction
             .query_opt(
@@ -672,7 +701,7 @@ impl PgExchange {
 
     /// How many rows wait in `target`'s outbox.
     pub async fn outbox_len(&self, target: &str) -> Result<usize, StoreError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         let count: i64 = client
             .query_one(
                 "SELECT count(*) FROM relay_rows WHERE target = $1",
@@ -682,6 +711,50 @@ impl PgExchange {
             .get(0);
         Ok(usize::try_from(count).unwrap_or(0))
     }
+}
+
+/// A connection to `url`, driven by a task of its own, its commits waiting for the
+/// synchronous standbys (whatever the server's default).
+async fn open(url: &str) -> Result<Client, StoreError> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %described(&e), "the connection to the database ended");
+        }
+    });
+    client.batch_execute("SET synchronous_commit = on").await?;
+    Ok(client)
+}
+
+/// Fails unless the database commits to a synchronous standby; warns if none is streaming
+/// now (commits then wait until one is).
+async fn replicated(client: &Client) -> Result<(), StoreError> {
+    let names: String = client
+        .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+        .await?
+        .get(0);
+    if names.trim().is_empty() {
+        return Err(StoreError::Database(
+            "the database has no synchronous standby (synchronous_standby_names is empty): \
+             a failover could lose relayed messages the exchange acknowledged. Give it one, \
+             or declare the database single-node"
+                .into(),
+        ));
+    }
+    let streaming: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')",
+            &[],
+        )
+        .await?
+        .get(0);
+    if streaming == 0 {
+        tracing::warn!(
+            synchronous_standby_names = %names,
+            "no synchronous standby is connected to the database: its commits wait until one is"
+        );
+    }
+    Ok(())
 }
 
 /// A number stored as `bigint` (never negative when written).
