@@ -479,3 +479,53 @@ async fn a_failover_to_the_synchronous_standby_loses_no_acknowledged_relay() -> 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn one_exchange_at_a_time_forwards_a_target_and_every_one_hears_of_relays()
+-> anyhow::Result<()> {
+    if !postgres::available()? {
+        return Ok(());
+    }
+    let cluster = Cluster::start(&[])?;
+    let a = PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?;
+    let b = PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?;
+    for id in ["h1", "h2", "h3"] {
+        a.join(id, "127.0.0.1:1", "", 1).await?;
+    }
+    let step = std::time::Duration::from_secs(10);
+
+    // What a stores, b hears of at its commit: one notice per target.
+    let mut heard = b.relayed().await?;
+    let envelope = Envelope {
+        message: message(1),
+        expires_at: None,
+        rows: vec![row("h2", &["bob"]), row("h3", &["dave"])],
+    };
+    a.relay_in("h1", 1, envelope).await?;
+    let mut targets = Vec::new();
+    for _ in 0..2 {
+        targets.push(
+            tokio::time::timeout(step, heard.next())
+                .await?
+                .expect("listening"),
+        );
+    }
+    targets.sort();
+    assert_eq!(targets, ["h2", "h3"]);
+
+    // One forwarder per target: b has h2, so a cannot; h3 is free.
+    let held = b.forward("h2").await?.expect("h2 is free");
+    assert!(a.forward("h2").await?.is_none(), "b forwards h2");
+    assert!(a.forward("h3").await?.is_some(), "h3's is another lock");
+    // b's connection ends (b died): a takes h2 over.
+    drop(held);
+    let deadline = tokio::time::Instant::now() + step;
+    loop {
+        if a.forward("h2").await?.is_some() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "h2 was never freed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}

@@ -580,6 +580,10 @@ impl PgExchange {
                     &[&row.server, &number, &id, &encode(&row.users)],
                 )
                 .await?;
+            // Heard, at commit, by the exchange that forwards to the target.
+            transaction
+                .execute("SELECT pg_notify($1, $2)", &[&RELAY_CHANNEL, &row.server])
+                .await?;
             targets.push(row.server);
         }
         transaction
@@ -711,6 +715,79 @@ impl PgExchange {
             .get(0);
         Ok(usize::try_from(count).unwrap_or(0))
     }
+}
+
+/// The channel on which a committed `905` names each of its targets.
+const RELAY_CHANNEL: &str = "iim_relay";
+
+impl PgExchange {
+    // ---- forwarding, across exchanges ----
+
+    /// The right to forward `target`'s `906`s, if no other exchange has it: an advisory lock
+    /// held on a connection of its own while the [`Forwarding`] lives. When its holder dies,
+    /// its connection ends and the database frees the lock for another exchange.
+    pub async fn forward(&self, target: &str) -> Result<Option<Forwarding>, StoreError> {
+        let client = open(&self.url).await?;
+        let taken: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended('iim forward ' || $1, 0))",
+                &[&target],
+            )
+            .await?
+            .get(0);
+        Ok(taken.then_some(Forwarding { _client: client }))
+    }
+
+    /// The targets of `905`s as they are committed, by any exchange of this database: one
+    /// name per target and `905`, from a connection of its own that listens.
+    pub async fn relayed(&self) -> Result<RelayNotices, StoreError> {
+        let (client, mut connection) =
+            tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await?;
+        let (tx, notices) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(notice))) => {
+                        if tx.send(notice.payload().to_owned()).is_err() {
+                            return;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %described(&e), "the database's relay notices ended");
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {RELAY_CHANNEL}"))
+            .await?;
+        Ok(RelayNotices {
+            notices,
+            _client: client,
+        })
+    }
+}
+
+/// The targets of committed `905`s ([`PgExchange::relayed`]).
+pub struct RelayNotices {
+    notices: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Dropped, it would end the connection that listens.
+    _client: Client,
+}
+
+impl RelayNotices {
+    /// The next target, or `None` once the connection that listens ended (listen again).
+    pub async fn next(&mut self) -> Option<String> {
+        self.notices.recv().await
+    }
+}
+
+/// The right to forward one target's `906`s ([`PgExchange::forward`]); let go when dropped.
+pub struct Forwarding {
+    _client: Client,
 }
 
 /// A connection to `url`, driven by a task of its own, its commits waiting for the
