@@ -149,7 +149,7 @@ pub async fn migrate(
 /// (`Address`'s `Display`: `alice`, `#team`).
 pub const SCHEMA: &[Migration] = &[Migration {
     version: 1,
-    name: "registry and directory",
+    name: "registry, directory and relay",
     sql: "CREATE TABLE servers (
               id text PRIMARY KEY,
               number integer NOT NULL UNIQUE,
@@ -158,7 +158,7 @@ pub const SCHEMA: &[Migration] = &[Migration {
               since bigint NOT NULL,
               credential bytea NOT NULL
           );
-          -- Every name's home now, and the version that last changed it.
+          -- Every name's home now.
           CREATE TABLE directory (
               name text PRIMARY KEY,
               home text NOT NULL
