@@ -342,13 +342,34 @@ async fn postgres_relays_each_message_stored_once_and_sealed() -> anyhow::Result
     assert!(other.relay_in("h1", 4, again.clone()).await?.is_empty());
     assert_eq!(other.relay_in("h1", 5, again).await?, ["h2"]);
     assert_eq!(other.outbox("h2", 0, 10).await?[0].0, 5);
+
+    // An exchange with another key file, or none, is refused at its start, saying why.
     let wrong = Sealer::new(DataKeys::create(&keys.path().join("other.key"), 1)?);
-    let wrong = PgExchange::connect(&cluster.url(), wrong, SingleNode).await?;
-    let err = wrong
-        .outbox("h2", 0, 10)
-        .await
-        .expect_err("another key opens nothing");
-    assert!(err.to_string().contains("relay_messages"), "{err}");
+    let Err(err) = PgExchange::connect(&cluster.url(), wrong, SingleNode).await else {
+        panic!("another key file was taken");
+    };
+    assert!(err.to_string().contains("does not open"), "{err}");
+    let Err(err) = PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await else {
+        panic!("an exchange without the key was taken");
+    };
+    assert!(err.to_string().contains("storage.encrypt is off"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_database_kept_in_the_clear_is_not_opened_by_an_exchange_that_seals() -> anyhow::Result<()>
+{
+    if !postgres::available()? {
+        return Ok(());
+    }
+    let cluster = Cluster::start(&[])?;
+    PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?;
+    let keys = tempfile::tempdir()?;
+    let sealer = Sealer::new(DataKeys::create(&keys.path().join("data.key"), 1)?);
+    let Err(err) = PgExchange::connect(&cluster.url(), sealer, SingleNode).await else {
+        panic!("a sealing exchange took a database kept in the clear");
+    };
+    assert!(err.to_string().contains("in the clear"), "{err}");
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! knows is refused, unchanged: an older exchange must not write to a schema it does not know.
 
 use super::exchange::{Joining, credential_hash, same_credential};
+use super::sealing::OpenError;
 use super::{Sealer, StoreError, decode, encode};
 use iim_proto::peer::{Envelope, RelayRow, ServerInfo};
 use iim_proto::{Address, Message, UserId};
@@ -200,6 +201,17 @@ pub const SCHEMA: &[Migration] = &[Migration {
           CREATE TABLE relay_inbound (
               origin text PRIMARY KEY,
               seq bigint NOT NULL
+          );
+          -- Whether relayed messages are sealed (decided by the first exchange to connect),
+          -- and a known text sealed with each data key that sealed some: an exchange whose
+          -- key file lacks a key, or holds another under its id, is refused at its start.
+          CREATE TABLE sealing (
+              one boolean PRIMARY KEY DEFAULT true CHECK (one),
+              sealed boolean NOT NULL
+          );
+          CREATE TABLE key_checks (
+              key bigint PRIMARY KEY,
+              sealed bytea NOT NULL
           );",
 }];
 
@@ -255,6 +267,7 @@ impl PgExchange {
         migrate(&mut client, SCHEMA)
             .await
             .map_err(|e| StoreError::Database(e.to_string()))?;
+        check_keys(&mut client, &sealer).await?;
         Ok(Self {
             url: url.to_owned(),
             client: tokio::sync::Mutex::new(client),
@@ -801,6 +814,77 @@ async fn open(url: &str) -> Result<Client, StoreError> {
     });
     client.batch_execute("SET synchronous_commit = on").await?;
     Ok(client)
+}
+
+/// The text sealed in `key_checks`.
+const KEY_CHECK: &[u8] = b"iim exchange data key check";
+
+/// Fails unless `sealer` opens what the database holds: sealed messages need its data keys
+/// (each key's check opening), a database in the clear a sealer in the clear. The first
+/// exchange decides; the current key's check is added if it is new.
+async fn check_keys(client: &mut Client, sealer: &Sealer) -> Result<(), StoreError> {
+    let transaction = client.transaction().await?;
+    transaction
+        .execute(
+            "INSERT INTO sealing (sealed) VALUES ($1) ON CONFLICT (one) DO NOTHING",
+            &[&sealer.is_on()],
+        )
+        .await?;
+    let sealed: bool = transaction
+        .query_one("SELECT sealed FROM sealing FOR UPDATE", &[])
+        .await?
+        .get(0);
+    let Some(keys) = sealer.keys() else {
+        if sealed {
+            return Err(StoreError::Keys(
+                "the database's relayed messages are encrypted and storage.encrypt is off: \
+                 the exchange needs their data key (storage.key_file)"
+                    .into(),
+            ));
+        }
+        transaction.commit().await?;
+        return Ok(());
+    };
+    if !sealed {
+        return Err(StoreError::Keys(
+            "the database's relayed messages are kept in the clear (its first exchange ran \
+             with storage.encrypt off): start this exchange with it off too"
+                .into(),
+        ));
+    }
+    let file = keys.path().display();
+    for row in transaction
+        .query("SELECT key, sealed FROM key_checks", &[])
+        .await?
+    {
+        let id: i64 = row.get(0);
+        let check: &[u8] = row.get(1);
+        match sealer.try_open("key_checks", &id.to_be_bytes(), check) {
+            Ok(text) if text == KEY_CHECK => {}
+            Err(OpenError::MissingKey(id)) => {
+                return Err(StoreError::Keys(format!(
+                    "the database holds messages sealed with data key {id}, which the key \
+                     file {file} lacks: is it the network's exchange key file?"
+                )));
+            }
+            _ => {
+                return Err(StoreError::Keys(format!(
+                    "data key {id} of {file} does not open the database's messages: another \
+                     key file with the same key ids?"
+                )));
+            }
+        }
+    }
+    let current = i64::from(keys.current());
+    let check = sealer.seal("key_checks", &current.to_be_bytes(), KEY_CHECK.to_vec());
+    transaction
+        .execute(
+            "INSERT INTO key_checks (key, sealed) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+            &[&current, &check],
+        )
+        .await?;
+    transaction.commit().await?;
+    Ok(())
 }
 
 /// Fails unless the database commits to a synchronous standby; warns if none is streaming
