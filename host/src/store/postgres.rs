@@ -538,8 +538,10 @@ impl PgExchange {
             expires_at,
             rows,
         } = envelope;
+        // Only the servers the rows name, not the whole registry, on every `905`.
+        let named: Vec<&str> = rows.iter().map(|row| row.server.as_str()).collect();
         let known: Vec<String> = transaction
-            .query("SELECT id FROM servers", &[])
+            .query("SELECT id FROM servers WHERE id = ANY($1)", &[&named])
             .await?
             .iter()
             .map(|row| row.get(0))
