@@ -106,9 +106,13 @@ pub enum Role {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetworkConfig {
-    /// A host: the exchange's UDP address (`host:port`). Without it the host is alone.
+    /// A host: the exchange's UDP address (`host:port`), or the addresses of several exchanges
+    /// of one network (sharing one database), separated by commas: the host joins the first
+    /// that answers, and when its link is lost it tries the next. Without it the host is
+    /// alone.
     pub exchange: Option<String>,
-    /// A host: the PEM certificate (or CA) to trust for the exchange.
+    /// A host: the PEM certificate (or CA) to trust for the exchange; for several exchanges,
+    /// a file with each one's certificate, or the CA that signed them.
     pub exchange_cert: Option<PathBuf>,
     /// A host: the name the exchange's certificate carries.
     pub exchange_name: Option<String>,
@@ -117,9 +121,27 @@ pub struct NetworkConfig {
     /// A host: its address for clients, where other hosts redirect its users. Without it, the
     /// address it listens on (which must then not be a wildcard address).
     pub advertise: Option<String>,
+    /// The exchange: the PostgreSQL database that keeps the network's state, which any
+    /// number of exchanges share (libpq's forms: `postgresql://user@host/db` or
+    /// `host=… dbname=…`; a primary and its standbys as several hosts with
+    /// `target_session_attrs=read-write`). Without it, the exchange keeps the state in its
+    /// data directory, alone.
+    pub database: Option<String>,
+    /// The exchange: the database has no synchronous standby, and that is meant (one
+    /// database server: what it commits survives its crash, not the loss of its disk).
+    /// Without it, a database without synchronous replication is refused.
+    pub database_single_node: bool,
 }
 
 impl NetworkConfig {
+    /// The addresses of the exchanges in `exchange`, in the order given.
+    pub fn exchanges(&self) -> Vec<&str> {
+        self.exchange
+            .as_deref()
+            .map(|list| list.split(',').map(str::trim).collect())
+            .unwrap_or_default()
+    }
+
     /// The name of the exchange's certificate.
     pub fn exchange_name(&self) -> &str {
         self.exchange_name.as_deref().unwrap_or("localhost")
@@ -456,6 +478,24 @@ impl Config {
                 return Err(ConfigError::Invalid(
                     "the exchange needs network.secret (at least 8 bytes), the secret its \
                      hosts join with"
+                        .into(),
+                ));
+            }
+            Role::Host if n.database.is_some() || n.database_single_node => {
+                return Err(ConfigError::Invalid(
+                    "network.database and network.database_single_node are the exchange's \
+                     (role = \"exchange\"); a host keeps its data in data_dir"
+                        .into(),
+                ));
+            }
+            Role::Exchange if n.database.is_none() && n.database_single_node => {
+                return Err(ConfigError::Invalid(
+                    "network.database_single_node says what network.database is: set both".into(),
+                ));
+            }
+            Role::Host if n.exchanges().iter().any(|addr| addr.is_empty()) => {
+                return Err(ConfigError::Invalid(
+                    "network.exchange is an address (host:port), or several separated by commas"
                         .into(),
                 ));
             }

@@ -1,14 +1,19 @@
 //! The exchange role of `iim-host` (DESIGN.md §1–3): the hub of a network of hosts.
 //!
 //! Hosts join it over QUIC (ALPN `iim-peer/1`, one stream each, frames of
-//! [`iim_proto::peer`]) with the network's secret. It keeps, in its own store
-//! ([`ExchangeStore`]): the registry of servers (id, number, address, up or down), the user
-//! directory (user → home server, claimed at registration, released when the account is
-//! deleted) and one relay outbox per host. It serves the registry and the directory to every
+//! [`iim_proto::peer`]) with the network's secret. It keeps, in its store ([`ExchangeDb`]:
+//! its own sled store, or a PostgreSQL database that other exchanges share): the registry of
+//! servers (id, number, address, up or down), the user directory (user → home server,
+//! claimed at registration, released when the account is deleted), who is online on each
+//! host, and one relay outbox per host. It serves the registry and the directory to every
 //! host, which cache them; and it relays: a `905` from a host is stored as one `906` per
 //! target host, acknowledged once durable, and sent to each target as soon as it is
 //! connected, in order, until the target acknowledges it. A host that goes away is marked
 //! down; what is for it waits in its outbox.
+//!
+//! What it tells its hosts of changes (the registry, the directory, presence, outboxes
+//! that grew) it learns from the store's notices ([`Change`]) alone, whichever exchange
+//! made the change: one task ([`follow`]) turns them into frames for every host.
 
 use crate::clock::now_ms;
 use crate::config::Config;
@@ -16,6 +21,8 @@ use crate::peer::{self, PeerError, PeerStream};
 use crate::server::ServerError;
 use crate::store::StoreError;
 use crate::store::exchange::{ExchangeStore, Joining};
+use crate::store::exchange_db::{Change, ExchangeDb, Forward};
+use crate::store::postgres::{Durability, PgExchange};
 use iim_proto::peer::{
     Envelope, ExchangeFrame, FilePart, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo,
 };
@@ -33,6 +40,12 @@ use tokio::sync::{Notify, broadcast, mpsc, watch};
 const DIRECTORY_CHUNK: usize = 1000;
 /// How long a new connection has to open its stream, and then to join.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a link that cannot forward to its host yet (another exchange has the right,
+/// its link not yet gone) asks again.
+const FORWARD_RETRY: Duration = Duration::from_millis(250);
+/// How often the registry is read again, to tell hosts of hosts whose exchange died (no
+/// notice tells of that).
+const REGISTRY_POLL: Duration = Duration::from_secs(2);
 
 /// Why the link of one host ended.
 #[derive(Debug, thiserror::Error)]
@@ -93,18 +106,22 @@ struct Stats {
 }
 
 struct State {
-    store: ExchangeStore,
+    store: ExchangeDb,
     secret: String,
     links: Mutex<HashMap<String, Link>>,
     next_link: AtomicU64,
     events: broadcast::Sender<Arc<Broadcast>>,
-    /// Per host, its users with devices online and how many.
+    /// Per host, its users with devices online and how many, as the store told
+    /// ([`follow`] keeps it).
     presence: Mutex<HashMap<String, HashMap<UserId, u32>>>,
     stats: Stats,
+    /// The registry as hosts were last told it.
+    servers_told: Mutex<Vec<ServerInfo>>,
     shutdown: watch::Receiver<bool>,
-    /// Held from a claim's or a release's numbering to its broadcast, so that hosts hear of
-    /// directory versions in order.
-    claims: tokio::sync::Mutex<()>,
+    /// Held from a host's row in the registry to its link's entry in `links` (a join), and
+    /// from the entry's removal to the row (a leave): a host that joins again as its old
+    /// link ends is not marked down.
+    membership: tokio::sync::Mutex<()>,
     /// Data key rotations (`admin rotate-key`) and their re-encryption.
     key_rotation: crate::key_rotation::KeyRotation,
     /// Permits for connections that have not joined yet.
@@ -126,28 +143,89 @@ impl State {
         }));
     }
 
-    fn tell_servers(&self) {
-        match self.store.servers() {
-            Ok(servers) => self.tell(None, ExchangeFrame::Servers { servers }),
+    /// Tells every host the registry, if it changed since it was last told (`always`: in
+    /// any case).
+    async fn tell_servers(&self, always: bool) {
+        match self.store.servers().await {
+            Ok(servers) => {
+                let mut told = lock(&self.servers_told);
+                if always || *told != servers {
+                    told.clone_from(&servers);
+                    self.tell(None, ExchangeFrame::Servers { servers });
+                }
+            }
             Err(e) => tracing::error!(error = %e, "cannot read the registry"),
         }
     }
 
-    /// Every user of `server` counts as offline: the other hosts are told.
-    fn forget_presence(&self, server: &str) {
-        let gone: Vec<(UserId, u32)> = lock(&self.presence)
-            .remove(server)
-            .unwrap_or_default()
-            .into_keys()
-            .map(|user| (user, 0))
-            .collect();
-        for entries in gone.chunks(DIRECTORY_CHUNK) {
+    /// Tells the other hosts that these users of `server` have this many devices online now.
+    fn tell_presence(&self, server: &str, entries: Vec<(UserId, u32)>) {
+        for entries in entries.chunks(DIRECTORY_CHUNK) {
             self.tell(
                 Some(server),
                 ExchangeFrame::Presence {
                     entries: entries.to_vec(),
                 },
             );
+        }
+    }
+
+    /// Takes the presence the store told of into the view, and tells the other hosts.
+    fn presence_changed(&self, server: &str, entries: Vec<(UserId, u32)>) {
+        crate::store::exchange_db::set_presence(
+            lock(&self.presence).entry(server.to_owned()).or_default(),
+            &entries,
+        );
+        self.tell_presence(server, entries);
+    }
+
+    /// Every user of `server` counts as offline: the other hosts are told.
+    fn presence_gone(&self, server: &str) {
+        let gone: Vec<(UserId, u32)> = lock(&self.presence)
+            .remove(server)
+            .unwrap_or_default()
+            .into_keys()
+            .map(|user| (user, 0))
+            .collect();
+        self.tell_presence(server, gone);
+    }
+
+    /// Reads presence from the store again, and tells the other hosts what differs from
+    /// the view.
+    async fn presence_again(&self) -> Result<(), StoreError> {
+        let now = self.store.presence().await?;
+        let mut told: Vec<(String, Vec<(UserId, u32)>)> = Vec::new();
+        {
+            let mut view = lock(&self.presence);
+            for (server, users) in view.iter() {
+                let gone: Vec<(UserId, u32)> = users
+                    .keys()
+                    .filter(|user| !now.get(server).is_some_and(|n| n.contains_key(*user)))
+                    .map(|user| (user.clone(), 0))
+                    .collect();
+                told.push((server.clone(), gone));
+            }
+            for (server, users) in &now {
+                let seen = view.get(server);
+                let changed: Vec<(UserId, u32)> = users
+                    .iter()
+                    .filter(|(user, n)| seen.and_then(|s| s.get(*user)) != Some(*n))
+                    .map(|(user, n)| (user.clone(), *n))
+                    .collect();
+                told.push((server.clone(), changed));
+            }
+            *view = now;
+        }
+        for (server, entries) in told {
+            self.tell_presence(&server, entries);
+        }
+        Ok(())
+    }
+
+    /// Wakes the link of every host, to look at its outbox again.
+    fn notify_all(&self) {
+        for link in lock(&self.links).values() {
+            link.outbox_ready.notify_one();
         }
     }
 
@@ -179,17 +257,25 @@ pub struct Exchange {
 struct Observed(Arc<State>);
 
 impl crate::metrics::Observed for Observed {
-    fn refresh(&self, metrics: &crate::metrics::Metrics) {
-        let Ok(servers) = self.0.store.servers() else {
-            return;
-        };
-        for server in servers {
-            let waiting = self.0.store.outbox_len(&server.id);
-            metrics
-                .relay_waiting
-                .get_or_create(&crate::metrics::label("peer", server.id))
-                .set(i64::try_from(waiting).unwrap_or(i64::MAX));
-        }
+    fn refresh<'a>(
+        &'a self,
+        metrics: &'a crate::metrics::Metrics,
+    ) -> crate::metrics::Refreshing<'a> {
+        Box::pin(async move {
+            let store = &self.0.store;
+            let Ok(servers) = store.servers().await else {
+                return;
+            };
+            for server in servers {
+                let Ok(waiting) = store.outbox_len(&server.id).await else {
+                    return;
+                };
+                metrics
+                    .relay_waiting
+                    .get_or_create(&crate::metrics::label("peer", server.id))
+                    .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+            }
+        })
     }
 
     fn readiness(&self) -> Result<(), String> {
@@ -202,15 +288,12 @@ impl Exchange {
     pub async fn start(config: Config) -> Result<Self, ServerError> {
         let (server_config, cert_path) =
             crate::server::prepare(&config, PEER_ALPN, peer::transport())?;
-        let store_path = config.data_dir.join("exchange");
-        let store =
-            crate::store::sealer_for(&store_path, &config.key_file(), config.storage.encrypt)
-                .and_then(|sealer| ExchangeStore::open_with(&store_path, sealer))
-                .map_err(|source| ServerError::OpenStore {
-                    path: store_path.clone(),
-                    source,
-                })?;
         let socket = crate::server::bind(&config)?;
+        let name = socket
+            .local_addr()
+            .map_err(ServerError::LocalAddr)?
+            .to_string();
+        let store = open_store(&config, &name).await?;
         let endpoint = crate::server::endpoint(&config, server_config, socket)?;
         let (stop, shutdown) = watch::channel(false);
         let (events, _) = broadcast::channel(16_384);
@@ -222,9 +305,10 @@ impl Exchange {
             events,
             presence: Mutex::default(),
             stats: Stats::default(),
+            servers_told: Mutex::default(),
             shutdown,
-            claims: tokio::sync::Mutex::new(()),
             joining: Arc::new(tokio::sync::Semaphore::new(MAX_JOINING)),
+            membership: tokio::sync::Mutex::new(()),
             key_rotation: Default::default(),
         });
         let metrics = match config.metrics.listen {
@@ -261,21 +345,28 @@ impl Exchange {
 
     /// Serves hosts until `stop` resolves.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<(), ServerError> {
-        if let Some(keys) = self.state.store.sealer.keys() {
-            let in_use = self.state.store.keys_in_use()?;
+        if let Some(store) = self.state.store.sled_store()
+            && let Some(keys) = store.sealer.keys()
+        {
+            let in_use = store.keys_in_use()?;
             if in_use.iter().any(|&id| id != keys.current()) {
                 tracing::info!(
                     ?in_use,
                     current = keys.current(),
                     "a key rotation did not finish: re-encrypting in the background"
                 );
-                self.state.key_rotation.resume(&self.state.store);
+                self.state.key_rotation.resume(store);
             }
         }
+        // From the notices of the store, before any host joins: none is missed.
+        let changes = self.state.store.changes();
+        self.state.presence_again().await?;
+        let told = self.state.store.directory_version().await?;
+        let follower = tokio::spawn(follow(Arc::clone(&self.state), changes, told));
         let state = Arc::clone(&self.state);
         let commands: crate::admin::Commands = Arc::new(move |command| {
             let state = Arc::clone(&state);
-            Box::pin(async move { answer(&state, &command) })
+            Box::pin(async move { answer(&state, &command).await })
         });
         let admin =
             crate::admin::serve_socket(&self.data_dir, self.state.shutdown.clone(), commands)
@@ -333,6 +424,7 @@ impl Exchange {
             b"shutting down",
         );
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        follower.abort();
         self.state.store.flush().await?;
         tracing::info!("stopped");
         Ok(())
@@ -341,13 +433,20 @@ impl Exchange {
 
 /// The exchange's admin commands: `network` shows the registry, the directory's size and
 /// each host's relay outbox; `rotate-key` and `key-status` as a host's.
-fn answer(state: &State, command: &str) -> String {
+async fn answer(state: &State, command: &str) -> String {
+    let sled = state.store.sled_store();
     match command {
-        "rotate-key" => match state.key_rotation.rotate(&state.store) {
-            Ok(reply) => reply,
-            Err(e) => format!("error: {e}\n"),
+        "rotate-key" | "key-status" if sled.is_none() => format!(
+            "error: {command}: this exchange's relayed messages are in PostgreSQL, sealed with \
+             the data key every exchange of the database shares; rotating it is not supported \
+             yet (docs/network.md)\n"
+        ),
+        "rotate-key" => match sled.map(|store| state.key_rotation.rotate(store)) {
+            Some(Ok(reply)) => reply,
+            Some(Err(e)) => format!("error: {e}\n"),
+            None => unreachable!("answered above"),
         },
-        "key-status" => state.key_rotation.status(&state.store),
+        "key-status" => sled.map_or_else(String::new, |store| state.key_rotation.status(store)),
         "network" => {
             let mut out = String::new();
             let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
@@ -355,7 +454,7 @@ fn answer(state: &State, command: &str) -> String {
             let _ = writeln!(
                 out,
                 "directory_version {}",
-                state.store.directory_version().unwrap_or(0)
+                state.store.directory_version().await.unwrap_or(0)
             );
             let _ = writeln!(out, "envelopes_in {}", load(&state.stats.envelopes_in));
             let _ = writeln!(out, "envelopes_out {}", load(&state.stats.envelopes_out));
@@ -364,17 +463,35 @@ fn answer(state: &State, command: &str) -> String {
                 "envelopes_acked {}",
                 load(&state.stats.envelopes_acked)
             );
-            match state.store.servers() {
+            match state.store.exchanges().await {
+                Ok(Some(exchanges)) => {
+                    for (name, targets) in exchanges {
+                        let _ = writeln!(out, "exchange {name} forwards [{}]", targets.join(" "));
+                    }
+                }
+                Ok(None) => {
+                    let mut targets: Vec<String> = lock(&state.links).keys().cloned().collect();
+                    targets.sort();
+                    let _ = writeln!(out, "exchange alone forwards [{}]", targets.join(" "));
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "error: cannot read the exchanges: {e}");
+                }
+            }
+            match state.store.servers().await {
                 Ok(servers) => {
                     for s in servers {
+                        let waiting = match state.store.outbox_len(&s.id).await {
+                            Ok(n) => n.to_string(),
+                            Err(e) => format!("unknown ({e})"),
+                        };
                         let _ = writeln!(
                             out,
-                            "host {} number {} addr {} {} waiting {}",
+                            "host {} number {} addr {} {} waiting {waiting}",
                             s.id,
                             s.number,
                             s.addr,
                             if s.up { "up" } else { "down" },
-                            state.store.outbox_len(&s.id)
                         );
                     }
                 }
@@ -479,7 +596,13 @@ async fn serve(
             )
             .await;
     }
-    let number = match state.store.join(&server, &addr, &credential, now_ms())? {
+    // From the registry's row to the link's entry, and back when it ends.
+    let membership = state.membership.lock().await;
+    let number = match state
+        .store
+        .join(&server, &addr, &credential, now_ms())
+        .await?
+    {
         Joining::Known(number) | Joining::New(number) => number,
         Joining::WrongCredential => {
             return peer
@@ -514,8 +637,11 @@ async fn serve(
         old.replaced.notify_one();
     }
     // Whoever was online there may be gone: the host tells again who is online now.
-    state.forget_presence(&server);
+    let forgotten = state.store.forget_presence(&server).await;
+    drop(membership);
+    forgotten?;
     tracing::info!(%server, number, %addr, "host joined");
+    let mut forwarding = None;
     let result = relay(
         state,
         &mut peer,
@@ -525,30 +651,39 @@ async fn serve(
             directory_since,
             relayed_in,
         },
-        &mut events,
-        &mut direct_rx,
-        &outbox_ready,
-        &replaced,
+        Channels {
+            events: &mut events,
+            direct: &mut direct_rx,
+            outbox_ready: &outbox_ready,
+            replaced: &replaced,
+        },
+        &mut forwarding,
     )
     .await;
+    // An exchange that lost the right to forward to the host (it was stopped, and the host
+    // went to another) leaves the host as the other sees it.
+    let forwarder = forwarding.as_ref().is_some_and(Forward::is_held);
     // Gone, unless a new link of the same host replaced this one.
+    let membership = state.membership.lock().await;
     let ours = {
         let mut links = lock(&state.links);
         let ours = links.get(&server).is_some_and(|l| l.id == link_id);
         if ours {
             links.remove(&server);
-            // Under the lock, so that a new link of the host cannot join in between.
-            if let Err(e) = state.store.leave(&server, now_ms()) {
-                tracing::error!(%server, error = %e, "cannot mark the host down");
-            }
         }
         ours
     };
-    if ours {
+    if ours && forwarder {
         tracing::info!(%server, "host left");
-        state.tell_servers();
-        state.forget_presence(&server);
+        if let Err(e) = state.store.leave(&server, now_ms()).await {
+            tracing::error!(%server, error = %e, "cannot mark the host down");
+        }
+        if let Err(e) = state.store.forget_presence(&server).await {
+            tracing::error!(%server, error = %e, "cannot forget who was online on the host");
+        }
     }
+    drop(membership);
+    drop(forwarding);
     conn.close(0u32.into(), b"");
     result
 }
@@ -573,30 +708,48 @@ fn own_message(number: u16, envelope: &Envelope) -> bool {
 /// Whether a `905` from `server` is a member's message to one of its groups, which the
 /// group's home passes on to the members with the number the member's host gave it
 /// (DESIGN.md §7: the home is the group's sequencer, and every copy has one id).
-fn group_home_passes_on(
-    store: &ExchangeStore,
+async fn group_home_passes_on(
+    store: &ExchangeDb,
     server: &str,
     envelope: &Envelope,
 ) -> Result<bool, StoreError> {
     let Some(group) = envelope.message.group() else {
         return Ok(false);
     };
-    Ok(store.home(&Address::Group(group.clone()))?.as_deref() == Some(server))
+    Ok(store.home(&Address::Group(group.clone())).await?.as_deref() == Some(server))
 }
 
+/// What a link hears from the rest of the exchange.
+struct Channels<'a> {
+    /// What every host is told.
+    events: &'a mut broadcast::Receiver<Arc<Broadcast>>,
+    /// What this host alone is told.
+    direct: &'a mut mpsc::UnboundedReceiver<ExchangeFrame>,
+    /// The host's outbox grew.
+    outbox_ready: &'a Notify,
+    /// A new link of the host took over.
+    replaced: &'a Notify,
+}
+
+/// Relays both ways until the link ends; `forwarding`: the right to forward the host's
+/// `906`s, once taken.
 async fn relay(
     state: &Arc<State>,
     peer: &mut Peer,
     joined: Joined<'_>,
-    events: &mut broadcast::Receiver<Arc<Broadcast>>,
-    direct: &mut mpsc::UnboundedReceiver<ExchangeFrame>,
-    outbox_ready: &Notify,
-    replaced: &Notify,
+    channels: Channels<'_>,
+    forwarding: &mut Option<Forward>,
 ) -> Result<(), HostLinkError> {
+    let Channels {
+        events,
+        direct,
+        outbox_ready,
+        replaced,
+    } = channels;
     let server = joined.server;
-    let servers: Vec<ServerInfo> = state.store.servers()?;
+    let servers: Vec<ServerInfo> = state.store.servers().await?;
     // What the exchange says it has must be durable: the host drops what it acknowledges.
-    let relayed_out = state.store.inbound(server)?;
+    let relayed_out = state.store.inbound(server).await?;
     state.store.flush().await?;
     peer.write(&ExchangeFrame::Joined {
         number: joined.number,
@@ -604,18 +757,15 @@ async fn relay(
         relayed_out,
     })
     .await?;
-    state.tell_servers();
     // The directory entries the host lacks.
     let mut since = joined.directory_since;
     loop {
-        // Under the claims lock: a claim is read only once it is durable.
-        let (version, entries) = {
-            let _claims = state.claims.lock().await;
-            state.store.directory_after(since, DIRECTORY_CHUNK)?
-        };
+        let (version, entries) = state.store.directory_after(since, DIRECTORY_CHUNK).await?;
         if version == since {
             break;
         }
+        // Only what is durable is told.
+        state.store.flush().await?;
         peer.write(&ExchangeFrame::Directory { version, entries })
             .await?;
         since = version;
@@ -632,14 +782,20 @@ async fn relay(
         })
         .await?;
     }
-    state.store.outbox_acked(server, joined.relayed_in)?;
+    state.store.outbox_acked(server, joined.relayed_in).await?;
     // The hop's state: what the host holds of its outbox here, and what this exchange holds
     // of the host's `905`s.
     let mut link = RelayLink::joined(joined.relayed_in, relayed_out);
     let mut shutdown = state.shutdown.clone();
-    pump(state, peer, server, &mut link).await?;
+    // Only the exchange with the right forwards the host's `906`s: one at a time, whichever
+    // exchanges the host has been linked to.
+    *forwarding = take_forwarding(state, server, None).await?;
+    pump(state, peer, server, &mut link, forwarding).await?;
+    let mut retry = tokio::time::interval(FORWARD_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let idle_ack = link.poll_ack(true).is_some();
+        let forwarding_lost = forwarding.as_ref().is_none_or(|f| !f.is_held());
         tokio::select! {
             biased;
             () = async { let _ = shutdown.wait_for(|stopping| *stopping).await; } => {
@@ -654,9 +810,9 @@ async fn relay(
                 HostFrame::Relay { seq, envelope } => {
                     if link.on_envelope(seq) == Incoming::Apply {
                         if own_message(joined.number, &envelope)
-                            || group_home_passes_on(&state.store, server, &envelope)?
+                            || group_home_passes_on(&state.store, server, &envelope).await?
                         {
-                            let targets = state.store.relay_in(server, seq, envelope)?;
+                            let targets = state.store.relay_in(server, seq, envelope).await?;
                             if !targets.is_empty() {
                                 state.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
                             }
@@ -674,74 +830,54 @@ async fn relay(
                     let before = link.acked();
                     if let Some(seq) = link.on_ack(seq)? {
                         state.stats.envelopes_acked.fetch_add(seq - before, Ordering::Relaxed);
-                        state.store.outbox_acked(server, seq)?;
+                        state.store.outbox_acked(server, seq).await?;
                     }
-                    pump(state, peer, server, &mut link).await?;
+                    pump(state, peer, server, &mut link, forwarding).await?;
                 }
                 HostFrame::Claim { req, user } => {
-                    // In version order from numbering to broadcast (see `State::claims`).
-                    let _claims = state.claims.lock().await;
-                    let (home, version) = state.store.claim(&user, server)?;
+                    // Every host hears of it from the store's notice (`follow`).
+                    let (home, version) = state.store.claim(&user, server).await?;
                     if let Some(version) = version {
-                        state.store.flush().await?;
                         tracing::info!(%user, home = %home, version, "user registered");
-                        state.tell(None, ExchangeFrame::Directory {
-                            version,
-                            entries: vec![(user, home.clone())],
-                        });
                     }
-                    drop(_claims);
+                    // Answered once durable: the host registers the user on this answer.
+                    state.store.flush().await?;
                     peer.write(&ExchangeFrame::Claimed { req, home }).await?;
                 }
                 HostFrame::Release { req, user } => {
-                    // Under the claims lock, as a claim: hosts hear of versions in order, and
-                    // a host that joins meanwhile reads the release only once it is durable.
-                    let _claims = state.claims.lock().await;
-                    let (home, version) = state.store.release(&user, server)?;
+                    let (home, version) = state.store.release(&user, server).await?;
                     if let Some(version) = version {
-                        state.store.flush().await?;
                         tracing::info!(%user, version, "user name released");
-                        state.tell(None, ExchangeFrame::Directory {
-                            version,
-                            entries: vec![(user.into(), String::new())],
-                        });
                     } else if let Some(home) = &home {
                         tracing::warn!(%server, %user, %home, "a host asked to release a name of another host; refused");
                     }
-                    drop(_claims);
+                    state.store.flush().await?;
                     peer.write(&ExchangeFrame::Released { req, home }).await?;
                 }
                 HostFrame::Lookup { req, users } => {
-                    // Under the claims lock: a claim is read only once it is durable.
-                    let _claims = state.claims.lock().await;
                     let mut homes = Vec::new();
                     for user in users.into_iter().take(iim_proto::MAX_TARGETS) {
-                        if let Some(home) = state.store.home(&user)? {
+                        if let Some(home) = state.store.home(&user).await? {
                             homes.push((user, home));
                         }
                     }
-                    drop(_claims);
+                    // Only what is durable is told.
+                    state.store.flush().await?;
                     peer.write(&ExchangeFrame::Found { req, homes }).await?;
                 }
                 HostFrame::Presence { entries } => {
                     let mut told = Vec::with_capacity(entries.len());
                     for (user, devices) in entries {
                         // Only its own users: a host cannot speak for another's.
-                        if state.store.home(&user.clone().into())?.as_deref() != Some(server) {
+                        if state.store.home(&user.clone().into()).await?.as_deref() != Some(server) {
                             tracing::warn!(%server, %user, "presence of a user who is not the host's own; ignored");
                             continue;
-                        }
-                        let mut presence = lock(&state.presence);
-                        let users = presence.entry(server.to_owned()).or_default();
-                        if devices == 0 {
-                            users.remove(&user);
-                        } else {
-                            users.insert(user.clone(), devices);
                         }
                         told.push((user, devices));
                     }
                     if !told.is_empty() {
-                        state.tell(Some(server), ExchangeFrame::Presence { entries: told });
+                        // Every other host hears of it from the store's notice (`follow`).
+                        state.store.set_presence(server, told).await?;
                     }
                 }
                 HostFrame::FileGet { req, server: from, sha256, offset } => {
@@ -781,7 +917,13 @@ async fn relay(
                 }
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
             },
-            () = outbox_ready.notified() => pump(state, peer, server, &mut link).await?,
+            () = outbox_ready.notified() => {
+                pump(state, peer, server, &mut link, forwarding).await?;
+            }
+            _ = retry.tick(), if forwarding_lost => {
+                *forwarding = take_forwarding(state, server, forwarding.take()).await?;
+                pump(state, peer, server, &mut link, forwarding).await?;
+            }
             // Nothing else to do: the `905`s read are made durable and acknowledged, once for
             // all of them.
             () = std::future::ready(()), if idle_ack => {
@@ -808,19 +950,46 @@ async fn acknowledge(
     Ok(())
 }
 
-/// Sends `server`'s outbox after what was sent, as far as the link's window allows.
+/// The right to forward `server`'s `906`s: `held` if it still is, else taken if it is
+/// free (every exchange is told: the host counts as up where it is forwarded to).
+async fn take_forwarding(
+    state: &State,
+    server: &str,
+    held: Option<Forward>,
+) -> Result<Option<Forward>, StoreError> {
+    if let Some(held) = held {
+        if held.is_held() {
+            return Ok(Some(held));
+        }
+        tracing::warn!(%server, "lost the right to forward to the host; taking it again");
+    }
+    let taken = state.store.forward(server).await?;
+    if taken.is_some() {
+        state.store.registry_changed().await?;
+    } else {
+        tracing::debug!(%server, "another exchange forwards to the host; waiting");
+    }
+    Ok(taken)
+}
+
+/// Sends `server`'s outbox after what was sent, as far as the link's window allows, if this
+/// exchange has the right to (`forwarding`).
 async fn pump(
     state: &State,
     peer: &mut Peer,
     server: &str,
     link: &mut RelayLink,
+    forwarding: &Option<Forward>,
 ) -> Result<(), HostLinkError> {
+    if forwarding.as_ref().is_none_or(|f| !f.is_held()) {
+        return Ok(());
+    }
     loop {
         let room = link.room();
         if room == 0 {
             return Ok(());
         }
-        let entries = state.store.outbox(server, link.sent(), room)?;
+        let entries = state.store.outbox(server, link.sent(), room).await?;
         if entries.is_empty() {
             return Ok(());
         }
@@ -832,5 +1001,108 @@ async fn pump(
             state.stats.envelopes_out.fetch_add(1, Ordering::Relaxed);
             link.on_sent(seq);
         }
+    }
+}
+
+/// Opens the store `config` names: the database of `network.database`, or the exchange's own
+/// in its data directory.
+async fn open_store(config: &Config, name: &str) -> Result<ExchangeDb, ServerError> {
+    let store_path = config.data_dir.join("exchange");
+    let sealer = crate::store::sealer_for(&store_path, &config.key_file(), config.storage.encrypt)
+        .map_err(|source| ServerError::OpenStore {
+            path: store_path.clone(),
+            source,
+        })?;
+    let Some(url) = &config.network.database else {
+        let store = ExchangeStore::open_with(&store_path, sealer).map_err(|source| {
+            ServerError::OpenStore {
+                path: store_path.clone(),
+                source,
+            }
+        })?;
+        return Ok(ExchangeDb::sled(store));
+    };
+    let durability = match config.network.database_single_node {
+        true => Durability::SingleNode,
+        false => Durability::Replicated,
+    };
+    let db = PgExchange::connect_as(url, name, sealer, durability)
+        .await
+        .map_err(ServerError::Database)?;
+    tracing::info!(?durability, "the network's state is in PostgreSQL");
+    ExchangeDb::postgres(db)
+        .await
+        .map_err(ServerError::Database)
+}
+
+/// Tells the exchange's hosts of every change the store tells of, until the store's notices
+/// end. `told`: the directory version hosts were told of.
+async fn follow(state: Arc<State>, mut changes: broadcast::Receiver<Change>, mut told: u64) {
+    let mut poll = tokio::time::interval(REGISTRY_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let received = tokio::select! {
+            received = changes.recv() => received,
+            _ = poll.tick() => {
+                state.tell_servers(false).await;
+                continue;
+            }
+        };
+        let change = match received {
+            Ok(change) => change,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    missed = n,
+                    "fell behind the store's notices: reading it again"
+                );
+                Change::Missed
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let done = match change {
+            Change::Relayed(target) => {
+                state.notify(&target);
+                Ok(())
+            }
+            Change::Servers => {
+                state.tell_servers(false).await;
+                Ok(())
+            }
+            Change::Directory => tell_directory(&state, &mut told).await,
+            Change::Presence { server, entries } => {
+                state.presence_changed(&server, entries);
+                Ok(())
+            }
+            Change::PresenceGone(server) => {
+                state.presence_gone(&server);
+                Ok(())
+            }
+            Change::Missed => {
+                state.notify_all();
+                state.tell_servers(true).await;
+                match tell_directory(&state, &mut told).await {
+                    Ok(()) => state.presence_again().await,
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if let Err(e) = done {
+            // Told again at the next notice; a host that joins meanwhile reads it itself.
+            tracing::error!(error = %e, "cannot read what changed from the store");
+        }
+    }
+}
+
+/// Tells every host of the directory's changes after version `told`, in version order, once
+/// they are durable.
+async fn tell_directory(state: &State, told: &mut u64) -> Result<(), StoreError> {
+    loop {
+        let (version, entries) = state.store.directory_after(*told, DIRECTORY_CHUNK).await?;
+        if version == *told {
+            return Ok(());
+        }
+        state.store.flush().await?;
+        state.tell(None, ExchangeFrame::Directory { version, entries });
+        *told = version;
     }
 }

@@ -46,6 +46,13 @@ struct Args {
     /// The network's secret, which hosts show the exchange when they join.
     #[arg(long, env = "IIM_NETWORK_SECRET", hide_env_values = true)]
     network_secret: Option<String>,
+    /// The exchange: the PostgreSQL database that keeps the network's state, shared by
+    /// every exchange of the network [default: its own store in --data-dir].
+    #[arg(long, value_name = "URL", env = "IIM_DATABASE", hide_env_values = true)]
+    database: Option<String>,
+    /// The exchange: --database has no synchronous standby, and that is meant.
+    #[arg(long)]
+    database_single_node: bool,
     /// This host's address for clients, where other hosts redirect its users [default: the
     /// listening address].
     #[arg(long)]
@@ -242,6 +249,12 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(addr) = args.advertise {
         config.network.advertise = Some(addr);
+    }
+    if let Some(url) = args.database {
+        config.network.database = Some(url);
+    }
+    if args.database_single_node {
+        config.network.database_single_node = true;
     }
     if let Some(dir) = args.plugin_cache_dir {
         config.plugins.cache_dir = Some(dir);

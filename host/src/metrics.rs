@@ -15,7 +15,7 @@
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Response, StatusCode};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -391,11 +391,14 @@ pub fn timed<T>(histogram: &Histogram, f: impl FnOnce() -> T) -> T {
 
 /// What the endpoint asks of the process it serves.
 pub trait Observed: Send + Sync + 'static {
-    /// Sets the gauges read at each scrape.
-    fn refresh(&self, metrics: &Metrics);
+    /// Sets the gauges read at each scrape (it may ask a database).
+    fn refresh<'a>(&'a self, metrics: &'a Metrics) -> Refreshing<'a>;
     /// `Ok` while it takes traffic, once serving; else why not (answered with 503).
     fn readiness(&self) -> Result<(), String>;
 }
+
+/// What [`Observed::refresh`] returns: done once the gauges are set.
+pub type Refreshing<'a> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// The readiness of a process whose shutdown signal is `shutdown`: ready until it stops.
 pub fn until_shutdown(shutdown: &tokio::sync::watch::Receiver<bool>) -> Result<(), String> {
@@ -454,8 +457,12 @@ impl Endpoint {
                 let state = Arc::clone(&state);
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
-                        let answer = state.answer(&request);
-                        async move { Ok::<_, std::convert::Infallible>(answer) }
+                        let state = Arc::clone(&state);
+                        let (method, path) =
+                            (request.method().clone(), request.uri().path().to_owned());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(state.answer(&method, &path).await)
+                        }
                     });
                     let io = hyper_util::rt::TokioIo::new(stream);
                     let connection = hyper::server::conn::http1::Builder::new()
@@ -494,15 +501,15 @@ struct State {
 
 impl State {
     /// The answer to one request.
-    fn answer<B>(&self, request: &Request<B>) -> Response<Full<Bytes>> {
-        if request.method() != Method::GET && request.method() != Method::HEAD {
+    async fn answer(&self, method: &Method, path: &str) -> Response<Full<Bytes>> {
+        if method != Method::GET && method != Method::HEAD {
             return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "use GET\n".into());
         }
-        match request.uri().path() {
+        match path {
             "/metrics" => {
                 let metrics = metrics();
                 metrics.refresh_cpu();
-                self.observed.refresh(metrics);
+                self.observed.refresh(metrics).await;
                 reply(StatusCode::OK, OPENMETRICS, metrics.encode())
             }
             // Alive: the runtime answers.

@@ -537,19 +537,45 @@ struct Joined {
     relayed_out: u64,
 }
 
-/// Connects to the exchange and joins as the host of `directory`, reachable at `addr`: the
-/// link, and the exchange's `Joined`.
+/// The exchanges a host may join (`network.exchange`), the one to try next first: the one
+/// it was last linked to, until it fails.
+struct Exchanges<'a> {
+    list: Vec<&'a str>,
+    next: usize,
+}
+
+impl<'a> Exchanges<'a> {
+    fn of(config: &'a Config) -> Self {
+        Self {
+            list: config.network.exchanges(),
+            next: 0,
+        }
+    }
+
+    /// The exchange to try now.
+    fn current(&self) -> Result<&'a str, LinkError> {
+        let n = self.list.len();
+        match n {
+            0 => Err(LinkError::Unconfigured("network.exchange")),
+            _ => Ok(self.list[self.next % n]),
+        }
+    }
+
+    /// The one tried, or linked to, failed: the next is tried first.
+    fn failed(&mut self) {
+        self.next = self.next.wrapping_add(1);
+    }
+}
+
+/// Connects to the exchange at `exchange` and joins as the host of `directory`, reachable at
+/// `addr`: the link, and the exchange's `Joined`.
 async fn join(
     config: &Config,
+    exchange: &str,
     directory: &Directory,
     addr: &str,
     store: &Store,
 ) -> Result<(Link, Joined), LinkError> {
-    let exchange = config
-        .network
-        .exchange
-        .as_deref()
-        .ok_or(LinkError::Unconfigured("network.exchange"))?;
     let exchange_addr = resolve(exchange).await?;
     let bind: SocketAddr = if exchange_addr.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -619,10 +645,13 @@ pub async fn first_join(
         store.flush().await?;
     }
     let mut backoff = Backoff::new(REJOIN_FIRST, REJOIN_MAX);
+    let mut exchanges = Exchanges::of(config);
     loop {
-        let joined = tokio::time::timeout(JOIN_TIMEOUT, join(config, directory, addr, store))
-            .await
-            .unwrap_or(Err(LinkError::Timeout("joining")));
+        let exchange = exchanges.current()?;
+        let joined =
+            tokio::time::timeout(JOIN_TIMEOUT, join(config, exchange, directory, addr, store))
+                .await
+                .unwrap_or(Err(LinkError::Timeout("joining")));
         match joined {
             Ok((
                 mut link,
@@ -645,10 +674,14 @@ pub async fn first_join(
                 }
             }
             Err(e) if e.is_final() => return Err(e),
-            Err(e) => tracing::warn!(
-                error = %e,
-                "waiting for the exchange to give this host its number"
-            ),
+            Err(e) => {
+                tracing::warn!(
+                    %exchange,
+                    error = %e,
+                    "waiting for the exchange to give this host its number"
+                );
+                exchanges.failed();
+            }
         }
         tokio::time::sleep(backoff.next_wait()).await;
     }
@@ -764,9 +797,14 @@ async fn release_names(network: &Network, mut shutdown: watch::Receiver<bool>) {
 async fn keep_link(network: &Network, parts: &LinkParts) {
     let mut shutdown = parts.shutdown.clone();
     let mut backoff = Backoff::new(REJOIN_FIRST, REJOIN_MAX);
+    let mut exchanges = Exchanges::of(&parts.config);
     loop {
+        let exchange = match exchanges.current() {
+            Ok(exchange) => exchange,
+            Err(e) => return tracing::error!(error = %e, "no exchange to join"),
+        };
         let result = tokio::select! {
-            r = serve(network, parts) => r,
+            r = serve(network, parts, exchange) => r,
             _ = shutdown.wait_for(|stopping| *stopping) => return,
         };
         let was_up = network.up.swap(false, Ordering::Relaxed);
@@ -774,11 +812,12 @@ async fn keep_link(network: &Network, parts: &LinkParts) {
         match result {
             Ok(()) => return,
             Err(e) => {
+                exchanges.failed();
                 if was_up {
                     backoff.reset();
-                    tracing::warn!(error = %e, "link to the exchange lost; joining again");
+                    tracing::warn!(%exchange, error = %e, "link to the exchange lost; joining again");
                 } else {
-                    tracing::warn!(error = %e, "cannot join the exchange; trying again");
+                    tracing::warn!(%exchange, error = %e, "cannot join the exchange; trying again");
                 }
             }
         }
@@ -790,11 +829,11 @@ async fn keep_link(network: &Network, parts: &LinkParts) {
 }
 
 /// One link's life: join, then relay both ways until it fails.
-async fn serve(network: &Network, parts: &LinkParts) -> Result<(), LinkError> {
+async fn serve(network: &Network, parts: &LinkParts, exchange: &str) -> Result<(), LinkError> {
     let (directory, outbox, store) = (&network.directory, &network.outbox, &network.store);
     let (mut link, joined) = tokio::time::timeout(
         JOIN_TIMEOUT,
-        join(&parts.config, directory, &network.addr, store),
+        join(&parts.config, exchange, directory, &network.addr, store),
     )
     .await
     .map_err(|_| LinkError::Timeout("joining"))??;
@@ -819,7 +858,7 @@ async fn serve(network: &Network, parts: &LinkParts) -> Result<(), LinkError> {
     while control.try_recv().is_ok() {}
     network.up.store(true, Ordering::Relaxed);
     network.releases_ready.notify_one();
-    tracing::info!(number, "joined the network");
+    tracing::info!(number, %exchange, "joined the network");
     lock(&network.presence_changed).clear();
     for entries in parts.registry.online_counts().chunks(1000) {
         link.write(&HostFrame::Presence {

@@ -58,6 +58,9 @@ pub enum ServerError {
         /// Why.
         source: StoreError,
     },
+    /// The exchange's database (`network.database`) could not be used.
+    #[error("cannot start on network.database: {0}")]
+    Database(StoreError),
     /// The store failed.
     #[error("the store: {0}")]
     Store(#[from] StoreError),
@@ -106,7 +109,17 @@ pub struct Server {
 struct Observed(Arc<Host>);
 
 impl metrics::Observed for Observed {
-    fn refresh(&self, metrics: &metrics::Metrics) {
+    fn refresh<'a>(&'a self, metrics: &'a metrics::Metrics) -> metrics::Refreshing<'a> {
+        Box::pin(async move { self.set_gauges(metrics) })
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        metrics::until_shutdown(&self.0.shutdown)
+    }
+}
+
+impl Observed {
+    fn set_gauges(&self, metrics: &metrics::Metrics) {
         let host = &self.0;
         let online: u32 = host.registry.online_counts().iter().map(|(_, n)| n).sum();
         metrics.devices_online.set(online.into());
@@ -119,10 +132,6 @@ impl metrics::Observed for Observed {
                 .set(i64::try_from(waiting).unwrap_or(i64::MAX));
             metrics.exchange_connected.set(network.is_up().into());
         }
-    }
-
-    fn readiness(&self) -> Result<(), String> {
-        metrics::until_shutdown(&self.0.shutdown)
     }
 }
 

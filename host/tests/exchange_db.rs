@@ -4,12 +4,13 @@
 
 use iim_e2e::postgres::{self, Cluster};
 use iim_host::store::exchange::{ExchangeStore, Joining};
-use iim_host::store::exchange_db::ExchangeDb;
+use iim_host::store::exchange_db::{Change, ExchangeDb};
 use iim_host::store::postgres::Durability::{Replicated, SingleNode};
 use iim_host::store::postgres::PgExchange;
 use iim_host::store::{DataKeys, Sealer};
 use iim_proto::peer::{Envelope, RelayRow};
 use iim_proto::{Address, DeviceId, Message, MessageId, MessageKind, UserId};
+use std::collections::HashMap;
 
 fn user(name: &str) -> Address {
     Address::User(UserId::new(name).expect("valid"))
@@ -136,6 +137,9 @@ async fn registry_and_directory(db: &ExchangeDb) -> anyhow::Result<()> {
         );
     }
     db.leave("h2", 4).await?;
+    // A host is up while it is joined and an exchange forwards to it.
+    let forwarding = db.forward("h1").await?.expect("no exchange forwards to h1");
+    assert!(forwarding.is_held());
     let servers: Vec<_> = db
         .servers()
         .await?
@@ -208,7 +212,7 @@ async fn registry_and_directory(db: &ExchangeDb) -> anyhow::Result<()> {
 #[tokio::test]
 async fn the_sled_store_keeps_the_registry_and_the_directory() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let db = ExchangeDb::Sled(ExchangeStore::open(&dir.path().join("exchange"))?);
+    let db = ExchangeDb::sled(ExchangeStore::open(&dir.path().join("exchange"))?);
     registry_and_directory(&db).await
 }
 
@@ -218,16 +222,18 @@ async fn postgres_keeps_the_registry_and_the_directory() -> anyhow::Result<()> {
         return Ok(());
     }
     let cluster = Cluster::start(&[])?;
-    let db = ExchangeDb::Postgres(
+    let db = ExchangeDb::postgres(
         PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?,
-    );
+    )
+    .await?;
     registry_and_directory(&db).await?;
 
     // A second exchange on the same database: the same registry and directory, and numbers
     // and versions that go on from the first's.
-    let other = ExchangeDb::Postgres(
+    let other = ExchangeDb::postgres(
         PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?,
-    );
+    )
+    .await?;
     assert_eq!(
         other.join("h3", "127.0.0.1:3", "h3's", 5).await?,
         Joining::New(3)
@@ -277,7 +283,7 @@ async fn exchanges_claiming_one_name_at_once_give_it_one_home() -> anyhow::Resul
 #[tokio::test]
 async fn the_sled_store_relays() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let db = ExchangeDb::Sled(ExchangeStore::open(&dir.path().join("exchange"))?);
+    let db = ExchangeDb::sled(ExchangeStore::open(&dir.path().join("exchange"))?);
     relay(&db).await
 }
 
@@ -289,9 +295,10 @@ async fn postgres_relays_each_message_stored_once_and_sealed() -> anyhow::Result
     let cluster = Cluster::start(&[])?;
     let keys = tempfile::tempdir()?;
     let sealer = Sealer::new(DataKeys::create(&keys.path().join("data.key"), 1)?);
-    let db = ExchangeDb::Postgres(
+    let db = ExchangeDb::postgres(
         PgExchange::connect(&cluster.url(), sealer.clone(), SingleNode).await?,
-    );
+    )
+    .await?;
     relay(&db).await?;
 
     let sql = cluster.connect().await?;
@@ -332,7 +339,8 @@ async fn postgres_relays_each_message_stored_once_and_sealed() -> anyhow::Result
     // Another exchange on the same database (a restart, or a second one): the same outboxes,
     // numbering going on, a repeated 905 recognised; and a wrong key is refused.
     let other =
-        ExchangeDb::Postgres(PgExchange::connect(&cluster.url(), sealer, SingleNode).await?);
+        ExchangeDb::postgres(PgExchange::connect(&cluster.url(), sealer, SingleNode).await?)
+            .await?;
     assert_eq!(other.inbound("h1").await?, 4);
     let again = Envelope {
         message: message(21),
@@ -502,38 +510,80 @@ async fn a_failover_to_the_synchronous_standby_loses_no_acknowledged_relay() -> 
 }
 
 #[tokio::test]
-async fn one_exchange_at_a_time_forwards_a_target_and_every_one_hears_of_relays()
+async fn one_exchange_at_a_time_forwards_a_target_and_every_one_hears_of_every_change()
 -> anyhow::Result<()> {
     if !postgres::available()? {
         return Ok(());
     }
     let cluster = Cluster::start(&[])?;
-    let a = PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?;
-    let b = PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?;
-    for id in ["h1", "h2", "h3"] {
-        a.join(id, "127.0.0.1:1", "", 1).await?;
-    }
+    let connect = || async {
+        let db = PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?;
+        anyhow::Ok(ExchangeDb::postgres(db).await?)
+    };
+    let (a_db, b_db) = (connect().await?, connect().await?);
     let step = std::time::Duration::from_secs(10);
+    // What a commits, b hears of (and a itself, as every exchange of the database).
+    let mut heard = b_db.changes();
+    macro_rules! next {
+        () => {
+            tokio::time::timeout(step, heard.recv()).await??
+        };
+    }
+    for id in ["h1", "h2", "h3"] {
+        a_db.join(id, "127.0.0.1:1", "", 1).await?;
+        assert_eq!(next!(), Change::Servers);
+    }
+    a_db.claim(&user("bob"), "h2").await?;
+    assert_eq!(next!(), Change::Directory);
+    let online = vec![(UserId::new("bob")?, 2)];
+    a_db.set_presence("h2", online.clone()).await?;
+    assert_eq!(
+        next!(),
+        Change::Presence {
+            server: "h2".into(),
+            entries: online.clone()
+        }
+    );
+    assert_eq!(
+        b_db.presence().await?,
+        HashMap::from([("h2".to_owned(), online.into_iter().collect())])
+    );
+    a_db.forget_presence("h2").await?;
+    assert_eq!(next!(), Change::PresenceGone("h2".into()));
+    assert!(b_db.presence().await?.is_empty());
+    // A presence notice too long for one notice is told in several.
+    let many: Vec<(UserId, u32)> = (0..500)
+        .map(|i| Ok((UserId::new(format!("user-with-a-long-name-{i:04}"))?, 1)))
+        .collect::<anyhow::Result<_>>()?;
+    a_db.set_presence("h3", many.clone()).await?;
+    let mut told = Vec::new();
+    while told.len() < many.len() {
+        let Change::Presence { server, entries } = next!() else {
+            panic!("a presence notice was expected")
+        };
+        assert_eq!(server, "h3");
+        told.extend(entries);
+    }
+    assert_eq!(told, many);
+    assert_eq!(b_db.presence().await?["h3"].len(), 500);
+    a_db.leave("h3", 2).await?;
+    assert_eq!(next!(), Change::Servers);
 
-    // What a stores, b hears of at its commit: one notice per target.
-    let mut heard = b.relayed().await?;
     let envelope = Envelope {
         message: message(1),
         expires_at: None,
         rows: vec![row("h2", &["bob"]), row("h3", &["dave"])],
     };
-    a.relay_in("h1", 1, envelope).await?;
-    let mut targets = Vec::new();
-    for _ in 0..2 {
-        targets.push(
-            tokio::time::timeout(step, heard.next())
-                .await?
-                .expect("listening"),
-        );
-    }
-    targets.sort();
-    assert_eq!(targets, ["h2", "h3"]);
+    a_db.relay_in("h1", 1, envelope).await?;
+    let mut targets = vec![next!(), next!()];
+    targets.sort_by_key(|change| format!("{change:?}"));
+    assert_eq!(
+        targets,
+        [Change::Relayed("h2".into()), Change::Relayed("h3".into())]
+    );
 
+    let a = a_db.postgres_db().expect("PostgreSQL");
+    let b = b_db.postgres_db().expect("PostgreSQL");
     // One forwarder per target: b has h2, so a cannot; h3 is free.
     let held = b.forward("h2").await?.expect("h2 is free");
     assert!(a.forward("h2").await?.is_none(), "b forwards h2");
@@ -548,5 +598,82 @@ async fn one_exchange_at_a_time_forwards_a_target_and_every_one_hears_of_relays(
         assert!(tokio::time::Instant::now() < deadline, "h2 was never freed");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_sled_store_tells_of_its_changes_as_the_database_does() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = ExchangeDb::sled(ExchangeStore::open(&dir.path().join("exchange"))?);
+    let mut heard = db.changes();
+    db.join("h1", "127.0.0.1:1", "h1's credential", 1).await?;
+    db.join("h2", "127.0.0.1:2", "h2's credential", 1).await?;
+    assert_eq!(heard.try_recv()?, Change::Servers);
+    assert_eq!(heard.try_recv()?, Change::Servers);
+    // A refused join changes nothing, and tells of nothing.
+    db.join("h2", "127.0.0.1:2", "not h2's credential", 1)
+        .await?;
+    db.claim(&user("bob"), "h2").await?;
+    assert_eq!(heard.try_recv()?, Change::Directory);
+    db.claim(&user("bob"), "h1").await?;
+    let online = vec![(UserId::new("bob")?, 1)];
+    db.set_presence("h2", online.clone()).await?;
+    assert_eq!(
+        heard.try_recv()?,
+        Change::Presence {
+            server: "h2".into(),
+            entries: online.clone()
+        }
+    );
+    assert_eq!(
+        db.presence().await?,
+        HashMap::from([("h2".to_owned(), online.into_iter().collect())])
+    );
+    db.forget_presence("h2").await?;
+    assert_eq!(heard.try_recv()?, Change::PresenceGone("h2".into()));
+    let envelope = Envelope {
+        message: message(1),
+        expires_at: None,
+        rows: vec![row("h2", &["bob"])],
+    };
+    db.relay_in("h1", 1, envelope).await?;
+    assert_eq!(heard.try_recv()?, Change::Relayed("h2".into()));
+    assert!(heard.try_recv().is_err(), "nothing more");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_exchange_whose_listening_connection_ends_listens_again_and_says_it_missed_notices()
+-> anyhow::Result<()> {
+    if !postgres::available()? {
+        return Ok(());
+    }
+    let cluster = Cluster::start(&[])?;
+    let db = ExchangeDb::postgres(
+        PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?,
+    )
+    .await?;
+    let mut heard = db.changes();
+    let sql = cluster.connect().await?;
+    let ended: i64 = sql
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE pid <> pg_backend_pid() AND (query LIKE '%LISTEN%' OR query = $1)",
+            &[&iim_host::store::postgres::LISTENING_BEAT],
+        )
+        .await?
+        .get(0);
+    assert_eq!(ended, 1, "one connection listens");
+    let step = std::time::Duration::from_secs(10);
+    assert_eq!(
+        tokio::time::timeout(step, heard.recv()).await??,
+        Change::Missed
+    );
+    // And it hears again.
+    db.join("h1", "127.0.0.1:1", "h1's credential", 1).await?;
+    assert_eq!(
+        tokio::time::timeout(step, heard.recv()).await??,
+        Change::Servers
+    );
     Ok(())
 }

@@ -22,6 +22,16 @@ use std::time::Duration;
 /// The secret of the networks tests start ([`HostProcess::start_exchange`]).
 pub const NETWORK_SECRET: &str = "test-network-secret";
 
+/// The configuration of an exchange (the secret [`NETWORK_SECRET`]) keeping the network's
+/// state in the PostgreSQL database at `database` (declared single-node), or in its own store
+/// without it, with `network` (more keys of `[network]`).
+pub fn exchange_config(database: Option<&str>, network: &str) -> String {
+    let database = database.map_or_else(String::new, |url| {
+        format!("database = {url:?}\ndatabase_single_node = true\n")
+    });
+    format!("role = \"exchange\"\n[network]\nsecret = \"{NETWORK_SECRET}\"\n{database}{network}")
+}
+
 /// The configuration of host `server_id` in the network of `exchange`, with `toml` (keys and
 /// sections other than `server_id` and `[network]`).
 pub fn network_config(exchange: &HostProcess, server_id: &str, toml: &str) -> String {
@@ -425,8 +435,22 @@ impl HostProcess {
     /// Starts an exchange (`role = "exchange"`) on 127.0.0.1 with a fresh data directory and
     /// the secret [`NETWORK_SECRET`].
     pub fn start_exchange() -> anyhow::Result<Self> {
-        let toml = format!("role = \"exchange\"\n[network]\nsecret = \"{NETWORK_SECRET}\"\n");
-        Self::start_with(&toml, Plugins::Default)
+        Self::start_with(&exchange_config(None, ""), Plugins::Default)
+    }
+
+    /// [`HostProcess::start_exchange`], keeping the network's state in the PostgreSQL
+    /// database at `url` (declared single-node: a test's cluster has no standby).
+    pub fn start_exchange_on(url: &str) -> anyhow::Result<Self> {
+        Self::start_with(&exchange_config(Some(url), ""), Plugins::Default)
+    }
+
+    /// [`HostProcess::start_exchange_on`], one more exchange of the database that `first`
+    /// uses: with a copy of `first`'s data key file, which seals what they relay.
+    pub fn start_another_exchange(url: &str, first: &HostProcess) -> anyhow::Result<Self> {
+        let data = Self::data_dir_with(&exchange_config(Some(url), ""), Plugins::Default)?;
+        let keys = tempfile::tempdir()?;
+        std::fs::copy(first.key_file(), keys.path().join("data.key"))?;
+        Self::launch_with(data, keys, "127.0.0.1:0".parse()?, None)
     }
 
     /// Starts host `server_id` in the network of `exchange`, with configuration `toml` (keys

@@ -98,6 +98,7 @@ async fn submit_all(
     users: Vec<UserId>,
     per_pair: usize,
     mut rng: StdRng,
+    pace: Pace,
     made: mpsc::UnboundedSender<(usize, usize, Submission)>,
 ) {
     for n in 0..per_pair {
@@ -112,10 +113,17 @@ async fn submit_all(
                 body(from, to, n).as_bytes(),
             );
             let _ = made.send((to, n, submission));
-            tokio::time::sleep(Duration::from_millis(rng.random_range(0..8))).await;
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..pace.0))).await;
         }
     }
 }
+
+/// The longest pause between two submissions of one sender, in ms (each a random part of it).
+#[derive(Clone, Copy)]
+struct Pace(u64);
+
+/// Submissions as fast as the faults tests of one exchange send them.
+const BRISK: Pace = Pace(8);
 
 /// The `Accepted` answer of each submission of one sender, by (recipient, n).
 type AcceptedBy = HashMap<(usize, usize), Accepted>;
@@ -128,6 +136,7 @@ fn send_all(
     users: Vec<UserId>,
     per_pair: usize,
     rng: StdRng,
+    pace: Pace,
     accepted_total: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<Result<AcceptedBy>> {
     let (made, mut submissions) = mpsc::unbounded_channel();
@@ -137,6 +146,7 @@ fn send_all(
         users,
         per_pair,
         rng,
+        pace,
         made,
     ));
     tokio::spawn(async move {
@@ -293,6 +303,7 @@ async fn killing_the_host_at_random_moments_loses_and_repeats_nothing() -> Resul
                 users.clone(),
                 PER_PAIR,
                 StdRng::seed_from_u64(rng.random()),
+                BRISK,
                 Arc::clone(&accepted_total),
             ));
         }
@@ -735,49 +746,9 @@ async fn killing_the_exchange_and_a_host_under_cross_host_traffic_loses_and_repe
                 iim_e2e::Plugins::Only(&[("chat", &chat)]),
             )?);
         }
-        let mut users = Vec::new();
-        for i in 0..USERS {
-            users.push(hosts[i % HOSTS].register(&format!("user{i}")).await?);
-        }
-        // Every host must know every user before the traffic starts.
-        for host in &hosts {
-            while host.network_stat("directory_users").await? < USERS as u64 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        let (stop, stopped) = watch::channel(false);
-        let received_total = Arc::new(AtomicUsize::new(0));
-        let mut receivers = Vec::new();
-        for (i, user) in users.iter().enumerate() {
-            let device =
-                open_device(&hosts[i % HOSTS], user, "phone", SessionMode::Receive).await?;
-            receivers.push((
-                i,
-                "phone",
-                tokio::spawn(receive(
-                    device,
-                    stopped.clone(),
-                    Arc::clone(&received_total),
-                )),
-            ));
-        }
-        let expected_per_device = (USERS - 1) * PER_PAIR;
-        let expected_received = receivers.len() * expected_per_device;
-        let accepted_total = Arc::new(AtomicUsize::new(0));
-        let mut senders = Vec::new();
-        for (from, user) in users.iter().enumerate() {
-            let device = Arc::new(
-                open_device(&hosts[from % HOSTS], user, "sender", SessionMode::SendOnly).await?,
-            );
-            senders.push(send_all(
-                device,
-                from,
-                users.clone(),
-                PER_PAIR,
-                StdRng::seed_from_u64(rng.random()),
-                Arc::clone(&accepted_total),
-            ));
-        }
+        let traffic = CrossTraffic::start(&hosts, USERS, PER_PAIR, BRISK, &mut rng).await?;
+        let (received_total, accepted_total) = (&traffic.received, &traffic.accepted);
+        let expected_received = traffic.expected_received();
         let expected_accepted = USERS * (USERS - 1) * PER_PAIR;
 
         // Kill -9 the exchange, then host h1, then both at once, each a random moment after
@@ -828,7 +799,7 @@ async fn killing_the_exchange_and_a_host_under_cross_host_traffic_loses_and_repe
             );
         }
 
-        account(senders, receivers, &received_total, stop, USERS, PER_PAIR).await?;
+        traffic.account().await?;
         // Every envelope left the outboxes: the relay holds nothing more.
         for host in &hosts {
             ensure!(
@@ -844,4 +815,269 @@ async fn killing_the_exchange_and_a_host_under_cross_host_traffic_loses_and_repe
     })
     .await
     .context("the fault test did not finish in time")?
+}
+
+/// Users spread over hosts (user i on host i % hosts, each known everywhere), each with a
+/// receiving device, and each sending `per_pair` messages to every other user.
+struct CrossTraffic {
+    senders: Vec<tokio::task::JoinHandle<Result<AcceptedBy>>>,
+    receivers: Vec<Receiver>,
+    /// Messages received so far, by every device.
+    received: Arc<AtomicUsize>,
+    /// Submissions accepted so far.
+    accepted: Arc<AtomicUsize>,
+    stop: watch::Sender<bool>,
+    users: usize,
+    per_pair: usize,
+}
+
+impl CrossTraffic {
+    async fn start(
+        hosts: &[HostProcess],
+        users: usize,
+        per_pair: usize,
+        pace: Pace,
+        rng: &mut StdRng,
+    ) -> Result<Self> {
+        let mut names = Vec::new();
+        for i in 0..users {
+            names.push(hosts[i % hosts.len()].register(&format!("user{i}")).await?);
+        }
+        // Every host must know every user before the traffic starts.
+        for host in hosts {
+            while host.network_stat("directory_users").await? < users as u64 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let (stop, stopped) = watch::channel(false);
+        let received = Arc::new(AtomicUsize::new(0));
+        let mut receivers = Vec::new();
+        for (i, user) in names.iter().enumerate() {
+            let host = &hosts[i % hosts.len()];
+            let device = open_device(host, user, "phone", SessionMode::Receive).await?;
+            let task = tokio::spawn(receive(device, stopped.clone(), Arc::clone(&received)));
+            receivers.push((i, "phone", task));
+        }
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let mut senders = Vec::new();
+        for (from, user) in names.iter().enumerate() {
+            let host = &hosts[from % hosts.len()];
+            let device = open_device(host, user, "sender", SessionMode::SendOnly).await?;
+            senders.push(send_all(
+                Arc::new(device),
+                from,
+                names.clone(),
+                per_pair,
+                StdRng::seed_from_u64(rng.random()),
+                pace,
+                Arc::clone(&accepted),
+            ));
+        }
+        Ok(Self {
+            senders,
+            receivers,
+            received,
+            accepted,
+            stop,
+            users,
+            per_pair,
+        })
+    }
+
+    /// Deliveries once every message arrived.
+    fn expected_received(&self) -> usize {
+        self.receivers.len() * (self.users - 1) * self.per_pair
+    }
+
+    /// [`account`]: every message accepted once, and received once, in order.
+    async fn account(self) -> Result {
+        account(
+            self.senders,
+            self.receivers,
+            &self.received,
+            self.stop,
+            self.users,
+            self.per_pair,
+        )
+        .await
+    }
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to `process`.
+fn signal(process: &HostProcess, signal: &str) -> Result {
+    let pid = process.pid().context("the process is not running")?;
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()?;
+    ensure!(status.success(), "kill -{signal} {pid} failed");
+    Ok(())
+}
+
+/// Which of `exchanges` forwards to host `server` now, as `admin network` of the first one
+/// that answers shows it (`None`: none does).
+async fn forwarder_of(exchanges: &[HostProcess], server: &str) -> Result<Option<usize>> {
+    for exchange in exchanges {
+        let Ok(network) = exchange.admin("network").await else {
+            continue;
+        };
+        for line in network.lines() {
+            let Some((name, targets)) = line
+                .strip_prefix("exchange ")
+                .and_then(|rest| rest.split_once(" forwards "))
+            else {
+                continue;
+            };
+            let forwards = targets
+                .trim_matches(['[', ']'])
+                .split_whitespace()
+                .any(|t| t == server);
+            if forwards {
+                return Ok(exchanges.iter().position(|e| e.addr.to_string() == name));
+            }
+        }
+        return Ok(None);
+    }
+    anyhow::bail!("no exchange answers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_exchanges_on_one_database_relay_through_kills_and_a_stop_of_either_or_both() -> Result
+{
+    // Two exchanges share one PostgreSQL database; three hosts list both, two users on each.
+    // Under cross-host traffic: kill -9 of the exchange the hosts are on, then of the other
+    // (each started again), of both one after the other, and SIGSTOP of the one that
+    // forwards to h0 for longer than a link's idle timeout. Every accepted message is
+    // delivered once, in its sender's order.
+    if !iim_e2e::postgres::available()? {
+        return Ok(());
+    }
+    const HOSTS: usize = 3;
+    const USERS: usize = 6;
+    const PER_PAIR: usize = 30;
+    let seed = seed();
+    eprintln!("fault seed {seed} (IIM_FAULT_SEED={seed} replays it)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let started = std::time::Instant::now();
+    let cluster = iim_e2e::postgres::Cluster::start(&[])?;
+    let first = HostProcess::start_exchange_on(&cluster.url())?;
+    let second = HostProcess::start_another_exchange(&cluster.url(), &first)?;
+    let mut exchanges = vec![first, second];
+    let mut hosts = Vec::new();
+    let outcome = tokio::time::timeout(DEADLINE, async {
+        // Each host trusts both exchanges' certificates, and lists both.
+        let certs = tempfile::tempdir()?;
+        let cert_file = certs.path().join("exchanges.pem");
+        let mut pem = std::fs::read(&exchanges[0].cert)?;
+        pem.extend(std::fs::read(&exchanges[1].cert)?);
+        std::fs::write(&cert_file, pem)?;
+        let chat = iim_e2e::default_plugin("chat")?;
+        for i in 0..HOSTS {
+            let toml = format!(
+                "server_id = \"h{i}\"\n[network]\nexchange = \"{},{}\"\n\
+                 exchange_cert = {:?}\nsecret = \"{}\"\n",
+                exchanges[0].addr,
+                exchanges[1].addr,
+                cert_file.display().to_string(),
+                iim_e2e::NETWORK_SECRET,
+            );
+            hosts.push(HostProcess::start_with(
+                &toml,
+                iim_e2e::Plugins::Only(&[("chat", &chat)]),
+            )?);
+        }
+        // About 15 s of submissions: the faults come while they do.
+        let traffic = CrossTraffic::start(&hosts, USERS, PER_PAIR, Pace(200), &mut rng).await?;
+        let (received_total, accepted_total) = (&traffic.received, &traffic.accepted);
+        let expected_received = traffic.expected_received();
+
+        for k in 1..=4usize {
+            let threshold = k * expected_received / 6;
+            while received_total.load(Ordering::Relaxed) < threshold {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
+            let at_fault = (
+                accepted_total.load(Ordering::Relaxed),
+                received_total.load(Ordering::Relaxed),
+            );
+            let pause = Duration::from_millis(rng.random_range(0..300));
+            let what = match k {
+                1 | 2 => {
+                    let i = forwarder_of(&exchanges, "h0").await?.unwrap_or(k - 1);
+                    exchanges[i].kill9()?;
+                    tokio::time::sleep(pause).await;
+                    tokio::task::block_in_place(|| exchanges[i].restart())?;
+                    format!("killed exchange {i}, the one h0 was on")
+                }
+                3 => {
+                    exchanges[0].kill9()?;
+                    tokio::time::sleep(pause).await;
+                    exchanges[1].kill9()?;
+                    tokio::time::sleep(pause).await;
+                    tokio::task::block_in_place(|| -> Result {
+                        exchanges[0].restart()?;
+                        exchanges[1].restart()
+                    })?;
+                    "killed both exchanges, one after the other".to_owned()
+                }
+                _ => {
+                    let i = within("a forwarder of h0", async {
+                        loop {
+                            if let Some(i) = forwarder_of(&exchanges, "h0").await? {
+                                return anyhow::Ok(i);
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    })
+                    .await??;
+                    signal(&exchanges[i], "STOP")?;
+                    let before = received_total.load(Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_secs(8)).await;
+                    let during = received_total.load(Ordering::Relaxed) - before;
+                    signal(&exchanges[i], "CONT")?;
+                    // Submissions went on: the other exchange took the hosts over.
+                    ensure!(
+                        during > 0,
+                        "nothing was relayed while exchange {i} was stopped"
+                    );
+                    format!(
+                        "stopped exchange {i}, the one h0 was on, for 8 s ({during} received \
+                         meanwhile)"
+                    )
+                }
+            };
+            eprintln!(
+                "{:>6.2} s: {what}, after {} accepted and {} of {expected_received} received",
+                started.elapsed().as_secs_f64(),
+                at_fault.0,
+                at_fault.1
+            );
+        }
+
+        traffic.account().await?;
+        for host in &hosts {
+            ensure!(
+                host.network_stat("envelopes_waiting").await? == 0,
+                "an outbox is not empty"
+            );
+        }
+        eprintln!(
+            "{:>6.2} s: all accounted for",
+            started.elapsed().as_secs_f64()
+        );
+        anyhow::Ok(())
+    })
+    .await
+    .context("the fault test did not finish in time")
+    .and_then(|done| done);
+    if outcome.is_err() {
+        for (i, exchange) in exchanges.iter().enumerate() {
+            eprintln!("---- exchange {i}'s log ----\n{}", exchange.log());
+        }
+        for (i, host) in hosts.iter().enumerate() {
+            eprintln!("---- h{i}'s log ----\n{}", host.log());
+        }
+    }
+    outcome
 }

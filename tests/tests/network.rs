@@ -1,22 +1,75 @@
 //! A network of hosts: an exchange and three hosts, each a real `iim-host` process on
 //! loopback, with users spread over them (issue 5; DESIGN.md §2–3).
+//!
+//! One suite, two stores: every test runs with the exchange's own sled store (`sled::…`) and
+//! with the network's state in PostgreSQL (`postgres::…`, a cluster of the test's own).
 
 use anyhow::Context as _;
 use iim_client::new_client_id;
 use iim_client::proto::{ErrorCode, MessageKind, UserId};
+use iim_e2e::postgres::Cluster;
 use iim_e2e::{HostProcess, Plugins, code_of, default_plugin, next_message, within};
 
 type Result = anyhow::Result<()>;
+
+/// Where the exchange keeps the network's state.
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    /// Its own sled store.
+    Sled,
+    /// A PostgreSQL cluster the test starts.
+    Postgres,
+}
+
+/// Runs each test once per store: `sled::NAME` and `postgres::NAME` (skipped, saying so,
+/// where PostgreSQL is not installed and not required).
+macro_rules! with_both_stores {
+    ($($test:ident),* $(,)?) => {
+        mod sled {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() -> super::Result {
+                    super::$test(super::Store::Sled).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() -> super::Result {
+                    if !iim_e2e::postgres::available()? {
+                        return Ok(());
+                    }
+                    super::$test(super::Store::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+/// An exchange on `store`, and the cluster it needs (kept as long as the exchange).
+fn start_exchange(store: Store) -> anyhow::Result<(HostProcess, Option<Cluster>)> {
+    match store {
+        Store::Sled => Ok((HostProcess::start_exchange()?, None)),
+        Store::Postgres => {
+            let cluster = Cluster::start(&[])?;
+            let exchange = HostProcess::start_exchange_on(&cluster.url())?;
+            Ok((exchange, Some(cluster)))
+        }
+    }
+}
 
 /// An exchange and hosts `h1`, `h2`, `h3` in its network.
 struct Net {
     exchange: HostProcess,
     hosts: Vec<HostProcess>,
+    /// The exchange's database, stopped after every process.
+    _cluster: Option<Cluster>,
 }
 
 impl Net {
-    fn start(toml: &str, chat_only: bool) -> anyhow::Result<Self> {
-        let exchange = HostProcess::start_exchange()?;
+    fn start(store: Store, toml: &str, chat_only: bool) -> anyhow::Result<Self> {
+        let (exchange, cluster) = start_exchange(store)?;
         let chat = default_plugin("chat")?;
         let mut hosts = Vec::new();
         for id in ["h1", "h2", "h3"] {
@@ -27,12 +80,16 @@ impl Net {
             };
             hosts.push(HostProcess::start_in_network(&exchange, id, toml, plugins)?);
         }
-        Ok(Self { exchange, hosts })
+        Ok(Self {
+            exchange,
+            hosts,
+            _cluster: cluster,
+        })
     }
 
     /// A chat-only network, every host up, with alice on h1 and bob on h2, both known to h1.
-    async fn alice_and_bob() -> anyhow::Result<(Self, UserId, UserId)> {
-        let net = Self::start("", true)?;
+    async fn alice_and_bob(store: Store) -> anyhow::Result<(Self, UserId, UserId)> {
+        let net = Self::start(store, "", true)?;
         net.all_up().await?;
         let alice = net.host(0).register("alice").await?;
         let bob = net.host(1).register("bob").await?;
@@ -62,9 +119,10 @@ impl Net {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_user_name_is_taken_once_in_the_network_and_every_host_learns_where_it_lives() -> Result {
-    let net = Net::start("", true)?;
+async fn a_user_name_is_taken_once_in_the_network_and_every_host_learns_where_it_lives(
+    store: Store,
+) -> Result {
+    let net = Net::start(store, "", true)?;
     net.all_up().await?;
     let alice = net.host(0).register("alice").await?;
     net.host(1).register("bob").await?;
@@ -87,9 +145,8 @@ async fn a_user_name_is_taken_once_in_the_network_and_every_host_learns_where_it
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chat_crosses_hosts_in_one_envelope_per_host_and_in_order() -> Result {
-    let net = Net::start("", true)?;
+async fn chat_crosses_hosts_in_one_envelope_per_host_and_in_order(store: Store) -> Result {
+    let net = Net::start(store, "", true)?;
     net.all_up().await?;
     let alice = net.host(0).register("alice").await?;
     let bob = net.host(1).register("bob").await?;
@@ -184,9 +241,8 @@ async fn stat_reaches(host: &HostProcess, key: &str, value: u64) -> Result {
     .await?
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delivered_and_read_receipts_come_back_across_hosts() -> Result {
-    let net = Net::start("", false)?;
+async fn delivered_and_read_receipts_come_back_across_hosts(store: Store) -> Result {
+    let net = Net::start(store, "", false)?;
     net.all_up().await?;
     let alice = net.host(0).register("alice").await?;
     let bob = net.host(1).register("bob").await?;
@@ -227,9 +283,8 @@ async fn delivered_and_read_receipts_come_back_across_hosts() -> Result {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_presence_change_reaches_friends_on_every_host_in_one_envelope() -> Result {
-    let net = Net::start("", false)?;
+async fn a_presence_change_reaches_friends_on_every_host_in_one_envelope(store: Store) -> Result {
+    let net = Net::start(store, "", false)?;
     net.all_up().await?;
     let alice = net.host(0).register("alice").await?;
     // Friends on every host: 2 beside Alice, 3 on each other host.
@@ -299,9 +354,8 @@ async fn a_presence_change_reaches_friends_on_every_host_in_one_envelope() -> Re
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_reaches_another_host_is_redirected_home_and_follows() -> Result {
-    let (net, alice, bob) = Net::alice_and_bob().await?;
+async fn a_client_that_reaches_another_host_is_redirected_home_and_follows(store: Store) -> Result {
+    let (net, alice, bob) = Net::alice_and_bob(store).await?;
     let (a, _) = net.host(0).online(&alice, "phone").await?;
 
     // A plain login at the wrong host is answered with the way home.
@@ -445,9 +499,10 @@ async fn held_five(net: &Net, bob: &UserId) -> anyhow::Result<iim_client::Connec
     Ok(b)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registration_survives_restarts_and_traffic_for_a_host_that_is_away_is_held() -> Result {
-    let (mut net, alice, bob) = Net::alice_and_bob().await?;
+async fn registration_survives_restarts_and_traffic_for_a_host_that_is_away_is_held(
+    store: Store,
+) -> Result {
+    let (mut net, alice, bob) = Net::alice_and_bob(store).await?;
     let numbers = net.exchange.admin("network").await?;
     let (a, _) = net.host(0).online(&alice, "phone").await?;
 
@@ -522,11 +577,10 @@ async fn registration_survives_restarts_and_traffic_for_a_host_that_is_away_is_h
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_that_served_alone_brings_its_users_into_the_network() -> Result {
+async fn a_host_that_served_alone_brings_its_users_into_the_network(store: Store) -> Result {
     // A host alone, with users, joins a network: its users keep their accounts and inboxes
     // and become reachable from the other hosts; a name taken elsewhere first stays there.
-    let exchange = HostProcess::start_exchange()?;
+    let (exchange, _cluster) = start_exchange(store)?;
     let chat = default_plugin("chat")?;
     let mut old = HostProcess::start_chat_only()?;
     let olduser = old.register("olduser").await?;
@@ -590,9 +644,10 @@ fn refused_to_start(toml: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_with_a_wrong_secret_or_another_host_s_id_is_refused_and_says_why() -> Result {
-    let net = Net::start("", true)?;
+async fn a_host_with_a_wrong_secret_or_another_host_s_id_is_refused_and_says_why(
+    store: Store,
+) -> Result {
+    let net = Net::start(store, "", true)?;
     net.all_up().await?;
     // A second host that takes h2's id (a new data directory): refused, h2 unharmed.
     let err = tokio::task::block_in_place(|| {
@@ -619,9 +674,10 @@ async fn a_host_with_a_wrong_secret_or_another_host_s_id_is_refused_and_says_why
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_that_expires_on_another_host_is_reported_back_to_its_sender() -> Result {
-    let (net, alice, bob) = Net::alice_and_bob().await?;
+async fn a_message_that_expires_on_another_host_is_reported_back_to_its_sender(
+    store: Store,
+) -> Result {
+    let (net, alice, bob) = Net::alice_and_bob(store).await?;
     let (a, _) = net.host(0).online(&alice, "phone").await?;
     // Bob is offline: the message waits in his inbox on h2 for its 1 s, then expires there;
     // h2 tells Alice on h1, in her own name, across the relay.
@@ -647,11 +703,11 @@ async fn a_message_that_expires_on_another_host_is_reported_back_to_its_sender()
 /// A file sent across hosts: each recipient downloads it from their own home host, which
 /// fetches it over the network from the sender's host once, however many of its users ask
 /// at once, checks its SHA-256 and keeps it; a user there who was not sent it is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_file_sent_across_hosts_is_fetched_once_per_host_and_only_its_recipients_get_it() -> Result
-{
+async fn a_file_sent_across_hosts_is_fetched_once_per_host_and_only_its_recipients_get_it(
+    store: Store,
+) -> Result {
     use iim_client::proto::body::FILE_KIND;
-    let net = Net::start("", true)?;
+    let net = Net::start(store, "", true)?;
     net.all_up().await?;
     let alice = net.host(0).register("alice").await?;
     let bob = net.host(1).register("bob").await?;
@@ -727,10 +783,9 @@ async fn a_file_sent_across_hosts_is_fetched_once_per_host_and_only_its_recipien
 /// messages to the name reach the new user there. (The release is asynchronous: the host
 /// that deleted the account asks the exchange once the deletion is durable, and the other
 /// hosts hear of it as of a registration.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deleted_account_s_name_is_free_again_in_the_whole_network() -> Result {
+async fn a_deleted_account_s_name_is_free_again_in_the_whole_network(store: Store) -> Result {
     use iim_client::proto::SessionMode;
-    let exchange = HostProcess::start_exchange()?;
+    let (exchange, _cluster) = start_exchange(store)?;
     let chat = default_plugin("chat")?;
     let h1 = HostProcess::start_in_network(&exchange, "h1", "", Plugins::Only(&[("chat", &chat)]))?;
     let h2 = HostProcess::start_in_network(&exchange, "h2", "", Plugins::Only(&[("chat", &chat)]))?;
@@ -818,9 +873,10 @@ async fn a_deleted_account_s_name_is_free_again_in_the_whole_network() -> Result
 /// `admin rotate-key` on the exchange: what waits there for a host that is away (sealed with
 /// the old key) is re-encrypted, so that the old key can leave the exchange's key file and the
 /// host, back, gets everything, in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_exchange_s_key_is_rotated_and_what_it_holds_reads_without_the_old_key() -> Result {
-    let (mut net, alice, bob) = Net::alice_and_bob().await?;
+async fn the_exchange_s_key_is_rotated_and_what_it_holds_reads_without_the_old_key(
+    store: Store,
+) -> Result {
+    let (mut net, alice, bob) = Net::alice_and_bob(store).await?;
     let (a, _) = net.host(0).online(&alice, "phone").await?;
     net.hosts[1].kill9()?;
     host_line_shows(&net.exchange, "h2", " down ").await?;
@@ -829,6 +885,23 @@ async fn the_exchange_s_key_is_rotated_and_what_it_holds_reads_without_the_old_k
     }
     host_line_shows(&net.exchange, "h2", "waiting 5").await?;
 
+    if let Store::Postgres = store {
+        // Not supported yet: the key every exchange of the database shares is not rotated by
+        // one of them. Said (the command fails), and nothing changes.
+        let refused = match net.exchange.admin("rotate-key").await {
+            Ok(reply) => anyhow::bail!("rotate-key succeeded: {reply}"),
+            Err(e) => e.to_string(),
+        };
+        anyhow::ensure!(
+            refused.contains("error: rotate-key:") && refused.contains("PostgreSQL"),
+            "{refused}"
+        );
+        tokio::task::block_in_place(|| net.hosts[1].restart())?;
+        let b = held_five(&net, &bob).await?;
+        a.close().await;
+        b.close().await;
+        return Ok(());
+    }
     let reply = net.exchange.admin("rotate-key").await?;
     anyhow::ensure!(reply.contains("data key 2 of"), "{reply}");
     let status = within("the exchange's re-encryption", async {
@@ -864,3 +937,18 @@ async fn the_exchange_s_key_is_rotated_and_what_it_holds_reads_without_the_old_k
     b.close().await;
     Ok(())
 }
+
+with_both_stores!(
+    a_user_name_is_taken_once_in_the_network_and_every_host_learns_where_it_lives,
+    chat_crosses_hosts_in_one_envelope_per_host_and_in_order,
+    delivered_and_read_receipts_come_back_across_hosts,
+    a_presence_change_reaches_friends_on_every_host_in_one_envelope,
+    a_client_that_reaches_another_host_is_redirected_home_and_follows,
+    registration_survives_restarts_and_traffic_for_a_host_that_is_away_is_held,
+    a_host_that_served_alone_brings_its_users_into_the_network,
+    a_host_with_a_wrong_secret_or_another_host_s_id_is_refused_and_says_why,
+    a_message_that_expires_on_another_host_is_reported_back_to_its_sender,
+    a_file_sent_across_hosts_is_fetched_once_per_host_and_only_its_recipients_get_it,
+    a_deleted_account_s_name_is_free_again_in_the_whole_network,
+    the_exchange_s_key_is_rotated_and_what_it_holds_reads_without_the_old_key,
+);

@@ -7,12 +7,15 @@
 //! knows is refused, unchanged: an older exchange must not write to a schema it does not know.
 
 use super::exchange::{Joining, credential_hash, same_credential};
+use super::exchange_db::Change;
 use super::sealing::OpenError;
 use super::{Sealer, StoreError, decode, encode};
 use iim_proto::peer::{Envelope, RelayRow, ServerInfo};
 use iim_proto::{Address, Message, UserId};
 use serde::{Deserialize, Serialize};
-use tokio_postgres::Client;
+use std::collections::HashMap;
+use tokio::sync::broadcast;
+use tokio_postgres::{Client, GenericClient};
 
 /// The advisory lock held while a schema is migrated (its key: "iim" and 1).
 const MIGRATION_LOCK: i64 = 0x0069_696d_0000_0001;
@@ -148,10 +151,11 @@ pub async fn migrate(
 
 /// The exchange's schema, oldest first (DESIGN.md §10). Names are stored as their text
 /// (`Address`'s `Display`: `alice`, `#team`).
-pub const SCHEMA: &[Migration] = &[Migration {
-    version: 1,
-    name: "registry, directory and relay",
-    sql: "CREATE TABLE servers (
+pub const SCHEMA: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "registry, directory and relay",
+        sql: "CREATE TABLE servers (
               id text PRIMARY KEY,
               number integer NOT NULL UNIQUE,
               addr text NOT NULL,
@@ -213,7 +217,21 @@ pub const SCHEMA: &[Migration] = &[Migration {
               key bigint PRIMARY KEY,
               sealed bytea NOT NULL
           );",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "presence",
+        // Who is online on each host, as its exchange heard it: what an exchange that
+        // starts, or that missed notices, reads to know it. Rows change at every login and
+        // logout; a host that joins again tells it anew.
+        sql: "CREATE TABLE presence (
+                  server text NOT NULL,
+                  user_id text NOT NULL,
+                  devices integer NOT NULL,
+                  PRIMARY KEY (server, user_id)
+              );",
+    },
+];
 
 /// A relayed message as `relay_messages` keeps it (sealed).
 #[derive(Serialize, Deserialize)]
@@ -244,7 +262,8 @@ pub enum Durability {
 /// connection that ended (its server died, a failover) is made again at the next use, to
 /// whichever server the connection string finds writable.
 pub struct PgExchange {
-    url: String,
+    /// Where the database is, and this exchange's name in it (`application_name`).
+    config: tokio_postgres::Config,
     client: tokio::sync::Mutex<Client>,
     /// The relayed messages (what users wrote) are sealed.
     sealer: Sealer,
@@ -260,7 +279,29 @@ impl PgExchange {
         sealer: Sealer,
         durability: Durability,
     ) -> Result<Self, StoreError> {
-        let mut client = open(url).await?;
+        Self::connect_as(url, "", sealer, durability).await
+    }
+
+    /// [`PgExchange::connect`], for the exchange named `name` (its address): every
+    /// connection it makes says so, and [`PgExchange::exchanges`] lists it by that name.
+    pub async fn connect_as(
+        url: &str,
+        name: &str,
+        sealer: Sealer,
+        durability: Durability,
+    ) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
+            StoreError::Database(format!("network.database is not a connection string: {e}"))
+        })?;
+        config
+            .application_name(format!("{APPLICATION}{name}"))
+            // A database that is cut off, not closed, is noticed within seconds.
+            .keepalives_idle(std::time::Duration::from_secs(5))
+            .keepalives_interval(std::time::Duration::from_secs(2))
+            .keepalives_retries(3)
+            .tcp_user_timeout(std::time::Duration::from_secs(10))
+            .connect_timeout(std::time::Duration::from_secs(10));
+        let mut client = open(&config).await?;
         if durability == Durability::Replicated {
             replicated(&client).await?;
         }
@@ -269,7 +310,7 @@ impl PgExchange {
             .map_err(|e| StoreError::Database(e.to_string()))?;
         check_keys(&mut client, &sealer).await?;
         Ok(Self {
-            url: url.to_owned(),
+            config,
             client: tokio::sync::Mutex::new(client),
             sealer,
         })
@@ -280,7 +321,7 @@ impl PgExchange {
         let mut client = self.client.lock().await;
         if client.is_closed() {
             tracing::info!("connecting to the database again");
-            *client = open(&self.url).await?;
+            *client = open(&self.config).await?;
         }
         Ok(client)
     }
@@ -345,27 +386,42 @@ impl PgExchange {
                 ],
             )
             .await?;
+        notify(&transaction, SERVERS).await?;
         transaction.commit().await?;
         Ok(joining)
     }
 
     /// As [`super::exchange::ExchangeStore::leave`].
     pub async fn leave(&self, id: &str, now: u64) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await?;
+        transaction
             .execute(
                 "UPDATE servers SET up = false, since = $2 WHERE id = $1",
                 &[&id, &ms(now)],
             )
             .await?;
+        notify(&transaction, SERVERS).await?;
+        transaction.commit().await?;
         Ok(())
     }
 
-    /// As [`super::exchange::ExchangeStore::servers`].
+    /// As [`super::exchange::ExchangeStore::servers`]; a host is up while an exchange
+    /// forwards to it ([`PgExchange::forward`]): whichever exchange it is linked to, and not
+    /// after that exchange died.
     pub async fn servers(&self) -> Result<Vec<ServerInfo>, StoreError> {
         let client = self.client().await?;
         let rows = client
-            .query("SELECT id, number, addr, up FROM servers ORDER BY id", &[])
+            .query(
+                &format!(
+                    "SELECT s.id, s.number, s.addr, EXISTS (
+                         SELECT 1 FROM pg_locks l
+                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                             AND ((l.classid::bigint << 32) | l.objid::bigint) = {HELD_KEY})
+                     FROM servers s ORDER BY s.id"
+                ),
+                &[],
+            )
             .await?;
         rows.iter()
             .map(|row| {
@@ -405,6 +461,7 @@ impl PgExchange {
             )
             .await?;
         log_version(&transaction, version, &name).await?;
+        notify(&transaction, DIRECTORY).await?;
         transaction.commit().await?;
         Ok((server.to_owned(), Some(count_of("directory_log", version)?)))
     }
@@ -432,6 +489,7 @@ impl PgExchange {
             .execute("DELETE FROM directory WHERE name = $1", &[&name])
             .await?;
         log_version(&transaction, version, &name).await?;
+        notify(&transaction, DIRECTORY).await?;
         transaction.commit().await?;
         Ok((None, Some(count_of("directory_log", version)?)))
     }
@@ -596,9 +654,7 @@ impl PgExchange {
                 )
                 .await?;
             // Heard, at commit, by the exchange that forwards to the target.
-            transaction
-                .execute("SELECT pg_notify($1, $2)", &[&RELAY_CHANNEL, &row.server])
-                .await?;
+            notify(&transaction, &format!("{RELAYED}\t{}", row.server)).await?;
             targets.push(row.server);
         }
         transaction
@@ -732,32 +788,291 @@ impl PgExchange {
     }
 }
 
-/// The channel on which a committed `905` names each of its targets.
-const RELAY_CHANNEL: &str = "iim_relay";
+/// The channel on which every change is told, at its commit, to every exchange that
+/// listens. A notice is one line naming what changed (`servers`, `directory`,
+/// `relayed\t<target>`, `presence-gone\t<server>`), or `presence\t<server>` followed by a
+/// line `<user>\t<devices>` per user.
+const CHANGES_CHANNEL: &str = "iim_changes";
+const SERVERS: &str = "servers";
+const DIRECTORY: &str = "directory";
+const RELAYED: &str = "relayed";
+const PRESENCE: &str = "presence";
+const PRESENCE_GONE: &str = "presence-gone";
+/// The most bytes a notice carries (PostgreSQL's limit is 8000).
+const NOTICE_MAX: usize = 7900;
+
+/// Tells every exchange that listens of `notice`, once `client`'s transaction commits.
+async fn notify(client: &impl GenericClient, notice: &str) -> Result<(), StoreError> {
+    client
+        .execute("SELECT pg_notify($1, $2)", &[&CHANGES_CHANNEL, &notice])
+        .await?;
+    Ok(())
+}
+
+/// The change a notice tells of (`None`: not one this exchange knows).
+fn change_of(notice: &str) -> Option<Change> {
+    let mut lines = notice.lines();
+    let (kind, name) = match lines.next()?.split_once('\t') {
+        Some((kind, name)) => (kind, Some(name)),
+        None => (notice, None),
+    };
+    Some(match (kind, name) {
+        (SERVERS, None) => Change::Servers,
+        (DIRECTORY, None) => Change::Directory,
+        (RELAYED, Some(target)) => Change::Relayed(target.to_owned()),
+        (PRESENCE_GONE, Some(server)) => Change::PresenceGone(server.to_owned()),
+        (PRESENCE, Some(server)) => {
+            let entries = lines
+                .map(|line| {
+                    let (user, devices) = line.split_once('\t')?;
+                    Some((UserId::new(user).ok()?, devices.parse().ok()?))
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Change::Presence {
+                server: server.to_owned(),
+                entries,
+            }
+        }
+        _ => return None,
+    })
+}
 
 impl PgExchange {
-    // ---- forwarding, across exchanges ----
+    // ---- presence ----
+
+    /// Users of host `server` have this many devices online now (0: offline): stored, and
+    /// told to every exchange.
+    pub async fn set_presence(
+        &self,
+        server: &str,
+        entries: &[(UserId, u32)],
+    ) -> Result<(), StoreError> {
+        let (online, offline): (Vec<_>, Vec<_>) = entries.iter().partition(|(_, n)| *n > 0);
+        let users = |entries: &[&(UserId, u32)]| -> Vec<String> {
+            entries.iter().map(|(user, _)| user.to_string()).collect()
+        };
+        let devices: Vec<i32> = online
+            .iter()
+            .map(|(_, n)| i32::try_from(*n).unwrap_or(i32::MAX))
+            .collect();
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await?;
+        if !online.is_empty() {
+            transaction
+                .execute(
+                    "INSERT INTO presence (server, user_id, devices)
+                     SELECT $1, * FROM unnest($2::text[], $3::integer[])
+                     ON CONFLICT (server, user_id) DO UPDATE SET devices = excluded.devices",
+                    &[&server, &users(&online), &devices],
+                )
+                .await?;
+        }
+        if !offline.is_empty() {
+            transaction
+                .execute(
+                    "DELETE FROM presence WHERE server = $1 AND user_id = ANY($2)",
+                    &[&server, &users(&offline)],
+                )
+                .await?;
+        }
+        let head = format!("{PRESENCE}\t{server}");
+        let mut notice = head.clone();
+        for (user, devices) in entries {
+            let line = format!("\n{user}\t{devices}");
+            if notice.len() + line.len() > NOTICE_MAX {
+                notify(&transaction, &notice).await?;
+                notice.clone_from(&head);
+            }
+            notice.push_str(&line);
+        }
+        if notice.len() > head.len() {
+            notify(&transaction, &notice).await?;
+        }
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Every user of host `server` counts as offline: its rows go, and every exchange is told.
+    pub async fn forget_presence(&self, server: &str) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await?;
+        transaction
+            .execute("DELETE FROM presence WHERE server = $1", &[&server])
+            .await?;
+        notify(&transaction, &format!("{PRESENCE_GONE}\t{server}")).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Per host, its users with devices online and how many.
+    pub async fn presence(&self) -> Result<HashMap<String, HashMap<UserId, u32>>, StoreError> {
+        let client = self.client().await?;
+        let mut presence: HashMap<String, HashMap<UserId, u32>> = HashMap::new();
+        for row in client
+            .query("SELECT server, user_id, devices FROM presence", &[])
+            .await?
+        {
+            let user: &str = row.get(1);
+            let user = UserId::new(user).map_err(|_| StoreError::Corrupt {
+                tree: "presence",
+                reason: format!("{user:?} is not a user id"),
+            })?;
+            let devices: i32 = row.get(2);
+            presence
+                .entry(row.get(0))
+                .or_default()
+                .insert(user, u32::try_from(devices).unwrap_or(0));
+        }
+        Ok(presence)
+    }
+
+    // ---- forwarding and notices, across exchanges ----
 
     /// The right to forward `target`'s `906`s, if no other exchange has it: an advisory lock
     /// held on a connection of its own while the [`Forwarding`] lives. When its holder dies,
-    /// its connection ends and the database frees the lock for another exchange.
+    /// its connection ends and the database frees the lock for another exchange; when its
+    /// holder stops (a process stopped, a machine frozen), the database ends the connection
+    /// once it has been idle [`FORWARD_IDLE`], which a live holder never lets it be.
     pub async fn forward(&self, target: &str) -> Result<Option<Forwarding>, StoreError> {
-        let client = open(&self.url).await?;
+        let client = open(&self.config).await?;
+        client
+            .batch_execute(&format!(
+                "SET idle_session_timeout = {}",
+                FORWARD_IDLE.as_millis()
+            ))
+            .await?;
         let taken: bool = client
             .query_one(
-                "SELECT pg_try_advisory_lock(hashtextextended('iim forward ' || $1, 0))",
+                &format!("SELECT pg_try_advisory_lock({FORWARD_KEY})"),
                 &[&target],
             )
             .await?
             .get(0);
-        Ok(taken.then_some(Forwarding { _client: client }))
+        if !taken {
+            return Ok(None);
+        }
+        let client = std::sync::Arc::new(client);
+        let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let heartbeat = tokio::spawn({
+            let (client, lost) = (std::sync::Arc::clone(&client), std::sync::Arc::clone(&lost));
+            let target = target.to_owned();
+            async move {
+                loop {
+                    tokio::time::sleep(FORWARD_IDLE / 5).await;
+                    if let Err(e) = client.batch_execute(FORWARDING_BEAT).await {
+                        tracing::warn!(%target, error = %described(&e), "lost the right to forward");
+                        lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Some(Forwarding {
+            client,
+            lost,
+            heartbeat,
+        }))
     }
 
-    /// The targets of `905`s as they are committed, by any exchange of this database: one
-    /// name per target and `905`, from a connection of its own that listens.
-    pub async fn relayed(&self) -> Result<RelayNotices, StoreError> {
-        let (client, mut connection) =
-            tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await?;
+    /// Tells every exchange that the registry changed (a target's forwarder changed: whether
+    /// the host is up).
+    pub async fn registry_changed(&self) -> Result<(), StoreError> {
+        notify(&*self.client().await?, SERVERS).await
+    }
+
+    /// Every exchange connected to the database (by name), with the hosts it forwards to.
+    pub async fn exchanges(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT a.application_name, s.id
+                     FROM pg_stat_activity a
+                     LEFT JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'advisory'
+                         AND l.granted AND l.objsubid = 1
+                     LEFT JOIN servers s
+                         ON ((l.classid::bigint << 32) | l.objid::bigint) = {HELD_KEY}
+                     WHERE a.application_name LIKE '{APPLICATION}%'
+                     ORDER BY 1, 2"
+                ),
+                &[],
+            )
+            .await?;
+        let mut exchanges: Vec<(String, Vec<String>)> = Vec::new();
+        for row in rows {
+            let name: &str = row.get(0);
+            let name = name.strip_prefix(APPLICATION).unwrap_or(name).to_owned();
+            if exchanges.last().is_none_or(|(last, _)| *last != name) {
+                exchanges.push((name, Vec::new()));
+            }
+            if let (Some((_, targets)), Some(target)) =
+                (exchanges.last_mut(), row.get::<_, Option<String>>(1))
+            {
+                targets.push(target);
+            }
+        }
+        Ok(exchanges)
+    }
+
+    /// Listens, on a connection of its own, to the changes every exchange of this database
+    /// commits, and tells them to `changes` until the task returned is aborted. A connection
+    /// that ends is made again (every second until it is), and [`Change::Missed`] told.
+    pub(super) async fn listen(
+        &self,
+        changes: broadcast::Sender<Change>,
+    ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+        let mut listening = Listening::open(&self.config).await?;
+        let config = self.config.clone();
+        Ok(tokio::spawn(async move {
+            loop {
+                // A live exchange's connection is never idle long: a stopped one's is ended
+                // by the database, and holds back no notices.
+                let mut beat = tokio::time::interval(FORWARD_IDLE / 5);
+                loop {
+                    tokio::select! {
+                        notice = listening.notices.recv() => {
+                            let Some(notice) = notice else { break };
+                            match change_of(&notice) {
+                                Some(change) => {
+                                    let _ = changes.send(change);
+                                }
+                                None => tracing::warn!(%notice, "a notice this exchange does not know"),
+                            }
+                        }
+                        _ = beat.tick() => {
+                            if listening.client.batch_execute(LISTENING_BEAT).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                listening = loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    match Listening::open(&config).await {
+                        Ok(listening) => break listening,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot listen to the database; trying again")
+                        }
+                    }
+                };
+                tracing::info!("listening to the database again");
+                let _ = changes.send(Change::Missed);
+            }
+        }))
+    }
+}
+
+/// A connection that listens to [`CHANGES_CHANNEL`].
+struct Listening {
+    /// Ends with the connection.
+    notices: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// Dropped, it would end the connection.
+    client: Client,
+}
+
+impl Listening {
+    async fn open(config: &tokio_postgres::Config) -> Result<Self, StoreError> {
+        let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
         let (tx, notices) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
@@ -769,7 +1084,7 @@ impl PgExchange {
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
-                        tracing::warn!(error = %described(&e), "the database's relay notices ended");
+                        tracing::warn!(error = %described(&e), "the connection that listens to the database ended");
                         return;
                     }
                     None => return,
@@ -777,44 +1092,66 @@ impl PgExchange {
             }
         });
         client
-            .batch_execute(&format!("LISTEN {RELAY_CHANNEL}"))
+            .batch_execute(&format!(
+                "SET idle_session_timeout = {}; LISTEN {CHANGES_CHANNEL}",
+                FORWARD_IDLE.as_millis()
+            ))
             .await?;
-        Ok(RelayNotices {
-            notices,
-            _client: client,
-        })
-    }
-}
-
-/// The targets of committed `905`s ([`PgExchange::relayed`]).
-pub struct RelayNotices {
-    notices: tokio::sync::mpsc::UnboundedReceiver<String>,
-    /// Dropped, it would end the connection that listens.
-    _client: Client,
-}
-
-impl RelayNotices {
-    /// The next target, or `None` once the connection that listens ended (listen again).
-    pub async fn next(&mut self) -> Option<String> {
-        self.notices.recv().await
+        Ok(Self { notices, client })
     }
 }
 
 /// The right to forward one target's `906`s ([`PgExchange::forward`]); let go when dropped.
 pub struct Forwarding {
-    _client: Client,
+    client: std::sync::Arc<Client>,
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    heartbeat: tokio::task::JoinHandle<()>,
 }
+
+impl Forwarding {
+    /// Whether it is still held: its connection lives.
+    pub fn is_held(&self) -> bool {
+        !self.client.is_closed() && !self.lost.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+/// What a connection that listens asks, to show it is alive (and which it is, in
+/// `pg_stat_activity`).
+pub const LISTENING_BEAT: &str = "SELECT 'iim listening'";
+/// What a forwarder's connection asks, to show it is alive.
+pub const FORWARDING_BEAT: &str = "SELECT 'iim forwarding'";
+
+/// What every connection of an exchange names itself, before the exchange's own name.
+const APPLICATION: &str = "iim exchange ";
+/// How long a forwarder's connection may be idle before the database ends it.
+const FORWARD_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+/// The advisory lock of the target named by the query's `$1`.
+const FORWARD_KEY: &str = "hashtextextended('iim forward ' || $1, 0)";
+/// The same lock, of the target of `servers` row `s`.
+const HELD_KEY: &str = "hashtextextended('iim forward ' || s.id, 0)";
 
 /// A connection to `url`, driven by a task of its own, its commits waiting for the
 /// synchronous standbys (whatever the server's default).
-async fn open(url: &str) -> Result<Client, StoreError> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+async fn open(config: &tokio_postgres::Config) -> Result<Client, StoreError> {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %described(&e), "the connection to the database ended");
         }
     });
-    client.batch_execute("SET synchronous_commit = on").await?;
+    client
+        .batch_execute(&format!(
+            "SET synchronous_commit = on;
+             SET idle_in_transaction_session_timeout = {}",
+            FORWARD_IDLE.as_millis()
+        ))
+        .await?;
     Ok(client)
 }
 
