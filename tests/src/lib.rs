@@ -22,14 +22,28 @@ use std::time::Duration;
 /// The secret of the networks tests start ([`HostProcess::start_exchange`]).
 pub const NETWORK_SECRET: &str = "test-network-secret";
 
-/// The configuration of an exchange (the secret [`NETWORK_SECRET`]) keeping the network's
-/// state in the PostgreSQL database at `database` (declared single-node), or in its own store
-/// without it, with `network` (more keys of `[network]`).
-pub fn exchange_config(database: Option<&str>, network: &str) -> String {
-    let database = database.map_or_else(String::new, |url| {
-        format!("database = {url:?}\ndatabase_single_node = true\n")
-    });
-    format!("role = \"exchange\"\n[network]\nsecret = \"{NETWORK_SECRET}\"\n{database}{network}")
+/// Where a test's exchange keeps the network's state.
+#[derive(Debug, Clone, Copy)]
+pub enum ExchangeStore<'a> {
+    /// Its own store, in its data directory.
+    Own,
+    /// The PostgreSQL database at this URL, declared single-node (a test cluster without a
+    /// standby).
+    SingleNode(&'a str),
+    /// The PostgreSQL database at this URL, which must have a synchronous standby.
+    Replicated(&'a str),
+}
+
+/// The configuration of an exchange (the secret [`NETWORK_SECRET`]) on `store`.
+pub fn exchange_config(store: ExchangeStore<'_>) -> String {
+    let database = match store {
+        ExchangeStore::Own => String::new(),
+        ExchangeStore::SingleNode(url) => {
+            format!("database = {url:?}\ndatabase_single_node = true\n")
+        }
+        ExchangeStore::Replicated(url) => format!("database = {url:?}\n"),
+    };
+    format!("role = \"exchange\"\n[network]\nsecret = \"{NETWORK_SECRET}\"\n{database}")
 }
 
 /// The configuration of host `server_id` in the network of `exchange`, with `toml` (keys and
@@ -435,19 +449,25 @@ impl HostProcess {
     /// Starts an exchange (`role = "exchange"`) on 127.0.0.1 with a fresh data directory and
     /// the secret [`NETWORK_SECRET`].
     pub fn start_exchange() -> anyhow::Result<Self> {
-        Self::start_with(&exchange_config(None, ""), Plugins::Default)
+        Self::start_with(&exchange_config(ExchangeStore::Own), Plugins::Default)
     }
 
     /// [`HostProcess::start_exchange`], keeping the network's state in the PostgreSQL
     /// database at `url` (declared single-node: a test's cluster has no standby).
     pub fn start_exchange_on(url: &str) -> anyhow::Result<Self> {
-        Self::start_with(&exchange_config(Some(url), ""), Plugins::Default)
+        Self::start_with(
+            &exchange_config(ExchangeStore::SingleNode(url)),
+            Plugins::Default,
+        )
     }
 
-    /// [`HostProcess::start_exchange_on`], one more exchange of the database that `first`
-    /// uses: with a copy of `first`'s data key file, which seals what they relay.
-    pub fn start_another_exchange(url: &str, first: &HostProcess) -> anyhow::Result<Self> {
-        let data = Self::data_dir_with(&exchange_config(Some(url), ""), Plugins::Default)?;
+    /// An exchange on `store`, one more of the database that `first` uses: with a copy of
+    /// `first`'s data key file, which seals what they relay.
+    pub fn start_another_exchange(
+        store: ExchangeStore<'_>,
+        first: &HostProcess,
+    ) -> anyhow::Result<Self> {
+        let data = Self::data_dir_with(&exchange_config(store), Plugins::Default)?;
         let keys = tempfile::tempdir()?;
         std::fs::copy(first.key_file(), keys.path().join("data.key"))?;
         Self::launch_with(data, keys, "127.0.0.1:0".parse()?, None)

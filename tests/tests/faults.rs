@@ -13,7 +13,8 @@ use iim_client::{
     Accepted, ClientConfig, Connection, Credentials, Device, Event, Submission, Update,
 };
 use iim_e2e::lossy::{Impairment, LossyPath};
-use iim_e2e::{HostProcess, PASSWORD, next_message, text, within};
+use iim_e2e::postgres::Cluster;
+use iim_e2e::{ExchangeStore, HostProcess, PASSWORD, Plugins, next_message, text, within};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
@@ -903,6 +904,49 @@ impl CrossTraffic {
     }
 }
 
+/// Starts `n` hosts (`h0`, `h1`, …, with the chat plugin alone) into `hosts`, each listing
+/// every exchange of `exchanges` and trusting each one's certificate (in the directory
+/// returned, to keep).
+fn start_hosts_of(
+    exchanges: &[HostProcess],
+    n: usize,
+    hosts: &mut Vec<HostProcess>,
+) -> Result<tempfile::TempDir> {
+    let certs = tempfile::tempdir()?;
+    let cert_file = certs.path().join("exchanges.pem");
+    let mut pem = Vec::new();
+    for exchange in exchanges {
+        pem.extend(std::fs::read(&exchange.cert)?);
+    }
+    std::fs::write(&cert_file, pem)?;
+    let list: Vec<String> = exchanges.iter().map(|e| e.addr.to_string()).collect();
+    let chat = iim_e2e::default_plugin("chat")?;
+    for i in 0..n {
+        let toml = format!(
+            "server_id = \"h{i}\"\n[network]\nexchange = \"{}\"\nexchange_cert = {:?}\n\
+             secret = \"{}\"\n",
+            list.join(","),
+            cert_file.display().to_string(),
+            iim_e2e::NETWORK_SECRET,
+        );
+        hosts.push(HostProcess::start_with(
+            &toml,
+            iim_e2e::Plugins::Only(&[("chat", &chat)]),
+        )?);
+    }
+    Ok(certs)
+}
+
+/// Prints the log of every process of a network whose test failed.
+fn print_logs(exchanges: &[HostProcess], hosts: &[HostProcess]) {
+    for (i, exchange) in exchanges.iter().enumerate() {
+        eprintln!("---- exchange {i}'s log ----\n{}", exchange.log());
+    }
+    for (i, host) in hosts.iter().enumerate() {
+        eprintln!("---- h{i}'s log ----\n{}", host.log());
+    }
+}
+
 /// Sends `signal` (`STOP`, `CONT`) to `process`.
 fn signal(process: &HostProcess, signal: &str) -> Result {
     let pid = process.pid().context("the process is not running")?;
@@ -959,33 +1003,14 @@ async fn two_exchanges_on_one_database_relay_through_kills_and_a_stop_of_either_
     eprintln!("fault seed {seed} (IIM_FAULT_SEED={seed} replays it)");
     let mut rng = StdRng::seed_from_u64(seed);
     let started = std::time::Instant::now();
-    let cluster = iim_e2e::postgres::Cluster::start(&[])?;
+    let cluster = Cluster::start(&[])?;
     let first = HostProcess::start_exchange_on(&cluster.url())?;
-    let second = HostProcess::start_another_exchange(&cluster.url(), &first)?;
+    let url = cluster.url();
+    let second = HostProcess::start_another_exchange(ExchangeStore::SingleNode(&url), &first)?;
     let mut exchanges = vec![first, second];
     let mut hosts = Vec::new();
     let outcome = tokio::time::timeout(DEADLINE, async {
-        // Each host trusts both exchanges' certificates, and lists both.
-        let certs = tempfile::tempdir()?;
-        let cert_file = certs.path().join("exchanges.pem");
-        let mut pem = std::fs::read(&exchanges[0].cert)?;
-        pem.extend(std::fs::read(&exchanges[1].cert)?);
-        std::fs::write(&cert_file, pem)?;
-        let chat = iim_e2e::default_plugin("chat")?;
-        for i in 0..HOSTS {
-            let toml = format!(
-                "server_id = \"h{i}\"\n[network]\nexchange = \"{},{}\"\n\
-                 exchange_cert = {:?}\nsecret = \"{}\"\n",
-                exchanges[0].addr,
-                exchanges[1].addr,
-                cert_file.display().to_string(),
-                iim_e2e::NETWORK_SECRET,
-            );
-            hosts.push(HostProcess::start_with(
-                &toml,
-                iim_e2e::Plugins::Only(&[("chat", &chat)]),
-            )?);
-        }
+        let _certs = start_hosts_of(&exchanges, HOSTS, &mut hosts)?;
         // About 15 s of submissions: the faults come while they do.
         let traffic = CrossTraffic::start(&hosts, USERS, PER_PAIR, Pace(200), &mut rng).await?;
         let (received_total, accepted_total) = (&traffic.received, &traffic.accepted);
@@ -1072,12 +1097,79 @@ async fn two_exchanges_on_one_database_relay_through_kills_and_a_stop_of_either_
     .context("the fault test did not finish in time")
     .and_then(|done| done);
     if outcome.is_err() {
-        for (i, exchange) in exchanges.iter().enumerate() {
-            eprintln!("---- exchange {i}'s log ----\n{}", exchange.log());
+        print_logs(&exchanges, &hosts);
+    }
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_database_primary_killed_under_cross_host_traffic_and_its_standby_promoted_loses_nothing()
+-> Result {
+    // Two exchanges on a primary with a synchronous standby (the connection string lists
+    // both, the writable one wanted); three hosts, two users on each. Under cross-host
+    // traffic the primary is stopped at once (`pg_ctl stop -m immediate`: no shutdown
+    // checkpoint, connections cut) and the standby promoted. Every accepted message is
+    // delivered once, in its sender's order.
+    if !iim_e2e::postgres::available()? {
+        return Ok(());
+    }
+    const HOSTS: usize = 3;
+    const USERS: usize = 6;
+    const PER_PAIR: usize = 20;
+    let seed = seed();
+    eprintln!("fault seed {seed} (IIM_FAULT_SEED={seed} replays it)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let started = std::time::Instant::now();
+    let mut primary = Cluster::start(&["synchronous_standby_names=standby1"])?;
+    let standby = Cluster::start_standby(&primary, "standby1")?;
+    let url = Cluster::url_of_writable(&[&primary, &standby]);
+    let store = ExchangeStore::Replicated(&url);
+    let first = HostProcess::start_with(&iim_e2e::exchange_config(store), Plugins::Default)?;
+    let second = HostProcess::start_another_exchange(store, &first)?;
+    let exchanges = vec![first, second];
+    let mut hosts = Vec::new();
+    let outcome = tokio::time::timeout(DEADLINE, async {
+        let _certs = start_hosts_of(&exchanges, HOSTS, &mut hosts)?;
+        let traffic = CrossTraffic::start(&hosts, USERS, PER_PAIR, Pace(100), &mut rng).await?;
+        let expected_received = traffic.expected_received();
+        while traffic.received.load(Ordering::Relaxed) < expected_received / 3 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        for (i, host) in hosts.iter().enumerate() {
-            eprintln!("---- h{i}'s log ----\n{}", host.log());
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
+        let at_fault = (
+            traffic.accepted.load(Ordering::Relaxed),
+            traffic.received.load(Ordering::Relaxed),
+        );
+        tokio::task::block_in_place(|| -> Result {
+            primary.stop("immediate")?;
+            standby.promote()
+        })?;
+        eprintln!(
+            "{:>6.2} s: the primary stopped and the standby promoted, after {} accepted and {} \
+             of {expected_received} received",
+            started.elapsed().as_secs_f64(),
+            at_fault.0,
+            at_fault.1
+        );
+        traffic.account().await?;
+        for host in &hosts {
+            ensure!(
+                host.network_stat("envelopes_waiting").await? == 0,
+                "an outbox is not empty"
+            );
         }
+        eprintln!(
+            "{:>6.2} s: all accounted for",
+            started.elapsed().as_secs_f64()
+        );
+        anyhow::Ok(())
+    })
+    .await
+    .context("the fault test did not finish in time")
+    .and_then(|done| done);
+    if outcome.is_err() {
+        print_logs(&exchanges, &hosts);
+        eprintln!("---- the standby's log ----\n{}", standby.log());
     }
     outcome
 }
