@@ -938,6 +938,102 @@ async fn the_exchange_s_key_is_rotated_and_what_it_holds_reads_without_the_old_k
     Ok(())
 }
 
+/// Two exchanges on one PostgreSQL database, and hosts that list them in different orders: h1
+/// and h3 are linked to the first, h2 to the second. They are one network all the same: each
+/// exchange forwards to its own hosts, every host learns every registration and presence, and
+/// chat crosses from one exchange's host to the other's, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_linked_to_different_exchanges_of_one_database_are_one_network() -> Result {
+    if !iim_e2e::postgres::available()? {
+        return Ok(());
+    }
+    let cluster = Cluster::start(&[])?;
+    let url = cluster.url();
+    let a = HostProcess::start_exchange_on(&url)?;
+    let b = HostProcess::start_another_exchange(iim_e2e::ExchangeStore::SingleNode(&url), &a)?;
+    let certs = tempfile::tempdir()?;
+    let cert_file = certs.path().join("exchanges.pem");
+    let mut pem = std::fs::read(&a.cert)?;
+    pem.extend(std::fs::read(&b.cert)?);
+    std::fs::write(&cert_file, pem)?;
+    let chat = default_plugin("chat")?;
+    let mut hosts = Vec::new();
+    for (id, first, second) in [("h1", &a, &b), ("h2", &b, &a), ("h3", &a, &b)] {
+        let toml = format!(
+            "server_id = \"{id}\"\n[network]\nexchange = \"{},{}\"\nexchange_cert = {:?}\n\
+             secret = \"{}\"\n",
+            first.addr,
+            second.addr,
+            cert_file.display().to_string(),
+            iim_e2e::NETWORK_SECRET
+        );
+        hosts.push(HostProcess::start_with(
+            &toml,
+            Plugins::Only(&[("chat", &chat)]),
+        )?);
+    }
+    let net = Net {
+        exchange: a,
+        hosts,
+        _cluster: None,
+    };
+    net.all_up().await?;
+    let network = net.exchange.admin("network").await?;
+    for line in [
+        format!("exchange {} forwards [h1 h3]", net.exchange.addr),
+        format!("exchange {} forwards [h2]", b.addr),
+    ] {
+        assert!(network.lines().any(|l| l == line), "{line:?} in {network}");
+    }
+
+    // A registration at h1 (through the first exchange) reaches h2 (through the second), and
+    // the other way round.
+    let alice = net.host(0).register("alice").await?;
+    let bob = net.host(1).register("bob").await?;
+    for host in &net.hosts {
+        stat_reaches(host, "directory_users", 2).await?;
+    }
+    // Presence too: Alice online at h1 counts at h2.
+    let (a_conn, _) = net.host(0).online(&alice, "phone").await?;
+    stat_reaches(net.host(1), "remote_online", 1).await?;
+    let (b_conn, _) = net.host(1).online(&bob, "phone").await?;
+    for i in 0..20u32 {
+        a_conn
+            .submit(
+                new_client_id(),
+                MessageKind::Chat,
+                std::slice::from_ref(&bob),
+                i.to_string().as_bytes(),
+            )
+            .await?;
+    }
+    for i in 0..20u32 {
+        assert_eq!(
+            next_message(&b_conn).await?.body,
+            i.to_string().into_bytes()
+        );
+    }
+    b_conn
+        .submit(
+            new_client_id(),
+            MessageKind::Chat,
+            std::slice::from_ref(&alice),
+            b"hi alice",
+        )
+        .await?;
+    assert_eq!(next_message(&a_conn).await?.body, b"hi alice".to_vec());
+    // The envelopes crossed from one exchange to the other: the first stored what h1 sent,
+    // the second sent it to h2.
+    assert!(b.network_stat("envelopes_out").await? >= 20);
+    assert!(net.exchange.network_stat("envelopes_in").await? >= 20);
+    a_conn.close().await;
+    b_conn.close().await;
+    drop(net);
+    drop(b);
+    drop(cluster);
+    Ok(())
+}
+
 with_both_stores!(
     a_user_name_is_taken_once_in_the_network_and_every_host_learns_where_it_lives,
     chat_crosses_hosts_in_one_envelope_per_host_and_in_order,
