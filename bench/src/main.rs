@@ -40,7 +40,10 @@
 //! `iim-bench network [--pairs 4] [--messages 2000] [--window 32] [--body 100] [--friends 1000]
 //! [--json]` a network of hosts (an exchange and three hosts): the same chat load within one
 //! host and across hosts, and one user's presence reaching friends on every host (see
-//! `network.rs`); `iim-bench logins [--logins 10000] [--concurrency 16] [--max-growth-mib 64]
+//! `network.rs`); `iim-bench network --database [--exchanges 2] [--pairs 4] …` the network's
+//! state in PostgreSQL: the cross-host load through the sled exchange and through exchanges
+//! sharing one database, the relay rate the database sustains, and the time from an
+//! exchange's death to the first message another relays; `iim-bench logins [--logins 10000] [--concurrency 16] [--max-growth-mib 64]
 //! [--json]` password logins against a host: logins per second, and the host's resident memory
 //! before and after them, failing if it grew by more than the limit or if any login failed
 //! otherwise than with a `rate_limited` refusal (see `logins.rs`); `iim-bench files [--mib 100]
@@ -229,6 +232,14 @@ enum Command {
         /// Friends of the user whose presence fans out, spread over the three hosts.
         #[arg(long, default_value_t = 1000)]
         friends: u32,
+        /// Instead: the cross-host chat through the sled exchange against the same through
+        /// exchanges sharing a PostgreSQL database (a cluster the run starts), what the
+        /// database sustains, and an exchange killed under traffic.
+        #[arg(long)]
+        database: bool,
+        /// Exchanges sharing the database, with --database.
+        #[arg(long, default_value_t = 2, requires = "database")]
+        exchanges: usize,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -493,8 +504,17 @@ fn main() -> ExitCode {
         Some(Command::Network {
             pairs,
             shape,
+            database: true,
+            exchanges,
+            json,
+            ..
+        }) => network_database_main(shape, *pairs, *exchanges, *json, args.timeout),
+        Some(Command::Network {
+            pairs,
+            shape,
             friends,
             json,
+            ..
         }) => network_main(shape, *pairs, *friends, *json, args.timeout),
         Some(Command::Logins {
             logins,
@@ -706,6 +726,31 @@ fn network_main(
         println!("{}", serde_json::to_string(&figures).unwrap_or_default());
     } else {
         network::print(&figures);
+    }
+    Ok(())
+}
+
+/// Runs the `network --database` measurements and prints their figures.
+fn network_database_main(
+    shape: &Shape,
+    pairs: u32,
+    exchanges: usize,
+    json: bool,
+    timeout: u64,
+) -> anyhow::Result<()> {
+    let load = shape.load(pairs)?;
+    if exchanges < 2 {
+        bail!("--exchanges must be at least 2: one is killed under traffic");
+    }
+    let figures = run_bounded(
+        "the network benchmark on PostgreSQL",
+        timeout,
+        network::run_database(load, exchanges),
+    )?;
+    if json {
+        println!("{}", serde_json::to_string(&figures).unwrap_or_default());
+    } else {
+        network::print_database(&figures);
     }
     Ok(())
 }

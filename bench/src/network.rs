@@ -18,6 +18,20 @@
 //!   host with contacts; any other count, or a contact without the notice, fails the run.
 //!   A friend list holds at most [`MAX_RELATIONS`] users, so contacts past that number are
 //!   colleagues: the presence plugin tells friends and colleagues alike.
+//!
+//! With `--database`, other figures, in one run:
+//! - *The cross-host load on either store.* The cross-host chat run above, first through one
+//!   exchange on its own store, then through `--exchanges` exchanges sharing a PostgreSQL
+//!   cluster the run starts (one server, declared single-node: every commit waits for its
+//!   own fsync, not a standby's). Hosts list every exchange and are all linked to the first.
+//! - *What the database sustains.* Four exchanges' stores (no hosts, no QUIC) storing `905`s
+//!   of two rows each as fast as they can for 5 s, each on its own connection, into a fresh
+//!   cluster; then every row acknowledged, 32 at a time. And the relay tables' live and dead
+//!   rows, after each run, from PostgreSQL's statistics.
+//! - *An exchange's death.* On the PostgreSQL network, `h1` sends `h2` a message every 5 ms;
+//!   the exchange that forwards to `h2` is killed (`kill -9`). The figure is the time from the
+//!   kill to the first delivery after the pause it causes; every message must arrive once,
+//!   in order.
 
 use crate::iim_run::{self, Placement};
 use crate::stats::{self, Clock, Load, Summary};
@@ -210,10 +224,27 @@ pub fn print(f: &Figures) {
     );
 }
 
-/// An exchange and its hosts.
+/// Where a network's state is kept.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    /// One exchange, on its own store.
+    Sled,
+    /// This many exchanges on one PostgreSQL cluster started for the run (one server, no
+    /// standby, declared single-node); every host lists them all.
+    Postgres(usize),
+}
+
+/// The exchanges and their hosts.
 pub struct Net {
+    /// The first exchange, which every host tries first.
     pub exchange: HostProcess,
+    /// The other exchanges, if the state is in PostgreSQL.
+    pub others: Vec<HostProcess>,
     pub hosts: Vec<HostProcess>,
+    /// The database, stopped after every process (fields drop in order).
+    pub cluster: Option<iim_e2e::postgres::Cluster>,
+    /// The exchanges' certificates, which the hosts trust.
+    _certs: Option<tempfile::TempDir>,
 }
 
 impl Net {
@@ -224,8 +255,17 @@ impl Net {
         config: &'static str,
         only: Option<&'static [&'static str]>,
     ) -> anyhow::Result<Self> {
+        Self::start_on(Backend::Sled, config, only).await
+    }
+
+    /// [`Net::start`], the network's state kept as `backend` says.
+    pub async fn start_on(
+        backend: Backend,
+        config: &'static str,
+        only: Option<&'static [&'static str]>,
+    ) -> anyhow::Result<Self> {
         let net = tokio::task::spawn_blocking(move || {
-            let exchange = HostProcess::start_exchange()?;
+            let (cluster, exchanges) = start_exchanges(backend)?;
             let files = only
                 .map(|names| {
                     names
@@ -237,17 +277,38 @@ impl Net {
             let only: Option<Vec<(&str, &Path)>> = files
                 .as_ref()
                 .map(|files| files.iter().map(|(n, f)| (*n, f.as_path())).collect());
+            let certs = tempfile::tempdir()?;
+            let cert_file = certs.path().join("exchanges.pem");
+            let mut pem = Vec::new();
+            for exchange in &exchanges {
+                pem.extend(std::fs::read(&exchange.cert)?);
+            }
+            std::fs::write(&cert_file, pem)?;
+            let list: Vec<String> = exchanges.iter().map(|e| e.addr.to_string()).collect();
             let mut hosts = Vec::new();
             for id in HOSTS {
                 let plugins = match &only {
                     Some(only) => Plugins::Only(only),
                     None => Plugins::Default,
                 };
-                hosts.push(HostProcess::start_in_network(
-                    &exchange, id, config, plugins,
-                )?);
+                let toml = format!(
+                    "server_id = \"{id}\"\n{config}\n[network]\nexchange = \"{}\"\n\
+                     exchange_cert = {:?}\nsecret = \"{}\"\n",
+                    list.join(","),
+                    cert_file.display().to_string(),
+                    iim_e2e::NETWORK_SECRET
+                );
+                hosts.push(HostProcess::start_with(&toml, plugins)?);
             }
-            anyhow::Ok(Net { exchange, hosts })
+            let mut exchanges = exchanges.into_iter();
+            let exchange = exchanges.next().context("no exchange")?;
+            anyhow::Ok(Net {
+                exchange,
+                others: exchanges.collect(),
+                hosts,
+                cluster,
+                _certs: Some(certs),
+            })
         })
         .await
         .context("starting the network")??;
@@ -275,11 +336,41 @@ impl Net {
     pub fn on_failure<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
         if result.is_err() {
             iim_run::print_log_tail("the exchange", &self.exchange);
+            for other in &self.others {
+                iim_run::print_log_tail("another exchange", other);
+            }
             for (id, host) in HOSTS.iter().zip(&self.hosts) {
                 iim_run::print_log_tail(id, host);
             }
         }
         result
+    }
+}
+
+/// Starts the exchanges of `backend` (and the cluster they need).
+fn start_exchanges(
+    backend: Backend,
+) -> anyhow::Result<(Option<iim_e2e::postgres::Cluster>, Vec<HostProcess>)> {
+    match backend {
+        Backend::Sled => Ok((None, vec![HostProcess::start_exchange()?])),
+        Backend::Postgres(n) => {
+            anyhow::ensure!(
+                iim_e2e::postgres::available()?,
+                "PostgreSQL is not installed here (initdb and pg_ctl, or IIM_PG_BIN)"
+            );
+            let cluster = iim_e2e::postgres::Cluster::start(&[])?;
+            let url = cluster.url();
+            let first = HostProcess::start_exchange_on(&url)?;
+            let mut exchanges = vec![];
+            for _ in 1..n {
+                exchanges.push(HostProcess::start_another_exchange(
+                    iim_e2e::ExchangeStore::SingleNode(&url),
+                    &first,
+                )?);
+            }
+            exchanges.insert(0, first);
+            Ok((Some(cluster), exchanges))
+        }
     }
 }
 
@@ -610,4 +701,391 @@ async fn snapshot_online(
         }
     }
     Ok((conn, online))
+}
+
+/// The figures of `iim-bench network --database`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DatabaseFigures {
+    /// Exchanges sharing the database.
+    pub exchanges: usize,
+    /// Sender/receiver pairs of each chat run.
+    pub pairs: u32,
+    /// Messages each sender sends.
+    pub messages_per_sender: u32,
+    /// Most submissions a sender has in flight.
+    pub window: u32,
+    /// Body size of every message, in bytes.
+    pub body: usize,
+    /// Senders at `h1`, receivers at `h2` and `h3`, through one exchange on its own store.
+    pub sled: Summary,
+    /// The same through the exchanges sharing one PostgreSQL database.
+    pub postgres: Summary,
+    /// PostgreSQL over sled, msgs/s.
+    pub ratio: f64,
+    /// What the database sustains, exchanges' store calls alone (no network, no hosts).
+    pub relay: RelayRate,
+    /// From `kill -9` of the exchange that forwards to `h2` to the first message another
+    /// exchange relayed to it, in ms, under a message every 5 ms from `h1`.
+    pub failover_ms: f64,
+    /// Messages delivered during that measurement, each once and in order.
+    pub failover_messages: usize,
+    /// The relay tables right after the PostgreSQL chat run.
+    pub tables: Vec<TableHealth>,
+}
+
+/// `905`s stored by several exchanges at once, each on its own connection, then every row
+/// acknowledged.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayRate {
+    /// Exchanges writing at once.
+    pub writers: usize,
+    /// Target hosts each `905` names (one row each).
+    pub targets: usize,
+    /// `905`s stored per second (each one transaction, committed with an fsync).
+    pub envelopes_per_s: f64,
+    /// Relay rows stored per second.
+    pub rows_per_s: f64,
+    /// Relay rows acknowledged (deleted, with their messages) per second.
+    pub acked_rows_per_s: f64,
+    /// The relay tables after every row was acknowledged, before any vacuum.
+    pub tables: Vec<TableHealth>,
+}
+
+/// One table's rows, as PostgreSQL's statistics count them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableHealth {
+    pub table: String,
+    pub live_rows: i64,
+    pub dead_rows: i64,
+    /// With its indexes and TOAST.
+    pub bytes: i64,
+    /// Times autovacuum processed it.
+    pub autovacuums: i64,
+}
+
+/// Runs the `--database` measurements: the cross-host chat load through the sled exchange
+/// and then through `exchanges` exchanges on PostgreSQL, the relay rate of the database, and
+/// an exchange's death under traffic.
+pub async fn run_database(load: Load, exchanges: usize) -> anyhow::Result<DatabaseFigures> {
+    let clock = Clock::new();
+    let sled = {
+        let net = Net::start(iim_run::HOST_CONFIG, Some(&["chat"])).await?;
+        let run = cross_host(&net, "sled", load, clock).await;
+        net.on_failure(run)?
+    };
+    eprintln!("sled: done in {:.2} s", sled.secs);
+    let mut net = Net::start_on(
+        Backend::Postgres(exchanges),
+        iim_run::HOST_CONFIG,
+        Some(&["chat"]),
+    )
+    .await?;
+    let postgres = {
+        let run = cross_host(&net, "pg", load, clock).await;
+        net.on_failure(run)?
+    };
+    eprintln!("postgres: done in {:.2} s", postgres.secs);
+    let cluster = net.cluster.as_ref().context("the network has a cluster")?;
+    let tables = table_health(&cluster.connect().await?).await?;
+    let failover = failover(&mut net).await;
+    let (failover_ms, failover_messages) = net.on_failure(failover)?;
+    drop(net);
+    let relay = relay_rate(4, 2, Duration::from_secs(5)).await?;
+    Ok(DatabaseFigures {
+        exchanges,
+        pairs: load.pairs,
+        messages_per_sender: load.messages,
+        window: load.window,
+        body: load.body,
+        ratio: postgres.msgs_per_s / sled.msgs_per_s,
+        sled,
+        postgres,
+        relay,
+        failover_ms,
+        failover_messages,
+        tables,
+    })
+}
+
+/// Prints the `--database` figures.
+pub fn print_database(f: &DatabaseFigures) {
+    let load = Load {
+        pairs: f.pairs,
+        messages: f.messages_per_sender,
+        window: f.window,
+        body: f.body,
+    };
+    println!(
+        "network: hosts h1, h2, h3; one exchange on its own store, then {} exchanges on one \
+         PostgreSQL database (one server, synchronous_commit on)",
+        f.exchanges
+    );
+    println!("cross-host chat: {}; senders at h1, receivers at h2 and h3", load.describe());
+    stats::print_runs(&[("sled", &f.sled), ("postgres", &f.postgres)]);
+    println!("ratio postgres/sled (msgs/s): {:.4}", f.ratio);
+    let r = &f.relay;
+    println!(
+        "the database alone: {} exchanges storing 905s of {} rows each: {:.0} 905s/s, {:.0} \
+         rows/s stored; {:.0} rows/s acknowledged",
+        r.writers, r.targets, r.envelopes_per_s, r.rows_per_s, r.acked_rows_per_s
+    );
+    println!(
+        "an exchange killed under a message every 5 ms: first message relayed by another \
+         {:.0} ms after the kill ({} messages, each once, in order)",
+        f.failover_ms, f.failover_messages
+    );
+    for (when, tables) in [
+        ("after the postgres chat run", &f.tables),
+        ("after the relay-rate run, every row acknowledged", &r.tables),
+    ] {
+        println!("relay tables {when}:");
+        println!(
+            "  {:<16} {:>10} {:>10} {:>12} {:>12}",
+            "table", "live", "dead", "bytes", "autovacuums"
+        );
+        for t in tables {
+            println!(
+                "  {:<16} {:>10} {:>10} {:>12} {:>12}",
+                t.table, t.live_rows, t.dead_rows, t.bytes, t.autovacuums
+            );
+        }
+    }
+}
+
+/// The chat load from `h1` to `h2` and `h3`, fresh users named `name-…`.
+async fn cross_host(net: &Net, name: &str, load: Load, clock: Clock) -> anyhow::Result<Summary> {
+    let place = Placement {
+        name,
+        senders: net.host(0),
+        receivers: &[net.host(1), net.host(2)],
+        probe: None,
+    };
+    Ok(chat_run(net, place, load, clock).await?.0)
+}
+
+/// The relay tables' rows, counted exactly (`pgstattuple`: PostgreSQL's statistics are sent
+/// seconds late), with their autovacuums so far.
+async fn table_health(sql: &tokio_postgres::Client) -> anyhow::Result<Vec<TableHealth>> {
+    sql.batch_execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        .await
+        .context("the extension pgstattuple (PostgreSQL's contrib)")?;
+    let rows = sql
+        .query(
+            "SELECT s.relname::text, t.tuple_count, t.dead_tuple_count,
+                 pg_total_relation_size(s.relid), s.autovacuum_count
+             FROM pg_stat_user_tables s, pgstattuple(s.relid) t
+             WHERE s.relname IN ('relay_messages', 'relay_rows', 'relay_targets',
+                 'relay_inbound', 'presence')
+             ORDER BY s.relname",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| TableHealth {
+            table: row.get(0),
+            live_rows: row.get(1),
+            dead_rows: row.get(2),
+            bytes: row.get(3),
+            autovacuums: row.get(4),
+        })
+        .collect())
+}
+
+/// `h1`'s user sends `h2`'s a message every 5 ms; once messages flow, the exchange that
+/// forwards to `h2` is killed. Returns the ms from the kill to the first message relayed by
+/// another exchange (the first delivery after the kill that follows a pause of more than
+/// [`FAILOVER_GAP`]: until then, messages the killed exchange had sent may still arrive),
+/// and how many messages were delivered, each checked once and in order.
+async fn failover(net: &mut Net) -> anyhow::Result<(f64, usize)> {
+    anyhow::ensure!(!net.others.is_empty(), "--exchanges must be at least 2");
+    let h1 = net.host(0);
+    let known = h1.network_stat("directory_users").await?;
+    let alice = h1.register("failover-a").await?;
+    let bob = net.host(1).register("failover-b").await?;
+    poll_until("h1 to know failover-b", || async {
+        let n = h1.network_stat("directory_users").await?;
+        Ok((n >= known + 2, format!("directory_users {n}")))
+    })
+    .await?;
+    let (a, _) = h1.online(&alice, "phone").await?;
+    let (b, _) = net.host(1).online(&bob, "phone").await?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                a.submit(
+                    iim_client::new_client_id(),
+                    MessageKind::Chat,
+                    std::slice::from_ref(&bob),
+                    n.to_string().as_bytes(),
+                )
+                .await?;
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            a.close().await;
+            anyhow::Ok(n)
+        })
+    };
+    let got: Arc<std::sync::Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let receiver = {
+        let got = Arc::clone(&got);
+        tokio::spawn(async move {
+            // Ends with the first failure: the wait for every message says what arrived.
+            while let Ok(message) = iim_e2e::next_message(&b).await {
+                let Ok(n) = String::from_utf8_lossy(&message.body).parse::<u64>() else {
+                    return;
+                };
+                got.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((n, Instant::now()));
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The exchange that forwards to h2, by its address in `admin network`.
+    let network = net.exchange.admin("network").await?;
+    let forwarder = network
+        .lines()
+        .filter_map(|l| l.strip_prefix("exchange ")?.split_once(" forwards "))
+        .find(|(_, targets)| {
+            targets
+                .trim_matches(['[', ']'])
+                .split_whitespace()
+                .any(|t| t == "h2")
+        })
+        .map(|(name, _)| name.to_owned())
+        .context("no exchange forwards to h2")?;
+    let killed = Instant::now();
+    if net.exchange.addr.to_string() == forwarder {
+        net.exchange.kill9()?;
+    } else {
+        net.others
+            .iter_mut()
+            .find(|e| e.addr.to_string() == forwarder)
+            .context("the forwarder is none of the exchanges")?
+            .kill9()?;
+    }
+    let count = || got.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let before = count();
+    poll_until("a message relayed by another exchange", || async {
+        let resumed = got
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last()
+            .is_some_and(|(_, at)| at.duration_since(killed) > FAILOVER_GAP);
+        Ok((resumed, format!("{} delivered since the kill", count() - before)))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = usize::try_from(sender.await??)?;
+    poll_until("every message delivered", || async {
+        let n = count();
+        Ok((n >= sent, format!("{n} of {sent} delivered")))
+    })
+    .await?;
+    receiver.abort();
+    let got = std::mem::take(&mut *got.lock().unwrap_or_else(|p| p.into_inner()));
+    let numbers: Vec<u64> = got.iter().map(|(n, _)| *n).collect();
+    if numbers != (0..sent as u64).collect::<Vec<_>>() {
+        bail!("the messages did not arrive each once and in order: {numbers:?}");
+    }
+    let after: Vec<Instant> = got.iter().map(|(_, at)| *at).collect();
+    let resumed = after
+        .windows(2)
+        .find(|w| w[1] > killed && w[1].duration_since(w[0]) > FAILOVER_GAP)
+        .map(|w| w[1])
+        .or_else(|| after.iter().copied().find(|at| *at > killed))
+        .context("nothing was delivered after the kill")?;
+    Ok((resumed.duration_since(killed).as_secs_f64() * 1e3, sent))
+}
+
+/// A pause in deliveries that says the relay stopped (messages come every 5 ms).
+const FAILOVER_GAP: Duration = Duration::from_millis(500);
+
+/// `writers` exchanges store `905`s of `targets` rows each into a fresh database for `secs`,
+/// at once; then every target's rows are acknowledged, 32 at a time (a link's window).
+async fn relay_rate(writers: usize, targets: usize, secs: Duration) -> anyhow::Result<RelayRate> {
+    use iim_host::store::Sealer;
+    use iim_host::store::postgres::{Durability, PgExchange};
+    use iim_proto::peer::{Envelope, RelayRow};
+    use iim_proto::{DeviceId, Message, MessageId};
+    let cluster = tokio::task::spawn_blocking(|| iim_e2e::postgres::Cluster::start(&[]))
+        .await??;
+    let url = cluster.url();
+    let mut dbs = Vec::new();
+    for _ in 0..writers {
+        let db = PgExchange::connect(&url, Sealer::clear(), Durability::SingleNode).await?;
+        dbs.push(Arc::new(db));
+    }
+    let targets: Vec<String> = (0..targets).map(|i| format!("t{i}")).collect();
+    let origins: Vec<String> = (0..writers).map(|i| format!("o{i}")).collect();
+    for id in origins.iter().chain(&targets) {
+        dbs[0]
+            .join(id, "127.0.0.1:1", "a benchmark's credential", 1)
+            .await?;
+    }
+    let started = Instant::now();
+    let deadline = started + secs;
+    let mut tasks = JoinSet::new();
+    for (i, (db, origin)) in dbs.iter().zip(&origins).enumerate() {
+        let (db, origin, targets) = (Arc::clone(db), origin.clone(), targets.clone());
+        tasks.spawn(async move {
+            let mut seq = 0u64;
+            while Instant::now() < deadline {
+                seq += 1;
+                let message = Message {
+                    id: MessageId(((i as u64 + 1) << 40) | seq),
+                    kind: MessageKind::Chat,
+                    from: UserId::new("alice")?,
+                    from_device: DeviceId::new("phone")?,
+                    to: vec![UserId::new("bob")?.into()],
+                    body: vec![b'x'; 100],
+                    sent_at: 1,
+                };
+                let rows = targets
+                    .iter()
+                    .map(|t| RelayRow {
+                        server: t.clone(),
+                        users: vec![UserId::new("bob").expect("a user id").into()],
+                    })
+                    .collect();
+                let envelope = Envelope {
+                    message,
+                    expires_at: None,
+                    rows,
+                };
+                db.relay_in(&origin, seq, envelope).await?;
+            }
+            anyhow::Ok(seq)
+        });
+    }
+    let mut stored = 0u64;
+    while let Some(done) = tasks.join_next().await {
+        stored += done??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let acking = Instant::now();
+    for target in &targets {
+        let mut seq = 0;
+        while seq < stored {
+            seq = (seq + 32).min(stored);
+            dbs[0].outbox_acked(target, seq).await?;
+        }
+    }
+    let acked_secs = acking.elapsed().as_secs_f64();
+    let tables = table_health(&cluster.connect().await?).await?;
+    let rows = stored as f64 * targets.len() as f64;
+    Ok(RelayRate {
+        writers,
+        targets: targets.len(),
+        envelopes_per_s: stored as f64 / elapsed,
+        rows_per_s: rows / elapsed,
+        acked_rows_per_s: rows / acked_secs,
+        tables,
+    })
 }
