@@ -820,7 +820,10 @@ pub fn print_database(f: &DatabaseFigures) {
          PostgreSQL database (one server, synchronous_commit on)",
         f.exchanges
     );
-    println!("cross-host chat: {}; senders at h1, receivers at h2 and h3", load.describe());
+    println!(
+        "cross-host chat: {}; senders at h1, receivers at h2 and h3",
+        load.describe()
+    );
     stats::print_runs(&[("sled", &f.sled), ("postgres", &f.postgres)]);
     println!("ratio postgres/sled (msgs/s): {:.4}", f.ratio);
     let r = &f.relay;
@@ -836,7 +839,10 @@ pub fn print_database(f: &DatabaseFigures) {
     );
     for (when, tables) in [
         ("after the postgres chat run", &f.tables),
-        ("after the relay-rate run, every row acknowledged", &r.tables),
+        (
+            "after the relay-rate run, every row acknowledged",
+            &r.tables,
+        ),
     ] {
         println!("relay tables {when}:");
         println!(
@@ -977,7 +983,10 @@ async fn failover(net: &mut Net) -> anyhow::Result<(f64, usize)> {
             .unwrap_or_else(|p| p.into_inner())
             .last()
             .is_some_and(|(_, at)| at.duration_since(killed) > FAILOVER_GAP);
-        Ok((resumed, format!("{} delivered since the kill", count() - before)))
+        Ok((
+            resumed,
+            format!("{} delivered since the kill", count() - before),
+        ))
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1014,8 +1023,7 @@ async fn relay_rate(writers: usize, targets: usize, secs: Duration) -> anyhow::R
     use iim_host::store::postgres::{Durability, PgExchange};
     use iim_proto::peer::{Envelope, RelayRow};
     use iim_proto::{DeviceId, Message, MessageId};
-    let cluster = tokio::task::spawn_blocking(|| iim_e2e::postgres::Cluster::start(&[]))
-        .await??;
+    let cluster = tokio::task::spawn_blocking(|| iim_e2e::postgres::Cluster::start(&[])).await??;
     let url = cluster.url();
     let mut dbs = Vec::new();
     for _ in 0..writers {

@@ -791,6 +791,7 @@ async fn relay(
     // exchanges the host has been linked to.
     *forwarding = take_forwarding(state, server, None).await?;
     pump(state, peer, server, &mut link, forwarding).await?;
+    let mut inbound = Inbound::default();
     let mut retry = tokio::time::interval(FORWARD_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -812,19 +813,15 @@ async fn relay(
                         if own_message(joined.number, &envelope)
                             || group_home_passes_on(&state.store, server, &envelope).await?
                         {
-                            let targets = state.store.relay_in(server, seq, envelope).await?;
-                            if !targets.is_empty() {
-                                state.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
-                            }
-                            for target in targets {
-                                state.notify(&target);
-                            }
+                            // Stored with the others that came meanwhile, before they are
+                            // acknowledged.
+                            inbound.pending.push((seq, envelope));
                         } else {
                             tracing::error!(%server, seq, id = %envelope.message.id, from = %envelope.message.from, "a relayed message numbered by another host; dropped");
                         }
                     }
                     // Acknowledged once durable, once half a window waits.
-                    acknowledge(state, peer, &mut link, false).await?;
+                    acknowledge(state, peer, &mut link, false, server, &mut inbound).await?;
                 }
                 HostFrame::Ack { seq } => {
                     let before = link.acked();
@@ -927,23 +924,43 @@ async fn relay(
             // Nothing else to do: the `905`s read are made durable and acknowledged, once for
             // all of them.
             () = std::future::ready(()), if idle_ack => {
-                acknowledge(state, peer, &mut link, true).await?;
+                acknowledge(state, peer, &mut link, true, server, &mut inbound).await?;
             }
         }
     }
 }
 
+/// What a link holds of the host's `905`s between their arrival and their acknowledgement.
+#[derive(Default)]
+struct Inbound {
+    /// Read, to be stored (at once) before they are acknowledged.
+    pending: Vec<(u64, Envelope)>,
+}
+
 /// Sends the acknowledgement the link asks for, if it asks (`idle`: whatever waits), once
-/// what it covers is durable.
+/// what it covers is stored (`905`s read meanwhile, at once) and durable.
 async fn acknowledge(
     state: &State,
     peer: &mut Peer,
     link: &mut RelayLink,
     idle: bool,
+    server: &str,
+    inbound: &mut Inbound,
 ) -> Result<(), HostLinkError> {
     let Some(seq) = link.poll_ack(idle) else {
         return Ok(());
     };
+    if !inbound.pending.is_empty() {
+        let batch = std::mem::take(&mut inbound.pending);
+        for targets in state.store.relay_in_batch(server, batch).await? {
+            if !targets.is_empty() {
+                state.stats.envelopes_in.fetch_add(1, Ordering::Relaxed);
+            }
+            for target in targets {
+                state.notify(&target);
+            }
+        }
+    }
     state.store.flush().await?;
     peer.write(&ExchangeFrame::Ack { seq }).await?;
     link.on_ack_sent(seq);

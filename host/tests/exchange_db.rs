@@ -280,6 +280,67 @@ async fn exchanges_claiming_one_name_at_once_give_it_one_home() -> anyhow::Resul
     Ok(())
 }
 
+/// What every store must do with several `905`s at once.
+async fn relay_batch(db: &ExchangeDb) -> anyhow::Result<()> {
+    for (i, id) in ["h1", "h2"].iter().enumerate() {
+        db.join(id, &format!("127.0.0.1:{i}"), "", 1).await?;
+    }
+    let numbered = |n: u64| Envelope {
+        message: message(20 + n),
+        expires_at: None,
+        rows: vec![row("h2", &["bob"])],
+    };
+    db.relay_in("h1", 1, numbered(1)).await?;
+    // The ones stored before are recognised, the others stored in order.
+    let stored = db
+        .relay_in_batch(
+            "h1",
+            vec![
+                (1, numbered(1)),
+                (2, numbered(2)),
+                (2, numbered(2)),
+                (3, numbered(3)),
+            ],
+        )
+        .await?;
+    assert_eq!(
+        stored,
+        [vec![], vec!["h2".to_owned()], vec![], vec!["h2".to_owned()]]
+    );
+    db.flush().await?;
+    assert_eq!(db.inbound("h1").await?, 3);
+    let ids: Vec<(u64, MessageId)> = db
+        .outbox("h2", 0, 10)
+        .await?
+        .iter()
+        .map(|(seq, e)| (*seq, e.message.id))
+        .collect();
+    assert_eq!(
+        ids,
+        [(1, MessageId(21)), (2, MessageId(22)), (3, MessageId(23))]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_sled_store_relays_several_at_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    relay_batch(&ExchangeDb::sled(ExchangeStore::open(
+        &dir.path().join("exchange"),
+    )?))
+    .await
+}
+
+#[tokio::test]
+async fn postgres_relays_several_at_once() -> anyhow::Result<()> {
+    if !postgres::available()? {
+        return Ok(());
+    }
+    let cluster = Cluster::start(&[])?;
+    let db = PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?;
+    relay_batch(&ExchangeDb::postgres(db).await?).await
+}
+
 #[tokio::test]
 async fn the_sled_store_relays() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -246,6 +246,26 @@ impl ExchangeDb {
         Ok(targets)
     }
 
+    /// [`ExchangeDb::relay_in`] for `905`s from `origin` in order, at once (in PostgreSQL one
+    /// transaction): for each, its targets.
+    pub async fn relay_in_batch(
+        &self,
+        origin: &str,
+        batch: Vec<(u64, Envelope)>,
+    ) -> Result<Vec<Vec<String>>, StoreError> {
+        let stored = match &self.backend {
+            Backend::Sled(store) => batch
+                .into_iter()
+                .map(|(seq, envelope)| store.relay_in(origin, seq, envelope))
+                .collect::<Result<Vec<_>, _>>(),
+            Backend::Postgres(db) => db.relay_in_batch(origin, batch).await,
+        }?;
+        for target in stored.iter().flatten() {
+            self.changed(Change::Relayed(target.clone()));
+        }
+        Ok(stored)
+    }
+
     /// Up to `limit` entries of `target`'s outbox after `after`, in order.
     pub async fn outbox(
         &self,

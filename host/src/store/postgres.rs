@@ -571,6 +571,18 @@ impl PgExchange {
         seq: u64,
         envelope: Envelope,
     ) -> Result<Vec<String>, StoreError> {
+        let mut stored = self.relay_in_batch(origin, vec![(seq, envelope)]).await?;
+        Ok(stored.pop().unwrap_or_default())
+    }
+
+    /// Stores `905`s from `origin`, numbered in order, in one transaction (one commit, one
+    /// wait for the disk and the standby, for all of them): for each, its targets (none if it
+    /// was stored before).
+    pub async fn relay_in_batch(
+        &self,
+        origin: &str,
+        batch: Vec<(u64, Envelope)>,
+    ) -> Result<Vec<Vec<String>>, StoreError> {
         let mut client = self.client().await?;
         let transaction = client.transaction().await?;
         // The origin's row, locked: two links of one host store its `905`s one at a time.
@@ -588,9 +600,36 @@ impl PgExchange {
             )
             .await?
             .get(0);
-        if seq <= count_of("relay_inbound", stored)? {
-            return Ok(Vec::new());
+        let first = count_of("relay_inbound", stored)?;
+        let mut last = first;
+        let mut all_targets = Vec::with_capacity(batch.len());
+        for (seq, envelope) in batch {
+            if seq <= last {
+                all_targets.push(Vec::new());
+                continue;
+            }
+            all_targets.push(self.store_one(&transaction, origin, envelope).await?);
+            last = seq;
         }
+        if last > first {
+            transaction
+                .execute(
+                    "UPDATE relay_inbound SET seq = $2 WHERE origin = $1",
+                    &[&origin, &ms(last)],
+                )
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(all_targets)
+    }
+
+    /// One `905`'s message and rows, in `transaction`: its targets.
+    async fn store_one(
+        &self,
+        transaction: &tokio_postgres::Transaction<'_>,
+        origin: &str,
+        envelope: Envelope,
+    ) -> Result<Vec<String>, StoreError> {
         let Envelope {
             message,
             expires_at,
@@ -654,16 +693,9 @@ impl PgExchange {
                 )
                 .await?;
             // Heard, at commit, by the exchange that forwards to the target.
-            notify(&transaction, &format!("{RELAYED}\t{}", row.server)).await?;
+            notify(transaction, &format!("{RELAYED}\t{}", row.server)).await?;
             targets.push(row.server);
         }
-        transaction
-            .execute(
-                "UPDATE relay_inbound SET seq = $2 WHERE origin = $1",
-                &[&origin, &ms(seq)],
-            )
-            .await?;
-        transaction.commit().await?;
         Ok(targets)
     }
 
