@@ -7,6 +7,7 @@ pub mod lossy;
 pub mod metrics;
 pub mod netns;
 pub mod postgres;
+pub mod tcp_proxy;
 
 use anyhow::{Context, anyhow, bail};
 use iim_client::proto::{DeviceId, ErrorCode, Message, SessionMode, UserId};

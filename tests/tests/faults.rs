@@ -1173,3 +1173,85 @@ async fn the_database_primary_killed_under_cross_host_traffic_and_its_standby_pr
     }
     outcome
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_connections_between_an_exchange_and_its_database_cut_or_silent_lose_nothing() -> Result
+{
+    // One exchange on PostgreSQL, through a TCP proxy on loopback; three hosts, two users on
+    // each. Under cross-host traffic every connection between the exchange and the database
+    // is reset at once; later they all go silent for 15 s (open, nothing moving), longer than
+    // the exchange waits for an answer (10 s) and than the database lets a session be idle
+    // (5 s). Every accepted message is delivered once, in its sender's order.
+    if !iim_e2e::postgres::available()? {
+        return Ok(());
+    }
+    const HOSTS: usize = 3;
+    const USERS: usize = 6;
+    const PER_PAIR: usize = 20;
+    let seed = seed();
+    eprintln!("fault seed {seed} (IIM_FAULT_SEED={seed} replays it)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let started = std::time::Instant::now();
+    let cluster = Cluster::start(&[])?;
+    let proxy =
+        iim_e2e::tcp_proxy::FaultProxy::start(([127, 0, 0, 1], cluster.port()).into()).await?;
+    let url = format!(
+        "host=127.0.0.1 port={} user={} dbname=postgres",
+        proxy.addr().port(),
+        iim_e2e::postgres::SUPERUSER
+    );
+    let exchanges = vec![HostProcess::start_exchange_on(&url)?];
+    let mut hosts = Vec::new();
+    let outcome = tokio::time::timeout(DEADLINE, async {
+        let _certs = start_hosts_of(&exchanges, HOSTS, &mut hosts)?;
+        let traffic = CrossTraffic::start(&hosts, USERS, PER_PAIR, Pace(100), &mut rng).await?;
+        let expected_received = traffic.expected_received();
+        for k in 1..=2usize {
+            while traffic.received.load(Ordering::Relaxed) < k * expected_received / 3 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
+            let at_fault = (
+                traffic.accepted.load(Ordering::Relaxed),
+                traffic.received.load(Ordering::Relaxed),
+            );
+            let what = match k {
+                1 => {
+                    proxy.cut();
+                    "every connection to the database reset"
+                }
+                _ => {
+                    proxy.stall(true);
+                    tokio::time::sleep(Duration::from_secs(15)).await;
+                    proxy.stall(false);
+                    "every connection to the database silent for 15 s"
+                }
+            };
+            eprintln!(
+                "{:>6.2} s: {what}, after {} accepted and {} of {expected_received} received",
+                started.elapsed().as_secs_f64(),
+                at_fault.0,
+                at_fault.1
+            );
+        }
+        traffic.account().await?;
+        for host in &hosts {
+            ensure!(
+                host.network_stat("envelopes_waiting").await? == 0,
+                "an outbox is not empty"
+            );
+        }
+        eprintln!(
+            "{:>6.2} s: all accounted for",
+            started.elapsed().as_secs_f64()
+        );
+        anyhow::Ok(())
+    })
+    .await
+    .context("the fault test did not finish in time")
+    .and_then(|done| done);
+    if outcome.is_err() {
+        print_logs(&exchanges, &hosts);
+    }
+    outcome
+}

@@ -265,6 +265,8 @@ pub struct PgExchange {
     /// Where the database is, and this exchange's name in it (`application_name`).
     config: tokio_postgres::Config,
     client: tokio::sync::Mutex<Client>,
+    /// The connection stopped answering: the next call makes a new one.
+    stale: std::sync::atomic::AtomicBool,
     /// The relayed messages (what users wrote) are sealed.
     sealer: Sealer,
 }
@@ -311,15 +313,21 @@ impl PgExchange {
         check_keys(&mut client, &sealer).await?;
         Ok(Self {
             config,
+            stale: std::sync::atomic::AtomicBool::new(false),
             client: tokio::sync::Mutex::new(client),
             sealer,
         })
     }
 
+    /// The next call makes a new connection: the one it has stopped answering.
+    pub fn connect_again(&self) {
+        self.stale.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The connection, made again first if it ended.
     async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Client>, StoreError> {
         let mut client = self.client.lock().await;
-        if client.is_closed() {
+        if client.is_closed() || self.stale.swap(false, std::sync::atomic::Ordering::Relaxed) {
             tracing::info!("connecting to the database again");
             *client = open(&self.config).await?;
         }
@@ -991,8 +999,15 @@ impl PgExchange {
             async move {
                 loop {
                     tokio::time::sleep(FORWARD_IDLE / 5).await;
-                    if let Err(e) = client.batch_execute(FORWARDING_BEAT).await {
-                        tracing::warn!(%target, error = %described(&e), "lost the right to forward");
+                    let beat =
+                        tokio::time::timeout(FORWARD_IDLE, client.batch_execute(FORWARDING_BEAT));
+                    let failed = match beat.await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(described(&e)),
+                        Err(_) => Some("the connection stopped answering".into()),
+                    };
+                    if let Some(e) = failed {
+                        tracing::warn!(%target, error = %e, "lost the right to forward");
                         lost.store(true, std::sync::atomic::Ordering::Relaxed);
                         return;
                     }
@@ -1072,7 +1087,9 @@ impl PgExchange {
                             }
                         }
                         _ = beat.tick() => {
-                            if listening.client.batch_execute(LISTENING_BEAT).await.is_err() {
+                            let beat = listening.client.batch_execute(LISTENING_BEAT);
+                            if !matches!(tokio::time::timeout(FORWARD_IDLE, beat).await, Ok(Ok(()))) {
+                                tracing::warn!("the connection that listens to the database stopped answering");
                                 break;
                             }
                         }
