@@ -243,8 +243,8 @@ pub struct Net {
     pub hosts: Vec<HostProcess>,
     /// The database, stopped after every process (fields drop in order).
     pub cluster: Option<iim_e2e::postgres::Cluster>,
-    /// The exchanges' certificates, which the hosts trust.
-    _certs: Option<tempfile::TempDir>,
+    /// The exchanges as the hosts list them, with their certificates.
+    _exchanges: iim_e2e::ExchangeList,
 }
 
 impl Net {
@@ -277,28 +277,17 @@ impl Net {
             let only: Option<Vec<(&str, &Path)>> = files
                 .as_ref()
                 .map(|files| files.iter().map(|(n, f)| (*n, f.as_path())).collect());
-            let certs = tempfile::tempdir()?;
-            let cert_file = certs.path().join("exchanges.pem");
-            let mut pem = Vec::new();
-            for exchange in &exchanges {
-                pem.extend(std::fs::read(&exchange.cert)?);
-            }
-            std::fs::write(&cert_file, pem)?;
-            let list: Vec<String> = exchanges.iter().map(|e| e.addr.to_string()).collect();
+            let list = iim_e2e::ExchangeList::of(&exchanges.iter().collect::<Vec<_>>())?;
             let mut hosts = Vec::new();
             for id in HOSTS {
                 let plugins = match &only {
                     Some(only) => Plugins::Only(only),
                     None => Plugins::Default,
                 };
-                let toml = format!(
-                    "server_id = \"{id}\"\n{config}\n[network]\nexchange = \"{}\"\n\
-                     exchange_cert = {:?}\nsecret = \"{}\"\n",
-                    list.join(","),
-                    cert_file.display().to_string(),
-                    iim_e2e::NETWORK_SECRET
-                );
-                hosts.push(HostProcess::start_with(&toml, plugins)?);
+                hosts.push(HostProcess::start_with(
+                    &list.host_config(id, config),
+                    plugins,
+                )?);
             }
             let mut exchanges = exchanges.into_iter();
             let exchange = exchanges.next().context("no exchange")?;
@@ -307,7 +296,7 @@ impl Net {
                 others: exchanges.collect(),
                 hosts,
                 cluster,
-                _certs: Some(certs),
+                _exchanges: list,
             })
         })
         .await

@@ -58,6 +58,45 @@ pub fn network_config(exchange: &HostProcess, server_id: &str, toml: &str) -> St
     )
 }
 
+/// Several exchanges of one database, as a host lists them: their addresses in this order,
+/// and one file with each one's certificate (kept while this lives).
+pub struct ExchangeList {
+    addrs: String,
+    certs: tempfile::TempDir,
+}
+
+impl ExchangeList {
+    /// `exchanges`, the first tried first.
+    pub fn of(exchanges: &[&HostProcess]) -> anyhow::Result<Self> {
+        let certs = tempfile::tempdir()?;
+        let mut pem = Vec::new();
+        for exchange in exchanges {
+            pem.extend(std::fs::read(&exchange.cert)?);
+        }
+        std::fs::write(certs.path().join("exchanges.pem"), pem)?;
+        let addrs: Vec<String> = exchanges.iter().map(|e| e.addr.to_string()).collect();
+        Ok(Self {
+            addrs: addrs.join(","),
+            certs,
+        })
+    }
+
+    /// The configuration of host `server_id` in their network, with `toml` (keys and
+    /// sections other than `server_id` and `[network]`).
+    pub fn host_config(&self, server_id: &str, toml: &str) -> String {
+        format!(
+            "server_id = \"{server_id}\"\n{toml}\n[network]\nexchange = \"{}\"\n\
+             exchange_cert = {:?}\nsecret = \"{NETWORK_SECRET}\"\n",
+            self.addrs,
+            self.certs
+                .path()
+                .join("exchanges.pem")
+                .display()
+                .to_string()
+        )
+    }
+}
+
 /// How long any single step of a test may take before the test fails.
 pub const STEP: Duration = Duration::from_secs(20);
 

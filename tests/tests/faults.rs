@@ -800,18 +800,7 @@ async fn killing_the_exchange_and_a_host_under_cross_host_traffic_loses_and_repe
             );
         }
 
-        traffic.account().await?;
-        // Every envelope left the outboxes: the relay holds nothing more.
-        for host in &hosts {
-            ensure!(
-                host.network_stat("envelopes_waiting").await? == 0,
-                "an outbox is not empty"
-            );
-        }
-        eprintln!(
-            "{:>6.2} s: all accounted for",
-            started.elapsed().as_secs_f64()
-        );
+        traffic.settle(&hosts, started).await?;
         anyhow::Ok(())
     })
     .await
@@ -885,9 +874,34 @@ impl CrossTraffic {
         })
     }
 
+    /// Submissions accepted and messages received so far.
+    fn counts(&self) -> (usize, usize) {
+        (
+            self.accepted.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+
     /// Deliveries once every message arrived.
     fn expected_received(&self) -> usize {
         self.receivers.len() * (self.users - 1) * self.per_pair
+    }
+
+    /// [`CrossTraffic::account`], then every outbox of `hosts` empty: the relay holds nothing
+    /// more.
+    async fn settle(self, hosts: &[HostProcess], started: std::time::Instant) -> Result {
+        self.account().await?;
+        for host in hosts {
+            ensure!(
+                host.network_stat("envelopes_waiting").await? == 0,
+                "an outbox is not empty"
+            );
+        }
+        eprintln!(
+            "{:>6.2} s: all accounted for",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
     }
 
     /// [`account`]: every message accepted once, and received once, in order.
@@ -905,36 +919,21 @@ impl CrossTraffic {
 }
 
 /// Starts `n` hosts (`h0`, `h1`, …, with the chat plugin alone) into `hosts`, each listing
-/// every exchange of `exchanges` and trusting each one's certificate (in the directory
-/// returned, to keep).
+/// every exchange of `exchanges`; the list returned is to keep.
 fn start_hosts_of(
     exchanges: &[HostProcess],
     n: usize,
     hosts: &mut Vec<HostProcess>,
-) -> Result<tempfile::TempDir> {
-    let certs = tempfile::tempdir()?;
-    let cert_file = certs.path().join("exchanges.pem");
-    let mut pem = Vec::new();
-    for exchange in exchanges {
-        pem.extend(std::fs::read(&exchange.cert)?);
-    }
-    std::fs::write(&cert_file, pem)?;
-    let list: Vec<String> = exchanges.iter().map(|e| e.addr.to_string()).collect();
+) -> Result<iim_e2e::ExchangeList> {
+    let list = iim_e2e::ExchangeList::of(&exchanges.iter().collect::<Vec<_>>())?;
     let chat = iim_e2e::default_plugin("chat")?;
     for i in 0..n {
-        let toml = format!(
-            "server_id = \"h{i}\"\n[network]\nexchange = \"{}\"\nexchange_cert = {:?}\n\
-             secret = \"{}\"\n",
-            list.join(","),
-            cert_file.display().to_string(),
-            iim_e2e::NETWORK_SECRET,
-        );
         hosts.push(HostProcess::start_with(
-            &toml,
+            &list.host_config(&format!("h{i}"), ""),
             iim_e2e::Plugins::Only(&[("chat", &chat)]),
         )?);
     }
-    Ok(certs)
+    Ok(list)
 }
 
 /// Prints the log of every process of a network whose test failed.
@@ -945,6 +944,19 @@ fn print_logs(exchanges: &[HostProcess], hosts: &[HostProcess]) {
     for (i, host) in hosts.iter().enumerate() {
         eprintln!("---- h{i}'s log ----\n{}", host.log());
     }
+}
+
+/// Says which fault came when, after how many messages were accepted and received.
+fn report(
+    started: std::time::Instant,
+    what: &str,
+    (accepted, received): (usize, usize),
+    expected: usize,
+) {
+    eprintln!(
+        "{:>6.2} s: {what}, after {accepted} accepted and {received} of {expected} received",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// Sends `signal` (`STOP`, `CONT`) to `process`.
@@ -1013,7 +1025,7 @@ async fn two_exchanges_on_one_database_relay_through_kills_and_a_stop_of_either_
         let _certs = start_hosts_of(&exchanges, HOSTS, &mut hosts)?;
         // About 15 s of submissions: the faults come while they do.
         let traffic = CrossTraffic::start(&hosts, USERS, PER_PAIR, Pace(200), &mut rng).await?;
-        let (received_total, accepted_total) = (&traffic.received, &traffic.accepted);
+        let received_total = &traffic.received;
         let expected_received = traffic.expected_received();
 
         for k in 1..=4usize {
@@ -1022,10 +1034,7 @@ async fn two_exchanges_on_one_database_relay_through_kills_and_a_stop_of_either_
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
-            let at_fault = (
-                accepted_total.load(Ordering::Relaxed),
-                received_total.load(Ordering::Relaxed),
-            );
+            let at_fault = traffic.counts();
             let pause = Duration::from_millis(rng.random_range(0..300));
             let what = match k {
                 1 | 2 => {
@@ -1072,25 +1081,10 @@ async fn two_exchanges_on_one_database_relay_through_kills_and_a_stop_of_either_
                     )
                 }
             };
-            eprintln!(
-                "{:>6.2} s: {what}, after {} accepted and {} of {expected_received} received",
-                started.elapsed().as_secs_f64(),
-                at_fault.0,
-                at_fault.1
-            );
+            report(started, &what, at_fault, expected_received);
         }
 
-        traffic.account().await?;
-        for host in &hosts {
-            ensure!(
-                host.network_stat("envelopes_waiting").await? == 0,
-                "an outbox is not empty"
-            );
-        }
-        eprintln!(
-            "{:>6.2} s: all accounted for",
-            started.elapsed().as_secs_f64()
-        );
+        traffic.settle(&hosts, started).await?;
         anyhow::Ok(())
     })
     .await
@@ -1136,32 +1130,18 @@ async fn the_database_primary_killed_under_cross_host_traffic_and_its_standby_pr
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
-        let at_fault = (
-            traffic.accepted.load(Ordering::Relaxed),
-            traffic.received.load(Ordering::Relaxed),
-        );
+        let at_fault = traffic.counts();
         tokio::task::block_in_place(|| -> Result {
             primary.stop("immediate")?;
             standby.promote()
         })?;
-        eprintln!(
-            "{:>6.2} s: the primary stopped and the standby promoted, after {} accepted and {} \
-             of {expected_received} received",
-            started.elapsed().as_secs_f64(),
-            at_fault.0,
-            at_fault.1
+        report(
+            started,
+            "the primary stopped and the standby promoted",
+            at_fault,
+            expected_received,
         );
-        traffic.account().await?;
-        for host in &hosts {
-            ensure!(
-                host.network_stat("envelopes_waiting").await? == 0,
-                "an outbox is not empty"
-            );
-        }
-        eprintln!(
-            "{:>6.2} s: all accounted for",
-            started.elapsed().as_secs_f64()
-        );
+        traffic.settle(&hosts, started).await?;
         anyhow::Ok(())
     })
     .await
@@ -1211,10 +1191,7 @@ async fn the_connections_between_an_exchange_and_its_database_cut_or_silent_lose
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
-            let at_fault = (
-                traffic.accepted.load(Ordering::Relaxed),
-                traffic.received.load(Ordering::Relaxed),
-            );
+            let at_fault = traffic.counts();
             let what = match k {
                 1 => {
                     proxy.cut();
@@ -1227,24 +1204,9 @@ async fn the_connections_between_an_exchange_and_its_database_cut_or_silent_lose
                     "every connection to the database silent for 15 s"
                 }
             };
-            eprintln!(
-                "{:>6.2} s: {what}, after {} accepted and {} of {expected_received} received",
-                started.elapsed().as_secs_f64(),
-                at_fault.0,
-                at_fault.1
-            );
+            report(started, what, at_fault, expected_received);
         }
-        traffic.account().await?;
-        for host in &hosts {
-            ensure!(
-                host.network_stat("envelopes_waiting").await? == 0,
-                "an outbox is not empty"
-            );
-        }
-        eprintln!(
-            "{:>6.2} s: all accounted for",
-            started.elapsed().as_secs_f64()
-        );
+        traffic.settle(&hosts, started).await?;
         anyhow::Ok(())
     })
     .await

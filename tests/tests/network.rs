@@ -951,24 +951,15 @@ async fn hosts_linked_to_different_exchanges_of_one_database_are_one_network() -
     let url = cluster.url();
     let a = HostProcess::start_exchange_on(&url)?;
     let b = HostProcess::start_another_exchange(iim_e2e::ExchangeStore::SingleNode(&url), &a)?;
-    let certs = tempfile::tempdir()?;
-    let cert_file = certs.path().join("exchanges.pem");
-    let mut pem = std::fs::read(&a.cert)?;
-    pem.extend(std::fs::read(&b.cert)?);
-    std::fs::write(&cert_file, pem)?;
+    let (a_first, b_first) = (
+        iim_e2e::ExchangeList::of(&[&a, &b])?,
+        iim_e2e::ExchangeList::of(&[&b, &a])?,
+    );
     let chat = default_plugin("chat")?;
     let mut hosts = Vec::new();
-    for (id, first, second) in [("h1", &a, &b), ("h2", &b, &a), ("h3", &a, &b)] {
-        let toml = format!(
-            "server_id = \"{id}\"\n[network]\nexchange = \"{},{}\"\nexchange_cert = {:?}\n\
-             secret = \"{}\"\n",
-            first.addr,
-            second.addr,
-            cert_file.display().to_string(),
-            iim_e2e::NETWORK_SECRET
-        );
+    for (id, list) in [("h1", &a_first), ("h2", &b_first), ("h3", &a_first)] {
         hosts.push(HostProcess::start_with(
-            &toml,
+            &list.host_config(id, ""),
             Plugins::Only(&[("chat", &chat)]),
         )?);
     }
