@@ -585,7 +585,8 @@ impl PgExchange {
 
     /// Stores `905`s from `origin`, numbered in order, in one transaction (one commit, one
     /// wait for the disk and the standby, for all of them): for each, its targets (none if it
-    /// was stored before).
+    /// was stored before). A batch takes the same few statements whatever its size: the
+    /// messages, the rows and the targets' numbers each go in one statement over arrays.
     pub async fn relay_in_batch(
         &self,
         origin: &str,
@@ -609,6 +610,25 @@ impl PgExchange {
             .await?
             .get(0);
         let first = count_of("relay_inbound", stored)?;
+        // Only the servers the rows name, not the whole registry.
+        let mut named: Vec<&str> = batch
+            .iter()
+            .filter(|(seq, _)| *seq > first)
+            .flat_map(|(_, envelope)| envelope.rows.iter().map(|row| row.server.as_str()))
+            .collect();
+        named.sort_unstable();
+        named.dedup();
+        let known: Vec<String> = if named.is_empty() {
+            Vec::new()
+        } else {
+            transaction
+                .query("SELECT id FROM servers WHERE id = ANY($1)", &[&named])
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect()
+        };
+        let mut new = NewRows::default();
         let mut last = first;
         let mut all_targets = Vec::with_capacity(batch.len());
         for (seq, envelope) in batch {
@@ -616,8 +636,22 @@ impl PgExchange {
                 all_targets.push(Vec::new());
                 continue;
             }
-            all_targets.push(self.store_one(&transaction, origin, envelope).await?);
+            all_targets.push(new.add(origin, envelope, &known, &self.sealer)?);
             last = seq;
+        }
+        if !new.message_ids.is_empty() {
+            // A message relayed before (another origin's copy cannot have its id) is kept.
+            transaction
+                .execute(
+                    "INSERT INTO relay_messages (id, body)
+                     SELECT * FROM unnest($1::bigint[], $2::bytea[])
+                     ON CONFLICT (id) DO NOTHING",
+                    &[&new.message_ids, &new.bodies],
+                )
+                .await?;
+        }
+        if !new.targets.is_empty() {
+            self.number_rows(&transaction, &mut new).await?;
         }
         if last > first {
             transaction
@@ -631,80 +665,70 @@ impl PgExchange {
         Ok(all_targets)
     }
 
-    /// One `905`'s message and rows, in `transaction`: its targets.
-    async fn store_one(
+    /// Numbers `new`'s rows in each target's outbox, in order, and stores them; tells, at
+    /// commit, the exchange that forwards to each target.
+    async fn number_rows(
         &self,
         transaction: &tokio_postgres::Transaction<'_>,
-        origin: &str,
-        envelope: Envelope,
-    ) -> Result<Vec<String>, StoreError> {
-        let Envelope {
-            message,
-            expires_at,
-            rows,
-        } = envelope;
-        // Only the servers the rows name, not the whole registry, on every `905`.
-        let named: Vec<&str> = rows.iter().map(|row| row.server.as_str()).collect();
-        let known: Vec<String> = transaction
-            .query("SELECT id FROM servers WHERE id = ANY($1)", &[&named])
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        let rows = super::exchange::target_rows(origin, &message, rows, |server| {
-            Ok(known.iter().any(|k| k == server))
-        })?;
-        let id = i64::try_from(message.id.0).map_err(|_| StoreError::Corrupt {
-            tree: "relay_messages",
-            reason: format!("message id {} is out of range", message.id),
-        })?;
-        if !rows.is_empty() {
-            let body = self.sealer.seal(
-                "relay_messages",
-                &id.to_be_bytes(),
-                encode(&Relayed {
-                    message,
-                    expires_at,
-                }),
-            );
-            // A message relayed before (another origin's copy cannot have its id) is kept.
-            transaction
-                .execute(
-                    "INSERT INTO relay_messages (id, body) VALUES ($1, $2)
-                     ON CONFLICT (id) DO NOTHING",
-                    &[&id, &body],
-                )
-                .await?;
+        new: &mut NewRows,
+    ) -> Result<(), StoreError> {
+        let targets: Vec<&str> = new.targets.iter().map(|(t, _)| t.as_str()).collect();
+        let counts: Vec<i64> = new.targets.iter().map(|(_, n)| *n).collect();
+        transaction
+            .execute(
+                "INSERT INTO relay_targets (target, last, acked)
+                 SELECT unnest($1::text[]), 0, 0
+                 ON CONFLICT (target) DO NOTHING",
+                &[&targets],
+            )
+            .await?;
+        // Locked in the targets' order (as every batch locks them): two exchanges storing
+        // for the same targets at once wait for each other, they do not deadlock.
+        transaction
+            .execute(
+                "SELECT 1 FROM relay_targets WHERE target = ANY($1)
+                 ORDER BY target FOR UPDATE",
+                &[&targets],
+            )
+            .await?;
+        let numbered = transaction
+            .query(
+                "UPDATE relay_targets t SET last = t.last + c.n
+                 FROM unnest($1::text[], $2::bigint[]) AS c(target, n)
+                 WHERE t.target = c.target
+                 RETURNING t.target, t.last - c.n",
+                &[&targets, &counts],
+            )
+            .await?;
+        let mut next: HashMap<String, i64> = HashMap::with_capacity(numbered.len());
+        for row in &numbered {
+            next.insert(row.get(0), row.get(1));
         }
-        let mut targets = Vec::with_capacity(rows.len());
-        for row in rows {
-            transaction
-                .execute(
-                    "INSERT INTO relay_targets (target, last, acked) VALUES ($1, 0, 0)
-                     ON CONFLICT (target) DO NOTHING",
-                    &[&row.server],
-                )
-                .await?;
-            let number: i64 = transaction
-                .query_one(
-                    "UPDATE relay_targets SET last = last + 1 WHERE target = $1
-                     RETURNING last",
-                    &[&row.server],
-                )
-                .await?
-                .get(0);
-            transaction
-                .execute(
-                    "INSERT INTO relay_rows (target, seq, message, users)
-                     VALUES ($1, $2, $3, $4)",
-                    &[&row.server, &number, &id, &encode(&row.users)],
-                )
-                .await?;
-            // Heard, at commit, by the exchange that forwards to the target.
-            notify(transaction, &format!("{RELAYED}\t{}", row.server)).await?;
-            targets.push(row.server);
+        let mut seqs = Vec::with_capacity(new.row_targets.len());
+        for target in &new.row_targets {
+            let number = next.get_mut(target).ok_or_else(|| StoreError::Corrupt {
+                tree: "relay_targets",
+                reason: format!("no outbox number for {target}"),
+            })?;
+            *number += 1;
+            seqs.push(*number);
         }
-        Ok(targets)
+        transaction
+            .execute(
+                "INSERT INTO relay_rows (target, seq, message, users)
+                 SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[])",
+                &[&new.row_targets, &seqs, &new.row_messages, &new.row_users],
+            )
+            .await?;
+        // Heard, at commit, by the exchange that forwards to each target.
+        let notices: Vec<String> = targets.iter().map(|t| format!("{RELAYED}\t{t}")).collect();
+        transaction
+            .execute(
+                "SELECT pg_notify($1, notice) FROM unnest($2::text[]) AS notice",
+                &[&CHANGES_CHANNEL, &notices],
+            )
+            .await?;
+        Ok(())
     }
 
     /// As [`super::exchange::ExchangeStore::outbox`].
@@ -825,6 +849,75 @@ impl PgExchange {
             .await?
             .get(0);
         Ok(usize::try_from(count).unwrap_or(0))
+    }
+}
+
+/// What a batch of `905`s adds, gathered to be stored a statement per table.
+#[derive(Default)]
+struct NewRows {
+    /// The messages, each once, sealed.
+    message_ids: Vec<i64>,
+    seen: std::collections::HashSet<i64>,
+    bodies: Vec<Vec<u8>>,
+    /// The rows in the order they are numbered: target, message, users.
+    row_targets: Vec<String>,
+    row_messages: Vec<i64>,
+    row_users: Vec<Vec<u8>>,
+    /// Each target once, with its number of rows, in the order of their names.
+    targets: Vec<(String, i64)>,
+}
+
+impl NewRows {
+    /// Adds one `905` from `origin` (of the servers, those `known`): its targets.
+    fn add(
+        &mut self,
+        origin: &str,
+        envelope: Envelope,
+        known: &[String],
+        sealer: &Sealer,
+    ) -> Result<Vec<String>, StoreError> {
+        let Envelope {
+            message,
+            expires_at,
+            rows,
+        } = envelope;
+        let rows = super::exchange::target_rows(origin, &message, rows, |server| {
+            Ok(known.iter().any(|k| k == server))
+        })?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let id = i64::try_from(message.id.0).map_err(|_| StoreError::Corrupt {
+            tree: "relay_messages",
+            reason: format!("message id {} is out of range", message.id),
+        })?;
+        let mut targets = Vec::with_capacity(rows.len());
+        for row in rows {
+            match self
+                .targets
+                .binary_search_by(|(t, _)| t.as_str().cmp(&row.server))
+            {
+                Ok(at) => self.targets[at].1 += 1,
+                Err(at) => self.targets.insert(at, (row.server.clone(), 1)),
+            }
+            self.row_targets.push(row.server.clone());
+            self.row_messages.push(id);
+            self.row_users.push(encode(&row.users));
+            targets.push(row.server);
+        }
+        // A message the batch names twice is stored once.
+        if self.seen.insert(id) {
+            self.message_ids.push(id);
+            self.bodies.push(sealer.seal(
+                "relay_messages",
+                &id.to_be_bytes(),
+                encode(&Relayed {
+                    message,
+                    expires_at,
+                }),
+            ));
+        }
+        Ok(targets)
     }
 }
 
