@@ -651,7 +651,7 @@ impl PgExchange {
                 .await?;
         }
         if !new.targets.is_empty() {
-            self.number_rows(&transaction, &mut new).await?;
+            self.number_rows(&transaction, &new).await?;
         }
         if last > first {
             transaction
@@ -670,7 +670,7 @@ impl PgExchange {
     async fn number_rows(
         &self,
         transaction: &tokio_postgres::Transaction<'_>,
-        new: &mut NewRows,
+        new: &NewRows,
     ) -> Result<(), StoreError> {
         let targets: Vec<&str> = new.targets.iter().map(|(t, _)| t.as_str()).collect();
         let counts: Vec<i64> = new.targets.iter().map(|(_, n)| *n).collect();
