@@ -407,16 +407,11 @@ async fn download_from(
     loop {
         let read = match tokio::time::timeout(timeout, recv.read(&mut buf)).await {
             Ok(Ok(read)) => read,
-            failed => {
-                // Cut off: what came is written out before the error is told, so that the
-                // `.part` holds all of it (a tokio file writes in the background) and the
-                // next attempt, in this process or another, goes on from there.
-                file.settle().await;
-                return Err(match failed {
-                    Ok(Err(e)) => read_error(e),
-                    _ => ClientError::Timeout(timeout),
-                });
-            }
+            // Cut off: the `.part` holds every byte that came (`append` returns only once
+            // they are in it), so the next attempt, in this process or another, goes on
+            // from there.
+            Ok(Err(e)) => return Err(read_error(e)),
+            Err(_) => return Err(ClientError::Timeout(timeout)),
         };
         let Some(n) = read else { break };
         file.append(&buf[..n]).await?;
@@ -496,26 +491,24 @@ impl PartFile {
         })
     }
 
-    /// Appends bytes that came. More than the file's size means another file: the `.part`
-    /// is deleted.
+    /// Appends bytes that came, and returns once they are in the file, so that a download
+    /// cut off or dropped at any point leaves a `.part` holding every byte counted. More
+    /// than the file's size means another file: the `.part` is deleted.
     pub(crate) async fn append(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         if self.len + bytes.len() as u64 > self.size {
             let reason = format!("more than its {} bytes came", self.size);
             return Err(self.discard(reason).await);
         }
+        // A tokio file writes on a thread of its own: the bytes are hashed while it does,
+        // and `flush` waits for it.
         self.file
             .write_all(bytes)
             .await
             .map_err(io_error(&self.path))?;
         sha2::Digest::update(&mut self.hasher, bytes);
+        self.file.flush().await.map_err(io_error(&self.path))?;
         self.len += bytes.len() as u64;
         Ok(())
-    }
-
-    /// Writes out what was appended; a failure to is left for the next attempt to find
-    /// (it goes on from the `.part`'s length, whatever that is).
-    pub(crate) async fn settle(&mut self) {
-        let _ = self.file.flush().await;
     }
 
     /// Ends the download: checks that every byte came and that they are the file's, then
