@@ -28,6 +28,9 @@
 //!   of two rows each as fast as they can for 5 s, each on its own connection, into a fresh
 //!   cluster; then every row acknowledged, 32 at a time. And the relay tables' live and dead
 //!   rows, after each run, from PostgreSQL's statistics.
+//! - *One exchange's pool.* The same four writers as the links of one exchange, for 3 s on
+//!   one connection (calls one at a time, as an exchange did before its pool), then for 3 s on
+//!   the default pool; the ratio of the two rates.
 //! - *An exchange's death.* On the PostgreSQL network, `h1` sends `h2` a message every 5 ms;
 //!   the exchange that forwards to `h2` is killed (`kill -9`). The figure is the time from the
 //!   kill to the first delivery after the pause it causes; every message must arrive once,
@@ -40,6 +43,7 @@ use iim_client::Connection;
 use iim_client::proto::{MessageKind, RelationKind, SessionMode, UserId};
 use iim_e2e::{HostProcess, Plugins, within};
 use iim_host::cmd::relation::MAX_RELATIONS;
+use iim_host::store::postgres::DEFAULT_CONNECTIONS;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -713,6 +717,12 @@ pub struct DatabaseFigures {
     pub ratio: f64,
     /// What the database sustains, exchanges' store calls alone (no network, no hosts).
     pub relay: RelayRate,
+    /// One exchange whose links store at once, on one connection (as before the pool).
+    pub one_connection: RelayRate,
+    /// The same on the default pool of connections.
+    pub pooled: RelayRate,
+    /// `pooled` over `one_connection`, `905`s/s.
+    pub pool_ratio: f64,
     /// From `kill -9` of the exchange that forwards to `h2` to the first message another
     /// exchange relayed to it, in ms, under a message every 5 ms from `h1`.
     pub failover_ms: f64,
@@ -722,12 +732,14 @@ pub struct DatabaseFigures {
     pub tables: Vec<TableHealth>,
 }
 
-/// `905`s stored by several exchanges at once, each on its own connection, then every row
-/// acknowledged.
+/// `905`s stored by several writers at once, then every row acknowledged.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RelayRate {
-    /// Exchanges writing at once.
+    /// Writers at once: exchanges, or the links of one exchange.
     pub writers: usize,
+    /// The writers are links of one exchange with this many connections (`None`: each writer
+    /// an exchange of its own, with the default pool).
+    pub shared: Option<usize>,
     /// Target hosts each `905` names (one row each).
     pub targets: usize,
     /// `905`s stored per second (each one transaction, committed with an fsync).
@@ -779,7 +791,9 @@ pub async fn run_database(load: Load, exchanges: usize) -> anyhow::Result<Databa
     let failover = failover(&mut net).await;
     let (failover_ms, failover_messages) = net.on_failure(failover)?;
     drop(net);
-    let relay = relay_rate(4, 2, Duration::from_secs(5)).await?;
+    let relay = relay_rate(4, 2, Duration::from_secs(5), None).await?;
+    let one_connection = relay_rate(4, 2, Duration::from_secs(3), Some(1)).await?;
+    let pooled = relay_rate(4, 2, Duration::from_secs(3), Some(DEFAULT_CONNECTIONS)).await?;
     Ok(DatabaseFigures {
         exchanges,
         pairs: load.pairs,
@@ -789,7 +803,10 @@ pub async fn run_database(load: Load, exchanges: usize) -> anyhow::Result<Databa
         ratio: postgres.msgs_per_s / sled.msgs_per_s,
         sled,
         postgres,
+        pool_ratio: pooled.envelopes_per_s / one_connection.envelopes_per_s,
         relay,
+        one_connection,
+        pooled,
         failover_ms,
         failover_messages,
         tables,
@@ -821,6 +838,18 @@ pub fn print_database(f: &DatabaseFigures) {
          rows/s stored; {:.0} rows/s acknowledged",
         r.writers, r.targets, r.envelopes_per_s, r.rows_per_s, r.acked_rows_per_s
     );
+    for r in [&f.one_connection, &f.pooled] {
+        println!(
+            "one exchange, {} links storing 905s of {} rows at once on {} connection(s): {:.0} \
+             905s/s, {:.0} rows/s stored",
+            r.writers,
+            r.targets,
+            r.shared.unwrap_or(0),
+            r.envelopes_per_s,
+            r.rows_per_s
+        );
+    }
+    println!("ratio pooled/one connection (905s/s): {:.4}", f.pool_ratio);
     println!(
         "an exchange killed under a message every 5 ms: first message relayed by another \
          {:.0} ms after the kill ({} messages, each once, in order)",
@@ -1005,9 +1034,15 @@ async fn failover(net: &mut Net) -> anyhow::Result<(f64, usize)> {
 /// A pause in deliveries that says the relay stopped (messages come every 5 ms).
 const FAILOVER_GAP: Duration = Duration::from_millis(500);
 
-/// `writers` exchanges store `905`s of `targets` rows each into a fresh database for `secs`,
-/// at once; then every target's rows are acknowledged, 32 at a time (a link's window).
-async fn relay_rate(writers: usize, targets: usize, secs: Duration) -> anyhow::Result<RelayRate> {
+/// `writers` exchanges (or, `shared`, the links of one exchange with that many connections)
+/// store `905`s of `targets` rows each into a fresh database for `secs`, at once; then every
+/// target's rows are acknowledged, 32 at a time (a link's window).
+async fn relay_rate(
+    writers: usize,
+    targets: usize,
+    secs: Duration,
+    shared: Option<usize>,
+) -> anyhow::Result<RelayRate> {
     use iim_host::store::Sealer;
     use iim_host::store::postgres::{Durability, PgExchange};
     use iim_proto::peer::{Envelope, RelayRow};
@@ -1015,9 +1050,24 @@ async fn relay_rate(writers: usize, targets: usize, secs: Duration) -> anyhow::R
     let cluster = tokio::task::spawn_blocking(|| iim_e2e::postgres::Cluster::start(&[])).await??;
     let url = cluster.url();
     let mut dbs = Vec::new();
-    for _ in 0..writers {
-        let db = PgExchange::connect(&url, Sealer::clear(), Durability::SingleNode).await?;
-        dbs.push(Arc::new(db));
+    match shared {
+        None => {
+            for _ in 0..writers {
+                let db = PgExchange::connect(&url, Sealer::clear(), Durability::SingleNode).await?;
+                dbs.push(Arc::new(db));
+            }
+        }
+        Some(connections) => {
+            let db = PgExchange::connect_as(
+                &url,
+                "",
+                connections,
+                Sealer::clear(),
+                Durability::SingleNode,
+            )
+            .await?;
+            dbs = vec![Arc::new(db); writers];
+        }
     }
     let targets: Vec<String> = (0..targets).map(|i| format!("t{i}")).collect();
     let origins: Vec<String> = (0..writers).map(|i| format!("o{i}")).collect();
@@ -1079,6 +1129,7 @@ async fn relay_rate(writers: usize, targets: usize, secs: Duration) -> anyhow::R
     let rows = stored as f64 * targets.len() as f64;
     Ok(RelayRate {
         writers,
+        shared,
         targets: targets.len(),
         envelopes_per_s: stored as f64 / elapsed,
         rows_per_s: rows / elapsed,

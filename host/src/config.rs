@@ -131,6 +131,10 @@ pub struct NetworkConfig {
     /// database server: what it commits survives its crash, not the loss of its disk).
     /// Without it, a database without synchronous replication is refused.
     pub database_single_node: bool,
+    /// The exchange: how many connections to the database it keeps for its calls, which run
+    /// side by side on them (1 to 1000; default 8). Besides those it has one that listens and
+    /// one per host it forwards to.
+    pub database_connections: Option<usize>,
 }
 
 impl NetworkConfig {
@@ -481,16 +485,35 @@ impl Config {
                         .into(),
                 ));
             }
-            Role::Host if n.database.is_some() || n.database_single_node => {
+            Role::Host
+                if n.database.is_some()
+                    || n.database_single_node
+                    || n.database_connections.is_some() =>
+            {
                 return Err(ConfigError::Invalid(
-                    "network.database and network.database_single_node are the exchange's \
-                     (role = \"exchange\"); a host keeps its data in data_dir"
+                    "network.database, network.database_single_node and \
+                     network.database_connections are the exchange's (role = \"exchange\"); a \
+                     host keeps its data in data_dir"
                         .into(),
                 ));
             }
             Role::Exchange if n.database.is_none() && n.database_single_node => {
                 return Err(ConfigError::Invalid(
                     "network.database_single_node says what network.database is: set both".into(),
+                ));
+            }
+            Role::Exchange if n.database.is_none() && n.database_connections.is_some() => {
+                return Err(ConfigError::Invalid(
+                    "network.database_connections are connections to network.database: set both"
+                        .into(),
+                ));
+            }
+            Role::Exchange
+                if n.database_connections
+                    .is_some_and(|c| !(1..=1000).contains(&c)) =>
+            {
+                return Err(ConfigError::Invalid(
+                    "network.database_connections must be 1 to 1000".into(),
                 ));
             }
             Role::Host if n.exchanges().iter().any(|addr| addr.is_empty()) => {
@@ -719,6 +742,36 @@ mod tests {
             let toml = format!("[limits]\nmax_hashing = {threads}\nhashing_queue = {queue}\n");
             let config = load_checked(&path, &toml, valid, "limits.max_hashing");
             assert_eq!(config.limits.hashing_queue, queue);
+        }
+    }
+
+    #[test]
+    fn only_an_exchange_with_a_database_has_database_connections() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("host.toml");
+        let exchange = "role = \"exchange\"\n[network]\nsecret = \"a network secret\"\n";
+        let database = "database = \"postgresql://iim@127.0.0.1/iim\"\n";
+        for (toml, valid) in [
+            (
+                format!("{exchange}{database}database_connections = 1\n"),
+                true,
+            ),
+            (
+                format!("{exchange}{database}database_connections = 1000\n"),
+                true,
+            ),
+            (
+                format!("{exchange}{database}database_connections = 0\n"),
+                false,
+            ),
+            (
+                format!("{exchange}{database}database_connections = 1001\n"),
+                false,
+            ),
+            (format!("{exchange}database_connections = 4\n"), false),
+            ("[network]\ndatabase_connections = 4\n".to_owned(), false),
+        ] {
+            load_checked(&path, &toml, valid, "network.database_connections");
         }
     }
 

@@ -22,7 +22,7 @@ use crate::server::ServerError;
 use crate::store::StoreError;
 use crate::store::exchange::{ExchangeStore, Joining};
 use crate::store::exchange_db::{Change, ExchangeDb, Forward};
-use crate::store::postgres::{Durability, PgExchange};
+use crate::store::postgres::{DEFAULT_CONNECTIONS, Durability, PgExchange};
 use iim_proto::peer::{
     Envelope, ExchangeFrame, FilePart, HostFrame, PEER_ALPN, PEER_VERSION, ServerInfo,
 };
@@ -43,6 +43,8 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a link that cannot forward to its host yet (another exchange has the right,
 /// its link not yet gone) asks again.
 const FORWARD_RETRY: Duration = Duration::from_millis(250);
+/// How often a forwarder looks at its host's outbox without being told of new rows.
+const OUTBOX_RECHECK: Duration = Duration::from_secs(2);
 /// How often the registry is read again, to tell hosts of hosts whose exchange died (no
 /// notice tells of that).
 const REGISTRY_POLL: Duration = Duration::from_secs(2);
@@ -794,6 +796,8 @@ async fn relay(
     let mut inbound = Inbound::default();
     let mut retry = tokio::time::interval(FORWARD_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut recheck = tokio::time::interval(OUTBOX_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let idle_ack = link.poll_ack(true).is_some();
         let forwarding_lost = forwarding.as_ref().is_none_or(|f| !f.is_held());
@@ -921,6 +925,11 @@ async fn relay(
                 *forwarding = take_forwarding(state, server, forwarding.take()).await?;
                 pump(state, peer, server, &mut link, forwarding).await?;
             }
+            // Rows whose notice was lost (their exchange died between their commit and the
+            // notice) are sent all the same.
+            _ = recheck.tick(), if !forwarding_lost => {
+                pump(state, peer, server, &mut link, forwarding).await?;
+            }
             // Nothing else to do: the `905`s read are made durable and acknowledged, once for
             // all of them.
             () = std::future::ready(()), if idle_ack => {
@@ -1043,10 +1052,18 @@ async fn open_store(config: &Config, name: &str) -> Result<ExchangeDb, ServerErr
         true => Durability::SingleNode,
         false => Durability::Replicated,
     };
-    let db = PgExchange::connect_as(url, name, sealer, durability)
+    let connections = config
+        .network
+        .database_connections
+        .unwrap_or(DEFAULT_CONNECTIONS);
+    let db = PgExchange::connect_as(url, name, connections, sealer, durability)
         .await
         .map_err(ServerError::Database)?;
-    tracing::info!(?durability, "the network's state is in PostgreSQL");
+    tracing::info!(
+        ?durability,
+        connections,
+        "the network's state is in PostgreSQL"
+    );
     ExchangeDb::postgres(db)
         .await
         .map_err(ServerError::Database)

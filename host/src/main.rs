@@ -53,6 +53,9 @@ struct Args {
     /// The exchange: --database has no synchronous standby, and that is meant.
     #[arg(long)]
     database_single_node: bool,
+    /// The exchange: connections to --database for its calls, side by side [default: 8].
+    #[arg(long, value_name = "N")]
+    database_connections: Option<usize>,
     /// This host's address for clients, where other hosts redirect its users [default: the
     /// listening address].
     #[arg(long)]
@@ -255,6 +258,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.database_single_node {
         config.network.database_single_node = true;
+    }
+    if let Some(connections) = args.database_connections {
+        config.network.database_connections = Some(connections);
     }
     if let Some(dir) = args.plugin_cache_dir {
         config.plugins.cache_dir = Some(dir);

@@ -489,6 +489,82 @@ async fn targets_acknowledging_one_message_at_once_leave_nothing_behind() -> any
 }
 
 #[tokio::test]
+async fn calls_run_side_by_side_and_one_that_gets_no_answer_gives_up_its_connection()
+-> anyhow::Result<()> {
+    if !postgres::available()? {
+        return Ok(());
+    }
+    let cluster = Cluster::start(&[])?;
+    let db = std::sync::Arc::new(
+        PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?,
+    );
+    for id in ["h1", "h2", "h3"] {
+        db.join(id, "127.0.0.1:1", "", 1).await?;
+    }
+    let to_h3 = |n| Envelope {
+        message: message(n),
+        expires_at: None,
+        rows: vec![row("h3", &["dave"])],
+    };
+    assert_eq!(db.relay_in("h1", 1, to_h3(1)).await?, ["h3"]);
+    // Another session holds h1's row: h1's next batch waits for it, on its connection.
+    let mut sql = cluster.connect().await?;
+    let holder = sql.transaction().await?;
+    holder
+        .execute(
+            "SELECT 1 FROM relay_inbound WHERE origin = 'h1' FOR UPDATE",
+            &[],
+        )
+        .await?;
+    let stuck = tokio::spawn({
+        let db = std::sync::Arc::clone(&db);
+        async move { db.relay_in("h1", 2, to_h3(2)).await }
+    });
+    let watcher = cluster.connect().await?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                &[],
+            )
+            .await?
+            .get(0);
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "h1's batch never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Meanwhile h2's batch is stored, on another connection.
+    assert_eq!(db.relay_in("h2", 1, to_h3(3)).await?, ["h3"]);
+    assert!(!stuck.is_finished(), "h1's batch still waits");
+    // h1's gets no answer: it fails after the timeout, and its connection is closed.
+    let Err(err) = stuck.await? else {
+        panic!("a batch that waited past the timeout was stored")
+    };
+    assert!(
+        err.to_string().contains("no answer from the database"),
+        "{err}"
+    );
+    holder.rollback().await?;
+    // Nothing of it was stored; sent again, it is, on a new connection.
+    assert_eq!(db.inbound("h1").await?, 1);
+    assert_eq!(db.relay_in("h1", 2, to_h3(2)).await?, ["h3"]);
+    let ids: Vec<(u64, u64)> = db
+        .outbox("h3", 0, 10)
+        .await?
+        .iter()
+        .map(|(seq, envelope)| (*seq, envelope.message.id.0))
+        .collect();
+    assert_eq!(ids, [(1, 1), (2, 3), (3, 2)]);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_failover_to_the_synchronous_standby_loses_no_acknowledged_relay() -> anyhow::Result<()> {
     if !postgres::available()? {
         return Ok(());

@@ -130,7 +130,7 @@ impl ExchangeDb {
     ) -> Result<Joining, StoreError> {
         let joining = match &self.backend {
             Backend::Sled(store) => store.join(id, addr, credential, now),
-            Backend::Postgres(db) => timed(db, db.join(id, addr, credential, now)).await,
+            Backend::Postgres(db) => db.join(id, addr, credential, now).await,
         }?;
         if joining != Joining::WrongCredential {
             self.changed(Change::Servers);
@@ -142,7 +142,7 @@ impl ExchangeDb {
     pub async fn leave(&self, id: &str, now: u64) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sled(store) => store.leave(id, now),
-            Backend::Postgres(db) => timed(db, db.leave(id, now)).await,
+            Backend::Postgres(db) => db.leave(id, now).await,
         }?;
         self.changed(Change::Servers);
         Ok(())
@@ -152,7 +152,7 @@ impl ExchangeDb {
     pub async fn servers(&self) -> Result<Vec<ServerInfo>, StoreError> {
         match &self.backend {
             Backend::Sled(store) => store.servers(),
-            Backend::Postgres(db) => timed(db, db.servers()).await,
+            Backend::Postgres(db) => db.servers().await,
         }
     }
 
@@ -165,7 +165,7 @@ impl ExchangeDb {
     ) -> Result<(String, Option<u64>), StoreError> {
         let claimed = match &self.backend {
             Backend::Sled(store) => store.claim(name, server),
-            Backend::Postgres(db) => timed(db, db.claim(name, server)).await,
+            Backend::Postgres(db) => db.claim(name, server).await,
         }?;
         if claimed.1.is_some() {
             self.changed(Change::Directory);
@@ -182,7 +182,7 @@ impl ExchangeDb {
     ) -> Result<(Option<String>, Option<u64>), StoreError> {
         let released = match &self.backend {
             Backend::Sled(store) => store.release(user, server),
-            Backend::Postgres(db) => timed(db, db.release(user, server)).await,
+            Backend::Postgres(db) => db.release(user, server).await,
         }?;
         if released.1.is_some() {
             self.changed(Change::Directory);
@@ -194,7 +194,7 @@ impl ExchangeDb {
     pub async fn home(&self, name: &Address) -> Result<Option<String>, StoreError> {
         match &self.backend {
             Backend::Sled(store) => store.home(name),
-            Backend::Postgres(db) => timed(db, db.home(name)).await,
+            Backend::Postgres(db) => db.home(name).await,
         }
     }
 
@@ -202,7 +202,7 @@ impl ExchangeDb {
     pub async fn directory_version(&self) -> Result<u64, StoreError> {
         match &self.backend {
             Backend::Sled(store) => store.directory_version(),
-            Backend::Postgres(db) => timed(db, db.directory_version()).await,
+            Backend::Postgres(db) => db.directory_version().await,
         }
     }
 
@@ -215,7 +215,7 @@ impl ExchangeDb {
     ) -> Result<(u64, Vec<(Address, String)>), StoreError> {
         match &self.backend {
             Backend::Sled(store) => store.directory_after(after, limit),
-            Backend::Postgres(db) => timed(db, db.directory_after(after, limit)).await,
+            Backend::Postgres(db) => db.directory_after(after, limit).await,
         }
     }
 
@@ -223,7 +223,7 @@ impl ExchangeDb {
     pub async fn inbound(&self, origin: &str) -> Result<u64, StoreError> {
         match &self.backend {
             Backend::Sled(store) => store.inbound(origin),
-            Backend::Postgres(db) => timed(db, db.inbound(origin)).await,
+            Backend::Postgres(db) => db.inbound(origin).await,
         }
     }
 
@@ -238,7 +238,7 @@ impl ExchangeDb {
     ) -> Result<Vec<String>, StoreError> {
         let targets = match &self.backend {
             Backend::Sled(store) => store.relay_in(origin, seq, envelope),
-            Backend::Postgres(db) => timed(db, db.relay_in(origin, seq, envelope)).await,
+            Backend::Postgres(db) => db.relay_in(origin, seq, envelope).await,
         }?;
         for target in &targets {
             self.changed(Change::Relayed(target.clone()));
@@ -258,7 +258,7 @@ impl ExchangeDb {
                 .into_iter()
                 .map(|(seq, envelope)| store.relay_in(origin, seq, envelope))
                 .collect::<Result<Vec<_>, _>>(),
-            Backend::Postgres(db) => timed(db, db.relay_in_batch(origin, batch)).await,
+            Backend::Postgres(db) => db.relay_in_batch(origin, batch).await,
         }?;
         for target in stored.iter().flatten() {
             self.changed(Change::Relayed(target.clone()));
@@ -275,7 +275,7 @@ impl ExchangeDb {
     ) -> Result<Vec<(u64, Envelope)>, StoreError> {
         match &self.backend {
             Backend::Sled(store) => store.outbox(target, after, limit),
-            Backend::Postgres(db) => timed(db, db.outbox(target, after, limit)).await,
+            Backend::Postgres(db) => db.outbox(target, after, limit).await,
         }
     }
 
@@ -283,7 +283,7 @@ impl ExchangeDb {
     pub async fn outbox_acked(&self, target: &str, seq: u64) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sled(store) => store.outbox_acked(target, seq),
-            Backend::Postgres(db) => timed(db, db.outbox_acked(target, seq)).await,
+            Backend::Postgres(db) => db.outbox_acked(target, seq).await,
         }
     }
 
@@ -291,7 +291,7 @@ impl ExchangeDb {
     pub async fn outbox_len(&self, target: &str) -> Result<usize, StoreError> {
         match &self.backend {
             Backend::Sled(store) => Ok(store.outbox_len(target)),
-            Backend::Postgres(db) => timed(db, db.outbox_len(target)).await,
+            Backend::Postgres(db) => db.outbox_len(target).await,
         }
     }
 
@@ -306,7 +306,7 @@ impl ExchangeDb {
                 let mut presence = lock(&self.presence);
                 set_presence(presence.entry(server.to_owned()).or_default(), &entries);
             }
-            Backend::Postgres(db) => timed(db, db.set_presence(server, &entries)).await?,
+            Backend::Postgres(db) => db.set_presence(server, &entries).await?,
         }
         self.changed(Change::Presence {
             server: server.to_owned(),
@@ -321,7 +321,7 @@ impl ExchangeDb {
             Backend::Sled(_) => {
                 lock(&self.presence).remove(server);
             }
-            Backend::Postgres(db) => timed(db, db.forget_presence(server)).await?,
+            Backend::Postgres(db) => db.forget_presence(server).await?,
         }
         self.changed(Change::PresenceGone(server.to_owned()));
         Ok(())
@@ -331,7 +331,7 @@ impl ExchangeDb {
     pub async fn presence(&self) -> Result<HashMap<String, HashMap<UserId, u32>>, StoreError> {
         match &self.backend {
             Backend::Sled(_) => Ok(lock(&self.presence).clone()),
-            Backend::Postgres(db) => timed(db, db.presence()).await,
+            Backend::Postgres(db) => db.presence().await,
         }
     }
 
@@ -340,7 +340,7 @@ impl ExchangeDb {
     pub async fn forward(&self, target: &str) -> Result<Option<Forward>, StoreError> {
         match &self.backend {
             Backend::Sled(_) => Ok(Some(Forward::Alone)),
-            Backend::Postgres(db) => Ok(timed(db, db.forward(target)).await?.map(Forward::Shared)),
+            Backend::Postgres(db) => Ok(db.forward(target).await?.map(Forward::Shared)),
         }
     }
 
@@ -351,7 +351,7 @@ impl ExchangeDb {
                 self.changed(Change::Servers);
                 Ok(())
             }
-            Backend::Postgres(db) => timed(db, db.registry_changed()).await,
+            Backend::Postgres(db) => db.registry_changed().await,
         }
     }
 
@@ -360,7 +360,7 @@ impl ExchangeDb {
     pub async fn exchanges(&self) -> Result<Option<Vec<(String, Vec<String>)>>, StoreError> {
         match &self.backend {
             Backend::Sled(_) => Ok(None),
-            Backend::Postgres(db) => timed(db, db.exchanges()).await.map(Some),
+            Backend::Postgres(db) => db.exchanges().await.map(Some),
         }
     }
 
@@ -369,28 +369,6 @@ impl ExchangeDb {
         match &self.backend {
             Backend::Sled(store) => store.flush().await,
             Backend::Postgres(_) => Ok(()),
-        }
-    }
-}
-
-/// How long a database call may take before the exchange gives up on its connection (a
-/// database that went silent, a network that dropped the route): the call fails, and the
-/// next is made on a new connection.
-const DATABASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// `call` on `db`, failing after [`DATABASE_TIMEOUT`].
-async fn timed<T>(
-    db: &PgExchange,
-    call: impl Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(DATABASE_TIMEOUT, call).await {
-        Ok(done) => done,
-        Err(_) => {
-            db.connect_again();
-            Err(StoreError::Database(format!(
-                "no answer in {} s; connecting again",
-                DATABASE_TIMEOUT.as_secs()
-            )))
         }
     }
 }

@@ -258,18 +258,30 @@ pub enum Durability {
 }
 
 /// The exchange's state in PostgreSQL: the registry, the directory and the relay, which any
-/// number of exchanges share. Every change is one transaction, durable when it returns. A
-/// connection that ended (its server died, a failover) is made again at the next use, to
-/// whichever server the connection string finds writable.
+/// number of exchanges share. Every change is one transaction, durable when it returns.
+///
+/// Calls run on a pool of connections, side by side: the links of many hosts commit at once,
+/// and the database flushes their commits together. A connection that ended (its server died,
+/// a failover) is made again at the next use, to whichever server the connection string finds
+/// writable; one that stopped answering is closed ([`DATABASE_TIMEOUT`]).
 pub struct PgExchange {
     /// Where the database is, and this exchange's name in it (`application_name`).
     config: tokio_postgres::Config,
-    client: tokio::sync::Mutex<Client>,
-    /// The connection stopped answering: the next call makes a new one.
-    stale: std::sync::atomic::AtomicBool,
+    pool: deadpool_postgres::Pool,
     /// The relayed messages (what users wrote) are sealed.
     sealer: Sealer,
 }
+
+/// How long a database call may take, once it has a connection, before the exchange gives up
+/// on that connection (a database that went silent, a network that dropped the route): the
+/// call fails, the connection is closed, and the next call is made on a new one.
+pub const DATABASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a call waits for a connection of the pool when every one is busy.
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The connections an exchange keeps to its database for its calls, unless configured
+/// (`network.database_connections`); besides, it has one that listens and one per host it
+/// forwards to.
+pub const DEFAULT_CONNECTIONS: usize = 8;
 
 impl PgExchange {
     /// Connects to the database at `url` (libpq's forms: `postgresql://…` or `host=… …`; for
@@ -281,14 +293,16 @@ impl PgExchange {
         sealer: Sealer,
         durability: Durability,
     ) -> Result<Self, StoreError> {
-        Self::connect_as(url, "", sealer, durability).await
+        Self::connect_as(url, "", DEFAULT_CONNECTIONS, sealer, durability).await
     }
 
-    /// [`PgExchange::connect`], for the exchange named `name` (its address): every
-    /// connection it makes says so, and [`PgExchange::exchanges`] lists it by that name.
+    /// [`PgExchange::connect`], for the exchange named `name` (its address), with at most
+    /// `connections` connections for its calls: every connection it makes says so, and
+    /// [`PgExchange::exchanges`] lists it by that name.
     pub async fn connect_as(
         url: &str,
         name: &str,
+        connections: usize,
         sealer: Sealer,
         durability: Durability,
     ) -> Result<Self, StoreError> {
@@ -301,8 +315,19 @@ impl PgExchange {
             .keepalives_idle(std::time::Duration::from_secs(5))
             .keepalives_interval(std::time::Duration::from_secs(2))
             .keepalives_retries(3)
-            .tcp_user_timeout(std::time::Duration::from_secs(10))
-            .connect_timeout(std::time::Duration::from_secs(10));
+            .tcp_user_timeout(DATABASE_TIMEOUT)
+            .connect_timeout(DATABASE_TIMEOUT);
+        // Every connection's session, whatever the server's defaults: its commits wait for
+        // the synchronous standbys, and a transaction left open holds its rows a short time.
+        let session = format!(
+            "-c synchronous_commit=on -c idle_in_transaction_session_timeout={}",
+            FORWARD_IDLE.as_millis()
+        );
+        let options = match config.get_options() {
+            Some(given) if !given.trim().is_empty() => format!("{given} {session}"),
+            _ => session,
+        };
+        config.options(options);
         let mut client = open(&config).await?;
         if durability == Durability::Replicated {
             replicated(&client).await?;
@@ -311,27 +336,70 @@ impl PgExchange {
             .await
             .map_err(|e| StoreError::Database(e.to_string()))?;
         check_keys(&mut client, &sealer).await?;
+        let manager = deadpool_postgres::Manager::from_config(
+            config.clone(),
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig {
+                // A connection that ended is made again; one that went silent is closed by
+                // `run`'s timeout.
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(connections.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(DATABASE_TIMEOUT))
+            .recycle_timeout(Some(DATABASE_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Database(format!("a pool of connections: {e}")))?;
         Ok(Self {
             config,
-            stale: std::sync::atomic::AtomicBool::new(false),
-            client: tokio::sync::Mutex::new(client),
+            pool,
             sealer,
         })
     }
 
-    /// The next call makes a new connection: the one it has stopped answering.
-    pub fn connect_again(&self) {
-        self.stale.store(true, std::sync::atomic::Ordering::Relaxed);
+    /// Runs `call` on a connection of the pool, waiting for one if every one is busy. The
+    /// call may take [`DATABASE_TIMEOUT`] from when it has its connection (the wait for one
+    /// is not counted): after that it fails, and its connection, which stopped answering, is
+    /// closed instead of given back.
+    async fn run<T>(
+        &self,
+        call: impl AsyncFnOnce(&mut deadpool_postgres::ClientWrapper) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut client = self.pool.get().await.map_err(|e| self.unavailable(e))?;
+        let outcome = tokio::time::timeout(DATABASE_TIMEOUT, call(&mut client)).await;
+        match outcome {
+            Ok(done) => done,
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                Err(StoreError::Database(format!(
+                    "no answer from the database in {} s; that connection is closed, the next \
+                     call makes a new one",
+                    DATABASE_TIMEOUT.as_secs()
+                )))
+            }
+        }
     }
 
-    /// The connection, made again first if it ended.
-    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Client>, StoreError> {
-        let mut client = self.client.lock().await;
-        if client.is_closed() || self.stale.swap(false, std::sync::atomic::Ordering::Relaxed) {
-            tracing::info!("connecting to the database again");
-            *client = open(&self.config).await?;
-        }
-        Ok(client)
+    /// Why no connection of the pool could be had.
+    fn unavailable(&self, error: deadpool_postgres::PoolError) -> StoreError {
+        use deadpool_postgres::{PoolError, TimeoutType};
+        StoreError::Database(match error {
+            PoolError::Timeout(TimeoutType::Wait) => format!(
+                "all {} connections to the database stayed busy for {} s \
+                 (network.database_connections)",
+                self.pool.status().max_size,
+                POOL_WAIT.as_secs()
+            ),
+            PoolError::Timeout(_) => format!(
+                "cannot connect to the database: no answer in {} s",
+                DATABASE_TIMEOUT.as_secs()
+            ),
+            PoolError::Backend(e) => format!("cannot connect to the database: {}", described(&e)),
+            other => other.to_string(),
+        })
     }
 
     // ---- registry ----
@@ -344,103 +412,117 @@ impl PgExchange {
         credential: &str,
         now: u64,
     ) -> Result<Joining, StoreError> {
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await?;
-        // New numbers are handed out one at a time.
-        transaction
-            .batch_execute("LOCK TABLE servers IN SHARE ROW EXCLUSIVE MODE")
-            .await?;
-        let known = transaction
-            .query_opt(
-                "SELECT number, credential FROM servers WHERE id = $1",
-                &[&id],
-            )
-            .await?;
-        let (joining, number) = match known {
-            Some(row) => {
-                let stored: Vec<u8> = row.get(1);
-                if !same_credential(&stored, credential) {
-                    return Ok(Joining::WrongCredential);
+        self.run(async |client| {
+            let transaction = client.transaction().await?;
+            // New numbers are handed out one at a time.
+            transaction
+                .batch_execute("LOCK TABLE servers IN SHARE ROW EXCLUSIVE MODE")
+                .await?;
+            let known = transaction
+                .query_opt(
+                    &transaction
+                        .prepare_cached("SELECT number, credential FROM servers WHERE id = $1")
+                        .await?,
+                    &[&id],
+                )
+                .await?;
+            let (joining, number) = match known {
+                Some(row) => {
+                    let stored: Vec<u8> = row.get(1);
+                    if !same_credential(&stored, credential) {
+                        return Ok(Joining::WrongCredential);
+                    }
+                    let number = number_of(row.get(0))?;
+                    (Joining::Known(number), number)
                 }
-                let number = number_of(row.get(0))?;
-                (Joining::Known(number), number)
-            }
-            None => {
-                let last: i32 = transaction
-                    .query_one("SELECT coalesce(max(number), 0) FROM servers", &[])
-                    .await?
-                    .get(0);
-                let next = number_of(last.saturating_add(1))
-                    .ok()
-                    .filter(|n| *n <= iim_proto::peer::MAX_HOST_NUMBER)
-                    .ok_or_else(|| StoreError::Corrupt {
-                        tree: "servers",
-                        reason: "every server number is taken".into(),
-                    })?;
-                (Joining::New(next), next)
-            }
-        };
-        transaction
-            .execute(
-                "INSERT INTO servers (id, number, addr, up, since, credential)
-                 VALUES ($1, $2, $3, true, $4, $5)
-                 ON CONFLICT (id) DO UPDATE SET addr = $3, up = true, since = $4",
-                &[
-                    &id,
-                    &i32::from(number),
-                    &addr,
-                    &ms(now),
-                    &credential_hash(credential),
-                ],
-            )
-            .await?;
-        notify(&transaction, SERVERS).await?;
-        transaction.commit().await?;
-        Ok(joining)
+                None => {
+                    let last: i32 = transaction
+                        .query_one("SELECT coalesce(max(number), 0) FROM servers", &[])
+                        .await?
+                        .get(0);
+                    let next = number_of(last.saturating_add(1))
+                        .ok()
+                        .filter(|n| *n <= iim_proto::peer::MAX_HOST_NUMBER)
+                        .ok_or_else(|| StoreError::Corrupt {
+                            tree: "servers",
+                            reason: "every server number is taken".into(),
+                        })?;
+                    (Joining::New(next), next)
+                }
+            };
+            transaction
+                .execute(
+                    &transaction
+                        .prepare_cached(
+                            "INSERT INTO servers (id, number, addr, up, since, credential)
+                     VALUES ($1, $2, $3, true, $4, $5)
+                     ON CONFLICT (id) DO UPDATE SET addr = $3, up = true, since = $4",
+                        )
+                        .await?,
+                    &[
+                        &id,
+                        &i32::from(number),
+                        &addr,
+                        &ms(now),
+                        &credential_hash(credential),
+                    ],
+                )
+                .await?;
+            notify(&*transaction, SERVERS).await?;
+            transaction.commit().await?;
+            Ok(joining)
+        })
+        .await
     }
 
     /// As [`super::exchange::ExchangeStore::leave`].
     pub async fn leave(&self, id: &str, now: u64) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await?;
-        transaction
-            .execute(
-                "UPDATE servers SET up = false, since = $2 WHERE id = $1",
-                &[&id, &ms(now)],
-            )
-            .await?;
-        notify(&transaction, SERVERS).await?;
-        transaction.commit().await?;
-        Ok(())
+        self.run(async |client| {
+            let transaction = client.transaction().await?;
+            transaction
+                .execute(
+                    &transaction
+                        .prepare_cached("UPDATE servers SET up = false, since = $2 WHERE id = $1")
+                        .await?,
+                    &[&id, &ms(now)],
+                )
+                .await?;
+            notify(&*transaction, SERVERS).await?;
+            transaction.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// As [`super::exchange::ExchangeStore::servers`]; a host is up while an exchange
     /// forwards to it ([`PgExchange::forward`]): whichever exchange it is linked to, and not
     /// after that exchange died.
     pub async fn servers(&self) -> Result<Vec<ServerInfo>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT s.id, s.number, s.addr, EXISTS (
-                         SELECT 1 FROM pg_locks l
-                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-                             AND ((l.classid::bigint << 32) | l.objid::bigint) = {HELD_KEY})
-                     FROM servers s ORDER BY s.id"
-                ),
-                &[],
-            )
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(ServerInfo {
-                    id: row.get(0),
-                    number: number_of(row.get(1))?,
-                    addr: row.get(2),
-                    up: row.get(3),
+        self.run(async |client| {
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT s.id, s.number, s.addr, EXISTS (
+                             SELECT 1 FROM pg_locks l
+                             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                                 AND ((l.classid::bigint << 32) | l.objid::bigint) = {HELD_KEY})
+                         FROM servers s ORDER BY s.id"
+                    ),
+                    &[],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(ServerInfo {
+                        id: row.get(0),
+                        number: number_of(row.get(1))?,
+                        addr: row.get(2),
+                        up: row.get(3),
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
+        .await
     }
 
     // ---- directory ----
@@ -451,27 +533,31 @@ impl PgExchange {
         name: &Address,
         server: &str,
     ) -> Result<(String, Option<u64>), StoreError> {
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await?;
-        let version = next_version(&transaction).await?;
-        let name = name.to_string();
-        if let Some(row) = transaction
-            .query_opt("SELECT home FROM directory WHERE name = $1", &[&name])
-            .await?
-        {
-            // Taken: the version taken above is given back with the transaction.
-            return Ok((row.get(0), None));
-        }
-        transaction
-            .execute(
-                "INSERT INTO directory (name, home) VALUES ($1, $2)",
-                &[&name, &server],
-            )
-            .await?;
-        log_version(&transaction, version, &name).await?;
-        notify(&transaction, DIRECTORY).await?;
-        transaction.commit().await?;
-        Ok((server.to_owned(), Some(count_of("directory_log", version)?)))
+        self.run(async |client| {
+            let transaction = client.transaction().await?;
+            let version = next_version(&transaction).await?;
+            let name = name.to_string();
+            if let Some(row) = transaction
+                .query_opt("SELECT home FROM directory WHERE name = $1", &[&name])
+                .await?
+            {
+                // Taken: the version taken above is given back with the transaction.
+                return Ok((row.get(0), None));
+            }
+            transaction
+                .execute(
+                    &transaction
+                        .prepare_cached("INSERT INTO directory (name, home) VALUES ($1, $2)")
+                        .await?,
+                    &[&name, &server],
+                )
+                .await?;
+            log_version(&transaction, version, &name).await?;
+            notify(&*transaction, DIRECTORY).await?;
+            transaction.commit().await?;
+            Ok((server.to_owned(), Some(count_of("directory_log", version)?)))
+        })
+        .await
     }
 
     /// As [`super::exchange::ExchangeStore::release`].
@@ -480,48 +566,56 @@ impl PgExchange {
         user: &UserId,
         server: &str,
     ) -> Result<(Option<String>, Option<u64>), StoreError> {
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await?;
-        let version = next_version(&transaction).await?;
-        let name = Address::User(user.clone()).to_string();
-        let home: Option<String> = transaction
-            .query_opt("SELECT home FROM directory WHERE name = $1", &[&name])
-            .await?
-            .map(|row| row.get(0));
-        match home {
-            None => return Ok((None, None)),
-            Some(home) if home != server => return Ok((Some(home), None)),
-            Some(_) => {}
-        }
-        transaction
-            .execute("DELETE FROM directory WHERE name = $1", &[&name])
-            .await?;
-        log_version(&transaction, version, &name).await?;
-        notify(&transaction, DIRECTORY).await?;
-        transaction.commit().await?;
-        Ok((None, Some(count_of("directory_log", version)?)))
+        self.run(async |client| {
+            let transaction = client.transaction().await?;
+            let version = next_version(&transaction).await?;
+            let name = Address::User(user.clone()).to_string();
+            let home: Option<String> = transaction
+                .query_opt("SELECT home FROM directory WHERE name = $1", &[&name])
+                .await?
+                .map(|row| row.get(0));
+            match home {
+                None => return Ok((None, None)),
+                Some(home) if home != server => return Ok((Some(home), None)),
+                Some(_) => {}
+            }
+            transaction
+                .execute("DELETE FROM directory WHERE name = $1", &[&name])
+                .await?;
+            log_version(&transaction, version, &name).await?;
+            notify(&*transaction, DIRECTORY).await?;
+            transaction.commit().await?;
+            Ok((None, Some(count_of("directory_log", version)?)))
+        })
+        .await
     }
 
     /// As [`super::exchange::ExchangeStore::home`].
     pub async fn home(&self, name: &Address) -> Result<Option<String>, StoreError> {
-        let client = self.client().await?;
-        Ok(client
-            .query_opt(
-                "SELECT home FROM directory WHERE name = $1",
-                &[&name.to_string()],
-            )
-            .await?
-            .map(|row| row.get(0)))
+        self.run(async |client| {
+            Ok(client
+                .query_opt(
+                    &client
+                        .prepare_cached("SELECT home FROM directory WHERE name = $1")
+                        .await?,
+                    &[&name.to_string()],
+                )
+                .await?
+                .map(|row| row.get(0)))
+        })
+        .await
     }
 
     /// As [`super::exchange::ExchangeStore::directory_version`].
     pub async fn directory_version(&self) -> Result<u64, StoreError> {
-        let client = self.client().await?;
-        let version: i64 = client
-            .query_one("SELECT version FROM directory_head", &[])
-            .await?
-            .get(0);
-        count_of("directory_log", version)
+        self.run(async |client| {
+            let version: i64 = client
+                .query_one("SELECT version FROM directory_head", &[])
+                .await?
+                .get(0);
+            count_of("directory_log", version)
+        })
+        .await
     }
 
     /// As [`super::exchange::ExchangeStore::directory_after`].
@@ -530,27 +624,33 @@ impl PgExchange {
         after: u64,
         limit: usize,
     ) -> Result<(u64, Vec<(Address, String)>), StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT l.version, l.name, coalesce(d.home, '')
-                 FROM directory_log l LEFT JOIN directory d ON d.name = l.name
-                 WHERE l.version > $1 ORDER BY l.version LIMIT $2",
-                &[&ms(after), &i64::try_from(limit).unwrap_or(i64::MAX)],
-            )
-            .await?;
-        let mut last = after;
-        let mut entries = Vec::with_capacity(rows.len());
-        for row in &rows {
-            last = count_of("directory_log", row.get(0))?;
-            let name: String = row.get(1);
-            let name = name.parse::<Address>().map_err(|e| StoreError::Corrupt {
-                tree: "directory_log",
-                reason: format!("{name:?} is not a name: {e}"),
-            })?;
-            entries.push((name, row.get(2)));
-        }
-        Ok((last, entries))
+        self.run(async |client| {
+            let rows = client
+                .query(
+                    &client
+                        .prepare_cached(
+                            "SELECT l.version, l.name, coalesce(d.home, '')
+                     FROM directory_log l LEFT JOIN directory d ON d.name = l.name
+                     WHERE l.version > $1 ORDER BY l.version LIMIT $2",
+                        )
+                        .await?,
+                    &[&ms(after), &i64::try_from(limit).unwrap_or(i64::MAX)],
+                )
+                .await?;
+            let mut last = after;
+            let mut entries = Vec::with_capacity(rows.len());
+            for row in &rows {
+                last = count_of("directory_log", row.get(0))?;
+                let name: String = row.get(1);
+                let name = name.parse::<Address>().map_err(|e| StoreError::Corrupt {
+                    tree: "directory_log",
+                    reason: format!("{name:?} is not a name: {e}"),
+                })?;
+                entries.push((name, row.get(2)));
+            }
+            Ok((last, entries))
+        })
+        .await
     }
 }
 
@@ -559,15 +659,19 @@ impl PgExchange {
 
     /// As [`super::exchange::ExchangeStore::inbound`].
     pub async fn inbound(&self, origin: &str) -> Result<u64, StoreError> {
-        let client = self.client().await?;
-        let seq: Option<i64> = client
-            .query_opt(
-                "SELECT seq FROM relay_inbound WHERE origin = $1",
-                &[&origin],
-            )
-            .await?
-            .map(|row| row.get(0));
-        seq.map_or(Ok(0), |seq| count_of("relay_inbound", seq))
+        self.run(async |client| {
+            let seq: Option<i64> = client
+                .query_opt(
+                    &client
+                        .prepare_cached("SELECT seq FROM relay_inbound WHERE origin = $1")
+                        .await?,
+                    &[&origin],
+                )
+                .await?
+                .map(|row| row.get(0));
+            seq.map_or(Ok(0), |seq| count_of("relay_inbound", seq))
+        })
+        .await
     }
 
     /// Stores `905` number `seq` from `origin` in one transaction: the message once, one row
@@ -592,93 +696,116 @@ impl PgExchange {
         origin: &str,
         batch: Vec<(u64, Envelope)>,
     ) -> Result<Vec<Vec<String>>, StoreError> {
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await?;
-        // The origin's row, locked: two links of one host store its `905`s one at a time.
-        transaction
-            .execute(
-                "INSERT INTO relay_inbound (origin, seq) VALUES ($1, 0)
-                 ON CONFLICT (origin) DO NOTHING",
-                &[&origin],
-            )
-            .await?;
-        let stored: i64 = transaction
-            .query_one(
-                "SELECT seq FROM relay_inbound WHERE origin = $1 FOR UPDATE",
-                &[&origin],
-            )
-            .await?
-            .get(0);
-        let first = count_of("relay_inbound", stored)?;
-        // Only the servers the rows name, not the whole registry.
-        let mut named: Vec<&str> = batch
-            .iter()
-            .filter(|(seq, _)| *seq > first)
-            .flat_map(|(_, envelope)| envelope.rows.iter().map(|row| row.server.as_str()))
-            .collect();
-        named.sort_unstable();
-        named.dedup();
-        let known: Vec<String> = if named.is_empty() {
-            Vec::new()
-        } else {
+        self.run(async |client| {
+            let transaction = client.transaction().await?;
+            // The origin's row, locked: two links of one host store its `905`s one at a time.
             transaction
-                .query("SELECT id FROM servers WHERE id = ANY($1)", &[&named])
+                .execute(
+                    &transaction
+                        .prepare_cached(
+                            "INSERT INTO relay_inbound (origin, seq) VALUES ($1, 0)
+                     ON CONFLICT (origin) DO NOTHING",
+                        )
+                        .await?,
+                    &[&origin],
+                )
+                .await?;
+            let stored: i64 = transaction
+                .query_one(
+                    &transaction
+                        .prepare_cached(
+                            "SELECT seq FROM relay_inbound WHERE origin = $1 FOR UPDATE",
+                        )
+                        .await?,
+                    &[&origin],
+                )
                 .await?
+                .get(0);
+            let first = count_of("relay_inbound", stored)?;
+            // Only the servers the rows name, not the whole registry.
+            let mut named: Vec<&str> = batch
                 .iter()
-                .map(|row| row.get(0))
-                .collect()
-        };
-        let mut new = NewRows::default();
-        let mut last = first;
-        let mut all_targets = Vec::with_capacity(batch.len());
-        for (seq, envelope) in batch {
-            if seq <= last {
-                all_targets.push(Vec::new());
-                continue;
+                .filter(|(seq, _)| *seq > first)
+                .flat_map(|(_, envelope)| envelope.rows.iter().map(|row| row.server.as_str()))
+                .collect();
+            named.sort_unstable();
+            named.dedup();
+            let known: Vec<String> = if named.is_empty() {
+                Vec::new()
+            } else {
+                transaction
+                    .query("SELECT id FROM servers WHERE id = ANY($1)", &[&named])
+                    .await?
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect()
+            };
+            let mut new = NewRows::default();
+            let mut last = first;
+            let mut all_targets = Vec::with_capacity(batch.len());
+            for (seq, envelope) in batch {
+                if seq <= last {
+                    all_targets.push(Vec::new());
+                    continue;
+                }
+                all_targets.push(new.add(origin, envelope, &known, &self.sealer)?);
+                last = seq;
             }
-            all_targets.push(new.add(origin, envelope, &known, &self.sealer)?);
-            last = seq;
-        }
-        if !new.message_ids.is_empty() {
-            // A message relayed before (another origin's copy cannot have its id) is kept.
-            transaction
-                .execute(
-                    "INSERT INTO relay_messages (id, body)
-                     SELECT * FROM unnest($1::bigint[], $2::bytea[])
-                     ON CONFLICT (id) DO NOTHING",
-                    &[&new.message_ids, &new.bodies],
-                )
-                .await?;
-        }
-        if !new.targets.is_empty() {
-            self.number_rows(&transaction, &new).await?;
-        }
-        if last > first {
-            transaction
-                .execute(
-                    "UPDATE relay_inbound SET seq = $2 WHERE origin = $1",
-                    &[&origin, &ms(last)],
-                )
-                .await?;
-        }
-        transaction.commit().await?;
-        Ok(all_targets)
+            if !new.message_ids.is_empty() {
+                // A message relayed before (another origin's copy cannot have its id) is kept.
+                transaction
+                    .execute(
+                        &transaction
+                            .prepare_cached(
+                                "INSERT INTO relay_messages (id, body)
+                         SELECT * FROM unnest($1::bigint[], $2::bytea[])
+                         ON CONFLICT (id) DO NOTHING",
+                            )
+                            .await?,
+                        &[&new.message_ids, &new.bodies],
+                    )
+                    .await?;
+            }
+            if !new.targets.is_empty() {
+                self.number_rows(&transaction, &new).await?;
+            }
+            if last > first {
+                transaction
+                    .execute(
+                        &transaction
+                            .prepare_cached("UPDATE relay_inbound SET seq = $2 WHERE origin = $1")
+                            .await?,
+                        &[&origin, &ms(last)],
+                    )
+                    .await?;
+            }
+            transaction.commit().await?;
+            if !new.targets.is_empty() {
+                tell_relayed(client, &new.targets).await;
+            }
+            Ok(all_targets)
+        })
+        .await
     }
 
     /// Numbers `new`'s rows in each target's outbox, in order, and stores them; tells, at
     /// commit, the exchange that forwards to each target.
     async fn number_rows(
         &self,
-        transaction: &tokio_postgres::Transaction<'_>,
+        transaction: &deadpool_postgres::Transaction<'_>,
         new: &NewRows,
     ) -> Result<(), StoreError> {
         let targets: Vec<&str> = new.targets.iter().map(|(t, _)| t.as_str()).collect();
         let counts: Vec<i64> = new.targets.iter().map(|(_, n)| *n).collect();
         transaction
             .execute(
-                "INSERT INTO relay_targets (target, last, acked)
+                &transaction
+                    .prepare_cached(
+                        "INSERT INTO relay_targets (target, last, acked)
                  SELECT unnest($1::text[]), 0, 0
                  ON CONFLICT (target) DO NOTHING",
+                    )
+                    .await?,
                 &[&targets],
             )
             .await?;
@@ -686,17 +813,25 @@ impl PgExchange {
         // for the same targets at once wait for each other, they do not deadlock.
         transaction
             .execute(
-                "SELECT 1 FROM relay_targets WHERE target = ANY($1)
+                &transaction
+                    .prepare_cached(
+                        "SELECT 1 FROM relay_targets WHERE target = ANY($1)
                  ORDER BY target FOR UPDATE",
+                    )
+                    .await?,
                 &[&targets],
             )
             .await?;
         let numbered = transaction
             .query(
-                "UPDATE relay_targets t SET last = t.last + c.n
+                &transaction
+                    .prepare_cached(
+                        "UPDATE relay_targets t SET last = t.last + c.n
                  FROM unnest($1::text[], $2::bigint[]) AS c(target, n)
                  WHERE t.target = c.target
                  RETURNING t.target, t.last - c.n",
+                    )
+                    .await?,
                 &[&targets, &counts],
             )
             .await?;
@@ -715,17 +850,13 @@ impl PgExchange {
         }
         transaction
             .execute(
-                "INSERT INTO relay_rows (target, seq, message, users)
+                &transaction
+                    .prepare_cached(
+                        "INSERT INTO relay_rows (target, seq, message, users)
                  SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[])",
+                    )
+                    .await?,
                 &[&new.row_targets, &seqs, &new.row_messages, &new.row_users],
-            )
-            .await?;
-        // Heard, at commit, by the exchange that forwards to each target.
-        let notices: Vec<String> = targets.iter().map(|t| format!("{RELAYED}\t{t}")).collect();
-        transaction
-            .execute(
-                "SELECT pg_notify($1, notice) FROM unnest($2::text[]) AS notice",
-                &[&CHANGES_CHANNEL, &notices],
             )
             .await?;
         Ok(())
@@ -738,117 +869,147 @@ impl PgExchange {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Envelope)>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT r.seq, r.users, m.id, m.body
-                 FROM relay_rows r JOIN relay_messages m ON m.id = r.message
-                 WHERE r.target = $1 AND r.seq > $2 ORDER BY r.seq LIMIT $3",
-                &[
-                    &target,
-                    &ms(after),
-                    &i64::try_from(limit).unwrap_or(i64::MAX),
-                ],
-            )
-            .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let seq = count_of("relay_rows", row.get(0))?;
-            let users: Vec<Address> = decode("relay_rows", row.get(1))?;
-            let id: i64 = row.get(2);
-            let body: &[u8] = row.get(3);
-            let body = self
-                .sealer
-                .open("relay_messages", &id.to_be_bytes(), body)?;
-            let Relayed {
-                message,
-                expires_at,
-            } = decode("relay_messages", &body)?;
-            let envelope = Envelope {
-                message,
-                expires_at,
-                rows: vec![RelayRow {
-                    server: target.to_owned(),
-                    users,
-                }],
-            };
-            out.push((seq, envelope));
-        }
-        Ok(out)
+        self.run(async |client| {
+            let rows = client
+                .query(
+                    &client
+                        .prepare_cached(
+                            "SELECT r.seq, r.users, m.id, m.body
+                     FROM relay_rows r JOIN relay_messages m ON m.id = r.message
+                     WHERE r.target = $1 AND r.seq > $2 ORDER BY r.seq LIMIT $3",
+                        )
+                        .await?,
+                    &[
+                        &target,
+                        &ms(after),
+                        &i64::try_from(limit).unwrap_or(i64::MAX),
+                    ],
+                )
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let seq = count_of("relay_rows", row.get(0))?;
+                let users: Vec<Address> = decode("relay_rows", row.get(1))?;
+                let id: i64 = row.get(2);
+                let body: &[u8] = row.get(3);
+                let body = self
+                    .sealer
+                    .open("relay_messages", &id.to_be_bytes(), body)?;
+                let Relayed {
+                    message,
+                    expires_at,
+                } = decode("relay_messages", &body)?;
+                let envelope = Envelope {
+                    message,
+                    expires_at,
+                    rows: vec![RelayRow {
+                        server: target.to_owned(),
+                        users,
+                    }],
+                };
+                out.push((seq, envelope));
+            }
+            Ok(out)
+        })
+        .await
     }
 
     /// `target` has every row of its outbox up to `seq`: they go, and so does each message
     /// no other target still waits for.
     pub async fn outbox_acked(&self, target: &str, seq: u64) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await?;
-        let last: Option<i64> = transaction
-            .query_opt(
-                "SELECT last FROM relay_targets WHERE target = $1 FOR UPDATE",
-                &[&target],
-            )
-            .await?
-            .map(|row| row.get(0));
-        let last = last.map_or(Ok(0), |last| count_of("relay_targets", last))?;
-        if seq > last {
-            // As in the sled store: numbering goes on above what the host has.
-            tracing::error!(
-                target,
-                acknowledged = seq,
-                last,
-                "a host acknowledged relay envelopes this exchange has no record of"
-            );
-        }
-        transaction
-            .execute(
-                "INSERT INTO relay_targets (target, last, acked) VALUES ($1, $2, $2)
-                 ON CONFLICT (target) DO UPDATE
-                 SET acked = greatest(relay_targets.acked, $2),
-                     last = greatest(relay_targets.last, $2)",
-                &[&target, &ms(seq)],
-            )
-            .await?;
-        // The messages first, locked in order: of two targets acknowledging the last rows
-        // of one message at once, the second sees the first's rows gone and removes it.
-        let messages: Vec<i64> = transaction
-            .query(
-                "SELECT id FROM relay_messages WHERE id IN
-                     (SELECT message FROM relay_rows WHERE target = $1 AND seq <= $2)
-                 ORDER BY id FOR UPDATE",
-                &[&target, &ms(seq)],
-            )
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-        transaction
-            .execute(
-                "DELETE FROM relay_rows WHERE target = $1 AND seq <= $2",
-                &[&target, &ms(seq)],
-            )
-            .await?;
-        transaction
-            .execute(
-                "DELETE FROM relay_messages m WHERE m.id = ANY($1)
-                 AND NOT EXISTS (SELECT 1 FROM relay_rows r WHERE r.message = m.id)",
-                &[&messages],
-            )
-            .await?;
-        transaction.commit().await?;
-        Ok(())
+        self.run(async |client| {
+            let transaction = client.transaction().await?;
+            let last: Option<i64> = transaction
+                .query_opt(
+                    &transaction
+                        .prepare_cached(
+                            "SELECT last FROM relay_targets WHERE target = $1 FOR UPDATE",
+                        )
+                        .await?,
+                    &[&target],
+                )
+                .await?
+                .map(|row| row.get(0));
+            let last = last.map_or(Ok(0), |last| count_of("relay_targets", last))?;
+            if seq > last {
+                // As in the sled store: numbering goes on above what the host has.
+                tracing::error!(
+                    target,
+                    acknowledged = seq,
+                    last,
+                    "a host acknowledged relay envelopes this exchange has no record of"
+                );
+            }
+            transaction
+                .execute(
+                    &transaction
+                        .prepare_cached(
+                            "INSERT INTO relay_targets (target, last, acked) VALUES ($1, $2, $2)
+                     ON CONFLICT (target) DO UPDATE
+                     SET acked = greatest(relay_targets.acked, $2),
+                         last = greatest(relay_targets.last, $2)",
+                        )
+                        .await?,
+                    &[&target, &ms(seq)],
+                )
+                .await?;
+            // The messages first, locked in order: of two targets acknowledging the last rows
+            // of one message at once, the second sees the first's rows gone and removes it.
+            let messages: Vec<i64> = transaction
+                .query(
+                    &transaction
+                        .prepare_cached(
+                            "SELECT id FROM relay_messages WHERE id IN
+                         (SELECT message FROM relay_rows WHERE target = $1 AND seq <= $2)
+                     ORDER BY id FOR UPDATE",
+                        )
+                        .await?,
+                    &[&target, &ms(seq)],
+                )
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            transaction
+                .execute(
+                    &transaction
+                        .prepare_cached("DELETE FROM relay_rows WHERE target = $1 AND seq <= $2")
+                        .await?,
+                    &[&target, &ms(seq)],
+                )
+                .await?;
+            transaction
+                .execute(
+                    &transaction
+                        .prepare_cached(
+                            "DELETE FROM relay_messages m WHERE m.id = ANY($1)
+                     AND NOT EXISTS (SELECT 1 FROM relay_rows r WHERE r.message = m.id)",
+                        )
+                        .await?,
+                    &[&messages],
+                )
+                .await?;
+            transaction.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// How many rows wait in `target`'s outbox.
     pub async fn outbox_len(&self, target: &str) -> Result<usize, StoreError> {
-        let client = self.client().await?;
-        let count: i64 = client
-            .query_one(
-                "SELECT count(*) FROM relay_rows WHERE target = $1",
-                &[&target],
-            )
-            .await?
-            .get(0);
-        Ok(usize::try_from(count).unwrap_or(0))
+        self.run(async |client| {
+            let count: i64 = client
+                .query_one(
+                    &client
+                        .prepare_cached("SELECT count(*) FROM relay_rows WHERE target = $1")
+                        .await?,
+                    &[&target],
+                )
+                .await?
+                .get(0);
+            Ok(usize::try_from(count).unwrap_or(0))
+        })
+        .await
     }
 }
 
@@ -934,6 +1095,34 @@ const PRESENCE_GONE: &str = "presence-gone";
 /// The most bytes a notice carries (PostgreSQL's limit is 8000).
 const NOTICE_MAX: usize = 7900;
 
+/// Tells the exchange that forwards to each of `targets` that rows were stored for it, after
+/// their commit and not in it. PostgreSQL commits the transactions that notify one at a
+/// time (it holds a lock through each one's commit), so a notice in the relay's transaction
+/// would make every link's commit wait for the others' flushes. Told on its own, without
+/// waiting for the disk (a notice is not kept across a crash anyway), it holds that lock for
+/// a moment. A notice lost (this exchange dies between the commit and here) delays the rows
+/// until the forwarder looks at its outbox again, which it does every few seconds.
+async fn tell_relayed(client: &deadpool_postgres::ClientWrapper, targets: &[(String, i64)]) {
+    let notices: Vec<String> = targets
+        .iter()
+        .map(|(target, _)| format!("{RELAYED}\t{target}"))
+        .collect();
+    let told = async {
+        let statement = client
+            .prepare_cached(
+                "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, notice)
+                 FROM unnest($2::text[]) AS notice",
+            )
+            .await?;
+        client
+            .execute(&statement, &[&CHANGES_CHANNEL, &notices])
+            .await
+    };
+    if let Err(e) = told.await {
+        tracing::warn!(error = %described(&e), "cannot tell the other exchanges of relayed rows");
+    }
+}
+
 /// Tells every exchange that listens of `notice`, once `client`'s transaction commits.
 async fn notify(client: &impl GenericClient, notice: &str) -> Result<(), StoreError> {
     client
@@ -988,75 +1177,89 @@ impl PgExchange {
             .iter()
             .map(|(_, n)| i32::try_from(*n).unwrap_or(i32::MAX))
             .collect();
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await?;
-        if !online.is_empty() {
-            transaction
-                .execute(
-                    "INSERT INTO presence (server, user_id, devices)
-                     SELECT $1, * FROM unnest($2::text[], $3::integer[])
-                     ON CONFLICT (server, user_id) DO UPDATE SET devices = excluded.devices",
-                    &[&server, &users(&online), &devices],
-                )
-                .await?;
-        }
-        if !offline.is_empty() {
-            transaction
-                .execute(
-                    "DELETE FROM presence WHERE server = $1 AND user_id = ANY($2)",
-                    &[&server, &users(&offline)],
-                )
-                .await?;
-        }
-        let head = format!("{PRESENCE}\t{server}");
-        let mut notice = head.clone();
-        for (user, devices) in entries {
-            let line = format!("\n{user}\t{devices}");
-            if notice.len() + line.len() > NOTICE_MAX {
-                notify(&transaction, &notice).await?;
-                notice.clone_from(&head);
+        self.run(async |client| {
+            let transaction = client.transaction().await?;
+            if !online.is_empty() {
+                transaction
+                    .execute(
+                        &transaction
+                            .prepare_cached(
+                                "INSERT INTO presence (server, user_id, devices)
+                         SELECT $1, * FROM unnest($2::text[], $3::integer[])
+                         ON CONFLICT (server, user_id) DO UPDATE SET devices = excluded.devices",
+                            )
+                            .await?,
+                        &[&server, &users(&online), &devices],
+                    )
+                    .await?;
             }
-            notice.push_str(&line);
-        }
-        if notice.len() > head.len() {
-            notify(&transaction, &notice).await?;
-        }
-        transaction.commit().await?;
-        Ok(())
+            if !offline.is_empty() {
+                transaction
+                    .execute(
+                        &transaction
+                            .prepare_cached(
+                                "DELETE FROM presence WHERE server = $1 AND user_id = ANY($2)",
+                            )
+                            .await?,
+                        &[&server, &users(&offline)],
+                    )
+                    .await?;
+            }
+            let head = format!("{PRESENCE}\t{server}");
+            let mut notice = head.clone();
+            for (user, devices) in entries {
+                let line = format!("\n{user}\t{devices}");
+                if notice.len() + line.len() > NOTICE_MAX {
+                    notify(&*transaction, &notice).await?;
+                    notice.clone_from(&head);
+                }
+                notice.push_str(&line);
+            }
+            if notice.len() > head.len() {
+                notify(&*transaction, &notice).await?;
+            }
+            transaction.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Every user of host `server` counts as offline: its rows go, and every exchange is told.
     pub async fn forget_presence(&self, server: &str) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
-        let transaction = client.transaction().await?;
-        transaction
-            .execute("DELETE FROM presence WHERE server = $1", &[&server])
-            .await?;
-        notify(&transaction, &format!("{PRESENCE_GONE}\t{server}")).await?;
-        transaction.commit().await?;
-        Ok(())
+        self.run(async |client| {
+            let transaction = client.transaction().await?;
+            transaction
+                .execute("DELETE FROM presence WHERE server = $1", &[&server])
+                .await?;
+            notify(&*transaction, &format!("{PRESENCE_GONE}\t{server}")).await?;
+            transaction.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Per host, its users with devices online and how many.
     pub async fn presence(&self) -> Result<HashMap<String, HashMap<UserId, u32>>, StoreError> {
-        let client = self.client().await?;
-        let mut presence: HashMap<String, HashMap<UserId, u32>> = HashMap::new();
-        for row in client
-            .query("SELECT server, user_id, devices FROM presence", &[])
-            .await?
-        {
-            let user: &str = row.get(1);
-            let user = UserId::new(user).map_err(|_| StoreError::Corrupt {
-                tree: "presence",
-                reason: format!("{user:?} is not a user id"),
-            })?;
-            let devices: i32 = row.get(2);
-            presence
-                .entry(row.get(0))
-                .or_default()
-                .insert(user, u32::try_from(devices).unwrap_or(0));
-        }
-        Ok(presence)
+        self.run(async |client| {
+            let mut presence: HashMap<String, HashMap<UserId, u32>> = HashMap::new();
+            for row in client
+                .query("SELECT server, user_id, devices FROM presence", &[])
+                .await?
+            {
+                let user: &str = row.get(1);
+                let user = UserId::new(user).map_err(|_| StoreError::Corrupt {
+                    tree: "presence",
+                    reason: format!("{user:?} is not a user id"),
+                })?;
+                let devices: i32 = row.get(2);
+                presence
+                    .entry(row.get(0))
+                    .or_default()
+                    .insert(user, u32::try_from(devices).unwrap_or(0));
+            }
+            Ok(presence)
+        })
+        .await
     }
 
     // ---- forwarding and notices, across exchanges ----
@@ -1067,6 +1270,17 @@ impl PgExchange {
     /// holder stops (a process stopped, a machine frozen), the database ends the connection
     /// once it has been idle [`FORWARD_IDLE`], which a live holder never lets it be.
     pub async fn forward(&self, target: &str) -> Result<Option<Forwarding>, StoreError> {
+        tokio::time::timeout(DATABASE_TIMEOUT, self.take_forwarding(target))
+            .await
+            .map_err(|_| {
+                StoreError::Database(format!(
+                    "no answer from the database in {} s to take the right to forward to {target}",
+                    DATABASE_TIMEOUT.as_secs()
+                ))
+            })?
+    }
+
+    async fn take_forwarding(&self, target: &str) -> Result<Option<Forwarding>, StoreError> {
         let client = open(&self.config).await?;
         client
             .batch_execute(&format!(
@@ -1117,41 +1331,44 @@ impl PgExchange {
     /// Tells every exchange that the registry changed (a target's forwarder changed: whether
     /// the host is up).
     pub async fn registry_changed(&self) -> Result<(), StoreError> {
-        notify(&*self.client().await?, SERVERS).await
+        self.run(async |client| notify(&**client, SERVERS).await)
+            .await
     }
 
     /// Every exchange connected to the database (by name), with the hosts it forwards to.
     pub async fn exchanges(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT a.application_name, s.id
-                     FROM pg_stat_activity a
-                     LEFT JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'advisory'
-                         AND l.granted AND l.objsubid = 1
-                     LEFT JOIN servers s
-                         ON ((l.classid::bigint << 32) | l.objid::bigint) = {HELD_KEY}
-                     WHERE a.application_name LIKE '{APPLICATION}%'
-                     ORDER BY 1, 2"
-                ),
-                &[],
-            )
-            .await?;
-        let mut exchanges: Vec<(String, Vec<String>)> = Vec::new();
-        for row in rows {
-            let name: &str = row.get(0);
-            let name = name.strip_prefix(APPLICATION).unwrap_or(name).to_owned();
-            if exchanges.last().is_none_or(|(last, _)| *last != name) {
-                exchanges.push((name, Vec::new()));
+        self.run(async |client| {
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT a.application_name, s.id
+                         FROM pg_stat_activity a
+                         LEFT JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'advisory'
+                             AND l.granted AND l.objsubid = 1
+                         LEFT JOIN servers s
+                             ON ((l.classid::bigint << 32) | l.objid::bigint) = {HELD_KEY}
+                         WHERE a.application_name LIKE '{APPLICATION}%'
+                         ORDER BY 1, 2"
+                    ),
+                    &[],
+                )
+                .await?;
+            let mut exchanges: Vec<(String, Vec<String>)> = Vec::new();
+            for row in rows {
+                let name: &str = row.get(0);
+                let name = name.strip_prefix(APPLICATION).unwrap_or(name).to_owned();
+                if exchanges.last().is_none_or(|(last, _)| *last != name) {
+                    exchanges.push((name, Vec::new()));
+                }
+                if let (Some((_, targets)), Some(target)) =
+                    (exchanges.last_mut(), row.get::<_, Option<String>>(1))
+                {
+                    targets.push(target);
+                }
             }
-            if let (Some((_, targets)), Some(target)) =
-                (exchanges.last_mut(), row.get::<_, Option<String>>(1))
-            {
-                targets.push(target);
-            }
-        }
-        Ok(exchanges)
+            Ok(exchanges)
+        })
+        .await
     }
 
     /// Listens, on a connection of its own, to the changes every exchange of this database
@@ -1278,8 +1495,8 @@ const FORWARD_KEY: &str = "hashtextextended('iim forward ' || $1, 0)";
 /// The same lock, of the target of `servers` row `s`.
 const HELD_KEY: &str = "hashtextextended('iim forward ' || s.id, 0)";
 
-/// A connection to `url`, driven by a task of its own, its commits waiting for the
-/// synchronous standbys (whatever the server's default).
+/// A connection to `config`'s database, driven by a task of its own (its session as
+/// [`PgExchange::connect_as`] sets every connection's).
 async fn open(config: &tokio_postgres::Config) -> Result<Client, StoreError> {
     let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
@@ -1287,13 +1504,6 @@ async fn open(config: &tokio_postgres::Config) -> Result<Client, StoreError> {
             tracing::warn!(error = %described(&e), "the connection to the database ended");
         }
     });
-    client
-        .batch_execute(&format!(
-            "SET synchronous_commit = on;
-             SET idle_in_transaction_session_timeout = {}",
-            FORWARD_IDLE.as_millis()
-        ))
-        .await?;
     Ok(client)
 }
 
