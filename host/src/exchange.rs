@@ -251,8 +251,11 @@ pub struct Exchange {
     endpoint: quinn::Endpoint,
     stop: watch::Sender<bool>,
     cert_path: std::path::PathBuf,
-    data_dir: std::path::PathBuf,
     metrics: Option<crate::metrics::Endpoint>,
+    /// Tells hosts of the store's changes (`follow`).
+    follower: tokio::task::JoinHandle<()>,
+    /// Serves the admin socket.
+    admin: tokio::task::JoinHandle<()>,
 }
 
 /// What the metrics endpoint reads of the exchange at each scrape: each host's relay outbox.
@@ -320,13 +323,30 @@ impl Exchange {
             }
             None => None,
         };
+        // Listening to the store's notices before any host joins, none is missed. The admin
+        // socket is served before `start` returns, so that it answers as soon as the exchange
+        // says it listens.
+        let changes = state.store.changes();
+        state.presence_again().await?;
+        let told = state.store.directory_version().await?;
+        let follower = tokio::spawn(follow(Arc::clone(&state), changes, told));
+        let commands: crate::admin::Commands = Arc::new({
+            let state = Arc::clone(&state);
+            move |command| {
+                let state = Arc::clone(&state);
+                Box::pin(async move { answer(&state, &command).await })
+            }
+        });
+        let admin = crate::admin::serve_socket(&config.data_dir, state.shutdown.clone(), commands)
+            .map_err(ServerError::Admin)?;
         Ok(Self {
             state,
             endpoint,
             stop,
             cert_path,
-            data_dir: config.data_dir,
             metrics,
+            follower,
+            admin,
         })
     }
 
@@ -360,19 +380,6 @@ impl Exchange {
                 self.state.key_rotation.resume(store);
             }
         }
-        // From the notices of the store, before any host joins: none is missed.
-        let changes = self.state.store.changes();
-        self.state.presence_again().await?;
-        let told = self.state.store.directory_version().await?;
-        let follower = tokio::spawn(follow(Arc::clone(&self.state), changes, told));
-        let state = Arc::clone(&self.state);
-        let commands: crate::admin::Commands = Arc::new(move |command| {
-            let state = Arc::clone(&state);
-            Box::pin(async move { answer(&state, &command).await })
-        });
-        let admin =
-            crate::admin::serve_socket(&self.data_dir, self.state.shutdown.clone(), commands)
-                .map_err(ServerError::Admin)?;
         let mut links = tokio::task::JoinSet::new();
         tokio::pin!(stop);
         if let Some(metrics) = &self.metrics {
@@ -415,7 +422,7 @@ impl Exchange {
             metrics.serving(false);
         }
         let _ = self.stop.send(true);
-        let _ = admin.await;
+        let _ = self.admin.await;
         let _ = tokio::time::timeout(Duration::from_secs(3), async {
             while links.join_next().await.is_some() {}
         })
@@ -426,7 +433,7 @@ impl Exchange {
             b"shutting down",
         );
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
-        follower.abort();
+        self.follower.abort();
         self.state.store.flush().await?;
         tracing::info!("stopped");
         Ok(())

@@ -739,7 +739,14 @@ async fn a_file_sent_across_hosts_is_fetched_once_per_host_and_only_its_recipien
     // Bob and Carol ask h2 at once; Dave asks h3.
     let mut downloads = Vec::new();
     for (host, user) in [(1, &bob), (1, &carol), (2, &dave)] {
-        let (conn, _) = net.host(host).online(user, "phone").await?;
+        let (conn, backlog) = net.host(host).online(user, "phone").await?;
+        // A recipient learns of the file from its message (its host from the relayed copy),
+        // then downloads it.
+        let told = match backlog.into_iter().next() {
+            Some(message) => message,
+            None => next_message(&conn).await?,
+        };
+        assert_eq!(told.kind, MessageKind::Custom(FILE_KIND.into()));
         let out = dir.path().join(format!("{user}.bin"));
         downloads.push(tokio::spawn(async move {
             let got = conn.download_file(&sha256, &out, &mut |_, _| {}).await;
