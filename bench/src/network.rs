@@ -1066,7 +1066,8 @@ async fn relay_rate(
                 Durability::SingleNode,
             )
             .await?;
-            dbs = vec![Arc::new(db); writers];
+            let db = Arc::new(db);
+            dbs = (0..writers).map(|_| Arc::clone(&db)).collect();
         }
     }
     let targets: Vec<String> = (0..targets).map(|i| format!("t{i}")).collect();
