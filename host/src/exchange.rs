@@ -932,9 +932,10 @@ async fn relay(
                 *forwarding = take_forwarding(state, server, forwarding.take()).await?;
                 pump(state, peer, server, &mut link, forwarding).await?;
             }
-            // Rows whose notice was lost (their exchange died between their commit and the
-            // notice) are sent all the same.
-            _ = recheck.tick(), if !forwarding_lost => {
+            // Rows whose notice was lost (the exchange that stored them died between their
+            // commit and the notice) are sent all the same. Only a shared store's notices
+            // can be lost: the exchange's own store tells of every row it stores.
+            _ = recheck.tick(), if !forwarding_lost && matches!(forwarding, Some(Forward::Shared(_))) => {
                 pump(state, peer, server, &mut link, forwarding).await?;
             }
             // Nothing else to do: the `905`s read are made durable and acknowledged, once for
