@@ -45,8 +45,9 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 const FORWARD_RETRY: Duration = Duration::from_millis(250);
 /// How often a forwarder looks at its host's outbox without being told of new rows.
 const OUTBOX_RECHECK: Duration = Duration::from_secs(2);
-/// How often the registry is read again, to tell hosts of hosts whose exchange died (no
-/// notice tells of that).
+/// How often the registry is read again and told to every link, which passes it on if its
+/// host's view differs: of hosts whose exchange died no notice tells, and a link's first view
+/// may be one no notice was read for.
 const REGISTRY_POLL: Duration = Duration::from_secs(2);
 
 /// Why the link of one host ended.
@@ -117,8 +118,6 @@ struct State {
     /// ([`follow`] keeps it).
     presence: Mutex<HashMap<String, HashMap<UserId, u32>>>,
     stats: Stats,
-    /// The registry as hosts were last told it.
-    servers_told: Mutex<Vec<ServerInfo>>,
     shutdown: watch::Receiver<bool>,
     /// Held from a host's row in the registry to its link's entry in `links` (a join), and
     /// from the entry's removal to the row (a leave): a host that joins again as its old
@@ -145,17 +144,13 @@ impl State {
         }));
     }
 
-    /// Tells every host the registry, if it changed since it was last told (`always`: in
-    /// any case).
-    async fn tell_servers(&self, always: bool) {
+    /// Tells every host the registry as the store has it now. Each link passes it on only if
+    /// it differs from what that link last told its host ([`relay`]): a link's first view is
+    /// read when it joins, which may fall between two reads of this one (a host's lock taken
+    /// or let go meanwhile), so what one host was told is not what another was.
+    async fn tell_servers(&self) {
         match self.store.servers().await {
-            Ok(servers) => {
-                let mut told = lock(&self.servers_told);
-                if always || *told != servers {
-                    told.clone_from(&servers);
-                    self.tell(None, ExchangeFrame::Servers { servers });
-                }
-            }
+            Ok(servers) => self.tell(None, ExchangeFrame::Servers { servers }),
             Err(e) => tracing::error!(error = %e, "cannot read the registry"),
         }
     }
@@ -310,7 +305,6 @@ impl Exchange {
             events,
             presence: Mutex::default(),
             stats: Stats::default(),
-            servers_told: Mutex::default(),
             shutdown,
             joining: Arc::new(tokio::sync::Semaphore::new(MAX_JOINING)),
             membership: tokio::sync::Mutex::new(()),
@@ -672,6 +666,9 @@ async fn serve(
     // An exchange that lost the right to forward to the host (it was stopped, and the host
     // went to another) leaves the host as the other sees it.
     let forwarder = forwarding.as_ref().is_some_and(Forward::is_held);
+    // Let go before the others are told, so that they read the host down (on PostgreSQL a
+    // host is up while its forwarder's lock is held).
+    drop(forwarding);
     // Gone, unless a new link of the same host replaced this one.
     let membership = state.membership.lock().await;
     let ours = {
@@ -692,7 +689,6 @@ async fn serve(
         }
     }
     drop(membership);
-    drop(forwarding);
     conn.close(0u32.into(), b"");
     result
 }
@@ -757,6 +753,8 @@ async fn relay(
     } = channels;
     let server = joined.server;
     let servers: Vec<ServerInfo> = state.store.servers().await?;
+    // The registry as this host was last told it.
+    let mut registry = servers.clone();
     // What the exchange says it has must be durable: the host drops what it acknowledges.
     let relayed_out = state.store.inbound(server).await?;
     state.store.flush().await?;
@@ -915,11 +913,17 @@ async fn relay(
             },
             Some(frame) = direct.recv() => peer.write(&frame).await?,
             event = events.recv() => match event {
-                Ok(event) => {
-                    if event.except.as_deref() != Some(server) {
-                        peer.write(&event.frame).await?;
+                Ok(event) => match &event.frame {
+                    _ if event.except.as_deref() == Some(server) => {}
+                    // Told again every `REGISTRY_POLL`: passed on when it differs.
+                    ExchangeFrame::Servers { servers } => {
+                        if *servers != registry {
+                            peer.write(&event.frame).await?;
+                            registry.clone_from(servers);
+                        }
                     }
-                }
+                    frame => peer.write(frame).await?,
+                },
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     return Err(HostLinkError::Lagged(n));
                 }
@@ -1086,7 +1090,7 @@ async fn follow(state: Arc<State>, mut changes: broadcast::Receiver<Change>, mut
         let received = tokio::select! {
             received = changes.recv() => received,
             _ = poll.tick() => {
-                state.tell_servers(false).await;
+                state.tell_servers().await;
                 continue;
             }
         };
@@ -1107,7 +1111,7 @@ async fn follow(state: Arc<State>, mut changes: broadcast::Receiver<Change>, mut
                 Ok(())
             }
             Change::Servers => {
-                state.tell_servers(false).await;
+                state.tell_servers().await;
                 Ok(())
             }
             Change::Directory => tell_directory(&state, &mut told).await,
@@ -1121,7 +1125,7 @@ async fn follow(state: Arc<State>, mut changes: broadcast::Receiver<Change>, mut
             }
             Change::Missed => {
                 state.notify_all();
-                state.tell_servers(true).await;
+                state.tell_servers().await;
                 match tell_directory(&state, &mut told).await {
                     Ok(()) => state.presence_again().await,
                     Err(e) => Err(e),
