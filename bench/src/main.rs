@@ -43,7 +43,9 @@
 //! `network.rs`); `iim-bench network --database [--exchanges 2] [--pairs 4] …` the network's
 //! state in PostgreSQL: the cross-host load through the sled exchange and through exchanges
 //! sharing one database, the relay rate the database sustains, and the time from an
-//! exchange's death to the first message another relays; `iim-bench logins [--logins 10000] [--concurrency 16] [--max-growth-mib 64]
+//! exchange's death to the first message another relays, and with `--housekeeping SECS`
+//! instead the relay tables' dead rows and size under a steady load, with PostgreSQL's
+//! defaults against the schema's table settings; `iim-bench logins [--logins 10000] [--concurrency 16] [--max-growth-mib 64]
 //! [--json]` password logins against a host: logins per second, and the host's resident memory
 //! before and after them, failing if it grew by more than the limit or if any login failed
 //! otherwise than with a `rate_limited` refusal (see `logins.rs`); `iim-bench files [--mib 100]
@@ -240,6 +242,11 @@ enum Command {
         /// Exchanges sharing the database, with --database.
         #[arg(long, default_value_t = 2, requires = "database")]
         exchanges: usize,
+        /// Instead, with --database: the relay tables under a steady load for this many
+        /// seconds, with PostgreSQL's default settings, with the schema's, and with those and
+        /// autovacuum waking every 10 s: dead rows and bytes at their most.
+        #[arg(long, value_name = "SECS", requires = "database")]
+        housekeeping: Option<u64>,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -502,6 +509,12 @@ fn main() -> ExitCode {
             json,
         }) => recovery_main(*messages, *users, *json, args.timeout),
         Some(Command::Network {
+            database: true,
+            housekeeping: Some(secs),
+            json,
+            ..
+        }) => housekeeping_main(*secs, *json, args.timeout),
+        Some(Command::Network {
             pairs,
             shape,
             database: true,
@@ -726,6 +739,35 @@ fn network_main(
         println!("{}", serde_json::to_string(&figures).unwrap_or_default());
     } else {
         network::print(&figures);
+    }
+    Ok(())
+}
+
+/// Runs the `network --database --housekeeping SECS` measurements and prints their figures.
+fn housekeeping_main(secs: u64, json: bool, timeout: u64) -> anyhow::Result<()> {
+    if secs == 0 {
+        bail!("--housekeeping needs at least one second");
+    }
+    let runs = network::HOUSEKEEPING.len() as u64;
+    // Each run starts a server of its own and, at the end, reads its tables whole.
+    let needed = runs * (secs + 30);
+    if timeout < needed {
+        bail!(
+            "--housekeeping {secs} runs {runs} settings of {secs} s each: give it --timeout \
+             {needed} or more (now {timeout})"
+        );
+    }
+    let runs = run_bounded("the housekeeping benchmark", timeout, async {
+        let mut runs = Vec::new();
+        for setting in network::HOUSEKEEPING {
+            runs.push(network::housekeeping(setting, Duration::from_secs(secs)).await?);
+        }
+        anyhow::Ok(runs)
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&runs).unwrap_or_default());
+    } else {
+        network::print_housekeeping(&runs);
     }
     Ok(())
 }

@@ -35,6 +35,10 @@
 //!   the exchange that forwards to `h2` is killed (`kill -9`). The figure is the time from the
 //!   kill to the first delivery after the pause it causes; every message must arrive once,
 //!   in order.
+//! - *Housekeeping* (`--housekeeping SECS`, instead of the above). The relay tables as a queue
+//!   under a steady load, for SECS seconds in each of three settings: PostgreSQL's defaults,
+//!   the schema's storage parameters for the relay tables, and those with autovacuum waking
+//!   every 10 s. The figures: dead rows and bytes at their most, and the share of HOT updates.
 
 use crate::iim_run::{self, Placement};
 use crate::stats::{self, Clock, Load, Summary};
@@ -43,7 +47,10 @@ use iim_client::Connection;
 use iim_client::proto::{MessageKind, RelationKind, SessionMode, UserId};
 use iim_e2e::{HostProcess, Plugins, within};
 use iim_host::cmd::relation::MAX_RELATIONS;
-use iim_host::store::postgres::DEFAULT_CONNECTIONS;
+use iim_host::store::Sealer;
+use iim_host::store::postgres::{DEFAULT_CONNECTIONS, Durability, PgExchange};
+use iim_proto::peer::{Envelope, RelayRow};
+use iim_proto::{DeviceId, Message, MessageId};
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -1043,10 +1050,6 @@ async fn relay_rate(
     secs: Duration,
     shared: Option<usize>,
 ) -> anyhow::Result<RelayRate> {
-    use iim_host::store::Sealer;
-    use iim_host::store::postgres::{Durability, PgExchange};
-    use iim_proto::peer::{Envelope, RelayRow};
-    use iim_proto::{DeviceId, Message, MessageId};
     let cluster = tokio::task::spawn_blocking(|| iim_e2e::postgres::Cluster::start(&[])).await??;
     let url = cluster.url();
     let mut dbs = Vec::new();
@@ -1074,7 +1077,7 @@ async fn relay_rate(
     let origins: Vec<String> = (0..writers).map(|i| format!("o{i}")).collect();
     for id in origins.iter().chain(&targets) {
         dbs[0]
-            .join(id, "127.0.0.1:1", "a benchmark's credential", 1)
+            .join(id, "127.0.0.1:1", "a benchmark's credential")
             .await?;
     }
     let started = Instant::now();
@@ -1086,28 +1089,8 @@ async fn relay_rate(
             let mut seq = 0u64;
             while Instant::now() < deadline {
                 seq += 1;
-                let message = Message {
-                    id: MessageId(((i as u64 + 1) << 40) | seq),
-                    kind: MessageKind::Chat,
-                    from: UserId::new("alice")?,
-                    from_device: DeviceId::new("phone")?,
-                    to: vec![UserId::new("bob")?.into()],
-                    body: vec![b'x'; 100],
-                    sent_at: 1,
-                };
-                let rows = targets
-                    .iter()
-                    .map(|t| RelayRow {
-                        server: t.clone(),
-                        users: vec![UserId::new("bob").expect("a user id").into()],
-                    })
-                    .collect();
-                let envelope = Envelope {
-                    message,
-                    expires_at: None,
-                    rows,
-                };
-                db.relay_in(&origin, seq, envelope).await?;
+                db.relay_in(&origin, seq, relay_envelope(i, seq, &targets)?)
+                    .await?;
             }
             anyhow::Ok(seq)
         });
@@ -1137,4 +1120,361 @@ async fn relay_rate(
         acked_rows_per_s: rows / acked_secs,
         tables,
     })
+}
+
+/// The `seq`th `905` of writer `i`: a 100-byte chat message from `alice` to `bob`, one row
+/// for each of `targets`.
+fn relay_envelope(i: usize, seq: u64, targets: &[String]) -> anyhow::Result<Envelope> {
+    let bob = UserId::new("bob")?;
+    let message = Message {
+        id: MessageId(((i as u64 + 1) << 40) | seq),
+        kind: MessageKind::Chat,
+        from: UserId::new("alice")?,
+        from_device: DeviceId::new("phone")?,
+        to: vec![bob.clone().into()],
+        body: vec![b'x'; 100],
+        sent_at: 1,
+    };
+    let rows = targets
+        .iter()
+        .map(|t| RelayRow {
+            server: t.clone(),
+            users: vec![bob.clone().into()],
+        })
+        .collect();
+    Ok(Envelope {
+        message,
+        expires_at: None,
+        rows,
+    })
+}
+
+/// `905`s offered per second in each housekeeping run: well under what the database sustains
+/// here, so that every setting carries the same load.
+pub const HOUSEKEEPING_RATE: u64 = 1000;
+/// Rows waiting for a host that is down through every housekeeping run, each with its message.
+const HOUSEKEEPING_BACKLOG: u64 = 1_000_000;
+/// `905`s each writer stores in one transaction, as a busy link batches them.
+const HOUSEKEEPING_BATCH: u64 = 16;
+/// How often the relay tables are looked at during a housekeeping run.
+const HOUSEKEEPING_SAMPLE: Duration = Duration::from_secs(5);
+/// The relay tables' storage parameters, each reset in the run without them.
+const RELAY_TABLES: [&str; 5] = [
+    "relay_messages",
+    "relay_rows",
+    "relay_targets",
+    "relay_inbound",
+    "presence",
+];
+
+/// One setting of the housekeeping runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Housekeeping {
+    /// What it is called in the figures.
+    pub name: &'static str,
+    /// The schema's storage parameters for the relay tables are kept (else reset to
+    /// PostgreSQL's defaults).
+    pub table_settings: bool,
+    /// Given to the server on its command line.
+    pub server_settings: &'static [&'static str],
+}
+
+/// The settings compared: PostgreSQL's defaults, the schema's table settings, and those with
+/// the server's autovacuum waking every 10 s rather than every minute (docs/network.md).
+pub const HOUSEKEEPING: [Housekeeping; 3] = [
+    Housekeeping {
+        name: "defaults",
+        table_settings: false,
+        server_settings: &[],
+    },
+    Housekeeping {
+        name: "schema",
+        table_settings: true,
+        server_settings: &[],
+    },
+    Housekeeping {
+        name: "schema+naptime",
+        table_settings: true,
+        server_settings: &["autovacuum_naptime=10s"],
+    },
+];
+
+/// The relay tables of one housekeeping run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Churn {
+    pub name: &'static str,
+    pub secs: f64,
+    /// Relay rows stored (and acknowledged, at most 100 ms later) per second.
+    pub rows_per_s: f64,
+    /// Store calls (a batch of `905`s, one transaction): median and 99th percentile.
+    pub store_p50_ms: f64,
+    pub store_p99_ms: f64,
+    /// Dead rows in `relay_rows` and `relay_messages`, the most seen at once (PostgreSQL's
+    /// statistics), and at the end (counted).
+    pub peak_dead: i64,
+    pub end_dead: i64,
+    /// Bytes of the relay tables with their indexes: the most seen, and at the end.
+    pub peak_bytes: i64,
+    pub end_bytes: i64,
+    /// Autovacuums of the relay tables during the run.
+    pub autovacuums: i64,
+    /// Of the updates to `relay_targets` and `relay_inbound`, the share that were HOT (no
+    /// new index entries).
+    pub hot_share: f64,
+}
+
+/// Two writers store `905`s of two rows each at [`HOUSEKEEPING_RATE`] for `secs`, while each
+/// target acknowledges what was stored every 100 ms, as a steady network does; the relay
+/// tables are looked at every [`HOUSEKEEPING_SAMPLE`].
+pub async fn housekeeping(setting: Housekeeping, secs: Duration) -> anyhow::Result<Churn> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let settings = setting.server_settings;
+    let cluster =
+        tokio::task::spawn_blocking(move || iim_e2e::postgres::Cluster::start(settings)).await??;
+    let db = Arc::new(
+        PgExchange::connect_as(
+            &cluster.url(),
+            "",
+            DEFAULT_CONNECTIONS,
+            Sealer::clear(),
+            Durability::SingleNode,
+        )
+        .await?,
+    );
+    let sql = cluster.connect().await?;
+    if !setting.table_settings {
+        for table in RELAY_TABLES {
+            let options: Vec<String> = sql
+                .query(
+                    "SELECT split_part(unnest(reloptions), '=', 1) FROM pg_class WHERE relname = $1",
+                    &[&table],
+                )
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            if !options.is_empty() {
+                sql.batch_execute(&format!(
+                    "ALTER TABLE {table} RESET ({})",
+                    options.join(", ")
+                ))
+                .await?;
+            }
+        }
+    }
+    let targets: Vec<String> = vec!["t0".into(), "t1".into()];
+    let origins: Vec<String> = vec!["o0".into(), "o1".into()];
+    for id in origins.iter().chain(&targets) {
+        db.join(id, "127.0.0.1:1", "a benchmark's credential")
+            .await?;
+    }
+    // What waits for a host that is down: rows nobody acknowledges, which PostgreSQL's
+    // default thresholds count against the dead ones.
+    sql.batch_execute(&format!(
+        "INSERT INTO relay_messages (id, body)
+             SELECT (3::bigint << 40) | g, convert_to(repeat('x', 150), 'UTF8')
+             FROM generate_series(1, {HOUSEKEEPING_BACKLOG}) g;
+         INSERT INTO relay_rows (target, seq, message, users)
+             SELECT 'down', g, (3::bigint << 40) | g, convert_to('bob', 'UTF8')
+             FROM generate_series(1, {HOUSEKEEPING_BACKLOG}) g;
+         INSERT INTO relay_targets (target, last, acked) VALUES ('down', {HOUSEKEEPING_BACKLOG}, 0);"
+    ))
+    .await
+    .context("storing the backlog of a host that is down")?;
+    sql.batch_execute("VACUUM ANALYZE relay_messages, relay_rows, relay_targets")
+        .await?;
+    eprintln!(
+        "housekeeping {}: {HOUSEKEEPING_BACKLOG} rows wait for a host that is down; the load starts",
+        setting.name
+    );
+    let started = Instant::now();
+    let deadline = started + secs;
+    // `905`s whose store call returned: each target's rows up to there are committed (rows
+    // are numbered per target in commit order).
+    let stored = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut writers = JoinSet::new();
+    let every = Duration::from_secs_f64(
+        (HOUSEKEEPING_BATCH * origins.len() as u64) as f64 / HOUSEKEEPING_RATE as f64,
+    );
+    for (i, origin) in origins.iter().enumerate() {
+        let (db, origin, targets, stored) = (
+            Arc::clone(&db),
+            origin.clone(),
+            targets.clone(),
+            Arc::clone(&stored),
+        );
+        writers.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let (mut seq, mut latencies) = (0u64, Vec::new());
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let batch = (0..HOUSEKEEPING_BATCH)
+                    .map(|_| {
+                        seq += 1;
+                        Ok((seq, relay_envelope(i, seq, &targets)?))
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let call = Instant::now();
+                db.relay_in_batch(&origin, batch).await?;
+                latencies.push(call.elapsed().as_nanos() as u64);
+                stored.fetch_add(HOUSEKEEPING_BATCH, Ordering::Release);
+            }
+            anyhow::Ok(latencies)
+        });
+    }
+    let acker = tokio::spawn({
+        let (db, targets, stored, done) = (
+            Arc::clone(&db),
+            targets.clone(),
+            Arc::clone(&stored),
+            Arc::clone(&done),
+        );
+        async move {
+            while !done.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let upto = stored.load(Ordering::Acquire);
+                for target in &targets {
+                    db.outbox_acked(target, upto).await?;
+                }
+            }
+            anyhow::Ok(())
+        }
+    });
+    let (mut peak_dead, mut peak_bytes) = (0, 0);
+    while Instant::now() < deadline {
+        tokio::time::sleep(HOUSEKEEPING_SAMPLE.min(deadline - Instant::now())).await;
+        // PostgreSQL's statistics (a second late at most): counting exactly would read the
+        // backlog whole every time.
+        let row = sql
+            .query_one(
+                "SELECT coalesce(sum(n_dead_tup) FILTER (WHERE relname IN ('relay_rows', 'relay_messages')), 0)::bigint,
+                     coalesce(sum(pg_total_relation_size(relid)), 0)::bigint
+                 FROM pg_stat_user_tables
+                 WHERE relname IN ('relay_messages', 'relay_rows', 'relay_targets', 'relay_inbound', 'presence')",
+                &[],
+            )
+            .await?;
+        let (dead, bytes): (i64, i64) = (row.get(0), row.get(1));
+        eprintln!(
+            "housekeeping {}: {:.0} s, {dead} dead rows in relay_rows and relay_messages, {:.1} MB",
+            setting.name,
+            started.elapsed().as_secs_f64(),
+            bytes as f64 / 1e6
+        );
+        peak_dead = peak_dead.max(dead);
+        peak_bytes = peak_bytes.max(bytes);
+    }
+    let mut latencies = Vec::new();
+    while let Some(done) = writers.join_next().await {
+        latencies.extend(done??);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Release);
+    acker.await??;
+    // Every row acknowledged: only the backlog is left, each message with its row.
+    let stored = stored.load(Ordering::Acquire);
+    for target in &targets {
+        db.outbox_acked(target, stored).await?;
+    }
+    let left = sql
+        .query_one(
+            "SELECT (SELECT count(*) FROM relay_rows WHERE target <> 'down'),
+                 (SELECT count(*) FROM relay_messages)",
+            &[],
+        )
+        .await?;
+    let (rows, messages): (i64, i64) = (left.get(0), left.get(1));
+    if rows != 0 || u64::try_from(messages)? != HOUSEKEEPING_BACKLOG {
+        bail!(
+            "after every acknowledgement, {rows} rows for the hosts that are up and {messages} \
+             messages are left, not 0 and the backlog's {HOUSEKEEPING_BACKLOG}"
+        );
+    }
+    let tables = table_health(&sql).await?;
+    let (updates, hot): (i64, i64) = {
+        let row = sql
+            .query_one(
+                "SELECT sum(n_tup_upd)::bigint, sum(n_tup_hot_upd)::bigint FROM pg_stat_user_tables
+                 WHERE relname IN ('relay_targets', 'relay_inbound')",
+                &[],
+            )
+            .await?;
+        (row.get(0), row.get(1))
+    };
+    latencies.sort_unstable();
+    let tail = stats::Tail::of(&latencies);
+    Ok(Churn {
+        name: setting.name,
+        secs,
+        rows_per_s: (stored * targets.len() as u64) as f64 / secs,
+        store_p50_ms: tail.p50_us / 1e3,
+        store_p99_ms: tail.p99_us / 1e3,
+        peak_dead,
+        end_dead: tables
+            .iter()
+            .filter(|t| t.table == "relay_rows" || t.table == "relay_messages")
+            .map(|t| t.dead_rows)
+            .sum(),
+        peak_bytes,
+        end_bytes: tables.iter().map(|t| t.bytes).sum(),
+        autovacuums: tables.iter().map(|t| t.autovacuums).sum(),
+        hot_share: if updates == 0 {
+            0.0
+        } else {
+            hot as f64 / updates as f64
+        },
+    })
+}
+
+/// Prints the housekeeping runs, and each one's peak dead rows and bytes over the first's.
+pub fn print_housekeeping(runs: &[Churn]) {
+    println!(
+        "relay tables under a steady load, each setting on a fresh PostgreSQL server \
+         (synchronous_commit on): {HOUSEKEEPING_RATE} 905s/s of 2 rows from 2 writers \
+         ({HOUSEKEEPING_BATCH} a transaction), every row acknowledged within 100 ms, \
+         while {HOUSEKEEPING_BACKLOG} rows wait for a host that is down"
+    );
+    println!(
+        "  {:<16} {:>6} {:>8} {:>9} {:>9} {:>10} {:>10} {:>11} {:>11} {:>5} {:>5}",
+        "setting",
+        "secs",
+        "rows/s",
+        "p50 ms",
+        "p99 ms",
+        "peak dead",
+        "end dead",
+        "peak bytes",
+        "end bytes",
+        "vacs",
+        "hot"
+    );
+    for r in runs {
+        println!(
+            "  {:<16} {:>6.0} {:>8.0} {:>9.1} {:>9.1} {:>10} {:>10} {:>11} {:>11} {:>5} {:>5.2}",
+            r.name,
+            r.secs,
+            r.rows_per_s,
+            r.store_p50_ms,
+            r.store_p99_ms,
+            r.peak_dead,
+            r.end_dead,
+            r.peak_bytes,
+            r.end_bytes,
+            r.autovacuums,
+            r.hot_share
+        );
+    }
+    if let Some((base, rest)) = runs.split_first() {
+        for r in rest {
+            println!(
+                "ratio {}/{}: peak dead rows {:.4}, peak bytes {:.4}",
+                r.name,
+                base.name,
+                r.peak_dead as f64 / base.peak_dead.max(1) as f64,
+                r.peak_bytes as f64 / base.peak_bytes.max(1) as f64
+            );
+        }
+    }
 }

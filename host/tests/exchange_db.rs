@@ -450,7 +450,7 @@ async fn targets_acknowledging_one_message_at_once_leave_nothing_behind() -> any
     let cluster = Cluster::start(&[])?;
     let db = PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?;
     for id in ["h1", "h2", "h3"] {
-        db.join(id, "127.0.0.1:1", "", 1).await?;
+        db.join(id, "127.0.0.1:1", "").await?;
     }
     const MESSAGES: u64 = 100;
     for n in 1..=MESSAGES {
@@ -499,7 +499,7 @@ async fn calls_run_side_by_side_and_one_that_gets_no_answer_gives_up_its_connect
         PgExchange::connect(&cluster.url(), Sealer::clear(), SingleNode).await?,
     );
     for id in ["h1", "h2", "h3"] {
-        db.join(id, "127.0.0.1:1", "", 1).await?;
+        db.join(id, "127.0.0.1:1", "").await?;
     }
     let to_h3 = |n| Envelope {
         message: message(n),
@@ -583,7 +583,7 @@ async fn a_failover_to_the_synchronous_standby_loses_no_acknowledged_relay() -> 
     let url = Cluster::url_of_writable(&[&standby, &primary]);
     let db = std::sync::Arc::new(PgExchange::connect(&url, Sealer::clear(), Replicated).await?);
     for id in ["h1", "h2"] {
-        db.join(id, "127.0.0.1:1", "", 1).await?;
+        db.join(id, "127.0.0.1:1", "").await?;
     }
     // h1 relays to h2 without pause; the primary dies under it and the standby takes over.
     let writer = {

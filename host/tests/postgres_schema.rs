@@ -141,3 +141,87 @@ async fn exchanges_starting_together_apply_each_migration_once() -> anyhow::Resu
     assert_eq!(servers, 1, "the second migration ran once");
     Ok(())
 }
+
+/// A database an exchange of schema version 2 left — a host registered, a message waiting
+/// for it — is brought to the newest version by the next exchange's start: the host is
+/// known by its credential and number, its message is still there, and the relay tables
+/// have their storage parameters.
+#[tokio::test]
+async fn a_database_of_version_2_is_brought_up_to_date_keeping_its_rows() -> anyhow::Result<()> {
+    use iim_host::store::Sealer;
+    use iim_host::store::exchange::Joining;
+    use iim_host::store::postgres::{Durability, PgExchange, SCHEMA};
+    if !postgres::available()? {
+        return Ok(());
+    }
+    let cluster = Cluster::start(&[])?;
+    let mut client = cluster.connect().await?;
+    assert_eq!(
+        migrate(&mut client, &SCHEMA[..2]).await?,
+        Migrated { from: 0, to: 2 }
+    );
+    let (known, h2) = (
+        "h1's credential, long enough",
+        "h2's credential, long enough",
+    );
+    // Rows as an exchange of version 2 wrote them (the credential is kept as its SHA-256).
+    client
+        .batch_execute(
+            "INSERT INTO servers (id, number, addr, up, since, credential)
+                 VALUES ('h1', 1, '127.0.0.1:1', true, 5, sha256('h1''s credential, long enough'::bytea));
+             INSERT INTO relay_messages (id, body) VALUES (7, '\\x00');
+             INSERT INTO relay_rows (target, seq, message, users) VALUES ('h1', 1, 7, '\\x00');
+             INSERT INTO relay_targets (target, last, acked) VALUES ('h1', 1, 0);",
+        )
+        .await?;
+
+    let db = PgExchange::connect(&cluster.url(), Sealer::clear(), Durability::SingleNode).await?;
+    let newest = SCHEMA.last().map_or(0, |m| m.version);
+    assert_eq!(versions(&client).await?.len(), usize::try_from(newest)?);
+    let columns: Vec<String> = client
+        .query(
+            "SELECT column_name::text FROM information_schema.columns
+             WHERE table_name = 'servers' ORDER BY ordinal_position",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(columns, ["id", "number", "addr", "credential"]);
+    let options: Vec<String> = client
+        .query(
+            "SELECT unnest(reloptions) FROM pg_class WHERE relname = 'relay_rows'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        options.contains(&"autovacuum_vacuum_scale_factor=0".to_owned()),
+        "{options:?}"
+    );
+    let waiting: i64 = client
+        .query_one("SELECT count(*) FROM relay_rows WHERE target = 'h1'", &[])
+        .await?
+        .get(0);
+    assert_eq!(waiting, 1, "the waiting row is kept");
+    assert_eq!(
+        db.join("h1", "127.0.0.1:9", known).await?,
+        Joining::Known(1)
+    );
+    assert_eq!(db.join("h2", "127.0.0.1:2", h2).await?, Joining::New(2));
+    assert_eq!(
+        db.join("h1", "127.0.0.1:9", "someone else's credential")
+            .await?,
+        Joining::WrongCredential
+    );
+    let servers = db.servers().await?;
+    let addrs: Vec<(&str, &str)> = servers
+        .iter()
+        .map(|s| (s.id.as_str(), s.addr.as_str()))
+        .collect();
+    assert_eq!(addrs, [("h1", "127.0.0.1:9"), ("h2", "127.0.0.1:2")]);
+    Ok(())
+}

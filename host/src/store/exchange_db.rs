@@ -130,7 +130,7 @@ impl ExchangeDb {
     ) -> Result<Joining, StoreError> {
         let joining = match &self.backend {
             Backend::Sled(store) => store.join(id, addr, credential, now),
-            Backend::Postgres(db) => db.join(id, addr, credential, now).await,
+            Backend::Postgres(db) => db.join(id, addr, credential).await,
         }?;
         if joining != Joining::WrongCredential {
             self.changed(Change::Servers);
@@ -142,7 +142,7 @@ impl ExchangeDb {
     pub async fn leave(&self, id: &str, now: u64) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sled(store) => store.leave(id, now),
-            Backend::Postgres(db) => db.leave(id, now).await,
+            Backend::Postgres(db) => db.leave().await,
         }?;
         self.changed(Change::Servers);
         Ok(())
